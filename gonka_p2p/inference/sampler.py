@@ -1,0 +1,130 @@
+"""Reproducible sampling: the token at each position is a pure function of the
+model's distribution there and a uniform derived from (inference id, position).
+
+Why: a validator that recomputes the distribution teacher-forced can then
+recompute which token an honest executor *had* to emit. This defeats the
+pre-fill attack (a cheap model writes the text, the real model is only asked
+for logprobs afterwards): the cheap model's tokens are not the ones the real
+model's distribution and the public noise select.
+
+Rule (inverse-CDF in token-id order, one uniform per position):
+
+1. ``lp = log_softmax(logits)`` in float64 (raw, temperature 1).
+2. temperature 0: the token is ``argmax(lp)`` (lowest id on exact ties).
+3. otherwise ``z = lp / temperature``; keep the ``top_k`` largest (0 = all);
+   ``p = softmax(z)``; keep the smallest set of most likely tokens whose mass
+   reaches ``top_p`` (stable sort, so ties break by token id); renormalise.
+4. ``u = position_uniform(seed, position)``; the token is the first id whose
+   cumulative mass exceeds ``u``.
+
+``check_token`` is the validator's side: it accepts the claimed token when it
+is the rule's choice, or when numeric noise of size ``tolerance`` could have
+flipped the choice to it (a near-tie), and reports the margin either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+_UNIFORM_PERSON = b"gonka-sample-v1"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the client asked for; exactly what the sampler and the validator apply."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    logprobs_k: int = 5
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= 32768:
+            raise ValueError("max_tokens must be in 1..32768")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError("temperature must be in [0, 10]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 5 <= self.logprobs_k <= 20:
+            raise ValueError("logprobs_k must be in 5..20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def position_uniform(seed: bytes, position: int) -> float:
+    """A uniform in [0, 1) from (seed, position): counter-based, portable, 53 bits."""
+    digest = hashlib.blake2b(
+        seed + position.to_bytes(8, "big"), digest_size=8, person=_UNIFORM_PERSON
+    ).digest()
+    return (int.from_bytes(digest, "big") >> 11) * (2.0**-53)
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from at temperature > 0, float64, sums to 1."""
+    z = torch.log_softmax(logits.to(torch.float64), dim=-1) / params.temperature
+    if 0 < params.top_k < z.numel():
+        kth = torch.topk(z, params.top_k).values[-1]
+        z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        drop = order[mass_before >= params.top_p]
+        probs = probs.clone()
+        probs[drop] = 0.0
+    return probs / probs.sum()
+
+
+def _cdf(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    return torch.cumsum(processed_probs(logits, params), dim=-1)
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, seed: bytes, position: int) -> int:
+    """The token an honest executor emits at ``position`` given the raw ``logits`` row."""
+    if params.greedy:
+        return int(torch.argmax(logits.to(torch.float64)))
+    cdf = _cdf(logits, params)
+    u = position_uniform(seed, position)
+    idx = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)[0])
+    return min(idx, cdf.numel() - 1)
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    """Whether a claimed token is what the rule picks, and by how much it missed."""
+
+    ok: bool
+    exact: bool
+    margin: float  # greedy: nats below the max; sampled: distance of u from the token's interval
+
+
+def check_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seed: bytes,
+    position: int,
+    claimed: int,
+    tolerance: float,
+) -> TokenCheck:
+    """Validator side of ``choose_token``: accept exact picks and near-ties within ``tolerance``."""
+    if not 0 <= claimed < logits.numel():
+        return TokenCheck(ok=False, exact=False, margin=float("inf"))
+    if params.greedy:
+        lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+        best = int(torch.argmax(lp))
+        margin = float(lp[best] - lp[claimed])
+        return TokenCheck(ok=margin <= tolerance, exact=best == claimed, margin=margin)
+    cdf = _cdf(logits, params)
+    u = position_uniform(seed, position)
+    hi = float(cdf[claimed])
+    lo = float(cdf[claimed - 1]) if claimed > 0 else 0.0
+    margin = 0.0 if lo <= u < hi else min(abs(u - lo), abs(u - hi))
+    return TokenCheck(ok=margin <= tolerance, exact=lo <= u < hi, margin=margin)
