@@ -1,0 +1,91 @@
+"""The signed envelope every message on the wire travels in.
+
+Layout (msgpack array): ``[ENVELOPE_VERSION, kind, schema_version, body,
+signer_pubkey, signature]``. The signature (secp256k1, DER, over SHA-256)
+covers a domain tag, the kind, the schema version and the body, so a
+signature for one kind can never be replayed as another. ``open_envelope``
+checks, in order: size, shape, kind is known and expected, schema version,
+signature, body schema -- and raises a typed :class:`WireError` on the first
+failure. The envelope's SHA-256 is its identity: a client request's digest is
+the inference id, and any alteration of a relayed message changes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import msgpack
+
+from gonka_p2p.identity import PUBKEY_BYTES, Keypair, digest, peer_id_from_pubkey, verify_signature
+from gonka_p2p.wire.schema import (
+    BadSignature,
+    Malformed,
+    Message,
+    UnknownKind,
+    UnsupportedVersion,
+    message_class,
+    unpack,
+)
+
+ENVELOPE_VERSION = 1
+_DOMAIN = b"gonka-p2p/envelope/v1\x00"
+MAX_SIGNATURE_BYTES = 72
+
+M = TypeVar("M", bound=Message)
+
+
+def _signing_bytes(kind: str, version: int, body: bytes) -> bytes:
+    return _DOMAIN + kind.encode() + b"\x00" + version.to_bytes(2, "big") + body
+
+
+@dataclass(frozen=True)
+class Signed(Generic[M]):
+    """A verified message with who signed it and the exact bytes it arrived as."""
+
+    message: M
+    signer: bytes  # compressed public key
+    raw: bytes
+
+    @property
+    def signer_id(self) -> str:
+        return peer_id_from_pubkey(self.signer)
+
+    @property
+    def digest(self) -> bytes:
+        return digest(self.raw)
+
+
+def seal(message: Message, key: Keypair) -> bytes:
+    """Encode and sign ``message`` with ``key``."""
+    body = message.encode()
+    sig = key.sign(_signing_bytes(message.KIND, message.VERSION, body))
+    return msgpack.packb(
+        [ENVELOPE_VERSION, message.KIND, message.VERSION, body, key.public_key, sig],
+        use_bin_type=True,
+    )
+
+
+def open_envelope(data: bytes, *expected: type[M]) -> Signed[M]:
+    """Verify and decode an envelope whose kind must be one of ``expected``."""
+    obj = unpack(data)
+    if not (isinstance(obj, list) and len(obj) == 6):
+        raise Malformed("not a signed envelope")
+    env_version, kind, version, body, pubkey, sig = obj
+    if env_version != ENVELOPE_VERSION:
+        raise UnsupportedVersion(f"envelope version {env_version!r} is not supported")
+    if not isinstance(kind, str) or not isinstance(version, int) or isinstance(version, bool):
+        raise Malformed("envelope kind/version have the wrong type")
+    if not (isinstance(body, bytes) and isinstance(pubkey, bytes) and isinstance(sig, bytes)):
+        raise Malformed("envelope body, key and signature must be bytes")
+    cls = message_class(kind)
+    if expected and cls not in expected:
+        names = ", ".join(c.KIND for c in expected)
+        raise UnknownKind(f"expected {names}, got {kind!r}")
+    if version != cls.VERSION:
+        raise UnsupportedVersion(f"{kind} version {version} is not supported (want {cls.VERSION})")
+    if len(pubkey) != PUBKEY_BYTES or not 8 <= len(sig) <= MAX_SIGNATURE_BYTES:
+        raise BadSignature("signature or public key has the wrong size")
+    if not verify_signature(pubkey, sig, _signing_bytes(kind, version, body)):
+        raise BadSignature(f"{kind}: signature does not match its signer")
+    return Signed(message=cls.decode(body), signer=pubkey, raw=bytes(data))  # type: ignore[arg-type]

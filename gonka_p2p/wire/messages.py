@@ -1,0 +1,116 @@
+"""The messages of the serving path, each a versioned schema.
+
+Flow (see README's architecture picture)::
+
+    client --InferenceRequest--> TA --ExecuteOrder--> executor
+    client <--frames relayed---- TA <--InferenceStarted / TokenBatch* / InferenceFinished--
+                                        (or InferenceFailed at any point)
+
+The client signs the request; the TA signs the order that wraps it; the
+executor signs every frame it produces and the TA relays them unchanged, so
+the client (and later a validator) can prove what the executor said and that
+the TA altered nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gonka_p2p.wire.schema import Message, bounded
+
+MAX_MODELS = 16
+MAX_ADDRS = 8
+MAX_TURNS = 256
+NONCE_BYTES = 16
+HASH_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Announcement(Message):
+    """A participant says who it is and what it serves; refreshed periodically."""
+
+    KIND = "announcement"
+    addrs: list[str] = bounded(max_len=MAX_ADDRS)
+    models: list[str] = bounded(max_len=MAX_MODELS)
+    capacity: int = bounded(min_value=0, max_value=1_000_000)
+    seq: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class ChatTurn(Message):
+    KIND = "chat_turn"
+    role: str = bounded(max_len=32)
+    content: str = bounded(max_len=256 * 1024)
+
+
+@dataclass(frozen=True)
+class InferenceRequest(Message):
+    """Signed by the client. Its envelope digest is the inference id."""
+
+    KIND = "inference_request"
+    model: str = bounded(max_len=128)
+    messages: list[ChatTurn] = bounded(max_len=MAX_TURNS)
+    max_tokens: int = bounded(min_value=1, max_value=32768)
+    temperature: float = bounded(min_value=0.0, max_value=10.0)
+    top_p: float = bounded(min_value=0.0, max_value=1.0)
+    top_k: int = bounded(min_value=0, max_value=1_000_000)
+    logprobs_k: int = bounded(min_value=5, max_value=20)
+    timestamp_ms: int = bounded(min_value=0)
+    nonce: bytes = bounded(max_len=NONCE_BYTES)
+
+
+@dataclass(frozen=True)
+class ExecuteOrder(Message):
+    """Signed by the TA: run this client request. ``request`` is the client's envelope, verbatim."""
+
+    KIND = "execute_order"
+    request: bytes = bounded(max_len=2 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class InferenceStarted(Message):
+    """First frame of a stream, signed by the executor."""
+
+    KIND = "inference_started"
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    ta: str = bounded(max_len=64)
+    prompt_tokens: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class TokenBatch(Message):
+    """Generated tokens with their evidence, signed by the executor.
+
+    ``start`` is the position of the first token; positions are contiguous
+    across batches so a receiver detects gaps and reordering.
+    """
+
+    KIND = "token_batch"
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    start: int = bounded(min_value=0)
+    token_ids: list[int] = bounded(max_len=4096)
+    logprobs: list[float] = bounded(max_len=4096)
+    top_ids: list[list[int]] = bounded(max_len=4096)
+    top_logprobs: list[list[float]] = bounded(max_len=4096)
+    text: str = bounded(max_len=1024 * 1024)
+
+
+@dataclass(frozen=True)
+class InferenceFinished(Message):
+    """Last frame, signed by the executor: the commitment it will stand behind on the ledger."""
+
+    KIND = "inference_finished"
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    finish_reason: str = bounded(max_len=16)
+    prompt_tokens: int = bounded(min_value=0)
+    completion_tokens: int = bounded(min_value=0)
+    response_hash: bytes = bounded(max_len=HASH_BYTES)
+
+
+@dataclass(frozen=True)
+class InferenceFailed(Message):
+    """Terminal error frame, signed by whoever failed the request (TA or executor)."""
+
+    KIND = "inference_failed"
+    code: str = bounded(max_len=32)
+    message: str = bounded(max_len=1024)
