@@ -114,3 +114,12 @@ class InferenceFailed(Message):
     KIND = "inference_failed"
     code: str = bounded(max_len=32)
     message: str = bounded(max_len=1024)
+
+
+@dataclass(frozen=True)
+class NetworkInfo(Message):
+    """A TA's view of the network, signed: which live executors serve which models."""
+
+    KIND = "network_info"
+    executors: list[str] = bounded(max_len=4096)
+    executor_models: list[list[str]] = bounded(max_len=4096)

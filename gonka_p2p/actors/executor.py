@@ -1,0 +1,158 @@
+"""The executor actor: runs a TA's order through the engine and streams signed evidence.
+
+Protocol ``/gonka/execute/1``: one request frame (an :class:`ExecuteOrder`
+signed by the TA that opened the stream, wrapping the client's signed
+request), then response frames, each signed by this executor:
+``InferenceStarted``, ``TokenBatch``... and ``InferenceFinished``, or an
+``InferenceFailed`` at any point. The executor re-verifies the client's
+signature itself: it never runs a request a client did not sign.
+
+The artifact (prompt ids, per-token evidence, parameters, seed) is kept for
+validators; ``on_finished`` is the seam where the ledger's
+``FinishInference`` is submitted -- off the client's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from gonka_p2p.gossip.service import NetworkService, SendFrame
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
+from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
+from gonka_p2p.wire.messages import (
+    ExecuteOrder,
+    InferenceFailed,
+    InferenceFinished,
+    InferenceRequest,
+    InferenceStarted,
+    TokenBatch,
+)
+from gonka_p2p.wire.schema import WireError
+
+log = logging.getLogger(__name__)
+
+EXECUTE_PROTOCOL = "/gonka/execute/1"
+
+FinishedHook = Callable[[Signed[InferenceRequest], InferenceArtifact, bytes], Awaitable[None]]
+
+
+def sampling_params(req: InferenceRequest) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p or 1.0,
+        top_k=req.top_k, logprobs_k=req.logprobs_k,
+    )
+
+
+class ArtifactStore:
+    """Artifacts by inference id, bounded (oldest evicted) until epoch settlement prunes them."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._capacity = capacity
+
+    def put(self, inference_id: bytes, artifact: InferenceArtifact) -> None:
+        self._items[inference_id] = artifact.encode()
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+    def get(self, inference_id: bytes) -> InferenceArtifact | None:
+        data = self._items.get(inference_id)
+        return InferenceArtifact.decode(data) if data is not None else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ExecutorActor:
+    def __init__(
+        self,
+        service: NetworkService,
+        key: Keypair,
+        engines: dict[str, Engine],
+        max_concurrent: int = 16,
+        on_finished: FinishedHook | None = None,
+    ) -> None:
+        self._service = service
+        self._key = key
+        self.engines = engines
+        self.artifacts = ArtifactStore()
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._on_finished = on_finished
+        self.served = 0
+
+    def start(self) -> None:
+        self._service.set_stream_handler(EXECUTE_PROTOCOL, self._handle)
+
+    def _fail(self, code: str, message: str) -> bytes:
+        return seal(InferenceFailed(code=code, message=message), self._key)
+
+    async def _handle(self, opener: str, frame: bytes, send: SendFrame) -> None:
+        try:
+            order = open_envelope(frame, ExecuteOrder)
+            request = open_envelope(order.message.request, InferenceRequest)
+        except WireError as e:
+            await send(self._fail(e.code, f"executor rejected the order: {e}"))
+            return
+        if order.signer_id != opener:
+            await send(self._fail("bad_signature", "order not signed by the peer that sent it"))
+            return
+        engine = self.engines.get(request.message.model)
+        if engine is None:
+            await send(self._fail("unknown_model", f"this executor does not serve {request.message.model!r}"))
+            return
+        if self._slots.locked():
+            await send(self._fail("overloaded", "executor is at capacity"))
+            return
+        async with self._slots:
+            await self._run(engine, opener, request, send)
+
+    async def _run(
+        self, engine: Engine, ta: str, request: Signed[InferenceRequest], send: SendFrame
+    ) -> None:
+        req = request.message
+        inference_id = request.digest
+        try:
+            params = sampling_params(req)
+            prompt_ids = engine.encode_chat([(t.role, t.content) for t in req.messages])
+        except (ValueError, EngineError) as e:
+            await send(self._fail("malformed", f"cannot prepare the request: {e}"))
+            return
+        await send(seal(InferenceStarted(inference_id=inference_id, ta=ta,
+                                         prompt_tokens=len(prompt_ids)), self._key))
+        steps: list[TokenStep] = []
+        finish_reason = "length"
+        text_sent = ""
+        try:
+            async for step in engine.generate(prompt_ids, params, seed=inference_id):
+                steps.append(step)
+                text = engine.decode([t.token_id for t in steps])
+                # Hold back a trailing partial UTF-8 sequence until its next token completes it.
+                delta = "" if text.endswith("\ufffd") else text[len(text_sent):]
+                text_sent += delta
+                await send(seal(TokenBatch(
+                    inference_id=inference_id, start=len(steps) - 1, token_ids=[step.token_id],
+                    logprobs=[step.logprob], top_ids=[list(step.top_ids)],
+                    top_logprobs=[list(step.top_logprobs)], text=delta,
+                ), self._key))
+                if step.token_id in engine.eos_token_ids:
+                    finish_reason = "stop"
+        except EngineError as e:
+            await send(self._fail("executor_failed", f"engine failed: {e}"))
+            return
+        artifact = InferenceArtifact(engine.model_name, tuple(prompt_ids), params,
+                                     inference_id, tuple(steps))
+        self.artifacts.put(inference_id, artifact)
+        rhash = response_hash(artifact.completion_ids)
+        await send(seal(InferenceFinished(
+            inference_id=inference_id, finish_reason=finish_reason,
+            prompt_tokens=len(prompt_ids), completion_tokens=len(steps), response_hash=rhash,
+        ), self._key))
+        self.served += 1
+        if self._on_finished is not None:
+            await self._on_finished(request, artifact, rhash)

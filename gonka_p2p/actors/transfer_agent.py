@@ -1,0 +1,239 @@
+"""The transfer agent (TA): the client's entry point into the network.
+
+Protocol ``/gonka/infer/1``: a client opens a stream with its signed
+:class:`InferenceRequest`; the TA answers with the executor's signed frames,
+relayed byte for byte, or with one ``InferenceFailed`` signed by the TA.
+
+Admission (in this order, each failure a distinct error code): the envelope
+decodes and its signature holds (``malformed`` / ``bad_signature``); the
+timestamp lies within ``window`` of the TA's clock (``stale``); the (client,
+nonce) pair was not seen within the window (``replay``); some live executor
+serves the model (``unknown_model``); the admission hook (balance, later
+the ledger) accepts it.
+
+Routing: the executor is drawn by :func:`choose_executor`, seeded by the
+inference id, among live peers serving the model, never this node. If the
+executor fails *before its first token* the TA draws again (up to
+``attempts``); after that the client gets ``executor_failed``. The
+``on_start`` hook (the ledger's ``StartInference``) runs beside the stream,
+never in front of it: first token never waits for a block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from gonka_p2p.actors.directory import PeerDirectory
+from gonka_p2p.actors.executor import EXECUTE_PROTOCOL
+from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
+from gonka_p2p.wire.messages import (
+    ExecuteOrder,
+    InferenceFailed,
+    InferenceFinished,
+    InferenceRequest,
+    InferenceStarted,
+    NetworkInfo,
+    TokenBatch,
+)
+from gonka_p2p.wire.schema import WireError
+
+log = logging.getLogger(__name__)
+
+INFER_PROTOCOL = "/gonka/infer/1"
+INFO_PROTOCOL = "/gonka/info/1"
+EXECUTOR_FRAMES = (InferenceStarted, TokenBatch, InferenceFinished, InferenceFailed)
+
+# Returns None to admit, or (code, message) to reject.
+AdmissionHook = Callable[[Signed[InferenceRequest]], Awaitable[tuple[str, str] | None]]
+StartHook = Callable[[Signed[InferenceRequest], str], Awaitable[None]]
+
+
+class Rejected(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClientGone(Exception):
+    """The client's side of the stream failed; nothing more can reach it."""
+
+
+class ReplayGuard:
+    """Remembers (client, nonce) pairs for one timestamp window; bounded by the window."""
+
+    def __init__(self, window_ms: int, capacity: int = 1_000_000) -> None:
+        self._window_ms = window_ms
+        self._seen: OrderedDict[tuple[bytes, bytes], int] = OrderedDict()
+        self._capacity = capacity
+
+    def check_and_record(self, client: bytes, nonce: bytes, ts_ms: int, now_ms: int) -> None:
+        if abs(now_ms - ts_ms) > self._window_ms:
+            raise Rejected("stale", f"request timestamp is {abs(now_ms - ts_ms) / 1000:.0f} s "
+                                    f"from the TA's clock (window {self._window_ms / 1000:.0f} s)")
+        while self._seen and (
+            len(self._seen) >= self._capacity
+            or next(iter(self._seen.values())) < now_ms - 2 * self._window_ms
+        ):
+            self._seen.popitem(last=False)
+        if (client, nonce) in self._seen:
+            raise Rejected("replay", "this request (client, nonce) was already received")
+        self._seen[(client, nonce)] = now_ms
+
+
+class TransferAgent:
+    def __init__(
+        self,
+        service: NetworkService,
+        key: Keypair,
+        directory: PeerDirectory,
+        window_s: float = 60.0,
+        attempts: int = 3,
+        first_frame_timeout: float = 60.0,
+        admit: AdmissionHook | None = None,
+        on_start: StartHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._service = service
+        self._key = key
+        self._directory = directory
+        self._replays = ReplayGuard(int(window_s * 1000))
+        self._attempts = attempts
+        self._first_frame_timeout = first_frame_timeout
+        self._admit = admit
+        self._on_start = on_start
+        self._clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+        self.relayed = 0
+
+    def start(self) -> None:
+        self._service.set_stream_handler(INFER_PROTOCOL, self._handle)
+        self._service.set_stream_handler(INFO_PROTOCOL, self._handle_info)
+
+    async def _handle_info(self, opener: str, frame: bytes, send: SendFrame) -> None:
+        peers = [r for r in self._directory.live_peers() if r.announcement.models]
+        await send(seal(NetworkInfo(
+            executors=[r.peer_id for r in peers],
+            executor_models=[list(r.announcement.models) for r in peers],
+        ), self._key))
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _failed(self, code: str, message: str) -> bytes:
+        return seal(InferenceFailed(code=code, message=message), self._key)
+
+    async def admit(self, frame: bytes) -> Signed[InferenceRequest]:
+        """All admission checks; raises Rejected with the client-facing reason."""
+        try:
+            request = open_envelope(frame, InferenceRequest)
+        except WireError as e:
+            raise Rejected(e.code, f"request rejected: {e}") from None
+        req = request.message
+        self._replays.check_and_record(
+            request.signer, req.nonce, req.timestamp_ms, int(self._clock() * 1000)
+        )
+        if not self._directory.executor_weights(req.model):
+            served = ", ".join(self._directory.live_models()) or "none"
+            raise Rejected("unknown_model", f"no live executor serves {req.model!r} "
+                                            f"(models served now: {served})")
+        if self._admit is not None:
+            verdict = await self._admit(request)
+            if verdict is not None:
+                raise Rejected(*verdict)
+        return request
+
+    async def _handle(self, opener: str, frame: bytes, send: SendFrame) -> None:
+        try:
+            request = await self.admit(frame)
+        except Rejected as e:
+            await send(self._failed(e.code, str(e)))
+            return
+        try:
+            await self.route(request, send)
+        except ClientGone:
+            log.info("client %s went away mid-stream", opener)
+
+    async def route(self, request: Signed[InferenceRequest], send: SendFrame) -> None:
+        """Draw an executor, relay its frames; redraw while nothing reached the client."""
+        order = seal(ExecuteOrder(request=request.raw), self._key)
+        tried: set[str] = {self._service.peer_id}
+        for attempt in range(self._attempts):
+            weights = self._directory.executor_weights(request.message.model)
+            try:
+                executor = choose_executor(weights, frozenset(tried), request.digest, attempt)
+            except NoEligibleExecutor:
+                break
+            tried.add(executor)
+            outcome = await self._relay(executor, order, request, send)
+            if outcome == "done":
+                self.relayed += 1
+                return
+            if outcome == "failed_mid_stream":
+                return
+        await send(self._failed("no_executor", "no live executor could take the request "
+                                               f"after {len(tried) - 1} attempt(s)"))
+
+    async def _relay(
+        self, executor: str, order: bytes, request: Signed[InferenceRequest], send: SendFrame
+    ) -> str:
+        """Relay one executor's stream. Returns 'done', 'retry' or 'failed_mid_stream'."""
+        started = False
+        try:
+            async for frame in self._service.open_stream(
+                executor, EXECUTE_PROTOCOL, order, timeout=self._first_frame_timeout
+            ):
+                signed = open_envelope(frame, *EXECUTOR_FRAMES)
+                if signed.signer_id != executor:
+                    raise WireError("frame not signed by the executor")
+                msg = signed.message
+                if isinstance(msg, InferenceFailed) and not started:
+                    log.info("executor %s declined: %s", executor, msg.code)
+                    return "retry"
+                if not started:
+                    started = True
+                    self._spawn_start(request, executor)
+                await _to_client(send, frame)
+                if isinstance(msg, (InferenceFinished, InferenceFailed)):
+                    return "done"
+        except (NetworkError, TimeoutError, WireError) as e:
+            self._directory.mark_failed(executor)
+            if not started:
+                log.info("executor %s failed before streaming (%s); redrawing", executor, e)
+                return "retry"
+            await _to_client(send, self._failed(
+                "executor_failed", f"executor {executor} failed mid-stream: {e}"))
+            return "failed_mid_stream"
+        if not started:
+            return "retry"
+        await _to_client(send, self._failed(
+            "executor_failed", f"executor {executor} closed the stream early"))
+        return "failed_mid_stream"
+
+    def _spawn_start(self, request: Signed[InferenceRequest], executor: str) -> None:
+        if self._on_start is None:
+            return
+        task = asyncio.create_task(self._on_start(request, executor))
+        self._background.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("StartInference submission failed", exc_info=task.exception())
+
+
+async def _to_client(send: SendFrame, frame: bytes) -> None:
+    """Send to the client; its failures must not be blamed on the executor."""
+    try:
+        await send(frame)
+    except NetworkError as e:
+        raise ClientGone(str(e)) from e

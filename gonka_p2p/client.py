@@ -1,0 +1,268 @@
+"""The client library: sign a request, send it to a TA, stream the verified answer.
+
+A client is not a participant: it holds a key (and, with the ledger, a
+balance), dials one participant's TA and streams. It trusts nobody: every
+frame must be signed by the executor that started the stream, refer to this
+request's inference id, continue the token positions without gaps, and the
+final response hash must match the tokens received -- so a TA that alters
+the output, or an executor that changes its story, is caught here.
+
+Use::
+
+    async with await GonkaClient.connect("/ip4/127.0.0.1/tcp/9000/p2p/16Uiu2...") as client:
+        async for event in client.stream_chat([("user", "Hi!")], max_tokens=64):
+            if isinstance(event, TokensEvent):
+                print(event.text, end="")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL, INFO_PROTOCOL
+from gonka_p2p.gossip.service import NetworkError, NetworkService
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.artifacts import response_hash
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import (
+    ChatTurn,
+    InferenceFailed,
+    InferenceFinished,
+    InferenceRequest,
+    InferenceStarted,
+    NetworkInfo,
+    TokenBatch,
+)
+from gonka_p2p.wire.schema import WireError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class GonkaError(Exception):
+    """Base of every error the client raises; ``code`` is stable, the message is for people."""
+
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class RequestRejected(GonkaError):
+    """The TA or the executor refused or failed the request (see ``code``)."""
+
+
+class NetworkUnavailable(GonkaError):
+    code = "unreachable"
+
+
+class ProtocolViolation(GonkaError):
+    """A frame was unsigned, mis-signed, out of order or inconsistent: someone misbehaved."""
+
+    code = "protocol_violation"
+
+
+@dataclass(frozen=True)
+class StartedEvent:
+    inference_id: bytes
+    executor: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokensEvent:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    response_hash: bytes
+
+
+StreamEvent = StartedEvent | TokensEvent | FinishedEvent
+
+
+@dataclass
+class Completion:
+    """A finished answer with the timings people compare."""
+
+    text: str
+    executor: str
+    inference_id: bytes
+    finish_reason: str
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ttft_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.elapsed_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode if decode > 0 and self.completion_tokens > 1 else 0.0
+
+
+def build_request(
+    key: Keypair,
+    messages: list[tuple[str, str]],
+    model: str = DEFAULT_MODEL,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    logprobs_k: int = 5,
+) -> bytes:
+    """A signed InferenceRequest envelope (fresh nonce, current time)."""
+    return seal(InferenceRequest(
+        model=model, messages=[ChatTurn(role=r, content=c) for r, c in messages],
+        max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
+        logprobs_k=logprobs_k, timestamp_ms=int(time.time() * 1000), nonce=os.urandom(16),
+    ), key)
+
+
+class GonkaClient:
+    def __init__(self, key: Keypair, service: NetworkService, ta: str, owns_service: bool = False):
+        self.key = key
+        self.service = service
+        self.ta = ta
+        self._owns_service = owns_service
+
+    @classmethod
+    async def connect(cls, bootstrap: str, key: Keypair | None = None,
+                      listen: str = "/ip4/127.0.0.1/tcp/0") -> GonkaClient:
+        """Start a libp2p host for this client and dial the TA at ``bootstrap``."""
+        from gonka_p2p.gossip.libp2p_service import Libp2pService
+
+        key = key or Keypair.generate()
+        service = Libp2pService(key, listen)
+        await service.start()
+        try:
+            ta = await service.connect(bootstrap)
+        except NetworkError as e:
+            await service.stop()
+            raise NetworkUnavailable(f"cannot reach the bootstrap peer {bootstrap}: {e}") from None
+        return cls(key, service, ta, owns_service=True)
+
+    async def close(self) -> None:
+        if self._owns_service:
+            await self.service.stop()
+
+    async def __aenter__(self) -> GonkaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def network_info(self) -> dict[str, list[str]]:
+        """Live executors the TA knows, with the models each serves."""
+        try:
+            frame = await self.service.request(self.ta, INFO_PROTOCOL, b"", timeout=10.0)
+            info = open_envelope(frame, NetworkInfo).message
+        except (NetworkError, TimeoutError) as e:
+            raise NetworkUnavailable(f"TA {self.ta} did not answer: {e}") from None
+        except WireError as e:
+            raise ProtocolViolation(f"TA sent a bad info frame: {e}") from None
+        return dict(zip(info.executors, info.executor_models))
+
+    async def stream_chat(
+        self, messages: list[tuple[str, str]], *, timeout: float = 120.0, **params: object
+    ) -> AsyncIterator[StreamEvent]:
+        """Send a chat request; yield verified events until the answer is complete."""
+        request = build_request(self.key, messages, **params)  # type: ignore[arg-type]
+        async for event in self.stream_request(request, timeout=timeout):
+            yield event
+
+    async def stream_request(self, request: bytes, timeout: float = 120.0
+                             ) -> AsyncIterator[StreamEvent]:
+        """Stream an already signed request envelope (lets callers keep the exact bytes)."""
+        verifier = _StreamVerifier(open_envelope(request, InferenceRequest).digest)
+        try:
+            async for frame in self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout):
+                event = verifier.accept(frame)
+                if event is not None:
+                    yield event
+                if verifier.done:
+                    return
+        except (NetworkError, TimeoutError) as e:
+            raise NetworkUnavailable(f"the stream from TA {self.ta} broke: {e}") from None
+        raise ProtocolViolation("the TA closed the stream before the answer was complete")
+
+    async def chat(self, messages: list[tuple[str, str]], **params: object) -> Completion:
+        """Non-streaming convenience: the whole answer with its timings."""
+        t0 = time.perf_counter()
+        completion: Completion | None = None
+        async for event in self.stream_chat(messages, **params):  # type: ignore[arg-type]
+            if isinstance(event, StartedEvent):
+                completion = Completion("", event.executor, event.inference_id, "",
+                                        event.prompt_tokens)
+            elif isinstance(event, TokensEvent):
+                assert completion is not None
+                if not completion.token_ids:
+                    completion.ttft_s = time.perf_counter() - t0
+                completion.text += event.text
+                completion.token_ids += event.token_ids
+                completion.logprobs += event.logprobs
+            else:
+                assert completion is not None
+                completion.finish_reason = event.finish_reason
+        assert completion is not None
+        completion.elapsed_s = time.perf_counter() - t0
+        return completion
+
+
+class _StreamVerifier:
+    """Checks one response stream frame by frame (see the module docstring)."""
+
+    def __init__(self, inference_id: bytes) -> None:
+        self.inference_id = inference_id
+        self.executor: str | None = None
+        self.token_ids: list[int] = []
+        self.done = False
+
+    def accept(self, frame: bytes) -> StreamEvent | None:
+        try:
+            signed = open_envelope(frame, InferenceStarted, TokenBatch, InferenceFinished,
+                                   InferenceFailed)
+        except WireError as e:
+            raise ProtocolViolation(f"bad frame: {e}") from None
+        msg = signed.message
+        if isinstance(msg, InferenceFailed):
+            raise RequestRejected(msg.message, code=msg.code)
+        if self.executor is None:
+            if not isinstance(msg, InferenceStarted):
+                raise ProtocolViolation("stream did not begin with InferenceStarted")
+            self.executor = signed.signer_id
+        elif signed.signer_id != self.executor:
+            raise ProtocolViolation("a frame was signed by someone other than the executor")
+        if msg.inference_id != self.inference_id:
+            raise ProtocolViolation("a frame refers to another inference")
+        if isinstance(msg, InferenceStarted):
+            if self.token_ids:
+                raise ProtocolViolation("InferenceStarted after tokens")
+            return StartedEvent(msg.inference_id, self.executor, msg.prompt_tokens)
+        if isinstance(msg, TokenBatch):
+            if msg.start != len(self.token_ids):
+                raise ProtocolViolation(f"token positions jump from {len(self.token_ids)} to {msg.start}")
+            self.token_ids += msg.token_ids
+            return TokensEvent(msg.text, list(msg.token_ids), list(msg.logprobs),
+                               [list(x) for x in msg.top_ids], [list(x) for x in msg.top_logprobs])
+        if msg.completion_tokens != len(self.token_ids) or msg.response_hash != response_hash(self.token_ids):
+            raise ProtocolViolation("the executor's final hash does not match the tokens streamed")
+        self.done = True
+        return FinishedEvent(msg.finish_reason, msg.prompt_tokens, msg.completion_tokens,
+                             msg.response_hash)
