@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL, INFO_PROTOCOL
@@ -202,8 +202,9 @@ class GonkaClient:
             raise NetworkUnavailable(f"the stream from TA {self.ta} broke: {e}") from None
         raise ProtocolViolation("the TA closed the stream before the answer was complete")
 
-    async def chat(self, messages: list[tuple[str, str]], **params: object) -> Completion:
-        """Non-streaming convenience: the whole answer with its timings."""
+    async def chat(self, messages: list[tuple[str, str]],
+                   on_text: Callable[[str], object] | None = None, **params: object) -> Completion:
+        """The whole answer with its timings; ``on_text`` sees each text piece as it streams."""
         t0 = time.perf_counter()
         completion: Completion | None = None
         async for event in self.stream_chat(messages, **params):  # type: ignore[arg-type]
@@ -215,6 +216,8 @@ class GonkaClient:
                 if not completion.token_ids:
                     completion.ttft_s = time.perf_counter() - t0
                 completion.text += event.text
+                if on_text is not None:
+                    on_text(event.text)
                 completion.token_ids += event.token_ids
                 completion.logprobs += event.logprobs
             else:

@@ -9,6 +9,7 @@ it dials it until ``target_connections`` are open.
 
 Weights come from the network's genesis (until the ledger holds them); a
 peer missing from genesis has weight 0 and is never chosen as executor.
+Without a genesis (an ad-hoc development network) every peer weighs 1.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class PeerDirectory:
         key: Keypair,
         models: list[str],
         capacity: int,
-        weights: Mapping[str, int],
+        weights: Mapping[str, int] | None,
         interval: float = 2.0,
         target_connections: int = 6,
         clock: Callable[[], float] = time.monotonic,
@@ -56,7 +57,7 @@ class PeerDirectory:
         self._key = key
         self._models = models
         self._capacity = capacity
-        self.weights = dict(weights)
+        self.weights = dict(weights) if weights is not None else None
         self.interval = interval
         self.ttl = 3 * interval
         self._target = target_connections
@@ -140,10 +141,13 @@ class PeerDirectory:
     def live_peers(self) -> list[PeerRecord]:
         return [r for p, r in sorted(self._peers.items()) if self.is_live(p)]
 
+    def weight_of(self, peer: str) -> int:
+        return 1 if self.weights is None else self.weights.get(peer, 0)
+
     def executor_weights(self, model: str) -> dict[str, int]:
         """Weights of live peers (never this node) announcing ``model``."""
         return {
-            r.peer_id: self.weights.get(r.peer_id, 0)
+            r.peer_id: self.weight_of(r.peer_id)
             for r in self.live_peers()
             if model in r.announcement.models
         }

@@ -1,0 +1,114 @@
+"""One participant process: the network service and the actors it holds.
+
+Start-up order is chosen so that the cheap failures come first: key file,
+listen address, bootstrap peer -- and only then the seconds-long model load.
+The node prints ``READY <multiaddr>`` on stdout once it serves (the demo and
+tests wait for that line) and shuts down cleanly on SIGINT/SIGTERM: actors
+stop, in-flight streams reset, the engine is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+
+from gonka_p2p.actors.directory import PeerDirectory
+from gonka_p2p.actors.executor import ExecutorActor
+from gonka_p2p.actors.transfer_agent import TransferAgent
+from gonka_p2p.config import NodeConfig
+from gonka_p2p.gossip.service import NetworkError, NetworkService
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why, for people."""
+
+
+EngineLoader = Callable[[str, str], Engine]
+
+
+class Node:
+    """Holds the actors of one participant around one network service."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        key: Keypair,
+        service: NetworkService,
+        weights: Mapping[str, int] | None,
+    ) -> None:
+        self.config = config
+        self.key = key
+        self.service = service
+        self.engines: dict[str, Engine] = {}
+        self.directory = PeerDirectory(
+            service, key, models=list(config.models), capacity=config.max_concurrent,
+            weights=weights, interval=config.announce_interval,
+        )
+        self.executor = ExecutorActor(service, key, self.engines, config.max_concurrent)
+        self.ta = TransferAgent(service, key, self.directory)
+
+    async def join(self) -> None:
+        """Start listening and dial the bootstrap peers (at least one must answer)."""
+        await self.service.start()
+        errors = []
+        for addr in self.config.bootstrap:
+            try:
+                await self.service.connect(addr)
+            except NetworkError as e:
+                errors.append(f"{addr}: {e}")
+        if self.config.bootstrap and len(errors) == len(self.config.bootstrap):
+            raise StartupError("no bootstrap peer is reachable:\n  " + "\n  ".join(errors))
+
+    def load_engines(self, loader: EngineLoader) -> None:
+        for model in self.config.models:
+            self.engines[model] = loader(self.config.engine, model)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run the actors until ``stop`` is set."""
+        await self.directory.start()
+        self.executor.start()
+        self.ta.start()
+        async with asyncio.TaskGroup() as tasks:
+            announcer = tasks.create_task(self.directory.run())
+            await stop.wait()
+            announcer.cancel()
+
+    async def close(self) -> None:
+        await self.ta.stop()
+        for engine in self.engines.values():
+            await engine.close()
+        await self.service.stop()
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_node(
+    config: NodeConfig,
+    service_factory: Callable[[Keypair, str], NetworkService],
+    engine_loader: EngineLoader,
+    weights: Mapping[str, int] | None,
+    on_ready: Callable[[Node], None],
+) -> None:
+    """The whole life of a node process; StartupError for anything a person must fix."""
+    key = Keypair.load_or_create(config.key)
+    service = service_factory(key, config.listen)
+    node = Node(config, key, service, weights)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(node.close)
+        await node.join()
+        await asyncio.to_thread(node.load_engines, engine_loader)
+        on_ready(node)
+        await node.serve(stop)

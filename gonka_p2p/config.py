@@ -1,0 +1,73 @@
+"""Node configuration: a TOML file, overridden by command-line flags.
+
+Example ``node.toml``::
+
+    key = "node.key"                      # created (0600) if missing
+    listen = "/ip4/127.0.0.1/tcp/9000"
+    bootstrap = ["/ip4/127.0.0.1/tcp/9001/p2p/16Uiu2..."]
+    models = ["smollm2-135m"]             # models this node executes; [] = TA only
+    engine = "vllm"                       # or "torch"
+    genesis = "genesis.json"              # weights of the network's participants
+    announce_interval = 2.0               # seconds
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("vllm", "torch")
+
+
+class ConfigError(Exception):
+    """A configuration problem, explained for people."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    key: Path = Path("node.key")
+    listen: str = "/ip4/127.0.0.1/tcp/9000"
+    bootstrap: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    engine: str = "vllm"
+    genesis: Path | None = None
+    announce_interval: float = 2.0
+    max_concurrent: int = 16
+
+    def validated(self) -> NodeConfig:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if not self.listen.startswith("/ip4/") and not self.listen.startswith("/ip6/"):
+            raise ConfigError(f"listen must be a multiaddr like /ip4/127.0.0.1/tcp/9000, not {self.listen!r}")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
+        if self.announce_interval <= 0:
+            raise ConfigError("announce_interval must be positive")
+        return self
+
+
+def load_config(path: Path | None, **overrides: Any) -> NodeConfig:
+    """Read ``path`` (if given) and apply the non-None ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    known = {f.name for f in fields(NodeConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("key", "genesis"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    try:
+        return replace(NodeConfig(), **values).validated()
+    except TypeError as e:
+        raise ConfigError(f"bad config value: {e}") from None

@@ -1,0 +1,219 @@
+"""``gonka-p2p demo``: a local network of real processes serving a real model.
+
+Starts ``nodes`` participant processes on 127.0.0.1 (each a ``gonka-p2p node``
+with its own key, libp2p host and engine), joined through the first one, then
+a client that sends chat requests round-robin through every node's TA, and
+prints each streamed answer with a table of who served it and how fast.
+Round-robin over TAs guarantees at least two distinct executors, since a TA
+never executes its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gonka_p2p.client import Completion, GonkaClient, GonkaError
+from gonka_p2p.gossip.libp2p_service import Libp2pService
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger.genesis_weights import write_devnet_genesis
+
+console = Console()
+
+PROMPTS: list[tuple[str, float]] = [
+    ("What is the capital of France? Answer in one sentence.", 0.0),
+    ("Write a haiku about peer-to-peer networks.", 0.7),
+    ("Give me three tips for writing clear Python code.", 0.0),
+    ("Explain in two sentences why the sky is blue.", 0.7),
+    ("Name three planets of the solar system.", 0.0),
+    ("What does a GPU do, in one sentence?", 0.7),
+]
+
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class NodeProcess:
+    index: int
+    key: Keypair
+    proc: asyncio.subprocess.Process
+    addr: str = ""
+
+    def rss_mib(self) -> float:
+        """Resident memory of the node process (Linux /proc), MiB."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+
+async def _spawn_node(index: int, workdir: Path, genesis: Path, engine: str, model: str,
+                      bootstrap: str | None) -> NodeProcess:
+    key = Keypair.load(workdir / f"node{index}.key")
+    args = [sys.executable, "-m", "gonka_p2p.cli", "node", "--key", str(workdir / f"node{index}.key"),
+            "--listen", "/ip4/127.0.0.1/tcp/0", "--engine", engine, "--model", model,
+            "--genesis", str(genesis), "--announce-interval", "1.0"]
+    if bootstrap:
+        args += ["--bootstrap", bootstrap]
+    log = open(workdir / f"node{index}.log", "wb")
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log)
+    return NodeProcess(index, key, proc)
+
+
+async def _wait_ready(node: NodeProcess, workdir: Path) -> None:
+    assert node.proc.stdout is not None
+    try:
+        while True:
+            line = await asyncio.wait_for(node.proc.stdout.readline(), READY_TIMEOUT_S)
+            if not line:
+                tail = (workdir / f"node{node.index}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"node {node.index} exited before it was ready:\n{tail}")
+            if line.startswith(b"READY "):
+                node.addr = line.split()[1].decode()
+                return
+    except TimeoutError:
+        raise RuntimeError(f"node {node.index} was not ready after {READY_TIMEOUT_S:.0f} s") from None
+
+
+async def _wait_for_executors(client: GonkaClient, want: int, model: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await client.network_info()
+        if sum(model in models for models in info.values()) >= want:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"TA {client.ta} did not see {want} live executors within {timeout:.0f} s")
+
+
+async def _ask(client: GonkaClient, prompt: str, temperature: float, model: str,
+               max_tokens: int) -> Completion:
+    console.print(f"\n[bold cyan]> {prompt}[/bold cyan]  [dim](TA {client.ta[-8:]}, T={temperature})[/dim]")
+    completion = await client.chat(
+        [("user", prompt)], on_text=lambda t: console.print(t, end="", highlight=False, markup=False),
+        model=model, max_tokens=max_tokens, temperature=temperature,
+        top_p=0.95 if temperature else 1.0,
+    )
+    console.print()
+    return completion
+
+
+def _request_table(i: int, ta: str, c: Completion) -> Table:
+    table = Table(title=f"request {i}", title_justify="left", show_header=True)
+    for col in ("executor", "TA", "TTFT (ms)", "tokens/s", "tokens", "finish"):
+        table.add_column(col)
+    table.add_row(c.executor[-12:], ta[-12:], f"{c.ttft_s * 1000:.0f}", f"{c.tokens_per_s:.1f}",
+                  str(c.completion_tokens), c.finish_reason)
+    return table
+
+
+async def run_demo(nodes: int, requests: int, engine: str, model: str, max_tokens: int) -> int:
+    from gonka_p2p.inference.models import resolve_model
+
+    if nodes < 3:
+        console.print("[red]error:[/red] the demo needs at least 3 nodes")
+        return 2
+    started = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(f"preparing model {model} (dequantized once, then cached)")
+        model_dir = await asyncio.to_thread(resolve_model, model)
+        progress.update(task, description=f"model {model} ready at {model_dir}", completed=1, total=1)
+
+        workdir = Path(tempfile.mkdtemp(prefix="gonka-demo-"))
+        keys = [Keypair.generate() for _ in range(nodes)]
+        for i, key in enumerate(keys):
+            key.save(workdir / f"node{i}.key")
+        genesis = workdir / "genesis.json"
+        write_devnet_genesis(genesis, [k.public_key for k in keys], clients=[])
+
+        procs: list[NodeProcess] = []
+        client_service = Libp2pService(Keypair.generate(), "/ip4/127.0.0.1/tcp/0")
+        try:
+            task = progress.add_task(f"starting {nodes} nodes ({engine} engine, loading models)", total=nodes)
+            first = await _spawn_node(0, workdir, genesis, engine, model, None)
+            procs.append(first)
+            await _wait_ready(first, workdir)
+            progress.advance(task)
+            rest = [await _spawn_node(i, workdir, genesis, engine, model, first.addr)
+                    for i in range(1, nodes)]
+            procs += rest
+            for node in rest:
+                await _wait_ready(node, workdir)
+                progress.advance(task)
+
+            await client_service.start()
+            clients = []
+            for node in procs:
+                ta = await client_service.connect(node.addr)
+                clients.append(GonkaClient(Keypair.generate(), client_service, ta))
+            task = progress.add_task("waiting until every TA sees the executors", total=1)
+            for client in clients:
+                await _wait_for_executors(client, nodes - 1, model)
+            progress.update(task, completed=1)
+        except BaseException:
+            await _shutdown(procs, client_service)
+            raise
+
+    results: list[tuple[str, Completion]] = []
+    try:
+        for i in range(requests):
+            prompt, temperature = PROMPTS[i % len(PROMPTS)]
+            client = clients[i % len(clients)]
+            completion = await _ask(client, prompt, temperature, model, max_tokens)
+            results.append((client.ta, completion))
+            console.print(_request_table(i + 1, client.ta, completion))
+        memory = {n.key.peer_id: n.rss_mib() for n in procs}
+    except GonkaError as e:
+        console.print(f"[red]error:[/red] request failed ({e.code}): {e}")
+        return 1
+    finally:
+        await _shutdown(procs, client_service)
+
+    _print_summary(results, memory, time.perf_counter() - started)
+    executors = {c.executor for _, c in results}
+    if requests >= 3 and len(executors) < 2:
+        console.print("[red]error:[/red] fewer than 2 distinct executors served the requests")
+        return 1
+    return 0
+
+
+def _print_summary(results: list[tuple[str, Completion]], memory: dict[str, float], wall: float) -> None:
+    table = Table(title="summary", title_justify="left")
+    for col in ("participant", "executed", "relayed as TA", "RSS (MiB)"):
+        table.add_column(col)
+    for peer, rss in memory.items():
+        executed = sum(c.executor == peer for _, c in results)
+        relayed = sum(ta == peer for ta, _ in results)
+        table.add_row(peer[-12:], str(executed), str(relayed), f"{rss:.0f}")
+    console.print(table)
+    ttfts = sorted(c.ttft_s for _, c in results)
+    rates = [c.tokens_per_s for _, c in results]
+    console.print(f"demo wall time {wall:.1f} s; TTFT median {ttfts[len(ttfts) // 2] * 1000:.0f} ms; "
+                  f"mean {sum(rates) / len(rates):.1f} tokens/s per request; "
+                  f"{len({c.executor for _, c in results})} distinct executors")
+
+
+async def _shutdown(procs: list[NodeProcess], service: Libp2pService) -> None:
+    with contextlib.suppress(Exception):
+        await service.stop()
+    for node in procs:
+        if node.proc.returncode is None:
+            node.proc.terminate()
+    for node in procs:
+        try:
+            await asyncio.wait_for(node.proc.wait(), 20)
+        except TimeoutError:
+            node.proc.kill()
+            await node.proc.wait()
