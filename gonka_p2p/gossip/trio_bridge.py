@@ -1,0 +1,259 @@
+"""A trio event loop in a daemon thread, reachable from an asyncio loop.
+
+py-libp2p only runs under trio, while the application lives on asyncio. This
+module owns the one thread where trio runs and the four ways across:
+
+* ``call`` (asyncio -> trio, awaited): run a trio coroutine function in the
+  trio nursery and await its result from asyncio. Cancelling the asyncio
+  caller cancels the trio task; stopping the thread fails pending calls with
+  :class:`NetworkError` instead of leaving them hanging.
+* ``call_soon_in_trio`` (any thread -> trio, sync, fire and forget) and
+  ``spawn`` (any thread -> trio task): both through the trio token, whose
+  ``run_sync_soon`` is the only trio API that is safe to use from another
+  thread.
+* ``run_in_asyncio`` (trio -> asyncio, awaited): run an asyncio coroutine
+  function as an asyncio task and await it from trio; cancelling the trio
+  side cancels the asyncio task.
+* ``call_soon_in_asyncio`` (trio -> asyncio, sync): ``loop.call_soon_threadsafe``.
+
+Nothing here blocks the asyncio loop: starting and stopping wait on asyncio
+futures that the trio thread resolves. Every task spawned into the trio
+nursery is wrapped so that an exception is logged (or handed to the caller)
+and never tears down the nursery, which would take the whole host with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+import trio
+
+from gonka_p2p.gossip.service import NetworkError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single error inside trio's (strict) exception groups, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _CallHandle:
+    """Lets the asyncio side cancel a trio task that may not have started yet."""
+
+    __slots__ = ("cancelled", "scope")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.scope: trio.CancelScope | None = None
+
+    def cancel(self) -> None:  # runs in the trio thread
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class TrioThread:
+    """One trio loop in one daemon thread, serving one asyncio loop."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop_requested: trio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._started_ok = False
+
+    @property
+    def running(self) -> bool:
+        return self._token is not None
+
+    async def start(self, lifespan: Callable[[], AbstractAsyncContextManager[None]]) -> None:
+        """Start the thread and enter ``lifespan()`` in it; raise what entering raised.
+
+        The context stays entered until :meth:`stop`; its exit runs before the
+        remaining trio tasks are cancelled, so it can shut down gracefully.
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        started: asyncio.Future[None] = loop.create_future()
+        self._finished = loop.create_future()
+
+        def resolve(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        async def trio_main() -> None:
+            self._stop_requested = trio.Event()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                async with lifespan():
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._started_ok = True
+                    self.call_soon_in_asyncio(resolve, started, None)
+                    await self._stop_requested.wait()
+                    self._token = None
+                nursery.cancel_scope.cancel()
+
+        def thread_main() -> None:
+            error: BaseException | None = None
+            try:
+                trio.run(trio_main)
+            except BaseException as e:  # noqa: BLE001 - handed to start() or logged
+                error = _unwrap(e)
+            finally:
+                self._token = None
+                if error is not None and self._started_ok:
+                    log.error("%s: trio loop crashed", self._name, exc_info=error)
+                self.call_soon_in_asyncio(resolve, started, error or NetworkError("network thread exited"))
+                self.call_soon_in_asyncio(resolve, self._finished, None)
+
+        self._thread = threading.Thread(target=thread_main, name=self._name, daemon=True)
+        self._thread.start()
+        await started
+
+    async def stop(self, timeout: float) -> None:
+        """Exit the lifespan, cancel leftover tasks and wait (without blocking) for the thread."""
+        token, finished = self._token, self._finished
+        if finished is None:
+            return
+        if token is not None and self._stop_requested is not None:
+            try:
+                token.run_sync_soon(self._stop_requested.set)
+            except trio.RunFinishedError:
+                pass
+        try:
+            await asyncio.wait_for(asyncio.shield(finished), timeout)
+        except TimeoutError:
+            log.error("%s: trio thread did not stop within %.0f s; abandoning it", self._name, timeout)
+
+    # ---- asyncio -> trio -------------------------------------------------
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await ``fn(*args)`` run as a task in the trio thread (call from asyncio)."""
+        token, nursery, loop = self._token, self._nursery, asyncio.get_running_loop()
+        if token is None or nursery is None:
+            raise NetworkError("the network service is not running")
+        fut: asyncio.Future[T] = loop.create_future()
+        handle = _CallHandle()
+
+        def resolve(exc: BaseException | None, value: Any) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+        async def runner() -> None:
+            if handle.cancelled:
+                return
+            with trio.CancelScope() as scope:
+                handle.scope = scope
+                try:
+                    value = await fn(*args)
+                except trio.Cancelled:
+                    self.call_soon_in_asyncio(resolve, NetworkError("the network service stopped"), None)
+                    raise
+                except Exception as e:  # noqa: BLE001 - re-raised on the asyncio side
+                    self.call_soon_in_asyncio(resolve, _unwrap(e), None)
+                else:
+                    self.call_soon_in_asyncio(resolve, None, value)
+
+        try:
+            token.run_sync_soon(nursery.start_soon, runner)
+        except trio.RunFinishedError:
+            raise NetworkError("the network service is not running") from None
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.call_soon_in_trio(handle.cancel)
+            raise
+
+    def call_soon_in_trio(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run sync ``fn(*args)`` in the trio thread soon; a no-op once trio has stopped."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Start ``fn(*args)`` as a trio task from any thread; its exceptions are logged."""
+        nursery = self._nursery
+        if nursery is None:
+            return
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("%s: background task %s failed", self._name, getattr(fn, "__qualname__", fn))
+
+        self.call_soon_in_trio(nursery.start_soon, guarded)
+
+    # ---- trio -> asyncio -------------------------------------------------
+
+    def call_soon_in_asyncio(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run sync ``fn(*args)`` on the asyncio loop soon; a no-op once the loop is closed."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed: nobody is left to tell
+            pass
+
+    async def run_in_asyncio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await ``fn(*args)`` run as an asyncio task (call from trio)."""
+        loop, token = self._loop, trio.lowlevel.current_trio_token()
+        if loop is None or loop.is_closed():
+            raise NetworkError("the asyncio loop is gone")
+        done = trio.Event()
+        tasks: list[asyncio.Task[T]] = []
+
+        def finish(_: asyncio.Task[T]) -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        def start() -> None:
+            task = loop.create_task(fn(*args))
+            tasks.append(task)
+            task.add_done_callback(finish)
+
+        def cancel() -> None:
+            if tasks:
+                tasks[0].cancel()
+
+        self.call_soon_in_asyncio(start)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            self.call_soon_in_asyncio(cancel)
+            raise
+        task = tasks[0]
+        if task.cancelled():
+            raise NetworkError("the asyncio side was cancelled")
+        exc = task.exception()
+        if exc is not None:
+            raise exc
+        return task.result()

@@ -1,0 +1,406 @@
+"""Libp2pService against real py-libp2p hosts on 127.0.0.1.
+
+Several hosts share this process (one trio thread each, one GIL), so the
+printed rates are pessimistic for one host per process. Run with ``-s`` to see
+the measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gonka_p2p.gossip.libp2p_service import MAX_INBOUND_STREAMS, Libp2pService
+from gonka_p2p.gossip.service import (
+    MAX_FRAME_BYTES,
+    AddressInUse,
+    FrameTooLarge,
+    PeerUnreachable,
+    PublishError,
+    SendFrame,
+    StreamReset,
+)
+from gonka_p2p.identity import Keypair
+
+pytestmark = [pytest.mark.libp2p]
+
+Factory = Callable[..., Awaitable[Libp2pService]]
+
+
+@pytest.fixture
+async def make_host() -> AsyncIterator[Factory]:
+    """Starts hosts with deterministic keys and stops them all after the test."""
+    started: list[Libp2pService] = []
+    counter = iter(range(1000))
+
+    async def make(listen: str = "/ip4/127.0.0.1/tcp/0", key: Keypair | None = None) -> Libp2pService:
+        svc = Libp2pService(key or Keypair.from_seed(b"host-%d" % next(counter)), listen)
+        await svc.start()
+        started.append(svc)
+        return svc
+
+    yield make
+    await asyncio.gather(*(svc.stop() for svc in started))
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def link(a: Libp2pService, b: Libp2pService) -> None:
+    assert await a.connect(b.listen_addrs[0]) == b.peer_id
+
+
+async def echo(opener: str, request: bytes, send: SendFrame) -> None:
+    await send(request)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- identity, addresses, security ---------------------------------------
+
+
+async def test_peer_id_is_the_keypair_identity_and_noise_is_the_only_security(make_host: Factory) -> None:
+    key = Keypair.from_seed(b"identity")
+    svc = await make_host(key=key)
+    assert svc.peer_id == key.peer_id
+
+    async def inspect() -> tuple[str, list[str], list[str]]:
+        host = svc._host
+        assert host is not None
+        upgrader = host.get_network().upgrader  # type: ignore[attr-defined]
+        return (
+            host.get_id().to_base58(),
+            [str(p) for p in upgrader.security_multistream.transports],
+            [str(p) for p in upgrader.muxer_multistream.transports],
+        )
+
+    host_id, security, muxers = await svc._running().call(inspect)
+    assert host_id == key.peer_id
+    assert security == ["/noise"]
+    assert muxers == ["/yamux/1.0.0"]
+    [addr] = svc.listen_addrs
+    assert addr.startswith("/ip4/127.0.0.1/tcp/") and addr.endswith(f"/p2p/{key.peer_id}")
+    assert int(addr.split("/")[4]) > 0
+
+
+async def test_connect_reports_peer_id_and_both_sides_see_the_connection(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+    assert await a.connect(b.listen_addrs[0]) == b.peer_id
+    await eventually(lambda: a.connected_peers() == [b.peer_id] and b.connected_peers() == [a.peer_id], what="peers")
+
+
+async def test_address_in_use(make_host: Factory) -> None:
+    a = await make_host()
+    taken = a.listen_addrs[0].split("/p2p/")[0]
+    b = Libp2pService(Keypair.from_seed(b"second"), taken)
+    with pytest.raises(AddressInUse, match="already in use"):
+        await b.start()
+    await b.stop()  # idempotent on a service that never started
+
+
+async def test_dial_dead_port_or_unknown_peer_is_unreachable(make_host: Factory) -> None:
+    a = await make_host()
+    ghost = Keypair.from_seed(b"ghost").peer_id
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachable, match="cannot connect"):
+        await a.connect(f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{ghost}", timeout=5)
+    assert time.monotonic() - started < 5
+    with pytest.raises(PeerUnreachable, match="/p2p/"):
+        await a.connect("/ip4/127.0.0.1/tcp/1")
+    with pytest.raises(PeerUnreachable, match="no known addresses|No known addresses"):
+        await a.request(Keypair.from_seed(b"stranger").peer_id, "/echo/1", b"x", timeout=5)
+    with pytest.raises(PeerUnreachable, match="not a valid peer id"):
+        await a.request("not-a-peer-id", "/echo/1", b"x")
+
+
+# ---- gossip ----------------------------------------------------------------
+
+
+async def test_burst_of_500_reaches_every_subscriber_without_loss(make_host: Factory) -> None:
+    """Line A - B - C: B gets the burst directly, C only through B's forwarding."""
+    a, b, c = await make_host(), await make_host(), await make_host()
+    received: dict[str, list[tuple[str, bytes]]] = {"a": [], "b": [], "c": []}
+    for name, svc in (("a", a), ("b", b), ("c", c)):
+
+        async def handler(sender: str, data: bytes, name: str = name) -> None:
+            received[name].append((sender, data))
+
+        await svc.subscribe("burst", handler)
+    await link(a, b)
+    await link(b, c)
+    await eventually(lambda: set(b.topic_peers("burst")) == {a.peer_id, c.peer_id}, what="subscriptions")
+    await eventually(lambda: a.topic_peers("burst") == [b.peer_id] and c.topic_peers("burst") == [b.peer_id])
+
+    n = 500
+    sent = [b"burst-%04d" % i for i in range(n)]
+    started = time.monotonic()
+    for data in sent:
+        await a.publish("burst", data)
+    published = time.monotonic() - started
+    await eventually(lambda: len(received["b"]) >= n and len(received["c"]) >= n, timeout=30, what="delivery")
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(0.3)  # late duplicates or echoes would show up here
+
+    for name in ("b", "c"):
+        assert len(received[name]) == n, f"{name} got {len(received[name])} messages"
+        assert sorted(data for _, data in received[name]) == sent
+        assert {sender for sender, _ in received[name]} == {a.peer_id}
+    assert received["a"] == []  # our own messages never come back to us
+    print(
+        f"\n[gossip burst] {n} msgs published in {published:.2f} s, delivered to 2 subscribers "
+        f"(1 direct, 1 via relay): {len(received['b'])}/{n} and {len(received['c'])}/{n} "
+        f"in {elapsed:.2f} s = {n / elapsed:.0f} msgs/s end to end"
+    )
+
+    async def scores(svc: Libp2pService) -> list[tuple[float, bool, bool]]:
+        pubsub = svc._pubsub
+        assert pubsub is not None
+        scorer = pubsub.router.scorer  # type: ignore[attr-defined]
+        return [
+            (scorer.score(p, ["burst"]), scorer.allow_publish(p, ["burst"]), scorer.is_graylisted(p, ["burst"]))
+            for p in pubsub.peers
+        ]
+
+    for svc in (a, b, c):
+        for score, may_publish, graylisted in await svc._running().call(scores, svc):
+            assert score == 0 and may_publish and not graylisted
+
+
+async def test_validator_rejects_before_delivery_and_forwarding(make_host: Factory) -> None:
+    """Line A - B - C where B rejects "bad" messages: neither B nor C ever sees one."""
+    a, b, c = await make_host(), await make_host(), await make_host()
+    seen_by_validator: list[tuple[str, bytes]] = []
+    got: dict[str, list[bytes]] = {"b": [], "c": []}
+
+    def b_validator(sender: str, data: bytes) -> bool:
+        seen_by_validator.append((sender, data))
+        if data == b"explode":
+            raise ValueError("validators must not raise; this one does")
+        return not data.startswith(b"bad")
+
+    async def on_b(sender: str, data: bytes) -> None:
+        got["b"].append(data)
+
+    async def on_c(sender: str, data: bytes) -> None:
+        got["c"].append(data)
+
+    await b.subscribe("votes", on_b, b_validator)
+    await c.subscribe("votes", on_c, lambda sender, data: True)
+    await link(a, b)
+    await link(b, c)
+    await eventually(lambda: a.topic_peers("votes") == [b.peer_id] and c.peer_id in b.topic_peers("votes"))
+
+    messages = [b"bad-1", b"good-1", b"explode", b"bad-2", b"good-2", b"good-last"]
+    for data in messages:
+        await a.publish("votes", data)
+    await eventually(lambda: b"good-last" in got["c"] and b"good-last" in got["b"], what="good messages")
+    await asyncio.sleep(1.5)  # past a heartbeat, so gossip (IHAVE/IWANT) had its chance too
+
+    assert sorted(got["b"]) == [b"good-1", b"good-2", b"good-last"]
+    assert sorted(got["c"]) == [b"good-1", b"good-2", b"good-last"]
+    assert sorted(data for _, data in seen_by_validator) == sorted(messages)
+    assert {sender for sender, _ in seen_by_validator} == {a.peer_id}
+
+
+async def test_publish_raises_instead_of_dropping(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+    with pytest.raises(PublishError, match="no peer is subscribed"):
+        await a.publish("lonely", b"x")
+    await link(a, b)
+    await b.subscribe("other", echo_handler)
+    await eventually(lambda: a.topic_peers("other") == [b.peer_id])
+    with pytest.raises(PublishError, match="no peer is subscribed"):
+        await a.publish("nobody-here", b"x")
+    with pytest.raises(PublishError, match="use a stream"):
+        await a.publish("other", b"x" * 2_000_000)
+    await a.publish("other", b"fine")  # the same host can publish where someone listens
+
+
+async def echo_handler(sender: str, data: bytes) -> None:
+    pass
+
+
+# ---- streams ---------------------------------------------------------------
+
+
+async def test_request_response(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+    openers: list[str] = []
+
+    async def upper(opener: str, request: bytes, send: SendFrame) -> None:
+        openers.append(opener)
+        await send(request.upper())
+
+    b.set_stream_handler("/upper/1", upper)
+    await link(a, b)
+    assert await a.request(b.peer_id, "/upper/1", b"hello") == b"HELLO"
+    assert openers == [a.peer_id]
+
+    rounds = 50
+    started = time.monotonic()
+    for i in range(rounds):
+        assert await a.request(b.peer_id, "/upper/1", b"ping %d" % i) == b"PING %d" % i
+    rtt = (time.monotonic() - started) / rounds
+    print(f"\n[request/response] mean round trip {rtt * 1000:.1f} ms over {rounds} requests (new stream each)")
+
+    with pytest.raises(PeerUnreachable, match="does not serve"):
+        await a.request(b.peer_id, "/nobody/1", b"x", timeout=5)
+
+
+async def test_stream_of_many_frames_and_throughput(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+
+    async def count(opener: str, request: bytes, send: SendFrame) -> None:
+        for i in range(int(request)):
+            await send(b"token %d" % i)
+
+    async def blobs(opener: str, request: bytes, send: SendFrame) -> None:
+        blob = bytes(1 << 20)
+        for _ in range(int(request)):
+            await send(blob)
+
+    b.set_stream_handler("/count/1", count)
+    b.set_stream_handler("/blobs/1", blobs)
+    await link(a, b)
+    frames = [f async for f in a.open_stream(b.peer_id, "/count/1", b"300")]
+    assert frames == [b"token %d" % i for i in range(300)]
+    assert [f async for f in a.open_stream(b.peer_id, "/count/1", b"0")] == []
+
+    n_blobs = 48
+    started = time.monotonic()
+    total = 0
+    async for frame in a.open_stream(b.peer_id, "/blobs/1", b"%d" % n_blobs):
+        assert len(frame) == 1 << 20
+        total += len(frame)
+    elapsed = time.monotonic() - started
+    assert total == n_blobs << 20
+    print(f"\n[stream] {n_blobs} x 1 MiB frames in {elapsed:.2f} s = {total / elapsed / 1e6:.0f} MB/s")
+
+
+async def test_handler_raising_resets_the_stream(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+
+    async def broken(opener: str, request: bytes, send: SendFrame) -> None:
+        await send(b"partial")
+        raise RuntimeError("handler bug")
+
+    async def silent(opener: str, request: bytes, send: SendFrame) -> None:
+        pass
+
+    b.set_stream_handler("/broken/1", broken)
+    b.set_stream_handler("/silent/1", silent)
+    await link(a, b)
+    frames: list[bytes] = []
+    with pytest.raises(StreamReset):
+        async for frame in a.open_stream(b.peer_id, "/broken/1", b"go"):
+            frames.append(frame)
+    assert frames == [b"partial"]
+    with pytest.raises(StreamReset):
+        await a.request(b.peer_id, "/broken/1", b"go")
+    with pytest.raises(StreamReset, match="without a response"):
+        await a.request(b.peer_id, "/silent/1", b"go")
+
+
+async def test_oversized_frames(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+    handler_errors: list[BaseException] = []
+
+    async def too_big(opener: str, request: bytes, send: SendFrame) -> None:
+        try:
+            await send(bytes(MAX_FRAME_BYTES + 1))
+        except FrameTooLarge as e:
+            handler_errors.append(e)
+            raise
+
+    async def lying_header(stream) -> None:  # a peer that does not play by the rules
+        await stream.read(4096)
+        await stream.write(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"x" * 100)
+
+    async def install() -> None:
+        assert b._host is not None
+        b._host.set_stream_handler("/liar/1", lying_header)
+
+    b.set_stream_handler("/too-big/1", too_big)
+    await b._running().call(install)
+    await link(a, b)
+
+    with pytest.raises(FrameTooLarge):
+        await a.request(b.peer_id, "/too-big/1", bytes(MAX_FRAME_BYTES + 1))
+    with pytest.raises(StreamReset):
+        await a.request(b.peer_id, "/too-big/1", b"go")
+    assert len(handler_errors) == 1
+    with pytest.raises(FrameTooLarge, match="announced"):
+        await a.request(b.peer_id, "/liar/1", b"go")
+    assert await a.connect(b.listen_addrs[0]) == b.peer_id  # the connection survived
+
+
+async def test_peer_stopping_mid_stream_is_a_reset_and_silence_is_a_timeout(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+    never = asyncio.Event()
+
+    async def stall(opener: str, request: bytes, send: SendFrame) -> None:
+        await send(b"first")
+        await never.wait()
+
+    b.set_stream_handler("/stall/1", stall)
+    await link(a, b)
+
+    with pytest.raises(TimeoutError):
+        async for _ in a.open_stream(b.peer_id, "/stall/1", b"go", timeout=0.5):
+            pass
+
+    frames = a.open_stream(b.peer_id, "/stall/1", b"go", timeout=20)
+    assert await anext(frames) == b"first"
+    stopper = asyncio.create_task(b.stop())
+    started = time.monotonic()
+    with pytest.raises(StreamReset):
+        await anext(frames)
+    assert time.monotonic() - started < 5
+    await stopper
+
+
+async def test_open_stream_dials_a_known_peer_after_it_restarts(make_host: Factory) -> None:
+    a = await make_host()
+    key, port = Keypair.from_seed(b"restarts"), free_port()
+    b = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
+    await link(a, b)
+    await b.stop()
+    await eventually(lambda: a.connected_peers() == [], what="disconnect")
+    b2 = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
+    b2.set_stream_handler("/echo/1", echo)
+    assert await a.request(key.peer_id, "/echo/1", b"back again") == b"back again"
+    assert b2.connected_peers() == [a.peer_id]
+
+
+async def test_abandoning_a_stream_does_not_leak(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+    b.set_stream_handler("/echo/1", echo)
+
+    async def endless(opener: str, request: bytes, send: SendFrame) -> None:
+        while True:
+            await send(b"more")
+
+    b.set_stream_handler("/endless/1", endless)
+    await link(a, b)
+    for _ in range(5):
+        async with contextlib.aclosing(a.open_stream(b.peer_id, "/endless/1", b"go")) as frames:
+            async for frame in frames:
+                assert frame == b"more"
+                break
+    assert await a.request(b.peer_id, "/echo/1", b"still fine") == b"still fine"
+    await eventually(lambda: b._inbound.value == MAX_INBOUND_STREAMS, what="server streams to end")
