@@ -118,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     from gonka_p2p.actors.node import StartupError
     from gonka_p2p.gossip.service import NetworkError
     from gonka_p2p.inference.engine import EngineError
+    from gonka_p2p.ledger.genesis import GenesisError
 
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (ConfigError, KeyFileError, StartupError, EngineError, NetworkError) as e:
+    except (ConfigError, KeyFileError, StartupError, EngineError, NetworkError, GenesisError) as e:
         if os.environ.get("GONKA_DEBUG"):
             raise
         err_console.print(f"[red]error:[/red] {e}")

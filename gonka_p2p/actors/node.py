@@ -70,11 +70,14 @@ class Node:
         for model in self.config.models:
             self.engines[model] = loader(self.config.engine, model)
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Run the actors until ``stop`` is set."""
+    async def start_actors(self) -> None:
         await self.directory.start()
         self.executor.start()
         self.ta.start()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run the actors until ``stop`` is set."""
+        await self.start_actors()
         async with asyncio.TaskGroup() as tasks:
             announcer = tasks.create_task(self.directory.run())
             await stop.wait()

@@ -1,0 +1,161 @@
+"""The serving path end to end on the in-memory network with a real (tiny) model:
+client -> TA -> executor -> TA -> client, and every bad input the TA must refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+
+from gonka_p2p.actors.node import Node
+from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL
+from gonka_p2p.client import (
+    GonkaClient,
+    ProtocolViolation,
+    RequestRejected,
+    _StreamVerifier,
+    build_request,
+)
+from gonka_p2p.config import NodeConfig
+from gonka_p2p.gossip.memory import MemoryHub
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.factory import load_engine
+from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import InferenceFailed, InferenceRequest, TokenBatch
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return load_engine("torch", MODEL)
+
+
+async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node]:
+    """n nodes, the first one TA only, all joined through the first and announced."""
+    nodes = []
+    for i in range(n):
+        key = Keypair.from_seed(f"node{i}".encode())
+        models = [] if i == 0 else [MODEL]
+        bootstrap = [nodes[0].service.listen_addrs[0]] if nodes else []
+        node = Node(NodeConfig(models=models, bootstrap=bootstrap, engine="torch"), key,
+                    hub.service(key), weights=None)
+        if models:
+            node.engines[MODEL] = engine
+        await node.join()
+        await node.start_actors()
+        nodes.append(node)
+    for node in nodes[1:]:  # full mesh, as the directory would dial on announcements
+        for other in nodes[1:]:
+            if other is not node:
+                await node.service.connect(other.service.listen_addrs[0])
+    for node in nodes:
+        await node.directory.announce_once()
+    await asyncio.sleep(0.05)
+    return nodes
+
+
+async def client_for(hub: MemoryHub, ta: Node, seed: bytes = b"client") -> GonkaClient:
+    key = Keypair.from_seed(seed)
+    service = hub.service(key)
+    await service.start()
+    peer = await service.connect(ta.service.listen_addrs[0])
+    return GonkaClient(key, service, peer)
+
+
+async def raw_stream(client: GonkaClient, frame: bytes) -> list[bytes]:
+    return [f async for f in client.service.open_stream(client.ta, INFER_PROTOCOL, frame)]
+
+
+async def test_request_streams_verified_tokens_from_another_peer(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine)
+    client = await client_for(hub, nodes[0])
+    completion = await client.chat([("user", "Say hello.")], model=MODEL, max_tokens=12)
+    assert completion.executor in {n.key.peer_id for n in nodes[1:]}
+    assert 1 <= completion.completion_tokens <= 12
+    # The network changes nothing: the same engine run directly gives the same tokens.
+    prompt = engine.encode_chat([("user", "Say hello.")])
+    direct = [s.token_id async for s in engine.generate(
+        prompt, SamplingParams(max_tokens=12), seed=completion.inference_id)]
+    assert completion.token_ids == direct
+    assert completion.text == engine.decode(direct)
+
+
+async def test_requests_spread_over_executors_by_weight(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine, n=4)
+    client = await client_for(hub, nodes[0])
+    executors = set()
+    for _ in range(8):
+        executors.add((await client.chat([("user", "Hi")], model=MODEL, max_tokens=2)).executor)
+    assert len(executors) >= 2
+    assert nodes[0].key.peer_id not in executors  # a TA never executes its own requests
+
+
+@pytest.mark.parametrize("case", ["bad_signature", "malformed", "stale", "replay", "unknown_model"])
+async def test_ta_rejects_bad_input_with_a_clear_code(engine: Engine, case: str) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine)
+    client = await client_for(hub, nodes[0])
+    frame = build_request(client.key, [("user", "Hi")], model=MODEL, max_tokens=2)
+    if case == "bad_signature":
+        env = msgpack.unpackb(frame)
+        env[4] = Keypair.from_seed(b"impostor").public_key
+        frame = msgpack.packb(env, use_bin_type=True)
+    elif case == "malformed":
+        frame = b"\x93not an envelope"
+    elif case == "stale":
+        req = open_envelope(frame, InferenceRequest).message
+        old = InferenceRequest(**{**req.__dict__, "timestamp_ms": int(time.time() * 1000) - 600_000})
+        frame = seal(old, client.key)
+    elif case == "unknown_model":
+        frame = build_request(client.key, [("user", "Hi")], model="gpt-9", max_tokens=2)
+    elif case == "replay":
+        assert len(await raw_stream(client, frame)) > 1  # first time: served
+    (answer,) = await raw_stream(client, frame)
+    failed = open_envelope(answer, InferenceFailed)
+    assert failed.signer_id == nodes[0].key.peer_id
+    assert failed.message.code == case
+    assert failed.message.message
+
+
+async def test_executor_down_before_first_token_is_retried_elsewhere(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine, n=4)
+    await nodes[1].service.stop()  # still announced as live in the TA's directory
+    client = await client_for(hub, nodes[0])
+    for _ in range(4):
+        completion = await client.chat([("user", "Hi")], model=MODEL, max_tokens=3)
+        assert completion.executor != nodes[1].key.peer_id
+
+
+async def test_executor_killed_mid_stream_gives_client_a_clear_error(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine, n=2)
+    client = await client_for(hub, nodes[0])
+    with pytest.raises(RequestRejected) as err:
+        async for event in client.stream_chat([("user", "Count to ten.")], model=MODEL,
+                                              max_tokens=64):
+            if hasattr(event, "token_ids"):
+                await nodes[1].service.stop()  # the only executor dies after its first token
+    assert err.value.code == "executor_failed"
+
+
+async def test_client_detects_a_ta_that_alters_tokens(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine)
+    client = await client_for(hub, nodes[0])
+    frame = build_request(client.key, [("user", "Hi")], model=MODEL, max_tokens=4)
+    frames = await raw_stream(client, frame)
+    batch = open_envelope(frames[1], TokenBatch).message
+    forged = TokenBatch(**{**batch.__dict__, "token_ids": [batch.token_ids[0] + 1]})
+    tampered = [frames[0], seal(forged, Keypair.from_seed(b"greedy-ta")), *frames[2:]]
+    verifier = _StreamVerifier(open_envelope(frame, InferenceRequest).digest)
+    with pytest.raises(ProtocolViolation):
+        for f in tampered:
+            verifier.accept(f)
