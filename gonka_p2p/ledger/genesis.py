@@ -1,0 +1,319 @@
+"""The genesis record: who exists, who holds what, and every ledger parameter.
+
+Everything the state machine needs that is not derived from blocks lives
+here, in one record, so that two replicas holding the same genesis file
+compute the same states: the chain id, the genesis time, the participants
+(public key, weight = voting power and executor-draw weight, addresses,
+models), the initial balances and :class:`Params`, the parameters table.
+
+Units are fixed and written next to every parameter (``PARAM_UNITS``): coin
+amounts are integers in the smallest coin unit (no floats ever reach the
+state), durations are counted in blocks except where they compare against a
+client-signed wall-clock timestamp (``request_window_ms``, milliseconds).
+
+The file is TOML (for people) or JSON (for tools), chosen by suffix; both
+hold the same tree::
+
+    chain_id = "gonka-local"
+    genesis_time_ms = 0                       # ms since the Unix epoch
+
+    [params]
+    epoch_length_blocks = 100                 # blocks per epoch
+    ...
+    [params.price_per_token]                  # coin units per token, per model
+    "smollm2-135m" = 1
+
+    [[participants]]
+    pubkey = "02ab..."                        # compressed secp256k1, hex
+    weight = 10
+    addrs = ["/ip4/127.0.0.1/tcp/9000"]
+    models = ["smollm2-135m"]
+
+    [allocations]                             # coin units, by peer id
+    "16Uiu2HAm..." = 1000000
+
+:func:`load_genesis` is total: any problem in the file is a :class:`GenesisError`
+that names the offending entry. :meth:`Genesis.hash` is the canonical
+SHA-256 of the record; it is the ``prev_hash`` of block 1 and part of every
+app hash, so replicas started from different genesis files can never agree.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import msgpack
+from coincurve import PublicKey
+
+from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
+from gonka_p2p.ledger.rules import is_account_address
+
+MAX_SUPPLY = 2**63 - 1  # every balance, escrow and fee fits a signed 64-bit wire int
+MAX_CHAIN_ID = 64
+MAX_MODEL_NAME = 128
+MAX_ADDR_LEN = 256
+MAX_ADDRS = 8
+MAX_MODELS = 16
+_HASH_DOMAIN = b"gonka-p2p/genesis/v1\x00"
+
+
+class GenesisError(Exception):
+    """The genesis record is unusable; the message names what and where, for people."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters table. Every field is a non-negative integer in the unit of ``PARAM_UNITS``."""
+
+    epoch_length_blocks: int = 100
+    inference_deadline_blocks: int = 20
+    request_window_ms: int = 600_000
+    max_tx_bytes: int = 1_048_576
+    prompt_overhead_per_turn_tokens: int = 8
+    prompt_overhead_fixed_tokens: int = 16
+    max_held_finishes: int = 65_536
+    max_held_finishes_per_executor: int = 1_024
+    price_per_token: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        # Frozen means frozen: a caller's dict must not be able to change prices later.
+        object.__setattr__(self, "price_per_token",
+                           MappingProxyType(dict(sorted(self.price_per_token.items()))))
+
+
+PARAM_UNITS: Mapping[str, str] = MappingProxyType({
+    "epoch_length_blocks": "blocks per epoch; fees are paid at heights divisible by it",
+    "inference_deadline_blocks": "blocks after its StartInference within which a Finish must commit",
+    "request_window_ms": "ms either side of the block time a client request's timestamp may lie",
+    "max_tx_bytes": "bytes; larger transactions are rejected before decoding",
+    "prompt_overhead_per_turn_tokens": "tokens the chat template may add per turn (escrow bound)",
+    "prompt_overhead_fixed_tokens": "tokens the chat template may add per request (escrow bound)",
+    "max_held_finishes": "FinishInference txs held, network-wide, while their Start is not committed",
+    "max_held_finishes_per_executor": "of those, held for any one executor",
+    "price_per_token": "coin units per token (prompt and completion alike), per model; >= 1",
+})
+
+_POSITIVE = {"epoch_length_blocks", "inference_deadline_blocks", "max_tx_bytes",
+             "max_held_finishes", "max_held_finishes_per_executor"}
+
+
+@dataclass(frozen=True)
+class GenesisParticipant:
+    """A participant known from the start. ``weight`` is its voting power and draw weight."""
+
+    pubkey: bytes
+    weight: int
+    addrs: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    @property
+    def peer_id(self) -> str:
+        return peer_id_from_pubkey(self.pubkey)
+
+
+@dataclass(frozen=True)
+class Genesis:
+    chain_id: str
+    params: Params
+    participants: tuple[GenesisParticipant, ...] = ()
+    allocations: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    genesis_time_ms: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "participants", tuple(self.participants))
+        object.__setattr__(self, "allocations",
+                           MappingProxyType(dict(sorted(self.allocations.items()))))
+        _validate(self)
+
+    @property
+    def supply(self) -> int:
+        """Coins in existence at height 0: the sum of all allocations."""
+        return sum(self.allocations.values())
+
+    def weights(self) -> dict[str, int]:
+        """Peer id -> weight, for the executor draw and the validator set."""
+        return {p.peer_id: p.weight for p in self.participants}
+
+    def to_obj(self) -> dict[str, Any]:
+        """The canonical tree (sorted maps, hex keys) that both file formats hold."""
+        return {
+            "chain_id": self.chain_id,
+            "genesis_time_ms": self.genesis_time_ms,
+            "params": {f.name: (dict(self.params.price_per_token) if f.name == "price_per_token"
+                                else getattr(self.params, f.name)) for f in fields(Params)},
+            "participants": [{"pubkey": p.pubkey.hex(), "weight": p.weight,
+                              "addrs": list(p.addrs), "models": list(p.models)}
+                             for p in self.participants],
+            "allocations": dict(self.allocations),
+        }
+
+    def hash(self) -> bytes:
+        """SHA-256 of the canonical msgpack of :meth:`to_obj`: the identity of this network."""
+        return digest(_HASH_DOMAIN + msgpack.packb(self.to_obj(), use_bin_type=True))
+
+
+def genesis_from_obj(obj: Any) -> Genesis:
+    """Build a :class:`Genesis` from a parsed TOML/JSON tree, or raise :class:`GenesisError`."""
+    if not isinstance(obj, dict):
+        raise GenesisError("genesis must be a table")
+    _only(obj, {"chain_id", "genesis_time_ms", "params", "participants", "allocations"}, "genesis")
+    raw_params = obj.get("params", {})
+    if not isinstance(raw_params, dict):
+        raise GenesisError("[params] must be a table")
+    _only(raw_params, set(PARAM_UNITS), "[params]")
+    prices = raw_params.get("price_per_token", {})
+    if not isinstance(prices, dict):
+        raise GenesisError("[params.price_per_token] must be a table of model = price")
+    values = {k: _int(v, f"params.{k}") for k, v in raw_params.items() if k != "price_per_token"}
+    params = Params(**values, price_per_token={str(m): _int(p, f"price of {m!r}")
+                                               for m, p in prices.items()})
+    participants = []
+    raw_parts = obj.get("participants", [])
+    if not isinstance(raw_parts, list):
+        raise GenesisError("participants must be an array of tables")
+    for i, p in enumerate(raw_parts):
+        where = f"participants[{i}]"
+        if not isinstance(p, dict):
+            raise GenesisError(f"{where} must be a table")
+        _only(p, {"pubkey", "weight", "addrs", "models"}, where)
+        try:
+            pubkey = bytes.fromhex(_str(p.get("pubkey"), f"{where}.pubkey"))
+        except ValueError:
+            raise GenesisError(f"{where}.pubkey is not hex") from None
+        participants.append(GenesisParticipant(
+            pubkey=pubkey, weight=_int(p.get("weight"), f"{where}.weight"),
+            addrs=tuple(_str_list(p.get("addrs", []), f"{where}.addrs")),
+            models=tuple(_str_list(p.get("models", []), f"{where}.models"))))
+    allocations = obj.get("allocations", {})
+    if not isinstance(allocations, dict):
+        raise GenesisError("[allocations] must be a table of peer id = amount")
+    return Genesis(
+        chain_id=_str(obj.get("chain_id"), "chain_id"),
+        genesis_time_ms=_int(obj.get("genesis_time_ms", 0), "genesis_time_ms"),
+        params=params, participants=tuple(participants),
+        allocations={str(a): _int(v, f"allocation of {a}") for a, v in allocations.items()})
+
+
+def load_genesis(path: Path) -> Genesis:
+    """Read a genesis file: ``.json`` as JSON, anything else as TOML."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise GenesisError(f"genesis file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenesisError(f"cannot read genesis file {path}: {e}") from None
+    try:
+        obj = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise GenesisError(f"genesis file {path} does not parse: {e}") from None
+    return genesis_from_obj(obj)
+
+
+def save_genesis(genesis: Genesis, path: Path) -> None:
+    """Write ``genesis`` as JSON (``.json``) or as TOML with the units as comments."""
+    path = Path(path)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(genesis.to_obj(), indent=2) + "\n")
+    else:
+        path.write_text(genesis_to_toml(genesis))
+
+
+def genesis_to_toml(genesis: Genesis) -> str:
+    """TOML for :class:`Genesis`. Strings are JSON-quoted: a JSON string is a TOML basic string."""
+    obj = genesis.to_obj()
+    q = json.dumps
+    lines = [f"chain_id = {q(obj['chain_id'])}",
+             f"genesis_time_ms = {obj['genesis_time_ms']}  # ms since the Unix epoch", "", "[params]"]
+    for name, value in obj["params"].items():
+        if name != "price_per_token":
+            lines.append(f"{name} = {value}  # {PARAM_UNITS[name]}")
+    lines += ["", f"[params.price_per_token]  # {PARAM_UNITS['price_per_token']}"]
+    lines += [f"{q(model)} = {price}" for model, price in obj["params"]["price_per_token"].items()]
+    for p in obj["participants"]:
+        lines += ["", "[[participants]]", f"pubkey = {q(p['pubkey'])}",
+                  f"weight = {p['weight']}  # voting power and executor-draw weight",
+                  f"addrs = {q(p['addrs'])}", f"models = {q(p['models'])}"]
+    lines += ["", "[allocations]  # initial balances, coin units, by peer id"]
+    lines += [f"{q(account)} = {amount}" for account, amount in obj["allocations"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _validate(g: Genesis) -> None:
+    p = g.params
+    if not (isinstance(g.chain_id, str) and 0 < len(g.chain_id) <= MAX_CHAIN_ID):
+        raise GenesisError(f"chain_id must be a string of 1 to {MAX_CHAIN_ID} characters")
+    for f in fields(Params):
+        if f.name == "price_per_token":
+            continue
+        value = getattr(p, f.name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise GenesisError(f"params.{f.name} must be a non-negative integer")
+        if f.name in _POSITIVE and value == 0:
+            raise GenesisError(f"params.{f.name} must be positive")
+    if not p.price_per_token:
+        raise GenesisError("params.price_per_token must price at least one model")
+    for model, price in p.price_per_token.items():
+        if not 0 < len(model) <= MAX_MODEL_NAME:
+            raise GenesisError(f"model name {model!r} must have 1 to {MAX_MODEL_NAME} characters")
+        if not isinstance(price, int) or isinstance(price, bool) or price < 1:
+            # A free model would let anyone open unbounded escrow-free inferences.
+            raise GenesisError(f"price of {model!r} must be an integer >= 1 coin unit per token")
+    seen: set[bytes] = set()
+    for i, part in enumerate(g.participants):
+        where = f"participants[{i}]"
+        if len(part.pubkey) != PUBKEY_BYTES:
+            raise GenesisError(f"{where}.pubkey must be a {PUBKEY_BYTES}-byte compressed key")
+        try:
+            PublicKey(part.pubkey)
+        except Exception:  # noqa: BLE001 - coincurve raises several types for bad points
+            raise GenesisError(f"{where}.pubkey is not a secp256k1 point") from None
+        if part.pubkey in seen:
+            raise GenesisError(f"{where} repeats a public key")
+        seen.add(part.pubkey)
+        if not isinstance(part.weight, int) or isinstance(part.weight, bool) or part.weight < 0:
+            raise GenesisError(f"{where}.weight must be a non-negative integer")
+        if len(part.addrs) > MAX_ADDRS or any(len(a) > MAX_ADDR_LEN for a in part.addrs):
+            raise GenesisError(f"{where}.addrs: at most {MAX_ADDRS} of <= {MAX_ADDR_LEN} chars")
+        if len(part.models) > MAX_MODELS:
+            raise GenesisError(f"{where}.models: at most {MAX_MODELS}")
+        for model in part.models:
+            if model not in p.price_per_token:
+                raise GenesisError(f"{where} serves {model!r}, which has no price")
+    for account, amount in g.allocations.items():
+        if not is_account_address(account):
+            raise GenesisError(f"allocation to {account!r}: not a secp256k1 peer id")
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+            raise GenesisError(f"allocation to {account}: amount must be a non-negative integer")
+    if g.supply > MAX_SUPPLY:
+        raise GenesisError(f"total allocation {g.supply} exceeds {MAX_SUPPLY}")
+
+
+def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = set(obj) - allowed
+    if extra:
+        raise GenesisError(f"{where}: unknown keys {', '.join(sorted(map(str, extra)))}")
+
+
+def _int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GenesisError(f"{where} must be an integer, not {value!r}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise GenesisError(f"{where} must be a string")
+    return value
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise GenesisError(f"{where} must be an array of strings")
+    return value

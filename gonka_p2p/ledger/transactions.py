@@ -1,0 +1,152 @@
+"""Ledger transactions: wire schemas sealed in signed envelopes, and their reason codes.
+
+A transaction is a :class:`~gonka_p2p.wire.schema.Message` of one of the four
+kinds below, sealed with :func:`~gonka_p2p.wire.envelope.seal` by the account
+that acts; the envelope's signer *is* the acting account (its peer id), so no
+transaction names its own sender. Build one with, e.g.::
+
+    raw = seal(Transfer(chain_id=cid, to=peer, amount=5, sequence=n), key)
+
+and submit ``raw`` (bytes) to the mempool / a block. The transaction id is
+SHA-256 of those bytes.
+
+Replay protection: every transaction carries the ``chain_id`` (a tx signed for
+a test network is void on another) and the signer's account ``sequence``,
+which must equal the account's next sequence when the tx is applied (each
+accepted tx increments it; rejected txs do not). The client's
+:class:`InferenceRequest` inside a :class:`StartInference` carries no
+sequence: its envelope digest is the inference id, which the ledger accepts
+once, within ``request_window_ms`` of the request's timestamp.
+
+Every failure has a stable :class:`Reason` code in the tx's receipt;
+decoding failures reuse the wire layer's codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gonka_p2p.wire.envelope import Signed, open_envelope
+from gonka_p2p.wire.messages import HASH_BYTES
+from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded
+
+MAX_PEER_ID = 64
+MAX_TOKENS_CLAIM = 2**31  # per inference and per part; far above any context length
+MAX_CLIENT_REQUEST_BYTES = 2 * 1024 * 1024  # the schema bound; params.max_tx_bytes bounds it tighter
+
+
+class Reason(StrEnum):
+    """Why a transaction was rejected (``OK`` when it was applied). Stable wire strings."""
+
+    OK = "ok"
+    # Stateless: the bytes themselves.
+    MALFORMED = "malformed"
+    OVERSIZE = "oversize"
+    UNKNOWN_KIND = "unknown_kind"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_CHAIN = "wrong_chain"
+    # Any transaction, against the state.
+    UNKNOWN_ACCOUNT = "unknown_account"  # the signer has no account (never funded nor in genesis)
+    BAD_SEQUENCE = "bad_sequence"
+    # Transfer.
+    INVALID_ADDRESS = "invalid_address"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    # RegisterParticipant / StartInference.
+    UNKNOWN_MODEL = "unknown_model"
+    NOT_A_PARTICIPANT = "not_a_participant"
+    # StartInference.
+    BAD_CLIENT_REQUEST = "bad_client_request"  # the embedded client envelope fails to open
+    STALE_REQUEST = "stale_request"  # request timestamp outside request_window_ms of block time
+    DUPLICATE_INFERENCE = "duplicate_inference"  # this inference id was already started
+    UNKNOWN_CLIENT = "unknown_client"
+    EXECUTOR_NOT_ELIGIBLE = "executor_not_eligible"  # not a participant serving the model
+    SELF_EXECUTION = "self_execution"  # the TA named itself as executor
+    # FinishInference.
+    WRONG_EXECUTOR = "wrong_executor"
+    INFERENCE_CLOSED = "inference_closed"  # already settled, expired or pruned
+    TOKENS_EXCEED_REQUEST = "tokens_exceed_request"  # completion_tokens > the request's max_tokens
+    DUPLICATE_FINISH = "duplicate_finish"  # this executor already has a Finish held for it
+    HOLDING_AREA_FULL = "holding_area_full"
+
+
+class TxRejected(Exception):
+    """A transaction breaks a rule. Raised before any state is touched; becomes a receipt."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Transfer(Message):
+    """Move ``amount`` coin units from the signer's balance to account ``to`` (created if new)."""
+
+    KIND = "tx_transfer"
+    chain_id: str = bounded(max_len=64)
+    to: str = bounded(max_len=MAX_PEER_ID)
+    amount: int = bounded(min_value=1)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class RegisterParticipant(Message):
+    """The signer (an existing account) becomes, or updates itself as, a participant.
+
+    Its public key comes from the envelope, its weight from genesis (0 for
+    newcomers until a proof-of-compute round assigns one).
+    """
+
+    KIND = "tx_register_participant"
+    chain_id: str = bounded(max_len=64)
+    addrs: list[str] = bounded(max_len=8)
+    models: list[str] = bounded(max_len=16)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class StartInference(Message):
+    """Signed by the TA: escrow the client's coins for ``request``, executed by ``executor``.
+
+    ``request`` is the client's :class:`InferenceRequest` envelope, byte for
+    byte: the ledger checks the client's signature itself and takes the
+    inference id as the SHA-256 of these bytes.
+    """
+
+    KIND = "tx_start_inference"
+    chain_id: str = bounded(max_len=64)
+    request: bytes = bounded(max_len=MAX_CLIENT_REQUEST_BYTES)
+    executor: str = bounded(max_len=MAX_PEER_ID)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class FinishInference(Message):
+    """Signed by the executor: the work is done; these are the counts it claims and stands behind."""
+
+    KIND = "tx_finish_inference"
+    chain_id: str = bounded(max_len=64)
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    prompt_tokens: int = bounded(min_value=0, max_value=MAX_TOKENS_CLAIM)
+    completion_tokens: int = bounded(min_value=0, max_value=MAX_TOKENS_CLAIM)
+    response_hash: bytes = bounded(max_len=HASH_BYTES)
+    artifact_commitment: bytes = bounded(max_len=HASH_BYTES)
+    sequence: int = bounded(min_value=0)
+
+
+Tx = Transfer | RegisterParticipant | StartInference | FinishInference
+TX_TYPES: tuple[type[Message], ...] = (Transfer, RegisterParticipant, StartInference, FinishInference)
+
+
+def decode_tx(raw: bytes, max_tx_bytes: int) -> Signed[Tx]:
+    """Open a transaction envelope: size, shape, kind, version, signature, schema. Raises WireError."""
+    if len(raw) > max_tx_bytes:
+        raise Oversize(f"transaction of {len(raw)} bytes exceeds max_tx_bytes={max_tx_bytes}")
+    return open_envelope(raw, *TX_TYPES)  # type: ignore[return-value]
+
+
+def reason_of(error: WireError) -> Reason:
+    """The receipt code of a decoding failure (the wire codes are a subset of :class:`Reason`)."""
+    return Reason(error.code)
