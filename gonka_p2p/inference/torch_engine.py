@@ -1,0 +1,128 @@
+"""The transformers engine: the reference the vLLM engine is checked against.
+
+Why it exists: a validator must be able to re-score an executor's output with
+an independent implementation, and tests need an engine that loads in seconds
+with no engine process or KV-cache pool. It runs the same fp32 weights as
+vLLM (see ``models``) and agrees with it to about 1e-5 in logprobs.
+
+Choices:
+
+* fp32, eager, one forward at a time (a lock), each request with its own KV
+  cache. Concurrent requests interleave step by step instead of batching:
+  simple, and batching is vLLM's job.
+* Compute runs in a worker thread (``asyncio.to_thread``) so the event loop
+  keeps serving the network while the model runs.
+* The token at generated position i is ``sampler.choose_token(row, params,
+  seed, i)`` on the raw logits row; the evidence is the raw (temperature 1)
+  ``log_softmax`` of that row in float32, as vLLM's ``raw_logprobs`` mode
+  computes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import torch
+
+from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
+from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, load_local_model
+from gonka_p2p.inference.sampler import SamplingParams, choose_token
+
+
+def token_step(logits_row: torch.Tensor, token_id: int, k: int) -> TokenStep:
+    """The evidence record for ``token_id`` given the raw logits row it was chosen from."""
+    logprobs = torch.log_softmax(logits_row.to(torch.float32), dim=-1)
+    top = torch.topk(logprobs, k)
+    return TokenStep(
+        token_id=token_id,
+        logprob=float(logprobs[token_id]),
+        top_ids=tuple(int(i) for i in top.indices),
+        top_logprobs=tuple(float(v) for v in top.values),
+    )
+
+
+class TorchEngine:
+    """``Engine`` over transformers in fp32."""
+
+    def __init__(self, model: str = DEFAULT_MODEL) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self._local: LocalModel = load_local_model(model)
+        try:
+            self._model = AutoModelForCausalLM.from_pretrained(
+                self._local.path, dtype=torch.float32
+            ).eval()
+        except Exception as exc:
+            raise EngineError(f"transformers cannot load {self._local.path}: {exc}") from exc
+        self.model_name = self._local.name
+        self.eos_token_ids = self._local.eos_token_ids
+        self._lock = threading.Lock()  # one forward at a time: they share the cores
+
+    @property
+    def local_model(self) -> LocalModel:
+        return self._local
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        return self._local.encode_chat(messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._local.decode(token_ids)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, seed: bytes
+    ) -> AsyncIterator[TokenStep]:
+        self._local.check_request(prompt_ids, params.max_tokens)
+        cache = None
+        feed = list(prompt_ids)
+        for position in range(params.max_tokens):
+            step, cache = await asyncio.to_thread(
+                self._next_step, feed, cache, params, seed, position
+            )
+            yield step
+            if step.token_id in self.eos_token_ids:
+                return
+            feed = [step.token_id]
+
+    def _next_step(
+        self,
+        feed: list[int],
+        cache: object,
+        params: SamplingParams,
+        seed: bytes,
+        position: int,
+    ) -> tuple[TokenStep, object]:
+        with self._lock, torch.inference_mode():
+            out = self._model(
+                input_ids=torch.tensor([feed]), past_key_values=cache, use_cache=True
+            )
+        row = out.logits[0, -1]
+        token = choose_token(row, params, seed, position)
+        return token_step(row, token, params.logprobs_k), out.past_key_values
+
+    async def score(
+        self,
+        prompt_ids: list[int],
+        completion_ids: list[int],
+        k: int,
+        with_logits: bool = False,
+    ) -> ScoredCompletion:
+        self._local.check_request(prompt_ids, len(completion_ids))
+        bad = [t for t in completion_ids if not 0 <= t < self._local.vocab_size]
+        if bad:
+            raise EngineError(f"completion token id {bad[0]} is outside the vocabulary")
+        rows = await asyncio.to_thread(self._completion_logits, prompt_ids, completion_ids)
+        steps = [token_step(rows[i], t, k) for i, t in enumerate(completion_ids)]
+        return ScoredCompletion(steps=steps, logits=rows if with_logits else None)
+
+    def _completion_logits(self, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+        """Raw logits predicting each completion token: one teacher-forced pass."""
+        ids = prompt_ids + completion_ids
+        with self._lock, torch.inference_mode():
+            logits = self._model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        start = len(prompt_ids) - 1
+        return logits[start : start + len(completion_ids)].to(torch.float32).clone()
+
+    async def close(self) -> None:
+        self._model = None

@@ -1,0 +1,399 @@
+"""The executor's engine: vLLM in-process, streaming, continuously batched.
+
+**Synchronous ``LLMEngine`` on a dedicated thread, not ``AsyncLLM``.**
+vLLM 0.32's ``AsyncLLM`` always runs its engine core in a second process
+(``EngineCoreClient.make_async_mp_client``; there is no in-process async
+client). Measured here (2 shared cores, SmolLM2-135M fp32): that second
+process costs a second copy of torch and the weights, a slower start, and
+ZMQ hops on every step, for no gain on a CPU box where the engine core
+saturates the cores anyway. ``LLMEngine`` with
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs scheduler, model and sampler in
+this process; one thread owns it (vLLM is not thread-safe) and runs the
+loop: take new requests and aborts from a queue, ``step()``, hand each
+request's new tokens to its asyncio queue with ``call_soon_threadsafe``.
+Requests that arrive while others run join the running batch at the next
+step (vLLM's scheduler does the continuous batching); the event loop only
+awaits queues. The engine is also *built* on that thread so vLLM's CPU
+thread setup applies to the thread that computes.
+
+**Token choice = ``sampler.choose_token``, exactly.** Every request carries
+its sampling rule and seed in ``SamplingParams.extra_args``; a per-request
+logits processor (:class:`SeededSampling`, an ``AdapterLogitsProcessor``)
+computes ``choose_token(raw_row, params, seed, len(output_ids))`` and masks
+every other token to -inf; vLLM itself runs greedy (temperature 0), so its
+argmax is that token. Checked in ``vllm/v1/sample/sampler.py``: with
+``logprobs_mode="raw_logprobs"`` the returned logprobs are
+``log_softmax(logits)`` computed *before* any logits processor; processors
+that are not argmax-invariant (ours) run in ``apply_logits_processors``
+before the greedy argmax, so greedy requests go through it; the row it sees
+is the model's float32 logits (no temperature, penalties or bias: none are
+set). ``len(output_ids)`` is the 0-based index of the token being chosen
+(the list is vLLM's live reference to the request's output, restored on
+preemption). The processor runs even at temperature 0 so ties break by
+``choose_token``'s rule (lowest id), not by vLLM's argmax kernel. The V1
+model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``): V2 has its own
+logits-processor pipeline this was not verified against.
+
+**Tokenization is ours.** vLLM runs with ``skip_tokenizer_init``: prompts
+arrive as ids encoded by the shared transformers tokenizer
+(``models.LocalModel``), stop tokens are passed explicitly, and nothing is
+detokenized on the hot path, so both engines see identical ids and stop
+identically.
+
+**Scoring.** ``score`` is one prefill with ``prompt_logprobs=k`` and
+``max_tokens=1`` (vLLM's prompt logprobs are raw ``log_softmax`` too). With
+``with_logits=True`` it falls back to the torch path: vLLM can return full
+rows only as ``prompt_logprobs=-1``, which routes ~50k Python floats per
+position through its output processor (measured ~35 ms per position against
+one ~0.2 s torch forward for a whole completion). The torch model is loaded
+lazily on first use (~3 s, +~0.6 GB) from the same weights; it agrees with
+vLLM to ~1e-5.
+
+Process-wide side effects of an in-process vLLM engine (vLLM's, not ours):
+it reseeds the global ``random``/``numpy``/``torch`` generators at start,
+replaces ``torch.set_num_threads`` with a no-op, and binds memory to one
+NUMA node. Only one engine should be open per process at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
+from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, load_local_model
+from gonka_p2p.inference.sampler import SamplingParams, choose_token
+
+_RULE_KEY = "gonka_sampling"  # SamplingParams.extra_args key carrying the rule and seed
+
+
+class SeededSampling(AdapterLogitsProcessor):
+    """vLLM logits processor forcing ``sampler.choose_token``'s pick on each request."""
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the argmax; vLLM must apply it to greedy requests
+
+    def new_req_logits_processor(self, params: Any) -> Callable | None:
+        rule = (params.extra_args or {}).get(_RULE_KEY)
+        if rule is None:
+            return None  # scoring requests: nothing to force
+        sampling = SamplingParams(**rule["params"])
+        seed = bytes.fromhex(rule["seed"])
+
+        def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            token = choose_token(logits.cpu(), sampling, seed, len(output_ids))
+            logits.fill_(float("-inf"))
+            logits[token] = 0.0
+            return logits
+
+        return force
+
+
+@dataclass
+class _Route:
+    """Where the driver thread sends one request's results: a queue on the caller's loop."""
+
+    loop: asyncio.AbstractEventLoop
+    results: asyncio.Queue
+    convert: Callable[[Any], Any]  # RequestOutput -> payload, run on the driver thread
+
+    def send(self, item: Any) -> bool:
+        """Hand ``item`` to the caller; False when its event loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.results.put_nowait, item)
+            return True
+        except RuntimeError:
+            return False
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: VllmSamplingParams
+    route: _Route
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class VLLMEngine:
+    """``Engine`` over an in-process vLLM ``LLMEngine`` driven by one thread."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        kv_cache_gib: float = 1.0,
+        max_num_seqs: int = 32,
+    ) -> None:
+        self._local: LocalModel = load_local_model(model)
+        self.model_name = self._local.name
+        self.eos_token_ids = self._local.eos_token_ids
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._failure: EngineError | None = None
+        self._closed = False
+        # Guards (_closed, _failure) against the command queue, so no request
+        # is queued after the driver thread stopped reading it.
+        self._state_lock = threading.Lock()
+        self._torch: Any = None  # TorchEngine for with_logits, loaded on first use
+        self._torch_lock = threading.Lock()
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._drive,
+            args=(kv_cache_gib, max_num_seqs, ready),
+            name=f"vllm-{self.model_name}",
+            daemon=True,
+        )
+        self._thread.start()
+        ready.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def local_model(self) -> LocalModel:
+        return self._local
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        return self._local.encode_chat(messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._local.decode(token_ids)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, seed: bytes
+    ) -> AsyncIterator[TokenStep]:
+        self._local.check_request(prompt_ids, params.max_tokens)
+        vllm_params = self._vllm_params(
+            output_kind=RequestOutputKind.DELTA,
+            max_tokens=params.max_tokens,
+            logprobs=params.logprobs_k,
+            extra_args={_RULE_KEY: {"params": dataclasses.asdict(params), "seed": seed.hex()}},
+        )
+        route = self._route(_generation_payload)
+        request_id = self._submit(prompt_ids, vllm_params, route)
+        finished = False
+        try:
+            while not finished:
+                steps, finished = await self._receive(route)
+                for step in steps:
+                    yield step
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    async def score(
+        self,
+        prompt_ids: list[int],
+        completion_ids: list[int],
+        k: int,
+        with_logits: bool = False,
+    ) -> ScoredCompletion:
+        self._local.check_request(prompt_ids + completion_ids, 1)
+        if with_logits:
+            return await (await self._torch_engine()).score(prompt_ids, completion_ids, k, True)
+        if not completion_ids:
+            return ScoredCompletion(steps=[], logits=None)
+        vllm_params = self._vllm_params(
+            max_tokens=1, prompt_logprobs=k, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        route = self._route(lambda out: _score_payload(out, len(prompt_ids)))
+        self._submit(prompt_ids + completion_ids, vllm_params, route)
+        steps, _ = await self._receive(route)
+        return ScoredCompletion(steps=steps, logits=None)
+
+    async def close(self) -> None:
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._commands.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        if self._torch is not None:
+            await self._torch.close()
+
+    # -- asyncio side -------------------------------------------------------
+
+    def _vllm_params(self, **kwargs: Any) -> VllmSamplingParams:
+        """vLLM runs greedy on rows ``SeededSampling`` already decided; ids in, ids out."""
+        return VllmSamplingParams(
+            temperature=0.0,
+            stop_token_ids=sorted(self.eos_token_ids),
+            detokenize=False,
+            flat_logprobs=True,
+            **kwargs,
+        )
+
+    def _route(self, convert: Callable[[Any], Any]) -> _Route:
+        return _Route(asyncio.get_running_loop(), asyncio.Queue(), convert)
+
+    def _submit(self, prompt_ids: list[int], vllm_params: VllmSamplingParams, route: _Route) -> str:
+        with self._state_lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._closed:
+                raise EngineError("the engine is closed")
+            request_id = str(next(self._ids))
+            self._commands.put(_Add(request_id, list(prompt_ids), vllm_params, route))
+        return request_id
+
+    @staticmethod
+    async def _receive(route: _Route) -> Any:
+        item = await route.results.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _torch_engine(self) -> Any:
+        return await asyncio.to_thread(self._load_torch_engine)
+
+    def _load_torch_engine(self) -> Any:
+        from gonka_p2p.inference.torch_engine import TorchEngine
+
+        with self._torch_lock:
+            if self._torch is None:
+                self._torch = TorchEngine(str(self._local.path))
+        return self._torch
+
+    # -- driver thread ------------------------------------------------------
+
+    def _drive(self, kv_cache_gib: float, max_num_seqs: int, ready: threading.Event) -> None:
+        """The only code that touches the vLLM engine: build it, then step until closed."""
+        try:
+            engine = self._start_vllm(kv_cache_gib, max_num_seqs)
+        except Exception as exc:
+            self._failure = EngineError(
+                f"vLLM cannot load model {self.model_name!r} from {self._local.path}: {exc}"
+            )
+            ready.set()
+            return
+        ready.set()
+        routes: dict[str, _Route] = {}
+        try:
+            while self._serve_commands(engine, routes):
+                if engine.has_unfinished_requests():
+                    self._deliver(engine, engine.step(), routes)
+        except Exception as exc:
+            with self._state_lock:
+                self._failure = EngineError(f"the vLLM engine failed: {exc}")
+        finally:
+            self._fail_pending(routes)
+            engine.engine_core.shutdown()
+
+    def _fail_pending(self, routes: dict[str, _Route]) -> None:
+        """Tell every request still running or queued why it will get no more tokens."""
+        with self._state_lock:
+            self._closed = True
+            reason = self._failure or EngineError("the engine is closed")
+        for route in routes.values():
+            route.send(reason)
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                command.route.send(reason)
+
+    def _start_vllm(self, kv_cache_gib: float, max_num_seqs: int) -> Any:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the sampler path verified above
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        args = EngineArgs(
+            model=str(self._local.path),
+            dtype="float32",
+            skip_tokenizer_init=True,
+            logprobs_mode="raw_logprobs",
+            logits_processors=[SeededSampling],
+            enforce_eager=True,
+            max_model_len=self._local.max_context,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            disable_log_stats=True,
+        )
+        return LLMEngine.from_engine_args(args)
+
+    def _serve_commands(self, engine: Any, routes: dict[str, _Route]) -> bool:
+        """Apply queued adds and aborts; block while idle. False once asked to stop."""
+        idle = not engine.has_unfinished_requests()
+        while True:
+            try:
+                command = self._commands.get(block=idle)
+            except queue.Empty:
+                return True
+            idle = False
+            if command is _STOP:
+                return False
+            if isinstance(command, _Abort):
+                if routes.pop(command.request_id, None) is not None:
+                    engine.abort_request([command.request_id])
+                continue
+            try:
+                engine.add_request(
+                    command.request_id, {"prompt_token_ids": command.prompt_ids}, command.params
+                )
+            except Exception as exc:
+                command.route.send(EngineError(f"vLLM rejected the request: {exc}"))
+                continue
+            routes[command.request_id] = command.route
+
+    @staticmethod
+    def _deliver(engine: Any, outputs: list[Any], routes: dict[str, _Route]) -> None:
+        for out in outputs:
+            route = routes.get(out.request_id)
+            if route is None:
+                continue
+            if out.finished:
+                del routes[out.request_id]
+            if not route.send(route.convert(out)) and not out.finished:
+                del routes[out.request_id]  # its caller is gone
+                engine.abort_request([out.request_id])
+
+
+def _position_steps(flat: Any, positions: range, token_ids: list[int]) -> list[TokenStep]:
+    """TokenSteps from vLLM FlatLogprobs: per position [chosen, top-1, ..., top-k]."""
+    steps = []
+    for position, token_id in zip(positions, token_ids, strict=True):
+        start, end = flat.start_indices[position], flat.end_indices[position]
+        steps.append(
+            TokenStep(
+                token_id=token_id,
+                logprob=flat.logprobs[start],
+                top_ids=tuple(flat.token_ids[start + 1 : end]),
+                top_logprobs=tuple(flat.logprobs[start + 1 : end]),
+            )
+        )
+    return steps
+
+
+def _generation_payload(out: Any) -> tuple[list[TokenStep], bool]:
+    completion = out.outputs[0]
+    token_ids = list(completion.token_ids)
+    return _position_steps(completion.logprobs, range(len(token_ids)), token_ids), out.finished
+
+
+def _score_payload(out: Any, n_prompt: int) -> tuple[list[TokenStep], bool]:
+    ids = out.prompt_token_ids
+    positions = range(n_prompt, len(ids))
+    return _position_steps(out.prompt_logprobs, positions, ids[n_prompt:]), True
