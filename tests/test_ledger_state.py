@@ -38,8 +38,10 @@ from gonka_p2p.ledger.state import (
     LedgerState,
     SnapshotError,
     apply_block,
+    check_block,
     check_invariants,
     check_tx,
+    decode_block,
 )
 from gonka_p2p.ledger.transactions import (
     FinishInference,
@@ -50,6 +52,7 @@ from gonka_p2p.ledger.transactions import (
 )
 from gonka_p2p.wire.envelope import ENVELOPE_VERSION, seal
 from gonka_p2p.wire.messages import Announcement, ChatTurn, InferenceRequest
+from gonka_p2p.wire.schema import WireError
 
 CHAIN = "gonka-test"
 MODEL = "m"
@@ -125,7 +128,7 @@ class Chain:
 
     def block(self, *txs: object, dt_ms: int = 1000) -> list:
         block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"],
-                      self.state.time_ms + dt_ms, tuple(txs))  # type: ignore[arg-type]
+                      self.state.time_ms + dt_ms, list(txs))  # type: ignore[arg-type]
         _, receipts = apply_block(self.state, block)
         self.next_seq.clear()
         return receipts
@@ -291,17 +294,37 @@ def test_a_block_must_extend_the_state_or_nothing_is_applied() -> None:
     chain = Chain()
     before = chain.state.app_hash()
     with pytest.raises(BlockMismatch):
-        apply_block(chain.state, Block(2, chain.state.last_block_hash, "p", T0))
+        apply_block(chain.state, Block(2, chain.state.last_block_hash, "p", T0, []))
     with pytest.raises(BlockMismatch):
-        apply_block(chain.state, Block(1, b"\x00" * 32, "p", T0))
+        apply_block(chain.state, Block(1, b"\x00" * 32, "p", T0, []))
     assert chain.state.app_hash() == before
     chain.block()
     assert chain.state.height == 1
 
 
+def test_a_block_is_its_canonical_bytes_and_its_hash_is_their_digest() -> None:
+    """Consensus agrees on bytes and votes on sha256(bytes); the ledger chains on the same hash."""
+    chain = Chain()
+    tx = chain.transfer("alice", PEER["bob"], 1)
+    block = Block(1, chain.state.last_block_hash, PEER["ta"], T0 + 1, [tx])
+    raw = block.encode()
+    assert decode_block(raw) == block and block.hash == hashlib.sha256(raw).digest()
+    check_block(chain.state, decode_block(raw))
+    apply_block(chain.state, decode_block(raw))
+    assert chain.state.last_block_hash == hashlib.sha256(raw).digest()
+    with pytest.raises(WireError):
+        decode_block(raw + b"\x00")
+    noncanonical = msgpack.packb({k: v for k, v in reversed(block.to_obj().items())}, use_bin_type=True)
+    assert Block.decode(noncanonical) == block
+    with pytest.raises(WireError, match="canonical"):
+        decode_block(noncanonical)
+    with pytest.raises(BlockMismatch):
+        check_block(chain.state, block)  # already applied: height 1 no longer follows
+
+
 def test_block_time_from_a_lagging_proposer_is_clamped() -> None:
     chain = Chain()
-    apply_block(chain.state, Block(1, chain.state.last_block_hash, "p", T0 - 5_000))
+    apply_block(chain.state, Block(1, chain.state.last_block_hash, "p", T0 - 5_000, []))
     assert chain.state.time_ms == T0
 
 
@@ -320,7 +343,8 @@ def test_register_participant_newcomer_has_weight_zero_genesis_keeps_its_weight(
     r1, r2 = chain.block(chain.register("outsider", [MODEL, MODEL]), chain.register("ta2", ["m2"]))
     assert r1.ok and r1.detail == "registered" and r2.ok and r2.detail == "updated"
     newcomer = chain.state.participant(PEER["outsider"])
-    assert newcomer.weight == 0 and newcomer.models == (MODEL,) and newcomer.pubkey == KEYS["outsider"].public_key
+    assert newcomer.weight == 0 and newcomer.models == (MODEL,)
+    assert newcomer.pubkey == KEYS["outsider"].public_key
     assert chain.state.participant(PEER["ta2"]).weight == 3
     assert PEER["outsider"] in chain.state.all_participants()
     assert PEER["outsider"] not in chain.state.weights()
@@ -697,7 +721,8 @@ def test_a_held_finish_cannot_be_held_twice() -> None:
 
 
 def test_the_holding_area_is_bounded_per_executor_and_in_total() -> None:
-    chain = Chain(state=LedgerState.from_genesis(make_genesis(max_held_finishes=12, inference_deadline_blocks=50)))
+    genesis = make_genesis(max_held_finishes=12, inference_deadline_blocks=50)
+    chain = Chain(state=LedgerState.from_genesis(genesis))
     chain.block(*[chain.finish(b"", inference_id=bytes([i]) * 32) for i in range(10)])
     _rejected(chain, chain.finish(b"", inference_id=b"\xff" * 32), Reason.HOLDING_AREA_FULL)
     chain.block(*[chain.finish(b"", executor="ex2", inference_id=bytes([i]) * 32) for i in range(2)])
@@ -866,7 +891,7 @@ def storm_blocks(seed: int, n_blocks: int, txs_per_block: int) -> list[Block]:
         sent.extend(t for t in txs if isinstance(t, bytes))
         dt = rng.choice([0, 1_000, 1_000, 5_000, 40_000, -3_000])
         block = Block(shadow.state.height + 1, shadow.state.last_block_hash, PEER["ta"],
-                      shadow.state.time_ms + dt, tuple(txs))  # type: ignore[arg-type]
+                      shadow.state.time_ms + dt, list(txs))  # type: ignore[arg-type]
         _, receipts = apply_block(shadow.state, block)
         started += [starts[t] for t, r in zip(txs, receipts) if r.ok and t in starts]
         shadow.next_seq.clear()
@@ -948,7 +973,7 @@ def test_apply_block_of_1000_txs_is_well_under_a_second() -> None:
         k = keys[i % len(keys)]
         txs.append(seal(Transfer(chain_id=CHAIN, to=keys[(i + 1) % len(keys)].peer_id, amount=1,
                                  sequence=i // len(keys)), k))
-    block = Block(1, state.last_block_hash, PEER["ta"], T0 + 1000, tuple(txs))
+    block = Block(1, state.last_block_hash, PEER["ta"], T0 + 1000, txs)
     started = time.perf_counter()
     _, receipts = apply_block(state, block)
     elapsed = time.perf_counter() - started

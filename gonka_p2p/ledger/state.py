@@ -47,6 +47,28 @@ exact next ``sequence``, and bumps that sequence when accepted)::
                        STARTED --deadline passes--> EXPIRED
                        (FINISHED: a Finish is held, its Start not yet committed)
 
+Memory stays bounded: a request id is remembered (``seen``) only while its
+timestamp can still be fresh, since a stale request is refused anyway;
+closed inference records are pruned at the first epoch end at least one
+full epoch after they closed; held Finishes are capped per executor and in
+total and dropped after the deadline; running inferences are bounded by
+the clients' balances (every model costs >= 1 coin per token).
+
+Using it
+--------
+A ledger replica: ``state = LedgerState.from_genesis(load_genesis(path))``
+(or ``LedgerState.from_bytes(snapshot)``); on consensus's ValidateBlock,
+``check_block(state, decode_block(raw))``; on Commit,
+``apply_block(state, decode_block(raw))``, then persist ``state.to_bytes()``
+and compare ``state.app_hash()`` with the other replicas'. The mempool
+admits with ``check_tx(state, raw_tx)``. A TA submits
+``seal(StartInference(chain_id, request=<client envelope bytes>, executor,
+sequence), ta_key)`` as soon as it has routed the request; the executor
+submits ``seal(FinishInference(chain_id, inference_id, prompt_tokens,
+completion_tokens, response_hash, artifact_commitment, sequence),
+executor_key)`` when done -- in either order. Both read their next sequence
+from ``state.account(peer_id).sequence`` (plus what they have in flight).
+
 Invariants, checked as every block commits (an :class:`InvariantViolation`
 means a bug: the replica must stop, never limp on):
 
@@ -54,8 +76,9 @@ means a bug: the replica must stop, never limp on):
   sum(pending fees) == genesis supply + minted (minted is 0 until the reward
   schedule lands). Checked incrementally: the coins carried by the records
   a block changed must change by exactly what the block minted; since the
-  genesis state satisfies the equation (checked in full), every state does.
-  :func:`check_invariants` re-checks it in full (tests, snapshot loading);
+  genesis state satisfies the equation (checked in full: every record is
+  new), every state does; a loaded snapshot is checked in full the same
+  way, and :func:`check_invariants` re-checks any state in full (tests);
 - no balance, escrow, cost or pending fee is ever negative; cost <= escrow.
 
 App hash
@@ -99,6 +122,7 @@ from gonka_p2p.ledger.rules import (
     sequence_acceptable,
 )
 from gonka_p2p.ledger.transactions import (
+    MAX_PEER_ID,
     FinishInference,
     Reason,
     RegisterParticipant,
@@ -111,12 +135,12 @@ from gonka_p2p.ledger.transactions import (
 )
 from gonka_p2p.wire.envelope import Signed, open_envelope
 from gonka_p2p.wire.messages import HASH_BYTES, InferenceRequest
-from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.schema import Malformed, Message, WireError, bounded
 
 SNAPSHOT_FORMAT = 1
 _LEAF_DOMAIN = b"gonka-p2p/state-leaf/v1\x00"
 _APP_HASH_DOMAIN = b"gonka-p2p/app-hash/v1\x00"
-_BLOCK_DOMAIN = b"gonka-p2p/block/v1\x00"
+MAX_BLOCK_TXS = 20_000
 _LANES = 1024
 
 
@@ -212,25 +236,29 @@ class _Codec(Generic[V]):
     coins: Callable[[V], int]
 
 
+_FROM_WIRE: dict[str, Callable[[Any], Any]] = {
+    "addrs": tuple, "models": tuple, "status": InferenceStatus}  # msgpack gives lists and str
+
+
 def _record_codec(cls: type, coins: Callable[[Any], int]) -> _Codec[Any]:
+    """A record is encoded as the list of its field values, in declaration order."""
     names = [f.name for f in fields(cls)]
-    tuples = {"addrs", "models"}
 
     def encode(row: Any) -> list[Any]:
         return [getattr(row, n) for n in names]
 
     def decode(obj: Any) -> Any:
-        return cls(*[tuple(v) if n in tuples else v for n, v in zip(names, obj, strict=True)])
+        return cls(*[_FROM_WIRE[n](v) if n in _FROM_WIRE else v
+                     for n, v in zip(names, obj, strict=True)])
 
     return _Codec(encode, decode, coins)
 
 
-def _inference_decode(obj: Any) -> Inference:
-    row = _record_codec(Inference, lambda r: 0).decode(obj)
-    return replace(row, status=InferenceStatus(row.status))
-
-
-_INT_CODEC: _Codec[int] = _Codec(lambda v: v, int, lambda v: 0)
+_ACCOUNT_CODEC = _record_codec(Account, lambda a: a.balance)
+_PARTICIPANT_CODEC = _record_codec(Participant, lambda p: 0)
+_INFERENCE_CODEC = _record_codec(Inference, lambda r: r.locked)
+_HELD_CODEC = _record_codec(HeldFinish, lambda h: 0)
+_SEEN_CODEC: _Codec[int] = _Codec(lambda v: v, int, lambda v: 0)
 _FEE_CODEC: _Codec[int] = _Codec(lambda v: v, int, lambda v: v)
 
 
@@ -248,7 +276,7 @@ class Table(Generic[K, V]):
         self.tag = tag
         self.codec = codec
         self.rows: dict[K, V] = {}
-        self.dirty: dict[K, V] = {}
+        self.dirty: dict[K, V] = {}  # key -> value before this block (_ABSENT if new)
 
     def get(self, key: K) -> V | None:
         return self.rows.get(key)
@@ -291,26 +319,34 @@ _peer_id = lru_cache(maxsize=1 << 16)(peer_id_from_pubkey)
 
 
 @dataclass(frozen=True)
-class Block:
-    """What the state machine needs of a committed block.
+class Block(Message):
+    """A block as consensus orders it: the value it agrees on is ``encode()``, its hash that digest.
 
-    ``time_ms`` is the proposer's clock (consensus bounds it); ``txs`` are
-    raw signed transaction envelopes, applied in order. Any object with
-    these attributes and a ``hash`` works; this one hashes its header and
-    the SHA-256 of each transaction.
+    ``time_ms`` is the proposer's clock (consensus bounds it; the ledger
+    only refuses to let it go backwards); ``txs`` are raw signed transaction
+    envelopes, applied in order, each judged on its own.
     """
 
-    height: int
-    prev_hash: bytes
-    proposer: str
-    time_ms: int
-    txs: tuple[bytes, ...] = ()
+    KIND = "ledger_block"
+    height: int = bounded(min_value=1)
+    prev_hash: bytes = bounded(max_len=HASH_BYTES)
+    proposer: str = bounded(max_len=MAX_PEER_ID)
+    time_ms: int = bounded(min_value=0)
+    txs: list[bytes] = bounded(max_len=MAX_BLOCK_TXS)
 
     @cached_property
     def hash(self) -> bytes:
-        tx_hashes = [digest(t) if isinstance(t, (bytes, bytearray)) else b"" for t in self.txs]
-        header = [self.height, self.prev_hash, self.proposer, self.time_ms, tx_hashes]
-        return digest(_BLOCK_DOMAIN + msgpack.packb(header, use_bin_type=True))
+        """SHA-256 of the block's bytes: the same hash consensus votes on."""
+        return digest(self.encode())
+
+
+def decode_block(raw: bytes) -> Block:
+    """Decode a block from consensus; raises WireError. Only the canonical encoding is a block,
+    so that the hash consensus computed over ``raw`` is the hash the ledger chains on."""
+    block = Block.decode(raw)
+    if block.encode() != raw:
+        raise Malformed("block is not canonically encoded")
+    return block
 
 
 @dataclass(frozen=True)
@@ -354,16 +390,11 @@ class LedgerState:
         self.time_ms = genesis.genesis_time_ms
         self.last_block_hash = self.genesis_hash
         self.minted = 0
-        self.accounts: Table[str, Account] = Table(
-            "account", _record_codec(Account, lambda a: a.balance))
-        self.participants: Table[str, Participant] = Table(
-            "participant", _record_codec(Participant, lambda p: 0))
-        self.inferences: Table[bytes, Inference] = Table(
-            "inference", _Codec(_record_codec(Inference, lambda r: 0).encode, _inference_decode,
-                                lambda r: r.locked))
-        self.seen: Table[bytes, int] = Table("seen_request", _INT_CODEC)  # id -> remember until (ms)
-        self.held: Table[tuple[bytes, str], HeldFinish] = Table(
-            "held_finish", _record_codec(HeldFinish, lambda h: 0))
+        self.accounts: Table[str, Account] = Table("account", _ACCOUNT_CODEC)
+        self.participants: Table[str, Participant] = Table("participant", _PARTICIPANT_CODEC)
+        self.inferences: Table[bytes, Inference] = Table("inference", _INFERENCE_CODEC)
+        self.seen: Table[bytes, int] = Table("seen_request", _SEEN_CODEC)  # id -> keep until (ms)
+        self.held: Table[tuple[bytes, str], HeldFinish] = Table("held_finish", _HELD_CODEC)
         self.fees: Table[str, int] = Table("pending_fee", _FEE_CODEC)  # executor -> coin units
         self._tables: tuple[Table[Any, Any], ...] = (
             self.accounts, self.participants, self.inferences, self.seen, self.held, self.fees)
@@ -819,16 +850,26 @@ def apply_block(state: LedgerState, block: Block) -> tuple[LedgerState, list[Rec
     Raises :class:`BlockMismatch` (nothing applied) if the block does not
     extend this state, and :class:`InvariantViolation` only on a bug.
     """
-    if block.height != state.height + 1:
-        raise BlockMismatch(f"block {block.height} does not follow height {state.height}")
-    if block.prev_hash != state.last_block_hash:
-        raise BlockMismatch(f"block {block.height} does not extend the last applied block")
+    check_block(state, block)
     ctx = BlockContext(height=block.height, time_ms=next_block_time(state.time_ms, block.time_ms))
     receipts = [_deliver(state, ctx, raw) for raw in block.txs]
     end_block(state, ctx)
     state.height, state.time_ms, state.last_block_hash = ctx.height, ctx.time_ms, block.hash
     state._commit(coins_created=0)  # minted rewards will be passed here by the reward schedule
     return state, receipts
+
+
+def check_block(state: LedgerState, block: Block) -> None:
+    """Does ``block`` extend ``state``? (consensus's ValidateBlock; apply_block checks it too).
+
+    Transactions are not judged here: a committed block may carry rejected
+    transactions (each gets its receipt), so only the chaining can make a
+    block invalid.
+    """
+    if block.height != state.height + 1:
+        raise BlockMismatch(f"block {block.height} does not follow height {state.height}")
+    if block.prev_hash != state.last_block_hash:
+        raise BlockMismatch(f"block {block.height} does not extend the last applied block")
 
 
 def check_tx(state: LedgerState, raw: bytes) -> Receipt:
