@@ -1,0 +1,136 @@
+"""The command line as people use it: real processes, real libp2p on 127.0.0.1.
+
+Every bad input ends in one clear sentence and a non-zero exit, never a
+traceback; and the README's "Running a network by hand" commands work.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def gonka(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gonka_p2p.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, cwd=cwd)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    for needle in needles:
+        assert needle in result.stderr.lower(), result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    """A ``gonka-p2p node`` subprocess, ready once it prints READY."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", "node", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=ENV, cwd=cwd)
+        self.addr = ""
+
+    def wait_ready(self, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("READY "):
+                self.addr = line.split()[1]
+                return self.addr
+            if not line and self.proc.poll() is not None:
+                raise AssertionError(f"node exited: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        raise AssertionError("node not ready in time")
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=30)
+        return err
+
+
+def test_keygen_writes_a_private_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    result = gonka("keygen", "--out", "a.key", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("16Uiu2")
+    assert (tmp_path / "a.key").stat().st_mode & 0o777 == 0o600
+    assert_clean_failure(gonka("keygen", "--out", "a.key", cwd=tmp_path), "already exists")
+
+
+def test_unreachable_bootstrap_is_one_clear_error(tmp_path: Path) -> None:
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/16Uiu2HAmELWznB8eLcrtTMtzMpaLES8K4wBVcmDeUsbj2HAVQLcB"
+    result = gonka("node", "--no-executor", "--key", "k.key", "--listen",
+                   f"/ip4/127.0.0.1/tcp/{free_port()}", "--bootstrap", dead, cwd=tmp_path)
+    assert_clean_failure(result, "no bootstrap peer is reachable")
+
+
+def test_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = gonka("node", "--no-executor", "--key", "k.key", "--listen",
+                       f"/ip4/127.0.0.1/tcp/{port}", cwd=tmp_path)
+    assert_clean_failure(result, "in use")
+
+
+def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:
+    result = gonka("node", "--engine", "torch", "--model", "no-such-model", "--key", "k.key",
+                   "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}", cwd=tmp_path)
+    assert_clean_failure(result, "unknown model", "smollm2-135m")
+
+
+def test_bad_key_file_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad.key").write_text("not hex\n")
+    assert_clean_failure(gonka("node", "--key", "bad.key", cwd=tmp_path), "bad.key")
+    (tmp_path / "node.toml").write_text("listen = [\n")
+    assert_clean_failure(gonka("node", "--config", "node.toml", cwd=tmp_path), "not valid toml")
+    (tmp_path / "node.toml").write_text('colour = "blue"\n')
+    assert_clean_failure(gonka("node", "--config", "node.toml", cwd=tmp_path), "unknown config keys")
+
+
+def test_readme_network_by_hand(tmp_path: Path) -> None:
+    """The README's commands: keygen, two nodes joined by bootstrap, the example client."""
+    peer_a = gonka("keygen", "--out", "a.key", cwd=tmp_path).stdout.strip()
+    gonka("keygen", "--out", "b.key", cwd=tmp_path)
+    pa, pb = free_port(), free_port()
+    a = NodeProcess("--key", "a.key", "--listen", f"/ip4/127.0.0.1/tcp/{pa}", cwd=tmp_path)
+    b = None
+    try:
+        addr = a.wait_ready()
+        assert addr == f"/ip4/127.0.0.1/tcp/{pa}/p2p/{peer_a}"
+        b = NodeProcess("--key", "b.key", "--listen", f"/ip4/127.0.0.1/tcp/{pb}",
+                        "--bootstrap", addr, cwd=tmp_path)
+        b.wait_ready()
+        deadline = time.monotonic() + 30
+        while True:  # until a's directory has heard b's announcement
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "examples" / "chat_client.py"), addr,
+                 "What is the capital of France?", "--max-tokens", "12"],
+                capture_output=True, text=True, timeout=120, env=ENV)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert result.returncode == 0, result.stderr
+        assert "Paris" in result.stdout
+        assert f"executor {peer_a}" not in result.stdout  # a's TA never executes for itself
+    finally:
+        errors = [n.stop() for n in (a, b) if n is not None]
+    assert all("Traceback" not in e for e in errors), errors

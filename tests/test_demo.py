@@ -1,0 +1,24 @@
+"""README line 1's main job: the demo, as a process, with the real model on vLLM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
+
+
+def test_demo_serves_requests_from_two_executors() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gonka_p2p.cli", "demo", "--requests", "3", "--max-tokens", "16"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Paris" in result.stdout
+    assert "distinct executors" in result.stdout
+    assert result.stdout.count("request ") >= 3
+    assert "Traceback" not in result.stderr
