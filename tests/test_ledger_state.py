@@ -346,7 +346,7 @@ def test_register_participant_newcomer_has_weight_zero_genesis_keeps_its_weight(
     assert newcomer.weight == 0 and newcomer.models == (MODEL,)
     assert newcomer.pubkey == KEYS["outsider"].public_key
     assert chain.state.participant(PEER["ta2"]).weight == 3
-    assert PEER["outsider"] in chain.state.all_participants()
+    assert PEER["outsider"] in chain.state.participants()
     assert PEER["outsider"] not in chain.state.weights()
 
 

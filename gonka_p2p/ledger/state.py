@@ -391,13 +391,13 @@ class LedgerState:
         self.last_block_hash = self.genesis_hash
         self.minted = 0
         self.accounts: Table[str, Account] = Table("account", _ACCOUNT_CODEC)
-        self.participants: Table[str, Participant] = Table("participant", _PARTICIPANT_CODEC)
+        self.registry: Table[str, Participant] = Table("participant", _PARTICIPANT_CODEC)
         self.inferences: Table[bytes, Inference] = Table("inference", _INFERENCE_CODEC)
         self.seen: Table[bytes, int] = Table("seen_request", _SEEN_CODEC)  # id -> keep until (ms)
         self.held: Table[tuple[bytes, str], HeldFinish] = Table("held_finish", _HELD_CODEC)
         self.fees: Table[str, int] = Table("pending_fee", _FEE_CODEC)  # executor -> coin units
         self._tables: tuple[Table[Any, Any], ...] = (
-            self.accounts, self.participants, self.inferences, self.seen, self.held, self.fees)
+            self.accounts, self.registry, self.inferences, self.seen, self.held, self.fees)
         self._lthash = np.zeros(_LANES, dtype="<u2")
         # Indexes derived from the tables (not hashed, rebuilt on load).
         self._expiring: dict[int, list[bytes]] = {}  # height -> inference ids to expire
@@ -410,7 +410,7 @@ class LedgerState:
     def from_genesis(cls, genesis: Genesis) -> LedgerState:
         state = cls(genesis)
         for p in genesis.participants:
-            state.participants.put(p.peer_id, Participant(
+            state.registry.put(p.peer_id, Participant(
                 p.pubkey, p.weight, tuple(p.addrs), tuple(sorted(set(p.models))), 0, 0))
             state.accounts.put(p.peer_id, Account(0, 0))  # so that it can sign transactions
         for address, amount in genesis.allocations.items():
@@ -433,15 +433,15 @@ class LedgerState:
         return self.accounts.get(address)
 
     def participant(self, address: str) -> Participant | None:
-        return self.participants.get(address)
+        return self.registry.get(address)
 
-    def all_participants(self) -> dict[str, Participant]:
+    def participants(self) -> dict[str, Participant]:
         """Every participant by peer id, sorted: genesis ones and those registered since."""
-        return dict(sorted(self.participants.rows.items()))
+        return dict(sorted(self.registry.rows.items()))
 
     def weights(self) -> dict[str, int]:
         """Peer id -> weight (> 0 only): the validator set's voting power and the executor draw."""
-        return {p: r.weight for p, r in sorted(self.participants.rows.items()) if r.weight > 0}
+        return {p: r.weight for p, r in sorted(self.registry.rows.items()) if r.weight > 0}
 
     def pending_fees(self, executor: str) -> int:
         """Fees earned in the current epoch, paid at its end."""
@@ -644,9 +644,9 @@ def process_register_participant(state: LedgerState, ctx: BlockContext,
     for model in tx.models:
         if model not in state.params.price_per_token:
             raise TxRejected(Reason.UNKNOWN_MODEL, f"{model!r} has no price on this network")
-    old = state.participants.get(signer)
+    old = state.registry.get(signer)
     if apply:
-        state.participants.put(signer, Participant(
+        state.registry.put(signer, Participant(
             pubkey=signed.signer, weight=old.weight if old else 0, addrs=tuple(tx.addrs),
             models=tuple(sorted(set(tx.models))), completed=old.completed if old else 0,
             missed=old.missed if old else 0))
@@ -657,7 +657,7 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
                             signed: Signed[StartInference], signer: str, apply: bool) -> str:
     """The TA locks the client's escrow for a client-signed request and names its executor."""
     tx = signed.message
-    if signer not in state.participants:
+    if signer not in state.registry:
         raise TxRejected(Reason.NOT_A_PARTICIPANT, "only a registered participant can act as TA")
     try:
         request: Signed[InferenceRequest] = open_envelope(tx.request, InferenceRequest)
@@ -676,7 +676,7 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
         raise TxRejected(Reason.DUPLICATE_INFERENCE, f"inference {iid.hex()} was already started")
     if tx.executor == signer:
         raise TxRejected(Reason.SELF_EXECUTION, "a TA may not execute its own requests")
-    executor = state.participants.get(tx.executor)
+    executor = state.registry.get(tx.executor)
     if executor is None or req.model not in executor.models:
         raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} does not serve {req.model}")
     client = _peer_id(request.signer)
@@ -716,7 +716,7 @@ def process_finish_inference(state: LedgerState, ctx: BlockContext,
     tx = signed.message
     if (len(tx.inference_id), len(tx.response_hash), len(tx.artifact_commitment)) != (HASH_BYTES,) * 3:
         raise TxRejected(Reason.MALFORMED, f"inference id and hashes must be {HASH_BYTES} bytes")
-    if signer not in state.participants:
+    if signer not in state.registry:
         raise TxRejected(Reason.NOT_A_PARTICIPANT, "only a registered participant executes")
     iid = tx.inference_id
     record = state.inferences.get(iid)
@@ -766,8 +766,8 @@ def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: 
         record, status=InferenceStatus.SETTLED, prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens, response_hash=response_hash,
         artifact_commitment=artifact_commitment, cost=cost, closed_height=ctx.height))
-    executor = state.participants.rows[record.executor]
-    state.participants.put(record.executor, replace(executor, completed=executor.completed + 1))
+    executor = state.registry.rows[record.executor]
+    state.registry.put(record.executor, replace(executor, completed=executor.completed + 1))
 
 
 _PROCESSORS: dict[type, Callable[..., str]] = {
@@ -790,8 +790,8 @@ def process_expiries(state: LedgerState, ctx: BlockContext) -> None:
         state.credit(record.client, record.escrow)
         state.inferences.put(iid, replace(record, status=InferenceStatus.EXPIRED,
                                           closed_height=ctx.height))
-        executor = state.participants.rows[record.executor]
-        state.participants.put(record.executor, replace(executor, missed=executor.missed + 1))
+        executor = state.registry.rows[record.executor]
+        state.registry.put(record.executor, replace(executor, missed=executor.missed + 1))
 
 
 def process_held_deadlines(state: LedgerState, ctx: BlockContext) -> None:
