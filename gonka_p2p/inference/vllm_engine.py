@@ -77,6 +77,9 @@ from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, load_local_mod
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 _RULE_KEY = "gonka_sampling"  # SamplingParams.extra_args key carrying the rule and seed
+# vLLM keeps process-global state (distributed groups, env cache): closing one
+# engine tears down another's, so a process holds at most one at a time.
+_ONE_ENGINE = threading.Lock()
 
 
 class SeededSampling(AdapterLogitsProcessor):
@@ -156,6 +159,11 @@ class VLLMEngine:
         self._state_lock = threading.Lock()
         self._torch: Any = None  # TorchEngine for with_logits, loaded on first use
         self._torch_lock = threading.Lock()
+        if not _ONE_ENGINE.acquire(blocking=False):
+            raise EngineError(
+                "another VLLMEngine is open in this process; vLLM keeps process-wide "
+                "state, so close it before starting a new one"
+            )
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._drive,
@@ -276,16 +284,26 @@ class VLLMEngine:
     # -- driver thread ------------------------------------------------------
 
     def _drive(self, kv_cache_gib: float, max_num_seqs: int, ready: threading.Event) -> None:
-        """The only code that touches the vLLM engine: build it, then step until closed."""
+        """The only code that touches the vLLM engine: build it, step until closed, free it."""
         try:
             engine = self._start_vllm(kv_cache_gib, max_num_seqs)
         except Exception as exc:
             self._failure = EngineError(
                 f"vLLM cannot load model {self.model_name!r} from {self._local.path}: {exc}"
             )
+            _forget_partial_start()
+            _ONE_ENGINE.release()
             ready.set()
             return
         ready.set()
+        try:
+            self._serve(engine)
+        finally:
+            _ONE_ENGINE.release()
+
+    def _serve(self, engine: Any) -> None:
+        """Step while requests run, idle on the queue otherwise; on exit fail what is
+        pending and free vLLM's resources."""
         routes: dict[str, _Route] = {}
         try:
             while self._serve_commands(engine, routes):
@@ -369,6 +387,16 @@ class VLLMEngine:
             if not route.send(route.convert(out)) and not out.finished:
                 del routes[out.request_id]  # its caller is gone
                 engine.abort_request([out.request_id])
+
+
+def _forget_partial_start() -> None:
+    """Undo what a failed start left process-wide, so a later engine can start."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    try:
+        cleanup_dist_env_and_memory()
+    except Exception:  # nothing was initialised: nothing to undo
+        pass
 
 
 def _position_steps(flat: Any, positions: range, token_ids: list[int]) -> list[TokenStep]:
