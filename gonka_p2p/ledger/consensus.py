@@ -1,0 +1,748 @@
+"""Tendermint BFT consensus for the ledger, as a sans-I/O state machine.
+
+Theory of operation
+-------------------
+This is Algorithm 1 of Buchman, Kwon and Milosevic, "The latest gossip on
+BFT consensus" (2018). A :class:`ConsensusState` is one replica deciding one
+height at a time. It is driven by *events* (method calls) and answers each
+with a list of *actions* (dataclasses from :mod:`consensus_types`) that the
+caller -- the ledger replica actor, or the simulator -- must execute **in
+order**. It holds no clock, no randomness, no socket, no thread: the same
+events in the same order give the same actions, which is what lets
+``sim/consensus_sim.py`` replay a whole network from one seed.
+
+    event (call)                          typical actions (returned)
+    start(height, validators)             ScheduleTimeout, RequestProposal | Broadcast
+    on_proposal(proposal)                 ValidateBlock, PersistSafety + Broadcast(vote), Commit
+    on_vote(vote)                         PersistSafety + Broadcast(vote), ScheduleTimeout, Commit,
+                                          ReportEvidence, RequestCommit
+    on_timeout(timeout)                   PersistSafety + Broadcast(vote), ScheduleTimeout
+    on_proposal_value(height, round, b)   PersistSafety + Broadcast(proposal)
+    on_block_validated(block_hash, ok)    PersistSafety + Broadcast(vote), Commit
+    on_commit_certificate(block, cert)    Commit
+
+After every event the replica evaluates the "upon" rules of Algorithm 1
+until none fires; each rule is one short method named after its line in the
+paper (``_line22_...`` to ``_line55_...``), so the code can be read side by
+side with the pseudo-code. "2f+1" is *more than 2/3 of the voting power*,
+"f+1" *more than 1/3* (:meth:`ValidatorSet.is_quorum`, ``is_one_third``):
+power, never head count, decides.
+
+Invariants (asserted or enforced where the state changes)
+---------------------------------------------------------
+* A replica signs at most one message per (height, round, step): every
+  signature goes through :meth:`_may_sign`, which demands a position strictly
+  after :class:`SafetyState`, and the new state is emitted as
+  ``PersistSafety`` *before* the ``Broadcast`` that carries the signature. A
+  shell that persists it and restores it (``ConsensusState(safety=...)``)
+  cannot be made to equivocate by a crash. The lock is part of that state.
+* Each validator's vote counts at most once per (height, round, type). A
+  second, different signed vote is equivocation: it is kept as
+  :class:`Evidence`, reported once, and never counted.
+* ``Commit`` is emitted at most once per height, and only for a block that
+  either has >2/3 precommits in our own log *and* was declared valid by the
+  application, or comes with a certificate that :func:`verify_commit` accepts.
+* Remote input never raises. Malformed, unsigned, forged, unauthorised or
+  stale messages are dropped and counted in :attr:`ConsensusState.ignored`.
+  Exceptions are raised only for caller bugs (:class:`UsageError`).
+
+Where the paper leaves things to the environment
+------------------------------------------------
+1. ``valid(v)`` is asynchronous: a new block is handed out as
+   ``ValidateBlock`` and the rules that need ``valid(v)`` wait for
+   ``on_block_validated``. The core never executes transactions. A block the
+   replica built itself is valid by construction.
+2. ``getValue()`` is asynchronous: the proposer emits ``RequestProposal`` and
+   proposes when ``on_proposal_value`` answers (the application may first have
+   to apply the previous block). Because of this every replica, the proposer
+   included, schedules timeoutPropose; a slow builder costs a round, not
+   liveness.
+3. The paper assumes gossip eventually delivers every message. On a lossy
+   transport somebody must make that true: every ``rebroadcast_interval_ms``
+   the replica re-sends its own votes of the height, its proposal of the
+   current round, and the prevotes that justify its validValue (the
+   proof-of-lock others need for line 28).
+4. Catch-up. A replica that sees a message from a later height, or a
+   precommit quorum for a block it never received, knows the height was
+   decided without it: it emits ``RequestCommit`` (at most once per
+   rebroadcast interval) and commits the block when ``on_commit_certificate``
+   brings it with a certificate that :func:`verify_commit` accepts (the
+   >2/3 that signed it include an honest replica that validated it).
+5. Only the first proposal per round is kept; a second, different one from
+   the same proposer is evidence. Messages for the next height are buffered
+   (a few per validator) and replayed by ``start``; bounded lookahead
+   (``max_future_rounds``, ``max_round_lookahead``) keeps a byzantine
+   validator from filling memory with far-future rounds.
+
+Driving it (the replica actor)
+------------------------------
+Execute actions in list order. ``PersistSafety``: write it durably, then go
+on. ``Broadcast``: encode and publish (the core already applied it to its own
+log; echoing it back is harmless). ``ScheduleTimeout``: call ``on_timeout``
+after the duration, never cancel. ``RequestProposal``/``ValidateBlock``: ask
+the application, answer with the matching event. ``Commit``: store the block
+and certificate, apply it, compute the next height's validator set
+(:meth:`ValidatorSet.next_height`, plus any power changes via ``updated``)
+and call ``start(height + 1, validators)``. ``RequestCommit``: fetch the
+block and certificate of that height from ``peer`` (or anyone) and call
+``on_commit_certificate``. ``ReportEvidence``: submit it as a transaction.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable
+
+from gonka_p2p.identity import digest
+from gonka_p2p.ledger.consensus_types import (
+    NEVER_SIGNED,
+    STEP_OF_VOTE,
+    Action,
+    Broadcast,
+    Commit,
+    CommitCertificate,
+    ConsensusError,
+    ConsensusParams,
+    Evidence,
+    InvalidCommit,
+    InvalidEvidence,
+    PersistSafety,
+    Proposal,
+    ReportEvidence,
+    RequestCommit,
+    RequestProposal,
+    SafetyState,
+    ScheduleTimeout,
+    SignFn,
+    Step,
+    Timeout,
+    TimeoutKind,
+    UsageError,
+    ValidateBlock,
+    Validator,
+    ValidatorSet,
+    VerifyFn,
+    Vote,
+    VoteType,
+    make_proposal,
+    make_vote,
+    well_formed_proposal,
+    well_formed_vote,
+)
+
+Message = Proposal | Vote
+
+
+class Ignored(ConsensusError):
+    """A remote message was dropped; ``reason`` names why (counted in ``ConsensusState.ignored``)."""
+
+
+# --------------------------------------------------------------------------- pure checks
+
+
+def _verified(verify: VerifyFn, validator: Validator, message: bytes, signature: bytes) -> bool:
+    try:
+        return bool(verify(validator.public_key, signature, message))
+    except Exception:  # noqa: BLE001 - a verifier choking on garbage means "not signed"
+        return False
+
+
+def verify_commit(validators: ValidatorSet, height: int, block_hash: bytes, certificate: CommitCertificate,
+                  verify_sig: VerifyFn, *, chain_id: str) -> None:
+    """Raise :class:`InvalidCommit` unless ``certificate`` proves ``block_hash`` was committed at ``height``.
+
+    Every entry must be a correctly signed precommit for that block, height
+    and round by a distinct member of ``validators`` (the set *of that
+    height*); together they must hold more than 2/3 of its power. Any bad
+    entry rejects the whole certificate: an honest replica never builds one.
+    Total: garbage input raises InvalidCommit, nothing else.
+    """
+    if not isinstance(certificate, CommitCertificate) or not isinstance(certificate.precommits, tuple):
+        raise InvalidCommit("malformed", "not a commit certificate")
+    if certificate.height != height:
+        raise InvalidCommit("wrong_height", f"certificate is for height {certificate.height}, not {height}")
+    if certificate.block_hash != block_hash:
+        raise InvalidCommit("wrong_block", "certificate is for another block")
+    signers: dict[str, None] = {}
+    power = 0
+    for vote in certificate.precommits:
+        if not well_formed_vote(vote):
+            raise InvalidCommit("malformed", "an entry is not a well-formed vote")
+        if (vote.type, vote.height, vote.round, vote.block_hash) != (
+                VoteType.PRECOMMIT, height, certificate.round, block_hash):
+            raise InvalidCommit("vote_mismatch", f"entry by {vote.validator} is not a precommit for this block")
+        validator = validators.get(vote.validator)
+        if validator is None:
+            raise InvalidCommit("unknown_validator", f"{vote.validator} is not a validator at height {height}")
+        if vote.validator in signers:
+            raise InvalidCommit("duplicate_validator", f"{vote.validator} appears twice")
+        if not _verified(verify_sig, validator, vote.sign_bytes(chain_id), vote.signature):
+            raise InvalidCommit("bad_signature", f"precommit by {vote.validator} is not signed by it")
+        signers[vote.validator] = None
+        power += validator.power
+    if not validators.is_quorum(power):
+        raise InvalidCommit("short_of_quorum", f"signed power {power} of {validators.total_power} is not > 2/3")
+
+
+def verify_evidence(validators: ValidatorSet, evidence: Evidence, verify_sig: VerifyFn, *, chain_id: str) -> None:
+    """Raise :class:`InvalidEvidence` unless ``evidence`` proves one validator signed two conflicting messages."""
+    a, b = evidence.first, evidence.second
+    if isinstance(a, Vote) and isinstance(b, Vote) and well_formed_vote(a) and well_formed_vote(b):
+        signer, same_slot = a.validator, (a.validator, a.type, a.height, a.round) == (b.validator, b.type, b.height, b.round)
+    elif well_formed_proposal(a, sys.maxsize) and well_formed_proposal(b, sys.maxsize):
+        signer, same_slot = a.proposer, (a.proposer, a.height, a.round) == (b.proposer, b.height, b.round)
+    else:
+        raise InvalidEvidence("malformed", "evidence must hold two votes or two proposals")
+    if not same_slot:
+        raise InvalidEvidence("different_slot", "messages are not for the same signer, height, round and step")
+    if a.sign_bytes(chain_id) == b.sign_bytes(chain_id):
+        raise InvalidEvidence("not_conflicting", "both messages sign the same content")
+    validator = validators.get(signer)
+    if validator is None:
+        raise InvalidEvidence("unknown_validator", f"{signer} is not a validator")
+    for m in (a, b):
+        if not _verified(verify_sig, validator, m.sign_bytes(chain_id), m.signature):
+            raise InvalidEvidence("bad_signature", f"a message is not signed by {signer}")
+
+
+# --------------------------------------------------------------------------- the message log
+
+
+class _MessageLog:
+    """Everything admitted at one height, indexed the way the rules ask ("empty message log" resets it).
+
+    Votes are tallied per value, as in the paper: "2f+1 PREVOTE for id(v)"
+    is the power of the distinct validators that signed a prevote for v. An
+    equivocator's second vote is therefore counted for *its* value (never
+    twice for one value, and once only in the "any" tallies). Without that, a
+    byzantine validator that shows half the network one prevote and the other
+    half another makes a proof-of-lock it helped form unverifiable for the
+    second half, and a replica locked on it could never be unlocked.
+    """
+
+    def __init__(self) -> None:
+        self.proposals: dict[int, Proposal] = {}  # round -> the first valid proposal of that round
+        self.senders: dict[int, dict[str, int]] = {}  # round -> validator -> power (line 55)
+        self._first: dict[tuple[int, VoteType], dict[str, Vote]] = {}  # each validator's first vote
+        self._any: dict[tuple[int, VoteType], int] = {}
+        self._by_value: dict[tuple[int, VoteType, bytes | None], dict[str, Vote]] = {}
+        self._power: dict[tuple[int, VoteType, bytes | None], int] = {}
+
+    def first_vote(self, round: int, vote_type: VoteType, validator: str) -> Vote | None:
+        return self._first.get((round, vote_type), {}).get(validator)
+
+    def has_vote(self, vote: Vote) -> bool:
+        return vote.validator in self._by_value.get((vote.round, vote.type, vote.block_hash), {})
+
+    def supported(self, vote: Vote) -> bool:
+        """Somebody already voted for this value in this round: an equivocating vote for it is worth keeping."""
+        return bool(self._by_value.get((vote.round, vote.type, vote.block_hash)))
+
+    def add_vote(self, vote: Vote, power: int) -> None:
+        first = self._first.setdefault((vote.round, vote.type), {})
+        if vote.validator not in first:
+            first[vote.validator] = vote
+            self._any[(vote.round, vote.type)] = self._any.get((vote.round, vote.type), 0) + power
+            self.senders.setdefault(vote.round, {})[vote.validator] = power
+        key = (vote.round, vote.type, vote.block_hash)
+        voters = self._by_value.setdefault(key, {})
+        assert vote.validator not in voters, "a validator counts once per value"
+        voters[vote.validator] = vote
+        self._power[key] = self._power.get(key, 0) + power
+
+    def add_proposal(self, proposal: Proposal, power: int) -> None:
+        assert proposal.round not in self.proposals, "one proposal per round"
+        self.proposals[proposal.round] = proposal
+        self.senders.setdefault(proposal.round, {})[proposal.proposer] = power
+
+    def power_for(self, round: int, vote_type: VoteType, block_hash: bytes | None) -> int:
+        return self._power.get((round, vote_type, block_hash), 0)
+
+    def power_any(self, round: int, vote_type: VoteType) -> int:
+        return self._any.get((round, vote_type), 0)
+
+    def votes_for(self, round: int, vote_type: VoteType, block_hash: bytes | None) -> list[Vote]:
+        return list(self._by_value.get((round, vote_type, block_hash), {}).values())
+
+    def votes_in_round(self, round: int) -> list[Vote]:
+        return [v for (r, _, _), voters in self._by_value.items() if r == round for v in voters.values()]
+
+    def precommit_quorums(self, is_quorum: Callable[[int], bool]) -> list[tuple[int, bytes, str]]:
+        """(round, block hash, one of its precommitters) for each non-nil block with a precommit quorum."""
+        return [(r, h, next(iter(self._by_value[(r, t, h)]))) for (r, t, h), power in self._power.items()
+                if t is VoteType.PRECOMMIT and h is not None and is_quorum(power)]
+
+    def future_rounds(self, validator: str, current: int) -> list[int]:
+        return [r for r, who in self.senders.items() if r > current and validator in who]
+
+
+# --------------------------------------------------------------------------- the state machine
+
+
+class ConsensusState:
+    """One replica's Tendermint state machine. See the module docstring for the contract."""
+
+    def __init__(self, *, chain_id: str, verify: VerifyFn, address: str | None = None, sign: SignFn | None = None,
+                 params: ConsensusParams = ConsensusParams(), safety: SafetyState | None = None) -> None:
+        """``address``/``sign`` identify our validator key; leave both out to follow without voting.
+
+        ``safety`` is the last :class:`SafetyState` this replica persisted
+        (from ``PersistSafety``), or None if it never signed anything.
+        """
+        if (address is None) != (sign is None):
+            raise UsageError("bad_identity", "give both address and sign, or neither")
+        self.chain_id = chain_id
+        self.params = params
+        self._verify = verify
+        self._address = address
+        self._sign = sign
+        self._safety = safety or NEVER_SIGNED
+        self.evidence: list[Evidence] = []
+        self.ignored: Counter[str] = Counter()
+        self._evidenced: set[tuple[object, ...]] = set()
+        self._buffer: dict[str, list[Message]] = {}  # next-height messages by sender
+        self._height = -1
+        self._validators: ValidatorSet | None = None
+        self._reset_height(None)
+
+    # ---- read-only view --------------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def round(self) -> int:
+        return self._round
+
+    @property
+    def step(self) -> Step:
+        return self._step
+
+    @property
+    def locked_round(self) -> int:
+        return self._locked_round
+
+    @property
+    def valid_round(self) -> int:
+        return self._valid_round
+
+    @property
+    def safety(self) -> SafetyState:
+        """The last (height, round, step) this replica signed, with its lock: persist it, restore it."""
+        return self._safety
+
+    @property
+    def validators(self) -> ValidatorSet | None:
+        return self._validators
+
+    # ---- events ----------------------------------------------------------------------
+
+    def start(self, height: int, validators: ValidatorSet) -> list[Action]:
+        """Begin ``height`` with its validator set: at boot (last committed + 1), then after each Commit."""
+        if self._height >= 0 and not (self._step is Step.COMMIT and height == self._height + 1):
+            raise UsageError("bad_start", f"start({height}) while at height {self._height}, step {self._step.name}")
+        if height < 0 or not isinstance(validators, ValidatorSet):
+            raise UsageError("bad_start", "height must be >= 0 and validators a ValidatorSet")
+        self._height = height
+        self._validators = validators
+        restored = self._safety if self._safety.height == height else None
+        self._reset_height(restored)
+        actions: list[Action] = [self._schedule(TimeoutKind.REBROADCAST)]
+        actions += self._start_round(restored.round if restored else 0)
+        actions += self._advance()
+        buffered, self._buffer = self._buffer, {}
+        for messages in buffered.values():
+            for m in messages:
+                if m.height == height:
+                    actions += self.on_proposal(m) if isinstance(m, Proposal) else self.on_vote(m)
+        return actions
+
+    def on_proposal(self, proposal: Proposal) -> list[Action]:
+        """A proposal from the network (any height or round; checked here)."""
+        try:
+            return self._admit_proposal(proposal)
+        except Ignored as e:
+            self.ignored[e.reason] += 1
+            return []
+
+    def on_vote(self, vote: Vote) -> list[Action]:
+        """A prevote or precommit from the network (any height or round; checked here)."""
+        try:
+            return self._admit_vote(vote)
+        except Ignored as e:
+            self.ignored[e.reason] += 1
+            return []
+
+    def on_timeout(self, timeout: Timeout) -> list[Action]:
+        """A timer scheduled by ``ScheduleTimeout`` fired; stale timers do nothing (lines 57-66)."""
+        if timeout.height != self._height or self._step is Step.COMMIT:
+            return []
+        if timeout.kind is TimeoutKind.REBROADCAST:
+            return self._rebroadcast()
+        if timeout.round != self._round:
+            return []
+        if timeout.kind is TimeoutKind.PROPOSE and self._step is Step.PROPOSE:
+            return self._prevote(None) + self._advance()
+        if timeout.kind is TimeoutKind.PREVOTE and self._step is Step.PREVOTE:
+            return self._precommit(None) + self._advance()
+        if timeout.kind is TimeoutKind.PRECOMMIT:
+            return self._start_round(self._round + 1) + self._advance()
+        return []
+
+    def on_proposal_value(self, height: int, round: int, block: bytes) -> list[Action]:
+        """The application's answer to ``RequestProposal``; late answers are dropped."""
+        if self._validators is None or (height, round) != (self._height, self._round):
+            return []
+        if self._step is not Step.PROPOSE:
+            return []
+        if round in self._log.proposals or not self._is_proposer(round):
+            return []
+        if not isinstance(block, bytes) or len(block) > self.params.max_block_bytes:
+            raise UsageError("bad_block", "the application built a block that is not bytes or too large")
+        self._validity[digest(block)] = True  # we built it
+        return self._propose(block, -1) + self._advance()
+
+    def on_block_validated(self, block_hash: bytes, valid: bool) -> list[Action]:
+        """The application's answer to ``ValidateBlock`` for this height; others are dropped."""
+        if block_hash not in self._validation_requested or block_hash in self._validity:
+            return []
+        self._validity[block_hash] = bool(valid)
+        return self._advance()
+
+    def on_commit_certificate(self, block: bytes, certificate: CommitCertificate) -> list[Action]:
+        """Catch-up: a decided block of our current height with its certificate, fetched from a peer."""
+        if self._validators is None or self._step is Step.COMMIT:
+            self.ignored["not_needed"] += 1
+            return []
+        if not isinstance(block, bytes) or not isinstance(certificate, CommitCertificate):
+            self.ignored["malformed"] += 1
+            return []
+        try:
+            verify_commit(self._validators, self._height, digest(block), certificate, self._verify,
+                          chain_id=self.chain_id)
+        except InvalidCommit as e:
+            self.ignored[f"certificate_{e.reason}"] += 1
+            return []
+        return self._decide(block, certificate)
+
+    # ---- admission of remote messages ------------------------------------------------
+
+    def _admit_proposal(self, p: Proposal) -> list[Action]:
+        if not well_formed_proposal(p, self.params.max_block_bytes):
+            raise Ignored("malformed")
+        if p.height != self._height:
+            return self._other_height(p, p.proposer)
+        if self._step is Step.COMMIT:
+            raise Ignored("decided")
+        if p.round > self._round + self.params.max_round_lookahead:
+            raise Ignored("round_too_far")
+        proposer = self._member(p.proposer)
+        if p.proposer != self._validators.proposer(p.round):
+            raise Ignored("not_proposer")
+        existing = self._log.proposals.get(p.round)
+        if existing is not None and (existing.block, existing.pol_round) == (p.block, p.pol_round):
+            raise Ignored("duplicate")
+        self._check_round_room(p.proposer, p.round)
+        if not _verified(self._verify, proposer, p.sign_bytes(self.chain_id), p.signature):
+            raise Ignored("bad_signature")
+        if existing is not None:
+            return self._equivocation(existing, p, ("proposal", p.round, p.proposer))
+        self._log.add_proposal(p, proposer.power)
+        return self._request_validation(p) + self._advance()
+
+    def _admit_vote(self, v: Vote) -> list[Action]:
+        if not well_formed_vote(v):
+            raise Ignored("malformed")
+        if v.height != self._height:
+            return self._other_height(v, v.validator)
+        if self._step is Step.COMMIT:
+            raise Ignored("decided")
+        validator = self._member(v.validator)
+        if self._log.has_vote(v):
+            raise Ignored("duplicate")
+        self._check_round_room(v.validator, v.round)
+        first = self._log.first_vote(v.round, v.type, v.validator)
+        slot = (v.type, v.round, v.validator)
+        if first is not None and slot in self._evidenced and not self._log.supported(v):
+            raise Ignored("equivocation")  # already reported, and for a value nobody else wants
+        if not _verified(self._verify, validator, v.sign_bytes(self.chain_id), v.signature):
+            raise Ignored("bad_signature")
+        actions = self._equivocation(first, v, slot) if first is not None else []
+        if first is not None and not self._log.supported(v):
+            return actions
+        self._log.add_vote(v, validator.power)
+        return actions + self._advance()
+
+    def _member(self, address: str) -> Validator:
+        if self._validators is None:
+            raise Ignored("not_started")
+        validator = self._validators.get(address)
+        if validator is None:
+            raise Ignored("not_a_validator")
+        return validator
+
+    def _check_round_room(self, sender: str, round: int) -> None:
+        """Bound what one validator can make us store about rounds ahead of ours."""
+        if round <= self._round:
+            return
+        future = self._log.future_rounds(sender, self._round)
+        if round not in future and len(future) >= self.params.max_future_rounds:
+            raise Ignored("too_many_future_rounds")
+
+    def _other_height(self, m: Message, sender: str) -> list[Action]:
+        """Stale messages are dropped; next-height ones are buffered; any later one means we are behind."""
+        if self._validators is None:
+            raise Ignored("not_started")
+        if m.height < self._height:
+            raise Ignored("old_height")
+        if self._validators.get(sender) is None:
+            raise Ignored("not_a_validator")
+        if m.height == self._height + 1:
+            queue = self._buffer.setdefault(sender, [])
+            if len(queue) < self.params.max_buffered_per_validator:
+                queue.append(m)
+        if self._step is Step.COMMIT or not self._catchup_allowed:
+            return []
+        self._catchup_allowed = False
+        return [RequestCommit(self._height, sender)]
+
+    def _equivocation(self, first: Message, second: Message, slot: tuple[object, ...]) -> list[Action]:
+        if slot in self._evidenced:
+            return []
+        self._evidenced.add(slot)
+        evidence = Evidence(first, second)
+        self.evidence.append(evidence)
+        return [ReportEvidence(evidence)]
+
+    def _request_validation(self, p: Proposal) -> list[Action]:
+        if p.block_hash in self._validity or p.block_hash in self._validation_requested:
+            return []
+        self._validation_requested.add(p.block_hash)
+        return [ValidateBlock(self._height, p.block_hash, p.block)]
+
+    # ---- the rules of Algorithm 1 ----------------------------------------------------
+
+    def _advance(self) -> list[Action]:
+        """Fire rules until none applies; each firing changes state so that it cannot fire again."""
+        rules: tuple[Callable[[], list[Action] | None], ...] = (
+            self._line49_decide, self._line55_skip_round, self._line22_prevote_fresh_proposal,
+            self._line28_prevote_reproposal, self._line34_prevote_timeout, self._line36_lock,
+            self._line44_precommit_nil, self._line47_precommit_timeout,
+        )
+        actions: list[Action] = []
+        fired = True
+        while fired and self._step is not Step.COMMIT:
+            fired = False
+            for rule in rules:
+                out = rule()
+                if out is not None:
+                    actions += out
+                    fired = True
+                    break
+        return actions
+
+    def _line22_prevote_fresh_proposal(self) -> list[Action] | None:
+        """Proposal with validRound -1: prevote it if valid and we are unlocked or locked on it."""
+        p = self._log.proposals.get(self._round)
+        if self._step is not Step.PROPOSE or p is None or p.pol_round != -1:
+            return None
+        valid = self._validity.get(p.block_hash)
+        if valid is None:
+            return None
+        ok = valid and (self._locked_round == -1 or self._locked_hash == p.block_hash)
+        return self._prevote(p.block_hash if ok else None)
+
+    def _line28_prevote_reproposal(self) -> list[Action] | None:
+        """Re-proposal backed by 2f+1 prevotes in its validRound: prevote it unless locked later on another."""
+        p = self._log.proposals.get(self._round)
+        if self._step is not Step.PROPOSE or p is None or p.pol_round < 0:
+            return None
+        if not self._validators.is_quorum(self._log.power_for(p.pol_round, VoteType.PREVOTE, p.block_hash)):
+            return None
+        valid = self._validity.get(p.block_hash)
+        if valid is None:
+            return None
+        ok = valid and (self._locked_round <= p.pol_round or self._locked_hash == p.block_hash)
+        return self._prevote(p.block_hash if ok else None)
+
+    def _line34_prevote_timeout(self) -> list[Action] | None:
+        """2f+1 prevotes for anything: give the rest timeoutPrevote to arrive."""
+        if self._step is not Step.PREVOTE or (34, self._round) in self._fired:
+            return None
+        if not self._validators.is_quorum(self._log.power_any(self._round, VoteType.PREVOTE)):
+            return None
+        self._fired.add((34, self._round))
+        return [self._schedule(TimeoutKind.PREVOTE)]
+
+    def _line36_lock(self) -> list[Action] | None:
+        """Valid proposal with 2f+1 prevotes this round: lock and precommit it (if still prevoting); it is validValue."""
+        p = self._log.proposals.get(self._round)
+        if self._step is Step.PROPOSE or p is None or (36, self._round) in self._fired:
+            return None
+        if self._validity.get(p.block_hash) is not True:
+            return None
+        if not self._validators.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, p.block_hash)):
+            return None
+        self._fired.add((36, self._round))
+        actions: list[Action] = []
+        if self._step is Step.PREVOTE:
+            self._locked_round, self._locked_hash = self._round, p.block_hash
+            actions = self._precommit(p.block_hash)
+        self._valid_round, self._valid_block, self._valid_hash = self._round, p.block, p.block_hash
+        assert self._valid_round >= self._locked_round
+        return actions
+
+    def _line44_precommit_nil(self) -> list[Action] | None:
+        """2f+1 nil prevotes: precommit nil."""
+        if self._step is not Step.PREVOTE:
+            return None
+        if not self._validators.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, None)):
+            return None
+        return self._precommit(None)
+
+    def _line47_precommit_timeout(self) -> list[Action] | None:
+        """2f+1 precommits for anything: give the rest timeoutPrecommit, then move to the next round."""
+        if (47, self._round) in self._fired:
+            return None
+        if not self._validators.is_quorum(self._log.power_any(self._round, VoteType.PRECOMMIT)):
+            return None
+        self._fired.add((47, self._round))
+        return [self._schedule(TimeoutKind.PRECOMMIT)]
+
+    def _line49_decide(self) -> list[Action] | None:
+        """A valid proposal of any round with 2f+1 precommits for it: decide it."""
+        for round, p in self._log.proposals.items():
+            if self._validity.get(p.block_hash) is True and self._validators.is_quorum(
+                    self._log.power_for(round, VoteType.PRECOMMIT, p.block_hash)):
+                return self._decide(p.block, self._certificate(round, p.block_hash))
+        return None
+
+    def _line55_skip_round(self) -> list[Action] | None:
+        """f+1 of the power is already in a later round: join the latest such round."""
+        later = [r for r, who in self._log.senders.items()
+                 if r > self._round and self._validators.is_one_third(sum(who.values()))]
+        return self._start_round(max(later)) if later else None
+
+    # ---- transitions -----------------------------------------------------------------
+
+    def _start_round(self, round: int) -> list[Action]:
+        """StartRound (line 11): propose validValue or a fresh block if it is our turn; arm timeoutPropose."""
+        self._round, self._step = round, Step.PROPOSE
+        actions: list[Action] = []
+        if self._is_proposer(round) and self._may_sign(Step.PROPOSE):
+            if self._valid_block is not None:
+                actions += self._propose(self._valid_block, self._valid_round)
+            else:
+                actions.append(RequestProposal(self._height, round))
+        actions.append(self._schedule(TimeoutKind.PROPOSE))
+        return actions
+
+    def _propose(self, block: bytes, pol_round: int) -> list[Action]:
+        if not self._may_sign(Step.PROPOSE):
+            return []
+        proposal = make_proposal(self.chain_id, self._sign, self._address, self._height, self._round, pol_round,
+                                 block)
+        actions = self._signed(Step.PROPOSE, proposal)
+        self._log.add_proposal(proposal, self._validators.get(self._address).power)
+        if pol_round >= 0:  # hand out the proof-of-lock with the re-proposal (line 28 needs it)
+            actions += [Broadcast(v) for v in self._log.votes_for(pol_round, VoteType.PREVOTE, proposal.block_hash)
+                        if v.validator != self._address]
+        return actions
+
+    def _prevote(self, block_hash: bytes | None) -> list[Action]:
+        self._step = Step.PREVOTE
+        return self._vote(VoteType.PREVOTE, block_hash)
+
+    def _precommit(self, block_hash: bytes | None) -> list[Action]:
+        self._step = Step.PRECOMMIT
+        return self._vote(VoteType.PRECOMMIT, block_hash)
+
+    def _vote(self, vote_type: VoteType, block_hash: bytes | None) -> list[Action]:
+        if not self._may_sign(STEP_OF_VOTE[vote_type]):
+            return []
+        vote = make_vote(self.chain_id, self._sign, self._address, vote_type, self._height, self._round, block_hash)
+        actions = self._signed(STEP_OF_VOTE[vote_type], vote)
+        self._log.add_vote(vote, self._validators.get(self._address).power)
+        return actions
+
+    def _may_sign(self, step: Step) -> bool:
+        """We are a validator of this height and have never signed at or after this position."""
+        return (self._address is not None and self._validators.get(self._address) is not None
+                and self._safety.allows(self._height, self._round, step))
+
+    def _signed(self, step: Step, message: Message) -> list[Action]:
+        """Record the signature in the safety state (persisted first), remember and send the message."""
+        assert self._safety.allows(self._height, self._round, step), "never sign twice at one position"
+        self._safety = SafetyState(self._height, self._round, step, self._locked_round, self._locked_hash)
+        self._own.append(message)
+        return [PersistSafety(self._safety), Broadcast(message)]
+
+    def _decide(self, block: bytes, certificate: CommitCertificate) -> list[Action]:
+        assert self._step is not Step.COMMIT, "one decision per height"
+        self._step = Step.COMMIT
+        return [Commit(self._height, block, certificate)]
+
+    def _certificate(self, round: int, block_hash: bytes) -> CommitCertificate:
+        precommits = sorted(self._log.votes_for(round, VoteType.PRECOMMIT, block_hash), key=lambda v: v.validator)
+        return CommitCertificate(self._height, round, block_hash, tuple(precommits))
+
+    def _rebroadcast(self) -> list[Action]:
+        """The height is open for a whole interval: re-send what others may lack, fetch what we lack.
+
+        Re-sent: our own votes of the height and our proposal of this round;
+        every vote we hold for this round and the previous one (the messages
+        that moved us here, which a replica left behind needs to follow: a
+        byzantine validator may have shown them to us alone); and the
+        prevotes that justify our validValue (the proof-of-lock line 28
+        needs). The timer is per height, so a height that decides within one
+        interval costs no extra traffic.
+        """
+        self._catchup_allowed = True
+        messages: list[Message] = [m for m in self._own if isinstance(m, Vote) or m.round == self._round]
+        for round in (self._round - 1, self._round):
+            messages += self._log.votes_in_round(round)
+        if self._valid_hash is not None:
+            messages += self._log.votes_for(self._valid_round, VoteType.PREVOTE, self._valid_hash)
+        actions: list[Action] = [Broadcast(m) for m in dict.fromkeys(messages)]
+        missed = self._missed_decision()
+        if missed is not None:
+            self._catchup_allowed = False
+            actions.append(RequestCommit(self._height, missed))
+        actions.append(self._schedule(TimeoutKind.REBROADCAST))
+        return actions
+
+    def _missed_decision(self) -> str | None:
+        """A precommitter of a block that has 2f+1 precommits here but whose proposal we never got."""
+        for round, block_hash, voter in self._log.precommit_quorums(self._validators.is_quorum):
+            held = self._log.proposals.get(round)
+            if held is None or held.block_hash != block_hash:
+                return voter
+        return None
+
+    def _schedule(self, kind: TimeoutKind) -> ScheduleTimeout:
+        return ScheduleTimeout(Timeout(kind, self._height, self._round), self.params.timeout_ms(kind, self._round))
+
+    def _is_proposer(self, round: int) -> bool:
+        return self._address is not None and self._validators.proposer(round) == self._address
+
+    def _reset_height(self, restored: SafetyState | None) -> None:
+        """Initial values of Algorithm 1 for a new height.
+
+        A restart in the middle of a height keeps its lock and resumes in the
+        round it last signed in: locks only ever move to later rounds.
+        """
+        self._round = 0
+        self._step = Step.PROPOSE
+        self._locked_round = restored.locked_round if restored else -1
+        self._locked_hash = restored.locked_hash if restored else None
+        self._valid_round = -1
+        self._valid_block: bytes | None = None
+        self._valid_hash: bytes | None = None
+        self._log = _MessageLog()
+        self._validity: dict[bytes, bool] = {}
+        self._validation_requested: set[bytes] = set()
+        self._fired: set[tuple[int, int]] = set()
+        self._own: list[Message] = []
+        self._catchup_allowed = True
