@@ -288,9 +288,7 @@ class VLLMEngine:
         try:
             engine = self._start_vllm(kv_cache_gib, max_num_seqs)
         except Exception as exc:
-            self._failure = EngineError(
-                f"vLLM cannot load model {self.model_name!r} from {self._local.path}: {exc}"
-            )
+            self._failure = EngineError(f"vLLM cannot load model {self._local.path}: {exc}")
             _forget_partial_start()
             _ONE_ENGINE.release()
             ready.set()
