@@ -22,7 +22,9 @@ frames, then an end-of-stream marker. Each frame is a 4-byte big-endian length
 and the payload; the length ``0xFFFFFFFF`` is the end marker (real frames are
 at most ``MAX_FRAME_BYTES``). The marker is what tells a finished stream from
 a crashed peer: py-libp2p reports a torn-down connection as a plain EOF, so
-any EOF before the marker is a :class:`StreamReset`.
+any EOF before the marker is a :class:`StreamReset`. A reset (a handler that
+raised, a frame over the limit) may discard frames the opener has not read
+yet: yamux drops buffered data when the reset arrives.
 
 py-libp2p quirks and what we do about each
 ------------------------------------------
@@ -44,13 +46,19 @@ py-libp2p quirks and what we do about each
   ``publish`` returns normally. We raise it to ``OUTBOUND_QUEUE_SIZE`` and,
   before we publish or forward, wait until the target queues are below
   ``OUTBOUND_HIGH_WATER``. ``publish`` raises :class:`PublishError` when
-  nobody subscribes, the mesh stays empty, or every target queue stays full;
+  nobody subscribes, the mesh stays empty for ``MESH_WAIT`` (py-libp2p would
+  send to nobody), or every target queue stays full;
   a message over ``MAX_PUBLISH_BYTES`` (which py-libp2p would silently drop as
   an oversized RPC) is refused up front.
 * Message sequence numbers start at ``int(time.time())`` and count up, so a
   node that publishes more than one message per second and restarts reuses
   sequence numbers that peers still hold as "seen" and drops as duplicates.
   We start the counter at ``time.time_ns()``, as go-libp2p does.
+* gossipsub v1.2+ sends an IDONTWANT control RPC to every mesh peer for
+  every message, whatever its size (the spec meant it for large messages),
+  and every RPC carries a signed peer record that the receiver verifies. Our
+  gossip messages are small (payloads travel over streams), so we speak
+  ``/meshsub/1.1.0`` only: half the RPCs, about twice the burst throughput.
 * Peer scoring: py-libp2p *subtracts* the P4 (invalid messages), P5
   (behaviour) and P7 (IP colocation) terms, so its weights for them must be
   positive where the gossipsub spec's are negative; copying spec weights would
@@ -63,6 +71,10 @@ py-libp2p quirks and what we do about each
   ``max_connections_per_peer=1`` a dial returns as soon as it connects.
 * A peer whose dial failed is refused for 60 s by a negative cache, even
   after it comes back; ``connect`` (an explicit request) clears that entry.
+* When a dial returns, the listening side may not have registered the
+  connection yet, so its immediate ``open_stream`` back to the dialer fails
+  with "no known addresses". ``connect`` pings once over the new connection
+  before it returns.
 * The TCP listener sets SO_REUSEPORT, so starting a second node on a taken
   port succeeds and the kernel splits inbound connections between the two
   nodes. We probe the port without SO_REUSEPORT first and raise
@@ -106,10 +118,9 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.config import ConnectionConfig
-from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams
@@ -148,7 +159,7 @@ MESH_WAIT = 3.0  # seconds publish waits for a mesh while subscribers are known
 ROOM_WAIT = 10.0  # seconds publish / forwarding wait for outbound queue room
 ROOM_POLL = 0.002
 MAX_INBOUND_STREAMS = 256
-REQUEST_READ_TIMEOUT = 30.0  # seconds a served stream waits for its request frame
+REQUEST_READ_TIMEOUT = 10.0  # seconds a served stream waits for its request frame
 STOP_GRACE = 3.0  # seconds to close connections politely on stop
 PEER_ADDR_TTL = 3600  # seconds connect()-ed addresses stay dialable
 
@@ -169,7 +180,7 @@ async def _read_exact(stream: INetStream, n: int) -> bytes:
             buf += chunk
     except (BaseLibp2pError, OSError) as e:
         # py-libp2p reports a dead connection as EOF; only the end marker means "done".
-        raise StreamReset(f"stream broken: {type(e).__name__}: {e}".rstrip(": ")) from e
+        raise StreamReset(f"stream broken: {e!r}") from e
     return bytes(buf)
 
 
@@ -222,7 +233,7 @@ class _Topic:
 
     handler: MessageHandler
     validator: MessageValidator | None
-    queue: asyncio.Queue[tuple[str, bytes]] = field(default_factory=asyncio.Queue)  # <= DELIVERY_SLOTS
+    queue: asyncio.Queue[tuple[str, bytes]] = field(default_factory=lambda: asyncio.Queue(DELIVERY_SLOTS))
     slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(DELIVERY_SLOTS))
     worker: asyncio.Task[None] | None = None
 
@@ -246,6 +257,7 @@ class _GossipPubsub(Pubsub):
         self.topic_snapshot: dict[str, tuple[str, ...]] = {}  # replaced, never mutated
         self._deliver = deliver
         self._holding: set[int] = set()  # id() of messages that hold a delivery slot
+        self._stalled: set[ID] = set()  # peers whose outbound queue stayed full
 
     # Delivery: a message takes a slot before processing; notify hands the slot on.
 
@@ -279,17 +291,25 @@ class _GossipPubsub(Pubsub):
     # Outbound room: wait instead of letting RpcQueue.push drop.
 
     async def wait_for_room(self, peers: Iterable[ID], timeout: float) -> list[ID]:
-        """Wait until every peer's outbound queue is below the high-water mark; return those that are."""
+        """Wait until the peers' outbound queues are below the high-water mark; return those that are.
+
+        A peer whose queue stays full for ``timeout`` is marked stalled and not
+        waited for again until its queue drains, so one stuck peer cannot
+        throttle every publication to one per ``timeout``.
+        """
         peers = list(peers)
         deadline = trio.current_time() + timeout
         while True:
             full = {p for p in peers if len(self.peer_queues.get(p, ())) >= OUTBOUND_HIGH_WATER}
-            if not full:
-                return peers
-            if trio.current_time() >= deadline:
-                log.warning("outbound queues still full after %.0f s for %s", timeout, sorted(map(str, full)))
+            self._stalled -= set(peers) - full
+            waiting = full - self._stalled
+            if not waiting:
                 return [p for p in peers if p not in full]
-            await trio.sleep(ROOM_POLL)
+            if trio.current_time() >= deadline:
+                log.warning("outbound queues still full after %.0f s: %s", timeout, sorted(map(str, waiting)))
+                self._stalled |= waiting
+            else:
+                await trio.sleep(ROOM_POLL)
 
     def publish_targets(self, topic: str) -> list[ID]:
         """The peers a publication on ``topic`` goes to (mesh, else every known subscriber)."""
@@ -339,6 +359,11 @@ class _ConnectionSnapshot(INotifee):
         pass
 
 
+def _log_if_failed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gossip delivery worker died", exc_info=task.exception())
+
+
 def _parse_peer_id(peer_id: str) -> ID:
     try:
         return ID.from_base58(peer_id)
@@ -346,7 +371,7 @@ def _parse_peer_id(peer_id: str) -> ID:
         raise PeerUnreachable(f"{peer_id!r} is not a valid peer id") from e
 
 
-def _claim_check(maddr: Multiaddr) -> None:
+def _check_port_free(maddr: Multiaddr) -> None:
     """Raise AddressInUse if another socket listens on ``maddr``'s port.
 
     py-libp2p listens with SO_REUSEPORT, so a second node on a taken port binds
@@ -419,7 +444,7 @@ class Libp2pService:
     @asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:
         """Build, run and finally tear down the host (trio thread)."""
-        _claim_check(self._listen)
+        _check_port_free(self._listen)
         key_pair = create_new_key_pair(self._key.secret)
         host = new_host(
             key_pair=key_pair,
@@ -429,7 +454,7 @@ class Libp2pService:
             connection_config=ConnectionConfig(max_connections_per_peer=1),
         )
         router = GossipSub(
-            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+            protocols=[PROTOCOL_ID_V11],  # not v1.2: see module docstring on IDONTWANT
             degree=GOSSIP_DEGREE,
             degree_low=GOSSIP_DEGREE_LOW,
             degree_high=GOSSIP_DEGREE_HIGH,
@@ -487,25 +512,26 @@ class Libp2pService:
             raise PeerUnreachable(f"{multiaddr} is this host itself")
         host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
         host.get_network()._negative_peer_cache.evict(str(info.peer_id))  # type: ignore[attr-defined]
+        deadline = trio.current_time() + timeout
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_at(deadline):
                 await host.connect(info)
         except trio.TooSlowError:
             raise PeerUnreachable(f"cannot connect to {multiaddr}: timed out after {timeout} s") from None
         except (BaseLibp2pError, OSError) as e:
             raise PeerUnreachable(f"cannot connect to {multiaddr}: {e}") from e
-        await self._t_confirm(host, info.peer_id, timeout)
+        await self._t_confirm(host, info.peer_id, deadline)
         return info.peer_id.to_base58()
 
     @staticmethod
-    async def _t_confirm(host: IHost, peer: ID, timeout: float) -> None:
+    async def _t_confirm(host: IHost, peer: ID, deadline: float) -> None:
         """Ping once, so the remote has registered the connection when connect() returns.
 
         Without this the listener may not know the connection yet, and its
         immediate open_stream back to us fails with "no known addresses".
         """
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_at(deadline):
                 stream = await host.new_stream(peer, [PING_PROTOCOL_ID])
                 try:
                     await perform_ping_roundtrip(stream)
@@ -536,6 +562,7 @@ class Libp2pService:
         if entry is None:
             entry = _Topic(handler, validator)
             entry.worker = asyncio.get_running_loop().create_task(self._deliver_loop(topic, entry))
+            entry.worker.add_done_callback(_log_if_failed)
             self._topics[topic] = entry
         entry.handler, entry.validator = handler, validator
         await bridge.call(self._t_subscribe, topic, entry)
@@ -660,7 +687,7 @@ class Libp2pService:
         try:
             await bridge.run_in_asyncio(handler, opener, request, send_frame)
         except Exception as e:
-            if isinstance(e, NetworkError):
+            if isinstance(e, NetworkError) and not isinstance(e, FrameTooLarge):
                 log.debug("%s handler for %s ended by the network: %r", protocol, opener, e)
             else:
                 log.warning("%s handler raised for %s; resetting the stream", protocol, opener, exc_info=True)
@@ -708,6 +735,9 @@ class Libp2pService:
         try:
             with trio.fail_after(timeout):
                 await _write_frame(stream, request)
+        except trio.TooSlowError:
+            await _reset(stream)
+            raise TimeoutError(f"sending the request to {peer_id} took over {timeout} s") from None
         except BaseException:
             await _reset(stream)
             raise

@@ -71,13 +71,8 @@ class TrioThread:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_requested: trio.Event | None = None
-        self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
         self._started_ok = False
-
-    @property
-    def running(self) -> bool:
-        return self._token is not None
 
     async def start(self, lifespan: Callable[[], AbstractAsyncContextManager[None]]) -> None:
         """Start the thread and enter ``lifespan()`` in it; raise what entering raised.
@@ -123,8 +118,7 @@ class TrioThread:
                 self.call_soon_in_asyncio(resolve, started, error or NetworkError("network thread exited"))
                 self.call_soon_in_asyncio(resolve, self._finished, None)
 
-        self._thread = threading.Thread(target=thread_main, name=self._name, daemon=True)
-        self._thread.start()
+        threading.Thread(target=thread_main, name=self._name, daemon=True).start()
         await started
 
     async def stop(self, timeout: float) -> None:
