@@ -258,7 +258,7 @@ async def test_request_response(make_host: Factory) -> None:
     rtt = (time.monotonic() - started) / rounds
     print(f"\n[request/response] mean round trip {rtt * 1000:.1f} ms over {rounds} requests (new stream each)")
 
-    with pytest.raises(PeerUnreachable, match="does not serve"):
+    with pytest.raises(StreamReset, match="does not serve"):
         await a.request(b.peer_id, "/nobody/1", b"x", timeout=5)
 
 

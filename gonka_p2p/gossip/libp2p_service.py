@@ -728,8 +728,8 @@ class Libp2pService:
                 stream = await host.new_stream(peer, [TProtocol(protocol)])
         except trio.TooSlowError:
             raise PeerUnreachable(f"opening {protocol} to {peer_id} timed out after {timeout} s") from None
-        except StreamFailure as e:
-            raise PeerUnreachable(f"{peer_id} does not serve {protocol} ({e.__cause__ or e})") from e
+        except StreamFailure as e:  # the peer is up but refused the protocol (as the memory service says)
+            raise StreamReset(f"{peer_id} does not serve {protocol} ({e.__cause__ or e})") from e
         except (BaseLibp2pError, OSError) as e:
             raise PeerUnreachable(f"cannot reach {peer_id}: {e}") from e
         try:
