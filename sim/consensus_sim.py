@@ -22,8 +22,9 @@ GST nothing is lost, which is when the protocol must make progress.
 Byzantine validators (fewer than 1/3 of the power) run an honest core but
 equivocate on the wire: for every message they broadcast they sign a
 conflicting twin (another block, an invalid block, another vote) and send
-each peer one of the two at random; they sometimes propose invalid blocks
-and never serve catch-up requests.
+each peer one of the two at random -- for another validator's vote they
+relay, the twin is a forgery that signature checks must reject; they
+sometimes propose invalid blocks and never serve catch-up requests.
 
 Invariants are checked where state changes, not only at the end: an honest
 commit that conflicts with another honest commit at the same height, or
@@ -123,14 +124,14 @@ class Scenario:
     byzantine: tuple[int, ...] = ()  # indices into powers; together < 1/3 of the power
     network: Network = Network()
     params: ConsensusParams = SIM_PARAMS
-    target_heights: int = 5  # stop once every honest replica committed this many heights after GST
-    max_time_ms: int = 60_000
+    target_heights: int = 5  # liveness: every honest replica commits this many heights after GST ...
+    liveness_window_ms: int = 20_000  # ... within this much virtual time after GST (the run stops there)
     app_delay_ms: int = 5  # the application answers build/validate requests within this
     real_signatures: bool = False
 
     def __post_init__(self) -> None:
-        byz_power = sum(self.powers[i] for i in self.byzantine)
-        assert 3 * byz_power < sum(self.powers), "byzantine validators must hold < 1/3 of the power"
+        if 3 * sum(self.powers[i] for i in self.byzantine) >= sum(self.powers):
+            raise ValueError("byzantine validators must hold less than 1/3 of the power")
 
     @classmethod
     def random(cls, seed: int, n_validators: int, **overrides: object) -> Scenario:
@@ -176,19 +177,19 @@ class SimResult:
     def check_safety(self) -> None:
         """No two honest replicas committed different blocks at one height (also checked live)."""
         first: dict[int, bytes] = {}
-        for replica, blocks in self.commits.items():
+        for blocks in self.commits.values():
             for height, block_hash in blocks.items():
                 if first.setdefault(height, block_hash) != block_hash:
                     raise SafetyViolation(f"seed {self.scenario.seed}: two blocks committed at height {height}")
 
     def check_liveness(self) -> None:
-        """Every honest replica committed ``target_heights`` heights after GST, within the time bound."""
-        short = {r: n for r, n in self.heights_after_stabilization().items() if n < self.scenario.target_heights}
+        """Every honest replica committed ``target_heights`` heights within the window after GST."""
+        s = self.scenario
+        short = {r: n for r, n in self.heights_after_stabilization().items() if n < s.target_heights}
         if short:
             raise LivenessFailure(
-                f"seed {self.scenario.seed}: after GST at {self.scenario.network.stabilize_ms} ms, "
-                f"by {self.end_ms} ms these replicas committed fewer than {self.scenario.target_heights} "
-                f"heights: {short}; {self.summary()}")
+                f"seed {s.seed}: within {s.liveness_window_ms} ms after GST at {s.network.stabilize_ms} ms, "
+                f"these replicas committed fewer than {s.target_heights} heights: {short}; {self.summary()}")
 
     def summary(self) -> str:
         heights = [max(b, default=0) for b in self.commits.values()]
@@ -279,10 +280,10 @@ class Simulation:
 
     def run(self) -> SimResult:
         for r in self.replicas:
-            self._execute(r, r.core.start(1, self.validator_set(1)))
+            self._start(r, 1)
         while self._queue and not self._done():
             self.now, _, thunk = heapq.heappop(self._queue)
-            if self.now > self.scenario.max_time_ms:
+            if self.now > self.net.stabilize_ms + self.scenario.liveness_window_ms:
                 break
             thunk()
         for r in self.replicas:
@@ -323,11 +324,9 @@ class Simulation:
                 self._at(self.now + action.duration_ms, partial(self._timeout, r, action))
             elif isinstance(action, RequestProposal):
                 block = self._build_block(r, action.height, action.round)
-                self._at(self._app_time(), lambda r=r, a=action, b=block:
-                         self._execute(r, r.core.on_proposal_value(a.height, a.round, b)))
+                self._at(self._app_time(), partial(self._answer_proposal, r, action, block))
             elif isinstance(action, ValidateBlock):
-                self._at(self._app_time(), lambda r=r, a=action:
-                         self._execute(r, r.core.on_block_validated(a.block_hash, app_valid(a.block))))
+                self._at(self._app_time(), partial(self._answer_validation, r, action))
             elif isinstance(action, Commit):
                 self._commit(r, action)
             elif isinstance(action, RequestCommit):
@@ -342,6 +341,15 @@ class Simulation:
     def _timeout(self, r: _Replica, action: ScheduleTimeout) -> None:
         self.stats[f"timeout_{action.timeout.kind.value}"] += 1
         self._execute(r, r.core.on_timeout(action.timeout))
+
+    def _answer_proposal(self, r: _Replica, request: RequestProposal, block: bytes) -> None:
+        self._execute(r, r.core.on_proposal_value(request.height, request.round, block))
+
+    def _answer_validation(self, r: _Replica, request: ValidateBlock) -> None:
+        self._execute(r, r.core.on_block_validated(request.block_hash, app_valid(request.block)))
+
+    def _start(self, r: _Replica, height: int) -> None:
+        self._execute(r, r.core.start(height, self.validator_set(height)))
 
     def _app_time(self) -> int:
         return self.now + self.rng.randint(0, self.scenario.app_delay_ms)
@@ -372,7 +380,7 @@ class Simulation:
                 self._behind -= self._after_gst[r.index] == self.scenario.target_heights
         self.stats["commits"] += 1
         r.blocks[h] = (action.block, action.certificate)
-        self._at(self.now, lambda: self._execute(r, r.core.start(h + 1, self.validator_set(h + 1))))
+        self._at(self.now, partial(self._start, r, h + 1))
 
     def _on_evidence(self, evidence: Evidence) -> None:
         verify_evidence(self.validator_set(evidence.height), evidence, self.verify, chain_id=CHAIN_ID)

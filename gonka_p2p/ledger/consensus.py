@@ -31,14 +31,16 @@ power, never head count, decides.
 Invariants (asserted or enforced where the state changes)
 ---------------------------------------------------------
 * A replica signs at most one message per (height, round, step): every
-  signature goes through :meth:`_may_sign`, which demands a position strictly
+  signature goes through :meth:`_signer`, which demands a position strictly
   after :class:`SafetyState`, and the new state is emitted as
   ``PersistSafety`` *before* the ``Broadcast`` that carries the signature. A
   shell that persists it and restores it (``ConsensusState(safety=...)``)
   cannot be made to equivocate by a crash. The lock is part of that state.
-* Each validator's vote counts at most once per (height, round, type). A
-  second, different signed vote is equivocation: it is kept as
-  :class:`Evidence`, reported once, and never counted.
+* A validator's power counts at most once in any tally. A second, different
+  signed vote for the same (height, round, type) is equivocation: it is kept
+  as :class:`Evidence` and reported once; it never adds to the "any" tallies
+  (lines 34, 47, 55) and counts for its own value only if somebody else
+  voted that value too (see :class:`_MessageLog` for why it must count).
 * ``Commit`` is emitted at most once per height, and only for a block that
   either has >2/3 precommits in our own log *and* was declared valid by the
   application, or comes with a certificate that :func:`verify_commit` accepts.
@@ -57,11 +59,12 @@ Where the paper leaves things to the environment
    to apply the previous block). Because of this every replica, the proposer
    included, schedules timeoutPropose; a slow builder costs a round, not
    liveness.
-3. The paper assumes gossip eventually delivers every message. On a lossy
-   transport somebody must make that true: every ``rebroadcast_interval_ms``
-   the replica re-sends its own votes of the height, its proposal of the
-   current round, and the prevotes that justify its validValue (the
-   proof-of-lock others need for line 28).
+3. The paper assumes gossip eventually delivers every message a correct
+   replica received to every correct replica. On a lossy transport somebody
+   must make that true: while a height stays open, every
+   ``rebroadcast_interval_ms`` the replica re-sends its own messages, relays
+   the votes of its current and previous round and the proof-of-lock of its
+   validValue (:meth:`ConsensusState._rebroadcast`).
 4. Catch-up. A replica that sees a message from a later height, or a
    precommit quorum for a block it never received, knows the height was
    decided without it: it emits ``RequestCommit`` (at most once per
@@ -73,12 +76,19 @@ Where the paper leaves things to the environment
    (a few per validator) and replayed by ``start``; bounded lookahead
    (``max_future_rounds``, ``max_round_lookahead``) keeps a byzantine
    validator from filling memory with far-future rounds.
+6. One rule beyond the paper, which changes only what a replica proposes:
+   a proof-of-lock learned after its round is over still updates validValue
+   (:meth:`ConsensusState._late_proof_of_lock`), so a lock formed with an
+   equivocator's help is released at the next honest proposer's turn rather
+   than at the locked replica's own.
 
 Driving it (the replica actor)
 ------------------------------
 Execute actions in list order. ``PersistSafety``: write it durably, then go
 on. ``Broadcast``: encode and publish (the core already applied it to its own
-log; echoing it back is harmless). ``ScheduleTimeout``: call ``on_timeout``
+log; echoing it back is harmless); a re-broadcast repeats an earlier message
+on purpose, so the transport must not swallow it as a duplicate (gossipsub's
+seen-cache would: give each publication its own envelope). ``ScheduleTimeout``: call ``on_timeout``
 after the duration, never cancel. ``RequestProposal``/``ValidateBlock``: ask
 the application, answer with the matching event. ``Commit``: store the block
 and certificate, apply it, compute the next height's validator set
@@ -101,6 +111,7 @@ from gonka_p2p.ledger.consensus_types import (
     Action,
     Broadcast,
     Commit,
+    DEFAULT_PARAMS,
     CommitCertificate,
     ConsensusError,
     ConsensusParams,
@@ -144,7 +155,7 @@ class Ignored(ConsensusError):
 def _verified(verify: VerifyFn, validator: Validator, message: bytes, signature: bytes) -> bool:
     try:
         return bool(verify(validator.public_key, signature, message))
-    except Exception:  # noqa: BLE001 - a verifier choking on garbage means "not signed"
+    except Exception:  # a verifier choking on garbage means "not signed"
         return False
 
 
@@ -189,7 +200,8 @@ def verify_evidence(validators: ValidatorSet, evidence: Evidence, verify_sig: Ve
     """Raise :class:`InvalidEvidence` unless ``evidence`` proves one validator signed two conflicting messages."""
     a, b = evidence.first, evidence.second
     if isinstance(a, Vote) and isinstance(b, Vote) and well_formed_vote(a) and well_formed_vote(b):
-        signer, same_slot = a.validator, (a.validator, a.type, a.height, a.round) == (b.validator, b.type, b.height, b.round)
+        signer = a.validator
+        same_slot = (a.validator, a.type, a.height, a.round) == (b.validator, b.type, b.height, b.round)
     elif well_formed_proposal(a, sys.maxsize) and well_formed_proposal(b, sys.maxsize):
         signer, same_slot = a.proposer, (a.proposer, a.height, a.round) == (b.proposer, b.height, b.round)
     else:
@@ -283,8 +295,23 @@ class _MessageLog:
 class ConsensusState:
     """One replica's Tendermint state machine. See the module docstring for the contract."""
 
+    # Algorithm 1's per-height variables, reset by _reset_height.
+    _round: int
+    _step: Step
+    _locked_round: int
+    _locked_hash: bytes | None
+    _valid_round: int
+    _valid_block: bytes | None
+    _valid_hash: bytes | None
+    _log: _MessageLog
+    _validity: dict[bytes, bool]  # the application's verdicts on this height's blocks
+    _validation_requested: set[bytes]
+    _fired: set[tuple[int, int]]  # (line, round) of the "for the first time" rules that fired
+    _own: list[Message]  # what we signed at this height, for rebroadcast
+    _catchup_allowed: bool  # RequestCommit at most once per rebroadcast interval
+
     def __init__(self, *, chain_id: str, verify: VerifyFn, address: str | None = None, sign: SignFn | None = None,
-                 params: ConsensusParams = ConsensusParams(), safety: SafetyState | None = None) -> None:
+                 params: ConsensusParams = DEFAULT_PARAMS, safety: SafetyState | None = None) -> None:
         """``address``/``sign`` identify our validator key; leave both out to follow without voting.
 
         ``safety`` is the last :class:`SafetyState` this replica persisted
@@ -295,8 +322,7 @@ class ConsensusState:
         self.chain_id = chain_id
         self.params = params
         self._verify = verify
-        self._address = address
-        self._sign = sign
+        self._key = None if address is None or sign is None else (address, sign)
         self._safety = safety or NEVER_SIGNED
         self.evidence: list[Evidence] = []
         self.ignored: Counter[str] = Counter()
@@ -335,6 +361,11 @@ class ConsensusState:
 
     @property
     def validators(self) -> ValidatorSet | None:
+        return self._validators
+
+    @property
+    def _vals(self) -> ValidatorSet:
+        assert self._validators is not None, "only reached after the started-height checks"
         return self._validators
 
     # ---- events ----------------------------------------------------------------------
@@ -439,7 +470,7 @@ class ConsensusState:
         if p.round > self._round + self.params.max_round_lookahead:
             raise Ignored("round_too_far")
         proposer = self._member(p.proposer)
-        if p.proposer != self._validators.proposer(p.round):
+        if p.proposer != self._vals.proposer(p.round):
             raise Ignored("not_proposer")
         existing = self._log.proposals.get(p.round)
         if existing is not None and (existing.block, existing.pol_round) == (p.block, p.pol_round):
@@ -478,7 +509,7 @@ class ConsensusState:
     def _member(self, address: str) -> Validator:
         if self._validators is None:
             raise Ignored("not_started")
-        validator = self._validators.get(address)
+        validator = self._vals.get(address)
         if validator is None:
             raise Ignored("not_a_validator")
         return validator
@@ -497,7 +528,7 @@ class ConsensusState:
             raise Ignored("not_started")
         if m.height < self._height:
             raise Ignored("old_height")
-        if self._validators.get(sender) is None:
+        if self._vals.get(sender) is None:
             raise Ignored("not_a_validator")
         if m.height == self._height + 1:
             queue = self._buffer.setdefault(sender, [])
@@ -529,7 +560,7 @@ class ConsensusState:
         rules: tuple[Callable[[], list[Action] | None], ...] = (
             self._line49_decide, self._line55_skip_round, self._line22_prevote_fresh_proposal,
             self._line28_prevote_reproposal, self._line34_prevote_timeout, self._line36_lock,
-            self._line44_precommit_nil, self._line47_precommit_timeout,
+            self._line44_precommit_nil, self._line47_precommit_timeout, self._late_proof_of_lock,
         )
         actions: list[Action] = []
         fired = True
@@ -559,7 +590,7 @@ class ConsensusState:
         p = self._log.proposals.get(self._round)
         if self._step is not Step.PROPOSE or p is None or p.pol_round < 0:
             return None
-        if not self._validators.is_quorum(self._log.power_for(p.pol_round, VoteType.PREVOTE, p.block_hash)):
+        if not self._vals.is_quorum(self._log.power_for(p.pol_round, VoteType.PREVOTE, p.block_hash)):
             return None
         valid = self._validity.get(p.block_hash)
         if valid is None:
@@ -571,19 +602,19 @@ class ConsensusState:
         """2f+1 prevotes for anything: give the rest timeoutPrevote to arrive."""
         if self._step is not Step.PREVOTE or (34, self._round) in self._fired:
             return None
-        if not self._validators.is_quorum(self._log.power_any(self._round, VoteType.PREVOTE)):
+        if not self._vals.is_quorum(self._log.power_any(self._round, VoteType.PREVOTE)):
             return None
         self._fired.add((34, self._round))
         return [self._schedule(TimeoutKind.PREVOTE)]
 
     def _line36_lock(self) -> list[Action] | None:
-        """Valid proposal with 2f+1 prevotes this round: lock and precommit it (if still prevoting); it is validValue."""
+        """Valid proposal with 2f+1 prevotes this round: it is validValue; lock on it and precommit it if prevoting."""
         p = self._log.proposals.get(self._round)
         if self._step is Step.PROPOSE or p is None or (36, self._round) in self._fired:
             return None
         if self._validity.get(p.block_hash) is not True:
             return None
-        if not self._validators.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, p.block_hash)):
+        if not self._vals.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, p.block_hash)):
             return None
         self._fired.add((36, self._round))
         actions: list[Action] = []
@@ -598,7 +629,7 @@ class ConsensusState:
         """2f+1 nil prevotes: precommit nil."""
         if self._step is not Step.PREVOTE:
             return None
-        if not self._validators.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, None)):
+        if not self._vals.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, None)):
             return None
         return self._precommit(None)
 
@@ -606,7 +637,7 @@ class ConsensusState:
         """2f+1 precommits for anything: give the rest timeoutPrecommit, then move to the next round."""
         if (47, self._round) in self._fired:
             return None
-        if not self._validators.is_quorum(self._log.power_any(self._round, VoteType.PRECOMMIT)):
+        if not self._vals.is_quorum(self._log.power_any(self._round, VoteType.PRECOMMIT)):
             return None
         self._fired.add((47, self._round))
         return [self._schedule(TimeoutKind.PRECOMMIT)]
@@ -614,15 +645,33 @@ class ConsensusState:
     def _line49_decide(self) -> list[Action] | None:
         """A valid proposal of any round with 2f+1 precommits for it: decide it."""
         for round, p in self._log.proposals.items():
-            if self._validity.get(p.block_hash) is True and self._validators.is_quorum(
+            if self._validity.get(p.block_hash) is True and self._vals.is_quorum(
                     self._log.power_for(round, VoteType.PRECOMMIT, p.block_hash)):
                 return self._decide(p.block, self._certificate(round, p.block_hash))
+        return None
+
+    def _late_proof_of_lock(self) -> list[Action] | None:
+        """Not in Algorithm 1: a proof-of-lock for a past round newer than validRound also updates validValue.
+
+        Line 36 only looks at the current round, so a replica shown a
+        split prevote by an equivocator learns of the quorum (relayed) after
+        the round is over, and keeps proposing fresh blocks that a replica
+        locked in that round must reject; the lock then holds until the
+        locked replica itself proposes. validValue only decides what we
+        propose (line 16), never how we vote, and others check the proof
+        themselves (line 28), so following a newer proof is always safe.
+        """
+        for round, p in self._log.proposals.items():
+            if (self._valid_round < round < self._round and self._validity.get(p.block_hash) is True
+                    and self._vals.is_quorum(self._log.power_for(round, VoteType.PREVOTE, p.block_hash))):
+                self._valid_round, self._valid_block, self._valid_hash = round, p.block, p.block_hash
+                return []
         return None
 
     def _line55_skip_round(self) -> list[Action] | None:
         """f+1 of the power is already in a later round: join the latest such round."""
         later = [r for r, who in self._log.senders.items()
-                 if r > self._round and self._validators.is_one_third(sum(who.values()))]
+                 if r > self._round and self._vals.is_one_third(sum(who.values()))]
         return self._start_round(max(later)) if later else None
 
     # ---- transitions -----------------------------------------------------------------
@@ -631,7 +680,7 @@ class ConsensusState:
         """StartRound (line 11): propose validValue or a fresh block if it is our turn; arm timeoutPropose."""
         self._round, self._step = round, Step.PROPOSE
         actions: list[Action] = []
-        if self._is_proposer(round) and self._may_sign(Step.PROPOSE):
+        if self._is_proposer(round) and self._signer(Step.PROPOSE) is not None:
             if self._valid_block is not None:
                 actions += self._propose(self._valid_block, self._valid_round)
             else:
@@ -640,15 +689,16 @@ class ConsensusState:
         return actions
 
     def _propose(self, block: bytes, pol_round: int) -> list[Action]:
-        if not self._may_sign(Step.PROPOSE):
+        signer = self._signer(Step.PROPOSE)
+        if signer is None:
             return []
-        proposal = make_proposal(self.chain_id, self._sign, self._address, self._height, self._round, pol_round,
-                                 block)
+        me, sign = signer
+        proposal = make_proposal(self.chain_id, sign, me.address, self._height, self._round, pol_round, block)
         actions = self._signed(Step.PROPOSE, proposal)
-        self._log.add_proposal(proposal, self._validators.get(self._address).power)
+        self._log.add_proposal(proposal, me.power)
         if pol_round >= 0:  # hand out the proof-of-lock with the re-proposal (line 28 needs it)
             actions += [Broadcast(v) for v in self._log.votes_for(pol_round, VoteType.PREVOTE, proposal.block_hash)
-                        if v.validator != self._address]
+                        if v.validator != me.address]
         return actions
 
     def _prevote(self, block_hash: bytes | None) -> list[Action]:
@@ -660,17 +710,21 @@ class ConsensusState:
         return self._vote(VoteType.PRECOMMIT, block_hash)
 
     def _vote(self, vote_type: VoteType, block_hash: bytes | None) -> list[Action]:
-        if not self._may_sign(STEP_OF_VOTE[vote_type]):
+        signer = self._signer(STEP_OF_VOTE[vote_type])
+        if signer is None:
             return []
-        vote = make_vote(self.chain_id, self._sign, self._address, vote_type, self._height, self._round, block_hash)
+        me, sign = signer
+        vote = make_vote(self.chain_id, sign, me.address, vote_type, self._height, self._round, block_hash)
         actions = self._signed(STEP_OF_VOTE[vote_type], vote)
-        self._log.add_vote(vote, self._validators.get(self._address).power)
+        self._log.add_vote(vote, me.power)
         return actions
 
-    def _may_sign(self, step: Step) -> bool:
-        """We are a validator of this height and have never signed at or after this position."""
-        return (self._address is not None and self._validators.get(self._address) is not None
-                and self._safety.allows(self._height, self._round, step))
+    def _signer(self, step: Step) -> tuple[Validator, SignFn] | None:
+        """Our entry and key if we may sign ``step`` here: a validator of this height, never signed at or after it."""
+        if self._key is None or not self._safety.allows(self._height, self._round, step):
+            return None
+        me = self._vals.get(self._key[0])
+        return None if me is None else (me, self._key[1])
 
     def _signed(self, step: Step, message: Message) -> list[Action]:
         """Record the signature in the safety state (persisted first), remember and send the message."""
@@ -715,7 +769,7 @@ class ConsensusState:
 
     def _missed_decision(self) -> str | None:
         """A precommitter of a block that has 2f+1 precommits here but whose proposal we never got."""
-        for round, block_hash, voter in self._log.precommit_quorums(self._validators.is_quorum):
+        for round, block_hash, voter in self._log.precommit_quorums(self._vals.is_quorum):
             held = self._log.proposals.get(round)
             if held is None or held.block_hash != block_hash:
                 return voter
@@ -725,7 +779,7 @@ class ConsensusState:
         return ScheduleTimeout(Timeout(kind, self._height, self._round), self.params.timeout_ms(kind, self._round))
 
     def _is_proposer(self, round: int) -> bool:
-        return self._address is not None and self._validators.proposer(round) == self._address
+        return self._key is not None and self._vals.proposer(round) == self._key[0]
 
     def _reset_height(self, restored: SafetyState | None) -> None:
         """Initial values of Algorithm 1 for a new height.
@@ -738,11 +792,11 @@ class ConsensusState:
         self._locked_round = restored.locked_round if restored else -1
         self._locked_hash = restored.locked_hash if restored else None
         self._valid_round = -1
-        self._valid_block: bytes | None = None
-        self._valid_hash: bytes | None = None
+        self._valid_block = None
+        self._valid_hash = None
         self._log = _MessageLog()
-        self._validity: dict[bytes, bool] = {}
-        self._validation_requested: set[bytes] = set()
-        self._fired: set[tuple[int, int]] = set()
-        self._own: list[Message] = []
+        self._validity = {}
+        self._validation_requested = set()
+        self._fired = set()
+        self._own = []
         self._catchup_allowed = True

@@ -140,6 +140,9 @@ class ConsensusParams:
         return self.rebroadcast_interval_ms
 
 
+DEFAULT_PARAMS = ConsensusParams()
+
+
 # --------------------------------------------------------------------------- validators
 
 
@@ -325,7 +328,7 @@ def well_formed_vote(v: object) -> TypeGuard[Vote]:
     """Type and range checks a remote vote must pass before anything else looks at it."""
     return (
         isinstance(v, Vote)
-        and v.type in (VoteType.PREVOTE, VoteType.PRECOMMIT)
+        and isinstance(v.type, VoteType)
         and _is_int(v.height) and v.height >= 0
         and _is_int(v.round) and v.round >= 0
         and (v.block_hash is None or (isinstance(v.block_hash, bytes) and len(v.block_hash) == HASH_BYTES))
@@ -455,7 +458,8 @@ class Commit:
 
 @dataclass(frozen=True)
 class RequestCommit:
-    """``height`` is decided elsewhere (``peer`` showed it): fetch block + certificate, answer ``on_commit_certificate``."""
+    """``height`` was decided without us (``peer`` showed it): fetch block and certificate for
+    ``on_commit_certificate``."""
 
     height: int
     peer: str
@@ -468,4 +472,5 @@ class ReportEvidence:
     evidence: Evidence
 
 
-Action = Broadcast | ScheduleTimeout | PersistSafety | RequestProposal | ValidateBlock | Commit | RequestCommit | ReportEvidence
+Action = (Broadcast | ScheduleTimeout | PersistSafety | RequestProposal | ValidateBlock | Commit | RequestCommit
+          | ReportEvidence)
