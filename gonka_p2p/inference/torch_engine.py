@@ -94,7 +94,7 @@ class TorchEngine:
         position: int,
     ) -> tuple[TokenStep, object]:
         with self._lock, torch.inference_mode():
-            out = self._model(
+            out = self._open_model()(
                 input_ids=torch.tensor([feed]), past_key_values=cache, use_cache=True
             )
         row = out.logits[0, -1]
@@ -120,9 +120,15 @@ class TorchEngine:
         """Raw logits predicting each completion token: one teacher-forced pass."""
         ids = prompt_ids + completion_ids
         with self._lock, torch.inference_mode():
-            logits = self._model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            logits = self._open_model()(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
         start = len(prompt_ids) - 1
         return logits[start : start + len(completion_ids)].to(torch.float32).clone()
 
+    def _open_model(self) -> torch.nn.Module:
+        if self._model is None:
+            raise EngineError("the engine is closed")
+        return self._model
+
     async def close(self) -> None:
-        self._model = None
+        with self._lock:
+            self._model = None
