@@ -9,6 +9,7 @@ import time
 import msgpack
 import pytest
 
+from gonka_p2p.actors.executor import ARTIFACT_PROTOCOL
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL
 from gonka_p2p.client import (
@@ -21,11 +22,18 @@ from gonka_p2p.client import (
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import InferenceFailed, InferenceRequest, TokenBatch
+from gonka_p2p.wire.messages import (
+    ArtifactQuery,
+    ArtifactReply,
+    InferenceFailed,
+    InferenceRequest,
+    TokenBatch,
+)
 
 MODEL = "tiny-llama"
 
@@ -159,3 +167,25 @@ async def test_client_detects_a_ta_that_alters_tokens(engine: Engine) -> None:
     with pytest.raises(ProtocolViolation):
         for f in tampered:
             verifier.accept(f)
+
+
+async def test_executor_serves_the_artifact_it_committed_to(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine)
+    client = await client_for(hub, nodes[0])
+    completion = await client.chat([("user", "Hi")], model=MODEL, max_tokens=6)
+    validator = nodes[0]
+    query = seal(ArtifactQuery(inference_id=completion.inference_id), validator.key)
+    reply = open_envelope(await validator.service.request(
+        completion.executor, ARTIFACT_PROTOCOL, query), ArtifactReply)
+    assert reply.signer_id == completion.executor
+    request = open_envelope(reply.message.request, InferenceRequest)
+    assert request.digest == completion.inference_id and request.signer_id == client.key.peer_id
+    artifact = InferenceArtifact.decode(reply.message.artifact)
+    assert artifact.completion_ids == completion.token_ids
+    assert artifact.seed == completion.inference_id
+    assert artifact.prompt_ids == tuple(engine.encode_chat([("user", "Hi")]))
+    missing = seal(ArtifactQuery(inference_id=b"\0" * 32), validator.key)
+    failed = open_envelope(await validator.service.request(
+        completion.executor, ARTIFACT_PROTOCOL, missing), InferenceFailed)
+    assert failed.message.code == "not_found"

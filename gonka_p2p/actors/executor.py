@@ -7,8 +7,11 @@ request), then response frames, each signed by this executor:
 ``InferenceFailed`` at any point. The executor re-verifies the client's
 signature itself: it never runs a request a client did not sign.
 
-The artifact (prompt ids, per-token evidence, parameters, seed) is kept for
-validators; ``on_finished`` is the seam where the ledger's
+The artifact (prompt ids, per-token evidence, parameters, seed) is kept, with
+the client's signed request, and served to validators over
+``/gonka/artifact/1`` (a signed :class:`ArtifactQuery` in, a signed
+:class:`ArtifactReply` out); not serving it when asked counts as failing
+validation. ``on_finished`` is the seam where the ledger's
 ``FinishInference`` is submitted -- off the client's path.
 """
 
@@ -26,6 +29,8 @@ from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
+    ArtifactQuery,
+    ArtifactReply,
     ExecuteOrder,
     InferenceFailed,
     InferenceFinished,
@@ -38,6 +43,7 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 EXECUTE_PROTOCOL = "/gonka/execute/1"
+ARTIFACT_PROTOCOL = "/gonka/artifact/1"
 
 FinishedHook = Callable[[Signed[InferenceRequest], InferenceArtifact, bytes], Awaitable[None]]
 
@@ -50,20 +56,19 @@ def sampling_params(req: InferenceRequest) -> SamplingParams:
 
 
 class ArtifactStore:
-    """Artifacts by inference id, bounded (oldest evicted) until epoch settlement prunes them."""
+    """(client request, encoded artifact) by inference id; bounded, oldest evicted first."""
 
     def __init__(self, capacity: int = 10_000) -> None:
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         self._capacity = capacity
 
-    def put(self, inference_id: bytes, artifact: InferenceArtifact) -> None:
-        self._items[inference_id] = artifact.encode()
+    def put(self, inference_id: bytes, request: bytes, artifact: InferenceArtifact) -> None:
+        self._items[inference_id] = (request, artifact.encode())
         while len(self._items) > self._capacity:
             self._items.popitem(last=False)
 
-    def get(self, inference_id: bytes) -> InferenceArtifact | None:
-        data = self._items.get(inference_id)
-        return InferenceArtifact.decode(data) if data is not None else None
+    def get(self, inference_id: bytes) -> tuple[bytes, bytes] | None:
+        return self._items.get(inference_id)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -88,6 +93,20 @@ class ExecutorActor:
 
     def start(self) -> None:
         self._service.set_stream_handler(EXECUTE_PROTOCOL, self._handle)
+        self._service.set_stream_handler(ARTIFACT_PROTOCOL, self._serve_artifact)
+
+    async def _serve_artifact(self, opener: str, frame: bytes, send: SendFrame) -> None:
+        try:
+            query = open_envelope(frame, ArtifactQuery)
+        except WireError as e:
+            await send(self._fail(e.code, f"bad artifact query: {e}"))
+            return
+        stored = self.artifacts.get(query.message.inference_id)
+        if stored is None:
+            await send(self._fail("not_found", "no artifact for that inference id"))
+            return
+        request, artifact = stored
+        await send(seal(ArtifactReply(request=request, artifact=artifact), self._key))
 
     def _fail(self, code: str, message: str) -> bytes:
         return seal(InferenceFailed(code=code, message=message), self._key)
@@ -147,7 +166,7 @@ class ExecutorActor:
             return
         artifact = InferenceArtifact(engine.model_name, tuple(prompt_ids), params,
                                      inference_id, tuple(steps))
-        self.artifacts.put(inference_id, artifact)
+        self.artifacts.put(inference_id, request.raw, artifact)
         rhash = response_hash(artifact.completion_ids)
         await send(seal(InferenceFinished(
             inference_id=inference_id, finish_reason=finish_reason,

@@ -123,3 +123,20 @@ class NetworkInfo(Message):
     KIND = "network_info"
     executors: list[str] = bounded(max_len=4096)
     executor_models: list[list[str]] = bounded(max_len=4096)
+
+
+@dataclass(frozen=True)
+class ArtifactQuery(Message):
+    """A validator asks the executor for an inference's evidence; signed by the validator."""
+
+    KIND = "artifact_query"
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+
+
+@dataclass(frozen=True)
+class ArtifactReply(Message):
+    """The executor's answer: the client's signed request (the prompt) and the artifact bytes."""
+
+    KIND = "artifact_reply"
+    request: bytes = bounded(max_len=2 * 1024 * 1024)
+    artifact: bytes = bounded(max_len=8 * 1024 * 1024)
