@@ -56,7 +56,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         Path(args.config) if args.config else None,
         key=args.key, listen=args.listen, bootstrap=args.bootstrap or None,
         models=args.model or None, engine=args.engine, genesis=args.genesis,
-        announce_interval=args.announce_interval,
+        announce_interval=args.announce_interval, http=args.http,
     )
     if args.no_executor:
         config = type(config)(**{**config.__dict__, "models": []})
@@ -64,6 +64,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     def ready(node: object) -> None:
         addr = node.service.listen_addrs[0]  # type: ignore[attr-defined]
+        gateway = node.gateway  # type: ignore[attr-defined]
+        if gateway is not None:
+            print(f"HTTP {gateway.url}", flush=True)
         print(f"READY {addr}", flush=True)
         err_console.print(f"[green]node {node.key.peer_id} serving {config.models or 'as TA only'}"  # type: ignore[attr-defined]
                           f" at {addr}[/green]")
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genesis", help="genesis file with participant weights")
     p.add_argument("--announce-interval", type=float)
     p.add_argument("--no-executor", action="store_true", help="serve as TA only, load no model")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("demo", help="start a local network and send it chat requests")

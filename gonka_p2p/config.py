@@ -9,6 +9,7 @@ Example ``node.toml``::
     engine = "vllm"                       # or "torch"
     genesis = "genesis.json"              # weights of the network's participants
     announce_interval = 2.0               # seconds
+    http = "127.0.0.1:8000"               # OpenAI-compatible gateway; omit for none
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class NodeConfig:
     genesis: Path | None = None
     announce_interval: float = 2.0
     max_concurrent: int = 16
+    http: str | None = None  # "HOST:PORT" of the OpenAI-compatible gateway
 
     def validated(self) -> NodeConfig:
         if self.engine not in ENGINES:
@@ -46,7 +48,17 @@ class NodeConfig:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
         if self.announce_interval <= 0:
             raise ConfigError("announce_interval must be positive")
+        if self.http is not None:
+            parse_http_address(self.http)
         return self
+
+
+def parse_http_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); brackets around an IPv6 host are dropped; port 0 picks one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"http must be HOST:PORT like 127.0.0.1:8000, not {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def load_config(path: Path | None, **overrides: Any) -> NodeConfig:

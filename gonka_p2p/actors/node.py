@@ -4,7 +4,9 @@ Start-up order is chosen so that the cheap failures come first: key file,
 listen address, bootstrap peer -- and only then the seconds-long model load.
 The node prints ``READY <multiaddr>`` on stdout once it serves (the demo and
 tests wait for that line) and shuts down cleanly on SIGINT/SIGTERM: actors
-stop, in-flight streams reset, the engine is closed.
+stop, in-flight streams reset, the engine is closed. With ``http`` set it
+also serves the OpenAI-compatible gateway in front of its TA; the HTTP port
+is bound right after the libp2p one, so a busy port fails start-up early.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from contextlib import AsyncExitStack
 
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import ExecutorActor
+from gonka_p2p.actors.gateway import Gateway, GatewayServer
 from gonka_p2p.actors.transfer_agent import TransferAgent
-from gonka_p2p.config import NodeConfig
+from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
@@ -53,10 +56,20 @@ class Node:
         )
         self.executor = ExecutorActor(service, key, self.engines, config.max_concurrent)
         self.ta = TransferAgent(service, key, self.directory)
+        self.gateway: GatewayServer | None = None
+        if config.http is not None:
+            self.gateway = GatewayServer(Gateway(self.ta, self.directory).app,
+                                         *parse_http_address(config.http))
 
     async def join(self) -> None:
-        """Start listening and dial the bootstrap peers (at least one must answer)."""
+        """Start listening (libp2p, then HTTP) and dial the bootstrap peers (one must answer)."""
         await self.service.start()
+        if self.gateway is not None:
+            try:
+                self.gateway.bind()
+            except OSError as e:
+                raise StartupError(f"cannot serve HTTP on {self.config.http}: {e.strerror or e}"
+                                   ) from None
         errors = []
         for addr in self.config.bootstrap:
             try:
@@ -80,10 +93,16 @@ class Node:
         await self.start_actors()
         async with asyncio.TaskGroup() as tasks:
             announcer = tasks.create_task(self.directory.run())
+            if self.gateway is not None:
+                tasks.create_task(self.gateway.serve())
             await stop.wait()
             announcer.cancel()
+            if self.gateway is not None:
+                self.gateway.stop()  # returns once in-flight answers end (or their grace does)
 
     async def close(self) -> None:
+        if self.gateway is not None:
+            self.gateway.close()
         await self.ta.stop()
         for engine in self.engines.values():
             await engine.close()
