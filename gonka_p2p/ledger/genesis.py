@@ -41,6 +41,7 @@ app hash, so replicas started from different genesis files can never agree.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -52,7 +53,7 @@ import msgpack
 from coincurve import PublicKey
 
 from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
-from gonka_p2p.ledger.rules import is_account_address
+from gonka_p2p.ledger.rules import PPM, is_account_address
 
 MAX_SUPPLY = 2**63 - 1  # every balance, escrow and fee fits a signed 64-bit wire int
 MAX_CHAIN_ID = 64
@@ -69,7 +70,12 @@ class GenesisError(Exception):
 
 @dataclass(frozen=True)
 class Params:
-    """The parameters table. Every field is a non-negative integer in the unit of ``PARAM_UNITS``."""
+    """The parameters table. Every field is a non-negative integer in the unit of ``PARAM_UNITS``.
+
+    Rates and probabilities are integers in parts per million (``PPM`` = 1.0);
+    log-likelihood ratios are integers in micro-nats (1e-6 natural-log units),
+    so that no float ever enters a state transition.
+    """
 
     epoch_length_blocks: int = 100
     inference_deadline_blocks: int = 20
@@ -80,15 +86,62 @@ class Params:
     max_held_finishes: int = 65_536
     max_held_finishes_per_executor: int = 1_024
     price_per_token: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # -- verification: the validation-rate floor m(traffic), Gonka's schedule --
+    floor_full_until_inferences: int = 100
+    floor_mid_inferences: int = 5_000
+    floor_mid_ppm: int = 50_000
+    floor_low_inferences: int = 10_000
+    floor_low_ppm: int = 10_000
+    # -- verification: windows --
+    validation_window_blocks: int = 30
+    dispute_voting_blocks: int = 10
+    dispute_committee_size: int = 3
+    # -- reputation, misses --
+    reputation_growth_epochs: int = 30
+    miss_rate_limit_ppm: int = 100_000
+    # -- rewards --
+    epoch_reward: int = 1_000_000
+    validator_share_ppm: int = 200_000
+    # -- the epoch test (Wald SPRT over validated inferences), log-likelihood ratios --
+    sprt_failed_llr_micro: int = 2_302_585  # ln(0.05 / 0.005)
+    sprt_suspicious_llr_micro: int = 3_912_023  # ln(0.5 / 0.01)
+    sprt_clean_llr_micro: int = 783_394  # -ln(0.45 / 0.985)
+    sprt_cheating_bound_micro: int = 9_200_290  # ln((1 - 0.01) / 1e-4)
+    sprt_honest_bound_micro: int = 4_605_070  # -ln(0.01 / (1 - 1e-4))
 
     def __post_init__(self) -> None:
         # Frozen means frozen: a caller's dict must not be able to change prices later.
         object.__setattr__(self, "price_per_token",
                            MappingProxyType(dict(sorted(self.price_per_token.items()))))
 
+    @property
+    def settlement_delay_blocks(self) -> int:
+        """Blocks from an epoch's last block to its settlement: validations, then disputes."""
+        return self.validation_window_blocks + self.dispute_voting_blocks
+
+
+def sprt_params_from_rates(*, honest_fail_rate: float, honest_suspicious_rate: float,
+                           cheat_fail_rate: float, cheat_suspicious_rate: float,
+                           alpha: float, beta: float) -> dict[str, int]:
+    """The integer SPRT parameters of Wald's test with these rates (the verification
+    metric's ``SprtParams``), for a genesis file. Floats are used here, off-chain, once:
+    the ledger only ever adds the integers this returns."""
+    def micro(x: float) -> int:
+        return round(x * 1_000_000)
+
+    clean_honest = 1.0 - honest_fail_rate - honest_suspicious_rate
+    clean_cheat = 1.0 - cheat_fail_rate - cheat_suspicious_rate
+    return {
+        "sprt_failed_llr_micro": micro(math.log(cheat_fail_rate / honest_fail_rate)),
+        "sprt_suspicious_llr_micro": micro(math.log(cheat_suspicious_rate / honest_suspicious_rate)),
+        "sprt_clean_llr_micro": micro(-math.log(clean_cheat / clean_honest)),
+        "sprt_cheating_bound_micro": micro(math.log((1.0 - beta) / alpha)),
+        "sprt_honest_bound_micro": micro(-math.log(beta / (1.0 - alpha))),
+    }
+
 
 PARAM_UNITS: Mapping[str, str] = MappingProxyType({
-    "epoch_length_blocks": "blocks per epoch; fees are paid at heights divisible by it",
+    "epoch_length_blocks": "blocks per epoch (epoch e holds heights e*L+1 .. (e+1)*L)",
     "inference_deadline_blocks": "blocks after its StartInference within which a Finish must commit",
     "request_window_ms": "ms either side of the block time a client request's timestamp may lie",
     "max_tx_bytes": "bytes; larger transactions are rejected before decoding",
@@ -97,10 +150,31 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
     "max_held_finishes": "FinishInference txs held, network-wide, while their Start is not committed",
     "max_held_finishes_per_executor": "of those, held for any one executor",
     "price_per_token": "coin units per token (prompt and completion alike), per model; >= 1",
+    "floor_full_until_inferences": "inferences in the previous epoch up to which the validation floor is 100%",
+    "floor_mid_inferences": "inferences at which the floor has fallen linearly to floor_mid_ppm",
+    "floor_mid_ppm": "ppm; the validation floor at floor_mid_inferences",
+    "floor_low_inferences": "inferences at and above which the floor is floor_low_ppm (linear before)",
+    "floor_low_ppm": "ppm; the lowest validation floor",
+    "validation_window_blocks": "blocks after an epoch's end during which its inferences may still be validated",
+    "dispute_voting_blocks": "blocks after a failed validation within which the committee votes",
+    "dispute_committee_size": "validators drawn (by weight, from the block hash) to vote on a dispute",
+    "reputation_growth_epochs": "clean epochs that take reputation from 0 to 1 (+1/N each)",
+    "miss_rate_limit_ppm": "ppm; an executor whose expired share of its inferences in an epoch is above it drops to reputation 0",
+    "epoch_reward": "coin units minted at most per settled epoch (epoch 0 excepted); forfeits are not minted",
+    "validator_share_ppm": "ppm of the epoch reward split by validation work; the rest by weight x executed tokens",
+    "sprt_failed_llr_micro": "micro-nats; log-likelihood ratio (cheat:honest) added per failed inference",
+    "sprt_suspicious_llr_micro": "micro-nats; added per valid but suspicious inference",
+    "sprt_clean_llr_micro": "micro-nats; subtracted per clean inference",
+    "sprt_cheating_bound_micro": "micro-nats; a run reaching +this accuses the executor (final for the epoch)",
+    "sprt_honest_bound_micro": "micro-nats; a run reaching -this accepts honest and restarts from 0",
 })
 
 _POSITIVE = {"epoch_length_blocks", "inference_deadline_blocks", "max_tx_bytes",
-             "max_held_finishes", "max_held_finishes_per_executor"}
+             "max_held_finishes", "max_held_finishes_per_executor", "floor_mid_ppm", "floor_low_ppm",
+             "validation_window_blocks", "dispute_voting_blocks", "dispute_committee_size",
+             "reputation_growth_epochs", "sprt_failed_llr_micro", "sprt_suspicious_llr_micro",
+             "sprt_clean_llr_micro", "sprt_cheating_bound_micro", "sprt_honest_bound_micro"}
+_AT_MOST_PPM = {"floor_mid_ppm", "floor_low_ppm", "miss_rate_limit_ppm", "validator_share_ppm"}
 
 
 @dataclass(frozen=True)
@@ -257,6 +331,18 @@ def _validate(g: Genesis) -> None:
             raise GenesisError(f"params.{f.name} must be a non-negative integer")
         if f.name in _POSITIVE and value == 0:
             raise GenesisError(f"params.{f.name} must be positive")
+        if f.name in _AT_MOST_PPM and value > PPM:
+            raise GenesisError(f"params.{f.name} is a rate in ppm: at most {PPM}")
+    if not p.floor_full_until_inferences < p.floor_mid_inferences < p.floor_low_inferences:
+        raise GenesisError("params: the floor schedule needs floor_full_until_inferences < "
+                           "floor_mid_inferences < floor_low_inferences")
+    if p.floor_low_ppm > p.floor_mid_ppm:
+        raise GenesisError("params.floor_low_ppm must not exceed floor_mid_ppm (the floor only falls)")
+    if p.settlement_delay_blocks > p.epoch_length_blocks:
+        raise GenesisError("params: validation_window_blocks + dispute_voting_blocks must not exceed "
+                           "epoch_length_blocks (an epoch settles before the next one ends)")
+    if p.epoch_reward > MAX_SUPPLY:
+        raise GenesisError(f"params.epoch_reward exceeds {MAX_SUPPLY}")
     if not p.price_per_token:
         raise GenesisError("params.price_per_token must price at least one model")
     for model, price in p.price_per_token.items():

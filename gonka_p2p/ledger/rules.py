@@ -9,11 +9,50 @@ and can be quoted in a dispute.
 
 All amounts are integers in coin units; all heights are block numbers; the
 only wall-clock quantities are the client's signed ``timestamp_ms`` and the
-block's ``time_ms``.
+block's ``time_ms``. Rates and probabilities are integers in parts per
+million (``PPM``); log-likelihood ratios are integers in micro-nats. No
+float enters a decision: where a rule needs a real function (the duty
+threshold's fractional power) it is computed with :mod:`decimal` at fixed
+precision, whose ``ln``/``exp`` are correctly rounded, so every replica on
+every platform gets the same integer.
+
+Verification economics, in the order an epoch lives them
+---------------------------------------------------------
+Epoch e holds heights e*L+1 .. (e+1)*L (:func:`epoch_of`). An inference
+belongs to the epoch in which it closed (settled or expired).
+
+1. During epoch e-1 each validator commits to a secret 32-byte seed for
+   epoch e (:func:`seed_commit_open`, :func:`seed_commitment`). When epoch e
+   starts, its validator set (weights) and its validation floor
+   m = :func:`validation_floor_ppm` (traffic = inferences settled in e-1)
+   are frozen.
+2. When an inference settles, its validation probability is fixed:
+   p = :func:`p_validate_ppm` (m, the executor's reputation r).
+3. Validator v must check inference i iff :func:`is_validation_duty`:
+   ``H(seed_v || i) < 2^64 * q_v`` with ``q_v = 1 - (1 - p)^(w_v / W)``,
+   W the weight of i's eligible validators (committed for the epoch, not
+   its executor, not its TA). Independent seeds make the events independent,
+   so P(nobody checks) = prod_v (1 - p)^(w_v / W) = (1 - p)^(sum w_v / W) =
+   1 - p: at least one validator checks with probability exactly p, and a
+   validator's share of the checks grows with its weight.
+4. A failed check opens a dispute; a committee (:func:`draw_committee`)
+   votes until :func:`dispute_deadline`; :func:`dispute_outcome` is the
+   weighted majority of votes cast.
+5. After the epoch ends (:func:`seed_reveal_open`) each validator reveals
+   its seed; the ledger recomputes its duties: a duty without a check is
+   skipped work (:func:`forfeit_reasons`).
+6. At :func:`settlement_height`: the epoch test (:func:`sprt_catches`) over
+   each executor's checked inferences (:func:`inference_observation`), fees,
+   the reward (:func:`epoch_reward_pools`, :func:`pro_rata`), forfeits,
+   reputations (:func:`reputation_after_epoch`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping, Sequence
+from decimal import ROUND_FLOOR, Context, Decimal, localcontext
+from enum import IntEnum, StrEnum
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -25,6 +64,13 @@ from gonka_p2p.identity import PUBKEY_BYTES
 if TYPE_CHECKING:
     from gonka_p2p.ledger.genesis import Params
     from gonka_p2p.wire.messages import InferenceRequest
+
+PPM = 1_000_000  # parts per million: 1.0 as an integer rate
+DUTY_SCALE = 2**64  # duty draws are 64-bit integers; a threshold of DUTY_SCALE always fires
+SEED_BYTES = 32
+_DUTY_DOMAIN = b"gonka-p2p/validation-duty/v1\x00"
+_SEED_DOMAIN = b"gonka-p2p/validation-seed/v1\x00"
+_COMMITTEE_DOMAIN = b"gonka-p2p/dispute-committee/v1\x00"
 
 # base58 payload of a secp256k1 peer id: identity multihash (0x00, len 37) of
 # protobuf PublicKey{Type=2, Data=<33 bytes>}; see identity.peer_id_from_pubkey.
@@ -134,3 +180,293 @@ def sequence_acceptable(expected: int, got: int, *, mempool: bool) -> bool:
 def next_block_time(previous_ms: int, proposed_ms: int) -> int:
     """Block time never goes backwards: a proposer's clock behind the last block counts as equal."""
     return max(previous_ms, proposed_ms)
+
+
+# --------------------------------------------------------------------------- epochs and windows
+
+
+def epoch_of(height: int, params: Params) -> int:
+    """The epoch a block belongs to: epoch e holds heights e*L+1 .. (e+1)*L."""
+    assert height >= 1
+    return (height - 1) // params.epoch_length_blocks
+
+
+def epoch_last_height(epoch: int, params: Params) -> int:
+    """The last block of ``epoch``; the next epoch's validator set is frozen at its end."""
+    assert epoch >= 0
+    return (epoch + 1) * params.epoch_length_blocks
+
+
+def validation_deadline(epoch: int, params: Params) -> int:
+    """The last height whose block may carry a Validation of an inference of ``epoch``."""
+    return epoch_last_height(epoch, params) + params.validation_window_blocks
+
+
+def dispute_deadline(opened_height: int, params: Params) -> int:
+    """The last height whose block may carry a DisputeVote; the dispute resolves at its end."""
+    return opened_height + params.dispute_voting_blocks
+
+
+def settlement_height(epoch: int, params: Params) -> int:
+    """Where ``epoch`` settles: after its validation window and the voting of a dispute opened
+    in the window's last block. Genesis bounds it to at most one epoch after the epoch's end."""
+    return validation_deadline(epoch, params) + params.dispute_voting_blocks
+
+
+def epoch_settled_at(height: int, params: Params) -> int | None:
+    """The epoch whose settlement runs at the end of ``height``, if any."""
+    since = height - params.settlement_delay_blocks
+    if since < params.epoch_length_blocks or since % params.epoch_length_blocks:
+        return None
+    return since // params.epoch_length_blocks - 1
+
+
+def seed_commit_open(epoch: int, height: int, params: Params) -> bool:
+    """A seed for ``epoch`` is committed during the epoch before it, so that it is fixed before
+    any of the epoch's inferences exist (epoch 0 therefore has none: the bootstrap epoch)."""
+    return epoch >= 1 and epoch_of(height, params) == epoch - 1
+
+
+def seed_reveal_open(epoch: int, height: int, params: Params) -> bool:
+    """A seed is revealed once its epoch has ended (every inference of it is closed, so knowing
+    its validators helps no executor) and before the epoch settles."""
+    return epoch_last_height(epoch, params) < height <= settlement_height(epoch, params)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def validation_floor_ppm(traffic: int, params: Params) -> int:
+    """The floor m of the validation rate, from the previous epoch's inference count.
+
+    Gonka's schedule with the defaults: 100 % up to 100 inferences, falling
+    linearly to 5 % at 5,000 and to 1 % at 10,000 and above. Between the
+    points the decrement is rounded down, so the floor is rounded up.
+    """
+    assert traffic >= 0
+    full, mid, low = (params.floor_full_until_inferences, params.floor_mid_inferences,
+                      params.floor_low_inferences)
+    if traffic <= full:
+        return PPM
+    if traffic <= mid:
+        return PPM - (PPM - params.floor_mid_ppm) * (traffic - full) // (mid - full)
+    if traffic < low:
+        return params.floor_mid_ppm - (
+            (params.floor_mid_ppm - params.floor_low_ppm) * (traffic - mid) // (low - mid))
+    return params.floor_low_ppm
+
+
+def p_validate_ppm(reputation_ppm: int, floor_ppm: int) -> int:
+    """p = m + (1 - m)(1 - r): the probability that an inference is checked, rounded up.
+
+    A newcomer (r = 0) is always checked; a fully trusted executor (r = 1) at the floor m.
+    """
+    assert 0 <= reputation_ppm <= PPM and 0 <= floor_ppm <= PPM
+    return floor_ppm + -(-(PPM - floor_ppm) * (PPM - reputation_ppm) // PPM)
+
+
+@lru_cache(maxsize=4096)
+def duty_threshold(p_ppm: int, weight: int, total_weight: int) -> int:
+    """floor(2^64 * q) with q = 1 - (1 - p)^(weight / total_weight): validator v's chance of
+    a duty, chosen so that among validators whose weights sum to ``total_weight`` at least
+    one has the duty with probability exactly p (see the module docstring).
+
+    p = 1 gives every validator the duty; a lone validator (weight == total) gets q = p.
+    Computed in decimal at 60 digits (``ln``/``exp`` correctly rounded): the same integer on
+    every replica.
+    """
+    assert 0 <= p_ppm <= PPM and 0 < weight <= total_weight
+    if p_ppm in (0, PPM) or weight == total_weight:
+        return DUTY_SCALE * p_ppm // PPM
+    with localcontext(Context(prec=60)):
+        stay = ((Decimal(PPM - p_ppm) / PPM).ln() * weight / total_weight).exp()
+        return int(((1 - stay) * DUTY_SCALE).to_integral_value(rounding=ROUND_FLOOR))
+
+
+def duty_draw(seed: bytes, inference_id: bytes) -> int:
+    """The validator's uniform 64-bit draw for an inference, from its secret epoch seed."""
+    return int.from_bytes(hashlib.sha256(_DUTY_DOMAIN + seed + inference_id).digest()[:8], "big")
+
+
+def is_validation_duty(seed: bytes, inference_id: bytes, p_ppm: int, weight: int,
+                       total_weight: int) -> bool:
+    """Must the validator with this seed and weight check this inference?"""
+    return duty_draw(seed, inference_id) < duty_threshold(p_ppm, weight, total_weight)
+
+
+def seed_commitment(epoch: int, validator: str, seed: bytes) -> bytes:
+    """What a validator commits to for an epoch: the hash of its seed, bound to the epoch and
+    to itself (another validator cannot copy it, nor can it be reused in another epoch)."""
+    return hashlib.sha256(_SEED_DOMAIN + epoch.to_bytes(8, "big") + validator.encode() + b"\x00"
+                          + seed).digest()
+
+
+# --------------------------------------------------------------------------- disputes
+
+
+class DisputeOutcome(StrEnum):
+    OPEN = "open"  # voting
+    INVALID = "invalid"  # a weighted majority of the votes cast found the work invalid
+    VALID = "valid"  # a weighted majority found it valid: the accusation is overturned
+    UNDECIDED = "undecided"  # no votes, or a tie: the executor keeps the benefit of the doubt
+
+
+def draw_committee(candidates: Mapping[str, int], block_hash: bytes, inference_id: bytes,
+                   size: int) -> tuple[str, ...]:
+    """Up to ``size`` distinct validators drawn by weight, without replacement, from the hash of
+    the block that opened the dispute (candidates ordered by peer id; 256-bit draws)."""
+    pool = sorted((peer, w) for peer, w in candidates.items() if w > 0)
+    chosen: list[str] = []
+    for round_ in range(min(size, len(pool))):
+        total = sum(w for _, w in pool)
+        draw = hashlib.sha256(_COMMITTEE_DOMAIN + block_hash + inference_id
+                              + round_.to_bytes(4, "big")).digest()
+        point = int.from_bytes(draw, "big") % total
+        for index, (peer, w) in enumerate(pool):
+            if point < w:
+                chosen.append(peer)
+                del pool[index]
+                break
+            point -= w
+    return tuple(chosen)
+
+
+def dispute_outcome(invalid_weight: int, valid_weight: int) -> DisputeOutcome:
+    """A strict weighted majority of the votes cast decides; no majority leaves the work paid."""
+    assert invalid_weight >= 0 and valid_weight >= 0
+    if invalid_weight > valid_weight:
+        return DisputeOutcome.INVALID
+    if valid_weight > invalid_weight:
+        return DisputeOutcome.VALID
+    return DisputeOutcome.UNDECIDED
+
+
+def verdict_is_consistent(valid: bool, suspicious: bool, failure_flags: int) -> bool:
+    """A valid verdict names no failure; a failed one names at least one and is not 'suspicious'
+    (suspicious qualifies a pass: valid, but its distance is above the honest bulk)."""
+    return failure_flags == 0 if valid else (failure_flags != 0 and not suspicious)
+
+
+# --------------------------------------------------------------------------- the epoch test
+
+
+class Observation(IntEnum):
+    """What one checked inference contributes to its executor's epoch test."""
+
+    CLEAN = 0
+    SUSPICIOUS = 1
+    FAILED = 2
+
+
+def inference_observation(dispute: DisputeOutcome | None,
+                          passes: Sequence[tuple[int, bool]]) -> Observation | None:
+    """One observation per checked inference. ``passes``: (weight, suspicious) of each passing
+    check. A dispute decides: invalid is a failure, anything else is clean (a false accusation
+    costs the executor nothing). Otherwise the inference is suspicious when checkers holding a
+    weighted majority say so. None when nobody checked it."""
+    if dispute is DisputeOutcome.INVALID:
+        return Observation.FAILED
+    if dispute is not None:
+        return Observation.CLEAN
+    if not passes:
+        return None
+    suspicious = sum(w for w, s in passes if s)
+    return Observation.SUSPICIOUS if 2 * suspicious > sum(w for w, _ in passes) else Observation.CLEAN
+
+
+def sprt_llr_micro(observation: Observation, params: Params) -> int:
+    """log P(observation | cheating) / P(observation | honest), micro-nats."""
+    if observation is Observation.FAILED:
+        return params.sprt_failed_llr_micro
+    if observation is Observation.SUSPICIOUS:
+        return params.sprt_suspicious_llr_micro
+    return -params.sprt_clean_llr_micro
+
+
+def sprt_step(llr: int, observation: Observation, params: Params) -> tuple[int, bool]:
+    """One step of Wald's test: (new llr, accused). Reaching the lower bound accepts "honest"
+    and restarts from 0, so good behaviour early in an epoch buys no credit for later."""
+    llr += sprt_llr_micro(observation, params)
+    if llr >= params.sprt_cheating_bound_micro:
+        return llr, True
+    if llr <= -params.sprt_honest_bound_micro:
+        return 0, False
+    return llr, False
+
+
+def sprt_catches(observations: Sequence[Observation], params: Params) -> bool:
+    """Is the executor statistically above the calibrated honest distribution this epoch?"""
+    llr = 0
+    for observation in observations:
+        llr, accused = sprt_step(llr, observation, params)
+        if accused:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- settlement
+
+
+def miss_rate_exceeded(missed: int, completed: int, params: Params) -> bool:
+    """Did more than ``miss_rate_limit_ppm`` of the executor's inferences expire in its hands?"""
+    assert missed >= 0 and completed >= 0
+    return missed * PPM > params.miss_rate_limit_ppm * (missed + completed)
+
+
+def reputation_after_epoch(reputation_ppm: int, *, caught: bool, missed_too_many: bool,
+                           clean: bool, params: Params) -> int:
+    """Proven cheating or too many misses: 0. A clean epoch (work done, checked, nothing
+    wrong): +1/N, rounded up so that exactly N clean epochs reach 1, capped at 1. Otherwise
+    (no checked work): unchanged."""
+    assert 0 <= reputation_ppm <= PPM
+    if caught or missed_too_many:
+        return 0
+    if clean:
+        return min(PPM, reputation_ppm + -(-PPM // params.reputation_growth_epochs))
+    return reputation_ppm
+
+
+class Forfeit(StrEnum):
+    """Why a participant's epoch reward was not minted (stable strings, in this order)."""
+
+    CAUGHT = "caught"  # its work was proven invalid (dispute) or failed the epoch test
+    SKIPPED_DUTIES = "skipped_duties"  # its revealed seed shows checks it never submitted
+    MISSED_VOTES = "missed_votes"  # drawn onto a dispute committee, it did not vote
+    NO_REVEAL = "no_reveal"  # it committed a seed but never revealed it
+    NO_COMMIT = "no_commit"  # it held weight but committed no seed: it validated nothing
+
+
+def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, skipped: int,
+                    missed_votes: int, caught: bool) -> tuple[Forfeit, ...]:
+    """Every reason this participant loses its epoch reward (empty: it is paid)."""
+    reasons = []
+    if caught:
+        reasons.append(Forfeit.CAUGHT)
+    if skipped:
+        reasons.append(Forfeit.SKIPPED_DUTIES)
+    if missed_votes:
+        reasons.append(Forfeit.MISSED_VOTES)
+    if in_validator_set and committed and not revealed:
+        reasons.append(Forfeit.NO_REVEAL)
+    if in_validator_set and not committed:
+        reasons.append(Forfeit.NO_COMMIT)
+    return tuple(reasons)
+
+
+def epoch_reward_pools(epoch: int, params: Params) -> tuple[int, int]:
+    """(executor pool, validator pool) of an epoch's reward. Epoch 0 has none: no seed could be
+    committed before it, so none of its work was checked."""
+    if epoch == 0:
+        return 0, 0
+    validators = params.epoch_reward * params.validator_share_ppm // PPM
+    return params.epoch_reward - validators, validators
+
+
+def pro_rata(pool: int, scores: Mapping[str, int]) -> dict[str, int]:
+    """Split ``pool`` in proportion to ``scores``, each share rounded down (the dust is never
+    minted). Executors score weight x billable tokens; validators, the tokens they checked."""
+    assert pool >= 0 and all(s >= 0 for s in scores.values())
+    total = sum(scores.values())
+    if total == 0:
+        return {}
+    return {peer: pool * score // total for peer, score in sorted(scores.items()) if score}

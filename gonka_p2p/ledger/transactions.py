@@ -1,6 +1,6 @@
 """Ledger transactions: wire schemas sealed in signed envelopes, and their reason codes.
 
-A transaction is a :class:`~gonka_p2p.wire.schema.Message` of one of the four
+A transaction is a :class:`~gonka_p2p.wire.schema.Message` of one of the
 kinds below, sealed with :func:`~gonka_p2p.wire.envelope.seal` by the account
 that acts; the envelope's signer *is* the acting account (its peer id), so no
 transaction names its own sender. Build one with, e.g.::
@@ -20,14 +20,24 @@ once, within ``request_window_ms`` of the request's timestamp.
 
 Every failure has a stable :class:`Reason` code in the tx's receipt;
 decoding failures reuse the wire layer's codes.
+
+Verification transactions (see :mod:`gonka_p2p.ledger.state` for when a
+validator sends which): :class:`CommitValidationSeed`,
+:class:`RevealValidationSeed`, :class:`Validation`, :class:`DisputeVote`. A
+verdict travels as :class:`VerdictStats`: integers only (distances in
+nano-nats), so that the ledger never holds a float; build it from the
+verification metric's ``Verdict`` with :func:`verdict_stats`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntFlag, StrEnum
+from typing import Any
 
 from gonka_p2p.identity import digest
 from gonka_p2p.wire.envelope import Signed, open_envelope
@@ -37,6 +47,8 @@ from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded
 MAX_PEER_ID = 64
 MAX_TOKENS_CLAIM = 2**31  # per inference and per part; far above any context length
 MAX_CLIENT_REQUEST_BYTES = 2 * 1024 * 1024  # the schema bound; params.max_tx_bytes bounds it tighter
+MAX_DISTANCE_NANO = 10**15  # 1e6 nats: the cap of a distance, which also encodes "not comparable"
+MAX_EPOCH = 2**40
 
 
 class Reason(StrEnum):
@@ -72,6 +84,25 @@ class Reason(StrEnum):
     TOKENS_EXCEED_REQUEST = "tokens_exceed_request"  # completion_tokens > the request's max_tokens
     DUPLICATE_FINISH = "duplicate_finish"  # this executor already has a Finish held for it
     HOLDING_AREA_FULL = "holding_area_full"
+    # CommitValidationSeed / RevealValidationSeed.
+    NOT_A_VALIDATOR = "not_a_validator"  # no weight, or no seed committed for the epoch
+    WRONG_EPOCH = "wrong_epoch"  # outside the epoch's commit or reveal window
+    ALREADY_COMMITTED = "already_committed"
+    NO_COMMITMENT = "no_commitment"
+    ALREADY_REVEALED = "already_revealed"
+    SEED_MISMATCH = "seed_mismatch"  # the seed does not open the commitment
+    # Validation / DisputeVote.
+    UNKNOWN_INFERENCE = "unknown_inference"  # never started, or pruned
+    NOT_VALIDATABLE = "not_validatable"  # running or expired: there is no work to check
+    VALIDATION_CLOSED = "validation_closed"  # past the epoch's validation window
+    CONFLICT_OF_INTEREST = "conflict_of_interest"  # the validator executed or routed it
+    ALREADY_CLAIMED = "already_claimed"  # the validator revealed its seed for the epoch
+    DUPLICATE_VALIDATION = "duplicate_validation"
+    INCONSISTENT_VERDICT = "inconsistent_verdict"  # valid with failure flags, or failed without
+    NO_DISPUTE = "no_dispute"
+    VOTING_CLOSED = "voting_closed"
+    NOT_ON_COMMITTEE = "not_on_committee"
+    DUPLICATE_VOTE = "duplicate_vote"
 
 
 class TxRejected(Exception):
@@ -139,8 +170,142 @@ class FinishInference(Message):
     sequence: int = bounded(min_value=0)
 
 
-Tx = Transfer | RegisterParticipant | StartInference | FinishInference
-TX_TYPES: tuple[type[Message], ...] = (Transfer, RegisterParticipant, StartInference, FinishInference)
+class FailureFlag(IntFlag):
+    """Why a check failed: one bit per rule of the verification metric, plus withheld artifacts."""
+
+    LENGTH = 1  # the completion does not end the way an honest engine ends one
+    RESPONSE = 2  # the artifact's tokens are not the committed response
+    COVERAGE = 4  # the recomputation does not cover the claimed tokens
+    EVIDENCE = 8  # malformed logprobs or top-k ids
+    DISTANCE = 16  # claimed logprobs too far from the recomputed ones
+    TOP_K = 32  # claimed top-k ids are not the recomputed top-k
+    SAMPLING = 64  # tokens are not the seeded sampler's choice (the pre-fill attack)
+    WITHHELD = 128  # the executor or TA did not serve the artifacts when asked
+    OTHER = 256
+
+
+ALL_FAILURE_FLAGS = sum(FailureFlag)
+_REASON_FLAGS = {"length": FailureFlag.LENGTH, "response": FailureFlag.RESPONSE,
+                 "recomputation": FailureFlag.COVERAGE, "evidence": FailureFlag.EVIDENCE,
+                 "distance": FailureFlag.DISTANCE, "top-k": FailureFlag.TOP_K,
+                 "sampling": FailureFlag.SAMPLING}
+
+
+@dataclass(frozen=True)
+class VerdictStats(Message):
+    """A verdict on one inference and the statistics the epoch test aggregates, as integers.
+
+    ``valid`` iff ``failure_flags == 0``; ``suspicious`` qualifies a valid verdict whose mean
+    distance is above the honest bulk (the metric's ``Evidence.SUSPICIOUS``). Distances are in
+    nano-nats (1e-9 nats), capped at ``MAX_DISTANCE_NANO``.
+    """
+
+    KIND = "verdict_stats"
+    valid: bool
+    suspicious: bool
+    failure_flags: int = bounded(min_value=0, max_value=ALL_FAILURE_FLAGS)
+    n_tokens: int = bounded(min_value=0, max_value=MAX_TOKENS_CLAIM)
+    mean_distance_nano: int = bounded(min_value=0, max_value=MAX_DISTANCE_NANO)
+    max_distance_nano: int = bounded(min_value=0, max_value=MAX_DISTANCE_NANO)
+    top_k_misses: int = bounded(min_value=0, max_value=MAX_TOKENS_CLAIM)
+    sampling_mismatches: int = bounded(min_value=0, max_value=MAX_TOKENS_CLAIM)
+
+
+@dataclass(frozen=True)
+class CommitValidationSeed(Message):
+    """Signed by a validator during epoch ``epoch - 1``: its commitment
+    (``rules.seed_commitment(epoch, validator, seed)``) to its secret seed for ``epoch``."""
+
+    KIND = "tx_commit_validation_seed"
+    chain_id: str = bounded(max_len=64)
+    epoch: int = bounded(min_value=1, max_value=MAX_EPOCH)
+    commitment: bytes = bounded(max_len=HASH_BYTES)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class RevealValidationSeed(Message):
+    """Signed by a validator after ``epoch`` ended, before it settles: the seed, which claims its
+    epoch reward; the ledger recomputes its duties and counts those it skipped."""
+
+    KIND = "tx_reveal_validation_seed"
+    chain_id: str = bounded(max_len=64)
+    epoch: int = bounded(min_value=0, max_value=MAX_EPOCH)
+    seed: bytes = bounded(max_len=HASH_BYTES)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class Validation(Message):
+    """Signed by a validator: its verdict on a settled inference. A failed one opens a dispute."""
+
+    KIND = "tx_validation"
+    chain_id: str = bounded(max_len=64)
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    verdict: VerdictStats
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class DisputeVote(Message):
+    """Signed by a member of a dispute's committee: its own verdict on the disputed inference."""
+
+    KIND = "tx_dispute_vote"
+    chain_id: str = bounded(max_len=64)
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    verdict: VerdictStats
+    sequence: int = bounded(min_value=0)
+
+
+def to_nano(nats: float) -> int:
+    """A distance in nats as integer nano-nats: rounded, capped; inf and NaN become the cap."""
+    if not math.isfinite(nats) or nats * 1e9 >= MAX_DISTANCE_NANO:
+        return MAX_DISTANCE_NANO
+    return max(0, round(nats * 1e9))
+
+
+def failure_flags(reasons: Any) -> int:
+    """The flags of the verification metric's failure reasons (each starts with "<rule>:")."""
+    flags = 0
+    for reason in reasons:
+        flags |= _REASON_FLAGS.get(str(reason).split(":", 1)[0].strip(), FailureFlag.OTHER)
+    return int(flags)
+
+
+def verdict_stats(verdict: Any) -> VerdictStats:
+    """Encode the verification metric's ``Verdict`` (``gonka_p2p.inference.verification``) for the
+    ledger. Duck-typed, so the ledger does not import the metric (nor torch)."""
+    flags = failure_flags(verdict.reasons)
+    if not verdict.valid and not flags:
+        flags = int(FailureFlag.OTHER)
+    suspicious = bool(verdict.valid) and getattr(verdict.evidence, "value", verdict.evidence) == "suspicious"
+    return VerdictStats(
+        valid=bool(verdict.valid), suspicious=suspicious, failure_flags=0 if verdict.valid else flags,
+        n_tokens=min(int(verdict.n_tokens), MAX_TOKENS_CLAIM),
+        mean_distance_nano=to_nano(verdict.mean_distance), max_distance_nano=to_nano(verdict.max_distance),
+        top_k_misses=min(int(verdict.top_k_misses), MAX_TOKENS_CLAIM),
+        sampling_mismatches=min(int(verdict.sampling_mismatches), MAX_TOKENS_CLAIM))
+
+
+def withheld_verdict() -> VerdictStats:
+    """The verdict on an inference whose artifacts were not served when asked: a failure."""
+    return VerdictStats(valid=False, suspicious=False, failure_flags=int(FailureFlag.WITHHELD),
+                        n_tokens=0, mean_distance_nano=MAX_DISTANCE_NANO,
+                        max_distance_nano=MAX_DISTANCE_NANO, top_k_misses=0, sampling_mismatches=0)
+
+
+def derive_validation_seed(secret: bytes, chain_id: str, epoch: int) -> bytes:
+    """A validator's secret seed for an epoch, derived from its private key: nothing to store,
+    the same after a restart, unpredictable to anyone without the key."""
+    return hashlib.sha256(b"gonka-p2p/validation-seed-derivation/v1\x00" + secret
+                          + chain_id.encode() + b"\x00" + epoch.to_bytes(8, "big")).digest()
+
+
+Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
+      | RevealValidationSeed | Validation | DisputeVote)
+TX_TYPES: tuple[type[Message], ...] = (Transfer, RegisterParticipant, StartInference, FinishInference,
+                                       CommitValidationSeed, RevealValidationSeed, Validation,
+                                       DisputeVote)
 
 
 class _DecodedCache:
