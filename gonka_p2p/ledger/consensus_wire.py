@@ -1,0 +1,312 @@
+"""The ledger's wire: consensus messages, transaction batches, sync and block fetches.
+
+Theory of operation
+-------------------
+The consensus core (:mod:`gonka_p2p.ledger.consensus`) speaks in frozen
+dataclasses (``Vote``, ``Proposal``, ``CommitCertificate``, ``Evidence``,
+``ValidatorSet``); this module gives each a versioned schema with a total,
+bounded decoder (:mod:`gonka_p2p.wire.schema`) and a pair of conversions.
+Nothing here checks a signature or a quorum: that is the core's job
+(``on_vote``, ``verify_commit``), which takes these decoded values as
+untrusted input. A decoder only guarantees types, sizes and shapes, and
+raises :class:`~gonka_p2p.wire.schema.WireError` on anything else.
+
+Framing. Consensus votes and proposals, and the transactions in a batch,
+are each signed by their author; the wrapper that carries them needs no
+signature of its own (gossipsub signs every publication with the
+publisher's key and noise authenticates every stream), only a kind and a
+version so that a peer on another protocol version is refused, not
+misread: :func:`encode_frame` / :func:`decode_frame` carry
+``[FRAME_VERSION, kind, schema version, body]``.
+
+Uniqueness on gossip. The core re-broadcasts the same votes on purpose
+when a height stalls. Two byte-identical publications must never be taken
+for one, so every :class:`ConsensusMessage` carries ``seq``, a
+per-process counter (started from the wall clock, so a restarted replica
+does not repeat its earlier numbers).
+
+What travels where:
+
+    gossip  /gonka/ledger/consensus/1   ConsensusMessage(seq, proposals, votes)
+    gossip  /gonka/ledger/txs/1         TxBatch(txs)
+    stream  /gonka/ledger/sync/1        SyncRequest -> CommitRecord*   (catch-up)
+    stream  /gonka/ledger/block/1       BlockRequest -> BlockBody       (large proposals)
+
+A proposal carries its block inline when the whole publication stays under
+gossip's size limit; otherwise ``inline`` is false, ``block`` is empty and
+peers fetch the body from the proposer by its hash (the proposal's
+signature covers the hash, so a body can be checked before it is used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgpack
+
+from gonka_p2p.identity import digest
+from gonka_p2p.ledger.consensus_types import (
+    HASH_BYTES,
+    MAX_SIGNATURE_BYTES,
+    CommitCertificate,
+    Evidence,
+    Proposal,
+    Validator,
+    ValidatorSet,
+    Vote,
+    VoteType,
+)
+from gonka_p2p.ledger.transactions import MAX_PEER_ID
+from gonka_p2p.wire.schema import (
+    DEFAULT_MAX_BYTES,
+    Malformed,
+    Message,
+    UnknownKind,
+    UnsupportedVersion,
+    bounded,
+    message_class,
+    unpack,
+)
+
+FRAME_VERSION = 1
+CONSENSUS_TOPIC = "/gonka/ledger/consensus/1"
+TX_TOPIC = "/gonka/ledger/txs/1"
+SYNC_PROTOCOL = "/gonka/ledger/sync/1"
+BLOCK_PROTOCOL = "/gonka/ledger/block/1"
+
+MAX_BLOCK_BYTES = DEFAULT_MAX_BYTES  # the schema bound; ConsensusParams.max_block_bytes may be tighter
+MAX_VALIDATORS = 1024
+MAX_VOTES_PER_MESSAGE = 4 * MAX_VALIDATORS
+MAX_TXS_PER_BATCH = 4096
+MAX_SYNC_COUNT = 64
+
+M = TypeVar("M", bound=Message)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def encode_frame(message: Message) -> bytes:
+    """``[FRAME_VERSION, kind, version, body]``: an unsigned, versioned wire frame."""
+    return msgpack.packb([FRAME_VERSION, message.KIND, message.VERSION, message.to_obj()], use_bin_type=True)
+
+
+def decode_frame(data: bytes, expected: type[M]) -> M:
+    """Decode a frame that must hold ``expected``; raises WireError on anything else."""
+    return decode_frame_of(data, expected)  # type: ignore[return-value]
+
+
+def decode_frame_of(data: bytes, *expected: type[Message]) -> Message:
+    """Decode a frame holding one of the ``expected`` kinds (a protocol with several requests)."""
+    obj = unpack(data)
+    if not (isinstance(obj, list) and len(obj) == 4):
+        raise Malformed("not a ledger frame")
+    frame_version, kind, version, body = obj
+    if frame_version != FRAME_VERSION:
+        raise UnsupportedVersion(f"frame version {frame_version!r} is not supported")
+    if not isinstance(kind, str) or not isinstance(version, int) or isinstance(version, bool):
+        raise Malformed("frame kind/version have the wrong type")
+    cls = message_class(kind)
+    if cls not in expected:
+        raise UnknownKind(f"expected {', '.join(e.KIND for e in expected)}, got {kind!r}")
+    if version != cls.VERSION:
+        raise UnsupportedVersion(f"{kind} version {version} is not supported (want {cls.VERSION})")
+    return cls.from_obj(body)
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass(frozen=True)
+class VoteWire(Message):
+    """A signed prevote (type 1) or precommit (type 2); an empty ``block_hash`` is nil."""
+
+    KIND = "consensus_vote"
+    type: int = bounded(min_value=int(VoteType.PREVOTE), max_value=int(VoteType.PRECOMMIT))
+    height: int = bounded(min_value=0)
+    round: int = bounded(min_value=0)
+    block_hash: bytes = bounded(max_len=HASH_BYTES)
+    validator: str = bounded(max_len=MAX_PEER_ID)
+    signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+
+
+@dataclass(frozen=True)
+class ProposalWire(Message):
+    """A signed proposal; the block travels inline or is fetched by ``block_hash``."""
+
+    KIND = "consensus_proposal"
+    height: int = bounded(min_value=0)
+    round: int = bounded(min_value=0)
+    pol_round: int = bounded(min_value=-1)
+    block_hash: bytes = bounded(max_len=HASH_BYTES)
+    inline: bool = bounded()
+    block: bytes = bounded(max_len=MAX_BLOCK_BYTES)
+    proposer: str = bounded(max_len=MAX_PEER_ID)
+    signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+
+
+@dataclass(frozen=True)
+class PrecommitSignature(Message):
+    """One entry of a certificate: everything else of the precommit is the certificate's."""
+
+    KIND = "consensus_precommit_signature"
+    validator: str = bounded(max_len=MAX_PEER_ID)
+    signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+
+
+@dataclass(frozen=True)
+class CertificateWire(Message):
+    KIND = "consensus_certificate"
+    height: int = bounded(min_value=0)
+    round: int = bounded(min_value=0)
+    block_hash: bytes = bounded(max_len=HASH_BYTES)
+    signatures: list[PrecommitSignature] = bounded(max_len=MAX_VALIDATORS)
+
+
+@dataclass(frozen=True)
+class EvidenceWire(Message):
+    """Two conflicting votes, or two conflicting proposals (with their blocks), by one validator."""
+
+    KIND = "consensus_evidence"
+    votes: list[VoteWire] = bounded(max_len=2)
+    proposals: list[ProposalWire] = bounded(max_len=2)
+
+
+@dataclass(frozen=True)
+class ValidatorEntry(Message):
+    KIND = "consensus_validator"
+    address: str = bounded(max_len=MAX_PEER_ID)
+    public_key: bytes = bounded(max_len=65)
+    power: int = bounded(min_value=1)
+    priority: int = bounded()
+
+
+@dataclass(frozen=True)
+class ValidatorSetWire(Message):
+    """A validator set with the proposer priorities of its height (what the store persists)."""
+
+    KIND = "consensus_validator_set"
+    validators: list[ValidatorEntry] = bounded(max_len=MAX_VALIDATORS)
+
+
+@dataclass(frozen=True)
+class ConsensusMessage(Message):
+    """One gossip publication: any number of proposals and votes. ``seq`` makes it unique."""
+
+    KIND = "consensus_gossip"
+    seq: int = bounded(min_value=0)
+    proposals: list[ProposalWire] = bounded(max_len=4)
+    votes: list[VoteWire] = bounded(max_len=MAX_VOTES_PER_MESSAGE)
+
+
+@dataclass(frozen=True)
+class TxBatch(Message):
+    """Signed transaction envelopes, gossiped together: gossip costs per message, not per byte."""
+
+    KIND = "ledger_tx_batch"
+    txs: list[bytes] = bounded(max_len=MAX_TXS_PER_BATCH)
+
+
+@dataclass(frozen=True)
+class SyncRequest(Message):
+    """Catch-up: send me the committed blocks from ``from_height`` on, at most ``max_count``."""
+
+    KIND = "ledger_sync_request"
+    from_height: int = bounded(min_value=1)
+    max_count: int = bounded(min_value=1, max_value=MAX_SYNC_COUNT)
+
+
+@dataclass(frozen=True)
+class CommitRecord(Message):
+    """A committed block with the certificate that proves it (one response frame of a sync)."""
+
+    KIND = "ledger_commit_record"
+    height: int = bounded(min_value=1)
+    block: bytes = bounded(max_len=MAX_BLOCK_BYTES)
+    certificate: CertificateWire
+
+
+@dataclass(frozen=True)
+class BlockRequest(Message):
+    KIND = "ledger_block_request"
+    block_hash: bytes = bounded(max_len=HASH_BYTES)
+
+
+@dataclass(frozen=True)
+class BlockBody(Message):
+    KIND = "ledger_block_body"
+    block: bytes = bounded(max_len=MAX_BLOCK_BYTES)
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def vote_to_wire(vote: Vote) -> VoteWire:
+    return VoteWire(type=int(vote.type), height=vote.height, round=vote.round,
+                    block_hash=vote.block_hash or b"", validator=vote.validator, signature=vote.signature)
+
+
+def vote_from_wire(w: VoteWire) -> Vote:
+    if len(w.block_hash) not in (0, HASH_BYTES):
+        raise Malformed(f"vote block hash must be empty (nil) or {HASH_BYTES} bytes")
+    return Vote(VoteType(w.type), w.height, w.round, w.block_hash or None, w.validator, w.signature)
+
+
+def proposal_to_wire(p: Proposal, inline: bool) -> ProposalWire:
+    return ProposalWire(height=p.height, round=p.round, pol_round=p.pol_round, block_hash=p.block_hash,
+                        inline=inline, block=p.block if inline else b"", proposer=p.proposer,
+                        signature=p.signature)
+
+
+def proposal_from_wire(w: ProposalWire, block: bytes) -> Proposal:
+    """The core's proposal for ``w`` with its body ``block`` (inline or fetched), which must match its hash."""
+    if digest(block) != w.block_hash:
+        raise Malformed("the block does not match the proposal's block hash")
+    return Proposal(w.height, w.round, w.pol_round, block, w.proposer, w.signature)
+
+
+def certificate_to_wire(c: CommitCertificate) -> CertificateWire:
+    return CertificateWire(height=c.height, round=c.round, block_hash=c.block_hash,
+                           signatures=[PrecommitSignature(validator=v.validator, signature=v.signature)
+                                       for v in c.precommits])
+
+
+def certificate_from_wire(w: CertificateWire) -> CommitCertificate:
+    """The certificate as the core checks it (``verify_commit`` judges it; here only shapes)."""
+    if len(w.block_hash) != HASH_BYTES:
+        raise Malformed(f"certificate block hash must be {HASH_BYTES} bytes")
+    precommits = tuple(Vote(VoteType.PRECOMMIT, w.height, w.round, w.block_hash, s.validator, s.signature)
+                       for s in w.signatures)
+    return CommitCertificate(w.height, w.round, w.block_hash, precommits)
+
+
+def evidence_to_wire(e: Evidence) -> EvidenceWire:
+    pair = (e.first, e.second)
+    if all(isinstance(m, Vote) for m in pair):
+        return EvidenceWire(votes=[vote_to_wire(m) for m in pair], proposals=[])  # type: ignore[arg-type]
+    return EvidenceWire(votes=[], proposals=[proposal_to_wire(m, inline=True) for m in pair])  # type: ignore[arg-type]
+
+
+def evidence_from_wire(w: EvidenceWire) -> Evidence:
+    if len(w.votes) == 2 and not w.proposals:
+        return Evidence(vote_from_wire(w.votes[0]), vote_from_wire(w.votes[1]))
+    if len(w.proposals) == 2 and not w.votes:
+        first, second = (proposal_from_wire(p, p.block) for p in w.proposals)
+        return Evidence(first, second)
+    raise Malformed("evidence holds exactly two votes or two proposals")
+
+
+def validator_set_to_wire(vs: ValidatorSet) -> ValidatorSetWire:
+    prio = vs.priorities
+    return ValidatorSetWire(validators=[
+        ValidatorEntry(address=v.address, public_key=v.public_key, power=v.power, priority=prio[v.address])
+        for v in vs.validators])
+
+
+def validator_set_from_wire(w: ValidatorSetWire) -> ValidatorSet:
+    try:
+        return ValidatorSet([Validator(e.address, e.public_key, e.power) for e in w.validators],
+                            {e.address: e.priority for e in w.validators})
+    except ValueError as e:
+        raise Malformed(f"not a validator set: {e}") from None
