@@ -1,0 +1,325 @@
+"""The verification metric, rule by rule, and the epoch test.
+
+Real artifacts come from the tiny model (torch engine, seconds); the near-tie
+rules use hand-made logits so the margin is known exactly; the SPRT runs on
+synthetic outcome streams drawn with fixed seeds, so every test is
+deterministic: it always passes or always fails on a given build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from gonka_p2p.inference import cheats
+from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.engine import ScoredCompletion
+from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
+from gonka_p2p.inference.sampler import SamplingParams, position_uniform
+from gonka_p2p.inference.torch_engine import TorchEngine, token_step
+from gonka_p2p.inference.verification import (
+    EpochDecision,
+    Evidence,
+    ModelThresholds,
+    SprtParams,
+    Verdict,
+    judge_epoch,
+    load_verification_params,
+    sprt_bounds,
+    verify,
+)
+
+# Round test values, same order of magnitude as the calibrated ones (nats).
+THRESHOLDS = ModelThresholds(logprob_tolerance=1e-4, max_mean_distance=2e-5,
+                             suspicious_mean_distance=1e-5, reference_tokens=16)
+GREEDY = SamplingParams(max_tokens=16)
+SAMPLED = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9)
+# Outside the tiny model's training corpus: it rambles on to max_tokens instead of stopping.
+QUESTIONS = ("Write a short story about a robot who learns to paint.", "Describe the ocean.",
+             "Explain volcanoes to a child.")
+
+
+@pytest.fixture(scope="module")
+def engine() -> TorchEngine:
+    return TorchEngine(TINY_MODEL)
+
+
+def prompt(engine: TorchEngine, i: int = 0) -> list[int]:
+    return engine.encode_chat([("user", QUESTIONS[i % len(QUESTIONS)])])
+
+
+async def check(engine: TorchEngine, artifact: InferenceArtifact,
+                thresholds: ModelThresholds = THRESHOLDS, **kwargs) -> Verdict:
+    """What a validator does: fetch the bytes, score teacher-forced, verify."""
+    claim = InferenceArtifact.decode(artifact.encode())
+    scored = await engine.score(list(claim.prompt_ids), claim.completion_ids,
+                                claim.params.logprobs_k, with_logits=True)
+    return verify(claim, scored, thresholds, eos_token_ids=engine.eos_token_ids, **kwargs)
+
+
+async def honest(engine: TorchEngine, params: SamplingParams, i: int = 0) -> InferenceArtifact:
+    return await cheats.honest(engine)(prompt(engine, i), params, f"seed-{i}".encode())
+
+
+def failed_rules(verdict: Verdict) -> set[str]:
+    return {reason.split(":")[0] for reason in verdict.reasons}
+
+
+# ---------------------------------------------------------------------------
+# Honest work passes, short or long
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+async def test_honest_outputs_pass(engine: TorchEngine, params: SamplingParams) -> None:
+    for i in range(len(QUESTIONS)):
+        artifact = await honest(engine, params, i)
+        verdict = await check(engine, artifact, expected_response=response_hash(artifact.completion_ids))
+        assert verdict.valid, verdict.reasons
+        assert verdict.evidence is Evidence.CLEAN
+        assert 0 < verdict.mean_distance < 1e-5 and verdict.sampling_mismatches == 0
+
+
+async def test_honest_outputs_pass_the_shipped_thresholds(engine: TorchEngine) -> None:
+    shipped = load_verification_params().for_model(engine.model_name)
+    for params in (GREEDY, SAMPLED):
+        verdict = await check(engine, await honest(engine, params), shipped)
+        assert verdict.valid, verdict.reasons
+
+
+async def test_short_honest_output_passes_and_short_cheats_fail(engine: TorchEngine) -> None:
+    short = SamplingParams(max_tokens=2, temperature=0.7)
+    artifact = await honest(engine, short, 1)
+    assert len(artifact.steps) <= 2
+    assert (await check(engine, artifact)).valid
+    fabricated = cheats.fabricate_logprobs(artifact, engine.local_model.vocab_size)
+    assert "distance" in failed_rules(await check(engine, fabricated))
+    assert not (await check(engine, cheats.alter_token(artifact))).valid
+
+
+async def test_early_stop_on_eos_passes(engine: TorchEngine) -> None:
+    artifact = await cheats.honest(engine)(
+        engine.encode_chat([("user", "What do bees make?")]), SamplingParams(max_tokens=64), b"s")
+    assert len(artifact.steps) < 64 and artifact.completion_ids[-1] in engine.eos_token_ids
+    assert (await check(engine, artifact)).valid
+
+
+# ---------------------------------------------------------------------------
+# Length and token agreement: mismatches fail (Gonka passes them)
+
+
+async def test_truncated_output_fails_on_length(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    assert len(artifact.steps) == GREEDY.max_tokens  # no EOS: the truncation is visible
+    verdict = await check(engine, cheats.truncate(artifact))
+    assert failed_rules(verdict) == {"length"}
+
+
+async def test_more_tokens_than_max_tokens_fails(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    claimed = dataclasses.replace(artifact, params=dataclasses.replace(GREEDY, max_tokens=8))
+    assert "length" in failed_rules(await check(engine, claimed))
+
+
+async def test_eos_before_the_end_fails(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    eos = min(engine.eos_token_ids)
+    steps = list(artifact.steps)
+    steps[5] = dataclasses.replace(steps[5], token_id=eos)
+    verdict = await check(engine, dataclasses.replace(artifact, steps=tuple(steps)))
+    assert {"length", "sampling"} <= failed_rules(verdict)
+
+
+async def test_empty_completion_fails(engine: TorchEngine) -> None:
+    artifact = dataclasses.replace(await honest(engine, GREEDY), steps=())
+    verdict = verify(artifact, ScoredCompletion(steps=[], logits=torch.zeros(0, 10)), THRESHOLDS,
+                     eos_token_ids=engine.eos_token_ids)
+    assert not verdict.valid and verdict.mean_distance == math.inf
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+async def test_replaced_token_fails_the_sampling_rule(engine: TorchEngine, params: SamplingParams) -> None:
+    artifact = await honest(engine, params)
+    verdict = await check(engine, cheats.alter_token(artifact))
+    assert "sampling" in failed_rules(verdict) and verdict.sampling_mismatches >= 1
+
+
+async def test_recomputation_that_does_not_cover_the_claim_fails(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    scored = await engine.score(list(artifact.prompt_ids), artifact.completion_ids[:-1],
+                                artifact.params.logprobs_k, with_logits=True)
+    verdict = verify(artifact, scored, THRESHOLDS, eos_token_ids=engine.eos_token_ids)
+    assert failed_rules(verdict) == {"recomputation"}
+
+
+async def test_artifact_that_is_not_the_committed_response_fails(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    verdict = await check(engine, artifact, expected_response=response_hash([1, 2, 3]))
+    assert failed_rules(verdict) == {"response"}
+
+
+# ---------------------------------------------------------------------------
+# Evidence: form and distance
+
+
+async def test_fabricated_logprobs_fail_distance_and_top_k(engine: TorchEngine) -> None:
+    artifact = await honest(engine, SAMPLED)
+    verdict = await check(engine, cheats.fabricate_logprobs(artifact, engine.local_model.vocab_size))
+    assert {"distance", "top-k"} <= failed_rules(verdict)
+    assert verdict.mean_distance > 1.0
+
+
+async def test_a_single_wrong_logprob_fails(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    steps = list(artifact.steps)
+    lps = list(steps[3].top_logprobs)
+    lps[2] -= 10 * THRESHOLDS.logprob_tolerance
+    steps[3] = dataclasses.replace(steps[3], top_logprobs=tuple(lps))
+    verdict = await check(engine, dataclasses.replace(artifact, steps=tuple(steps)))
+    assert failed_rules(verdict) == {"distance"}
+
+
+@pytest.mark.parametrize("forge", ["nan", "duplicate_ids"])
+async def test_malformed_evidence_fails(engine: TorchEngine, forge: str) -> None:
+    artifact = await honest(engine, GREEDY)
+    steps = list(artifact.steps)
+    if forge == "nan":
+        steps[0] = dataclasses.replace(steps[0], logprob=float("nan"))
+    else:  # repeat the top-1 id: would pass a naive top-k set check
+        steps[0] = dataclasses.replace(steps[0], top_ids=(steps[0].top_ids[0],) * 5,
+                                       top_logprobs=(steps[0].top_logprobs[0],) * 5)
+    claim = dataclasses.replace(artifact, steps=tuple(steps))
+    scored = await engine.score(list(claim.prompt_ids), claim.completion_ids, 5, with_logits=True)
+    verdict = verify(claim, scored, THRESHOLDS, eos_token_ids=engine.eos_token_ids)
+    assert failed_rules(verdict) == {"evidence"}
+
+
+def test_mean_limit_widens_for_short_outputs_up_to_the_single_value_tolerance() -> None:
+    t = THRESHOLDS
+    assert t.mean_limit(t.max_mean_distance, 16) == t.max_mean_distance
+    assert t.mean_limit(t.max_mean_distance, 64) == t.max_mean_distance
+    assert t.mean_limit(t.max_mean_distance, 4) == pytest.approx(2 * t.max_mean_distance)
+    assert t.mean_limit(t.max_mean_distance, 1) == pytest.approx(4 * t.max_mean_distance)
+    longer = dataclasses.replace(t, reference_tokens=64)
+    assert longer.mean_limit(t.max_mean_distance, 1) == t.logprob_tolerance  # 8x would exceed it
+
+
+# ---------------------------------------------------------------------------
+# Cheats that produce real-looking evidence
+
+
+async def test_prefill_attack_fails_on_sampling_with_honest_looking_logprobs(engine: TorchEngine) -> None:
+    attack = cheats.make_cheater("prefill", engine)
+    for i in range(len(QUESTIONS)):
+        artifact = await attack(prompt(engine, i), SAMPLED, f"seed-{i}".encode())
+        verdict = await check(engine, artifact)
+        assert failed_rules(verdict) == {"sampling"}, verdict.reasons
+        assert verdict.max_distance < THRESHOLDS.logprob_tolerance  # the evidence itself is real
+
+
+@pytest.mark.parametrize("cheat", ["int4", "small-model", "wrong-temperature"])
+async def test_gross_cheats_fail(engine: TorchEngine, cheat: str) -> None:
+    artifact = await cheats.make_cheater(cheat, engine)(prompt(engine), SAMPLED, b"seed-0")
+    assert not (await check(engine, artifact)).valid
+
+
+def test_drop_layers_and_fake_quantize_transform_a_copy(engine: TorchEngine) -> None:
+    small = cheats.variant_engine(engine, lambda m: cheats.drop_layers(m, 1))
+    assert len(cheats.decoder_layers(small._model)) == 1
+    assert len(cheats.decoder_layers(engine._model)) == 2  # the base is untouched
+    quantized = cheats.fake_quantize(cheats.variant_engine(engine, lambda m: m)._model, 4)
+    weight = cheats.decoder_layers(quantized)[0].mlp.up_proj.weight
+    for row in weight[:8]:
+        assert len(torch.unique(row)) <= 15  # -7..7 times the row's scale
+
+
+# ---------------------------------------------------------------------------
+# Near-ties: hand-made logits with known margins
+
+
+def one_position(row: torch.Tensor, token: int, params: SamplingParams, seed: bytes) -> Verdict:
+    """Verify a one-token claim of ``token`` whose evidence is exactly ``row``'s."""
+    step = token_step(row, token, params.logprobs_k)
+    artifact = InferenceArtifact("m", (1,), params, seed, (step,))
+    scored = ScoredCompletion(steps=[step], logits=row.unsqueeze(0))
+    return verify(artifact, scored, THRESHOLDS, eos_token_ids=frozenset({token}))
+
+
+@pytest.mark.parametrize("gap, accepted", [(1e-5, True), (1.5e-4, True), (3e-4, False), (0.5, False)])
+def test_greedy_near_tie_tolerance(gap: float, accepted: bool) -> None:
+    row = torch.tensor([4.0, 4.0 - gap, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0], dtype=torch.float64)
+    params = SamplingParams(max_tokens=1)
+    assert one_position(row, 0, params, b"s").valid  # the exact pick
+    verdict = one_position(row, 1, params, b"s")  # the runner-up: ok within 2 x tolerance nats
+    assert verdict.valid is accepted
+    assert verdict.near_ties == (1 if accepted else 0)
+
+
+@pytest.mark.parametrize("offset, accepted", [(1e-6, True), (1e-4, True), (1e-3, False), (0.05, False)])
+def test_sampled_near_tie_tolerance(offset: float, accepted: bool) -> None:
+    params = SamplingParams(max_tokens=1, temperature=1.0)
+    u = position_uniform(b"s", 0)
+    p0 = u + offset  # the CDF boundary after token 0 sits `offset` above u: token 0 is drawn
+    rest = (1.0 - p0) / 7
+    row = torch.log(torch.tensor([p0] + [rest] * 7, dtype=torch.float64))
+    assert one_position(row, 0, params, b"s").valid
+    assert one_position(row, 1, params, b"s").valid is accepted
+
+
+# ---------------------------------------------------------------------------
+# The epoch test
+
+
+def draw(rng: random.Random, fail: float, suspicious: float) -> Evidence:
+    x = rng.random()
+    return Evidence.FAILED if x < fail else Evidence.SUSPICIOUS if x < fail + suspicious else Evidence.CLEAN
+
+
+def epoch_rate(fail: float, suspicious: float, epoch_size: int, epochs: int, seed: int) -> float:
+    """Share of epochs judged "cheating" when each verdict is drawn at the given rates."""
+    rng = random.Random(seed)
+    sprt = SprtParams()
+    return sum(judge_epoch([draw(rng, fail, suspicious) for _ in range(epoch_size)], sprt)
+               is EpochDecision.CHEATING for _ in range(epochs)) / epochs
+
+
+def test_sprt_rarely_accuses_an_executor_at_the_honest_design_rates() -> None:
+    sprt = SprtParams()
+    rate = epoch_rate(sprt.honest_fail_rate, sprt.honest_suspicious_rate, 50, 4000, seed=1)
+    assert rate <= 0.001
+
+
+def test_sprt_catches_the_weakest_designed_cheat_within_an_epoch() -> None:
+    sprt = SprtParams()
+    assert epoch_rate(sprt.cheat_fail_rate, sprt.cheat_suspicious_rate, 30, 2000, seed=2) >= 0.99
+
+
+def test_sprt_accuses_a_consistently_failing_executor_after_a_few_verdicts() -> None:
+    sprt = SprtParams()
+    _, upper = sprt_bounds(sprt)
+    needed = math.ceil(upper / math.log(sprt.cheat_fail_rate / sprt.honest_fail_rate))
+    assert judge_epoch([Evidence.FAILED] * needed, sprt) is EpochDecision.CHEATING
+    assert judge_epoch([Evidence.FAILED] * (needed - 1), sprt) is EpochDecision.UNDECIDED
+
+
+def test_sprt_keeps_testing_after_accepting_honest() -> None:
+    sprt = SprtParams()
+    assert judge_epoch([Evidence.CLEAN] * 20, sprt) is EpochDecision.HONEST
+    assert judge_epoch([Evidence.CLEAN] * 20 + [Evidence.SUSPICIOUS] * 5, sprt) is EpochDecision.CHEATING
+    assert judge_epoch([Evidence.CLEAN] * 2, sprt) is EpochDecision.UNDECIDED
+
+
+# ---------------------------------------------------------------------------
+# The calibrated parameters
+
+
+def test_shipped_thresholds_cover_both_models_and_are_consistent() -> None:
+    params = load_verification_params()
+    for model in (DEFAULT_MODEL, TINY_MODEL):
+        t = params.for_model(model)
+        assert 0 < t.suspicious_mean_distance <= t.max_mean_distance <= t.logprob_tolerance < 1e-2
+    with pytest.raises(KeyError):
+        params.for_model("unknown-model")
