@@ -269,6 +269,15 @@ async def test_unknown_model_is_404(net: Net) -> None:
     assert err.value.code == "unknown_model" and MODEL in err.value.message
 
 
+async def test_a_long_prompt_fits_in_the_signed_header(net: Net) -> None:
+    long_prompt = "word " * 40_000  # 200 kB: far over common HTTP header limits
+    async with sdk(net.url) as client:
+        with pytest.raises(openai.NotFoundError) as err:  # admitted up to the model check
+            await client.chat.completions.create(**chat_body(
+                model="gpt-9", messages=[{"role": "user", "content": long_prompt}]))
+    assert err.value.code == "unknown_model"
+
+
 async def test_unknown_path_is_an_openai_shaped_404(net: Net) -> None:
     async with httpx.AsyncClient() as http:
         resp = await http.get(net.url + "/assistants")

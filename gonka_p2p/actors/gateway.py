@@ -32,7 +32,9 @@ which the OpenAI SDKs raise as ``APIError``.
 Lifecycle: :class:`GatewayServer` binds its socket with the node's other
 cheap start-up checks, serves as a task the node owns, and stops when the
 node does. Each request's route task is owned by its response: a client
-that hangs up cancels it, which resets the executor's stream.
+that hangs up cancels it, which resets the executor's stream. The server
+accepts headers up to :data:`MAX_HEADER_BYTES`, since the signed header
+carries the whole prompt (a reverse proxy in front must allow as much).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ UNKNOWN_ERROR = (500, "server_error")
 
 # A signed request is at most 2 MiB on the wire (ExecuteOrder); JSON escaping can double it.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# The header carries that envelope whole, base64 (4/3 of 2 MiB), beside the usual headers.
+MAX_HEADER_BYTES = 3 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
 MAX_ALTERNATIVES = 8
 ALTERNATIVES_HEADER = "X-Gonka-Alternatives"
@@ -342,6 +346,9 @@ class GatewayServer:
         self._server = _EmbeddedServer(uvicorn.Config(
             app, lifespan="off", log_config=None, log_level="warning", access_log=False,
             timeout_graceful_shutdown=grace_s,
+            # h11 (pure Python, always installed with uvicorn) whose 16 KiB header limit
+            # would refuse any prompt longer than a few pages: the header holds the prompt.
+            http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         ))
 
     def bind(self) -> None:
