@@ -190,7 +190,7 @@ class GonkaClient:
     async def stream_request(self, request: bytes, timeout: float = 120.0
                              ) -> AsyncIterator[StreamEvent]:
         """Stream an already signed request envelope (lets callers keep the exact bytes)."""
-        verifier = _StreamVerifier(open_envelope(request, InferenceRequest).digest)
+        verifier = StreamVerifier(open_envelope(request, InferenceRequest).digest)
         try:
             async for frame in self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout):
                 event = verifier.accept(frame)
@@ -228,7 +228,7 @@ class GonkaClient:
         return completion
 
 
-class _StreamVerifier:
+class StreamVerifier:
     """Checks one response stream frame by frame (see the module docstring)."""
 
     def __init__(self, inference_id: bytes) -> None:
@@ -259,6 +259,9 @@ class _StreamVerifier:
                 raise ProtocolViolation("InferenceStarted after tokens")
             return StartedEvent(msg.inference_id, self.executor, msg.prompt_tokens)
         if isinstance(msg, TokenBatch):
+            n = len(msg.token_ids)
+            if not (len(msg.logprobs) == len(msg.top_ids) == len(msg.top_logprobs) == n):
+                raise ProtocolViolation("a token batch's per-token lists differ in length")
             if msg.start != len(self.token_ids):
                 raise ProtocolViolation(f"token positions jump from {len(self.token_ids)} to {msg.start}")
             self.token_ids += msg.token_ids

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_serving import start_network
+from helpers import start_network
 
 from gonka_p2p.actors.gateway import ALTERNATIVES_HEADER, ERRORS, Gateway, GatewayServer
 from gonka_p2p.actors.node import Node, StartupError

@@ -8,18 +8,17 @@ import time
 
 import msgpack
 import pytest
+from helpers import MODEL, client_for, start_network
 
 from gonka_p2p.actors.executor import ARTIFACT_PROTOCOL
-from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL
 from gonka_p2p.client import (
     GonkaClient,
     ProtocolViolation,
     RequestRejected,
-    _StreamVerifier,
+    StreamVerifier,
     build_request,
 )
-from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
@@ -35,44 +34,9 @@ from gonka_p2p.wire.messages import (
     TokenBatch,
 )
 
-MODEL = "tiny-llama"
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return load_engine("torch", MODEL)
-
-
-async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node]:
-    """n nodes, the first one TA only, all joined through the first and announced."""
-    nodes = []
-    for i in range(n):
-        key = Keypair.from_seed(f"node{i}".encode())
-        models = [] if i == 0 else [MODEL]
-        bootstrap = [nodes[0].service.listen_addrs[0]] if nodes else []
-        node = Node(NodeConfig(models=models, bootstrap=bootstrap, engine="torch"), key,
-                    hub.service(key), weights=None)
-        if models:
-            node.engines[MODEL] = engine
-        await node.join()
-        await node.start_actors()
-        nodes.append(node)
-    for node in nodes[1:]:  # full mesh, as the directory would dial on announcements
-        for other in nodes[1:]:
-            if other is not node:
-                await node.service.connect(other.service.listen_addrs[0])
-    for node in nodes:
-        await node.directory.announce_once()
-    await asyncio.sleep(0.05)
-    return nodes
-
-
-async def client_for(hub: MemoryHub, ta: Node, seed: bytes = b"client") -> GonkaClient:
-    key = Keypair.from_seed(seed)
-    service = hub.service(key)
-    await service.start()
-    peer = await service.connect(ta.service.listen_addrs[0])
-    return GonkaClient(key, service, peer)
 
 
 async def raw_stream(client: GonkaClient, frame: bytes) -> list[bytes]:
@@ -163,7 +127,7 @@ async def test_client_detects_a_ta_that_alters_tokens(engine: Engine) -> None:
     batch = open_envelope(frames[1], TokenBatch).message
     forged = TokenBatch(**{**batch.__dict__, "token_ids": [batch.token_ids[0] + 1]})
     tampered = [frames[0], seal(forged, Keypair.from_seed(b"greedy-ta")), *frames[2:]]
-    verifier = _StreamVerifier(open_envelope(frame, InferenceRequest).digest)
+    verifier = StreamVerifier(open_envelope(frame, InferenceRequest).digest)
     with pytest.raises(ProtocolViolation):
         for f in tampered:
             verifier.accept(f)
@@ -189,3 +153,27 @@ async def test_executor_serves_the_artifact_it_committed_to(engine: Engine) -> N
     failed = open_envelope(await validator.service.request(
         completion.executor, ARTIFACT_PROTOCOL, missing), InferenceFailed)
     assert failed.message.code == "not_found"
+
+
+async def test_a_request_no_executor_can_run_is_refused_at_once(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine, n=4)
+    client = await client_for(hub, nodes[0])
+    too_long = "hello " * (engine.local_model.max_context + 10)
+    with pytest.raises(RequestRejected) as err:
+        await client.chat([("user", too_long)], model=MODEL, max_tokens=4)
+    assert err.value.code == "malformed"
+    assert "context" in str(err.value)
+    served = sum(n.executor.served for n in nodes)
+    assert served == 0
+
+
+async def test_every_executor_at_capacity_is_overloaded_not_missing(engine: Engine) -> None:
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine, n=3)
+    for node in nodes[1:]:
+        node.executor._slots = asyncio.Semaphore(0)  # no free slot anywhere
+    client = await client_for(hub, nodes[0])
+    with pytest.raises(RequestRejected) as err:
+        await client.chat([("user", "Hi")], model=MODEL, max_tokens=4)
+    assert err.value.code == "overloaded"

@@ -139,6 +139,7 @@ class ExecutorActor:
         try:
             params = sampling_params(req)
             prompt_ids = engine.encode_chat([(t.role, t.content) for t in req.messages])
+            engine.local_model.check_request(prompt_ids, params.max_tokens)
         except (ValueError, EngineError) as e:
             await send(self._fail("malformed", f"cannot prepare the request: {e}"))
             return

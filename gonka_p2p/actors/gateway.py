@@ -67,7 +67,7 @@ from gonka_p2p.client import (
     StartedEvent,
     StreamEvent,
     TokensEvent,
-    _StreamVerifier,
+    StreamVerifier,
 )
 from gonka_p2p.openai_auth import REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
 from gonka_p2p.wire.envelope import open_envelope
@@ -219,7 +219,7 @@ class Gateway:
                     frames.put_nowait(None)
 
             task = asyncio.create_task(route())
-            verifier = _StreamVerifier(request.digest)
+            verifier = StreamVerifier(request.digest)
             try:
                 while (frame := await frames.get()) is not None:
                     event = verifier.accept(frame)

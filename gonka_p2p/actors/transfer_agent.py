@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 INFER_PROTOCOL = "/gonka/infer/1"
 INFO_PROTOCOL = "/gonka/info/1"
 EXECUTOR_FRAMES = (InferenceStarted, TokenBatch, InferenceFinished, InferenceFailed)
+# An executor's refusal with one of these codes is about the request itself:
+# another executor would refuse it too, so the client gets it at once.
+TERMINAL_REFUSALS = frozenset({"malformed", "bad_signature", "oversize"})
 
 # Returns None to admit, or (code, message) to reject.
 AdmissionHook = Callable[[Signed[InferenceRequest]], Awaitable[tuple[str, str] | None]]
@@ -166,6 +169,7 @@ class TransferAgent:
         """Draw an executor, relay its frames; redraw while nothing reached the client."""
         order = seal(ExecuteOrder(request=request.raw), self._key)
         tried: set[str] = {self._service.peer_id}
+        refusals: list[str] = []
         for attempt in range(self._attempts):
             weights = self._directory.executor_weights(request.message.model)
             try:
@@ -179,13 +183,23 @@ class TransferAgent:
                 return
             if outcome == "failed_mid_stream":
                 return
-        await send(self._failed("no_executor", "no live executor could take the request "
-                                               f"after {len(tried) - 1} attempt(s)"))
+            refusals.append(outcome)
+        if refusals and all(r == "overloaded" for r in refusals):
+            await _to_client(send, self._failed("overloaded", "every executor drawn is at capacity; "
+                                                              "retry later or use another TA"))
+            return
+        await _to_client(send, self._failed("no_executor", "no live executor could take the "
+                                                           f"request after {len(tried) - 1} attempt(s)"))
 
     async def _relay(
         self, executor: str, order: bytes, request: Signed[InferenceRequest], send: SendFrame
     ) -> str:
-        """Relay one executor's stream. Returns 'done', 'retry' or 'failed_mid_stream'."""
+        """Relay one executor's stream.
+
+        Returns 'done' (relayed to the end, or a terminal refusal passed on),
+        'failed_mid_stream' (the client got an error), or why the executor
+        could not start ('overloaded', 'unreachable', ...): the caller redraws.
+        """
         started = False
         try:
             async for frame in self._service.open_stream(
@@ -197,7 +211,10 @@ class TransferAgent:
                 msg = signed.message
                 if isinstance(msg, InferenceFailed) and not started:
                     log.info("executor %s declined: %s", executor, msg.code)
-                    return "retry"
+                    if msg.code in TERMINAL_REFUSALS:
+                        await _to_client(send, frame)
+                        return "done"
+                    return msg.code
                 if not started:
                     started = True
                     self._spawn_start(request, executor)
@@ -208,12 +225,12 @@ class TransferAgent:
             self._directory.mark_failed(executor)
             if not started:
                 log.info("executor %s failed before streaming (%s); redrawing", executor, e)
-                return "retry"
+                return "unreachable"
             await _to_client(send, self._failed(
                 "executor_failed", f"executor {executor} failed mid-stream: {e}"))
             return "failed_mid_stream"
         if not started:
-            return "retry"
+            return "closed"
         await _to_client(send, self._failed(
             "executor_failed", f"executor {executor} closed the stream early"))
         return "failed_mid_stream"

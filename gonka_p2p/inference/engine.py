@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from gonka_p2p.inference.sampler import SamplingParams
+
+if TYPE_CHECKING:
+    from gonka_p2p.inference.models import LocalModel
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class EngineError(Exception):
 class Engine(Protocol):
     model_name: str
     eos_token_ids: frozenset[int]
+
+    @property
+    def local_model(self) -> LocalModel:
+        """Tokenizer and limits, shared by every engine of this model (``check_request``)."""
+        ...
 
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
         """Apply the model's chat template (with the generation prompt) and tokenize."""
