@@ -13,19 +13,29 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
 from gonka_p2p.config import ConfigError, load_config
 from gonka_p2p.identity import Keypair, KeyFileError
+
+if TYPE_CHECKING:
+    from gonka_p2p.client import GonkaClient
 
 err_console = Console(stderr=True)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+class UsageProblem(Exception):
+    """An argument that parses but cannot be right (e.g. a malformed peer id)."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -50,17 +60,18 @@ def cmd_node(args: argparse.Namespace) -> int:
     from gonka_p2p.actors.node import run_node
     from gonka_p2p.gossip.libp2p_service import Libp2pService
     from gonka_p2p.inference.factory import load_engine
-    from gonka_p2p.ledger.genesis_weights import load_weights
+    from gonka_p2p.ledger.genesis import load_genesis
 
     config = load_config(
         Path(args.config) if args.config else None,
         key=args.key, listen=args.listen, bootstrap=args.bootstrap or None,
         models=args.model or None, engine=args.engine, genesis=args.genesis,
-        announce_interval=args.announce_interval, http=args.http,
+        announce_interval=args.announce_interval, http=args.http, data_dir=args.data_dir,
+        empty_block_interval=args.empty_block_interval,
     )
     if args.no_executor:
         config = type(config)(**{**config.__dict__, "models": []})
-    weights = load_weights(config.genesis) if config.genesis else None
+    genesis = load_genesis(config.genesis) if config.genesis else None
 
     def ready(node: object) -> None:
         addr = node.service.listen_addrs[0]  # type: ignore[attr-defined]
@@ -71,7 +82,69 @@ def cmd_node(args: argparse.Namespace) -> int:
         err_console.print(f"[green]node {node.key.peer_id} serving {config.models or 'as TA only'}"  # type: ignore[attr-defined]
                           f" at {addr}[/green]")
 
-    asyncio.run(run_node(config, Libp2pService, load_engine, weights, ready))
+    asyncio.run(run_node(config, Libp2pService, load_engine, genesis, ready))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gonka_p2p.ledger.devnet import init_local_network
+
+    net = init_local_network(Path(args.out), nodes=args.nodes, clients=args.clients,
+                             models=tuple(args.model or ("smollm2-135m",)), client_balance=args.client_balance,
+                             epoch_length_blocks=args.epoch_length, chain_id=args.chain_id)
+    print(f"local network {net.genesis.chain_id!r} in {args.out}: genesis {net.genesis_path}")
+    weights = net.genesis.weights()
+    for path in net.node_keys + net.client_keys:
+        peer = Keypair.load(path).peer_id
+        role = (f"node, weight {weights[peer]}" if peer in weights
+                else f"client, balance {net.genesis.allocations[peer]}")
+        print(f"  {path}  {peer}  {role}")
+    first = f"gonka-p2p node --key {net.node_keys[0]} --genesis {net.genesis_path} --listen /ip4/127.0.0.1/tcp/9000"
+    print(f"start the first node with:\n  {first}\nand the others with --key {args.out}/nodeN.key, "
+          "another --listen port and --bootstrap <the first node's READY address>")
+    return 0
+
+
+async def _ask_node(node: str, question: Callable[[GonkaClient], Awaitable[object]]) -> object:
+    """Dial ``node`` with a throw-away client key and ask it one thing."""
+    from gonka_p2p.client import GonkaClient
+
+    client = await GonkaClient.connect(node)
+    async with client:
+        return await question(client)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gonka_p2p.ledger.query import StatusReply
+
+    status = asyncio.run(_ask_node(args.node, lambda c: c.status()))
+    assert isinstance(status, StatusReply)
+    console = Console()
+    console.print(f"chain {status.chain_id}  height {status.height}  epoch {status.epoch}  "
+                  f"app hash {status.app_hash.hex()}")
+    console.print(f"mempool {status.mempool} transactions, {status.evidence} equivocations seen")
+    table = Table(title="participants", title_justify="left")
+    for col in ("peer id", "weight", "models", "completed", "missed"):
+        table.add_column(col)
+    for p in status.participants:
+        table.add_row(p.peer_id, str(p.weight), ", ".join(p.models), str(p.completed), str(p.missed))
+    console.print(table)
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from gonka_p2p.ledger.query import BalanceReply
+    from gonka_p2p.ledger.rules import is_account_address
+
+    if not is_account_address(args.peer_id):
+        raise UsageProblem(f"{args.peer_id!r} is not a peer id (an account address looks like 16Uiu2HAm...)")
+    reply = asyncio.run(_ask_node(args.node, lambda c: c.balance(args.peer_id)))
+    assert isinstance(reply, BalanceReply)
+    if not reply.exists:
+        print(f"{args.peer_id}: no account (balance 0) at height {reply.height}")
+    else:
+        print(f"{args.peer_id}: balance {reply.balance}, sequence {reply.sequence}, "
+              f"pending fees {reply.pending_fees} (height {reply.height})")
     return 0
 
 
@@ -105,7 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-executor", action="store_true", help="serve as TA only, load no model")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000")
+    p.add_argument("--data-dir", help="the ledger replica's store (default: <key file>-ledger beside the key)")
+    p.add_argument("--empty-block-interval", type=float,
+                   help="seconds between blocks when there are no transactions (default 5)")
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("init", help="write keys and a genesis for a local network")
+    p.add_argument("--nodes", type=int, required=True, help="participants (equal weights)")
+    p.add_argument("--clients", type=int, default=1, help="funded client keys")
+    p.add_argument("--out", default="devnet", help="directory to write into (default: devnet)")
+    p.add_argument("--model", action="append", help="model the nodes serve (default smollm2-135m)")
+    p.add_argument("--client-balance", type=int, default=1_000_000, help="coins per client")
+    p.add_argument("--epoch-length", type=int, default=100, help="blocks per epoch")
+    p.add_argument("--chain-id", default="gonka-devnet")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("status", help="ask a node for the ledger's height, epoch, app hash, participants")
+    p.add_argument("--node", required=True, help="multiaddr of a running node")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("balance", help="ask a node for an account's balance")
+    p.add_argument("peer_id", help="the account (a peer id)")
+    p.add_argument("--node", required=True, help="multiaddr of a running node")
+    p.set_defaults(func=cmd_balance)
 
     p = sub.add_parser("demo", help="start a local network and send it chat requests")
     p.add_argument("--nodes", type=int, default=3)
@@ -123,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     from gonka_p2p.actors.node import StartupError
     from gonka_p2p.gossip.service import NetworkError
     from gonka_p2p.inference.engine import EngineError
+    from gonka_p2p.client import GonkaError
+    from gonka_p2p.ledger.devnet import DevnetError
     from gonka_p2p.ledger.genesis import GenesisError
 
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (ConfigError, KeyFileError, StartupError, EngineError, NetworkError, GenesisError) as e:
+    except (ConfigError, KeyFileError, StartupError, EngineError, NetworkError, GenesisError, DevnetError,
+            GonkaError, UsageProblem) as e:
         if os.environ.get("GONKA_DEBUG"):
             raise
         err_console.print(f"[red]error:[/red] {e}")

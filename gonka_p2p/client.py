@@ -13,6 +13,12 @@ Use::
         async for event in client.stream_chat([("user", "Hi!")], max_tokens=64):
             if isinstance(event, TokensEvent):
                 print(event.text, end="")
+        print((await client.balance()).balance)   # the ledger, as the node's replica sees it
+
+The ledger calls (:meth:`GonkaClient.status`, :meth:`~GonkaClient.balance`,
+:meth:`~GonkaClient.inference`, :meth:`~GonkaClient.submit_tx`) ask the
+node's replica over ``/gonka/ledger/query/1``; a node started without a
+genesis has no ledger and says so.
 """
 
 from __future__ import annotations
@@ -23,9 +29,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL, INFO_PROTOCOL
-from gonka_p2p.gossip.service import NetworkError, NetworkService
+from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import response_hash
+from gonka_p2p.ledger.consensus_wire import decode_frame_of, encode_frame
+from gonka_p2p.ledger.query import (
+    QUERY_PROTOCOL,
+    BalanceQuery,
+    BalanceReply,
+    InferenceQuery,
+    InferenceReply,
+    QueryFailed,
+    StatusQuery,
+    StatusReply,
+    SubmitReply,
+    SubmitTx,
+)
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (
     ChatTurn,
@@ -36,7 +55,7 @@ from gonka_p2p.wire.messages import (
     NetworkInfo,
     TokenBatch,
 )
-from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.schema import Message, WireError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -178,6 +197,40 @@ class GonkaClient:
         except WireError as e:
             raise ProtocolViolation(f"TA sent a bad info frame: {e}") from None
         return dict(zip(info.executors, info.executor_models))
+
+    async def status(self) -> StatusReply:
+        """The node's view of the ledger: chain, height, epoch, app hash, participants."""
+        return await self._query(StatusQuery(), StatusReply)  # type: ignore[return-value]
+
+    async def balance(self, account: str | None = None) -> BalanceReply:
+        """``account``'s committed balance and sequence (this client's own by default)."""
+        return await self._query(BalanceQuery(account=account or self.key.peer_id), BalanceReply)  # type: ignore[return-value]
+
+    async def inference(self, inference_id: bytes) -> InferenceReply:
+        """The ledger's record of an inference (``Completion.inference_id``): status, escrow, cost."""
+        return await self._query(InferenceQuery(inference_id=inference_id), InferenceReply)  # type: ignore[return-value]
+
+    async def submit_tx(self, raw: bytes) -> bytes:
+        """Hand a signed transaction to the node's mempool; its hash, or RequestRejected with the reason."""
+        reply: SubmitReply = await self._query(SubmitTx(tx=raw), SubmitReply)  # type: ignore[assignment]
+        if reply.code != "ok":
+            raise RequestRejected(reply.detail, code=reply.code)
+        return reply.tx_hash
+
+    async def _query(self, request: Message, reply_type: type[Message]) -> Message:
+        try:
+            frame = await self.service.request(self.ta, QUERY_PROTOCOL, encode_frame(request), timeout=10.0)
+            reply = decode_frame_of(frame, reply_type, QueryFailed)
+        except StreamReset as e:
+            raise NetworkUnavailable(f"node {self.ta} does not answer ledger queries (is it running "
+                                     f"with a genesis?): {e}") from None
+        except (NetworkError, TimeoutError) as e:
+            raise NetworkUnavailable(f"node {self.ta} did not answer: {e}") from None
+        except WireError as e:
+            raise ProtocolViolation(f"node sent a bad ledger reply: {e}") from None
+        if isinstance(reply, QueryFailed):
+            raise RequestRejected(reply.message, code=reply.code)
+        return reply
 
     async def stream_chat(
         self, messages: list[tuple[str, str]], *, timeout: float = 120.0, **params: object

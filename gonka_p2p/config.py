@@ -7,7 +7,9 @@ Example ``node.toml``::
     bootstrap = ["/ip4/127.0.0.1/tcp/9001/p2p/16Uiu2..."]
     models = ["smollm2-135m"]             # models this node executes; [] = TA only
     engine = "vllm"                       # or "torch"
-    genesis = "genesis.json"              # weights of the network's participants
+    genesis = "genesis.json"              # the network's genesis: with it the node runs a ledger replica
+    data_dir = "node-ledger"              # the replica's SQLite store (default: <key file>-ledger/)
+    empty_block_interval = 5.0            # seconds between blocks when nothing happens
     announce_interval = 2.0               # seconds
     http = "127.0.0.1:8000"               # OpenAI-compatible gateway; omit for none
 """
@@ -37,6 +39,13 @@ class NodeConfig:
     announce_interval: float = 2.0
     max_concurrent: int = 16
     http: str | None = None  # "HOST:PORT" of the OpenAI-compatible gateway
+    data_dir: Path | None = None  # the ledger replica's store; None: next to the key file
+    empty_block_interval: float = 5.0  # seconds; an idle chain still commits a block this often
+
+    @property
+    def ledger_dir(self) -> Path:
+        """Where the replica keeps its store: ``data_dir``, or ``<key file>-ledger`` beside the key."""
+        return self.data_dir if self.data_dir is not None else self.key.parent / f"{self.key.name}-ledger"
 
     def validated(self) -> NodeConfig:
         if self.engine not in ENGINES:
@@ -50,6 +59,8 @@ class NodeConfig:
             raise ConfigError("announce_interval must be positive")
         if self.http is not None:
             parse_http_address(self.http)
+        if self.empty_block_interval <= 0:
+            raise ConfigError("empty_block_interval must be positive")
         return self
 
 
@@ -76,7 +87,7 @@ def load_config(path: Path | None, **overrides: Any) -> NodeConfig:
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("key", "genesis"):
+    for name in ("key", "genesis", "data_dir"):
         if values.get(name) is not None:
             values[name] = Path(values[name])
     try:

@@ -1,11 +1,15 @@
 """``gonka-p2p demo``: a local network of real processes serving a real model.
 
-Starts ``nodes`` participant processes on 127.0.0.1 (each a ``gonka-p2p node``
-with its own key, libp2p host and engine), joined through the first one, then
-a client that sends chat requests round-robin through every node's TA, and
-prints each streamed answer with a table of who served it and how fast.
-Round-robin over TAs guarantees at least two distinct executors, since a TA
-never executes its own requests.
+Writes a local network (``gonka-p2p init``: a key per node, one funded
+client key, a genesis), starts ``nodes`` participant processes on 127.0.0.1
+(each a ``gonka-p2p node`` with its own key, libp2p host, engine and ledger
+replica), joined through the first one, then a client that sends chat
+requests round-robin through every node's TA, and prints each streamed
+answer with a table of who served it and how fast. Round-robin over TAs
+guarantees at least two distinct executors, since a TA never executes its
+own requests. Every request is paid for on the ledger: the demo waits until
+each inference's Start and Finish have committed and settled, and shows the
+client's balance before and after.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from rich.table import Table
 from gonka_p2p.client import Completion, GonkaClient, GonkaError
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger.genesis_weights import write_devnet_genesis
+from gonka_p2p.ledger.devnet import init_local_network
 
 console = Console()
 
@@ -39,6 +43,8 @@ PROMPTS: list[tuple[str, float]] = [
 ]
 
 READY_TIMEOUT_S = 300.0
+SETTLE_TIMEOUT_S = 120.0
+EMPTY_BLOCK_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -64,7 +70,8 @@ async def _spawn_node(index: int, workdir: Path, genesis: Path, engine: str, mod
     key = Keypair.load(workdir / f"node{index}.key")
     args = [sys.executable, "-m", "gonka_p2p.cli", "node", "--key", str(workdir / f"node{index}.key"),
             "--listen", "/ip4/127.0.0.1/tcp/0", "--engine", engine, "--model", model,
-            "--genesis", str(genesis), "--announce-interval", "1.0"]
+            "--genesis", str(genesis), "--announce-interval", "1.0",
+            "--empty-block-interval", str(EMPTY_BLOCK_INTERVAL_S)]
     if bootstrap:
         args += ["--bootstrap", bootstrap]
     log = open(workdir / f"node{index}.log", "wb")
@@ -132,11 +139,9 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
         progress.update(task, description=f"model {model} ready at {model_dir}", completed=1, total=1)
 
         workdir = Path(tempfile.mkdtemp(prefix="gonka-demo-"))
-        keys = [Keypair.generate() for _ in range(nodes)]
-        for i, key in enumerate(keys):
-            key.save(workdir / f"node{i}.key")
-        genesis = workdir / "genesis.json"
-        write_devnet_genesis(genesis, [k.public_key for k in keys], clients=[])
+        network = init_local_network(workdir, nodes=nodes, clients=1, models=(model,))
+        genesis = network.genesis_path
+        client_key = Keypair.load(network.client_keys[0])
 
         procs: list[NodeProcess] = []
         client_service = Libp2pService(Keypair.generate(), "/ip4/127.0.0.1/tcp/0")
@@ -157,7 +162,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
             clients = []
             for node in procs:
                 ta = await client_service.connect(node.addr)
-                clients.append(GonkaClient(Keypair.generate(), client_service, ta))
+                clients.append(GonkaClient(client_key, client_service, ta))
             task = progress.add_task("waiting until every TA sees the executors", total=1)
             for client in clients:
                 await _wait_for_executors(client, nodes - 1, model)
@@ -168,25 +173,55 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
 
     results: list[tuple[str, Completion]] = []
     try:
+        balance_before = (await clients[0].balance()).balance
         for i in range(requests):
             prompt, temperature = PROMPTS[i % len(PROMPTS)]
             client = clients[i % len(clients)]
             completion = await _ask(client, prompt, temperature, model, max_tokens)
             results.append((client.ta, completion))
             console.print(_request_table(i + 1, client.ta, completion))
+        with console.status("waiting until every inference is settled on the ledger"):
+            costs = await _wait_settled(clients[0], [c for _, c in results])
+        balance_after = (await clients[0].balance()).balance
         memory = {n.key.peer_id: n.rss_mib() for n in procs}
-    except GonkaError as e:
-        console.print(f"[red]error:[/red] request failed ({e.code}): {e}")
+    except (GonkaError, TimeoutError) as e:
+        console.print(f"[red]error:[/red] request failed ({getattr(e, 'code', 'timeout')}): {e}")
         return 1
     finally:
         await _shutdown(procs, client_service)
 
     _print_summary(results, memory, time.perf_counter() - started)
+    _print_ledger(client_key.peer_id, balance_before, balance_after, costs)
+    if balance_before - balance_after != sum(costs):
+        console.print("[red]error:[/red] the client's balance did not fall by exactly what it was charged")
+        return 1
     executors = {c.executor for _, c in results}
     if requests >= 3 and len(executors) < 2:
         console.print("[red]error:[/red] fewer than 2 distinct executors served the requests")
         return 1
     return 0
+
+
+async def _wait_settled(client: GonkaClient, completions: list[Completion]) -> list[int]:
+    """Poll the ledger until every inference has settled; return what each one cost."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    costs = []
+    for completion in completions:
+        while (record := await client.inference(completion.inference_id)).status != "settled":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"inference {completion.inference_id.hex()[:12]} is still "
+                                   f"{record.status or 'unknown'} on the ledger after {SETTLE_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.5)
+        costs.append(record.cost)
+    return costs
+
+
+def _print_ledger(client: str, before: int, after: int, costs: list[int]) -> None:
+    table = Table(title="ledger", title_justify="left")
+    for col in ("client", "balance before", "balance after", "charged", "inferences settled"):
+        table.add_column(col)
+    table.add_row(client[-12:], str(before), str(after), str(before - after), f"{len(costs)} (cost {sum(costs)})")
+    console.print(table)
 
 
 def _print_summary(results: list[tuple[str, Completion]], memory: dict[str, float], wall: float) -> None:

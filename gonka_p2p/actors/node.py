@@ -7,6 +7,16 @@ tests wait for that line) and shuts down cleanly on SIGINT/SIGTERM: actors
 stop, in-flight streams reset, the engine is closed. With ``http`` set it
 also serves the OpenAI-compatible gateway in front of its TA; the HTTP port
 is bound right after the libp2p one, so a busy port fails start-up early.
+
+With a genesis the node also runs a ledger :class:`Replica` (store under
+``config.ledger_dir``, opened -- and recovered -- before the models load; it
+catches up with its peers once the node serves). The ledger then decides
+what the serving path checks: the TA admits a request only if the client's
+available balance covers its escrow and records ``StartInference``; the
+executor records ``FinishInference`` (:class:`LedgerHooks`); and the
+executor draw uses the participants' weights from the committed state,
+refreshed after every block. Without a genesis (an ad-hoc development
+network) there is no ledger: every peer weighs 1 and nothing is charged.
 """
 
 from __future__ import annotations
@@ -20,11 +30,17 @@ from contextlib import AsyncExitStack
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import ExecutorActor
 from gonka_p2p.actors.gateway import Gateway, GatewayServer
+from gonka_p2p.actors.ledger_hooks import LedgerHooks
+from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.transfer_agent import TransferAgent
 from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
+from gonka_p2p.ledger.genesis import Genesis
+from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.store import StoreError
+from gonka_p2p.ledger.validators import NoValidators
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +61,30 @@ class Node:
         key: Keypair,
         service: NetworkService,
         weights: Mapping[str, int] | None,
+        genesis: Genesis | None = None,
+        replica_params: ReplicaParams | None = None,
     ) -> None:
+        """``genesis`` turns the ledger on (and its weights then win over ``weights``)."""
         self.config = config
         self.key = key
         self.service = service
         self.engines: dict[str, Engine] = {}
         self.directory = PeerDirectory(
             service, key, models=list(config.models), capacity=config.max_concurrent,
-            weights=weights, interval=config.announce_interval,
+            weights=genesis.weights() if genesis is not None else weights, interval=config.announce_interval,
         )
-        self.executor = ExecutorActor(service, key, self.engines, config.max_concurrent)
-        self.ta = TransferAgent(service, key, self.directory)
+        self.replica: Replica | None = None
+        self.hooks: LedgerHooks | None = None
+        if genesis is not None:
+            params = replica_params or ReplicaParams(empty_block_interval_s=config.empty_block_interval)
+            self.replica = Replica(service, key, genesis, config.ledger_dir, params)
+            self.replica.add_commit_listener(self._ledger_weights)
+            self.hooks = LedgerHooks(self.replica, key)
+        hooks = self.hooks
+        self.executor = ExecutorActor(service, key, self.engines, config.max_concurrent,
+                                      on_finished=hooks.on_finished if hooks else None)
+        self.ta = TransferAgent(service, key, self.directory, admit=hooks.admit if hooks else None,
+                                on_start=hooks.on_start if hooks else None)
         self.gateway: GatewayServer | None = None
         if config.http is not None:
             self.gateway = GatewayServer(Gateway(self.ta, self.directory).app,
@@ -78,6 +107,16 @@ class Node:
                 errors.append(f"{addr}: {e}")
         if self.config.bootstrap and len(errors) == len(self.config.bootstrap):
             raise StartupError("no bootstrap peer is reachable:\n  " + "\n  ".join(errors))
+        if self.replica is not None:
+            try:
+                await self.replica.open()
+            except (StoreError, NoValidators) as e:
+                raise StartupError(f"cannot open the ledger in {self.config.ledger_dir}: {e}") from None
+            self._ledger_weights(self.replica.state)
+
+    def _ledger_weights(self, state: LedgerState) -> None:
+        """The executor draw follows the weights the ledger holds now."""
+        self.directory.weights = state.weights()
 
     def load_engines(self, loader: EngineLoader) -> None:
         for model in self.config.models:
@@ -93,10 +132,13 @@ class Node:
         await self.start_actors()
         async with asyncio.TaskGroup() as tasks:
             announcer = tasks.create_task(self.directory.run())
+            ledger = tasks.create_task(self.replica.run()) if self.replica is not None else None
             if self.gateway is not None:
                 tasks.create_task(self.gateway.serve())
             await stop.wait()
             announcer.cancel()
+            if ledger is not None:
+                ledger.cancel()
             if self.gateway is not None:
                 self.gateway.stop()  # returns once in-flight answers end (or their grace does)
 
@@ -104,8 +146,12 @@ class Node:
         if self.gateway is not None:
             self.gateway.close()
         await self.ta.stop()
+        if self.hooks is not None:
+            await self.hooks.stop()
         for engine in self.engines.values():
             await engine.close()
+        if self.replica is not None:
+            await self.replica.close()
         await self.service.stop()
 
 
@@ -119,13 +165,13 @@ async def run_node(
     config: NodeConfig,
     service_factory: Callable[[Keypair, str], NetworkService],
     engine_loader: EngineLoader,
-    weights: Mapping[str, int] | None,
+    genesis: Genesis | None,
     on_ready: Callable[[Node], None],
 ) -> None:
     """The whole life of a node process; StartupError for anything a person must fix."""
     key = Keypair.load_or_create(config.key)
     service = service_factory(key, config.listen)
-    node = Node(config, key, service, weights)
+    node = Node(config, key, service, None, genesis)
     stop = asyncio.Event()
     install_stop_signals(stop)
     async with AsyncExitStack() as stack:

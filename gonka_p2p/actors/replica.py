@@ -467,6 +467,7 @@ class Replica:
 
     def _start_height(self, height: int) -> list[Action]:
         self._started_at = asyncio.get_running_loop().time()
+        log.debug("start height %d (mempool %d)", height, len(self._mempool))
         actions = self.core.start(height, self._validators)
         if height in self._fetched:
             self._post(self._offer_fetched)
@@ -537,6 +538,7 @@ class Replica:
         """Consensus decided ``commit.height``: make it durable, apply it, and wait for the next height."""
         block = decode_block(commit.block)  # >2/3 validated it: a failure here is a bug, and fatal
         await self._commit_block(commit.height, commit.block, block, commit.certificate)
+        log.debug("committed height %d round %d: %d txs", commit.height, commit.certificate.round, len(block.txs))
         self.metrics.heights += 1
         self.metrics.rounds += commit.certificate.round
         self.metrics.height_s += asyncio.get_running_loop().time() - self._started_at
