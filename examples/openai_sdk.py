@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--key", default="client.key", help="client key file")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
 
     key = Keypair.load_or_create(Path(args.key))
@@ -41,7 +42,7 @@ def main() -> int:
     try:
         stream = client.chat.completions.create(
             model=args.model, messages=[{"role": "user", "content": args.prompt}],
-            max_tokens=args.max_tokens, stream=True, stream_options={"include_usage": True},
+            max_tokens=args.max_tokens, temperature=args.temperature, stream=True, stream_options={"include_usage": True},
         )
         for chunk in stream:
             if chunk.choices:

@@ -106,12 +106,19 @@ def test_bad_key_file_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
     assert_clean_failure(gonka("node", "--config", "node.toml", cwd=tmp_path), "unknown config keys")
 
 
+def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+
+
 def test_readme_network_by_hand(tmp_path: Path) -> None:
-    """The README's commands: keygen, two nodes joined by bootstrap, the example client."""
+    """The README's commands: keygen, two nodes joined by bootstrap (the first with the
+    OpenAI gateway), the example client and the OpenAI SDK example."""
     peer_a = gonka("keygen", "--out", "a.key", cwd=tmp_path).stdout.strip()
     gonka("keygen", "--out", "b.key", cwd=tmp_path)
-    pa, pb = free_port(), free_port()
-    a = NodeProcess("--key", "a.key", "--listen", f"/ip4/127.0.0.1/tcp/{pa}", cwd=tmp_path)
+    pa, pb, http = free_port(), free_port(), free_port()
+    a = NodeProcess("--key", "a.key", "--listen", f"/ip4/127.0.0.1/tcp/{pa}",
+                    "--http", f"127.0.0.1:{http}", cwd=tmp_path)
     b = None
     try:
         addr = a.wait_ready()
@@ -121,16 +128,18 @@ def test_readme_network_by_hand(tmp_path: Path) -> None:
         b.wait_ready()
         deadline = time.monotonic() + 30
         while True:  # until a's directory has heard b's announcement
-            result = subprocess.run(
-                [sys.executable, str(ROOT / "examples" / "chat_client.py"), addr,
-                 "What is the capital of France?", "--max-tokens", "12"],
-                capture_output=True, text=True, timeout=120, env=ENV)
+            result = run_example("chat_client.py", addr, "What is the capital of France?",
+                                 "--max-tokens", "12")
             if result.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(1)
         assert result.returncode == 0, result.stderr
         assert "Paris" in result.stdout
         assert f"executor {peer_a}" not in result.stdout  # a's TA never executes for itself
+        sdk = run_example("openai_sdk.py", f"http://127.0.0.1:{http}/v1",
+                          "What is the capital of France?", "--key", str(tmp_path / "client.key"))
+        assert sdk.returncode == 0, sdk.stderr
+        assert "Paris" in sdk.stdout
     finally:
         errors = [n.stop() for n in (a, b) if n is not None]
     assert all("Traceback" not in e for e in errors), errors
