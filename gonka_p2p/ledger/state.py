@@ -174,7 +174,6 @@ from gonka_p2p.ledger.rules import (
     PPM,
     SEED_BYTES,
     DisputeOutcome,
-    Forfeit,
     Observation,
     dispute_deadline,
     dispute_outcome,
@@ -390,7 +389,6 @@ class Check:
     max_distance_nano: int
     top_k_misses: int
     sampling_mismatches: int
-    duty: bool = False  # set when its validator reveals: this check was one of its duties
 
     @classmethod
     def of(cls, verdict: VerdictStats, height: int) -> Check:
@@ -523,12 +521,15 @@ _FROM_WIRE: dict[str, Callable[[Any], Any]] = {  # msgpack gives lists and str
 
 
 def _record_codec(cls: type, coins: Callable[[Any], int]) -> _Codec[Any]:
-    """A record is encoded as the list of its field values, in declaration order (a nested
-    record as its own list)."""
+    """A record is encoded as the list of its field values, in declaration order (tuples as
+    msgpack arrays, the nested records of a summary as their own lists)."""
     names = [f.name for f in fields(cls)]
-
-    def encode(row: Any) -> list[Any]:
-        return [_encode_value(getattr(row, n)) for n in names]
+    if "participants" in names:
+        def encode(row: Any) -> list[Any]:
+            return [_encode_value(getattr(row, n)) for n in names]
+    else:
+        def encode(row: Any) -> list[Any]:
+            return [getattr(row, n) for n in names]
 
     def decode(obj: Any) -> Any:
         return cls(*[_FROM_WIRE[n](v) if n in _FROM_WIRE else v
@@ -850,9 +851,22 @@ class LedgerState:
         return sorted(ids, key=lambda iid: (self.inferences.rows[iid].closed_height, iid))
 
     def validation_duties(self, epoch: int, validator: str, seed: bytes) -> list[bytes]:
-        """Every inference of ``epoch`` (so far) that ``validator`` must check with ``seed``."""
-        return [iid for iid in self.epoch_inferences(epoch)
-                if self.is_validation_duty(iid, validator, seed)]
+        """Every inference of ``epoch`` (so far) that ``validator`` must check with ``seed``,
+        in closing order. One hash per inference: what a reveal recomputes."""
+        eligible = self.epoch_validators(epoch)
+        weight = eligible.get(validator)
+        if weight is None:
+            return []
+        total = sum(eligible.values())
+        duties = []
+        for iid in self.epoch_inferences(epoch):
+            record = self.inferences.rows[iid]
+            if record.status is not InferenceStatus.SETTLED or validator in (record.executor, record.ta):
+                continue
+            others = total - eligible.get(record.executor, 0) - eligible.get(record.ta, 0)
+            if is_validation_duty(seed, iid, record.validation_ppm, weight, others):
+                duties.append(iid)
+        return duties
 
     def validations(self, inference_id: bytes) -> dict[str, Check]:
         """The Validations submitted for an inference, by validator."""
@@ -1300,19 +1314,11 @@ def process_reveal_seed(state: LedgerState, ctx: BlockContext,
         raise TxRejected(Reason.SEED_MISMATCH, "the seed does not open the commitment")
     if not apply:
         return "would reveal"
-    duties = done = 0
-    for iid in state.epoch_inferences(tx.epoch):
-        if not state.is_validation_duty(iid, signer, tx.seed):
-            continue
-        duties += 1
-        check = state.checks.get((iid, signer))
-        if check is not None:
-            state.checks.put((iid, signer), replace(check, duty=True))
-        if check is not None or (iid, signer) in state.votes:
-            done += 1
+    duties = state.validation_duties(tx.epoch, signer, tx.seed)
+    done = sum((iid, signer) in state.checks or (iid, signer) in state.votes for iid in duties)
     state.commitments.put((tx.epoch, signer), replace(
-        commitment, seed=tx.seed, revealed_height=ctx.height, duties=duties, done=done))
-    return f"epoch {tx.epoch}: {duties} duties, {done} done, {duties - done} skipped"
+        commitment, seed=tx.seed, revealed_height=ctx.height, duties=len(duties), done=done))
+    return f"epoch {tx.epoch}: {len(duties)} duties, {done} done, {len(duties) - done} skipped"
 
 
 def _inference_to_check(state: LedgerState, ctx: BlockContext, iid: bytes) -> Inference:
@@ -1506,23 +1512,28 @@ class EpochTally:
 def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
     """Read everything settlement needs about ``epoch`` from the state (changes nothing)."""
     info = state.epochs.rows[epoch]
+    weights = info.weights
     tally = EpochTally(epoch, info.floor_ppm, {}, [])
 
     def peer(address: str) -> PeerTally:
         row = tally.peers.get(address)
         if row is None:
             participant = state.registry.rows[address]
-            row = tally.peers[address] = PeerTally(weight=info.weights.get(address, 0),
+            row = tally.peers[address] = PeerTally(weight=weights.get(address, 0),
                                                    reputation_ppm=participant.reputation_ppm)
         return row
 
-    for address in info.weights:
+    for address in weights:
         peer(address)
+    duties: set[tuple[bytes, str]] = set()  # (inference id, validator) of every revealed duty
     for (e, address), commitment in state.commitments.rows.items():
-        if e == epoch and address in info.weights:
+        if e == epoch and address in weights:
             row = peer(address)
             row.committed, row.revealed = True, commitment.revealed
             row.duties, row.done = commitment.duties, commitment.done
+            if commitment.revealed:
+                duties.update((iid, address)
+                              for iid in state.validation_duties(epoch, address, commitment.seed))
     for iid in state.epoch_inferences(epoch):
         record = state.inferences.rows[iid]
         executor = peer(record.executor)
@@ -1534,7 +1545,7 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
         tally.fees.append((iid, record.executor, record.client, record.cost))
         dispute = state.disputes.get(iid)
         checks = state.validations(iid)
-        passes = [(info.weights[v], c.suspicious) for v, c in checks.items() if c.valid]
+        passes = [(weights[v], c.suspicious) for v, c in checks.items() if c.valid]
         observation = inference_observation(dispute.outcome if dispute else None, passes)
         if observation is not None:
             executor.checked += 1
@@ -1546,7 +1557,7 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
             overturned = (dispute is not None and dispute.accuser == validator
                           and dispute.outcome is DisputeOutcome.VALID)
             row.overturned += overturned
-            if check.duty and not overturned:
+            if (iid, validator) in duties and not overturned:
                 row.work += record.prompt_tokens + record.completion_tokens
         if dispute is None:
             continue
@@ -1698,7 +1709,7 @@ def format_epoch_summary(summary: EpochSummary, names: Mapping[str, str] | None 
              f"minted {summary.minted}, forfeited {summary.forfeited}",
              f"  {'participant':<12} {'weight':>6} {'inf':>4} {'fees':>7} {'refund':>7} {'duties':>9} "
              f"{'votes':>5} {'reward':>8} {'forfeit':>8}  {'reputation':<12} notes"]
-    for row in summary.participants:
+    for row in sorted(summary.participants, key=lambda r: name(r.peer)):
         duties = f"{row.done}/{row.duties}" if row.revealed else ("unrevealed" if row.committed else "-")
         notes = []
         if row.caught:
