@@ -16,9 +16,10 @@ Use::
         print((await client.balance()).balance)   # the ledger, as the node's replica sees it
 
 The ledger calls (:meth:`GonkaClient.status`, :meth:`~GonkaClient.balance`,
-:meth:`~GonkaClient.inference`, :meth:`~GonkaClient.submit_tx`) ask the
-node's replica over ``/gonka/ledger/query/1``; a node started without a
-genesis has no ledger and says so.
+:meth:`~GonkaClient.inference`, :meth:`~GonkaClient.app_hash`,
+:meth:`~GonkaClient.submit_tx`) ask the node's replica over
+``/gonka/ledger/query/1``; a node started without a genesis has no ledger
+and says so.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from gonka_p2p.inference.artifacts import response_hash
 from gonka_p2p.ledger.consensus_wire import decode_frame_of, encode_frame
 from gonka_p2p.ledger.query import (
     QUERY_PROTOCOL,
+    AppHashQuery,
+    AppHashReply,
     BalanceQuery,
     BalanceReply,
     InferenceQuery,
@@ -209,6 +212,11 @@ class GonkaClient:
     async def inference(self, inference_id: bytes) -> InferenceReply:
         """The ledger's record of an inference (``Completion.inference_id``): status, escrow, cost."""
         return await self._query(InferenceQuery(inference_id=inference_id), InferenceReply)  # type: ignore[return-value]
+
+    async def app_hash(self, height: int) -> bytes | None:
+        """The node's app hash after ``height`` (None if it has not reached it, or forgot it)."""
+        reply: AppHashReply = await self._query(AppHashQuery(height=height), AppHashReply)  # type: ignore[assignment]
+        return reply.app_hash if reply.found else None
 
     async def submit_tx(self, raw: bytes) -> bytes:
         """Hand a signed transaction to the node's mempool; its hash, or RequestRejected with the reason."""
