@@ -67,7 +67,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         key=args.key, listen=args.listen, bootstrap=args.bootstrap or None,
         models=args.model or None, engine=args.engine, genesis=args.genesis,
         announce_interval=args.announce_interval, http=args.http, data_dir=args.data_dir,
-        empty_block_interval=args.empty_block_interval,
+        empty_block_interval=args.empty_block_interval, cheater=args.cheater,
     )
     if args.no_executor:
         config = type(config)(**{**config.__dict__, "models": []})
@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genesis", help="genesis file with participant weights")
     p.add_argument("--announce-interval", type=float)
     p.add_argument("--no-executor", action="store_true", help="serve as TA only, load no model")
+    p.add_argument("--cheater", metavar="CHEAT",
+                   help="serve a cheating executor (demos and tests: validators must catch it); "
+                        "one of fp16 bf16 int8 int4 small-model prefill fabricated truncated altered "
+                        "wrong-temperature")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000")
     p.add_argument("--data-dir", help="the ledger replica's store (default: <key file>-ledger beside the key)")

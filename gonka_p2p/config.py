@@ -41,6 +41,7 @@ class NodeConfig:
     http: str | None = None  # "HOST:PORT" of the OpenAI-compatible gateway
     data_dir: Path | None = None  # the ledger replica's store; None: next to the key file
     empty_block_interval: float = 5.0  # seconds; an idle chain still commits a block this often
+    cheater: str | None = None  # serve this cheat (gonka_p2p.inference.cheats.CHEATS): demos and tests
 
     @property
     def ledger_dir(self) -> Path:
@@ -59,6 +60,11 @@ class NodeConfig:
             raise ConfigError("announce_interval must be positive")
         if self.http is not None:
             parse_http_address(self.http)
+        if self.cheater is not None:
+            from gonka_p2p.inference.cheats import CHEATS
+
+            if self.cheater not in CHEATS:
+                raise ConfigError(f"unknown cheat {self.cheater!r}: choose from {', '.join(CHEATS)}")
         if self.empty_block_interval <= 0:
             raise ConfigError("empty_block_interval must be positive")
         return self

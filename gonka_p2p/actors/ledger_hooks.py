@@ -107,7 +107,7 @@ class LedgerHooks:
             return seal(StartInference(chain_id=chain_id, request=request.raw, executor=executor,
                                        sequence=sequence), self._key)
 
-        self._follow(build, f"StartInference {request.digest.hex()[:12]}",
+        self.follow(build, f"StartInference {request.digest.hex()[:12]}",
                      lambda: self._reservations.pop(request.digest, None))
 
     # ---- the executor's hook ---------------------------------------------------------
@@ -122,12 +122,14 @@ class LedgerHooks:
                 completion_tokens=len(artifact.steps), response_hash=response_hash,
                 artifact_commitment=artifact.commitment(), sequence=sequence), self._key)
 
-        self._follow(build, f"FinishInference {request.digest.hex()[:12]}", lambda: None)
+        self.follow(build, f"FinishInference {request.digest.hex()[:12]}")
 
     # ---- submission ------------------------------------------------------------------
 
-    def _follow(self, build: Callable[[int], bytes], what: str, done: Callable[[], object]) -> None:
-        """Submit now; see it to its block in the background (the caller's path never waits)."""
+    def follow(self, build: Callable[[int], bytes], what: str,
+               done: Callable[[], object] = lambda: None) -> None:
+        """Sign (``build(sequence)``) and submit now; see it to its block in the background
+        (the caller's path never waits). Also how the validator sends its transactions."""
         try:
             tx_hash = self._replica.submit(build(self._replica.next_sequence(self._key.peer_id)))
         except TxRefused as e:

@@ -33,10 +33,13 @@ from gonka_p2p.actors.gateway import Gateway, GatewayServer
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.transfer_agent import TransferAgent
+from gonka_p2p.actors.validator import ValidatorActor
 from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.cheating_engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.verification import load_verification_params
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.store import StoreError
@@ -75,11 +78,15 @@ class Node:
         )
         self.replica: Replica | None = None
         self.hooks: LedgerHooks | None = None
+        self.validator: ValidatorActor | None = None
         if genesis is not None:
             params = replica_params or ReplicaParams(empty_block_interval_s=config.empty_block_interval)
             self.replica = Replica(service, key, genesis, config.ledger_dir, params)
             self.replica.add_commit_listener(self._ledger_weights)
             self.hooks = LedgerHooks(self.replica, key)
+            self.validator = ValidatorActor(service, key, self.engines, load_verification_params(),
+                                            genesis.chain_id, self.hooks)
+            self.replica.add_commit_listener(self.validator.on_commit)
         hooks = self.hooks
         self.executor = ExecutorActor(service, key, self.engines, config.max_concurrent,
                                       on_finished=hooks.on_finished if hooks else None)
@@ -119,8 +126,10 @@ class Node:
         self.directory.weights = state.weights()
 
     def load_engines(self, loader: EngineLoader) -> None:
+        """Load each served model; a ``cheater`` node serves that cheat (validators must catch it)."""
         for model in self.config.models:
-            self.engines[model] = loader(self.config.engine, model)
+            engine = loader(self.config.engine, model)
+            self.engines[model] = CheatingEngine(engine, self.config.cheater) if self.config.cheater else engine
 
     async def start_actors(self) -> None:
         await self.directory.start()
@@ -133,12 +142,14 @@ class Node:
         async with asyncio.TaskGroup() as tasks:
             announcer = tasks.create_task(self.directory.run())
             ledger = tasks.create_task(self.replica.run()) if self.replica is not None else None
+            validator = tasks.create_task(self.validator.run()) if self.validator is not None else None
             if self.gateway is not None:
                 tasks.create_task(self.gateway.serve())
             await stop.wait()
             announcer.cancel()
-            if ledger is not None:
-                ledger.cancel()
+            for task in (ledger, validator):
+                if task is not None:
+                    task.cancel()
             if self.gateway is not None:
                 self.gateway.stop()  # returns once in-flight answers end (or their grace does)
 

@@ -1,0 +1,192 @@
+"""The validator actor: checks the inferences the ledger says it must, and votes on disputes.
+
+Theory of operation
+-------------------
+Everything it must do is a function of committed state and its own secret,
+so it polls the state after each committed block rather than keeping a
+schedule of its own (nothing to persist, nothing lost by a restart):
+
+* **Seeds.** Its secret seed for epoch *e* is derived from its private key
+  (``derive_validation_seed``). While *e - 1* runs it commits to the seed
+  (``CommitValidationSeed``); once *e* has ended, before it settles, it
+  reveals it (``RevealValidationSeed``), which claims its epoch reward -- and
+  lets every replica recompute its duties and count any it skipped.
+* **Duties.** ``state.validation_duties(e, me, seed)`` lists the settled
+  inferences it must check. For each one it has not checked yet it fetches
+  the client's signed request and the artifact from the executor
+  (``/gonka/artifact/1``), re-runs the committed model teacher-forced over
+  the exact ids (one prefill), applies the verification metric and submits
+  a ``Validation``. An artifact that is not served, or does not match the
+  ledger's commitment, is a withheld verdict: a failure.
+* **Disputes.** When it sits on the committee of an open dispute it checks
+  the inference itself in the same way and submits a ``DisputeVote``.
+
+Only the work is asynchronous: checks run one at a time (they share the
+cores with serving), each in a task this actor owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from gonka_p2p.actors.executor import ARTIFACT_PROTOCOL
+from gonka_p2p.gossip.service import NetworkError, NetworkService
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
+from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.verification import VerificationParams, verify
+from gonka_p2p.ledger.rules import seed_commit_open, seed_commitment, seed_reveal_open
+from gonka_p2p.ledger.state import DisputeOutcome, Inference, LedgerState
+from gonka_p2p.ledger.transactions import (
+    CommitValidationSeed,
+    DisputeVote,
+    RevealValidationSeed,
+    Validation,
+    VerdictStats,
+    derive_validation_seed,
+    verdict_stats,
+    withheld_verdict,
+)
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest
+from gonka_p2p.wire.schema import WireError
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 30.0
+
+
+class TxFollower(Protocol):
+    def follow(self, build: Callable[[int], bytes], what: str) -> None:
+        """Sign with the next sequence, submit, and see it to its block in the background."""
+        ...
+
+
+class ValidatorActor:
+    def __init__(
+        self,
+        service: NetworkService,
+        key: Keypair,
+        engines: dict[str, Engine],
+        params: VerificationParams,
+        chain_id: str,
+        submitter: TxFollower,
+    ) -> None:
+        self._service = service
+        self._key = key
+        self._engines = engines
+        self._params = params
+        self._chain_id = chain_id
+        self._submitter = submitter
+        self._state: LedgerState | None = None
+        self._wake = asyncio.Event()
+        self._done: set[tuple[str, int | bytes]] = set()  # (what, epoch or inference id) already sent
+        self.checked = 0
+
+    @property
+    def me(self) -> str:
+        return self._key.peer_id
+
+    def on_commit(self, state: LedgerState) -> None:
+        """Replica commit listener: remember the newest state and wake the loop."""
+        self._state = state
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._state is not None:
+                await self.step(self._state)
+
+    def seed(self, epoch: int) -> bytes:
+        return derive_validation_seed(self._key.secret, self._chain_id, epoch)
+
+    async def step(self, state: LedgerState) -> None:
+        """Everything due at this state: seeds to commit or reveal, checks, dispute votes."""
+        height, params = state.height, state.params
+        for epoch in (state.epoch - 1, state.epoch, state.epoch + 1):
+            if epoch < 0:
+                continue
+            if seed_commit_open(epoch, height, params) and state.commitment(epoch, self.me) is None:
+                self._once(("commit", epoch), lambda s, e=epoch: seal(CommitValidationSeed(
+                    chain_id=self._chain_id, epoch=e,
+                    commitment=seed_commitment(e, self.me, self.seed(e)), sequence=s), self._key))
+            commitment = state.commitment(epoch, self.me)
+            if commitment is None or epoch > state.epoch:  # the next epoch's duties do not exist yet
+                continue
+            for iid in state.validation_duties(epoch, self.me, self.seed(epoch)):
+                if self.me not in state.validations(iid) and ("check", iid) not in self._done:
+                    await self._check(state, iid, dispute=False)
+            if seed_reveal_open(epoch, height, params) and not commitment.revealed:
+                self._once(("reveal", epoch), lambda s, e=epoch: seal(RevealValidationSeed(
+                    chain_id=self._chain_id, epoch=e, seed=self.seed(e), sequence=s), self._key))
+        for iid, dispute in state.disputes.rows.items():
+            if (dispute.outcome is DisputeOutcome.OPEN and self.me in dispute.committee
+                    and self.me not in state.dispute_votes(iid) and ("vote", iid) not in self._done):
+                await self._check(state, iid, dispute=True)
+
+    def _once(self, key: tuple[str, int | bytes], build: Callable[[int], bytes]) -> None:
+        if key in self._done:
+            return
+        self._done.add(key)
+        self._submitter.follow(build, f"{key[0]} {key[1]!r}")
+
+    async def _check(self, state: LedgerState, inference_id: bytes, dispute: bool) -> None:
+        record = state.inference(inference_id)
+        if record is None:
+            return
+        verdict = await self.judge(inference_id, record)
+        if verdict is None:
+            return
+        self.checked += 1
+        kind = DisputeVote if dispute else Validation
+        self._once(("vote" if dispute else "check", inference_id), lambda s: seal(kind(
+            chain_id=self._chain_id, inference_id=inference_id, verdict=verdict, sequence=s), self._key))
+
+    async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | None:
+        """Fetch, re-run and judge one inference: a failure when the executor's evidence is
+        missing or inconsistent; None when *this node* cannot judge (no engine or thresholds
+        for the model), so it accuses no one and its skipped duty is its own loss."""
+        engine = self._engines.get(record.model)
+        try:
+            thresholds = self._params.for_model(record.model)
+        except KeyError as e:
+            log.error("cannot check %s: %s", inference_id.hex()[:12], e)
+            return None
+        if engine is None:
+            log.warning("cannot check %s: this node does not run %s", inference_id.hex()[:12], record.model)
+            return None
+        fetched = await self._fetch(inference_id, record)
+        if fetched is None:
+            return withheld_verdict()
+        request, artifact = fetched
+        prompt_ids = engine.encode_chat([(t.role, t.content) for t in request.messages])
+        if list(artifact.prompt_ids) != prompt_ids or artifact.seed != inference_id:
+            return withheld_verdict()  # evidence for another prompt or seed proves nothing
+        scored = await engine.score(prompt_ids, artifact.completion_ids, artifact.params.logprobs_k,
+                                    with_logits=True)
+        verdict = verify(artifact, scored, thresholds, eos_token_ids=engine.eos_token_ids,
+                         expected_response=record.response_hash)
+        return verdict_stats(verdict)
+
+    async def _fetch(self, inference_id: bytes, record: Inference
+                     ) -> tuple[InferenceRequest, InferenceArtifact] | None:
+        query = seal(ArtifactQuery(inference_id=inference_id), self._key)
+        try:
+            frame = await self._service.request(record.executor, ARTIFACT_PROTOCOL, query,
+                                                timeout=FETCH_TIMEOUT_S)
+            reply = open_envelope(frame, ArtifactReply)
+            request = open_envelope(reply.message.request, InferenceRequest)
+            artifact = InferenceArtifact.decode(reply.message.artifact)
+        except (NetworkError, TimeoutError, WireError, ArtifactError) as e:
+            log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], record.executor, e)
+            return None
+        if (reply.signer_id != record.executor or request.digest != inference_id
+                or artifact.commitment() != record.artifact_commitment
+                or response_hash(artifact.completion_ids) != record.response_hash):
+            return None
+        return request.message, artifact

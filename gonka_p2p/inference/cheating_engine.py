@@ -1,0 +1,50 @@
+"""An engine that serves a cheating strategy: what ``gonka-p2p node --cheater NAME`` runs.
+
+The executor actor streams whatever its engine yields and commits to it, so a
+cheater is simply an engine whose ``generate`` yields the steps of a cheating
+strategy's artifact (``cheats.make_cheater``) instead of honest work. Its
+evidence is consistent with what it streamed and committed -- the lie is in
+*how* the tokens were made -- which is exactly what validators must catch.
+Everything else (tokenizer, stop tokens, scoring) is the honest engine's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from gonka_p2p.inference.cheats import Strategy, make_cheater
+from gonka_p2p.inference.engine import Engine, ScoredCompletion, TokenStep
+from gonka_p2p.inference.models import LocalModel
+from gonka_p2p.inference.sampler import SamplingParams
+
+
+class CheatingEngine:
+    def __init__(self, honest: Engine, cheat: str) -> None:
+        self._honest = honest
+        self._strategy: Strategy = make_cheater(cheat, honest)
+        self.cheat = cheat
+        self.model_name = honest.model_name
+        self.eos_token_ids = honest.eos_token_ids
+
+    @property
+    def local_model(self) -> LocalModel:
+        return self._honest.local_model
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        return self._honest.encode_chat(messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._honest.decode(token_ids)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, seed: bytes
+                       ) -> AsyncIterator[TokenStep]:
+        artifact = await self._strategy(prompt_ids, params, seed)
+        for step in artifact.steps:
+            yield step
+
+    async def score(self, prompt_ids: list[int], completion_ids: list[int], k: int,
+                    with_logits: bool = False) -> ScoredCompletion:
+        return await self._honest.score(prompt_ids, completion_ids, k, with_logits)
+
+    async def close(self) -> None:
+        await self._honest.close()
