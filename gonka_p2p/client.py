@@ -40,6 +40,8 @@ from gonka_p2p.ledger.query import (
     AppHashReply,
     BalanceQuery,
     BalanceReply,
+    EpochSummaryQuery,
+    EpochSummaryReply,
     InferenceQuery,
     InferenceReply,
     QueryFailed,
@@ -212,6 +214,10 @@ class GonkaClient:
     async def inference(self, inference_id: bytes) -> InferenceReply:
         """The ledger's record of an inference (``Completion.inference_id``): status, escrow, cost."""
         return await self._query(InferenceQuery(inference_id=inference_id), InferenceReply)  # type: ignore[return-value]
+
+    async def epoch_summary(self, epoch: int) -> EpochSummaryReply:
+        """How ``epoch`` settled (``settled`` is False until it has): paid, caught, refunded."""
+        return await self._query(EpochSummaryQuery(epoch=epoch), EpochSummaryReply)  # type: ignore[return-value]
 
     async def app_hash(self, height: int) -> bytes | None:
         """The node's app hash after ``height`` (None if it has not reached it, or forgot it)."""

@@ -37,11 +37,14 @@ class LocalNetwork:
 
 def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
                    models: tuple[str, ...] = DEFAULT_MODELS, client_balance: int = DEVNET_CLIENT_BALANCE,
-                   epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS, chain_id: str = DEVNET_CHAIN_ID) -> Genesis:
-    """Equal weights for every participant, ``client_balance`` for every client, each model at 1 per token."""
+                   epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS, chain_id: str = DEVNET_CHAIN_ID,
+                   **params: int) -> Genesis:
+    """Equal weights for every participant, ``client_balance`` for every client, each model at 1
+    per token; ``params`` overrides other entries of the parameters table."""
     return Genesis(
         chain_id=chain_id,
-        params=Params(price_per_token={m: 1 for m in models}, epoch_length_blocks=epoch_length_blocks),
+        params=Params(price_per_token={m: 1 for m in models}, epoch_length_blocks=epoch_length_blocks,
+                      **params),
         participants=tuple(GenesisParticipant(pubkey=pk, weight=DEVNET_WEIGHT, models=models)
                            for pk in participant_pubkeys),
         allocations={c: client_balance for c in clients},
@@ -51,7 +54,7 @@ def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
 def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[str, ...] = DEFAULT_MODELS,
                        client_balance: int = DEVNET_CLIENT_BALANCE,
                        epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS,
-                       chain_id: str = DEVNET_CHAIN_ID) -> LocalNetwork:
+                       chain_id: str = DEVNET_CHAIN_ID, **params: int) -> LocalNetwork:
     """Write ``node{i}.key``, ``client{j}.key`` and ``genesis.toml`` into ``directory``."""
     if nodes < 1:
         raise DevnetError("a network needs at least one node (--nodes >= 1)")
@@ -71,7 +74,7 @@ def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[
     node_keys = [Keypair.generate() for _ in node_paths]
     client_keys = [Keypair.generate() for _ in client_paths]
     genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], models,
-                             client_balance, epoch_length_blocks, chain_id)  # validates before anything is written
+                             client_balance, epoch_length_blocks, chain_id, **params)  # validated before writing
     for key, path in zip(node_keys + client_keys, node_paths + client_paths):
         key.save(path)
     save_genesis(genesis, genesis_path)

@@ -9,6 +9,7 @@ noise authenticates the replica that answers). Requests and their replies::
     InferenceQuery(id)        -> InferenceReply
     AppHashQuery(height)      -> AppHashReply    (recent heights only)
     SubmitTx(tx)              -> SubmitReply     (admitted to the mempool, or why not)
+    EpochSummaryQuery(epoch)  -> EpochSummaryReply (the epoch's settlement, once it has settled)
 
 Any request that cannot be answered gets a ``QueryFailed`` with a stable
 code. The answers read committed state only (a replica's view may lag the
@@ -25,7 +26,7 @@ from gonka_p2p.ledger.consensus_wire import decode_frame_of, encode_frame
 from gonka_p2p.ledger.genesis import MAX_CHAIN_ID, MAX_MODELS
 from gonka_p2p.ledger.mempool import TxRefused
 from gonka_p2p.ledger.rules import is_account_address
-from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.state import LedgerState, format_epoch_summary
 from gonka_p2p.ledger.transactions import MAX_CLIENT_REQUEST_BYTES, MAX_PEER_ID
 from gonka_p2p.wire.messages import HASH_BYTES
 from gonka_p2p.wire.schema import Message, WireError, bounded
@@ -61,6 +62,12 @@ class AppHashQuery(Message):
 class SubmitTx(Message):
     KIND = "ledger_submit_tx"
     tx: bytes = bounded(max_len=MAX_CLIENT_REQUEST_BYTES + 4096)
+
+
+@dataclass(frozen=True)
+class EpochSummaryQuery(Message):
+    KIND = "ledger_epoch_summary_query"
+    epoch: int = bounded(min_value=0)
 
 
 @dataclass(frozen=True)
@@ -127,15 +134,31 @@ class SubmitReply(Message):
 
 
 @dataclass(frozen=True)
+class EpochSummaryReply(Message):
+    """Who was paid, caught and refunded when ``epoch`` settled; ``text`` is the table for people."""
+
+    KIND = "ledger_epoch_summary_reply"
+    epoch: int = bounded(min_value=0)
+    settled: bool = bounded()
+    caught: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS)
+    paid: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS)  # executors paid fees
+    fees_paid: int = bounded(min_value=0)
+    fees_refunded: int = bounded(min_value=0)
+    minted: int = bounded(min_value=0)
+    text: str = bounded(max_len=256 * 1024)
+
+
+@dataclass(frozen=True)
 class QueryFailed(Message):
     KIND = "ledger_query_failed"
     code: str = bounded(max_len=64)
     message: str = bounded(max_len=1024)
 
 
-REQUESTS: tuple[type[Message], ...] = (StatusQuery, BalanceQuery, InferenceQuery, AppHashQuery, SubmitTx)
+REQUESTS: tuple[type[Message], ...] = (StatusQuery, BalanceQuery, InferenceQuery, AppHashQuery, SubmitTx,
+                                       EpochSummaryQuery)
 REPLIES: tuple[type[Message], ...] = (StatusReply, BalanceReply, InferenceReply, AppHashReply, SubmitReply,
-                                      QueryFailed)
+                                      EpochSummaryReply, QueryFailed)
 
 
 class LedgerView(Protocol):
@@ -190,6 +213,17 @@ def answer(view: LedgerView, request: Message) -> Message:
         except TxRefused as e:
             return SubmitReply(tx_hash=b"", code=e.code, detail=e.detail[:1024])
         return SubmitReply(tx_hash=tx_hash, code="ok", detail="")
+    if isinstance(request, EpochSummaryQuery):
+        summary = state.epoch_summary(request.epoch)
+        if summary is None:
+            return EpochSummaryReply(epoch=request.epoch, settled=False, caught=[], paid=[], fees_paid=0,
+                                     fees_refunded=0, minted=0, text="")
+        rows = summary.participants
+        return EpochSummaryReply(
+            epoch=request.epoch, settled=True, caught=[r.peer for r in rows if r.caught],
+            paid=[r.peer for r in rows if r.fees_paid > 0], fees_paid=summary.fees_paid,
+            fees_refunded=summary.fees_refunded, minted=summary.minted,
+            text=format_epoch_summary(summary)[:256 * 1024])
     return QueryFailed(code="unknown_query", message=f"cannot answer {request.KIND}")
 
 
