@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import base58
@@ -68,9 +69,15 @@ class Keypair:
         """Deterministic key for tests and simulations (never for real money)."""
         return cls(PrivateKey(hashlib.sha256(b"gonka-test-key" + seed).digest()).secret)
 
-    @property
+    @cached_property
+    def _private(self) -> PrivateKey:
+        # Built once: constructing a PrivateKey derives its public key, an EC
+        # multiplication that would otherwise triple the cost of every seal.
+        return PrivateKey(self.secret)
+
+    @cached_property
     def public_key(self) -> bytes:
-        return PrivateKey(self.secret).public_key.format(compressed=True)
+        return self._private.public_key.format(compressed=True)
 
     @property
     def peer_id(self) -> str:
@@ -78,7 +85,7 @@ class Keypair:
 
     def sign(self, message: bytes) -> bytes:
         """DER signature over sha256(message)."""
-        return PrivateKey(self.secret).sign(message)
+        return self._private.sign(message)
 
     def save(self, path: Path) -> None:
         """Write the secret as hex, readable by the owner only (0600), refusing to overwrite."""

@@ -5,7 +5,10 @@ signed by the TA that opened the stream, wrapping the client's signed
 request), then response frames, each signed by this executor:
 ``InferenceStarted``, ``TokenBatch``... and ``InferenceFinished``, or an
 ``InferenceFailed`` at any point. The executor re-verifies the client's
-signature itself: it never runs a request a client did not sign.
+signature itself: it never runs a request a client did not sign. Tokens go
+out as the engine makes them, one per frame while the stream keeps up and
+batched when it falls behind (:class:`TokenBatches`), with incrementally
+decoded text (:class:`TextStream`).
 
 The artifact (prompt ids, per-token evidence, parameters, seed) is kept, with
 the client's signed request, and served to validators over
@@ -20,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from gonka_p2p.gossip.service import NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 EXECUTE_PROTOCOL = "/gonka/execute/1"
 ARTIFACT_PROTOCOL = "/gonka/artifact/1"
+MAX_BATCH_TOKENS = 256  # per TokenBatch frame when a stream catches up (wire limit: 4096)
 
 FinishedHook = Callable[[Signed[InferenceRequest], InferenceArtifact, bytes], Awaitable[None]]
 
@@ -143,28 +148,30 @@ class ExecutorActor:
         except (ValueError, EngineError) as e:
             await send(self._fail("malformed", f"cannot prepare the request: {e}"))
             return
-        await send(seal(InferenceStarted(inference_id=inference_id, ta=ta,
-                                         prompt_tokens=len(prompt_ids)), self._key))
+        # Generation starts before InferenceStarted goes out: the engine's prefill
+        # overlaps the frame's trip instead of waiting behind it.
+        batches = TokenBatches(engine.generate(prompt_ids, params, seed=inference_id))
+        text = TextStream(engine.decode)
         steps: list[TokenStep] = []
-        finish_reason = "length"
-        text_sent = ""
         try:
-            async for step in engine.generate(prompt_ids, params, seed=inference_id):
-                steps.append(step)
-                text = engine.decode([t.token_id for t in steps])
-                # Hold back a trailing partial UTF-8 sequence until its next token completes it.
-                delta = "" if text.endswith("\ufffd") else text[len(text_sent):]
-                text_sent += delta
+            await send(seal(InferenceStarted(inference_id=inference_id, ta=ta,
+                                             prompt_tokens=len(prompt_ids)), self._key))
+            async for batch in batches:
                 await send(seal(TokenBatch(
-                    inference_id=inference_id, start=len(steps) - 1, token_ids=[step.token_id],
-                    logprobs=[step.logprob], top_ids=[list(step.top_ids)],
-                    top_logprobs=[list(step.top_logprobs)], text=delta,
+                    inference_id=inference_id, start=len(steps),
+                    token_ids=[s.token_id for s in batch], logprobs=[s.logprob for s in batch],
+                    top_ids=[list(s.top_ids) for s in batch],
+                    top_logprobs=[list(s.top_logprobs) for s in batch],
+                    text=text.add([s.token_id for s in batch]),
                 ), self._key))
-                if step.token_id in engine.eos_token_ids:
-                    finish_reason = "stop"
+                steps += batch
         except EngineError as e:
             await send(self._fail("executor_failed", f"engine failed: {e}"))
             return
+        finally:
+            await batches.aclose()
+        stopped = any(s.token_id in engine.eos_token_ids for s in steps)
+        finish_reason = "stop" if stopped else "length"
         artifact = InferenceArtifact(engine.model_name, tuple(prompt_ids), params,
                                      inference_id, tuple(steps))
         self.artifacts.put(inference_id, request.raw, artifact)
@@ -176,3 +183,92 @@ class ExecutorActor:
         self.served += 1
         if self._on_finished is not None:
             await self._on_finished(request, artifact, rhash)
+
+
+class TextStream:
+    """Incremental detokenization: each batch's text from a short window of ids.
+
+    Decoding the whole completion for every token costs O(n^2) over an
+    answer. Here each call decodes only the ids since the last emitted text
+    (plus the previous piece, as context for tokenizers whose pieces read
+    differently at the start of a string), so the cost per token stays flat.
+    A trailing incomplete UTF-8 sequence (decoded as U+FFFD) is held back
+    until the next token completes it. The pieces concatenate to what
+    ``decode`` gives for the whole completion (tested).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the context window
+        self._read = 0  # ids up to here have been emitted as text
+
+    def add(self, token_ids: list[int]) -> str:
+        self._ids += token_ids
+        emitted = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted):]
+
+
+@dataclass
+class _End:
+    error: Exception | None
+
+
+class TokenBatches:
+    """The engine's tokens, pulled by a task of their own, handed out in batches.
+
+    The task starts pulling at construction, so the engine starts computing
+    at once. Each batch is every token that arrived while the consumer was
+    busy with the previous one (at most ``limit``): a consumer that keeps up
+    gets one token per batch, so no token waits for another; one that falls
+    behind (a slow stream, a busy process) catches up with fewer, larger
+    TokenBatch frames -- each signed, relayed and verified once -- instead of
+    a growing backlog of one-token frames. ``aclose`` stops the engine's
+    generation if it is still running.
+    """
+
+    def __init__(self, steps: AsyncIterator[TokenStep], limit: int = MAX_BATCH_TOKENS) -> None:
+        self._queue: asyncio.Queue[TokenStep | _End] = asyncio.Queue()
+        self._limit = limit
+        self._end: _End | None = None
+        self._task = asyncio.create_task(self._pump(steps))
+
+    async def _pump(self, steps: AsyncIterator[TokenStep]) -> None:
+        # Cancelling this task cancels the engine's generator where it waits,
+        # and its cleanup aborts the request.
+        try:
+            async for step in steps:
+                self._queue.put_nowait(step)
+        except Exception as e:  # handed to the consumer
+            self._queue.put_nowait(_End(e))
+        else:
+            self._queue.put_nowait(_End(None))
+
+    def __aiter__(self) -> TokenBatches:
+        return self
+
+    async def __anext__(self) -> list[TokenStep]:
+        batch: list[TokenStep] = []
+        while self._end is None and len(batch) < self._limit:
+            if batch and self._queue.empty():
+                break
+            item = self._queue.get_nowait() if batch else await self._queue.get()
+            if isinstance(item, _End):
+                self._end = item
+            else:
+                batch.append(item)
+        if batch:
+            return batch
+        assert self._end is not None
+        if self._end.error is not None:
+            raise self._end.error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait([self._task])  # not `await task`: our own cancellation must propagate
