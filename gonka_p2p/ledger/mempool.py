@@ -24,6 +24,10 @@ and nothing else, so the replica actor owns all timing.
   block's transactions leave the pool, whatever their receipts said; every
   remaining one is re-checked against the new state and dropped if it no
   longer passes (its sequence was used, its request went stale, ...).
+  One shortcut keeps a backlog cheap: a transfer's validity depends on its
+  signer's account record alone, so transfers whose signer's record is the
+  very object they were last checked against (records are immutable and
+  replaced on change) are not checked again.
 
 Invariants: at most one pending transaction per (signer, sequence); count
 and byte totals match the contents and never exceed the limits.
@@ -37,7 +41,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gonka_p2p.identity import digest
-from gonka_p2p.ledger.state import LedgerState, check_tx
+from gonka_p2p.ledger.state import Account, LedgerState, check_tx
+from gonka_p2p.ledger.transactions import Transfer
+
+_ACCOUNT_ONLY_KINDS = frozenset({Transfer.KIND})  # valid or not by the signer's account record alone
 
 
 class TxRefused(Exception):
@@ -71,6 +78,7 @@ class Mempool:
         self.params = params
         self._by_hash: dict[bytes, PendingTx] = {}
         self._by_signer: dict[str, dict[int, PendingTx]] = {}  # signer -> sequence -> tx
+        self._checked_against: dict[str, Account | None] = {}  # signer -> the record its txs passed on
         self._bytes = 0
         self._arrivals = itertools.count()
 
@@ -106,6 +114,10 @@ class Mempool:
             raise TxRefused("sequence_taken", f"another pending transaction of {receipt.signer} "
                                               f"has sequence {receipt.sequence}")
         tx = PendingTx(bytes(raw), tx_hash, receipt.signer, receipt.sequence, receipt.kind, next(self._arrivals))
+        if not queued:
+            self._checked_against[tx.signer] = account
+        elif self._checked_against.get(tx.signer) is not account:
+            self._checked_against[tx.signer] = None  # checked against different records: check all again
         queued[tx.sequence] = tx
         self._by_hash[tx_hash] = tx
         self._bytes += len(tx.raw)
@@ -152,11 +164,18 @@ class Mempool:
         for raw in committed:
             self._remove(digest(raw))
         dropped = []
-        for tx in list(self._by_hash.values()):
-            receipt = check_tx(state, tx.raw)
-            if not receipt.ok:
-                self._remove(tx.tx_hash)
-                dropped.append((tx.tx_hash, TxRefused(receipt.reason.value, receipt.detail)))
+        for signer, queued in list(self._by_signer.items()):
+            account = state.account(signer)
+            unchanged = self._checked_against.get(signer) is account
+            for tx in list(queued.values()):
+                if unchanged and tx.kind in _ACCOUNT_ONLY_KINDS:
+                    continue
+                receipt = check_tx(state, tx.raw)
+                if not receipt.ok:
+                    self._remove(tx.tx_hash)
+                    dropped.append((tx.tx_hash, TxRefused(receipt.reason.value, receipt.detail)))
+            if signer in self._by_signer:
+                self._checked_against[signer] = account
         return dropped
 
     def _remove(self, tx_hash: bytes) -> None:
@@ -167,4 +186,5 @@ class Mempool:
         del queued[tx.sequence]
         if not queued:
             del self._by_signer[tx.signer]
+            del self._checked_against[tx.signer]
         self._bytes -= len(tx.raw)

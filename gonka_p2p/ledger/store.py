@@ -61,6 +61,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY, hash BLOB NOT NULL, block BLOB NOT NULL, certificate BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS blocks_by_hash ON blocks (hash);
 CREATE TABLE IF NOT EXISTS validator_sets (height INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS safety (
     id INTEGER PRIMARY KEY CHECK (id = 0), height INTEGER NOT NULL, round INTEGER NOT NULL,
@@ -179,6 +180,11 @@ class LedgerStore:
                 break
             out.append((height, block, certificate_from_wire(decode_frame(cert, CertificateWire))))
         return out
+
+    async def block_by_hash(self, block_hash: bytes) -> bytes | None:
+        """A committed block's bytes by its hash (a late peer may still be fetching it as a proposal)."""
+        rows = await self._db.execute_fetchall("SELECT block FROM blocks WHERE hash = ?", (block_hash,))
+        return rows[0][0] if rows else None
 
     async def validators(self, height: int) -> ValidatorSet | None:
         rows = await self._db.execute_fetchall("SELECT data FROM validator_sets WHERE height = ?", (height,))
