@@ -93,6 +93,15 @@ def rss_mib(pid: int | None = None) -> float:
     return math.nan
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc); NaN when unknown."""
+    try:
+        fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class NetRow:
     """One measured load: how many messages, how fast, how late, at what memory cost."""

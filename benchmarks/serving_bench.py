@@ -37,8 +37,11 @@ included) to the first token on the caller's side; ``total`` the whole
 answer; ``tok/s per req`` the decode rate after the first token
 (median over requests); ``tok/s total`` all tokens of a path's turns over
 their summed wall time. Percentiles are nearest-rank (p99 of fewer than 100
-samples is the maximum). RSS is each process's resident memory after its
-path's turns (the client shares this process with the bare engine).
+samples is the maximum). ``CPU ms/token`` is the CPU time (user + system)
+each process of the path used during its turns, per generated token: the
+serving path's cost, far less sensitive to a busy machine than wall time.
+RSS is each process's resident memory after its path's turns. ``bench`` is
+this process: the engine on the bare path, the client on the others.
 
 Gossip and streams (``netbench.py``) run last, after the nodes and the bare
 engine are gone, in their own processes.
@@ -51,11 +54,13 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,7 +77,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from netbench import NetRow, percentile, rss_mib  # noqa: E402
+from netbench import NetRow, cpu_seconds, percentile, rss_mib  # noqa: E402
 
 from gonka_p2p.client import GonkaClient  # noqa: E402
 from gonka_p2p.gossip.libp2p_service import Libp2pService  # noqa: E402
@@ -110,11 +115,13 @@ class Settings:
     concurrency: tuple[int, ...]
     rounds: dict[int, int]  # turns per path at each concurrency
     max_tokens: int
-    gateway: bool
     out: Path
     stem: str
     net_counts: tuple[int, int, int]  # gossip messages, frames per stream, round trips
     net_paced_s: float
+    paths: tuple[str, ...] = ("bare", "network", "gateway")
+    net: bool = True  # run the gossip & streams part
+    profile: Path | None = None  # py-spy collapsed stacks of every process go here
 
 
 def parse_settings(argv: Sequence[str] | None) -> Settings:
@@ -125,7 +132,13 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--concurrency", type=int, nargs="+", help="concurrent clients per turn")
     p.add_argument("--rounds", type=int, nargs="+", help="turns per path, one per concurrency")
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--paths", nargs="+", choices=("bare", "network", "gateway"),
+                   default=["bare", "network", "gateway"], help="serving paths to measure")
     p.add_argument("--no-gateway", action="store_true", help="skip the OpenAI SDK path")
+    p.add_argument("--no-net", action="store_true", help="skip the gossip & streams part")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record py-spy profiles (collapsed stacks) of every process while "
+                        "serving is measured")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     quick = a.quick
@@ -141,9 +154,11 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     return Settings(
         model=a.model, peers=peers, concurrency=concurrency,
         rounds=dict(zip(concurrency, rounds)), max_tokens=a.max_tokens or (8 if quick else 64),
-        gateway=not a.no_gateway, out=a.out, stem="serving_bench_quick" if quick else "serving_bench",
-        net_counts=(150, 150, 100) if quick else (2000, 2000, 1000),
-        net_paced_s=3.0 if quick else 10.0,
+        out=a.out, stem="serving_bench_quick" if quick else "serving_bench",
+        net_counts=(100, 100, 60) if quick else (2000, 2000, 1000),
+        net_paced_s=2.0 if quick else 10.0,
+        paths=tuple(x for x in a.paths if not (a.no_gateway and x == "gateway")),
+        net=not a.no_net, profile=a.profile,
     )
 
 
@@ -170,8 +185,8 @@ class ServingPath(Protocol):
         """Send one chat prompt, greedy, and time it."""
         ...
 
-    def rss(self) -> dict[str, float]:
-        """RSS (MiB) of every process this path runs through."""
+    def pids(self) -> dict[str, int]:
+        """Every process this path runs through, by role (for CPU time and RSS)."""
         ...
 
 
@@ -196,8 +211,8 @@ class BarePath:
             tokens += 1
         return Sample(ttft, time.perf_counter() - t0, tokens)
 
-    def rss(self) -> dict[str, float]:
-        return {"bench (engine)": rss_mib()}
+    def pids(self) -> dict[str, int]:
+        return {"bench": os.getpid()}
 
 
 class NetworkPath:
@@ -216,8 +231,8 @@ class NetworkPath:
         c = await client.chat([("user", prompt)], max_tokens=max_tokens, temperature=0.0)
         return Sample(c.ttft_s, c.elapsed_s, c.completion_tokens)
 
-    def rss(self) -> dict[str, float]:
-        return {**self.cluster.rss(), "bench (client)": rss_mib()}
+    def pids(self) -> dict[str, int]:
+        return {**self.cluster.pids(), "bench": os.getpid()}
 
 
 class GatewayPath:
@@ -251,8 +266,8 @@ class GatewayPath:
                 tokens = chunk.usage.completion_tokens
         return Sample(ttft, time.perf_counter() - t0, tokens)
 
-    def rss(self) -> dict[str, float]:
-        return self.cluster.rss()
+    def pids(self) -> dict[str, int]:
+        return {**self.cluster.pids("TA0", "executor"), "bench": os.getpid()}
 
     async def close(self) -> None:
         await self.client.close()
@@ -325,8 +340,9 @@ class Cluster:
                 node.addr = rest
                 return
 
-    def rss(self) -> dict[str, float]:
-        return {n.role: rss_mib(n.proc.pid) for n in self.nodes}
+    def pids(self, *roles: str) -> dict[str, int]:
+        """Node pids by role: those named, or all."""
+        return {n.role: n.proc.pid for n in self.nodes if not roles or n.role in roles}
 
     async def stop(self) -> None:
         for node in self.nodes:
@@ -338,6 +354,31 @@ class Cluster:
             except TimeoutError:
                 node.proc.kill()
                 await node.proc.wait()
+
+
+@asynccontextmanager
+async def profiling(out: Path | None, pids: dict[str, int]) -> AsyncIterator[None]:
+    """py-spy (sampling, non-blocking: the processes are not paused) on every process.
+
+    Collapsed stacks, one file per process, thread names included, so the
+    engine thread, the asyncio loop and the trio thread can be told apart.
+    """
+    if out is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    spies = [await asyncio.create_subprocess_exec(
+        "py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "--rate", "200",
+        "--pid", str(pid), "--output", str(out / f"{role}.txt"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        for role, pid in pids.items()]
+    await asyncio.sleep(1.0)  # attached before the first turn
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        await asyncio.gather(*(spy.wait() for spy in spies))
 
 
 async def wait_for_executor(client: GonkaClient, model: str, timeout: float = 120) -> None:
@@ -357,6 +398,7 @@ class Turn:
     clients: int
     wall_s: float
     samples: list[Sample]
+    cpu_s: dict[str, float]  # CPU seconds each process of the path used during the turn
 
 
 @dataclass
@@ -385,15 +427,25 @@ class PathResult:
     def rate_total(self) -> float:
         return sum(s.tokens for s in self.samples) / sum(t.wall_s for t in self.turns)
 
+    def cpu_ms_per_token(self) -> dict[str, float]:
+        """CPU per generated token, by process: the serving path's cost, robust to load."""
+        tokens = sum(s.tokens for s in self.samples)
+        roles = self.turns[0].cpu_s if self.turns else {}
+        return {role: 1000 * sum(t.cpu_s[role] for t in self.turns) / tokens for role in roles}
+
     @property
     def tokens(self) -> list[int]:
         return [s.tokens for s in self.samples]
 
 
 async def run_turn(path: ServingPath, prompts: list[str], max_tokens: int) -> Turn:
+    pids = path.pids()
+    cpu0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
     t0 = time.perf_counter()
     samples = await asyncio.gather(*(path.one(p, max_tokens) for p in prompts))
-    return Turn(len(prompts), time.perf_counter() - t0, list(samples))
+    wall = time.perf_counter() - t0
+    cpu = {role: cpu_seconds(pid) - cpu0[role] for role, pid in pids.items()}
+    return Turn(len(prompts), wall, list(samples), cpu)
 
 
 async def measure_serving(paths: list[ServingPath], settings: Settings,
@@ -410,7 +462,7 @@ async def measure_serving(paths: list[ServingPath], settings: Settings,
                 advance(f"{clients} client(s), round {r + 1}/{settings.rounds[clients]}: {path.name}")
                 by_path[path.name].turns.append(await run_turn(path, prompts, settings.max_tokens))
         for p in paths:
-            by_path[p.name].rss = p.rss()
+            by_path[p.name].rss = {role: rss_mib(pid) for role, pid in p.pids().items()}
         results += by_path.values()
     return results
 
@@ -451,7 +503,7 @@ async def serving_phase(settings: Settings, progress: Progress) -> tuple[list[Pa
 
     setup = progress.add_task("preparing the model", total=None)
     await asyncio.to_thread(resolve_model, settings.model)  # once, before processes race for it
-    gateway_note = None if settings.gateway else "gateway skipped (--no-gateway)"
+    gateway_note = None if "gateway" in settings.paths else "gateway not measured (--paths)"
     gateway_note = gateway_note or gateway_unavailable()
     cluster = Cluster(settings, Path(tempfile.mkdtemp(prefix="gonka-bench-")))
     service = Libp2pService(Keypair.generate())
@@ -469,7 +521,8 @@ async def serving_phase(settings: Settings, progress: Progress) -> tuple[list[Pa
             clients.append(GonkaClient(Keypair.generate(), service, peer))
         progress.update(setup, description="waiting until every TA sees the executor")
         await asyncio.gather(*(wait_for_executor(c, settings.model) for c in clients))
-        paths = [BarePath(engine), NetworkPath(clients, cluster)]
+        paths = [path for path in (BarePath(engine), NetworkPath(clients, cluster))
+                 if path.name in settings.paths]
         if gateway_note is None:
             paths.append(GatewayPath(cluster.tas[0].http, settings.model, cluster))
         progress.update(setup, description="warming up every path")
@@ -483,7 +536,8 @@ async def serving_phase(settings: Settings, progress: Progress) -> tuple[list[Pa
             progress.update(task, description=text)
             progress.advance(task)
 
-        results = await measure_serving(paths, settings, advance)
+        async with profiling(settings.profile, {"bench": os.getpid(), **cluster.pids()}):
+            results = await measure_serving(paths, settings, advance)
         progress.update(task, description="serving measured")
         return results, gateway_note
     finally:
@@ -523,18 +577,23 @@ async def run(settings: Settings) -> Report:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         serving, gateway_note = await serving_phase(settings, progress)
-        net = await net_phase(settings, progress)
+        net = await net_phase(settings, progress) if settings.net else []
     return Report(settings, serving, gateway_note, net, time.perf_counter() - started)
 
 
 # ---- reporting ------------------------------------------------------------------------
 
 COLUMNS = ("part", "path", "clients", "p50 ms", "p99 ms", "total p50 s",
-           "tok/s per req", "rate", "vs bare", "RSS MiB")
+           "tok/s per req", "rate", "vs bare", "CPU ms/token", "RSS MiB")
 
 
-def _rss_text(rss: dict[str, float]) -> str:
-    return " ".join(f"{name} {mib:.0f}" for name, mib in rss.items())
+def _per_process(values: dict[str, float], digits: int) -> str:
+    return ", ".join(f"{role} {v:.{digits}f}" for role, v in values.items())
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    """Total CPU per token, then each process's share."""
+    return f"{sum(cpu.values()):.1f}: {_per_process(cpu, 1)}"
 
 
 def _versus(row: PathResult, bare: PathResult) -> tuple[str, bool]:
@@ -550,19 +609,20 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
     bare = {r.clients: r for r in report.serving if r.path == "bare"}
     for r in report.serving:
         versus = ""
-        if r.path != "bare":
+        if r.path != "bare" and r.clients in bare:
             text, ok = _versus(r, bare[r.clients])
             versus = f"{text} {'ok' if ok else 'MISS'}"
         rows.append(("serving", r.path, str(r.clients), f"{r.ttft_ms(50):.1f}", f"{r.ttft_ms(99):.1f}",
                      f"{r.total_p50_s:.2f}", f"{r.rate_per_request:.1f}", f"{r.rate_total:.1f} tok/s",
-                     versus, _rss_text(r.rss)))
+                     versus, _cpu_text(r.cpu_ms_per_token()), _per_process(r.rss, 0)))
     if report.gateway_note:
-        rows.append(("serving", "gateway", "-", "-", "-", "-", "-", "-", report.gateway_note, ""))
+        rows.append(("serving", "gateway", "-", "-", "-", "-", "-", "-", report.gateway_note, "-",
+                     "-"))
     for n in report.net:
         unit = {"gossip": "msg/s per receiver", "tokens": "frames/s", "rpc": "req/s"}[n.kind]
         rows.append(("gossip & streams", f"{n.kind} ({n.mode})", "-", f"{n.p50_ms:.1f}",
                      f"{n.p99_ms:.1f}", "-", "-", f"{n.rate_per_s:.0f} {unit}", f"{n.count} msgs",
-                     _rss_text(n.rss_mib)))
+                     "-", _per_process(n.rss_mib, 0)))
     return rows
 
 
@@ -570,12 +630,11 @@ def caption(report: Report) -> str:
     s = report.settings
     bare = {r.clients: r for r in report.serving if r.path == "bare"}
     verdicts = []
-    for r in report.serving:
-        if r.path != "bare":
-            text, ok = _versus(r, bare[r.clients])
-            verdicts.append(f"{r.path}@{r.clients}: {'ok' if ok else 'MISS'}")
-    mismatched = sum(
-        r.tokens != bare[r.clients].tokens for r in report.serving if r.path != "bare")
+    compared = [r for r in report.serving if r.path != "bare" and r.clients in bare]
+    for r in compared:
+        _, ok = _versus(r, bare[r.clients])
+        verdicts.append(f"{r.path}@{r.clients}: {'ok' if ok else 'MISS'}")
+    mismatched = sum(r.tokens != bare[r.clients].tokens for r in compared)
     return (
         f"{s.model}, {s.peers} node processes (1 executor), greedy, max_tokens {s.max_tokens}, "
         f"rounds {s.rounds}; one run, {report.wall_s:.0f} s, paths interleaved. "
@@ -609,14 +668,14 @@ def markdown(report: Report) -> str:
 def to_json(report: Report) -> dict[str, Any]:
     s = report.settings
     return {
-        "settings": {**dataclasses.asdict(s), "out": str(s.out),
-                     "rounds": {str(k): v for k, v in s.rounds.items()}},
+        "settings": dataclasses.asdict(s),
         "wall_s": report.wall_s,
         "gateway_note": report.gateway_note,
         "serving": [{
             "path": r.path, "clients": r.clients, "ttft_p50_ms": r.ttft_ms(50),
             "ttft_p99_ms": r.ttft_ms(99), "total_p50_s": r.total_p50_s,
             "tok_s_per_request": r.rate_per_request, "tok_s_total": r.rate_total, "rss_mib": r.rss,
+            "cpu_ms_per_token": r.cpu_ms_per_token(),
             "turns": [dataclasses.asdict(t) for t in r.turns],
         } for r in report.serving],
         "net": [dataclasses.asdict(n) for n in report.net],
@@ -629,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(render(report))
     settings.out.mkdir(parents=True, exist_ok=True)
     (settings.out / f"{settings.stem}.md").write_text(markdown(report))
-    (settings.out / f"{settings.stem}.json").write_text(json.dumps(to_json(report), indent=1))
+    (settings.out / f"{settings.stem}.json").write_text(json.dumps(to_json(report), indent=1, default=str))
     console.print(f"written: {settings.out / settings.stem}.md and .json")
     return 0
 
