@@ -49,7 +49,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -70,13 +70,13 @@ from rich.table import Table  # noqa: E402
 
 from gonka_p2p.inference import cheats, verification  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
-from gonka_p2p.inference.engine import ScoredCompletion  # noqa: E402
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
 from gonka_p2p.inference.verification import (  # noqa: E402
     Evidence,
     EpochDecision,
+    Measurements,
     ModelThresholds,
     VerificationParams,
 )
@@ -224,53 +224,36 @@ async def vllm_artifacts(model: str, work: list[Job], concurrency: int) -> Made:
 # Validation
 
 
-def noise_stats(artifact: InferenceArtifact, recomputed: ScoredCompletion) -> dict[str, float]:
-    """Threshold-free statistics of one comparison, for calibration: the largest and mean
-    logprob error, how far below the recomputed k-th place a claimed top-k id falls, and
-    the largest sampling margin (check_token's unit: nats greedy, CDF mass sampled)."""
-    logprobs = verification.recomputed_logprobs(recomputed.logits)
-    errors = verification.logprob_errors(artifact, logprobs)
-    top_k_gap = float(verification.top_k_shortfall(artifact, logprobs).max())
-    margin = verification.sampling_check(artifact, recomputed.logits, 0.0).worst_margin
-    prefix_means = {f"mean_error_first_{m}": float(errors[:m].mean()) for m in SHORT_PREFIXES}
-    return {"max_error": float(errors.max()), "mean_error": float(errors.mean()),
-            "top_k_gap": top_k_gap, "sampling_margin": margin, **prefix_means}
-
-
-async def validate(validator: TorchEngine, artifact: InferenceArtifact,
-                   thresholds: ModelThresholds | None) -> dict:
-    """What a validator does with fetched artifact bytes; the record of one inference."""
+async def validate(validator: TorchEngine, artifact: InferenceArtifact) -> dict:
+    """What a validator does with fetched artifact bytes, up to the (cheap, threshold-
+    dependent) judgement: decode, score teacher-forced, measure. The record of one inference."""
     began = time.perf_counter()
     claim = InferenceArtifact.decode(artifact.encode())
     scored = await validator.score(list(claim.prompt_ids), claim.completion_ids,
                                    claim.params.logprobs_k, with_logits=True)
-    record: dict = {"n_tokens": len(claim.steps)}
-    if thresholds is None:
-        record.update(noise_stats(claim, scored))
-    else:
-        verdict = verification.verify(claim, scored, thresholds,
-                                      eos_token_ids=validator.eos_token_ids)
-        record.update(dataclasses.asdict(verdict))
-        record["evidence"] = verdict.evidence.value
-        record["reasons"] = [r.split(":")[0] for r in verdict.reasons]
-    record["val_s"] = time.perf_counter() - began
-    return record
+    measured = verification.measure(claim, scored, eos_token_ids=validator.eos_token_ids)
+    return {**dataclasses.asdict(measured), "val_s": time.perf_counter() - began}
+
+
+def measurements(record: dict) -> Measurements:
+    return Measurements(**{f.name: tuple(v) if isinstance(v, list) else v
+                           for f in dataclasses.fields(Measurements) for v in [record[f.name]]})
 
 
 # ---------------------------------------------------------------------------
 # Running rows (with a cache, so an interrupted run resumes)
 
 
-RECORD_VERSION = 3  # bump when the records this file writes change shape
+RECORD_VERSION = 4  # bump when the records this file writes change shape
 # The metric's and the cheats' code as loaded: records made by other code are not reused.
 _SOURCES = b"".join(Path(m.__file__).read_bytes() for m in (verification, cheats))
 
 
-def cache_path(model: str, row: str, split: str, max_tokens: int,
-               thresholds: ModelThresholds | None) -> Path:
+def cache_path(model: str, row: str, split: str, max_tokens: int) -> Path:
     """Where a row's records are kept; the name changes with anything that changes them.
-    Records are per inference (mode, index), so a larger --n reuses the smaller run's."""
-    tag = hashlib.blake2b(repr((thresholds, MODES, max_tokens, RECORD_VERSION)).encode() + _SOURCES,
+    Records are per inference (mode, index), so a larger --n reuses the smaller run's;
+    they are threshold-free measurements, so new thresholds reuse them too."""
+    tag = hashlib.blake2b(repr((MODES, max_tokens, RECORD_VERSION)).encode() + _SOURCES,
                           digest_size=6).hexdigest()
     return RESULTS / "rows" / f"{model}-{split}-{row}-t{max_tokens}-{tag}.json"
 
@@ -287,18 +270,16 @@ def save_records(path: Path, records: dict[tuple[str, int], dict]) -> None:
     tmp.replace(path)
 
 
-async def run_model(model: str, rows: list[str], split: str, args, params: VerificationParams | None,
+async def run_model(model: str, rows: list[str], split: str, args,
                     progress: Progress) -> tuple[str, dict[str, list[dict]]]:
-    """The model's canonical name and its records per row; ``params`` None means
-    calibration (noise statistics instead of verdicts). Tampering rows need the
+    """The model's canonical name and its records per row. Tampering rows need the
     honest-torch row, so it always runs (or loads) first when they are asked for."""
     validator = TorchEngine(model)
-    thresholds = params.for_model(validator.model_name) if params else None
     work = jobs(validator, split, args.n, args.max_tokens)
     needed = set(rows) | ({"honest-torch"} if set(rows) & set(cheats.TAMPERS) else set())
     results: dict[str, dict[tuple[str, int], dict]] = {}
     for row in [r for r in ROWS if r in needed]:
-        path = cache_path(model, row, split, args.max_tokens, thresholds)
+        path = cache_path(model, row, split, args.max_tokens)
         done = load_records(path)
         todo = [j for j in work if (j.mode, j.index) not in done]
         task = progress.add_task(f"{model} {row}", total=len(work), completed=len(work) - len(todo))
@@ -309,7 +290,7 @@ async def run_model(model: str, rows: list[str], split: str, args, params: Verif
         else:
             made = torch_artifacts(row, validator, todo)
         async for job, artifact, gen_s in made:
-            record = await validate(validator, artifact, thresholds)
+            record = await validate(validator, artifact)
             record = {"mode": job.mode, "index": job.index, "gen_s": gen_s, **record}
             if row == "honest-torch":
                 record["artifact"] = base64.b64encode(artifact.encode()).decode()
@@ -340,16 +321,42 @@ def wilson_upper(failures: int, n: int, z: float = 1.96) -> float:
     return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
-def epoch_detection(outcomes: list[Evidence], params: VerificationParams, epoch_size: int,
-                    epochs: int, seed: int) -> float:
-    """Share of simulated epochs judged "cheating": each epoch validates ``epoch_size``
-    inferences drawn with replacement from this executor's verdicts."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(outcomes), size=(epochs, epoch_size))
-    accused = sum(
-        verification.judge_epoch([outcomes[i] for i in epoch], params.sprt) is EpochDecision.CHEATING
-        for epoch in picks)
-    return accused / epochs
+def accusation_rate(epochs: Iterable[list[Evidence]], params: VerificationParams) -> float:
+    """Share of ``epochs`` (each one executor's validated verdicts) judged "cheating"."""
+    decisions = [verification.judge_epoch(epoch, params.sprt) for epoch in epochs]
+    return sum(d is EpochDecision.CHEATING for d in decisions) / len(decisions)
+
+
+def resampled_epochs(outcomes: list[Evidence], epoch_size: int, epochs: int,
+                     seed: int) -> list[list[Evidence]]:
+    """Epochs of ``epoch_size`` verdicts drawn with replacement from measured ones."""
+    picks = np.random.default_rng(seed).integers(0, len(outcomes), size=(epochs, epoch_size))
+    return [[outcomes[i] for i in epoch] for epoch in picks]
+
+
+def synthetic_epochs(fail: float, suspicious: float, epoch_size: int, epochs: int,
+                     seed: int) -> list[list[Evidence]]:
+    """Epochs whose verdicts fail / look suspicious independently at the given rates."""
+    draws = np.random.default_rng(seed).random((epochs, epoch_size))
+    return [[Evidence.FAILED if x < fail else Evidence.SUSPICIOUS if x < fail + suspicious
+             else Evidence.CLEAN for x in epoch] for epoch in draws]
+
+
+# Per-inference outcome rates (failed, suspicious) the epoch test is characterised at.
+OPERATING_POINTS = (
+    ("honest, design rates", 0.005, 0.01), ("suspicious 10%", 0.0, 0.1),
+    ("suspicious 20%", 0.0, 0.2), ("suspicious 30%", 0.0, 0.3), ("suspicious 50%", 0.0, 0.5),
+    ("failed 10%", 0.1, 0.0), ("failed 20%", 0.2, 0.0), ("failed 50%", 0.5, 0.0),
+)
+OPERATING_EPOCH_SIZES = (10, 20, 30, 50)
+
+
+def operating_characteristic(params: VerificationParams, epochs: int) -> list[list[str]]:
+    """Accused share of epochs for synthetic executors: how much per-inference evidence
+    the epoch test needs, independent of any model."""
+    return [[label, f"{100 * fail:g}%", f"{100 * suspicious:g}%"] + [
+        f"{100 * accusation_rate(synthetic_epochs(fail, suspicious, size, epochs, seed=size), params):.2f}%"
+        for size in OPERATING_EPOCH_SIZES] for label, fail, suspicious in OPERATING_POINTS]
 
 
 def row_class(row: str) -> str:
@@ -358,18 +365,20 @@ def row_class(row: str) -> str:
 
 def summarize(model: str, row: str, records: list[dict], params: VerificationParams, args) -> list[dict]:
     out = []
+    thresholds = params.for_model(model)
     for mode in MODES:
-        rs = [r for r in records if r["mode"] == mode]
+        rs = [r | dataclasses.asdict(verification.judge(measurements(r), thresholds))
+              for r in records if r["mode"] == mode]
         rejected = sum(not r["valid"] for r in rs)
         comparable = [r["mean_distance"] for r in rs if math.isfinite(r["mean_distance"])]
-        outcomes = [Evidence(r["evidence"]) for r in rs]
-        detection = epoch_detection(outcomes, params, args.epoch_size, args.epochs,
-                                    seed=int(hashlib.blake2b(f"{model}{row}{mode}".encode(),
-                                                             digest_size=4).hexdigest(), 16))
+        seed = int.from_bytes(hashlib.blake2b(f"{model}{row}{mode}".encode(), digest_size=4).digest())
+        detection = accusation_rate(resampled_epochs([Evidence(r["evidence"]) for r in rs],
+                                                     args.epoch_size, args.epochs, seed), params)
         reasons: dict[str, int] = {}
         for r in rs:
             for reason in r["reasons"]:
-                reasons[reason] = reasons.get(reason, 0) + 1
+                rule = reason.split(":")[0]
+                reasons[rule] = reasons.get(rule, 0) + 1
         cls = row_class(row)
         rate = rejected / len(rs)
         met = {"honest": rate <= 0.005 and detection <= 0.001,
@@ -417,14 +426,30 @@ def write_matrix(summaries: list[dict], args, params: VerificationParams) -> Non
             "threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
             "thresholds": {m: dataclasses.asdict(t) for m, t in params.models.items()},
             "sprt": dataclasses.asdict(params.sprt)}
-    (RESULTS / "detection_matrix.json").write_text(
-        json.dumps({"meta": meta, "rows": summaries}, indent=1))
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(s)) + " |" for s in summaries]
+    operating = operating_characteristic(params, args.epochs)
+    columns = ("executor", "failed", "suspicious", *(f"epochs of {n}" for n in OPERATING_EPOCH_SIZES))
+    table = Table(title="Epoch test: accused share of epochs, synthetic executors")
+    for column in columns:
+        table.add_column(column)
+    for cells in operating:
+        table.add_row(*cells)
+    Console(width=None if console.is_terminal else 200).print(table)
     header = (f"n = {args.n} per row and mode, max_tokens = {args.max_tokens}, epochs of "
               f"{args.epoch_size} validated inferences ({args.epochs} simulated), "
               f"OMP_NUM_THREADS={meta['threads']}, torch {torch.__version__}.\n\n")
-    (RESULTS / "detection_matrix.md").write_text(header + "\n".join(lines) + "\n")
+    text = header + markdown(_COLUMNS, [table_cells(s) for s in summaries]) + (
+        f"\nEpoch test alone ({args.epochs} synthetic epochs per cell):\n\n"
+        + markdown(columns, operating))
+    (RESULTS / "detection_matrix.md").write_text(text)
+    meta["operating_characteristic"] = [dict(zip(columns, cells)) for cells in operating]
+    (RESULTS / "detection_matrix.json").write_text(
+        json.dumps({"meta": meta, "rows": summaries}, indent=1))
+
+
+def markdown(columns: Iterable[str], rows: list[list[str]]) -> str:
+    columns = list(columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -436,27 +461,20 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def calibrate(records: dict[str, list[dict]]) -> tuple[ModelThresholds, dict]:
-    """Thresholds from honest noise: CALIBRATION_MARGIN x p99.9 (max error, mean error)
-    and x p90 (mean error) for "suspicious", the mean limits holding at the median output
-    length; plus the record of what was measured."""
-    every = [r for rs in records.values() for r in rs]
-    max_errors = [r["max_error"] for r in every]
-    mean_errors = [r["mean_error"] for r in every]
+    """Thresholds from honest measurements: CALIBRATION_MARGIN x p99.9 (largest error,
+    mean error) and x p90 (mean error) for "suspicious", the mean limits holding at the
+    median output length; plus the record of what was measured."""
+    every = [measurements(r) for rs in records.values() for r in rs]
+    max_errors = [m.max_error for m in every]
+    mean_errors = [m.mean_error for m in every]
     thresholds = ModelThresholds(
         logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
         max_mean_distance=CALIBRATION_MARGIN * quantile(mean_errors, 0.999),
         suspicious_mean_distance=CALIBRATION_MARGIN * quantile(mean_errors, 0.9),
-        reference_tokens=int(np.median([r["n_tokens"] for r in every])),
+        reference_tokens=int(np.median([m.n_tokens for m in every])),
     )
-    # Short outputs: the widened limits must still hold the honest prefixes' means.
-    short = {}
-    for m in SHORT_PREFIXES:
-        means = [r[f"mean_error_first_{m}"] for r in every]
-        short[f"p999_mean_error_first_{m}"] = quantile(means, 0.999)
-        short[f"mean_limit_first_{m}"] = thresholds.mean_limit(thresholds.max_mean_distance, m)
-        short[f"suspicious_first_{m}"] = sum(
-            v > thresholds.mean_limit(thresholds.suspicious_mean_distance, m) for v in means) / len(means)
-    by_mode = {m: [r for r in every if r["mode"] == m] for m in MODES}
+    greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
+    sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured = {
         "inferences": len(every),
         "honest_rows": sorted(records),
@@ -464,12 +482,21 @@ def calibrate(records: dict[str, list[dict]]) -> tuple[ModelThresholds, dict]:
         "max_max_error": max(max_errors),
         "p999_mean_error": quantile(mean_errors, 0.999),
         "p90_mean_error": quantile(mean_errors, 0.9),
-        "max_top_k_gap": max(r["top_k_gap"] for r in every),
-        "max_greedy_margin_nats": max(r["sampling_margin"] for r in by_mode["greedy"]),
-        "max_sampled_margin_cdf": max(r["sampling_margin"] for r in by_mode["sampled"]),
-        "val_over_gen": sum(r["val_s"] for r in every) / sum(r["gen_s"] for r in every),
-        **short,
+        "max_top_k_shortfall": max(x for m in every for x in m.top_k_shortfall),
+        "greedy_positions_not_exact": sum(x > 0 for x in greedy),
+        "max_greedy_margin_nats": max(greedy),
+        "sampled_positions_not_exact": sum(x > 0 for x in sampled),
+        "max_sampled_margin_cdf": max(sampled),
+        "val_over_gen": (sum(r["val_s"] for rs in records.values() for r in rs)
+                         / sum(r["gen_s"] for rs in records.values() for r in rs)),
     }
+    # Short outputs: the widened mean limits must still hold the honest prefixes' means.
+    for n in SHORT_PREFIXES:
+        means = [sum(m.position_errors[:n]) / len(m.position_errors[:n]) for m in every]
+        measured[f"p999_mean_error_first_{n}"] = quantile(means, 0.999)
+        measured[f"mean_limit_first_{n}"] = thresholds.mean_limit(thresholds.max_mean_distance, n)
+        measured[f"suspicious_share_first_{n}"] = sum(
+            v > thresholds.mean_limit(thresholds.suspicious_mean_distance, n) for v in means) / len(means)
     return thresholds, measured
 
 
@@ -538,8 +565,7 @@ async def main(argv: list[str]) -> None:
         calibrated = {}
         with Progress(*columns, console=console) as progress:
             for model in args.models:
-                name, records = await run_model(model, list(HONEST), "calibration", args, None,
-                                                progress)
+                name, records = await run_model(model, list(HONEST), "calibration", args, progress)
                 calibrated[name] = calibrate(records)
         for model, (thresholds, measured) in calibrated.items():
             console.print(model, thresholds, measured)
@@ -550,13 +576,12 @@ async def main(argv: list[str]) -> None:
         else:
             print(text)
         return
-    params = verification.load_verification_params(args.thresholds)
-    summaries = []
     with Progress(*columns, console=console) as progress:
-        for model in args.models:
-            name, results = await run_model(model, args.rows, "evaluation", args, params, progress)
-            for row in args.rows:
-                summaries += summarize(name, row, results[row], params, args)
+        runs = [await run_model(model, args.rows, "evaluation", args, progress)
+                for model in args.models]
+    params = verification.load_verification_params(args.thresholds)  # measurements need none
+    summaries = [s for name, results in runs for row in args.rows
+                 for s in summarize(name, row, results[row], params, args)]
     write_matrix(summaries, args, params)
 
 

@@ -300,15 +300,22 @@ def test_sprt_catches_the_weakest_designed_cheat_within_an_epoch() -> None:
 def test_sprt_accuses_a_consistently_failing_executor_after_a_few_verdicts() -> None:
     sprt = SprtParams()
     _, upper = sprt_bounds(sprt)
-    needed = math.ceil(upper / math.log(sprt.cheat_fail_rate / sprt.honest_fail_rate))
+    step = max(math.log(sprt.cheat_fail_rate / sprt.honest_fail_rate),
+               math.log(sprt.cheat_suspicious_rate / sprt.honest_suspicious_rate))
+    needed = math.ceil(upper / step)
     assert judge_epoch([Evidence.FAILED] * needed, sprt) is EpochDecision.CHEATING
     assert judge_epoch([Evidence.FAILED] * (needed - 1), sprt) is EpochDecision.UNDECIDED
 
 
+def test_sprt_catches_a_raised_failure_rate_without_suspicious_distances() -> None:
+    # 20% failures (40x the honest bound), e.g. a cheat caught only by the sampling rule
+    assert epoch_rate(0.2, 0.0, 50, 1000, seed=3) >= 0.95
+
+
 def test_sprt_keeps_testing_after_accepting_honest() -> None:
     sprt = SprtParams()
-    assert judge_epoch([Evidence.CLEAN] * 20, sprt) is EpochDecision.HONEST
-    assert judge_epoch([Evidence.CLEAN] * 20 + [Evidence.SUSPICIOUS] * 5, sprt) is EpochDecision.CHEATING
+    assert judge_epoch([Evidence.CLEAN] * 60, sprt) is EpochDecision.HONEST
+    assert judge_epoch([Evidence.CLEAN] * 60 + [Evidence.SUSPICIOUS] * 5, sprt) is EpochDecision.CHEATING
     assert judge_epoch([Evidence.CLEAN] * 2, sprt) is EpochDecision.UNDECIDED
 
 

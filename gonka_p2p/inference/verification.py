@@ -5,8 +5,11 @@ Theory of operation. A validator holds an :class:`InferenceArtifact` (the
 executor's claim: token ids, top-k raw logprobs, sampling parameters, seed)
 and a :class:`ScoredCompletion` it computed itself: one teacher-forced pass of
 the pinned model over prompt + claimed completion, with the raw logits rows.
-:func:`verify` applies five rules, each a pure function below, and returns a
-:class:`Verdict`: valid only if every rule passes.
+:func:`verify` is :func:`measure` (the expensive, threshold-free comparison:
+:class:`Measurements`) then :func:`judge` (cheap: the rules with the model's
+thresholds), returning a :class:`Verdict`, valid only if every rule passes.
+The split lets calibration measure honest work once and choose thresholds
+without re-running a model. The rules, each a pure function below:
 
 1. ``check_length`` -- the completion ends the way an honest engine ends one:
    at most ``max_tokens`` tokens, at least one, an EOS token only as the last
@@ -38,12 +41,15 @@ and the calibration that chose them (``benchmarks/detection_matrix.py
 --calibrate`` regenerates it).
 
 Per executor per epoch, :func:`observe` folds verdicts into
-:class:`EpochEvidence`, a sequential probability ratio test (Wald's SPRT,
-restarted after each acceptance of "honest" so that an executor cannot build
-credit early in an epoch and cheat afterwards). Each verdict is one of three
-outcomes -- failed, suspicious (valid but its mean distance is above the
-honest bulk), clean -- with calibrated probabilities under "honest" and
-design probabilities under "cheating" (:class:`SprtParams`).
+:class:`EpochEvidence`: two sequential probability ratio tests (Wald's SPRT,
+each restarted after it accepts "honest", so that an executor cannot build
+credit early in an epoch and cheat afterwards). Each verdict is failed,
+suspicious (valid, but its mean distance is above the honest bulk) or clean.
+The failure test asks whether failures come more often than honest noise
+explains; the distance test whether failed-or-suspicious verdicts do -- the
+aggregate that catches a subtle cheat whose single outputs stay within the
+per-inference limits. Rates under "honest" are bounds above the calibrated
+ones, rates under "cheating" are design values (:class:`SprtParams`).
 :func:`epoch_decision` says honest / cheating / undecided.
 
 Pure: no I/O, clocks or randomness, except :func:`load_verification_params`,
@@ -66,7 +72,7 @@ import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import ScoredCompletion
-from gonka_p2p.inference.sampler import SamplingParams, check_token
+from gonka_p2p.inference.sampler import check_token
 
 # ---------------------------------------------------------------------------
 # Parameters
@@ -104,19 +110,20 @@ class ModelThresholds:
 
 @dataclass(frozen=True)
 class SprtParams:
-    """The epoch test. Rates are probabilities per validated inference, in [0, 1].
+    """The epoch test: two Bernoulli SPRTs. Rates are probabilities per validated inference.
 
-    ``honest_*`` describe an honest executor (calibrated: the measured rates
-    are below these, so an honest executor drifts to "honest" at least as fast
-    as designed). ``cheat_*`` describe the weakest cheat the test is designed
-    to catch within an epoch. ``alpha`` and ``beta`` are the error rates of
-    one Wald run: honest accused, cheat accepted.
+    The failure test watches "failed" verdicts, the distance test "failed or
+    suspicious" ones (a failed output is at least as far from the model as a
+    suspicious one). ``honest_*`` are upper bounds above the rates measured for
+    honest executors; ``cheat_*`` describe the weakest cheat each test is
+    designed to catch within an epoch. ``alpha`` and ``beta`` are the error
+    rates of one Wald run: honest accused, cheat cleared.
     """
 
     honest_fail_rate: float = 0.005
+    cheat_fail_rate: float = 0.1
     honest_suspicious_rate: float = 0.01
-    cheat_fail_rate: float = 0.05
-    cheat_suspicious_rate: float = 0.5
+    cheat_suspicious_rate: float = 0.3
     alpha: float = 1e-4
     beta: float = 0.01
 
@@ -125,9 +132,6 @@ class SprtParams:
             value = getattr(self, f.name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{f.name} must be a probability in (0, 1), not {value!r}")
-        if (self.honest_fail_rate + self.honest_suspicious_rate >= 1.0
-                or self.cheat_fail_rate + self.cheat_suspicious_rate >= 1.0):
-            raise ValueError("failed + suspicious rates must leave room for clean verdicts")
         if (self.cheat_fail_rate <= self.honest_fail_rate
                 or self.cheat_suspicious_rate <= self.honest_suspicious_rate):
             raise ValueError("a cheat must fail and look suspicious more often than an honest executor")
@@ -139,9 +143,9 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
     "suspicious_mean_distance": "nats; valid outputs above it count as suspicious in the epoch test",
     "reference_tokens": "tokens; output length the mean limits hold at (shorter outputs: wider, see mean_limit)",
     "honest_fail_rate": "probability per inference that an honest output fails (upper bound)",
-    "honest_suspicious_rate": "probability per inference that an honest output is suspicious (upper bound)",
     "cheat_fail_rate": "probability per inference that the weakest targeted cheat fails",
-    "cheat_suspicious_rate": "probability per inference that the weakest targeted cheat is suspicious",
+    "honest_suspicious_rate": "probability per inference that an honest output fails or is suspicious (upper bound)",
+    "cheat_suspicious_rate": "probability per inference that the weakest targeted cheat fails or is suspicious",
     "alpha": "probability that one Wald run accuses an honest executor",
     "beta": "probability that one Wald run accepts a cheat as honest",
 })
@@ -189,7 +193,7 @@ def load_verification_params(path: Path | None = None) -> VerificationParams:
     return verification_params_from_obj(tomllib.loads(text))
 
 
-def tie_tolerance(thresholds: ModelThresholds, params: SamplingParams) -> float:
+def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     """How far from the sampler's choice a claimed token may be, in ``check_token``'s unit.
 
     Noise of at most ``eps`` nats on every logprob can close a greedy gap of
@@ -198,13 +202,41 @@ def tie_tolerance(thresholds: ModelThresholds, params: SamplingParams) -> float:
     value, which is at most 1, moves by at most ``expm1(2 eps / T)``.
     """
     eps = thresholds.logprob_tolerance
-    if params.greedy:
+    if temperature == 0.0:
         return 2.0 * eps
-    return math.expm1(2.0 * eps / params.temperature)
+    return math.expm1(2.0 * eps / temperature)
 
 
 # ---------------------------------------------------------------------------
-# Rules: each returns None when it passes, or the reason it fails, for people.
+# Measuring: the expensive, threshold-free half
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What the rules judge: a claim compared with its recomputation, before any threshold.
+
+    Kept apart from the judgement so that calibration measures honest work
+    once and thresholds can be re-chosen without re-running any model.
+    """
+
+    n_tokens: int
+    temperature: float  # the claimed sampling temperature (0 = greedy): sets the tie unit
+    structural: tuple[str, ...]  # failed rules that need no threshold: length, response, form
+    position_errors: tuple[float, ...]  # nats, per position: mean |claimed - recomputed| of k+1 logprobs
+    max_error: float  # nats: largest single |claimed - recomputed| logprob (inf: not comparable)
+    top_k_shortfall: tuple[float, ...]  # nats, per position (see top_k_shortfall)
+    sampling_margins: tuple[float, ...]  # per position, check_token's margin; 0 = the sampler's pick
+
+    @property
+    def comparable(self) -> bool:
+        return math.isfinite(self.max_error)
+
+    @property
+    def mean_error(self) -> float:
+        """nats: mean |claimed - recomputed| over every compared logprob (inf: not comparable)."""
+        if not self.comparable:
+            return math.inf
+        return sum(self.position_errors) / len(self.position_errors)
 
 
 def check_length(artifact: InferenceArtifact, eos_token_ids: frozenset[int]) -> str | None:
@@ -273,21 +305,6 @@ def logprob_errors(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torch
     return (claimed - logprobs.gather(1, ids)).abs()
 
 
-def check_distance(errors: torch.Tensor, thresholds: ModelThresholds) -> str | None:
-    """Every claimed logprob within ``logprob_tolerance``; their mean within
-    ``max_mean_distance`` (widened for short outputs, see ``mean_limit``)."""
-    worst = float(errors.max())
-    mean = float(errors.mean())
-    limit = thresholds.mean_limit(thresholds.max_mean_distance, errors.shape[0])
-    if not worst <= thresholds.logprob_tolerance:
-        position = int(errors.max(dim=1).values.argmax())
-        return (f"distance: position {position} has a logprob off by {worst:.3g} nats "
-                f"(tolerance {thresholds.logprob_tolerance:.3g})")
-    if not mean <= limit:
-        return f"distance: mean logprob error {mean:.3g} nats exceeds {limit:.3g}"
-    return None
-
-
 def top_k_shortfall(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torch.Tensor:
     """``[n]`` nats by which the worst claimed top-k id at each position falls below the
     recomputed k-th logprob (0 when all are in the recomputed top-k). With k distinct
@@ -298,48 +315,79 @@ def top_k_shortfall(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torc
     return (kth - logprobs.gather(1, ids)).clamp_min(0.0).max(dim=1).values
 
 
-def check_top_k_set(shortfall: torch.Tensor, tolerance: float) -> str | None:
-    """The claimed top-k set is the recomputed one, up to near-ties at the k-th place."""
-    misses = torch.nonzero(shortfall > tolerance).flatten()
-    if len(misses):
-        return (f"top-k: {len(misses)} positions list ids outside the recomputed top-k "
-                f"(first {int(misses[0])})")
-    return None
+def sampling_margins(artifact: InferenceArtifact, logits: torch.Tensor) -> list[float]:
+    """``sampler.check_token``'s margin at every position, with the artifact's seed and
+    params: 0 where the claimed token is the sampler's pick."""
+    return [check_token(logits[i], artifact.params, artifact.seed, i, step.token_id, 0.0).margin
+            for i, step in enumerate(artifact.steps)]
 
 
-@dataclass(frozen=True)
-class SamplingCheck:
-    """Outcome of the sampling rule over one completion."""
-
-    mismatches: tuple[int, ...]  # positions whose token is neither the pick nor a near-tie
-    near_ties: int  # positions accepted only as near-ties
-    worst_margin: float  # largest margin seen, in check_token's unit
-
-
-def sampling_check(artifact: InferenceArtifact, logits: torch.Tensor, tolerance: float) -> SamplingCheck:
-    """Run ``sampler.check_token`` at every position with the artifact's seed and params."""
-    mismatches, near_ties, worst = [], 0, 0.0
-    for position, step in enumerate(artifact.steps):
-        result = check_token(logits[position], artifact.params, artifact.seed, position,
-                             step.token_id, tolerance)
-        worst = max(worst, result.margin)
-        if not result.ok:
-            mismatches.append(position)
-        elif not result.exact:
-            near_ties += 1
-    return SamplingCheck(tuple(mismatches), near_ties, worst)
-
-
-def check_sampling(result: SamplingCheck, tolerance: float) -> str | None:
-    if result.mismatches:
-        return (f"sampling: {len(result.mismatches)} tokens are not the seeded sampler's choice "
-                f"(first at position {result.mismatches[0]}, worst margin "
-                f"{result.worst_margin:.3g} > {tolerance:.3g})")
-    return None
+def measure(
+    artifact: InferenceArtifact,
+    recomputed: ScoredCompletion,
+    *,
+    eos_token_ids: frozenset[int],
+    expected_response: bytes | None = None,
+) -> Measurements:
+    """Compare ``artifact`` with the validator's teacher-forced ``recomputed`` pass (with
+    logits) of the same model over the artifact's prompt and completion.
+    ``expected_response`` is the committed response hash, when known."""
+    n = len(artifact.steps)
+    covered = check_claim_covered(artifact, recomputed)
+    form = check_evidence_form(artifact, recomputed.logits.shape[1]) if covered is None else None
+    structural = tuple(r for r in (
+        check_length(artifact, eos_token_ids),
+        check_response(artifact, expected_response) if expected_response is not None else None,
+        covered,
+        form,
+    ) if r is not None)
+    if n == 0 or covered is not None or form is not None:  # nothing comparable to compare
+        return Measurements(n, artifact.params.temperature, structural, (), math.inf, (), ())
+    logprobs = recomputed_logprobs(recomputed.logits)
+    errors = logprob_errors(artifact, logprobs)
+    return Measurements(
+        n_tokens=n,
+        temperature=artifact.params.temperature,
+        structural=structural,
+        position_errors=tuple(float(e) for e in errors.mean(dim=1)),
+        max_error=float(errors.max()),
+        top_k_shortfall=tuple(float(x) for x in top_k_shortfall(artifact, logprobs)),
+        sampling_margins=tuple(sampling_margins(artifact, recomputed.logits)),
+    )
 
 
 # ---------------------------------------------------------------------------
-# The verdict
+# Judging: the cheap half. Each rule returns None when it passes, or why it fails.
+
+
+def check_distance(m: Measurements, thresholds: ModelThresholds) -> str | None:
+    """Every claimed logprob within ``logprob_tolerance``; their mean within
+    ``max_mean_distance`` (widened for short outputs, see ``mean_limit``)."""
+    limit = thresholds.mean_limit(thresholds.max_mean_distance, m.n_tokens)
+    if not m.max_error <= thresholds.logprob_tolerance:
+        return (f"distance: a logprob is off by {m.max_error:.3g} nats "
+                f"(tolerance {thresholds.logprob_tolerance:.3g})")
+    if not m.mean_error <= limit:
+        return f"distance: mean logprob error {m.mean_error:.3g} nats exceeds {limit:.3g}"
+    return None
+
+
+def check_top_k_set(m: Measurements, thresholds: ModelThresholds) -> str | None:
+    """The claimed top-k set is the recomputed one, up to near-ties at the k-th place."""
+    misses = [i for i, x in enumerate(m.top_k_shortfall) if x > thresholds.logprob_tolerance]
+    if misses:
+        return f"top-k: {len(misses)} positions list ids outside the recomputed top-k (first {misses[0]})"
+    return None
+
+
+def check_sampling(m: Measurements, thresholds: ModelThresholds) -> str | None:
+    """Each token is the seeded sampler's pick, up to near-ties noise could flip."""
+    tolerance = tie_tolerance(thresholds, m.temperature)
+    misses = [i for i, x in enumerate(m.sampling_margins) if x > tolerance]
+    if misses:
+        return (f"sampling: {len(misses)} tokens are not the seeded sampler's choice (first at "
+                f"position {misses[0]}, worst margin {max(m.sampling_margins):.3g} > {tolerance:.3g})")
+    return None
 
 
 class Evidence(str, Enum):
@@ -362,7 +410,29 @@ class Verdict:
     max_distance: float  # nats; inf when the claim could not be compared
     top_k_misses: int  # positions
     sampling_mismatches: int  # positions
-    near_ties: int  # positions accepted as near-ties
+    near_ties: int  # positions accepted only as near-ties
+
+
+def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
+    """Apply every rule to ``m`` with the model's thresholds."""
+    reasons = list(m.structural)
+    if m.comparable:
+        reasons += [r for r in (check_distance(m, thresholds), check_top_k_set(m, thresholds),
+                                check_sampling(m, thresholds)) if r is not None]
+    if reasons:
+        evidence = Evidence.FAILED
+    elif m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens):
+        evidence = Evidence.SUSPICIOUS
+    else:
+        evidence = Evidence.CLEAN
+    tolerance = tie_tolerance(thresholds, m.temperature)
+    return Verdict(
+        valid=not reasons, reasons=tuple(reasons), evidence=evidence, n_tokens=m.n_tokens,
+        mean_distance=m.mean_error, max_distance=m.max_error,
+        top_k_misses=sum(x > thresholds.logprob_tolerance for x in m.top_k_shortfall),
+        sampling_mismatches=sum(x > tolerance for x in m.sampling_margins),
+        near_ties=sum(0.0 < x <= tolerance for x in m.sampling_margins),
+    )
 
 
 def verify(
@@ -373,74 +443,28 @@ def verify(
     eos_token_ids: frozenset[int],
     expected_response: bytes | None = None,
 ) -> Verdict:
-    """Decide whether ``artifact`` is honest work, given the validator's teacher-forced
-    ``recomputed`` pass (with logits) of the same model over the artifact's prompt and
-    completion. ``expected_response`` is the committed response hash, when known."""
-    n = len(artifact.steps)
-    covered = check_claim_covered(artifact, recomputed)
-    reasons = [r for r in (
-        check_length(artifact, eos_token_ids),
-        check_response(artifact, expected_response) if expected_response is not None else None,
-        covered,
-    ) if r is not None]
-    if covered is not None or n == 0:
-        return _uncompared(reasons, n)  # nothing (comparable) to compare
-    logits = recomputed.logits
-    form = check_evidence_form(artifact, vocab_size=logits.shape[1])
-    if form is not None:
-        return _uncompared([*reasons, form], n)
-
-    logprobs = recomputed_logprobs(logits)
-    errors = logprob_errors(artifact, logprobs)
-    shortfall = top_k_shortfall(artifact, logprobs)
-    tolerance = tie_tolerance(thresholds, artifact.params)
-    sampled = sampling_check(artifact, logits, tolerance)
-    reasons += [r for r in (
-        check_distance(errors, thresholds),
-        check_top_k_set(shortfall, thresholds.logprob_tolerance),
-        check_sampling(sampled, tolerance),
-    ) if r is not None]
-    mean = float(errors.mean())
-    if reasons:
-        evidence = Evidence.FAILED
-    elif mean > thresholds.mean_limit(thresholds.suspicious_mean_distance, n):
-        evidence = Evidence.SUSPICIOUS
-    else:
-        evidence = Evidence.CLEAN
-    return Verdict(
-        valid=not reasons, reasons=tuple(reasons), evidence=evidence, n_tokens=n,
-        mean_distance=mean, max_distance=float(errors.max()),
-        top_k_misses=int((shortfall > thresholds.logprob_tolerance).sum()),
-        sampling_mismatches=len(sampled.mismatches), near_ties=sampled.near_ties,
-    )
-
-
-def _uncompared(reasons: list[str], n: int) -> Verdict:
-    return Verdict(valid=False, reasons=tuple(reasons), evidence=Evidence.FAILED, n_tokens=n,
-                   mean_distance=math.inf, max_distance=math.inf, top_k_misses=0,
-                   sampling_mismatches=0, near_ties=0)
+    """Decide whether ``artifact`` is honest work: :func:`measure`, then :func:`judge`."""
+    return judge(measure(artifact, recomputed, eos_token_ids=eos_token_ids,
+                         expected_response=expected_response), thresholds)
 
 
 # ---------------------------------------------------------------------------
-# Per executor per epoch: a restarted Wald SPRT over verdict outcomes
+# Per executor per epoch: two restarted Wald SPRTs over verdict outcomes
 
 
 class EpochDecision(str, Enum):
-    HONEST = "honest"  # at least one run accepted "honest", none accused
-    CHEATING = "cheating"  # a run crossed the upper boundary
-    UNDECIDED = "undecided"  # too little evidence either way (no accusation)
+    HONEST = "honest"  # both tests accepted "honest" at least once, neither accused
+    CHEATING = "cheating"  # a test crossed its upper boundary
+    UNDECIDED = "undecided"  # too little evidence to clear it (no accusation either)
 
 
 @dataclass(frozen=True)
-class EpochEvidence:
-    """The state of one executor's test within one epoch. Start from ``EpochEvidence()``."""
+class WaldRun:
+    """One Bernoulli SPRT, restarted each time it accepts "honest"."""
 
     llr: float = 0.0  # log-likelihood ratio (cheating : honest) of the current run
     accepted_honest: int = 0  # runs that ended accepting "honest"
     accused: bool = False  # a run ended accepting "cheating"; final for the epoch
-    observed: int = 0
-    failed: int = 0
-    suspicious: int = 0
 
 
 def sprt_bounds(sprt: SprtParams) -> tuple[float, float]:
@@ -449,44 +473,59 @@ def sprt_bounds(sprt: SprtParams) -> tuple[float, float]:
             math.log((1.0 - sprt.beta) / sprt.alpha))
 
 
-def outcome_llr(evidence: Evidence, sprt: SprtParams) -> float:
-    """log P(outcome | cheating) / P(outcome | honest) for one verdict."""
-    if evidence is Evidence.FAILED:
-        return math.log(sprt.cheat_fail_rate / sprt.honest_fail_rate)
-    if evidence is Evidence.SUSPICIOUS:
-        return math.log(sprt.cheat_suspicious_rate / sprt.honest_suspicious_rate)
-    return math.log((1.0 - sprt.cheat_fail_rate - sprt.cheat_suspicious_rate)
-                    / (1.0 - sprt.honest_fail_rate - sprt.honest_suspicious_rate))
-
-
-def observe(state: EpochEvidence, evidence: Evidence, sprt: SprtParams) -> EpochEvidence:
-    """Fold one verdict's outcome into the epoch test.
+def wald_step(run: WaldRun, hit: bool, honest_rate: float, cheat_rate: float,
+              sprt: SprtParams) -> WaldRun:
+    """Fold one Bernoulli observation into ``run``.
 
     A run that accepts "honest" restarts from zero instead of stopping, so an
     executor that behaves early in the epoch and cheats later is still tested
     on the later evidence. The price: each restart is another chance of a
     false accusation, so an epoch's false-accusation rate is at most about
-    ``alpha`` times the number of runs (one run takes about
-    ``lower / outcome_llr(CLEAN)`` clean verdicts).
+    ``alpha`` times the number of runs in it.
     """
-    counts = replace(state, observed=state.observed + 1,
-                     failed=state.failed + (evidence is Evidence.FAILED),
-                     suspicious=state.suspicious + (evidence is Evidence.SUSPICIOUS))
-    if state.accused:
-        return counts
+    if run.accused:
+        return run
     lower, upper = sprt_bounds(sprt)
-    llr = state.llr + outcome_llr(evidence, sprt)
+    if hit:
+        llr = run.llr + math.log(cheat_rate / honest_rate)
+    else:
+        llr = run.llr + math.log((1.0 - cheat_rate) / (1.0 - honest_rate))
     if llr >= upper:
-        return replace(counts, llr=llr, accused=True)
+        return replace(run, llr=llr, accused=True)
     if llr <= lower:
-        return replace(counts, llr=0.0, accepted_honest=state.accepted_honest + 1)
-    return replace(counts, llr=llr)
+        return replace(run, llr=0.0, accepted_honest=run.accepted_honest + 1)
+    return replace(run, llr=llr)
+
+
+@dataclass(frozen=True)
+class EpochEvidence:
+    """One executor's epoch test so far. Start from ``EpochEvidence()``."""
+
+    failures: WaldRun = WaldRun()  # is its failure rate above honest noise?
+    distance: WaldRun = WaldRun()  # are its outputs further from the model than honest ones?
+    observed: int = 0
+    failed: int = 0
+    suspicious: int = 0
+
+
+def observe(state: EpochEvidence, evidence: Evidence, sprt: SprtParams) -> EpochEvidence:
+    """Fold one verdict's outcome into the epoch test."""
+    failed = evidence is Evidence.FAILED
+    far = evidence is not Evidence.CLEAN
+    return EpochEvidence(
+        failures=wald_step(state.failures, failed, sprt.honest_fail_rate, sprt.cheat_fail_rate, sprt),
+        distance=wald_step(state.distance, far, sprt.honest_suspicious_rate,
+                           sprt.cheat_suspicious_rate, sprt),
+        observed=state.observed + 1,
+        failed=state.failed + failed,
+        suspicious=state.suspicious + (evidence is Evidence.SUSPICIOUS),
+    )
 
 
 def epoch_decision(state: EpochEvidence) -> EpochDecision:
-    if state.accused:
+    if state.failures.accused or state.distance.accused:
         return EpochDecision.CHEATING
-    if state.accepted_honest > 0:
+    if state.failures.accepted_honest and state.distance.accepted_honest:
         return EpochDecision.HONEST
     return EpochDecision.UNDECIDED
 
