@@ -153,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return asyncio.run(run_demo(
         nodes=args.nodes, requests=args.requests, engine=args.engine, model=args.model,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens, cheater=args.cheater,
     ))
 
 
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--cheater", metavar="CHEAT",
+                   help="add a participant that cheats (e.g. int4, prefill, small-model) and show it caught")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -30,6 +30,7 @@ from gonka_p2p.client import Completion, GonkaClient, GonkaError
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.devnet import init_local_network
+from gonka_p2p.ledger.query import EpochSummaryReply
 
 console = Console()
 
@@ -45,6 +46,11 @@ PROMPTS: list[tuple[str, float]] = [
 READY_TIMEOUT_S = 300.0
 SETTLE_TIMEOUT_S = 120.0
 EMPTY_BLOCK_INTERVAL_S = 2.0
+# With --cheater the demo must see whole epochs settle: short epochs, frequent blocks.
+CHEATER_GENESIS = {"epoch_length_blocks": 40, "validation_window_blocks": 12,
+                   "dispute_voting_blocks": 8, "inference_deadline_blocks": 30}
+CHEATER_EMPTY_BLOCK_INTERVAL_S = 1.0
+EPOCH_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -66,14 +72,16 @@ class NodeProcess:
 
 
 async def _spawn_node(index: int, workdir: Path, genesis: Path, engine: str, model: str,
-                      bootstrap: str | None) -> NodeProcess:
+                      bootstrap: str | None, block_interval: float, cheater: str | None) -> NodeProcess:
     key = Keypair.load(workdir / f"node{index}.key")
     args = [sys.executable, "-m", "gonka_p2p.cli", "node", "--key", str(workdir / f"node{index}.key"),
             "--listen", "/ip4/127.0.0.1/tcp/0", "--engine", engine, "--model", model,
             "--genesis", str(genesis), "--announce-interval", "1.0",
-            "--empty-block-interval", str(EMPTY_BLOCK_INTERVAL_S)]
+            "--empty-block-interval", str(block_interval)]
     if bootstrap:
         args += ["--bootstrap", bootstrap]
+    if cheater:  # weight cheats rewrite the model, which only the torch engine allows
+        args += ["--cheater", cheater, "--engine", "torch"]
     log = open(workdir / f"node{index}.log", "wb")
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log)
     return NodeProcess(index, key, proc)
@@ -116,21 +124,31 @@ async def _ask(client: GonkaClient, prompt: str, temperature: float, model: str,
     return completion
 
 
-def _request_table(i: int, ta: str, c: Completion) -> Table:
+def _request_table(i: int, ta: str, c: Completion, cheater: str | None = None) -> Table:
     table = Table(title=f"request {i}", title_justify="left", show_header=True)
     for col in ("executor", "TA", "TTFT (ms)", "tokens/s", "tokens", "finish"):
         table.add_column(col)
-    table.add_row(c.executor[-12:], ta[-12:], f"{c.ttft_s * 1000:.0f}", f"{c.tokens_per_s:.1f}",
+    executor = c.executor[-12:] + (" (cheater)" if c.executor == cheater else "")
+    table.add_row(executor, ta[-12:], f"{c.ttft_s * 1000:.0f}", f"{c.tokens_per_s:.1f}",
                   str(c.completion_tokens), c.finish_reason)
     return table
 
 
-async def run_demo(nodes: int, requests: int, engine: str, model: str, max_tokens: int) -> int:
+async def run_demo(nodes: int, requests: int, engine: str, model: str, max_tokens: int,
+                   cheater: str | None = None) -> int:
+    """``cheater``: add one participant serving that cheat (``cheats.CHEATS``) and show
+    the validators catching it within the epoch."""
+    from gonka_p2p.inference.cheats import CHEATS
     from gonka_p2p.inference.models import resolve_model
 
     if nodes < 3:
         console.print("[red]error:[/red] the demo needs at least 3 nodes")
         return 2
+    if cheater is not None and cheater not in CHEATS:
+        console.print(f"[red]error:[/red] unknown cheat {cheater!r}: choose from {', '.join(CHEATS)}")
+        return 2
+    honest_nodes, nodes = nodes, nodes + (1 if cheater else 0)
+    block_interval = CHEATER_EMPTY_BLOCK_INTERVAL_S if cheater else EMPTY_BLOCK_INTERVAL_S
     started = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -139,7 +157,8 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
         progress.update(task, description=f"model {model} ready at {model_dir}", completed=1, total=1)
 
         workdir = Path(tempfile.mkdtemp(prefix="gonka-demo-"))
-        network = init_local_network(workdir, nodes=nodes, clients=1, models=(model,))
+        network = init_local_network(workdir, nodes=nodes, clients=1, models=(model,),
+                                     **(CHEATER_GENESIS if cheater else {}))
         genesis = network.genesis_path
         client_key = Keypair.load(network.client_keys[0])
 
@@ -147,11 +166,12 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
         client_service = Libp2pService(Keypair.generate(), "/ip4/127.0.0.1/tcp/0")
         try:
             task = progress.add_task(f"starting {nodes} nodes ({engine} engine, loading models)", total=nodes)
-            first = await _spawn_node(0, workdir, genesis, engine, model, None)
+            first = await _spawn_node(0, workdir, genesis, engine, model, None, block_interval, None)
             procs.append(first)
             await _wait_ready(first, workdir)
             progress.advance(task)
-            rest = [await _spawn_node(i, workdir, genesis, engine, model, first.addr)
+            rest = [await _spawn_node(i, workdir, genesis, engine, model, first.addr, block_interval,
+                                      cheater if i >= honest_nodes else None)
                     for i in range(1, nodes)]
             procs += rest
             for node in rest:
@@ -171,17 +191,32 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
             await _shutdown(procs, client_service)
             raise
 
+    cheater_peer = procs[-1].key.peer_id if cheater else None
     results: list[tuple[str, Completion]] = []
+    refunded = 0
     try:
+        if cheater:
+            with console.status("waiting for epoch 1 (epoch 0 is the bootstrap epoch: validators "
+                                "commit their seeds in it)"):
+                first_epoch = await _wait_epoch(clients[0], 1)
         balance_before = (await clients[0].balance()).balance
-        for i in range(requests):
+        i = 0
+        while i < requests or (cheater and not _served_by_both(results, cheater_peer)
+                               and i < 4 * requests):
             prompt, temperature = PROMPTS[i % len(PROMPTS)]
             client = clients[i % len(clients)]
             completion = await _ask(client, prompt, temperature, model, max_tokens)
             results.append((client.ta, completion))
-            console.print(_request_table(i + 1, client.ta, completion))
+            console.print(_request_table(i + 1, client.ta, completion, cheater_peer))
+            i += 1
         with console.status("waiting until every inference is settled on the ledger"):
             costs = await _wait_settled(clients[0], [c for _, c in results])
+        if cheater:
+            last_epoch = (await clients[0].status()).epoch
+            with console.status(f"waiting until epochs {first_epoch}..{last_epoch} are validated "
+                                "and settled"):
+                summaries = await _wait_epochs_settled(clients[0], first_epoch, last_epoch)
+            refunded = sum(s.fees_refunded for s in summaries)
         balance_after = (await clients[0].balance()).balance
         memory = {n.key.peer_id: n.rss_mib() for n in procs}
     except (GonkaError, TimeoutError) as e:
@@ -191,8 +226,10 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
         await _shutdown(procs, client_service)
 
     _print_summary(results, memory, time.perf_counter() - started)
-    _print_ledger(client_key.peer_id, balance_before, balance_after, costs)
-    if balance_before - balance_after != sum(costs):
+    _print_ledger(client_key.peer_id, balance_before, balance_after, costs, refunded)
+    if cheater and not _report_verification(summaries, cheater, cheater_peer):  # type: ignore[arg-type]
+        return 1
+    if balance_before - balance_after != sum(costs) - refunded:
         console.print("[red]error:[/red] the client's balance did not fall by exactly what it was charged")
         return 1
     executors = {c.executor for _, c in results}
@@ -203,11 +240,11 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
 
 
 async def _wait_settled(client: GonkaClient, completions: list[Completion]) -> list[int]:
-    """Poll the ledger until every inference has settled; return what each one cost."""
+    """Poll the ledger until every inference has settled (or expired: cost 0); return the costs."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     costs = []
     for completion in completions:
-        while (record := await client.inference(completion.inference_id)).status != "settled":
+        while (record := await client.inference(completion.inference_id)).status not in ("settled", "expired"):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"inference {completion.inference_id.hex()[:12]} is still "
                                    f"{record.status or 'unknown'} on the ledger after {SETTLE_TIMEOUT_S:.0f} s")
@@ -216,12 +253,59 @@ async def _wait_settled(client: GonkaClient, completions: list[Completion]) -> l
     return costs
 
 
-def _print_ledger(client: str, before: int, after: int, costs: list[int]) -> None:
+def _print_ledger(client: str, before: int, after: int, costs: list[int], refunded: int) -> None:
     table = Table(title="ledger", title_justify="left")
-    for col in ("client", "balance before", "balance after", "charged", "inferences settled"):
+    for col in ("client", "balance before", "balance after", "charged", "refunded", "inferences settled"):
         table.add_column(col)
-    table.add_row(client[-12:], str(before), str(after), str(before - after), f"{len(costs)} (cost {sum(costs)})")
+    table.add_row(client[-12:], str(before), str(after), str(before - after), str(refunded),
+                  f"{len(costs)} (cost {sum(costs)})")
     console.print(table)
+
+
+def _served_by_both(results: list[tuple[str, Completion]], cheater: str | None) -> bool:
+    """Enough for the cheater demo: the cheater and some honest executor each served twice."""
+    by_cheater = sum(c.executor == cheater for _, c in results)
+    return by_cheater >= 2 and len(results) - by_cheater >= 2
+
+
+async def _wait_epoch(client: GonkaClient, epoch: int) -> int:
+    deadline = time.monotonic() + EPOCH_TIMEOUT_S
+    while (current := (await client.status()).epoch) < epoch:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ledger did not reach epoch {epoch} in {EPOCH_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.5)
+    return current
+
+
+async def _wait_epochs_settled(client: GonkaClient, first: int, last: int) -> list[EpochSummaryReply]:
+    deadline = time.monotonic() + EPOCH_TIMEOUT_S
+    summaries = []
+    for epoch in range(first, last + 1):
+        while not (summary := await client.epoch_summary(epoch)).settled:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"epoch {epoch} did not settle in {EPOCH_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.5)
+        summaries.append(summary)
+    return summaries
+
+
+def _report_verification(summaries: list[EpochSummaryReply], cheat: str, cheater: str) -> bool:
+    """Print each epoch's settlement and whether the cheater was caught while honest work was paid."""
+    for summary in summaries:
+        console.print(summary.text, highlight=False, markup=False)
+    caught = any(cheater in s.caught for s in summaries)
+    honest_paid = any(p != cheater for s in summaries for p in s.paid)
+    cheater_paid = any(cheater in s.paid for s in summaries)
+    table = Table(title=f"verification: one executor cheats ({cheat})", title_justify="left")
+    for col in ("cheater", "caught", "its fees", "its clients refunded", "honest executors paid"):
+        table.add_column(col)
+    table.add_row(cheater[-12:], "yes" if caught else "NO", "paid" if cheater_paid else "forfeited",
+                  str(sum(s.fees_refunded for s in summaries)), "yes" if honest_paid else "NO")
+    console.print(table)
+    if not (caught and honest_paid and not cheater_paid):
+        console.print("[red]error:[/red] the cheater was not caught, or honest work was not paid")
+        return False
+    return True
 
 
 def _print_summary(results: list[tuple[str, Completion]], memory: dict[str, float], wall: float) -> None:

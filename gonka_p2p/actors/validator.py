@@ -140,7 +140,8 @@ class ValidatorActor:
         if record is None:
             return
         verdict = await self.judge(inference_id, record)
-        if verdict is None:
+        if verdict is None:  # this node cannot judge it: say so once, not after every block
+            self._done.add(("vote" if dispute else "check", inference_id))
             return
         self.checked += 1
         kind = DisputeVote if dispute else Validation
