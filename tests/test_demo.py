@@ -22,3 +22,18 @@ def test_demo_serves_requests_from_two_executors() -> None:
     assert "distinct executors" in result.stdout
     assert result.stdout.count("request ") >= 3
     assert "Traceback" not in result.stderr
+
+
+def test_demo_with_a_cheater_shows_it_caught_and_its_clients_refunded() -> None:
+    """README's `gonka-p2p demo --cheater int4`, on the tiny model to keep CI short."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gonka_p2p.cli", "demo", "--cheater", "int4", "--model", "tiny-llama",
+         "--max-tokens", "16"],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "CAUGHT" in result.stdout
+    verdict = result.stdout[result.stdout.index("verification: one executor cheats"):]
+    assert "yes" in verdict and "forfeited" in verdict
+    assert "Traceback" not in result.stderr
