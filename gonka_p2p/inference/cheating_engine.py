@@ -14,27 +14,18 @@ from collections.abc import AsyncIterator
 
 from gonka_p2p.inference.cheats import Strategy, make_cheater
 from gonka_p2p.inference.engine import Engine, ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import LocalModel
+from gonka_p2p.inference.models import LocalModelFrontend
 from gonka_p2p.inference.sampler import SamplingParams
 
 
-class CheatingEngine:
+class CheatingEngine(LocalModelFrontend):
     def __init__(self, honest: Engine, cheat: str) -> None:
         self._honest = honest
+        self._local = honest.local_model
         self._strategy: Strategy = make_cheater(cheat, honest)
         self.cheat = cheat
         self.model_name = honest.model_name
         self.eos_token_ids = honest.eos_token_ids
-
-    @property
-    def local_model(self) -> LocalModel:
-        return self._honest.local_model
-
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        return self._honest.encode_chat(messages)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._honest.decode(token_ids)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, seed: bytes
                        ) -> AsyncIterator[TokenStep]:

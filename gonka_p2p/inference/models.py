@@ -117,6 +117,26 @@ class LocalModel:
             )
 
 
+class LocalModelFrontend:
+    """What every engine of one model says the same way: its tokenizer and limits.
+
+    Engines derive from this and set ``_local``, so tokenization, chat templates
+    and request checks can never differ between the executor's and the validator's engine.
+    """
+
+    _local: LocalModel
+
+    @property
+    def local_model(self) -> LocalModel:
+        return self._local
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        return self._local.encode_chat(messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._local.decode(token_ids)
+
+
 def load_local_model(name_or_path: str = DEFAULT_MODEL) -> LocalModel:
     """Resolve ``name_or_path`` and load what engines share: tokenizer and limits."""
     from transformers import AutoTokenizer

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, load_local_model
+from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, LocalModelFrontend, load_local_model
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 
@@ -43,7 +43,7 @@ def token_step(logits_row: torch.Tensor, token_id: int, k: int) -> TokenStep:
     )
 
 
-class TorchEngine:
+class TorchEngine(LocalModelFrontend):
     """``Engine`` over transformers in fp32."""
 
     def __init__(self, model: str = DEFAULT_MODEL) -> None:
@@ -59,16 +59,6 @@ class TorchEngine:
         self.model_name = self._local.name
         self.eos_token_ids = self._local.eos_token_ids
         self._lock = threading.Lock()  # one forward at a time: they share the cores
-
-    @property
-    def local_model(self) -> LocalModel:
-        return self._local
-
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        return self._local.encode_chat(messages)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._local.decode(token_ids)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, seed: bytes

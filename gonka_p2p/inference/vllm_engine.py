@@ -81,7 +81,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, load_local_model
+from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, LocalModelFrontend, load_local_model
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 _RULE_KEY = "gonka_sampling"  # SamplingParams.extra_args key carrying the rule and seed
@@ -150,7 +150,7 @@ class _Abort:
 _STOP = object()
 
 
-class VLLMEngine:
+class VLLMEngine(LocalModelFrontend):
     """``Engine`` over an in-process vLLM ``LLMEngine`` driven by one thread."""
 
     def __init__(
@@ -188,16 +188,6 @@ class VLLMEngine:
         ready.wait()
         if self._failure is not None:
             raise self._failure
-
-    @property
-    def local_model(self) -> LocalModel:
-        return self._local
-
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        return self._local.encode_chat(messages)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._local.decode(token_ids)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, seed: bytes
