@@ -177,19 +177,33 @@ async def test_a_restarted_replica_recovers_from_its_store_and_catches_up(cluste
     assert all(r.evidence_count == 0 for r in cluster.replicas.values())
 
 
-async def test_a_partitioned_replica_catches_up_through_consensus_request_commit(cluster: Cluster) -> None:
-    replicas = [await cluster.start(i) for i in range(3)]  # 30 of 40: enough to commit without #3
-    isolated = await cluster.start(3, connect=False)  # running, but nobody to sync from at start-up
-    # More heights than one sync batch (4), so that several batches are needed.
-    await asyncio.gather(*(r.wait_for_height(10, 15) for r in replicas))
-    assert isolated.height == 0
-    for i in range(3):
-        await cluster.services[3].connect(cluster.services[i].listen_addrs[0])
+async def test_a_replica_cut_off_while_running_catches_up_through_request_commit(cluster: Cluster) -> None:
+    replicas = [await cluster.start(i) for i in range(4)]
+    await cluster.wait_all(2)
+    cut_off = replicas[3]
+    service = cluster.services[3]
+    # Its consensus gossip is dropped on arrival (30 of 40 power commits without it) ...
+    await service.subscribe(CONSENSUS_TOPIC, cut_off._on_consensus, lambda sender, data: False)
+    stalled_at = cut_off.height
+    # ... for more heights than one sync batch (4), so that several batches are needed.
+    await asyncio.gather(*(r.wait_for_height(stalled_at + 10, 15) for r in replicas[:3]))
+    assert cut_off.height <= stalled_at + 1
+    await service.subscribe(CONSENSUS_TOPIC, cut_off._on_consensus, cut_off._consensus_validator())
     target = replicas[0].height + 2
     await cluster.wait_all(target)
-    assert isolated.metrics.catchup_blocks == 0  # not the start-up path ...
-    assert isolated.metrics.heights >= 10  # ... but the core's RequestCommit, height by height
+    assert cut_off.metrics.catchup_blocks == 0  # not the start-up path ...
+    assert cut_off.metrics.heights >= 10  # ... but the core's RequestCommit, height by height
     assert_same_state(list(cluster.replicas.values()), target)
+
+
+async def test_a_replica_waits_for_a_quorum_of_validators_before_voting(cluster: Cluster) -> None:
+    alone = await cluster.start(0)
+    await asyncio.sleep(1.0)
+    assert alone.core.height == -1 and alone.metrics.safety_writes == 0  # it has not started, nor signed
+    for i in (1, 2):
+        await cluster.start(i)
+    await cluster.wait_all(2)  # 30 of 40 connected: they start together and commit
+    assert alone.metrics.rounds == 0
 
 
 class _InvalidProposer(Replica):

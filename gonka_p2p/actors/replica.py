@@ -46,8 +46,10 @@ Until then the core sits in its COMMIT step, buffering next-height messages.
 proposer (or the relay) over ``/gonka/ledger/block/1``, after checking the
 proposal's signature over that hash.
 
-**Catch-up.** At start-up, after recovering from its store, the replica asks
-its peers for the blocks after its height (``/gonka/ledger/sync/1``) and
+**Catch-up.** At start-up, after recovering from its store and once
+validators holding more than 2/3 of the power are connected (a replica
+that voted alone would only run its rounds ahead of everybody else's), the
+replica asks its peers for the blocks after its height (``/gonka/ledger/sync/1``) and
 applies each only after :func:`verify_commit` accepts its certificate
 against the validator set of that height. While running, the core's
 ``RequestCommit`` fetches a batch the same way and feeds it through
@@ -137,6 +139,7 @@ MAX_GOSSIP_BYTES = 900_000  # under the gossip layer's ~1 MB limit, with room fo
 VOTES_PER_MESSAGE = 1024
 APP_HASHES_KEPT = 10_000
 TIMER_SLACK_S = 0.005  # asyncio may fire a timer a hair early; waits are compared with this slack
+QUORUM_POLL_S = 0.2  # how often a starting replica checks whether enough validators are connected
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,7 @@ class Replica:
                 self._tasks = tasks
                 tasks.create_task(self._send_consensus())
                 tasks.create_task(self._flush_txs())
+                await self._await_quorum()
                 await self._catch_up()
                 self._committed_at = loop.time()
                 await self._execute(self._start_height(self.state.height + 1))
@@ -611,6 +615,27 @@ class Replica:
         return self._store
 
     # ---- catch-up ------------------------------------------------------------------------
+
+    async def _await_quorum(self) -> None:
+        """Wait until validators holding > 2/3 of the power (ourselves included) are connected.
+
+        Alone, or with too few of the validators, a replica could only time
+        out round after round; its rounds would run ahead of the others',
+        and since no f+1 of the power is ever in a later round than its own,
+        it would not rejoin them until their (shorter) timeouts caught up.
+        Starting together avoids that, and gives catch-up peers to ask.
+        """
+        announced = False
+        while True:
+            connected = {*self._service.connected_peers(), self.peer_id}
+            if self._validators.is_quorum(sum(v.power for v in self._validators.validators
+                                              if v.address in connected)):
+                return
+            if not announced:
+                log.info("replica %s waits for validators holding > 2/3 of the power to connect",
+                         self.peer_id[-8:])
+                announced = True
+            await asyncio.sleep(QUORUM_POLL_S)
 
     async def _catch_up(self) -> None:
         """Before voting: fetch, verify and apply every block the peers have beyond ours."""

@@ -5,11 +5,14 @@ per client (0600, refusing to overwrite any) and ``genesis.toml`` in which
 every node is a participant of equal weight serving the given models and
 every client holds a starting balance. Everything else in the genesis is
 the default parameters table, with a shorter epoch than production so that
-settlement shows up within minutes.
+settlement shows up within minutes. The genesis time is the time of
+writing: the ledger judges a client request's timestamp against the last
+block's time, so requests sent before the first block are fresh too.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +41,12 @@ class LocalNetwork:
 def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
                    models: tuple[str, ...] = DEFAULT_MODELS, client_balance: int = DEVNET_CLIENT_BALANCE,
                    epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS, chain_id: str = DEVNET_CHAIN_ID,
-                   **params: int) -> Genesis:
+                   genesis_time_ms: int = 0, **params: int) -> Genesis:
     """Equal weights for every participant, ``client_balance`` for every client, each model at 1
     per token; ``params`` overrides other entries of the parameters table."""
     return Genesis(
         chain_id=chain_id,
+        genesis_time_ms=genesis_time_ms,
         params=Params(price_per_token={m: 1 for m in models}, epoch_length_blocks=epoch_length_blocks,
                       **params),
         participants=tuple(GenesisParticipant(pubkey=pk, weight=DEVNET_WEIGHT, models=models)
@@ -74,7 +78,8 @@ def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[
     node_keys = [Keypair.generate() for _ in node_paths]
     client_keys = [Keypair.generate() for _ in client_paths]
     genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], models,
-                             client_balance, epoch_length_blocks, chain_id, **params)  # validated before writing
+                             client_balance, epoch_length_blocks, chain_id, int(time.time() * 1000),
+                             **params)  # validated before writing
     for key, path in zip(node_keys + client_keys, node_paths + client_paths):
         key.save(path)
     save_genesis(genesis, genesis_path)
