@@ -222,7 +222,7 @@ Event = Callable[[], list[Action]]
 
 @dataclass
 class _Waiters:
-    """Futures waiting for something keyed by ``K`` (a tx hash, a height)."""
+    """Futures waiting for something identified by a key (a tx hash, a height)."""
 
     futures: dict[object, list[asyncio.Future[object]]] = field(default_factory=dict)
 
@@ -233,8 +233,12 @@ class _Waiters:
 
     def resolve(self, key: object, value: object = None, error: BaseException | None = None) -> None:
         for future in self.futures.pop(key, ()):
-            if not future.done():
-                future.set_result(value) if error is None else future.set_exception(error)
+            if future.done():  # a waiter that timed out
+                continue
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
 
     def fail_all(self, error: BaseException) -> None:
         for key in list(self.futures):
