@@ -28,8 +28,9 @@ against: no ``await`` separates ``apply_block`` from ``Mempool.update``.
 
 **Transactions.** :meth:`Replica.submit` admits a signed transaction to the
 mempool (or raises :class:`TxRefused`) and returns at once; the tx joins a
-:class:`TxBatch` gossiped every ``tx_flush_s`` or as soon as
-``tx_flush_count`` are waiting. The tx topic's validator (run before
+:class:`TxBatch` on the tx topic: one batch at most every ``tx_flush_s``
+(at once after a quiet spell), or as soon as ``tx_flush_count`` are
+waiting. The tx topic's validator (run before
 delivery and forwarding, possibly on the network thread) drops any batch
 holding a transaction that fails its stateless checks (size, envelope,
 signature, schema, chain id).
@@ -148,8 +149,8 @@ class ReplicaParams:
 
     consensus: ConsensusParams = DEFAULT_PARAMS
     mempool: MempoolParams = MempoolParams()
-    tx_flush_s: float = 0.05  # own transactions are gossiped at most this long after submission ...
-    tx_flush_count: int = 256  # ... or at once when this many wait
+    tx_flush_s: float = 0.05  # at most one batch of own transactions is gossiped per this interval ...
+    tx_flush_count: int = 256  # ... unless this many wait
     max_block_txs: int = 5_000
     max_block_bytes: int = 2 * 1024 * 1024  # what this replica puts in a block it proposes
     commit_wait_s: float = 0.0  # pause after a commit before the next height (lets blocks fill)
@@ -856,13 +857,24 @@ class Replica:
         self._maybe_start()
 
     async def _flush_txs(self) -> None:
-        """Gossip own transactions in batches: every ``tx_flush_s``, or at once when a batch is full."""
+        """Gossip own transactions in batches, at most one every ``tx_flush_s`` unless a batch is full.
+
+        Gossip costs per message (py-libp2p: milliseconds of CPU on every
+        peer, for every copy), not per byte, so under load batches must be
+        few and large; but a transaction arriving after a quiet spell goes
+        out at once rather than waiting for company.
+        """
+        loop = asyncio.get_running_loop()
+        last = -self.params.tx_flush_s
         while True:
             await self._tx_waiting.wait()
-            try:
-                await asyncio.wait_for(self._tx_full.wait(), self.params.tx_flush_s)
-            except TimeoutError:
-                pass
+            wait = last + self.params.tx_flush_s - loop.time()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self._tx_full.wait(), wait)
+                except TimeoutError:
+                    pass
+            last = loop.time()
             txs, self._tx_outbox = self._tx_outbox, []
             self._tx_waiting.clear()
             self._tx_full.clear()
