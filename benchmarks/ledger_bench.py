@@ -1,7 +1,7 @@
 """Ledger benchmark: 4 replicas over real libp2p on 127.0.0.1, under a load of signed transfers.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ledger_bench.py              # 1,200 tx/s for 20 s
-    .venv/bin/python benchmarks/ledger_bench.py --rate 400 --duration 5       # a quick look
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ledger_bench.py        # three runs of 20 s (below)
+    .venv/bin/python benchmarks/ledger_bench.py --runs 400:0.05 --duration 5   # a quick look
 
 Topology: four **separate processes** (this file with ``--worker i``), each
 one :class:`Replica` (consensus, mempool, SQLite store with
@@ -15,9 +15,16 @@ with :meth:`Replica.submit` at ``rate / 4`` tx/s in 10 ms ticks. A
 transaction's latency is from ``submit`` to the moment its block is stored
 and applied on the replica it was submitted to.
 
-Reported: committed tx/s (transactions committed during the load window
-over the window, the window being first submit to last commit), commit
-latency p50/p99, and where each replica's time went -- stateless checks of
+Each run is ``RATE:FLUSH``: offered tx/s over all replicas, and the
+replicas' ``tx_flush_s`` (at most one gossiped transaction batch per
+replica per interval, the first at once; 0.2 s is the replicas' default,
+0.05 s shows what small batches cost in py-libp2p CPU). The default runs
+are 1,200 tx/s with 0.2 s and 0.05 s batching, then 600 and 300 tx/s.
+
+Reported per run: committed tx/s (transactions committed over the window
+from the first submit to the last commit), commit latency p50/p99, the
+machine's load average around the run (it is shared: other work on it
+slows every number here), and where each replica's time went -- stateless checks of
 gossiped transactions (signatures), mempool admission and re-checks, block
 building and validation, applying blocks, SQLite (blocks, and the synced
 safety writes before each vote), waiting on gossip publication, and the
@@ -45,6 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gonka_p2p.actors.replica import ReplicaParams  # noqa: E402
 from gonka_p2p.identity import Keypair  # noqa: E402
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, load_genesis, save_genesis  # noqa: E402
 
@@ -69,7 +77,7 @@ async def worker(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
         logging.getLogger("libp2p").setLevel(logging.WARNING)
         logging.getLogger("multiaddr").setLevel(logging.WARNING)
-    from gonka_p2p.actors.replica import Replica, ReplicaParams
+    from gonka_p2p.actors.replica import Replica
     from gonka_p2p.gossip.libp2p_service import Libp2pService
     from gonka_p2p.ledger.transactions import Transfer
     from gonka_p2p.wire.envelope import seal
@@ -170,7 +178,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] if ordered else float("nan")
 
 
-async def orchestrate(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+async def orchestrate(args: argparse.Namespace, rate: float, flush: float) -> dict:  # type: ignore[type-arg]
     workdir = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     validators, accounts = keys()
     genesis = Genesis(chain_id=CHAIN, params=Params(price_per_token={"m": 1}, epoch_length_blocks=10_000),
@@ -179,10 +187,11 @@ async def orchestrate(args: argparse.Namespace) -> dict:  # type: ignore[type-ar
     save_genesis(genesis, workdir / "genesis.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--worker", str(i), "--dir", str(workdir), "--rate", str(args.rate),
+        sys.executable, __file__, "--worker", str(i), "--dir", str(workdir), "--rate", str(rate),
         "--duration", str(args.duration), "--drain", str(args.drain), "--commit-wait", str(args.commit_wait),
-        "--flush", str(args.flush), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        "--flush", str(flush), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=open(workdir / f"worker{i}.log", "wb"), env=env, limit=1 << 26) for i in range(REPLICAS)]
+    load_before = os.getloadavg()[0]
     try:
         addrs = [await expect(p, "ADDR", 60) for p in procs]
         for p in procs:
@@ -203,10 +212,13 @@ async def orchestrate(args: argparse.Namespace) -> dict:  # type: ignore[type-ar
                     await asyncio.wait_for(p.wait(), 30)
                 except TimeoutError:
                     p.kill()
-    return summarize(args, results, hashes)
+    summary = summarize(results, hashes)
+    summary.update(rate_offered=rate, flush_s=flush, duration_s=args.duration, commit_wait_s=args.commit_wait,
+                   load_average=(load_before, os.getloadavg()[0]))
+    return summary
 
 
-def summarize(args: argparse.Namespace, results: list[dict], hashes: list[str]) -> dict:  # type: ignore[type-arg]
+def summarize(results: list[dict], hashes: list[str]) -> dict:  # type: ignore[type-arg]
     latencies = [x for r in results for x in r["latencies"]]
     start = min(r["start"] for r in results)  # perf_counter is CLOCK_MONOTONIC: comparable across processes
     end = max(r["last_commit"] for r in results)
@@ -225,8 +237,7 @@ def summarize(args: argparse.Namespace, results: list[dict], hashes: list[str]) 
             "height_ms": 1000 * m["height_s"] / max(1, m["heights"]),
         })
     summary = {
-        "rate_offered": args.rate, "duration_s": args.duration, "commit_wait_s": args.commit_wait,
-        "flush_s": args.flush, "submitted": sum(r["submitted"] for r in results),
+        "submitted": sum(r["submitted"] for r in results),
         "refused": sum(r["refused"] for r in results), "committed": committed,
         "window_s": end - start, "committed_tx_per_s": committed / (end - start),
         "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
@@ -238,12 +249,31 @@ def summarize(args: argparse.Namespace, results: list[dict], hashes: list[str]) 
     return summary
 
 
-def render(s: dict) -> str:  # type: ignore[type-arg]
+def render(runs: list[dict]) -> str:  # type: ignore[type-arg]
     lines = [
-        f"# Ledger benchmark: {REPLICAS} replica processes over libp2p on 127.0.0.1 ({s['cores']} cores)",
+        f"# Ledger benchmark: {REPLICAS} replica processes over libp2p on 127.0.0.1 ({runs[0]['cores']} cores)",
         "",
-        f"offered {s['rate_offered']} tx/s for {s['duration_s']} s (commit_wait {s['commit_wait_s']} s, "
-        f"tx flush {s['flush_s']} s); submitted {s['submitted']}, refused {s['refused']}, "
+        "| offered tx/s | tx flush | committed tx/s | p50 ms | p99 ms | txs/block | ms/height | extra rounds | "
+        "load avg (before, after) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in runs:
+        r = s["replicas"]
+        lines.append(
+            f"| {s['rate_offered']:.0f} | {s['flush_s']} s | {s['committed_tx_per_s']:.0f} | "
+            f"{s['latency_p50_s'] * 1000:.0f} | {s['latency_p99_s'] * 1000:.0f} | {s['mean_txs_per_block']:.0f} | "
+            f"{statistics.mean(x['height_ms'] for x in r):.0f} | {sum(x['rounds'] for x in r)} | "
+            f"{s['load_average'][0]:.1f}, {s['load_average'][1]:.1f} |")
+    for s in runs:
+        lines += ["", *render_run(s)]
+    return "\n".join(lines) + "\n"
+
+
+def render_run(s: dict) -> list[str]:  # type: ignore[type-arg]
+    lines = [
+        f"## {s['rate_offered']:.0f} tx/s offered for {s['duration_s']} s, tx flush {s['flush_s']} s",
+        "",
+        f"commit_wait {s['commit_wait_s']} s; submitted {s['submitted']}, refused {s['refused']}, "
         f"committed {s['committed']}",
         "",
         f"**committed {s['committed_tx_per_s']:.0f} tx/s** over {s['window_s']:.1f} s; "
@@ -268,30 +298,36 @@ def render(s: dict) -> str:  # type: ignore[type-arg]
             f"{r['sqlite_blocks_s']:.2f} | {r['sqlite_safety_s']:.2f} ({r['safety_writes']}) | "
             f"{r['publish_wait_s']:.2f} | {r['heights']} | {r['rounds']} | {r['height_ms']:.0f} |")
     lines += ["", "final (height, app hash) per replica: " + "; ".join(s["final_heights_and_hashes"])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=1200.0, help="offered load, tx/s over all replicas")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument("--runs", nargs="+", default=["1200:0.2", "1200:0.05", "600:0.2", "300:0.2"],
+                        help="RATE:FLUSH per run: offered tx/s over all replicas, ReplicaParams.tx_flush_s")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
     parser.add_argument("--drain", type=float, default=15.0, help="seconds to wait for the last commits")
     parser.add_argument("--commit-wait", type=float, default=0.0, help="ReplicaParams.commit_wait_s")
-    parser.add_argument("--flush", type=float, default=0.05, help="ReplicaParams.tx_flush_s")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ledger_bench"))
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--flush", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         asyncio.run(worker(args))
         return
-    summary = asyncio.run(orchestrate(args))
-    text = render(summary)
+    runs = []
+    for spec in args.runs:
+        rate, _, flush = spec.partition(":")
+        runs.append(asyncio.run(orchestrate(args, float(rate), float(flush or ReplicaParams().tx_flush_s))))
+        print(*render_run(runs[-1]), sep="\n", flush=True)
+    text = render(runs)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(runs, indent=2) + "\n")
 
 
 if __name__ == "__main__":
