@@ -195,7 +195,7 @@ class ReplicaMetrics:
     """
 
     tx_checks_s: float = 0.0  # CPU: stateless checks of gossiped batches (decoding, signatures)
-    batches_checked: int = 0
+    batches_checked: int = 0  # transaction batches received (each copy gossip delivers)
     mempool_s: float = 0.0  # CPU: admission and re-checks
     build_s: float = 0.0  # CPU
     validate_s: float = 0.0  # CPU
@@ -205,12 +205,11 @@ class ReplicaMetrics:
     safety_writes: int = 0
     snapshot_s: float = 0.0  # wall
     publish_s: float = 0.0  # wall: waiting for gossip to take a publication
-    consensus_published: int = 0
-    batches_published: int = 0
+    consensus_published: int = 0  # gossip messages sent: consensus ...
+    batches_published: int = 0  # ... and transaction batches
     heights: int = 0
     rounds: int = 0  # sum of the commit round of each height (0 = decided in its first round)
     height_s: float = 0.0  # summed wall time from a height's start to its commit
-    txs_committed: int = 0
     catchup_blocks: int = 0
 
 
@@ -595,7 +594,6 @@ class Replica:
         self.metrics.mempool_s += time.thread_time() - started
         self._known_validators = frozenset(v.address for v in self._validators.validators)
         self._remember(self._app_hashes, height, state.app_hash(), APP_HASHES_KEPT)
-        self.metrics.txs_committed += len(receipts)
         for receipt in receipts:
             committed = Committed(height, receipt)
             self._remember(self._receipts, receipt.tx_hash, committed, self.params.receipts_kept)

@@ -92,9 +92,6 @@ class Mempool:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def get(self, tx_hash: bytes) -> PendingTx | None:
-        return self._by_hash.get(tx_hash)
-
     def add(self, state: LedgerState, raw: bytes) -> PendingTx:
         """Admit ``raw`` or raise :class:`TxRefused` (see the module docstring for the order of checks)."""
         tx_hash = digest(raw)
