@@ -24,6 +24,7 @@ from gonka_p2p.ledger.consensus_types import (
 )
 from gonka_p2p.ledger.consensus_wire import (
     CertificateWire,
+    CompactBlock,
     ConsensusMessage,
     EvidenceWire,
     TxBatch,
@@ -31,10 +32,12 @@ from gonka_p2p.ledger.consensus_wire import (
     VoteWire,
     certificate_from_wire,
     certificate_to_wire,
+    compact_block,
     decode_frame,
     encode_frame,
     evidence_from_wire,
     evidence_to_wire,
+    expand_block,
     proposal_from_wire,
     proposal_to_wire,
     validator_set_from_wire,
@@ -101,6 +104,16 @@ def test_consensus_values_survive_the_wire() -> None:
     assert evidence_from_wire(decode_frame(encode_frame(evidence_to_wire(evidence)), EvidenceWire)) == evidence
     other = make_proposal(CHAIN, k.sign, k.peer_id, 3, 1, 0, b"another block")
     assert evidence_from_wire(evidence_to_wire(Evidence(proposal, other))) == Evidence(proposal, other)
+
+
+def test_a_compact_block_rebuilds_the_exact_block_from_known_transactions() -> None:
+    txs = [transfer(USERS[i % 3], i // 3) for i in range(7)]
+    block = Block(height=4, prev_hash=b"\x02" * 32, proposer=VALS[1].peer_id, time_ms=99, txs=txs)
+    compact = CompactBlock.decode(compact_block(block).encode())
+    known = {digest(tx): tx for tx in txs}
+    assert expand_block(compact, known.get) == block.encode()
+    del known[digest(txs[3])]
+    assert expand_block(compact, known.get) is None
 
 
 def test_frames_refuse_other_kinds_versions_and_garbage() -> None:

@@ -43,9 +43,11 @@ commit (so inference deadlines and epochs still advance on an idle chain).
 Until then the core sits in its COMMIT step, buffering next-height messages.
 
 **Proposals** carry their block inline when it is at most
-``inline_block_bytes``; otherwise peers fetch the body by hash from the
-proposer (or the relay) over ``/gonka/ledger/block/1``, after checking the
-proposal's signature over that hash.
+``inline_block_bytes``; otherwise as a compact block (header + transaction
+hashes) that receivers rebuild from their mempools, which gossip has
+already filled; a receiver missing a transaction fetches the body by hash
+from the proposer (or any peer holding it) over ``/gonka/ledger/block/1``,
+after checking the proposal's signature over that hash.
 
 **Catch-up.** At start-up, after recovering from its store and once
 validators holding more than 2/3 of the power are connected (a replica
@@ -117,15 +119,18 @@ from gonka_p2p.ledger.consensus_wire import (
     BlockBody,
     BlockRequest,
     CommitRecord,
+    CompactBlock,
     ConsensusMessage,
     ProposalWire,
     SyncRequest,
     TxBatch,
     certificate_from_wire,
     certificate_to_wire,
+    compact_block,
     decode_frame,
     encode_frame,
     evidence_to_wire,
+    expand_block,
     proposal_from_wire,
     proposal_to_wire,
     vote_from_wire,
@@ -170,8 +175,11 @@ class ReplicaParams:
     commit_wait_s: float = 0.0  # pause after a commit before the next height (lets blocks fill)
     empty_block_interval_s: float = 5.0  # an idle chain still commits a block this often
     max_clock_drift_ms: int = 30_000  # a proposed block's time may lead our clock by this much
-    inline_block_bytes: int = 64 * 1024  # larger proposals are fetched over a stream (gossip relays
-    # every message through every mesh peer, so each replica would receive a big block several times)
+    # Gossip relays every message through every mesh peer, so each replica receives a proposal
+    # several times: blocks over inline_block_bytes travel as a CompactBlock (tx hashes) if that is
+    # at most compact_block_bytes, and are fetched over a stream by whoever cannot rebuild them.
+    inline_block_bytes: int = 64 * 1024
+    compact_block_bytes: int = 256 * 1024
     snapshot_interval: int = 100  # blocks between state snapshots in the store
     sync_batch: int = 32  # blocks per catch-up request (<= MAX_SYNC_COUNT)
     request_timeout_s: float = 10.0  # catch-up requests
@@ -207,6 +215,8 @@ class ReplicaMetrics:
     publish_s: float = 0.0  # wall: waiting for gossip to take a publication
     consensus_published: int = 0  # gossip messages sent: consensus ...
     batches_published: int = 0  # ... and transaction batches
+    proposals_rebuilt: int = 0  # compact proposals rebuilt from the mempool
+    bodies_fetched: int = 0  # proposal bodies fetched over a stream
     heights: int = 0
     rounds: int = 0  # sum of the commit round of each height (0 = decided in its first round)
     height_s: float = 0.0  # summed wall time from a height's start to its commit
@@ -746,16 +756,35 @@ class Replica:
         except WireError:
             return
         for p in msg.proposals:
-            log.debug("proposal %d/%d from %s: %d bytes %s", p.height, p.round, p.proposer[-6:],
-                      len(p.block), "inline" if p.inline else "by stream")
             self._note_height(p.height)
-            if not p.inline:
+            if p.inline:
+                continue
+            rebuilt = self._rebuild(p)
+            log.debug("proposal %d/%d from %s: %s", p.height, p.round, p.proposer[-6:],
+                      "rebuilt from the mempool" if rebuilt else "fetching its block")
+            if rebuilt is not None:
+                inline.append(rebuilt)
+            else:
                 self._fetch_body(p, sender)
         for v in votes:
             self._note_height(v.height)
         core = self.core
         await self._post_network(lambda: [a for p in inline for a in core.on_proposal(p)]
                                  + [a for v in votes for a in core.on_vote(v)])
+
+    def _rebuild(self, p: ProposalWire) -> Proposal | None:
+        """A compact proposal's block from the transactions our mempool holds, if it holds them all."""
+        if not p.compact:
+            return None
+        try:
+            raw = expand_block(CompactBlock.decode(p.compact), self._mempool.raw)
+            proposal = proposal_from_wire(p, raw) if raw is not None else None
+        except WireError:
+            return None
+        if proposal is not None:
+            self._bodies[p.block_hash] = (p.height, proposal.block)  # others may fetch it from us
+            self.metrics.proposals_rebuilt += 1
+        return proposal
 
     def _note_height(self, height: int) -> None:
         if height > self._max_seen_height:
@@ -779,11 +808,16 @@ class Replica:
                 self.metrics.consensus_published += 1
 
     def _proposal_frame(self, p: Proposal) -> bytes:
+        """Inline if small; else compact if that is small enough; the body stays here to be fetched."""
         inline = len(p.block) <= self.params.inline_block_bytes
+        compact = b""
         if not inline:
             self._bodies[p.block_hash] = (p.height, p.block)
-        return encode_frame(ConsensusMessage(seq=next(self._publication), proposals=[proposal_to_wire(p, inline)],
-                                             votes=[]))
+            compact = compact_block(decode_block(p.block)).encode()  # we validated or built it
+            if len(compact) > self.params.compact_block_bytes:
+                compact = b""
+        return encode_frame(ConsensusMessage(seq=next(self._publication),
+                                             proposals=[proposal_to_wire(p, inline, compact)], votes=[]))
 
     async def _publish(self, topic: str, frame: bytes) -> None:
         started = time.perf_counter()
@@ -820,6 +854,7 @@ class Replica:
                 log.debug("block %s from %s: %r", p.block_hash.hex()[:12], peer, e)
                 continue
             self._bodies[p.block_hash] = (p.height, body.block)
+            self.metrics.bodies_fetched += 1
             log.debug("proposal %d/%d: fetched its %d-byte block from %s", p.height, p.round, len(body.block),
                       peer[-6:])
             core = self.core

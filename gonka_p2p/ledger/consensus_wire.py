@@ -32,14 +32,18 @@ What travels where:
     stream  /gonka/ledger/sync/1        SyncRequest -> CommitRecord*   (catch-up)
     stream  /gonka/ledger/block/1       BlockRequest -> BlockBody       (large proposals)
 
-A proposal carries its block inline when the whole publication stays under
-gossip's size limit; otherwise ``inline`` is false, ``block`` is empty and
-peers fetch the body from the proposer by its hash (the proposal's
-signature covers the hash, so a body can be checked before it is used).
+A proposal carries its block in one of three ways. Small blocks travel
+``inline``. A larger ledger block travels ``compact``: its header and the
+hashes of its transactions (:class:`CompactBlock`), which a receiver
+rebuilds from the transactions its mempool already got by gossip; any
+receiver missing one, and any block too large even so, fetches the body by
+its hash over a stream. The proposal's signature covers the block hash, so
+a rebuilt or fetched body is checked before it is used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -57,6 +61,7 @@ from gonka_p2p.ledger.consensus_types import (
     Vote,
     VoteType,
 )
+from gonka_p2p.ledger.state import MAX_BLOCK_TXS, Block
 from gonka_p2p.ledger.transactions import MAX_PEER_ID
 from gonka_p2p.wire.schema import (
     DEFAULT_MAX_BYTES,
@@ -133,7 +138,8 @@ class VoteWire(Message):
 
 @dataclass(frozen=True)
 class ProposalWire(Message):
-    """A signed proposal; the block travels inline or is fetched by ``block_hash``."""
+    """A signed proposal; the block travels inline, compact (an encoded :class:`CompactBlock`), or
+    neither (``block`` and ``compact`` empty) and is fetched by ``block_hash``."""
 
     KIND = "consensus_proposal"
     height: int = bounded(min_value=0)
@@ -142,8 +148,21 @@ class ProposalWire(Message):
     block_hash: bytes = bounded(max_len=HASH_BYTES)
     inline: bool = bounded()
     block: bytes = bounded(max_len=MAX_BLOCK_BYTES)
+    compact: bytes = bounded(max_len=MAX_BLOCK_BYTES)
     proposer: str = bounded(max_len=MAX_PEER_ID)
     signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+
+
+@dataclass(frozen=True)
+class CompactBlock(Message):
+    """A ledger :class:`Block` with its transactions named by their hashes."""
+
+    KIND = "ledger_compact_block"
+    height: int = bounded(min_value=1)
+    prev_hash: bytes = bounded(max_len=HASH_BYTES)
+    proposer: str = bounded(max_len=MAX_PEER_ID)
+    time_ms: int = bounded(min_value=0)
+    tx_hashes: list[bytes] = bounded(max_len=MAX_BLOCK_TXS)
 
 
 @dataclass(frozen=True)
@@ -253,10 +272,24 @@ def vote_from_wire(w: VoteWire) -> Vote:
     return Vote(VoteType(w.type), w.height, w.round, w.block_hash or None, w.validator, w.signature)
 
 
-def proposal_to_wire(p: Proposal, inline: bool) -> ProposalWire:
+def proposal_to_wire(p: Proposal, inline: bool, compact: bytes = b"") -> ProposalWire:
     return ProposalWire(height=p.height, round=p.round, pol_round=p.pol_round, block_hash=p.block_hash,
-                        inline=inline, block=p.block if inline else b"", proposer=p.proposer,
-                        signature=p.signature)
+                        inline=inline, block=p.block if inline else b"", compact=b"" if inline else compact,
+                        proposer=p.proposer, signature=p.signature)
+
+
+def compact_block(block: Block) -> CompactBlock:
+    return CompactBlock(height=block.height, prev_hash=block.prev_hash, proposer=block.proposer,
+                        time_ms=block.time_ms, tx_hashes=[digest(tx) for tx in block.txs])
+
+
+def expand_block(compact: CompactBlock, lookup: Callable[[bytes], bytes | None]) -> bytes | None:
+    """The block's bytes, if ``lookup`` (tx hash -> raw tx) knows every transaction; else None."""
+    txs = [lookup(h) for h in compact.tx_hashes]
+    if any(tx is None for tx in txs):
+        return None
+    return Block(height=compact.height, prev_hash=compact.prev_hash, proposer=compact.proposer,
+                 time_ms=compact.time_ms, txs=txs).encode()  # type: ignore[arg-type]
 
 
 def proposal_from_wire(w: ProposalWire, block: bytes) -> Proposal:

@@ -92,6 +92,11 @@ class Mempool:
     def size_bytes(self) -> int:
         return self._bytes
 
+    def raw(self, tx_hash: bytes) -> bytes | None:
+        """A pending transaction's bytes by hash (to rebuild a compact proposal)."""
+        tx = self._by_hash.get(tx_hash)
+        return tx.raw if tx is not None else None
+
     def add(self, state: LedgerState, raw: bytes) -> PendingTx:
         """Admit ``raw`` or raise :class:`TxRefused` (see the module docstring for the order of checks)."""
         tx_hash = digest(raw)
