@@ -64,6 +64,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -366,6 +367,7 @@ class Cluster:
             except TimeoutError:
                 node.proc.kill()
                 await node.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)  # keys and logs; a failed start quotes its log
 
 
 @asynccontextmanager
