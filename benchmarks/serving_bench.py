@@ -380,6 +380,8 @@ async def profiling(out: Path | None, pids: dict[str, int]) -> AsyncIterator[Non
     if out is None:
         yield
         return
+    if shutil.which("py-spy") is None:
+        raise RuntimeError("--profile needs py-spy on PATH (pip install py-spy)")
     out.mkdir(parents=True, exist_ok=True)
     spies = [await asyncio.create_subprocess_exec(
         "py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "--rate", "200",
