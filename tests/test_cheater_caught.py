@@ -79,22 +79,24 @@ async def test_cheater_is_caught_refunded_and_forfeits(engine: Engine, cheat: st
         ledger = nodes[0].replica
         assert ledger is not None
         # Epoch 0 is the bootstrap epoch (seeds for epoch 1 are committed during it).
-        await wait_until(lambda: ledger.state.epoch >= 1, 60, "epoch 1")
+        await wait_until(lambda: ledger.state.epoch >= 1, 180, "epoch 1")
 
         service = hub.service(CLIENT)
         await service.start()
         client = GonkaClient(CLIENT, service, await service.connect(nodes[0].service.listen_addrs[0]))
         balance_before = ledger.state.balance(CLIENT.peer_id)
         by_executor: dict[str, int] = {}
-        for i in range(12):
+        i = 0  # the draw is random: ask until the cheater served a few (a single cheat can look honest)
+        while i < 12 or (by_executor.get(KEYS[CHEATER].peer_id, 0) < 3 and i < 40):
             completion = await client.chat([("user", f"Tell me about topic {i}.")], model=MODEL,
                                            max_tokens=16, temperature=0.7 if i % 2 else 0.0)
             by_executor[completion.executor] = by_executor.get(completion.executor, 0) + 1
-        assert by_executor.get(KEYS[CHEATER].peer_id, 0) >= 1, by_executor
+            i += 1
+        assert by_executor.get(KEYS[CHEATER].peer_id, 0) >= 3, by_executor
         await asyncio.sleep(2.0)  # the last Finish commits; its inference closes in this epoch at the latest
         last_epoch = ledger.state.epoch
         await wait_until(lambda: all(n.replica.height > settlement_height(last_epoch, PARAMS)  # type: ignore[union-attr]
-                                     for n in nodes), 120, "settlement of the epochs that hold the requests")
+                                     for n in nodes), 300, "settlement of the epochs that hold the requests")
         state = ledger.state
         cheater, honest = KEYS[CHEATER].peer_id, [k.peer_id for k in KEYS[1:CHEATER]]
         caught = [e for e in range(1, state.epoch) if (s := state.epoch_summary(e)) is not None
