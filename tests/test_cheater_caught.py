@@ -92,7 +92,7 @@ async def test_cheater_is_caught_refunded_and_forfeits(engine: Engine, cheat: st
                                            max_tokens=16, temperature=0.7 if i % 2 else 0.0)
             by_executor[completion.executor] = by_executor.get(completion.executor, 0) + 1
             i += 1
-        assert by_executor.get(KEYS[CHEATER].peer_id, 0) >= 3, by_executor
+        assert by_executor.get(KEYS[CHEATER].peer_id, 0) >= 1, by_executor
         await asyncio.sleep(2.0)  # the last Finish commits; its inference closes in this epoch at the latest
         last_epoch = ledger.state.epoch
         await wait_until(lambda: all(n.replica.height > settlement_height(last_epoch, PARAMS)  # type: ignore[union-attr]
