@@ -235,6 +235,7 @@ def summarize(results: list[dict], hashes: list[str]) -> dict:  # type: ignore[t
             "publish_wait_s": m["publish_s"], "other_cpu_s": max(0.0, r["cpu_s"] - accounted),
             "gossip_out": m["consensus_published"] + m["batches_published"],
             "batches_in": m["batches_checked"], "heights": m["heights"], "rounds": m["rounds"],
+            "rebuilt": m["proposals_rebuilt"], "fetched": m["bodies_fetched"],
             "height_ms": 1000 * m["height_s"] / max(1, m["heights"]),
         })
     summary = {
@@ -287,18 +288,21 @@ def render_run(s: dict) -> list[str]:  # type: ignore[type-arg]
         "py-libp2p (gossipsub, noise, yamux) and the in-process load generator. Waits (wall time): "
         "SQLite commits of blocks and of the safety state (synced before each vote), gossip publication, "
         "and the mean time from a height's start to its commit. Gossip: messages this replica published "
-        "(consensus and transaction batches) / transaction batches it received, duplicates included.",
+        "(consensus and transaction batches) / transaction batches it received, duplicates included; "
+        "large proposals rebuilt from the mempool / fetched by stream.",
         "",
         "| replica | CPU | sig checks | mempool | build+validate | apply | rest | SQLite blocks | "
-        "SQLite safety (writes) | publish wait | gossip out / batches in | heights | rounds | ms/height |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "SQLite safety (writes) | publish wait | gossip out / batches in | proposals rebuilt / fetched | "
+        "heights | rounds | ms/height |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["replicas"]:
         lines.append(
             f"| {r['replica']} | {r['cpu_s']:.1f} | {r['tx_checks_s']:.2f} | {r['mempool_s']:.2f} | "
             f"{r['build_validate_s']:.2f} | {r['apply_s']:.2f} | {r['other_cpu_s']:.1f} | "
             f"{r['sqlite_blocks_s']:.2f} | {r['sqlite_safety_s']:.2f} ({r['safety_writes']}) | "
-            f"{r['publish_wait_s']:.2f} | {r['gossip_out']} / {r['batches_in']} | {r['heights']} | "
+            f"{r['publish_wait_s']:.2f} | {r['gossip_out']} / {r['batches_in']} | "
+            f"{r['rebuilt']} / {r['fetched']} | {r['heights']} | "
             f"{r['rounds']} | {r['height_ms']:.0f} |")
     lines += ["", "final (height, app hash) per replica: " + "; ".join(s["final_heights_and_hashes"])]
     return lines

@@ -141,7 +141,6 @@ async def test_an_idle_chain_makes_empty_blocks_only_every_interval(cluster: Clu
     blocks = replicas[0].height - h0
     elapsed = asyncio.get_running_loop().time() - t0
     assert 1 <= blocks <= elapsed / FAST.empty_block_interval_s + 1, (blocks, elapsed)
-    assert replicas[0].metrics.rounds == 0
 
 
 async def test_a_restarted_replica_recovers_from_its_store_and_catches_up(cluster: Cluster) -> None:
@@ -203,7 +202,6 @@ async def test_a_replica_waits_for_a_quorum_of_validators_before_voting(cluster:
     for i in (1, 2):
         await cluster.start(i)
     await cluster.wait_all(2)  # 30 of 40 connected: they start together and commit
-    assert alone.metrics.rounds == 0
 
 
 class _InvalidProposer(Replica):

@@ -166,7 +166,7 @@ class ReplicaParams:
     # 0.05 s batches overload py-libp2p at 1,200 tx/s (every batch costs each peer ms of CPU, per
     # copy) and commits collapse; 0.2 s batches commit it all with lower latency at every rate tried.
     tx_flush_s: float = 0.2
-    tx_flush_count: int = 1024
+    tx_flush_count: int = 512
     # Blocks this replica proposes are capped so that one height's work (fetching, validating,
     # storing, applying) stays well inside the propose timeout even when the machine is busy:
     # a height that times out makes the next block bigger still.
@@ -295,6 +295,8 @@ class Replica:
         self._timers: set[asyncio.TimerHandle] = set()
         self._outgoing: list[Proposal | Vote] = []
         self._outgoing_ready = asyncio.Event()
+        self._consensus_idle = asyncio.Event()  # set while no consensus message waits to be published
+        self._consensus_idle.set()
         self._publication = itertools.count(time.time_ns())  # see consensus_wire: "Uniqueness on gossip"
         self._tx_outbox: list[bytes] = []
         self._tx_waiting = asyncio.Event()
@@ -792,9 +794,17 @@ class Replica:
             self._maybe_start()
 
     async def _send_consensus(self) -> None:
-        """Publish what the driver broadcast (already persisted), coalesced into few gossip messages."""
+        """Publish what the driver broadcast (already persisted), coalesced into few gossip messages.
+
+        Consensus goes first: while it has something to publish, no transaction batch starts (both
+        share the peers' outbound queues and the network thread), so an overloaded network queues
+        transactions, not votes.
+        """
         while True:
+            if not self._outgoing:
+                self._consensus_idle.set()
             await self._outgoing_ready.wait()
+            self._consensus_idle.clear()
             self._outgoing_ready.clear()
             messages, self._outgoing = self._outgoing, []
             proposals = [m for m in messages if isinstance(m, Proposal)]
@@ -930,8 +940,9 @@ class Replica:
             self._tx_full.clear()
             batch: list[bytes] = []
             size = 0
-            for raw in txs:  # a backlog goes out in as few messages as gossip takes
-                if batch and (len(batch) >= MAX_TXS_PER_BATCH or size + len(raw) > MAX_GOSSIP_BYTES):
+            for raw in txs:  # a backlog goes out in batches of tx_flush_count: every peer checks a
+                # whole batch on its network thread before relaying it, so batches must stay short
+                if batch and (len(batch) >= self.params.tx_flush_count or size + len(raw) > MAX_GOSSIP_BYTES):
                     await self._publish_batch(batch)
                     batch, size = [], 0
                 batch.append(raw)
@@ -940,6 +951,7 @@ class Replica:
                 await self._publish_batch(batch)
 
     async def _publish_batch(self, txs: list[bytes]) -> None:
+        await self._consensus_idle.wait()
         await self._publish(TX_TOPIC, encode_frame(TxBatch(txs=txs)))
         self.metrics.batches_published += 1
 
