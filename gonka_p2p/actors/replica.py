@@ -299,6 +299,7 @@ class Replica:
         self._consensus_idle.set()
         self._publication = itertools.count(time.time_ns())  # see consensus_wire: "Uniqueness on gossip"
         self._tx_outbox: list[bytes] = []
+        self._unannounced: set[bytes] = set()  # hashes of own transactions not gossiped yet
         self._tx_waiting = asyncio.Event()
         self._tx_full = asyncio.Event()
         self._bodies: dict[bytes, tuple[int, bytes]] = {}  # block hash -> (height, block) we can serve
@@ -420,6 +421,7 @@ class Replica:
         tx = self._mempool.add(self.state, raw)
         self.metrics.mempool_s += time.thread_time() - started
         self._tx_outbox.append(tx.raw)
+        self._unannounced.add(tx.tx_hash)
         self._tx_waiting.set()
         if len(self._tx_outbox) >= self.params.tx_flush_count:
             self._tx_full.set()
@@ -823,7 +825,8 @@ class Replica:
         compact = b""
         if not inline:
             self._bodies[p.block_hash] = (p.height, p.block)
-            compact = compact_block(decode_block(p.block)).encode()  # we validated or built it
+            block = decode_block(p.block)  # we validated or built it
+            compact = compact_block(block, lambda h: h not in self._unannounced).encode()
             if len(compact) > self.params.compact_block_bytes:
                 compact = b""
         return encode_frame(ConsensusMessage(seq=next(self._publication),
@@ -953,6 +956,7 @@ class Replica:
     async def _publish_batch(self, txs: list[bytes]) -> None:
         await self._consensus_idle.wait()
         await self._publish(TX_TOPIC, encode_frame(TxBatch(txs=txs)))
+        self._unannounced.difference_update(digest(tx) for tx in txs)
         self.metrics.batches_published += 1
 
     # ---- queries -------------------------------------------------------------------------

@@ -34,8 +34,9 @@ What travels where:
 
 A proposal carries its block in one of three ways. Small blocks travel
 ``inline``. A larger ledger block travels ``compact``: its header and the
-hashes of its transactions (:class:`CompactBlock`), which a receiver
-rebuilds from the transactions its mempool already got by gossip; any
+hashes of its transactions (:class:`CompactBlock`; those the proposer has
+not gossiped yet travel whole), which a receiver rebuilds from the
+transactions its mempool already got by gossip; any
 receiver missing one, and any block too large even so, fetches the body by
 its hash over a stream. The proposal's signature covers the block hash, so
 a rebuilt or fetched body is checked before it is used.
@@ -155,14 +156,20 @@ class ProposalWire(Message):
 
 @dataclass(frozen=True)
 class CompactBlock(Message):
-    """A ledger :class:`Block` with its transactions named by their hashes."""
+    """A ledger :class:`Block` whose transactions are named by their hashes.
+
+    Each entry is a transaction's hash (``HASH_BYTES`` long), or the
+    transaction itself when the proposer has not gossiped it yet (a signed
+    transaction is always longer than a hash), so that its peers cannot be
+    expected to hold it.
+    """
 
     KIND = "ledger_compact_block"
     height: int = bounded(min_value=1)
     prev_hash: bytes = bounded(max_len=HASH_BYTES)
     proposer: str = bounded(max_len=MAX_PEER_ID)
     time_ms: int = bounded(min_value=0)
-    tx_hashes: list[bytes] = bounded(max_len=MAX_BLOCK_TXS)
+    entries: list[bytes] = bounded(max_len=MAX_BLOCK_TXS)
 
 
 @dataclass(frozen=True)
@@ -278,14 +285,19 @@ def proposal_to_wire(p: Proposal, inline: bool, compact: bytes = b"") -> Proposa
                         proposer=p.proposer, signature=p.signature)
 
 
-def compact_block(block: Block) -> CompactBlock:
+def compact_block(block: Block, announced: Callable[[bytes], bool]) -> CompactBlock:
+    """``block`` with each transaction that ``announced`` (by hash) replaced by its hash."""
+    entries = []
+    for tx in block.txs:
+        tx_hash = digest(tx)
+        entries.append(tx_hash if announced(tx_hash) else tx)
     return CompactBlock(height=block.height, prev_hash=block.prev_hash, proposer=block.proposer,
-                        time_ms=block.time_ms, tx_hashes=[digest(tx) for tx in block.txs])
+                        time_ms=block.time_ms, entries=entries)
 
 
 def expand_block(compact: CompactBlock, lookup: Callable[[bytes], bytes | None]) -> bytes | None:
-    """The block's bytes, if ``lookup`` (tx hash -> raw tx) knows every transaction; else None."""
-    txs = [lookup(h) for h in compact.tx_hashes]
+    """The block's bytes, if ``lookup`` (tx hash -> raw tx) knows every hashed transaction; else None."""
+    txs = [lookup(e) if len(e) == HASH_BYTES else e for e in compact.entries]
     if any(tx is None for tx in txs):
         return None
     return Block(height=compact.height, prev_hash=compact.prev_hash, proposer=compact.proposer,
