@@ -237,6 +237,11 @@ def summarize(results: list[dict], hashes: list[str]) -> dict:  # type: ignore[t
             "batches_in": m["batches_checked"], "heights": m["heights"], "rounds": m["rounds"],
             "rebuilt": m["proposals_rebuilt"], "fetched": m["bodies_fetched"],
             "height_ms": 1000 * m["height_s"] / max(1, m["heights"]),
+            "to_prevote_ms": 1000 * m["to_prevote_s"] / max(1, m["phased_heights"]),
+            "to_precommit_ms": 1000 * m["to_precommit_s"] / max(1, m["phased_heights"]),
+            "to_decision_ms": 1000 * m["to_decision_s"] / max(1, m["phased_heights"]),
+            "store_ms": 1000 * m["store_block_s"] / max(1, m["heights"] + m["catchup_blocks"]),
+            "commit_ms": 1000 * m["commit_s"] / max(1, m["heights"]),
         })
     summary = {
         "submitted": sum(r["submitted"] for r in results),
@@ -304,6 +309,19 @@ def render_run(s: dict) -> list[str]:  # type: ignore[type-arg]
             f"{r['publish_wait_s']:.2f} | {r['gossip_out']} / {r['batches_in']} | "
             f"{r['rebuilt']} / {r['fetched']} | {r['heights']} | "
             f"{r['rounds']} | {r['height_ms']:.0f} |")
+    lines += [
+        "",
+        "A height, phase by phase (mean ms over the heights where the replica signed both votes): from its "
+        "start to the replica's prevote (the proposal built or gossiped, rebuilt, validated, and the "
+        "safety state synced), to its precommit (> 2/3 prevotes heard), to the decision (> 2/3 precommits "
+        "heard), then the block stored (synced) and the rest of the commit (apply, mempool re-check).",
+        "",
+        "| replica | to prevote | to precommit | to decision | store block | rest of commit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in s["replicas"]:
+        lines.append(f"| {r['replica']} | {r['to_prevote_ms']:.0f} | {r['to_precommit_ms']:.0f} | "
+                     f"{r['to_decision_ms']:.0f} | {r['store_ms']:.0f} | {r['commit_ms'] - r['store_ms']:.0f} |")
     lines += ["", "final (height, app hash) per replica: " + "; ".join(s["final_heights_and_hashes"])]
     return lines
 

@@ -102,6 +102,7 @@ from gonka_p2p.ledger.consensus_types import (
     RequestCommit,
     RequestProposal,
     ScheduleTimeout,
+    Step,
     Timeout,
     TimeoutKind,
     ValidateBlock,
@@ -220,6 +221,12 @@ class ReplicaMetrics:
     heights: int = 0
     rounds: int = 0  # sum of the commit round of each height (0 = decided in its first round)
     height_s: float = 0.0  # summed wall time from a height's start to its commit
+    # The same, phase by phase, over the heights where this replica signed both its votes (wall):
+    phased_heights: int = 0
+    to_prevote_s: float = 0.0  # height start -> own prevote signed (proposal built or received, validated)
+    to_precommit_s: float = 0.0  # -> own precommit signed (> 2/3 prevotes heard)
+    to_decision_s: float = 0.0  # -> decision (> 2/3 precommits heard)
+    commit_s: float = 0.0  # decision -> block stored, applied, acknowledged (every height)
     catchup_blocks: int = 0
 
 
@@ -309,6 +316,7 @@ class Replica:
         self._next_start: int | None = None  # the height to start once there is reason to
         self._committed_at = 0.0  # loop time of the last commit
         self._started_at = 0.0  # loop time the current height started
+        self._signed_at: dict[Step, float] = {}  # loop time of our first signature of each step here
         self._max_seen_height = 0  # highest height a validator's message named
         self._known_validators: frozenset[str] = frozenset()  # read by topic validators (any thread)
         self._receipts: OrderedDict[bytes, Committed] = OrderedDict()
@@ -475,6 +483,7 @@ class Replica:
         """Execute the core's actions in order (see the module docstring for each)."""
         for action in actions:
             if isinstance(action, PersistSafety):
+                self._signed_at.setdefault(action.state.step, asyncio.get_running_loop().time())
                 started = time.perf_counter()
                 await self._store_().save_safety(action.state)
                 self.metrics.store_safety_s += time.perf_counter() - started
@@ -517,6 +526,7 @@ class Replica:
 
     def _start_height(self, height: int) -> list[Action]:
         self._started_at = asyncio.get_running_loop().time()
+        self._signed_at = {}
         log.debug("start height %d (mempool %d)", height, len(self._mempool))
         actions = self.core.start(height, self._validators)
         if height in self._fetched:
@@ -587,11 +597,21 @@ class Replica:
     async def _commit(self, commit: Commit) -> None:
         """Consensus decided ``commit.height``: make it durable, apply it, and wait for the next height."""
         block = decode_block(commit.block)  # >2/3 validated it: a failure here is a bug, and fatal
+        loop = asyncio.get_running_loop()
+        decided = loop.time()
         await self._commit_block(commit.height, commit.block, block, commit.certificate)
         log.debug("committed height %d round %d: %d txs", commit.height, commit.certificate.round, len(block.txs))
-        self.metrics.heights += 1
-        self.metrics.rounds += commit.certificate.round
-        self.metrics.height_s += asyncio.get_running_loop().time() - self._started_at
+        m = self.metrics
+        m.heights += 1
+        m.rounds += commit.certificate.round
+        m.height_s += loop.time() - self._started_at
+        m.commit_s += loop.time() - decided
+        prevote, precommit = self._signed_at.get(Step.PREVOTE), self._signed_at.get(Step.PRECOMMIT)
+        if prevote is not None and precommit is not None:
+            m.phased_heights += 1
+            m.to_prevote_s += prevote - self._started_at
+            m.to_precommit_s += precommit - prevote
+            m.to_decision_s += decided - precommit
         self._await_next_height(commit.height + 1)
 
     async def _commit_block(self, height: int, raw: bytes, block: Block, certificate: CommitCertificate) -> None:
