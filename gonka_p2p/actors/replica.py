@@ -781,14 +781,17 @@ class Replica:
             return
         for p in msg.proposals:
             self._note_height(p.height)
-            if p.inline:
+            if p.inline or p.height < self.core.height:
                 continue
-            rebuilt = self._rebuild(p)
-            log.debug("proposal %d/%d from %s: %s", p.height, p.round, p.proposer[-6:],
-                      "rebuilt from the mempool" if rebuilt else "fetching its block")
-            if rebuilt is not None:
-                inline.append(rebuilt)
+            held = self._bodies.get(p.block_hash)  # a rebroadcast, or a body we already rebuilt or fetched
+            try:
+                proposal = proposal_from_wire(p, held[1]) if held is not None else self._rebuild(p)
+            except WireError:
+                proposal = None
+            if proposal is not None:
+                inline.append(proposal)
             else:
+                log.debug("proposal %d/%d from %s: fetching its block", p.height, p.round, p.proposer[-6:])
                 self._fetch_body(p, sender)
         for v in votes:
             self._note_height(v.height)
