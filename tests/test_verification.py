@@ -226,6 +226,13 @@ async def test_gross_cheats_fail(engine: TorchEngine, cheat: str) -> None:
     assert not (await check(engine, artifact)).valid
 
 
+async def test_cheating_engine_streams_the_claim_through_the_engine_interface(engine: TorchEngine) -> None:
+    cheater = cheats.CheatingEngine(engine, cheats.make_cheater("truncated", engine))
+    artifact = await cheats.generate_artifact(cheater, prompt(engine), GREEDY, b"seed-0")
+    assert artifact == cheats.truncate(await honest(engine, GREEDY))
+    assert failed_rules(await check(engine, artifact)) == {"length"}
+
+
 def test_drop_layers_and_fake_quantize_transform_a_copy(engine: TorchEngine) -> None:
     small = cheats.variant_engine(engine, lambda m: cheats.drop_layers(m, 1))
     assert len(cheats.decoder_layers(small._model)) == 1
