@@ -87,11 +87,13 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from gonka_p2p.inference.verification import thresholds_table
     from gonka_p2p.ledger.devnet import init_local_network
 
     net = init_local_network(Path(args.out), nodes=args.nodes, clients=args.clients,
                              models=tuple(args.model or ("smollm2-135m",)), client_balance=args.client_balance,
-                             epoch_length_blocks=args.epoch_length, chain_id=args.chain_id)
+                             epoch_length_blocks=args.epoch_length, chain_id=args.chain_id,
+                             verification=thresholds_table())
     print(f"local network {net.genesis.chain_id!r} in {args.out}: genesis {net.genesis_path}")
     weights = net.genesis.weights()
     for path in net.node_keys + net.client_keys:

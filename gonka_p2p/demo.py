@@ -29,6 +29,7 @@ from rich.table import Table
 from gonka_p2p.client import Completion, GonkaClient, GonkaError
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.verification import thresholds_table
 from gonka_p2p.ledger.devnet import init_local_network
 from gonka_p2p.ledger.query import EpochSummaryReply
 
@@ -158,7 +159,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
 
         workdir = Path(tempfile.mkdtemp(prefix="gonka-demo-"))
         network = init_local_network(workdir, nodes=nodes, clients=1, models=(model,),
-                                     **(CHEATER_GENESIS if cheater else {}))
+                                     verification=thresholds_table(), **(CHEATER_GENESIS if cheater else {}))
         genesis = network.genesis_path
         client_key = Keypair.load(network.client_keys[0])
 

@@ -106,6 +106,31 @@ def test_bad_key_file_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
     assert_clean_failure(gonka("node", "--config", "node.toml", cwd=tmp_path), "unknown config keys")
 
 
+def test_init_pins_the_calibrated_thresholds_in_genesis_and_a_broken_table_is_a_clear_error(
+        tmp_path: Path) -> None:
+    from gonka_p2p.actors.node import verification_params_of
+    from gonka_p2p.inference.verification import load_verification_params
+    from gonka_p2p.ledger.genesis import Params, load_genesis, sprt_params_from_rates
+
+    assert gonka("init", "--out", "net", "--nodes", "1", "--clients", "1", "--model", "tiny-llama",
+                 cwd=tmp_path).returncode == 0
+    genesis_path = tmp_path / "net" / "genesis.toml"
+    genesis = load_genesis(genesis_path)
+    calibrated = load_verification_params()
+    pinned = verification_params_of(genesis)
+    assert dict(pinned.models) == {"tiny-llama": calibrated.models["tiny-llama"]}  # served models only
+    assert pinned.sprt == calibrated.sprt
+    derived = sprt_params_from_rates(**{k: getattr(calibrated.sprt, k) for k in vars(calibrated.sprt)})
+    assert {k: getattr(genesis.params, k) for k in derived} == derived
+    assert derived == {k: getattr(Params(), k) for k in derived}  # the defaults are the same design
+
+    genesis_path.write_text(genesis_path.read_text().replace("logprob_tolerance", "logprob_tolerence"))
+    result = gonka("node", "--engine", "torch", "--model", "tiny-llama", "--key", "net/node0.key",
+                   "--genesis", "net/genesis.toml", "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}",
+                   cwd=tmp_path)
+    assert_clean_failure(result, "verification", "logprob_tolerence")
+
+
 def run_example(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]],
                           capture_output=True, text=True, timeout=120, env=ENV)

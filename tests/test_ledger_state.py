@@ -73,8 +73,14 @@ def make_params(**overrides: object) -> Params:
     return Params(**base)  # type: ignore[arg-type]
 
 
+# The shape of inference/thresholds.toml: numbers, strings, lists and nested tables.
+VERIFICATION = {"sprt": {"alpha": 1e-4, "beta": 0.01},
+                "models": {MODEL: {"logprob_tolerance": 3e-4, "reference_tokens": 32,
+                                   "calibration": {"date": "2026-11-24", "rows": ["a", "b"]}}}}
+
+
 def make_genesis(**overrides: object) -> Genesis:
-    return Genesis(
+    return Genesis(verification=VERIFICATION,
         chain_id=CHAIN, genesis_time_ms=T0, params=make_params(**overrides),
         participants=(GenesisParticipant(KEYS["ta"].public_key, 10, ("/ip4/1.2.3.4/tcp/1",)),
                       GenesisParticipant(KEYS["ta2"].public_key, 3),
@@ -240,6 +246,12 @@ def test_genesis_round_trips_through_its_file_with_the_same_hash(tmp_path, suffi
     assert loaded == genesis and loaded.hash() == genesis.hash()
     if suffix == ".toml":
         assert "coin units per token" in path.read_text()  # units are written down
+    assert loaded.verification["models"][MODEL]["calibration"]["rows"] == ("a", "b")
+
+
+def test_the_verification_tree_is_part_of_the_genesis_identity() -> None:
+    other = {**VERIFICATION, "sprt": {"alpha": 2e-4, "beta": 0.01}}
+    assert Genesis(**{**make_genesis().__dict__, "verification": other}).hash() != make_genesis().hash()
 
 
 def test_genesis_supply_and_weights() -> None:
@@ -262,6 +274,12 @@ def test_genesis_supply_and_weights() -> None:
     (lambda o: o["allocations"].update({"bob": 5}), "peer id"),
     (lambda o: o["allocations"].update({PEER["bob"]: 2**63}), "exceeds"),
     (lambda o: o.update(participants="x"), "array"),
+    (lambda o: o.update(verification=[1]), "verification must be a table"),
+    (lambda o: o["verification"]["sprt"].update(alpha=float("nan")), "finite"),
+    (lambda o: o["verification"]["sprt"].update(alpha=None), "not a number"),
+    (lambda o: o["verification"]["sprt"].update(deeper={"a": {"b": {"c": 1}}}), "nest"),
+    (lambda o: o["verification"].update(big={str(i): "x" * 100 for i in range(1000)}), "larger"),
+    (lambda o: o["verification"].update({1: 2}), "keys must be strings"),
 ])
 def test_bad_genesis_is_rejected_with_a_message_naming_the_problem(mutate, message) -> None:
     obj = make_genesis().to_obj()

@@ -39,8 +39,12 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.cheating_engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.verification import load_verification_params
-from gonka_p2p.ledger.genesis import Genesis
+from gonka_p2p.inference.verification import (
+    VerificationParams,
+    load_verification_params,
+    verification_params_from_obj,
+)
+from gonka_p2p.ledger.genesis import Genesis, GenesisError
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.store import StoreError
 from gonka_p2p.ledger.validators import NoValidators
@@ -53,6 +57,17 @@ class StartupError(Exception):
 
 
 EngineLoader = Callable[[str, str], Engine]
+
+
+def verification_params_of(genesis: Genesis) -> VerificationParams:
+    """The thresholds this node's validator judges by: those the genesis pins, so that every
+    validator of a network judges alike; the package's calibrated ones for a genesis without."""
+    if not genesis.verification:
+        return load_verification_params()
+    try:
+        return verification_params_from_obj(genesis.verification)
+    except (ValueError, TypeError) as e:
+        raise GenesisError(f"the genesis verification table: {e}") from None
 
 
 class Node:
@@ -84,7 +99,7 @@ class Node:
             self.replica = Replica(service, key, genesis, config.ledger_dir, params)
             self.replica.add_commit_listener(self._ledger_weights)
             self.hooks = LedgerHooks(self.replica, key)
-            self.validator = ValidatorActor(service, key, self.engines, load_verification_params(),
+            self.validator = ValidatorActor(service, key, self.engines, verification_params_of(genesis),
                                             genesis.chain_id, self.hooks)
             self.replica.add_commit_listener(self.validator.on_commit)
         hooks = self.hooks

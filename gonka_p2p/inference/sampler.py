@@ -68,50 +68,54 @@ def position_uniform(seed: bytes, position: int) -> float:
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution sampling draws from at temperature > 0, float64, sums to 1."""
+    """The distribution sampling draws from at temperature > 0, float64, each row summing
+    to 1. ``logits`` is one row or a batch of rows (the last dimension is the vocabulary):
+    every operation works row by row, so a batch gives each row's values bit for bit."""
     z = torch.log_softmax(logits.to(torch.float64), dim=-1) / params.temperature
-    if 0 < params.top_k < z.numel():
-        kth = torch.topk(z, params.top_k).values[-1]
+    if 0 < params.top_k < z.shape[-1]:
+        kth = torch.topk(z, params.top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
     probs = torch.softmax(z, dim=-1)
     if params.top_p < 1.0:
         probs = probs * nucleus_mask(probs, params.top_p)
-    return probs / probs.sum()
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 _NUCLEUS_CANDIDATES = 1024
 
 
 def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Tokens kept by top-p: the most likely ones, in (probability desc, id asc) order,
-    while the mass *before* each is below ``top_p``.
+    """Tokens kept by top-p, per row: the most likely ones, in (probability desc, id asc)
+    order, while the mass *before* each is below ``top_p``.
 
-    Sorting 49k float64s per token is the sampler's hot spot, so the rule is first
+    Sorting 49k float64s per row is the sampler's hot spot, so the rule is first
     evaluated on the ``_NUCLEUS_CANDIDATES`` most likely tokens; that answer is exact
     when the cut falls strictly above the smallest candidate's probability (every
-    token outside the candidates is then less likely than the cut). Otherwise the
-    whole vocabulary is sorted. Both paths produce the same prefix sums, so the
-    result does not depend on which one ran.
+    token outside the candidates is then less likely than the cut). Rows where it
+    is not are sorted whole. Both paths produce the same prefix sums, so the result
+    does not depend on which one ran, nor on the other rows of a batch.
     """
-    n = probs.numel()
+    n = probs.shape[-1]
+    rows = probs.reshape(-1, n)
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    unsettled = torch.ones(rows.shape[0], dtype=torch.bool)
     m = min(_NUCLEUS_CANDIDATES, n)
-    values, ids = torch.topk(probs, m)
     if m < n:
-        by_id = torch.argsort(ids)  # then a stable sort by probability keeps ids ascending on ties
-        ids, values = ids[by_id], values[by_id]
-        order = torch.sort(values, descending=True, stable=True).indices
-        ids, values = ids[order], values[order]
+        values, ids = torch.topk(rows, m, dim=-1)
+        by_id = torch.argsort(ids, dim=-1)  # then a stable sort by probability keeps ids ascending on ties
+        ids, values = ids.gather(-1, by_id), values.gather(-1, by_id)
+        order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+        ids, values = ids.gather(-1, order), values.gather(-1, order)
+        cut = ((torch.cumsum(values, dim=-1) - values) < top_p).sum(dim=-1, keepdim=True) - 1
+        settled = ((cut < m - 1) & (values.gather(-1, cut) > values[:, m - 1:])).squeeze(-1)
+        prefix = torch.arange(m) <= cut  # the first cut + 1 candidates
+        mask[settled] = mask[settled].scatter(-1, ids[settled], prefix[settled])
+        unsettled = ~settled
+    if unsettled.any():
+        values, ids = torch.sort(rows[unsettled], dim=-1, descending=True, stable=True)
         kept = (torch.cumsum(values, dim=-1) - values) < top_p
-        cut = int(kept.sum()) - 1
-        if cut < m - 1 and values[cut] > values[m - 1]:
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[ids[: cut + 1]] = True
-            return mask
-    values, ids = torch.sort(probs, descending=True, stable=True)
-    kept = (torch.cumsum(values, dim=-1) - values) < top_p
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[ids[kept]] = True
-    return mask
+        mask[unsettled] = torch.zeros_like(kept).scatter(-1, ids, kept)
+    return mask.reshape(probs.shape)
 
 
 def _cdf(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -137,6 +141,40 @@ class TokenCheck:
     margin: float  # greedy: nats below the max; sampled: distance of u from the token's interval
 
 
+def claim_margins(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seed: bytes,
+    claimed: torch.Tensor,
+    first_position: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``check_token``'s margin (float64) and exactness (bool) for every row of ``logits``
+    ``[n, vocab]`` at once, row i being position ``first_position + i`` and claiming
+    ``claimed[i]`` (in the vocabulary).
+
+    One batched pass instead of n: the validator checks every position of an output,
+    and per-row calls spent more time in dispatch and temporaries than in arithmetic.
+    Every operation is row-wise, so each row's values are the single-row ones bit for bit.
+    """
+    assert logits.dim() == 2 and claimed.shape == (logits.shape[0],)
+    assert bool(((claimed >= 0) & (claimed < logits.shape[1])).all())
+    at = claimed.unsqueeze(1)
+    if params.greedy:
+        lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+        best = torch.argmax(lp, dim=-1, keepdim=True)
+        margins = (lp.gather(1, best) - lp.gather(1, at)).squeeze(1)
+        return margins, (best == at).squeeze(1)
+    cdf = _cdf(logits, params)
+    u = torch.tensor([position_uniform(seed, first_position + i) for i in range(len(claimed))],
+                     dtype=torch.float64)
+    hi = cdf.gather(1, at).squeeze(1)
+    lo = torch.where(claimed > 0, cdf.gather(1, (at - 1).clamp_min(0)).squeeze(1), 0.0)
+    inside = (lo <= u) & (u < hi)
+    margins = torch.where(inside, 0.0, torch.minimum((u - lo).abs(), (u - hi).abs()))
+    excluded = hi <= lo  # excluded by top-k/top-p: no amount of noise makes it a choice
+    return margins.masked_fill(excluded, float("inf")), inside & ~excluded
+
+
 def check_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -148,16 +186,6 @@ def check_token(
     """Validator side of ``choose_token``: accept exact picks and near-ties within ``tolerance``."""
     if not 0 <= claimed < logits.numel():
         return TokenCheck(ok=False, exact=False, margin=float("inf"))
-    if params.greedy:
-        lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-        best = int(torch.argmax(lp))
-        margin = float(lp[best] - lp[claimed])
-        return TokenCheck(ok=margin <= tolerance, exact=best == claimed, margin=margin)
-    cdf = _cdf(logits, params)
-    u = position_uniform(seed, position)
-    hi = float(cdf[claimed])
-    lo = float(cdf[claimed - 1]) if claimed > 0 else 0.0
-    if hi <= lo:  # excluded by top-k/top-p: no amount of noise makes it a choice
-        return TokenCheck(ok=False, exact=False, margin=float("inf"))
-    margin = 0.0 if lo <= u < hi else min(abs(u - lo), abs(u - hi))
-    return TokenCheck(ok=margin <= tolerance, exact=lo <= u < hi, margin=margin)
+    margins, exact = claim_margins(logits.unsqueeze(0), params, seed, torch.tensor([claimed]), position)
+    margin = float(margins[0])
+    return TokenCheck(ok=margin <= tolerance, exact=bool(exact[0]), margin=margin)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import torch
 
@@ -33,14 +33,18 @@ from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 def token_step(logits_row: torch.Tensor, token_id: int, k: int) -> TokenStep:
     """The evidence record for ``token_id`` given the raw logits row it was chosen from."""
-    logprobs = torch.log_softmax(logits_row.to(torch.float32), dim=-1)
-    top = torch.topk(logprobs, k)
-    return TokenStep(
-        token_id=token_id,
-        logprob=float(logprobs[token_id]),
-        top_ids=tuple(int(i) for i in top.indices),
-        top_logprobs=tuple(float(v) for v in top.values),
-    )
+    return token_steps(logits_row.unsqueeze(0), [token_id], k)[0]
+
+
+def token_steps(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> list[TokenStep]:
+    """``token_step`` for every row of ``logits`` ``[n, vocab]`` in one batched pass (the
+    scoring pass has a row per completion token); row-wise ops, so bit-identical per row."""
+    logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    top = torch.topk(logprobs, k, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, dtype=torch.long).view(-1, 1)).view(-1)
+    return [TokenStep(token_id=t, logprob=lp, top_ids=tuple(ids), top_logprobs=tuple(values))
+            for t, lp, ids, values in zip(token_ids, chosen.tolist(), top.indices.tolist(),
+                                          top.values.tolist(), strict=True)]
 
 
 class TorchEngine(LocalModelFrontend):
@@ -103,16 +107,23 @@ class TorchEngine(LocalModelFrontend):
         if bad:
             raise EngineError(f"completion token id {bad[0]} is outside the vocabulary")
         rows = await asyncio.to_thread(self._completion_logits, prompt_ids, completion_ids)
-        steps = [token_step(rows[i], t, k) for i, t in enumerate(completion_ids)]
-        return ScoredCompletion(steps=steps, logits=rows if with_logits else None)
+        return ScoredCompletion(steps=token_steps(rows, completion_ids, k),
+                                logits=rows if with_logits else None)
 
     def _completion_logits(self, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
-        """Raw logits predicting each completion token: one teacher-forced pass."""
-        ids = prompt_ids + completion_ids
+        """Raw logits predicting each completion token: one teacher-forced pass.
+
+        The LM head runs only on the rows that predict completion tokens (the last
+        ``n + 1`` positions, of which the final one predicts past the completion):
+        prompt rows are never compared, and on a 49k vocabulary the head is most of
+        the tiny model's pass and a quarter of SmolLM2's. The hidden states, and so
+        the rows kept, are bit for bit those of a full pass.
+        """
+        n = len(completion_ids)
         with self._lock, torch.inference_mode():
-            logits = self._open_model()(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-        start = len(prompt_ids) - 1
-        return logits[start : start + len(completion_ids)].to(torch.float32).clone()
+            logits = self._open_model()(input_ids=torch.tensor([prompt_ids + completion_ids]),
+                                        use_cache=False, logits_to_keep=n + 1).logits[0]
+        return logits[:n].to(torch.float32)
 
     def _open_model(self) -> torch.nn.Module:
         if self._model is None:

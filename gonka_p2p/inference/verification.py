@@ -38,7 +38,9 @@ All thresholds live in :class:`ModelThresholds`, one record per model,
 calibrated from measured honest noise on the pinned configuration (fp32 on
 CPU, both engines) as about 3x its p99.9; ``thresholds.toml`` holds the values
 and the calibration that chose them (``benchmarks/detection_matrix.py
---calibrate`` regenerates it).
+--calibrate`` regenerates it). A network pins its own copy in genesis (its
+``verification`` table, written by ``gonka-p2p init``), so all its validators
+judge by the same numbers.
 
 Per executor per epoch, :func:`observe` folds verdicts into
 :class:`EpochEvidence`: two sequential probability ratio tests (Wald's SPRT,
@@ -49,7 +51,10 @@ The failure test asks whether failures come more often than honest noise
 explains; the distance test whether failed-or-suspicious verdicts do -- the
 aggregate that catches a subtle cheat whose single outputs stay within the
 per-inference limits. Rates under "honest" are bounds above the calibrated
-ones, rates under "cheating" are design values (:class:`SprtParams`).
+ones, rates under "cheating" are design values (:class:`SprtParams`). The
+ledger settles epochs with the same two tests in integer micro-nats
+(``ledger.rules.sprt_catches``, parameters derived from these rates), and a
+test holds the two to the same decisions.
 :func:`epoch_decision` says honest / cheating / undecided.
 
 Pure: no I/O, clocks or randomness, except :func:`load_verification_params`,
@@ -61,7 +66,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -72,7 +77,7 @@ import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import ScoredCompletion
-from gonka_p2p.inference.sampler import check_token
+from gonka_p2p.inference.sampler import claim_margins
 
 # ---------------------------------------------------------------------------
 # Parameters
@@ -179,18 +184,36 @@ def verification_params_from_obj(obj: Mapping[str, Any]) -> VerificationParams:
     models = {}
     for name, table in obj.get("models", {}).items():
         values = {k: v for k, v in table.items() if k != "calibration"}
-        models[str(name)] = ModelThresholds(**values)
-    sprt = SprtParams(**{k: float(v) for k, v in obj.get("sprt", {}).items()})
+        models[str(name)] = ModelThresholds(**_known(ModelThresholds, values, f"models.{name}"))
+    sprt = SprtParams(**_known(SprtParams, {k: float(v) for k, v in obj.get("sprt", {}).items()}, "sprt"))
     return VerificationParams(models=models, sprt=sprt)
 
 
-def load_verification_params(path: Path | None = None) -> VerificationParams:
-    """Read ``path``, or the calibrated ``thresholds.toml`` shipped with this package."""
+def _known(record: type, values: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``values`` if they are all fields of ``record`` and none is missing, else a ValueError
+    that names them (instead of a TypeError from the constructor)."""
+    names = {f.name for f in fields(record)}
+    defaults = {f.name for f in fields(record) if f.default is not MISSING}
+    if unknown := set(values) - names:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    if missing := names - defaults - set(values):
+        raise ValueError(f"{where}: missing keys {sorted(missing)}")
+    return values
+
+
+def thresholds_table(path: Path | None = None) -> dict[str, Any]:
+    """The parsed thresholds file: ``path``, or the calibrated ``thresholds.toml`` shipped
+    with this package (what ``gonka-p2p init`` pins in a new network's genesis)."""
     if path is None:
         text = resources.files("gonka_p2p.inference").joinpath("thresholds.toml").read_text()
     else:
         text = Path(path).read_text()
-    return verification_params_from_obj(tomllib.loads(text))
+    return tomllib.loads(text)
+
+
+def load_verification_params(path: Path | None = None) -> VerificationParams:
+    """:func:`verification_params_from_obj` of :func:`thresholds_table`."""
+    return verification_params_from_obj(thresholds_table(path))
 
 
 def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
@@ -315,11 +338,12 @@ def top_k_shortfall(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torc
     return (kth - logprobs.gather(1, ids)).clamp_min(0.0).max(dim=1).values
 
 
-def sampling_margins(artifact: InferenceArtifact, logits: torch.Tensor) -> list[float]:
-    """``sampler.check_token``'s margin at every position, with the artifact's seed and
-    params: 0 where the claimed token is the sampler's pick."""
-    return [check_token(logits[i], artifact.params, artifact.seed, i, step.token_id, 0.0).margin
-            for i, step in enumerate(artifact.steps)]
+def sampling_margins(artifact: InferenceArtifact, logits: torch.Tensor) -> torch.Tensor:
+    """``[n]`` ``sampler.check_token``'s margin at every position, with the artifact's seed
+    and params: 0 where the claimed token is the sampler's pick. All positions in one
+    batched pass (``claim_margins``), bit for bit the per-position values."""
+    claimed = torch.tensor(artifact.completion_ids, dtype=torch.long)
+    return claim_margins(logits, artifact.params, artifact.seed, claimed)[0]
 
 
 def measure(
@@ -349,10 +373,10 @@ def measure(
         n_tokens=n,
         temperature=artifact.params.temperature,
         structural=structural,
-        position_errors=tuple(float(e) for e in errors.mean(dim=1)),
+        position_errors=tuple(errors.mean(dim=1).tolist()),
         max_error=float(errors.max()),
-        top_k_shortfall=tuple(float(x) for x in top_k_shortfall(artifact, logprobs)),
-        sampling_margins=tuple(sampling_margins(artifact, recomputed.logits)),
+        top_k_shortfall=tuple(top_k_shortfall(artifact, logprobs).tolist()),
+        sampling_margins=tuple(sampling_margins(artifact, recomputed.logits).tolist()),
     )
 
 

@@ -7,17 +7,22 @@ every client holds a starting balance. Everything else in the genesis is
 the default parameters table, with a shorter epoch than production so that
 settlement shows up within minutes. The genesis time is the time of
 writing: the ledger judges a client request's timestamp against the last
-block's time, so requests sent before the first block are fresh too.
+block's time, so requests sent before the first block are fresh too. Given
+the verification metric's parameters (the tree of the package's calibrated
+``thresholds.toml``), the genesis pins them for the served models and
+derives the ledger's integer epoch-test parameters from the same rates.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, save_genesis
+from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, save_genesis, sprt_params_from_rates
 
 DEVNET_CHAIN_ID = "gonka-devnet"
 DEVNET_WEIGHT = 10
@@ -41,9 +46,17 @@ class LocalNetwork:
 def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
                    models: tuple[str, ...] = DEFAULT_MODELS, client_balance: int = DEVNET_CLIENT_BALANCE,
                    epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS, chain_id: str = DEVNET_CHAIN_ID,
-                   genesis_time_ms: int = 0, **params: int) -> Genesis:
+                   genesis_time_ms: int = 0, verification: Mapping[str, Any] | None = None,
+                   **params: int) -> Genesis:
     """Equal weights for every participant, ``client_balance`` for every client, each model at 1
-    per token; ``params`` overrides other entries of the parameters table."""
+    per token; ``params`` overrides other entries of the parameters table. ``verification``:
+    the metric's parameters (thresholds per model, ``sprt`` rates), kept for ``models``."""
+    pinned: dict[str, Any] = {}
+    if verification:
+        pinned = {**verification, "models": {m: t for m, t in verification.get("models", {}).items()
+                                             if m in models}}
+        if "sprt" in verification:
+            params = {**sprt_params_from_rates(**verification["sprt"]), **params}
     return Genesis(
         chain_id=chain_id,
         genesis_time_ms=genesis_time_ms,
@@ -52,13 +65,15 @@ def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
         participants=tuple(GenesisParticipant(pubkey=pk, weight=DEVNET_WEIGHT, models=models)
                            for pk in participant_pubkeys),
         allocations={c: client_balance for c in clients},
+        verification=pinned,
     )
 
 
 def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[str, ...] = DEFAULT_MODELS,
                        client_balance: int = DEVNET_CLIENT_BALANCE,
                        epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS,
-                       chain_id: str = DEVNET_CHAIN_ID, **params: int) -> LocalNetwork:
+                       chain_id: str = DEVNET_CHAIN_ID, verification: Mapping[str, Any] | None = None,
+                       **params: int) -> LocalNetwork:
     """Write ``node{i}.key``, ``client{j}.key`` and ``genesis.toml`` into ``directory``."""
     if nodes < 1:
         raise DevnetError("a network needs at least one node (--nodes >= 1)")
@@ -79,7 +94,7 @@ def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[
     client_keys = [Keypair.generate() for _ in client_paths]
     genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], models,
                              client_balance, epoch_length_blocks, chain_id, int(time.time() * 1000),
-                             **params)  # validated before writing
+                             verification, **params)  # validated before writing
     for key, path in zip(node_keys + client_keys, node_paths + client_paths):
         key.save(path)
     save_genesis(genesis, genesis_path)

@@ -32,6 +32,20 @@ hold the same tree::
     [allocations]                             # coin units, by peer id
     "16Uiu2HAm..." = 1000000
 
+    [verification.sprt]                       # the verification metric's parameters:
+    honest_fail_rate = 0.005                  # the tree of inference/thresholds.toml
+    [verification.models."smollm2-135m"]
+    logprob_tolerance = 0.0003033
+    ...
+
+The ``verification`` tree pins, per network, the thresholds every validator
+judges by (per model, with the calibration that chose them) and the epoch
+test's design rates. The state machine never reads it -- floats stay out of
+state transitions; its own epoch test runs on the integer ``sprt_*``
+parameters, which :func:`sprt_params_from_rates` derives from the same rates
+when the file is written -- but it is part of :meth:`Genesis.hash`, so
+validators holding different thresholds are on different networks.
+
 :func:`load_genesis` is total: any problem in the file is a :class:`GenesisError`
 that names the offending entry. :meth:`Genesis.hash` is the canonical
 SHA-256 of the record; it is the ``prev_hash`` of block 1 and part of every
@@ -50,6 +64,7 @@ from types import MappingProxyType
 from typing import Any
 
 import msgpack
+import tomli_w
 from coincurve import PublicKey
 
 from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
@@ -61,6 +76,8 @@ MAX_MODEL_NAME = 128
 MAX_ADDR_LEN = 256
 MAX_ADDRS = 8
 MAX_MODELS = 16
+MAX_VERIFICATION_DEPTH = 4  # verification.models.<model>.calibration
+MAX_VERIFICATION_BYTES = 65_536
 _HASH_DOMAIN = b"gonka-p2p/genesis/v1\x00"
 
 
@@ -102,10 +119,13 @@ class Params:
     # -- rewards --
     epoch_reward: int = 1_000_000
     validator_share_ppm: int = 200_000
-    # -- the epoch test (Wald SPRT over validated inferences), log-likelihood ratios --
-    sprt_failed_llr_micro: int = 2_302_585  # ln(0.05 / 0.005)
-    sprt_suspicious_llr_micro: int = 3_912_023  # ln(0.5 / 0.01)
-    sprt_clean_llr_micro: int = 783_394  # -ln(0.45 / 0.985)
+    # -- the epoch test: two Wald SPRTs over checked inferences, log-likelihood ratios. --
+    # Defaults: the verification metric's design rates (inference/thresholds.toml [sprt]):
+    # honest fail 0.005, cheat fail 0.1, honest far 0.01, cheat far 0.3.
+    sprt_failed_hit_llr_micro: int = 2_995_732  # ln(0.1 / 0.005)
+    sprt_failed_miss_llr_micro: int = 100_348  # ln((1 - 0.005) / (1 - 0.1))
+    sprt_far_hit_llr_micro: int = 3_401_197  # ln(0.3 / 0.01)
+    sprt_far_miss_llr_micro: int = 346_625  # ln((1 - 0.01) / (1 - 0.3))
     sprt_cheating_bound_micro: int = 9_200_290  # ln((1 - 0.01) / 1e-4)
     sprt_honest_bound_micro: int = 4_605_070  # -ln(0.01 / (1 - 1e-4))
 
@@ -123,18 +143,19 @@ class Params:
 def sprt_params_from_rates(*, honest_fail_rate: float, honest_suspicious_rate: float,
                            cheat_fail_rate: float, cheat_suspicious_rate: float,
                            alpha: float, beta: float) -> dict[str, int]:
-    """The integer SPRT parameters of Wald's test with these rates (the verification
-    metric's ``SprtParams``), for a genesis file. Floats are used here, off-chain, once:
-    the ledger only ever adds the integers this returns."""
+    """The integer parameters of the two Wald tests with these rates (the verification
+    metric's ``SprtParams``; "suspicious" rates count failed-or-suspicious outputs), for a
+    genesis file. Floats are used here, off-chain, once: the ledger only ever adds the
+    integers this returns."""
     def micro(x: float) -> int:
         return round(x * 1_000_000)
 
-    clean_honest = 1.0 - honest_fail_rate - honest_suspicious_rate
-    clean_cheat = 1.0 - cheat_fail_rate - cheat_suspicious_rate
     return {
-        "sprt_failed_llr_micro": micro(math.log(cheat_fail_rate / honest_fail_rate)),
-        "sprt_suspicious_llr_micro": micro(math.log(cheat_suspicious_rate / honest_suspicious_rate)),
-        "sprt_clean_llr_micro": micro(-math.log(clean_cheat / clean_honest)),
+        "sprt_failed_hit_llr_micro": micro(math.log(cheat_fail_rate / honest_fail_rate)),
+        "sprt_failed_miss_llr_micro": micro(math.log((1.0 - honest_fail_rate) / (1.0 - cheat_fail_rate))),
+        "sprt_far_hit_llr_micro": micro(math.log(cheat_suspicious_rate / honest_suspicious_rate)),
+        "sprt_far_miss_llr_micro": micro(math.log((1.0 - honest_suspicious_rate)
+                                                  / (1.0 - cheat_suspicious_rate))),
         "sprt_cheating_bound_micro": micro(math.log((1.0 - beta) / alpha)),
         "sprt_honest_bound_micro": micro(-math.log(beta / (1.0 - alpha))),
     }
@@ -162,9 +183,10 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
     "miss_rate_limit_ppm": "ppm; an executor whose expired share of its inferences in an epoch is above it drops to reputation 0",
     "epoch_reward": "coin units minted at most per settled epoch (epoch 0 excepted); forfeits are not minted",
     "validator_share_ppm": "ppm of the epoch reward split by validation work; the rest by weight x executed tokens",
-    "sprt_failed_llr_micro": "micro-nats; log-likelihood ratio (cheat:honest) added per failed inference",
-    "sprt_suspicious_llr_micro": "micro-nats; added per valid but suspicious inference",
-    "sprt_clean_llr_micro": "micro-nats; subtracted per clean inference",
+    "sprt_failed_hit_llr_micro": "micro-nats; failure test: log-likelihood ratio (cheat:honest) added per failed inference",
+    "sprt_failed_miss_llr_micro": "micro-nats; failure test: subtracted per inference that did not fail",
+    "sprt_far_hit_llr_micro": "micro-nats; distance test: added per failed or suspicious inference",
+    "sprt_far_miss_llr_micro": "micro-nats; distance test: subtracted per clean inference",
     "sprt_cheating_bound_micro": "micro-nats; a run reaching +this accuses the executor (final for the epoch)",
     "sprt_honest_bound_micro": "micro-nats; a run reaching -this accepts honest and restarts from 0",
 })
@@ -172,8 +194,9 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
 _POSITIVE = {"epoch_length_blocks", "inference_deadline_blocks", "max_tx_bytes",
              "max_held_finishes", "max_held_finishes_per_executor", "floor_mid_ppm", "floor_low_ppm",
              "validation_window_blocks", "dispute_voting_blocks", "dispute_committee_size",
-             "reputation_growth_epochs", "sprt_failed_llr_micro", "sprt_suspicious_llr_micro",
-             "sprt_clean_llr_micro", "sprt_cheating_bound_micro", "sprt_honest_bound_micro"}
+             "reputation_growth_epochs", "sprt_failed_hit_llr_micro", "sprt_failed_miss_llr_micro",
+             "sprt_far_hit_llr_micro", "sprt_far_miss_llr_micro", "sprt_cheating_bound_micro",
+             "sprt_honest_bound_micro"}
 _AT_MOST_PPM = {"floor_mid_ppm", "floor_low_ppm", "miss_rate_limit_ppm", "validator_share_ppm"}
 
 
@@ -198,11 +221,15 @@ class Genesis:
     participants: tuple[GenesisParticipant, ...] = ()
     allocations: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     genesis_time_ms: int = 0
+    # The verification metric's parameters (see the module docstring); empty: the
+    # validators' own calibrated defaults.
+    verification: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "participants", tuple(self.participants))
         object.__setattr__(self, "allocations",
                            MappingProxyType(dict(sorted(self.allocations.items()))))
+        object.__setattr__(self, "verification", _frozen_tree(self.verification, "verification", 1))
         _validate(self)
 
     @property
@@ -225,6 +252,7 @@ class Genesis:
                               "addrs": list(p.addrs), "models": list(p.models)}
                              for p in self.participants],
             "allocations": dict(self.allocations),
+            "verification": _plain_tree(self.verification),
         }
 
     def hash(self) -> bytes:
@@ -236,7 +264,8 @@ def genesis_from_obj(obj: Any) -> Genesis:
     """Build a :class:`Genesis` from a parsed TOML/JSON tree, or raise :class:`GenesisError`."""
     if not isinstance(obj, dict):
         raise GenesisError("genesis must be a table")
-    _only(obj, {"chain_id", "genesis_time_ms", "params", "participants", "allocations"}, "genesis")
+    _only(obj, {"chain_id", "genesis_time_ms", "params", "participants", "allocations", "verification"},
+          "genesis")
     raw_params = obj.get("params", {})
     if not isinstance(raw_params, dict):
         raise GenesisError("[params] must be a table")
@@ -271,7 +300,8 @@ def genesis_from_obj(obj: Any) -> Genesis:
         chain_id=_str(obj.get("chain_id"), "chain_id"),
         genesis_time_ms=_int(obj.get("genesis_time_ms", 0), "genesis_time_ms"),
         params=params, participants=tuple(participants),
-        allocations={str(a): _int(v, f"allocation of {a}") for a, v in allocations.items()})
+        allocations={str(a): _int(v, f"allocation of {a}") for a, v in allocations.items()},
+        verification=obj.get("verification", {}))
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -316,6 +346,10 @@ def genesis_to_toml(genesis: Genesis) -> str:
                   f"addrs = {q(p['addrs'])}", f"models = {q(p['models'])}"]
     lines += ["", "[allocations]  # initial balances, coin units, by peer id"]
     lines += [f"{q(account)} = {amount}" for account, amount in obj["allocations"].items()]
+    if obj["verification"]:
+        lines += ["", "# Verification thresholds per model and the epoch test's rates (validators judge by",
+                  "# these; see gonka_p2p/inference/verification.py).",
+                  tomli_w.dumps({"verification": obj["verification"]})]
     return "\n".join(lines) + "\n"
 
 
@@ -379,6 +413,45 @@ def _validate(g: Genesis) -> None:
             raise GenesisError(f"allocation to {account}: amount must be a non-negative integer")
     if g.supply > MAX_SUPPLY:
         raise GenesisError(f"total allocation {g.supply} exceeds {MAX_SUPPLY}")
+
+
+def _frozen_tree(tree: Any, where: str, depth: int) -> Mapping[str, Any]:
+    """A read-only, key-sorted copy of a verification table: tables of numbers, strings and
+    lists of them, at most ``MAX_VERIFICATION_DEPTH`` deep. Anything else is a GenesisError."""
+    if not isinstance(tree, Mapping):
+        raise GenesisError(f"{where} must be a table")
+    if depth > MAX_VERIFICATION_DEPTH:
+        raise GenesisError(f"{where}: tables nest at most {MAX_VERIFICATION_DEPTH} deep")
+    out: dict[str, Any] = {}
+    for key, value in sorted(tree.items(), key=lambda kv: str(kv[0])):
+        if not isinstance(key, str):
+            raise GenesisError(f"{where}: keys must be strings, not {key!r}")
+        inner = f"{where}.{key}"
+        if isinstance(value, Mapping):
+            out[key] = _frozen_tree(value, inner, depth + 1)
+        elif isinstance(value, list | tuple):
+            if not all(_is_scalar(v) for v in value):
+                raise GenesisError(f"{inner}: lists hold numbers or strings only")
+            out[key] = tuple(value)
+        elif _is_scalar(value):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise GenesisError(f"{inner} must be finite, not {value!r}")
+            out[key] = value
+        else:
+            raise GenesisError(f"{inner}: {type(value).__name__} is not a number, string or table")
+    if depth == 1 and len(msgpack.packb(_plain_tree(out), use_bin_type=True)) > MAX_VERIFICATION_BYTES:
+        raise GenesisError(f"{where} is larger than {MAX_VERIFICATION_BYTES} bytes")
+    return MappingProxyType(out)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str) and not isinstance(value, bool)
+
+
+def _plain_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The verification tree as plain dicts and lists (for msgpack, JSON and TOML)."""
+    return {k: _plain_tree(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v
+            for k, v in tree.items()}
 
 
 def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:

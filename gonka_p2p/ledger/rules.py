@@ -374,19 +374,14 @@ def inference_observation(dispute: DisputeOutcome | None,
     return Observation.SUSPICIOUS if 2 * suspicious > sum(w for w, _ in passes) else Observation.CLEAN
 
 
-def sprt_llr_micro(observation: Observation, params: Params) -> int:
-    """log P(observation | cheating) / P(observation | honest), micro-nats."""
-    if observation is Observation.FAILED:
-        return params.sprt_failed_llr_micro
-    if observation is Observation.SUSPICIOUS:
-        return params.sprt_suspicious_llr_micro
-    return -params.sprt_clean_llr_micro
+def wald_step_micro(llr: int, hit: bool, hit_llr: int, miss_llr: int, params: Params) -> tuple[int, bool]:
+    """One step of one Bernoulli Wald test, in micro-nats: (new llr, accused).
 
-
-def sprt_step(llr: int, observation: Observation, params: Params) -> tuple[int, bool]:
-    """One step of Wald's test: (new llr, accused). Reaching the lower bound accepts "honest"
-    and restarts from 0, so good behaviour early in an epoch buys no credit for later."""
-    llr += sprt_llr_micro(observation, params)
+    A hit adds ``hit_llr`` = log P(hit | cheating) / P(hit | honest), a miss subtracts
+    ``miss_llr``. Reaching the lower bound accepts "honest" and restarts from 0, so good
+    behaviour early in an epoch buys no credit for later; reaching the upper bound
+    accuses, final for the epoch."""
+    llr += hit_llr if hit else -miss_llr
     if llr >= params.sprt_cheating_bound_micro:
         return llr, True
     if llr <= -params.sprt_honest_bound_micro:
@@ -395,11 +390,22 @@ def sprt_step(llr: int, observation: Observation, params: Params) -> tuple[int, 
 
 
 def sprt_catches(observations: Sequence[Observation], params: Params) -> bool:
-    """Is the executor statistically above the calibrated honest distribution this epoch?"""
-    llr = 0
+    """Is the executor statistically above the calibrated honest distribution this epoch?
+
+    Two restarted Wald tests run side by side, as the verification metric's epoch test
+    does (``verification.judge_epoch``, same rates, integers here): the failure test
+    counts failed inferences, the distance test failed-or-suspicious ones (a failed
+    output is at least as far from the model as a suspicious one). Either accusing
+    is enough."""
+    failures = distance = 0
     for observation in observations:
-        llr, accused = sprt_step(llr, observation, params)
-        if accused:
+        failures, failed_accuses = wald_step_micro(
+            failures, observation is Observation.FAILED,
+            params.sprt_failed_hit_llr_micro, params.sprt_failed_miss_llr_micro, params)
+        distance, far_accuses = wald_step_micro(
+            distance, observation is not Observation.CLEAN,
+            params.sprt_far_hit_llr_micro, params.sprt_far_miss_llr_micro, params)
+        if failed_accuses or far_accuses:
             return True
     return False
 
