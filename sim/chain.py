@@ -1,0 +1,103 @@
+"""The simulated chain: transactions due at a height are signed, put in a block, and applied
+to the real :class:`~gonka_p2p.ledger.state.LedgerState`.
+
+Consensus is not simulated (``sim.consensus_sim`` does that): every block
+commits, one per virtual second. What is real is everything the economics
+depend on -- each transaction is a sealed secp256k1 envelope that
+``apply_block`` decodes, verifies and judges, in block order, with the
+signer's exact next sequence. Like the live network's
+:meth:`~gonka_p2p.actors.ledger_hooks.LedgerHooks.follow`, a transaction is
+signed with its sequence only when it goes out, and one that lost its
+sequence to an earlier rejection of the same signer is re-signed for the
+next block, a few times; every other rejection is counted by (kind, reason)
+and reported, because an honest simulated actor should never cause one.
+
+Coins are checked at every block: the state machine's own incremental
+invariant (``apply_block`` raises on any imbalance) and, here, the full sum
+``balances + escrow + pending fees == genesis supply + minted``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger.genesis import Genesis
+from gonka_p2p.ledger.state import Block, LedgerState, Receipt, apply_block
+from gonka_p2p.ledger.transactions import Reason, Tx
+from gonka_p2p.wire.envelope import seal
+
+BLOCK_MS = 1_000
+SUBMIT_ATTEMPTS = 3  # as the live hooks: re-signed after a sequence conflict, then given up
+
+
+class ConservationError(AssertionError):
+    """Coins were created or destroyed outside the reward schedule: a ledger bug."""
+
+
+@dataclass
+class Pending:
+    signer: Keypair
+    build: Callable[[int], Tx]  # sequence -> the transaction
+    on_receipt: Callable[[Receipt], None] | None = None
+    attempts: int = 0
+
+
+class Chain:
+    def __init__(self, genesis: Genesis, proposers: list[str]) -> None:
+        self.state = LedgerState.from_genesis(genesis)
+        self._proposers = proposers
+        self._due: dict[int, list[Pending]] = {}
+        self.rejected: Counter[tuple[str, str]] = Counter()  # (tx kind, reason) -> count
+        self.accepted: Counter[str] = Counter()  # tx kind -> count
+        self.conservation_checks = 0
+
+    @property
+    def height(self) -> int:
+        return self.state.height
+
+    def submit(self, height: int, signer: Keypair, build: Callable[[int], Tx],
+               on_receipt: Callable[[Receipt], None] | None = None) -> None:
+        """Send a transaction so that it lands in block ``height`` (at the earliest the next)."""
+        self._due.setdefault(max(height, self.height + 1), []).append(Pending(signer, build, on_receipt))
+
+    def step(self) -> list[Receipt]:
+        """Build, apply and check the next block; run each transaction's receipt callback."""
+        state = self.state
+        height = state.height + 1
+        pending = self._due.pop(height, [])
+        sequences: dict[str, int] = {}
+        raws = []
+        for item in pending:
+            peer = item.signer.peer_id
+            account = state.account(peer)
+            sequence = sequences.get(peer, account.sequence if account else 0)
+            sequences[peer] = sequence + 1
+            raws.append(seal(item.build(sequence), item.signer))
+        block = Block(height, state.last_block_hash, self._proposers[height % len(self._proposers)],
+                      state.time_ms + BLOCK_MS, raws)
+        _, receipts = apply_block(state, block)
+        self._check_conservation()
+        for item, receipt in zip(pending, receipts, strict=True):
+            if receipt.reason is Reason.BAD_SEQUENCE and item.attempts + 1 < SUBMIT_ATTEMPTS:
+                item.attempts += 1
+                self._due.setdefault(height + 1, []).append(item)
+                continue
+            if receipt.ok:
+                self.accepted[receipt.kind] += 1
+            else:
+                self.rejected[(receipt.kind, str(receipt.reason))] += 1
+            if item.on_receipt is not None:
+                item.on_receipt(receipt)
+        return receipts
+
+    def _check_conservation(self) -> None:
+        state = self.state
+        expected = state.genesis.supply + state.minted
+        total = state.total_coins()
+        if total != expected:
+            raise ConservationError(f"height {state.height}: balances + escrow + fees = {total}, "
+                                    f"genesis supply + minted = {expected}")
+        self.conservation_checks += 1

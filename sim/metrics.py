@@ -1,0 +1,252 @@
+"""What a simulated run measured, read from the ledger's own epoch summaries where it can be.
+
+The simulation loop reports a few events only it can see (a request's
+arrival, a peer's first offence, an accusation); everything economic --
+who was caught, who forfeited, rewards, reputations, checks and votes -- is
+taken from the :class:`~gonka_p2p.ledger.state.EpochSummary` the state
+machine wrote at each settlement, so the report is the ledger's verdict on
+the run, not the simulator's opinion of it.
+
+A strategy is *sanctioned* in an epoch when the ledger applied the penalty
+meant for it: an executor cheat was caught (dispute or epoch test); a silent
+executor's miss rate crossed ``miss_rate_limit_ppm`` (its reputation reset:
+``rules.miss_rate_exceeded``); a lazy or colluding validator forfeited its
+reward; an honest peer was caught (a false conviction). Time to catch runs
+from the peer's first offence to the settlement that sanctioned it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from statistics import fmean, median
+
+from gonka_p2p.ledger.genesis import Params
+from gonka_p2p.ledger.rules import PPM, miss_rate_exceeded
+from gonka_p2p.ledger.state import EpochSummary, ParticipantOutcome
+
+from sim.roster import Roster, Strategy
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    strategy: str
+    peers: int
+    active_epochs: int  # epochs in which it offended (an honest peer: in which it executed)
+    sanctioned_epochs: int
+    detection: float | None  # sanctioned / active
+    caught_within_epoch: int  # peers sanctioned in the epoch of their first offence
+    blocks_to_catch: float | None  # mean over sanctioned peers, first offence -> settlement
+    epochs_to_catch: float | None  # 0: the settlement of the epoch of the first offence
+    reward_per_weight: float  # minted reward per unit weight, relative to stable honest peers
+    accusations: int  # disputes opened against its executions
+
+
+@dataclass(frozen=True)
+class Report:
+    config: dict[str, object]
+    strategies: list[StrategyRow]
+    network: dict[str, float | int | str]
+    per_epoch: dict[str, list[float]]
+    reward_curves: dict[str, list[float]]  # strategy -> cumulative reward per weight, by epoch
+    rejected_txs: dict[str, int]  # "kind/reason" -> count
+    app_hash: str
+    digest: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+
+def report_digest(report: Report) -> str:
+    """SHA-256 of everything the run reported, its final app hash included: equal digests
+    mean the same run, bit for bit."""
+    body = json.dumps({**asdict(report), "digest": ""}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass
+class Metrics:
+    roster: Roster
+    params: Params
+    summaries: list[EpochSummary] = field(default_factory=list)
+    settled_heights: list[int] = field(default_factory=list)  # per summary: its settlement height
+    latencies: list[int] = field(default_factory=list)  # blocks, request arrival -> settlement
+    first_offence: dict[str, tuple[int, int]] = field(default_factory=dict)  # peer -> (height, epoch)
+    offence_epochs: dict[str, set[int]] = field(default_factory=dict)
+    accusations: Counter[str] = field(default_factory=Counter)  # executor strategy -> disputes
+    refused: int = 0  # requests no executor could take
+    silenced: int = 0  # requests a silent executor dropped
+    epoch_floor: list[float] = field(default_factory=list)
+    epoch_reputation: dict[str, list[float]] = field(default_factory=dict)  # strategy -> mean r
+    epoch_p: dict[str, list[float]] = field(default_factory=dict)  # strategy -> mean p_validate
+
+    def offence(self, peer: str, height: int, epoch: int) -> None:
+        self.first_offence.setdefault(peer, (height, epoch))
+        self.offence_epochs.setdefault(peer, set()).add(epoch)
+
+    def epoch_started(self, floor_ppm: int, reputation_ppm: dict[str, int], p_ppm: dict[str, int]) -> None:
+        """Record, per strategy, the mean reputation and validation probability at an epoch's start."""
+        self.epoch_floor.append(floor_ppm / PPM)
+        self._append_means(self.epoch_reputation, reputation_ppm)
+        self._append_means(self.epoch_p, p_ppm)
+
+    def _append_means(self, target: dict[str, list[float]], values_ppm: dict[str, int]) -> None:
+        groups: dict[str, list[float]] = {}
+        for peer in self.roster.peers:
+            if peer.peer_id in values_ppm:
+                groups.setdefault(str(peer.strategy), []).append(values_ppm[peer.peer_id] / PPM)
+        for strategy, values in groups.items():
+            target.setdefault(strategy, []).append(fmean(values))
+
+    def settled(self, summary: EpochSummary, height: int) -> None:
+        self.summaries.append(summary)
+        self.settled_heights.append(height)
+
+    # ------------------------------------------------------------------ the report
+
+    def report(self, config: dict[str, object], rejected: Counter[tuple[str, str]], app_hash: bytes,
+               coins: dict[str, int], val_over_gen: float) -> Report:
+        peers = self.roster.peers
+        rewards = Counter[str]()
+        for summary in self.summaries:
+            for row in summary.participants:
+                rewards[row.peer] += row.executor_reward + row.validator_reward
+        stable = [p for p in peers if p.strategy is Strategy.HONEST and not p.churns
+                  and not any(self._row(s, p.peer_id) and self._row(s, p.peer_id).caught
+                              for s in self.summaries)]
+        honest_rpw = (sum(rewards[p.peer_id] for p in stable) / sum(p.weight for p in stable)
+                      if stable else 0.0)
+        rows = [self._strategy_row(s, rewards, honest_rpw) for s in Strategy
+                if any(p.strategy is s for p in peers)]
+        inferences = sum(s.inferences for s in self.summaries)
+        checks = sum(r.checks for s in self.summaries for r in s.participants)
+        votes = sum(r.votes for s in self.summaries for r in s.participants)
+        per_inference = (checks + votes) / inferences if inferences else 0.0
+        latencies = sorted(self.latencies)
+        honest_ids = {p.peer_id for p in peers if p.strategy is Strategy.HONEST}
+        network: dict[str, float | int | str] = {
+            "epochs settled": len(self.summaries),
+            "inferences settled": inferences,
+            "settled per epoch": inferences / len(self.summaries) if self.summaries else 0.0,
+            "expired (refunded)": sum(s.expired for s in self.summaries),
+            "requests refused (no executor)": self.refused,
+            "validations": checks,
+            "dispute votes": votes,
+            "checks per inference": per_inference,
+            "validation compute share": (per_inference * val_over_gen) / (1 + per_inference * val_over_gen),
+            "latency mean (blocks)": fmean(latencies) if latencies else 0.0,
+            "latency p50 (blocks)": median(latencies) if latencies else 0.0,
+            "latency p95 (blocks)": latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0,
+            "disputes": sum(s.disputes for s in self.summaries),
+            "disputes invalid": sum(s.disputes_invalid for s in self.summaries),
+            "honest accused (disputes)": self.accusations[str(Strategy.HONEST)],
+            "honest convicted": sum(1 for s in self.summaries for r in s.participants
+                                    if r.caught and r.peer in honest_ids),
+            "fees refunded": sum(s.fees_refunded for s in self.summaries),
+            **fairness(stable, rewards),
+            **coins,
+        }
+        return Report(
+            config=config, strategies=rows, network=network,
+            per_epoch={
+                "settled": [float(s.inferences) for s in self.summaries],
+                "expired": [float(s.expired) for s in self.summaries],
+                "checks per inference": [
+                    sum(r.checks + r.votes for r in s.participants) / s.inferences if s.inferences else 0.0
+                    for s in self.summaries],
+                "floor m": self.epoch_floor,
+                **{f"reputation {k}": v for k, v in sorted(self.epoch_reputation.items())},
+                **{f"p_validate {k}": v for k, v in sorted(self.epoch_p.items())},
+            },
+            reward_curves=self._reward_curves(),
+            rejected_txs={f"{k}/{r}": n for (k, r), n in sorted(rejected.items())},
+            app_hash=app_hash.hex())
+
+    @staticmethod
+    def _row(summary: EpochSummary, peer: str) -> ParticipantOutcome | None:
+        return summary.participant(peer)
+
+    def _sanctioned(self, strategy: Strategy, row: ParticipantOutcome) -> bool:
+        if strategy is Strategy.SILENT:
+            return miss_rate_exceeded(row.expired, row.inferences, self.params)
+        if strategy in (Strategy.LAZY, Strategy.COLLUDING):
+            return bool(row.forfeit)
+        return bool(row.caught)
+
+    def _active(self, strategy: Strategy, peer: str, epoch: int, row: ParticipantOutcome) -> bool:
+        if strategy is Strategy.HONEST:
+            return row.inferences > 0
+        return epoch in self.offence_epochs.get(peer, ())
+
+    def _strategy_row(self, strategy: Strategy, rewards: Counter[str], honest_rpw: float) -> StrategyRow:
+        members = [p for p in self.roster.peers if p.strategy is strategy]
+        active = sanctioned = within = 0
+        blocks, epochs = [], []
+        for peer in members:
+            first_sanction = None
+            for summary, height in zip(self.summaries, self.settled_heights, strict=True):
+                row = summary.participant(peer.peer_id)
+                if row is None or not self._active(strategy, peer.peer_id, summary.epoch, row):
+                    continue
+                active += 1
+                if self._sanctioned(strategy, row):
+                    sanctioned += 1
+                    if first_sanction is None:
+                        first_sanction = (height, summary.epoch)
+            offence = self.first_offence.get(peer.peer_id)
+            if first_sanction is not None and offence is not None:
+                blocks.append(first_sanction[0] - offence[0])
+                epochs.append(first_sanction[1] - offence[1])
+                within += first_sanction[1] == offence[1]
+        weight = sum(p.weight for p in members)
+        rpw = sum(rewards[p.peer_id] for p in members) / weight if weight else 0.0
+        return StrategyRow(
+            strategy=str(strategy), peers=len(members), active_epochs=active,
+            sanctioned_epochs=sanctioned, detection=sanctioned / active if active else None,
+            caught_within_epoch=within, blocks_to_catch=fmean(blocks) if blocks else None,
+            epochs_to_catch=fmean(epochs) if epochs else None,
+            reward_per_weight=rpw / honest_rpw if honest_rpw else 0.0,
+            accusations=self.accusations[str(strategy)])
+
+    def _reward_curves(self) -> dict[str, list[float]]:
+        weight = Counter[str]()
+        strategy_of = {}
+        for p in self.roster.peers:
+            weight[str(p.strategy)] += p.weight
+            strategy_of[p.peer_id] = str(p.strategy)
+        curves: dict[str, list[float]] = {s: [] for s in sorted(weight)}
+        totals = Counter[str]()
+        for summary in self.summaries:
+            for row in summary.participants:
+                totals[strategy_of[row.peer]] += row.executor_reward + row.validator_reward
+            for s in curves:
+                curves[s].append(totals[s] / weight[s])
+        return curves
+
+
+def fairness(stable: list, rewards: Counter[str]) -> dict[str, float | int]:
+    """How the minted reward of honest peers that stayed all run tracks their weight: the worst
+    relative deviation of a peer's reward share from its weight share, the Gini coefficient
+    of reward per unit weight (0: perfectly proportional), and k in reward ~ weight^k fitted
+    on logs (1: proportional)."""
+    if len(stable) < 2:
+        return {"fair: honest stable peers": len(stable)}
+    total_w = sum(p.weight for p in stable)
+    total_r = sum(rewards[p.peer_id] for p in stable) or 1
+    ratios = [(rewards[p.peer_id] / total_r) / (p.weight / total_w) for p in stable]
+    per_weight = sorted(rewards[p.peer_id] / p.weight for p in stable)
+    n, mean = len(per_weight), fmean(per_weight)
+    gini = (sum((2 * i - n + 1) * x for i, x in enumerate(per_weight)) / (n * n * mean)) if mean else 0.0
+    points = [(math.log(p.weight), math.log(rewards[p.peer_id])) for p in stable if rewards[p.peer_id] > 0]
+    exponent = float("nan")
+    if len(points) >= 2:
+        mx, my = fmean(x for x, _ in points), fmean(y for _, y in points)
+        sxx = sum((x - mx) ** 2 for x, _ in points)
+        exponent = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
+    return {"fair: honest stable peers": len(stable),
+            "fair: max |reward share / weight share - 1|": max(abs(r - 1) for r in ratios),
+            "fair: Gini of reward per weight": gini,
+            "fair: k in reward ~ weight^k": exponent}

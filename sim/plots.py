@@ -1,0 +1,78 @@
+"""A run's report as PNG plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+from sim.metrics import Report  # noqa: E402
+
+# Fixed metadata: PNGs carry no wall-clock timestamp or version, so a seed's plots are bytes-equal.
+_PNG_METADATA = {"Software": None}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata=_PNG_METADATA)
+    plt.close(fig)
+    return path
+
+
+def plot_rewards(report: Report, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for strategy, curve in report.reward_curves.items():
+        ax.plot(range(len(curve)), curve, label=strategy, linewidth=2.5 if strategy == "honest" else 1.2)
+    ax.set(title="Cumulative minted reward per unit weight", xlabel="epoch", ylabel="coins / weight")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_detection(report: Report, path: Path) -> Path:
+    rows = [r for r in report.strategies if r.strategy != "honest"]
+    names = [r.strategy for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.bar(names, [100 * (r.detection or 0.0) for r in rows], color="tab:red")
+    left.set(title="Detection: sanctioned epochs / offending epochs", ylabel="%", ylim=(0, 105))
+    right.bar(names, [r.blocks_to_catch or 0.0 for r in rows], color="tab:blue")
+    right.set(title="Time to catch: first offence -> settlement", ylabel="blocks")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=45)
+    return _save(fig, path)
+
+
+def plot_validation(report: Report, path: Path) -> Path:
+    per_epoch = report.per_epoch
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(per_epoch["floor m"], "k--", label="floor m")
+    for key in sorted(per_epoch):
+        if key.startswith("p_validate ") and key.endswith(("honest", "int8", "silent")):
+            ax.plot(per_epoch[key], label=key)
+        if key.startswith("reputation ") and key.endswith(("honest", "silent")):
+            ax.plot(per_epoch[key], ":", label=key)
+    ax.set(title="p_validate = m + (1 - m)(1 - r) and reputation r at each epoch's start",
+           xlabel="epoch", ylabel="probability / reputation", ylim=(-0.02, 1.05))
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_throughput(report: Report, path: Path) -> Path:
+    per_epoch = report.per_epoch
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(per_epoch["settled"], label="settled")
+    top.plot(per_epoch["expired"], label="expired (refunded)")
+    top.set(title="Inferences per epoch", ylabel="inferences")
+    top.legend(fontsize="small")
+    bottom.plot(per_epoch["checks per inference"], color="tab:green")
+    bottom.set(title="Verification overhead: checks and votes per inference", xlabel="epoch",
+               ylabel="checks / inference")
+    return _save(fig, path)
+
+
+def write_plots(report: Report, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [plot_rewards(report, out / "rewards.png"), plot_detection(report, out / "detection.png"),
+            plot_validation(report, out / "validation.png"), plot_throughput(report, out / "throughput.png")]

@@ -1,0 +1,134 @@
+"""What a validator's check says about an executor's work, without running a model.
+
+The simulator skips the model: the verdict of a check is drawn from a
+per-strategy distribution over three outcomes -- failed, valid but
+suspicious, clean -- which is exactly what the ledger's epoch test reads
+(``rules.inference_observation``). The rates come from the measured
+detection matrix (``benchmarks/results/detection_matrix.json``): a row's
+``rejected`` is the per-inference failure rate, pooled over the row's
+sampling modes for one model. The matrix holds no per-row share of
+suspicious verdicts, so that share always comes from the built-in
+:data:`DESIGN_RATES` table, which also supplies the failure rate for any
+strategy the matrix lacks (or all of them: ``--verdicts design``, the
+targets of DESIGN.md section 4, whose honest 0.5 % false-failure rate makes
+false accusations happen at all).
+
+Modelling assumption, stated because results depend on it: a check is a
+deterministic re-run over the executor's committed evidence, so the verdict
+is drawn once per inference (a property of the output) and every diligent
+checker and dispute voter reports the same one. A colluding validator
+reports "clean" for its partner whatever the evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gonka_p2p.ledger.transactions import FailureFlag, VerdictStats
+
+DEFAULT_MATRIX = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "detection_matrix.json"
+DEFAULT_VAL_OVER_GEN = 0.4  # validation prefill / generation compute, when the matrix has no timing
+
+
+class Outcome(StrEnum):
+    CLEAN = "clean"
+    SUSPICIOUS = "suspicious"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-inference outcome rates of one executor strategy; the rest is clean."""
+
+    failed: float
+    suspicious: float  # of all inferences (a failed one is never suspicious)
+    flag: FailureFlag  # the metric rule a failure of this strategy trips
+    source: str  # "matrix" or "design": where ``failed`` came from
+
+    def draw(self, rng: random.Random) -> Outcome:
+        x = rng.random()
+        if x < self.failed:
+            return Outcome.FAILED
+        return Outcome.SUSPICIOUS if x < self.failed + self.suspicious else Outcome.CLEAN
+
+
+# DESIGN.md section 4's targets: honest <= 0.5 % rejected; gross cheats >= 99 % rejected per
+# inference; subtle cheats mostly pass but look suspicious, caught by the epoch test.
+DESIGN_RATES: MappingProxyType[str, Rates] = MappingProxyType({
+    "honest": Rates(0.005, 0.01, FailureFlag.DISTANCE, "design"),
+    "int4": Rates(0.99, 0.01, FailureFlag.DISTANCE, "design"),
+    "prefill": Rates(0.99, 0.0, FailureFlag.SAMPLING, "design"),
+    "small-model": Rates(0.995, 0.005, FailureFlag.TOP_K, "design"),
+    "int8": Rates(0.02, 0.4, FailureFlag.DISTANCE, "design"),
+    "bf16": Rates(0.02, 0.3, FailureFlag.DISTANCE, "design"),
+})
+
+
+@dataclass(frozen=True)
+class VerdictTable:
+    """Outcome rates per executor strategy, and the cost of a check relative to generating."""
+
+    rates: MappingProxyType[str, Rates]
+    val_over_gen: float
+    model: str  # the matrix model the rates were measured on ("" for the design table)
+
+    def outcome(self, strategy: str, rng: random.Random) -> Outcome:
+        return self.rates[strategy].draw(rng)
+
+
+def design_table() -> VerdictTable:
+    return VerdictTable(DESIGN_RATES, DEFAULT_VAL_OVER_GEN, "")
+
+
+def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None) -> VerdictTable:
+    """Failure rates measured per strategy for ``model`` (default: the model with most rows),
+    suspicious shares from :data:`DESIGN_RATES`. Raises ValueError on a file of another shape."""
+    doc: Any = json.loads(Path(path).read_text())
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: no 'rows' list: not a detection matrix")
+    models = sorted({str(r.get("model")) for r in rows})
+    if model is None:
+        model = max(models, key=lambda m: sum(r.get("model") == m for r in rows))
+    if model not in models:
+        raise ValueError(f"{path} has no rows for model {model!r} (it has {', '.join(models)})")
+    pooled: dict[str, list[float]] = {}  # strategy -> [inferences, rejected, val seconds, gen seconds]
+    for row in rows:
+        if row.get("model") != model:
+            continue
+        strategy = "honest" if row.get("class") == "honest" else str(row.get("row"))
+        n = float(row["n"])
+        acc = pooled.setdefault(strategy, [0.0, 0.0, 0.0, 0.0])
+        acc[0] += n
+        acc[1] += n * float(row["rejected"])
+        acc[2] += n * float(row.get("val_s", 0.0))
+        acc[3] += n * float(row.get("gen_s", 0.0))
+    rates = dict(DESIGN_RATES)
+    for strategy, design in DESIGN_RATES.items():
+        if strategy in pooled:
+            n, rejected = pooled[strategy][:2]
+            failed = rejected / n
+            rates[strategy] = Rates(failed, min(design.suspicious, 1.0 - failed), design.flag, "matrix")
+    honest = pooled.get("honest")
+    ratio = honest[2] / honest[3] if honest and honest[3] > 0 else DEFAULT_VAL_OVER_GEN
+    return VerdictTable(MappingProxyType(rates), ratio, model)
+
+
+def verdict_stats_for(outcome: Outcome, flag: FailureFlag, n_tokens: int) -> VerdictStats:
+    """The ledger's encoding of a drawn outcome (distances are nominal: the ledger only reads
+    ``valid``, ``suspicious`` and the flags)."""
+    if outcome is Outcome.FAILED:
+        return VerdictStats(valid=False, suspicious=False, failure_flags=int(flag), n_tokens=n_tokens,
+                            mean_distance_nano=100_000_000, max_distance_nano=1_000_000_000,
+                            top_k_misses=n_tokens // 2, sampling_mismatches=0)
+    suspicious = outcome is Outcome.SUSPICIOUS
+    return VerdictStats(valid=True, suspicious=suspicious, failure_flags=0, n_tokens=n_tokens,
+                        mean_distance_nano=25_000 if suspicious else 1_000,
+                        max_distance_nano=200_000 if suspicious else 10_000,
+                        top_k_misses=0, sampling_mismatches=0)
