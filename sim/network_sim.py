@@ -153,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
+    console.width = max(console.width, 100)  # the per-strategy table needs 100 columns (pipes: 80)
     try:
         config = config_from_args(args)
         simulation = Simulation(config)
