@@ -24,16 +24,19 @@ def test_demo_serves_requests_from_two_executors() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_demo_with_a_cheater_shows_it_caught_and_its_clients_refunded() -> None:
-    """README's `gonka-p2p demo --cheater int4`, on the tiny model to keep CI short."""
+@pytest.mark.parametrize("cheat, model", [("int4", "tiny-llama"), ("prefill", "smollm2-135m")])
+def test_demo_with_a_cheater_shows_it_caught_and_its_clients_refunded(cheat: str, model: str) -> None:
+    """README's `gonka-p2p demo --cheater ...`: quantized weights on the tiny model, and the
+    pre-fill attack (a cheap model writes, the real one scores: logprobs exact, tokens not the
+    seeded sampler's) on the real default model."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     result = subprocess.run(
-        [sys.executable, "-m", "gonka_p2p.cli", "demo", "--cheater", "int4", "--model", "tiny-llama",
+        [sys.executable, "-m", "gonka_p2p.cli", "demo", "--cheater", cheat, "--model", model,
          "--max-tokens", "16"],
         capture_output=True, text=True, timeout=1200, env=env,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "CAUGHT" in result.stdout
-    verdict = result.stdout[result.stdout.index("verification: one executor cheats"):]
+    verdict = result.stdout[result.stdout.index(f"verification: one executor cheats ({cheat})"):]
     assert "yes" in verdict and "forfeited" in verdict
     assert "Traceback" not in result.stderr
