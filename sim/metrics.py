@@ -114,9 +114,9 @@ class Metrics:
         for summary in self.summaries:
             for row in summary.participants:
                 rewards[row.peer] += row.executor_reward + row.validator_reward
+        caught = {row.peer for s in self.summaries for row in s.participants if row.caught}
         stable = [p for p in peers if p.strategy is Strategy.HONEST and not p.churns
-                  and not any(self._row(s, p.peer_id) and self._row(s, p.peer_id).caught
-                              for s in self.summaries)]
+                  and p.peer_id not in caught]
         honest_rpw = (sum(rewards[p.peer_id] for p in stable) / sum(p.weight for p in stable)
                       if stable else 0.0)
         rows = [self._strategy_row(s, rewards, honest_rpw) for s in Strategy
@@ -133,6 +133,7 @@ class Metrics:
             "settled per epoch": inferences / len(self.summaries) if self.summaries else 0.0,
             "expired (refunded)": sum(s.expired for s in self.summaries),
             "requests refused (no executor)": self.refused,
+            "requests dropped by silent executors": self.silenced,
             "validations": checks,
             "dispute votes": votes,
             "checks per inference": per_inference,
@@ -164,10 +165,6 @@ class Metrics:
             reward_curves=self._reward_curves(),
             rejected_txs={f"{k}/{r}": n for (k, r), n in sorted(rejected.items())},
             app_hash=app_hash.hex())
-
-    @staticmethod
-    def _row(summary: EpochSummary, peer: str) -> ParticipantOutcome | None:
-        return summary.participant(peer)
 
     def _sanctioned(self, strategy: Strategy, row: ParticipantOutcome) -> bool:
         if strategy is Strategy.SILENT:

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first epoch in which cheaters cheat (default %(default)s)")
     parser.add_argument("--mix", default=",".join(f"{s}={n}" for s, n in DEFAULT_MIX.items()),
                         help="non-honest peers, as strategy=count,... or 'none' (default: one of each)")
+    parser.add_argument("--independent-checks", action="store_true",
+                        help="each check and vote draws its own verdict (default: one per inference, "
+                             "as a deterministic re-run over the same evidence)")
     parser.add_argument("--verdicts", choices=("matrix", "design"), default="matrix",
                         help="verdict rates: measured detection matrix, or the design targets")
     parser.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX, help="detection matrix JSON")
@@ -145,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     config = SimConfig(seed=args.seed, peers=args.peers, epochs=args.epochs, requests=args.requests,
                        clients=args.clients, epoch_blocks=args.epoch_blocks, latency=args.latency,
                        churn=args.churn, silent_rate=args.silent_rate, cheat_from=args.cheat_from,
+                       independent_checks=args.independent_checks,
                        mix=parse_mix(args.mix), verdicts=verdicts)
     check_config(config)
     return config

@@ -16,8 +16,11 @@ false accusations happen at all).
 Modelling assumption, stated because results depend on it: a check is a
 deterministic re-run over the executor's committed evidence, so the verdict
 is drawn once per inference (a property of the output) and every diligent
-checker and dispute voter reports the same one. A colluding validator
-reports "clean" for its partner whatever the evidence.
+checker and dispute voter reports the same one -- so an honest output that
+fails is failed by its dispute committee too. ``--independent-checks``
+draws every check and vote afresh instead (honest failures as noise between
+machines, which a committee overturns). A colluding validator reports
+"clean" for its partner whatever the evidence.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
 from sim.chain import BLOCK_MS, Chain
 from sim.metrics import Metrics, Report, report_digest
 from sim.roster import CHAIN_ID, GENESIS_TIME_MS, MODEL, Peer, Strategy, build_genesis, build_roster
-from sim.verdicts import Outcome, VerdictTable, verdict_stats_for
+from sim.verdicts import Outcome, Rates, VerdictTable, verdict_stats_for
 
 GENERATION_BLOCKS = (1, 3)  # an executor's generation time, blocks
 PROMPT_CHARS = (20, 400)
@@ -82,6 +82,7 @@ class SimConfig:
     churn: float = 0.05  # per honest peer and epoch boundary
     silent_rate: float = 0.5  # share of its requests a silent executor drops
     cheat_from: int = 1  # first epoch cheaters cheat in (epoch 0 has no validators)
+    independent_checks: bool = False  # each check draws its own verdict (else one per inference)
     mix: dict[Strategy, int] = field(default_factory=dict)
     verdicts: VerdictTable | None = None
 
@@ -92,6 +93,7 @@ class SimConfig:
                 "requests per epoch": self.requests, "clients": self.clients,
                 "epoch blocks": self.epoch_blocks, "latency": self.latency, "churn": self.churn,
                 "silent rate": self.silent_rate, "cheat from epoch": self.cheat_from,
+                "independent checks": self.independent_checks,
                 "mix": {str(s): n for s, n in self.mix.items()},
                 "verdicts": self.verdicts.model or "design",
                 "verdict rates": {s: [r.failed, r.suspicious, r.source]
@@ -105,6 +107,7 @@ class Work:
     arrival: int
     executor: Peer
     cheating: bool  # its output is not the pinned model's
+    rates: Rates  # the verdict rates of what it ran
     verdict: VerdictStats  # what a diligent check of it finds (drawn once: see sim.verdicts)
 
 
@@ -205,7 +208,8 @@ class Simulation:
         outcome = rates.draw(self._evidence)
         completion = self._traffic.randint(MAX_TOKENS[0], request.max_tokens)
         prompt = min(prompt_token_bound(request, self.params), len(request.messages[0].content) // 4 + 8)
-        self._work[iid] = Work(height, executor, cheating, verdict_stats_for(outcome, rates.flag, completion))
+        self._work[iid] = Work(height, executor, cheating, rates,
+                               verdict_stats_for(outcome, rates.flag, completion))
         self.chain.submit(height + self._traffic.randint(*GENERATION_BLOCKS) + self._lag(), executor.key,
                           lambda n: FinishInference(
                               chain_id=CHAIN_ID, inference_id=iid, prompt_tokens=prompt,
@@ -276,13 +280,16 @@ class Simulation:
 
     def _verdict_of(self, peer: Peer, work: Work, height: int, epoch: int) -> VerdictStats | None:
         """What ``peer`` submits for ``work``: nothing if lazy, a pass for its partner if
-        colluding, else the evidence's verdict."""
+        colluding, else the evidence's verdict (or, with independent checks, a fresh draw)."""
         if peer.strategy is Strategy.LAZY:
             self.metrics.offence(peer.peer_id, height, epoch)
             return None
         if self.roster.partner.get(peer.peer_id) == work.executor.peer_id:
             self.metrics.offence(peer.peer_id, height, epoch)
             return verdict_stats_for(Outcome.CLEAN, FailureFlag.OTHER, work.verdict.n_tokens)
+        if self.config.independent_checks:
+            outcome = work.rates.draw(self._evidence)
+            return verdict_stats_for(outcome, work.rates.flag, work.verdict.n_tokens)
         return work.verdict
 
     def _dispute_opened(self, height: int, iid: bytes) -> None:
