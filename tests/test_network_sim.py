@@ -8,6 +8,7 @@ case names its seed in the config it prints.
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from statistics import correlation
 import pytest
 
 from gonka_p2p.ledger.state import check_invariants
-from sim.network_sim import main
+from sim.network_sim import build_parser, config_from_args, main
 from sim.roster import DEFAULT_MIX, Strategy
 from sim.verdicts import design_table, load_matrix
 from sim.world import SimConfig, Simulation, simulate
@@ -143,13 +144,18 @@ def test_readme_command_writes_tables_and_pngs(tmp_path: Path) -> None:
     out = tmp_path / "run"
     small_flags = ["--peers", "30", "--epochs", "2", "--requests", "40", "--epoch-blocks", "50",
                    "--out", str(out), "--quiet"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, *command[1:], *small_flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                            text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "detect" in result.stdout and "checks per inference" in result.stdout
     for name in ("rewards.png", "detection.png", "validation.png", "throughput.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
-    assert (out / "report.json").exists()
+    digest = json.loads((out / "report.json").read_text())["digest"]
+    assert digest in result.stdout
+    # Another process, another string-hash salt: the same run.
+    _, here = simulate(config_from_args(build_parser().parse_args([*command[3:], *small_flags])))
+    assert here.digest == digest
 
 
 @pytest.mark.parametrize("argv, message", [
