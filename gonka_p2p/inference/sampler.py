@@ -143,6 +143,9 @@ class TokenCheck:
     margin: float  # greedy: nats below the max; sampled: distance of u from the token's interval
 
 
+_ROWS_PER_BLOCK = 8  # float64 rows of a 49k vocabulary: 3 MB a temporary, still in cache
+
+
 def claim_margins(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -151,15 +154,29 @@ def claim_margins(
     first_position: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``check_token``'s margin (float64) and exactness (bool) for every row of ``logits``
-    ``[n, vocab]`` at once, row i being position ``first_position + i`` and claiming
+    ``[n, vocab]``, row i being position ``first_position + i`` and claiming
     ``claimed[i]`` (in the vocabulary).
 
-    One batched pass instead of n: the validator checks every position of an output,
-    and per-row calls spent more time in dispatch and temporaries than in arithmetic.
-    Every operation is row-wise, so each row's values are the single-row ones bit for bit.
+    The validator checks every position of an output: blocks of ``_ROWS_PER_BLOCK``
+    rows measured about 1.6x faster than one row at a time (fewer dispatches) and
+    than all rows at once (whose float64 temporaries spill out of cache). Every
+    operation is row-wise, so each row's values are the single-row ones bit for bit.
     """
-    assert logits.dim() == 2 and claimed.shape == (logits.shape[0],)
+    assert logits.dim() == 2 and claimed.shape == (logits.shape[0],) and len(claimed) > 0
     assert bool(((claimed >= 0) & (claimed < logits.shape[1])).all())
+    blocks = [_block_margins(logits[i:i + _ROWS_PER_BLOCK], params, seed,
+                             claimed[i:i + _ROWS_PER_BLOCK], first_position + i)
+              for i in range(0, len(claimed), _ROWS_PER_BLOCK)]
+    return torch.cat([m for m, _ in blocks]), torch.cat([e for _, e in blocks])
+
+
+def _block_margins(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seed: bytes,
+    claimed: torch.Tensor,
+    first_position: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     at = claimed.unsqueeze(1)
     if params.greedy:
         lp = torch.log_softmax(logits.to(torch.float64), dim=-1)

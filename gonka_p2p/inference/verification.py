@@ -313,10 +313,12 @@ def check_evidence_form(artifact: InferenceArtifact, vocab_size: int) -> str | N
 
 
 def recomputed_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """Raw logprobs as the engines compute their evidence (log_softmax in float32), held in
-    float64. Computing them in float64 instead would count the float32 rounding of a
-    50k-term logsumexp (up to ~1e-4 nats on peaked rows) as executor noise."""
-    return torch.log_softmax(logits.to(torch.float32), dim=-1).to(torch.float64)
+    """Raw logprobs as the engines compute their evidence (log_softmax in float32).
+    Computing them in float64 instead would count the float32 rounding of a 50k-term
+    logsumexp (up to ~1e-4 nats on peaked rows) as executor noise. Kept in float32:
+    the comparisons widen only the values they pick to float64 (exact, order-keeping),
+    not the whole ``[n, vocab]`` table."""
+    return torch.log_softmax(logits.to(torch.float32), dim=-1)
 
 
 def logprob_errors(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torch.Tensor:
@@ -325,7 +327,7 @@ def logprob_errors(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torch
     ids = torch.tensor([(s.token_id, *s.top_ids) for s in artifact.steps], dtype=torch.long)
     claimed = torch.tensor([(s.logprob, *s.top_logprobs) for s in artifact.steps],
                            dtype=torch.float64)
-    return (claimed - logprobs.gather(1, ids)).abs()
+    return (claimed - logprobs.gather(1, ids).to(torch.float64)).abs()
 
 
 def top_k_shortfall(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torch.Tensor:
@@ -333,9 +335,9 @@ def top_k_shortfall(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torc
     recomputed k-th logprob (0 when all are in the recomputed top-k). With k distinct
     ids claimed, a shortfall is the same as the two sets differing."""
     k = artifact.params.logprobs_k
-    kth = logprobs.topk(k, dim=1).values[:, -1:]
+    kth = logprobs.topk(k, dim=1).values[:, -1:].to(torch.float64)
     ids = torch.tensor([s.top_ids for s in artifact.steps], dtype=torch.long)
-    return (kth - logprobs.gather(1, ids)).clamp_min(0.0).max(dim=1).values
+    return (kth - logprobs.gather(1, ids).to(torch.float64)).clamp_min(0.0).max(dim=1).values
 
 
 def sampling_margins(artifact: InferenceArtifact, logits: torch.Tensor) -> torch.Tensor:
