@@ -29,7 +29,9 @@ validator that passes every inference of its partner, the heaviest gross
 cheater); silent (an executor that drops ``--silent-rate`` of its requests).
 Cheaters cheat from epoch ``--cheat-from`` (epoch 0 has no committed
 validators, so nothing in it is checked: ``--cheat-from 0`` shows what that
-costs).
+costs). By default every check of an inference finds the same verdict (a
+deterministic re-run over the same evidence); ``--independent-checks``
+draws each check and dispute vote afresh.
 """
 
 from __future__ import annotations
