@@ -10,7 +10,7 @@ import msgpack
 import pytest
 from helpers import MODEL, client_for, start_network
 
-from gonka_p2p.actors.executor import ARTIFACT_PROTOCOL
+from gonka_p2p.actors.artifact_server import ARTIFACT_PROTOCOL
 from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL
 from gonka_p2p.client import (
     GonkaClient,
@@ -21,7 +21,7 @@ from gonka_p2p.client import (
 )
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import InferenceArtifact
+from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.sampler import SamplingParams
@@ -149,10 +149,42 @@ async def test_executor_serves_the_artifact_it_committed_to(engine: Engine) -> N
     assert artifact.completion_ids == completion.token_ids
     assert artifact.seed == completion.inference_id
     assert artifact.prompt_ids == tuple(engine.encode_chat([("user", "Hi")]))
+    # The TA rebuilt the same artifact from the frames it relayed, and serves it too.
+    from_ta = open_envelope(await validator.service.request(
+        nodes[0].key.peer_id, ARTIFACT_PROTOCOL, query), ArtifactReply)
+    assert from_ta.signer_id == nodes[0].key.peer_id
+    assert from_ta.message.artifact == reply.message.artifact
+    assert from_ta.message.request == reply.message.request
     missing = seal(ArtifactQuery(inference_id=b"\0" * 32), validator.key)
     failed = open_envelope(await validator.service.request(
         completion.executor, ARTIFACT_PROTOCOL, missing), InferenceFailed)
     assert failed.message.code == "not_found"
+
+
+async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withholds_it(
+        engine: Engine) -> None:
+    from types import SimpleNamespace
+
+    from gonka_p2p.actors.validator import ValidatorActor
+    from gonka_p2p.inference.verification import VerificationParams
+
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine)
+    client = await client_for(hub, nodes[0])
+    completion = await client.chat([("user", "Hi")], model=MODEL, max_tokens=6)
+    iid = completion.inference_id
+    executor = next(n for n in nodes if n.key.peer_id == completion.executor)
+    committed = InferenceArtifact.decode(executor.artifacts.store.get(iid)[1])
+    record = SimpleNamespace(executor=completion.executor, ta=nodes[0].key.peer_id,
+                             artifact_commitment=committed.commitment(),
+                             response_hash=response_hash(completion.token_ids))
+    checker = next(n for n in nodes if n not in (executor, nodes[0]))
+    validator = ValidatorActor(checker.service, checker.key, {}, VerificationParams(models={}), "c", None)
+    executor.artifacts.store.discard(iid)  # the executor withholds (or went silent)
+    fetched = await validator._fetch(iid, record)
+    assert fetched is not None and fetched[1] == committed
+    nodes[0].artifacts.store.discard(iid)
+    assert await validator._fetch(iid, record) is None  # nobody serves it: a withheld verdict
 
 
 async def test_a_request_no_executor_can_run_is_refused_at_once(engine: Engine) -> None:

@@ -130,12 +130,16 @@ def test_each_failure_has_its_own_typed_error() -> None:
 
 def test_bounds_are_enforced_on_decode() -> None:
     body = {"inference_id": b"x" * 33, "finish_reason": "stop", "prompt_tokens": 1,
-            "completion_tokens": 1, "response_hash": b"h" * 32}
+            "completion_tokens": 1, "response_hash": b"h" * 32, "prompt_ids": [1]}
     with pytest.raises(Oversize):
         InferenceFinished.decode(msgpack.packb(body, use_bin_type=True))
     body["inference_id"] = b"x" * 32
     body["prompt_tokens"] = -1
     with pytest.raises(Malformed):
+        InferenceFinished.decode(msgpack.packb(body, use_bin_type=True))
+    body["prompt_tokens"] = 1
+    body["prompt_ids"] = [1] * 32_769
+    with pytest.raises(Oversize):
         InferenceFinished.decode(msgpack.packb(body, use_bin_type=True))
 
 

@@ -11,21 +11,20 @@ batched when it falls behind (:class:`TokenBatches`), with incrementally
 decoded text (:class:`TextStream`).
 
 The artifact (prompt ids, per-token evidence, parameters, seed) is kept, with
-the client's signed request, and served to validators over
-``/gonka/artifact/1`` (a signed :class:`ArtifactQuery` in, a signed
-:class:`ArtifactReply` out); not serving it when asked counts as failing
-validation. ``on_finished`` is the seam where the ledger's
-``FinishInference`` is submitted -- off the client's path.
+the client's signed request, in the node's :class:`ArtifactStore`, served to
+validators (``actors/artifact_server.py``); the last frame carries the prompt
+ids so that the relaying TA can keep a copy too. ``on_finished`` is the seam
+where the ledger's ``FinishInference`` is submitted -- off the client's path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from gonka_p2p.actors.artifact_server import ArtifactStore
 from gonka_p2p.gossip.service import NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
@@ -33,8 +32,6 @@ from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
-    ArtifactQuery,
-    ArtifactReply,
     ExecuteOrder,
     InferenceFailed,
     InferenceFinished,
@@ -47,7 +44,6 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 EXECUTE_PROTOCOL = "/gonka/execute/1"
-ARTIFACT_PROTOCOL = "/gonka/artifact/1"
 MAX_BATCH_TOKENS = 256  # per TokenBatch frame when a stream catches up (wire limit: 4096)
 
 FinishedHook = Callable[[Signed[InferenceRequest], InferenceArtifact, bytes], Awaitable[None]]
@@ -60,58 +56,26 @@ def sampling_params(req: InferenceRequest) -> SamplingParams:
     )
 
 
-class ArtifactStore:
-    """(client request, encoded artifact) by inference id; bounded, oldest evicted first."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._items: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
-        self._capacity = capacity
-
-    def put(self, inference_id: bytes, request: bytes, artifact: InferenceArtifact) -> None:
-        self._items[inference_id] = (request, artifact.encode())
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
-
-    def get(self, inference_id: bytes) -> tuple[bytes, bytes] | None:
-        return self._items.get(inference_id)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class ExecutorActor:
     def __init__(
         self,
         service: NetworkService,
         key: Keypair,
         engines: dict[str, Engine],
+        artifacts: ArtifactStore,
         max_concurrent: int = 16,
         on_finished: FinishedHook | None = None,
     ) -> None:
         self._service = service
         self._key = key
         self.engines = engines
-        self.artifacts = ArtifactStore()
+        self.artifacts = artifacts
         self._slots = asyncio.Semaphore(max_concurrent)
         self._on_finished = on_finished
         self.served = 0
 
     def start(self) -> None:
         self._service.set_stream_handler(EXECUTE_PROTOCOL, self._handle)
-        self._service.set_stream_handler(ARTIFACT_PROTOCOL, self._serve_artifact)
-
-    async def _serve_artifact(self, opener: str, frame: bytes, send: SendFrame) -> None:
-        try:
-            query = open_envelope(frame, ArtifactQuery)
-        except WireError as e:
-            await send(self._fail(e.code, f"bad artifact query: {e}"))
-            return
-        stored = self.artifacts.get(query.message.inference_id)
-        if stored is None:
-            await send(self._fail("not_found", "no artifact for that inference id"))
-            return
-        request, artifact = stored
-        await send(seal(ArtifactReply(request=request, artifact=artifact), self._key))
 
     def _fail(self, code: str, message: str) -> bytes:
         return seal(InferenceFailed(code=code, message=message), self._key)
@@ -179,6 +143,7 @@ class ExecutorActor:
         await send(seal(InferenceFinished(
             inference_id=inference_id, finish_reason=finish_reason,
             prompt_tokens=len(prompt_ids), completion_tokens=len(steps), response_hash=rhash,
+            prompt_ids=list(prompt_ids),
         ), self._key))
         self.served += 1
         if self._on_finished is not None:

@@ -27,6 +27,7 @@ import signal
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 
+from gonka_p2p.actors.artifact_server import ArtifactServer, ArtifactStore
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import ExecutorActor
 from gonka_p2p.actors.gateway import Gateway, GatewayServer
@@ -103,10 +104,11 @@ class Node:
                                             genesis.chain_id, self.hooks)
             self.replica.add_commit_listener(self.validator.on_commit)
         hooks = self.hooks
-        self.executor = ExecutorActor(service, key, self.engines, config.max_concurrent,
+        self.artifacts = ArtifactServer(service, key, ArtifactStore())
+        self.executor = ExecutorActor(service, key, self.engines, self.artifacts.store, config.max_concurrent,
                                       on_finished=hooks.on_finished if hooks else None)
         self.ta = TransferAgent(service, key, self.directory, admit=hooks.admit if hooks else None,
-                                on_start=hooks.on_start if hooks else None)
+                                on_start=hooks.on_start if hooks else None, artifacts=self.artifacts.store)
         self.gateway: GatewayServer | None = None
         if config.http is not None:
             self.gateway = GatewayServer(Gateway(self.ta, self.directory).app,
@@ -148,6 +150,7 @@ class Node:
 
     async def start_actors(self) -> None:
         await self.directory.start()
+        self.artifacts.start()
         self.executor.start()
         self.ta.start()
 

@@ -17,6 +17,12 @@ executor fails *before its first token* the TA draws again (up to
 ``attempts``); after that the client gets ``executor_failed``. The
 ``on_start`` hook (the ledger's ``StartInference``) runs beside the stream,
 never in front of it: first token never waits for a block.
+
+Evidence: from the frames it relays (the executor's signed TokenBatches and
+the prompt ids of its InferenceFinished) the TA rebuilds the artifact the
+executor committed to and keeps it in ``artifacts`` for validators
+(:func:`relayed_artifact`), so that work stays verifiable when its executor
+goes silent.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from gonka_p2p.actors.artifact_server import ArtifactStore
 from gonka_p2p.actors.directory import PeerDirectory
-from gonka_p2p.actors.executor import EXECUTE_PROTOCOL
+from gonka_p2p.actors.executor import EXECUTE_PROTOCOL, sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
+from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
@@ -90,6 +99,28 @@ class ReplayGuard:
         self._seen[(client, nonce)] = now_ms
 
 
+def relayed_artifact(request: Signed[InferenceRequest], batches: list[TokenBatch],
+                     finished: InferenceFinished) -> InferenceArtifact | None:
+    """The artifact the executor committed to, rebuilt from the frames it signed, or None
+    when they do not add up (a gap in the positions, or a response hash or token count
+    other than the tokens streamed): the TA keeps only evidence that matches the claim."""
+    steps: list[TokenStep] = []
+    for batch in batches:
+        if batch.start != len(steps):
+            return None
+        steps += [TokenStep(t, lp, tuple(ids), tuple(lps)) for t, lp, ids, lps in
+                  zip(batch.token_ids, batch.logprobs, batch.top_ids, batch.top_logprobs, strict=True)]
+    if len(steps) != finished.completion_tokens or len(finished.prompt_ids) != finished.prompt_tokens:
+        return None
+    artifact = InferenceArtifact(request.message.model, tuple(finished.prompt_ids),
+                                 sampling_params(request.message), request.digest, tuple(steps))
+    try:
+        artifact.encode()  # the fixed-size rows: k alternatives at every position
+    except ArtifactError:
+        return None
+    return artifact if response_hash(artifact.completion_ids) == finished.response_hash else None
+
+
 class TransferAgent:
     def __init__(
         self,
@@ -102,6 +133,7 @@ class TransferAgent:
         admit: AdmissionHook | None = None,
         on_start: StartHook | None = None,
         clock: Callable[[], float] = time.time,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self._service = service
         self._key = key
@@ -112,6 +144,7 @@ class TransferAgent:
         self._admit = admit
         self._on_start = on_start
         self._clock = clock
+        self._artifacts = artifacts
         self._background: set[asyncio.Task[None]] = set()
         self.relayed = 0
 
@@ -201,6 +234,7 @@ class TransferAgent:
         could not start ('overloaded', 'unreachable', ...): the caller redraws.
         """
         started = False
+        batches: list[TokenBatch] = []
         try:
             async for frame in self._service.open_stream(
                 executor, EXECUTE_PROTOCOL, order, timeout=self._first_frame_timeout
@@ -219,7 +253,12 @@ class TransferAgent:
                     started = True
                     self._spawn_start(request, executor)
                 await _to_client(send, frame)
-                if isinstance(msg, (InferenceFinished, InferenceFailed)):
+                if isinstance(msg, TokenBatch):
+                    batches.append(msg)
+                elif isinstance(msg, InferenceFinished):
+                    self._keep_artifact(request, batches, msg)
+                    return "done"
+                elif isinstance(msg, InferenceFailed):
                     return "done"
         except (NetworkError, TimeoutError, WireError) as e:
             self._directory.mark_failed(executor)
@@ -234,6 +273,17 @@ class TransferAgent:
         await _to_client(send, self._failed(
             "executor_failed", f"executor {executor} closed the stream early"))
         return "failed_mid_stream"
+
+    def _keep_artifact(self, request: Signed[InferenceRequest], batches: list[TokenBatch],
+                       finished: InferenceFinished) -> None:
+        if self._artifacts is None:
+            return
+        artifact = relayed_artifact(request, batches, finished)
+        if artifact is None:
+            log.info("executor frames of %s do not add up to an artifact; not kept",
+                     request.digest.hex()[:12])
+            return
+        self._artifacts.put(request.digest, request.raw, artifact)
 
     def _spawn_start(self, request: Signed[InferenceRequest], executor: str) -> None:
         if self._on_start is None:

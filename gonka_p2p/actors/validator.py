@@ -13,11 +13,12 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   lets every replica recompute its duties and count any it skipped.
 * **Duties.** ``state.validation_duties(e, me, seed)`` lists the settled
   inferences it must check. For each one it has not checked yet it fetches
-  the client's signed request and the artifact from the executor
-  (``/gonka/artifact/1``), re-runs the committed model teacher-forced over
-  the exact ids (one prefill), applies the verification metric and submits
-  a ``Validation``. An artifact that is not served, or does not match the
-  ledger's commitment, is a withheld verdict: a failure.
+  the client's signed request and the artifact from the executor, or else
+  from the TA that relayed and kept it (``/gonka/artifact/1``), re-runs the
+  committed model teacher-forced over the exact ids (one prefill), applies
+  the verification metric and submits a ``Validation``. An artifact that
+  neither serves, or that does not match the ledger's commitment, is a
+  withheld verdict: a failure.
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
 
@@ -32,7 +33,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from gonka_p2p.actors.executor import ARTIFACT_PROTOCOL
+from gonka_p2p.actors.artifact_server import ARTIFACT_PROTOCOL
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
@@ -176,17 +177,26 @@ class ValidatorActor:
 
     async def _fetch(self, inference_id: bytes, record: Inference
                      ) -> tuple[InferenceRequest, InferenceArtifact] | None:
+        """The evidence behind the ledger's commitment, from the executor or else from the
+        TA that relayed (and kept) it; None when neither serves bytes that match."""
+        for holder in dict.fromkeys((record.executor, record.ta)):
+            fetched = await self._fetch_from(holder, inference_id, record)
+            if fetched is not None:
+                return fetched
+        return None
+
+    async def _fetch_from(self, holder: str, inference_id: bytes, record: Inference
+                          ) -> tuple[InferenceRequest, InferenceArtifact] | None:
         query = seal(ArtifactQuery(inference_id=inference_id), self._key)
         try:
-            frame = await self._service.request(record.executor, ARTIFACT_PROTOCOL, query,
-                                                timeout=FETCH_TIMEOUT_S)
+            frame = await self._service.request(holder, ARTIFACT_PROTOCOL, query, timeout=FETCH_TIMEOUT_S)
             reply = open_envelope(frame, ArtifactReply)
             request = open_envelope(reply.message.request, InferenceRequest)
             artifact = InferenceArtifact.decode(reply.message.artifact)
         except (NetworkError, TimeoutError, WireError, ArtifactError) as e:
-            log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], record.executor, e)
+            log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], holder, e)
             return None
-        if (reply.signer_id != record.executor or request.digest != inference_id
+        if (reply.signer_id != holder or request.digest != inference_id
                 or artifact.commitment() != record.artifact_commitment
                 or response_hash(artifact.completion_ids) != record.response_hash):
             return None

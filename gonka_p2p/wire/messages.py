@@ -21,6 +21,7 @@ from gonka_p2p.wire.schema import Message, bounded
 MAX_MODELS = 16
 MAX_ADDRS = 8
 MAX_TURNS = 256
+MAX_PROMPT_IDS = 32_768  # tokens; above any served model's context
 NONCE_BYTES = 16
 HASH_BYTES = 32
 
@@ -97,14 +98,19 @@ class TokenBatch(Message):
 
 @dataclass(frozen=True)
 class InferenceFinished(Message):
-    """Last frame, signed by the executor: the commitment it will stand behind on the ledger."""
+    """Last frame, signed by the executor: the commitment it will stand behind on the ledger.
+
+    ``prompt_ids`` (the tokenized prompt, which the TA need not be able to compute)
+    completes, with the relayed TokenBatches, the artifact the TA keeps for validators."""
 
     KIND = "inference_finished"
+    VERSION = 2  # 2: prompt_ids
     inference_id: bytes = bounded(max_len=HASH_BYTES)
     finish_reason: str = bounded(max_len=16)
     prompt_tokens: int = bounded(min_value=0)
     completion_tokens: int = bounded(min_value=0)
     response_hash: bytes = bounded(max_len=HASH_BYTES)
+    prompt_ids: list[int] = bounded(max_len=MAX_PROMPT_IDS)
 
 
 @dataclass(frozen=True)
