@@ -644,6 +644,8 @@ def test_an_overturned_accusation_costs_the_executor_nothing_and_counts_against_
 
 def test_an_invalid_dispute_catches_the_executor_refunds_all_its_clients_and_zeroes_it() -> None:
     net, iid = disputed({"ex": BAD, "v2": BAD, "v3": BAD})
+    assert PEER["cheat"] not in net.state.weights()  # at once: drawn for no new client
+    assert net.state.participant(PEER["cheat"]).reputation_ppm == 0
     other = net.infer("cheat", client="bob")  # another of its inferences this epoch
     net.check_duties(1, verdict_of=lambda i, who: OK)
     alice, bob = net.state.balance(PEER["alice"]), net.state.balance(PEER["bob"])

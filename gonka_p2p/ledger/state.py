@@ -1405,7 +1405,12 @@ def _resolve_if_complete(state: LedgerState, ctx: BlockContext, iid: bytes) -> N
 
 
 def resolve_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
-    """Tally the committee's votes by the epoch's weights; a strict majority of votes cast decides."""
+    """Tally the committee's votes by the epoch's weights; a strict majority of votes cast decides.
+
+    Proven invalid work sanctions its executor at once, not at settlement: weight and
+    reputation drop to 0, so transfer agents stop drawing it for new clients and it
+    holds no seat in a validator set chosen from now on. Its fees and reward are
+    judged at settlement, with the rest of its epoch."""
     dispute = state.disputes.rows[iid]
     assert dispute.outcome is DisputeOutcome.OPEN
     weights = state.epochs.rows[dispute.epoch].weights
@@ -1417,9 +1422,12 @@ def resolve_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
                 valid += weights[member]
             else:
                 invalid += weights[member]
-    state.disputes.put(iid, replace(dispute, outcome=dispute_outcome(invalid, valid),
-                                    invalid_weight=invalid, valid_weight=valid,
+    outcome = dispute_outcome(invalid, valid)
+    state.disputes.put(iid, replace(dispute, outcome=outcome, invalid_weight=invalid, valid_weight=valid,
                                     resolved_height=ctx.height))
+    if outcome is DisputeOutcome.INVALID:
+        executor = state.inferences.rows[iid].executor
+        state.registry.put(executor, replace(state.registry.rows[executor], weight=0, reputation_ppm=0))
 
 
 _PROCESSORS: dict[type, Callable[..., str]] = {
