@@ -15,15 +15,16 @@ import random
 import pytest
 import torch
 
-from gonka_p2p.inference import cheats
+from gonka_p2p.inference import cheats, verification
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
-from gonka_p2p.inference.engine import ScoredCompletion
+from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
-from gonka_p2p.inference.sampler import SamplingParams, position_uniform
+from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.inference.verification import (
     EpochDecision,
     Evidence,
+    Measurements,
     ModelThresholds,
     SprtParams,
     Verdict,
@@ -241,6 +242,104 @@ def test_drop_layers_and_fake_quantize_transform_a_copy(engine: TorchEngine) -> 
     weight = cheats.decoder_layers(quantized)[0].mlp.up_proj.weight
     for row in weight[:8]:
         assert len(torch.unique(row)) <= 15  # -7..7 times the row's scale
+
+
+# ---------------------------------------------------------------------------
+# The batched validation pass is the position-by-position rule, bit for bit
+
+
+def reference_margin(row: torch.Tensor, params: SamplingParams, seed: bytes, position: int,
+                     claimed: int) -> float:
+    """The sampler's rule (module docstring of ``sampler``) on one row, the plain way:
+    float64 log_softmax, temperature, top-k, top-p by a full stable sort, inverse CDF."""
+    lp = torch.log_softmax(row.to(torch.float64), dim=-1)
+    if params.greedy:
+        return float(lp.max() - lp[claimed])
+    z = lp / params.temperature
+    if 0 < params.top_k < len(z):
+        z = z.masked_fill(z < torch.topk(z, params.top_k).values[-1], float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    if params.top_p < 1.0:
+        values, ids = torch.sort(probs, descending=True, stable=True)
+        kept = torch.zeros_like(probs, dtype=torch.bool)
+        kept[ids[(torch.cumsum(values, dim=0) - values) < params.top_p]] = True
+        probs = probs * kept
+    cdf = torch.cumsum(probs / probs.sum(), dim=0)
+    hi, lo = float(cdf[claimed]), float(cdf[claimed - 1]) if claimed else 0.0
+    u = position_uniform(seed, position)
+    if hi <= lo:
+        return math.inf
+    return 0.0 if lo <= u < hi else min(abs(u - lo), abs(u - hi))
+
+
+def reference_measurements(engine: TorchEngine, artifact: InferenceArtifact
+                           ) -> tuple[list[TokenStep], torch.Tensor, Measurements]:
+    """What the validator's pass must return, computed position by position from a full
+    forward pass (the LM head over every position): evidence, logits rows, measurements."""
+    ids, n, k = list(artifact.prompt_ids) + artifact.completion_ids, len(artifact.steps), \
+        artifact.params.logprobs_k
+    with torch.inference_mode():
+        rows = engine._model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    rows = rows[len(artifact.prompt_ids) - 1:][:n]
+    evidence, errors, shortfalls, margins = [], [], [], []
+    for i, (row, step) in enumerate(zip(rows, artifact.steps, strict=True)):
+        lp = torch.log_softmax(row, dim=-1)
+        top = torch.topk(lp, k)
+        evidence.append(TokenStep(step.token_id, float(lp[step.token_id]),
+                                  tuple(top.indices.tolist()), tuple(top.values.tolist())))
+        claimed = zip((step.token_id, *step.top_ids), (step.logprob, *step.top_logprobs))
+        errors.append(torch.tensor([abs(v - float(lp[t])) for t, v in claimed], dtype=torch.float64))
+        shortfalls.append(max(0.0, *(float(top.values[-1]) - float(lp[t]) for t in step.top_ids)))
+        margins.append(reference_margin(row, artifact.params, artifact.seed, i, step.token_id))
+    length = verification.check_length(artifact, engine.eos_token_ids)
+    return evidence, rows, Measurements(
+        n_tokens=n, temperature=artifact.params.temperature,
+        structural=(length,) if length else (),
+        position_errors=tuple(float(e.mean()) for e in errors),
+        max_error=max(float(e.max()) for e in errors),
+        top_k_shortfall=tuple(shortfalls), sampling_margins=tuple(margins))
+
+
+# Sampled at T=1.5 with top-p 0.99 the tiny model's nucleus spans thousands of tokens:
+# the whole-vocabulary sort runs as well as both candidate tiers.
+WIDE = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.99, top_k=3000)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED, WIDE], ids=["greedy", "sampled", "wide"])
+async def test_batched_validation_equals_the_position_by_position_rule(
+        engine: TorchEngine, params: SamplingParams) -> None:
+    honest_work = [await honest(engine, params, i) for i in range(len(QUESTIONS))]
+    cheating = [await cheats.make_cheater(c, engine)(prompt(engine), params, b"seed-0")
+                for c in ("prefill", "wrong-temperature", "small-model")]
+    tampered = [cheats.tamper_for(t, engine.local_model.vocab_size)(honest_work[0])
+                for t in cheats.TAMPERS]
+    margins = set()
+    for artifact in honest_work + cheating + tampered:
+        scored = await engine.score(list(artifact.prompt_ids), artifact.completion_ids,
+                                    params.logprobs_k, with_logits=True)
+        evidence, rows, expected = reference_measurements(engine, artifact)
+        assert scored.steps == evidence
+        assert torch.equal(scored.logits, rows)
+        assert verification.measure(artifact, scored, eos_token_ids=engine.eos_token_ids) == expected
+        margins |= {m > 0 for m in expected.sampling_margins}
+    assert margins == {False, True}  # both exact picks and misses were compared
+
+
+def test_nucleus_mask_tiers_equal_the_full_sort() -> None:
+    """Rows settled by the 64-candidate tier, by the 1024 one, and by neither, in one batch."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000, dtype=torch.float64)
+    logits[:2] *= 30.0  # peaked: a nucleus of a few tokens
+    logits[2:4] *= 3.0  # a few hundred tokens
+    logits[4:, :] = 0.0  # flat: every token ties, the nucleus is 90% of them
+    probs = torch.softmax(logits, dim=-1)
+    for row, mask in zip(probs, nucleus_mask(probs, 0.9), strict=True):
+        values, ids = torch.sort(row, descending=True, stable=True)
+        expected = torch.zeros_like(mask)
+        expected[ids[(torch.cumsum(values, dim=0) - values) < 0.9]] = True
+        assert torch.equal(mask, expected)
+    sizes = nucleus_mask(probs, 0.9).sum(dim=-1).tolist()
+    assert sizes[0] < 64 and 64 < sizes[2] < 1024 and sizes[4] > 1024, sizes
 
 
 # ---------------------------------------------------------------------------
