@@ -40,7 +40,7 @@ def mixed() -> tuple[Simulation, object]:
 
 @pytest.fixture(scope="module")
 def honest() -> tuple[Simulation, object]:
-    return simulate(small(12, mix={}, churn=0.0, epochs=4, requests=100))
+    return simulate(small(12, mix={}, churn=0.0, epochs=4, requests=200))
 
 
 def rows_of(simulation: Simulation, strategy: Strategy):
@@ -82,7 +82,10 @@ def test_honest_network_accuses_nobody_and_rewards_track_weight(honest) -> None:
         for row in summary.participants:
             rewards[row.peer] += row.executor_reward + row.validator_reward
     weights = [p.weight for p in simulation.roster.peers]
-    assert correlation(weights, [rewards[p.peer_id] for p in simulation.roster.peers]) > 0.8
+    assert correlation(weights, [rewards[p.peer_id] for p in simulation.roster.peers]) > 0.6
+    # Proportional, not more: reward ~ weight^k with k near 1 (counting weight twice gave 1.6).
+    assert 0.7 < report.network["fair: k in reward ~ weight^k"] < 1.3
+    assert report.network["fair: Gini of reward per weight"] < 0.2
 
 
 def test_gross_cheater_is_caught_within_its_epoch_forfeits_and_its_clients_are_refunded(mixed) -> None:

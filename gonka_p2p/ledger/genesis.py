@@ -182,7 +182,7 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
     "reputation_growth_epochs": "clean epochs that take reputation from 0 to 1 (+1/N each)",
     "miss_rate_limit_ppm": "ppm; an executor whose expired share of its inferences in an epoch is above it drops to reputation 0",
     "epoch_reward": "coin units minted at most per settled epoch (epoch 0 excepted); forfeits are not minted",
-    "validator_share_ppm": "ppm of the epoch reward split by validation work; the rest by weight x executed tokens",
+    "validator_share_ppm": "ppm of the epoch reward split by validation work; the rest by executed tokens",
     "sprt_failed_hit_llr_micro": "micro-nats; failure test: log-likelihood ratio (cheat:honest) added per failed inference",
     "sprt_failed_miss_llr_micro": "micro-nats; failure test: subtracted per inference that did not fail",
     "sprt_far_hit_llr_micro": "micro-nats; distance test: added per failed or suspicious inference",

@@ -470,7 +470,9 @@ def epoch_reward_pools(epoch: int, params: Params) -> tuple[int, int]:
 
 def pro_rata(pool: int, scores: Mapping[str, int]) -> dict[str, int]:
     """Split ``pool`` in proportion to ``scores``, each share rounded down (the dust is never
-    minted). Executors score weight x billable tokens; validators, the tokens they checked."""
+    minted). Executors score the billable tokens they executed (weight enters through the
+    weighted executor draw: scoring weight x tokens would pay weight squared); validators,
+    the tokens they checked."""
     assert pool >= 0 and all(s >= 0 for s in scores.values())
     total = sum(scores.values())
     if total == 0:

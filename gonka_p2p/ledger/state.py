@@ -77,7 +77,8 @@ possible dispute). :func:`process_epoch_settlement` then, deterministically:
   caught, refunds every one of them to the client that paid it;
 - splits the epoch reward: ``validator_share`` by validation work (tokens
   of the duties and votes a validator did; an accusation the committee
-  overturned earns nothing), the rest by weight x billable tokens executed.
+  overturned earns nothing), the rest by billable tokens executed (executors
+  are drawn by weight, so this share tracks weight without counting it twice).
   A participant that was caught, skipped a duty or a vote, or did not
   commit and reveal a seed forfeits its share: the share is not minted;
 - updates reputations (caught or too many misses: 0; a clean, checked
@@ -1602,7 +1603,7 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
         else:
             paid[executor] = paid.get(executor, 0) + cost
     executor_pool, validator_pool = epoch_reward_pools(tally.epoch, params)
-    executor_shares = pro_rata(executor_pool, {a: r.weight * r.tokens for a, r in tally.peers.items()})
+    executor_shares = pro_rata(executor_pool, {a: r.tokens for a, r in tally.peers.items()})
     validator_shares = pro_rata(validator_pool, {a: r.work for a, r in tally.peers.items()})
     rows = []
     for address, row in sorted(tally.peers.items()):
