@@ -177,6 +177,7 @@ def _block_margins(
     claimed: torch.Tensor,
     first_position: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``claim_margins`` of one block of rows."""
     at = claimed.unsqueeze(1)
     if params.greedy:
         lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
