@@ -76,7 +76,8 @@ def params(**overrides: object) -> Params:
     base = dict(epoch_length_blocks=L, inference_deadline_blocks=3, request_window_ms=10**9,
                 max_tx_bytes=64 * 1024, price_per_token={MODEL: 1},
                 validation_window_blocks=3, dispute_voting_blocks=2, dispute_committee_size=3,
-                epoch_reward=100_000, validator_share_ppm=200_000)
+                epoch_reward=100_000, validator_share_ppm=200_000,
+                validation_cap_ppm=PPM)  # p = 1 checks everything: the scenarios below count on it
     base.update(overrides)
     return Params(**base)  # type: ignore[arg-type]
 
@@ -227,6 +228,21 @@ def test_p_validate_is_m_plus_one_minus_m_times_one_minus_r() -> None:
     assert rules.p_validate_ppm(reputation_ppm=PPM, floor_ppm=PPM) == PPM  # low traffic: always
     for r, m in [(333_333, 3), (1, 1), (999_999, 12_345)]:  # rounded up: never checks less than p
         assert rules.p_validate_ppm(r, m) == math.ceil(m + Fraction((PPM - m) * (PPM - r), PPM))
+
+
+def test_the_validation_rate_is_capped_so_a_newcomer_is_not_checked_by_every_validator() -> None:
+    p = params(validation_cap_ppm=990_000)
+    assert rules.validation_ppm(0, PPM, p) == 990_000  # newcomer at low traffic: capped
+    assert rules.validation_ppm(PPM, 10_000, p) == 10_000  # below the cap: p itself
+    # Expected checks per inference with 40 validators of equal weight: all 40 at p = 1,
+    # 4.35 at the cap (-ln(1 - 0.99) = 4.6 for many small ones), while at least one checks
+    # with probability 0.99.
+    q = rules.duty_threshold(990_000, 1, 40) / rules.DUTY_SCALE
+    assert 4.3 < 40 * q < -math.log(0.01) and 1 - (1 - q) ** 40 == pytest.approx(0.99)
+    assert rules.duty_threshold(PPM, 1, 40) == rules.DUTY_SCALE
+    net = Net(state=LedgerState.from_genesis(genesis(validation_cap_ppm=990_000)))
+    iid = net.infer("ex")
+    assert net.state.inference(iid).validation_ppm == 990_000
 
 
 @pytest.mark.parametrize("p_ppm", [1, 10_000, 333_333, 900_000, 999_999])

@@ -109,6 +109,7 @@ class Params:
     floor_mid_ppm: int = 50_000
     floor_low_inferences: int = 10_000
     floor_low_ppm: int = 10_000
+    validation_cap_ppm: int = 990_000  # see rules.validation_ppm
     # -- verification: windows --
     validation_window_blocks: int = 30
     dispute_voting_blocks: int = 10
@@ -176,6 +177,7 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
     "floor_mid_ppm": "ppm; the validation floor at floor_mid_inferences",
     "floor_low_inferences": "inferences at and above which the floor is floor_low_ppm (linear before)",
     "floor_low_ppm": "ppm; the lowest validation floor",
+    "validation_cap_ppm": "ppm; the highest validation rate (at 100 % every validator checks everything)",
     "validation_window_blocks": "blocks after an epoch's end during which its inferences may still be validated",
     "dispute_voting_blocks": "blocks after a failed validation within which the committee votes",
     "dispute_committee_size": "validators drawn (by weight, from the block hash) to vote on a dispute",
@@ -193,11 +195,12 @@ PARAM_UNITS: Mapping[str, str] = MappingProxyType({
 
 _POSITIVE = {"epoch_length_blocks", "inference_deadline_blocks", "max_tx_bytes",
              "max_held_finishes", "max_held_finishes_per_executor", "floor_mid_ppm", "floor_low_ppm",
-             "validation_window_blocks", "dispute_voting_blocks", "dispute_committee_size",
+             "validation_window_blocks", "dispute_voting_blocks", "validation_cap_ppm", "dispute_committee_size",
              "reputation_growth_epochs", "sprt_failed_hit_llr_micro", "sprt_failed_miss_llr_micro",
              "sprt_far_hit_llr_micro", "sprt_far_miss_llr_micro", "sprt_cheating_bound_micro",
              "sprt_honest_bound_micro"}
-_AT_MOST_PPM = {"floor_mid_ppm", "floor_low_ppm", "miss_rate_limit_ppm", "validator_share_ppm"}
+_AT_MOST_PPM = {"floor_mid_ppm", "floor_low_ppm", "miss_rate_limit_ppm", "validator_share_ppm",
+                "validation_cap_ppm"}
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,6 @@ from gonka_p2p.ledger.rules import (
     is_validation_duty,
     miss_rate_exceeded,
     next_block_time,
-    p_validate_ppm,
     pro_rata,
     prompt_token_bound,
     replay_memory_until,
@@ -208,6 +207,7 @@ from gonka_p2p.ledger.rules import (
     sprt_catches,
     validation_deadline,
     validation_floor_ppm,
+    validation_ppm,
     verdict_is_consistent,
 )
 from gonka_p2p.ledger.transactions import (
@@ -800,10 +800,10 @@ class LedgerState:
         return participant.reputation_ppm / PPM if participant else 0.0
 
     def validation_rate_ppm(self, executor: str) -> int:
-        """p for an inference of ``executor`` settling now: m + (1 - m)(1 - r), ppm."""
+        """p for an inference of ``executor`` settling now: m + (1 - m)(1 - r), capped; ppm."""
         participant = self.registry.get(executor)
         floor = self.epochs.rows[self.epoch].floor_ppm
-        return p_validate_ppm(participant.reputation_ppm if participant else 0, floor)
+        return validation_ppm(participant.reputation_ppm if participant else 0, floor, self.params)
 
     def epoch_info(self, epoch: int) -> EpochInfo | None:
         """The validator set and floor frozen at the epoch's start (kept until the next settles)."""
@@ -1272,7 +1272,8 @@ def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: 
         record, status=InferenceStatus.SETTLED, prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens, response_hash=response_hash,
         artifact_commitment=artifact_commitment, cost=cost, closed_height=ctx.height,
-        validation_ppm=p_validate_ppm(executor.reputation_ppm, info.floor_ppm), payout=Payout.PENDING))
+        validation_ppm=validation_ppm(executor.reputation_ppm, info.floor_ppm, state.params),
+        payout=Payout.PENDING))
     state.epochs.put(epoch, replace(info, inferences=info.inferences + 1))
     state.registry.put(record.executor, replace(executor, completed=executor.completed + 1))
 
