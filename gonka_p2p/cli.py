@@ -159,6 +159,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ))
 
 
+def cheat_name(name: str) -> str:
+    """argparse type of ``--cheater``: the canonical cheat name, or a usage error listing them."""
+    from gonka_p2p.inference.cheats import cheat_named
+
+    try:
+        return cheat_named(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gonka-p2p", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -178,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genesis", help="genesis file with participant weights")
     p.add_argument("--announce-interval", type=float)
     p.add_argument("--no-executor", action="store_true", help="serve as TA only, load no model")
-    p.add_argument("--cheater", metavar="CHEAT",
+    p.add_argument("--cheater", metavar="CHEAT", type=cheat_name,
                    help="serve a cheating executor (demos and tests: validators must catch it); "
-                        "one of fp16 bf16 int8 int4 small-model prefill fabricated truncated altered "
-                        "wrong-temperature")
+                        "one of fp16 bf16 int8 int4 small-model (or small) prefill fabricated truncated "
+                        "altered wrong-temperature")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000")
     p.add_argument("--data-dir", help="the ledger replica's store (default: <key file>-ledger beside the key)")
@@ -214,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--cheater", metavar="CHEAT",
-                   help="add a participant that cheats (e.g. int4, prefill, small-model) and show it caught")
+    p.add_argument("--cheater", metavar="CHEAT", type=cheat_name,
+                   help="add a participant that cheats (e.g. int4, prefill, small) and show it caught")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -131,6 +131,15 @@ def test_init_pins_the_calibrated_thresholds_in_genesis_and_a_broken_table_is_a_
     assert_clean_failure(result, "verification", "logprob_tolerence")
 
 
+def test_an_unknown_cheat_is_a_usage_error_naming_the_cheats_and_small_is_small_model() -> None:
+    from gonka_p2p.cli import build_parser
+
+    result = gonka("demo", "--cheater", "bogus")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown cheat 'bogus'" in result.stderr and "small-model" in result.stderr
+    assert build_parser().parse_args(["demo", "--cheater", "small"]).cheater == "small-model"
+
+
 def run_example(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]],
                           capture_output=True, text=True, timeout=120, env=ENV)

@@ -236,6 +236,17 @@ CHEATS: dict[str, str] = {
     "wrong-temperature": "sampled at another temperature than requested",
 }
 
+ALIASES = {"small": "small-model"}  # the issue's name for it
+
+
+def cheat_named(name: str) -> str:
+    """The canonical name of cheat ``name`` (an alias or itself); ValueError naming the
+    choices when there is no such cheat."""
+    name = ALIASES.get(name, name)
+    if name not in CHEATS:
+        raise ValueError(f"unknown cheat {name!r}: choose from {', '.join(CHEATS)}")
+    return name
+
 
 TAMPERS = ("fabricated", "truncated", "altered")
 
@@ -253,12 +264,14 @@ def make_cheater(name: str, engine: Engine) -> Strategy:
     """The strategy called ``name`` (see :data:`CHEATS`) built on ``engine``. Weight
     cheats need a ``TorchEngine``; tampering and temperature cheats take any engine
     that has a ``local_model`` (both engines do)."""
+    try:
+        name = cheat_named(name)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
     if name in TAMPERS:
         return tampered(honest(engine), tamper_for(name, engine.local_model.vocab_size))
     if name == "wrong-temperature":
         return wrong_temperature(engine)
-    if name not in CHEATS:
-        raise EngineError(f"unknown cheat {name!r}: choose from {', '.join(CHEATS)}")
     if not isinstance(engine, TorchEngine):
         raise EngineError(f"cheat {name!r} changes the model's weights: it needs the torch engine")
     transforms: dict[str, ModelTransform] = {
