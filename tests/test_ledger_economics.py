@@ -425,6 +425,7 @@ def test_forfeit_reasons_name_every_failure_to_earn_the_reward() -> None:
     assert reasons(revealed=False) == (Forfeit.NO_REVEAL,)
     assert reasons(committed=False, revealed=False) == (Forfeit.NO_COMMIT,)
     assert reasons(in_validator_set=False, committed=False, revealed=False) == ()
+    assert reasons(vouched_invalid=1) == (Forfeit.VOUCHED_INVALID,)
 
 
 def test_the_epoch_reward_splits_validator_share_and_epoch_0_has_none() -> None:
@@ -656,6 +657,23 @@ def test_an_overturned_accusation_costs_the_executor_nothing_and_counts_against_
     assert v1.overturned == 1 and net.state.participant(PEER["v1"]).overturned == 1
     assert v1.work == 0  # its overturned check earns nothing
     assert summary.participant(PEER["v2"]).work == 15 * 2  # its duty and its vote
+
+
+def test_a_validator_that_passed_work_a_dispute_proved_invalid_forfeits_its_reward() -> None:
+    """A rubber stamp: v2 passes the cheat that v1 fails and the committee convicts."""
+    net = committed_net(dispute_committee_size=3)
+    iid = net.infer("cheat")
+    net.ok(net.validate("v2", iid, OK), net.validate("v1", iid, BAD))
+    net.ok(*[net.vote(NAME_OF[m], iid, BAD) for m in net.state.dispute(iid).committee])
+    assert net.state.dispute(iid).outcome is DisputeOutcome.INVALID
+    net.check_duties(1)
+    net.until(20)
+    net.ok(*[net.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
+    net.until(25)
+    summary = net.state.epoch_summary(1)
+    v1, v2 = summary.participant(PEER["v1"]), summary.participant(PEER["v2"])
+    assert "vouched_invalid" in v2.forfeit and v2.validator_reward == 0 and v2.forfeited > 0
+    assert "vouched_invalid" not in v1.forfeit and v1.validator_reward > 0
 
 
 def test_an_invalid_dispute_catches_the_executor_refunds_all_its_clients_and_zeroes_it() -> None:

@@ -454,11 +454,18 @@ class Forfeit(StrEnum):
     MISSED_VOTES = "missed_votes"  # drawn onto a dispute committee, it did not vote
     NO_REVEAL = "no_reveal"  # it committed a seed but never revealed it
     NO_COMMIT = "no_commit"  # it held weight but committed no seed: it validated nothing
+    VOUCHED_INVALID = "vouched_invalid"  # it passed work that a dispute proved invalid
 
 
 def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, skipped: int,
-                    missed_votes: int, caught: bool) -> tuple[Forfeit, ...]:
-    """Every reason this participant loses its epoch reward (empty: it is paid)."""
+                    missed_votes: int, caught: bool, vouched_invalid: int = 0) -> tuple[Forfeit, ...]:
+    """Every reason this participant loses its epoch reward (empty: it is paid).
+
+    ``vouched_invalid``: its checks that passed work a dispute then proved invalid. A
+    validator that rubber-stamps a partner's cheating saves the compute of a check;
+    losing its epoch reward when an honest check and the committee expose the cheat
+    makes that a losing bet. An honest validator re-running the pinned model passes
+    invalid work only on a numeric near-tie, which the calibrated margins make rare."""
     reasons = []
     if caught:
         reasons.append(Forfeit.CAUGHT)
@@ -470,6 +477,8 @@ def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, 
         reasons.append(Forfeit.NO_REVEAL)
     if in_validator_set and not committed:
         reasons.append(Forfeit.NO_COMMIT)
+    if vouched_invalid:
+        reasons.append(Forfeit.VOUCHED_INVALID)
     return tuple(reasons)
 
 

@@ -79,8 +79,9 @@ possible dispute). :func:`process_epoch_settlement` then, deterministically:
   of the duties and votes a validator did; an accusation the committee
   overturned earns nothing), the rest by billable tokens executed (executors
   are drawn by weight, so this share tracks weight without counting it twice).
-  A participant that was caught, skipped a duty or a vote, or did not
-  commit and reveal a seed forfeits its share: the share is not minted;
+  A participant that was caught, skipped a duty or a vote, did not commit
+  and reveal a seed, or passed work that a dispute proved invalid forfeits
+  its share: the share is not minted;
 - updates reputations (caught or too many misses: 0; a clean, checked
   epoch: +1/N) and weights (caught: 0, visible in the participants table);
 - records an :class:`EpochSummary` (who was paid what, who forfeited, who was
@@ -1505,6 +1506,7 @@ class PeerTally:
     votes: int = 0
     missed_votes: int = 0
     overturned: int = 0
+    vouched_invalid: int = 0  # its passing checks of work a dispute proved invalid
     work: int = 0
 
 
@@ -1566,8 +1568,10 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
             row.checks += 1
             overturned = (dispute is not None and dispute.accuser == validator
                           and dispute.outcome is DisputeOutcome.VALID)
+            vouched = dispute is not None and dispute.outcome is DisputeOutcome.INVALID and check.valid
             row.overturned += overturned
-            if (iid, validator) in duties and not overturned:
+            row.vouched_invalid += vouched
+            if (iid, validator) in duties and not overturned and not vouched:
                 row.work += record.prompt_tokens + record.completion_tokens
         if dispute is None:
             continue
@@ -1611,7 +1615,7 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
         reasons = forfeit_reasons(in_validator_set=row.weight > 0 and tally.epoch > 0,
                                   committed=row.committed, revealed=row.revealed,
                                   skipped=row.duties - row.done, missed_votes=row.missed_votes,
-                                  caught=address in caught)
+                                  caught=address in caught, vouched_invalid=row.vouched_invalid)
         shares = executor_shares.get(address, 0), validator_shares.get(address, 0)
         missed_too_many = miss_rate_exceeded(row.expired, row.inferences, params)
         clean = row.inferences > 0 and row.checked > 0
