@@ -35,6 +35,7 @@ from gonka_p2p.ledger.genesis import (
 from gonka_p2p.ledger.rules import PPM, DisputeOutcome, Forfeit, Observation
 from gonka_p2p.ledger.state import (
     Block,
+    EpochSummary,
     LedgerState,
     Payout,
     apply_block,
@@ -177,6 +178,14 @@ class Net:
         req = self.request(client)
         self.ok(self.start(req, executor, ta), self.finish(req, executor, prompt, completion))
         return hashlib.sha256(req).digest()
+
+    def settle_epoch_1(self, **check_duties) -> EpochSummary:
+        """Every validator checks its epoch-1 duties and reveals; blocks run to settlement."""
+        self.check_duties(1, **check_duties)
+        self.until(20)
+        self.ok(*[self.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
+        self.until(25)
+        return self.state.epoch_summary(1)
 
     def check_duties(self, epoch: int, verdict_of=lambda iid, who: OK,
                      who_all=("ta", "ex", "cheat", "v1", "v2", "v3")) -> None:
@@ -633,11 +642,7 @@ def test_a_dispute_resolves_at_its_deadline_on_the_votes_cast_and_silent_members
     assert net.state.dispute(iid).outcome is DisputeOutcome.OPEN
     net.block()
     assert net.state.dispute(iid).outcome is DisputeOutcome.VALID  # 10 : 0 of the votes cast
-    net.check_duties(1)
-    net.until(20)
-    net.ok(*[net.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
-    net.until(25)
-    summary = net.state.epoch_summary(1)
+    summary = net.settle_epoch_1()
     assert summary.participant(PEER["v2"]).forfeit == ("missed_votes",)
     assert summary.participant(PEER["v2"]).missed_votes == 1
     assert summary.participant(PEER["ex"]).votes == 1 and summary.participant(PEER["ex"]).forfeit == ()
@@ -646,11 +651,7 @@ def test_a_dispute_resolves_at_its_deadline_on_the_votes_cast_and_silent_members
 def test_an_overturned_accusation_costs_the_executor_nothing_and_counts_against_the_accuser() -> None:
     net, iid = disputed({"ex": OK, "v2": OK, "v3": BAD})
     assert net.state.dispute(iid).outcome is DisputeOutcome.VALID
-    net.check_duties(1)
-    net.until(20)
-    net.ok(*[net.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
-    net.until(25)
-    summary = net.state.epoch_summary(1)
+    summary = net.settle_epoch_1()
     cheat, v1 = summary.participant(PEER["cheat"]), summary.participant(PEER["v1"])
     assert cheat.caught == "" and cheat.fees_paid == 15 and cheat.reputation_after > 0
     assert net.state.inference(iid).payout is Payout.PAID
@@ -666,11 +667,7 @@ def test_a_validator_that_passed_work_a_dispute_proved_invalid_forfeits_its_rewa
     net.ok(net.validate("v2", iid, OK), net.validate("v1", iid, BAD))
     net.ok(*[net.vote(NAME_OF[m], iid, BAD) for m in net.state.dispute(iid).committee])
     assert net.state.dispute(iid).outcome is DisputeOutcome.INVALID
-    net.check_duties(1)
-    net.until(20)
-    net.ok(*[net.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
-    net.until(25)
-    summary = net.state.epoch_summary(1)
+    summary = net.settle_epoch_1()
     v1, v2 = summary.participant(PEER["v1"]), summary.participant(PEER["v2"])
     assert "vouched_invalid" in v2.forfeit and v2.validator_reward == 0 and v2.forfeited > 0
     assert "vouched_invalid" not in v1.forfeit and v1.validator_reward > 0
@@ -706,11 +703,7 @@ def test_the_epoch_test_catches_an_executor_whose_valid_work_is_too_often_suspic
     net = committed_net()
     subtle = [net.infer("cheat") for _ in range(4)]
     honest = [net.infer("ex") for _ in range(4)]
-    net.check_duties(1, verdict_of=lambda iid, who: SUSPICIOUS if iid in subtle else OK)
-    net.until(20)
-    net.ok(*[net.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
-    net.until(25)
-    summary = net.state.epoch_summary(1)
+    summary = net.settle_epoch_1(verdict_of=lambda iid, who: SUSPICIOUS if iid in subtle else OK)
     assert summary.disputes == 0
     cheat, ex = summary.participant(PEER["cheat"]), summary.participant(PEER["ex"])
     assert cheat.caught == "sprt" and cheat.fees_refunded == 60 and net.state.participant(PEER["cheat"]).weight == 0
