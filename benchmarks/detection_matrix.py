@@ -245,17 +245,18 @@ def measurements(record: dict) -> Measurements:
 
 
 RECORD_VERSION = 4  # bump when the records this file writes change shape
-# The metric's and the cheats' code as loaded: records made by other code are not reused.
-_SOURCES = b"".join(Path(m.__file__).read_bytes() for m in (verification, cheats))
 
 
-def cache_path(model: str, row: str, split: str, max_tokens: int) -> Path:
-    """Where a row's records are kept; the name changes with anything that changes them.
-    Records are per inference (mode, index), so a larger --n reuses the smaller run's;
-    they are threshold-free measurements, so new thresholds reuse them too."""
-    tag = hashlib.blake2b(repr((MODES, max_tokens, RECORD_VERSION)).encode() + _SOURCES,
-                          digest_size=6).hexdigest()
-    return RESULTS / "rows" / f"{model}-{split}-{row}-t{max_tokens}-{tag}.json"
+def cache_path(results: Path, model: str, row: str, split: str, max_tokens: int) -> Path:
+    """Where a row's records are kept; the name changes with anything that changes them:
+    the sampling modes, the length, this file's record shape, and the versions of the
+    metric's measurements and of the cheats (not their source text: an equivalent rewrite
+    must not throw away hours of measurements). Records are per inference (mode, index),
+    so a larger --n reuses the smaller run's; they are threshold-free measurements, so new
+    thresholds reuse them too."""
+    versions = (MODES, max_tokens, RECORD_VERSION, verification.MEASURE_VERSION, cheats.CHEATS_VERSION)
+    tag = hashlib.blake2b(repr(versions).encode(), digest_size=6).hexdigest()
+    return results / "rows" / f"{model}-{split}-{row}-t{max_tokens}-{tag}.json"
 
 
 def load_records(path: Path) -> dict[tuple[str, int], dict]:
@@ -279,7 +280,7 @@ async def run_model(model: str, rows: list[str], split: str, args,
     needed = set(rows) | ({"honest-torch"} if set(rows) & set(cheats.TAMPERS) else set())
     results: dict[str, dict[tuple[str, int], dict]] = {}
     for row in [r for r in ROWS if r in needed]:
-        path = cache_path(model, row, split, args.max_tokens)
+        path = cache_path(args.results, model, row, split, args.max_tokens)
         done = load_records(path)
         todo = [j for j in work if (j.mode, j.index) not in done]
         task = progress.add_task(f"{model} {row}", total=len(work), completed=len(work) - len(todo))
@@ -420,7 +421,7 @@ def write_matrix(summaries: list[dict], args, params: VerificationParams) -> Non
     for s in summaries:
         table.add_row(*table_cells(s))
     Console(width=None if console.is_terminal else 200).print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     meta = {"n": args.n, "max_tokens": args.max_tokens, "epoch_size": args.epoch_size,
             "epochs": args.epochs, "batch": args.batch, "modes": MODES,
             "threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
@@ -434,16 +435,32 @@ def write_matrix(summaries: list[dict], args, params: VerificationParams) -> Non
     for cells in operating:
         table.add_row(*cells)
     Console(width=None if console.is_terminal else 200).print(table)
-    header = (f"n = {args.n} per row and mode, max_tokens = {args.max_tokens}, epochs of "
+    summaries = merged_rows(args.results / "detection_matrix.json", summaries)
+    n_per_model = {m: max(r["n"] for r in summaries if r["model"] == m)
+                   for m in dict.fromkeys(r["model"] for r in summaries)}
+    meta["n"] = n_per_model
+    header = (f"n per row and mode: {', '.join(f'{m} {n}' for m, n in n_per_model.items())}; "
+              f"max_tokens = {args.max_tokens}, epochs of "
               f"{args.epoch_size} validated inferences ({args.epochs} simulated), "
               f"OMP_NUM_THREADS={meta['threads']}, torch {torch.__version__}.\n\n")
     text = header + markdown(_COLUMNS, [table_cells(s) for s in summaries]) + (
         f"\nEpoch test alone ({args.epochs} synthetic epochs per cell):\n\n"
         + markdown(columns, operating))
-    (RESULTS / "detection_matrix.md").write_text(text)
+    (args.results / "detection_matrix.md").write_text(text)
     meta["operating_characteristic"] = [dict(zip(columns, cells)) for cells in operating]
-    (RESULTS / "detection_matrix.json").write_text(
+    (args.results / "detection_matrix.json").write_text(
         json.dumps({"meta": meta, "rows": summaries}, indent=1))
+
+
+def merged_rows(path: Path, summaries: list[dict]) -> list[dict]:
+    """``summaries`` after the rows the results file ``path`` already holds for models this
+    run did not measure: a run of one model (or one model at another --n) updates its rows only."""
+    measured = {s["model"] for s in summaries}
+    try:
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in measured]
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = []
+    return kept + summaries
 
 
 def markdown(columns: Iterable[str], rows: list[list[str]]) -> str:
@@ -552,6 +569,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--thresholds", type=Path, default=None, help="default: the package's file")
     parser.add_argument("--calibrate", action="store_true", help="measure honest noise instead")
     parser.add_argument("--write", action="store_true", help="with --calibrate: rewrite thresholds.toml")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the tables and the per-inference records go (default: %(default)s)")
     return parser.parse_args(argv)
 
 

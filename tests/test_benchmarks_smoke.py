@@ -53,3 +53,37 @@ def test_validation_cost_tiny_prints_and_writes_its_table(tmp_path: Path) -> Non
     rows = [line for line in table.splitlines() if line.startswith("| tiny-llama")]
     assert {tuple(line.split(" | ")[1:3]) for line in rows} == {
         (executor, mode) for executor in ("torch", "vllm-batch") for mode in ("greedy", "sampled")}
+
+
+def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses_its_records(
+        tmp_path: Path) -> None:
+    kept = {"model": "other-model", "mode": "greedy", "row": "honest-torch", "class": "honest", "n": 7,
+            "mean_tokens": 1.0, "short_outputs": 0, "rejected": 0.0, "rejected_upper95": 0.3,
+            "mean_distance": 0.0, "epoch_detection": 0.0, "val_s": 0.1, "gen_s": 1.0, "val_over_gen": 0.1,
+            "reasons": {}, "target_met": True}
+    (tmp_path / "detection_matrix.json").write_text(json.dumps({"meta": {}, "rows": [kept]}))
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "detection_matrix.py"), "--models", "tiny-llama",
+             "--n", "2", "--max-tokens", "16", "--rows", "honest-torch", "int4", "prefill", "truncated",
+             "--epochs", "50", "--results", str(tmp_path)],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+            env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+
+    result = run()
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads((tmp_path / "detection_matrix.json").read_text())["rows"]
+    assert kept in rows  # another model's rows survive a run of this one
+    mine = {(r["row"], r["mode"]): r for r in rows if r["model"] == "tiny-llama"}
+    assert set(mine) == {(row, mode) for row in ("honest-torch", "int4", "prefill", "truncated")
+                         for mode in ("greedy", "sampled")}
+    assert all(r["rejected"] == 0.0 for (row, _), r in mine.items() if row == "honest-torch")
+    assert all(r["rejected"] == 1.0 for (row, _), r in mine.items() if row in ("int4", "truncated"))
+    assert "| tiny-llama | greedy | prefill |" in (tmp_path / "detection_matrix.md").read_text()
+    records = {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()}
+    assert len(records) == 4
+    again = run()  # every inference is cached: nothing is generated again (timings included)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()} == records
+    assert json.loads((tmp_path / "detection_matrix.json").read_text())["rows"] == rows

@@ -223,6 +223,10 @@ def tampered(strategy: Strategy, tamper: Callable[[InferenceArtifact], Inference
 # ---------------------------------------------------------------------------
 # By name (benchmark rows, simulator, demo --cheater)
 
+# Bump when a cheat would produce other artifacts for the same request (the detection
+# benchmark keeps its measurements keyed by it).
+CHEATS_VERSION = 1
+
 CHEATS: dict[str, str] = {
     "fp16": "float16 weights and activations instead of the pinned float32",
     "bf16": "bfloat16 weights and activations instead of the pinned float32",
