@@ -27,9 +27,9 @@ honest; int4, prefill, small-model (gross cheats); int8, bf16 (subtle
 cheats); lazy (a validator that skips its duties and votes); colluding (a
 validator that passes every inference of its partner, the heaviest gross
 cheater); silent (an executor that drops ``--silent-rate`` of its requests).
-Cheaters cheat from epoch ``--cheat-from`` (epoch 0 has no committed
-validators, so nothing in it is checked: ``--cheat-from 0`` shows what that
-costs). By default every check of an inference finds the same verdict (a
+Cheaters cheat from epoch ``--cheat-from`` (epoch 0's validators are the
+peers whose seed commitments the genesis holds, as ``gonka-p2p init`` writes
+them, so cheating from epoch 0 is caught in epoch 0 too). By default every check of an inference finds the same verdict (a
 deterministic re-run over the same evidence); ``--independent-checks``
 draws each check and dispute vote afresh.
 """

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger.devnet import epoch0_seed_commitment
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 
 CHAIN_ID = "gonka-sim"
@@ -111,10 +112,13 @@ def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Str
 
 def build_genesis(roster: Roster, epoch_blocks: int) -> Genesis:
     """The network's genesis: the ledger's default parameters but for the epoch length (and
-    one model at 1 coin per token); every client funded far beyond what it will spend."""
+    one model at 1 coin per token); every client funded far beyond what it will spend; each
+    peer online at the start committed to its epoch-0 validation seed, as ``init`` writes."""
     return Genesis(
         chain_id=CHAIN_ID, genesis_time_ms=GENESIS_TIME_MS,
         params=Params(price_per_token={MODEL: 1}, epoch_length_blocks=epoch_blocks),
-        participants=tuple(GenesisParticipant(p.key.public_key, p.weight, models=(MODEL,))
-                           for p in roster.peers),
+        participants=tuple(GenesisParticipant(
+            p.key.public_key, p.weight, models=(MODEL,),
+            seed_commitment=epoch0_seed_commitment(p.key, CHAIN_ID) if p.online[0] else b"")
+            for p in roster.peers),
         allocations={c.peer_id: CLIENT_BALANCE for c in roster.clients})

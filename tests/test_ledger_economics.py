@@ -762,13 +762,32 @@ def test_rewards_split_by_tokens_executed_and_by_validation_work_and_forfeits_ar
     assert net.state.balance(PEER["ex"]) == 20 + row["ex"].executor_reward + row["ex"].validator_reward
 
 
-def test_epoch_0_pays_fees_but_mints_no_reward_since_nothing_in_it_could_be_checked() -> None:
+def test_epoch_0_without_genesis_seeds_pays_fees_unchecked_and_mints_no_reward() -> None:
     net = Net()
     net.infer("ex")
     net.until(15)
     s = net.state.epoch_summary(0)
     assert s.reward == s.minted == 0 and s.fees_paid == 15 and net.state.balance(PEER["ex"]) == 15
-    assert all(r.forfeit == () for r in s.participants)
+    assert all(r.forfeit == () for r in s.participants) and s.checked == 0
+
+
+def test_genesis_seed_commitments_make_epoch_0_checked_so_a_cheater_in_it_is_caught_and_refunded() -> None:
+    base = genesis()
+    g = replace(base, participants=tuple(
+        replace(p, seed_commitment=rules.seed_commitment(0, p.peer_id, derive_validation_seed(
+            KEYS[NAME_OF[p.peer_id]].secret, CHAIN, 0))) for p in base.participants))
+    net = Net(state=LedgerState.from_genesis(g))
+    assert net.state.commitment(0, PEER["v1"]) is not None
+    iid = net.infer("cheat")
+    net.check_duties(0, verdict_of=lambda i, who: BAD)
+    net.ok(*[net.vote(NAME_OF[m], iid, BAD) for m in net.state.dispute(iid).committee])
+    net.until(10)
+    net.ok(*[net.reveal(w, 0) for w in WEIGHTS])
+    net.until(15)
+    s = net.state.epoch_summary(0)
+    cheat = s.participant(PEER["cheat"])
+    assert s.checked == 1 and cheat.caught == "dispute" and cheat.fees_refunded == 15 and cheat.fees_paid == 0
+    assert net.state.balance(PEER["cheat"]) == 0 and dict(s.refunds) == {PEER["alice"]: 15}
 
 
 def test_the_summary_prints_for_people() -> None:

@@ -271,6 +271,8 @@ def test_genesis_supply_and_weights() -> None:
     (lambda o: o["participants"][1].update(pubkey=o["participants"][0]["pubkey"]), "repeats"),
     (lambda o: o["participants"][0].update(models=["nope"]), "no price"),
     (lambda o: o["participants"][0].update(weight=-1), "weight"),
+    (lambda o: o["participants"][0].update(seed_commitment="ab"), "seed_commitment must be 32 bytes"),
+    (lambda o: o["participants"][0].update(seed_commitment="zz"), "seed_commitment is not hex"),
     (lambda o: o["allocations"].update({"bob": 5}), "peer id"),
     (lambda o: o["allocations"].update({PEER["bob"]: 2**63}), "exceeds"),
     (lambda o: o.update(participants="x"), "array"),

@@ -112,9 +112,10 @@ def test_lazy_validator_forfeits(mixed) -> None:
     simulation, _ = mixed
     with_duties = [(s, row) for _, s, row in rows_of(simulation, Strategy.LAZY) if row.duties]
     assert with_duties
-    for _, row in with_duties:
+    for summary, row in with_duties:
         assert row.done == 0 and "skipped_duties" in row.forfeit
-        assert row.executor_reward == row.validator_reward == 0 and row.forfeited > 0
+        assert row.executor_reward == row.validator_reward == 0
+        assert row.forfeited > 0 or summary.epoch == 0  # the bootstrap epoch mints nothing
 
 
 def test_coins_are_conserved_at_every_block(mixed) -> None:

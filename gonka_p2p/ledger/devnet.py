@@ -11,6 +11,8 @@ block's time, so requests sent before the first block are fresh too. Given
 the verification metric's parameters (the tree of the package's calibrated
 ``thresholds.toml``), the genesis pins them for the served models and
 derives the ledger's integer epoch-test parameters from the same rates.
+Each node's epoch-0 validation seed commitment goes into genesis too, so the
+bootstrap epoch's inferences are checked like any other's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, save_genesis, sprt_params_from_rates
+from gonka_p2p.ledger.rules import seed_commitment
+from gonka_p2p.ledger.transactions import derive_validation_seed
 
 DEVNET_CHAIN_ID = "gonka-devnet"
 DEVNET_WEIGHT = 10
@@ -43,11 +47,17 @@ class LocalNetwork:
     client_keys: list[Path]
 
 
+def epoch0_seed_commitment(key: Keypair, chain_id: str) -> bytes:
+    """What a node's validator commits to for epoch 0 -- written into genesis, since epoch 0
+    has no epoch before it in which to commit (the validator derives the same seed)."""
+    return seed_commitment(0, key.peer_id, derive_validation_seed(key.secret, chain_id, 0))
+
+
 def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
                    models: tuple[str, ...] = DEFAULT_MODELS, client_balance: int = DEVNET_CLIENT_BALANCE,
                    epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS, chain_id: str = DEVNET_CHAIN_ID,
                    genesis_time_ms: int = 0, verification: Mapping[str, Any] | None = None,
-                   **params: int) -> Genesis:
+                   seed_commitments: list[bytes] | None = None, **params: int) -> Genesis:
     """Equal weights for every participant, ``client_balance`` for every client, each model at 1
     per token; ``params`` overrides other entries of the parameters table. ``verification``:
     the metric's parameters (thresholds per model, ``sprt`` rates), kept for ``models``."""
@@ -62,8 +72,11 @@ def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
         genesis_time_ms=genesis_time_ms,
         params=Params(price_per_token={m: 1 for m in models}, epoch_length_blocks=epoch_length_blocks,
                       **params),
-        participants=tuple(GenesisParticipant(pubkey=pk, weight=DEVNET_WEIGHT, models=models)
-                           for pk in participant_pubkeys),
+        participants=tuple(GenesisParticipant(pubkey=pk, weight=DEVNET_WEIGHT, models=models,
+                                              seed_commitment=commitment)
+                           for pk, commitment in zip(participant_pubkeys,
+                                                     seed_commitments or [b""] * len(participant_pubkeys),
+                                                     strict=True)),
         allocations={c: client_balance for c in clients},
         verification=pinned,
     )
@@ -94,7 +107,8 @@ def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[
     client_keys = [Keypair.generate() for _ in client_paths]
     genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], models,
                              client_balance, epoch_length_blocks, chain_id, int(time.time() * 1000),
-                             verification, **params)  # validated before writing
+                             verification, [epoch0_seed_commitment(k, chain_id) for k in node_keys],
+                             **params)  # validated before writing
     for key, path in zip(node_keys + client_keys, node_paths + client_paths):
         key.save(path)
     save_genesis(genesis, genesis_path)

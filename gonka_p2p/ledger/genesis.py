@@ -76,6 +76,7 @@ MAX_MODEL_NAME = 128
 MAX_ADDR_LEN = 256
 MAX_ADDRS = 8
 MAX_MODELS = 16
+SEED_COMMITMENT_BYTES = 32
 MAX_VERIFICATION_DEPTH = 4  # verification.models.<model>.calibration
 MAX_VERIFICATION_BYTES = 65_536
 _HASH_DOMAIN = b"gonka-p2p/genesis/v1\x00"
@@ -205,12 +206,18 @@ _AT_MOST_PPM = {"floor_mid_ppm", "floor_low_ppm", "miss_rate_limit_ppm", "valida
 
 @dataclass(frozen=True)
 class GenesisParticipant:
-    """A participant known from the start. ``weight`` is its voting power and draw weight."""
+    """A participant known from the start. ``weight`` is its voting power and draw weight.
+
+    ``seed_commitment``: its validation seed commitment for epoch 0 (``rules.seed_commitment``),
+    empty for none. Seeds for an epoch are committed during the epoch before it, which
+    epoch 0 does not have; without commitments in genesis nothing served in epoch 0 could
+    be checked, and a cheater would be paid for it."""
 
     pubkey: bytes
     weight: int
     addrs: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    seed_commitment: bytes = b""
 
     @property
     def peer_id(self) -> str:
@@ -252,7 +259,8 @@ class Genesis:
             "params": {f.name: (dict(self.params.price_per_token) if f.name == "price_per_token"
                                 else getattr(self.params, f.name)) for f in fields(Params)},
             "participants": [{"pubkey": p.pubkey.hex(), "weight": p.weight,
-                              "addrs": list(p.addrs), "models": list(p.models)}
+                              "addrs": list(p.addrs), "models": list(p.models),
+                              "seed_commitment": p.seed_commitment.hex()}
                              for p in self.participants],
             "allocations": dict(self.allocations),
             "verification": _plain_tree(self.verification),
@@ -287,15 +295,12 @@ def genesis_from_obj(obj: Any) -> Genesis:
         where = f"participants[{i}]"
         if not isinstance(p, dict):
             raise GenesisError(f"{where} must be a table")
-        _only(p, {"pubkey", "weight", "addrs", "models"}, where)
-        try:
-            pubkey = bytes.fromhex(_str(p.get("pubkey"), f"{where}.pubkey"))
-        except ValueError:
-            raise GenesisError(f"{where}.pubkey is not hex") from None
+        _only(p, {"pubkey", "weight", "addrs", "models", "seed_commitment"}, where)
         participants.append(GenesisParticipant(
-            pubkey=pubkey, weight=_int(p.get("weight"), f"{where}.weight"),
+            pubkey=_hex(p.get("pubkey"), f"{where}.pubkey"), weight=_int(p.get("weight"), f"{where}.weight"),
             addrs=tuple(_str_list(p.get("addrs", []), f"{where}.addrs")),
-            models=tuple(_str_list(p.get("models", []), f"{where}.models"))))
+            models=tuple(_str_list(p.get("models", []), f"{where}.models")),
+            seed_commitment=_hex(p.get("seed_commitment", ""), f"{where}.seed_commitment")))
     allocations = obj.get("allocations", {})
     if not isinstance(allocations, dict):
         raise GenesisError("[allocations] must be a table of peer id = amount")
@@ -346,7 +351,8 @@ def genesis_to_toml(genesis: Genesis) -> str:
     for p in obj["participants"]:
         lines += ["", "[[participants]]", f"pubkey = {q(p['pubkey'])}",
                   f"weight = {p['weight']}  # voting power and executor-draw weight",
-                  f"addrs = {q(p['addrs'])}", f"models = {q(p['models'])}"]
+                  f"addrs = {q(p['addrs'])}", f"models = {q(p['models'])}",
+                  f"seed_commitment = {q(p['seed_commitment'])}  # epoch 0's validation seed, committed"]
     lines += ["", "[allocations]  # initial balances, coin units, by peer id"]
     lines += [f"{q(account)} = {amount}" for account, amount in obj["allocations"].items()]
     if obj["verification"]:
@@ -406,6 +412,8 @@ def _validate(g: Genesis) -> None:
             raise GenesisError(f"{where}.addrs: at most {MAX_ADDRS} of <= {MAX_ADDR_LEN} chars")
         if len(part.models) > MAX_MODELS:
             raise GenesisError(f"{where}.models: at most {MAX_MODELS}")
+        if len(part.seed_commitment) not in (0, SEED_COMMITMENT_BYTES):
+            raise GenesisError(f"{where}.seed_commitment must be {SEED_COMMITMENT_BYTES} bytes (or empty)")
         for model in part.models:
             if model not in p.price_per_token:
                 raise GenesisError(f"{where} serves {model!r}, which has no price")
@@ -461,6 +469,13 @@ def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:
     extra = set(obj) - allowed
     if extra:
         raise GenesisError(f"{where}: unknown keys {', '.join(sorted(map(str, extra)))}")
+
+
+def _hex(value: Any, where: str) -> bytes:
+    try:
+        return bytes.fromhex(_str(value, where))
+    except ValueError:
+        raise GenesisError(f"{where} is not hex") from None
 
 
 def _int(value: Any, where: str) -> int:

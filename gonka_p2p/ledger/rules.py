@@ -224,7 +224,7 @@ def epoch_settled_at(height: int, params: Params) -> int | None:
 
 def seed_commit_open(epoch: int, height: int, params: Params) -> bool:
     """A seed for ``epoch`` is committed during the epoch before it, so that it is fixed before
-    any of the epoch's inferences exist (epoch 0 therefore has none: the bootstrap epoch)."""
+    any of the epoch's inferences exist (epoch 0's come with the genesis file)."""
     return epoch >= 1 and epoch_of(height, params) == epoch - 1
 
 
@@ -483,8 +483,8 @@ def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, 
 
 
 def epoch_reward_pools(epoch: int, params: Params) -> tuple[int, int]:
-    """(executor pool, validator pool) of an epoch's reward. Epoch 0 has none: no seed could be
-    committed before it, so none of its work was checked."""
+    """(executor pool, validator pool) of an epoch's reward. Epoch 0, the bootstrap epoch, has
+    none: its validators are whoever the genesis file gave a seed commitment, perhaps nobody."""
     if epoch == 0:
         return 0, 0
     validators = params.epoch_reward * params.validator_share_ppm // PPM

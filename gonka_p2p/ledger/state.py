@@ -745,6 +745,9 @@ class LedgerState:
             state.accounts.put(address, Account(amount, 0))
         state.epochs.put(0, EpochInfo(traffic=0, floor_ppm=validation_floor_ppm(0, state.params),
                                       validators=tuple(state.weights().items())))
+        for p in genesis.participants:  # epoch 0 has no epoch before it to commit seeds in
+            if p.seed_commitment and p.weight > 0:
+                state.add_commitment(0, p.peer_id, SeedCommitment(p.seed_commitment, 0))
         state._commit(coins_created=genesis.supply)  # every record is new: a full check
         return state
 
