@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.client import GonkaClient
@@ -44,3 +46,17 @@ async def client_for(hub: MemoryHub, ta: Node, seed: bytes = b"client") -> Gonka
     await service.start()
     peer = await service.connect(ta.service.listen_addrs[0])
     return GonkaClient(key, service, peer)
+
+
+def ready_address(proc: subprocess.Popen[str], timeout: float) -> str | None:
+    """The address a ``gonka-p2p node`` process prints on its READY line; None when it exits
+    or ``timeout`` passes first."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("READY "):
+            return line.split()[1]
+        if not line and proc.poll() is not None:
+            return None
+    return None

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ready_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
@@ -49,16 +50,13 @@ class NodeProcess:
         self.addr = ""
 
     def wait_ready(self, timeout: float = 240) -> str:
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("READY "):
-                self.addr = line.split()[1]
-                return self.addr
-            if not line and self.proc.poll() is not None:
-                raise AssertionError(f"node exited: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-        raise AssertionError("node not ready in time")
+        addr = ready_address(self.proc, timeout)
+        if addr is None:
+            exited = self.proc.poll() is not None
+            raise AssertionError(f"node exited: {self.proc.stderr.read()}" if exited  # type: ignore[union-attr]
+                                 else "node not ready in time")
+        self.addr = addr
+        return addr
 
     def stop(self) -> str:
         self.proc.terminate()

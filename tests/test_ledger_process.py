@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from helpers import ready_address
 
 from gonka_p2p.client import GonkaClient, NetworkUnavailable
 from gonka_p2p.gossip.libp2p_service import Libp2pService
@@ -71,16 +72,11 @@ class Node:
         self.addr = ""
 
     def wait_ready(self, timeout: float = 120) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("READY "):
-                self.addr = line.split()[1]
-                return self.addr
-            if not line and self.proc.poll() is not None:
-                break
-        raise AssertionError(f"node not ready: {self.log.read_text()[-3000:]}")
+        addr = ready_address(self.proc, timeout)
+        if addr is None:
+            raise AssertionError(f"node not ready: {self.log.read_text()[-3000:]}")
+        self.addr = addr
+        return addr
 
     def stop(self) -> int:
         if self.proc.poll() is None:

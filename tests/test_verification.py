@@ -17,6 +17,7 @@ import torch
 
 from gonka_p2p.inference import cheats, verification
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.cheating_engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform
@@ -228,7 +229,7 @@ async def test_gross_cheats_fail(engine: TorchEngine, cheat: str) -> None:
 
 
 async def test_cheating_engine_streams_the_claim_through_the_engine_interface(engine: TorchEngine) -> None:
-    cheater = cheats.CheatingEngine(engine, cheats.make_cheater("truncated", engine))
+    cheater = CheatingEngine(engine, "truncated")
     artifact = await cheats.generate_artifact(cheater, prompt(engine), GREEDY, b"seed-0")
     assert artifact == cheats.truncate(await honest(engine, GREEDY))
     assert failed_rules(await check(engine, artifact)) == {"length"}

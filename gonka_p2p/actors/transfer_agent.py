@@ -38,7 +38,7 @@ from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import EXECUTE_PROTOCOL, sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
@@ -104,20 +104,20 @@ def relayed_artifact(request: Signed[InferenceRequest], batches: list[TokenBatch
     """The artifact the executor committed to, rebuilt from the frames it signed, or None
     when they do not add up (a gap in the positions, or a response hash or token count
     other than the tokens streamed): the TA keeps only evidence that matches the claim."""
+    params = sampling_params(request.message)
+    k = params.logprobs_k
     steps: list[TokenStep] = []
     for batch in batches:
-        if batch.start != len(steps):
+        columns = (batch.token_ids, batch.logprobs, batch.top_ids, batch.top_logprobs)
+        if batch.start != len(steps) or len({len(c) for c in columns}) != 1:
             return None
-        steps += [TokenStep(t, lp, tuple(ids), tuple(lps)) for t, lp, ids, lps in
-                  zip(batch.token_ids, batch.logprobs, batch.top_ids, batch.top_logprobs, strict=True)]
+        if any(len(ids) != k or len(lps) != k for ids, lps in zip(batch.top_ids, batch.top_logprobs)):
+            return None  # the artifact's rows hold exactly k alternatives
+        steps += [TokenStep(t, lp, tuple(ids), tuple(lps)) for t, lp, ids, lps in zip(*columns)]
     if len(steps) != finished.completion_tokens or len(finished.prompt_ids) != finished.prompt_tokens:
         return None
-    artifact = InferenceArtifact(request.message.model, tuple(finished.prompt_ids),
-                                 sampling_params(request.message), request.digest, tuple(steps))
-    try:
-        artifact.encode()  # the fixed-size rows: k alternatives at every position
-    except ArtifactError:
-        return None
+    artifact = InferenceArtifact(request.message.model, tuple(finished.prompt_ids), params,
+                                 request.digest, tuple(steps))
     return artifact if response_hash(artifact.completion_ids) == finished.response_hash else None
 
 

@@ -20,22 +20,21 @@ Three families, all built on the real engines rather than on copies of them:
 * **Tampered artifact** -- pure functions on an honest artifact:
   :func:`truncate`, :func:`alter_token`, :func:`fabricate_logprobs`.
 
-:class:`CheatingEngine` puts any strategy behind the ``Engine`` interface, so
-an unmodified executor actor streams and commits the cheat's claim.
+``cheating_engine.CheatingEngine`` puts any of them behind the ``Engine``
+interface, so an unmodified executor actor streams and commits the cheat's claim.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact
-from gonka_p2p.inference.engine import Engine, EngineError, ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import LocalModel
+from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.inference.torch_engine import TorchEngine
 
@@ -288,39 +287,3 @@ def make_cheater(name: str, engine: Engine) -> Strategy:
     }
     cheap = variant_engine(engine, transforms[name])
     return prefill(cheap, engine) if name == "prefill" else honest(cheap)
-
-
-class CheatingEngine:
-    """An ``Engine`` whose ``generate`` streams what ``strategy`` claims instead of honest
-    work; everything else is ``engine``'s. Plugged into an executor actor (the demo's
-    ``--cheater``, the simulator), it makes that executor cheat with no change to the
-    actor, which records the requested parameters and the streamed steps as usual."""
-
-    def __init__(self, engine: Engine, strategy: Strategy) -> None:
-        self._engine = engine
-        self._strategy = strategy
-        self.model_name = engine.model_name
-        self.eos_token_ids = engine.eos_token_ids
-
-    @property
-    def local_model(self) -> LocalModel:
-        return self._engine.local_model
-
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        return self._engine.encode_chat(messages)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._engine.decode(token_ids)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       seed: bytes) -> AsyncIterator[TokenStep]:
-        artifact = await self._strategy(prompt_ids, params, seed)
-        for step in artifact.steps:
-            yield step
-
-    async def score(self, prompt_ids: list[int], completion_ids: list[int], k: int,
-                    with_logits: bool = False) -> ScoredCompletion:
-        return await self._engine.score(prompt_ids, completion_ids, k, with_logits)
-
-    async def close(self) -> None:
-        await self._engine.close()
