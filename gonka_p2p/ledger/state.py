@@ -881,6 +881,14 @@ class LedgerState:
     def dispute(self, inference_id: bytes) -> Dispute | None:
         return self.disputes.get(inference_id)
 
+    def open_disputes_for(self, validator: str) -> list[bytes]:
+        """Inference ids of the open disputes whose committee seats ``validator`` and that it
+        has not voted on yet: a snapshot list, so a caller may await between items while
+        blocks open or prune disputes (never iterate the live table across an await)."""
+        return [iid for iid, dispute in self.disputes.rows.items()
+                if dispute.outcome is DisputeOutcome.OPEN and validator in dispute.committee
+                and (iid, validator) not in self.votes]
+
     def dispute_votes(self, inference_id: bytes) -> dict[str, Check]:
         dispute = self.disputes.get(inference_id)
         if dispute is None:
