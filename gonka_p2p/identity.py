@@ -7,14 +7,24 @@ account behind it. This module computes that id itself, without libp2p, so
 that sans-I/O code can map signatures to peers.
 
 Key files hold the 32-byte secret as hex and are written 0600; a key never
-leaves its owner's process or key file.
+leaves its owner's process or key file: ``repr``/``str`` of a key show only its
+peer id, and a key file that other users can read is refused (with the
+``chmod`` that fixes it) rather than trusted.
+
+Which key signs what: a participant's one key signs its libp2p identity
+(noise handshake), its ledger transactions, its consensus votes and
+proposals, the TA's execute orders, the executor's stream frames and
+artifact replies, and the validator's artifact queries; it also derives the
+participant's per-epoch validation seeds. A client's key signs only its
+inference requests and the transfers it makes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -52,9 +62,9 @@ def verify_signature(pubkey: bytes, signature: bytes, message: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Keypair:
-    """A secp256k1 key with the identities derived from it."""
+    """A secp256k1 key with the identities derived from it. Its repr names the peer, never the secret."""
 
-    secret: bytes
+    secret: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         if len(self.secret) != 32:
@@ -68,6 +78,11 @@ class Keypair:
     def from_seed(cls, seed: bytes) -> Keypair:
         """Deterministic key for tests and simulations (never for real money)."""
         return cls(PrivateKey(hashlib.sha256(b"gonka-test-key" + seed).digest()).secret)
+
+    def __repr__(self) -> str:
+        return f"Keypair(peer_id={self.peer_id!r})"
+
+    __str__ = __repr__
 
     @cached_property
     def _private(self) -> PrivateKey:
@@ -96,6 +111,17 @@ class Keypair:
 
     @classmethod
     def load(cls, path: Path) -> Keypair:
+        """Read a key file, refusing one that users other than its owner can read or write:
+        such a secret may already be someone else's, and money follows it."""
+        try:
+            mode = Path(path).stat().st_mode
+        except FileNotFoundError:
+            raise KeyFileError(f"key file {path} does not exist (create one with `gonka-p2p keygen`)")
+        except OSError as e:
+            raise KeyFileError(f"cannot read key file {path}: {e.strerror}")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(f"key file {path} is accessible to other users (mode "
+                               f"{stat.filemode(mode)}); restrict it with `chmod 600 {path}`")
         try:
             text = Path(path).read_text().strip()
         except FileNotFoundError:
