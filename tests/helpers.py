@@ -1,10 +1,19 @@
-"""Shared by the tests that build a network on the in-memory hub with the real tiny model."""
+"""What several test modules share: polling for a condition, a network on the in-memory hub
+with the real tiny model, and reading a node process's READY line.
+
+Tests wait for the signal they need (a commit, a height, an announcement) by polling it
+here, never by a fixed sleep: a fixed sleep is either too short on a loaded machine or
+wastes time on an idle one. No test module imports another; what two share lives here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.client import GonkaClient
@@ -14,6 +23,35 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
 
 MODEL = "tiny-llama"
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = "a condition", *,
+                     until: Callable[[T], bool] = bool, interval: float = 0.02) -> T:
+    """Poll ``probe`` (a function or a coroutine function) until ``until`` holds of its value,
+    and return that value; fail naming ``what`` and the last value once ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if until(value):  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def eventually_blocking(probe: Callable[[], T], timeout: float = 10.0, what: str = "a condition", *,
+                        until: Callable[[T], bool] = bool, interval: float = 1.0) -> T:
+    """:func:`eventually` for synchronous tests that drive subprocesses (no event loop to yield to)."""
+    deadline = time.monotonic() + timeout
+    while not until(value := probe()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+    return value
 
 
 async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node]:
@@ -36,8 +74,17 @@ async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node
                 await node.service.connect(other.service.listen_addrs[0])
     for node in nodes:
         await node.directory.announce_once()
-    await asyncio.sleep(0.05)
+    await all_announced(nodes)
     return nodes
+
+
+async def all_announced(nodes: list[Node], timeout: float = 30.0) -> None:
+    """Until every node's directory holds every other node that serves ``MODEL`` as live."""
+    executors = {node.key.peer_id for node in nodes if MODEL in node.config.models}
+    for node in nodes:
+        await eventually(lambda: set(node.directory.executor_weights(MODEL)), timeout,
+                         f"{node.key.peer_id[-6:]} to hear every executor's announcement",
+                         until=lambda seen: seen == executors - {node.key.peer_id})  # noqa: B023
 
 
 async def client_for(hub: MemoryHub, ta: Node, seed: bytes = b"client") -> GonkaClient:
