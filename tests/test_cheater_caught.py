@@ -8,11 +8,10 @@ network with the tiny model; epochs of a few seconds. Node 3 cheats.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
-from helpers import MODEL
+from helpers import MODEL, eventually
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica import ReplicaParams
@@ -20,7 +19,7 @@ from gonka_p2p.client import GonkaClient
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.cheating_engine import CheatingEngine
+from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.ledger.consensus_types import ConsensusParams
@@ -49,14 +48,6 @@ def engine() -> Engine:
     return load_engine("torch", MODEL)
 
 
-async def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize("cheat", ["int4", "prefill", "small-model"])
 async def test_cheater_is_caught_refunded_and_forfeits(engine: Engine, cheat: str, tmp_path: Path) -> None:
     hub = MemoryHub()
@@ -79,23 +70,27 @@ async def test_cheater_is_caught_refunded_and_forfeits(engine: Engine, cheat: st
         ledger = nodes[0].replica
         assert ledger is not None
         # Epoch 0 is the bootstrap epoch (seeds for epoch 1 are committed during it).
-        await wait_until(lambda: ledger.state.epoch >= 1, 180, "epoch 1")
+        await eventually(lambda: ledger.state.epoch >= 1, 180, "epoch 1")
 
         service = hub.service(CLIENT)
         await service.start()
         client = GonkaClient(CLIENT, service, await service.connect(nodes[0].service.listen_addrs[0]))
         balance_before = ledger.state.balance(CLIENT.peer_id)
         by_executor: dict[str, int] = {}
+        served: list[bytes] = []
         i = 0  # the draw is random: ask until the cheater served a few (a single cheat can look honest)
         while i < 12 or (by_executor.get(KEYS[CHEATER].peer_id, 0) < 3 and i < 40):
             completion = await client.chat([("user", f"Tell me about topic {i}.")], model=MODEL,
                                            max_tokens=16, temperature=0.7 if i % 2 else 0.0)
             by_executor[completion.executor] = by_executor.get(completion.executor, 0) + 1
+            served.append(completion.inference_id)
             i += 1
         assert by_executor.get(KEYS[CHEATER].peer_id, 0) >= 1, by_executor
-        await asyncio.sleep(2.0)  # the last Finish commits; its inference closes in this epoch at the latest
+        # Every Finish commits; the inferences close in this epoch at the latest.
+        await eventually(lambda: all((r := ledger.state.inference(iid)) is not None and r.status != "started"
+                                     for iid in served), 120, "every request's Finish to commit")
         last_epoch = ledger.state.epoch
-        await wait_until(lambda: all(n.replica.height > settlement_height(last_epoch, PARAMS)  # type: ignore[union-attr]
+        await eventually(lambda: all(n.replica.height > settlement_height(last_epoch, PARAMS)  # type: ignore[union-attr]
                                      for n in nodes), 300, "settlement of the epochs that hold the requests")
         state = ledger.state
         cheater, honest = KEYS[CHEATER].peer_id, [k.peer_id for k in KEYS[1:CHEATER]]
