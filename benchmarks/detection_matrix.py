@@ -2,7 +2,7 @@
 executors, per inference and per epoch, and what validation costs.
 
 Rows are executors (honest ones in four configurations, and each cheat of
-``gonka_p2p.inference.cheats``); each row runs ``--n`` inferences per sampling
+``gonka_p2p.adversary.cheats``); each row runs ``--n`` inferences per sampling
 mode (greedy; T=0.7 top-p 0.9) per model on generated prompts, and every
 artifact goes through what a validator does: decode the artifact bytes, score
 prompt + completion teacher-forced with the torch engine (fp32, one thread),
@@ -68,7 +68,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from gonka_p2p.inference import cheats, verification  # noqa: E402
+from gonka_p2p.adversary import cheats  # noqa: E402
+from gonka_p2p.inference import verification  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402

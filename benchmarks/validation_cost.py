@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from gonka_p2p.inference import cheats, verification  # noqa: E402
+from gonka_p2p.adversary import cheats  # noqa: E402
+from gonka_p2p.inference import verification  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402

@@ -58,6 +58,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from gonka_p2p.actors.node import run_node
+    from gonka_p2p.adversary.engine import cheating_loader
     from gonka_p2p.gossip.libp2p_service import Libp2pService
     from gonka_p2p.inference.factory import load_engine
     from gonka_p2p.ledger.genesis import load_genesis
@@ -82,7 +83,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         err_console.print(f"[green]node {node.key.peer_id} serving {config.models or 'as TA only'}"  # type: ignore[attr-defined]
                           f" at {addr}[/green]")
 
-    asyncio.run(run_node(config, Libp2pService, load_engine, genesis, ready))
+    loader = cheating_loader(load_engine, config.cheater) if config.cheater else load_engine
+    asyncio.run(run_node(config, Libp2pService, loader, genesis, ready))
     return 0
 
 
@@ -161,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cheat_name(name: str) -> str:
     """argparse type of ``--cheater``: the canonical cheat name, or a usage error listing them."""
-    from gonka_p2p.inference.cheats import cheat_named
+    from gonka_p2p.adversary.cheats import cheat_named
 
     try:
         return cheat_named(name)

@@ -41,7 +41,7 @@ class NodeConfig:
     http: str | None = None  # "HOST:PORT" of the OpenAI-compatible gateway
     data_dir: Path | None = None  # the ledger replica's store; None: next to the key file
     empty_block_interval: float = 5.0  # seconds; an idle chain still commits a block this often
-    cheater: str | None = None  # serve this cheat (gonka_p2p.inference.cheats.CHEATS): demos and tests
+    cheater: str | None = None  # serve this cheat (gonka_p2p.adversary.cheats.CHEATS): demos and tests
 
     @property
     def ledger_dir(self) -> Path:
@@ -61,7 +61,7 @@ class NodeConfig:
         if self.http is not None:
             parse_http_address(self.http)
         if self.cheater is not None:
-            from gonka_p2p.inference.cheats import CHEATS
+            from gonka_p2p.adversary.cheats import CHEATS
 
             if self.cheater not in CHEATS:
                 raise ConfigError(f"unknown cheat {self.cheater!r}: choose from {', '.join(CHEATS)}")

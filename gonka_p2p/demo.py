@@ -139,7 +139,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
                    cheater: str | None = None) -> int:
     """``cheater``: add one participant serving that cheat (``cheats.CHEATS``) and show
     the validators catching it within the epoch."""
-    from gonka_p2p.inference.cheats import CHEATS
+    from gonka_p2p.adversary.cheats import CHEATS
     from gonka_p2p.inference.models import resolve_model
 
     if nodes < 3:

@@ -15,9 +15,10 @@ import random
 import pytest
 import torch
 
-from gonka_p2p.inference import cheats, verification
+from gonka_p2p.adversary import cheats
+from gonka_p2p.inference import verification
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
-from gonka_p2p.inference.cheating_engine import CheatingEngine
+from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform

@@ -38,8 +38,8 @@ from gonka_p2p.actors.validator import ValidatorActor
 from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.cheating_engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.factory import EngineLoader
 from gonka_p2p.inference.verification import (
     VerificationParams,
     load_verification_params,
@@ -55,9 +55,6 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The node cannot start; the message says why, for people."""
-
-
-EngineLoader = Callable[[str, str], Engine]
 
 
 def verification_params_of(genesis: Genesis) -> VerificationParams:
@@ -143,10 +140,9 @@ class Node:
         self.directory.weights = state.weights()
 
     def load_engines(self, loader: EngineLoader) -> None:
-        """Load each served model; a ``cheater`` node serves that cheat (validators must catch it)."""
+        """Load each served model (a ``--cheater`` node's loader wraps each in its cheat)."""
         for model in self.config.models:
-            engine = loader(self.config.engine, model)
-            self.engines[model] = CheatingEngine(engine, self.config.cheater) if self.config.cheater else engine
+            self.engines[model] = loader(self.config.engine, model)
 
     async def start_actors(self) -> None:
         await self.directory.start()

@@ -20,7 +20,7 @@ Three families, all built on the real engines rather than on copies of them:
 * **Tampered artifact** -- pure functions on an honest artifact:
   :func:`truncate`, :func:`alter_token`, :func:`fabricate_logprobs`.
 
-``cheating_engine.CheatingEngine`` puts any of them behind the ``Engine``
+``engine.CheatingEngine`` puts any of them behind the ``Engine``
 interface, so an unmodified executor actor streams and commits the cheat's claim.
 """
 

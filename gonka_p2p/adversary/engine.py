@@ -6,14 +6,19 @@ strategy's artifact (``cheats.make_cheater``) instead of honest work. Its
 evidence is consistent with what it streamed and committed -- the lie is in
 *how* the tokens were made -- which is exactly what validators must catch.
 Everything else (tokenizer, stop tokens, scoring) is the honest engine's.
+
+The one hook into a node is its engine loader: :func:`cheating_loader` wraps
+whatever loads honest engines, so neither the engine factory nor the actors
+know that cheats exist.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from gonka_p2p.inference.cheats import Strategy, make_cheater
+from gonka_p2p.adversary.cheats import Strategy, make_cheater
 from gonka_p2p.inference.engine import Engine, ScoredCompletion, TokenStep
+from gonka_p2p.inference.factory import EngineLoader
 from gonka_p2p.inference.models import LocalModelFrontend
 from gonka_p2p.inference.sampler import SamplingParams
 
@@ -39,3 +44,10 @@ class CheatingEngine(LocalModelFrontend):
 
     async def close(self) -> None:
         await self._honest.close()
+
+
+def cheating_loader(load: EngineLoader, cheat: str) -> EngineLoader:
+    """``load``, but every engine it returns serves ``cheat`` (validators must catch it)."""
+    def load_cheating(kind: str, model: str) -> Engine:
+        return CheatingEngine(load(kind, model), cheat)
+    return load_cheating

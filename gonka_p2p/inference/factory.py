@@ -3,7 +3,11 @@ or a torch-only test never pays for importing vLLM."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gonka_p2p.inference.engine import Engine, EngineError
+
+EngineLoader = Callable[[str, str], Engine]  # (engine kind, model) -> engine: how a node loads its models
 
 
 def load_engine(kind: str, model: str) -> Engine:
