@@ -254,6 +254,14 @@ def test_the_verification_tree_is_part_of_the_genesis_identity() -> None:
     assert Genesis(**{**make_genesis().__dict__, "verification": other}).hash() != make_genesis().hash()
 
 
+def test_genesis_hash_golden_vector() -> None:
+    """A fixed genesis keeps its identity across refactorings (a new hash is a new network),
+    with the test's parameters and with every default."""
+    assert make_genesis().hash().hex() == "82f6ee67db578572684d218862a8994b1099dbba04ce9e1d98c42a8562027c4e"
+    defaults = Genesis(chain_id="golden", params=Params(price_per_token={"m": 1}))
+    assert defaults.hash().hex() == "4c666d822f2a73cd83bc9214e8ec6a99b4d87a4f500b97d9c9e66fd3972e754b"
+
+
 def test_genesis_supply_and_weights() -> None:
     g = make_genesis()
     assert g.supply == 150_010

@@ -6,7 +6,7 @@ compute the same states: the chain id, the genesis time, the participants
 (public key, weight = voting power and executor-draw weight, addresses,
 models), the initial balances and :class:`Params`, the parameters table.
 
-Units are fixed and written next to every parameter (``PARAM_UNITS``): coin
+Units are fixed and declared with every parameter (:class:`Params`): coin
 amounts are integers in the smallest coin unit (no floats ever reach the
 state), durations are counted in blocks except where they compare against a
 client-signed wall-clock timestamp (``request_window_ms``, milliseconds).
@@ -58,7 +58,7 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -86,50 +86,88 @@ class GenesisError(Exception):
     """The genesis record is unusable; the message names what and where, for people."""
 
 
+def _param(default: int, unit: str, *, positive: bool = False, maximum: int | None = None) -> Any:
+    """One parameter's single declaration: its default, its unit (written beside it in every
+    genesis TOML) and its bounds (checked by the loader), so the three cannot drift apart.
+    Every parameter is a non-negative integer; ``positive`` excludes 0, ``maximum`` caps it."""
+    return field(default=default, metadata={"unit": unit, "positive": positive, "maximum": maximum})
+
+
 @dataclass(frozen=True)
 class Params:
-    """The parameters table. Every field is a non-negative integer in the unit of ``PARAM_UNITS``.
+    """The parameters table. Every field is declared once, with its unit and bounds (:func:`_param`).
 
     Rates and probabilities are integers in parts per million (``PPM`` = 1.0);
     log-likelihood ratios are integers in micro-nats (1e-6 natural-log units),
     so that no float ever enters a state transition.
     """
 
-    epoch_length_blocks: int = 100
-    inference_deadline_blocks: int = 20
-    request_window_ms: int = 600_000
-    max_tx_bytes: int = 1_048_576
-    prompt_overhead_per_turn_tokens: int = 8
-    prompt_overhead_fixed_tokens: int = 16
-    max_held_finishes: int = 65_536
-    max_held_finishes_per_executor: int = 1_024
-    price_per_token: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    epoch_length_blocks: int = _param(
+        100, "blocks per epoch (epoch e holds heights e*L+1 .. (e+1)*L)", positive=True)
+    inference_deadline_blocks: int = _param(
+        20, "blocks after its StartInference within which a Finish must commit", positive=True)
+    request_window_ms: int = _param(
+        600_000, "ms either side of the block time a client request's timestamp may lie")
+    max_tx_bytes: int = _param(
+        1_048_576, "bytes; larger transactions are rejected before decoding", positive=True)
+    prompt_overhead_per_turn_tokens: int = _param(
+        8, "tokens the chat template may add per turn (escrow bound)")
+    prompt_overhead_fixed_tokens: int = _param(
+        16, "tokens the chat template may add per request (escrow bound)")
+    max_held_finishes: int = _param(
+        65_536, "FinishInference txs held, network-wide, while their Start is not committed", positive=True)
+    max_held_finishes_per_executor: int = _param(1_024, "of those, held for any one executor", positive=True)
+    price_per_token: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}),
+        metadata={"unit": "coin units per token (prompt and completion alike), per model; >= 1"})
     # -- verification: the validation-rate floor m(traffic), Gonka's schedule --
-    floor_full_until_inferences: int = 100
-    floor_mid_inferences: int = 5_000
-    floor_mid_ppm: int = 50_000
-    floor_low_inferences: int = 10_000
-    floor_low_ppm: int = 10_000
-    validation_cap_ppm: int = 990_000  # see rules.validation_ppm
+    floor_full_until_inferences: int = _param(
+        100, "inferences in the previous epoch up to which the validation floor is 100%")
+    floor_mid_inferences: int = _param(
+        5_000, "inferences at which the floor has fallen linearly to floor_mid_ppm")
+    floor_mid_ppm: int = _param(
+        50_000, "ppm; the validation floor at floor_mid_inferences", positive=True, maximum=PPM)
+    floor_low_inferences: int = _param(
+        10_000, "inferences at and above which the floor is floor_low_ppm (linear before)")
+    floor_low_ppm: int = _param(10_000, "ppm; the lowest validation floor", positive=True, maximum=PPM)
+    validation_cap_ppm: int = _param(  # see rules.validation_ppm
+        990_000, "ppm; the highest validation rate (at 100 % every validator checks everything)",
+        positive=True, maximum=PPM)
     # -- verification: windows --
-    validation_window_blocks: int = 30
-    dispute_voting_blocks: int = 10
-    dispute_committee_size: int = 3
+    validation_window_blocks: int = _param(
+        30, "blocks after an epoch's end during which its inferences may still be validated", positive=True)
+    dispute_voting_blocks: int = _param(
+        10, "blocks after a failed validation within which the committee votes", positive=True)
+    dispute_committee_size: int = _param(
+        3, "validators drawn (by weight, from the block hash) to vote on a dispute", positive=True)
     # -- reputation, misses --
-    reputation_growth_epochs: int = 30
-    miss_rate_limit_ppm: int = 100_000
+    reputation_growth_epochs: int = _param(
+        30, "clean epochs that take reputation from 0 to 1 (+1/N each)", positive=True)
+    miss_rate_limit_ppm: int = _param(
+        100_000, "ppm; an executor whose expired share of its inferences in an epoch is above it "
+        "drops to reputation 0", maximum=PPM)
     # -- rewards --
-    epoch_reward: int = 1_000_000
-    validator_share_ppm: int = 200_000
+    epoch_reward: int = _param(
+        1_000_000, "coin units minted at most per settled epoch (epoch 0 excepted); forfeits are not minted",
+        maximum=MAX_SUPPLY)
+    validator_share_ppm: int = _param(
+        200_000, "ppm of the epoch reward split by validation work; the rest by executed tokens", maximum=PPM)
     # -- the epoch test: two Wald SPRTs over checked inferences, log-likelihood ratios. --
-    # Defaults: the verification metric's design rates (inference/thresholds.toml [sprt]):
-    # honest fail 0.005, cheat fail 0.1, honest far 0.01, cheat far 0.3.
-    sprt_failed_hit_llr_micro: int = 2_995_732  # ln(0.1 / 0.005)
-    sprt_failed_miss_llr_micro: int = 100_348  # ln((1 - 0.005) / (1 - 0.1))
-    sprt_far_hit_llr_micro: int = 3_401_197  # ln(0.3 / 0.01)
-    sprt_far_miss_llr_micro: int = 346_625  # ln((1 - 0.01) / (1 - 0.3))
-    sprt_cheating_bound_micro: int = 9_200_290  # ln((1 - 0.01) / 1e-4)
-    sprt_honest_bound_micro: int = 4_605_070  # -ln(0.01 / (1 - 1e-4))
+    # Defaults: sprt_params_from_rates of the verification metric's design rates
+    # (inference/thresholds.toml [sprt]): honest fail 0.005, cheat fail 0.1, honest far 0.01, cheat far 0.3.
+    sprt_failed_hit_llr_micro: int = _param(  # ln(0.1 / 0.005)
+        2_995_732, "micro-nats; failure test: log-likelihood ratio (cheat:honest) added per failed inference",
+        positive=True)
+    sprt_failed_miss_llr_micro: int = _param(  # ln((1 - 0.005) / (1 - 0.1))
+        100_348, "micro-nats; failure test: subtracted per inference that did not fail", positive=True)
+    sprt_far_hit_llr_micro: int = _param(  # ln(0.3 / 0.01)
+        3_401_197, "micro-nats; distance test: added per failed or suspicious inference", positive=True)
+    sprt_far_miss_llr_micro: int = _param(  # ln((1 - 0.01) / (1 - 0.3))
+        346_625, "micro-nats; distance test: subtracted per clean inference", positive=True)
+    sprt_cheating_bound_micro: int = _param(  # ln((1 - 0.01) / 1e-4)
+        9_200_290, "micro-nats; a run reaching +this accuses the executor (final for the epoch)", positive=True)
+    sprt_honest_bound_micro: int = _param(  # -ln(0.01 / (1 - 1e-4))
+        4_605_070, "micro-nats; a run reaching -this accepts honest and restarts from 0", positive=True)
 
     def __post_init__(self) -> None:
         # Frozen means frozen: a caller's dict must not be able to change prices later.
@@ -140,6 +178,11 @@ class Params:
     def settlement_delay_blocks(self) -> int:
         """Blocks from an epoch's last block to its settlement: validations, then disputes."""
         return self.validation_window_blocks + self.dispute_voting_blocks
+
+
+# Name -> declaration, in table order: what the loader accepts, the writer annotates and
+# _validate bounds.
+PARAM_FIELDS: Mapping[str, Field[Any]] = MappingProxyType({f.name: f for f in fields(Params)})
 
 
 def sprt_params_from_rates(*, honest_fail_rate: float, honest_suspicious_rate: float,
@@ -161,47 +204,6 @@ def sprt_params_from_rates(*, honest_fail_rate: float, honest_suspicious_rate: f
         "sprt_cheating_bound_micro": micro(math.log((1.0 - beta) / alpha)),
         "sprt_honest_bound_micro": micro(-math.log(beta / (1.0 - alpha))),
     }
-
-
-PARAM_UNITS: Mapping[str, str] = MappingProxyType({
-    "epoch_length_blocks": "blocks per epoch (epoch e holds heights e*L+1 .. (e+1)*L)",
-    "inference_deadline_blocks": "blocks after its StartInference within which a Finish must commit",
-    "request_window_ms": "ms either side of the block time a client request's timestamp may lie",
-    "max_tx_bytes": "bytes; larger transactions are rejected before decoding",
-    "prompt_overhead_per_turn_tokens": "tokens the chat template may add per turn (escrow bound)",
-    "prompt_overhead_fixed_tokens": "tokens the chat template may add per request (escrow bound)",
-    "max_held_finishes": "FinishInference txs held, network-wide, while their Start is not committed",
-    "max_held_finishes_per_executor": "of those, held for any one executor",
-    "price_per_token": "coin units per token (prompt and completion alike), per model; >= 1",
-    "floor_full_until_inferences": "inferences in the previous epoch up to which the validation floor is 100%",
-    "floor_mid_inferences": "inferences at which the floor has fallen linearly to floor_mid_ppm",
-    "floor_mid_ppm": "ppm; the validation floor at floor_mid_inferences",
-    "floor_low_inferences": "inferences at and above which the floor is floor_low_ppm (linear before)",
-    "floor_low_ppm": "ppm; the lowest validation floor",
-    "validation_cap_ppm": "ppm; the highest validation rate (at 100 % every validator checks everything)",
-    "validation_window_blocks": "blocks after an epoch's end during which its inferences may still be validated",
-    "dispute_voting_blocks": "blocks after a failed validation within which the committee votes",
-    "dispute_committee_size": "validators drawn (by weight, from the block hash) to vote on a dispute",
-    "reputation_growth_epochs": "clean epochs that take reputation from 0 to 1 (+1/N each)",
-    "miss_rate_limit_ppm": "ppm; an executor whose expired share of its inferences in an epoch is above it drops to reputation 0",
-    "epoch_reward": "coin units minted at most per settled epoch (epoch 0 excepted); forfeits are not minted",
-    "validator_share_ppm": "ppm of the epoch reward split by validation work; the rest by executed tokens",
-    "sprt_failed_hit_llr_micro": "micro-nats; failure test: log-likelihood ratio (cheat:honest) added per failed inference",
-    "sprt_failed_miss_llr_micro": "micro-nats; failure test: subtracted per inference that did not fail",
-    "sprt_far_hit_llr_micro": "micro-nats; distance test: added per failed or suspicious inference",
-    "sprt_far_miss_llr_micro": "micro-nats; distance test: subtracted per clean inference",
-    "sprt_cheating_bound_micro": "micro-nats; a run reaching +this accuses the executor (final for the epoch)",
-    "sprt_honest_bound_micro": "micro-nats; a run reaching -this accepts honest and restarts from 0",
-})
-
-_POSITIVE = {"epoch_length_blocks", "inference_deadline_blocks", "max_tx_bytes",
-             "max_held_finishes", "max_held_finishes_per_executor", "floor_mid_ppm", "floor_low_ppm",
-             "validation_window_blocks", "dispute_voting_blocks", "validation_cap_ppm", "dispute_committee_size",
-             "reputation_growth_epochs", "sprt_failed_hit_llr_micro", "sprt_failed_miss_llr_micro",
-             "sprt_far_hit_llr_micro", "sprt_far_miss_llr_micro", "sprt_cheating_bound_micro",
-             "sprt_honest_bound_micro"}
-_AT_MOST_PPM = {"floor_mid_ppm", "floor_low_ppm", "miss_rate_limit_ppm", "validator_share_ppm",
-                "validation_cap_ppm"}
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ class Genesis:
             "chain_id": self.chain_id,
             "genesis_time_ms": self.genesis_time_ms,
             "params": {f.name: (dict(self.params.price_per_token) if f.name == "price_per_token"
-                                else getattr(self.params, f.name)) for f in fields(Params)},
+                                else getattr(self.params, f.name)) for f in PARAM_FIELDS.values()},
             "participants": [{"pubkey": p.pubkey.hex(), "weight": p.weight,
                               "addrs": list(p.addrs), "models": list(p.models),
                               "seed_commitment": p.seed_commitment.hex()}
@@ -280,7 +282,7 @@ def genesis_from_obj(obj: Any) -> Genesis:
     raw_params = obj.get("params", {})
     if not isinstance(raw_params, dict):
         raise GenesisError("[params] must be a table")
-    _only(raw_params, set(PARAM_UNITS), "[params]")
+    _only(raw_params, set(PARAM_FIELDS), "[params]")
     prices = raw_params.get("price_per_token", {})
     if not isinstance(prices, dict):
         raise GenesisError("[params.price_per_token] must be a table of model = price")
@@ -345,8 +347,8 @@ def genesis_to_toml(genesis: Genesis) -> str:
              f"genesis_time_ms = {obj['genesis_time_ms']}  # ms since the Unix epoch", "", "[params]"]
     for name, value in obj["params"].items():
         if name != "price_per_token":
-            lines.append(f"{name} = {value}  # {PARAM_UNITS[name]}")
-    lines += ["", f"[params.price_per_token]  # {PARAM_UNITS['price_per_token']}"]
+            lines.append(f"{name} = {value}  # {PARAM_FIELDS[name].metadata['unit']}")
+    lines += ["", f"[params.price_per_token]  # {PARAM_FIELDS['price_per_token'].metadata['unit']}"]
     lines += [f"{q(model)} = {price}" for model, price in obj["params"]["price_per_token"].items()]
     for p in obj["participants"]:
         lines += ["", "[[participants]]", f"pubkey = {q(p['pubkey'])}",
@@ -366,16 +368,16 @@ def _validate(g: Genesis) -> None:
     p = g.params
     if not (isinstance(g.chain_id, str) and 0 < len(g.chain_id) <= MAX_CHAIN_ID):
         raise GenesisError(f"chain_id must be a string of 1 to {MAX_CHAIN_ID} characters")
-    for f in fields(Params):
-        if f.name == "price_per_token":
+    for name, declared in PARAM_FIELDS.items():
+        if name == "price_per_token":
             continue
-        value = getattr(p, f.name)
+        value, bounds = getattr(p, name), declared.metadata
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise GenesisError(f"params.{f.name} must be a non-negative integer")
-        if f.name in _POSITIVE and value == 0:
-            raise GenesisError(f"params.{f.name} must be positive")
-        if f.name in _AT_MOST_PPM and value > PPM:
-            raise GenesisError(f"params.{f.name} is a rate in ppm: at most {PPM}")
+            raise GenesisError(f"params.{name} must be a non-negative integer")
+        if bounds["positive"] and value == 0:
+            raise GenesisError(f"params.{name} must be positive")
+        if bounds["maximum"] is not None and value > bounds["maximum"]:
+            raise GenesisError(f"params.{name} must be at most {bounds['maximum']} ({bounds['unit']})")
     if not p.floor_full_until_inferences < p.floor_mid_inferences < p.floor_low_inferences:
         raise GenesisError("params: the floor schedule needs floor_full_until_inferences < "
                            "floor_mid_inferences < floor_low_inferences")
@@ -384,8 +386,6 @@ def _validate(g: Genesis) -> None:
     if p.settlement_delay_blocks > p.epoch_length_blocks:
         raise GenesisError("params: validation_window_blocks + dispute_voting_blocks must not exceed "
                            "epoch_length_blocks (an epoch settles before the next one ends)")
-    if p.epoch_reward > MAX_SUPPLY:
-        raise GenesisError(f"params.epoch_reward exceeds {MAX_SUPPLY}")
     if not p.price_per_token:
         raise GenesisError("params.price_per_token must price at least one model")
     for model, price in p.price_per_token.items():
