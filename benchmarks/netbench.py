@@ -51,7 +51,6 @@ sys.path.insert(0, str(ROOT))
 
 import msgpack  # noqa: E402
 
-from gonka_p2p.actors.directory import ANNOUNCE_TOPIC  # noqa: E402
 from gonka_p2p.client import build_request  # noqa: E402
 from gonka_p2p.gossip.libp2p_service import Libp2pService  # noqa: E402
 from gonka_p2p.gossip.service import SendFrame  # noqa: E402
@@ -63,6 +62,7 @@ from gonka_p2p.wire.messages import (  # noqa: E402
     InferenceStarted,
     TokenBatch,
 )
+from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC  # noqa: E402
 from gonka_p2p.wire.schema import WireError  # noqa: E402
 
 TOKENS_PROTOCOL = "/gonka/bench/tokens/1"

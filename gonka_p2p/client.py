@@ -29,13 +29,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL, INFO_PROTOCOL
 from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import response_hash
 from gonka_p2p.ledger.consensus_wire import decode_frame_of, encode_frame
 from gonka_p2p.ledger.query import (
-    QUERY_PROTOCOL,
     AppHashQuery,
     AppHashReply,
     BalanceQuery,
@@ -60,6 +58,7 @@ from gonka_p2p.wire.messages import (
     NetworkInfo,
     TokenBatch,
 )
+from gonka_p2p.wire.protocols import INFER_PROTOCOL, INFO_PROTOCOL, QUERY_PROTOCOL
 from gonka_p2p.wire.schema import Message, WireError
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import FAST
 
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger.consensus_types import NEVER_SIGNED, ConsensusParams, VoteType, make_vote
+from gonka_p2p.ledger.consensus_types import NEVER_SIGNED, VoteType, make_vote
 from gonka_p2p.ledger.consensus_wire import (
-    CONSENSUS_TOPIC,
     ConsensusMessage,
     decode_frame,
     encode_frame,
@@ -29,6 +29,7 @@ from gonka_p2p.ledger.state import Block, decode_block
 from gonka_p2p.ledger.store import LedgerStore
 from gonka_p2p.ledger.transactions import Reason, Transfer
 from gonka_p2p.wire.envelope import seal
+from gonka_p2p.wire.protocols import CONSENSUS_TOPIC
 
 CHAIN = "gonka-replica-test"
 VALIDATORS = [Keypair.from_seed(f"replica-{i}".encode()) for i in range(4)]
@@ -38,11 +39,6 @@ GENESIS = Genesis(
     chain_id=CHAIN, params=Params(price_per_token={"m": 1}, epoch_length_blocks=1000),
     participants=tuple(GenesisParticipant(k.public_key, 10, models=("m",)) for k in VALIDATORS),
     allocations={c.peer_id: 1_000_000 for c in CLIENTS})
-FAST = ReplicaParams(
-    consensus=ConsensusParams(timeout_propose_ms=400, timeout_propose_delta_ms=100, timeout_prevote_ms=200,
-                              timeout_prevote_delta_ms=100, timeout_precommit_ms=200,
-                              timeout_precommit_delta_ms=100, rebroadcast_interval_ms=300),
-    tx_flush_s=0.01, empty_block_interval_s=0.3, snapshot_interval=4, sync_batch=4, request_timeout_s=2.0)
 
 
 class Cluster:

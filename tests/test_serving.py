@@ -10,8 +10,6 @@ import msgpack
 import pytest
 from helpers import MODEL, client_for, start_network
 
-from gonka_p2p.actors.artifact_server import ARTIFACT_PROTOCOL
-from gonka_p2p.actors.transfer_agent import INFER_PROTOCOL
 from gonka_p2p.client import (
     GonkaClient,
     ProtocolViolation,
@@ -33,6 +31,8 @@ from gonka_p2p.wire.messages import (
     InferenceRequest,
     TokenBatch,
 )
+from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL, INFER_PROTOCOL
+
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:

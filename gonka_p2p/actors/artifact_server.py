@@ -22,9 +22,8 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceFailed
+from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 from gonka_p2p.wire.schema import WireError
-
-ARTIFACT_PROTOCOL = "/gonka/artifact/1"
 
 
 class ArtifactStore:

@@ -24,11 +24,10 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService, PublishError
 from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import Announcement
+from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC
 from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)
-
-ANNOUNCE_TOPIC = "/gonka/announce/1"
 
 
 @dataclass

@@ -39,11 +39,11 @@ from gonka_p2p.wire.messages import (
     InferenceStarted,
     TokenBatch,
 )
+from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL
 from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)
 
-EXECUTE_PROTOCOL = "/gonka/execute/1"
 MAX_BATCH_TOKENS = 256  # per TokenBatch frame when a stream catches up (wire limit: 4096)
 
 FinishedHook = Callable[[Signed[InferenceRequest], InferenceArtifact, bytes], Awaitable[None]]

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 
 from gonka_p2p.actors.artifact_server import ArtifactStore
 from gonka_p2p.actors.directory import PeerDirectory
-from gonka_p2p.actors.executor import EXECUTE_PROTOCOL, sampling_params
+from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
@@ -51,12 +51,11 @@ from gonka_p2p.wire.messages import (
     NetworkInfo,
     TokenBatch,
 )
+from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL, INFER_PROTOCOL, INFO_PROTOCOL
 from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)
 
-INFER_PROTOCOL = "/gonka/infer/1"
-INFO_PROTOCOL = "/gonka/info/1"
 EXECUTOR_FRAMES = (InferenceStarted, TokenBatch, InferenceFinished, InferenceFailed)
 # An executor's refusal with one of these codes is about the request itself:
 # another executor would refuse it too, so the client gets it at once.

@@ -33,7 +33,6 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from gonka_p2p.actors.artifact_server import ARTIFACT_PROTOCOL
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
@@ -53,6 +52,7 @@ from gonka_p2p.ledger.transactions import (
 )
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest
+from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)

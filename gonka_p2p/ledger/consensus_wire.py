@@ -76,10 +76,6 @@ from gonka_p2p.wire.schema import (
 )
 
 FRAME_VERSION = 1
-CONSENSUS_TOPIC = "/gonka/ledger/consensus/1"
-TX_TOPIC = "/gonka/ledger/txs/1"
-SYNC_PROTOCOL = "/gonka/ledger/sync/1"
-BLOCK_PROTOCOL = "/gonka/ledger/block/1"
 
 MAX_BLOCK_BYTES = DEFAULT_MAX_BYTES  # the schema bound; ConsensusParams.max_block_bytes may be tighter
 MAX_VALIDATORS = 1024

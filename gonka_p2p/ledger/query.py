@@ -31,7 +31,6 @@ from gonka_p2p.ledger.transactions import MAX_CLIENT_REQUEST_BYTES, MAX_PEER_ID
 from gonka_p2p.wire.messages import HASH_BYTES
 from gonka_p2p.wire.schema import Message, WireError, bounded
 
-QUERY_PROTOCOL = "/gonka/ledger/query/1"
 MAX_LISTED_PARTICIPANTS = 4096
 
 

@@ -111,12 +111,8 @@ from gonka_p2p.ledger.consensus_types import (
     proposal_sign_bytes,
 )
 from gonka_p2p.ledger.consensus_wire import (
-    BLOCK_PROTOCOL,
-    CONSENSUS_TOPIC,
     MAX_SYNC_COUNT,
     MAX_TXS_PER_BATCH,
-    SYNC_PROTOCOL,
-    TX_TOPIC,
     BlockBody,
     BlockRequest,
     CommitRecord,
@@ -139,11 +135,12 @@ from gonka_p2p.ledger.consensus_wire import (
 )
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.mempool import Mempool, MempoolParams, TxRefused
-from gonka_p2p.ledger.query import QUERY_PROTOCOL, answer_frame
+from gonka_p2p.ledger.query import answer_frame
 from gonka_p2p.ledger.state import Block, BlockMismatch, LedgerState, Receipt, apply_block, check_block, decode_block
 from gonka_p2p.ledger.store import LedgerStore
 from gonka_p2p.ledger.transactions import decode_tx
 from gonka_p2p.ledger.validators import validator_set_after
+from gonka_p2p.wire.protocols import BLOCK_PROTOCOL, CONSENSUS_TOPIC, QUERY_PROTOCOL, SYNC_PROTOCOL, TX_TOPIC
 from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)
