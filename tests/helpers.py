@@ -16,15 +16,24 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from gonka_p2p.actors.node import Node
+from gonka_p2p.actors.replica.params import ReplicaParams
 from gonka_p2p.client import GonkaClient
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
+from gonka_p2p.ledger.consensus_types import ConsensusParams
 
 MODEL = "tiny-llama"
 
 T = TypeVar("T")
+
+# Consensus timeouts cut to a few hundred milliseconds, so that a test's replicas commit in seconds.
+FAST = ReplicaParams(
+    consensus=ConsensusParams(timeout_propose_ms=400, timeout_propose_delta_ms=100, timeout_prevote_ms=200,
+                              timeout_prevote_delta_ms=100, timeout_precommit_ms=200,
+                              timeout_precommit_delta_ms=100, rebroadcast_interval_ms=300),
+    tx_flush_s=0.01, empty_block_interval_s=0.3, snapshot_interval=4, sync_batch=4, request_timeout_s=2.0)
 
 
 async def eventually(probe: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = "a condition", *,

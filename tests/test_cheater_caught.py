@@ -8,13 +8,13 @@ network with the tiny model; epochs of a few seconds. Node 3 cheats.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import MODEL, eventually
+from helpers import FAST, MODEL, eventually
 
 from gonka_p2p.actors.node import Node
-from gonka_p2p.actors.replica import ReplicaParams
 from gonka_p2p.client import GonkaClient
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
@@ -22,7 +22,6 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.factory import load_engine
-from gonka_p2p.ledger.consensus_types import ConsensusParams
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.rules import settlement_height
 
@@ -36,11 +35,7 @@ PARAMS = Params(price_per_token={MODEL: 1}, epoch_length_blocks=14, validation_w
 GENESIS = Genesis(chain_id="gonka-verify-test", params=PARAMS,
                   participants=tuple(GenesisParticipant(k.public_key, 10, models=(MODEL,)) for k in KEYS),
                   allocations={CLIENT.peer_id: 1_000_000})
-FAST = ReplicaParams(
-    consensus=ConsensusParams(timeout_propose_ms=400, timeout_propose_delta_ms=100, timeout_prevote_ms=200,
-                              timeout_prevote_delta_ms=100, timeout_precommit_ms=200,
-                              timeout_precommit_delta_ms=100, rebroadcast_interval_ms=300),
-    tx_flush_s=0.01, empty_block_interval_s=0.25, snapshot_interval=8, sync_batch=8, request_timeout_s=2.0)
+REPLICA = replace(FAST, empty_block_interval_s=0.25, snapshot_interval=8, sync_batch=8)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ async def test_cheater_is_caught_refunded_and_forfeits(engine: Engine, cheat: st
         for i, key in enumerate(KEYS):
             config = NodeConfig(models=[MODEL], engine="torch", data_dir=tmp_path / f"n{i}",
                                 bootstrap=[nodes[0].service.listen_addrs[0]] if nodes else [])
-            node = Node(config, key, hub.service(key), None, GENESIS, replica_params=FAST)
+            node = Node(config, key, hub.service(key), None, GENESIS, replica_params=REPLICA)
             node.engines[MODEL] = CheatingEngine(engine, cheat) if i == CHEATER else engine
             await node.join()
             nodes.append(node)

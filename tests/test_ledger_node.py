@@ -9,13 +9,11 @@ FinishInference; the escrow settles to the executor's pending fees.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers import MODEL
-from test_replica import FAST
+from helpers import FAST, MODEL, all_announced, eventually
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.client import GonkaClient, RequestRejected, build_request
@@ -56,7 +54,7 @@ async def nodes(engine: Engine, tmp_path: Path) -> AsyncIterator[list[Node]]:
         nodes.append(node)
     stop = asyncio.Event()
     serving = [asyncio.create_task(n.serve(stop)) for n in nodes]
-    await asyncio.sleep(0.2)  # first announcements
+    await all_announced(nodes)
     yield nodes
     stop.set()
     await asyncio.gather(*serving)
@@ -71,10 +69,8 @@ async def client(hub_node: Node, key: Keypair) -> GonkaClient:
 
 
 async def settled(client: GonkaClient, inference_id: bytes, timeout: float = 15.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (record := await client.inference(inference_id)).status != "settled":
-        assert time.monotonic() < deadline, f"still {record.status!r}"
-        await asyncio.sleep(0.05)
+    record = await eventually(lambda: client.inference(inference_id), timeout, "the inference to settle",
+                              until=lambda r: r.status == "settled", interval=0.05)
     return record.cost
 
 
