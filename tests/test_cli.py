@@ -10,11 +10,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import ready_address
+from helpers import eventually_blocking, ready_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
@@ -158,14 +157,9 @@ def test_readme_network_by_hand(tmp_path: Path) -> None:
         b = NodeProcess("--key", "b.key", "--listen", f"/ip4/127.0.0.1/tcp/{pb}",
                         "--bootstrap", addr, cwd=tmp_path)
         b.wait_ready()
-        deadline = time.monotonic() + 30
-        while True:  # until a's directory has heard b's announcement
-            result = run_example("chat_client.py", addr, "What is the capital of France?",
-                                 "--max-tokens", "12")
-            if result.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert result.returncode == 0, result.stderr
+        result = eventually_blocking(  # until a's directory has heard b's announcement
+            lambda: run_example("chat_client.py", addr, "What is the capital of France?", "--max-tokens", "12"),
+            30, "a chat through a's TA", until=lambda r: r.returncode == 0)
         assert "Paris" in result.stdout
         assert f"executor {peer_a}" not in result.stdout  # a's TA never executes for itself
         sdk = run_example("openai_sdk.py", f"http://127.0.0.1:{http}/v1",

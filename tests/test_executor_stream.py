@@ -9,6 +9,7 @@ import random
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers import MODEL, client_for, start_network
 
 from gonka_p2p.actors.executor import TextStream, TokenBatches
 from gonka_p2p.client import TokensEvent
@@ -17,7 +18,6 @@ from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.models import load_local_model
 from gonka_p2p.inference.sampler import SamplingParams
-from tests.helpers import MODEL, client_for, start_network
 
 TEXTS = [
     "Plain English, with punctuation: commas, dots... and 'quotes'!",
@@ -69,7 +69,7 @@ def _steps(n: int) -> list[TokenStep]:
 async def test_a_consumer_that_keeps_up_gets_one_token_per_batch() -> None:
     async def paced() -> AsyncIterator[TokenStep]:
         for step in _steps(5):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the pace under test: slower than the consumer
             yield step
 
     batches = [b async for b in TokenBatches(paced())]

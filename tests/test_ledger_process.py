@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from helpers import ready_address
+from helpers import eventually, ready_address
 
 from gonka_p2p.client import GonkaClient, NetworkUnavailable
 from gonka_p2p.gossip.libp2p_service import Libp2pService
@@ -108,10 +108,8 @@ async def height_of(node: Node, client: GonkaClient) -> int:
 
 
 async def wait_height(node: Node, client: GonkaClient, height: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while (h := await height_of(node, client)) < height:
-        assert time.monotonic() < deadline, f"node {client.ta[-6:]} stuck at height {h} (want {height})"
-        await asyncio.sleep(0.25)
+    await eventually(lambda: height_of(node, client), timeout, f"node {client.ta[-6:]} to reach height {height}",
+                     until=lambda h: h >= height, interval=0.25)
 
 
 def test_init_refuses_bad_input(tmp_path: Path) -> None:
@@ -184,10 +182,8 @@ async def test_a_killed_node_restarts_catches_up_and_never_equivocates(tmp_path:
         await wait_height(nodes[3], clients[3], target)
         # It votes again, and only forward. Heights it caught up on were synced, not voted
         # on, so its first new vote may come a few heights later on a loaded machine.
-        deadline = time.monotonic() + 120
-        while persisted_safety(net, 3) <= safety_at_kill:
-            assert time.monotonic() < deadline, f"node 3 never voted past {safety_at_kill} after its restart"
-            await asyncio.sleep(0.5)
+        await eventually(lambda: persisted_safety(net, 3) > safety_at_kill, 120,
+                         f"node 3 to vote past {safety_at_kill} after its restart", interval=0.5)
 
         load.cancel()
         await asyncio.gather(load, return_exceptions=True)
