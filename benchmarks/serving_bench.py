@@ -258,7 +258,7 @@ class GatewayPath:
         import httpx
         import openai
 
-        from gonka_p2p.openai_auth import GonkaAuth
+        from gonka_p2p.openai.auth import GonkaAuth
 
         http = httpx.AsyncClient(auth=GonkaAuth(Keypair.generate()), timeout=300,
                                  limits=httpx.Limits(max_connections=256))
@@ -520,8 +520,7 @@ def gateway_unavailable() -> str | None:
     try:
         import openai  # noqa: F401
 
-        import gonka_p2p.actors.gateway  # noqa: F401
-        import gonka_p2p.openai_auth  # noqa: F401
+        import gonka_p2p.openai.gateway  # noqa: F401
     except ImportError as e:
         return f"gateway not available ({e.name} missing)"
     return None

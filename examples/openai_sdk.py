@@ -22,7 +22,7 @@ import openai
 
 from gonka_p2p.client import DEFAULT_MODEL
 from gonka_p2p.identity import Keypair
-from gonka_p2p.openai_auth import GonkaAuth
+from gonka_p2p.openai.auth import GonkaAuth
 
 
 def main() -> int:

@@ -19,9 +19,7 @@ import openai
 import pytest
 from helpers import start_network
 
-from gonka_p2p.actors.gateway import ALTERNATIVES_HEADER, ERRORS, Gateway, GatewayServer
 from gonka_p2p.actors.node import Node, StartupError
-from gonka_p2p.actors.openai_format import Vocabulary, load_vocabulary, token_json
 from gonka_p2p.actors.transfer_agent import TransferAgent
 from gonka_p2p.config import ConfigError, NodeConfig, parse_http_address
 from gonka_p2p.gossip.memory import MemoryHub
@@ -29,13 +27,15 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine, TokenStep
 from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.sampler import SamplingParams
-from gonka_p2p.openai_auth import (
+from gonka_p2p.openai.auth import (
     DEFAULT_MAX_TOKENS,
     REQUEST_HEADER,
     BodyError,
     GonkaAuth,
     parse_body,
 )
+from gonka_p2p.openai.format import Vocabulary, load_vocabulary, token_json
+from gonka_p2p.openai.gateway import ALTERNATIVES_HEADER, ERRORS, Gateway, GatewayServer
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import InferenceRequest, TokenBatch
 from gonka_p2p.wire.schema import WireError

@@ -30,7 +30,6 @@ from contextlib import AsyncExitStack
 from gonka_p2p.actors.artifact_server import ArtifactServer, ArtifactStore
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import ExecutorActor
-from gonka_p2p.actors.gateway import Gateway, GatewayServer
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.transfer_agent import TransferAgent
@@ -49,6 +48,7 @@ from gonka_p2p.ledger.genesis import Genesis, GenesisError
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.store import StoreError
 from gonka_p2p.ledger.validators import NoValidators
+from gonka_p2p.openai.gateway import Gateway, GatewayServer
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from gonka_p2p.client import FinishedEvent, TokensEvent
 from gonka_p2p.inference.engine import EngineError
-from gonka_p2p.openai_auth import OpenAIRequest
+from gonka_p2p.openai.auth import OpenAIRequest
 
 log = logging.getLogger(__name__)
 

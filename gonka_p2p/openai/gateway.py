@@ -7,10 +7,10 @@ decision the TA makes on the libp2p path (signature, staleness, replay,
 model, balance, executor draw, redraws) it makes here too, through
 ``TransferAgent.admit`` and ``route``. What the gateway adds is translation:
 
-1. Body -> :class:`OpenAIRequest` (``openai_auth.parse_body``), else 400
+1. Body -> :class:`OpenAIRequest` (``auth.parse_body``), else 400
    naming the parameter.
 2. The ``X-Gonka-Request`` header holds the client's signed envelope
-   (see ``openai_auth``); missing -> 401. It must say exactly what the body
+   (see ``auth``); missing -> 401. It must say exactly what the body
    says, field by field -> else 401 ``body_mismatch``: the account charged
    is the one that signed, for the request it signed.
 3. At most ``max_in_flight`` requests at once; beyond that 429 naming other
@@ -20,7 +20,7 @@ model, balance, executor draw, redraws) it makes here too, through
    positions, final response hash) before anything reaches the HTTP client,
    so a TA or executor that alters the output is refused here as a client
    would refuse it.
-5. Events -> OpenAI JSON or SSE chunks (``openai_format``).
+5. Events -> OpenAI JSON or SSE chunks (``format``).
 
 Every error is OpenAI's ``{"error": {message, type, param, code}}``, with the
 status from one table (:data:`ERRORS`) keyed by the same codes the TA and the
@@ -58,7 +58,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gonka_p2p.actors.directory import PeerDirectory
-from gonka_p2p.actors.openai_format import Answer, Json, Vocabulary, load_vocabulary
 from gonka_p2p.actors.transfer_agent import Rejected, TransferAgent
 from gonka_p2p.client import (
     FinishedEvent,
@@ -69,7 +68,8 @@ from gonka_p2p.client import (
     TokensEvent,
     StreamVerifier,
 )
-from gonka_p2p.openai_auth import REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
+from gonka_p2p.openai.auth import REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
+from gonka_p2p.openai.format import Answer, Json, Vocabulary, load_vocabulary
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest
 from gonka_p2p.wire.schema import WireError
@@ -299,7 +299,7 @@ def _matching_envelope(http: Request, request: OpenAIRequest) -> bytes:
     header = http.headers.get(REQUEST_HEADER)
     if not header:
         raise ApiError("missing_signature", f"no {REQUEST_HEADER} header: sign each request "
-                                            "with gonka_p2p.openai_auth.GonkaAuth")
+                                            "with gonka_p2p.openai.auth.GonkaAuth")
     try:
         envelope = base64.b64decode(header, validate=True)
     except binascii.Error:
