@@ -30,6 +30,7 @@ from pathlib import Path
 
 import base58
 from coincurve import PrivateKey, PublicKey
+from coincurve.ecdsa import cdata_to_der, der_to_cdata
 
 PUBKEY_BYTES = 33  # compressed secp256k1
 
@@ -53,8 +54,15 @@ def digest(data: bytes) -> bytes:
 
 
 def verify_signature(pubkey: bytes, signature: bytes, message: bytes) -> bool:
-    """True when ``signature`` (DER) over sha256(message) was made by ``pubkey``. Never raises."""
+    """True when ``signature`` (DER) over sha256(message) was made by ``pubkey``. Never raises.
+
+    Only the canonical encoding counts: libsecp256k1 already rejects high-S
+    signatures but parses padded, non-minimal DER, which would let anyone
+    re-encode a valid signature into other valid bytes -- and so change the
+    identity of whatever message carries it."""
     try:
+        if cdata_to_der(der_to_cdata(signature)) != signature:
+            return False
         return PublicKey(pubkey).verify(signature, message)
     except Exception:  # noqa: BLE001 - malformed keys or signatures are simply invalid
         return False

@@ -5,7 +5,7 @@ signer_pubkey, signature]``. The signature (secp256k1, DER, over SHA-256)
 covers a domain tag, the kind, the schema version and the body, so a
 signature for one kind can never be replayed as another. ``open_envelope``
 checks, in order: size, shape, kind is known and expected, schema version,
-signature, body schema -- and raises a typed :class:`WireError` on the first
+signature, body schema, canonical encoding -- and raises a typed :class:`WireError` on the first
 failure. The envelope's SHA-256 is its identity: a client request's digest is
 the inference id, and any alteration of a relayed message changes it.
 """
@@ -60,10 +60,7 @@ def seal(message: Message, key: Keypair) -> bytes:
     """Encode and sign ``message`` with ``key``."""
     body = message.encode()
     sig = key.sign(_signing_bytes(message.KIND, message.VERSION, body))
-    return msgpack.packb(
-        [ENVELOPE_VERSION, message.KIND, message.VERSION, body, key.public_key, sig],
-        use_bin_type=True,
-    )
+    return _pack_envelope(message.KIND, message.VERSION, body, key.public_key, sig)
 
 
 def open_envelope(data: bytes, *expected: type[M]) -> Signed[M]:
@@ -88,4 +85,14 @@ def open_envelope(data: bytes, *expected: type[M]) -> Signed[M]:
         raise BadSignature("signature or public key has the wrong size")
     if not verify_signature(pubkey, sig, _signing_bytes(kind, version, body)):
         raise BadSignature(f"{kind}: signature does not match its signer")
-    return Signed(message=cls.decode(body), signer=pubkey, raw=bytes(data))  # type: ignore[arg-type]
+    message = cls.decode(body)
+    if message.encode() != body or _pack_envelope(kind, version, body, pubkey, sig) != bytes(data):
+        # msgpack admits many encodings of one value (wider ints, str vs bin, map order);
+        # only the one seal() writes is accepted, so nobody but the signer can mint
+        # another valid envelope -- another identity -- for the same signed content.
+        raise Malformed(f"{kind}: not the canonical encoding")
+    return Signed(message=message, signer=pubkey, raw=bytes(data))  # type: ignore[arg-type]
+
+
+def _pack_envelope(kind: str, version: int, body: bytes, pubkey: bytes, sig: bytes) -> bytes:
+    return msgpack.packb([ENVELOPE_VERSION, kind, version, body, pubkey, sig], use_bin_type=True)

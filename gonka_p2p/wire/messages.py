@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gonka_p2p.wire.schema import Message, bounded
+from gonka_p2p.wire.schema import Message, bounded, each
 
 MAX_MODELS = 16
 MAX_ADDRS = 8
@@ -24,6 +24,11 @@ MAX_TURNS = 256
 MAX_PROMPT_IDS = 32_768  # tokens; above any served model's context
 NONCE_BYTES = 16
 HASH_BYTES = 32
+MAX_ADDR_CHARS = 256  # a multiaddr with a peer id is ~100 characters
+MAX_MODEL_CHARS = 128
+MAX_PEER_ID_CHARS = 64
+MAX_TOP_K = 20  # InferenceRequest.logprobs_k's bound
+TOKEN_ID = each(min_value=0, max_value=2**32 - 1)  # the artifact stores ids as u32
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,8 @@ class Announcement(Message):
     """A participant says who it is and what it serves; refreshed periodically."""
 
     KIND = "announcement"
-    addrs: list[str] = bounded(max_len=MAX_ADDRS)
-    models: list[str] = bounded(max_len=MAX_MODELS)
+    addrs: list[str] = bounded(max_len=MAX_ADDRS, items=each(max_len=MAX_ADDR_CHARS))
+    models: list[str] = bounded(max_len=MAX_MODELS, items=each(max_len=MAX_MODEL_CHARS))
     capacity: int = bounded(min_value=0, max_value=1_000_000)
     seq: int = bounded(min_value=0)
 
@@ -49,13 +54,13 @@ class InferenceRequest(Message):
     """Signed by the client. Its envelope digest is the inference id."""
 
     KIND = "inference_request"
-    model: str = bounded(max_len=128)
+    model: str = bounded(max_len=MAX_MODEL_CHARS)
     messages: list[ChatTurn] = bounded(max_len=MAX_TURNS)
     max_tokens: int = bounded(min_value=1, max_value=32768)
     temperature: float = bounded(min_value=0.0, max_value=10.0)
     top_p: float = bounded(min_value=0.0, max_value=1.0)
     top_k: int = bounded(min_value=0, max_value=1_000_000)
-    logprobs_k: int = bounded(min_value=5, max_value=20)
+    logprobs_k: int = bounded(min_value=5, max_value=MAX_TOP_K)
     timestamp_ms: int = bounded(min_value=0)
     nonce: bytes = bounded(max_len=NONCE_BYTES)
 
@@ -89,10 +94,10 @@ class TokenBatch(Message):
     KIND = "token_batch"
     inference_id: bytes = bounded(max_len=HASH_BYTES)
     start: int = bounded(min_value=0)
-    token_ids: list[int] = bounded(max_len=4096)
+    token_ids: list[int] = bounded(max_len=4096, items=TOKEN_ID)
     logprobs: list[float] = bounded(max_len=4096)
-    top_ids: list[list[int]] = bounded(max_len=4096)
-    top_logprobs: list[list[float]] = bounded(max_len=4096)
+    top_ids: list[list[int]] = bounded(max_len=4096, items=each(max_len=MAX_TOP_K, items=TOKEN_ID))
+    top_logprobs: list[list[float]] = bounded(max_len=4096, items=each(max_len=MAX_TOP_K))
     text: str = bounded(max_len=1024 * 1024)
 
 
@@ -110,7 +115,7 @@ class InferenceFinished(Message):
     prompt_tokens: int = bounded(min_value=0)
     completion_tokens: int = bounded(min_value=0)
     response_hash: bytes = bounded(max_len=HASH_BYTES)
-    prompt_ids: list[int] = bounded(max_len=MAX_PROMPT_IDS)
+    prompt_ids: list[int] = bounded(max_len=MAX_PROMPT_IDS, items=TOKEN_ID)
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,9 @@ class NetworkInfo(Message):
     """A TA's view of the network, signed: which live executors serve which models."""
 
     KIND = "network_info"
-    executors: list[str] = bounded(max_len=4096)
-    executor_models: list[list[str]] = bounded(max_len=4096)
+    executors: list[str] = bounded(max_len=4096, items=each(max_len=MAX_PEER_ID_CHARS))
+    executor_models: list[list[str]] = bounded(
+        max_len=4096, items=each(max_len=MAX_MODELS, items=each(max_len=MAX_MODEL_CHARS)))
 
 
 @dataclass(frozen=True)

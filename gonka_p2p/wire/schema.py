@@ -8,7 +8,15 @@ field has its declared type and lies inside its declared bounds, or raises a
 conservative sizes and are tightened per field with ``bounded(...)``.
 
 Supported field types: ``int``, ``float``, ``bool``, ``str``, ``bytes``,
-``list[T]`` and nested ``Message`` subclasses (encoded as maps).
+``list[T]`` and nested ``Message`` subclasses (encoded as maps). A list's
+items carry bounds of their own (``bounded(items=each(...))``), so a list of
+eight addresses cannot hold eight megabytes.
+
+Memory is bounded before trust: :func:`unpack` refuses input over its size
+limit before parsing, and counts the containers msgpack builds (an empty
+array costs one byte on the wire but ~64 bytes in Python), refusing input
+with more than one container per ``BYTES_PER_CONTAINER`` bytes -- so no
+decode allocates more than a small multiple of its input, whatever it holds.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ DEFAULT_MAX_STR = 64 * 1024
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ITEMS = 65536
 _INT64 = 2**63
+# Honest messages hold far fewer containers than one per 8 bytes (a token's
+# top-k row of ids and logprobs is ~75 bytes for two lists); a hostile one of
+# nested empty arrays would hold one per byte (~64x amplification).
+BYTES_PER_CONTAINER = 8
 
 
 class WireError(Exception):
@@ -53,10 +65,18 @@ class BadSignature(WireError):
     code = "bad_signature"
 
 
+def each(*, max_len: int | None = None, min_value: float | None = None,
+         max_value: float | None = None, items: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bounds of one value: ``max_len`` for str/bytes/list, value range for numbers, and
+    ``items`` (another ``each``) for the items of a list."""
+    return {"max_len": max_len, "min": min_value, "max": max_value, "items": items}
+
+
 def bounded(*, max_len: int | None = None, min_value: float | None = None,
-            max_value: float | None = None) -> Any:
-    """Field bounds: ``max_len`` for str/bytes/list, value range for numbers."""
-    return dataclasses.field(metadata={"max_len": max_len, "min": min_value, "max": max_value})
+            max_value: float | None = None, items: dict[str, Any] | None = None) -> Any:
+    """A schema field with the bounds of :func:`each`."""
+    return dataclasses.field(metadata=each(max_len=max_len, min_value=min_value,
+                                           max_value=max_value, items=items))
 
 
 M = TypeVar("M", bound="Message")
@@ -112,18 +132,42 @@ def message_class(kind: str) -> type[Message]:
         raise UnknownKind(f"unknown message kind {kind!r}") from None
 
 
-def unpack(data: bytes) -> Any:
-    """Bounded msgpack decode: never allocates more than the input justifies."""
+class _ContainerBudget:
+    """Counts the arrays and maps one decode builds; raises past its budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise Oversize("message holds more nested containers than its size justifies")
+
+    def on_list(self, value: list[Any]) -> list[Any]:
+        self._spend()
+        return value
+
+    def on_map(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        self._spend()
+        return dict(pairs)
+
+
+def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Bounded msgpack decode: never allocates more than a small multiple of the input."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise Malformed("expected bytes")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise Oversize(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(data) > max_bytes:
+        raise Oversize(f"message of {len(data)} bytes exceeds {max_bytes}")
+    budget = _ContainerBudget(16 + len(data) // BYTES_PER_CONTAINER)
     try:
         return msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True,
+            list_hook=budget.on_list, object_pairs_hook=budget.on_map,
             max_str_len=DEFAULT_MAX_BYTES, max_bin_len=DEFAULT_MAX_BYTES,
             max_array_len=DEFAULT_MAX_ITEMS, max_map_len=1024, max_ext_len=0,
         )
+    except Oversize:
+        raise
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             UnicodeDecodeError, TypeError) as e:
         raise Malformed(f"not valid msgpack: {e}") from None
@@ -157,7 +201,8 @@ def _check(value: Any, tp: Any, meta: Any, where: str) -> Any:
         if len(value) > limit:
             raise Oversize(f"{where}: {len(value)} items exceeds {limit}")
         (item_tp, *_rest) = typing.get_args(tp)
-        items = [_check(v, item_tp, None, f"{where}[{i}]") for i, v in enumerate(value)]
+        item_meta = meta.get("items") if meta else None
+        items = [_check(v, item_tp, item_meta, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if isinstance(tp, type) and issubclass(tp, Message):
         return tp.from_obj(value)
