@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import response_hash
 from gonka_p2p.ledger.consensus_wire import decode_frame_of, encode_frame
 from gonka_p2p.ledger.query import (
     AppHashQuery,
@@ -51,69 +50,26 @@ from gonka_p2p.ledger.query import (
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (
     ChatTurn,
-    InferenceFailed,
-    InferenceFinished,
     InferenceRequest,
-    InferenceStarted,
     NetworkInfo,
-    TokenBatch,
 )
 from gonka_p2p.wire.protocols import INFER_PROTOCOL, INFO_PROTOCOL, QUERY_PROTOCOL
 from gonka_p2p.wire.schema import Message, WireError
+from gonka_p2p.wire.stream import (
+    GonkaError,
+    ProtocolViolation,
+    RequestRejected,
+    StartedEvent,
+    StreamEvent,
+    StreamVerifier,
+    TokensEvent,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class GonkaError(Exception):
-    """Base of every error the client raises; ``code`` is stable, the message is for people."""
-
-    code = "error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class RequestRejected(GonkaError):
-    """The TA or the executor refused or failed the request (see ``code``)."""
-
-
 class NetworkUnavailable(GonkaError):
     code = "unreachable"
-
-
-class ProtocolViolation(GonkaError):
-    """A frame was unsigned, mis-signed, out of order or inconsistent: someone misbehaved."""
-
-    code = "protocol_violation"
-
-
-@dataclass(frozen=True)
-class StartedEvent:
-    inference_id: bytes
-    executor: str
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class TokensEvent:
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-
-
-@dataclass(frozen=True)
-class FinishedEvent:
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    response_hash: bytes
-
-
-StreamEvent = StartedEvent | TokensEvent | FinishedEvent
 
 
 @dataclass
@@ -292,49 +248,3 @@ class GonkaClient:
         assert completion is not None
         completion.elapsed_s = time.perf_counter() - t0
         return completion
-
-
-class StreamVerifier:
-    """Checks one response stream frame by frame (see the module docstring)."""
-
-    def __init__(self, inference_id: bytes) -> None:
-        self.inference_id = inference_id
-        self.executor: str | None = None
-        self.token_ids: list[int] = []
-        self.done = False
-
-    def accept(self, frame: bytes) -> StreamEvent | None:
-        try:
-            signed = open_envelope(frame, InferenceStarted, TokenBatch, InferenceFinished,
-                                   InferenceFailed)
-        except WireError as e:
-            raise ProtocolViolation(f"bad frame: {e}") from None
-        msg = signed.message
-        if isinstance(msg, InferenceFailed):
-            raise RequestRejected(msg.message, code=msg.code)
-        if self.executor is None:
-            if not isinstance(msg, InferenceStarted):
-                raise ProtocolViolation("stream did not begin with InferenceStarted")
-            self.executor = signed.signer_id
-        elif signed.signer_id != self.executor:
-            raise ProtocolViolation("a frame was signed by someone other than the executor")
-        if msg.inference_id != self.inference_id:
-            raise ProtocolViolation("a frame refers to another inference")
-        if isinstance(msg, InferenceStarted):
-            if self.token_ids:
-                raise ProtocolViolation("InferenceStarted after tokens")
-            return StartedEvent(msg.inference_id, self.executor, msg.prompt_tokens)
-        if isinstance(msg, TokenBatch):
-            n = len(msg.token_ids)
-            if not (len(msg.logprobs) == len(msg.top_ids) == len(msg.top_logprobs) == n):
-                raise ProtocolViolation("a token batch's per-token lists differ in length")
-            if msg.start != len(self.token_ids):
-                raise ProtocolViolation(f"token positions jump from {len(self.token_ids)} to {msg.start}")
-            self.token_ids += msg.token_ids
-            return TokensEvent(msg.text, list(msg.token_ids), list(msg.logprobs),
-                               [list(x) for x in msg.top_ids], [list(x) for x in msg.top_logprobs])
-        if msg.completion_tokens != len(self.token_ids) or msg.response_hash != response_hash(self.token_ids):
-            raise ProtocolViolation("the executor's final hash does not match the tokens streamed")
-        self.done = True
-        return FinishedEvent(msg.finish_reason, msg.prompt_tokens, msg.completion_tokens,
-                             msg.response_hash)

@@ -12,12 +12,12 @@ import pytest
 from helpers import MODEL, client_for, start_network
 
 from gonka_p2p.actors.executor import TextStream, TokenBatches
-from gonka_p2p.client import TokensEvent
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.models import load_local_model
 from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.wire.stream import TokensEvent
 
 TEXTS = [
     "Plain English, with punctuation: commas, dots... and 'quotes'!",

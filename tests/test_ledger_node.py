@@ -16,7 +16,7 @@ import pytest
 from helpers import FAST, MODEL, all_announced, eventually
 
 from gonka_p2p.actors.node import Node
-from gonka_p2p.client import GonkaClient, RequestRejected, build_request
+from gonka_p2p.client import GonkaClient, build_request
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
@@ -25,6 +25,7 @@ from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.wire.envelope import Signed, open_envelope
 from gonka_p2p.wire.messages import InferenceRequest
+from gonka_p2p.wire.stream import RequestRejected
 
 NODE_KEYS = [Keypair.from_seed(f"ledger-node-{i}".encode()) for i in range(4)]
 RICH, POOR = Keypair.from_seed(b"rich-client"), Keypair.from_seed(b"poor-client")

@@ -12,9 +12,6 @@ from helpers import MODEL, client_for, start_network
 
 from gonka_p2p.client import (
     GonkaClient,
-    ProtocolViolation,
-    RequestRejected,
-    StreamVerifier,
     build_request,
 )
 from gonka_p2p.gossip.memory import MemoryHub
@@ -32,6 +29,7 @@ from gonka_p2p.wire.messages import (
     TokenBatch,
 )
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL, INFER_PROTOCOL
+from gonka_p2p.wire.stream import ProtocolViolation, RequestRejected, StreamVerifier
 
 
 @pytest.fixture(scope="module")

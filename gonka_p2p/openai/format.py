@@ -24,9 +24,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from gonka_p2p.client import FinishedEvent, TokensEvent
 from gonka_p2p.inference.engine import EngineError
 from gonka_p2p.openai.auth import OpenAIRequest
+from gonka_p2p.wire.stream import FinishedEvent, TokensEvent
 
 log = logging.getLogger(__name__)
 

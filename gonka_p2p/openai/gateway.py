@@ -59,20 +59,20 @@ from starlette.types import Receive, Scope, Send
 
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.transfer_agent import Rejected, TransferAgent
-from gonka_p2p.client import (
-    FinishedEvent,
-    GonkaError,
-    ProtocolViolation,
-    StartedEvent,
-    StreamEvent,
-    TokensEvent,
-    StreamVerifier,
-)
 from gonka_p2p.openai.auth import REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
 from gonka_p2p.openai.format import Answer, Json, Vocabulary, load_vocabulary
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest
 from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.stream import (
+    FinishedEvent,
+    GonkaError,
+    ProtocolViolation,
+    StartedEvent,
+    StreamEvent,
+    StreamVerifier,
+    TokensEvent,
+)
 
 # Error code (the TA's, the wire's or the gateway's own) -> (HTTP status, OpenAI error type).
 ERRORS: dict[str, tuple[int, str]] = {
