@@ -1008,13 +1008,12 @@ def test_random_epochs_reach_every_outcome() -> None:
         assert outcomes[key] > 0, key
 
 
-# =========================================================================== speed
+# =========================================================================== a busy epoch
 
 
-def test_reveals_and_settlement_of_a_busy_epoch_are_fast() -> None:
-    """Measured: 1,000 inferences, 8 validators; each reveal hashes every inference once."""
-    import time
-
+def test_reveals_and_settlement_of_a_busy_epoch_check_every_inference() -> None:
+    """1,000 inferences, 8 validators at p = 1: every inference is checked and the epoch settles.
+    Timings belong to benchmarks (ledger_bench.py measures applying blocks), not to this test."""
     vkeys = {f"val{i}": Keypair.from_seed(f"econ-val{i}".encode()) for i in range(8)}
     KEYS.update(vkeys)
     PEER.update({n: k.peer_id for n, k in vkeys.items()})
@@ -1028,14 +1027,8 @@ def test_reveals_and_settlement_of_a_busy_epoch_are_fast() -> None:
     net.ok(*[net.start(r, "ex") for r in reqs], *[net.finish(r, "ex") for r in reqs])
     net.check_duties(1, who_all=tuple(weights))  # p = 1: 8,000 checks
     net.until(20)
-    started = time.perf_counter()
     net.ok(*[net.reveal(n, 1) for n in weights])
-    reveal = time.perf_counter() - started
     net.until(24)
-    started = time.perf_counter()
     net.block()
-    settle = time.perf_counter() - started
-    print(f"8 reveals over 1,000 inferences: {reveal * 1000:.0f} ms; settlement: {settle * 1000:.0f} ms")
     summary = net.state.epoch_summary(1)
     assert summary.inferences == summary.checked == 1000 and summary.minted > 0
-    assert reveal < 2.0 and settle < 2.0  # generous for loaded CI machines

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -812,21 +811,6 @@ def test_the_app_hash_covers_header_and_records() -> None:
     assert state.app_hash() != other.app_hash()
 
 
-def test_app_hash_is_stable_across_processes() -> None:
-    """A fixed genesis and block give a fixed hash (so do other interpreters and machines)."""
-    chain = Chain()
-    chain.block(chain.transfer("alice", PEER["bob"], 7))
-    code = (
-        "from tests.test_ledger_state import Chain, PEER\n"
-        "c = Chain(); c.block(c.transfer('alice', PEER['bob'], 7)); print(c.state.app_hash().hex())\n"
-    )
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"})
-    assert out.stdout.strip() == chain.state.app_hash().hex()
-
-
 # =========================================================================== storms
 
 
@@ -984,11 +968,12 @@ def test_storm_reaches_every_outcome() -> None:
     assert state.height == 60
 
 
-# =========================================================================== speed
+# =========================================================================== a big block
 
 
-def test_apply_block_of_1000_txs_is_well_under_a_second() -> None:
-    """Measured, not assumed: 1,000 mixed txs (transfers, starts, finishes) in one block."""
+def test_a_block_of_1000_mixed_txs_applies() -> None:
+    """1,000 txs (transfers, starts, finishes) in one block all apply. How long that takes is
+    measured by benchmarks/ledger_bench.py ("applying blocks"), not asserted here."""
     keys = [Keypair.from_seed(f"client{i}".encode()) for i in range(200)]
     genesis = replace(make_genesis(max_held_finishes=10_000, max_held_finishes_per_executor=10_000,
                                    request_window_ms=10**9),
@@ -1006,9 +991,5 @@ def test_apply_block_of_1000_txs_is_well_under_a_second() -> None:
         txs.append(seal(Transfer(chain_id=CHAIN, to=keys[(i + 1) % len(keys)].peer_id, amount=1,
                                  sequence=i // len(keys)), k))
     block = Block(1, state.last_block_hash, PEER["ta"], T0 + 1000, txs)
-    started = time.perf_counter()
     _, receipts = apply_block(state, block)
-    elapsed = time.perf_counter() - started
-    assert all(r.ok for r in receipts), [r for r in receipts if not r.ok][:3]
-    print(f"apply_block: {len(txs)} txs in {elapsed * 1000:.0f} ms ({len(txs) / elapsed:.0f} tx/s)")
-    assert elapsed < 2.0  # well under a second on one core; generous for loaded CI machines
+    assert len(receipts) == 1000 and all(r.ok for r in receipts), [r for r in receipts if not r.ok][:3]
