@@ -117,7 +117,7 @@ async def test_four_replicas_commit_submitted_transactions_and_agree(cluster: Cl
             for _ in range(5):
                 raw = transfer(client, replica.next_sequence(client.peer_id), amount=1 + round_)
                 hashes.append(replica.submit(raw))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # spreads the rounds over several blocks: the submission pattern under test
     committed = [await replicas[i % 4].wait_for_commit(h, timeout=15) for i, h in enumerate(hashes)]
     assert all(c.receipt.reason is Reason.OK for c in committed), [c.receipt for c in committed]
     top = max(c.height for c in committed)
@@ -133,7 +133,7 @@ async def test_an_idle_chain_makes_empty_blocks_only_every_interval(cluster: Clu
     replicas = [await cluster.start(i) for i in range(4)]
     await cluster.wait_all(2)
     h0, t0 = replicas[0].height, asyncio.get_running_loop().time()
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # the idle interval under test: its length bounds the blocks made in it
     blocks = replicas[0].height - h0
     elapsed = asyncio.get_running_loop().time() - t0
     assert 1 <= blocks <= elapsed / FAST.empty_block_interval_s + 1, (blocks, elapsed)
@@ -193,7 +193,7 @@ async def test_a_replica_cut_off_while_running_catches_up_through_request_commit
 
 async def test_a_replica_waits_for_a_quorum_of_validators_before_voting(cluster: Cluster) -> None:
     alone = await cluster.start(0)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # a window in which it must not start: an absence has no signal to wait for
     assert alone.core.height == -1 and alone.metrics.safety_writes == 0  # it has not started, nor signed
     for i in (1, 2):
         await cluster.start(i)
