@@ -14,7 +14,7 @@ prompt + completion teacher-forced with the torch engine (fp32, one thread),
   |claimed - recomputed| logprob, nats;
 * epoch detection -- share of simulated epochs (``--epoch-size`` validated
   inferences drawn with replacement from the row's verdicts) in which the
-  SPRT of ``verification.judge_epoch`` says "cheating";
+  ledger's epoch test (``rules.sprt_catches``) accuses the executor;
 * val/gen -- validation time (score + verify) over the row executor's
   generation time, summed over the row.
 
@@ -76,11 +76,12 @@ from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
 from gonka_p2p.inference.verification import (  # noqa: E402
     Evidence,
-    EpochDecision,
     Measurements,
     ModelThresholds,
     VerificationParams,
 )
+from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates  # noqa: E402
+from gonka_p2p.ledger.rules import sprt_catches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS_FILE = Path(verification.__file__).with_name("thresholds.toml")
@@ -324,9 +325,11 @@ def wilson_upper(failures: int, n: int, z: float = 1.96) -> float:
 
 
 def accusation_rate(epochs: Iterable[list[Evidence]], params: VerificationParams) -> float:
-    """Share of ``epochs`` (each one executor's validated verdicts) judged "cheating"."""
-    decisions = [verification.judge_epoch(epoch, params.sprt) for epoch in epochs]
-    return sum(d is EpochDecision.CHEATING for d in decisions) / len(decisions)
+    """Share of ``epochs`` (each one executor's validated verdicts) the ledger's epoch test
+    accuses, with the integer parameters a genesis derives from ``params``' rates."""
+    ledger = Params(**sprt_params_from_rates(**dataclasses.asdict(params.sprt)))
+    caught = [sprt_catches([e.observation for e in epoch], ledger) for epoch in epochs]
+    return sum(caught) / len(caught)
 
 
 def resampled_epochs(outcomes: list[Evidence], epoch_size: int, epochs: int,
@@ -543,10 +546,11 @@ def thresholds_toml(calibrated: dict[str, tuple[ModelThresholds, dict]], params:
         "",
         "[sprt]",
     ]
-    lines += [f"{f.name} = {getattr(params.sprt, f.name)!r}" for f in dataclasses.fields(params.sprt)]
+    lines += [f"{f.name} = {getattr(params.sprt, f.name)!r}  # {f.metadata['unit']}"
+              for f in dataclasses.fields(params.sprt)]
     for model, (thresholds, measured) in sorted(calibrated.items()):
         lines += ["", f'[models."{model}"]']
-        lines += [f"{f.name} = {value(getattr(thresholds, f.name))}"
+        lines += [f"{f.name} = {value(getattr(thresholds, f.name))}  # {f.metadata['unit']}"
                   for f in dataclasses.fields(thresholds)]
         lines += ["", f'[models."{model}".calibration]',
                   f"date = {value(time.strftime('%Y-%m-%d'))}",

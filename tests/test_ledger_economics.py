@@ -385,24 +385,6 @@ def test_sprt_params_come_from_the_metrics_rates_and_the_defaults_are_its_defaul
     assert set(derived) == {f.name for f in dataclasses.fields(Params) if f.name.startswith("sprt_")}
 
 
-def test_sprt_on_the_ledger_decides_as_the_verification_metrics_float_test_does() -> None:
-    verification = pytest.importorskip("gonka_p2p.inference.verification")
-    seed = 20_260_302
-    print(f"sprt agreement seed={seed}")
-    rng = random.Random(seed)
-    to_evidence = {Observation.CLEAN: verification.Evidence.CLEAN,
-                   Observation.SUSPICIOUS: verification.Evidence.SUSPICIOUS,
-                   Observation.FAILED: verification.Evidence.FAILED}
-    sprt = verification.SprtParams()
-    for _ in range(1000):
-        rates = rng.choice([(0.005, 0.005), (0.0, 0.05), (0.03, 0.1), (0.05, 0.3), (0.1, 0.0), (0.0, 0.3)])
-        obs = [Observation.FAILED if (u := rng.random()) < rates[0] else
-               Observation.SUSPICIOUS if u < sum(rates) else Observation.CLEAN
-               for _ in range(rng.randrange(1, 200))]
-        floats = verification.judge_epoch([to_evidence[o] for o in obs], sprt)
-        assert rules.sprt_catches(obs, params()) == (floats is verification.EpochDecision.CHEATING), obs
-
-
 def test_the_miss_rate_limit_is_a_share_of_the_executors_inferences() -> None:
     p = params(miss_rate_limit_ppm=100_000)
     assert not rules.miss_rate_exceeded(missed=1, completed=9, params=p)  # exactly 10 %

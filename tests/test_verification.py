@@ -24,17 +24,16 @@ from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.inference.verification import (
-    EpochDecision,
     Evidence,
     Measurements,
     ModelThresholds,
     SprtParams,
     Verdict,
-    judge_epoch,
     load_verification_params,
-    sprt_bounds,
     verify,
 )
+from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
+from gonka_p2p.ledger.rules import Observation, sprt_catches
 
 # Round test values, same order of magnitude as the calibrated ones (nats).
 THRESHOLDS = ModelThresholds(logprob_tolerance=1e-4, max_mean_distance=2e-5,
@@ -381,38 +380,39 @@ def test_sampled_near_tie_tolerance(offset: float, accepted: bool) -> None:
 # The epoch test
 
 
+# The ledger's epoch test (``rules.sprt_catches``) run with the integer parameters a genesis
+# derives from the metric's design rates: do those rates keep the promises they are designed to?
+DESIGN = SprtParams()
+LEDGER = Params(**sprt_params_from_rates(**dataclasses.asdict(DESIGN)))
+
+
 def draw(rng: random.Random, fail: float, suspicious: float) -> Evidence:
     x = rng.random()
     return Evidence.FAILED if x < fail else Evidence.SUSPICIOUS if x < fail + suspicious else Evidence.CLEAN
 
 
 def epoch_rate(fail: float, suspicious: float, epoch_size: int, epochs: int, seed: int) -> float:
-    """Share of epochs judged "cheating" when each verdict is drawn at the given rates."""
+    """Share of epochs accused when each verdict is drawn at the given rates."""
     rng = random.Random(seed)
-    sprt = SprtParams()
-    return sum(judge_epoch([draw(rng, fail, suspicious) for _ in range(epoch_size)], sprt)
-               is EpochDecision.CHEATING for _ in range(epochs)) / epochs
+    return sum(sprt_catches([draw(rng, fail, suspicious).observation for _ in range(epoch_size)], LEDGER)
+               for _ in range(epochs)) / epochs
 
 
 def test_sprt_rarely_accuses_an_executor_at_the_honest_design_rates() -> None:
-    sprt = SprtParams()
-    rate = epoch_rate(sprt.honest_fail_rate, sprt.honest_suspicious_rate, 50, 4000, seed=1)
+    rate = epoch_rate(DESIGN.honest_fail_rate, DESIGN.honest_suspicious_rate, 50, 4000, seed=1)
     assert rate <= 0.001
 
 
 def test_sprt_catches_the_weakest_designed_cheat_within_an_epoch() -> None:
-    sprt = SprtParams()
-    assert epoch_rate(sprt.cheat_fail_rate, sprt.cheat_suspicious_rate, 30, 2000, seed=2) >= 0.99
+    assert epoch_rate(DESIGN.cheat_fail_rate, DESIGN.cheat_suspicious_rate, 30, 2000, seed=2) >= 0.99
 
 
 def test_sprt_accuses_a_consistently_failing_executor_after_a_few_verdicts() -> None:
-    sprt = SprtParams()
-    _, upper = sprt_bounds(sprt)
-    step = max(math.log(sprt.cheat_fail_rate / sprt.honest_fail_rate),
-               math.log(sprt.cheat_suspicious_rate / sprt.honest_suspicious_rate))
-    needed = math.ceil(upper / step)
-    assert judge_epoch([Evidence.FAILED] * needed, sprt) is EpochDecision.CHEATING
-    assert judge_epoch([Evidence.FAILED] * (needed - 1), sprt) is EpochDecision.UNDECIDED
+    step = max(LEDGER.sprt_failed_hit_llr_micro, LEDGER.sprt_far_hit_llr_micro)
+    needed = math.ceil(LEDGER.sprt_cheating_bound_micro / step)
+    assert needed == 3
+    assert sprt_catches([Evidence.FAILED.observation] * needed, LEDGER)
+    assert not sprt_catches([Evidence.FAILED.observation] * (needed - 1), LEDGER)
 
 
 def test_sprt_catches_a_raised_failure_rate_without_suspicious_distances() -> None:
@@ -421,10 +421,13 @@ def test_sprt_catches_a_raised_failure_rate_without_suspicious_distances() -> No
 
 
 def test_sprt_keeps_testing_after_accepting_honest() -> None:
-    sprt = SprtParams()
-    assert judge_epoch([Evidence.CLEAN] * 60, sprt) is EpochDecision.HONEST
-    assert judge_epoch([Evidence.CLEAN] * 60 + [Evidence.SUSPICIOUS] * 5, sprt) is EpochDecision.CHEATING
-    assert judge_epoch([Evidence.CLEAN] * 2, sprt) is EpochDecision.UNDECIDED
+    clean, suspicious = Evidence.CLEAN.observation, Evidence.SUSPICIOUS.observation
+    assert not sprt_catches([clean] * 60, LEDGER)
+    assert sprt_catches([clean] * 60 + [suspicious] * 5, LEDGER)
+
+
+def test_every_verdict_outcome_is_an_observation_of_the_ledger() -> None:
+    assert {e.observation for e in Evidence} == set(Observation)
 
 
 # ---------------------------------------------------------------------------

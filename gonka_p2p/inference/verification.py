@@ -42,20 +42,17 @@ and the calibration that chose them (``benchmarks/detection_matrix.py
 ``verification`` table, written by ``gonka-p2p init``), so all its validators
 judge by the same numbers.
 
-Per executor per epoch, :func:`observe` folds verdicts into
-:class:`EpochEvidence`: two sequential probability ratio tests (Wald's SPRT,
-each restarted after it accepts "honest", so that an executor cannot build
-credit early in an epoch and cheat afterwards). Each verdict is failed,
-suspicious (valid, but its mean distance is above the honest bulk) or clean.
-The failure test asks whether failures come more often than honest noise
+Each verdict is failed, suspicious (valid, but its mean distance is above
+the honest bulk) or clean (:class:`Evidence`). Per executor per epoch the
+ledger folds them into its epoch test, two restarted Wald SPRTs in integer
+micro-nats (``ledger.rules.sprt_catches``; the only implementation): the
+failure test asks whether failures come more often than honest noise
 explains; the distance test whether failed-or-suspicious verdicts do -- the
 aggregate that catches a subtle cheat whose single outputs stay within the
-per-inference limits. Rates under "honest" are bounds above the calibrated
-ones, rates under "cheating" are design values (:class:`SprtParams`). The
-ledger settles epochs with the same two tests in integer micro-nats
-(``ledger.rules.sprt_catches``, parameters derived from these rates), and a
-test holds the two to the same decisions.
-:func:`epoch_decision` says honest / cheating / undecided.
+per-inference limits. Its integer parameters are derived, when a genesis is
+written (``ledger.genesis.sprt_params_from_rates``), from the design rates
+here (:class:`SprtParams`): rates under "honest" are bounds above the
+calibrated ones, rates under "cheating" the weakest cheat to catch.
 
 Pure: no I/O, clocks or randomness, except :func:`load_verification_params`,
 which reads the thresholds file (a package resource by default).
@@ -66,7 +63,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -78,6 +75,7 @@ import torch
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import ScoredCompletion
 from gonka_p2p.inference.sampler import claim_margins
+from gonka_p2p.ledger.rules import Observation
 
 # Bump when :func:`measure` would return other numbers for the same artifact and
 # scores: the detection benchmark keeps hours of measurements keyed by it (a faster
@@ -88,14 +86,23 @@ MEASURE_VERSION = 1
 # Parameters
 
 
+def _unit(unit: str, default: float | None = None) -> Any:
+    """A threshold's declaration with its unit (written beside it in ``thresholds.toml``)."""
+    return field(metadata={"unit": unit}) if default is None else field(default=default, metadata={"unit": unit})
+
+
 @dataclass(frozen=True)
 class ModelThresholds:
-    """Per-model verification thresholds. Units: nats (natural-log probability)."""
+    """Per-model verification thresholds, each positive and finite. Units: nats (natural-log probability)."""
 
-    logprob_tolerance: float  # nats: largest |claimed - recomputed| of any one logprob; near-tie width
-    max_mean_distance: float  # nats: largest mean |claimed - recomputed| of a reference-length output
-    suspicious_mean_distance: float  # nats: above it a valid output counts as suspicious in the SPRT
-    reference_tokens: int  # tokens: the output length the two mean limits were calibrated at
+    logprob_tolerance: float = _unit(
+        "nats; per single logprob, and the near-tie width of the sampling and top-k checks")
+    max_mean_distance: float = _unit(
+        "nats; mean |claimed - recomputed| logprob over one output's positions and k+1 values")
+    suspicious_mean_distance: float = _unit(
+        "nats; valid outputs above it count as suspicious in the epoch test")
+    reference_tokens: int = _unit(
+        "tokens; output length the mean limits hold at (shorter outputs: wider, see mean_limit)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -120,7 +127,8 @@ class ModelThresholds:
 
 @dataclass(frozen=True)
 class SprtParams:
-    """The epoch test: two Bernoulli SPRTs. Rates are probabilities per validated inference.
+    """The design rates of the ledger's epoch test (two Bernoulli SPRTs), each a probability
+    in (0, 1) per validated inference.
 
     The failure test watches "failed" verdicts, the distance test "failed or
     suspicious" ones (a failed output is at least as far from the model as a
@@ -130,12 +138,14 @@ class SprtParams:
     rates of one Wald run: honest accused, cheat cleared.
     """
 
-    honest_fail_rate: float = 0.005
-    cheat_fail_rate: float = 0.1
-    honest_suspicious_rate: float = 0.01
-    cheat_suspicious_rate: float = 0.3
-    alpha: float = 1e-4
-    beta: float = 0.01
+    honest_fail_rate: float = _unit("probability per inference that an honest output fails (upper bound)", 0.005)
+    cheat_fail_rate: float = _unit("probability per inference that the weakest targeted cheat fails", 0.1)
+    honest_suspicious_rate: float = _unit(
+        "probability per inference that an honest output fails or is suspicious (upper bound)", 0.01)
+    cheat_suspicious_rate: float = _unit(
+        "probability per inference that the weakest targeted cheat fails or is suspicious", 0.3)
+    alpha: float = _unit("probability that one Wald run accuses an honest executor", 1e-4)
+    beta: float = _unit("probability that one Wald run accepts a cheat as honest", 0.01)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -145,20 +155,6 @@ class SprtParams:
         if (self.cheat_fail_rate <= self.honest_fail_rate
                 or self.cheat_suspicious_rate <= self.honest_suspicious_rate):
             raise ValueError("a cheat must fail and look suspicious more often than an honest executor")
-
-
-PARAM_UNITS: Mapping[str, str] = MappingProxyType({
-    "logprob_tolerance": "nats; per single logprob, and the near-tie width of the sampling and top-k checks",
-    "max_mean_distance": "nats; mean |claimed - recomputed| logprob over one output's positions and k+1 values",
-    "suspicious_mean_distance": "nats; valid outputs above it count as suspicious in the epoch test",
-    "reference_tokens": "tokens; output length the mean limits hold at (shorter outputs: wider, see mean_limit)",
-    "honest_fail_rate": "probability per inference that an honest output fails (upper bound)",
-    "cheat_fail_rate": "probability per inference that the weakest targeted cheat fails",
-    "honest_suspicious_rate": "probability per inference that an honest output fails or is suspicious (upper bound)",
-    "cheat_suspicious_rate": "probability per inference that the weakest targeted cheat fails or is suspicious",
-    "alpha": "probability that one Wald run accuses an honest executor",
-    "beta": "probability that one Wald run accepts a cheat as honest",
-})
 
 
 @dataclass(frozen=True)
@@ -428,6 +424,11 @@ class Evidence(str, Enum):
     SUSPICIOUS = "suspicious"
     CLEAN = "clean"
 
+    @property
+    def observation(self) -> Observation:
+        """The same outcome as the ledger's epoch test (``rules.sprt_catches``) counts it."""
+        return Observation[self.name]
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -477,93 +478,3 @@ def verify(
     """Decide whether ``artifact`` is honest work: :func:`measure`, then :func:`judge`."""
     return judge(measure(artifact, recomputed, eos_token_ids=eos_token_ids,
                          expected_response=expected_response), thresholds)
-
-
-# ---------------------------------------------------------------------------
-# Per executor per epoch: two restarted Wald SPRTs over verdict outcomes
-
-
-class EpochDecision(str, Enum):
-    HONEST = "honest"  # both tests accepted "honest" at least once, neither accused
-    CHEATING = "cheating"  # a test crossed its upper boundary
-    UNDECIDED = "undecided"  # too little evidence to clear it (no accusation either)
-
-
-@dataclass(frozen=True)
-class WaldRun:
-    """One Bernoulli SPRT, restarted each time it accepts "honest"."""
-
-    llr: float = 0.0  # log-likelihood ratio (cheating : honest) of the current run
-    accepted_honest: int = 0  # runs that ended accepting "honest"
-    accused: bool = False  # a run ended accepting "cheating"; final for the epoch
-
-
-def sprt_bounds(sprt: SprtParams) -> tuple[float, float]:
-    """Wald's boundaries (lower, upper) on the log-likelihood ratio."""
-    return (math.log(sprt.beta / (1.0 - sprt.alpha)),
-            math.log((1.0 - sprt.beta) / sprt.alpha))
-
-
-def wald_step(run: WaldRun, hit: bool, honest_rate: float, cheat_rate: float,
-              sprt: SprtParams) -> WaldRun:
-    """Fold one Bernoulli observation into ``run``.
-
-    A run that accepts "honest" restarts from zero instead of stopping, so an
-    executor that behaves early in the epoch and cheats later is still tested
-    on the later evidence. The price: each restart is another chance of a
-    false accusation, so an epoch's false-accusation rate is at most about
-    ``alpha`` times the number of runs in it.
-    """
-    if run.accused:
-        return run
-    lower, upper = sprt_bounds(sprt)
-    if hit:
-        llr = run.llr + math.log(cheat_rate / honest_rate)
-    else:
-        llr = run.llr + math.log((1.0 - cheat_rate) / (1.0 - honest_rate))
-    if llr >= upper:
-        return replace(run, llr=llr, accused=True)
-    if llr <= lower:
-        return replace(run, llr=0.0, accepted_honest=run.accepted_honest + 1)
-    return replace(run, llr=llr)
-
-
-@dataclass(frozen=True)
-class EpochEvidence:
-    """One executor's epoch test so far. Start from ``EpochEvidence()``."""
-
-    failures: WaldRun = WaldRun()  # is its failure rate above honest noise?
-    distance: WaldRun = WaldRun()  # are its outputs further from the model than honest ones?
-    observed: int = 0
-    failed: int = 0
-    suspicious: int = 0
-
-
-def observe(state: EpochEvidence, evidence: Evidence, sprt: SprtParams) -> EpochEvidence:
-    """Fold one verdict's outcome into the epoch test."""
-    failed = evidence is Evidence.FAILED
-    far = evidence is not Evidence.CLEAN
-    return EpochEvidence(
-        failures=wald_step(state.failures, failed, sprt.honest_fail_rate, sprt.cheat_fail_rate, sprt),
-        distance=wald_step(state.distance, far, sprt.honest_suspicious_rate,
-                           sprt.cheat_suspicious_rate, sprt),
-        observed=state.observed + 1,
-        failed=state.failed + failed,
-        suspicious=state.suspicious + (evidence is Evidence.SUSPICIOUS),
-    )
-
-
-def epoch_decision(state: EpochEvidence) -> EpochDecision:
-    if state.failures.accused or state.distance.accused:
-        return EpochDecision.CHEATING
-    if state.failures.accepted_honest and state.distance.accepted_honest:
-        return EpochDecision.HONEST
-    return EpochDecision.UNDECIDED
-
-
-def judge_epoch(outcomes: list[Evidence], sprt: SprtParams) -> EpochDecision:
-    """The epoch decision for one executor's validated inferences, in validation order."""
-    state = EpochEvidence()
-    for outcome in outcomes:
-        state = observe(state, outcome, sprt)
-    return epoch_decision(state)
