@@ -1,9 +1,28 @@
-"""Test-wide settings. Thread counts are pinned before torch is imported: the
+"""Test-wide settings and fixtures. Thread counts are pinned before torch is imported: the
 machines are shared and oversubscribed BLAS threads make torch ~10x slower."""
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from gonka_p2p.inference.engine import Engine
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    """The tiny model on the torch engine, loaded once per module that asks for it. Imported
+    here, not at the top: torch must not load before the thread counts above are set."""
+    from helpers import MODEL
+
+    from gonka_p2p.inference.factory import load_engine
+
+    return load_engine("torch", MODEL)

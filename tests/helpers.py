@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,13 @@ async def client_for(hub: MemoryHub, ta: Node, seed: bytes = b"client") -> Gonka
     await service.start()
     peer = await service.connect(ta.service.listen_addrs[0])
     return GonkaClient(key, service, peer)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a node to bind, or to dial and fail)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ready_address(proc: subprocess.Popen[str], timeout: float) -> str | None:

@@ -21,7 +21,6 @@ from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.rules import settlement_height
 
@@ -36,11 +35,6 @@ GENESIS = Genesis(chain_id="gonka-verify-test", params=PARAMS,
                   participants=tuple(GenesisParticipant(k.public_key, 10, models=(MODEL,)) for k in KEYS),
                   allocations={CLIENT.peer_id: 1_000_000})
 REPLICA = replace(FAST, empty_block_interval_s=0.25, snapshot_interval=8, sync_batch=8)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return load_engine("torch", MODEL)
 
 
 @pytest.mark.parametrize("cheat", ["int4", "prefill", "small-model"])

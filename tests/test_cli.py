@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import eventually_blocking, ready_address
+from helpers import eventually_blocking, free_port, ready_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
@@ -31,12 +31,6 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     for needle in needles:
         assert needle in result.stderr.lower(), result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NodeProcess:

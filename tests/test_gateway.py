@@ -25,7 +25,6 @@ from gonka_p2p.config import ConfigError, NodeConfig, parse_http_address
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine, TokenStep
-from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.openai.auth import (
     DEFAULT_MAX_TOKENS,
@@ -43,11 +42,6 @@ from gonka_p2p.wire.schema import WireError
 MODEL = "tiny-llama"
 PROMPT = "Say hello."
 CLIENT = Keypair.from_seed(b"openai-client")
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return load_engine("torch", MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from helpers import eventually
+from helpers import eventually, free_port
 
 from gonka_p2p.gossip.libp2p_service import MAX_INBOUND_STREAMS, Libp2pService
 from gonka_p2p.gossip.service import (
@@ -54,12 +54,6 @@ async def link(a: Libp2pService, b: Libp2pService) -> None:
 
 async def echo(opener: str, request: bytes, send: SendFrame) -> None:
     await send(request)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- identity, addresses, security ---------------------------------------

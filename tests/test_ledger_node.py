@@ -21,7 +21,6 @@ from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.wire.envelope import Signed, open_envelope
 from gonka_p2p.wire.messages import InferenceRequest
@@ -32,11 +31,6 @@ RICH, POOR = Keypair.from_seed(b"rich-client"), Keypair.from_seed(b"poor-client"
 GENESIS = devnet_genesis([k.public_key for k in NODE_KEYS], [RICH.peer_id], models=(MODEL,))
 GENESIS = type(GENESIS)(chain_id=GENESIS.chain_id, params=GENESIS.params, participants=GENESIS.participants,
                         allocations={RICH.peer_id: 10_000, POOR.peer_id: 30})
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return load_engine("torch", MODEL)
 
 
 @pytest.fixture

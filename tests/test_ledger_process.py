@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from helpers import eventually, ready_address
+from helpers import eventually, free_port, ready_address
 
 from gonka_p2p.client import GonkaClient, NetworkUnavailable
 from gonka_p2p.gossip.libp2p_service import Libp2pService
@@ -48,12 +47,6 @@ def clean_failure(result: subprocess.CompletedProcess[str], needle: str) -> None
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     assert needle in result.stderr.lower().replace("\n", " "), result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Node:

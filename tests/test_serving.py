@@ -18,7 +18,6 @@ from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.factory import load_engine
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (
@@ -30,11 +29,6 @@ from gonka_p2p.wire.messages import (
 )
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL, INFER_PROTOCOL
 from gonka_p2p.wire.stream import ProtocolViolation, RequestRejected, StreamVerifier
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return load_engine("torch", MODEL)
 
 
 async def raw_stream(client: GonkaClient, frame: bytes) -> list[bytes]:
