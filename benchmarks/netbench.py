@@ -55,6 +55,7 @@ from gonka_p2p.client import build_request  # noqa: E402
 from gonka_p2p.gossip.libp2p_service import Libp2pService  # noqa: E402
 from gonka_p2p.gossip.service import SendFrame  # noqa: E402
 from gonka_p2p.identity import Keypair  # noqa: E402
+from gonka_p2p.inference.model_names import DEFAULT_MODEL  # noqa: E402
 from gonka_p2p.wire.envelope import open_envelope, seal  # noqa: E402
 from gonka_p2p.wire.messages import (  # noqa: E402
     Announcement,
@@ -283,7 +284,7 @@ class Driver:
         await self._reports()  # discard anything earlier
         started_ns = time.time_ns()
         async for _ in _paced(messages, rate):
-            msg = Announcement(addrs=self.service.listen_addrs, models=["smollm2-135m"],
+            msg = Announcement(addrs=self.service.listen_addrs, models=[DEFAULT_MODEL],
                                capacity=16, seq=time.time_ns())
             await self.service.publish(ANNOUNCE_TOPIC, seal(msg, self.key))
         deadline = time.monotonic() + 60

@@ -93,6 +93,7 @@ from netbench import NetRow, cpu_seconds, percentile, rss_mib  # noqa: E402
 from gonka_p2p.client import GonkaClient  # noqa: E402
 from gonka_p2p.gossip.libp2p_service import Libp2pService  # noqa: E402
 from gonka_p2p.identity import Keypair  # noqa: E402
+from gonka_p2p.inference.model_names import DEFAULT_MODEL  # noqa: E402
 
 TITLE = "gonka-p2p serving benchmark"
 TTFT_TARGET_MS = 10.0  # at most this much added to p50 TTFT
@@ -140,7 +141,7 @@ class Settings:
 def parse_settings(argv: Sequence[str] | None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few prompts, small counts (CI smoke)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--peers", type=int, help="node processes: 1 executor + TA-only nodes")
     p.add_argument("--concurrency", type=int, nargs="+", help="concurrent clients per turn")
     p.add_argument("--rounds", type=int, nargs="+", help="turns per path, one per concurrency")

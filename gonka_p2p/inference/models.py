@@ -41,9 +41,8 @@ from typing import Any
 import torch
 
 from gonka_p2p.inference.engine import EngineError
+from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
-TINY_MODEL = "tiny-llama"
 _ALIASES = {"SmolLM2-135M-Instruct": DEFAULT_MODEL}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

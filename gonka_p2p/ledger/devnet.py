@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, save_genesis, sprt_params_from_rates
 from gonka_p2p.ledger.rules import seed_commitment
 from gonka_p2p.ledger.transactions import derive_validation_seed
@@ -32,7 +33,7 @@ DEVNET_CHAIN_ID = "gonka-devnet"
 DEVNET_WEIGHT = 10
 DEVNET_CLIENT_BALANCE = 1_000_000
 DEVNET_EPOCH_BLOCKS = 100
-DEFAULT_MODELS = ("smollm2-135m",)
+DEFAULT_MODELS = (DEFAULT_MODEL,)
 
 
 class DevnetError(Exception):
