@@ -64,7 +64,8 @@ def imports_of(name: str) -> frozenset[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            here = package.split(".")
+            base = here[:len(here) - node.level + 1] if node.level else []  # "from .. import x"
             origin = ".".join([*base, node.module] if node.module else base)
             found.add(origin)
             found.update(sub for alias in node.names if (sub := f"{origin}.{alias.name}") in modules())
