@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
-from gonka_p2p.ledger.consensus_wire import decode_frame_of, encode_frame
 from gonka_p2p.ledger.query import (
     AppHashQuery,
     AppHashReply,
@@ -65,6 +64,7 @@ from gonka_p2p.wire.stream import (
     StreamVerifier,
     TokensEvent,
 )
+from gonka_p2p.wire.unsigned import decode_frame_of, encode_frame
 
 
 class NetworkUnavailable(GonkaError):

@@ -33,8 +33,6 @@ from gonka_p2p.ledger.consensus_wire import (
     certificate_from_wire,
     certificate_to_wire,
     compact_block,
-    decode_frame,
-    encode_frame,
     evidence_from_wire,
     evidence_to_wire,
     expand_block,
@@ -53,6 +51,7 @@ from gonka_p2p.ledger.transactions import Transfer
 from gonka_p2p.ledger.validators import initial_validator_set, validator_set_after
 from gonka_p2p.wire.envelope import seal
 from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 CHAIN = "gonka-plumbing"
 VALS = [Keypair.from_seed(f"v{i}".encode()) for i in range(4)]

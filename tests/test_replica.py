@@ -20,8 +20,6 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.consensus_types import NEVER_SIGNED, VoteType, make_vote
 from gonka_p2p.ledger.consensus_wire import (
     ConsensusMessage,
-    decode_frame,
-    encode_frame,
     vote_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
@@ -30,6 +28,7 @@ from gonka_p2p.ledger.store import LedgerStore
 from gonka_p2p.ledger.transactions import Reason, Transfer
 from gonka_p2p.wire.envelope import seal
 from gonka_p2p.wire.protocols import CONSENSUS_TOPIC
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 CHAIN = "gonka-replica-test"
 VALIDATORS = [Keypair.from_seed(f"replica-{i}".encode()) for i in range(4)]

@@ -16,7 +16,7 @@ are each signed by their author; the wrapper that carries them needs no
 signature of its own (gossipsub signs every publication with the
 publisher's key and noise authenticates every stream), only a kind and a
 version so that a peer on another protocol version is refused, not
-misread: :func:`encode_frame` / :func:`decode_frame` carry
+misread: :mod:`gonka_p2p.wire.unsigned` carries
 ``[FRAME_VERSION, kind, schema version, body]``.
 
 Uniqueness on gossip. The core re-broadcasts the same votes on purpose
@@ -46,9 +46,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
-
-import msgpack
 
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.consensus_types import (
@@ -62,59 +59,15 @@ from gonka_p2p.ledger.consensus_types import (
     Vote,
     VoteType,
 )
-from gonka_p2p.ledger.state import MAX_BLOCK_TXS, Block
+from gonka_p2p.ledger.block import MAX_BLOCK_TXS, Block
 from gonka_p2p.ledger.transactions import MAX_PEER_ID
-from gonka_p2p.wire.schema import (
-    DEFAULT_MAX_BYTES,
-    Malformed,
-    Message,
-    UnknownKind,
-    UnsupportedVersion,
-    bounded,
-    message_class,
-    unpack,
-)
-
-FRAME_VERSION = 1
+from gonka_p2p.wire.schema import DEFAULT_MAX_BYTES, Malformed, Message, bounded
 
 MAX_BLOCK_BYTES = DEFAULT_MAX_BYTES  # the schema bound; ConsensusParams.max_block_bytes may be tighter
 MAX_VALIDATORS = 1024
 MAX_VOTES_PER_MESSAGE = 4 * MAX_VALIDATORS
 MAX_TXS_PER_BATCH = 4096
 MAX_SYNC_COUNT = 64
-
-M = TypeVar("M", bound=Message)
-
-
-# --------------------------------------------------------------------------- framing
-
-
-def encode_frame(message: Message) -> bytes:
-    """``[FRAME_VERSION, kind, version, body]``: an unsigned, versioned wire frame."""
-    return msgpack.packb([FRAME_VERSION, message.KIND, message.VERSION, message.to_obj()], use_bin_type=True)
-
-
-def decode_frame(data: bytes, expected: type[M]) -> M:
-    """Decode a frame that must hold ``expected``; raises WireError on anything else."""
-    return decode_frame_of(data, expected)  # type: ignore[return-value]
-
-
-def decode_frame_of(data: bytes, *expected: type[Message]) -> Message:
-    """Decode a frame holding one of the ``expected`` kinds (a protocol with several requests)."""
-    obj = unpack(data)
-    if not (isinstance(obj, list) and len(obj) == 4):
-        raise Malformed("not a ledger frame")
-    frame_version, kind, version, body = obj
-    if frame_version != FRAME_VERSION:
-        raise UnsupportedVersion(f"frame version {frame_version!r} is not supported")
-    if not isinstance(kind, str) or not isinstance(version, int) or isinstance(version, bool):
-        raise Malformed("frame kind/version have the wrong type")
-    cls = message_class(kind)
-    if cls not in expected:
-        raise UnknownKind(f"expected {', '.join(e.KIND for e in expected)}, got {kind!r}")
-    if version != cls.VERSION:
-        raise UnsupportedVersion(f"{kind} version {version} is not supported (want {cls.VERSION})")
-    return cls.from_obj(body)
 
 
 # --------------------------------------------------------------------------- schemas

@@ -45,14 +45,13 @@ from gonka_p2p.ledger.consensus_wire import (
     ValidatorSetWire,
     certificate_from_wire,
     certificate_to_wire,
-    decode_frame,
-    encode_frame,
     validator_set_from_wire,
     validator_set_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.state import LedgerState, apply_block, decode_block
 from gonka_p2p.ledger.validators import initial_validator_set, validator_set_after
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 SCHEMA_VERSION = 1
 SNAPSHOTS_KEPT = 2

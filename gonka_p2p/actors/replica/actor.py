@@ -124,8 +124,6 @@ from gonka_p2p.ledger.consensus_wire import (
     certificate_from_wire,
     certificate_to_wire,
     compact_block,
-    decode_frame,
-    encode_frame,
     evidence_to_wire,
     expand_block,
     proposal_from_wire,
@@ -135,13 +133,14 @@ from gonka_p2p.ledger.consensus_wire import (
 )
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.mempool import Mempool, MempoolParams, TxRefused
-from gonka_p2p.ledger.query import answer_frame
+from gonka_p2p.ledger.query_answer import answer_frame
 from gonka_p2p.ledger.state import Block, BlockMismatch, LedgerState, Receipt, apply_block, check_block, decode_block
 from gonka_p2p.ledger.store import LedgerStore
 from gonka_p2p.ledger.transactions import decode_tx
 from gonka_p2p.ledger.validators import validator_set_after
 from gonka_p2p.wire.protocols import BLOCK_PROTOCOL, CONSENSUS_TOPIC, QUERY_PROTOCOL, SYNC_PROTOCOL, TX_TOPIC
 from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
