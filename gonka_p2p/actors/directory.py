@@ -5,7 +5,9 @@ topic every ``interval`` seconds. The directory keeps the latest one per peer;
 a peer is *live* while its announcements keep arriving (within ``ttl``) and
 no dial to it has failed since. It also keeps the node well connected: a star
 around the bootstrap peer delivers gossip poorly, so on hearing of a new peer
-it dials it until ``target_connections`` are open.
+it dials it until ``target_connections`` are open. A peer silent for
+``FORGET_AFTER_TTLS`` times ``ttl`` is forgotten, so the records are bounded
+by the peers heard from recently, not by every peer ever seen.
 
 Weights come from the network's genesis (until the ledger holds them); a
 peer missing from genesis has weight 0 and is never chosen as executor.
@@ -28,6 +30,8 @@ from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC
 from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)
+
+FORGET_AFTER_TTLS = 10  # a peer silent this many ttl is dropped (it is re-learnt if it announces)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class PeerDirectory:
         self.weights = dict(weights) if weights is not None else None
         self.interval = interval
         self.ttl = 3 * interval
+        self.forget_after = FORGET_AFTER_TTLS * self.ttl
         self._target = target_connections
         self._clock = clock
         self._peers: dict[str, PeerRecord] = {}
@@ -104,6 +109,8 @@ class PeerDirectory:
             if not known.failed_since_seen:  # a copy via another route still proves liveness
                 known.last_seen = max(known.last_seen, self._clock())
             return
+        if known is None:  # the table grows only here: forget the silent first
+            self._forget_silent()
         self._peers[peer] = PeerRecord(peer, signed.message, self._clock())
         if peer not in self._service.connected_peers():
             await self._maybe_dial(peer, signed.message.addrs)
@@ -122,6 +129,11 @@ class PeerDirectory:
             self.mark_failed(peer)
         finally:
             self._dialing.discard(peer)
+
+    def _forget_silent(self) -> None:
+        cutoff = self._clock() - self.forget_after
+        for peer in [p for p, r in self._peers.items() if r.last_seen < cutoff]:
+            del self._peers[peer]
 
     def mark_failed(self, peer: str) -> None:
         """A dial or stream to ``peer`` failed: not live until it announces again."""

@@ -21,11 +21,16 @@ three hooks, which this class implements on top of the node's
   commitment.
 
 Submission never waits for a block: it is admission to the local mempool.
-Following the transaction to its block happens in a background task this
-class owns (:meth:`stop` ends them): a transaction whose block rejected it
-for ``bad_sequence`` (an earlier one of ours failed in the same block, so
+Following the transaction to its block is the work of :meth:`run`, the
+transaction follower, which the node supervises: each submitted transaction
+is followed in a task of its TaskGroup. A transaction whose block rejected
+it for ``bad_sequence`` (an earlier one of ours failed in the same block, so
 the sequence did not advance) is re-signed with a fresh sequence, a few
-times; any other outcome is logged.
+times; any other outcome (refused, dropped, rejected, not committed in
+time) is an expected fate of a transaction and is logged. Anything else is
+a bug: it fails the TaskGroup, so :meth:`run` crashes and the supervisor
+reports it and restarts the follower (transactions it was following stay in
+the mempool; only their follow-up is lost).
 """
 
 from __future__ import annotations
@@ -58,6 +63,16 @@ class _Reservation:
     expires: float  # monotonic; only while the Start is not submitted
 
 
+@dataclass(frozen=True)
+class _Submitted:
+    """A transaction in the mempool that the follower must see to its block."""
+
+    build: Callable[[int], bytes]  # sequence -> the signed transaction (to re-sign it)
+    what: str  # for the log
+    tx_hash: bytes
+    done: Callable[[], object]  # called once its fate is known
+
+
 class LedgerHooks:
     def __init__(self, replica: Replica, key: Keypair, reservation_s: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -66,12 +81,13 @@ class LedgerHooks:
         self._reservation_s = reservation_s
         self._clock = clock
         self._reservations: dict[bytes, _Reservation] = {}  # inference id -> its escrow, held
-        self._background: set[asyncio.Task[None]] = set()
+        self._submitted: asyncio.Queue[_Submitted] = asyncio.Queue()  # waiting for the follower
 
-    async def stop(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+    async def run(self) -> None:
+        """The transaction follower: see every submitted transaction to its block."""
+        async with asyncio.TaskGroup() as tasks:
+            while True:
+                tasks.create_task(self._until_committed(await self._submitted.get()))
 
     # ---- the transfer agent's hooks --------------------------------------------------
 
@@ -97,7 +113,7 @@ class LedgerHooks:
         self._reservations = {i: r for i, r in self._reservations.items() if r.expires > now}
         return sum(r.escrow for r in self._reservations.values() if r.client == client)
 
-    async def on_start(self, request: Signed[InferenceRequest], executor: str) -> None:
+    def on_start(self, request: Signed[InferenceRequest], executor: str) -> None:
         reservation = self._reservations.get(request.digest)
         if reservation is not None:  # held until the Start commits, however long that takes
             self._reservations[request.digest] = _Reservation(reservation.client, reservation.escrow, float("inf"))
@@ -128,20 +144,18 @@ class LedgerHooks:
 
     def follow(self, build: Callable[[int], bytes], what: str,
                done: Callable[[], object] = lambda: None) -> None:
-        """Sign (``build(sequence)``) and submit now; see it to its block in the background
-        (the caller's path never waits). Also how the validator sends its transactions."""
+        """Sign (``build(sequence)``) and submit now; :meth:`run` sees it to its block (the
+        caller's path never waits). Also how the validator sends its transactions."""
         try:
             tx_hash = self._replica.submit(build(self._replica.next_sequence(self._key.peer_id)))
         except TxRefused as e:
             log.warning("%s refused by the mempool: %s", what, e)
             done()
             return
-        task = asyncio.create_task(self._until_committed(build, what, tx_hash, done))
-        self._background.add(task)
-        task.add_done_callback(self._reap)
+        self._submitted.put_nowait(_Submitted(build, what, tx_hash, done))
 
-    async def _until_committed(self, build: Callable[[int], bytes], what: str, tx_hash: bytes,
-                               done: Callable[[], object]) -> None:
+    async def _until_committed(self, tx: _Submitted) -> None:
+        build, what, tx_hash = tx.build, tx.what, tx.tx_hash
         try:
             for attempt in range(SUBMIT_ATTEMPTS):
                 if attempt:
@@ -163,9 +177,4 @@ class LedgerHooks:
         except (TxRefused, TimeoutError, ReplicaStopped) as e:
             log.warning("%s not committed: %s", what, e)
         finally:
-            done()
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("ledger submission failed", exc_info=task.exception())
+            tx.done()

@@ -17,6 +17,21 @@ executor records ``FinishInference`` (:class:`LedgerHooks`); and the
 executor draw uses the participants' weights from the committed state,
 refreshed after every block. Without a genesis (an ad-hoc development
 network) there is no ledger: every peer weighs 1 and nothing is charged.
+
+Tasks: every long-lived task of every actor is owned by one
+:class:`Supervisor` under :meth:`Node.serve` (``actors/supervisor.py``
+says what a crash means). The ledger replica and the HTTP gateway are
+critical: a crash stops the node with the error. The announcer, the
+validator and the transaction follower are restarted, the crash reported
+(logged, and kept in ``node.supervisor.crashes``) while the replica keeps
+running. The executor, the TA and the artifact server have no task of
+their own: they answer streams, and each stream's work ends with it.
+
+Commit listeners (the weights below, the validator) get the replica's live
+committed state, not a copy: they run synchronously after each block and
+may read it, never mutate it, and never hold a live view of it (a table, its
+rows) across an ``await`` -- only the snapshots its queries return
+(``actors/validator.py`` spells out the rule).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from gonka_p2p.actors.executor import ExecutorActor
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.transfer_agent import TransferAgent
+from gonka_p2p.actors.supervisor import Supervised, Supervisor
 from gonka_p2p.actors.validator import ValidatorActor
 from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
@@ -84,6 +100,7 @@ class Node:
         self.config = config
         self.key = key
         self.service = service
+        self.supervisor = Supervisor()
         self.engines: dict[str, Engine] = {}
         self.directory = PeerDirectory(
             service, key, models=list(config.models), capacity=config.max_concurrent,
@@ -150,29 +167,25 @@ class Node:
         self.executor.start()
         self.ta.start()
 
+    def supervised(self) -> list[Supervised]:
+        """This node's long-lived actors and what a crash of each means (see the module doc)."""
+        actors = [Supervised("announcer", self.directory.run, critical=False)]
+        if self.replica is not None and self.hooks is not None and self.validator is not None:
+            actors += [Supervised("ledger replica", self.replica.run, critical=True),
+                       Supervised("transaction follower", self.hooks.run, critical=False),
+                       Supervised("validator", self.validator.run, critical=False)]
+        if self.gateway is not None:  # its stop returns once in-flight answers end (or their grace does)
+            actors.append(Supervised("HTTP gateway", self.gateway.serve, critical=True, stop=self.gateway.stop))
+        return actors
+
     async def serve(self, stop: asyncio.Event) -> None:
-        """Run the actors until ``stop`` is set."""
+        """Run the actors until ``stop`` is set; raises if a critical one crashes."""
         await self.start_actors()
-        async with asyncio.TaskGroup() as tasks:
-            announcer = tasks.create_task(self.directory.run())
-            ledger = tasks.create_task(self.replica.run()) if self.replica is not None else None
-            validator = tasks.create_task(self.validator.run()) if self.validator is not None else None
-            if self.gateway is not None:
-                tasks.create_task(self.gateway.serve())
-            await stop.wait()
-            announcer.cancel()
-            for task in (ledger, validator):
-                if task is not None:
-                    task.cancel()
-            if self.gateway is not None:
-                self.gateway.stop()  # returns once in-flight answers end (or their grace does)
+        await self.supervisor.run(self.supervised(), stop)
 
     async def close(self) -> None:
         if self.gateway is not None:
             self.gateway.close()
-        await self.ta.stop()
-        if self.hooks is not None:
-            await self.hooks.stop()
         for engine in self.engines.values():
             await engine.close()
         if self.replica is not None:

@@ -15,8 +15,10 @@ Routing: the executor is drawn by :func:`choose_executor`, seeded by the
 inference id, among live peers serving the model, never this node. If the
 executor fails *before its first token* the TA draws again (up to
 ``attempts``); after that the client gets ``executor_failed``. The
-``on_start`` hook (the ledger's ``StartInference``) runs beside the stream,
-never in front of it: first token never waits for a block.
+``on_start`` hook (the ledger's ``StartInference``) is called when the
+executor's first frame arrives; it only submits (admission to the local
+mempool) and returns, so no frame ever waits for a block, and the TA has no
+background task of its own.
 
 Evidence: from the frames it relays (the executor's signed TokenBatches and
 the prompt ids of its InferenceFinished) the TA rebuilds the artifact the
@@ -27,7 +29,6 @@ goes silent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -63,7 +64,8 @@ TERMINAL_REFUSALS = frozenset({"malformed", "bad_signature", "oversize"})
 
 # Returns None to admit, or (code, message) to reject.
 AdmissionHook = Callable[[Signed[InferenceRequest]], Awaitable[tuple[str, str] | None]]
-StartHook = Callable[[Signed[InferenceRequest], str], Awaitable[None]]
+# Submits and returns: it must never wait for a block (the stream waits for it).
+StartHook = Callable[[Signed[InferenceRequest], str], None]
 
 
 class Rejected(Exception):
@@ -144,7 +146,6 @@ class TransferAgent:
         self._on_start = on_start
         self._clock = clock
         self._artifacts = artifacts
-        self._background: set[asyncio.Task[None]] = set()
         self.relayed = 0
 
     def start(self) -> None:
@@ -157,11 +158,6 @@ class TransferAgent:
             executors=[r.peer_id for r in peers],
             executor_models=[list(r.announcement.models) for r in peers],
         ), self._key))
-
-    async def stop(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _failed(self, code: str, message: str) -> bytes:
         return seal(InferenceFailed(code=code, message=message), self._key)
@@ -250,7 +246,8 @@ class TransferAgent:
                     return msg.code
                 if not started:
                     started = True
-                    self._spawn_start(request, executor)
+                    if self._on_start is not None:
+                        self._on_start(request, executor)
                 await _to_client(send, frame)
                 if isinstance(msg, TokenBatch):
                     batches.append(msg)
@@ -283,18 +280,6 @@ class TransferAgent:
                      request.digest.hex()[:12])
             return
         self._artifacts.put(request.digest, request.raw, artifact)
-
-    def _spawn_start(self, request: Signed[InferenceRequest], executor: str) -> None:
-        if self._on_start is None:
-            return
-        task = asyncio.create_task(self._on_start(request, executor))
-        self._background.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("StartInference submission failed", exc_info=task.exception())
 
 
 async def _to_client(send: SendFrame, frame: bytes) -> None:

@@ -22,8 +22,27 @@ schedule of its own (nothing to persist, nothing lost by a restart):
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
 
-Only the work is asynchronous: checks run one at a time (they share the
-cores with serving), each in a task this actor owns.
+The state it reads
+------------------
+The replica hands commit listeners its live committed state, the object the
+next ``apply_block`` mutates in place (a copy per block would cost more than
+the block): reading it is free, and any read is consistent with one height
+as long as no ``await`` comes between. So this actor never mutates it, and
+carries nothing read from it across an ``await`` but snapshots: the fresh
+lists a query returns (``validation_duties``, ``open_disputes_for``) and the
+frozen records (``Inference``, ``SeedCommitment``); never a table or its
+``rows``. After every ``await`` it reads again, from the newest state: a
+block may have opened, resolved or pruned anything meanwhile.
+
+Tasks and memory
+----------------
+The checks run one at a time (they share the cores with serving), inside
+:meth:`run`, which the node supervises: a crash is reported and the actor
+restarted, and since every duty is recomputed from committed state it
+resumes where it stopped. Its transactions go to the node's transaction
+follower. It remembers what it has sent (or cannot judge) per epoch, and
+forgets an epoch once it has settled: nothing about it is accepted after,
+so the memory holds at most the three epochs it acts on.
 """
 
 from __future__ import annotations
@@ -38,8 +57,15 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.verification import VerificationParams, verify
-from gonka_p2p.ledger.rules import seed_commit_open, seed_commitment, seed_reveal_open
-from gonka_p2p.ledger.state import DisputeOutcome, Inference, LedgerState
+from gonka_p2p.ledger.records import Inference
+from gonka_p2p.ledger.rules import (
+    DisputeOutcome,
+    seed_commit_open,
+    seed_commitment,
+    seed_reveal_open,
+    settlement_height,
+)
+from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
@@ -84,7 +110,8 @@ class ValidatorActor:
         self._submitter = submitter
         self._state: LedgerState | None = None
         self._wake = asyncio.Event()
-        self._done: set[tuple[str, int | bytes]] = set()  # (what, epoch or inference id) already sent
+        # epoch -> (what, epoch or inference id) already sent, or not judgeable here
+        self._done: dict[int, set[tuple[str, int | bytes]]] = {}
         self.checked = 0
 
     @property
@@ -92,7 +119,7 @@ class ValidatorActor:
         return self._key.peer_id
 
     def on_commit(self, state: LedgerState) -> None:
-        """Replica commit listener: remember the newest state and wake the loop."""
+        """Replica commit listener: remember the (live) committed state and wake the loop."""
         self._state = state
         self._wake.set()
 
@@ -100,53 +127,89 @@ class ValidatorActor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._state is not None:
-                await self.step(self._state)
+            await self.step()
 
     def seed(self, epoch: int) -> bytes:
         return derive_validation_seed(self._key.secret, self._chain_id, epoch)
 
-    async def step(self, state: LedgerState) -> None:
-        """Everything due at this state: seeds to commit or reveal, checks, dispute votes."""
-        height, params = state.height, state.params
-        for epoch in (state.epoch - 1, state.epoch, state.epoch + 1):
-            if epoch < 0:
-                continue
-            if seed_commit_open(epoch, height, params) and state.commitment(epoch, self.me) is None:
-                self._once(("commit", epoch), lambda s, e=epoch: seal(CommitValidationSeed(
-                    chain_id=self._chain_id, epoch=e,
-                    commitment=seed_commitment(e, self.me, self.seed(e)), sequence=s), self._key))
-            commitment = state.commitment(epoch, self.me)
-            if commitment is None or epoch > state.epoch:  # the next epoch's duties do not exist yet
-                continue
-            for iid in state.validation_duties(epoch, self.me, self.seed(epoch)):
-                if self.me not in state.validations(iid) and ("check", iid) not in self._done:
-                    await self._check(state, iid, dispute=False)
-            if seed_reveal_open(epoch, height, params) and not commitment.revealed:
-                self._once(("reveal", epoch), lambda s, e=epoch: seal(RevealValidationSeed(
-                    chain_id=self._chain_id, epoch=e, seed=self.seed(e), sequence=s), self._key))
-        for iid, dispute in state.disputes.rows.items():
-            if (dispute.outcome is DisputeOutcome.OPEN and self.me in dispute.committee
-                    and self.me not in state.dispute_votes(iid) and ("vote", iid) not in self._done):
-                await self._check(state, iid, dispute=True)
+    def remembered_epochs(self) -> list[int]:
+        """The epochs whose sent transactions this actor still remembers."""
+        return sorted(self._done)
 
-    def _once(self, key: tuple[str, int | bytes], build: Callable[[int], bytes]) -> None:
-        if key in self._done:
+    async def step(self) -> None:
+        """Everything due now: seeds to commit or reveal, checks, dispute votes."""
+        if self._state is None:
             return
-        self._done.add(key)
+        self._forget_settled()
+        now = self._live().epoch
+        for epoch in (now - 1, now, now + 1):
+            if epoch < 0 or self._settled(epoch):
+                continue
+            self._commit_seed(epoch)
+            commitment = self._live().commitment(epoch, self.me)
+            if commitment is None or epoch > self._live().epoch:  # the next epoch's duties do not exist yet
+                continue
+            for iid in self._live().validation_duties(epoch, self.me, self.seed(epoch)):
+                if self.me not in self._live().validations(iid) and not self._sent(epoch, "check", iid):
+                    await self._check(epoch, iid, dispute=False)
+            self._reveal_seed(epoch)
+        for iid in self._live().open_disputes_for(self.me):
+            dispute = self._live().dispute(iid)  # still open? an earlier await may have closed it
+            if (dispute is not None and dispute.outcome is DisputeOutcome.OPEN
+                    and not self._sent(dispute.epoch, "vote", iid)):
+                await self._check(dispute.epoch, iid, dispute=True)
+
+    def _live(self) -> LedgerState:
+        """The newest committed state: what any read after an ``await`` must use."""
+        assert self._state is not None
+        return self._state
+
+    def _settled(self, epoch: int) -> bool:
+        """Has ``epoch`` settled? Then no seed, check or vote for it is accepted any more."""
+        state = self._live()
+        return state.height >= settlement_height(epoch, state.params)
+
+    def _forget_settled(self) -> None:
+        for epoch in [e for e in self._done if self._settled(e)]:
+            del self._done[epoch]
+
+    def _commit_seed(self, epoch: int) -> None:
+        state = self._live()
+        if seed_commit_open(epoch, state.height, state.params) and state.commitment(epoch, self.me) is None:
+            self._once(epoch, ("commit", epoch), lambda s: seal(CommitValidationSeed(
+                chain_id=self._chain_id, epoch=epoch,
+                commitment=seed_commitment(epoch, self.me, self.seed(epoch)), sequence=s), self._key))
+
+    def _reveal_seed(self, epoch: int) -> None:
+        """After the epoch's checks: a reveal closes its duties."""
+        state = self._live()
+        commitment = state.commitment(epoch, self.me)
+        if (commitment is not None and not commitment.revealed
+                and seed_reveal_open(epoch, state.height, state.params)):
+            self._once(epoch, ("reveal", epoch), lambda s: seal(RevealValidationSeed(
+                chain_id=self._chain_id, epoch=epoch, seed=self.seed(epoch), sequence=s), self._key))
+
+    def _sent(self, epoch: int, what: str, key: int | bytes) -> bool:
+        return (what, key) in self._done.get(epoch, ())
+
+    def _once(self, epoch: int, key: tuple[str, int | bytes], build: Callable[[int], bytes]) -> None:
+        if self._sent(epoch, *key):
+            return
+        self._done.setdefault(epoch, set()).add(key)
         self._submitter.follow(build, f"{key[0]} {key[1]!r}")
 
-    async def _check(self, state: LedgerState, inference_id: bytes, dispute: bool) -> None:
-        record = state.inference(inference_id)
+    async def _check(self, epoch: int, inference_id: bytes, dispute: bool) -> None:
+        record = self._live().inference(inference_id)
         if record is None:
             return
+        what = "vote" if dispute else "check"
         verdict = await self.judge(inference_id, record)
         if verdict is None:  # this node cannot judge it: say so once, not after every block
-            self._done.add(("vote" if dispute else "check", inference_id))
+            self._done.setdefault(epoch, set()).add((what, inference_id))
             return
         self.checked += 1
         kind = DisputeVote if dispute else Validation
-        self._once(("vote" if dispute else "check", inference_id), lambda s: seal(kind(
+        self._once(epoch, (what, inference_id), lambda s: seal(kind(
             chain_id=self._chain_id, inference_id=inference_id, verdict=verdict, sequence=s), self._key))
 
     async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | None:

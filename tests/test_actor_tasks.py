@@ -1,0 +1,242 @@
+"""Actors and their tasks: no live ledger state across an await, every crash reported and
+handled, and the memory an actor keeps bounded however long the node runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gonka_p2p.actors.node import Node
+from gonka_p2p.actors.replica import ReplicaParams
+from gonka_p2p.actors.supervisor import Supervised, Supervisor
+from gonka_p2p.actors.validator import ValidatorActor
+from gonka_p2p.config import NodeConfig
+from gonka_p2p.gossip.memory import MemoryHub
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.verification import VerificationParams
+from gonka_p2p.ledger.block import Block
+from gonka_p2p.ledger.devnet import devnet_genesis
+from gonka_p2p.ledger.records import Dispute, Inference, InferenceStatus
+from gonka_p2p.ledger.state import LedgerState, apply_block
+from gonka_p2p.ledger.transactions import (
+    CommitValidationSeed,
+    DisputeVote,
+    RevealValidationSeed,
+    Transfer,
+    Validation,
+    withheld_verdict,
+)
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.schema import Message
+
+KEYS = [Keypair.from_seed(f"actor-tasks-{i}".encode()) for i in range(3)]
+ME, TA, EXECUTOR = KEYS
+GENESIS = devnet_genesis([k.public_key for k in KEYS], [], epoch_length_blocks=10,
+                         validation_window_blocks=4, dispute_voting_blocks=2)
+TX_KINDS = (CommitValidationSeed, RevealValidationSeed, Validation, DisputeVote)
+
+
+class Outbox:
+    """The validator's transaction follower, recording what it would submit."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def follow(self, build: Callable[[int], bytes], what: str) -> None:
+        self.sent.append(open_envelope(build(len(self.sent)), *TX_KINDS).message)
+
+    def votes(self) -> set[bytes]:
+        return {tx.inference_id for tx in self.sent if isinstance(tx, DisputeVote)}
+
+
+def next_block(state: LedgerState) -> None:
+    apply_block(state, Block(height=state.height + 1, prev_hash=state.last_block_hash,
+                             proposer=ME.peer_id, time_ms=0, txs=[]))
+
+
+def open_dispute_on_me(state: LedgerState, n: int) -> bytes:
+    """What a block holding a failed Validation does: a settled inference, disputed, with this
+    validator on the committee (written straight into the state, as apply_block would)."""
+    iid = bytes([n]) * 32
+    state.close_inference(iid, Inference(
+        client="client", ta=TA.peer_id, executor=EXECUTOR.peer_id, model="m", price=1, max_tokens=1,
+        prompt_bound=1, escrow=1, request_ms=0, start_height=state.height, deadline=state.height + 5,
+        status=InferenceStatus.SETTLED, closed_height=state.height))
+    state.open_dispute(iid, Dispute(epoch=0, executor=EXECUTOR.peer_id, accuser=TA.peer_id,
+                                    opened_height=state.height, deadline=state.height + 5,
+                                    committee=(ME.peer_id,)))
+    return iid
+
+
+def validator_of(outbox: Outbox) -> ValidatorActor:
+    return ValidatorActor(MemoryHub().service(ME), ME, {}, VerificationParams(models={}),
+                          GENESIS.chain_id, outbox)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("block", ["opens a dispute", "prunes the disputes"])
+async def test_a_block_applied_while_the_validator_judges_does_not_crash_it(block: str) -> None:
+    state = LedgerState.from_genesis(GENESIS)
+    next_block(state)
+    first, second = open_dispute_on_me(state, 1), open_dispute_on_me(state, 2)
+    outbox = Outbox()
+    validator = validator_of(outbox)
+    judging, release = asyncio.Event(), asyncio.Event()
+
+    async def judge(inference_id: bytes, record: Inference) -> object:
+        judging.set()
+        await release.wait()  # the fetch and the re-run: blocks commit meanwhile
+        return withheld_verdict()
+
+    validator.judge = judge  # type: ignore[method-assign,assignment]
+    runner = asyncio.create_task(validator.run())
+    validator.on_commit(state)
+    await judging.wait()
+    if block == "opens a dispute":
+        third = open_dispute_on_me(state, 3)
+        expected = {first, second, third}
+    else:
+        state.prune_epochs_before(1)
+        expected = {first}  # judged before the prune; the pruned one is not judged at all
+    validator.on_commit(state)  # the replica calls its listeners after the block
+    release.set()
+    try:
+        await until(lambda: outbox.votes() == expected or runner.done(), "the votes")
+        assert not runner.done(), runner.exception()
+        assert outbox.votes() == expected
+    finally:
+        runner.cancel()
+
+
+async def test_the_validator_forgets_each_epoch_once_it_has_settled() -> None:
+    state = LedgerState.from_genesis(GENESIS)
+    outbox = Outbox()
+    validator = validator_of(outbox)
+    epochs = 30
+    remembered = []
+    for _ in range(epochs * GENESIS.params.epoch_length_blocks):
+        next_block(state)
+        validator.on_commit(state)
+        await validator.step()
+        remembered.append(len(validator.remembered_epochs()))
+    commits = [tx.epoch for tx in outbox.sent if isinstance(tx, CommitValidationSeed)]
+    assert commits == list(range(1, epochs + 1))  # it still commits once per epoch
+    assert max(remembered) <= 3  # the epoch before, this one and the next
+
+
+# ---- a node's supervised actors ---------------------------------------------------------
+
+NODE = Keypair.from_seed(b"actor-tasks-node")
+NODE_GENESIS = devnet_genesis([NODE.public_key], [NODE.peer_id], epoch_length_blocks=1000)
+QUICK = ReplicaParams(tx_flush_s=0.01, empty_block_interval_s=0.1)
+
+
+async def crash_the_follower(node: Node) -> None:
+    """A follow-up whose completion callback raises: a bug in a caller of ``follow``."""
+    def bug() -> None:
+        raise RuntimeError("a bug in a follow-up")
+
+    assert node.hooks is not None
+    node.hooks.follow(transfer(node), "transfer", done=bug)
+
+
+async def crash_the_validator(node: Node) -> None:
+    """The validator's first step raises: a bug in a check."""
+    validator = node.validator
+    assert validator is not None
+    step = validator.step
+
+    async def bug() -> None:
+        validator.step = step  # type: ignore[method-assign]
+        raise RuntimeError("a bug in a check")
+
+    validator.step = bug  # type: ignore[method-assign]
+
+
+def transfer(node: Node) -> Callable[[int], bytes]:
+    return lambda sequence: seal(Transfer(chain_id=NODE_GENESIS.chain_id, to=KEYS[0].peer_id, amount=1,
+                                          sequence=sequence), node.key)
+
+
+@pytest.mark.parametrize("actor, crash", [("transaction follower", crash_the_follower),
+                                          ("validator", crash_the_validator)])
+async def test_a_crashed_actor_is_reported_and_restarted_while_the_ledger_runs(
+        tmp_path: Path, actor: str, crash: Callable[[Node], Awaitable[None]]) -> None:
+    node = Node(NodeConfig(models=[], data_dir=tmp_path, announce_interval=0.5), NODE,
+                MemoryHub().service(NODE), None, NODE_GENESIS, QUICK)
+    node.supervisor.restart_delay_s = 0.05
+    await node.join()
+    replica, hooks = node.replica, node.hooks
+    assert replica is not None and hooks is not None
+    await crash(node)  # armed before the actors start: whatever they do next is after a restart
+    stop = asyncio.Event()
+    serving = asyncio.create_task(node.serve(stop))
+    try:
+        await until(lambda: len(node.supervisor.crashes) == 1, f"the {actor}'s crash")
+        crashed = node.supervisor.crashes[0]
+        assert crashed.actor == actor and crashed.restarted
+        assert "a bug in" in repr(crashed.error)
+        height = replica.height
+        await until(lambda: replica.height > height, "a block after the crash")
+        # Restarted, each works: the follower sees a transaction to its block, the validator
+        # commits its seed for the next epoch.
+        followed = asyncio.Event()
+        hooks.follow(transfer(node), "transfer", done=followed.set)
+        await asyncio.wait_for(followed.wait(), 10)
+        await until(lambda: replica.state.commitment(1, NODE.peer_id) is not None,
+                    "the validator's seed commitment")
+        assert not serving.done() and len(node.supervisor.crashes) == 1
+    finally:
+        stop.set()
+        await serving
+        await node.close()
+
+
+async def test_a_critical_actor_stops_the_node_with_its_error_and_the_others_with_it() -> None:
+    supervisor = Supervisor(restart_delay_s=0.01)
+    cancelled = asyncio.Event()
+
+    async def ledger() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the ledger broke")
+
+    async def announcer() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cancelled.set()
+
+    with pytest.raises(ExceptionGroup) as raised:
+        await supervisor.run([Supervised("ledger replica", ledger, critical=True),
+                              Supervised("announcer", announcer, critical=False)], asyncio.Event())
+    assert raised.group_contains(RuntimeError, match="the ledger broke")
+    assert cancelled.is_set()
+    assert [(c.actor, c.restarted) for c in supervisor.crashes] == [("ledger replica", False)]
+
+
+async def test_a_restarted_actor_runs_again_after_each_crash() -> None:
+    supervisor = Supervisor(restart_delay_s=0.01)
+    runs = 0
+    stop = asyncio.Event()
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise RuntimeError(f"crash {runs}")
+        stop.set()
+        await asyncio.sleep(60)
+
+    await supervisor.run([Supervised("validator", flaky, critical=False)], stop)
+    assert runs == 3
+    assert [str(c.error) for c in supervisor.crashes] == ["crash 1", "crash 2"]
