@@ -1,0 +1,125 @@
+"""Consensus gossip: proposals and votes on the consensus topic, out (coalesced) and in (checked, posted).
+
+**Out.** What the driver broadcasts (already persisted) is published by one
+sender task, coalesced into few gossip messages: each proposal on its own
+(its body inline, compact or left to be fetched: ``proposals.py``), votes
+up to ``VOTES_PER_MESSAGE`` a message. Consensus goes first: while it has
+something to publish, ``idle`` is clear and no transaction batch starts
+(both share the peers' outbound queues and the network thread), so an
+overloaded network queues transactions, not votes.
+
+**In.** The topic validator (run before delivery and forwarding, possibly
+on the network thread) checks shapes and membership only; the core checks
+signatures. The handler decodes, resolves each proposal's block, and posts
+one event to the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+from gonka_p2p.gossip.service import MessageValidator
+from gonka_p2p.ledger.consensus import ConsensusState
+from gonka_p2p.ledger.consensus_types import Proposal, Vote
+from gonka_p2p.ledger.consensus_wire import (
+    ConsensusMessage,
+    ProposalWire,
+    VoteWire,
+    proposal_from_wire,
+    vote_from_wire,
+    vote_to_wire,
+)
+from gonka_p2p.wire.protocols import CONSENSUS_TOPIC
+from gonka_p2p.wire.schema import WireError
+
+from gonka_p2p.actors.replica.chain import Chain
+from gonka_p2p.actors.replica.params import ReplicaMetrics
+from gonka_p2p.actors.replica.proposals import ProposalBodies
+from gonka_p2p.actors.replica.runtime import Publish, Runtime
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
+
+VOTES_PER_MESSAGE = 1024
+
+
+class ConsensusGossip:
+    """Publishes the driver's broadcasts and posts what peers publish."""
+
+    def __init__(self, core: ConsensusState, runtime: Runtime, chain: Chain, proposals: ProposalBodies,
+                 saw_height: Callable[[int], None], publish: Publish, idle: asyncio.Event,
+                 metrics: ReplicaMetrics) -> None:
+        self._core = core
+        self._runtime = runtime
+        self._chain = chain
+        self._proposals = proposals
+        self._saw_height = saw_height
+        self._publish = publish
+        self.idle = idle  # set while no consensus message waits to be published
+        self.idle.set()
+        self._metrics = metrics
+        self._outgoing: list[Proposal | Vote] = []
+        self._outgoing_ready = asyncio.Event()
+        self._publication = itertools.count(time.time_ns())  # see consensus_wire: "Uniqueness on gossip"
+
+    def broadcast(self, message: Proposal | Vote) -> None:
+        """Queue a message the driver has persisted; the sender task publishes it."""
+        self._outgoing.append(message)
+        self._outgoing_ready.set()
+
+    def validator(self) -> MessageValidator:
+        """Shapes and membership only (the core checks signatures); safe on the network thread."""
+        chain = self._chain
+
+        def validate(sender: str, data: bytes) -> bool:
+            try:
+                msg = decode_frame(data, ConsensusMessage)
+            except WireError:
+                return False
+            known = chain.known_validators
+            return (all(p.proposer in known for p in msg.proposals)
+                    and all(v.validator in known for v in msg.votes))
+
+        return validate
+
+    async def on_message(self, sender: str, data: bytes) -> None:
+        try:
+            msg = decode_frame(data, ConsensusMessage)
+            votes = [vote_from_wire(v) for v in msg.votes]
+            inline = [proposal_from_wire(p, p.block) for p in msg.proposals if p.inline]
+        except WireError:
+            return
+        for p in msg.proposals:
+            self._saw_height(p.height)
+            if p.inline or p.height < self._core.height:
+                continue
+            proposal = self._proposals.receive(p, sender)
+            if proposal is not None:
+                inline.append(proposal)
+        for v in votes:
+            self._saw_height(v.height)
+        core = self._core
+        await self._runtime.post_network(lambda: [a for p in inline for a in core.on_proposal(p)]
+                                         + [a for v in votes for a in core.on_vote(v)])
+
+    async def send(self) -> None:
+        """Publish what the driver broadcast, coalesced into few gossip messages (module docstring)."""
+        while True:
+            if not self._outgoing:
+                self.idle.set()
+            await self._outgoing_ready.wait()
+            self.idle.clear()
+            self._outgoing_ready.clear()
+            messages, self._outgoing = self._outgoing, []
+            votes = [vote_to_wire(m) for m in messages if isinstance(m, Vote)]
+            frames = [self._frame(proposals=[self._proposals.to_wire(m)], votes=[])
+                      for m in messages if isinstance(m, Proposal)]
+            frames += [self._frame(proposals=[], votes=votes[i:i + VOTES_PER_MESSAGE])
+                       for i in range(0, len(votes), VOTES_PER_MESSAGE)]
+            for frame in frames:
+                await self._publish(CONSENSUS_TOPIC, frame)
+                self._metrics.consensus_published += 1
+
+    def _frame(self, proposals: list[ProposalWire], votes: list[VoteWire]) -> bytes:
+        return encode_frame(ConsensusMessage(seq=next(self._publication), proposals=proposals, votes=votes))

@@ -1,0 +1,163 @@
+"""Catch-up: decided blocks and their certificates, fetched from peers and served to them.
+
+**At start-up**, after recovering from its store (``chain.py``) and once
+validators holding more than 2/3 of the power are connected (a replica
+that voted alone would only run its rounds ahead of everybody else's), the
+replica asks its peers for the blocks after its height
+(``/gonka/ledger/sync/1``) and applies each only after :func:`verify_commit`
+accepts its certificate against the validator set of that height.
+
+**While running**, the core's ``RequestCommit`` (it saw a message from a
+later height) fetches a batch the same way, and feeds each record to the
+core through ``on_commit_certificate``, which checks it; one sync task at a
+time, in the replica's TaskGroup.
+
+Memory: fetched records wait in ``_fetched`` only until their height
+commits (``forget_below``), and the sync task fetches the next batch only
+once the last one is committed, so at most ``sync_batch`` are held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from contextlib import aclosing
+
+from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
+from gonka_p2p.identity import digest, verify_signature
+from gonka_p2p.ledger.consensus import ConsensusState, verify_commit
+from gonka_p2p.ledger.consensus_types import Action, CommitCertificate, InvalidCommit, RequestCommit
+from gonka_p2p.ledger.consensus_wire import (
+    CommitRecord,
+    SyncRequest,
+    certificate_from_wire,
+    certificate_to_wire,
+)
+from gonka_p2p.ledger.block import decode_block
+from gonka_p2p.wire.protocols import SYNC_PROTOCOL
+from gonka_p2p.wire.schema import WireError
+
+from gonka_p2p.actors.replica.chain import Chain
+from gonka_p2p.actors.replica.params import ReplicaMetrics, ReplicaParams
+from gonka_p2p.actors.replica.runtime import Runtime
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+
+QUORUM_POLL_S = 0.2  # how often a starting replica checks whether enough validators are connected
+
+
+class Sync:
+    """Fetches decided heights for a replica that is behind, and serves its own to others."""
+
+    def __init__(self, peer_id: str, service: NetworkService, core: ConsensusState, runtime: Runtime,
+                 chain: Chain, params: ReplicaParams, metrics: ReplicaMetrics) -> None:
+        self._peer_id = peer_id
+        self._service = service
+        self._core = core
+        self._runtime = runtime
+        self._chain = chain
+        self._params = params
+        self._metrics = metrics
+        self._fetched: dict[int, tuple[bytes, CommitCertificate]] = {}  # decided heights, not yet committed
+        self._sync_task: asyncio.Task[None] | None = None
+
+    def holds(self, height: int) -> bool:
+        """Whether a fetched certificate for ``height`` waits for the core."""
+        return height in self._fetched
+
+    def forget_below(self, height: int) -> None:
+        self._fetched = {h: r for h, r in self._fetched.items() if h >= height}
+
+    async def await_quorum(self) -> None:
+        """Wait until validators holding > 2/3 of the power (ourselves included) are connected.
+
+        Alone, or with too few of the validators, a replica could only time
+        out round after round; its rounds would run ahead of the others',
+        and since no f+1 of the power is ever in a later round than its own,
+        it would not rejoin them until their (shorter) timeouts caught up.
+        Starting together avoids that, and gives catch-up peers to ask.
+        """
+        announced = False
+        while True:
+            connected = {*self._service.connected_peers(), self._peer_id}
+            validators = self._chain.validators
+            if validators.is_quorum(sum(v.power for v in validators.validators if v.address in connected)):
+                return
+            if not announced:
+                log.info("replica %s waits for validators holding > 2/3 of the power to connect",
+                         self._peer_id[-8:])
+                announced = True
+            await asyncio.sleep(QUORUM_POLL_S)
+
+    async def catch_up(self) -> None:
+        """Before voting: fetch, verify and apply every block the peers have beyond ours."""
+        while records := await self._fetch_records(self._chain.state.height + 1, None):
+            for height, raw, certificate in records:
+                try:
+                    verify_commit(self._chain.validators, height, digest(raw), certificate, verify_signature,
+                                  chain_id=self._chain.chain_id)
+                    block = decode_block(raw)
+                except (InvalidCommit, WireError) as e:
+                    log.warning("catch-up stopped at height %d: a peer sent a bad record (%s)", height, e)
+                    return
+                await self._chain.commit_block(height, raw, block, certificate)
+                self._metrics.catchup_blocks += 1
+
+    def request_commit(self, request: RequestCommit) -> None:
+        """The core is behind: hand it a fetched certificate, or fetch some (one sync task at a time)."""
+        if request.height in self._fetched:
+            self._runtime.post(self.offer)
+        elif self._sync_task is None or self._sync_task.done():
+            self._sync_task = self._runtime.spawn(self._sync(request.height, request.peer))
+
+    def offer(self) -> list[Action]:
+        """The event that hands the core the fetched certificate of its height, if there is one."""
+        record = self._fetched.get(self._core.height)
+        return self._core.on_commit_certificate(*record) if record is not None else []
+
+    async def _sync(self, height: int, peer: str) -> None:
+        """Fetch decided heights from ``height`` on for the core, batch after batch while we lag."""
+        while records := await self._fetch_records(height, peer):
+            for h, raw, certificate in records:
+                self._fetched[h] = (raw, certificate)
+            self._runtime.post(self.offer)
+            last = records[-1][0]
+            if len(records) < self._params.sync_batch:
+                return
+            try:
+                await self._chain.wait_for_height(last, self._params.request_timeout_s)
+            except TimeoutError:
+                return  # the records did not verify; the core will ask again
+            height = last + 1
+
+    async def _fetch_records(self, height: int, preferred: str | None
+                             ) -> list[tuple[int, bytes, CommitCertificate]]:
+        """Consecutive (height, block, certificate) from ``height`` on, from the first peer that has any."""
+        others = [p for p in self._service.connected_peers() if p not in (preferred, self._peer_id)]
+        random.shuffle(others)
+        request = encode_frame(SyncRequest(from_height=height, max_count=self._params.sync_batch))
+        for peer in ([preferred] if preferred else []) + others:
+            records: list[tuple[int, bytes, CommitCertificate]] = []
+            try:
+                frames = self._service.open_stream(peer, SYNC_PROTOCOL, request, self._params.request_timeout_s)
+                async with aclosing(frames):  # type: ignore[type-var]
+                    async for frame in frames:
+                        record = decode_frame(frame, CommitRecord)
+                        if record.height != height + len(records):
+                            break
+                        records.append((record.height, record.block, certificate_from_wire(record.certificate)))
+            except (NetworkError, TimeoutError, WireError) as e:
+                log.debug("sync from %s failed: %r", peer, e)
+            if records:
+                return records
+        return []
+
+    async def serve(self, opener: str, frame: bytes, send: SendFrame) -> None:
+        """``/gonka/ledger/sync/1``: our stored blocks and certificates from the requested height on."""
+        request = decode_frame(frame, SyncRequest)
+        count = min(request.max_count, self._params.sync_batch)
+        for height, block, certificate in await self._chain.store.blocks(request.from_height, count):
+            await send(encode_frame(CommitRecord(height=height, block=block,
+                                                 certificate=certificate_to_wire(certificate))))

@@ -1,0 +1,149 @@
+"""Transaction gossip: own transactions out in batches, peers' batches checked and into the mempool.
+
+**Out.** :meth:`TxGossip.submit` admits a signed transaction to the mempool
+(or raises :class:`TxRefused`) and returns at once; the transaction joins a
+:class:`TxBatch` on the tx topic: one batch at most every ``tx_flush_s`` (at
+once after a quiet spell), or as soon as ``tx_flush_count`` are waiting, and
+never while consensus has something to publish.
+
+**In.** The topic's validator (run before delivery and forwarding, possibly
+on the network thread) drops any batch holding a transaction that fails its
+stateless checks (size, envelope, signature, schema, chain id); the handler
+offers each transaction to the mempool, which re-checks it against the state.
+
+Memory: the outbox and the set of hashes not yet gossiped hold only own
+transactions the mempool admitted (so its bounds bound them), and are
+emptied by each flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from gonka_p2p.gossip.service import MessageValidator
+from gonka_p2p.identity import digest
+from gonka_p2p.ledger.consensus_wire import TxBatch
+from gonka_p2p.ledger.genesis import Genesis
+from gonka_p2p.ledger.mempool import Mempool, TxRefused
+from gonka_p2p.ledger.transactions import decode_tx
+from gonka_p2p.wire.protocols import TX_TOPIC
+from gonka_p2p.wire.schema import WireError
+
+from gonka_p2p.actors.replica.chain import Chain
+from gonka_p2p.actors.replica.params import ReplicaMetrics, ReplicaParams
+from gonka_p2p.actors.replica.runtime import Publish
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
+
+MAX_GOSSIP_BYTES = 900_000  # under the gossip layer's ~1 MB limit, with room for framing
+
+
+class TxGossip:
+    """Own transactions out, peers' transactions in (module docstring)."""
+
+    def __init__(self, genesis: Genesis, chain: Chain, mempool: Mempool, wake: Callable[[], None],
+                 publish: Publish, consensus_idle: asyncio.Event, params: ReplicaParams,
+                 metrics: ReplicaMetrics) -> None:
+        self._genesis = genesis
+        self._chain = chain
+        self._mempool = mempool
+        self._wake = wake  # the mempool has something: the next height may start
+        self._publish = publish
+        self._consensus_idle = consensus_idle
+        self._params = params
+        self._metrics = metrics
+        self._outbox: list[bytes] = []
+        self._unannounced: set[bytes] = set()  # hashes of own transactions not gossiped yet
+        self._waiting = asyncio.Event()
+        self._full = asyncio.Event()
+
+    def submit(self, raw: bytes) -> bytes:
+        """Admit a signed transaction to the mempool and gossip it soon; returns its hash."""
+        started = time.thread_time()
+        tx = self._mempool.add(self._chain.state, raw)
+        self._metrics.mempool_s += time.thread_time() - started
+        self._outbox.append(tx.raw)
+        self._unannounced.add(tx.tx_hash)
+        self._waiting.set()
+        if len(self._outbox) >= self._params.tx_flush_count:
+            self._full.set()
+        self._wake()
+        return tx.tx_hash
+
+    def announced(self, tx_hash: bytes) -> bool:
+        """Whether peers can have this transaction (a compact block may name it by hash only)."""
+        return tx_hash not in self._unannounced
+
+    def validator(self) -> MessageValidator:
+        """Every transaction of a batch must pass its stateless checks; safe on the network thread."""
+        max_tx_bytes = self._genesis.params.max_tx_bytes
+        chain_id = self._genesis.chain_id
+        metrics = self._metrics
+
+        def validate(sender: str, data: bytes) -> bool:
+            started = time.thread_time()
+            try:
+                batch = decode_frame(data, TxBatch)
+                return all(decode_tx(raw, max_tx_bytes).message.chain_id == chain_id for raw in batch.txs)
+            except WireError:
+                return False
+            finally:
+                metrics.tx_checks_s += time.thread_time() - started
+                metrics.batches_checked += 1
+
+        return validate
+
+    async def on_message(self, sender: str, data: bytes) -> None:
+        try:
+            batch = decode_frame(data, TxBatch)
+        except WireError:
+            return
+        started = time.thread_time()
+        for raw in batch.txs:
+            try:
+                self._mempool.add(self._chain.state, raw)
+            except TxRefused:
+                pass  # known, already committed, or no longer valid: nothing to do
+        self._metrics.mempool_s += time.thread_time() - started
+        self._wake()
+
+    async def flush(self) -> None:
+        """Gossip own transactions in batches, at most one every ``tx_flush_s`` unless a batch is full.
+
+        Gossip costs per message (py-libp2p: milliseconds of CPU on every
+        peer, for every copy), not per byte, so under load batches must be
+        few and large; but a transaction arriving after a quiet spell goes
+        out at once rather than waiting for company.
+        """
+        loop = asyncio.get_running_loop()
+        last = -self._params.tx_flush_s
+        while True:
+            await self._waiting.wait()
+            wait = last + self._params.tx_flush_s - loop.time()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self._full.wait(), wait)
+                except TimeoutError:
+                    pass
+            last = loop.time()
+            txs, self._outbox = self._outbox, []
+            self._waiting.clear()
+            self._full.clear()
+            batch: list[bytes] = []
+            size = 0
+            for raw in txs:  # a backlog goes out in batches of tx_flush_count: every peer checks a
+                # whole batch on its network thread before relaying it, so batches must stay short
+                if batch and (len(batch) >= self._params.tx_flush_count or size + len(raw) > MAX_GOSSIP_BYTES):
+                    await self._publish_batch(batch)
+                    batch, size = [], 0
+                batch.append(raw)
+                size += len(raw)
+            if batch:
+                await self._publish_batch(batch)
+
+    async def _publish_batch(self, txs: list[bytes]) -> None:
+        await self._consensus_idle.wait()
+        await self._publish(TX_TOPIC, encode_frame(TxBatch(txs=txs)))
+        self._unannounced.difference_update(digest(tx) for tx in txs)
+        self._metrics.batches_published += 1
