@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.genesis import Genesis
-from gonka_p2p.ledger.state import Block, LedgerState, Receipt, apply_block
+from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.transactions import Reason, Tx
 from gonka_p2p.wire.envelope import seal
 

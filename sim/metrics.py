@@ -26,7 +26,7 @@ from statistics import fmean, median
 
 from gonka_p2p.ledger.genesis import Params
 from gonka_p2p.ledger.rules import PPM, miss_rate_exceeded
-from gonka_p2p.ledger.state import EpochSummary, ParticipantOutcome
+from gonka_p2p.ledger.records import EpochSummary, ParticipantOutcome
 
 from sim.roster import Roster, Strategy
 

@@ -36,7 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from gonka_p2p.identity import digest
+from gonka_p2p.ledger.block import Receipt
 from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
+from gonka_p2p.ledger.records import InferenceStatus
 from gonka_p2p.ledger.rules import (
     epoch_last_height,
     epoch_of,
@@ -45,7 +47,7 @@ from gonka_p2p.ledger.rules import (
     prompt_token_bound,
     seed_commitment,
 )
-from gonka_p2p.ledger.state import InferenceStatus, Receipt, check_invariants
+from gonka_p2p.ledger.state import check_invariants
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,

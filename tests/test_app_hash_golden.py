@@ -21,9 +21,10 @@ from collections.abc import Callable
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
+from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.executor_choice import choose_executor
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.state import Block, LedgerState, Receipt, apply_block, check_invariants
+from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gonka_p2p.identity import Keypair, digest, verify_signature
+from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.consensus import verify_commit
 from gonka_p2p.ledger.consensus_types import (
     CommitCertificate,
@@ -45,7 +46,7 @@ from gonka_p2p.ledger.consensus_wire import (
 )
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.mempool import Mempool, MempoolParams, TxRefused
-from gonka_p2p.ledger.state import Block, LedgerState, apply_block
+from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.store import LedgerStore, StoreError
 from gonka_p2p.ledger.transactions import Transfer
 from gonka_p2p.ledger.validators import initial_validator_set, validator_set_after

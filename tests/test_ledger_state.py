@@ -30,17 +30,16 @@ from gonka_p2p.ledger.genesis import (
     load_genesis,
     save_genesis,
 )
+from gonka_p2p.ledger.block import Block, decode_block
+from gonka_p2p.ledger.records import InferenceStatus
 from gonka_p2p.ledger.state import (
-    Block,
     BlockMismatch,
-    InferenceStatus,
     LedgerState,
     SnapshotError,
     apply_block,
     check_block,
     check_invariants,
     check_tx,
-    decode_block,
 )
 from gonka_p2p.ledger.transactions import (
     FinishInference,
@@ -90,7 +89,7 @@ def make_genesis(**overrides: object) -> Genesis:
 
 def tables(state: LedgerState) -> list[dict]:
     """The state's records, without the header (height, time, last block hash)."""
-    return [dict(t.rows) for t in state._tables]
+    return [dict(t.rows) for t in state.tables]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from gonka_p2p.ledger.consensus_wire import (
     vote_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.state import Block, decode_block
+from gonka_p2p.ledger.block import Block, decode_block
 from gonka_p2p.ledger.store import LedgerStore
 from gonka_p2p.ledger.transactions import Reason, Transfer
 from gonka_p2p.wire.envelope import seal

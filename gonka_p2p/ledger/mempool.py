@@ -41,7 +41,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gonka_p2p.identity import digest
-from gonka_p2p.ledger.state import Account, LedgerState, check_tx
+from gonka_p2p.ledger.records import Account
+from gonka_p2p.ledger.state import LedgerState, check_tx
 from gonka_p2p.ledger.transactions import Transfer
 
 _ACCOUNT_ONLY_KINDS = frozenset({Transfer.KIND})  # valid or not by the signer's account record alone

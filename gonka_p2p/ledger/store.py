@@ -39,6 +39,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from gonka_p2p.ledger.block import decode_block
 from gonka_p2p.ledger.consensus_types import CommitCertificate, SafetyState, Step, ValidatorSet
 from gonka_p2p.ledger.consensus_wire import (
     CertificateWire,
@@ -49,7 +50,7 @@ from gonka_p2p.ledger.consensus_wire import (
     validator_set_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis
-from gonka_p2p.ledger.state import LedgerState, apply_block, decode_block
+from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.validators import initial_validator_set, validator_set_after
 from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 

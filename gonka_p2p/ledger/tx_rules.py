@@ -1,0 +1,439 @@
+"""The transaction rules: one function per transaction kind, and the dispute's resolution.
+
+Each ``process_*`` rule takes the state, the :class:`BlockContext`, the opened
+envelope and its signer. It first checks everything and raises
+:class:`TxRejected` before touching anything; only then, and only when
+``apply`` is true (in a block, not in mempool admission), does it change the
+state, through the state's public tables and methods. It returns the
+receipt's detail. ``LedgerState`` dispatches to them (``ledger/state.py``).
+
+Transitions, by transaction kind (signer = envelope signer = acting account;
+every kind also needs the right ``chain_id``, a known signer account and its
+exact next ``sequence``, and bumps that sequence when accepted)::
+
+    Transfer(to, amount)           balance[signer] -= amount; balance[to] += amount
+    RegisterParticipant(addrs,     participant[signer] = (pubkey, weight from genesis
+                        models)        or 0, addrs, models)
+    StartInference(request, ex)    signer a participant, client's envelope valid and
+                                   fresh, id = sha256(request) never seen, ex != signer
+                                   serves the model, escrow <= balance[client]:
+                                   balance[client] -= escrow; inference[id] = STARTED;
+                                   settles at once if ex's Finish is held
+    FinishInference(id, counts)    STARTED and signer == executor: SETTLED, cost =
+                                   min(tokens * price, escrow) to pending fees[executor],
+                                   escrow - cost back to the client; p = p_validate(r, m)
+                                   fixed on the record; no such inference yet: held
+                                   (bounded) until its Start
+    CommitValidationSeed(e, c)     during epoch e-1, signer has weight: commitment[e, signer] = c
+    RevealValidationSeed(e, seed)  after epoch e ends, before it settles, H(e, signer, seed)
+                                   == commitment: seed stored, duties recomputed and counted
+    Validation(id, verdict)        id SETTLED in epoch e, window open, signer committed for e,
+                                   not its executor nor TA, not yet revealed: check[id, signer];
+                                   a failed verdict opens dispute[id] (committee drawn by
+                                   weight from this block's hash)
+    DisputeVote(id, verdict)       signer on dispute[id]'s committee, before its deadline:
+                                   vote[id, signer]; the last vote resolves it
+
+Who sends what: a TA submits ``StartInference`` as soon as it has routed the
+request, the executor ``FinishInference`` when done -- in either order. A
+validator (every participant with weight), each epoch e:
+
+1. during epoch e-1: ``seed = derive_validation_seed(key.secret, chain_id, e)``,
+   submit ``CommitValidationSeed(epoch=e, commitment=seed_commitment(e, me, seed))``;
+2. during epoch e, for each inference that settles (and any it missed):
+   ``state.is_validation_duty(iid, me, seed)``; if so fetch the artifacts,
+   verify, submit ``Validation(inference_id, verdict_stats(verdict))`` before
+   ``rules.validation_deadline(e)`` (``state.validation_duties(e, me, seed)``
+   lists them all);
+3. whenever ``state.open_disputes_for(me)`` names a dispute: verify and submit
+   ``DisputeVote(inference_id, verdict)`` before the deadline;
+4. after epoch e ends (``rules.seed_reveal_open``): submit
+   ``RevealValidationSeed(epoch=e, seed)`` -- the claim; checks after it are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from gonka_p2p.identity import peer_id_from_pubkey
+from gonka_p2p.ledger.block import BlockContext
+from gonka_p2p.ledger.genesis import MAX_ADDR_LEN
+from gonka_p2p.ledger.records import (
+    Check,
+    Dispute,
+    HeldFinish,
+    Inference,
+    InferenceStatus,
+    Participant,
+    Payout,
+    SeedCommitment,
+)
+from gonka_p2p.ledger.rules import (
+    SEED_BYTES,
+    DisputeOutcome,
+    dispute_deadline,
+    dispute_outcome,
+    draw_committee,
+    epoch_of,
+    escrow_for,
+    held_finish_deadline,
+    inference_cost,
+    inference_deadline,
+    is_account_address,
+    prompt_token_bound,
+    replay_memory_until,
+    request_is_fresh,
+    seed_commit_open,
+    seed_commitment,
+    seed_reveal_open,
+    validation_deadline,
+    validation_ppm,
+    verdict_is_consistent,
+)
+from gonka_p2p.ledger.transactions import (
+    CommitValidationSeed,
+    DisputeVote,
+    FinishInference,
+    Reason,
+    RegisterParticipant,
+    RevealValidationSeed,
+    StartInference,
+    Transfer,
+    TxRejected,
+    Validation,
+    VerdictStats,
+)
+from gonka_p2p.wire.envelope import Signed, open_envelope
+from gonka_p2p.wire.messages import HASH_BYTES, InferenceRequest
+from gonka_p2p.wire.schema import WireError
+
+if TYPE_CHECKING:
+    from gonka_p2p.ledger.state import LedgerState
+
+peer_id_of = lru_cache(maxsize=1 << 16)(peer_id_from_pubkey)
+
+
+def process_transfer(state: LedgerState, ctx: BlockContext, signed: Signed[Transfer],
+                     signer: str, apply: bool) -> str:
+    """Move coins between accounts; the recipient must be a key's address, the sender must cover it."""
+    tx = signed.message
+    if not is_account_address(tx.to):
+        raise TxRejected(Reason.INVALID_ADDRESS, f"{tx.to!r} is not a secp256k1 peer id")
+    balance = state.balance(signer)
+    if tx.amount > balance:
+        raise TxRejected(Reason.INSUFFICIENT_BALANCE, f"transfer of {tx.amount}, balance {balance}")
+    if apply:
+        state.debit(signer, tx.amount)
+        state.credit(tx.to, tx.amount)
+    return f"{tx.amount} to {tx.to}"
+
+
+def process_register_participant(state: LedgerState, ctx: BlockContext,
+                                 signed: Signed[RegisterParticipant], signer: str,
+                                 apply: bool) -> str:
+    """Join (or update addrs/models): any funded account may; weight stays as genesis gave it."""
+    tx = signed.message
+    for addr in tx.addrs:
+        if not 0 < len(addr) <= MAX_ADDR_LEN:
+            raise TxRejected(Reason.MALFORMED, f"addresses must have 1 to {MAX_ADDR_LEN} chars")
+    for model in tx.models:
+        if model not in state.params.price_per_token:
+            raise TxRejected(Reason.UNKNOWN_MODEL, f"{model!r} has no price on this network")
+    old = state.registry.get(signer)
+    if apply:
+        addrs, models = tuple(tx.addrs), tuple(sorted(set(tx.models)))
+        state.registry.put(signer, replace(old, addrs=addrs, models=models) if old else Participant(
+            pubkey=signed.signer, weight=0, addrs=addrs, models=models, completed=0, missed=0))
+    return "updated" if old else "registered"
+
+
+def process_start_inference(state: LedgerState, ctx: BlockContext,
+                            signed: Signed[StartInference], signer: str, apply: bool) -> str:
+    """The TA locks the client's escrow for a client-signed request and names its executor."""
+    tx = signed.message
+    if signer not in state.registry:
+        raise TxRejected(Reason.NOT_A_PARTICIPANT, "only a registered participant can act as TA")
+    try:
+        request: Signed[InferenceRequest] = open_envelope(tx.request, InferenceRequest)
+    except WireError as e:
+        raise TxRejected(Reason.BAD_CLIENT_REQUEST, f"{e.code}: {e}") from None
+    req = request.message
+    price = state.params.price_per_token.get(req.model)
+    if price is None:
+        raise TxRejected(Reason.UNKNOWN_MODEL, f"{req.model!r} has no price on this network")
+    window = state.params.request_window_ms
+    if not request_is_fresh(req.timestamp_ms, ctx.time_ms, window):
+        raise TxRejected(Reason.STALE_REQUEST, f"request time {req.timestamp_ms} is more than "
+                                               f"{window} ms from block time {ctx.time_ms}")
+    iid = request.digest
+    if iid in state.inferences or iid in state.seen:
+        raise TxRejected(Reason.DUPLICATE_INFERENCE, f"inference {iid.hex()} was already started")
+    if tx.executor == signer:
+        raise TxRejected(Reason.SELF_EXECUTION, "a TA may not execute its own requests")
+    executor = state.registry.get(tx.executor)
+    if executor is None or req.model not in executor.models:
+        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} does not serve {req.model}")
+    client = peer_id_of(request.signer)
+    account = state.accounts.get(client)
+    if account is None:
+        raise TxRejected(Reason.UNKNOWN_CLIENT, f"client {client} has no account")
+    prompt_bound = prompt_token_bound(req, state.params)
+    escrow = escrow_for(prompt_bound, req.max_tokens, price)
+    if escrow > account.balance:
+        raise TxRejected(Reason.INSUFFICIENT_BALANCE,
+                         f"escrow {escrow} exceeds the client's balance {account.balance}")
+    if not apply:
+        return f"would escrow {escrow}"
+    state.debit(client, escrow)
+    record = Inference(client=client, ta=signer, executor=tx.executor, model=req.model,
+                       price=price, max_tokens=req.max_tokens, prompt_bound=prompt_bound,
+                       escrow=escrow, request_ms=req.timestamp_ms, start_height=ctx.height,
+                       deadline=inference_deadline(ctx.height, state.params),
+                       status=InferenceStatus.STARTED)
+    state.inferences.put(iid, record)
+    state.remember_request(iid, replay_memory_until(req.timestamp_ms, window))
+    held = state.release_held(iid).get(tx.executor)
+    if held is not None:
+        if held.completion_tokens > req.max_tokens:
+            state.schedule_expiry(iid, record.deadline)
+            return f"inference {iid.hex()} started; its held Finish claimed too many tokens"
+        settle_inference(state, ctx, iid, record, held.prompt_tokens, held.completion_tokens,
+                         held.response_hash, held.artifact_commitment)
+        return f"inference {iid.hex()} started and settled with its held Finish"
+    state.schedule_expiry(iid, record.deadline)
+    return f"inference {iid.hex()} started, escrow {escrow}"
+
+
+def process_finish_inference(state: LedgerState, ctx: BlockContext,
+                             signed: Signed[FinishInference], signer: str, apply: bool) -> str:
+    """The named executor reports its counts: settle now, or hold until the Start commits."""
+    tx = signed.message
+    if (len(tx.inference_id), len(tx.response_hash), len(tx.artifact_commitment)) != (HASH_BYTES,) * 3:
+        raise TxRejected(Reason.MALFORMED, f"inference id and hashes must be {HASH_BYTES} bytes")
+    if signer not in state.registry:
+        raise TxRejected(Reason.NOT_A_PARTICIPANT, "only a registered participant executes")
+    iid = tx.inference_id
+    record = state.inferences.get(iid)
+    if record is None:
+        return _hold_finish(state, ctx, tx, signer, apply)
+    if record.executor != signer:
+        raise TxRejected(Reason.WRONG_EXECUTOR, f"inference {iid.hex()} was given to {record.executor}")
+    if record.status is not InferenceStatus.STARTED:
+        raise TxRejected(Reason.INFERENCE_CLOSED, f"inference {iid.hex()} is {record.status}")
+    if tx.completion_tokens > record.max_tokens:
+        raise TxRejected(Reason.TOKENS_EXCEED_REQUEST,
+                         f"{tx.completion_tokens} completion tokens, max_tokens {record.max_tokens}")
+    if apply:
+        settle_inference(state, ctx, iid, record, tx.prompt_tokens, tx.completion_tokens,
+                         tx.response_hash, tx.artifact_commitment)
+    return f"inference {iid.hex()} settled"
+
+
+def _hold_finish(state: LedgerState, ctx: BlockContext, tx: FinishInference, signer: str,
+                 apply: bool) -> str:
+    """A Finish that outran its Start waits, bounded per executor and in total."""
+    iid = tx.inference_id
+    if iid in state.seen:
+        raise TxRejected(Reason.INFERENCE_CLOSED, f"inference {iid.hex()} closed and was pruned")
+    if (iid, signer) in state.held:
+        raise TxRejected(Reason.DUPLICATE_FINISH, f"a Finish for {iid.hex()} is already held")
+    p = state.params
+    if len(state.held) >= p.max_held_finishes or state.held_count(signer) >= p.max_held_finishes_per_executor:
+        raise TxRejected(Reason.HOLDING_AREA_FULL, "too many Finishes wait for their Start")
+    if apply:
+        state.hold_finish((iid, signer), HeldFinish(
+            tx.prompt_tokens, tx.completion_tokens, tx.response_hash, tx.artifact_commitment,
+            held_finish_deadline(ctx.height, state.params)))
+    return f"held until the StartInference of {iid.hex()} commits"
+
+
+def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: Inference,
+                     prompt_tokens: int, completion_tokens: int, response_hash: bytes,
+                     artifact_commitment: bytes) -> None:
+    """Charge the work (capped at escrow) to the executor's pending fees; refund the rest; fix
+    the probability p that it is checked from the executor's reputation and the epoch's floor."""
+    cost = inference_cost(prompt_tokens, completion_tokens, record.price, record.escrow)
+    if record.escrow > cost:
+        state.credit(record.client, record.escrow - cost)
+    if cost:
+        state.fees.put(record.executor, state.pending_fees(record.executor) + cost)
+    epoch = epoch_of(ctx.height, state.params)
+    info = state.epochs.rows[epoch]
+    executor = state.registry.rows[record.executor]
+    state.close_inference(iid, replace(
+        record, status=InferenceStatus.SETTLED, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, response_hash=response_hash,
+        artifact_commitment=artifact_commitment, cost=cost, closed_height=ctx.height,
+        validation_ppm=validation_ppm(executor.reputation_ppm, info.floor_ppm, state.params),
+        payout=Payout.PENDING))
+    state.epochs.put(epoch, replace(info, inferences=info.inferences + 1))
+    state.registry.put(record.executor, replace(executor, completed=executor.completed + 1))
+
+
+def process_commit_seed(state: LedgerState, ctx: BlockContext,
+                        signed: Signed[CommitValidationSeed], signer: str, apply: bool) -> str:
+    """A participant with weight commits, during epoch e-1, to its secret seed for epoch e."""
+    tx = signed.message
+    if len(tx.commitment) != HASH_BYTES:
+        raise TxRejected(Reason.MALFORMED, f"a seed commitment is {HASH_BYTES} bytes")
+    participant = state.registry.get(signer)
+    if participant is None or participant.weight == 0:
+        raise TxRejected(Reason.NOT_A_VALIDATOR, "only a participant with weight validates")
+    if not seed_commit_open(tx.epoch, ctx.height, state.params):
+        raise TxRejected(Reason.WRONG_EPOCH, f"seeds for epoch {tx.epoch} are committed during epoch "
+                                             f"{tx.epoch - 1}; this is epoch "
+                                             f"{epoch_of(ctx.height, state.params)}")
+    if (tx.epoch, signer) in state.commitments:
+        raise TxRejected(Reason.ALREADY_COMMITTED, f"a seed for epoch {tx.epoch} is already committed")
+    if apply:
+        state.add_commitment(tx.epoch, signer, SeedCommitment(tx.commitment, ctx.height))
+    return f"seed for epoch {tx.epoch} committed"
+
+
+def process_reveal_seed(state: LedgerState, ctx: BlockContext,
+                        signed: Signed[RevealValidationSeed], signer: str, apply: bool) -> str:
+    """The claim: the seed opens its commitment, and its duties over the epoch are counted."""
+    tx = signed.message
+    if len(tx.seed) != SEED_BYTES:
+        raise TxRejected(Reason.MALFORMED, f"a validation seed is {SEED_BYTES} bytes")
+    commitment = state.commitments.get((tx.epoch, signer))
+    if commitment is None:
+        raise TxRejected(Reason.NO_COMMITMENT, f"no seed was committed for epoch {tx.epoch}")
+    if commitment.revealed:
+        raise TxRejected(Reason.ALREADY_REVEALED, f"the seed for epoch {tx.epoch} is already revealed")
+    if not seed_reveal_open(tx.epoch, ctx.height, state.params):
+        raise TxRejected(Reason.WRONG_EPOCH, f"the seed for epoch {tx.epoch} is revealed after it "
+                                             "ends and before it settles")
+    if seed_commitment(tx.epoch, signer, tx.seed) != commitment.commitment:
+        raise TxRejected(Reason.SEED_MISMATCH, "the seed does not open the commitment")
+    if not apply:
+        return "would reveal"
+    duties = state.validation_duties(tx.epoch, signer, tx.seed)
+    done = sum((iid, signer) in state.checks or (iid, signer) in state.votes for iid in duties)
+    state.commitments.put((tx.epoch, signer), replace(
+        commitment, seed=tx.seed, revealed_height=ctx.height, duties=len(duties), done=done))
+    return f"epoch {tx.epoch}: {len(duties)} duties, {done} done, {len(duties) - done} skipped"
+
+
+def _inference_to_check(state: LedgerState, ctx: BlockContext, iid: bytes) -> Inference:
+    if len(iid) != HASH_BYTES:
+        raise TxRejected(Reason.MALFORMED, f"an inference id is {HASH_BYTES} bytes")
+    record = state.inferences.get(iid)
+    if record is None:
+        raise TxRejected(Reason.UNKNOWN_INFERENCE, f"no inference {iid.hex()} (never, or pruned)")
+    if record.status is not InferenceStatus.SETTLED:
+        raise TxRejected(Reason.NOT_VALIDATABLE, f"inference {iid.hex()} is {record.status}, not settled")
+    return record
+
+
+def _verdict_checked(verdict: VerdictStats) -> None:
+    if not verdict_is_consistent(verdict.valid, verdict.suspicious, verdict.failure_flags):
+        raise TxRejected(Reason.INCONSISTENT_VERDICT, "a valid verdict names no failure; a failed "
+                                                      "one names one and is not 'suspicious'")
+
+
+def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Validation],
+                       signer: str, apply: bool) -> str:
+    """A committed validator records its verdict on a settled inference; a failure opens a dispute."""
+    tx = signed.message
+    _verdict_checked(tx.verdict)
+    record = _inference_to_check(state, ctx, tx.inference_id)
+    iid, epoch = tx.inference_id, state.inference_epoch(record)
+    if ctx.height > validation_deadline(epoch, state.params):
+        raise TxRejected(Reason.VALIDATION_CLOSED, f"checks of epoch {epoch} closed at height "
+                                                   f"{validation_deadline(epoch, state.params)}")
+    if signer in (record.executor, record.ta):
+        raise TxRejected(Reason.CONFLICT_OF_INTEREST, "a validator never checks work it executed or routed")
+    commitment = state.commitments.get((epoch, signer))
+    if commitment is None or signer not in state.epochs.rows[epoch].weights:
+        raise TxRejected(Reason.NOT_A_VALIDATOR, f"not a committed validator of epoch {epoch}")
+    if commitment.revealed:
+        raise TxRejected(Reason.ALREADY_CLAIMED, f"its seed for epoch {epoch} is revealed: duties closed")
+    if (iid, signer) in state.checks:
+        raise TxRejected(Reason.DUPLICATE_VALIDATION, f"it already checked {iid.hex()}")
+    if not apply:
+        return "would record the check"
+    state.add_check(iid, signer, Check.of(tx.verdict, ctx.height))
+    if tx.verdict.valid:
+        return f"{iid.hex()} checked: valid"
+    if iid in state.disputes:
+        return f"{iid.hex()} checked: invalid (already disputed)"
+    candidates = state.validation_candidates(iid)
+    candidates.pop(signer)
+    committee = draw_committee(candidates, ctx.block_hash, iid, state.params.dispute_committee_size)
+    state.open_dispute(iid, Dispute(epoch=epoch, executor=record.executor, accuser=signer,
+                                    opened_height=ctx.height,
+                                    deadline=dispute_deadline(ctx.height, state.params),
+                                    committee=committee))
+    _resolve_if_complete(state, ctx, iid)
+    return f"{iid.hex()} checked: invalid; dispute opened, committee {', '.join(committee) or 'empty'}"
+
+
+def process_dispute_vote(state: LedgerState, ctx: BlockContext, signed: Signed[DisputeVote],
+                         signer: str, apply: bool) -> str:
+    """A committee member's re-check of a disputed inference; the last vote resolves it."""
+    tx = signed.message
+    _verdict_checked(tx.verdict)
+    if len(tx.inference_id) != HASH_BYTES:
+        raise TxRejected(Reason.MALFORMED, f"an inference id is {HASH_BYTES} bytes")
+    iid = tx.inference_id
+    dispute = state.disputes.get(iid)
+    if dispute is None:
+        raise TxRejected(Reason.NO_DISPUTE, f"inference {iid.hex()} is not disputed")
+    if dispute.outcome is not DisputeOutcome.OPEN or ctx.height > dispute.deadline:
+        raise TxRejected(Reason.VOTING_CLOSED, f"the dispute on {iid.hex()} is {dispute.outcome}")
+    if signer not in dispute.committee:
+        raise TxRejected(Reason.NOT_ON_COMMITTEE, f"not on the committee of {iid.hex()}")
+    if (iid, signer) in state.votes:
+        raise TxRejected(Reason.DUPLICATE_VOTE, f"it already voted on {iid.hex()}")
+    if apply:
+        state.votes.put((iid, signer), Check.of(tx.verdict, ctx.height))
+        _resolve_if_complete(state, ctx, iid)
+    return f"vote on {iid.hex()}: {'valid' if tx.verdict.valid else 'invalid'}"
+
+
+def _resolve_if_complete(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
+    dispute = state.disputes.rows[iid]
+    if all((iid, member) in state.votes for member in dispute.committee):
+        resolve_dispute(state, ctx, iid)
+
+
+def resolve_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
+    """Tally the committee's votes by the epoch's weights; a strict majority of votes cast decides.
+
+    Proven invalid work sanctions its executor at once, not at settlement: weight and
+    reputation drop to 0, so transfer agents stop drawing it for new clients and it
+    holds no seat in a validator set chosen from now on. Its fees and reward are
+    judged at settlement, with the rest of its epoch."""
+    dispute = state.disputes.rows[iid]
+    assert dispute.outcome is DisputeOutcome.OPEN
+    weights = state.epochs.rows[dispute.epoch].weights
+    invalid = valid = 0
+    for member in dispute.committee:
+        vote = state.votes.get((iid, member))
+        if vote is not None:
+            if vote.valid:
+                valid += weights[member]
+            else:
+                invalid += weights[member]
+    outcome = dispute_outcome(invalid, valid)
+    state.disputes.put(iid, replace(dispute, outcome=outcome, invalid_weight=invalid, valid_weight=valid,
+                                    resolved_height=ctx.height))
+    if outcome is DisputeOutcome.INVALID:
+        executor = state.inferences.rows[iid].executor
+        state.registry.put(executor, replace(state.registry.rows[executor], weight=0, reputation_ppm=0))
+
+
+RULES: dict[type, Callable[..., str]] = {
+    Transfer: process_transfer,
+    RegisterParticipant: process_register_participant,
+    StartInference: process_start_inference,
+    FinishInference: process_finish_inference,
+    CommitValidationSeed: process_commit_seed,
+    RevealValidationSeed: process_reveal_seed,
+    Validation: process_validation,
+    DisputeVote: process_dispute_vote,
+}
