@@ -16,7 +16,7 @@ from gonka_p2p.client import (
 )
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.wire.envelope import open_envelope, seal
@@ -26,6 +26,7 @@ from gonka_p2p.wire.messages import (
     InferenceFailed,
     InferenceRequest,
     TokenBatch,
+    response_hash,
 )
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL, INFER_PROTOCOL
 from gonka_p2p.wire.stream import ProtocolViolation, RequestRejected, StreamVerifier

@@ -17,7 +17,7 @@ import torch
 
 from gonka_p2p.adversary import cheats
 from gonka_p2p.inference import verification
-from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
@@ -34,6 +34,7 @@ from gonka_p2p.inference.verification import (
 )
 from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
 from gonka_p2p.ledger.rules import Observation, sprt_catches
+from gonka_p2p.wire.messages import response_hash
 
 # Round test values, same order of magnitude as the calibrated ones (nats).
 THRESHOLDS = ModelThresholds(logprob_tolerance=1e-4, max_mean_distance=2e-5,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from gonka_p2p.actors.artifact_server import ArtifactStore
 from gonka_p2p.gossip.service import NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
@@ -38,6 +38,7 @@ from gonka_p2p.wire.messages import (
     InferenceRequest,
     InferenceStarted,
     TokenBatch,
+    response_hash,
 )
 from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL
 from gonka_p2p.wire.schema import WireError

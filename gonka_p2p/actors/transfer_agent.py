@@ -39,7 +39,7 @@ from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
@@ -51,6 +51,7 @@ from gonka_p2p.wire.messages import (
     InferenceStarted,
     NetworkInfo,
     TokenBatch,
+    response_hash,
 )
 from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL, INFER_PROTOCOL, INFO_PROTOCOL
 from gonka_p2p.wire.schema import WireError

@@ -54,7 +54,7 @@ from typing import Protocol
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.verification import VerificationParams, verify
 from gonka_p2p.ledger.records import Inference
@@ -77,7 +77,7 @@ from gonka_p2p.ledger.transactions import (
     withheld_verdict,
 )
 from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest
+from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest, response_hash
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 from gonka_p2p.wire.schema import WireError
 

@@ -133,8 +133,3 @@ def _is_number(value: object) -> bool:
 def _row_dtype(k: int) -> np.dtype:
     return np.dtype([("token", "<u4"), ("logprob", "<f4"),
                      ("top_ids", "<u4", (k,)), ("top_logprobs", "<f4", (k,))])
-
-
-def response_hash(completion_ids: list[int]) -> bytes:
-    """What the executor signs as "the answer": the digest of the completion token ids."""
-    return digest(msgpack.packb(list(completion_ids)))

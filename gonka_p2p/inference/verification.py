@@ -72,10 +72,11 @@ from typing import Any
 
 import torch
 
-from gonka_p2p.inference.artifacts import InferenceArtifact, response_hash
+from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
 from gonka_p2p.inference.sampler import claim_margins
 from gonka_p2p.ledger.rules import Observation
+from gonka_p2p.wire.messages import response_hash
 
 # Bump when :func:`measure` would return other numbers for the same artifact and
 # scores: the detection benchmark keeps hours of measurements keyed by it (a faster

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgpack
+
+from gonka_p2p.identity import digest
 from gonka_p2p.wire.schema import Message, bounded, each
 
 MAX_MODELS = 16
@@ -114,8 +117,13 @@ class InferenceFinished(Message):
     finish_reason: str = bounded(max_len=16)
     prompt_tokens: int = bounded(min_value=0)
     completion_tokens: int = bounded(min_value=0)
-    response_hash: bytes = bounded(max_len=HASH_BYTES)
+    response_hash: bytes = bounded(max_len=HASH_BYTES)  # response_hash(completion ids)
     prompt_ids: list[int] = bounded(max_len=MAX_PROMPT_IDS, items=TOKEN_ID)
+
+
+def response_hash(completion_ids: list[int]) -> bytes:
+    """What the executor signs as "the answer": the digest of the completion token ids."""
+    return digest(msgpack.packb(list(completion_ids)))
 
 
 @dataclass(frozen=True)

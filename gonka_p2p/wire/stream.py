@@ -5,7 +5,7 @@ untrusted TA relays from an untrusted executor, and both apply the same
 rules, here: every frame must be signed by the executor that sent
 ``InferenceStarted``, refer to this request's inference id, continue the
 token positions without gaps, and the final ``InferenceFinished`` must hash
-the tokens received (:func:`~gonka_p2p.inference.artifacts.response_hash`).
+the tokens received (:func:`~gonka_p2p.wire.messages.response_hash`).
 So a TA that alters the output, or an executor that changes its story, is
 caught by whoever reads the stream. Pure: bytes in, events out, no I/O.
 """
@@ -14,9 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gonka_p2p.inference.artifacts import response_hash
 from gonka_p2p.wire.envelope import open_envelope
-from gonka_p2p.wire.messages import InferenceFailed, InferenceFinished, InferenceStarted, TokenBatch
+from gonka_p2p.wire.messages import (
+    InferenceFailed,
+    InferenceFinished,
+    InferenceStarted,
+    TokenBatch,
+    response_hash,
+)
 from gonka_p2p.wire.schema import WireError
 
 
