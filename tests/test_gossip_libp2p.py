@@ -17,15 +17,17 @@ from helpers import eventually, free_port
 
 from gonka_p2p.gossip.libp2p_service import MAX_INBOUND_STREAMS, Libp2pService
 from gonka_p2p.gossip.service import (
-    MAX_FRAME_BYTES,
     AddressInUse,
     FrameTooLarge,
+    NetworkError,
     PeerUnreachable,
     PublishError,
     SendFrame,
+    ServiceCrashed,
     StreamReset,
 )
 from gonka_p2p.identity import Keypair
+from gonka_p2p.wire.framing import MAX_FRAME_BYTES
 
 pytestmark = [pytest.mark.libp2p]
 
@@ -209,6 +211,26 @@ async def test_publish_raises_instead_of_dropping(make_host: Factory) -> None:
 
 async def echo_handler(sender: str, data: bytes) -> None:
     pass
+
+
+async def test_a_gossip_handler_that_raises_stops_the_service_and_its_owner_hears_of_it(make_host: Factory) -> None:
+    a, b = await make_host(), await make_host()
+
+    async def broken(sender: str, data: bytes) -> None:
+        raise RuntimeError("handler bug")
+
+    await b.subscribe("t", broken)
+    await link(a, b)
+    await eventually(lambda: a.topic_peers("t") == [b.peer_id])
+    owner = asyncio.create_task(b.wait_closed())  # what a node's supervisor awaits
+    await a.publish("t", b"x")
+    with pytest.raises(ServiceCrashed) as crash:
+        await asyncio.wait_for(owner, 15)
+    assert "handler bug" in repr(crash.value.__cause__)
+    with pytest.raises(NetworkError, match="not running"):  # stopped, not deaf
+        await b.publish("t", b"y")
+    await a.stop()
+    await a.wait_closed()  # a clean stop returns without raising
 
 
 # ---- streams ---------------------------------------------------------------
@@ -408,7 +430,7 @@ def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -
     import trio
     import trio.testing
 
-    from gonka_p2p.gossip.libp2p_service import OUTBOUND_HIGH_WATER, _GossipPubsub
+    from gonka_p2p.gossip.libp2p_patches import OUTBOUND_HIGH_WATER, GossipPubsub
 
     queues = {"draining": [0] * OUTBOUND_HIGH_WATER, "stuck": [0] * OUTBOUND_HIGH_WATER, "idle": []}
     fake = types.SimpleNamespace(peer_queues=queues, _stalled=set())
@@ -423,7 +445,7 @@ def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -
             nursery.start_soon(drain)
             for _ in range(2):
                 started = trio.current_time()
-                ready = await _GossipPubsub.wait_for_room(fake, ["draining", "stuck", "idle"], 0.5)  # type: ignore[arg-type]
+                ready = await GossipPubsub.wait_for_room(fake, ["draining", "stuck", "idle"], 0.5)  # type: ignore[arg-type]
                 results.append((sorted(ready), trio.current_time() - started))
         return results
 
@@ -433,5 +455,5 @@ def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -
     assert 0.5 <= first_wait < 0.51 and second_wait == 0  # the full timeout once, then not again
     assert fake._stalled == {"stuck"}
     queues["stuck"].clear()
-    assert trio.run(_GossipPubsub.wait_for_room, fake, ["stuck"], 0.5) == ["stuck"]  # type: ignore[arg-type]
+    assert trio.run(GossipPubsub.wait_for_room, fake, ["stuck"], 0.5) == ["stuck"]  # type: ignore[arg-type]
     assert fake._stalled == set()

@@ -5,6 +5,15 @@ raises rather than drops when nobody listens, streams reset when a handler
 raises or a host stops -- without sockets. A :class:`MemoryHub` plays the
 network: it routes by peer id and can add a seeded latency and pubsub loss so
 runs replay from their seed.
+
+Each host owns its tasks, one per gossip delivery and one per stream it
+serves, in a TaskGroup entered at ``start`` and left at ``stop``. A gossip
+handler that raises crashes the host (``wait_closed`` raises
+:class:`ServiceCrashed`); a stream handler that raises resets its stream.
+Memory is bounded: at most ``DELIVERY_SLOTS`` gossip messages wait for one
+host's handlers (``publish`` waits for room, as the libp2p service's
+backpressure does), 64 frames per open stream, one subscription per topic,
+and a host's peers are the hub's hosts.
 """
 
 from __future__ import annotations
@@ -16,21 +25,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gonka_p2p.gossip.service import (
-    MAX_FRAME_BYTES,
     AddressInUse,
     FrameTooLarge,
     MessageHandler,
     MessageValidator,
     PeerUnreachable,
     PublishError,
+    ServiceCrashed,
     StreamHandler,
     StreamReset,
 )
 from gonka_p2p.identity import Keypair
+from gonka_p2p.wire.framing import MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
 _END = object()
+DELIVERY_SLOTS = 1024  # gossip messages waiting for one host's handlers
 
 
 @dataclass
@@ -63,7 +74,10 @@ class MemoryService:
         self._peers: set[str] = set()
         self._subs: dict[str, tuple[MessageHandler, MessageValidator | None]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(DELIVERY_SLOTS)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._crash: BaseException | None = None
 
     @property
     def peer_id(self) -> str:
@@ -77,21 +91,48 @@ class MemoryService:
         if self._peer_id in self._hub.hosts:
             raise AddressInUse(f"a host with peer id {self._peer_id} is already on this hub")
         self._hub.hosts[self._peer_id] = self
-        self._running = True
+        self._running, self._crash = True, None
+        self._slots = asyncio.Semaphore(DELIVERY_SLOTS)  # a fresh count: slots of cancelled deliveries are gone
+        ready = asyncio.Event()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(ready))
+        await ready.wait()
 
-    async def stop(self) -> None:
-        if not self._running:
-            return
+    async def _supervise(self, ready: asyncio.Event) -> None:
+        """Own this host's tasks until stop(); a gossip handler's crash stops the host."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                ready.set()
+                await asyncio.get_running_loop().create_future()  # until stop() cancels us
+        except Exception as e:  # noqa: BLE001 - the group's crash: kept for wait_closed
+            self._crash = e
+            log.error("memory host %s crashed: a gossip handler raised", self._peer_id, exc_info=e)
+        finally:
+            self._tasks = None
+            self._leave()
+
+    def _leave(self) -> None:
         self._running = False
-        self._hub.hosts.pop(self._peer_id, None)
+        if self._hub.hosts.get(self._peer_id) is self:
+            del self._hub.hosts[self._peer_id]
         for peer in list(self._peers):
             other = self._hub.hosts.get(peer)
             if other:
                 other._peers.discard(self._peer_id)
         self._peers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.wait([supervisor])
+
+    async def wait_closed(self) -> None:
+        supervisor = self._supervisor
+        if supervisor is not None:
+            await asyncio.wait([supervisor])
+        if self._crash is not None:
+            raise ServiceCrashed(f"memory host {self._peer_id} crashed: {self._crash!r}") from self._crash
 
     async def connect(self, multiaddr: str, timeout: float = 10.0) -> str:
         peer = multiaddr.rsplit("/p2p/", 1)[-1]
@@ -121,27 +162,32 @@ class MemoryService:
         for peer in targets:
             if self._hub.loss and self._hub.rng.random() < self._hub.loss:
                 continue
-            self._spawn(self._hub.hosts[peer]._receive(topic, self._peer_id, data))
+            other = self._hub.hosts.get(peer)
+            if other is not None:
+                await other._slots.acquire()  # no await point while a slot is free
+                if other._tasks is None:  # it stopped meanwhile
+                    other._slots.release()
+                else:
+                    other._tasks.create_task(other._receive(topic, self._peer_id, data))
 
     async def _receive(self, topic: str, sender: str, data: bytes) -> None:
-        await self._hub.deliver_delay()
-        sub = self._subs.get(topic)
-        if not self._running or sub is None:
-            return
-        handler, validator = sub
-        if validator is not None and not validator(sender, data):
-            return
-        await handler(sender, data)
-
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("handler failed on %s", self._peer_id, exc_info=task.exception())
+        """Deliver one gossip message; the handler's error, if any, crashes this host."""
+        try:
+            await self._hub.deliver_delay()
+            sub = self._subs.get(topic)
+            if not self._running or sub is None:
+                return
+            handler, validator = sub
+            if validator is not None and not validator(sender, data):
+                return
+            try:
+                await handler(sender, data)
+            except Exception as e:
+                e.add_note(f"in the handler for gossip topic {topic} on {self._peer_id}, "
+                           f"on a message from {sender}")
+                raise
+        finally:
+            self._slots.release()
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         self._stream_handlers[protocol] = handler
@@ -176,9 +222,9 @@ class MemoryService:
                 await frames.put(StreamReset(f"peer {peer_id} reset the stream: {e}"))
 
         await self._hub.deliver_delay()
-        task = asyncio.ensure_future(serve())
-        other._tasks.add(task)
-        task.add_done_callback(other._tasks.discard)
+        if other._tasks is None:
+            raise PeerUnreachable(f"cannot reach peer {peer_id}: it stopped")
+        task = other._tasks.create_task(serve())
         try:
             while True:
                 item = await asyncio.wait_for(frames.get(), timeout)

@@ -16,10 +16,16 @@ Actors never touch libp2p directly. They see one narrow asyncio interface:
   stream. Request/response is the special case of exactly one response frame
   (``request``). Payloads (prompts, tokens, artifacts, blocks) travel here,
   never over gossip.
+* **ownership** -- a service owns every task it starts (gossip workers,
+  in-memory deliveries) from ``start`` to ``stop``. A gossip handler that
+  raises crashes the service: it stops, and ``wait_closed`` raises
+  :class:`ServiceCrashed`, so whoever owns the service (the node's
+  supervisor) learns of it instead of running on without gossip. A stream
+  handler that raises resets only its stream.
 
 Frames are opaque bytes; their meaning (and their signatures) belongs to
-``gonka_p2p.wire``. Every frame is bounded by ``MAX_FRAME_BYTES``; a peer that
-sends more is cut off with :class:`FrameTooLarge`.
+``gonka_p2p.wire``. Every frame is bounded by ``wire.framing.MAX_FRAME_BYTES``;
+a peer that sends more is cut off with :class:`FrameTooLarge`.
 
 Two implementations share these semantics: ``libp2p_service`` (py-libp2p in
 its own trio thread; production and integration tests) and ``memory`` (an
@@ -31,8 +37,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
-
-MAX_FRAME_BYTES = 8 * 1024 * 1024
 
 # (sender peer id, message bytes) -> None
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
@@ -69,6 +73,10 @@ class AddressInUse(NetworkError):
     """The listen address is already taken by another process."""
 
 
+class ServiceCrashed(NetworkError):
+    """A task the service owns (a gossip handler) raised, and the service stopped; see ``__cause__``."""
+
+
 class NetworkService(Protocol):
     """What actors may ask of the network. See the module docstring."""
 
@@ -88,6 +96,13 @@ class NetworkService(Protocol):
 
     async def stop(self) -> None:
         """Close every stream and connection; idempotent."""
+        ...
+
+    async def wait_closed(self) -> None:
+        """Return once the service has stopped; raise ServiceCrashed if a gossip handler crashed it.
+
+        Owners await it beside their actors (cancelling the wait leaves the service running).
+        """
         ...
 
     async def connect(self, multiaddr: str, timeout: float = 10.0) -> str:
