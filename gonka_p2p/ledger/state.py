@@ -26,42 +26,26 @@ fed the wrong block, nothing was applied. Then, in order:
 3. the block is committed: the app hash is updated and the invariants are
    checked on every record the block changed (:mod:`~gonka_p2p.ledger.tables`).
 
-Where things are: the records the tables hold in :mod:`~gonka_p2p.ledger.records`;
-the tables, their hash and invariants in :mod:`~gonka_p2p.ledger.tables`; the
-formulas (costs, deadlines, sampling, the epoch test) in
-:mod:`~gonka_p2p.ledger.rules`. This module holds the state itself -- its
-tables, the indexes derived from them, its queries, its snapshot -- and the
-entry points.
+This module holds the state itself -- its tables, the indexes derived from
+them (rebuilt on load, never hashed), its queries and its snapshot -- and
+the entry points. A query returns records or fresh containers, never a live
+view of a table, so a caller may hold its answer across an ``await``.
 
 Memory stays bounded: a request id is remembered (``seen``) only while its
-timestamp can still be fresh, since a stale request is refused anyway;
-closed inference records, their checks, votes and disputes, seed
-commitments and epoch records are pruned when the epoch after theirs
-settles; summaries are kept for ``SUMMARY_EPOCHS_KEPT`` epochs; held
-Finishes are capped per executor and in total and dropped after the
-deadline; running inferences are bounded by the clients' balances (every
-model costs >= 1 coin per token).
+timestamp can still be fresh (a stale request is refused anyway); closed
+inferences with their checks, votes and disputes, seed commitments and
+epoch records are pruned when the epoch after theirs settles; summaries are
+kept for ``SUMMARY_EPOCHS_KEPT`` epochs; held Finishes are capped and
+dropped after their deadline; running inferences are bounded by the
+clients' balances (every model costs >= 1 coin per token).
 
-Using it
---------
-A ledger replica: ``state = LedgerState.from_genesis(load_genesis(path))``
-(or ``LedgerState.from_bytes(snapshot)``); on consensus's ValidateBlock,
-``check_block(state, decode_block(raw))``; on Commit,
-``apply_block(state, decode_block(raw))``, then persist ``state.to_bytes()``
-and compare ``state.app_hash()`` with the other replicas'. The mempool
-admits with ``check_tx(state, raw_tx)``. A TA submits
-``seal(StartInference(chain_id, request=<client envelope bytes>, executor,
-sequence), ta_key)``; the executor submits ``seal(FinishInference(chain_id,
-inference_id, prompt_tokens, completion_tokens, response_hash,
-artifact_commitment, sequence), executor_key)``. Both read their next
-sequence from ``state.account(peer_id).sequence`` (plus what they have in
-flight). What a validator submits, and when: :mod:`~gonka_p2p.ledger.tx_rules`.
-
-Queries: ``reputation``, ``validation_rate_ppm``, ``validation_view(iid)``
-(duties and checks of an inference), ``dispute``, ``open_disputes_for``,
-``epoch_summary(e)`` (and ``end_of_block.format_epoch_summary`` for people).
-A query returns records or fresh containers, never a live view of a table,
-so a caller may hold its answer across an ``await`` while blocks apply.
+Using it: ``state = LedgerState.from_genesis(load_genesis(path))`` (or
+``LedgerState.from_bytes(snapshot)``); on consensus's ValidateBlock,
+``check_block(state, decode_block(raw))``; on Commit, ``apply_block(state,
+decode_block(raw))``, then persist ``state.to_bytes()`` and compare
+``state.app_hash()`` with the other replicas'. The mempool admits with
+``check_tx(state, raw_tx)``. Who submits which transaction, and when:
+:mod:`~gonka_p2p.ledger.tx_rules`.
 """
 
 from __future__ import annotations
@@ -101,24 +85,7 @@ from gonka_p2p.ledger.rules import (
     validation_floor_ppm,
     validation_ppm,
 )
-from gonka_p2p.ledger.tables import (
-    ACCOUNT_CODEC,
-    CHECK_CODEC,
-    COMMITMENT_CODEC,
-    DISPUTE_CODEC,
-    EPOCH_CODEC,
-    FEE_CODEC,
-    HELD_CODEC,
-    INFERENCE_CODEC,
-    PARTICIPANT_CODEC,
-    SEEN_CODEC,
-    SUMMARY_CODEC,
-    InvariantViolation,
-    LtHash,
-    Table,
-    check_record,
-    fold_changes,
-)
+from gonka_p2p.ledger.tables import InvariantViolation, LtHash, Table, check_record, fold_changes, new_table
 from gonka_p2p.ledger.transactions import Reason, Tx, TxRejected, decode_tx, reason_of
 from gonka_p2p.ledger.tx_rules import RULES, peer_id_of
 from gonka_p2p.wire.envelope import Signed
@@ -150,19 +117,18 @@ class LedgerState:
         self.time_ms = genesis.genesis_time_ms
         self.last_block_hash = self.genesis_hash
         self.minted = 0
-        self.accounts: Table[str, Account] = Table("account", ACCOUNT_CODEC)
-        self.registry: Table[str, Participant] = Table("participant", PARTICIPANT_CODEC)
-        self.inferences: Table[bytes, Inference] = Table("inference", INFERENCE_CODEC)
-        self.seen: Table[bytes, int] = Table("seen_request", SEEN_CODEC)  # id -> keep until (ms)
-        self.held: Table[tuple[bytes, str], HeldFinish] = Table("held_finish", HELD_CODEC)
-        self.fees: Table[str, int] = Table("pending_fee", FEE_CODEC)  # executor -> coin units
-        self.epochs: Table[int, EpochInfo] = Table("epoch", EPOCH_CODEC)
-        self.commitments: Table[tuple[int, str], SeedCommitment] = Table("seed_commitment",
-                                                                        COMMITMENT_CODEC)
-        self.checks: Table[tuple[bytes, str], Check] = Table("validation", CHECK_CODEC)
-        self.votes: Table[tuple[bytes, str], Check] = Table("dispute_vote", CHECK_CODEC)
-        self.disputes: Table[bytes, Dispute] = Table("dispute", DISPUTE_CODEC)
-        self.summaries: Table[int, EpochSummary] = Table("epoch_summary", SUMMARY_CODEC)
+        self.accounts: Table[str, Account] = new_table("account")
+        self.registry: Table[str, Participant] = new_table("participant")
+        self.inferences: Table[bytes, Inference] = new_table("inference")
+        self.seen: Table[bytes, int] = new_table("seen_request")  # id -> keep until (ms)
+        self.held: Table[tuple[bytes, str], HeldFinish] = new_table("held_finish")
+        self.fees: Table[str, int] = new_table("pending_fee")  # executor -> coin units
+        self.epochs: Table[int, EpochInfo] = new_table("epoch")
+        self.commitments: Table[tuple[int, str], SeedCommitment] = new_table("seed_commitment")
+        self.checks: Table[tuple[bytes, str], Check] = new_table("validation")
+        self.votes: Table[tuple[bytes, str], Check] = new_table("dispute_vote")
+        self.disputes: Table[bytes, Dispute] = new_table("dispute")
+        self.summaries: Table[int, EpochSummary] = new_table("epoch_summary")
         self.tables: tuple[Table[Any, Any], ...] = (  # in snapshot and hash order
             self.accounts, self.registry, self.inferences, self.seen, self.held, self.fees,
             self.epochs, self.commitments, self.checks, self.votes, self.disputes, self.summaries)
@@ -333,13 +299,6 @@ class LedgerState:
         return [iid for iid, dispute in self.disputes.rows.items()
                 if dispute.outcome is DisputeOutcome.OPEN and validator in dispute.committee
                 and (iid, validator) not in self.votes]
-
-    def dispute_votes(self, inference_id: bytes) -> dict[str, Check]:
-        dispute = self.disputes.get(inference_id)
-        if dispute is None:
-            return {}
-        return {m: self.votes.rows[(inference_id, m)] for m in dispute.committee
-                if (inference_id, m) in self.votes}
 
     def validation_view(self, inference_id: bytes) -> ValidationView | None:
         """Everything the ledger knows about checking one settled inference: p, each eligible
@@ -594,7 +553,7 @@ def apply_block(state: LedgerState, block: Block) -> tuple[LedgerState, list[Rec
     check_block(state, block)
     ctx = BlockContext(height=block.height, time_ms=next_block_time(state.time_ms, block.time_ms),
                        block_hash=block.hash)
-    receipts = [_deliver(state, ctx, raw) for raw in block.txs]
+    receipts = [_run(state, ctx, raw, apply=True) for raw in block.txs]
     end_block(state, ctx)
     state.height, state.time_ms, state.last_block_hash = ctx.height, ctx.time_ms, block.hash
     minted, state._block_minted = state._block_minted, 0
@@ -625,10 +584,6 @@ def check_tx(state: LedgerState, raw: bytes) -> Receipt:
     """
     ctx = BlockContext(height=state.height + 1, time_ms=state.time_ms, mempool=True)
     return _run(state, ctx, raw, apply=False)
-
-
-def _deliver(state: LedgerState, ctx: BlockContext, raw: bytes) -> Receipt:
-    return _run(state, ctx, raw, apply=True)
 
 
 def _run(state: LedgerState, ctx: BlockContext, raw: Any, apply: bool) -> Receipt:

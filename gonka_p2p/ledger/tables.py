@@ -113,18 +113,22 @@ def _encode_value(value: Any) -> Any:
     return value
 
 
-ACCOUNT_CODEC = _record_codec(Account, lambda a: a.balance)
-PARTICIPANT_CODEC = _record_codec(Participant, lambda p: 0)
-INFERENCE_CODEC = _record_codec(Inference, lambda r: r.locked)
-HELD_CODEC = _record_codec(HeldFinish, lambda h: 0)
-SEEN_CODEC: Codec[int] = Codec(lambda v: v, int, lambda v: 0)
-FEE_CODEC: Codec[int] = Codec(lambda v: v, int, lambda v: v)
-_OUTCOME_CODEC = _record_codec(ParticipantOutcome, lambda o: 0)
-EPOCH_CODEC = _record_codec(EpochInfo, lambda e: 0)
-COMMITMENT_CODEC = _record_codec(SeedCommitment, lambda c: 0)
-CHECK_CODEC = _record_codec(Check, lambda c: 0)
-DISPUTE_CODEC = _record_codec(Dispute, lambda d: 0)
-SUMMARY_CODEC = _record_codec(EpochSummary, lambda s: 0)
+_OUTCOME_CODEC = _record_codec(ParticipantOutcome, lambda o: 0)  # nested in a summary
+_CHECK_CODEC = _record_codec(Check, lambda c: 0)
+_CODECS: dict[str, Codec[Any]] = {  # every table of the state, by tag: how it stores a value, its coins
+    "account": _record_codec(Account, lambda a: a.balance),
+    "participant": _record_codec(Participant, lambda p: 0),
+    "inference": _record_codec(Inference, lambda r: r.locked),
+    "seen_request": Codec(lambda v: v, int, lambda v: 0),
+    "held_finish": _record_codec(HeldFinish, lambda h: 0),
+    "pending_fee": Codec(lambda v: v, int, lambda v: v),
+    "epoch": _record_codec(EpochInfo, lambda e: 0),
+    "seed_commitment": _record_codec(SeedCommitment, lambda c: 0),
+    "validation": _CHECK_CODEC,
+    "dispute_vote": _CHECK_CODEC,
+    "dispute": _record_codec(Dispute, lambda d: 0),
+    "epoch_summary": _record_codec(EpochSummary, lambda s: 0),
+}
 
 
 class Table(Generic[K, V]):
@@ -161,6 +165,11 @@ class Table(Generic[K, V]):
         if key not in self.dirty:
             self.dirty[key] = self.rows.get(key, _ABSENT)
         del self.rows[key]
+
+
+def new_table(tag: str) -> Table[Any, Any]:
+    """An empty table of the state; its tag names it in the hash and the snapshot."""
+    return Table(tag, _CODECS[tag])
 
 
 def _leaf(tag: str, key: Any, value: Any) -> np.ndarray:
