@@ -25,7 +25,8 @@ and nothing else, so the replica actor owns all timing.
   remaining one is re-checked against the new state and dropped if it no
   longer passes (its sequence was used, its request went stale, ...).
   One shortcut keeps a backlog cheap: a transfer's validity depends on its
-  signer's account record alone, so transfers whose signer's record is the
+  signer's account record alone (``TxKind.account_only`` in the registry of
+  transaction kinds), so such transactions whose signer's record is the
   very object they were last checked against (records are immutable and
   replaced on change) are not checked again.
 
@@ -43,9 +44,7 @@ from dataclasses import dataclass
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.records import Account
 from gonka_p2p.ledger.state import LedgerState, check_tx
-from gonka_p2p.ledger.transactions import Transfer
-
-_ACCOUNT_ONLY_KINDS = frozenset({Transfer.KIND})  # valid or not by the signer's account record alone
+from gonka_p2p.ledger.transactions import ACCOUNT_ONLY_KINDS
 
 
 class TxRefused(Exception):
@@ -171,7 +170,7 @@ class Mempool:
             account = state.account(signer)
             unchanged = self._checked_against.get(signer) is account
             for tx in list(queued.values()):
-                if unchanged and tx.kind in _ACCOUNT_ONLY_KINDS:
+                if unchanged and tx.kind in ACCOUNT_ONLY_KINDS:
                     continue
                 receipt = check_tx(state, tx.raw)
                 if not receipt.ok:

@@ -21,7 +21,7 @@ once, within ``request_window_ms`` of the request's timestamp.
 Every failure has a stable :class:`Reason` code in the tx's receipt;
 decoding failures reuse the wire layer's codes.
 
-Verification transactions (see :mod:`gonka_p2p.ledger.state` for when a
+Verification transactions (see :mod:`gonka_p2p.ledger.tx_rules` for when a
 validator sends which): :class:`CommitValidationSeed`,
 :class:`RevealValidationSeed`, :class:`Validation`, :class:`DisputeVote`. A
 verdict travels as :class:`VerdictStats`: integers only (distances in
@@ -37,7 +37,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntFlag, StrEnum
-from typing import Any
+from typing import Any, get_args
 
 from gonka_p2p.identity import digest
 from gonka_p2p.wire.envelope import Signed, open_envelope
@@ -301,11 +301,30 @@ def derive_validation_seed(secret: bytes, chain_id: str, epoch: int) -> bytes:
                           + chain_id.encode() + b"\x00" + epoch.to_bytes(8, "big")).digest()
 
 
+@dataclass(frozen=True)
+class TxKind:
+    """One kind of transaction: its wire schema, and what the mempool may assume of it. Its rule
+    is ``tx_rules``' (which checks that every kind here has exactly one)."""
+
+    message: type[Message]
+    account_only: bool = False  # valid or not by its signer's account record alone (see mempool)
+
+
+TX_KINDS: tuple[TxKind, ...] = (  # every transaction kind, once
+    TxKind(Transfer, account_only=True),
+    TxKind(RegisterParticipant),
+    TxKind(StartInference),
+    TxKind(FinishInference),
+    TxKind(CommitValidationSeed),
+    TxKind(RevealValidationSeed),
+    TxKind(Validation),
+    TxKind(DisputeVote),
+)
+ACCOUNT_ONLY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.account_only)
 Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
-      | RevealValidationSeed | Validation | DisputeVote)
-TX_TYPES: tuple[type[Message], ...] = (Transfer, RegisterParticipant, StartInference, FinishInference,
-                                       CommitValidationSeed, RevealValidationSeed, Validation,
-                                       DisputeVote)
+      | RevealValidationSeed | Validation | DisputeVote)  # the same kinds, for the type checker
+assert set(get_args(Tx)) == {kind.message for kind in TX_KINDS}, "Tx and TX_KINDS disagree"
+_TX_MESSAGES = tuple(kind.message for kind in TX_KINDS)
 
 
 class _DecodedCache:
@@ -355,7 +374,7 @@ def decode_tx(raw: bytes, max_tx_bytes: int) -> Signed[Tx]:
     tx_hash = digest(raw)
     signed = _DECODED.get(tx_hash)
     if signed is None:
-        signed = open_envelope(raw, *TX_TYPES)  # type: ignore[assignment]
+        signed = open_envelope(raw, *_TX_MESSAGES)  # type: ignore[assignment]
         _DECODED.put(tx_hash, signed)  # type: ignore[arg-type]
     return signed  # type: ignore[return-value]
 

@@ -5,7 +5,10 @@ envelope and its signer. It first checks everything and raises
 :class:`TxRejected` before touching anything; only then, and only when
 ``apply`` is true (in a block, not in mempool admission), does it change the
 state, through the state's public tables and methods. It returns the
-receipt's detail. ``LedgerState`` dispatches to them (``ledger/state.py``).
+receipt's detail. The kinds are declared once, in ``transactions.TX_KINDS``;
+each rule registers itself for its kind in :data:`RULES` (:func:`rule_for`),
+through which ``state.apply_block`` and ``state.check_tx`` dispatch, and an
+import-time assertion checks that every kind has exactly one rule.
 
 Transitions, by transaction kind (signer = envelope signer = acting account;
 every kind also needs the right ``chain_id``, a known signer account and its
@@ -94,6 +97,7 @@ from gonka_p2p.ledger.rules import (
     verdict_is_consistent,
 )
 from gonka_p2p.ledger.transactions import (
+    TX_KINDS,
     CommitValidationSeed,
     DisputeVote,
     FinishInference,
@@ -108,14 +112,25 @@ from gonka_p2p.ledger.transactions import (
 )
 from gonka_p2p.wire.envelope import Signed, open_envelope
 from gonka_p2p.wire.messages import HASH_BYTES, InferenceRequest
-from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.schema import Message, WireError
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.state import LedgerState
 
 peer_id_of = lru_cache(maxsize=1 << 16)(peer_id_from_pubkey)
+RULES: dict[type[Message], Callable[..., str]] = {}  # transaction kind -> its rule
 
 
+def rule_for(kind: type[Message]) -> Callable[[Callable[..., str]], Callable[..., str]]:
+    """Register the decorated function as the rule of transaction ``kind`` (one rule per kind)."""
+    def register(rule: Callable[..., str]) -> Callable[..., str]:
+        assert kind not in RULES, f"{kind.KIND} has two rules"
+        RULES[kind] = rule
+        return rule
+    return register
+
+
+@rule_for(Transfer)
 def process_transfer(state: LedgerState, ctx: BlockContext, signed: Signed[Transfer],
                      signer: str, apply: bool) -> str:
     """Move coins between accounts; the recipient must be a key's address, the sender must cover it."""
@@ -131,6 +146,7 @@ def process_transfer(state: LedgerState, ctx: BlockContext, signed: Signed[Trans
     return f"{tx.amount} to {tx.to}"
 
 
+@rule_for(RegisterParticipant)
 def process_register_participant(state: LedgerState, ctx: BlockContext,
                                  signed: Signed[RegisterParticipant], signer: str,
                                  apply: bool) -> str:
@@ -150,6 +166,7 @@ def process_register_participant(state: LedgerState, ctx: BlockContext,
     return "updated" if old else "registered"
 
 
+@rule_for(StartInference)
 def process_start_inference(state: LedgerState, ctx: BlockContext,
                             signed: Signed[StartInference], signer: str, apply: bool) -> str:
     """The TA locks the client's escrow for a client-signed request and names its executor."""
@@ -207,6 +224,7 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
     return f"inference {iid.hex()} started, escrow {escrow}"
 
 
+@rule_for(FinishInference)
 def process_finish_inference(state: LedgerState, ctx: BlockContext,
                              signed: Signed[FinishInference], signer: str, apply: bool) -> str:
     """The named executor reports its counts: settle now, or hold until the Start commits."""
@@ -273,6 +291,7 @@ def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: 
     state.registry.put(record.executor, replace(executor, completed=executor.completed + 1))
 
 
+@rule_for(CommitValidationSeed)
 def process_commit_seed(state: LedgerState, ctx: BlockContext,
                         signed: Signed[CommitValidationSeed], signer: str, apply: bool) -> str:
     """A participant with weight commits, during epoch e-1, to its secret seed for epoch e."""
@@ -293,6 +312,7 @@ def process_commit_seed(state: LedgerState, ctx: BlockContext,
     return f"seed for epoch {tx.epoch} committed"
 
 
+@rule_for(RevealValidationSeed)
 def process_reveal_seed(state: LedgerState, ctx: BlockContext,
                         signed: Signed[RevealValidationSeed], signer: str, apply: bool) -> str:
     """The claim: the seed opens its commitment, and its duties over the epoch are counted."""
@@ -335,6 +355,7 @@ def _verdict_checked(verdict: VerdictStats) -> None:
                                                       "one names one and is not 'suspicious'")
 
 
+@rule_for(Validation)
 def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Validation],
                        signer: str, apply: bool) -> str:
     """A committed validator records its verdict on a settled inference; a failure opens a dispute."""
@@ -372,6 +393,7 @@ def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Val
     return f"{iid.hex()} checked: invalid; dispute opened, committee {', '.join(committee) or 'empty'}"
 
 
+@rule_for(DisputeVote)
 def process_dispute_vote(state: LedgerState, ctx: BlockContext, signed: Signed[DisputeVote],
                          signer: str, apply: bool) -> str:
     """A committee member's re-check of a disputed inference; the last vote resolves it."""
@@ -427,13 +449,4 @@ def resolve_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
         state.registry.put(executor, replace(state.registry.rows[executor], weight=0, reputation_ppm=0))
 
 
-RULES: dict[type, Callable[..., str]] = {
-    Transfer: process_transfer,
-    RegisterParticipant: process_register_participant,
-    StartInference: process_start_inference,
-    FinishInference: process_finish_inference,
-    CommitValidationSeed: process_commit_seed,
-    RevealValidationSeed: process_reveal_seed,
-    Validation: process_validation,
-    DisputeVote: process_dispute_vote,
-}
+assert set(RULES) == {kind.message for kind in TX_KINDS}, "every transaction kind has exactly one rule"
