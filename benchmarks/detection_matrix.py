@@ -71,7 +71,7 @@ from rich.table import Table  # noqa: E402
 from gonka_p2p.adversary import cheats  # noqa: E402
 from gonka_p2p.inference import verification  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
-from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
+from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
 from gonka_p2p.inference.verification import (  # noqa: E402

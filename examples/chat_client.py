@@ -12,7 +12,8 @@ import argparse
 import asyncio
 import sys
 
-from gonka_p2p.client import DEFAULT_MODEL, GonkaClient, GonkaError
+from gonka_p2p.client import GonkaClient, GonkaError
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
 
 
 async def main() -> int:

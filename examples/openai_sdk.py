@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from gonka_p2p.client import DEFAULT_MODEL
 from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
 from gonka_p2p.openai.auth import GonkaAuth
 
 

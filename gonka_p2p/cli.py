@@ -21,7 +21,15 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from gonka_p2p.config import ConfigError, load_config
+from gonka_p2p.config import (
+    ENGINES,
+    ConfigError,
+    NodeConfig,
+    add_node_options,
+    cheat_name,
+    load_config,
+    overrides_from_args,
+)
 from gonka_p2p.identity import Keypair, KeyFileError
 
 if TYPE_CHECKING:
@@ -63,13 +71,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from gonka_p2p.inference.factory import load_engine
     from gonka_p2p.ledger.genesis import load_genesis
 
-    config = load_config(
-        Path(args.config) if args.config else None,
-        key=args.key, listen=args.listen, bootstrap=args.bootstrap or None,
-        models=args.model or None, engine=args.engine, genesis=args.genesis,
-        announce_interval=args.announce_interval, http=args.http, data_dir=args.data_dir,
-        empty_block_interval=args.empty_block_interval, cheater=args.cheater,
-    )
+    config = load_config(Path(args.config) if args.config else None, **overrides_from_args(args))
     if args.no_executor:
         config = type(config)(**{**config.__dict__, "models": []})
     genesis = load_genesis(config.genesis) if config.genesis else None
@@ -90,10 +92,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from gonka_p2p.inference.verification import thresholds_table
-    from gonka_p2p.ledger.devnet import init_local_network
+    from gonka_p2p.ledger.devnet import DEFAULT_MODELS, init_local_network
 
     net = init_local_network(Path(args.out), nodes=args.nodes, clients=args.clients,
-                             models=tuple(args.model or ("smollm2-135m",)), client_balance=args.client_balance,
+                             models=tuple(args.model or DEFAULT_MODELS), client_balance=args.client_balance,
                              epoch_length_blocks=args.epoch_length, chain_id=args.chain_id,
                              verification=thresholds_table())
     print(f"local network {net.genesis.chain_id!r} in {args.out}: genesis {net.genesis_path}")
@@ -161,54 +163,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ))
 
 
-def cheat_name(name: str) -> str:
-    """argparse type of ``--cheater``: the canonical cheat name, or a usage error listing them."""
-    from gonka_p2p.adversary.cheats import cheat_named
-
-    try:
-        return cheat_named(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from gonka_p2p.inference.model_names import DEFAULT_MODEL
+    from gonka_p2p.ledger.devnet import DEFAULT_MODELS, DEVNET_CHAIN_ID, DEVNET_CLIENT_BALANCE, DEVNET_EPOCH_BLOCKS
+
     parser = argparse.ArgumentParser(prog="gonka-p2p", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("keygen", help="create a secp256k1 key file (0600) and print its peer id")
-    p.add_argument("--out", default="node.key")
+    p.add_argument("--out", default=str(NodeConfig().key))
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("node", help="run a participant: TA, executor and directory")
     p.add_argument("--config", help="TOML config file (flags override it)")
-    p.add_argument("--key", help="key file (created if missing)")
-    p.add_argument("--listen", help="listen multiaddr, e.g. /ip4/127.0.0.1/tcp/9000")
-    p.add_argument("--bootstrap", action="append", help="multiaddr of a peer to join through")
-    p.add_argument("--model", action="append", help="model to serve (name or HF directory)")
-    p.add_argument("--engine", choices=("vllm", "torch"))
-    p.add_argument("--genesis", help="genesis file with participant weights")
-    p.add_argument("--announce-interval", type=float)
+    add_node_options(p)
     p.add_argument("--no-executor", action="store_true", help="serve as TA only, load no model")
-    p.add_argument("--cheater", metavar="CHEAT", type=cheat_name,
-                   help="serve a cheating executor (demos and tests: validators must catch it); "
-                        "one of fp16 bf16 int8 int4 small-model (or small) prefill fabricated truncated "
-                        "altered wrong-temperature")
-    p.add_argument("--http", metavar="HOST:PORT",
-                   help="also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000")
-    p.add_argument("--data-dir", help="the ledger replica's store (default: <key file>-ledger beside the key)")
-    p.add_argument("--empty-block-interval", type=float,
-                   help="seconds between blocks when there are no transactions (default 5)")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("init", help="write keys and a genesis for a local network")
     p.add_argument("--nodes", type=int, required=True, help="participants (equal weights)")
     p.add_argument("--clients", type=int, default=1, help="funded client keys")
     p.add_argument("--out", default="devnet", help="directory to write into (default: devnet)")
-    p.add_argument("--model", action="append", help="model the nodes serve (default smollm2-135m)")
-    p.add_argument("--client-balance", type=int, default=1_000_000, help="coins per client")
-    p.add_argument("--epoch-length", type=int, default=100, help="blocks per epoch")
-    p.add_argument("--chain-id", default="gonka-devnet")
+    p.add_argument("--model", action="append", help=f"model the nodes serve (default {', '.join(DEFAULT_MODELS)})")
+    p.add_argument("--client-balance", type=int, default=DEVNET_CLIENT_BALANCE, help="coins per client")
+    p.add_argument("--epoch-length", type=int, default=DEVNET_EPOCH_BLOCKS, help="blocks per epoch")
+    p.add_argument("--chain-id", default=DEVNET_CHAIN_ID)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="ask a node for the ledger's height, epoch, app hash, participants")
@@ -223,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start a local network and send it chat requests")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--requests", type=int, default=4)
-    p.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--engine", choices=ENGINES, default=NodeConfig().engine)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--cheater", metavar="CHEAT", type=cheat_name,
                    help="add a participant that cheats (e.g. int4, prefill, small) and show it caught")

@@ -1,5 +1,11 @@
 """Node configuration: a TOML file, overridden by command-line flags.
 
+One table, :class:`NodeConfig`: each field is one option, declared once with
+its default, its help and how it is spelled on the command line
+(:func:`_option`). The TOML keys are the field names, ``gonka-p2p node``'s
+flags are made from the same fields (:func:`add_node_options`), and a flag a
+person did not give leaves the file's value alone.
+
 Example ``node.toml``::
 
     key = "node.key"                      # created (0600) if missing
@@ -16,10 +22,13 @@ Example ``node.toml``::
 
 from __future__ import annotations
 
+import argparse
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
 
 ENGINES = ("vllm", "torch")
 
@@ -28,20 +37,49 @@ class ConfigError(Exception):
     """A configuration problem, explained for people."""
 
 
+def cheat_name(name: str) -> str:
+    """argparse type of ``--cheater``: the canonical cheat name, or a usage error listing them."""
+    from gonka_p2p.adversary.cheats import cheat_named
+
+    try:
+        return cheat_named(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _option(default: Any, help: str | None = None, *, flag: str | None = "", **cli: Any) -> Any:
+    """One node option's single declaration: its default, its help (``{default}`` in it is
+    the default), and its command-line flag with any further ``argparse`` keywords (``cli``).
+    ``flag``: ``""`` derives ``--the-name`` from the field; ``None`` makes it a TOML-only option."""
+    metadata = {"help": help.format(default=default) if help else None, "flag": flag, "cli": cli}
+    if isinstance(default, list):  # a fresh list per config, never one shared default
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    key: Path = Path("node.key")
-    listen: str = "/ip4/127.0.0.1/tcp/9000"
-    bootstrap: list[str] = field(default_factory=list)
-    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    engine: str = "vllm"
-    genesis: Path | None = None
-    announce_interval: float = 2.0
-    max_concurrent: int = 16
-    http: str | None = None  # "HOST:PORT" of the OpenAI-compatible gateway
-    data_dir: Path | None = None  # the ledger replica's store; None: next to the key file
-    empty_block_interval: float = 5.0  # seconds; an idle chain still commits a block this often
-    cheater: str | None = None  # serve this cheat (gonka_p2p.adversary.cheats.CHEATS): demos and tests
+    """Every option of ``gonka-p2p node``, in the order ``--help`` lists them."""
+
+    key: Path = _option(Path("node.key"), "key file (created if missing)")
+    listen: str = _option("/ip4/127.0.0.1/tcp/9000", "listen multiaddr, e.g. /ip4/127.0.0.1/tcp/9000")
+    bootstrap: list[str] = _option([], "multiaddr of a peer to join through", action="append")
+    models: list[str] = _option([DEFAULT_MODEL], "model to serve (name or HF directory)",
+                                flag="--model", action="append")
+    engine: str = _option("vllm", choices=ENGINES)
+    genesis: Path | None = _option(None, "genesis file with participant weights")
+    announce_interval: float = _option(2.0, type=float)  # seconds between announcements
+    cheater: str | None = _option(  # a cheat of gonka_p2p.adversary.cheats.CHEATS: demos and tests
+        None, "serve a cheating executor (demos and tests: validators must catch it); "
+              "one of fp16 bf16 int8 int4 small-model (or small) prefill fabricated truncated "
+              "altered wrong-temperature", metavar="CHEAT", type=cheat_name)
+    http: str | None = _option(None, "also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000",
+                               metavar="HOST:PORT")
+    data_dir: Path | None = _option(
+        None, "the ledger replica's store (default: <key file>-ledger beside the key)")
+    empty_block_interval: float = _option(  # an idle chain still commits a block this often
+        5.0, "seconds between blocks when there are no transactions (default {default:g})", type=float)
+    max_concurrent: int = _option(16, flag=None)  # inferences the executor runs at once
 
     @property
     def ledger_dir(self) -> Path:
@@ -70,6 +108,26 @@ class NodeConfig:
         return self
 
 
+def _flags() -> list[tuple[Field[Any], str]]:
+    """The options that have a command-line flag, with it, in table order."""
+    return [(f, f.metadata["flag"] or "--" + f.name.replace("_", "-"))
+            for f in fields(NodeConfig) if f.metadata["flag"] is not None]
+
+
+def add_node_options(parser: argparse.ArgumentParser) -> None:
+    """Add a flag per option. Defaults stay None, so an absent flag keeps the file's value."""
+    for f, flag in _flags():
+        cli = {"metavar": flag.removeprefix("--").replace("-", "_").upper(), **f.metadata["cli"]}
+        if "choices" in cli:
+            del cli["metavar"]  # argparse then lists the choices
+        parser.add_argument(flag, dest=f.name, help=f.metadata["help"], **cli)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line (see :func:`add_node_options`), for :func:`load_config`."""
+    return {f.name: getattr(args, f.name) for f, _ in _flags()}
+
+
 def parse_http_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` as (host, port); brackets around an IPv6 host are dropped; port 0 picks one."""
     host, sep, port = text.rpartition(":")
@@ -93,9 +151,9 @@ def load_config(path: Path | None, **overrides: Any) -> NodeConfig:
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("key", "genesis", "data_dir"):
-        if values.get(name) is not None:
-            values[name] = Path(values[name])
+    for f in fields(NodeConfig):
+        if str(f.type).startswith("Path") and values.get(f.name) is not None:  # TOML has no path type
+            values[f.name] = Path(values[f.name])
     try:
         return replace(NodeConfig(), **values).validated()
     except TypeError as e:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import eventually_blocking, free_port, ready_address
 
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
+
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ def test_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
 def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:
     result = gonka("node", "--engine", "torch", "--model", "no-such-model", "--key", "k.key",
                    "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}", cwd=tmp_path)
-    assert_clean_failure(result, "unknown model", "smollm2-135m")
+    assert_clean_failure(result, "unknown model", DEFAULT_MODEL)
 
 
 def test_bad_key_file_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
@@ -129,6 +131,30 @@ def test_an_unknown_cheat_is_a_usage_error_naming_the_cheats_and_small_is_small_
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown cheat 'bogus'" in result.stderr and "small-model" in result.stderr
     assert build_parser().parse_args(["demo", "--cheater", "small"]).cheater == "small-model"
+
+
+def test_each_node_option_is_one_toml_key_and_one_flag_that_overrides_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import fields, replace
+
+    from gonka_p2p.cli import build_parser
+    from gonka_p2p.config import NodeConfig, load_config, overrides_from_args
+
+    (tmp_path / "node.toml").write_text('engine = "torch"\nannounce_interval = 3.0\nmax_concurrent = 4\n')
+    parser = build_parser()
+    args = parser.parse_args(["node", "--config", str(tmp_path / "node.toml"), "--announce-interval", "1.5",
+                              "--model", "a", "--model", "b", "--data-dir", "d"])
+    assert load_config(Path(args.config), **overrides_from_args(args)) == replace(
+        NodeConfig(), engine="torch", announce_interval=1.5, max_concurrent=4, models=["a", "b"],
+        data_dir=Path("d"))  # the flag wins, an absent flag keeps the file's value
+    assert load_config(None, **overrides_from_args(parser.parse_args(["node"]))) == NodeConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["node", "--help"])
+    listed = capsys.readouterr().out
+    flagged = [f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(NodeConfig)
+               if f.metadata["flag"] is not None]
+    assert flagged and all(flag in listed for flag in flagged)
+    assert "(default 5)" in listed  # the help quotes the table's default
 
 
 def run_example(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from statistics import mean
 import pytest
 
 from gonka_p2p.inference.engine import EngineError, TokenStep
-from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
+from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, check_token
 from gonka_p2p.inference.torch_engine import TorchEngine
 from gonka_p2p.inference.vllm_engine import VLLMEngine

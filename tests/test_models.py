@@ -12,6 +12,7 @@ import torch
 
 from gonka_p2p.inference import models
 from gonka_p2p.inference.engine import EngineError
+from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def test_unknown_name_lists_the_known_ones(cache: Path) -> None:
         models.resolve_model("gpt-17")
     message = str(err.value)
     assert "gpt-17" in message
-    assert all(name in message for name in ("smollm2-135m", "SmolLM2-135M-Instruct", "tiny-llama"))
+    assert all(name in message for name in (DEFAULT_MODEL, "SmolLM2-135M-Instruct", TINY_MODEL))
 
 
 def test_a_directory_is_used_as_is_only_if_it_holds_a_model(tmp_path: Path) -> None:
@@ -108,14 +109,14 @@ def test_vllm_load_failure_is_clear_and_recoverable(tmp_path: Path) -> None:
     from gonka_p2p.inference.sampler import SamplingParams
     from gonka_p2p.inference.vllm_engine import VLLMEngine
 
-    tiny = models.resolve_model(models.TINY_MODEL)
+    tiny = models.resolve_model(TINY_MODEL)
     broken = tmp_path / "no-weights"
     shutil.copytree(tiny, broken, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(EngineError, match="vLLM cannot load model"):
         VLLMEngine(str(broken), kv_cache_gib=0.25)
 
     async def works() -> list[int]:
-        engine = VLLMEngine(models.TINY_MODEL, kv_cache_gib=0.25)
+        engine = VLLMEngine(TINY_MODEL, kv_cache_gib=0.25)
         try:
             prompt = engine.encode_chat([("user", "Say hello.")])
             return [s.token_id async for s in engine.generate(prompt, SamplingParams(max_tokens=4), b"s")]

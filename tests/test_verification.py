@@ -20,7 +20,7 @@ from gonka_p2p.inference import verification
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import DEFAULT_MODEL, TINY_MODEL
+from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.inference.verification import (

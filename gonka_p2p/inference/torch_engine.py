@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 import torch
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, LocalModelFrontend, load_local_model
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
+from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, load_local_model
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 

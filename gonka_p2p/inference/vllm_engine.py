@@ -81,7 +81,8 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
-from gonka_p2p.inference.models import DEFAULT_MODEL, LocalModel, LocalModelFrontend, load_local_model
+from gonka_p2p.inference.model_names import DEFAULT_MODEL
+from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, load_local_model
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 _RULE_KEY = "gonka_sampling"  # SamplingParams.extra_args key carrying the rule and seed
