@@ -5,7 +5,7 @@ Theory of operation
 Time is the block height. Before each block the loop lets the actors act:
 clients' requests arrive (spread uniformly over each epoch); the TA of each
 (a random live peer) draws its executor with the network's own
-:func:`~gonka_p2p.ledger.executor_choice.choose_executor` over the live
+:func:`~gonka_p2p.ledger.rules.choose_executor` over the live
 peers' ledger weights and submits ``StartInference``; the executor submits
 ``FinishInference`` after generating (a silent one, sometimes, never does,
 and the ledger expires the request). Validators commit their seeds during
@@ -37,9 +37,10 @@ from dataclasses import dataclass, field, replace
 
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.block import Receipt
-from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
 from gonka_p2p.ledger.records import InferenceStatus
 from gonka_p2p.ledger.rules import (
+    NoEligibleExecutor,
+    choose_executor,
     epoch_last_height,
     epoch_of,
     epoch_settled_at,

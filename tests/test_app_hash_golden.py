@@ -22,7 +22,6 @@ from collections.abc import Callable
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
 from gonka_p2p.ledger.block import Block, Receipt
-from gonka_p2p.ledger.executor_choice import choose_executor
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants
 from gonka_p2p.ledger.transactions import (
@@ -266,7 +265,7 @@ def draw_weights() -> dict[str, int]:
 
 def test_the_executor_draw_is_unchanged() -> None:
     weights = draw_weights()
-    draws = [choose_executor(weights, frozenset({"peer-03"}), bytes([k]) * 32, k % 3) for k in range(16)]
+    draws = [rules.choose_executor(weights, frozenset({"peer-03"}), bytes([k]) * 32, k % 3) for k in range(16)]
     assert draws == GOLDEN_EXECUTOR_DRAWS
 
 

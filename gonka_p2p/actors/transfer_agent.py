@@ -41,7 +41,7 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
-from gonka_p2p.ledger.executor_choice import NoEligibleExecutor, choose_executor
+from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,

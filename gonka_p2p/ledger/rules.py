@@ -1,9 +1,12 @@
 """The ledger's rules of arithmetic and time, one pure function each.
 
-Every decision :mod:`gonka_p2p.ledger.state` takes that is a formula rather
-than a lookup lives here, as a small function of plain values: how many
-coins an inference locks, what it costs, when it expires, when an epoch
-ends, which timestamps are fresh. None of them reads or writes state, so
+Every decision the state machine takes (:mod:`~gonka_p2p.ledger.tx_rules`,
+:mod:`~gonka_p2p.ledger.end_of_block`) that is a formula rather than a
+lookup lives here, as a small function of plain values: how many coins an
+inference locks, what it costs, when it expires, when an epoch ends, which
+timestamps are fresh, whom a weighted draw picks (one rule,
+:func:`weighted_pick`, for a TA's executor and a dispute's committee alike).
+None of them reads or writes state, so
 each is tested on its own against its specification (tests/test_ledger_state.py)
 and can be quoted in a dispute.
 
@@ -72,6 +75,7 @@ SEED_BYTES = 32
 _DUTY_DOMAIN = b"gonka-p2p/validation-duty/v1\x00"
 _SEED_DOMAIN = b"gonka-p2p/validation-seed/v1\x00"
 _COMMITTEE_DOMAIN = b"gonka-p2p/dispute-committee/v1\x00"
+_EXECUTOR_DOMAIN = b"gonka-executor-choice"
 
 # base58 payload of a secp256k1 peer id: identity multihash (0x00, len 37) of
 # protobuf PublicKey{Type=2, Data=<33 bytes>}; see identity.peer_id_from_pubkey.
@@ -315,6 +319,61 @@ def seed_commitment(epoch: int, validator: str, seed: bytes) -> bytes:
                           + seed).digest()
 
 
+# --------------------------------------------------------------------------- weighted draws
+
+
+class NoEligibleExecutor(Exception):
+    """No candidate with positive weight remains."""
+
+
+def weighted_pick(weights: Mapping[str, int], draw: bytes) -> str | None:
+    """The one weighted draw: lay the positive weights end to end in peer-id order (so dict
+    order does not matter) and take the peer under point ``draw mod total``; None if no weight
+    is positive. A peer's chance is its share of the weight, so a thousand identities with
+    no weight are never drawn. ``draw`` is a 256-bit hash: the modulo bias is negligible."""
+    pool = sorted((peer, w) for peer, w in weights.items() if w > 0)
+    total = sum(w for _, w in pool)
+    if total == 0:
+        return None
+    point = int.from_bytes(draw, "big") % total
+    for peer, weight in pool:
+        if point < weight:
+            return peer
+        point -= weight
+    raise AssertionError("unreachable: point < total")
+
+
+def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inference_id: bytes,
+                    attempt: int) -> str:
+    """The executor a TA draws for an inference: :func:`weighted_pick` over ``weights`` (peer id
+    -> weight) minus ``exclude``, drawn from (inference id, attempt). The inference id is the
+    digest of the client's signed request, so anyone holding the request, the weights and the
+    live candidates can recompute the choice: a TA that routes to itself or to a partner
+    instead of the drawn executor is provably greedy."""
+    draw = hashlib.sha256(_EXECUTOR_DOMAIN + inference_id + attempt.to_bytes(4, "big")).digest()
+    peer = weighted_pick({p: w for p, w in weights.items() if p not in exclude}, draw)
+    if peer is None:
+        raise NoEligibleExecutor("no live executor with positive weight serves this model")
+    return peer
+
+
+def draw_committee(candidates: Mapping[str, int], block_hash: bytes, inference_id: bytes,
+                   size: int) -> tuple[str, ...]:
+    """Up to ``size`` distinct validators drawn by weight, without replacement: round r is a
+    :func:`weighted_pick` among those not yet drawn, from the hash of the block that opened
+    the dispute, the inference id and r."""
+    pool = {peer: w for peer, w in candidates.items() if w > 0}
+    chosen: list[str] = []
+    for round_ in range(min(size, len(pool))):
+        draw = hashlib.sha256(_COMMITTEE_DOMAIN + block_hash + inference_id
+                              + round_.to_bytes(4, "big")).digest()
+        peer = weighted_pick(pool, draw)
+        assert peer is not None
+        chosen.append(peer)
+        del pool[peer]
+    return tuple(chosen)
+
+
 # --------------------------------------------------------------------------- disputes
 
 
@@ -323,26 +382,6 @@ class DisputeOutcome(StrEnum):
     INVALID = "invalid"  # a weighted majority of the votes cast found the work invalid
     VALID = "valid"  # a weighted majority found it valid: the accusation is overturned
     UNDECIDED = "undecided"  # no votes, or a tie: the executor keeps the benefit of the doubt
-
-
-def draw_committee(candidates: Mapping[str, int], block_hash: bytes, inference_id: bytes,
-                   size: int) -> tuple[str, ...]:
-    """Up to ``size`` distinct validators drawn by weight, without replacement, from the hash of
-    the block that opened the dispute (candidates ordered by peer id; 256-bit draws)."""
-    pool = sorted((peer, w) for peer, w in candidates.items() if w > 0)
-    chosen: list[str] = []
-    for round_ in range(min(size, len(pool))):
-        total = sum(w for _, w in pool)
-        draw = hashlib.sha256(_COMMITTEE_DOMAIN + block_hash + inference_id
-                              + round_.to_bytes(4, "big")).digest()
-        point = int.from_bytes(draw, "big") % total
-        for index, (peer, w) in enumerate(pool):
-            if point < w:
-                chosen.append(peer)
-                del pool[index]
-                break
-            point -= w
-    return tuple(chosen)
 
 
 def dispute_outcome(invalid_weight: int, valid_weight: int) -> DisputeOutcome:
