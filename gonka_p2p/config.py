@@ -14,7 +14,8 @@ Example ``node.toml``::
     models = ["smollm2-135m"]             # models this node executes; [] = TA only
     engine = "vllm"                       # or "torch"
     genesis = "genesis.json"              # the network's genesis: with it the node runs a ledger replica
-    data_dir = "node-ledger"              # the replica's SQLite store (default: <key file>-ledger/)
+    data_dir = "node-ledger"              # the replica's and the evidence store (default: <key file>-ledger/)
+    evidence_max_bytes = 1073741824       # artifacts kept for validators until their epoch settles
     empty_block_interval = 5.0            # seconds between blocks when nothing happens
     announce_interval = 2.0               # seconds
     http = "127.0.0.1:8000"               # OpenAI-compatible gateway; omit for none
@@ -76,10 +77,13 @@ class NodeConfig:
     http: str | None = _option(None, "also serve the OpenAI-compatible API here, e.g. 127.0.0.1:8000",
                                metavar="HOST:PORT")
     data_dir: Path | None = _option(
-        None, "the ledger replica's store (default: <key file>-ledger beside the key)")
+        None, "the ledger replica's store and the evidence store (default: <key file>-ledger beside the key)")
     empty_block_interval: float = _option(  # an idle chain still commits a block this often
         5.0, "seconds between blocks when there are no transactions (default {default:g})", type=float)
     max_concurrent: int = _option(16, flag=None)  # inferences the executor runs at once
+    evidence_max_bytes: int = _option(  # sized to an epoch's traffic plus its settlement delay
+        1 << 30, "bytes of evidence kept for validators until its epoch settles; when full the node "
+                 "executes nothing new (default {default})", type=int)
 
     @property
     def ledger_dir(self) -> Path:
@@ -105,6 +109,8 @@ class NodeConfig:
                 raise ConfigError(f"unknown cheat {self.cheater!r}: choose from {', '.join(CHEATS)}")
         if self.empty_block_interval <= 0:
             raise ConfigError("empty_block_interval must be positive")
+        if self.evidence_max_bytes <= 0:
+            raise ConfigError("evidence_max_bytes must be positive")
         return self
 
 

@@ -158,6 +158,7 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
         engine: Engine) -> None:
     from types import SimpleNamespace
 
+    from gonka_p2p.actors.artifact_store import ArtifactStore
     from gonka_p2p.actors.validator import ValidatorActor
     from gonka_p2p.inference.verification import VerificationParams
 
@@ -167,16 +168,18 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
     completion = await client.chat([("user", "Hi")], model=MODEL, max_tokens=6)
     iid = completion.inference_id
     executor = next(n for n in nodes if n.key.peer_id == completion.executor)
-    committed = InferenceArtifact.decode(executor.artifacts.store.get(iid)[1])
+    committed = InferenceArtifact.decode((await executor.artifacts.store.get(iid))[1])
     record = SimpleNamespace(executor=completion.executor, ta=nodes[0].key.peer_id,
                              artifact_commitment=committed.commitment(),
                              response_hash=response_hash(completion.token_ids))
     checker = next(n for n in nodes if n not in (executor, nodes[0]))
     validator = ValidatorActor(checker.service, checker.key, {}, VerificationParams(models={}), "c", None)
-    executor.artifacts.store.discard(iid)  # the executor withholds (or went silent)
+    withheld = ArtifactStore(None, max_bytes=1)
+    await withheld.open()
+    executor.artifacts.store = withheld  # the executor withholds (or went silent)
     fetched = await validator._fetch(iid, record)
     assert fetched is not None and fetched[1] == committed
-    nodes[0].artifacts.store.discard(iid)
+    nodes[0].artifacts.store = withheld
     assert await validator._fetch(iid, record) is None  # nobody serves it: a withheld verdict
 
 

@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from gonka_p2p.actors.artifact_server import ArtifactStore
+from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
 from gonka_p2p.gossip.service import NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
@@ -98,6 +98,9 @@ class ExecutorActor:
         if self._slots.locked():
             await send(self._fail("overloaded", "executor is at capacity"))
             return
+        if self.artifacts.full:  # it could not keep the evidence, and unproven work is punished
+            await send(self._fail("overloaded", "executor's evidence store is full"))
+            return
         async with self._slots:
             await self._run(engine, opener, request, send)
 
@@ -139,7 +142,11 @@ class ExecutorActor:
         finish_reason = "stop" if stopped else "length"
         artifact = InferenceArtifact(engine.model_name, tuple(prompt_ids), params,
                                      inference_id, tuple(steps))
-        self.artifacts.put(inference_id, request.raw, artifact)
+        try:
+            await self.artifacts.put(request, artifact)  # on disk before the work is claimed
+        except EvidenceStoreFull as e:
+            await send(self._fail("executor_failed", f"{e}: this inference is not claimed"))
+            return
         rhash = response_hash(artifact.completion_ids)
         await send(seal(InferenceFinished(
             inference_id=inference_id, finish_reason=finish_reason,

@@ -42,7 +42,8 @@ import signal
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 
-from gonka_p2p.actors.artifact_server import ArtifactServer, ArtifactStore
+from gonka_p2p.actors.artifact_server import ArtifactServer
+from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreError
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import ExecutorActor
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
@@ -118,7 +119,11 @@ class Node:
                                             genesis.chain_id, self.hooks)
             self.replica.add_commit_listener(self.validator.on_commit)
         hooks = self.hooks
-        self.artifacts = ArtifactServer(service, key, ArtifactStore())
+        # Evidence lives beside the ledger that expects it; without a ledger nothing does (memory).
+        self.artifacts = ArtifactServer(service, key, ArtifactStore(
+            config.ledger_dir / "artifacts.sqlite" if genesis is not None else None, config.evidence_max_bytes))
+        if self.replica is not None:
+            self.replica.add_commit_listener(self.artifacts.store.on_commit)
         self.executor = ExecutorActor(service, key, self.engines, self.artifacts.store, config.max_concurrent,
                                       on_finished=hooks.on_finished if hooks else None)
         self.ta = TransferAgent(service, key, self.directory, admit=hooks.admit if hooks else None,
@@ -145,12 +150,17 @@ class Node:
                 errors.append(f"{addr}: {e}")
         if self.config.bootstrap and len(errors) == len(self.config.bootstrap):
             raise StartupError("no bootstrap peer is reachable:\n  " + "\n  ".join(errors))
+        try:
+            await self.artifacts.store.open()
+        except EvidenceStoreError as e:
+            raise StartupError(str(e)) from None
         if self.replica is not None:
             try:
                 await self.replica.open()
             except (StoreError, NoValidators) as e:
                 raise StartupError(f"cannot open the ledger in {self.config.ledger_dir}: {e}") from None
             self._ledger_weights(self.replica.state)
+            self.artifacts.store.on_commit(self.replica.state)  # epochs that settled while it was down
 
     def _ledger_weights(self, state: LedgerState) -> None:
         """The executor draw follows the weights the ledger holds now."""
@@ -191,6 +201,7 @@ class Node:
         if self.replica is not None:
             await self.replica.close()
         await self.service.stop()
+        await self.artifacts.store.close()  # after the streams that put into it have ended
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

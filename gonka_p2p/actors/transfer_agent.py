@@ -29,12 +29,13 @@ goes silent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from gonka_p2p.actors.artifact_server import ArtifactStore
+from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
@@ -253,7 +254,7 @@ class TransferAgent:
                 if isinstance(msg, TokenBatch):
                     batches.append(msg)
                 elif isinstance(msg, InferenceFinished):
-                    self._keep_artifact(request, batches, msg)
+                    await self._keep_artifact(request, batches, msg)
                     return "done"
                 elif isinstance(msg, InferenceFailed):
                     return "done"
@@ -271,8 +272,8 @@ class TransferAgent:
             "executor_failed", f"executor {executor} closed the stream early"))
         return "failed_mid_stream"
 
-    def _keep_artifact(self, request: Signed[InferenceRequest], batches: list[TokenBatch],
-                       finished: InferenceFinished) -> None:
+    async def _keep_artifact(self, request: Signed[InferenceRequest], batches: list[TokenBatch],
+                             finished: InferenceFinished) -> None:
         if self._artifacts is None:
             return
         artifact = relayed_artifact(request, batches, finished)
@@ -280,7 +281,8 @@ class TransferAgent:
             log.info("executor frames of %s do not add up to an artifact; not kept",
                      request.digest.hex()[:12])
             return
-        self._artifacts.put(request.digest, request.raw, artifact)
+        with contextlib.suppress(EvidenceStoreFull):  # the store logged it; the executor keeps its own copy
+            await self._artifacts.put(request, artifact)
 
 
 async def _to_client(send: SendFrame, frame: bytes) -> None:
