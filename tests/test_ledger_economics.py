@@ -829,8 +829,9 @@ def test_scenario_an_honest_executor_and_a_cheater_over_an_epoch() -> None:
     for v in ("v1", "v2", "v3"):
         assert row[v].forfeit == () and row[v].validator_reward > 0, row[v]
     assert row["ta"].duties == 0 and row["ta"].forfeit == ()  # it routed everything: nothing to check
-    assert net.state.reputation(PEER["ex"]) == pytest.approx(1 / 30, abs=1e-5)
-    assert net.state.reputation(PEER["cheat"]) == 0 and net.state.participant(PEER["cheat"]).weight == 0
+    assert net.state.participant(PEER["ex"]).reputation_ppm == -(-PPM // 30)  # 1/30, rounded up
+    cheater = net.state.participant(PEER["cheat"])
+    assert cheater.reputation_ppm == 0 and cheater.weight == 0
     assert summary.minted + summary.forfeited + 10 > summary.reward
     assert net.state.total_coins() == net.state.genesis.supply + net.state.minted
 

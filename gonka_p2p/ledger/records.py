@@ -109,6 +109,14 @@ class HeldFinish:
     artifact_commitment: bytes
     deadline: int  # dropped at the end of this height if its Start has not come
 
+    def as_inference(self, executor: str) -> Inference:
+        """What queries show of an inference whose Start has not committed: its executor's claims."""
+        return Inference(client="", ta="", executor=executor, model="", price=0, max_tokens=0,
+                         prompt_bound=0, escrow=0, request_ms=0, start_height=0,
+                         deadline=self.deadline, status=InferenceStatus.FINISHED,
+                         prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                         response_hash=self.response_hash, artifact_commitment=self.artifact_commitment)
+
 
 @lru_cache(maxsize=64)
 def _weight_map(validators: tuple[tuple[str, int], ...]) -> Mapping[str, int]:

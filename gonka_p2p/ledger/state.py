@@ -31,13 +31,11 @@ them (rebuilt on load, never hashed), its queries and its snapshot -- and
 the entry points. A query returns records or fresh containers, never a live
 view of a table, so a caller may hold its answer across an ``await``.
 
-Memory stays bounded: a request id is remembered (``seen``) only while its
-timestamp can still be fresh (a stale request is refused anyway); closed
-inferences with their checks, votes and disputes, seed commitments and
-epoch records are pruned when the epoch after theirs settles; summaries are
-kept for ``SUMMARY_EPOCHS_KEPT`` epochs; held Finishes are capped and
-dropped after their deadline; running inferences are bounded by the
-clients' balances (every model costs >= 1 coin per token).
+Memory stays bounded: a request id is remembered only while its timestamp
+can be fresh; closed inferences (with their checks, votes and disputes), seed
+commitments and epoch records go when the epoch after theirs settles, summaries
+after ``SUMMARY_EPOCHS_KEPT`` epochs; held Finishes are capped and dropped at
+their deadline; running inferences are bounded by the clients' balances.
 
 Using it: ``state = LedgerState.from_genesis(load_genesis(path))`` (or
 ``LedgerState.from_bytes(snapshot)``); on consensus's ValidateBlock,
@@ -74,7 +72,6 @@ from gonka_p2p.ledger.records import (
     ValidatorDuty,
 )
 from gonka_p2p.ledger.rules import (
-    PPM,
     DisputeOutcome,
     duty_threshold,
     epoch_after,
@@ -201,18 +198,7 @@ class LedgerState:
         if not claimants:
             return None
         executor = min(claimants)
-        held = self.held.rows[(inference_id, executor)]
-        return Inference(client="", ta="", executor=executor, model="", price=0, max_tokens=0,
-                         prompt_bound=0, escrow=0, request_ms=0, start_height=0,
-                         deadline=held.deadline, status=InferenceStatus.FINISHED,
-                         prompt_tokens=held.prompt_tokens, completion_tokens=held.completion_tokens,
-                         response_hash=held.response_hash,
-                         artifact_commitment=held.artifact_commitment)
-
-    def reputation(self, peer: str) -> float:
-        """r in [0, 1] (for people; the state holds ``Participant.reputation_ppm``)."""
-        participant = self.registry.get(peer)
-        return participant.reputation_ppm / PPM if participant else 0.0
+        return self.held.rows[(inference_id, executor)].as_inference(executor)
 
     def validation_rate_ppm(self, executor: str) -> int:
         """p for an inference of ``executor`` settling now: m + (1 - m)(1 - r), capped; ppm."""
