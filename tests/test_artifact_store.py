@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
+from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull, last_settled_epoch
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.records import Inference, InferenceStatus
+from gonka_p2p.ledger.rules import settlement_height
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
@@ -69,6 +70,14 @@ def record(status: InferenceStatus, start: int, closed: int) -> Inference:
     return Inference(client=CLIENT.peer_id, ta="ta", executor="ex", model="m", price=1, max_tokens=4,
                      prompt_bound=8, escrow=12, request_ms=T0, start_height=start, deadline=start + 3,
                      status=status, closed_height=closed)
+
+
+def test_the_last_settled_epoch_is_the_inverse_of_settlement_height() -> None:
+    params = GENESIS.params
+    assert last_settled_epoch(0, params) == -1
+    for epoch in range(4):
+        assert last_settled_epoch(settlement_height(epoch, params) - 1, params) == epoch - 1
+        assert last_settled_epoch(settlement_height(epoch, params), params) == epoch
 
 
 async def test_evidence_survives_close_and_reopen(tmp_path: Path) -> None:

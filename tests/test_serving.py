@@ -205,3 +205,24 @@ async def test_every_executor_at_capacity_is_overloaded_not_missing(engine: Engi
     with pytest.raises(RequestRejected) as err:
         await client.chat([("user", "Hi")], model=MODEL, max_tokens=4)
     assert err.value.code == "overloaded"
+
+
+async def test_an_executor_whose_evidence_store_is_full_claims_nothing_then_declines(engine: Engine) -> None:
+    """Work whose evidence cannot be kept would read as withheld: it is not claimed, and the
+    executor takes no more orders until room is freed (the TA then reports it overloaded)."""
+    from gonka_p2p.actors.artifact_store import ArtifactStore
+
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine, n=2)
+    full = ArtifactStore(None, max_bytes=1)
+    await full.open()
+    nodes[1].executor.artifacts = full
+    client = await client_for(hub, nodes[0])
+    with pytest.raises(RequestRejected) as err:
+        await client.chat([("user", "Hi")], model=MODEL, max_tokens=4)
+    assert err.value.code == "executor_failed" and "evidence store is full" in str(err.value)
+    assert nodes[1].executor.served == 0 and full.refused == 1 and full.full
+    with pytest.raises(RequestRejected) as err:
+        await client.chat([("user", "Hi")], model=MODEL, max_tokens=4)
+    assert err.value.code == "overloaded"
+    assert full.refused == 1  # declined before running: nothing more was asked of the store
