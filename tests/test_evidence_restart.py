@@ -64,7 +64,8 @@ async def fetch(service: Libp2pService, executor: NodeProcess, inference_id: byt
                          ArtifactReply).message
 
 
-async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_validation(tmp_path: Path) -> None:
+async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_validation(
+        tmp_path: Path) -> None:
     init = subprocess.run([sys.executable, "-m", "gonka_p2p.cli", "init", "--nodes", "3", "--clients", "1",
                            "--model", MODEL, "--out", "net"], capture_output=True, text=True, env=ENV,
                           cwd=tmp_path, timeout=120)
@@ -109,9 +110,9 @@ async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_val
         record = SimpleNamespace(model=MODEL, executor=executor.peer_id, ta=executor.peer_id,
                                  artifact_commitment=artifact.commitment(),
                                  response_hash=response_hash(completion.token_ids))
-        validator = ValidatorActor(service, key, {MODEL: load_engine("torch", MODEL)},
-                                   verification_params_of(genesis), genesis.chain_id, None)  # type: ignore[arg-type]
-        verdict = await validator.judge(completion.inference_id, record)  # type: ignore[arg-type]
+        validator = ValidatorActor(service, key, {MODEL: load_engine("torch", MODEL)},  # submits nothing
+                                   verification_params_of(genesis), genesis.chain_id, None)
+        verdict = await validator.judge(completion.inference_id, record)
         assert verdict is not None and verdict.valid, verdict
     finally:
         if service is not None:

@@ -120,8 +120,8 @@ class Node:
             self.replica.add_commit_listener(self.validator.on_commit)
         hooks = self.hooks
         # Evidence lives beside the ledger that expects it; without a ledger nothing does (memory).
-        self.artifacts = ArtifactServer(service, key, ArtifactStore(
-            config.ledger_dir / "artifacts.sqlite" if genesis is not None else None, config.evidence_max_bytes))
+        evidence = config.ledger_dir / "artifacts.sqlite" if genesis is not None else None
+        self.artifacts = ArtifactServer(service, key, ArtifactStore(evidence, config.evidence_max_bytes))
         if self.replica is not None:
             self.replica.add_commit_listener(self.artifacts.store.on_commit)
         self.executor = ExecutorActor(service, key, self.engines, self.artifacts.store, config.max_concurrent,
