@@ -77,6 +77,7 @@ class MemoryService:
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)
         self._supervisor: asyncio.Task[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._ready = asyncio.Event()  # set once the supervisor holds the TaskGroup (or the host stopped)
         self._crash: BaseException | None = None
 
     @property
@@ -93,16 +94,16 @@ class MemoryService:
         self._hub.hosts[self._peer_id] = self
         self._running, self._crash = True, None
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)  # a fresh count: slots of cancelled deliveries are gone
-        ready = asyncio.Event()
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(ready))
-        await ready.wait()
+        self._ready = asyncio.Event()
+        # Not awaited here: start() stays free of await points, as simulations replay interleavings.
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    async def _supervise(self, ready: asyncio.Event) -> None:
+    async def _supervise(self) -> None:
         """Own this host's tasks until stop(); a gossip handler's crash stops the host."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                ready.set()
+                self._ready.set()
                 await asyncio.get_running_loop().create_future()  # until stop() cancels us
         except Exception as e:  # noqa: BLE001 - the group's crash: kept for wait_closed
             self._crash = e
@@ -126,6 +127,14 @@ class MemoryService:
         if supervisor is not None:
             supervisor.cancel()
             await asyncio.wait([supervisor])
+            self._leave()  # also when it was cancelled before it ever ran
+            self._ready.set()
+
+    async def _owner(self) -> asyncio.TaskGroup | None:
+        """The TaskGroup that owns this host's tasks; None once the host stopped."""
+        if self._tasks is None and self._running:
+            await self._ready.wait()  # started, but its supervisor has not run yet
+        return self._tasks
 
     async def wait_closed(self) -> None:
         supervisor = self._supervisor
@@ -163,12 +172,13 @@ class MemoryService:
             if self._hub.loss and self._hub.rng.random() < self._hub.loss:
                 continue
             other = self._hub.hosts.get(peer)
-            if other is not None:
-                await other._slots.acquire()  # no await point while a slot is free
-                if other._tasks is None:  # it stopped meanwhile
-                    other._slots.release()
-                else:
-                    other._tasks.create_task(other._receive(topic, self._peer_id, data))
+            if other is None or await other._owner() is None:
+                continue
+            await other._slots.acquire()  # no await point while a slot is free
+            if other._tasks is None:  # it stopped meanwhile
+                other._slots.release()
+            else:
+                other._tasks.create_task(other._receive(topic, self._peer_id, data))
 
     async def _receive(self, topic: str, sender: str, data: bytes) -> None:
         """Deliver one gossip message; the handler's error, if any, crashes this host."""
@@ -222,9 +232,10 @@ class MemoryService:
                 await frames.put(StreamReset(f"peer {peer_id} reset the stream: {e}"))
 
         await self._hub.deliver_delay()
-        if other._tasks is None:
+        owner = await other._owner()
+        if owner is None:
             raise PeerUnreachable(f"cannot reach peer {peer_id}: it stopped")
-        task = other._tasks.create_task(serve())
+        task = owner.create_task(serve())
         try:
             while True:
                 item = await asyncio.wait_for(frames.get(), timeout)
