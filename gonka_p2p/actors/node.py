@@ -179,7 +179,8 @@ class Node:
 
     def supervised(self) -> list[Supervised]:
         """This node's long-lived actors and what a crash of each means (see the module doc)."""
-        actors = [Supervised("announcer", self.directory.run, critical=False)]
+        actors = [Supervised("network", self.service.wait_closed, critical=True),  # a gossip handler's crash
+                  Supervised("announcer", self.directory.run, critical=False)]
         if self.replica is not None and self.hooks is not None and self.validator is not None:
             actors += [Supervised("ledger replica", self.replica.run, critical=True),
                        Supervised("transaction follower", self.hooks.run, critical=False),
