@@ -250,13 +250,12 @@ class TransferAgent:
                     started = True
                     if self._on_start is not None:
                         self._on_start(request, executor)
+                if isinstance(msg, InferenceFinished):  # kept before the client hears it is done
+                    await self._keep_artifact(request, batches, msg)
                 await _to_client(send, frame)
                 if isinstance(msg, TokenBatch):
                     batches.append(msg)
-                elif isinstance(msg, InferenceFinished):
-                    await self._keep_artifact(request, batches, msg)
-                    return "done"
-                elif isinstance(msg, InferenceFailed):
+                elif isinstance(msg, InferenceFinished | InferenceFailed):
                     return "done"
         except (NetworkError, TimeoutError, WireError) as e:
             self._directory.mark_failed(executor)
