@@ -4,11 +4,11 @@ handled, and the memory an actor keeps bounded however long the node runs."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from helpers import eventually
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica import ReplicaParams
@@ -77,13 +77,6 @@ def validator_of(outbox: Outbox) -> ValidatorActor:
                           GENESIS.chain_id, outbox)
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("block", ["opens a dispute", "prunes the disputes"])
 async def test_a_block_applied_while_the_validator_judges_does_not_crash_it(block: str) -> None:
     state = LedgerState.from_genesis(GENESIS)
@@ -111,7 +104,7 @@ async def test_a_block_applied_while_the_validator_judges_does_not_crash_it(bloc
     validator.on_commit(state)  # the replica calls its listeners after the block
     release.set()
     try:
-        await until(lambda: outbox.votes() == expected or runner.done(), "the votes")
+        await eventually(lambda: outbox.votes() == expected or runner.done(), what="the votes")
         assert not runner.done(), runner.exception()
         assert outbox.votes() == expected
     finally:
@@ -182,19 +175,19 @@ async def test_a_crashed_actor_is_reported_and_restarted_while_the_ledger_runs(
     stop = asyncio.Event()
     serving = asyncio.create_task(node.serve(stop))
     try:
-        await until(lambda: len(node.supervisor.crashes) == 1, f"the {actor}'s crash")
+        await eventually(lambda: len(node.supervisor.crashes) == 1, what=f"the {actor}'s crash")
         crashed = node.supervisor.crashes[0]
         assert crashed.actor == actor and crashed.restarted
         assert "a bug in" in repr(crashed.error)
         height = replica.height
-        await until(lambda: replica.height > height, "a block after the crash")
+        await eventually(lambda: replica.height > height, what="a block after the crash")
         # Restarted, each works: the follower sees a transaction to its block, the validator
         # commits its seed for the next epoch.
         followed = asyncio.Event()
         hooks.follow(transfer(node), "transfer", done=followed.set)
         await asyncio.wait_for(followed.wait(), 10)
-        await until(lambda: replica.state.commitment(1, NODE.peer_id) is not None,
-                    "the validator's seed commitment")
+        await eventually(lambda: replica.state.commitment(1, NODE.peer_id) is not None,
+                         what="the validator's seed commitment")
         assert not serving.done() and len(node.supervisor.crashes) == 1
     finally:
         stop.set()
