@@ -26,10 +26,9 @@ one topic; the validator is not run on our own publications, and a
 validator that raises counts as a rejection and is logged.
 
 Who owns what: the trio nursery of the :class:`TrioThread` owns every trio
-task; one asyncio TaskGroup, entered by the service's supervisor task at
-``start`` and left at ``stop``, owns every gossip worker. A handler that
-raises crashes its worker, which ends the group: the service stops, the
-crash is logged once and :meth:`Libp2pService.wait_closed` raises
+task; a :class:`~gonka_p2p.gossip.ownership.TaskOwner`, opened at ``start``
+and closed at ``stop``, owns every gossip worker. A handler that raises
+crashes its worker, which stops the service: ``wait_closed`` raises
 :class:`ServiceCrashed`, so the node that awaits it stops too instead of
 running deaf. A stream handler that raises only resets its stream (the
 opener sees :class:`StreamReset`).
@@ -88,10 +87,10 @@ from gonka_p2p.gossip.service import (
     PeerUnreachable,
     PublishError,
     SendFrame,
-    ServiceCrashed,
     StreamHandler,
     StreamReset,
 )
+from gonka_p2p.gossip.ownership import TaskOwner
 from gonka_p2p.gossip.trio_bridge import TrioThread
 from gonka_p2p.identity import Keypair
 
@@ -125,9 +124,7 @@ class Libp2pService:
         self._listen_addrs: list[str] = []
         self._handlers: dict[str, StreamHandler] = {}
         self._topics: dict[str, Topic] = {}
-        self._supervisor: asyncio.Task[None] | None = None
-        self._workers: asyncio.TaskGroup | None = None
-        self._crash: BaseException | None = None
+        self._owner: TaskOwner | None = None
         self._inbound = trio.Semaphore(MAX_INBOUND_STREAMS)
 
     # ---- lifecycle -------------------------------------------------------
@@ -141,48 +138,32 @@ class Libp2pService:
         return list(self._listen_addrs)
 
     async def start(self) -> None:
-        if self._supervisor is not None:
+        if self._owner is not None and not self._owner.closed:
             raise NetworkError("the network service is already running")
         bridge = TrioThread(f"libp2p-{self.peer_id[-8:]}")
-        self._bridge, self._crash = bridge, None
+        self._bridge = bridge
         try:
             await bridge.start(self._lifespan)
         except BaseException:
             self._bridge = None
             raise
-        ready = asyncio.Event()
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(bridge, ready))
-        await ready.wait()
+        self._owner = TaskOwner(f"network service {self.peer_id}", lambda: self._teardown(bridge))
 
-    async def _supervise(self, bridge: TrioThread, ready: asyncio.Event) -> None:
-        """Own the gossip workers until stop(); a worker's crash stops the service (see module doc)."""
-        try:
-            async with asyncio.TaskGroup() as workers:
-                self._workers = workers
-                ready.set()
-                await asyncio.get_running_loop().create_future()  # until stop() cancels us
-        except Exception as e:  # noqa: BLE001 - the group's crash: kept for wait_closed
-            self._crash = e
-            log.error("network service %s crashed: a gossip handler raised", self.peer_id, exc_info=e)
-        finally:
-            self._workers = self._bridge = None
-            self._topics.clear()
-            await bridge.stop(timeout=STOP_GRACE + 5)
-            self._listen_addrs = []
-            self._connections.peers = ()
+    async def _teardown(self, bridge: TrioThread) -> None:
+        """Stop the trio thread once the gossip workers are gone (stop, or a crash)."""
+        self._bridge = None
+        self._topics.clear()
+        await bridge.stop(timeout=STOP_GRACE + 5)
+        self._listen_addrs = []
+        self._connections.peers = ()
 
     async def stop(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.wait([supervisor])
+        if self._owner is not None:
+            await self._owner.close()
 
     async def wait_closed(self) -> None:
-        supervisor = self._supervisor
-        if supervisor is not None:
-            await asyncio.wait([supervisor])
-        if self._crash is not None:
-            raise ServiceCrashed(f"network service {self.peer_id} crashed: {self._crash!r}") from self._crash
+        if self._owner is not None:
+            await self._owner.wait_closed()
 
     @asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:
@@ -259,7 +240,8 @@ class Libp2pService:
 
     async def subscribe(self, topic: str, handler: MessageHandler, validator: MessageValidator | None = None) -> None:
         """Join ``topic``; subscribing again replaces the handler and validator."""
-        bridge, workers = self._running(), self._workers
+        bridge = self._running()
+        workers = await self._owner.group() if self._owner is not None else None
         if workers is None:
             raise NetworkError("the network service is stopping")
         entry = self._topics.get(topic)

@@ -19,11 +19,11 @@ and a host's peers are the hub's hosts.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gonka_p2p.gossip.ownership import TaskOwner
 from gonka_p2p.gossip.service import (
     AddressInUse,
     FrameTooLarge,
@@ -31,14 +31,11 @@ from gonka_p2p.gossip.service import (
     MessageValidator,
     PeerUnreachable,
     PublishError,
-    ServiceCrashed,
     StreamHandler,
     StreamReset,
 )
 from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.framing import MAX_FRAME_BYTES
-
-log = logging.getLogger(__name__)
 
 _END = object()
 DELIVERY_SLOTS = 1024  # gossip messages waiting for one host's handlers
@@ -75,10 +72,7 @@ class MemoryService:
         self._subs: dict[str, tuple[MessageHandler, MessageValidator | None]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)
-        self._supervisor: asyncio.Task[None] | None = None
-        self._tasks: asyncio.TaskGroup | None = None
-        self._ready = asyncio.Event()  # set once the supervisor holds the TaskGroup (or the host stopped)
-        self._crash: BaseException | None = None
+        self._owner: TaskOwner | None = None
 
     @property
     def peer_id(self) -> str:
@@ -92,27 +86,12 @@ class MemoryService:
         if self._peer_id in self._hub.hosts:
             raise AddressInUse(f"a host with peer id {self._peer_id} is already on this hub")
         self._hub.hosts[self._peer_id] = self
-        self._running, self._crash = True, None
+        self._running = True
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)  # a fresh count: slots of cancelled deliveries are gone
-        self._ready = asyncio.Event()
-        # Not awaited here: start() stays free of await points, as simulations replay interleavings.
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self._owner = TaskOwner(f"memory host {self._peer_id}", self._leave)
 
-    async def _supervise(self) -> None:
-        """Own this host's tasks until stop(); a gossip handler's crash stops the host."""
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                self._tasks = tasks
-                self._ready.set()
-                await asyncio.get_running_loop().create_future()  # until stop() cancels us
-        except Exception as e:  # noqa: BLE001 - the group's crash: kept for wait_closed
-            self._crash = e
-            log.error("memory host %s crashed: a gossip handler raised", self._peer_id, exc_info=e)
-        finally:
-            self._tasks = None
-            self._leave()
-
-    def _leave(self) -> None:
+    async def _leave(self) -> None:
+        """Leave the hub: the teardown once this host's tasks are gone (stop, or a crash)."""
         self._running = False
         if self._hub.hosts.get(self._peer_id) is self:
             del self._hub.hosts[self._peer_id]
@@ -123,25 +102,16 @@ class MemoryService:
         self._peers.clear()
 
     async def stop(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.wait([supervisor])
-            self._leave()  # also when it was cancelled before it ever ran
-            self._ready.set()
-
-    async def _owner(self) -> asyncio.TaskGroup | None:
-        """The TaskGroup that owns this host's tasks; None once the host stopped."""
-        if self._tasks is None and self._running:
-            await self._ready.wait()  # started, but its supervisor has not run yet
-        return self._tasks
+        if self._owner is not None:
+            await self._owner.close()
 
     async def wait_closed(self) -> None:
-        supervisor = self._supervisor
-        if supervisor is not None:
-            await asyncio.wait([supervisor])
-        if self._crash is not None:
-            raise ServiceCrashed(f"memory host {self._peer_id} crashed: {self._crash!r}") from self._crash
+        if self._owner is not None:
+            await self._owner.wait_closed()
+
+    async def _tasks(self) -> asyncio.TaskGroup | None:
+        """The TaskGroup that owns this host's tasks; None once the host stopped."""
+        return await self._owner.group() if self._owner is not None else None
 
     async def connect(self, multiaddr: str, timeout: float = 10.0) -> str:
         peer = multiaddr.rsplit("/p2p/", 1)[-1]
@@ -172,13 +142,13 @@ class MemoryService:
             if self._hub.loss and self._hub.rng.random() < self._hub.loss:
                 continue
             other = self._hub.hosts.get(peer)
-            if other is None or await other._owner() is None:
+            if other is None or await other._tasks() is None:
                 continue
             await other._slots.acquire()  # no await point while a slot is free
-            if other._tasks is None:  # it stopped meanwhile
+            if (tasks := await other._tasks()) is None:  # it stopped meanwhile
                 other._slots.release()
             else:
-                other._tasks.create_task(other._receive(topic, self._peer_id, data))
+                tasks.create_task(other._receive(topic, self._peer_id, data))
 
     async def _receive(self, topic: str, sender: str, data: bytes) -> None:
         """Deliver one gossip message; the handler's error, if any, crashes this host."""
@@ -232,10 +202,10 @@ class MemoryService:
                 await frames.put(StreamReset(f"peer {peer_id} reset the stream: {e}"))
 
         await self._hub.deliver_delay()
-        owner = await other._owner()
-        if owner is None:
+        tasks = await other._tasks()
+        if tasks is None:
             raise PeerUnreachable(f"cannot reach peer {peer_id}: it stopped")
-        task = owner.create_task(serve())
+        task = tasks.create_task(serve())
         try:
             while True:
                 item = await asyncio.wait_for(frames.get(), timeout)
