@@ -186,7 +186,8 @@ class Node:
                        Supervised("transaction follower", self.hooks.run, critical=False),
                        Supervised("validator", self.validator.run, critical=False)]
         if self.gateway is not None:  # its stop returns once in-flight answers end (or their grace does)
-            actors.append(Supervised("HTTP gateway", self.gateway.serve, critical=True, stop=self.gateway.stop))
+            actors.append(Supervised("HTTP gateway", self.gateway.serve, critical=True,
+                                     stop=self.gateway.stop))
         return actors
 
     async def serve(self, stop: asyncio.Event) -> None:
