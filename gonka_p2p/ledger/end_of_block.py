@@ -119,6 +119,7 @@ class PeerTally:
     checked: int = 0
     observations: list[Observation] = field(default_factory=list)
     proven_invalid: bool = False  # a dispute found one of its inferences invalid
+    equivocated: bool = False  # a SubmitEvidence committed in this epoch proved it signed two votes
     committed: bool = False
     revealed: bool = False
     duties: int = 0
@@ -158,6 +159,9 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
 
     for address in weights:
         peer(address)
+    for address, punished in state.equivocations.rows.items():
+        if punished == epoch:
+            peer(address).equivocated = True
     duties: set[tuple[bytes, str]] = set()  # (inference id, validator) of every revealed duty
     for (e, address), commitment in state.commitments.rows.items():
         if e == epoch and address in weights:
@@ -217,6 +221,8 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
     for address, row in tally.peers.items():
         if row.proven_invalid:
             caught[address] = "dispute"
+        elif row.equivocated:
+            caught[address] = "equivocation"
         elif sprt_catches(row.observations, params):
             caught[address] = "sprt"
     paid: dict[str, int] = {}

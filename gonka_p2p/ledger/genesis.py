@@ -117,6 +117,9 @@ class Params:
     max_held_finishes: int = _param(
         65_536, "FinishInference txs held, network-wide, while their Start is not committed", positive=True)
     max_held_finishes_per_executor: int = _param(1_024, "of those, held for any one executor", positive=True)
+    evidence_max_age_blocks: int = _param(
+        100, "blocks after an equivocation within which its SubmitEvidence is accepted (its epoch's "
+        "validator weights must still be held)", positive=True)
     price_per_token: Mapping[str, int] = field(
         default_factory=lambda: MappingProxyType({}),
         metadata={"unit": "coin units per token (prompt and completion alike), per model; >= 1"})

@@ -128,6 +128,7 @@ _CODECS: dict[str, Codec[Any]] = {  # every table of the state, by tag: how it s
     "dispute_vote": _CHECK_CODEC,
     "dispute": _record_codec(Dispute, lambda d: 0),
     "epoch_summary": _record_codec(EpochSummary, lambda s: 0),
+    "equivocation": Codec(lambda v: v, int, lambda v: 0),  # offender -> epoch it is punished in
 }
 
 

@@ -40,6 +40,7 @@ from enum import IntFlag, StrEnum
 from typing import Any, get_args
 
 from gonka_p2p.identity import digest
+from gonka_p2p.ledger.consensus_types import MAX_SIGNATURE_BYTES
 from gonka_p2p.wire.envelope import Signed, open_envelope
 from gonka_p2p.wire.messages import HASH_BYTES
 from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded
@@ -103,6 +104,11 @@ class Reason(StrEnum):
     VOTING_CLOSED = "voting_closed"
     NOT_ON_COMMITTEE = "not_on_committee"
     DUPLICATE_VOTE = "duplicate_vote"
+    # SubmitEvidence.
+    NOT_CONFLICTING = "not_conflicting"  # both votes name the same block (or nil): no equivocation
+    BAD_EVIDENCE_SIGNATURE = "bad_evidence_signature"  # a vote is not signed by the named offender
+    EVIDENCE_TOO_OLD = "evidence_too_old"  # older than evidence_max_age_blocks, or a future height
+    ALREADY_PUNISHED = "already_punished"  # the offender's punishment already covers that height
 
 
 class TxRejected(Exception):
@@ -257,6 +263,28 @@ class DisputeVote(Message):
     sequence: int = bounded(min_value=0)
 
 
+@dataclass(frozen=True)
+class SubmitEvidence(Message):
+    """Signed by anyone: two votes ``offender`` signed for one (height, round, type) naming two
+    different blocks -- equivocation, which costs it its weight and epoch reward.
+
+    The two votes share everything but their block hash (empty: nil) and signature, so a
+    pair that differs anywhere else cannot even be written down.
+    """
+
+    KIND = "tx_submit_evidence"
+    chain_id: str = bounded(max_len=64)
+    offender: str = bounded(max_len=MAX_PEER_ID)
+    vote_type: int = bounded(min_value=1, max_value=2)  # consensus_types.VoteType
+    height: int = bounded(min_value=1)
+    round: int = bounded(min_value=0)
+    first_block_hash: bytes = bounded(max_len=HASH_BYTES)
+    first_signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+    second_block_hash: bytes = bounded(max_len=HASH_BYTES)
+    second_signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+    sequence: int = bounded(min_value=0)
+
+
 def to_nano(nats: float) -> int:
     """A distance in nats as integer nano-nats: rounded, capped; inf and NaN become the cap."""
     if not math.isfinite(nats) or nats * 1e9 >= MAX_DISTANCE_NANO:
@@ -319,10 +347,11 @@ TX_KINDS: tuple[TxKind, ...] = (  # every transaction kind, once
     TxKind(RevealValidationSeed),
     TxKind(Validation),
     TxKind(DisputeVote),
+    TxKind(SubmitEvidence),
 )
 ACCOUNT_ONLY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.account_only)
 Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
-      | RevealValidationSeed | Validation | DisputeVote)  # the same kinds, for the type checker
+      | RevealValidationSeed | Validation | DisputeVote | SubmitEvidence)  # the same kinds, for the type checker
 assert set(get_args(Tx)) == {kind.message for kind in TX_KINDS}, "Tx and TX_KINDS disagree"
 _TX_MESSAGES = tuple(kind.message for kind in TX_KINDS)
 

@@ -36,6 +36,10 @@ exact next ``sequence``, and bumps that sequence when accepted)::
                                    weight from this block's hash)
     DisputeVote(id, verdict)       signer on dispute[id]'s committee, before its deadline:
                                    vote[id, signer]; the last vote resolves it
+    SubmitEvidence(offender, two   anyone: both votes signed by offender, one (height, round,
+                   votes)              type), two blocks, offender weighted in that epoch, not
+                                   older than evidence_max_age_blocks, not yet punished:
+                                   reputation 0 now; weight and reward lost at settlement
 
 Who sends what: a TA submits ``StartInference`` as soon as it has routed the
 request, the executor ``FinishInference`` when done -- in either order. A
@@ -61,8 +65,9 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from gonka_p2p.identity import peer_id_from_pubkey
+from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
+from gonka_p2p.ledger.consensus_types import vote_sign_bytes
 from gonka_p2p.ledger.genesis import MAX_ADDR_LEN
 from gonka_p2p.ledger.records import (
     Check,
@@ -105,6 +110,7 @@ from gonka_p2p.ledger.transactions import (
     RegisterParticipant,
     RevealValidationSeed,
     StartInference,
+    SubmitEvidence,
     Transfer,
     TxRejected,
     Validation,
@@ -447,6 +453,47 @@ def resolve_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
     if outcome is DisputeOutcome.INVALID:
         executor = state.inferences.rows[iid].executor
         state.registry.put(executor, replace(state.registry.rows[executor], weight=0, reputation_ppm=0))
+
+
+@rule_for(SubmitEvidence)
+def process_submit_evidence(state: LedgerState, ctx: BlockContext, signed: Signed[SubmitEvidence],
+                            signer: str, apply: bool) -> str:
+    """Anyone proves that a validator signed two votes for different blocks at one (height, round,
+    type): equivocation, the one act that can fork consensus.
+
+    Its reputation resets at once (its work is checked at the floor rate from now on); its weight
+    and the epoch's reward go at this epoch's settlement, where it counts as caught: weight and
+    voting power change only at settlement, and the reward is only ever minted there. One
+    punishment covers every offence up to the epoch it is punished in, so the same or another
+    pair of its votes is refused after it (whoever races to submit gains nothing)."""
+    tx = signed.message
+    hashes = (tx.first_block_hash, tx.second_block_hash)
+    if any(len(h) not in (0, HASH_BYTES) for h in hashes):
+        raise TxRejected(Reason.MALFORMED, f"a vote's block hash is empty (nil) or {HASH_BYTES} bytes")
+    if hashes[0] == hashes[1]:
+        raise TxRejected(Reason.NOT_CONFLICTING, "both votes name the same block")
+    if not 0 <= ctx.height - tx.height <= state.params.evidence_max_age_blocks:
+        raise TxRejected(Reason.EVIDENCE_TOO_OLD, f"votes of height {tx.height} are not evidence at height "
+                                                  f"{ctx.height} (at most "
+                                                  f"{state.params.evidence_max_age_blocks} blocks old)")
+    epoch = epoch_of(tx.height, state.params)
+    info = state.epochs.get(epoch)
+    offender = state.registry.get(tx.offender)
+    if info is None or offender is None or tx.offender not in info.weights:
+        raise TxRejected(Reason.NOT_A_VALIDATOR, f"{tx.offender} held no weight in epoch {epoch}")
+    for block_hash, signature in ((hashes[0], tx.first_signature), (hashes[1], tx.second_signature)):
+        message = vote_sign_bytes(state.chain_id, tx.vote_type, tx.height, tx.round, block_hash or None)
+        if not verify_signature(offender.pubkey, signature, message):
+            raise TxRejected(Reason.BAD_EVIDENCE_SIGNATURE, f"a vote is not signed by {tx.offender}")
+    punished = state.equivocations.get(tx.offender)
+    if punished is not None and epoch <= punished:
+        raise TxRejected(Reason.ALREADY_PUNISHED, f"{tx.offender} is already punished in epoch {punished}")
+    if not apply:
+        return "would punish"
+    now = epoch_of(ctx.height, state.params)
+    state.equivocations.put(tx.offender, now)
+    state.registry.put(tx.offender, replace(offender, reputation_ppm=0))
+    return f"{tx.offender} equivocated at height {tx.height}, round {tx.round}: punished in epoch {now}"
 
 
 assert set(RULES) == {kind.message for kind in TX_KINDS}, "every transaction kind has exactly one rule"

@@ -1,0 +1,225 @@
+"""Attack class: equivocation. A validator signs two votes for different blocks at one
+(height, round, type) -- the one act that can fork consensus. Anyone who holds both votes
+proves it with a ``SubmitEvidence`` transaction that every replica checks the same way; the
+offender's reputation resets at once and it loses its weight and epoch reward at settlement.
+Evidence that is forged, mismatched, stale or already punished is refused.
+
+The ledger is driven directly with real signed transactions; that replicas submit the
+evidence on their own is tests/test_replica.py's."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger import rules
+from gonka_p2p.ledger.block import Block, Receipt
+from gonka_p2p.ledger.consensus_types import Vote, VoteType, make_vote
+from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
+from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
+from gonka_p2p.ledger.transactions import (
+    CommitValidationSeed,
+    FinishInference,
+    Reason,
+    RevealValidationSeed,
+    StartInference,
+    SubmitEvidence,
+    Validation,
+    VerdictStats,
+    derive_validation_seed,
+)
+from gonka_p2p.wire.envelope import seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
+from gonka_p2p.wire.schema import Message
+
+CHAIN = "gonka-equivocation"
+MODEL = "m"
+T0 = 1_700_000_000_000
+L = 10  # epoch e ends at 10e + 10 and settles at 10e + 15 (window 3, voting 2)
+VALIDATORS = ("ta", "ex", "byz", "v1", "v2", "v3")
+KEYS = {n: Keypair.from_seed(f"equivocation-{n}".encode()) for n in (*VALIDATORS, "alice")}
+PEER = {n: k.peer_id for n, k in KEYS.items()}
+OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
+                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
+BLOCK_A, BLOCK_B = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+
+
+def genesis() -> Genesis:
+    params = Params(epoch_length_blocks=L, inference_deadline_blocks=3, request_window_ms=10**9,
+                    max_tx_bytes=64 * 1024, price_per_token={MODEL: 1}, validation_window_blocks=3,
+                    dispute_voting_blocks=2, epoch_reward=100_000, validation_cap_ppm=rules.PPM,
+                    evidence_max_age_blocks=5)
+    return Genesis(chain_id=CHAIN, genesis_time_ms=T0, params=params,
+                   participants=tuple(GenesisParticipant(KEYS[n].public_key, 10, models=(MODEL,))
+                                      for n in VALIDATORS),
+                   allocations={PEER["alice"]: 1_000_000})
+
+
+def vote(who: str, height: int, block_hash: bytes | None, *, round: int = 0,
+         vote_type: VoteType = VoteType.PRECOMMIT, chain_id: str = CHAIN) -> Vote:
+    return make_vote(chain_id, KEYS[who].sign, PEER[who], vote_type, height, round, block_hash)
+
+
+@dataclass
+class Ledger:
+    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
+    next_seq: dict[str, int] = field(default_factory=dict)
+    nonce: int = 0
+
+    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
+        account = self.state.account(PEER[who])
+        n = self.next_seq.get(who, account.sequence if account else 0)
+        self.next_seq[who] = n + 1
+        return seal(make(n), KEYS[who])
+
+    def evidence(self, first: Vote, second: Vote, *, by: str = "alice", offender: str | None = None) -> bytes:
+        """The transaction as an honest replica writes it (``offender`` overrides the named signer)."""
+        return self.sign(by, lambda n: SubmitEvidence(
+            chain_id=CHAIN, offender=offender or first.validator, vote_type=int(first.type),
+            height=first.height, round=first.round, first_block_hash=first.block_hash or b"",
+            first_signature=first.signature, second_block_hash=second.block_hash or b"",
+            second_signature=second.signature, sequence=n))
+
+    def block(self, *txs: bytes) -> list[Receipt]:
+        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"], self.state.time_ms + 1000,
+                      list(txs))
+        _, receipts = apply_block(self.state, block)
+        self.next_seq.clear()
+        check_invariants(self.state)
+        return receipts
+
+    def ok(self, *txs: bytes) -> None:
+        receipts = self.block(*txs)
+        assert all(r.ok for r in receipts), [(r.reason, r.detail) for r in receipts if not r.ok]
+
+    def until(self, height: int) -> None:
+        while self.state.height < height:
+            self.block()
+
+    def seed(self, who: str, epoch: int) -> bytes:
+        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
+
+    def infer(self, executor: str) -> None:
+        self.nonce += 1
+        request = seal(InferenceRequest(model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+                                        max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
+                                        timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS["alice"])
+        iid = hashlib.sha256(request).digest()
+        self.ok(self.sign("ta", lambda n: StartInference(chain_id=CHAIN, request=request,
+                                                         executor=PEER[executor], sequence=n)),
+                self.sign(executor, lambda n: FinishInference(
+                    chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
+                    response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n)))
+
+    def run_epoch_1(self, during: Callable[[], None]) -> None:
+        """Everyone commits, executes and checks its duties in epoch 1 and reveals; ``during``
+        runs in the middle of the epoch; blocks run to its settlement."""
+        self.until(1)
+        self.ok(*[self.sign(w, lambda n, w=w: CommitValidationSeed(
+            chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[w], self.seed(w, 1)), sequence=n))
+            for w in VALIDATORS])
+        self.until(L)
+        for executor in ("ex", "byz", "v1"):
+            self.infer(executor)
+        during()
+        self.ok(*[self.sign(w, lambda n, w=w, iid=iid: Validation(chain_id=CHAIN, inference_id=iid,
+                                                                   verdict=OK, sequence=n))
+                  for w in VALIDATORS for iid in self.state.validation_duties(1, PEER[w], self.seed(w, 1))])
+        self.until(2 * L)
+        self.ok(*[self.sign(w, lambda n, w=w: RevealValidationSeed(chain_id=CHAIN, epoch=1,
+                                                                   seed=self.seed(w, 1), sequence=n))
+                  for w in VALIDATORS])
+        self.until(2 * L + 5)
+
+
+def rejected(ledger: Ledger, tx: bytes, reason: Reason) -> None:
+    assert check_tx(ledger.state, tx).reason is reason
+    (receipt,) = ledger.block(tx)
+    assert receipt.reason is reason, (receipt.reason, receipt.detail)
+
+
+def test_two_conflicting_votes_cost_the_offender_its_weight_and_reward_at_settlement() -> None:
+    ledger = Ledger()
+    honest_before: dict[str, int] = {}
+
+    def equivocate() -> None:
+        height = ledger.state.height
+        ledger.ok(ledger.evidence(vote("byz", height, BLOCK_A), vote("byz", height, BLOCK_B)))
+        byz = ledger.state.participant(PEER["byz"])
+        assert byz is not None and byz.reputation_ppm == 0  # at once
+        assert ledger.state.weights()[PEER["byz"]] == 10  # voting power changes only at settlement
+        honest_before.update(ledger.state.weights())
+
+    ledger.run_epoch_1(equivocate)
+    summary = ledger.state.epoch_summary(1)
+    assert summary is not None
+    byz = summary.participant(PEER["byz"])
+    assert byz.caught == "equivocation" and byz.weight_after == 0
+    assert byz.executor_reward + byz.validator_reward == 0 and byz.forfeited > 0
+    assert PEER["byz"] not in ledger.state.weights()
+    for who in ("ta", "ex", "v1", "v2", "v3"):
+        row = summary.participant(PEER[who])
+        assert not row.caught and not row.forfeit and row.weight_after == honest_before[PEER[who]] == 10
+    assert summary.participant(PEER["ex"]).executor_reward > 0
+
+
+def test_a_nil_vote_against_a_block_vote_is_equivocation_too_and_any_account_may_submit_it() -> None:
+    ledger = Ledger()
+    ledger.until(3)
+    ledger.ok(ledger.evidence(vote("byz", 2, None, vote_type=VoteType.PREVOTE, round=1),
+                              vote("byz", 2, BLOCK_A, vote_type=VoteType.PREVOTE, round=1), by="v2"))
+    assert ledger.state.equivocations.get(PEER["byz"]) == 0
+
+
+@pytest.mark.parametrize("make, reason", [
+    pytest.param(lambda: (vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_A)), Reason.NOT_CONFLICTING,
+                 id="same block twice"),
+    pytest.param(lambda: (vote("byz", 2, BLOCK_A), vote("v1", 2, BLOCK_B)), Reason.BAD_EVIDENCE_SIGNATURE,
+                 id="second vote by another validator"),
+    pytest.param(lambda: (vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_B, round=1)),
+                 Reason.BAD_EVIDENCE_SIGNATURE, id="votes of two rounds"),
+    pytest.param(lambda: (vote("byz", 2, BLOCK_A), vote("byz", 3, BLOCK_B)), Reason.BAD_EVIDENCE_SIGNATURE,
+                 id="votes of two heights"),
+    pytest.param(lambda: (vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_B, vote_type=VoteType.PREVOTE)),
+                 Reason.BAD_EVIDENCE_SIGNATURE, id="a prevote and a precommit"),
+    pytest.param(lambda: (vote("byz", 2, BLOCK_A, chain_id="other"), vote("byz", 2, BLOCK_B, chain_id="other")),
+                 Reason.BAD_EVIDENCE_SIGNATURE, id="votes of another chain"),
+    pytest.param(lambda: (vote("alice", 2, BLOCK_A), vote("alice", 2, BLOCK_B)), Reason.NOT_A_VALIDATOR,
+                 id="signer holds no weight"),
+    pytest.param(lambda: (vote("byz", 9, BLOCK_A), vote("byz", 9, BLOCK_B)), Reason.EVIDENCE_TOO_OLD,
+                 id="a future height"),
+])
+def test_forged_or_mismatched_evidence_is_refused(make: Callable[[], tuple[Vote, Vote]], reason: Reason) -> None:
+    ledger = Ledger()
+    ledger.until(3)
+    rejected(ledger, ledger.evidence(*make()), reason)
+    assert PEER["byz"] not in ledger.state.equivocations
+
+
+def test_evidence_naming_someone_else_than_the_signer_is_refused() -> None:
+    ledger = Ledger()
+    ledger.until(3)
+    rejected(ledger, ledger.evidence(vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_B), offender=PEER["v1"]),
+             Reason.BAD_EVIDENCE_SIGNATURE)
+    assert len(ledger.state.equivocations) == 0
+
+
+def test_evidence_older_than_the_bound_is_refused() -> None:
+    ledger = Ledger()
+    ledger.until(8)  # evidence_max_age_blocks = 5: height 2 is evidence up to height 7
+    rejected(ledger, ledger.evidence(vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_B)), Reason.EVIDENCE_TOO_OLD)
+
+
+def test_an_offender_is_punished_once_per_epoch_whatever_pair_of_its_votes_is_shown() -> None:
+    ledger = Ledger()
+    ledger.until(3)
+    ledger.ok(ledger.evidence(vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_B)))
+    rejected(ledger, ledger.evidence(vote("byz", 2, BLOCK_A), vote("byz", 2, BLOCK_B), by="v1"),
+             Reason.ALREADY_PUNISHED)
+    rejected(ledger, ledger.evidence(vote("byz", 2, BLOCK_B), vote("byz", 2, BLOCK_A)), Reason.ALREADY_PUNISHED)
+    rejected(ledger, ledger.evidence(vote("byz", 4, BLOCK_A, round=2), vote("byz", 4, None, round=2)),
+             Reason.ALREADY_PUNISHED)
