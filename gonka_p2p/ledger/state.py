@@ -128,9 +128,8 @@ class LedgerState:
         self.summaries: Table[int, EpochSummary] = new_table("epoch_summary")
         self.equivocations: Table[str, int] = new_table("equivocation")  # offender -> epoch punished
         self.tables: tuple[Table[Any, Any], ...] = (  # in snapshot and hash order
-            self.accounts, self.registry, self.inferences, self.seen, self.held, self.fees,
-            self.epochs, self.commitments, self.checks, self.votes, self.disputes, self.summaries,
-            self.equivocations)
+            self.accounts, self.registry, self.inferences, self.seen, self.held, self.fees, self.epochs,
+            self.commitments, self.checks, self.votes, self.disputes, self.summaries, self.equivocations)
         self._lthash = LtHash()
         self._block_minted = 0  # coins minted since the last commit
         # Indexes derived from the tables (not hashed, rebuilt on load).

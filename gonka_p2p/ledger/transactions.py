@@ -40,8 +40,7 @@ from enum import IntFlag, StrEnum
 from typing import Any, get_args
 
 from gonka_p2p.identity import digest
-from gonka_p2p.ledger.consensus_types import MAX_SIGNATURE_BYTES
-from gonka_p2p.wire.envelope import Signed, open_envelope
+from gonka_p2p.wire.envelope import MAX_SIGNATURE_BYTES, Signed, open_envelope
 from gonka_p2p.wire.messages import HASH_BYTES
 from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded
 
