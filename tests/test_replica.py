@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from helpers import FAST
+from helpers import FAST, eventually
 
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
@@ -277,6 +277,29 @@ async def test_votes_from_non_validators_are_ignored(cluster: Cluster) -> None:
     await cluster.wait_all(height + 2)
     assert_same_state(list(cluster.replicas.values()), height + 2)
     assert decode_frame(frame, ConsensusMessage).votes[0].validator == OUTSIDER.peer_id
+
+
+async def test_an_equivocating_validator_is_reported_to_the_ledger_by_the_replicas_that_saw_it(
+        cluster: Cluster) -> None:
+    replicas = [await cluster.start(i) for i in range(4)]
+    await cluster.wait_all(2)
+    byzantine = VALIDATORS[3]
+    height = replicas[0].core.height
+    # Two prevotes for different blocks in one round, at this height and the next (in case it moves on).
+    split = [make_vote(CHAIN, byzantine.sign, byzantine.peer_id, VoteType.PREVOTE, h, 0, block_hash)
+             for h in (height, height + 1) for block_hash in (b"\x07" * 32, b"\x08" * 32)]
+    await cluster.services[3].publish(CONSENSUS_TOPIC, encode_frame(
+        ConsensusMessage(seq=1, proposals=[], votes=[vote_to_wire(v) for v in split])))
+
+    def punished() -> bool:
+        return all(byzantine.peer_id in r.state.equivocations for r in replicas)
+
+    await eventually(punished, what="the evidence transaction committed on every replica")
+    top = min(r.height for r in replicas)
+    await cluster.wait_all(top)
+    assert_same_state(replicas, top)
+    assert all(r.state.registry.rows[byzantine.peer_id].reputation_ppm == 0 for r in replicas)
+    assert sum(r.evidence_count for r in replicas[:3]) >= 1
 
 
 @pytest.mark.parametrize("compact_block_bytes", [256 * 1024, 0], ids=["compact", "stream"])

@@ -60,7 +60,7 @@ from gonka_p2p.ledger.consensus_types import (
     VoteType,
 )
 from gonka_p2p.ledger.block import MAX_BLOCK_TXS, Block
-from gonka_p2p.ledger.transactions import MAX_PEER_ID
+from gonka_p2p.ledger.transactions import MAX_PEER_ID, SubmitEvidence
 from gonka_p2p.wire.schema import DEFAULT_MAX_BYTES, Malformed, Message, bounded
 
 MAX_BLOCK_BYTES = DEFAULT_MAX_BYTES  # the schema bound; ConsensusParams.max_block_bytes may be tighter
@@ -289,6 +289,19 @@ def evidence_from_wire(w: EvidenceWire) -> Evidence:
         first, second = (proposal_from_wire(p, p.block) for p in w.proposals)
         return Evidence(first, second)
     raise Malformed("evidence holds exactly two votes or two proposals")
+
+
+def evidence_transaction(e: Evidence, chain_id: str, sequence: int) -> SubmitEvidence | None:
+    """The ledger transaction that proves ``e``, to be sealed by whoever submits it; None for two
+    proposals. Only votes are punished: a second proposal alone cannot fork a BFT chain, and
+    every replica that voted on either block already holds it."""
+    first, second = e.first, e.second
+    if not (isinstance(first, Vote) and isinstance(second, Vote)):
+        return None
+    return SubmitEvidence(chain_id=chain_id, offender=first.validator, vote_type=int(first.type),
+                          height=first.height, round=first.round, first_block_hash=first.block_hash or b"",
+                          first_signature=first.signature, second_block_hash=second.block_hash or b"",
+                          second_signature=second.signature, sequence=sequence)
 
 
 def validator_set_to_wire(vs: ValidatorSet) -> ValidatorSetWire:

@@ -33,10 +33,13 @@ from gonka_p2p.actors.replica.tx_gossip import TxGossip
 from gonka_p2p.gossip.service import NetworkService, PublishError, SendFrame
 from gonka_p2p.identity import Keypair, verify_signature
 from gonka_p2p.ledger.consensus import ConsensusState
+from gonka_p2p.ledger.consensus_types import Evidence
+from gonka_p2p.ledger.consensus_wire import evidence_transaction
 from gonka_p2p.ledger.genesis import Genesis
-from gonka_p2p.ledger.mempool import Mempool
+from gonka_p2p.ledger.mempool import Mempool, TxRefused
 from gonka_p2p.ledger.query_answer import answer_frame
 from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.wire.envelope import seal
 from gonka_p2p.wire.protocols import BLOCK_PROTOCOL, CONSENSUS_TOPIC, QUERY_PROTOCOL, SYNC_PROTOCOL, TX_TOPIC
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,7 @@ class Replica:
                                           lambda height: self._driver.note_height(height), self._publish,
                                           consensus_idle, metrics)
         self._driver = Driver(self.peer_id[-8:], core, runtime, chain, self._mempool, self._proposals,
-                              self._sync, self._consensus.broadcast, params, metrics)
+                              self._sync, self._consensus.broadcast, self._submit_evidence, params, metrics)
         self._service.set_stream_handler(SYNC_PROTOCOL, self._sync.serve)
         self._service.set_stream_handler(BLOCK_PROTOCOL, self._proposals.serve)
         self._service.set_stream_handler(QUERY_PROTOCOL, self._serve_query)
@@ -168,6 +171,17 @@ class Replica:
         the mempool's or ``check_tx``'s code.
         """
         return self._txs.submit(raw)
+
+    def _submit_evidence(self, evidence: Evidence) -> None:
+        """Vote equivocation seen here goes to the ledger, signed by this replica (any account may
+        submit it; once one copy commits, the others are refused as already punished)."""
+        tx = evidence_transaction(evidence, self.chain_id, self.next_sequence(self.peer_id))
+        if tx is None:
+            return
+        try:
+            self.submit(seal(tx, self._key))
+        except TxRefused as e:
+            log.info("evidence against %s not submitted: %s", evidence.validator, e)
 
     async def wait_for_commit(self, tx_hash: bytes, timeout: float | None = None) -> Committed:
         """The height and receipt of ``tx_hash`` once a block holding it is stored and applied.

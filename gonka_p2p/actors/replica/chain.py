@@ -198,7 +198,7 @@ class Chain:
             m.snapshot_s += time.perf_counter() - started
 
     async def record_evidence(self, evidence: Evidence) -> None:
-        """Store it (there is no evidence transaction yet)."""
+        """Keep it in the store (the ledger learns of vote equivocation by a SubmitEvidence transaction)."""
         log.warning("validator %s equivocated at height %d", evidence.validator, evidence.height)
         await self.store.add_evidence(evidence.height, evidence.validator, encode_frame(evidence_to_wire(evidence)))
         self.evidence_count += 1

@@ -12,7 +12,7 @@ the core's "Driving it" contract says (``ledger/consensus.py``):
     ValidateBlock   -> decode, chaining, time, proposer, stateless tx checks -> on_block_validated
     Commit          -> store block + certificate (synced) -> apply -> mempool update -> next height
     RequestCommit   -> fetch (block, certificate)s from peers (sync.py) -> on_commit_certificate
-    ReportEvidence  -> store it (there is no evidence transaction yet)
+    ReportEvidence  -> store it; vote equivocation also goes to the ledger (``report_evidence``)
 
 Network handlers never touch the core themselves: they decode, and post an
 event (waiting for room when ``MAX_QUEUED_NETWORK_EVENTS`` are already
@@ -40,6 +40,7 @@ from gonka_p2p.ledger.consensus_types import (
     Action,
     Broadcast,
     Commit,
+    Evidence,
     PersistSafety,
     Proposal,
     ReportEvidence,
@@ -70,7 +71,8 @@ class Driver:
 
     def __init__(self, name: str, core: ConsensusState, runtime: Runtime, chain: Chain, mempool: Mempool,
                  proposals: ProposalBodies, sync: Sync, broadcast: Callable[[Proposal | Vote], None],
-                 params: ReplicaParams, metrics: ReplicaMetrics) -> None:
+                 report_evidence: Callable[[Evidence], None], params: ReplicaParams,
+                 metrics: ReplicaMetrics) -> None:
         self._name = name
         self._core = core
         self._runtime = runtime
@@ -79,6 +81,7 @@ class Driver:
         self._proposals = proposals
         self._sync = sync
         self._broadcast = broadcast
+        self._report_evidence = report_evidence  # submits the evidence transaction
         self._params = params
         self._metrics = metrics
         self._timers: set[asyncio.TimerHandle] = set()  # pending only: fired ones are dropped at each new one
@@ -136,6 +139,7 @@ class Driver:
                 self._sync.request_commit(action)
             elif isinstance(action, ReportEvidence):
                 await self._chain.record_evidence(action.evidence)
+                self._report_evidence(action.evidence)
 
     def _call_later(self, delay: float, callback: Callable[..., None], *args: object) -> None:
         loop = asyncio.get_running_loop()
