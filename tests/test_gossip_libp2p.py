@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from helpers import eventually, free_port
 
-from gonka_p2p.gossip.libp2p_service import MAX_INBOUND_STREAMS, Libp2pService
+from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.service import (
     AddressInUse,
     FrameTooLarge,
@@ -27,7 +27,7 @@ from gonka_p2p.gossip.service import (
     StreamReset,
 )
 from gonka_p2p.identity import Keypair
-from gonka_p2p.wire.framing import MAX_FRAME_BYTES
+from gonka_p2p.wire.protocols import DEFAULT_FRAMES
 
 pytestmark = [pytest.mark.libp2p]
 
@@ -313,14 +313,14 @@ async def test_oversized_frames(make_host: Factory) -> None:
 
     async def too_big(opener: str, request: bytes, send: SendFrame) -> None:
         try:
-            await send(bytes(MAX_FRAME_BYTES + 1))
+            await send(bytes(DEFAULT_FRAMES.reply + 1))
         except FrameTooLarge as e:
             handler_errors.append(e)
             raise
 
     async def lying_header(stream) -> None:  # a peer that does not play by the rules
         await stream.read(4096)
-        await stream.write(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"x" * 100)
+        await stream.write(struct.pack(">I", DEFAULT_FRAMES.reply + 1) + b"x" * 100)
 
     async def install() -> None:
         assert b._host is not None
@@ -331,7 +331,7 @@ async def test_oversized_frames(make_host: Factory) -> None:
     await link(a, b)
 
     with pytest.raises(FrameTooLarge):
-        await a.request(b.peer_id, "/too-big/1", bytes(MAX_FRAME_BYTES + 1))
+        await a.request(b.peer_id, "/too-big/1", bytes(DEFAULT_FRAMES.request + 1))
     with pytest.raises(StreamReset):
         await a.request(b.peer_id, "/too-big/1", b"go")
     assert len(handler_errors) == 1
@@ -419,7 +419,7 @@ async def test_abandoning_a_stream_does_not_leak(make_host: Factory) -> None:
                 assert frame == b"more"
                 break
     assert await a.request(b.peer_id, "/echo/1", b"still fine") == b"still fine"
-    await eventually(lambda: b._inbound.value == MAX_INBOUND_STREAMS, what="server streams to end")
+    await eventually(lambda: b._gate.open_streams == 0, what="server streams to end")
 
 
 def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -> None:

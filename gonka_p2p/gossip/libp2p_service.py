@@ -20,10 +20,13 @@ handler returns, so a slow handler slows intake of that topic (backpressure)
 instead of growing a queue or dropping messages. ``publish`` raises
 :class:`PublishError` when nobody subscribes, the mesh stays empty for
 ``MESH_WAIT`` (py-libp2p would send to nobody), or every target queue stays
-full; a message over ``MAX_PUBLISH_BYTES`` (which py-libp2p would silently
-drop as an oversized RPC) is refused up front. Messages must carry exactly
-one topic; the validator is not run on our own publications, and a
-validator that raises counts as a rejection and is logged.
+full; a message over its topic's bound
+(:func:`~gonka_p2p.wire.protocols.topic_max_bytes`, at most py-libp2p's
+1 MiB RPC, which it would silently drop) is refused up front, and an
+inbound one over it is dropped before the topic's validator decodes it.
+Messages must carry exactly one topic; the validator is not run on our own
+publications, and a validator that raises counts as a rejection and is
+logged.
 
 Who owns what: the trio nursery of the :class:`TrioThread` owns every trio
 task; a :class:`~gonka_p2p.gossip.ownership.TaskOwner`, opened at ``start``
@@ -39,9 +42,10 @@ read yet: yamux drops buffered data when the reset arrives.
 
 Bounded memory: delivery is bounded by slots per topic, outbound queues by
 ``OUTBOUND_QUEUE_SIZE`` RPCs per peer (dropped with the peer), stalled peers
-forgotten on disconnect, concurrent inbound streams by
-``MAX_INBOUND_STREAMS``, frames by ``MAX_FRAME_BYTES``, gossip messages by
-``MAX_PUBLISH_BYTES``, the seen cache by py-libp2p's 120 s TTL, topics by the
+forgotten on disconnect, inbound streams in all, per peer, per peer and
+protocol and by rate per peer (:mod:`~gonka_p2p.gossip.inbound`; a refused
+stream is reset before its request is read), frames by their protocol's
+bounds, gossip messages by their topic's, the seen cache by py-libp2p's 120 s TTL, topics by the
 subscriptions the actors make. py-libp2p itself still starts one task per
 inbound gossip message; those tasks wait on the delivery slots rather than
 buffering inside our code.
@@ -67,6 +71,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from gonka_p2p.gossip import libp2p_streams as streams
+from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
 from gonka_p2p.gossip.libp2p_patches import (
     ROOM_WAIT,
     ConnectionSnapshot,
@@ -93,12 +98,11 @@ from gonka_p2p.gossip.service import (
 from gonka_p2p.gossip.ownership import TaskOwner
 from gonka_p2p.gossip.trio_bridge import TrioThread
 from gonka_p2p.identity import Keypair
+from gonka_p2p.wire.protocols import frame_limits, topic_max_bytes
 
 log = logging.getLogger(__name__)
 
-MAX_PUBLISH_BYTES = 1_000_000  # py-libp2p drops RPCs over 1 MiB; envelope overhead is < 1 KiB
 MESH_WAIT = 3.0  # seconds publish waits for a mesh while subscribers are known
-MAX_INBOUND_STREAMS = 256
 REQUEST_READ_TIMEOUT = 10.0  # seconds a served stream waits for its request frame
 STOP_GRACE = 3.0  # seconds to close connections politely on stop
 PEER_ADDR_TTL = 3600  # seconds connect()-ed addresses stay dialable
@@ -114,7 +118,8 @@ def _parse_peer_id(peer_id: str) -> ID:
 class Libp2pService:
     """The production NetworkService: py-libp2p (noise + yamux + gossipsub) in a trio thread."""
 
-    def __init__(self, key: Keypair, listen_multiaddr: str = "/ip4/127.0.0.1/tcp/0") -> None:
+    def __init__(self, key: Keypair, listen_multiaddr: str = "/ip4/127.0.0.1/tcp/0",
+                 limits: InboundLimits = InboundLimits()) -> None:
         self._key = key
         self._listen = Multiaddr(listen_multiaddr)
         self._bridge: TrioThread | None = None
@@ -125,7 +130,7 @@ class Libp2pService:
         self._handlers: dict[str, StreamHandler] = {}
         self._topics: dict[str, Topic] = {}
         self._owner: TaskOwner | None = None
-        self._inbound = trio.Semaphore(MAX_INBOUND_STREAMS)
+        self._gate = InboundGate(limits)  # read and written in the trio thread only
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -262,7 +267,7 @@ class Libp2pService:
         my_id = ID.from_base58(self.peer_id)
 
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
-            if len(msg.topicIDs) != 1:
+            if len(msg.topicIDs) != 1 or len(msg.data) > topic_max_bytes(msg.topicIDs[0]):
                 return False
             if forwarder == my_id or entry.validator is None:
                 return True
@@ -300,8 +305,8 @@ class Libp2pService:
         return list(pubsub.topic_snapshot.get(topic, ())) if pubsub is not None else []
 
     async def publish(self, topic: str, data: bytes) -> None:
-        if len(data) > MAX_PUBLISH_BYTES:
-            raise PublishError(f"{len(data)}-byte message exceeds MAX_PUBLISH_BYTES ({MAX_PUBLISH_BYTES}); use a stream")
+        if len(data) > topic_max_bytes(topic):
+            raise PublishError(f"{len(data)}-byte message exceeds {topic}'s {topic_max_bytes(topic)}; use a stream")
         await self._running().call(self._t_publish, topic, bytes(data))
 
     async def _t_publish(self, topic: str, data: bytes) -> None:
@@ -332,22 +337,20 @@ class Libp2pService:
 
     def _stream_server(self, handler: StreamHandler) -> Callable[[INetStream], Any]:
         async def serve(stream: INetStream) -> None:
-            try:
-                self._inbound.acquire_nowait()
-            except trio.WouldBlock:
-                log.warning("refusing a stream: %d inbound streams already open", MAX_INBOUND_STREAMS)
+            opener, protocol = stream.muxed_conn.peer_id.to_base58(), str(stream.get_protocol())
+            if (refused := self._gate.admit(opener, protocol, trio.current_time())) is not None:
+                log.info("refusing a %s stream from %s: %s", protocol, opener, refused)
                 await streams.reset(stream)
                 return
             try:
-                await self._t_serve(handler, stream)
+                await self._t_serve(handler, stream, opener, protocol)
             finally:
-                self._inbound.release()
+                self._gate.release(opener, protocol)
 
         return serve
 
-    async def _t_serve(self, handler: StreamHandler, stream: INetStream) -> None:
-        opener = stream.muxed_conn.peer_id.to_base58()
-        protocol = stream.get_protocol()
+    async def _t_serve(self, handler: StreamHandler, stream: INetStream, opener: str, protocol: str) -> None:
+        limits = frame_limits(protocol)
         bridge = self._bridge
         if bridge is None:
             await streams.reset(stream)
@@ -356,16 +359,16 @@ class Libp2pService:
 
         async def write(frame: bytes) -> None:
             async with lock:
-                await streams.write_frame(stream, frame)
+                await streams.write_frame(stream, frame, limits.reply)
 
         async def send(frame: bytes) -> None:  # asyncio side
-            streams.check_frame(frame)
+            streams.check_frame(frame, limits.reply)
             await bridge.call(write, bytes(frame))
 
         send_frame: SendFrame = send
         try:
             with trio.fail_after(REQUEST_READ_TIMEOUT):
-                request = await streams.read_frame(stream)
+                request = await streams.read_frame(stream, limits.request)
             if request is None:
                 raise StreamReset("the opener ended the stream without a request")
         except (NetworkError, trio.TooSlowError) as e:
@@ -391,12 +394,12 @@ class Libp2pService:
     async def open_stream(
         self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0
     ) -> AsyncIterator[bytes]:
-        streams.check_frame(request, "request")
+        streams.check_frame(request, frame_limits(protocol).request, "request")
         bridge = self._running()
         stream = await bridge.call(self._t_open, peer_id, protocol, bytes(request), timeout)
         finished = False
         try:
-            while (frame := await bridge.call(self._t_read, stream, timeout)) is not None:
+            while (frame := await bridge.call(self._t_read, stream, protocol, timeout)) is not None:
                 yield frame
             finished = True
         finally:
@@ -404,7 +407,7 @@ class Libp2pService:
                 bridge.spawn(streams.reset, stream)
 
     async def request(self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0) -> bytes:
-        streams.check_frame(request, "request")
+        streams.check_frame(request, frame_limits(protocol).request, "request")
         return await self._running().call(self._t_request, peer_id, protocol, bytes(request), timeout)
 
     async def _t_open(self, peer_id: str, protocol: str, request: bytes, timeout: float) -> INetStream:
@@ -429,11 +432,11 @@ class Libp2pService:
         stream.set_protocol(TProtocol(protocol))
         return stream
 
-    async def _t_read(self, stream: INetStream, timeout: float) -> bytes | None:
-        """The next response frame, or None (stream closed) after the end marker."""
+    async def _t_read(self, stream: INetStream, protocol: str, timeout: float) -> bytes | None:
+        """The next response frame of ``protocol``, or None (stream closed) after the end marker."""
         try:
             with trio.fail_after(timeout):
-                frame = await streams.read_frame(stream)
+                frame = await streams.read_frame(stream, frame_limits(protocol).reply)
         except trio.TooSlowError:
             await streams.reset(stream)
             raise TimeoutError(f"no frame from {stream.muxed_conn.peer_id} within {timeout} s") from None
@@ -446,10 +449,10 @@ class Libp2pService:
 
     async def _t_request(self, peer_id: str, protocol: str, request: bytes, timeout: float) -> bytes:
         stream = await self._t_open(peer_id, protocol, request, timeout)
-        response = await self._t_read(stream, timeout)
+        response = await self._t_read(stream, protocol, timeout)
         if response is None:
             raise StreamReset(f"{peer_id} closed {protocol} without a response")
-        if await self._t_read(stream, timeout) is not None:
+        if await self._t_read(stream, protocol, timeout) is not None:
             await streams.reset(stream)
             raise StreamReset(f"{peer_id} sent more than one response on {protocol}")
         return response

@@ -2,8 +2,10 @@
 
 The frame format is :mod:`gonka_p2p.wire.framing`'s; this module reads and
 writes it on an ``INetStream`` and turns py-libp2p's errors into ours: any
-failure of the stream is a :class:`StreamReset`, a frame over the bound a
-:class:`FrameTooLarge`. py-libp2p reports a dead connection as a plain EOF,
+failure of the stream is a :class:`StreamReset`, a frame over its
+protocol's bound (:func:`gonka_p2p.wire.protocols.frame_limits`) a
+:class:`FrameTooLarge`, refused from its length prefix before a byte of it
+is read. py-libp2p reports a dead connection as a plain EOF,
 so only the end marker means "done".
 
 Negotiation is pipelined, as go-libp2p's lazy negotiation does:
@@ -31,7 +33,7 @@ from libp2p.utils import encode_delim
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from gonka_p2p.gossip.service import FrameTooLarge, StreamReset
-from gonka_p2p.wire.framing import END_MARKER, HEADER, MAX_FRAME_BYTES, announced_length, length_prefixed
+from gonka_p2p.wire.framing import END_MARKER, HEADER, announced_length, length_prefixed
 
 MAX_NEGOTIATION_LINE = 1024  # bytes of one multistream-select answer
 
@@ -50,13 +52,13 @@ async def _read_exact(stream: INetStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_frame(stream: INetStream) -> bytes | None:
-    """The next frame, or None at the end-of-stream marker."""
+async def read_frame(stream: INetStream, limit: int) -> bytes | None:
+    """The next frame of at most ``limit`` bytes, or None at the end-of-stream marker."""
     length = announced_length(await _read_exact(stream, HEADER.size))
     if length is None:
         return None
-    if length > MAX_FRAME_BYTES:
-        raise FrameTooLarge(f"peer announced a {length}-byte frame (limit {MAX_FRAME_BYTES})")
+    if length > limit:
+        raise FrameTooLarge(f"peer announced a {length}-byte frame (limit {limit})")
     return await _read_exact(stream, length)
 
 
@@ -67,14 +69,14 @@ async def write(stream: INetStream, data: bytes) -> None:
         raise StreamReset(f"stream broken while writing: {type(e).__name__}") from e
 
 
-def check_frame(frame: bytes, what: str = "frame") -> None:
-    """Refuse a frame over the bound before it leaves this host."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise FrameTooLarge(f"{len(frame)}-byte {what} exceeds MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
+def check_frame(frame: bytes, limit: int, what: str = "frame") -> None:
+    """Refuse a frame over its protocol's bound before it leaves this host."""
+    if len(frame) > limit:
+        raise FrameTooLarge(f"{len(frame)}-byte {what} exceeds its protocol's limit ({limit})")
 
 
-async def write_frame(stream: INetStream, frame: bytes) -> None:
-    check_frame(frame)
+async def write_frame(stream: INetStream, frame: bytes, limit: int) -> None:
+    check_frame(frame, limit)
     await write(stream, length_prefixed(frame))
 
 

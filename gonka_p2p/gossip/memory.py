@@ -13,7 +13,12 @@ handler that raises crashes the host (``wait_closed`` raises
 Memory is bounded: at most ``DELIVERY_SLOTS`` gossip messages wait for one
 host's handlers (``publish`` waits for room, as the libp2p service's
 backpressure does), 64 frames per open stream, one subscription per topic,
-and a host's peers are the hub's hosts.
+and a host's peers are the hub's hosts. The size bounds are the libp2p
+service's: frames by their protocol's :func:`~gonka_p2p.wire.protocols.frame_limits`,
+gossip messages by their topic's :func:`~gonka_p2p.wire.protocols.topic_max_bytes`
+(a longer one is dropped before its validator runs), and inbound streams by
+the hub's :class:`~gonka_p2p.gossip.inbound.InboundLimits` (a refused stream
+is reset before its handler runs).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
 from gonka_p2p.gossip.ownership import TaskOwner
 from gonka_p2p.gossip.service import (
     AddressInUse,
@@ -35,7 +41,7 @@ from gonka_p2p.gossip.service import (
     StreamReset,
 )
 from gonka_p2p.identity import Keypair
-from gonka_p2p.wire.framing import MAX_FRAME_BYTES
+from gonka_p2p.wire.protocols import frame_limits, topic_max_bytes
 
 _END = object()
 DELIVERY_SLOTS = 1024  # gossip messages waiting for one host's handlers
@@ -48,6 +54,7 @@ class MemoryHub:
     seed: int = 0
     latency: float = 0.0  # seconds added to every delivery
     loss: float = 0.0  # probability a pubsub message to one peer is lost
+    limits: InboundLimits = field(default_factory=InboundLimits)  # every host's, as in production
     hosts: dict[str, MemoryService] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +80,7 @@ class MemoryService:
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)
         self._owner: TaskOwner | None = None
+        self._gate = InboundGate(hub.limits)
 
     @property
     def peer_id(self) -> str:
@@ -88,6 +96,7 @@ class MemoryService:
         self._hub.hosts[self._peer_id] = self
         self._running = True
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)  # a fresh count: slots of cancelled deliveries are gone
+        self._gate = InboundGate(self._hub.limits)  # and streams of the last run are gone
         self._owner = TaskOwner(f"memory host {self._peer_id}", self._leave)
 
     async def _leave(self) -> None:
@@ -135,6 +144,8 @@ class MemoryService:
         return sorted(p for p in self._peers if topic in self._hub.hosts[p]._subs)
 
     async def publish(self, topic: str, data: bytes) -> None:
+        if len(data) > topic_max_bytes(topic):
+            raise PublishError(f"{len(data)}-byte message exceeds {topic}'s {topic_max_bytes(topic)}; use a stream")
         targets = self.topic_peers(topic)
         if not targets:
             raise PublishError(f"no peer is subscribed to {topic!r}; message not sent")
@@ -158,6 +169,8 @@ class MemoryService:
             if not self._running or sub is None:
                 return
             handler, validator = sub
+            if len(data) > topic_max_bytes(topic):
+                return
             if validator is not None and not validator(sender, data):
                 return
             try:
@@ -181,13 +194,14 @@ class MemoryService:
         handler = other._stream_handlers.get(protocol)
         if handler is None:
             raise StreamReset(f"peer {peer_id} does not serve {protocol}")
-        if len(request) > MAX_FRAME_BYTES:
-            raise FrameTooLarge(f"request of {len(request)} bytes exceeds {MAX_FRAME_BYTES}")
+        limits = frame_limits(protocol)
+        if len(request) > limits.request:
+            raise FrameTooLarge(f"{protocol} request of {len(request)} bytes exceeds {limits.request}")
         frames: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
 
         async def send(frame: bytes) -> None:
-            if len(frame) > MAX_FRAME_BYTES:
-                raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+            if len(frame) > limits.reply:
+                raise FrameTooLarge(f"{protocol} frame of {len(frame)} bytes exceeds {limits.reply}")
             await self._hub.deliver_delay()
             await frames.put(bytes(frame))
 
@@ -205,7 +219,11 @@ class MemoryService:
         tasks = await other._tasks()
         if tasks is None:
             raise PeerUnreachable(f"cannot reach peer {peer_id}: it stopped")
+        gate = other._gate
+        if (refused := gate.admit(self._peer_id, protocol, asyncio.get_running_loop().time())) is not None:
+            raise StreamReset(f"peer {peer_id} refused the stream: {refused}")
         task = tasks.create_task(serve())
+        task.add_done_callback(lambda _: gate.release(self._peer_id, protocol))  # even if it never ran
         try:
             while True:
                 item = await asyncio.wait_for(frames.get(), timeout)

@@ -24,8 +24,13 @@ Actors never touch libp2p directly. They see one narrow asyncio interface:
   handler that raises resets only its stream.
 
 Frames are opaque bytes; their meaning (and their signatures) belongs to
-``gonka_p2p.wire``. Every frame is bounded by ``wire.framing.MAX_FRAME_BYTES``;
-a peer that sends more is cut off with :class:`FrameTooLarge`.
+``gonka_p2p.wire``. Every frame is bounded by its protocol's
+``wire.protocols.frame_limits`` and every gossip message by its topic's
+``topic_max_bytes``: a peer that announces a longer frame is cut off with
+:class:`FrameTooLarge` before it is read, a longer gossip message is dropped
+before its validator runs. Inbound streams are admitted per peer
+(``gossip.inbound``): a peer over its limits has its streams reset, other
+peers do not notice.
 
 Two implementations share these semantics: ``libp2p_service`` (py-libp2p in
 its own trio thread; production and integration tests) and ``memory`` (an
@@ -66,7 +71,7 @@ class StreamReset(NetworkError):
 
 
 class FrameTooLarge(NetworkError):
-    """A frame exceeded MAX_FRAME_BYTES."""
+    """A frame exceeded its protocol's bound (``wire.protocols.frame_limits``)."""
 
 
 class AddressInUse(NetworkError):

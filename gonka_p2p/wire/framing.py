@@ -3,7 +3,8 @@
 A stream carries one request frame from the opener, then response frames,
 then the end-of-stream marker. Each frame is a 4-byte big-endian length and
 the payload; the length ``0xFFFFFFFF`` is the end marker (real frames are at
-most :data:`MAX_FRAME_BYTES`, far below it). The marker is what tells a
+most their protocol's bound, :func:`gonka_p2p.wire.protocols.frame_limits`,
+far below it). The marker is what tells a
 finished stream from a crashed peer: a transport that reports a torn-down
 connection as a plain EOF (py-libp2p does) cannot, so any EOF before the
 marker means the stream was reset. Pure bytes in, bytes out; the network
@@ -13,8 +14,6 @@ service does the reading and writing.
 from __future__ import annotations
 
 import struct
-
-MAX_FRAME_BYTES = 8 * 1024 * 1024  # one frame's payload; larger artifacts do not exist (a request is < 1 MiB)
 
 HEADER = struct.Struct(">I")
 _END_OF_STREAM = 0xFFFFFFFF

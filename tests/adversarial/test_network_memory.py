@@ -1,0 +1,213 @@
+"""Attack class: costing a node memory through the network layer before anything is
+verified. Frames are bounded per protocol from their length prefix (an 8 MiB request
+cost 558 MiB before its signature was checked), gossip messages per topic before their
+validator decodes them, and inbound streams per peer, per protocol and by rate, in both
+network services, so one peer over its limits cannot crowd out the others."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from helpers import eventually
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+
+from gonka_p2p.gossip import libp2p_streams
+from gonka_p2p.gossip.inbound import InboundLimits
+from gonka_p2p.gossip.libp2p_patches import Topic
+from gonka_p2p.gossip.libp2p_service import Libp2pService
+from gonka_p2p.gossip.memory import MemoryHub, MemoryService
+from gonka_p2p.gossip.service import FrameTooLarge, NetworkService, PublishError, SendFrame, StreamHandler, StreamReset
+from gonka_p2p.identity import Keypair
+from gonka_p2p.wire import protocols
+from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC, INFO_PROTOCOL, frame_limits, topic_max_bytes
+
+TIGHT = InboundLimits(streams_total=16, streams_per_peer=3, streams_per_protocol=2,
+                      requests_per_s=1000.0, request_burst=1000)
+SLOW = InboundLimits(requests_per_s=0.01, request_burst=3)
+
+
+# ---- frames and messages: declared per protocol, refused before they are read ------------
+
+
+def test_every_protocol_and_topic_declares_its_bounds_in_the_table() -> None:
+    ids = {v for k, v in vars(protocols).items() if k.endswith("_PROTOCOL")}
+    topics = {v for k, v in vars(protocols).items() if k.endswith("_TOPIC")}
+    assert ids == set(protocols.STREAMS) and topics == set(protocols.TOPICS)
+    assert frame_limits(INFO_PROTOCOL).request <= 4096  # asking for the network's state is small
+    assert topic_max_bytes(ANNOUNCE_TOPIC) <= 8192
+
+
+class _HostileStream:
+    """A stream whose peer announces a frame of ``length`` bytes and would send them all."""
+
+    def __init__(self, length: int) -> None:
+        self.pending = bytearray(struct.pack(">I", length))
+        self.asked = 0
+
+    async def read(self, n: int) -> bytes:
+        self.asked += n
+        chunk = bytes(self.pending[:n]) or b"x" * n
+        del self.pending[:n]
+        return chunk
+
+
+def test_a_frame_over_its_bound_is_refused_from_its_length_prefix() -> None:
+    limit = frame_limits(INFO_PROTOCOL).request
+    stream = _HostileStream(8 * 1024 * 1024)
+    with pytest.raises(FrameTooLarge):
+        trio.run(libp2p_streams.read_frame, stream, limit)
+    assert stream.asked == 4  # the header, and not a byte of the payload
+
+
+@pytest.mark.libp2p
+async def test_an_oversized_request_never_reaches_the_handler_over_libp2p() -> None:
+    a, b = Libp2pService(Keypair.from_seed(b"net-a")), Libp2pService(Keypair.from_seed(b"net-b"))
+    served: list[int] = []
+
+    async def info(opener: str, request: bytes, send: SendFrame) -> None:
+        served.append(len(request))
+        await send(b"ok")
+
+    b.set_stream_handler(INFO_PROTOCOL, info)
+    await a.start()
+    await b.start()
+    try:
+        await a.connect(b.listen_addrs[0])
+        too_long = bytes(frame_limits(INFO_PROTOCOL).request + 1)
+        with pytest.raises(FrameTooLarge):  # an honest opener refuses to send it
+            await a.request(b.peer_id, INFO_PROTOCOL, too_long)
+
+        async def hostile() -> bytes:  # one that does not check
+            assert a._host is not None
+            stream = await a._host.new_stream(ID.from_base58(b.peer_id), [TProtocol(INFO_PROTOCOL)])
+            await libp2p_streams.write(stream, struct.pack(">I", len(too_long)) + too_long)
+            return await stream.read(64)
+
+        with pytest.raises(Exception):  # noqa: B017 - py-libp2p reports the reset in several types
+            await a._running().call(hostile)
+        assert served == []
+        assert await a.request(b.peer_id, INFO_PROTOCOL, b"") == b"ok"  # the connection survived
+        assert served == [0]
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+def test_an_oversized_gossip_message_is_dropped_before_its_validator_decodes_it() -> None:
+    decoded: list[int] = []
+
+    def validator(sender: str, data: bytes) -> bool:
+        decoded.append(len(data))
+        return True
+
+    service = Libp2pService(Keypair.from_seed(b"gossip-receiver"))
+    validate = service._validator_for(Topic(lambda s, d: asyncio.sleep(0), validator))
+    sender = ID.from_base58(Keypair.from_seed(b"gossip-sender").peer_id)
+    for size in (topic_max_bytes(ANNOUNCE_TOPIC) + 1, topic_max_bytes(ANNOUNCE_TOPIC)):
+        msg = rpc_pb2.Message(from_id=sender.to_bytes(), data=bytes(size), topicIDs=[ANNOUNCE_TOPIC])
+        validate(sender, msg)
+    assert decoded == [topic_max_bytes(ANNOUNCE_TOPIC)]
+
+
+async def test_the_memory_service_bounds_frames_and_messages_as_libp2p_does() -> None:
+    hub = MemoryHub()
+    a, b = await _pair(hub)
+    b.set_stream_handler(INFO_PROTOCOL, _answer)
+    await b.subscribe(ANNOUNCE_TOPIC, _ignore)
+    with pytest.raises(FrameTooLarge):
+        await a.request(b.peer_id, INFO_PROTOCOL, bytes(frame_limits(INFO_PROTOCOL).request + 1))
+    with pytest.raises(PublishError):
+        await a.publish(ANNOUNCE_TOPIC, bytes(topic_max_bytes(ANNOUNCE_TOPIC) + 1))
+
+
+# ---- streams: per peer, per protocol and by rate -----------------------------------------
+
+
+async def _answer(opener: str, request: bytes, send: SendFrame) -> None:
+    await send(b"ok")
+
+
+async def _ignore(sender: str, data: bytes) -> None:
+    pass
+
+
+async def _pair(hub: MemoryHub, *seeds: bytes) -> tuple[MemoryService, ...]:
+    services = tuple(hub.service(Keypair.from_seed(s)) for s in (seeds or (b"mem-a", b"mem-b")))
+    for s in services:
+        await s.start()
+    for s in services[:-1]:
+        await s.connect(services[-1].listen_addrs[0])
+    return services
+
+
+@contextlib.asynccontextmanager
+async def _held(service: NetworkService, peer: str, protocol: str) -> AsyncIterator[None]:
+    """A stream held open after its first frame (the server stalls); StreamReset if refused."""
+    async with contextlib.aclosing(service.open_stream(peer, protocol, b"go", timeout=10)) as frames:
+        assert await anext(frames) == b"first"
+        yield
+
+
+def _staller(done: asyncio.Event) -> StreamHandler:
+    """A handler that sends one frame and then holds its stream until ``done``."""
+
+    async def stall(opener: str, request: bytes, send: SendFrame) -> None:
+        await send(b"first")
+        await done.wait()
+
+    return stall
+
+
+async def _streams_are_limited_per_peer_and_protocol(
+        attacker: NetworkService, honest: NetworkService, server: NetworkService) -> None:
+    done = asyncio.Event()
+    server.set_stream_handler("/stall/1", _staller(done))
+    server.set_stream_handler("/other/1", _staller(done))
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(2):
+            await held.enter_async_context(_held(attacker, server.peer_id, "/stall/1"))
+        with pytest.raises(StreamReset):  # per peer and protocol
+            await held.enter_async_context(_held(attacker, server.peer_id, "/stall/1"))
+        await held.enter_async_context(_held(attacker, server.peer_id, "/other/1"))
+        with pytest.raises(StreamReset):  # per peer
+            await held.enter_async_context(_held(attacker, server.peer_id, "/other/1"))
+        for _ in range(2):  # another peer is unaffected
+            await held.enter_async_context(_held(honest, server.peer_id, "/stall/1"))
+    done.set()
+    await eventually(lambda: server._gate.open_streams == 0, what="the held streams to end")  # type: ignore[attr-defined]
+    assert await attacker.request(server.peer_id, "/stall/1", b"go") == b"first"  # its slots came back
+
+
+async def test_memory_streams_are_limited_per_peer_and_protocol() -> None:
+    attacker, honest, server = await _pair(MemoryHub(limits=TIGHT), b"attacker", b"honest", b"server")
+    await _streams_are_limited_per_peer_and_protocol(attacker, honest, server)
+
+
+@pytest.mark.libp2p
+async def test_libp2p_streams_are_limited_per_peer_and_protocol() -> None:
+    attacker, honest = Libp2pService(Keypair.from_seed(b"attacker")), Libp2pService(Keypair.from_seed(b"honest"))
+    server = Libp2pService(Keypair.from_seed(b"server"), limits=TIGHT)
+    for s in (attacker, honest, server):
+        await s.start()
+    try:
+        await attacker.connect(server.listen_addrs[0])
+        await honest.connect(server.listen_addrs[0])
+        await _streams_are_limited_per_peer_and_protocol(attacker, honest, server)
+    finally:
+        await asyncio.gather(attacker.stop(), honest.stop(), server.stop())
+
+
+async def test_a_peer_over_its_request_rate_is_refused_and_others_are_not() -> None:
+    attacker, honest, server = await _pair(MemoryHub(limits=SLOW), b"attacker", b"honest", b"server")
+    server.set_stream_handler(INFO_PROTOCOL, _answer)
+    for _ in range(SLOW.request_burst):
+        assert await attacker.request(server.peer_id, INFO_PROTOCOL, b"") == b"ok"
+    with pytest.raises(StreamReset, match="faster than"):
+        await attacker.request(server.peer_id, INFO_PROTOCOL, b"")
+    assert await honest.request(server.peer_id, INFO_PROTOCOL, b"") == b"ok"
