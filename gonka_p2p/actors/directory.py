@@ -4,14 +4,32 @@ Every participant publishes a signed :class:`Announcement` on the announce
 topic every ``interval`` seconds. The directory keeps the latest one per peer;
 a peer is *live* while its announcements keep arriving (within ``ttl``) and
 no dial to it has failed since. It also keeps the node well connected: a star
-around the bootstrap peer delivers gossip poorly, so on hearing of a new peer
-it dials it until ``target_connections`` are open. A peer silent for
-``FORGET_AFTER_TTLS`` times ``ttl`` is forgotten, so the records are bounded
-by the peers heard from recently, not by every peer ever seen.
+around the bootstrap peer delivers gossip poorly, so on hearing an
+announcement it dials one more peer until ``target_connections`` are open.
 
-Weights come from the network's genesis (until the ledger holds them); a
-peer missing from genesis has weight 0 and is never chosen as executor.
-Without a genesis (an ad-hoc development network) every peer weighs 1.
+Weights come from the ledger (genesis until the first commit); a peer
+missing from them has weight 0 and is never chosen as executor. Without a
+genesis (an ad-hoc development network) every peer weighs 1.
+
+Memory is bounded before trust: an announcement costs its sender one key,
+so anyone can announce as many peers as they like. What bounds the table:
+
+* each announcement is small: the topic drops messages over 8 KiB before
+  decoding (``wire.protocols``), the schema bounds each address and model;
+* a *participant* (weight > 0) is kept while it announces; at most
+  ``MAX_PARTICIPANTS``, the lightest evicted first. Their number is the
+  ledger's, which costs stake to grow;
+* a *stranger* (weight 0) is kept only among the ``MAX_STRANGERS`` most
+  recently heard: a flood of throw-away keys churns the strangers and never
+  touches a participant;
+* a peer silent for ``FORGET_AFTER_TTLS`` times ``ttl`` is forgotten, on
+  every announcement tick.
+
+Which peers to dial is the same rule (:meth:`PeerDirectory.dial_candidates`):
+participants by weight first, strangers only while fewer than
+``STRANGER_CONNECTIONS`` are connected and at most one stranger dial per
+announcement interval, so announcements cannot fill our connections with
+the attacker's hosts (an eclipse) or aim our dials at a victim's addresses.
 """
 
 from __future__ import annotations
@@ -32,6 +50,9 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 FORGET_AFTER_TTLS = 10  # a peer silent this many ttl is dropped (it is re-learnt if it announces)
+MAX_PARTICIPANTS = 4096  # the ledger lists at most this many (query.MAX_LISTED_PARTICIPANTS)
+MAX_STRANGERS = 32  # weight-0 peers kept: newcomers not yet registered, clients' nodes
+STRANGER_CONNECTIONS = 2  # connections this node opens to weight-0 peers
 
 
 @dataclass
@@ -69,13 +90,15 @@ class PeerDirectory:
         self._peers: dict[str, PeerRecord] = {}
         self._seq = 0
         self._dialing: set[str] = set()
+        self._last_stranger_dial = -float("inf")
 
     async def start(self) -> None:
         await self._service.subscribe(ANNOUNCE_TOPIC, self._on_announcement, self._is_valid)
 
     async def run(self) -> None:
-        """Announce forever; an empty mesh at start-up is retried on the next tick."""
+        """Announce and forget the silent forever; an empty mesh at start-up is retried on the next tick."""
         while True:
+            self.forget_silent()
             await self.announce_once()
             await asyncio.sleep(self.interval)
 
@@ -109,18 +132,65 @@ class PeerDirectory:
             if not known.failed_since_seen:  # a copy via another route still proves liveness
                 known.last_seen = max(known.last_seen, self._clock())
             return
-        if known is None:  # the table grows only here: forget the silent first
-            self._forget_silent()
         self._peers[peer] = PeerRecord(peer, signed.message, self._clock())
-        if peer not in self._service.connected_peers():
-            await self._maybe_dial(peer, signed.message.addrs)
+        if known is None:  # the table grows only here
+            self.forget_silent()
+            self._evict()
+        if len(self._service.connected_peers()) < self._target:
+            await self._dial_next()
 
-    async def _maybe_dial(self, peer: str, addrs: list[str]) -> None:
-        if len(self._service.connected_peers()) >= self._target or peer in self._dialing:
+    # ---- what is kept ------------------------------------------------------
+
+    def is_participant(self, peer: str) -> bool:
+        return self.weight_of(peer) > 0
+
+    def _evict(self) -> None:
+        """Keep the heaviest MAX_PARTICIPANTS participants and the MAX_STRANGERS most recent strangers."""
+        participants = [r for r in self._peers.values() if self.is_participant(r.peer_id)]
+        strangers = [r for r in self._peers.values() if not self.is_participant(r.peer_id)]
+        participants.sort(key=lambda r: (-self.weight_of(r.peer_id), r.peer_id))
+        strangers.reverse()  # on a tie in last_seen, the later heard stays
+        strangers.sort(key=lambda r: -r.last_seen)
+        for record in participants[MAX_PARTICIPANTS:] + strangers[MAX_STRANGERS:]:
+            del self._peers[record.peer_id]
+
+    def forget_silent(self) -> None:
+        """Forget every peer silent for longer than ``forget_after``."""
+        cutoff = self._clock() - self.forget_after
+        for peer in [p for p, r in self._peers.items() if r.last_seen < cutoff]:
+            del self._peers[peer]
+
+    # ---- whom to dial --------------------------------------------------------
+
+    def dial_candidates(self) -> list[str]:
+        """Live peers worth a connection, best first: participants by weight, then a few strangers.
+
+        Strangers (most recently heard first) only while fewer than
+        STRANGER_CONNECTIONS are connected, and none within ``interval`` of the
+        last stranger dial.
+        """
+        connected = set(self._service.connected_peers())
+        unconnected = [r for r in self.live_peers() if r.peer_id not in connected | self._dialing]
+        participants = sorted((r.peer_id for r in unconnected if self.is_participant(r.peer_id)),
+                              key=lambda p: (-self.weight_of(p), p))
+        stranger_room = STRANGER_CONNECTIONS - sum(not self.is_participant(p) for p in connected)
+        if self._clock() - self._last_stranger_dial < self.interval:
+            stranger_room = 0
+        strangers = [r.peer_id for r in sorted(unconnected, key=lambda r: -r.last_seen)
+                     if not self.is_participant(r.peer_id)]
+        return participants + strangers[:max(0, stranger_room)]
+
+    async def _dial_next(self) -> None:
+        """Dial the best candidate (one per announcement: the handler must not stall the topic)."""
+        candidates = self.dial_candidates()
+        if not candidates:
             return
+        peer = candidates[0]
+        if not self.is_participant(peer):
+            self._last_stranger_dial = self._clock()
         self._dialing.add(peer)
         try:
-            for addr in addrs:
+            for addr in self._peers[peer].announcement.addrs:
                 try:
                     await self._service.connect(addr, timeout=5.0)
                     return
@@ -130,10 +200,7 @@ class PeerDirectory:
         finally:
             self._dialing.discard(peer)
 
-    def _forget_silent(self) -> None:
-        cutoff = self._clock() - self.forget_after
-        for peer in [p for p, r in self._peers.items() if r.last_seen < cutoff]:
-            del self._peers[peer]
+    # ---- liveness and the executor draw -----------------------------------------
 
     def mark_failed(self, peer: str) -> None:
         """A dial or stream to ``peer`` failed: not live until it announces again."""

@@ -1,0 +1,132 @@
+"""Attack class: flooding the peer directory. An announcement costs its sender one key, so
+anyone can announce thousands of peers: the directory must keep bounded memory, keep every
+weighted participant, dial participants before strangers, and forget the silent."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+
+from helpers import eventually
+
+from gonka_p2p.actors.directory import MAX_STRANGERS, STRANGER_CONNECTIONS, PeerDirectory
+from gonka_p2p.gossip.memory import MemoryHub, MemoryService
+from gonka_p2p.identity import Keypair
+from gonka_p2p.wire.envelope import seal
+from gonka_p2p.wire.messages import MAX_ADDRS, MAX_MODEL_CHARS, MAX_MODELS, Announcement
+from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC
+
+ME = Keypair.from_seed(b"directory-under-attack")
+PARTICIPANT = Keypair.from_seed(b"weighted-participant")
+WEIGHTS = {ME.peer_id: 10, PARTICIPANT.peer_id: 10}
+FLOOD = 1_000
+DIRECTORY_BYTES = 512 * 1024  # what 1,000 largest announcements may leave behind (it was ~5 MiB)
+
+
+class Clock:
+    """The directory's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def host(hub: MemoryHub, key: Keypair) -> MemoryService:
+    service = hub.service(key)
+    await service.start()
+    return service
+
+
+def announcement(key: Keypair, *, largest: bool = False, seq: int = 1) -> bytes:
+    """``key``'s signed announcement; ``largest`` fills every field to its schema bound."""
+    addr = f"/memory/{key.peer_id}/p2p/{key.peer_id}"
+    if largest:
+        addrs = [f"/dns4/{'a' * 150}/tcp/{i}/p2p/{key.peer_id}" for i in range(MAX_ADDRS)]
+        models = [f"{i:03d}" + "m" * (MAX_MODEL_CHARS - 3) for i in range(MAX_MODELS)]
+    else:
+        addrs, models = [addr], ["m"]
+    return seal(Announcement(addrs=addrs, models=models, capacity=1, seq=seq), key)
+
+
+async def directory_under_attack(target_connections: int = 6) -> tuple[PeerDirectory, MemoryService, Clock]:
+    """A directory whose node is connected to one peer only: the attacker's relay."""
+    hub, clock = MemoryHub(), Clock()
+    me = await host(hub, ME)
+    relay = await host(hub, Keypair.from_seed(b"attacker-relay"))
+    await relay.connect(me.listen_addrs[0])
+    directory = PeerDirectory(me, ME, models=[], capacity=1, weights=WEIGHTS,
+                              target_connections=target_connections, clock=clock)
+    await directory.start()
+    await host(hub, PARTICIPANT)
+    return directory, relay, clock
+
+
+async def test_a_flood_of_throwaway_keys_keeps_memory_bounded_and_the_participant_known() -> None:
+    directory, relay, _ = await directory_under_attack()
+    await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
+    await eventually(lambda: directory.is_live(PARTICIPANT.peer_id), what="the participant's announcement")
+    keys = [Keypair.from_seed(b"throwaway-%d" % i) for i in range(FLOOD)]
+    flood = [announcement(k, largest=True) for k in keys]
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for message in flood:
+            await relay.publish(ANNOUNCE_TOPIC, message)
+        await eventually(lambda: keys[-1].peer_id in directory._peers, what="the last throw-away announcement")
+        await asyncio.sleep(0.05)  # the deliveries still running end
+        del message
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert kept < DIRECTORY_BYTES, f"the directory kept {kept} bytes for {FLOOD} throw-away keys"
+    strangers = [r for r in directory.live_peers() if r.peer_id != PARTICIPANT.peer_id]
+    assert len(strangers) <= MAX_STRANGERS
+    assert directory.executor_weights("m") == {PARTICIPANT.peer_id: 10}  # the flood serves other "models"
+
+
+async def test_announced_sybils_cannot_take_the_connections_a_participant_needs() -> None:
+    """First come, first served, eight reachable sybils announced before the participant
+    filled every connection (an eclipse); strangers now get at most a small quota."""
+    directory, relay, _ = await directory_under_attack(target_connections=4)
+    hub_sybils = [await host(relay._hub, Keypair.from_seed(b"sybil-%d" % i)) for i in range(8)]
+    for sybil in hub_sybils:
+        await relay.publish(ANNOUNCE_TOPIC, announcement(Keypair.from_seed(b"sybil-%d" % hub_sybils.index(sybil))))
+    await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
+    me = directory._service
+    await eventually(lambda: PARTICIPANT.peer_id in me.connected_peers(), what="a dial to the participant")
+    sybils = {s.peer_id for s in hub_sybils}
+    assert len(sybils & set(me.connected_peers())) < STRANGER_CONNECTIONS  # the relay is a stranger too
+
+
+async def test_the_participant_leads_the_dial_set_whatever_strangers_announce() -> None:
+    directory, relay, _ = await directory_under_attack(target_connections=1)  # full: nobody is dialled
+    await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
+    keys = [Keypair.from_seed(b"throwaway-%d" % i) for i in range(200)]
+    for key in keys:
+        await relay.publish(ANNOUNCE_TOPIC, announcement(key))
+    await eventually(lambda: keys[-1].peer_id in directory._peers, what="the flood")
+    assert len(directory.live_peers()) == MAX_STRANGERS + 1
+    candidates = directory.dial_candidates()
+    assert candidates[0] == PARTICIPANT.peer_id
+    assert len(candidates) <= 1 + STRANGER_CONNECTIONS
+
+
+async def test_silent_peers_are_forgotten_without_anyone_new_announcing() -> None:
+    directory, relay, clock = await directory_under_attack()
+    directory.interval = 0.01  # the announcement tick, on the real clock; silence is on the test's
+    await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
+    await relay.publish(ANNOUNCE_TOPIC, announcement(Keypair.from_seed(b"stranger")))
+    await eventually(lambda: len(directory._peers) == 2, what="two announcements")
+    ticking = asyncio.create_task(directory.run())
+    try:
+        clock.now += directory.forget_after + 1
+        await eventually(lambda: not directory._peers, what="the silent peers to be forgotten")
+    finally:
+        ticking.cancel()
