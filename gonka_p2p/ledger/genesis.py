@@ -68,7 +68,7 @@ import tomli_w
 from coincurve import PublicKey
 
 from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
-from gonka_p2p.ledger.rules import PPM, is_account_address
+from gonka_p2p.ledger.rules import MAX_EXECUTOR_ATTEMPTS, PPM, is_account_address
 
 MAX_SUPPLY = 2**63 - 1  # every balance, escrow and fee fits a signed 64-bit wire int
 MAX_CHAIN_ID = 64
@@ -117,6 +117,9 @@ class Params:
     max_held_finishes: int = _param(
         65_536, "FinishInference txs held, network-wide, while their Start is not committed", positive=True)
     max_held_finishes_per_executor: int = _param(1_024, "of those, held for any one executor", positive=True)
+    max_executor_attempts: int = _param(  # see tx_rules.process_start_inference
+        3, "executor draws a TA may try per request: a StartInference's attempt is below this",
+        positive=True, maximum=MAX_EXECUTOR_ATTEMPTS)
     evidence_max_age_blocks: int = _param(
         100, "blocks after an equivocation within which its SubmitEvidence is accepted (its epoch's "
         "validator weights must still be held)", positive=True)

@@ -90,6 +90,7 @@ class Inference:
 
     @property
     def billable_tokens(self) -> int:
+    attempt: int = 0  # the executor draw it was started at (rules.choose_executor): skips are attributable
         """The tokens the client paid for (the claim, capped at the escrow): the work it counts as."""
         return self.cost // self.price if self.price else 0
 

@@ -318,6 +318,9 @@ def seed_commitment(epoch: int, validator: str, seed: bytes) -> bytes:
     return hashlib.sha256(_SEED_DOMAIN + epoch.to_bytes(8, "big") + validator.encode() + b"\x00"
                           + seed).digest()
 
+MAX_EXECUTOR_ATTEMPTS = 16  # the schema's bound on StartInference.attempt; genesis sets the real one
+
+
 
 # --------------------------------------------------------------------------- weighted draws
 
@@ -345,11 +348,21 @@ def weighted_pick(weights: Mapping[str, int], draw: bytes) -> str | None:
 
 def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inference_id: bytes,
                     attempt: int) -> str:
-    """The executor a TA draws for an inference: :func:`weighted_pick` over ``weights`` (peer id
-    -> weight) minus ``exclude``, drawn from (inference id, attempt). The inference id is the
-    digest of the client's signed request, so anyone holding the request, the weights and the
-    live candidates can recompute the choice: a TA that routes to itself or to a partner
-    instead of the drawn executor is provably greedy."""
+    """The executor drawn for an inference at ``attempt``: :func:`weighted_pick` over ``weights``
+    (peer id -> weight) minus ``exclude``, drawn from (inference id, attempt).
+
+    The ledger recomputes it for every StartInference, from the weights it holds for the
+    model and ``exclude = {the TA}`` (``tx_rules.executor_weights``), and the TA draws the
+    same way; so the executor the ledger pays is the draw, never the TA's pick. What a
+    greedy TA can still do: skip draws, claiming the executor failed before its first token,
+    up to ``max_executor_attempts`` = k; a partner holding a share w of the weight is then
+    drawn at some attempt with probability 1 - (1 - w)^k (<= k*w) instead of w -- bounded
+    by k, and each skip is attributable (the record keeps the attempt). A client that is
+    also the TA can grind its request's nonce (so the inference id) until the draw lands on
+    a partner: that partner must hold real weight (a zero-weight identity is never drawn),
+    and the fees it is paid are the client's own, recycled; but an executor reward split
+    by tokens executed (:func:`pro_rata`) still grows with such self-sent work -- a holder
+    of weight can mint with it, which settlement has yet to bound."""
     draw = hashlib.sha256(_EXECUTOR_DOMAIN + inference_id + attempt.to_bytes(4, "big")).digest()
     peer = weighted_pick({p: w for p, w in weights.items() if p not in exclude}, draw)
     if peer is None:

@@ -40,6 +40,7 @@ from enum import IntFlag, StrEnum
 from typing import Any, get_args
 
 from gonka_p2p.identity import digest
+from gonka_p2p.ledger.rules import MAX_EXECUTOR_ATTEMPTS
 from gonka_p2p.wire.envelope import MAX_SIGNATURE_BYTES, Signed, open_envelope
 from gonka_p2p.wire.messages import HASH_BYTES
 from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded
@@ -76,7 +77,9 @@ class Reason(StrEnum):
     STALE_REQUEST = "stale_request"  # request timestamp outside request_window_ms of block time
     DUPLICATE_INFERENCE = "duplicate_inference"  # this inference id was already started
     UNKNOWN_CLIENT = "unknown_client"
-    EXECUTOR_NOT_ELIGIBLE = "executor_not_eligible"  # not a participant serving the model
+    EXECUTOR_NOT_ELIGIBLE = "executor_not_eligible"  # not a participant with weight serving the model
+    EXECUTOR_NOT_DRAWN = "executor_not_drawn"  # eligible, but not the weighted draw at this attempt
+    ATTEMPT_OUT_OF_RANGE = "attempt_out_of_range"  # attempt >= the genesis max_executor_attempts
     SELF_EXECUTION = "self_execution"  # the TA named itself as executor
     # FinishInference.
     WRONG_EXECUTOR = "wrong_executor"
@@ -151,7 +154,10 @@ class StartInference(Message):
 
     ``request`` is the client's :class:`InferenceRequest` envelope, byte for
     byte: the ledger checks the client's signature itself and takes the
-    inference id as the SHA-256 of these bytes.
+    inference id as the SHA-256 of these bytes. ``executor`` must be the
+    weighted draw at ``attempt`` (``rules.choose_executor``; 0 first, one more
+    for each drawn executor that failed before its first token), which the
+    ledger recomputes and keeps on the inference's record.
     """
 
     KIND = "tx_start_inference"
@@ -160,6 +166,7 @@ class StartInference(Message):
     executor: str = bounded(max_len=MAX_PEER_ID)
     sequence: int = bounded(min_value=0)
 
+    attempt: int = bounded(min_value=0, max_value=MAX_EXECUTOR_ATTEMPTS - 1)
 
 @dataclass(frozen=True)
 class FinishInference(Message):

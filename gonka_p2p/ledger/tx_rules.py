@@ -17,9 +17,11 @@ exact next ``sequence``, and bumps that sequence when accepted)::
     Transfer(to, amount)           balance[signer] -= amount; balance[to] += amount
     RegisterParticipant(addrs,     participant[signer] = (pubkey, weight from genesis
                         models)        or 0, addrs, models)
-    StartInference(request, ex)    signer a participant, client's envelope valid and
-                                   fresh, id = sha256(request) never seen, ex != signer
-                                   serves the model, escrow <= balance[client]:
+    StartInference(request, ex)    signer a participant, client's envelope valid, for this
+                                   chain and fresh, id = inference_id(request) (chain,
+                                   client, nonce) never seen, attempt < max, ex =
+                                   choose_executor(executor_weights(model), {signer},
+                                   id, attempt), escrow <= balance[client]:
                                    balance[client] -= escrow; inference[id] = STARTED;
                                    settles at once if ex's Finish is held
     FinishInference(id, counts)    STARTED and signer == executor: SETTLED, cost =
@@ -80,6 +82,7 @@ from gonka_p2p.ledger.records import (
     SeedCommitment,
 )
 from gonka_p2p.ledger.rules import (
+    choose_executor,
     SEED_BYTES,
     DisputeOutcome,
     dispute_deadline,
@@ -175,7 +178,25 @@ def process_register_participant(state: LedgerState, ctx: BlockContext,
 @rule_for(StartInference)
 def process_start_inference(state: LedgerState, ctx: BlockContext,
                             signed: Signed[StartInference], signer: str, apply: bool) -> str:
-    """The TA locks the client's escrow for a client-signed request and names its executor."""
+def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
+    """Who may be drawn to execute ``model``, by weight: participants registered for it with
+    weight > 0 and not sanctioned for proven-invalid work. The ledger's draw (and the TA's,
+    which must match it) runs over exactly these, so an identity without weight is never
+    paid to execute, however many the attacker registers."""
+    return {peer: p.weight for peer, p in state.registry.rows.items()
+            if p.weight > 0 and not p.sanctioned and model in p.models}
+
+
+    """The TA locks the client's escrow for a client-signed request, executed by the draw.
+
+    The executor must be ``choose_executor(executor_weights, {TA}, inference id, attempt)``
+    with ``attempt < max_executor_attempts``: the ledger recomputes the weighted draw, so a
+    TA can name neither itself, nor a zero-weight identity, nor a partner the draw did not
+    pick. Self-dealing (one party as client, TA and executor) therefore pays its fees to
+    executors drawn by weight -- to others, unless the attacker holds weight -- and every
+    inference that counts towards the next epoch's traffic (and so lowers its validation
+    floor) is paid work given to the draw. What a greedy TA can still do is choose among
+    the first ``max_executor_attempts`` draws (see ``rules.choose_executor``)."""
     tx = signed.message
     if signer not in state.registry:
         raise TxRejected(Reason.NOT_A_PARTICIPANT, "only a registered participant can act as TA")
@@ -196,9 +217,16 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
         raise TxRejected(Reason.DUPLICATE_INFERENCE, f"inference {iid.hex()} was already started")
     if tx.executor == signer:
         raise TxRejected(Reason.SELF_EXECUTION, "a TA may not execute its own requests")
-    executor = state.registry.get(tx.executor)
-    if executor is None or req.model not in executor.models:
-        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} does not serve {req.model}")
+    if tx.attempt >= state.params.max_executor_attempts:
+        raise TxRejected(Reason.ATTEMPT_OUT_OF_RANGE, f"attempt {tx.attempt}; a TA draws at most "
+                                                      f"{state.params.max_executor_attempts} times")
+    weights = executor_weights(state, req.model)
+    if tx.executor not in weights:
+        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE,
+                         f"{tx.executor!r} is not a participant with weight serving {req.model}")
+    drawn = choose_executor(weights, frozenset({signer}), iid, tx.attempt)
+    if tx.executor != drawn:
+        raise TxRejected(Reason.EXECUTOR_NOT_DRAWN, f"attempt {tx.attempt} draws {drawn}, not {tx.executor}")
     client = peer_id_of(request.signer)
     account = state.accounts.get(client)
     if account is None:
@@ -215,7 +243,7 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
                        price=price, max_tokens=req.max_tokens, prompt_bound=prompt_bound,
                        escrow=escrow, request_ms=req.timestamp_ms, start_height=ctx.height,
                        deadline=inference_deadline(ctx.height, state.params),
-                       status=InferenceStatus.STARTED)
+                       status=InferenceStatus.STARTED, attempt=tx.attempt)
     state.inferences.put(iid, record)
     state.remember_request(iid, replay_memory_until(req.timestamp_ms, window))
     held = state.release_held(iid).get(tx.executor)

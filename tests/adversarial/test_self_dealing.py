@@ -1,0 +1,207 @@
+"""Attack class: self-dealing and executor steering. One party plays client, TA and executor
+(a zero-weight identity) and floods itself with requests, to take the epoch's executor reward
+and to lower everyone's validation floor with traffic it pays itself; or a TA names a partner
+on the ledger while another executor does the work. The ledger now recomputes the weighted
+executor draw for every StartInference (``tx_rules.process_start_inference``): the flood's
+fees go to executors drawn by weight -- honest ones -- the attacker mints nothing and loses
+what it paid, and a named partner is refused.
+
+The ledger is driven directly with real signed transactions (as tests/test_ledger_economics.py
+does); that the TA routes by the same draw is tests/test_serving.py's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger import rules
+from gonka_p2p.ledger.block import Block, Receipt
+from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
+from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
+from gonka_p2p.ledger.transactions import (
+    CommitValidationSeed,
+    FinishInference,
+    Reason,
+    RegisterParticipant,
+    RevealValidationSeed,
+    StartInference,
+    Validation,
+    VerdictStats,
+    derive_validation_seed,
+)
+from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
+from gonka_p2p.wire.schema import Message
+
+CHAIN = "gonka-self-dealing"
+MODEL = "m"
+T0 = 1_700_000_000_000
+L = 10
+HONEST = {"h1": 60, "h2": 30, "h3": 10}  # the honest executors and their weights
+ATTACKER = ("mallory", "mallory_ta", "mallory_ex")  # client, TA, zero-weight executor
+KEYS = {n: Keypair.from_seed(f"self-dealing-{n}".encode()) for n in (*HONEST, *ATTACKER, "alice")}
+PEER = {n: k.peer_id for n, k in KEYS.items()}
+NAME = {p: n for n, p in PEER.items()}
+OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
+                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
+FLOOD = 300  # the attacker's requests in epoch 1 (honest traffic: 30)
+
+
+def genesis() -> Genesis:
+    params = Params(epoch_length_blocks=L, inference_deadline_blocks=3, request_window_ms=10**9,
+                    max_tx_bytes=64 * 1024, price_per_token={MODEL: 1}, validation_window_blocks=3,
+                    dispute_voting_blocks=2, epoch_reward=100_000, validation_cap_ppm=rules.PPM,
+                    floor_full_until_inferences=10, floor_mid_inferences=100, floor_low_inferences=200)
+    return Genesis(chain_id=CHAIN, genesis_time_ms=T0, params=params,
+                   participants=tuple(GenesisParticipant(KEYS[n].public_key, w, models=(MODEL,))
+                                      for n, w in HONEST.items()),
+                   allocations={PEER["alice"]: 1_000_000, PEER["mallory"]: 1_000_000,
+                                PEER["mallory_ta"]: 10, PEER["mallory_ex"]: 10})
+
+
+@dataclass
+class Ledger:
+    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
+    next_seq: dict[str, int] = field(default_factory=dict)
+    nonce: int = 0
+
+    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
+        account = self.state.account(PEER[who])
+        n = self.next_seq.get(who, account.sequence if account else 0)
+        self.next_seq[who] = n + 1
+        return seal(make(n), KEYS[who])
+
+    def request(self, client: str) -> bytes:
+        self.nonce += 1
+        return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+                                     max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
+                                     timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS[client])
+
+    def drawn(self, request: bytes, ta: str, attempt: int = 0) -> str:
+        """The executor the ledger's draw gives ``request`` at ``attempt`` (what an honest TA routes to)."""
+        iid = inference_id(open_envelope(request, InferenceRequest))
+        weights = executor_weights(self.state, MODEL)
+        return NAME[rules.choose_executor(weights, frozenset({PEER[ta]}), iid, attempt)]
+
+    def start(self, request: bytes, ta: str, executor: str, attempt: int = 0) -> bytes:
+        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
+                                                      attempt=attempt, sequence=n))
+
+    def finish(self, request: bytes, executor: str) -> bytes:
+        iid = inference_id(open_envelope(request, InferenceRequest))
+        return self.sign(executor, lambda n: FinishInference(
+            chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
+            response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))
+
+    def block(self, *txs: bytes) -> list[Receipt]:
+        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["h1"],
+                      self.state.time_ms + 1000, list(txs))
+        _, receipts = apply_block(self.state, block)
+        self.next_seq.clear()
+        check_invariants(self.state)
+        return receipts
+
+    def ok(self, *txs: bytes) -> list[Receipt]:
+        receipts = self.block(*txs)
+        assert all(r.ok for r in receipts), [(r.reason, r.detail) for r in receipts if not r.ok]
+        return receipts
+
+    def until(self, height: int) -> None:
+        while self.state.height < height:
+            self.block()
+
+    def seed(self, who: str, epoch: int) -> bytes:
+        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
+
+    def coins(self, *names: str) -> int:
+        return sum(self.state.balance(PEER[n]) for n in names)
+
+
+def attacker_route(ledger: Ledger, request: bytes) -> tuple[str, bytes]:
+    """The attacker's best Start: its own executor if the ledger takes it, else the draw."""
+    greedy = ledger.start(request, "mallory_ta", "mallory_ex")
+    if check_tx(ledger.state, greedy).ok:
+        return "mallory_ex", greedy
+    ledger.next_seq["mallory_ta"] -= 1  # the refused Start is never sent: its sequence is reused
+    executor = ledger.drawn(request, "mallory_ta")
+    return executor, ledger.start(request, "mallory_ta", executor)
+
+
+def test_self_dealing_flood_mints_nothing_and_pays_honest_executors_by_weight() -> None:
+    ledger = Ledger()
+    register = [ledger.sign(n, lambda s: RegisterParticipant(chain_id=CHAIN, addrs=["/ip4/6.6.6.6/tcp/6"],
+                                                             models=[MODEL], sequence=s))
+                for n in ("mallory_ta", "mallory_ex")]
+    commits = [ledger.sign(n, lambda s, n=n: CommitValidationSeed(
+        chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[n], ledger.seed(n, 1)), sequence=s))
+        for n in HONEST]
+    ledger.ok(*register, *commits)
+    ledger.until(L)
+    before = ledger.coins(*ATTACKER)
+
+    paid_by_attacker: dict[str, int] = {}
+    for _block in range(6):
+        txs = []
+        for i in range((FLOOD + 30) // 6):
+            if i % 11 == 0:  # honest traffic, through an honest TA
+                req = ledger.request("alice")
+                executor = ledger.drawn(req, "h1")
+                start = ledger.start(req, "h1", executor)
+            else:
+                req = ledger.request("mallory")
+                executor, start = attacker_route(ledger, req)
+                paid_by_attacker[executor] = paid_by_attacker.get(executor, 0) + 15
+            txs += [start, ledger.finish(req, executor)]
+        ledger.ok(*txs)
+    assert ledger.state.height < 2 * L, "the flood fits in epoch 1"
+    assert "mallory_ex" not in paid_by_attacker, "the ledger refused every Start naming the attacker's executor"
+
+    checks = [ledger.sign(v, lambda s, iid=iid: Validation(chain_id=CHAIN, inference_id=iid, verdict=OK, seed=b"",
+                                                                     sequence=s))
+              for v in HONEST for iid in ledger.state.validation_duties(1, PEER[v], ledger.seed(v, 1))]
+    ledger.ok(*checks)
+    ledger.until(2 * L)
+    ledger.ok(*[ledger.sign(v, lambda s, v=v: RevealValidationSeed(chain_id=CHAIN, epoch=1, seed=ledger.seed(v, 1),
+                                                                     sequence=s)) for v in HONEST])
+    ledger.until(rules.settlement_height(1, ledger.state.params))
+    summary = ledger.state.epoch_summary(1)
+    rows = {NAME[r.peer]: r for r in summary.participants}
+
+    # It lost at least the fees it paid honest executors (and any transaction fees on top).
+    assert ledger.coins(*ATTACKER) <= before - sum(paid_by_attacker.values()) < before
+    assert all(rows[n].executor_reward == 0 for n in ATTACKER if n in rows)
+    rewards = {n: rows[n].executor_reward for n in HONEST}
+    assert sum(rewards.values()) > 0
+    for name, weight in HONEST.items():  # the draw routes by weight, so the reward follows it
+        assert abs(rewards[name] / sum(rewards.values()) - weight / 100) < 0.08, rewards
+    # The flood lowered the next epoch's floor, but every inference of it paid honest executors.
+    assert ledger.state.epoch_info(2).floor_ppm < rules.PPM
+    assert sum(paid_by_attacker.values()) == 15 * FLOOD
+
+
+def test_ta_naming_a_partner_is_refused_and_the_drawn_executor_is_paid() -> None:
+    ledger = Ledger()
+    ledger.ok(ledger.sign("mallory_ta", lambda s: RegisterParticipant(
+        chain_id=CHAIN, addrs=["/ip4/6.6.6.6/tcp/6"], models=[], sequence=s)))
+    while True:  # a request whose draws never pick h3, the greedy TA's partner
+        req = ledger.request("alice")
+        draws = [ledger.drawn(req, "mallory_ta", k) for k in range(ledger.state.params.max_executor_attempts)]
+        if "h3" not in draws:
+            break
+    for partner, attempt, reason in (("h3", 0, Reason.EXECUTOR_NOT_DRAWN), ("h3", 2, Reason.EXECUTOR_NOT_DRAWN),
+                                     ("mallory_ex", 0, Reason.EXECUTOR_NOT_ELIGIBLE),
+                                     (draws[0], 3, Reason.ATTEMPT_OUT_OF_RANGE)):
+        (r,) = ledger.block(ledger.start(req, "mallory_ta", partner, attempt))
+        assert r.reason is reason, (partner, attempt, r.reason, r.detail)
+    honest = draws[0]
+    before = ledger.state.balance(PEER[honest])
+    ledger.ok(ledger.finish(req, honest))  # the drawn executor did the work: its Finish waits, held
+    ledger.ok(ledger.start(req, "mallory_ta", honest))  # the only Start the ledger takes names it
+    iid = inference_id(open_envelope(req, InferenceRequest))
+    record = ledger.state.inference(iid)
+    assert record is not None and record.executor == PEER[honest] and record.attempt == 0
+    assert ledger.state.pending_fees(PEER[honest]) == 15
+    ledger.until(rules.settlement_height(0, ledger.state.params))
+    assert ledger.state.balance(PEER[honest]) == before + 15
