@@ -9,6 +9,8 @@ wastes time on an idle one. No test module imports another; what two share lives
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import inspect
 import socket
 import subprocess
@@ -24,6 +26,12 @@ from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.consensus_types import ConsensusParams
+from gonka_p2p.ledger.rules import choose_executor
+from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.wire.envelope import open_envelope
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
+from gonka_p2p.wire.schema import WireError
 
 MODEL = "tiny-llama"
 
@@ -124,3 +132,32 @@ def ready_address(proc: subprocess.Popen[str], timeout: float) -> str | None:
         if not line and proc.poll() is not None:
             return None
     return None
+
+
+def drawn_attempt(state: LedgerState, request: bytes, ta: str, executor: str) -> int | None:
+    """The attempt at which the ledger's executor draw gives ``request``, routed by ``ta``, to
+    ``executor`` (peer ids), or None if no draw within ``max_executor_attempts`` does: what a
+    test's StartInference must name for the ledger to take it."""
+    try:
+        signed = open_envelope(request, InferenceRequest)
+    except WireError:  # a test of a malformed request: no draw at all
+        return None
+    weights = executor_weights(state, signed.message.model)
+    if executor not in weights or executor == ta:
+        return None
+    iid = inference_id(signed)
+    return next((k for k in range(state.params.max_executor_attempts)
+                 if choose_executor(weights, frozenset({ta}), iid, k) == executor), None)
+
+
+def request_drawing(state: LedgerState, make: Callable[[bytes], bytes], ta: str, executor: str) -> bytes:
+    """A client grinding its nonce, as tests do to pin an executor: of the requests
+    ``make(nonce)`` over a fixed nonce sequence (``b"n" * 16`` first), the first that the
+    ledger's draw gives to ``executor`` when ``ta`` routes it; the very first when
+    ``executor`` can never be drawn (a test of a refused Start)."""
+    first = make(b"n" * 16)
+    if executor == ta or executor not in executor_weights(state, open_envelope(first, InferenceRequest).message.model):
+        return first
+    candidates = itertools.chain([first], (make(hashlib.sha256(i.to_bytes(8, "big")).digest()[:16])
+                                           for i in itertools.count()))
+    return next(r for r in candidates if drawn_attempt(state, r, ta, executor) is not None)
