@@ -3,8 +3,10 @@
 After a block's transactions, :func:`end_block` runs, in this order:
 inferences whose deadline is this height expire (full refund, a miss for
 the executor); Finishes held past their deadline are dropped; request ids
-older than the replay window are forgotten; disputes whose voting deadline
-is this height resolve on the votes cast; if this height settles an epoch,
+older than the replay window are forgotten; disputes whose next step is
+this height take it (:func:`~gonka_p2p.ledger.tx_rules.advance_dispute`:
+draw a round's committee from this block's hash, or close an undecided
+round); if this height settles an epoch,
 :func:`process_epoch_settlement` runs; if it ends an epoch,
 :func:`process_epoch_start` freezes the next epoch's validator set and
 validation floor.
@@ -25,14 +27,22 @@ decides, and :func:`process_epoch_settlement` applies. Deterministically, it:
 - pays each executor the fees of its epoch's inferences -- or, if it was
   caught, refunds every one of them to the client that paid it;
 - splits the epoch reward: ``validator_share`` by validation work (tokens
-  of the duties and votes a validator did; an accusation the committee
-  overturned earns nothing), the rest by billable tokens executed (executors
-  are drawn by weight, so this share tracks weight without counting it twice).
+  of the duties a validator's revealed seed gave it and it did; a dispute
+  vote earns no share: seats follow weight as duties do, so paying votes
+  would change nothing in expectation, and it would let a framer shift
+  honest validators' rewards by opening disputes), the rest by billable
+  tokens executed (executors are drawn by weight, so this share tracks
+  weight without counting it twice). A forfeited share stays in the split
+  and is not minted, so nobody's forfeit moves anyone else's share.
   A participant that was caught, skipped a duty or a vote, did not commit
-  and reveal a seed, or passed work that a dispute proved invalid forfeits
-  its share: the share is not minted;
-- updates reputations (caught or too many misses: 0; a clean, checked
-  epoch: +1/N) and weights (caught: 0, visible in the participants table);
+  and reveal a seed, passed work that a dispute proved invalid, or failed
+  work that a dispute found valid forfeits its share: the share is not minted;
+- updates reputations (caught, too many misses or an accusation overturned:
+  0; a clean, checked epoch: +1/N) and weights: the caught and everyone
+  sanctioned are cut towards 0, but one settlement moves at most
+  ``max_weight_shift_ppm`` of the total voting power (``rules.weight_cuts``);
+  the rest waits for the next settlement. Weight is voting power, so it
+  changes only here, and by bounded steps;
 - records an :class:`EpochSummary` (who was paid what, who forfeited, who was
   caught; :func:`format_epoch_summary` prints it for people) and prunes the
   epoch before it. It asserts that it moved exactly the epoch's fees and
@@ -46,6 +56,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from gonka_p2p.ledger.block import BlockContext
+from gonka_p2p.ledger.disputes import weight_cuts
 from gonka_p2p.ledger.records import EpochInfo, EpochSummary, InferenceStatus, ParticipantOutcome, Payout
 from gonka_p2p.ledger.rules import (
     PPM,
@@ -64,7 +75,7 @@ from gonka_p2p.ledger.rules import (
     validation_floor_ppm,
 )
 from gonka_p2p.ledger.tables import InvariantViolation
-from gonka_p2p.ledger.tx_rules import resolve_dispute
+from gonka_p2p.ledger.tx_rules import advance_dispute
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.genesis import Params
@@ -100,18 +111,21 @@ def process_replay_memory(state: LedgerState, ctx: BlockContext) -> None:
 
 
 def process_dispute_deadlines(state: LedgerState, ctx: BlockContext) -> None:
-    """Disputes still open at the end of their deadline height resolve on the votes cast."""
+    """Open disputes whose next step is due at the end of this height take it (an index entry
+    is stale when the dispute resolved or moved its deadline since)."""
     for iid in state.take_disputes_due(ctx.height):
         dispute = state.disputes.get(iid)
-        if dispute is not None and dispute.outcome is DisputeOutcome.OPEN:
-            resolve_dispute(state, ctx, iid)
+        if dispute is not None and dispute.outcome is DisputeOutcome.OPEN and dispute.deadline == ctx.height:
+            advance_dispute(state, ctx, iid)
 
 
 @dataclass
 class PeerTally:
     """What one participant did in an epoch, as settlement reads it from the state."""
 
-    weight: int = 0
+    weight: int = 0  # in the epoch's validator set
+    power: int = 0  # its weight in the participants table now: the voting power settlement may cut
+    sanctioned: bool = False  # proven cheating earlier: its remaining weight is cut at settlement
     reputation_ppm: int = 0
     inferences: int = 0
     expired: int = 0
@@ -153,12 +167,16 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
         row = tally.peers.get(address)
         if row is None:
             participant = state.registry.rows[address]
-            row = tally.peers[address] = PeerTally(weight=weights.get(address, 0),
-                                                   reputation_ppm=participant.reputation_ppm)
+            row = tally.peers[address] = PeerTally(
+                weight=weights.get(address, 0), power=participant.weight,
+                sanctioned=participant.sanctioned, reputation_ppm=participant.reputation_ppm)
         return row
 
     for address in weights:
         peer(address)
+    for address, participant in state.registry.rows.items():
+        if participant.weight > 0:
+            peer(address)
     for address, punished in state.equivocations.rows.items():
         if punished == epoch:
             peer(address).equivocated = True
@@ -191,12 +209,11 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
         for validator, check in checks.items():
             row = peer(validator)
             row.checks += 1
-            overturned = (dispute is not None and dispute.accuser == validator
-                          and dispute.outcome is DisputeOutcome.VALID)
+            overturned = dispute is not None and dispute.outcome is DisputeOutcome.VALID and not check.valid
             vouched = dispute is not None and dispute.outcome is DisputeOutcome.INVALID and check.valid
             row.overturned += overturned
             row.vouched_invalid += vouched
-            if (iid, validator) in duties and not overturned and not vouched:
+            if (iid, validator) in duties:
                 row.work += record.prompt_tokens + record.completion_tokens
         if dispute is None:
             continue
@@ -205,13 +222,11 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
         if dispute.outcome is DisputeOutcome.INVALID:
             tally.disputes_invalid += 1
             executor.proven_invalid = True
-        for member in dispute.committee:
-            row = peer(member)
+        for member in dispute.members:
             if (iid, member) in state.votes:
-                row.votes += 1
-                row.work += record.prompt_tokens + record.completion_tokens
-            else:
-                row.missed_votes += 1
+                peer(member).votes += 1
+        for member in dispute.missed:
+            peer(member).missed_votes += 1
     return tally
 
 
@@ -237,17 +252,22 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
     executor_pool, validator_pool = epoch_reward_pools(tally.epoch, params)
     executor_shares = pro_rata(executor_pool, {a: r.tokens for a, r in tally.peers.items()})
     validator_shares = pro_rata(validator_pool, {a: r.work for a, r in tally.peers.items()})
+    cuts = weight_cuts({a: r.power for a, r in tally.peers.items()},
+                       {a for a, r in tally.peers.items() if r.sanctioned or a in caught},
+                       params.max_weight_shift_ppm)
     rows = []
     for address, row in sorted(tally.peers.items()):
         reasons = forfeit_reasons(in_validator_set=row.weight > 0 and tally.epoch > 0,
                                   committed=row.committed, revealed=row.revealed,
                                   skipped=row.duties - row.done, missed_votes=row.missed_votes,
-                                  caught=address in caught, vouched_invalid=row.vouched_invalid)
+                                  caught=address in caught, vouched_invalid=row.vouched_invalid,
+                                  overturned=row.overturned)
         shares = executor_shares.get(address, 0), validator_shares.get(address, 0)
         missed_too_many = miss_rate_exceeded(row.expired, row.inferences, params)
         clean = row.inferences > 0 and row.checked > 0
         reputation = reputation_after_epoch(row.reputation_ppm, caught=address in caught,
-                                            missed_too_many=missed_too_many, clean=clean, params=params)
+                                            missed_too_many=missed_too_many, overturned=row.overturned > 0,
+                                            clean=clean, params=params)
         rows.append(ParticipantOutcome(
             peer=address, weight=row.weight, inferences=row.inferences, expired=row.expired,
             tokens=row.tokens, checked=row.checked, fees_paid=paid.get(address, 0),
@@ -257,7 +277,7 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
             executor_reward=0 if reasons else shares[0], validator_reward=0 if reasons else shares[1],
             forfeited=sum(shares) if reasons else 0, forfeit=tuple(str(r) for r in reasons),
             caught=caught.get(address, ""), reputation_before=row.reputation_ppm,
-            reputation_after=reputation, weight_after=0 if address in caught else row.weight))
+            reputation_after=reputation, weight_after=row.power - cuts.get(address, 0)))
     minted = sum(r.executor_reward + r.validator_reward for r in rows)
     forfeited = sum(r.forfeited for r in rows)
     assert minted + forfeited <= executor_pool + validator_pool
@@ -305,7 +325,7 @@ def process_epoch_settlement(state: LedgerState, ctx: BlockContext, epoch: int) 
         participant = state.registry.rows[row.peer]
         state.registry.put(row.peer, replace(
             participant, reputation_ppm=row.reputation_after,
-            weight=0 if row.caught else participant.weight,
+            weight=row.weight_after, sanctioned=participant.sanctioned or bool(row.caught),
             caught=participant.caught + bool(row.caught),
             overturned=participant.overturned + row.overturned))
     if state.minted - minted_before != summary.minted:
@@ -320,9 +340,11 @@ def process_epoch_start(state: LedgerState, ctx: BlockContext, epoch: int) -> No
     """Rotate the validator set: freeze ``epoch``'s weights (the participants table's, after any
     settlement in this block) and its validation floor from the epoch that just ended."""
     ended = state.epochs.rows[epoch - 1]
+    validators = tuple((peer, weight) for peer, weight in state.weights().items()
+                       if not state.registry.rows[peer].sanctioned)  # sanctioned: validates nothing more
     state.epochs.put(epoch, EpochInfo(traffic=ended.inferences,
                                       floor_ppm=validation_floor_ppm(ended.inferences, state.params),
-                                      validators=tuple(state.weights().items())))
+                                      validators=validators))
 
 
 def end_block(state: LedgerState, ctx: BlockContext) -> None:

@@ -143,9 +143,20 @@ class Params:
     validation_window_blocks: int = _param(
         30, "blocks after an epoch's end during which its inferences may still be validated", positive=True)
     dispute_voting_blocks: int = _param(
-        10, "blocks after a failed validation within which the committee votes", positive=True)
-    dispute_committee_size: int = _param(
-        3, "validators drawn (by weight, from the block hash) to vote on a dispute", positive=True)
+        10, "blocks per dispute round: the committee is drawn, then votes until the round's last block",
+        positive=True)
+    dispute_draw_delay_blocks: int = _param(
+        1, "blocks after a round starts whose hash draws its committee (< dispute_voting_blocks)",
+        positive=True)
+    dispute_max_rounds: int = _param(  # see rules.py, "Verification economics" 4
+        2, "committees drawn for a dispute whose rounds close undecided; then it is undecided",
+        positive=True)
+    dispute_committee_size: int = _param(  # P(Bin(255, 1/3) > 127.5) = 2.1e-8: tests/adversarial/test_framing
+        255, "seats drawn by weight with replacement; convicting needs a strict majority of all of them",
+        positive=True)
+    max_weight_shift_ppm: int = _param(  # see rules.weight_cuts
+        100_000, "ppm of the total weight that one settlement may take from sanctioned participants",
+        positive=True, maximum=PPM)
     # -- reputation, misses --
     reputation_growth_epochs: int = _param(
         30, "clean epochs that take reputation from 0 to 1 (+1/N each)", positive=True)
@@ -181,9 +192,14 @@ class Params:
                            MappingProxyType(dict(sorted(self.price_per_token.items()))))
 
     @property
+    def dispute_span_blocks(self) -> int:
+        """Blocks from a dispute's opening to the end of its last possible round."""
+        return self.dispute_max_rounds * self.dispute_voting_blocks
+
+    @property
     def settlement_delay_blocks(self) -> int:
         """Blocks from an epoch's last block to its settlement: validations, then disputes."""
-        return self.validation_window_blocks + self.dispute_voting_blocks
+        return self.validation_window_blocks + self.dispute_span_blocks
 
 
 # Name -> declaration, in table order: what the loader accepts, the writer annotates and
@@ -390,8 +406,11 @@ def _validate(g: Genesis) -> None:
     if p.floor_low_ppm > p.floor_mid_ppm:
         raise GenesisError("params.floor_low_ppm must not exceed floor_mid_ppm (the floor only falls)")
     if p.settlement_delay_blocks > p.epoch_length_blocks:
-        raise GenesisError("params: validation_window_blocks + dispute_voting_blocks must not exceed "
-                           "epoch_length_blocks (an epoch settles before the next one ends)")
+        raise GenesisError("params: validation_window_blocks + dispute_max_rounds * dispute_voting_blocks "
+                           "must not exceed epoch_length_blocks (an epoch settles before the next one ends)")
+    if p.dispute_draw_delay_blocks >= p.dispute_voting_blocks:
+        raise GenesisError("params.dispute_draw_delay_blocks must be below dispute_voting_blocks (a round "
+                           "draws its committee, then leaves it blocks to vote in)")
     if not p.price_per_token:
         raise GenesisError("params.price_per_token must price at least one model")
     for model, price in p.price_per_token.items():

@@ -11,7 +11,9 @@ Lifecycles::
     inference status:  STARTED --Finish--> SETTLED (payout PENDING --settlement--> PAID | REFUNDED)
                        STARTED --deadline passes--> EXPIRED
                        (FINISHED: a Finish is held, its Start not yet committed)
-    dispute:           OPEN --all voted, or deadline--> INVALID | VALID | UNDECIDED
+    dispute:           OPEN (round r: draw pending --draw height--> voting) --a majority of all
+                       seats--> INVALID | VALID; --round closes undecided--> round r+1, or
+                       UNDECIDED after the last round
 
 :class:`EpochSummary` (with a :class:`ParticipantOutcome` per participant) is
 what settlement decided; :class:`ValidationView` and :class:`ValidatorDuty` are
@@ -63,6 +65,7 @@ class Participant:
     reputation_ppm: int = 0  # r in [0, PPM]: lowers how often its work is checked
     caught: int = 0  # epochs in which it was caught cheating (work proven invalid or SPRT)
     overturned: int = 0  # its failed verdicts that a dispute majority overturned
+    sanctioned: bool = False  # its work was proven invalid: never drawn again; weight falls at settlement
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,18 +188,34 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Dispute:
-    """A failed check under review by a committee; keyed by inference id."""
+    """A failed check under review by a committee, in rounds; keyed by inference id.
+
+    Each round draws its committee at the end of ``draw_height`` from that block's hash
+    (``rules.draw_committee``), then takes votes until ``deadline``. The committee lists only
+    the members who may vote; the seats of the executor, the TA and the accuser are recused:
+    ``params.dispute_committee_size - sum(seats)``, counted in the total, voting neither way."""
 
     epoch: int  # the inference's epoch
     executor: str
+    ta: str
     accuser: str  # the validator whose failed verdict opened it
     opened_height: int
-    deadline: int  # last height a vote is accepted; resolves at its end (or at the last vote)
-    committee: tuple[str, ...]  # drawn by weight from the opening block's hash
+    draw_height: int  # the current round's committee is drawn at the end of this height, from its hash
+    deadline: int  # the end of this height is its next step: the draw (== draw_height), or the round's close
+    rounds: int = 1  # rounds started so far, the current one included
+    committee: tuple[str, ...] = ()  # the current round's voting members, sorted; () until drawn
+    seats: tuple[int, ...] = ()  # seats held by each committee member, in the same order
+    members: tuple[str, ...] = ()  # everyone seated in any round, sorted (whose votes it may hold)
+    missed: tuple[str, ...] = ()  # one entry per member and round in which it left its seats empty
     outcome: DisputeOutcome = DisputeOutcome.OPEN
-    invalid_weight: int = 0  # epoch weight of the committee's "invalid" votes
-    valid_weight: int = 0
+    invalid_seats: int = 0  # seats whose holder voted "invalid", when it resolved
+    valid_seats: int = 0
     resolved_height: int = 0
+
+    @property
+    def voting(self) -> bool:
+        """Is the current round's committee drawn (its votes accepted until ``deadline``)?"""
+        return self.deadline > self.draw_height
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +238,7 @@ class ParticipantOutcome:
     votes: int  # DisputeVotes it cast
     missed_votes: int  # committee seats it left empty
     overturned: int  # its failed verdicts overturned by a committee majority
-    work: int  # validation work credited: tokens of its duties and votes (not overturned ones)
+    work: int  # validation work: tokens of the duties it did (its share is paid unless it forfeits)
     executor_reward: int  # minted to it for executing
     validator_reward: int  # minted to it for validating
     forfeited: int  # the reward it would have had, not minted
@@ -227,7 +246,7 @@ class ParticipantOutcome:
     caught: str  # "" | "dispute" | "sprt"
     reputation_before: int  # ppm
     reputation_after: int  # ppm
-    weight_after: int
+    weight_after: int  # in the participants table after this settlement (rules.weight_cuts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ Every decision the state machine takes (:mod:`~gonka_p2p.ledger.tx_rules`,
 lookup lives here, as a small function of plain values: how many coins an
 inference locks, what it costs, when it expires, when an epoch ends, which
 timestamps are fresh, whom a weighted draw picks (one rule,
-:func:`weighted_pick`, for a TA's executor and a dispute's committee alike).
+:func:`weighted_pick`, for a TA's executor and a dispute's committee alike;
+the dispute's own rules are in :mod:`~gonka_p2p.ledger.disputes`).
 None of them reads or writes state, so
 each is tested on its own against its specification (tests/test_ledger_state.py)
 and can be quoted in a dispute.
@@ -39,9 +40,10 @@ belongs to the epoch in which it closed (settled or expired).
    so P(nobody checks) = prod_v (1 - p)^(w_v / W) = (1 - p)^(sum w_v / W) =
    1 - p: at least one validator checks with probability exactly p, and a
    validator's share of the checks grows with its weight.
-4. A failed check opens a dispute; a committee (:func:`draw_committee`)
-   votes until :func:`dispute_deadline`; :func:`dispute_outcome` is the
-   weighted majority of votes cast.
+4. Only a validator whose duty covers the inference can fail it; the failure
+   opens a dispute that committees drawn later settle by a majority of all
+   their seats (:mod:`~gonka_p2p.ledger.disputes`, with the probability
+   argument); the outcome sanctions the executor or costs the accuser.
 5. After the epoch ends (:func:`seed_reveal_open`) each validator reveals
    its seed; the ledger recomputes its duties: a duty without a check is
    skipped work (:func:`forfeit_reasons`).
@@ -74,7 +76,6 @@ DUTY_SCALE = 2**64  # duty draws are 64-bit integers; a threshold of DUTY_SCALE 
 SEED_BYTES = 32
 _DUTY_DOMAIN = b"gonka-p2p/validation-duty/v1\x00"
 _SEED_DOMAIN = b"gonka-p2p/validation-seed/v1\x00"
-_COMMITTEE_DOMAIN = b"gonka-p2p/dispute-committee/v1\x00"
 _EXECUTOR_DOMAIN = b"gonka-executor-choice"
 
 # base58 payload of a secp256k1 peer id: identity multihash (0x00, len 37) of
@@ -207,15 +208,10 @@ def validation_deadline(epoch: int, params: Params) -> int:
     return epoch_last_height(epoch, params) + params.validation_window_blocks
 
 
-def dispute_deadline(opened_height: int, params: Params) -> int:
-    """The last height whose block may carry a DisputeVote; the dispute resolves at its end."""
-    return opened_height + params.dispute_voting_blocks
-
-
 def settlement_height(epoch: int, params: Params) -> int:
-    """Where ``epoch`` settles: after its validation window and the voting of a dispute opened
+    """Where ``epoch`` settles: after its validation window and every round of a dispute opened
     in the window's last block. Genesis bounds it to at most one epoch after the epoch's end."""
-    return validation_deadline(epoch, params) + params.dispute_voting_blocks
+    return validation_deadline(epoch, params) + params.dispute_span_blocks
 
 
 def epoch_settled_at(height: int, params: Params) -> int | None:
@@ -370,41 +366,14 @@ def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inferen
     return peer
 
 
-def draw_committee(candidates: Mapping[str, int], block_hash: bytes, inference_id: bytes,
-                   size: int) -> tuple[str, ...]:
-    """Up to ``size`` distinct validators drawn by weight, without replacement: round r is a
-    :func:`weighted_pick` among those not yet drawn, from the hash of the block that opened
-    the dispute, the inference id and r."""
-    pool = {peer: w for peer, w in candidates.items() if w > 0}
-    chosen: list[str] = []
-    for round_ in range(min(size, len(pool))):
-        draw = hashlib.sha256(_COMMITTEE_DOMAIN + block_hash + inference_id
-                              + round_.to_bytes(4, "big")).digest()
-        peer = weighted_pick(pool, draw)
-        assert peer is not None
-        chosen.append(peer)
-        del pool[peer]
-    return tuple(chosen)
-
-
 # --------------------------------------------------------------------------- disputes
 
 
 class DisputeOutcome(StrEnum):
-    OPEN = "open"  # voting
-    INVALID = "invalid"  # a weighted majority of the votes cast found the work invalid
-    VALID = "valid"  # a weighted majority found it valid: the accusation is overturned
-    UNDECIDED = "undecided"  # no votes, or a tie: the executor keeps the benefit of the doubt
-
-
-def dispute_outcome(invalid_weight: int, valid_weight: int) -> DisputeOutcome:
-    """A strict weighted majority of the votes cast decides; no majority leaves the work paid."""
-    assert invalid_weight >= 0 and valid_weight >= 0
-    if invalid_weight > valid_weight:
-        return DisputeOutcome.INVALID
-    if valid_weight > invalid_weight:
-        return DisputeOutcome.VALID
-    return DisputeOutcome.UNDECIDED
+    OPEN = "open"  # drawing or voting
+    INVALID = "invalid"  # a strict majority of ALL the committee's seats found the work invalid
+    VALID = "valid"  # at least half of all seats found it valid: the accusation is overturned
+    UNDECIDED = "undecided"  # its last round closed with neither: nobody is judged by it
 
 
 def verdict_is_consistent(valid: bool, suspicious: bool, failure_flags: int) -> bool:
@@ -427,12 +396,13 @@ class Observation(IntEnum):
 def inference_observation(dispute: DisputeOutcome | None,
                           passes: Sequence[tuple[int, bool]]) -> Observation | None:
     """One observation per checked inference. ``passes``: (weight, suspicious) of each passing
-    check. A dispute decides: invalid is a failure, anything else is clean (a false accusation
-    costs the executor nothing). Otherwise the inference is suspicious when checkers holding a
-    weighted majority say so. None when nobody checked it."""
+    check. A decided dispute decides: invalid is a failure, valid is clean (a false accusation
+    costs the executor nothing). Otherwise (no dispute, or an UNDECIDED one, which proves
+    nothing either way) the inference is suspicious when checkers holding a weighted majority
+    of the passes say so. None when nobody passed it."""
     if dispute is DisputeOutcome.INVALID:
         return Observation.FAILED
-    if dispute is not None:
+    if dispute is DisputeOutcome.VALID:
         return Observation.CLEAN
     if not passes:
         return None
@@ -486,12 +456,12 @@ def miss_rate_exceeded(missed: int, completed: int, params: Params) -> bool:
 
 
 def reputation_after_epoch(reputation_ppm: int, *, caught: bool, missed_too_many: bool,
-                           clean: bool, params: Params) -> int:
-    """Proven cheating or too many misses: 0. A clean epoch (work done, checked, nothing
-    wrong): +1/N, rounded up so that exactly N clean epochs reach 1, capped at 1. Otherwise
+                           overturned: bool, clean: bool, params: Params) -> int:
+    """Proven cheating, too many misses, or an accusation a committee overturned: 0. A clean
+    epoch (work done, checked, nothing wrong): +1/N, rounded up so that exactly N clean epochs reach 1, capped at 1. Otherwise
     (no checked work): unchanged."""
     assert 0 <= reputation_ppm <= PPM
-    if caught or missed_too_many:
+    if caught or missed_too_many or overturned:
         return 0
     if clean:
         return min(PPM, reputation_ppm + -(-PPM // params.reputation_growth_epochs))
@@ -507,17 +477,24 @@ class Forfeit(StrEnum):
     NO_REVEAL = "no_reveal"  # it committed a seed but never revealed it
     NO_COMMIT = "no_commit"  # it held weight but committed no seed: it validated nothing
     VOUCHED_INVALID = "vouched_invalid"  # it passed work that a dispute proved invalid
+    OVERTURNED = "overturned"  # it failed work that a dispute found valid
 
 
 def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, skipped: int,
-                    missed_votes: int, caught: bool, vouched_invalid: int = 0) -> tuple[Forfeit, ...]:
+                    missed_votes: int, caught: bool, vouched_invalid: int = 0,
+                    overturned: int = 0) -> tuple[Forfeit, ...]:
     """Every reason this participant loses its epoch reward (empty: it is paid).
 
     ``vouched_invalid``: its checks that passed work a dispute then proved invalid. A
     validator that rubber-stamps a partner's cheating saves the compute of a check;
     losing its epoch reward when an honest check and the committee expose the cheat
     makes that a losing bet. An honest validator re-running the pinned model passes
-    invalid work only on a numeric near-tie, which the calibrated margins make rare."""
+    invalid work only on a numeric near-tie, which the calibrated margins make rare.
+
+    ``overturned``: its failed checks of work a committee found valid. Symmetrically, an
+    accusation of honest work forfeits the accuser's whole epoch reward (and its reputation,
+    :func:`reputation_after_epoch`), while convicting honest work needs a committee majority
+    a coalition below 1/3 draws with probability <= 2.1e-8: framing never pays in expectation."""
     reasons = []
     if caught:
         reasons.append(Forfeit.CAUGHT)
@@ -531,6 +508,8 @@ def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, 
         reasons.append(Forfeit.NO_COMMIT)
     if vouched_invalid:
         reasons.append(Forfeit.VOUCHED_INVALID)
+    if overturned:
+        reasons.append(Forfeit.OVERTURNED)
     return tuple(reasons)
 
 

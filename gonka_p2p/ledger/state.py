@@ -443,7 +443,7 @@ class LedgerState:
                     self.checks.delete((iid, validator))
                 dispute = self.disputes.get(iid)
                 if dispute is not None:
-                    for member in dispute.committee:
+                    for member in dispute.members:
                         if (iid, member) in self.votes:
                             self.votes.delete((iid, member))
                     self.disputes.delete(iid)

@@ -80,7 +80,8 @@ class Codec(Generic[V]):
 
 _FROM_WIRE: dict[str, Callable[[Any], Any]] = {  # msgpack gives lists and str
     "addrs": tuple, "models": tuple, "status": InferenceStatus, "payout": Payout,
-    "committee": tuple, "outcome": DisputeOutcome, "forfeit": tuple,
+    "committee": tuple, "seats": tuple, "members": tuple, "missed": tuple, "outcome": DisputeOutcome,
+    "forfeit": tuple,
     "validators": lambda v: tuple((str(p), int(w)) for p, w in v),
     "refunds": lambda v: tuple((str(c), int(a)) for c, a in v),
     "participants": lambda v: tuple(_OUTCOME_CODEC.decode(row) for row in v),

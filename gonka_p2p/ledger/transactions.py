@@ -101,6 +101,7 @@ class Reason(StrEnum):
     CONFLICT_OF_INTEREST = "conflict_of_interest"  # the validator executed or routed it
     ALREADY_CLAIMED = "already_claimed"  # the validator revealed its seed for the epoch
     DUPLICATE_VALIDATION = "duplicate_validation"
+    NOT_A_DUTY = "not_a_duty"  # a failing check whose seed gives its signer no duty on the inference
     INCONSISTENT_VERDICT = "inconsistent_verdict"  # valid with failure flags, or failed without
     NO_DISPUTE = "no_dispute"
     VOTING_CLOSED = "voting_closed"
@@ -249,12 +250,14 @@ class RevealValidationSeed(Message):
 
 @dataclass(frozen=True)
 class Validation(Message):
-    """Signed by a validator: its verdict on a settled inference. A failed one opens a dispute."""
+    """Signed by a validator: its verdict on a settled inference. A failed one opens a dispute
+    and must carry the signer's epoch seed (empty for a pass), proving the check was its duty."""
 
     KIND = "tx_validation"
     chain_id: str = bounded(max_len=64)
     inference_id: bytes = bounded(max_len=HASH_BYTES)
     verdict: VerdictStats
+    seed: bytes = bounded(max_len=HASH_BYTES)
     sequence: int = bounded(min_value=0)
 
 

@@ -32,16 +32,20 @@ exact next ``sequence``, and bumps that sequence when accepted)::
     CommitValidationSeed(e, c)     during epoch e-1, signer has weight: commitment[e, signer] = c
     RevealValidationSeed(e, seed)  after epoch e ends, before it settles, H(e, signer, seed)
                                    == commitment: seed stored, duties recomputed and counted
-    Validation(id, verdict)        id SETTLED in epoch e, window open, signer committed for e,
+    Validation(id, verdict, seed)  id SETTLED in epoch e, window open, signer committed for e,
                                    not its executor nor TA, not yet revealed: check[id, signer];
-                                   a failed verdict opens dispute[id] (committee drawn by
-                                   weight from this block's hash)
-    DisputeVote(id, verdict)       signer on dispute[id]'s committee, before its deadline:
-                                   vote[id, signer]; the last vote resolves it
+                                   a failed verdict must carry the seed that opens the signer's
+                                   commitment and gives it the duty on id (a pass carries none);
+                                   it opens dispute[id], whose committee is drawn later
+    DisputeVote(id, verdict)       signer on the current committee of open dispute[id]:
+                                   vote[id, signer]; a majority of all seats resolves it
     SubmitEvidence(offender, two   anyone: both votes signed by offender, one (height, round,
                    votes)              type), two blocks, offender weighted in that epoch, not
                                    older than evidence_max_age_blocks, not yet punished:
                                    reputation 0 now; weight and reward lost at settlement
+
+A dispute's rounds (``rules`` module docstring, "Verification economics" 4) are
+driven by :func:`advance_dispute` at the end of the blocks its ``deadline`` names.
 
 Who sends what: a TA submits ``StartInference`` as soon as it has routed the
 request, the executor ``FinishInference`` when done -- in either order. A
@@ -51,7 +55,7 @@ validator (every participant with weight), each epoch e:
    submit ``CommitValidationSeed(epoch=e, commitment=seed_commitment(e, me, seed))``;
 2. during epoch e, for each inference that settles (and any it missed):
    ``state.is_validation_duty(iid, me, seed)``; if so fetch the artifacts,
-   verify, submit ``Validation(inference_id, verdict_stats(verdict))`` before
+   verify, submit ``Validation(inference_id, verdict_stats(verdict), seed if failed else b"")`` before
    ``rules.validation_deadline(e)`` (``state.validation_duties(e, me, seed)``
    lists them all);
 3. whenever ``state.open_disputes_for(me)`` names a dispute: verify and submit
@@ -69,6 +73,7 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
+from gonka_p2p.ledger.disputes import dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee
 from gonka_p2p.ledger.consensus_types import vote_sign_bytes
 from gonka_p2p.ledger.genesis import MAX_ADDR_LEN
 from gonka_p2p.ledger.records import (
@@ -392,7 +397,8 @@ def _verdict_checked(verdict: VerdictStats) -> None:
 @rule_for(Validation)
 def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Validation],
                        signer: str, apply: bool) -> str:
-    """A committed validator records its verdict on a settled inference; a failure opens a dispute."""
+    """A committed validator records its verdict on a settled inference; a failure, which must
+    prove the duty, opens a dispute."""
     tx = signed.message
     _verdict_checked(tx.verdict)
     record = _inference_to_check(state, ctx, tx.inference_id)
@@ -409,6 +415,10 @@ def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Val
         raise TxRejected(Reason.ALREADY_CLAIMED, f"its seed for epoch {epoch} is revealed: duties closed")
     if (iid, signer) in state.checks:
         raise TxRejected(Reason.DUPLICATE_VALIDATION, f"it already checked {iid.hex()}")
+    if tx.verdict.valid and tx.seed:
+        raise TxRejected(Reason.MALFORMED, "a passing check carries no seed (its duty counts at the reveal)")
+    if not tx.verdict.valid:
+        _duty_proven(state, iid, epoch, signer, commitment, tx.seed)
     if not apply:
         return "would record the check"
     state.add_check(iid, signer, Check.of(tx.verdict, ctx.height))
@@ -416,21 +426,26 @@ def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Val
         return f"{iid.hex()} checked: valid"
     if iid in state.disputes:
         return f"{iid.hex()} checked: invalid (already disputed)"
-    candidates = state.validation_candidates(iid)
-    candidates.pop(signer)
-    committee = draw_committee(candidates, ctx.block_hash, iid, state.params.dispute_committee_size)
-    state.open_dispute(iid, Dispute(epoch=epoch, executor=record.executor, accuser=signer,
-                                    opened_height=ctx.height,
-                                    deadline=dispute_deadline(ctx.height, state.params),
-                                    committee=committee))
-    _resolve_if_complete(state, ctx, iid)
-    return f"{iid.hex()} checked: invalid; dispute opened, committee {', '.join(committee) or 'empty'}"
+    draw = dispute_draw_height(ctx.height, state.params)
+    state.open_dispute(iid, Dispute(epoch=epoch, executor=record.executor, ta=record.ta, accuser=signer,
+                                    opened_height=ctx.height, draw_height=draw, deadline=draw))
+    return f"{iid.hex()} checked: invalid; dispute opened, its committee is drawn at the end of height {draw}"
+
+
+def _duty_proven(state: LedgerState, iid: bytes, epoch: int, signer: str, commitment: SeedCommitment,
+                 seed: bytes) -> None:
+    """Only a duty can fail work: the seed must open the signer's commitment for the epoch
+    (fixed before the epoch's inferences existed) and must make ``iid`` its duty."""
+    if len(seed) != SEED_BYTES or seed_commitment(epoch, signer, seed) != commitment.commitment:
+        raise TxRejected(Reason.SEED_MISMATCH, "a failing check carries the seed its commitment opens")
+    if not state.is_validation_duty(iid, signer, seed):
+        raise TxRejected(Reason.NOT_A_DUTY, f"its seed gives it no duty on {iid.hex()}: it cannot fail it")
 
 
 @rule_for(DisputeVote)
 def process_dispute_vote(state: LedgerState, ctx: BlockContext, signed: Signed[DisputeVote],
                          signer: str, apply: bool) -> str:
-    """A committee member's re-check of a disputed inference; the last vote resolves it."""
+    """A committee member's re-check of a disputed inference; a majority of all seats resolves it."""
     tx = signed.message
     _verdict_checked(tx.verdict)
     if len(tx.inference_id) != HASH_BYTES:
@@ -439,48 +454,41 @@ def process_dispute_vote(state: LedgerState, ctx: BlockContext, signed: Signed[D
     dispute = state.disputes.get(iid)
     if dispute is None:
         raise TxRejected(Reason.NO_DISPUTE, f"inference {iid.hex()} is not disputed")
-    if dispute.outcome is not DisputeOutcome.OPEN or ctx.height > dispute.deadline:
+    if dispute.outcome is not DisputeOutcome.OPEN:
         raise TxRejected(Reason.VOTING_CLOSED, f"the dispute on {iid.hex()} is {dispute.outcome}")
     if signer not in dispute.committee:
-        raise TxRejected(Reason.NOT_ON_COMMITTEE, f"not on the committee of {iid.hex()}")
+        raise TxRejected(Reason.NOT_ON_COMMITTEE, f"not on the current committee of {iid.hex()}")
     if (iid, signer) in state.votes:
         raise TxRejected(Reason.DUPLICATE_VOTE, f"it already voted on {iid.hex()}")
     if apply:
         state.votes.put((iid, signer), Check.of(tx.verdict, ctx.height))
-        _resolve_if_complete(state, ctx, iid)
+        _resolve_if_decided(state, ctx, iid)
     return f"vote on {iid.hex()}: {'valid' if tx.verdict.valid else 'invalid'}"
 
 
-def _resolve_if_complete(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
-    dispute = state.disputes.rows[iid]
-    if all((iid, member) in state.votes for member in dispute.committee):
-        resolve_dispute(state, ctx, iid)
-
-
-def resolve_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
-    """Tally the committee's votes by the epoch's weights; a strict majority of votes cast decides.
+def advance_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
+    """The step an open dispute takes at the end of its ``deadline`` height: draw the round's
+    committee, or close a round that ended undecided (a fresh round, or UNDECIDED after the last).
 
     Proven invalid work sanctions its executor at once, not at settlement: weight and
     reputation drop to 0, so transfer agents stop drawing it for new clients and it
     holds no seat in a validator set chosen from now on. Its fees and reward are
     judged at settlement, with the rest of its epoch."""
     dispute = state.disputes.rows[iid]
-    assert dispute.outcome is DisputeOutcome.OPEN
-    weights = state.epochs.rows[dispute.epoch].weights
     invalid = valid = 0
-    for member in dispute.committee:
+    for member, seats in zip(dispute.committee, dispute.seats, strict=True):
         vote = state.votes.get((iid, member))
         if vote is not None:
             if vote.valid:
-                valid += weights[member]
+                valid += seats
             else:
                 invalid += weights[member]
     outcome = dispute_outcome(invalid, valid)
     state.disputes.put(iid, replace(dispute, outcome=outcome, invalid_weight=invalid, valid_weight=valid,
                                     resolved_height=ctx.height))
     if outcome is DisputeOutcome.INVALID:
-        executor = state.inferences.rows[iid].executor
-        state.registry.put(executor, replace(state.registry.rows[executor], weight=0, reputation_ppm=0))
+        executor = state.registry.rows[dispute.executor]
+        state.registry.put(dispute.executor, replace(executor, reputation_ppm=0, sanctioned=True))
 
 
 @rule_for(SubmitEvidence)
