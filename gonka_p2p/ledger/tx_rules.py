@@ -87,12 +87,9 @@ from gonka_p2p.ledger.records import (
     SeedCommitment,
 )
 from gonka_p2p.ledger.rules import (
-    choose_executor,
     SEED_BYTES,
     DisputeOutcome,
-    dispute_deadline,
-    dispute_outcome,
-    draw_committee,
+    choose_executor,
     epoch_of,
     escrow_for,
     held_finish_deadline,
@@ -470,10 +467,39 @@ def advance_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
     """The step an open dispute takes at the end of its ``deadline`` height: draw the round's
     committee, or close a round that ended undecided (a fresh round, or UNDECIDED after the last).
 
-    Proven invalid work sanctions its executor at once, not at settlement: weight and
-    reputation drop to 0, so transfer agents stop drawing it for new clients and it
-    holds no seat in a validator set chosen from now on. Its fees and reward are
-    judged at settlement, with the rest of its epoch."""
+    Seats are drawn over the epoch's whole validator set, from this block's hash; the seats of
+    the executor, the TA, the accuser and anyone sanctioned since are recused (they still count
+    in the total a conviction needs a strict majority of). A member's vote from an earlier
+    round counts again if it is redrawn; a member that leaves a round's seats empty is missed."""
+    dispute = state.disputes.rows[iid]
+    assert dispute.outcome is DisputeOutcome.OPEN and dispute.deadline == ctx.height
+    p = state.params
+    if not dispute.voting:
+        recused = {dispute.executor, dispute.ta, dispute.accuser}
+        seated = [(peer, seats) for peer, seats in draw_committee(
+            state.epoch_validators(dispute.epoch), ctx.block_hash, iid, dispute.rounds - 1,
+            p.dispute_committee_size)
+            if peer not in recused and not state.registry.rows[peer].sanctioned]
+        committee = tuple(peer for peer, _ in seated)
+        state.open_dispute(iid, replace(
+            dispute, committee=committee, seats=tuple(seats for _, seats in seated),
+            members=tuple(sorted(set(dispute.members) | set(committee))),
+            deadline=dispute_deadline(ctx.height - p.dispute_draw_delay_blocks, p)))
+        _resolve_if_decided(state, ctx, iid)
+        return
+    silent = [member for member in dispute.committee if (iid, member) not in state.votes]
+    missed = tuple(sorted(dispute.missed + tuple(silent)))
+    if dispute.rounds < p.dispute_max_rounds:
+        draw = dispute_draw_height(ctx.height, p)
+        state.open_dispute(iid, replace(dispute, rounds=dispute.rounds + 1, committee=(), seats=(),
+                                        missed=missed, draw_height=draw, deadline=draw))
+        return
+    invalid, valid = _seats_voted(state, iid)
+    _resolve(state, ctx, iid, replace(dispute, missed=missed), DisputeOutcome.UNDECIDED, invalid, valid)
+
+
+def _seats_voted(state: LedgerState, iid: bytes) -> tuple[int, int]:
+    """(seats voting invalid, seats voting valid) on the current committee."""
     dispute = state.disputes.rows[iid]
     invalid = valid = 0
     for member, seats in zip(dispute.committee, dispute.seats, strict=True):
@@ -482,9 +508,24 @@ def advance_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
             if vote.valid:
                 valid += seats
             else:
-                invalid += weights[member]
-    outcome = dispute_outcome(invalid, valid)
-    state.disputes.put(iid, replace(dispute, outcome=outcome, invalid_weight=invalid, valid_weight=valid,
+                invalid += seats
+    return invalid, valid
+
+
+def _resolve_if_decided(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
+    invalid, valid = _seats_voted(state, iid)
+    outcome = dispute_outcome(invalid, valid, state.params.dispute_committee_size)
+    if outcome is not DisputeOutcome.UNDECIDED:
+        _resolve(state, ctx, iid, state.disputes.rows[iid], outcome, invalid, valid)
+
+
+def _resolve(state: LedgerState, ctx: BlockContext, iid: bytes, dispute: Dispute, outcome: DisputeOutcome,
+             invalid: int, valid: int) -> None:
+    """Record the outcome. Proven invalid work sanctions its executor at once: transfer agents
+    stop drawing it and committees recuse its seats, and its reputation drops to 0 (so what it
+    still settles is checked). Its weight -- voting power -- falls only at settlement, bounded
+    (``rules.weight_cuts``); its fees and reward are judged there, with the rest of its epoch."""
+    state.disputes.put(iid, replace(dispute, outcome=outcome, invalid_seats=invalid, valid_seats=valid,
                                     resolved_height=ctx.height))
     if outcome is DisputeOutcome.INVALID:
         executor = state.registry.rows[dispute.executor]
