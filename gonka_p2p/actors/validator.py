@@ -208,9 +208,16 @@ class ValidatorActor:
             self._done.setdefault(epoch, set()).add((what, inference_id))
             return
         self.checked += 1
-        kind = DisputeVote if dispute else Validation
-        self._once(epoch, (what, inference_id), lambda s: seal(kind(
-            chain_id=self._chain_id, inference_id=inference_id, verdict=verdict, sequence=s), self._key))
+        proof = b"" if verdict.valid else self.seed(epoch)  # a failing check shows it was a duty
+
+        def build(s: int) -> bytes:
+            if dispute:
+                return seal(DisputeVote(chain_id=self._chain_id, inference_id=inference_id, verdict=verdict,
+                                        sequence=s), self._key)
+            return seal(Validation(chain_id=self._chain_id, inference_id=inference_id, verdict=verdict,
+                                   seed=proof, sequence=s), self._key)
+
+        self._once(epoch, (what, inference_id), build)
 
     async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | None:
         """Fetch, re-run and judge one inference: a failure when the executor's evidence is
