@@ -62,6 +62,7 @@ from gonka_p2p.wire.messages import (  # noqa: E402
     InferenceRequest,
     InferenceStarted,
     TokenBatch,
+    inference_id,
 )
 from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC  # noqa: E402
 from gonka_p2p.wire.schema import WireError  # noqa: E402
@@ -171,7 +172,7 @@ class Worker:
 
     async def _serve_rpc(self, opener: str, frame: bytes, send: SendFrame) -> None:
         request = open_envelope(frame, InferenceRequest)
-        await send(seal(InferenceStarted(inference_id=request.digest, ta=opener,
+        await send(seal(InferenceStarted(inference_id=inference_id(request), ta=opener,
                                          prompt_tokens=12), self.key))
 
     async def command(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +324,7 @@ class Driver:
 
         async def round_trip(i: int) -> None:
             t0 = time.perf_counter()
-            frame = build_request(client, [("user", "What is the capital of France?")])
+            frame = build_request(client, [("user", "What is the capital of France?")], "netbench")
             peer = self.workers[i % len(self.workers)].peer_id
             open_envelope(await self.service.request(peer, RPC_PROTOCOL, frame), InferenceStarted)
             latencies.append((time.perf_counter() - t0) * 1000)

@@ -23,9 +23,10 @@ async def main() -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chain-id", help="sign for this network only (default: the one the TA states)")
     args = parser.parse_args()
     try:
-        async with await GonkaClient.connect(args.bootstrap) as client:
+        async with await GonkaClient.connect(args.bootstrap, chain_id=args.chain_id) as client:
             completion = await client.chat(
                 [("user", args.prompt)], on_text=lambda t: print(t, end="", flush=True),
                 model=args.model, max_tokens=args.max_tokens, temperature=args.temperature,

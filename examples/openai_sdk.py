@@ -33,11 +33,12 @@ def main() -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chain-id", help="sign for this network only (default: the one the gateway states)")
     args = parser.parse_args()
 
     key = Keypair.load_or_create(Path(args.key))
     client = openai.OpenAI(base_url=args.base_url, api_key="unused",
-                           http_client=httpx.Client(auth=GonkaAuth(key)))
+                           http_client=httpx.Client(auth=GonkaAuth(key, args.chain_id)))
     usage = None
     try:
         stream = client.chat.completions.create(

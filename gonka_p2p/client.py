@@ -15,6 +15,14 @@ Use::
                 print(event.text, end="")
         print((await client.balance()).balance)   # the ledger, as the node's replica sees it
 
+Which network: a request signs its chain id, and is good on that network
+only. A client given ``chain_id`` signs for it (a pin: a TA of another
+network refuses its requests with ``wrong_chain`` and nothing is charged
+there); without one it signs for the chain id the TA states in its signed
+:class:`NetworkInfo`, asked once. The pin matters to a key funded on several
+networks: a lying TA could otherwise have it sign for, and be charged on,
+another one. The CLI and the demo pin the genesis's chain id.
+
 The ledger calls (:meth:`GonkaClient.status`, :meth:`~GonkaClient.balance`,
 :meth:`~GonkaClient.inference`, :meth:`~GonkaClient.app_hash`,
 :meth:`~GonkaClient.submit_tx`) ask the node's replica over
@@ -49,9 +57,11 @@ from gonka_p2p.ledger.query import (
 )
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (
+    NONCE_BYTES,
     ChatTurn,
     InferenceRequest,
     NetworkInfo,
+    inference_id,
 )
 from gonka_p2p.wire.protocols import INFER_PROTOCOL, INFO_PROTOCOL, QUERY_PROTOCOL
 from gonka_p2p.wire.schema import Message, WireError
@@ -98,6 +108,7 @@ class Completion:
 def build_request(
     key: Keypair,
     messages: list[tuple[str, str]],
+    chain_id: str,
     model: str = DEFAULT_MODEL,
     max_tokens: int = 128,
     temperature: float = 0.0,
@@ -105,24 +116,27 @@ def build_request(
     top_k: int = 0,
     logprobs_k: int = 5,
 ) -> bytes:
-    """A signed InferenceRequest envelope (fresh nonce, current time)."""
+    """A signed InferenceRequest envelope for network ``chain_id`` (fresh nonce, current time)."""
     return seal(InferenceRequest(
-        model=model, messages=[ChatTurn(role=r, content=c) for r, c in messages],
+        chain_id=chain_id, model=model, messages=[ChatTurn(role=r, content=c) for r, c in messages],
         max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-        logprobs_k=logprobs_k, timestamp_ms=int(time.time() * 1000), nonce=os.urandom(16),
+        logprobs_k=logprobs_k, timestamp_ms=int(time.time() * 1000), nonce=os.urandom(NONCE_BYTES),
     ), key)
 
 
 class GonkaClient:
-    def __init__(self, key: Keypair, service: NetworkService, ta: str, owns_service: bool = False):
+    def __init__(self, key: Keypair, service: NetworkService, ta: str, owns_service: bool = False,
+                 chain_id: str | None = None) -> None:
+        """``chain_id`` pins the network requests are signed for; None: the TA's (see module doc)."""
         self.key = key
         self.service = service
         self.ta = ta
         self._owns_service = owns_service
+        self._chain_id = chain_id
 
     @classmethod
     async def connect(cls, bootstrap: str, key: Keypair | None = None,
-                      listen: str = "/ip4/127.0.0.1/tcp/0") -> GonkaClient:
+                      listen: str = "/ip4/127.0.0.1/tcp/0", chain_id: str | None = None) -> GonkaClient:
         """Start a libp2p host for this client and dial the TA at ``bootstrap``."""
         from gonka_p2p.gossip.libp2p_service import Libp2pService
 
@@ -134,7 +148,7 @@ class GonkaClient:
         except NetworkError as e:
             await service.stop()
             raise NetworkUnavailable(f"cannot reach the bootstrap peer {bootstrap}: {e}") from None
-        return cls(key, service, ta, owns_service=True)
+        return cls(key, service, ta, owns_service=True, chain_id=chain_id)
 
     async def close(self) -> None:
         if self._owns_service:
@@ -148,14 +162,23 @@ class GonkaClient:
 
     async def network_info(self) -> dict[str, list[str]]:
         """Live executors the TA knows, with the models each serves."""
+        info = await self._network_info()
+        return dict(zip(info.executors, info.executor_models))
+
+    async def chain_id(self) -> str:
+        """The network this client signs requests for: the pinned one, else the TA's (asked once)."""
+        if self._chain_id is None:
+            self._chain_id = (await self._network_info()).chain_id
+        return self._chain_id
+
+    async def _network_info(self) -> NetworkInfo:
         try:
             frame = await self.service.request(self.ta, INFO_PROTOCOL, b"", timeout=10.0)
-            info = open_envelope(frame, NetworkInfo).message
+            return open_envelope(frame, NetworkInfo).message
         except (NetworkError, TimeoutError) as e:
             raise NetworkUnavailable(f"TA {self.ta} did not answer: {e}") from None
         except WireError as e:
             raise ProtocolViolation(f"TA sent a bad info frame: {e}") from None
-        return dict(zip(info.executors, info.executor_models))
 
     async def status(self) -> StatusReply:
         """The node's view of the ledger: chain, height, epoch, app hash, participants."""
@@ -204,14 +227,14 @@ class GonkaClient:
         self, messages: list[tuple[str, str]], *, timeout: float = 120.0, **params: object
     ) -> AsyncIterator[StreamEvent]:
         """Send a chat request; yield verified events until the answer is complete."""
-        request = build_request(self.key, messages, **params)  # type: ignore[arg-type]
+        request = build_request(self.key, messages, await self.chain_id(), **params)  # type: ignore[arg-type]
         async for event in self.stream_request(request, timeout=timeout):
             yield event
 
     async def stream_request(self, request: bytes, timeout: float = 120.0
                              ) -> AsyncIterator[StreamEvent]:
         """Stream an already signed request envelope (lets callers keep the exact bytes)."""
-        verifier = StreamVerifier(open_envelope(request, InferenceRequest).digest)
+        verifier = StreamVerifier(inference_id(open_envelope(request, InferenceRequest)))
         try:
             async for frame in self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout):
                 event = verifier.accept(frame)

@@ -183,7 +183,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
             clients = []
             for node in procs:
                 ta = await client_service.connect(node.addr)
-                clients.append(GonkaClient(client_key, client_service, ta))
+                clients.append(GonkaClient(client_key, client_service, ta, chain_id=network.genesis.chain_id))
             task = progress.add_task("waiting until every TA sees the executors", total=1)
             for client in clients:
                 await _wait_for_executors(client, nodes - 1, model)

@@ -60,8 +60,8 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.wire.envelope import seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
+from gonka_p2p.wire.envelope import Signed, seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 
 from sim.chain import BLOCK_MS, Chain
 from sim.metrics import Metrics, Report, report_digest
@@ -188,12 +188,12 @@ class Simulation:
         client = self._traffic.choice(self.roster.clients)
         self._nonce += 1
         request = InferenceRequest(
-            model=MODEL, messages=[ChatTurn(role="user", content="x" * self._traffic.randint(*PROMPT_CHARS))],
+            chain_id=CHAIN_ID, model=MODEL, messages=[ChatTurn(role="user", content="x" * self._traffic.randint(*PROMPT_CHARS))],
             max_tokens=self._traffic.randint(*MAX_TOKENS), temperature=0.7, top_p=1.0, top_k=0,
             logprobs_k=5, timestamp_ms=GENESIS_TIME_MS + height * BLOCK_MS,
             nonce=self._nonce.to_bytes(16, "big"))
         raw = seal(request, client)
-        iid = digest(raw)
+        iid = inference_id(Signed(request, client.public_key, raw))  # signed here: no need to verify
         weights = {p: w for p, w in self.chain.state.weights().items() if self.peers[p].online[epoch]}
         try:
             executor = self.peers[choose_executor(weights, frozenset({ta.peer_id}), iid, 0)]

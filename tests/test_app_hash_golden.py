@@ -16,7 +16,6 @@ fixed, so the bytes of every block are too.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 from gonka_p2p.identity import Keypair
@@ -37,8 +36,8 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.wire.envelope import seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
 
 CHAIN = "gonka-golden"
@@ -112,7 +111,7 @@ class Driver:
 
     def request(self, client: str, max_tokens: int = 20) -> bytes:
         self.nonce += 1
-        return seal(InferenceRequest(model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+        return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
                                      max_tokens=max_tokens, temperature=0.7, top_p=1.0, top_k=0,
                                      logprobs_k=5, timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")),
                     KEYS[client])
@@ -122,7 +121,7 @@ class Driver:
                                                       executor=PEER[executor], sequence=n))
 
     def finish(self, request: bytes, executor: str, prompt: int = 10, completion: int = 5) -> bytes:
-        iid = hashlib.sha256(request).digest()
+        iid = inference_id(open_envelope(request, InferenceRequest))
         return self.sign(executor, lambda n: FinishInference(
             chain_id=CHAIN, inference_id=iid, prompt_tokens=prompt, completion_tokens=completion,
             response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))
@@ -167,7 +166,7 @@ def run_sequence() -> Driver:
     d.until(10)
     # Epoch 1: every order of Start and Finish, an expiry, honest and cheating executors.
     req = [d.request(c) for c in ("alice", "bob", "alice", "bob", "alice", "bob")]
-    iid = [hashlib.sha256(r).digest() for r in req]
+    iid = [inference_id(open_envelope(r, InferenceRequest)) for r in req]
     d.ok(d.start(req[0], "ex"), d.finish(req[0], "ex", 12, 8),
          d.start(req[1], "cheat"), d.finish(req[1], "cheat", 9, 20),
          d.finish(req[2], "newbie", 10, 3),  # held: its Start comes in the next block

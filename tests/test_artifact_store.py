@@ -20,7 +20,7 @@ from gonka_p2p.ledger.records import Inference, InferenceStatus
 from gonka_p2p.ledger.rules import settlement_height
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 
 CLIENT = Keypair.from_seed(b"store-client")
 T0 = 1_700_000_000_000
@@ -32,7 +32,7 @@ GENESIS = devnet_genesis([Keypair.from_seed(b"store-node").public_key], [CLIENT.
 
 
 def request(n: int, timestamp_ms: int = T0) -> Signed[InferenceRequest]:
-    raw = seal(InferenceRequest(model="m", messages=[ChatTurn(role="user", content=f"question {n}")],
+    raw = seal(InferenceRequest(chain_id=GENESIS.chain_id, model="m", messages=[ChatTurn(role="user", content=f"question {n}")],
                                 max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5,
                                 timestamp_ms=timestamp_ms, nonce=n.to_bytes(16, "big")), CLIENT)
     return open_envelope(raw, InferenceRequest)
@@ -41,7 +41,7 @@ def request(n: int, timestamp_ms: int = T0) -> Signed[InferenceRequest]:
 def artifact(req: Signed[InferenceRequest], tokens: int = 4) -> InferenceArtifact:
     steps = tuple(TokenStep(7 + i, -0.5, (7 + i, 1, 2, 3, 4), (-0.5, -1.0, -2.0, -3.0, -4.0))
                   for i in range(tokens))
-    return InferenceArtifact("m", (1, 2, 3), SamplingParams(max_tokens=tokens), req.digest, steps)
+    return InferenceArtifact("m", (1, 2, 3), SamplingParams(max_tokens=tokens), inference_id(req), steps)
 
 
 def size(req: Signed[InferenceRequest], art: InferenceArtifact) -> int:
@@ -90,7 +90,7 @@ async def test_evidence_survives_close_and_reopen(tmp_path: Path) -> None:
     store = await opened(path)
     try:
         for req, art in kept:
-            assert await store.get(req.digest) == (req.raw, art.encode())
+            assert await store.get(inference_id(req)) == (req.raw, art.encode())
         assert len(store) == 2
         assert store.used_bytes == sum(size(r, a) for r, a in kept)
         assert await store.get(b"\0" * 32) is None
@@ -121,27 +121,27 @@ async def test_settlement_prunes_only_evidence_of_settled_epochs(tmp_path: Path)
     stale = request(5, timestamp_ms=T0 - 2 * WINDOW_MS)  # never started, and now never can
     for req in (settled0, settled1, running, unstarted, stale):
         await store.put(req, artifact(req))
-    closed = {settled0.digest: (InferenceStatus.SETTLED, 5), settled1.digest: (InferenceStatus.SETTLED, 12)}
+    closed = {inference_id(settled0): (InferenceStatus.SETTLED, 5), inference_id(settled1): (InferenceStatus.SETTLED, 12)}
 
-    store.on_commit(ledger_at(14, T0, closed, running=(running.digest,)))  # nothing has settled yet
+    store.on_commit(ledger_at(14, T0, closed, running=(inference_id(running),)))  # nothing has settled yet
     assert len(store) == 5
 
-    store.on_commit(ledger_at(15, T0, closed, running=(running.digest,)))  # epoch 0 settles
-    assert await store.get(settled0.digest) is None
-    assert await store.get(stale.digest) is None
+    store.on_commit(ledger_at(15, T0, closed, running=(inference_id(running),)))  # epoch 0 settles
+    assert await store.get(inference_id(settled0)) is None
+    assert await store.get(inference_id(stale)) is None
     for kept in (settled1, running, unstarted):
-        assert await store.get(kept.digest) is not None
+        assert await store.get(inference_id(kept)) is not None
     assert store.used_bytes == sum(size(r, artifact(r)) for r in (settled1, running, unstarted))
     await store.close()
 
     store = await opened(path)  # the pruning reached the disk
     try:
         assert len(store) == 3
-        closed[running.digest] = (InferenceStatus.EXPIRED, 21)
+        closed[inference_id(running)] = (InferenceStatus.EXPIRED, 21)
         store.on_commit(ledger_at(25, T0 + WINDOW_MS, closed))  # epoch 1 settles
-        assert await store.get(settled1.digest) is None
-        assert await store.get(running.digest) is not None  # it closed in epoch 2
-        assert await store.get(unstarted.digest) is not None  # the ledger may still start it
+        assert await store.get(inference_id(settled1)) is None
+        assert await store.get(inference_id(running)) is not None  # it closed in epoch 2
+        assert await store.get(inference_id(unstarted)) is not None  # the ledger may still start it
         store.on_commit(ledger_at(35, T0 + WINDOW_MS + 1, closed))  # epoch 2 settles
         assert len(store) == 0
     finally:
@@ -160,12 +160,12 @@ async def test_a_full_store_refuses_new_evidence_and_evicts_nothing(caplog: pyte
                 await store.put(refused, artifact(refused))
         assert store.full and store.refused == 2
         assert [r.levelno for r in caplog.records] == [logging.ERROR]  # one clear error, not one per refusal
-        assert await store.get(first.digest) is not None
-        assert await store.get(second.digest) is None
+        assert await store.get(inference_id(first)) is not None
+        assert await store.get(inference_id(second)) is None
 
-        store.on_commit(ledger_at(15, T0, {first.digest: (InferenceStatus.SETTLED, 5)}))
+        store.on_commit(ledger_at(15, T0, {inference_id(first): (InferenceStatus.SETTLED, 5)}))
         assert not store.full and store.used_bytes == 0
         await store.put(second, artifact(second))
-        assert await store.get(second.digest) is not None
+        assert await store.get(inference_id(second)) is not None
     finally:
         await store.close()

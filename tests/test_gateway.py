@@ -19,6 +19,7 @@ import openai
 import pytest
 from helpers import start_network
 
+from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
 from gonka_p2p.actors.node import Node, StartupError
 from gonka_p2p.actors.transfer_agent import TransferAgent
 from gonka_p2p.config import ConfigError, NodeConfig, parse_http_address
@@ -223,7 +224,7 @@ class TamperingAuth(GonkaAuth):
     """Signs the body, then changes it: a TA must not answer what the client did not sign."""
 
     def __init__(self, key: Keypair, change: dict[str, Any]) -> None:
-        super().__init__(key)
+        super().__init__(key, ADHOC_CHAIN_ID)
         self.change = change
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -246,7 +247,7 @@ async def test_body_changed_after_signing_is_401(net: Net, change: dict[str, Any
 
 async def test_replayed_signature_is_401(net: Net) -> None:
     body = chat_body()
-    header = base64.b64encode(parse_body("chat", body).sign(CLIENT)).decode()
+    header = base64.b64encode(parse_body("chat", body).sign(CLIENT, ADHOC_CHAIN_ID)).decode()
     async with httpx.AsyncClient() as http:
         first = await http.post(net.url + "/chat/completions", json=body,
                                 headers={REQUEST_HEADER: header})
@@ -296,7 +297,7 @@ async def test_ta_admission_verdicts_keep_their_status(
         return code, "balance 0 is below the escrow of 262 units"
 
     node = net.nodes[0]
-    ta = TransferAgent(node.service, node.key, node.directory, admit=verdict)
+    ta = TransferAgent(node.service, node.key, node.directory, ADHOC_CHAIN_ID, admit=verdict)
     async with serving(Gateway(ta, node.directory)) as url, sdk(url) as client:
         with pytest.raises(openai.APIStatusError) as err:
             await client.chat.completions.create(**chat_body())
@@ -311,7 +312,7 @@ async def test_gateway_at_capacity_is_429_naming_other_tas(net: Net) -> None:
         await release.wait()
 
     node = net.nodes[0]
-    ta = TransferAgent(node.service, node.key, node.directory, admit=slow_admission)
+    ta = TransferAgent(node.service, node.key, node.directory, ADHOC_CHAIN_ID, admit=slow_admission)
     async with serving(Gateway(ta, node.directory, max_in_flight=1)) as url, sdk(url) as client:
         first = asyncio.create_task(client.chat.completions.create(**chat_body()))
         await admitted.wait()
@@ -352,7 +353,7 @@ class WatchedTA(TransferAgent):
 
 async def test_client_hanging_up_cancels_the_route_and_frees_its_slot(net: Net) -> None:
     node = net.nodes[0]
-    ta = WatchedTA(node.service, node.key, node.directory)
+    ta = WatchedTA(node.service, node.key, node.directory, ADHOC_CHAIN_ID)
     async with serving(Gateway(ta, node.directory, max_in_flight=1)) as url, sdk(url) as client:
         stream = await client.chat.completions.create(**chat_body(
             max_tokens=400, temperature=1.0, stream=True))  # long: still running when we leave
@@ -380,7 +381,7 @@ class GreedyTA(TransferAgent):
 
 async def test_frames_altered_by_the_ta_are_refused_with_502(net: Net) -> None:
     node = net.nodes[0]
-    async with serving(Gateway(GreedyTA(node.service, node.key, node.directory),
+    async with serving(Gateway(GreedyTA(node.service, node.key, node.directory, ADHOC_CHAIN_ID),
                                node.directory)) as url, sdk(url) as client:
         with pytest.raises(openai.InternalServerError) as err:
             await client.chat.completions.create(**chat_body())
@@ -407,7 +408,7 @@ def test_body_maps_to_signed_fields_with_openai_defaults() -> None:
     assert req.messages == (("system", "Be brief."), ("user", "a\nb"))
     assert (req.max_tokens, req.temperature, req.top_p) == (DEFAULT_MAX_TOKENS, 1.0, 1.0)
     assert (req.top_logprobs, req.logprobs_k) == (9, 9)
-    signed = open_envelope(req.sign(CLIENT), InferenceRequest).message
+    signed = open_envelope(req.sign(CLIENT, ADHOC_CHAIN_ID), InferenceRequest).message
     assert req.mismatch(signed) is None
     completion = parse_body("completion", {"model": MODEL, "prompt": ["hi"], "max_tokens": 3})
     assert completion.messages == (("user", "hi"),) and completion.logprobs_k == 5

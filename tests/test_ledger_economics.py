@@ -9,7 +9,6 @@ hypothesis); replay a failure with ``ECONOMICS_SEED=<seed> pytest tests/test_led
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import random
@@ -53,8 +52,8 @@ from gonka_p2p.ledger.transactions import (
     verdict_stats,
     withheld_verdict,
 )
-from gonka_p2p.wire.envelope import seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 
 CHAIN = "gonka-econ"
 MODEL = "m"
@@ -125,7 +124,7 @@ class Net:
 
     def request(self, client: str = "alice", max_tokens: int = 20) -> bytes:
         self.nonce += 1
-        return seal(InferenceRequest(model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+        return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
                                      max_tokens=max_tokens, temperature=0.7, top_p=1.0, top_k=0,
                                      logprobs_k=5, timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")),
                     KEYS[client])
@@ -135,7 +134,7 @@ class Net:
                                                       executor=PEER[executor], sequence=n))
 
     def finish(self, request: bytes, executor: str, prompt: int = 10, completion: int = 5) -> bytes:
-        iid = hashlib.sha256(request).digest()
+        iid = inference_id(open_envelope(request, InferenceRequest))
         return self.sign(executor, lambda n: FinishInference(
             chain_id=CHAIN, inference_id=iid, prompt_tokens=prompt, completion_tokens=completion,
             response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))
@@ -171,7 +170,7 @@ class Net:
         """Start and finish an inference in one block; its id."""
         req = self.request(client)
         self.ok(self.start(req, executor, ta), self.finish(req, executor, prompt, completion))
-        return hashlib.sha256(req).digest()
+        return inference_id(open_envelope(req, InferenceRequest))
 
     def settle_epoch_1(self, **check_duties) -> EpochSummary:
         """Every validator checks its epoch-1 duties and reveals; blocks run to settlement."""
@@ -530,7 +529,7 @@ def test_running_work_cannot_be_checked() -> None:
     net = committed_net(everyone=("v1",))
     req = net.request()
     net.ok(net.start(req, "ex"))
-    rejected(net, net.validate("v1", hashlib.sha256(req).digest()), Reason.NOT_VALIDATABLE)
+    rejected(net, net.validate("v1", inference_id(open_envelope(req, InferenceRequest))), Reason.NOT_VALIDATABLE)
 
 
 def test_reveal_recomputes_duties_and_a_validator_that_skipped_one_forfeits_its_reward() -> None:

@@ -104,7 +104,8 @@ async def test_concurrent_requests_cannot_spend_one_balance_twice(nodes: list[No
     balance = nodes[0].replica.state.balance(RICH.peer_id)  # type: ignore[union-attr]
 
     def request(max_tokens: int) -> Signed[InferenceRequest]:
-        return open_envelope(build_request(RICH, [("user", "Hi")], model=MODEL, max_tokens=max_tokens),
+        return open_envelope(build_request(RICH, [("user", "Hi")], GENESIS.chain_id, model=MODEL,
+                                           max_tokens=max_tokens),
                              InferenceRequest)
 
     big = balance * 6 // 10

@@ -48,8 +48,9 @@ from gonka_p2p.ledger.transactions import (
     StartInference,
     Transfer,
 )
-from gonka_p2p.wire.envelope import ENVELOPE_VERSION, seal
+from gonka_p2p.wire.envelope import ENVELOPE_VERSION, open_envelope, seal
 from gonka_p2p.wire.messages import Announcement, ChatTurn, InferenceRequest
+from gonka_p2p.wire.messages import inference_id as request_id  # finish() has an inference_id parameter
 from gonka_p2p.wire.schema import WireError
 
 CHAIN = "gonka-test"
@@ -126,7 +127,7 @@ class Chain:
 
     def finish(self, request: bytes, executor: str = "ex", prompt: int = 10, completion: int = 5,
                inference_id: bytes | None = None) -> bytes:
-        iid = inference_id if inference_id is not None else hashlib.sha256(request).digest()
+        iid = inference_id if inference_id is not None else iid_of(request)
         return self.sign(executor, FinishInference(
             chain_id=CHAIN, inference_id=iid, prompt_tokens=prompt, completion_tokens=completion,
             response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=self.seq(executor)))
@@ -145,7 +146,7 @@ class Chain:
 
 def make_request(client: str, content: str, max_tokens: int, ts: int, nonce: bytes = b"n" * 16,
                  model: str = MODEL) -> bytes:
-    return seal(InferenceRequest(model=model, messages=[ChatTurn(role="user", content=content)],
+    return seal(InferenceRequest(chain_id=CHAIN, model=model, messages=[ChatTurn(role="user", content=content)],
                                  max_tokens=max_tokens, temperature=0.7, top_p=1.0, top_k=0,
                                  logprobs_k=5, timestamp_ms=ts, nonce=nonce), KEYS[client])
 
@@ -156,17 +157,17 @@ def escrow_of(content: str, max_tokens: int, price: int = PRICE) -> int:
 
 
 def iid_of(request: bytes) -> bytes:
-    return hashlib.sha256(request).digest()
+    return request_id(open_envelope(request, InferenceRequest))
 
 
 # =========================================================================== rules
 
 
 def test_prompt_bound_is_utf8_bytes_of_every_turn_plus_template_overhead() -> None:
-    req = InferenceRequest(model=MODEL, messages=[ChatTurn(role="system", content="é"),
+    req = InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="system", content="é"),
                                                   ChatTurn(role="user", content="hi")],
                            max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5,
-                           timestamp_ms=0, nonce=b"")
+                           timestamp_ms=0, nonce=b"n" * 16)
     p = make_params()
     assert rules.prompt_token_bound(req, p) == (6 + 2 + 8) + (4 + 2 + 8) + 16
 
@@ -174,8 +175,9 @@ def test_prompt_bound_is_utf8_bytes_of_every_turn_plus_template_overhead() -> No
 @given(st.text(max_size=200))
 def test_prompt_bound_covers_byte_level_tokenization(text: str) -> None:
     # A byte-level BPE never yields more tokens than bytes: the bound is at least that.
-    req = InferenceRequest(model=MODEL, messages=[ChatTurn(role="user", content=text)], max_tokens=1,
-                           temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=0, nonce=b"")
+    req = InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content=text)],
+                           max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=0,
+                           nonce=b"n" * 16)
     assert rules.prompt_token_bound(req, make_params()) >= len(text.encode())
 
 

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 from helpers import MODEL, client_for, start_network
 
+from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
 from gonka_p2p.client import (
     GonkaClient,
     build_request,
@@ -26,6 +27,7 @@ from gonka_p2p.wire.messages import (
     InferenceFailed,
     InferenceRequest,
     TokenBatch,
+    inference_id,
     response_hash,
 )
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL, INFER_PROTOCOL
@@ -67,7 +69,7 @@ async def test_ta_rejects_bad_input_with_a_clear_code(engine: Engine, case: str)
     hub = MemoryHub()
     nodes = await start_network(hub, engine)
     client = await client_for(hub, nodes[0])
-    frame = build_request(client.key, [("user", "Hi")], model=MODEL, max_tokens=2)
+    frame = build_request(client.key, [("user", "Hi")], ADHOC_CHAIN_ID, model=MODEL, max_tokens=2)
     if case == "bad_signature":
         env = msgpack.unpackb(frame)
         env[4] = Keypair.from_seed(b"impostor").public_key
@@ -79,7 +81,7 @@ async def test_ta_rejects_bad_input_with_a_clear_code(engine: Engine, case: str)
         old = InferenceRequest(**{**req.__dict__, "timestamp_ms": int(time.time() * 1000) - 600_000})
         frame = seal(old, client.key)
     elif case == "unknown_model":
-        frame = build_request(client.key, [("user", "Hi")], model="gpt-9", max_tokens=2)
+        frame = build_request(client.key, [("user", "Hi")], ADHOC_CHAIN_ID, model="gpt-9", max_tokens=2)
     elif case == "replay":
         assert len(await raw_stream(client, frame)) > 1  # first time: served
     (answer,) = await raw_stream(client, frame)
@@ -115,12 +117,12 @@ async def test_client_detects_a_ta_that_alters_tokens(engine: Engine) -> None:
     hub = MemoryHub()
     nodes = await start_network(hub, engine)
     client = await client_for(hub, nodes[0])
-    frame = build_request(client.key, [("user", "Hi")], model=MODEL, max_tokens=4)
+    frame = build_request(client.key, [("user", "Hi")], ADHOC_CHAIN_ID, model=MODEL, max_tokens=4)
     frames = await raw_stream(client, frame)
     batch = open_envelope(frames[1], TokenBatch).message
     forged = TokenBatch(**{**batch.__dict__, "token_ids": [batch.token_ids[0] + 1]})
     tampered = [frames[0], seal(forged, Keypair.from_seed(b"greedy-ta")), *frames[2:]]
-    verifier = StreamVerifier(open_envelope(frame, InferenceRequest).digest)
+    verifier = StreamVerifier(inference_id(open_envelope(frame, InferenceRequest)))
     with pytest.raises(ProtocolViolation):
         for f in tampered:
             verifier.accept(f)
@@ -137,7 +139,7 @@ async def test_executor_serves_the_artifact_it_committed_to(engine: Engine) -> N
         completion.executor, ARTIFACT_PROTOCOL, query), ArtifactReply)
     assert reply.signer_id == completion.executor
     request = open_envelope(reply.message.request, InferenceRequest)
-    assert request.digest == completion.inference_id and request.signer_id == client.key.peer_id
+    assert inference_id(request) == completion.inference_id and request.signer_id == client.key.peer_id
     artifact = InferenceArtifact.decode(reply.message.artifact)
     assert artifact.completion_ids == completion.token_ids
     assert artifact.seed == completion.inference_id
@@ -178,7 +180,7 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
     await withheld.open()
     executor.artifacts.store = withheld  # the executor withholds (or went silent)
     fetched = await validator._fetch(iid, record)
-    assert fetched is not None and fetched[1] == committed
+    assert fetched is not None and fetched[1] == committed.encode()
     nodes[0].artifacts.store = withheld
     assert await validator._fetch(iid, record) is None  # nobody serves it: a withheld verdict
 

@@ -109,7 +109,7 @@ def _envelope(kind: object, version: object, body: object, pubkey: object, sig: 
 
 
 def test_each_failure_has_its_own_typed_error() -> None:
-    req = InferenceRequest(model="m", messages=[ChatTurn("user", "hi")], max_tokens=4,
+    req = InferenceRequest(chain_id="c", model="m", messages=[ChatTurn("user", "hi")], max_tokens=4,
                            temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=1,
                            nonce=b"n" * 16)
     good = msgpack.unpackb(seal(req, KEY))

@@ -59,7 +59,7 @@ from gonka_p2p.ledger.records import InferenceStatus
 from gonka_p2p.ledger.rules import replay_memory_until
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.envelope import Signed
-from gonka_p2p.wire.messages import InferenceRequest
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class ArtifactStore:
     async def put(self, request: Signed[InferenceRequest], artifact: InferenceArtifact) -> None:
         """Keep the evidence of ``request``; durable when this returns. EvidenceStoreFull when it
         does not fit (nothing is evicted for it)."""
-        iid = request.digest
+        iid = inference_id(request)
         data = artifact.encode()
         kept = _Kept(self._epoch, request.message.timestamp_ms, len(request.raw) + len(data))
         previous = self._drop(iid)

@@ -5,7 +5,19 @@ signed by the TA that opened the stream, wrapping the client's signed
 request), then response frames, each signed by this executor:
 ``InferenceStarted``, ``TokenBatch``... and ``InferenceFinished``, or an
 ``InferenceFailed`` at any point. The executor re-verifies the client's
-signature itself: it never runs a request a client did not sign. Tokens go
+signature itself: it never runs a request a client did not sign.
+
+Signed requests are public (every ``StartInference`` in a block carries one),
+so a valid signature does not make an order paid work. Before any compute the
+executor refuses, each with its own code: a request for another network
+(``wrong_chain``), an order whose signer is not a registered participant on
+the committed ledger (``unknown_ta``: nobody could be charged for it), an
+order this node is not the ledger's executor draw for at any attempt the
+ledger allows (``not_drawn``: the ledger would refuse the TA's Start naming
+it, so the work would go unpaid), a request outside the freshness window
+(``stale``), one already started on the ledger or already taken here within
+the window (``replay``) -- the last three are the checks of
+``actors/admission.py``, which the TA makes too. Tokens go
 out as the engine makes them, one per frame while the stream keeps up and
 batched when it falls behind (:class:`TokenBatches`), with incrementally
 decoded text (:class:`TextStream`).
@@ -21,15 +33,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from gonka_p2p.actors.admission import Rejected, ReplayGuard, check_request
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
 from gonka_p2p.gossip.service import NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.ledger.rules import choose_executor
+from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.tx_rules import executor_weights
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,
@@ -38,6 +55,7 @@ from gonka_p2p.wire.messages import (
     InferenceRequest,
     InferenceStarted,
     TokenBatch,
+    inference_id,
     response_hash,
 )
 from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL
@@ -64,19 +82,29 @@ class ExecutorActor:
         key: Keypair,
         engines: dict[str, Engine],
         artifacts: ArtifactStore,
+        chain_id: str,
         max_concurrent: int = 16,
         on_finished: FinishedHook | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._service = service
         self._key = key
         self.engines = engines
         self.artifacts = artifacts
+        self.chain_id = chain_id
         self._slots = asyncio.Semaphore(max_concurrent)
         self._on_finished = on_finished
+        self._clock = clock
+        self._ledger: LedgerState | None = None
+        self._taken = ReplayGuard()  # requests run (or running) here within the window
         self.served = 0
 
     def start(self) -> None:
         self._service.set_stream_handler(EXECUTE_PROTOCOL, self._handle)
+
+    def on_commit(self, state: LedgerState) -> None:
+        """Commit listener: orders are checked against the committed state (read synchronously)."""
+        self._ledger = state
 
     def _fail(self, code: str, message: str) -> bytes:
         return seal(InferenceFailed(code=code, message=message), self._key)
@@ -92,23 +120,41 @@ class ExecutorActor:
             await send(self._fail("bad_signature", "order not signed by the peer that sent it"))
             return
         engine = self.engines.get(request.message.model)
-        if engine is None:
-            await send(self._fail("unknown_model", f"this executor does not serve {request.message.model!r}"))
-            return
-        if self._slots.locked():
-            await send(self._fail("overloaded", "executor is at capacity"))
-            return
-        if self.artifacts.full:  # it could not keep the evidence, and unproven work is punished
-            await send(self._fail("overloaded", "executor's evidence store is full"))
+        try:
+            # No await from here to the guard's record: two copies of one order cannot both pass.
+            self._refuse_unpaid(opener, request)
+            if engine is None:
+                raise Rejected("unknown_model", f"this executor does not serve {request.message.model!r}")
+            if self._slots.locked():
+                raise Rejected("overloaded", "executor is at capacity")
+            if self.artifacts.full:  # it could not keep the evidence, and unproven work is punished
+                raise Rejected("overloaded", "executor's evidence store is full")
+            inference_id = check_request(request, self.chain_id, self._ledger, self._taken,
+                                         int(self._clock() * 1000))
+        except Rejected as e:
+            await send(self._fail(e.code, str(e)))
             return
         async with self._slots:
-            await self._run(engine, opener, request, send)
+            await self._run(engine, opener, request, inference_id, send)
 
-    async def _run(
-        self, engine: Engine, ta: str, request: Signed[InferenceRequest], send: SendFrame
-    ) -> None:
+    def _refuse_unpaid(self, ta: str, request: Signed[InferenceRequest]) -> None:
+        """Raise Rejected unless the ledger would accept ``ta``'s StartInference naming this node."""
+        ledger = self._ledger
+        if ledger is None:  # an ad-hoc network charges nothing: anyone may order
+            return
+        if ta not in ledger.registry:
+            raise Rejected("unknown_ta", f"{ta} is not a participant of {self.chain_id!r}: "
+                                         "it cannot start the inference it orders")
+        weights = executor_weights(ledger, request.message.model)
+        iid, me = inference_id(request), self._key.peer_id
+        if me not in weights or all(choose_executor(weights, frozenset({ta}), iid, attempt) != me
+                                    for attempt in range(ledger.params.max_executor_attempts)):
+            raise Rejected("not_drawn", "the ledger's executor draw for this request is another "
+                                        f"executor at every attempt up to {ledger.params.max_executor_attempts}")
+
+    async def _run(self, engine: Engine, ta: str, request: Signed[InferenceRequest],
+                   inference_id: bytes, send: SendFrame) -> None:
         req = request.message
-        inference_id = request.digest
         try:
             params = sampling_params(req)
             prompt_ids = engine.encode_chat([(t.role, t.content) for t in req.messages])

@@ -48,7 +48,7 @@ from gonka_p2p.ledger.mempool import TxRefused
 from gonka_p2p.ledger.rules import escrow_for, prompt_token_bound
 from gonka_p2p.ledger.transactions import FinishInference, Reason, StartInference
 from gonka_p2p.wire.envelope import Signed, seal
-from gonka_p2p.wire.messages import InferenceRequest
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class LedgerHooks:
             return ("insufficient_balance",
                     f"this request escrows {escrow} coins (prompt bound + max_tokens, at {price} per token); "
                     f"the available balance of {client} is {available}")
-        self._reservations[request.digest] = _Reservation(client, escrow, self._clock() + self._reservation_s)
+        self._reservations[inference_id(request)] = _Reservation(client, escrow, self._clock() + self._reservation_s)
         return None
 
     def reserved(self, client: str) -> int:
@@ -114,17 +114,18 @@ class LedgerHooks:
         return sum(r.escrow for r in self._reservations.values() if r.client == client)
 
     def on_start(self, request: Signed[InferenceRequest], executor: str) -> None:
-        reservation = self._reservations.get(request.digest)
+        iid = inference_id(request)
+        reservation = self._reservations.get(iid)
         if reservation is not None:  # held until the Start commits, however long that takes
-            self._reservations[request.digest] = _Reservation(reservation.client, reservation.escrow, float("inf"))
+            self._reservations[iid] = _Reservation(reservation.client, reservation.escrow, float("inf"))
         chain_id = self._replica.chain_id
 
         def build(sequence: int) -> bytes:
             return seal(StartInference(chain_id=chain_id, request=request.raw, executor=executor,
                                        sequence=sequence), self._key)
 
-        self.follow(build, f"StartInference {request.digest.hex()[:12]}",
-                     lambda: self._reservations.pop(request.digest, None))
+        self.follow(build, f"StartInference {iid.hex()[:12]}",
+                     lambda: self._reservations.pop(iid, None))
 
     # ---- the executor's hook ---------------------------------------------------------
 
@@ -134,11 +135,11 @@ class LedgerHooks:
 
         def build(sequence: int) -> bytes:
             return seal(FinishInference(
-                chain_id=chain_id, inference_id=request.digest, prompt_tokens=len(artifact.prompt_ids),
+                chain_id=chain_id, inference_id=inference_id(request), prompt_tokens=len(artifact.prompt_ids),
                 completion_tokens=len(artifact.steps), response_hash=response_hash,
                 artifact_commitment=artifact.commitment(), sequence=sequence), self._key)
 
-        self.follow(build, f"FinishInference {request.digest.hex()[:12]}")
+        self.follow(build, f"FinishInference {inference_id(request).hex()[:12]}")
 
     # ---- submission ------------------------------------------------------------------
 

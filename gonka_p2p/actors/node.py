@@ -42,6 +42,7 @@ import signal
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 
+from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
 from gonka_p2p.actors.artifact_server import ArtifactServer
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreError
 from gonka_p2p.actors.directory import PeerDirectory
@@ -124,10 +125,14 @@ class Node:
         self.artifacts = ArtifactServer(service, key, ArtifactStore(evidence, config.evidence_max_bytes))
         if self.replica is not None:
             self.replica.add_commit_listener(self.artifacts.store.on_commit)
-        self.executor = ExecutorActor(service, key, self.engines, self.artifacts.store, config.max_concurrent,
-                                      on_finished=hooks.on_finished if hooks else None)
-        self.ta = TransferAgent(service, key, self.directory, admit=hooks.admit if hooks else None,
+        chain_id = genesis.chain_id if genesis is not None else ADHOC_CHAIN_ID
+        self.executor = ExecutorActor(service, key, self.engines, self.artifacts.store, chain_id,
+                                      config.max_concurrent, on_finished=hooks.on_finished if hooks else None)
+        self.ta = TransferAgent(service, key, self.directory, chain_id, admit=hooks.admit if hooks else None,
                                 on_start=hooks.on_start if hooks else None, artifacts=self.artifacts.store)
+        if self.replica is not None:  # both refuse what the committed ledger already started
+            self.replica.add_commit_listener(self.executor.on_commit)
+            self.replica.add_commit_listener(self.ta.on_commit)
         self.gateway: GatewayServer | None = None
         if config.http is not None:
             self.gateway = GatewayServer(Gateway(self.ta, self.directory).app,
@@ -160,6 +165,8 @@ class Node:
             except (StoreError, NoValidators) as e:
                 raise StartupError(f"cannot open the ledger in {self.config.ledger_dir}: {e}") from None
             self._ledger_weights(self.replica.state)
+            self.executor.on_commit(self.replica.state)
+            self.ta.on_commit(self.replica.state)
             self.artifacts.store.on_commit(self.replica.state)  # epochs that settled while it was down
 
     def _ledger_weights(self, state: LedgerState) -> None:

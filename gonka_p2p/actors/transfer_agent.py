@@ -6,8 +6,10 @@ relayed byte for byte, or with one ``InferenceFailed`` signed by the TA.
 
 Admission (in this order, each failure a distinct error code): the envelope
 decodes and its signature holds (``malformed`` / ``bad_signature``); the
-timestamp lies within ``window`` of the TA's clock (``stale``); the (client,
-nonce) pair was not seen within the window (``replay``); some live executor
+request is for this network, fresh, and neither started on the committed
+ledger nor received here within the window (``wrong_chain`` / ``stale`` /
+``replay``, :func:`~gonka_p2p.actors.admission.check_request`: a TA that
+restarts forgets what it received, the ledger does not); some live executor
 serves the model (``unknown_model``); the admission hook (balance, later
 the ledger) accepts it.
 
@@ -32,9 +34,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from gonka_p2p.actors.admission import Rejected, ReplayGuard, check_request
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import sampling_params
@@ -43,6 +45,7 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor
+from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,
@@ -52,6 +55,7 @@ from gonka_p2p.wire.messages import (
     InferenceStarted,
     NetworkInfo,
     TokenBatch,
+    inference_id,
     response_hash,
 )
 from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL, INFER_PROTOCOL, INFO_PROTOCOL
@@ -60,9 +64,12 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 EXECUTOR_FRAMES = (InferenceStarted, TokenBatch, InferenceFinished, InferenceFailed)
-# An executor's refusal with one of these codes is about the request itself:
-# another executor would refuse it too, so the client gets it at once.
-TERMINAL_REFUSALS = frozenset({"malformed", "bad_signature", "oversize"})
+# An executor's refusal with one of these codes is about the request itself or its TA
+# (``actors/admission.py``): another executor would refuse it too, so the client gets it
+# at once. Any other refusal (``overloaded``, ``unknown_model``...) is about that executor:
+# the TA draws another.
+TERMINAL_REFUSALS = frozenset({"malformed", "bad_signature", "oversize",
+                               "wrong_chain", "stale", "replay", "unknown_ta"})
 
 # Returns None to admit, or (code, message) to reject.
 AdmissionHook = Callable[[Signed[InferenceRequest]], Awaitable[tuple[str, str] | None]]
@@ -70,36 +77,8 @@ AdmissionHook = Callable[[Signed[InferenceRequest]], Awaitable[tuple[str, str] |
 StartHook = Callable[[Signed[InferenceRequest], str], None]
 
 
-class Rejected(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class ClientGone(Exception):
     """The client's side of the stream failed; nothing more can reach it."""
-
-
-class ReplayGuard:
-    """Remembers (client, nonce) pairs for one timestamp window; bounded by the window."""
-
-    def __init__(self, window_ms: int, capacity: int = 1_000_000) -> None:
-        self._window_ms = window_ms
-        self._seen: OrderedDict[tuple[bytes, bytes], int] = OrderedDict()
-        self._capacity = capacity
-
-    def check_and_record(self, client: bytes, nonce: bytes, ts_ms: int, now_ms: int) -> None:
-        if abs(now_ms - ts_ms) > self._window_ms:
-            raise Rejected("stale", f"request timestamp is {abs(now_ms - ts_ms) / 1000:.0f} s "
-                                    f"from the TA's clock (window {self._window_ms / 1000:.0f} s)")
-        while self._seen and (
-            len(self._seen) >= self._capacity
-            or next(iter(self._seen.values())) < now_ms - 2 * self._window_ms
-        ):
-            self._seen.popitem(last=False)
-        if (client, nonce) in self._seen:
-            raise Rejected("replay", "this request (client, nonce) was already received")
-        self._seen[(client, nonce)] = now_ms
 
 
 def relayed_artifact(request: Signed[InferenceRequest], batches: list[TokenBatch],
@@ -120,7 +99,7 @@ def relayed_artifact(request: Signed[InferenceRequest], batches: list[TokenBatch
     if len(steps) != finished.completion_tokens or len(finished.prompt_ids) != finished.prompt_tokens:
         return None
     artifact = InferenceArtifact(request.message.model, tuple(finished.prompt_ids), params,
-                                 request.digest, tuple(steps))
+                                 inference_id(request), tuple(steps))
     return artifact if response_hash(artifact.completion_ids) == finished.response_hash else None
 
 
@@ -130,7 +109,7 @@ class TransferAgent:
         service: NetworkService,
         key: Keypair,
         directory: PeerDirectory,
-        window_s: float = 60.0,
+        chain_id: str,
         attempts: int = 3,
         first_frame_timeout: float = 60.0,
         admit: AdmissionHook | None = None,
@@ -141,7 +120,9 @@ class TransferAgent:
         self._service = service
         self._key = key
         self._directory = directory
-        self._replays = ReplayGuard(int(window_s * 1000))
+        self.chain_id = chain_id
+        self._replays = ReplayGuard()
+        self._ledger: LedgerState | None = None
         self._attempts = attempts
         self._first_frame_timeout = first_frame_timeout
         self._admit = admit
@@ -154,10 +135,15 @@ class TransferAgent:
         self._service.set_stream_handler(INFER_PROTOCOL, self._handle)
         self._service.set_stream_handler(INFO_PROTOCOL, self._handle_info)
 
+    def on_commit(self, state: LedgerState) -> None:
+        """Commit listener: admission reads the committed state (synchronously, see the module doc
+        of ``actors/admission.py``)."""
+        self._ledger = state
+
     async def _handle_info(self, opener: str, frame: bytes, send: SendFrame) -> None:
         peers = [r for r in self._directory.live_peers() if r.announcement.models]
         await send(seal(NetworkInfo(
-            executors=[r.peer_id for r in peers],
+            chain_id=self.chain_id, executors=[r.peer_id for r in peers],
             executor_models=[list(r.announcement.models) for r in peers],
         ), self._key))
 
@@ -171,9 +157,7 @@ class TransferAgent:
         except WireError as e:
             raise Rejected(e.code, f"request rejected: {e}") from None
         req = request.message
-        self._replays.check_and_record(
-            request.signer, req.nonce, req.timestamp_ms, int(self._clock() * 1000)
-        )
+        check_request(request, self.chain_id, self._ledger, self._replays, int(self._clock() * 1000))
         if not self._directory.executor_weights(req.model):
             served = ", ".join(self._directory.live_models()) or "none"
             raise Rejected("unknown_model", f"no live executor serves {req.model!r} "
@@ -203,7 +187,7 @@ class TransferAgent:
         for attempt in range(self._attempts):
             weights = self._directory.executor_weights(request.message.model)
             try:
-                executor = choose_executor(weights, frozenset(tried), request.digest, attempt)
+                executor = choose_executor(weights, frozenset(tried), inference_id(request), attempt)
             except NoEligibleExecutor:
                 break
             tried.add(executor)
@@ -278,7 +262,7 @@ class TransferAgent:
         artifact = relayed_artifact(request, batches, finished)
         if artifact is None:
             log.info("executor frames of %s do not add up to an artifact; not kept",
-                     request.digest.hex()[:12])
+                     inference_id(request).hex()[:12])
             return
         with contextlib.suppress(EvidenceStoreFull):  # the store logged it; the executor keeps its own copy
             await self._artifacts.put(request, artifact)

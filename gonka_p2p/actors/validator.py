@@ -78,6 +78,7 @@ from gonka_p2p.ledger.transactions import (
 )
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest, response_hash
+from gonka_p2p.wire.messages import inference_id as inference_id_of  # "inference_id" names ids here
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 from gonka_p2p.wire.schema import WireError
 
@@ -268,7 +269,7 @@ class ValidatorActor:
         except (NetworkError, TimeoutError, WireError, ArtifactError) as e:
             log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], holder, e)
             return None
-        if (reply.signer_id != holder or request.digest != inference_id
+        if (reply.signer_id != holder or inference_id_of(request) != inference_id
                 or artifact.commitment() != record.artifact_commitment
                 or response_hash(artifact.completion_ids) != record.response_hash):
             return None

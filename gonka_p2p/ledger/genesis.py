@@ -69,9 +69,9 @@ from coincurve import PublicKey
 
 from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
 from gonka_p2p.ledger.rules import MAX_EXECUTOR_ATTEMPTS, PPM, is_account_address
+from gonka_p2p.wire.messages import MAX_CHAIN_ID
 
 MAX_SUPPLY = 2**63 - 1  # every balance, escrow and fee fits a signed 64-bit wire int
-MAX_CHAIN_ID = 64
 MAX_MODEL_NAME = 128
 MAX_ADDR_LEN = 256
 MAX_ADDRS = 8

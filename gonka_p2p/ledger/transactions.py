@@ -74,6 +74,7 @@ class Reason(StrEnum):
     NOT_A_PARTICIPANT = "not_a_participant"
     # StartInference.
     BAD_CLIENT_REQUEST = "bad_client_request"  # the embedded client envelope fails to open
+    REQUEST_WRONG_CHAIN = "request_wrong_chain"  # the client signed the request for another network
     STALE_REQUEST = "stale_request"  # request timestamp outside request_window_ms of block time
     DUPLICATE_INFERENCE = "duplicate_inference"  # this inference id was already started
     UNKNOWN_CLIENT = "unknown_client"

@@ -122,7 +122,7 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
 )
 from gonka_p2p.wire.envelope import Signed, open_envelope
-from gonka_p2p.wire.messages import HASH_BYTES, InferenceRequest
+from gonka_p2p.wire.messages import HASH_BYTES, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message, WireError
 
 if TYPE_CHECKING:
@@ -207,6 +207,8 @@ def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
     except WireError as e:
         raise TxRejected(Reason.BAD_CLIENT_REQUEST, f"{e.code}: {e}") from None
     req = request.message
+    if req.chain_id != state.chain_id:
+        raise TxRejected(Reason.REQUEST_WRONG_CHAIN, f"the client signed the request for {req.chain_id!r}")
     price = state.params.price_per_token.get(req.model)
     if price is None:
         raise TxRejected(Reason.UNKNOWN_MODEL, f"{req.model!r} has no price on this network")
@@ -214,8 +216,8 @@ def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
     if not request_is_fresh(req.timestamp_ms, ctx.time_ms, window):
         raise TxRejected(Reason.STALE_REQUEST, f"request time {req.timestamp_ms} is more than "
                                                f"{window} ms from block time {ctx.time_ms}")
-    iid = request.digest
-    if iid in state.inferences or iid in state.seen:
+    iid = inference_id(request)
+    if request_seen(state, iid):
         raise TxRejected(Reason.DUPLICATE_INFERENCE, f"inference {iid.hex()} was already started")
     if tx.executor == signer:
         raise TxRejected(Reason.SELF_EXECUTION, "a TA may not execute its own requests")
@@ -258,6 +260,13 @@ def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
         return f"inference {iid.hex()} started and settled with its held Finish"
     state.schedule_expiry(iid, record.deadline)
     return f"inference {iid.hex()} started, escrow {escrow}"
+
+
+def request_seen(state: LedgerState, iid: bytes) -> bool:
+    """Whether the inference ``iid`` was started: it is on record, or its request is still
+    remembered (:func:`replay_memory_until`) -- either way it never starts again. TAs and
+    executors ask it too, so that no replay outlives a restart."""
+    return iid in state.inferences or iid in state.seen
 
 
 @rule_for(FinishInference)

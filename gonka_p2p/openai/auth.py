@@ -13,6 +13,11 @@ base64, in the ``X-Gonka-Request`` header. The SDK itself is unmodified::
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused",
                            http_client=httpx.Client(auth=GonkaAuth(key)))
 
+The envelope signs the network's chain id. ``GonkaAuth(key, chain_id)`` pins
+it; without a pin it asks the gateway once (``GET <base>/models`` answers it
+in the ``X-Gonka-Chain-Id`` header) -- see the client library's module doc
+for why a key funded on several networks should pin.
+
 The gateway parses the same body with the same :func:`parse_body` and passes
 the envelope on only if it says exactly what the body says
 (:meth:`OpenAIRequest.mismatch`): otherwise a client could be charged for one
@@ -44,6 +49,7 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.messages import InferenceRequest
 
 REQUEST_HEADER = "X-Gonka-Request"
+CHAIN_HEADER = "X-Gonka-Chain-Id"  # on the gateway's /models answer: the chain id requests sign
 DEFAULT_MAX_TOKENS = 256
 MIN_LOGPROBS_K = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -108,9 +114,9 @@ class OpenAIRequest:
             "top_p": self.top_p, "top_k": 0, "logprobs_k": self.logprobs_k,
         }
 
-    def sign(self, key: Keypair) -> bytes:
-        """The InferenceRequest envelope this body stands for, signed with ``key``."""
-        return build_request(key, list(self.messages), **self._signed())
+    def sign(self, key: Keypair, chain_id: str) -> bytes:
+        """The InferenceRequest envelope this body stands for on ``chain_id``, signed with ``key``."""
+        return build_request(key, list(self.messages), chain_id, **self._signed())
 
     def mismatch(self, signed: InferenceRequest) -> str | None:
         """Why ``signed`` does not say what this body says, or None when it does."""
@@ -242,14 +248,23 @@ class GonkaAuth(httpx.Auth):
 
     requires_request_body = True
 
-    def __init__(self, key: Keypair) -> None:
+    def __init__(self, key: Keypair, chain_id: str | None = None) -> None:
+        """``chain_id`` pins the network; None: the gateway's, asked before the first request."""
         self.key = key
+        self.chain_id = chain_id
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        kind = endpoint_kind(request.url.path)
+        path = request.url.path
+        kind = endpoint_kind(path)
         if request.method == "POST" and kind is not None:
+            if self.chain_id is None:
+                base = path[:path.rindex("/chat/completions" if kind == "chat" else "/completions")]
+                info = yield httpx.Request("GET", request.url.copy_with(path=base + "/models", query=None))
+                self.chain_id = info.headers.get(CHAIN_HEADER)
             try:
-                envelope = parse_body(kind, json.loads(request.content)).sign(self.key)
+                if self.chain_id is None:  # unsigned: the gateway's 401 says what is missing
+                    raise ValueError("the gateway did not state its chain id")
+                envelope = parse_body(kind, json.loads(request.content)).sign(self.key, self.chain_id)
             except ValueError:  # BodyError, bad JSON and bad UTF-8 alike
                 pass
             else:

@@ -58,11 +58,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gonka_p2p.actors.directory import PeerDirectory
-from gonka_p2p.actors.transfer_agent import Rejected, TransferAgent
-from gonka_p2p.openai.auth import REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
+from gonka_p2p.actors.admission import Rejected
+from gonka_p2p.actors.transfer_agent import TransferAgent
+from gonka_p2p.openai.auth import CHAIN_HEADER, REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
 from gonka_p2p.openai.format import Answer, Json, Vocabulary, load_vocabulary
 from gonka_p2p.wire.envelope import open_envelope
-from gonka_p2p.wire.messages import InferenceRequest
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 from gonka_p2p.wire.schema import WireError
 from gonka_p2p.wire.stream import (
     FinishedEvent,
@@ -86,11 +87,13 @@ ERRORS: dict[str, tuple[int, str]] = {
     "body_mismatch": (401, "authentication_error"),
     "stale": (401, "authentication_error"),
     "replay": (401, "authentication_error"),
+    "wrong_chain": (401, "authentication_error"),  # signed for another network
     "insufficient_balance": (402, "insufficient_quota"),
     "unknown_model": (404, "invalid_request_error"),
     "body_too_large": (413, "invalid_request_error"),
     "overloaded": (429, "rate_limit_error"),
     "executor_failed": (502, "server_error"),
+    "unknown_ta": (502, "server_error"),  # executors do not take this TA's orders
     "protocol_violation": (502, "server_error"),
     "no_executor": (503, "service_unavailable_error"),
 }
@@ -161,7 +164,7 @@ class Gateway:
     async def _models(self, http: Request) -> JSONResponse:
         models = [{"id": m, "object": "model", "created": 0, "owned_by": "gonka-p2p"}
                   for m in self._directory.live_models()]
-        return JSONResponse({"object": "list", "data": models})
+        return JSONResponse({"object": "list", "data": models}, headers={CHAIN_HEADER: self._ta.chain_id})
 
     async def _chat(self, http: Request) -> Response:
         return await self._serve(http, "chat")
@@ -219,7 +222,7 @@ class Gateway:
                     frames.put_nowait(None)
 
             task = asyncio.create_task(route())
-            verifier = StreamVerifier(request.digest)
+            verifier = StreamVerifier(inference_id(request))
             try:
                 while (frame := await frames.get()) is not None:
                     event = verifier.accept(frame)

@@ -6,8 +6,9 @@ covers a domain tag, the kind, the schema version and the body, so a
 signature for one kind can never be replayed as another. ``open_envelope``
 checks, in order: size, shape, kind is known and expected, schema version,
 signature, body schema, canonical encoding -- and raises a typed :class:`WireError` on the first
-failure. The envelope's SHA-256 is its identity: a client request's digest is
-the inference id, and any alteration of a relayed message changes it.
+failure. Only the canonical encoding opens, so a relayed message cannot be
+altered unnoticed; still, identities are derived from what was signed, never
+from envelope bytes (an inference's id: ``messages.inference_id``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Generic, TypeVar
 
 import msgpack
 
-from gonka_p2p.identity import PUBKEY_BYTES, Keypair, digest, peer_id_from_pubkey, verify_signature
+from gonka_p2p.identity import PUBKEY_BYTES, Keypair, peer_id_from_pubkey, verify_signature
 from gonka_p2p.wire.schema import (
     BadSignature,
     Malformed,
@@ -50,10 +51,6 @@ class Signed(Generic[M]):
     @property
     def signer_id(self) -> str:
         return peer_id_from_pubkey(self.signer)
-
-    @property
-    def digest(self) -> bytes:
-        return digest(self.raw)
 
 
 def seal(message: Message, key: Keypair) -> bytes:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import msgpack
 
 from gonka_p2p.identity import digest
+from gonka_p2p.wire.envelope import Signed
 from gonka_p2p.wire.schema import Message, bounded, each
 
 MAX_MODELS = 16
@@ -30,6 +31,7 @@ HASH_BYTES = 32
 MAX_ADDR_CHARS = 256  # a multiaddr with a peer id is ~100 characters
 MAX_MODEL_CHARS = 128
 MAX_PEER_ID_CHARS = 64
+MAX_CHAIN_ID = 64  # characters of a network's name (genesis checks it too)
 MAX_TOP_K = 20  # InferenceRequest.logprobs_k's bound
 TOKEN_ID = each(min_value=0, max_value=2**32 - 1)  # the artifact stores ids as u32
 
@@ -54,9 +56,14 @@ class ChatTurn(Message):
 
 @dataclass(frozen=True)
 class InferenceRequest(Message):
-    """Signed by the client. Its envelope digest is the inference id."""
+    """Signed by the client: what to run, on which network. Its id is :func:`inference_id`.
+
+    ``chain_id`` makes the signature good on one network only; ``nonce`` (exactly
+    :data:`NONCE_BYTES`, fresh per request) makes it one inference there."""
 
     KIND = "inference_request"
+    VERSION = 2  # 2: chain_id; nonce exactly NONCE_BYTES; id from (chain, client, nonce)
+    chain_id: str = bounded(max_len=MAX_CHAIN_ID)
     model: str = bounded(max_len=MAX_MODEL_CHARS)
     messages: list[ChatTurn] = bounded(max_len=MAX_TURNS)
     max_tokens: int = bounded(min_value=1, max_value=32768)
@@ -66,6 +73,28 @@ class InferenceRequest(Message):
     logprobs_k: int = bounded(min_value=5, max_value=MAX_TOP_K)
     timestamp_ms: int = bounded(min_value=0)
     nonce: bytes = bounded(max_len=NONCE_BYTES)
+
+    def __post_init__(self) -> None:
+        if len(self.nonce) != NONCE_BYTES:  # the decoder turns this into Malformed
+            raise ValueError(f"nonce must be exactly {NONCE_BYTES} bytes, not {len(self.nonce)}")
+
+
+_INFERENCE_ID_DOMAIN = b"gonka-p2p/inference-id/v1\x00"
+
+
+def inference_id(request: Signed[InferenceRequest]) -> bytes:
+    """The id of the inference a signed request asks for: SHA-256 over the chain, the
+    client's key and the nonce, all three signed by the client.
+
+    Nothing else enters it -- not the envelope's bytes, not the prompt -- so nobody
+    but the client can make a second id for a request (there is no other encoding to
+    try), and the client itself gets one inference per nonce per network: a second
+    request under the same nonce is the same inference, which the ledger starts once.
+    The chain id is length-prefixed, the key and the nonce have fixed sizes, so no two
+    (chain, key, nonce) triples hash the same bytes."""
+    chain = request.message.chain_id.encode()
+    return digest(_INFERENCE_ID_DOMAIN + len(chain).to_bytes(2, "big") + chain
+                  + request.signer + request.message.nonce)
 
 
 @dataclass(frozen=True)
@@ -137,9 +166,12 @@ class InferenceFailed(Message):
 
 @dataclass(frozen=True)
 class NetworkInfo(Message):
-    """A TA's view of the network, signed: which live executors serve which models."""
+    """A TA's view of the network, signed: its chain id (what clients sign requests for, unless
+    they pin their own) and which live executors serve which models."""
 
     KIND = "network_info"
+    VERSION = 2  # 2: chain_id
+    chain_id: str = bounded(max_len=MAX_CHAIN_ID)
     executors: list[str] = bounded(max_len=4096, items=each(max_len=MAX_PEER_ID_CHARS))
     executor_models: list[list[str]] = bounded(
         max_len=4096, items=each(max_len=MAX_MODELS, items=each(max_len=MAX_MODEL_CHARS)))

@@ -19,7 +19,7 @@ from gonka_p2p.wire.schema import Malformed, Oversize, WireError, unpack
 
 KEY = Keypair.from_seed(b"adversarial-decoders")
 REQUEST = InferenceRequest(
-    model="m", messages=[ChatTurn(role="user", content="hi")], max_tokens=8, temperature=0.7,
+    chain_id="c", model="m", messages=[ChatTurn(role="user", content="hi")], max_tokens=8, temperature=0.7,
     top_p=0.9, top_k=0, logprobs_k=5, timestamp_ms=1, nonce=b"\x01" * 16)
 
 
