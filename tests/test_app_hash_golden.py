@@ -9,8 +9,9 @@ a deliberate change of the rules changes them in the same commit, and says so.
 The sequence exercises every transaction kind and every end-of-block step: transfers,
 registration, StartInference/FinishInference in one block, in two blocks and in reverse
 order (a held Finish), an expiry, seed commit and reveal (including epoch 0's seeds from
-genesis), passing and failing Validations, a dispute resolved by its last vote and one
-resolved at its deadline, and the settlements of epochs 0 and 1. Keys, times and nonces are
+genesis), passing and failing Validations (a failure carrying its duty's seed), a dispute decided by a
+majority of its seats and one redrawn after a silent round, then undecided, and the
+settlements of epochs 0 and 1. Keys, times and nonces are
 fixed, so the bytes of every block are too.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger import rules
+from gonka_p2p.ledger import disputes, rules
 from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants
@@ -65,7 +66,7 @@ def seed_of(who: str, epoch: int) -> bytes:
 def golden_genesis() -> Genesis:
     params = Params(epoch_length_blocks=L, inference_deadline_blocks=3, request_window_ms=10**9,
                     max_tx_bytes=64 * 1024, price_per_token={MODEL: 2}, validation_window_blocks=3,
-                    dispute_voting_blocks=2, dispute_committee_size=3, epoch_reward=100_000,
+                    dispute_voting_blocks=2, epoch_reward=100_000,
                     validator_share_ppm=200_000, validation_cap_ppm=rules.PPM)
     return Genesis(
         chain_id=CHAIN, genesis_time_ms=T0, params=params,
@@ -135,9 +136,10 @@ class Driver:
         return self.sign(who, lambda n: RevealValidationSeed(chain_id=CHAIN, epoch=epoch,
                                                              seed=seed_of(who, epoch), sequence=n))
 
-    def validate(self, who: str, iid: bytes, verdict: VerdictStats) -> bytes:
+    def validate(self, who: str, iid: bytes, verdict: VerdictStats, epoch: int) -> bytes:
+        seed = b"" if verdict.valid else seed_of(who, epoch)  # a failure proves its duty
         return self.sign(who, lambda n: Validation(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                   sequence=n))
+                                                   seed=seed, sequence=n))
 
     def vote(self, who: str, iid: bytes, verdict: VerdictStats) -> bytes:
         return self.sign(who, lambda n: DisputeVote(chain_id=CHAIN, inference_id=iid, verdict=verdict,
@@ -147,7 +149,7 @@ class Driver:
         txs = []
         for who in VALIDATORS:
             if self.state.commitment(epoch, PEER[who]) is not None:
-                txs += [self.validate(who, iid, verdict_of(iid))
+                txs += [self.validate(who, iid, verdict_of(iid), epoch)
                         for iid in self.state.validation_duties(epoch, PEER[who], seed_of(who, epoch))]
         self.ok(*txs)
 
@@ -177,11 +179,19 @@ def run_sequence() -> Driver:
     d.ok(d.sign("alice", lambda n: Transfer(chain_id=CHAIN, to=PEER["bob"], amount=5, sequence=n)))
     cheated = {iid[1], iid[5]}
     d.check_duties(1, lambda i: BAD if i in cheated else OK)
-    # The first dispute resolves by its last vote; the second at its deadline, one seat empty.
+    d.ok()  # its hash draws both committees
+    # The first is decided by a majority of its seats; in the second only its smallest seat
+    # votes: the round closes undecided, a second committee is drawn, which stays silent.
     first, second = (d.state.dispute(i) for i in (iid[1], iid[5]))
-    assert first is not None and second is not None
-    d.ok(*[d.vote(NAME_OF[m], iid[1], BAD) for m in first.committee],
-         *[d.vote(NAME_OF[m], iid[5], OK if k else BAD) for k, m in enumerate(second.committee[1:])])
+    assert first is not None and second is not None and first.voting and second.voting
+    invalid, votes = 0, []
+    for member, seats in zip(first.committee, first.seats, strict=True):
+        if 2 * invalid <= d.state.params.dispute_committee_size:
+            votes.append(d.vote(NAME_OF[member], iid[1], BAD))
+            invalid += seats
+    smallest = min(zip(second.seats, second.committee))[1]
+    d.ok(*votes, d.vote(NAME_OF[smallest], iid[5], BAD))
+    assert d.state.dispute(iid[5]).rounds == 2
     d.until(20)
     d.ok(*[d.reveal(w, 1) for w in VALIDATORS])
     d.until(32)
@@ -270,5 +280,6 @@ def test_the_executor_draw_is_unchanged() -> None:
 
 def test_the_committee_draw_is_unchanged() -> None:
     weights = draw_weights()
-    committees = [rules.draw_committee(weights, bytes([k]) * 32, b"i" * 32, k % 5) for k in range(16)]
+    committees = [disputes.draw_committee(weights, bytes([k]) * 32, b"i" * 32, k % 3, k % 6)
+                  for k in range(16)]
     assert committees == GOLDEN_COMMITTEES
