@@ -46,7 +46,7 @@ class Outbox:
     def __init__(self) -> None:
         self.sent: list[Message] = []
 
-    def follow(self, build: Callable[[int], bytes], what: str) -> None:
+    def follow(self, build: Callable[[int], bytes], what: str, done: Callable[[bool], object]) -> None:
         self.sent.append(open_envelope(build(len(self.sent)), *TX_KINDS).message)
 
     def votes(self) -> set[bytes]:
@@ -136,7 +136,7 @@ QUICK = ReplicaParams(tx_flush_s=0.01, empty_block_interval_s=0.1)
 
 async def crash_the_follower(node: Node) -> None:
     """A follow-up whose completion callback raises: a bug in a caller of ``follow``."""
-    def bug() -> None:
+    def bug(committed: bool) -> None:
         raise RuntimeError("a bug in a follow-up")
 
     assert node.hooks is not None
@@ -184,7 +184,7 @@ async def test_a_crashed_actor_is_reported_and_restarted_while_the_ledger_runs(
         # Restarted, each works: the follower sees a transaction to its block, the validator
         # commits its seed for the next epoch.
         followed = asyncio.Event()
-        hooks.follow(transfer(node), "transfer", done=followed.set)
+        hooks.follow(transfer(node), "transfer", done=lambda committed: followed.set())
         await asyncio.wait_for(followed.wait(), 10)
         await eventually(lambda: replica.state.commitment(1, NODE.peer_id) is not None,
                          what="the validator's seed commitment")

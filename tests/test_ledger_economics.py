@@ -153,7 +153,7 @@ class Net:
         _, receipts = apply_block(self.state, block)
         self.next_seq.clear()
         check_invariants(self.state)
-        assert self.state.total_coins() == self.state.genesis.supply + self.state.minted
+        assert self.state.total_coins() == self.state.genesis.supply + self.state.minted - self.state.burned
         return receipts
 
     def ok(self, *txs: bytes) -> list:
@@ -731,7 +731,7 @@ def test_rewards_split_by_tokens_executed_and_by_validation_work_and_forfeits_ar
     assert row["v1"].validator_reward == 20_000 * 60 // 180 and row["v3"].forfeit == ("no_commit",)
     assert s.minted == sum(r.executor_reward + r.validator_reward for r in s.participants)
     assert s.reward - s.minted - s.forfeited < len(s.participants)  # rounding dust only
-    assert net.state.minted == s.minted and net.state.total_coins() == net.state.genesis.supply + s.minted
+    assert net.state.minted == s.minted and net.state.total_coins() == net.state.genesis.supply + s.minted - net.state.burned
     assert net.state.balance(PEER["ex"]) == 20 + row["ex"].executor_reward + row["ex"].validator_reward
 
 
@@ -832,7 +832,7 @@ def test_scenario_an_honest_executor_and_a_cheater_over_an_epoch() -> None:
     cheater = net.state.participant(PEER["cheat"])
     assert cheater.reputation_ppm == 0 and cheater.weight == 0
     assert summary.minted + summary.forfeited + 10 > summary.reward
-    assert net.state.total_coins() == net.state.genesis.supply + net.state.minted
+    assert net.state.total_coins() == net.state.genesis.supply + net.state.minted - net.state.burned
 
 
 # =========================================================================== random epochs
@@ -883,7 +883,7 @@ def run_epochs(seed: int, epochs: int = 3) -> Counter:
         net.next_seq.clear()
         seen.update(r.reason.value for r in receipts)
         check_invariants(net.state)
-        assert net.state.total_coins() == g.supply + net.state.minted
+        assert net.state.total_coins() == g.supply + net.state.minted - net.state.burned
         assert all(a.balance >= 0 for a in net.state.accounts.rows.values())
         if block.height == restart_at:
             replica = LedgerState.from_bytes(replica.to_bytes())

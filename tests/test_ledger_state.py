@@ -58,6 +58,7 @@ MODEL = "m"
 PRICE = 2
 T0 = 1_700_000_000_000  # genesis time, ms
 KEYS = {name: Keypair.from_seed(name.encode()) for name in
+FEE = 1  # tx_fee: what a paying transaction burns (the client's, for a Start)
         ("ta", "ta2", "ex", "ex2", "alice", "bob", "carol", "outsider")}
 PEER = {name: key.peer_id for name, key in KEYS.items()}
 
@@ -67,7 +68,8 @@ def make_params(**overrides: object) -> Params:
                 max_tx_bytes=64 * 1024, prompt_overhead_per_turn_tokens=8,
                 prompt_overhead_fixed_tokens=16, max_held_finishes=100,
                 max_held_finishes_per_executor=10, price_per_token={MODEL: PRICE, "m2": 1},
-                validation_window_blocks=3, dispute_voting_blocks=2)  # epoch e settles at 10e + 15
+                validation_window_blocks=3, dispute_voting_blocks=2,  # epoch e settles at 10e + 15
+                tx_fee=FEE)
     base.update(overrides)
     return Params(**base)  # type: ignore[arg-type]
 
@@ -361,14 +363,14 @@ def test_transfer_moves_coins_creates_the_recipient_and_bumps_the_sequence() -> 
     chain = Chain()
     (r,) = chain.block(chain.transfer("alice", PEER["outsider"], 300))
     assert r.ok and r.kind == "tx_transfer" and r.signer == PEER["alice"]
-    assert chain.state.balance(PEER["alice"]) == 99_700
+    assert chain.state.balance(PEER["alice"]) == 99_700 - FEE
     assert chain.state.account(PEER["outsider"]).balance == 300
     assert chain.state.account(PEER["alice"]).sequence == 1
 
 
 def test_register_participant_newcomer_has_weight_zero_genesis_keeps_its_weight() -> None:
     chain = Chain()
-    chain.block(chain.transfer("alice", PEER["outsider"], 1))
+    chain.block(chain.transfer("alice", PEER["outsider"], FEE), chain.transfer("alice", PEER["ta2"], FEE))
     r1, r2 = chain.block(chain.register("outsider", [MODEL, MODEL]), chain.register("ta2", ["m2"]))
     assert r1.ok and r1.detail == "registered" and r2.ok and r2.detail == "updated"
     newcomer = chain.state.participant(PEER["outsider"])
@@ -389,7 +391,7 @@ def test_start_escrows_the_bound_on_the_work_from_the_client() -> None:
     assert rec.status is InferenceStatus.STARTED and rec.escrow == escrow
     assert (rec.client, rec.ta, rec.executor) == (PEER["alice"], PEER["ta"], PEER["ex"])
     assert rec.deadline == 1 + 3
-    assert chain.state.balance(PEER["alice"]) == 100_000 - escrow
+    assert chain.state.balance(PEER["alice"]) == 100_000 - escrow - FEE
 
 
 def test_finish_settles_cost_to_pending_fees_and_refunds_the_rest_then_settlement_pays() -> None:
@@ -400,7 +402,7 @@ def test_finish_settles_cost_to_pending_fees_and_refunds_the_rest_then_settlemen
     assert r.ok, r
     rec = chain.state.inference(iid_of(req))
     assert rec.status is InferenceStatus.SETTLED and rec.cost == 30 and rec.closed_height == 2
-    assert chain.state.balance(PEER["alice"]) == 100_000 - 30
+    assert chain.state.balance(PEER["alice"]) == 100_000 - 30 - FEE
     assert chain.state.pending_fees(PEER["ex"]) == 30 and chain.state.balance(PEER["ex"]) == 0
     assert chain.state.participant(PEER["ex"]).completed == 1
     while chain.state.height < 14:  # epoch 0 ends at 10, settles at 10 + 3 + 2
@@ -419,7 +421,7 @@ def test_cost_is_capped_at_the_escrow() -> None:
     assert r.ok
     escrow = escrow_of("x", 20)
     assert chain.state.inference(iid_of(req)).cost == escrow
-    assert chain.state.balance(PEER["alice"]) == 100_000 - escrow
+    assert chain.state.balance(PEER["alice"]) == 100_000 - escrow - FEE
 
 
 def _final(order: str) -> LedgerState:
@@ -449,7 +451,7 @@ def test_start_then_finish_and_finish_then_start_reach_the_same_state() -> None:
     assert tables(a) == tables(b)
     rec = a.inference(iid)
     assert rec.status is InferenceStatus.SETTLED and rec.cost == 30 and rec.closed_height == 2
-    assert a.balance(PEER["alice"]) == 100_000 - 30 and a.pending_fees(PEER["ex"]) == 30
+    assert a.balance(PEER["alice"]) == 100_000 - 30 - FEE and a.pending_fees(PEER["ex"]) == 30
 
 
 def test_a_finish_without_its_start_is_held_and_reported_as_finished() -> None:
@@ -499,7 +501,7 @@ def test_an_unfinished_inference_expires_after_its_deadline_with_a_full_refund_a
     chain.block(), chain.block(), chain.block()
     rec = chain.state.inference(iid_of(req))
     assert rec.status is InferenceStatus.EXPIRED and rec.closed_height == 4 and rec.cost == 0
-    assert chain.state.balance(PEER["alice"]) == 100_000
+    assert chain.state.balance(PEER["alice"]) == 100_000 - FEE  # the Start's fee is not refunded
     assert chain.state.participant(PEER["ex"]).missed == 1
     (r,) = chain.block(chain.finish(req))
     assert r.reason is Reason.INFERENCE_CLOSED
@@ -697,12 +699,14 @@ def test_a_client_without_an_account_cannot_be_charged() -> None:
 def test_escrow_may_never_exceed_the_client_balance() -> None:
     chain = Chain()
     _rejected(chain, chain.start(chain.request(client="carol", max_tokens=1)), Reason.INSUFFICIENT_BALANCE)
-    # Exactly the balance is fine.
+    # The escrow and the Start's fee (the client's) must both fit in the balance.
     content = "x"
     max_tokens = 50_000 // PRICE - (4 + 1 + 8 + 16)
-    req = chain.request(client="bob", content=content, max_tokens=max_tokens)
     assert escrow_of(content, max_tokens) == 50_000
-    assert chain.block(chain.start(req))[0].ok and chain.state.balance(PEER["bob"]) == 0
+    _rejected(chain, chain.start(chain.request(client="bob", content=content, max_tokens=max_tokens)),
+              Reason.INSUFFICIENT_BALANCE)
+    req = chain.request(client="bob", content=content, max_tokens=max_tokens - 1)
+    assert chain.block(chain.start(req))[0].ok and chain.state.balance(PEER["bob"]) == PRICE - FEE
 
 
 def test_finish_by_anyone_but_the_named_executor_is_rejected() -> None:
@@ -797,7 +801,7 @@ def test_a_corrupt_snapshot_is_a_snapshot_error() -> None:
             LedgerState.from_bytes(bad)
     # A snapshot whose coins do not add up is refused.
     obj = msgpack.unpackb(good)
-    obj[6][0][1][0][1][0] += 1  # first account's balance
+    obj[7][0][1][0][1][0] += 1  # first account's balance
     with pytest.raises(SnapshotError, match="coins"):
         LedgerState.from_bytes(msgpack.packb(obj, use_bin_type=True))
 
@@ -929,7 +933,7 @@ def run_storm(seed: int, n_blocks: int = 24, txs_per_block: int = 12) -> None:
         outcomes.update(r.reason for r in receipts)
         check_invariants(a)
         assert all(acct.balance >= 0 for acct in a.accounts.rows.values())
-        assert a.total_coins() == genesis.supply + a.minted
+        assert a.total_coins() == genesis.supply + a.minted - a.burned
         if i == len(blocks) // 2:
             b = LedgerState.from_bytes(b.to_bytes())  # a replica restarting from its snapshot
         apply_block(b, block)

@@ -7,7 +7,8 @@ three hooks, which this class implements on top of the node's
 * ``admit`` (TA, before routing): the client's *available* balance -- its
   committed balance minus the escrow of this TA's requests that are admitted
   but whose ``StartInference`` has not committed yet -- must cover the
-  request's escrow (:func:`~gonka_p2p.ledger.rules.escrow_for`), else the
+  request's escrow (:func:`~gonka_p2p.ledger.rules.escrow_for`) and the
+  Start's fee (``tx_fee``, the client's to pay), else the
   request is refused with ``insufficient_balance``. Without the reservation
   a client could open many requests at once against one balance; the ledger
   would then reject all but the first Start, after executors did the work.
@@ -23,14 +24,20 @@ three hooks, which this class implements on top of the node's
 Submission never waits for a block: it is admission to the local mempool.
 Following the transaction to its block is the work of :meth:`run`, the
 transaction follower, which the node supervises: each submitted transaction
-is followed in a task of its TaskGroup. A transaction whose block rejected
-it for ``bad_sequence`` (an earlier one of ours failed in the same block, so
-the sequence did not advance) is re-signed with a fresh sequence, a few
-times; any other outcome (refused, dropped, rejected, not committed in
-time) is an expected fate of a transaction and is logged. Anything else is
-a bug: it fails the TaskGroup, so :meth:`run` crashes and the supervisor
-reports it and restarts the follower (transactions it was following stay in
-the mempool; only their follow-up is lost).
+is followed in a task of its TaskGroup. A transaction that has not reached
+the pool, or left it uncommitted, for a reason that can pass (the pool or
+this account's quota is full, it was evicted, a sequence conflict: an earlier
+one of ours failed in the same block) is re-signed with a fresh sequence and
+submitted again, after a backoff doubling from ``retry_first_s`` up to
+``retry_max_s``, for at most ``retry_for_s``; a refusal no retry can cure
+(the ledger says the work is closed, a duplicate, ...), a rejection in its
+block, or no commit within ``COMMIT_TIMEOUT_S`` (it may still be pending:
+signing it again could apply it twice) ends the follow-up, logged. The
+caller's ``done(committed)`` learns the outcome, so a duty counts as done
+only once its transaction committed. Anything else is a bug: it fails the
+TaskGroup, so :meth:`run` crashes and the supervisor reports it and restarts
+the follower (transactions it was following stay in the mempool; only their
+follow-up is lost).
 """
 
 from __future__ import annotations
@@ -52,9 +59,11 @@ from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 log = logging.getLogger(__name__)
 
-SUBMIT_ATTEMPTS = 3
 COMMIT_TIMEOUT_S = 300.0
 
+# Refusals and drops that may pass: the mempool's room and order, never the ledger's verdict.
+RETRYABLE = frozenset({"mempool_full", "account_quota", "sequence_taken", "too_far_ahead", "evicted",
+                       Reason.BAD_SEQUENCE.value})
 
 @dataclass(frozen=True)
 class _Reservation:
@@ -69,18 +78,22 @@ class _Submitted:
 
     build: Callable[[int], bytes]  # sequence -> the signed transaction (to re-sign it)
     what: str  # for the log
-    tx_hash: bytes
-    done: Callable[[], object]  # called once its fate is known
+    tx_hash: bytes | None  # None: not in the mempool (refused), to submit again
+    done: Callable[[bool], object]  # called once its fate is known: committed and applied?
 
 
 class LedgerHooks:
     def __init__(self, replica: Replica, key: Keypair, reservation_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, retry_first_s: float = 0.5,
+                 retry_max_s: float = 10.0, retry_for_s: float = 300.0) -> None:
         self._replica = replica
         self._key = key
         self._reservation_s = reservation_s
         self._clock = clock
         self._reservations: dict[bytes, _Reservation] = {}  # inference id -> its escrow, held
+        self._retry_first_s = retry_first_s
+        self._retry_max_s = retry_max_s
+        self._retry_for_s = retry_for_s
         self._submitted: asyncio.Queue[_Submitted] = asyncio.Queue()  # waiting for the follower
 
     async def run(self) -> None:
@@ -99,12 +112,14 @@ class LedgerHooks:
             return "unknown_model", f"{req.model!r} has no price on this network"
         escrow = escrow_for(prompt_token_bound(req, state.params), req.max_tokens, price)
         client = request.signer_id
+        fee = state.params.tx_fee  # the client pays the Start's fee too (transactions.Payer.CLIENT)
         available = state.balance(client) - self.reserved(client)
-        if escrow > available:
+        if escrow + fee > available:
             return ("insufficient_balance",
-                    f"this request escrows {escrow} coins (prompt bound + max_tokens, at {price} per token); "
-                    f"the available balance of {client} is {available}")
-        self._reservations[inference_id(request)] = _Reservation(client, escrow, self._clock() + self._reservation_s)
+                    f"this request escrows {escrow} coins (prompt bound + max_tokens, at {price} per token) "
+                    f"and pays a fee of {fee}; the available balance of {client} is {available}")
+        self._reservations[inference_id(request)] = _Reservation(client, escrow + fee,
+                                                                 self._clock() + self._reservation_s)
         return None
 
     def reserved(self, client: str) -> int:
@@ -125,7 +140,7 @@ class LedgerHooks:
                                        sequence=sequence), self._key)
 
         self.follow(build, f"StartInference {iid.hex()[:12]}",
-                     lambda: self._reservations.pop(iid, None))
+                     lambda committed: self._reservations.pop(iid, None))
 
     # ---- the executor's hook ---------------------------------------------------------
 
@@ -144,38 +159,60 @@ class LedgerHooks:
     # ---- submission ------------------------------------------------------------------
 
     def follow(self, build: Callable[[int], bytes], what: str,
-               done: Callable[[], object] = lambda: None) -> None:
-        """Sign (``build(sequence)``) and submit now; :meth:`run` sees it to its block (the
-        caller's path never waits). Also how the validator sends its transactions."""
+               done: Callable[[bool], object] = lambda committed: None) -> None:
+        """Sign (``build(sequence)``) and submit now, or later if the mempool refuses it for now;
+        :meth:`run` sees it to its block (the caller's path never waits) and then calls
+        ``done(committed)``. Also how the validator sends its transactions."""
         try:
-            tx_hash = self._replica.submit(build(self._replica.next_sequence(self._key.peer_id)))
+            tx_hash = self._submit(build, what)
         except TxRefused as e:
             log.warning("%s refused by the mempool: %s", what, e)
-            done()
+            done(False)
             return
         self._submitted.put_nowait(_Submitted(build, what, tx_hash, done))
 
     async def _until_committed(self, tx: _Submitted) -> None:
-        build, what, tx_hash = tx.build, tx.what, tx.tx_hash
+    def _submit(self, build: Callable[[int], bytes], what: str) -> bytes | None:
+        """The hash of the transaction admitted now, or None if refused for now (raises
+        :class:`TxRefused` if no retry can cure the refusal)."""
         try:
-            for attempt in range(SUBMIT_ATTEMPTS):
-                if attempt:
-                    tx_hash = self._replica.submit(build(self._replica.next_sequence(self._key.peer_id)))
+            return self._replica.submit(build(self._replica.next_sequence(self._key.peer_id)))
+        except TxRefused as e:
+            if e.code not in RETRYABLE:
+                raise
+            log.info("%s refused for now: %s", what, e)
+            return None
+
+        committed = False
+        try:
+            committed = await self._see_through(tx)
+        except (TxRefused, TimeoutError, ReplicaStopped) as e:
+            log.warning("%s not committed: %s", tx.what, e)
+        finally:
+            tx.done(committed)
+
+    async def _see_through(self, tx: _Submitted) -> bool:
+        """Submit (again) until the transaction commits; whether it applied."""
+        tx_hash, delay, give_up = tx.tx_hash, self._retry_first_s, self._clock() + self._retry_for_s
+        while True:
+            if tx_hash is None:
+                tx_hash = self._submit(tx.build, tx.what)
+            if tx_hash is not None:
                 try:
                     committed = await self._replica.wait_for_commit(tx_hash, COMMIT_TIMEOUT_S)
                 except TxDropped as e:
-                    if e.code == Reason.BAD_SEQUENCE:
-                        continue
-                    log.warning("%s left the mempool uncommitted: %s", what, e)
-                    return
-                if committed.receipt.reason is Reason.BAD_SEQUENCE:
-                    continue
-                if not committed.receipt.ok:
-                    log.warning("%s rejected at height %d: %s %s", what, committed.height,
-                                committed.receipt.reason, committed.receipt.detail)
-                return
-            log.warning("%s: gave up after %d sequence conflicts", what, SUBMIT_ATTEMPTS)
-        except (TxRefused, TimeoutError, ReplicaStopped) as e:
-            log.warning("%s not committed: %s", what, e)
-        finally:
-            tx.done()
+                    if e.code not in RETRYABLE:
+                        log.warning("%s left the mempool uncommitted: %s", tx.what, e)
+                        return False
+                else:
+                    if committed.receipt.reason is not Reason.BAD_SEQUENCE:
+                        if not committed.receipt.ok:
+                            log.warning("%s rejected at height %d: %s %s", tx.what, committed.height,
+                                        committed.receipt.reason, committed.receipt.detail)
+                        return committed.receipt.ok
+                tx_hash = None
+            if self._clock() + delay > give_up:
+                log.warning("%s: still not admitted after %.0f s, given up", tx.what, self._retry_for_s)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, self._retry_max_s)

@@ -40,7 +40,10 @@ The checks run one at a time (they share the cores with serving), inside
 :meth:`run`, which the node supervises: a crash is reported and the actor
 restarted, and since every duty is recomputed from committed state it
 resumes where it stopped. Its transactions go to the node's transaction
-follower. It remembers what it has sent (or cannot judge) per epoch, and
+follower. A duty is done only once its transaction commits: until the
+follower reports its fate it is in flight (not sent twice), and if it never
+commits (refused to the end, rejected) it is due again at the next step. It
+remembers what has committed (or what it cannot judge) per epoch, and
 forgets an epoch once it has settled: nothing about it is accepted after,
 so the memory holds at most the three epochs it acts on.
 """
@@ -88,8 +91,9 @@ FETCH_TIMEOUT_S = 30.0
 
 
 class TxFollower(Protocol):
-    def follow(self, build: Callable[[int], bytes], what: str) -> None:
-        """Sign with the next sequence, submit, and see it to its block in the background."""
+    def follow(self, build: Callable[[int], bytes], what: str, done: Callable[[bool], object]) -> None:
+        """Sign with the next sequence, submit, and see it to its block in the background;
+        then ``done(committed)``."""
         ...
 
 
@@ -111,7 +115,7 @@ class ValidatorActor:
         self._submitter = submitter
         self._state: LedgerState | None = None
         self._wake = asyncio.Event()
-        # epoch -> (what, epoch or inference id) already sent, or not judgeable here
+        # epoch -> (what, epoch or inference id) committed, or not judgeable here
         self._done: dict[int, set[tuple[str, int | bytes]]] = {}
         self.checked = 0
 
@@ -126,6 +130,7 @@ class ValidatorActor:
 
     async def run(self) -> None:
         while True:
+        self._in_flight: set[tuple[int, tuple[str, int | bytes]]] = set()  # submitted, fate unknown
             await self._wake.wait()
             self._wake.clear()
             await self.step()
@@ -191,13 +196,21 @@ class ValidatorActor:
                 chain_id=self._chain_id, epoch=epoch, seed=self.seed(epoch), sequence=s), self._key))
 
     def _sent(self, epoch: int, what: str, key: int | bytes) -> bool:
-        return (what, key) in self._done.get(epoch, ())
+        return (what, key) in self._done.get(epoch, ()) or (epoch, (what, key)) in self._in_flight
 
     def _once(self, epoch: int, key: tuple[str, int | bytes], build: Callable[[int], bytes]) -> None:
         if self._sent(epoch, *key):
             return
-        self._done.setdefault(epoch, set()).add(key)
-        self._submitter.follow(build, f"{key[0]} {key[1]!r}")
+        self._in_flight.add((epoch, key))
+        self._submitter.follow(build, f"{key[0]} {key[1]!r}",
+                               lambda committed: self._landed(epoch, key, committed))
+
+    def _landed(self, epoch: int, key: tuple[str, int | bytes], committed: bool) -> None:
+        """The follower's word on a sent transaction: done once committed, else due again at
+        the next block (the follower has retried for a while already: no hurry)."""
+        self._in_flight.discard((epoch, key))
+        if committed:
+            self._done.setdefault(epoch, set()).add(key)
 
     async def _check(self, epoch: int, inference_id: bytes, dispute: bool) -> None:
         record = self._live().inference(inference_id)

@@ -123,6 +123,9 @@ class Params:
     evidence_max_age_blocks: int = _param(
         100, "blocks after an equivocation within which its SubmitEvidence is accepted (its epoch's "
         "validator weights must still be held)", positive=True)
+    tx_fee: int = _param(
+        1, "coin units burned per applied transaction of a paying kind (transactions.Payer); "
+        "protocol-critical kinds are free")
     price_per_token: Mapping[str, int] = field(
         default_factory=lambda: MappingProxyType({}),
         metadata={"unit": "coin units per token (prompt and completion alike), per model; >= 1"})

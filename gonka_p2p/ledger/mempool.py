@@ -9,16 +9,34 @@ and nothing else, so the replica actor owns all timing.
 * **Admission** (:meth:`Mempool.add`): a transaction is kept only if its
   hash is new, no other pending transaction of its signer holds the same
   sequence, the pool has room (count and bytes), its sequence is at most
-  ``max_ahead`` past the signer's account, and ``check_tx`` accepts it --
-  every rule a block would apply, against committed state. Refusals raise
-  :class:`TxRefused` with a stable code: a :class:`Reason` value from
-  ``check_tx``, or one of the pool's own (``duplicate``, ``sequence_taken``,
-  ``mempool_full``, ``too_far_ahead``).
+  ``max_ahead`` past the signer's account, ``check_tx`` accepts it --
+  every rule a block would apply, against committed state -- and its class
+  has room (below). Refusals raise :class:`TxRefused` with a stable code: a
+  :class:`Reason` value from ``check_tx``, or one of the pool's own
+  (``duplicate``, ``sequence_taken``, ``mempool_full``, ``too_far_ahead``,
+  ``account_quota``).
+* **Room by class** (the defence against crowding out): protocol-critical
+  transactions (``transactions.DUTY_KINDS``: Finish, seeds, Validation,
+  DisputeVote, evidence) are free on the ledger, so here they are bounded
+  by a per-account quota (``max_duties_per_account``); every other
+  transaction pays a fee, and its signer may hold at most
+  ``max_per_account`` of them pending (and ``max_bytes_per_account``), no
+  more than its balance pays the fees of, and all of them together at most
+  the capacity left once ``reserved_ppm`` of it (count and bytes) is kept
+  for the protocol-critical ones. When that share is full, a newcomer evicts
+  the newest paying transaction of the account holding the most, if that
+  account holds more than the newcomer would (fair share: every account can
+  always hold about share / accounts); evictions are reported by the next
+  :meth:`Mempool.update` as ``evicted``. So a key that cannot pay holds
+  nothing here, however many funded accounts spam an honest Finish or
+  Validation still finds room, and an honest TA's Start its fair share.
 * **Reaping** (:meth:`Mempool.reap`): a block may only carry a signer's
   transactions in sequence order starting at its account's next sequence,
   so each signer's pending transactions are taken as the contiguous run
-  from there; runs are interleaved by arrival (a k-way merge on arrival
-  order), so one busy signer cannot starve the others and a signer's
+  from there; runs are interleaved round by round (every signer's first
+  transaction, then every second one, ..., by arrival within a round),
+  protocol-critical transactions first, so one busy signer cannot starve
+  the others, no amount of paid traffic delays a duty, and a signer's
   in-flight transactions land in one block, in order.
 * **Update** (:meth:`Mempool.update`, after every committed block): the
   block's transactions leave the pool, whatever their receipts said; every
@@ -31,7 +49,8 @@ and nothing else, so the replica actor owns all timing.
   replaced on change) are not checked again.
 
 Invariants: at most one pending transaction per (signer, sequence); count
-and byte totals match the contents and never exceed the limits.
+and byte totals (all, and per class and signer) match the contents and never
+exceed the limits.
 """
 
 from __future__ import annotations
@@ -43,8 +62,9 @@ from dataclasses import dataclass
 
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.records import Account
+from gonka_p2p.ledger.rules import PPM
 from gonka_p2p.ledger.state import LedgerState, check_tx
-from gonka_p2p.ledger.transactions import ACCOUNT_ONLY_KINDS
+from gonka_p2p.ledger.transactions import ACCOUNT_ONLY_KINDS, DUTY_KINDS, signer_fee
 
 
 class TxRefused(Exception):
@@ -61,6 +81,20 @@ class MempoolParams:
     max_txs: int = 50_000  # pending transactions
     max_bytes: int = 64 * 1024 * 1024  # their total size
     max_ahead: int = 1_000  # how far past its account's sequence a signer may queue
+    reserved_ppm: int = 200_000  # of max_txs and of max_bytes, held for protocol-critical transactions
+    max_per_account: int = 256  # pending paying transactions of one signer
+    max_bytes_per_account: int = 4 * 1024 * 1024  # their total size
+    max_duties_per_account: int = 4_096  # pending protocol-critical transactions of one signer
+
+    @property
+    def paying_txs(self) -> int:
+        """How many of the ``max_txs`` transactions of paying kinds may hold."""
+        return self.max_txs - self.max_txs * self.reserved_ppm // PPM
+
+    @property
+    def paying_bytes(self) -> int:
+        """How many of the ``max_bytes`` transactions of paying kinds may hold."""
+        return self.max_bytes - self.max_bytes * self.reserved_ppm // PPM
 
 
 @dataclass(frozen=True)
@@ -72,6 +106,23 @@ class PendingTx:
     kind: str
     arrival: int  # admission order, for fair interleaving when reaping
 
+    @property
+    def duty(self) -> bool:
+        """Protocol-critical: free on the ledger, reserved room here, reaped first."""
+        return self.kind in DUTY_KINDS
+
+
+@dataclass
+class _Usage:
+    """Pending transactions of one class (of the pool, or of one signer): count and bytes."""
+
+    count: int = 0
+    size: int = 0
+
+    def change(self, tx: PendingTx, sign: int) -> None:
+        self.count += sign
+        self.size += sign * len(tx.raw)
+
 
 class Mempool:
     def __init__(self, params: MempoolParams = MempoolParams()) -> None:
@@ -80,6 +131,10 @@ class Mempool:
         self._by_signer: dict[str, dict[int, PendingTx]] = {}  # signer -> sequence -> tx
         self._checked_against: dict[str, Account | None] = {}  # signer -> the record its txs passed on
         self._bytes = 0
+        self._paying = _Usage()  # every pending transaction that is not protocol-critical
+        self._usage: dict[tuple[str, bool], _Usage] = {}  # (signer, duty?) -> its pending ones
+        self._heaviest: dict[int, set[str]] = {}  # n -> signers with n pending paying transactions
+        self._evicted: list[tuple[bytes, TxRefused]] = []  # since the last update
         self._arrivals = itertools.count()
 
     def __len__(self) -> int:
@@ -111,11 +166,13 @@ class Mempool:
         next_sequence = account.sequence if account is not None else 0
         if receipt.sequence > next_sequence + self.params.max_ahead:
             raise TxRefused("too_far_ahead", f"sequence {receipt.sequence}; the account is at {next_sequence}")
-        queued = self._by_signer.setdefault(receipt.signer, {})
+        queued = self._by_signer.get(receipt.signer, {})
         if receipt.sequence in queued:
             raise TxRefused("sequence_taken", f"another pending transaction of {receipt.signer} "
                                               f"has sequence {receipt.sequence}")
         tx = PendingTx(bytes(raw), tx_hash, receipt.signer, receipt.sequence, receipt.kind, next(self._arrivals))
+        self._check_room(state, tx)
+        queued = self._by_signer.setdefault(tx.signer, queued)
         if not queued:
             self._checked_against[tx.signer] = account
         elif self._checked_against.get(tx.signer) is not account:
@@ -123,7 +180,62 @@ class Mempool:
         queued[tx.sequence] = tx
         self._by_hash[tx_hash] = tx
         self._bytes += len(tx.raw)
+        self._count(tx, +1)
         return tx
+
+    def _check_room(self, state: LedgerState, tx: PendingTx) -> None:
+        """Raise :class:`TxRefused` unless ``tx``'s class and its signer's quota have room for it."""
+        mine = self._usage.get((tx.signer, tx.duty), _Usage())
+        if tx.duty:
+            if mine.count >= self.params.max_duties_per_account:
+                raise TxRefused("account_quota", f"{tx.signer} has {mine.count} protocol transactions pending")
+            return
+        p = self.params
+        if mine.count >= p.max_per_account or mine.size + len(tx.raw) > p.max_bytes_per_account:
+            raise TxRefused("account_quota", f"{tx.signer} has {mine.count} transactions "
+                                             f"({mine.size} bytes) pending")
+        fees = (mine.count + 1) * signer_fee(tx.kind, state.params.tx_fee)
+        if fees > state.balance(tx.signer):
+            raise TxRefused("insufficient_balance", f"{tx.signer}'s balance {state.balance(tx.signer)} "
+                                                    f"does not pay the fees of {mine.count + 1} pending transactions")
+        while self._paying.count >= p.paying_txs or self._paying.size + len(tx.raw) > p.paying_bytes:
+            if not self._evict_for(mine.count + 1):
+                raise TxRefused("mempool_full", f"{self._paying.count} paying transactions "
+                                                f"({self._paying.size} bytes) pending; the rest is reserved")
+
+    def _evict_for(self, needs: int) -> bool:
+        """Evict the newest paying transaction of the account holding the most, if it holds more
+        than ``needs`` (what the newcomer's account would hold); whether one was evicted."""
+        most = max(self._heaviest, default=0)
+        if most <= needs:
+            return False
+        for signer in sorted(self._heaviest[most]):
+            newest = self._by_signer[signer][max(self._by_signer[signer])]
+            if not newest.duty:  # only a run's last transaction goes: the rest still line up
+                self._remove(newest.tx_hash)
+                self._evicted.append((newest.tx_hash, TxRefused(
+                    "evicted", f"{signer} held {most} paying transactions of a full pool")))
+                return True
+        return False
+
+    def _count(self, tx: PendingTx, sign: int) -> None:
+        key = (tx.signer, tx.duty)
+        usage = self._usage.setdefault(key, _Usage())
+        if not tx.duty:
+            self._paying.change(tx, sign)
+            self._rank(tx.signer, usage.count, usage.count + sign)
+        usage.change(tx, sign)
+        if not usage.count:
+            del self._usage[key]
+
+    def _rank(self, signer: str, before: int, after: int) -> None:
+        if before:
+            bucket = self._heaviest[before]
+            bucket.discard(signer)
+            if not bucket:
+                del self._heaviest[before]
+        if after:
+            self._heaviest.setdefault(after, set()).add(signer)
 
     def next_sequence(self, state: LedgerState, account: str) -> int:
         """The sequence ``account``'s next transaction should carry: past its committed and pending ones."""
@@ -146,26 +258,28 @@ class Mempool:
                 sequence += 1
             if run:
                 runs[signer] = run
-        heads = [(run[0].arrival, signer, 0) for signer, run in runs.items()]
+        heads = [(not run[0].duty, 0, run[0].arrival, signer) for signer, run in runs.items()]
         heapq.heapify(heads)
         block: list[bytes] = []
         size = 0
         while heads and len(block) < max_txs:
-            _, signer, i = heapq.heappop(heads)
+            _, i, _, signer = heapq.heappop(heads)
             tx = runs[signer][i]
             if size + len(tx.raw) > max_bytes:
                 continue  # this signer's run stops here (its later sequences would not apply)
             block.append(tx.raw)
             size += len(tx.raw)
             if i + 1 < len(runs[signer]):
-                heapq.heappush(heads, (runs[signer][i + 1].arrival, signer, i + 1))
+                after = runs[signer][i + 1]
+                heapq.heappush(heads, (not after.duty, i + 1, after.arrival, signer))
         return block
 
     def update(self, state: LedgerState, committed: Iterable[bytes]) -> list[tuple[bytes, TxRefused]]:
-        """After a block: drop its transactions (raw bytes), re-check the rest; return what was dropped and why."""
+        """After a block: drop its transactions (raw bytes), re-check the rest; return what was
+        dropped (or evicted since the last update) and why."""
         for raw in committed:
             self._remove(digest(raw))
-        dropped = []
+        dropped, self._evicted = self._evicted, []
         for signer, queued in list(self._by_signer.items()):
             account = state.account(signer)
             unchanged = self._checked_against.get(signer) is account
@@ -190,3 +304,4 @@ class Mempool:
             del self._by_signer[tx.signer]
             del self._checked_against[tx.signer]
         self._bytes -= len(tx.raw)
+        self._count(tx, -1)

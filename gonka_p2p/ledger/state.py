@@ -3,47 +3,43 @@
 Theory of operation
 -------------------
 A :class:`LedgerState` is built from a :class:`~gonka_p2p.ledger.genesis.Genesis`
-and then changes only through :func:`apply_block`; everything here is a
-deterministic function of (genesis, blocks), with no I/O, clocks, threads or
-randomness, so every replica that applies the same blocks holds the same
-state and the same :meth:`LedgerState.app_hash`. Block time is the block's
-``time_ms`` (chosen by the proposer, bounded by consensus, never allowed to
-go backwards here): it is the ledger's only clock, used solely to judge the
-client's signed request timestamp. The only "randomness" is derived from
-committed data: validators' committed seeds and block hashes.
+and then changes only through :func:`apply_block`, a deterministic function of
+(genesis, blocks) -- no I/O, clocks, threads or randomness -- so replicas that
+apply the same blocks hold the same :meth:`LedgerState.app_hash`. The only
+clock is the block's ``time_ms`` (the proposer's, bounded by consensus, never
+going backwards here), used solely to judge client request timestamps; the
+only "randomness" is committed data: validators' seeds and block hashes.
 
 ``apply_block`` first checks that the block extends this state (height + 1,
 ``prev_hash``) and raises :class:`BlockMismatch` otherwise -- the caller
 fed the wrong block, nothing was applied. Then, in order:
 
-1. each transaction, in block order, is decoded and verified and either
-   applied whole or rejected whole by its kind's rule
-   (:mod:`~gonka_p2p.ledger.tx_rules`, which raises :class:`TxRejected`
-   before touching anything); each yields a :class:`Receipt`, and a
-   transaction never makes ``apply_block`` raise;
+1. each transaction, in block order, is decoded and verified and either applied whole
+   or rejected whole by its kind's rule (:mod:`~gonka_p2p.ledger.tx_rules`, which raises
+   :class:`TxRejected` before touching anything); each yields a :class:`Receipt`, and a
+   transaction never makes ``apply_block`` raise. An applied transaction of a paying kind
+   burns its fee (``tx_fee``, ``transactions.Payer``): coins are conserved as genesis
+   supply + minted - burned;
 2. end of block (:mod:`~gonka_p2p.ledger.end_of_block`): expiries,
    deadlines, and at epoch boundaries settlement and the next validator set;
 3. the block is committed: the app hash is updated and the invariants are
    checked on every record the block changed (:mod:`~gonka_p2p.ledger.tables`).
 
-This module holds the state itself -- its tables, the indexes derived from
-them (rebuilt on load, never hashed), its queries and its snapshot -- and
-the entry points. A query returns records or fresh containers, never a live
-view of a table, so a caller may hold its answer across an ``await``.
+This module holds the state itself -- its tables, the indexes derived from them
+(rebuilt on load, never hashed), its queries and its snapshot -- and the entry points.
+A query returns records or fresh containers, never a live view of a table, so a
+caller may hold its answer across an ``await``.
 
-Memory stays bounded: a request id is remembered only while its timestamp
-can be fresh; closed inferences (with their checks, votes and disputes), seed
-commitments and epoch records go when the epoch after theirs settles, summaries
-after ``SUMMARY_EPOCHS_KEPT`` epochs; held Finishes are capped and dropped at
-their deadline; running inferences are bounded by the clients' balances.
+Memory stays bounded: a request id is remembered only while its timestamp can be
+fresh; closed inferences (with their checks, votes and disputes), seed commitments and
+epoch records go when the epoch after theirs settles, summaries after
+``SUMMARY_EPOCHS_KEPT`` epochs; held Finishes are capped and dropped at their deadline;
+running inferences are bounded by the clients' balances.
 
-Using it: ``state = LedgerState.from_genesis(load_genesis(path))`` (or
-``LedgerState.from_bytes(snapshot)``); on consensus's ValidateBlock,
-``check_block(state, decode_block(raw))``; on Commit, ``apply_block(state,
-decode_block(raw))``, then persist ``state.to_bytes()`` and compare
-``state.app_hash()`` with the other replicas'. The mempool admits with
-``check_tx(state, raw_tx)``. Who submits which transaction, and when:
-:mod:`~gonka_p2p.ledger.tx_rules`.
+Using it: ``LedgerState.from_genesis(load_genesis(path))`` or ``.from_bytes(snapshot)``;
+``check_block`` on consensus's ValidateBlock, ``apply_block`` on Commit (then persist
+``to_bytes()``, compare ``app_hash()``); the mempool admits with ``check_tx``. Who
+submits which transaction, and when: :mod:`~gonka_p2p.ledger.tx_rules`.
 """
 
 from __future__ import annotations
@@ -83,12 +79,12 @@ from gonka_p2p.ledger.rules import (
     validation_ppm,
 )
 from gonka_p2p.ledger.tables import InvariantViolation, LtHash, Table, check_record, fold_changes, new_table
-from gonka_p2p.ledger.transactions import Reason, Tx, TxRejected, decode_tx, reason_of
+from gonka_p2p.ledger.transactions import Reason, Tx, TxRejected, decode_tx, reason_of, signer_fee
 from gonka_p2p.ledger.tx_rules import RULES, peer_id_of
 from gonka_p2p.wire.envelope import Signed
 from gonka_p2p.wire.schema import WireError
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 SUMMARY_EPOCHS_KEPT = 16  # epoch summaries kept for queries (the rest of an epoch goes sooner)
 _APP_HASH_DOMAIN = b"gonka-p2p/app-hash/v1\x00"
 
@@ -114,6 +110,7 @@ class LedgerState:
         self.time_ms = genesis.genesis_time_ms
         self.last_block_hash = self.genesis_hash
         self.minted = 0
+        self.burned = 0  # transaction fees
         self.accounts: Table[str, Account] = new_table("account")
         self.registry: Table[str, Participant] = new_table("participant")
         self.inferences: Table[bytes, Inference] = new_table("inference")
@@ -131,7 +128,7 @@ class LedgerState:
             self.accounts, self.registry, self.inferences, self.seen, self.held, self.fees, self.epochs,
             self.commitments, self.checks, self.votes, self.disputes, self.summaries, self.equivocations)
         self._lthash = LtHash()
-        self._block_minted = 0  # coins minted since the last commit
+        self._block_created = 0  # coins minted minus coins burned since the last commit
         # Indexes derived from the tables (not hashed, rebuilt on load).
         self._expiring: dict[int, list[bytes]] = {}  # height -> inference ids to expire
         self._held_expiring: dict[int, list[tuple[bytes, str]]] = {}
@@ -168,8 +165,7 @@ class LedgerState:
         return epoch_after(self.height, self.params)
 
     def balance(self, address: str) -> int:
-        account = self.accounts.get(address)
-        return account.balance if account else 0
+        return (self.accounts.get(address) or Account(0, 0)).balance
 
     def account(self, address: str) -> Account | None:
         return self.accounts.get(address)
@@ -193,11 +189,9 @@ class LedgerState:
         """The inference's record; status FINISHED (with only the executor's claims) while a
         Finish is held for it; None if never seen, or pruned (one full epoch after it closed)."""
         record = self.inferences.get(inference_id)
-        if record is not None:
-            return record
         claimants = self._held_by_id.get(inference_id)
-        if not claimants:
-            return None
+        if record is not None or not claimants:
+            return record
         executor = min(claimants)
         return self.held.rows[(inference_id, executor)].as_inference(executor)
 
@@ -324,7 +318,7 @@ class LedgerState:
     def app_hash(self) -> bytes:
         """The committed state's identity; equal on every replica that applied the same blocks."""
         header = msgpack.packb([SNAPSHOT_FORMAT, self.genesis_hash, self.height, self.time_ms,
-                                self.last_block_hash, self.minted], use_bin_type=True)
+                                self.last_block_hash, self.minted, self.burned], use_bin_type=True)
         return digest(_APP_HASH_DOMAIN + header + self._lthash.to_bytes())
 
     def _commit(self, coins_created: int) -> None:
@@ -343,25 +337,25 @@ class LedgerState:
         tables = [[t.tag, [[k, t.codec.encode(v)] for k, v in sorted(t.rows.items())]]
                   for t in self.tables]
         return msgpack.packb([SNAPSHOT_FORMAT, self.genesis.to_obj(), self.height, self.time_ms,
-                              self.last_block_hash, self.minted, tables], use_bin_type=True)
+                              self.last_block_hash, self.minted, self.burned, tables], use_bin_type=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LedgerState:
         """Rebuild a state from :meth:`to_bytes`; recomputes the hash and checks the invariants."""
         try:
-            fmt, genesis_obj, height, time_ms, last_hash, minted, tables = msgpack.unpackb(
+            fmt, genesis_obj, height, time_ms, last_hash, minted, burned, tables = msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True)
             if fmt != SNAPSHOT_FORMAT:
                 raise SnapshotError(f"snapshot format {fmt!r}, expected {SNAPSHOT_FORMAT}")
             state = cls(genesis_from_obj(genesis_obj))
-            state.height, state.time_ms, state.minted = int(height), int(time_ms), int(minted)
+            state.height, state.time_ms, state.minted, state.burned = map(int, (height, time_ms, minted, burned))
             state.last_block_hash = bytes(last_hash)
             if [tag for tag, _ in tables] != [t.tag for t in state.tables]:
                 raise SnapshotError("snapshot tables do not match this version")
             for table, (_tag, rows) in zip(state.tables, tables, strict=True):
                 for key, value in rows:
                     table.put(tuple(key) if isinstance(key, list) else key, table.codec.decode(value))
-            state._commit(coins_created=state.genesis.supply + state.minted)
+            state._commit(coins_created=state.genesis.supply + state.minted - state.burned)
         except SnapshotError:
             raise
         except (ValueError, TypeError, KeyError, IndexError, GenesisError, InvariantViolation,
@@ -397,11 +391,8 @@ class LedgerState:
     # ------------------------------------------------------------------ mutations used by the rules
 
     def credit(self, address: str, amount: int) -> None:
-        account = self.accounts.get(address)
-        if account is None:
-            self.accounts.put(address, Account(amount, 0))
-        else:
-            self.accounts.put(address, Account(account.balance + amount, account.sequence))
+        account = self.accounts.get(address) or Account(0, 0)
+        self.accounts.put(address, Account(account.balance + amount, account.sequence))
 
     def debit(self, address: str, amount: int) -> None:
         account = self.accounts.rows[address]
@@ -413,7 +404,13 @@ class LedgerState:
         if amount:
             self.credit(address, amount)
             self.minted += amount
-            self._block_minted += amount
+            self._block_created += amount
+
+    def burn(self, address: str, amount: int) -> None:
+        """Destroy ``amount`` of ``address``'s coins (transaction fees; nothing else burns)."""
+        self.debit(address, amount)
+        self.burned += amount
+        self._block_created -= amount
 
     def close_inference(self, inference_id: bytes, record: Inference) -> None:
         """Store a settled or expired record and index it under its epoch."""
@@ -478,11 +475,9 @@ class LedgerState:
         claimants.discard(executor)
         if not claimants:
             del self._held_by_id[iid]
-        remaining = self._held_per_executor[executor] - 1
+        remaining = self._held_per_executor.pop(executor) - 1
         if remaining:
             self._held_per_executor[executor] = remaining
-        else:
-            del self._held_per_executor[executor]
         return held
 
     def held_count(self, executor: str) -> int:
@@ -523,9 +518,9 @@ def check_invariants(state: LedgerState) -> None:
     for table in state.tables:
         for key, value in table.rows.items():
             check_record(table.tag, key, value, table.codec.coins(value))
-    total, expected = state.total_coins(), state.genesis.supply + state.minted
+    total, expected = state.total_coins(), state.genesis.supply + state.minted - state.burned
     if total != expected:
-        raise InvariantViolation(f"state holds {total} coins, genesis supply + minted is {expected}")
+        raise InvariantViolation(f"state holds {total} coins, genesis supply + minted - burned is {expected}")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -543,8 +538,8 @@ def apply_block(state: LedgerState, block: Block) -> tuple[LedgerState, list[Rec
     receipts = [_run(state, ctx, raw, apply=True) for raw in block.txs]
     end_block(state, ctx)
     state.height, state.time_ms, state.last_block_hash = ctx.height, ctx.time_ms, block.hash
-    minted, state._block_minted = state._block_minted, 0
-    state._commit(coins_created=minted)
+    created, state._block_created = state._block_created, 0
+    state._commit(coins_created=created)
     return state, receipts
 
 
@@ -592,9 +587,13 @@ def _run(state: LedgerState, ctx: BlockContext, raw: Any, apply: bool) -> Receip
             raise TxRejected(Reason.UNKNOWN_ACCOUNT, f"{signer} has no account")
         if not sequence_acceptable(account.sequence, tx.sequence, mempool=ctx.mempool):
             raise TxRejected(Reason.BAD_SEQUENCE, f"sequence {tx.sequence}, expected {account.sequence}")
+        fee = signer_fee(tx.KIND, state.params.tx_fee)
+        if fee > account.balance:
+            raise TxRejected(Reason.INSUFFICIENT_BALANCE, f"fee {fee}, balance {account.balance}")
         detail = RULES[type(tx)](state, ctx, signed, signer, apply)
     except TxRejected as r:
         return Receipt(tx_hash, r.reason, r.detail, tx.KIND, signer, tx.sequence)
     if apply:
+        state.burn(signer, fee)
         state.bump_sequence(signer)
     return Receipt(tx_hash, Reason.OK, detail, tx.KIND, signer, tx.sequence)

@@ -36,7 +36,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from enum import IntFlag, StrEnum
+from enum import Enum, IntFlag, StrEnum
 from typing import Any, get_args
 
 from gonka_p2p.identity import digest
@@ -68,7 +68,7 @@ class Reason(StrEnum):
     BAD_SEQUENCE = "bad_sequence"
     # Transfer.
     INVALID_ADDRESS = "invalid_address"
-    INSUFFICIENT_BALANCE = "insufficient_balance"
+    INSUFFICIENT_BALANCE = "insufficient_balance"  # also: the payer cannot pay the fee (any kind)
     # RegisterParticipant / StartInference.
     UNKNOWN_MODEL = "unknown_model"
     NOT_A_PARTICIPANT = "not_a_participant"
@@ -341,27 +341,52 @@ def derive_validation_seed(secret: bytes, chain_id: str, epoch: int) -> bytes:
 
 @dataclass(frozen=True)
 class TxKind:
-    """One kind of transaction: its wire schema, and what the mempool may assume of it. Its rule
-    is ``tx_rules``' (which checks that every kind here has exactly one)."""
+class Payer(Enum):
+    """Who pays a transaction's fee (genesis ``tx_fee``, burned when the transaction applies).
+
+    Every kind has a price or a quota. The kinds anyone may send at will pay; the
+    protocol-critical ones (``DUTY``) are free, so that a participant never needs coins to
+    do its work, and are bounded instead: by its duties on the ledger (one Finish per
+    inference it executed, one seed commit and reveal per epoch, one Validation per duty,
+    one DisputeVote per committee seat, one accepted SubmitEvidence per offence) and in the
+    mempool by a per-account quota and a reserved share of its capacity. A rejected
+    transaction pays nothing: it is not applied, so its sequence is not spent either.
+    """
+
+    SIGNER = "signer"
+    CLIENT = "client"  # StartInference: the client whose signed request it carries, with its escrow
+    DUTY = "duty"
+
+
+    """One kind of transaction: its wire schema, who pays for it, and what the mempool may
+    assume of it. Its rule is ``tx_rules``' (which checks that every kind here has exactly one)."""
 
     message: type[Message]
     account_only: bool = False  # valid or not by its signer's account record alone (see mempool)
 
+    payer: Payer
 
 TX_KINDS: tuple[TxKind, ...] = (  # every transaction kind, once
-    TxKind(Transfer, account_only=True),
-    TxKind(RegisterParticipant),
-    TxKind(StartInference),
-    TxKind(FinishInference),
-    TxKind(CommitValidationSeed),
-    TxKind(RevealValidationSeed),
-    TxKind(Validation),
-    TxKind(DisputeVote),
-    TxKind(SubmitEvidence),
+    TxKind(Transfer, Payer.SIGNER, account_only=True),
+    TxKind(RegisterParticipant, Payer.SIGNER),
+    TxKind(StartInference, Payer.CLIENT),
+    TxKind(FinishInference, Payer.DUTY),
+    TxKind(CommitValidationSeed, Payer.DUTY),
+    TxKind(RevealValidationSeed, Payer.DUTY),
+    TxKind(Validation, Payer.DUTY),
+    TxKind(DisputeVote, Payer.DUTY),
+    TxKind(SubmitEvidence, Payer.DUTY),
 )
 ACCOUNT_ONLY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.account_only)
 Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
       | RevealValidationSeed | Validation | DisputeVote | SubmitEvidence)  # the same kinds, for the type checker
+DUTY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.payer is Payer.DUTY)
+_SIGNER_PAYS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.payer is Payer.SIGNER)
+
+
+def signer_fee(kind: str, tx_fee: int) -> int:
+    """What the signer of a ``kind`` transaction pays when it applies: ``tx_fee`` or nothing."""
+    return tx_fee if kind in _SIGNER_PAYS else 0
 assert set(get_args(Tx)) == {kind.message for kind in TX_KINDS}, "Tx and TX_KINDS disagree"
 _TX_MESSAGES = tuple(kind.message for kind in TX_KINDS)
 

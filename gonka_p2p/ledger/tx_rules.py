@@ -149,8 +149,9 @@ def process_transfer(state: LedgerState, ctx: BlockContext, signed: Signed[Trans
     if not is_account_address(tx.to):
         raise TxRejected(Reason.INVALID_ADDRESS, f"{tx.to!r} is not a secp256k1 peer id")
     balance = state.balance(signer)
-    if tx.amount > balance:
-        raise TxRejected(Reason.INSUFFICIENT_BALANCE, f"transfer of {tx.amount}, balance {balance}")
+    if tx.amount + state.params.tx_fee > balance:  # the signer pays the fee too (Payer.SIGNER)
+        raise TxRejected(Reason.INSUFFICIENT_BALANCE,
+                         f"transfer of {tx.amount} and fee {state.params.tx_fee}, balance {balance}")
     if apply:
         state.debit(signer, tx.amount)
         state.credit(tx.to, tx.amount)
@@ -237,12 +238,14 @@ def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
         raise TxRejected(Reason.UNKNOWN_CLIENT, f"client {client} has no account")
     prompt_bound = prompt_token_bound(req, state.params)
     escrow = escrow_for(prompt_bound, req.max_tokens, price)
-    if escrow > account.balance:
+    fee = state.params.tx_fee  # the client pays it, with its escrow (Payer.CLIENT)
+    if escrow + fee > account.balance:
         raise TxRejected(Reason.INSUFFICIENT_BALANCE,
-                         f"escrow {escrow} exceeds the client's balance {account.balance}")
+                         f"escrow {escrow} and fee {fee} exceed the client's balance {account.balance}")
     if not apply:
         return f"would escrow {escrow}"
     state.debit(client, escrow)
+    state.burn(client, fee)
     record = Inference(client=client, ta=signer, executor=tx.executor, model=req.model,
                        price=price, max_tokens=req.max_tokens, prompt_bound=prompt_bound,
                        escrow=escrow, request_ms=req.timestamp_ms, start_height=ctx.height,

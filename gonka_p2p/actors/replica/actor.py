@@ -124,7 +124,7 @@ class Replica:
         chain, runtime, params, metrics = self._chain, self._runtime, self.params, self.metrics
         consensus_idle = asyncio.Event()
         # The driver is made last, around the others; until then nobody calls these two.
-        self._txs = TxGossip(self.genesis, chain, self._mempool, lambda: self._driver.maybe_start(), self._publish,
+        self._txs = TxGossip(chain, self._mempool, lambda: self._driver.maybe_start(), self._publish,
                              consensus_idle, params, metrics)
         self._proposals = ProposalBodies(self.peer_id, self._service, core, runtime, chain, self._mempool,
                                          self._txs.announced, self._clock, params, metrics)
