@@ -1,0 +1,390 @@
+"""Attack class: spam -- crowding the protocol's own work out of the mempool and the blocks.
+
+On a ledger where transactions cost nothing and the mempool has no per-account quota, a
+few dozen one-coin accounts fill the pool and an honest FinishInference is refused; the
+submitter gives up, the validator believes its duty done, and honest participants lose pay
+and rewards. What must hold instead (issue 11, invariant 3):
+
+* every transaction has a price (``tx_fee``, burned: supply + minted - burned is conserved)
+  or, for the protocol-critical kinds, which are free, a quota;
+* the mempool keeps a reserved share for protocol-critical transactions, bounds every
+  account, admits no more paying transactions than the signer's balance pays for, and
+  reaps protocol-critical ones first;
+* the transaction topic validator drops, before forwarding, batches holding a transaction
+  that ``check_tx`` refuses against committed state (an unfunded key's);
+* a refused submission is retried with a bounded backoff, and a validator's duty counts as
+  done only once its transaction commits.
+
+The ledger and the mempool are driven directly, with real signed transactions, the way a
+replica drives them: admit, reap a block, apply it, update the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gonka_p2p.actors.ledger_hooks import LedgerHooks
+from gonka_p2p.actors.replica import Committed, ReplicaMetrics, ReplicaParams, TxDropped
+from gonka_p2p.actors.replica.tx_gossip import TxGossip
+from gonka_p2p.actors.validator import ValidatorActor
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger import rules
+from gonka_p2p.ledger.block import Block, Receipt
+from gonka_p2p.ledger.consensus_wire import TxBatch
+from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
+from gonka_p2p.ledger.mempool import Mempool, MempoolParams, TxRefused
+from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
+from gonka_p2p.ledger.transactions import (
+    CommitValidationSeed,
+    FinishInference,
+    Reason,
+    RegisterParticipant,
+    RevealValidationSeed,
+    StartInference,
+    Transfer,
+    Validation,
+    VerdictStats,
+    decode_tx,
+    derive_validation_seed,
+)
+from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
+from gonka_p2p.wire.schema import Message
+from gonka_p2p.wire.unsigned import encode_frame
+
+CHAIN = "gonka-spam"
+MODEL = "m"
+T0 = 1_700_000_000_000
+L = 10
+FEE = 2
+HONEST = ("ta", "ex1", "ex2", "v1", "v2")
+SPAMMERS = 100
+KEYS = {n: Keypair.from_seed(f"spam-test-{n}".encode()) for n in (*HONEST, "alice", "broke", "stranger")}
+SPAM_KEYS = [Keypair.from_seed(f"spam-test-spammer-{i}".encode()) for i in range(SPAMMERS)]
+PEER = {n: k.peer_id for n, k in KEYS.items()}
+OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
+                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
+# A pool the spammers can fill: 100 accounts x 8 pending > the 500 slots not reserved.
+POOL = MempoolParams(max_txs=600, max_bytes=4 * 1024 * 1024, reserved_ppm=166_667, max_per_account=8,
+                     max_bytes_per_account=64 * 1024, max_duties_per_account=64)
+UNRESERVED = POOL.paying_txs  # 500
+BLOCK_TXS = 120
+
+
+def genesis(**overrides: Any) -> Genesis:
+    params = Params(**{**dict(epoch_length_blocks=L, inference_deadline_blocks=5, request_window_ms=10**9,
+                              max_tx_bytes=64 * 1024, price_per_token={MODEL: 1}, validation_window_blocks=3,
+                              dispute_voting_blocks=2, epoch_reward=100_000, validation_cap_ppm=rules.PPM,
+                              tx_fee=FEE), **overrides})
+    return Genesis(chain_id=CHAIN, genesis_time_ms=T0, params=params,
+                   participants=tuple(GenesisParticipant(KEYS[n].public_key, 10, models=(MODEL,))
+                                      for n in HONEST),
+                   allocations={PEER["alice"]: 1_000_000, PEER["broke"]: FEE,
+                                **{k.peer_id: 1_000 for k in SPAM_KEYS}})
+
+
+@dataclass
+class Chain:
+    """One replica's ledger and mempool: transactions are admitted, reaped, applied."""
+
+    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
+    pool: Mempool = field(default_factory=lambda: Mempool(POOL))
+    receipts: dict[bytes, Receipt] = field(default_factory=dict)
+    nonce: int = 0
+
+    def submit(self, key: Keypair, make: Callable[[int], Message]) -> bytes:
+        """Sign with the signer's next sequence and admit (raises TxRefused); the tx hash."""
+        return self.pool.add(self.state, seal(make(self.pool.next_sequence(self.state, key.peer_id)), key)).tx_hash
+
+    def block(self) -> None:
+        txs = self.pool.reap(self.state, BLOCK_TXS, 8 * 1024 * 1024)
+        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"], self.state.time_ms + 1000, txs)
+        _, receipts = apply_block(self.state, block)
+        self.receipts.update((r.tx_hash, r) for r in receipts)
+        self.pool.update(self.state, txs)
+        check_invariants(self.state)
+
+    def flood(self) -> int:
+        """Every spammer queues transfers until the pool refuses it; how many were admitted."""
+        admitted = 0
+        for i, key in enumerate(SPAM_KEYS):
+            to = SPAM_KEYS[(i + 1) % SPAMMERS].peer_id
+            while True:
+                try:
+                    self.submit(key, lambda n, to=to: Transfer(chain_id=CHAIN, to=to, amount=1, sequence=n))
+                except TxRefused:
+                    break
+                admitted += 1
+        return admitted
+
+    def seed(self, who: str, epoch: int) -> bytes:
+        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
+
+    def request(self) -> Signed[InferenceRequest]:
+        self.nonce += 1
+        raw = seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+                                    max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
+                                    timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS["alice"])
+        return open_envelope(raw, InferenceRequest)
+
+
+def test_a_paying_transaction_burns_its_fee_and_coins_are_conserved() -> None:
+    chain = Chain()
+    before = chain.state.balance(PEER["alice"])
+    tx = chain.submit(KEYS["alice"], lambda n: Transfer(chain_id=CHAIN, to=PEER["ta"], amount=100, sequence=n))
+    chain.block()
+    assert chain.receipts[tx].ok
+    assert chain.state.balance(PEER["alice"]) == before - 100 - FEE
+    assert chain.state.burned == FEE
+    assert chain.state.total_coins() == chain.state.genesis.supply + chain.state.minted - chain.state.burned
+
+
+def test_a_transfer_must_leave_the_fee_and_a_key_that_cannot_pay_is_refused() -> None:
+    chain = Chain()
+    whole = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["broke"])  # fee 2, holds 2
+    assert check_tx(chain.state, whole).reason is Reason.INSUFFICIENT_BALANCE
+    register = seal(RegisterParticipant(chain_id=CHAIN, addrs=[], models=[MODEL], sequence=0), KEYS["broke"])
+    assert check_tx(chain.state, register).ok
+    chain.pool.add(chain.state, register)
+    again = seal(RegisterParticipant(chain_id=CHAIN, addrs=["/ip4/1.2.3.4"], models=[MODEL], sequence=1),
+                 KEYS["broke"])
+    with pytest.raises(TxRefused) as refused:  # the balance pays one pending fee, not two
+        chain.pool.add(chain.state, again)
+    assert refused.value.code == "insufficient_balance"
+    stranger = seal(RegisterParticipant(chain_id=CHAIN, addrs=[], models=[MODEL], sequence=0), KEYS["stranger"])
+    assert check_tx(chain.state, stranger).reason is Reason.UNKNOWN_ACCOUNT
+
+
+def test_protocol_transactions_are_free_and_a_start_is_paid_by_its_client() -> None:
+    chain = Chain()
+    commits = [chain.submit(KEYS[w], lambda n, w=w: CommitValidationSeed(
+        chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[w], chain.seed(w, 1)), sequence=n))
+        for w in HONEST]
+    request = chain.request()
+    executor = rules.choose_executor(executor_weights(chain.state, MODEL), frozenset({PEER["ta"]}),
+                                     inference_id(request), 0)
+    start = chain.submit(KEYS["ta"], lambda n: StartInference(chain_id=CHAIN, request=request.raw,
+                                                              executor=executor, attempt=0, sequence=n))
+    chain.block()
+    assert all(chain.receipts[h].ok for h in (*commits, start))
+    assert all(chain.state.balance(PEER[w]) == 0 for w in HONEST)  # no participant paid anything
+    record = chain.state.inference(inference_id(request))
+    assert record is not None
+    assert chain.state.balance(PEER["alice"]) == 1_000_000 - record.escrow - FEE
+    assert chain.state.burned == FEE
+
+
+def test_a_hundred_funded_spammers_for_a_whole_epoch_crowd_out_no_protocol_transaction() -> None:
+    chain = Chain()
+    honest: list[bytes] = []
+
+    def blocks_until(height: int) -> None:
+        while chain.state.height < height:
+            chain.flood()
+            chain.block()
+
+    assert chain.flood() >= UNRESERVED  # the unreserved share is full
+    honest += [chain.submit(KEYS[w], lambda n, w=w: CommitValidationSeed(
+        chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[w], chain.seed(w, 1)), sequence=n))
+        for w in HONEST]
+    blocks_until(L + 1)
+    for _ in range(4):  # inferences of epoch 1: Start (paying, client's fee) and Finish (free)
+        request = chain.request()
+        iid = inference_id(request)
+        executor = rules.choose_executor(executor_weights(chain.state, MODEL), frozenset({PEER["ta"]}), iid, 0)
+        chain.flood()
+        honest.append(chain.submit(KEYS["ta"], lambda n, r=request, e=executor: StartInference(
+            chain_id=CHAIN, request=r.raw, executor=e, attempt=0, sequence=n)))
+        name = next(n for n in HONEST if PEER[n] == executor)
+        honest.append(chain.submit(KEYS[name], lambda n, iid=iid: FinishInference(
+            chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5, response_hash=b"r" * 32,
+            artifact_commitment=b"a" * 32, sequence=n)))
+        chain.block()
+    blocks_until(2 * L - 2)
+    for w in HONEST:
+        for iid in chain.state.validation_duties(1, PEER[w], chain.seed(w, 1)):
+            chain.flood()
+            honest.append(chain.submit(KEYS[w], lambda n, iid=iid: Validation(
+                chain_id=CHAIN, inference_id=iid, verdict=OK, seed=b"", sequence=n)))
+    blocks_until(2 * L + 1)
+    chain.flood()
+    honest += [chain.submit(KEYS[w], lambda n, w=w: RevealValidationSeed(
+        chain_id=CHAIN, epoch=1, seed=chain.seed(w, 1), sequence=n)) for w in HONEST]
+    blocks_until(rules.settlement_height(1, chain.state.params))
+
+    assert all(h in chain.receipts and chain.receipts[h].ok for h in honest), [
+        (chain.receipts[h].reason, chain.receipts[h].detail) if h in chain.receipts else "never committed"
+        for h in honest]
+    summary = chain.state.epoch_summary(1)
+    assert summary is not None and summary.inferences == 4 and summary.fees_paid > 0
+    for w in HONEST:  # every duty done, nothing forfeited, every executor paid for its tokens
+        row = summary.participant(PEER[w])
+        assert row is not None and not row.caught and not row.forfeit and row.forfeited == 0
+        assert row.done == row.duties and (row.executor_reward > 0) == (row.tokens > 0)
+    assert sum(row.validator_reward for row in summary.participants) > 0
+    assert chain.state.burned > 0  # and the spam paid for every transaction it got in
+
+
+def test_reaping_takes_protocol_transactions_first_and_the_reserved_share_stays_theirs() -> None:
+    chain = Chain()
+    chain.flood()
+    assert len(chain.pool) == UNRESERVED
+    for w in HONEST:  # arriving last, into a full pool
+        chain.submit(KEYS[w], lambda n, w=w: CommitValidationSeed(
+            chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[w], chain.seed(w, 1)), sequence=n))
+    block = chain.pool.reap(chain.state, len(HONEST), 8 * 1024 * 1024)
+    kinds = [decode_tx(raw, chain.state.params.max_tx_bytes).message.KIND for raw in block]
+    assert kinds == [CommitValidationSeed.KIND] * len(HONEST)
+
+
+def test_one_account_holds_at_most_its_quota() -> None:
+    chain = Chain()
+    key = SPAM_KEYS[0]
+    for _ in range(POOL.max_per_account):
+        chain.submit(key, lambda n: Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=n))
+    with pytest.raises(TxRefused) as refused:
+        chain.submit(key, lambda n: Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=n))
+    assert refused.value.code == "account_quota"
+
+
+# ---- the transaction topic ---------------------------------------------------------------
+
+
+def tx_gossip(chain: Chain) -> TxGossip:
+    return TxGossip(SimpleNamespace(state=chain.state), chain.pool, lambda: None,  # type: ignore[arg-type]
+                    publish=None, consensus_idle=asyncio.Event(), params=ReplicaParams(),  # type: ignore[arg-type]
+                    metrics=ReplicaMetrics())
+
+
+def test_the_topic_validator_drops_what_check_tx_refuses_before_forwarding() -> None:
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    paid = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["alice"])
+    unfunded = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["stranger"])
+    cannot_pay = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["broke"])
+    assert validate("peer", encode_frame(TxBatch(txs=[paid])))
+    assert not validate("peer", encode_frame(TxBatch(txs=[paid, unfunded])))
+    assert not validate("peer", encode_frame(TxBatch(txs=[cannot_pay])))
+
+
+def test_the_topic_validator_lets_through_what_a_block_committed_meanwhile() -> None:
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    tx = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["alice"])
+    chain.pool.add(chain.state, tx)
+    chain.block()  # the batch raced the block: harmless, and the sender is not at fault
+    assert validate("peer", encode_frame(TxBatch(txs=[tx])))
+
+
+# ---- the submitter -----------------------------------------------------------------------
+
+
+class FlakyReplica:
+    """A replica whose mempool refuses the first ``refusals`` submissions as full."""
+
+    chain_id = CHAIN
+
+    def __init__(self, refusals: int, code: str = "mempool_full") -> None:
+        self.refusals = refusals
+        self.code = code
+        self.submitted: list[bytes] = []
+
+    def next_sequence(self, account: str) -> int:
+        return len(self.submitted)
+
+    def submit(self, raw: bytes) -> bytes:
+        if self.refusals:
+            self.refusals -= 1
+            raise TxRefused(self.code, "refused")
+        self.submitted.append(raw)
+        return raw[-32:]
+
+    async def wait_for_commit(self, tx_hash: bytes, timeout: float | None = None) -> Committed:
+        return Committed(1, Receipt(tx_hash, Reason.OK))
+
+
+async def follow(replica: FlakyReplica | Any, **retry: float) -> list[bool]:
+    hooks = LedgerHooks(replica, KEYS["v1"], retry_first_s=0.001, retry_max_s=0.004, **retry)  # type: ignore[arg-type]
+    fates: list[bool] = []
+    done = asyncio.Event()
+
+    def record(committed: bool) -> None:
+        fates.append(committed)
+        done.set()
+
+    runner = asyncio.create_task(hooks.run())
+    hooks.follow(lambda n: seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=n), KEYS["v1"]),
+                 "transfer", record)
+    await asyncio.wait_for(done.wait(), 5)
+    runner.cancel()
+    return fates
+
+
+async def test_a_refused_submission_is_retried_until_it_commits() -> None:
+    replica = FlakyReplica(refusals=5)
+    assert await follow(replica) == [True]
+    assert len(replica.submitted) == 1
+
+
+async def test_a_submission_that_cannot_succeed_gives_up_at_once_and_says_so() -> None:
+    replica = FlakyReplica(refusals=1_000, code=Reason.INFERENCE_CLOSED.value)
+    assert await follow(replica) == [False]
+    assert replica.refusals == 999
+
+
+async def test_retries_end_at_their_deadline() -> None:
+    replica = FlakyReplica(refusals=1_000_000)
+    assert await follow(replica, retry_for_s=0.05) == [False]
+
+
+class DroppingReplica(FlakyReplica):
+    """Admits, then drops the first transaction from its pool as a block took its sequence."""
+
+    async def wait_for_commit(self, tx_hash: bytes, timeout: float | None = None) -> Committed:
+        if len(self.submitted) == 1:
+            raise TxDropped(tx_hash, TxRefused(Reason.BAD_SEQUENCE.value, "an earlier one failed"))
+        return Committed(1, Receipt(tx_hash, Reason.OK))
+
+
+async def test_a_dropped_submission_is_signed_again_and_followed_to_its_block() -> None:
+    replica = DroppingReplica(refusals=0)
+    assert await follow(replica) == [True]
+    assert len(replica.submitted) == 2
+
+
+# ---- the validator's duties ---------------------------------------------------------------
+
+
+class Follower:
+    """The validator's transaction follower: records each submission and its fate callback."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Callable[[bool], object]]] = []
+
+    def follow(self, build: Callable[[int], bytes], what: str, done: Callable[[bool], object]) -> None:
+        self.sent.append((what, done))
+
+
+async def test_a_duty_counts_as_done_only_once_its_transaction_commits() -> None:
+    follower = Follower()
+    actor = ValidatorActor(None, KEYS["v1"], {}, None, CHAIN, follower)  # type: ignore[arg-type]
+    chain = Chain()
+    chain.block()  # height 1: epoch 0, when seeds for epoch 1 are committed
+    actor.on_commit(chain.state)
+    await actor.step()
+    (what, done), = follower.sent  # the seed commitment for epoch 1
+    await actor.step()
+    assert len(follower.sent) == 1  # in flight: not sent twice
+    done(False)  # refused to the end, or rejected: the duty is still to do
+    await actor.step()
+    assert len(follower.sent) == 2 and follower.sent[1][0] == what
+    follower.sent[1][1](True)
+    await actor.step()
+    assert len(follower.sent) == 2
