@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from helpers import MODEL
@@ -96,24 +97,30 @@ async def served(hub: MemoryHub, executor: MemoryService, orderer: Keypair, raw:
     return frames
 
 
-async def executor_node(hub: MemoryHub, engine: CountingEngine, state: LedgerState) -> MemoryService:
-    service = hub.service(EX)
+@asynccontextmanager
+async def executor_node(hub: MemoryHub, engine: CountingEngine, state: LedgerState
+                        ) -> AsyncIterator[MemoryService]:
+    """EX's executor actor over the committed ``state``, on its own service."""
+    service, store = hub.service(EX), ArtifactStore(None, 1 << 30)
     await service.start()
-    actor = ExecutorActor(service, EX, {MODEL: engine}, ArtifactStore(None, 1 << 30),  # type: ignore[dict-item]
-                          chain_id=CHAIN)
+    await store.open()
+    actor = ExecutorActor(service, EX, {MODEL: engine}, store, chain_id=CHAIN)  # type: ignore[dict-item]
     actor.on_commit(state)
     actor.start()
-    await actor.artifacts.open()
-    return service
+    try:
+        yield service
+    finally:
+        await service.stop()
+        await store.close()
 
 
 async def test_an_order_is_run_once_however_often_it_is_sent(engine: Engine) -> None:
     hub, counting = MemoryHub(), CountingEngine(engine)
-    service = await executor_node(hub, counting, ledger(int(time.time() * 1000)))
     raw = request()
-    first = await served(hub, service, TA, raw)
+    async with executor_node(hub, counting, ledger(int(time.time() * 1000))) as service:
+        first = await served(hub, service, TA, raw)
+        again = await served(hub, service, TA, raw)
     assert isinstance(open_envelope(first[-1]).message, InferenceFinished)
-    again = await served(hub, service, TA, raw)
     assert [open_envelope(f, InferenceFailed).message.code for f in again] == ["replay"]
     assert counting.runs == 1
 
@@ -131,8 +138,8 @@ async def test_an_executor_refuses_unpaid_work_before_any_compute(engine: Engine
         orderer = OUTSIDER  # read the request from a block, signed an order of its own
     elif attack == "replay":
         started_on(state, raw)  # the request is public: its StartInference committed
-    service = await executor_node(hub, counting, state)
-    (frame,) = await served(hub, service, orderer, raw)
+    async with executor_node(hub, counting, state) as service:
+        (frame,) = await served(hub, service, orderer, raw)
     assert open_envelope(frame, InferenceFailed).message.code == attack
     assert counting.runs == 0
 
@@ -150,8 +157,8 @@ async def test_an_executor_refuses_an_order_the_ledger_would_not_pay_it_for(engi
     # could never start it on the ledger, so EX would work for nothing.
     raw = next(r for r in (request(nonce=n.to_bytes(NONCE_BYTES, "big")) for n in range(100))
                if EX.peer_id not in drawn(r))
-    service = await executor_node(hub, counting, state)
-    (frame,) = await served(hub, service, TA, raw)
+    async with executor_node(hub, counting, state) as service:
+        (frame,) = await served(hub, service, TA, raw)
     assert open_envelope(frame, InferenceFailed).message.code == "not_drawn"
     assert counting.runs == 0
 
