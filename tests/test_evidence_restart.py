@@ -109,7 +109,8 @@ async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_val
         artifact = InferenceArtifact.decode(after.artifact)
         record = SimpleNamespace(model=MODEL, executor=executor.peer_id, ta=executor.peer_id,
                                  artifact_commitment=artifact.commitment(),
-                                 response_hash=response_hash(completion.token_ids))
+                                 response_hash=response_hash(completion.token_ids),
+                                 prompt_tokens=len(artifact.prompt_ids), completion_tokens=len(artifact.steps))
         validator = ValidatorActor(service, key, {MODEL: load_engine("torch", MODEL)},  # submits nothing
                                    verification_params_of(genesis), genesis.chain_id, None)
         verdict = await validator.judge(completion.inference_id, record)

@@ -24,6 +24,8 @@ from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.inference.verification import (
+    Billed,
+    Contract,
     Evidence,
     Measurements,
     ModelThresholds,
@@ -55,13 +57,26 @@ def prompt(engine: TorchEngine, i: int = 0) -> list[int]:
     return engine.encode_chat([("user", QUESTIONS[i % len(QUESTIONS)])])
 
 
+def asked(artifact: InferenceArtifact, params: SamplingParams | None = None, billed: Billed | None = None
+          ) -> Contract:
+    """The contract of the request ``artifact`` answers: its prompt and seed, and ``params``
+    (default: the parameters it states)."""
+    return Contract(artifact.model, artifact.prompt_ids, params or artifact.params, artifact.seed, billed)
+
+
 async def check(engine: TorchEngine, artifact: InferenceArtifact,
-                thresholds: ModelThresholds = THRESHOLDS, **kwargs) -> Verdict:
-    """What a validator does: fetch the bytes, score teacher-forced, verify."""
+                thresholds: ModelThresholds = THRESHOLDS, contract: Contract | None = None) -> Verdict:
+    """What a validator does: fetch the bytes, score teacher-forced, verify by the contract."""
     claim = InferenceArtifact.decode(artifact.encode())
-    scored = await engine.score(list(claim.prompt_ids), claim.completion_ids,
-                                claim.params.logprobs_k, with_logits=True)
-    return verify(claim, scored, thresholds, eos_token_ids=engine.eos_token_ids, **kwargs)
+    contract = contract or asked(claim)
+    scored = await engine.score(list(contract.prompt_ids), claim.completion_ids,
+                                contract.params.logprobs_k, with_logits=True)
+    return verify(claim, scored, thresholds, contract=contract, eos_token_ids=engine.eos_token_ids)
+
+
+def billed(artifact: InferenceArtifact) -> Billed:
+    """What an honest executor's Finish puts on the ledger for ``artifact``."""
+    return Billed(response_hash(artifact.completion_ids), len(artifact.prompt_ids), len(artifact.steps))
 
 
 async def honest(engine: TorchEngine, params: SamplingParams, i: int = 0) -> InferenceArtifact:
@@ -80,7 +95,7 @@ def failed_rules(verdict: Verdict) -> set[str]:
 async def test_honest_outputs_pass(engine: TorchEngine, params: SamplingParams) -> None:
     for i in range(len(QUESTIONS)):
         artifact = await honest(engine, params, i)
-        verdict = await check(engine, artifact, expected_response=response_hash(artifact.completion_ids))
+        verdict = await check(engine, artifact, contract=asked(artifact, billed=billed(artifact)))
         assert verdict.valid, verdict.reasons
         assert verdict.evidence is Evidence.CLEAN
         assert 0 < verdict.mean_distance < 1e-5 and verdict.sampling_mismatches == 0
@@ -139,7 +154,7 @@ async def test_eos_before_the_end_fails(engine: TorchEngine) -> None:
 async def test_empty_completion_fails(engine: TorchEngine) -> None:
     artifact = dataclasses.replace(await honest(engine, GREEDY), steps=())
     verdict = verify(artifact, ScoredCompletion(steps=[], logits=torch.zeros(0, 10)), THRESHOLDS,
-                     eos_token_ids=engine.eos_token_ids)
+                     contract=asked(artifact), eos_token_ids=engine.eos_token_ids)
     assert not verdict.valid and verdict.mean_distance == math.inf
 
 
@@ -154,13 +169,14 @@ async def test_recomputation_that_does_not_cover_the_claim_fails(engine: TorchEn
     artifact = await honest(engine, GREEDY)
     scored = await engine.score(list(artifact.prompt_ids), artifact.completion_ids[:-1],
                                 artifact.params.logprobs_k, with_logits=True)
-    verdict = verify(artifact, scored, THRESHOLDS, eos_token_ids=engine.eos_token_ids)
+    verdict = verify(artifact, scored, THRESHOLDS, contract=asked(artifact), eos_token_ids=engine.eos_token_ids)
     assert failed_rules(verdict) == {"recomputation"}
 
 
 async def test_artifact_that_is_not_the_committed_response_fails(engine: TorchEngine) -> None:
     artifact = await honest(engine, GREEDY)
-    verdict = await check(engine, artifact, expected_response=response_hash([1, 2, 3]))
+    wrong = dataclasses.replace(billed(artifact), response_hash=response_hash([1, 2, 3]))
+    verdict = await check(engine, artifact, contract=asked(artifact, billed=wrong))
     assert failed_rules(verdict) == {"response"}
 
 
@@ -196,7 +212,7 @@ async def test_malformed_evidence_fails(engine: TorchEngine, forge: str) -> None
                                        top_logprobs=(steps[0].top_logprobs[0],) * 5)
     claim = dataclasses.replace(artifact, steps=tuple(steps))
     scored = await engine.score(list(claim.prompt_ids), claim.completion_ids, 5, with_logits=True)
-    verdict = verify(claim, scored, THRESHOLDS, eos_token_ids=engine.eos_token_ids)
+    verdict = verify(claim, scored, THRESHOLDS, contract=asked(claim), eos_token_ids=engine.eos_token_ids)
     assert failed_rules(verdict) == {"evidence"}
 
 
@@ -353,7 +369,7 @@ def one_position(row: torch.Tensor, token: int, params: SamplingParams, seed: by
     step = token_step(row, token, params.logprobs_k)
     artifact = InferenceArtifact("m", (1,), params, seed, (step,))
     scored = ScoredCompletion(steps=[step], logits=row.unsqueeze(0))
-    return verify(artifact, scored, THRESHOLDS, eos_token_ids=frozenset({token}))
+    return verify(artifact, scored, THRESHOLDS, contract=asked(artifact), eos_token_ids=frozenset({token}))
 
 
 @pytest.mark.parametrize("gap, accepted", [(1e-5, True), (1.5e-4, True), (3e-4, False), (0.5, False)])
@@ -442,3 +458,45 @@ def test_shipped_thresholds_cover_both_models_and_are_consistent() -> None:
         assert 0 < t.suspicious_mean_distance <= t.max_mean_distance <= t.logprob_tolerance < 1e-2
     with pytest.raises(KeyError):
         params.for_model("unknown-model")
+
+
+# ---------------------------------------------------------------------------
+# The contract: the request's terms, not the artifact's statement of them
+
+
+async def test_an_artifact_judged_by_the_terms_it_states_is_judged_by_the_requests(engine: TorchEngine) -> None:
+    greedy_work = await honest(engine, GREEDY)  # honest greedy work, and it says so
+    assert (await check(engine, greedy_work)).valid
+    verdict = await check(engine, greedy_work, contract=asked(greedy_work, SAMPLED))  # T = 0.7 was asked
+    assert "contract" in failed_rules(verdict)
+    assert verdict.sampling_mismatches > 0  # and it is not what the seeded sampler picks at T = 0.7
+
+
+async def test_counts_other_than_the_artifacts_fail(engine: TorchEngine) -> None:
+    artifact = await honest(engine, GREEDY)
+    inflated = dataclasses.replace(billed(artifact), completion_tokens=len(artifact.steps) + 1)
+    assert failed_rules(await check(engine, artifact, contract=asked(artifact, billed=inflated))) == {"contract"}
+
+
+def test_scorable_evidence_is_in_vocabulary_and_fits_the_context() -> None:
+    assert verification.check_scorable([1, 2], [3], vocab_size=10, max_context=3) is None
+    assert verification.check_scorable([1, 2], [10], vocab_size=10, max_context=3).startswith("evidence")
+    assert verification.check_scorable([1, 2], [3, 4], vocab_size=10, max_context=3).startswith("length")
+    assert verification.check_scorable([1, 2], [], vocab_size=10, max_context=3).startswith("length")
+
+
+def test_the_tie_tolerance_saturates_at_a_vanishing_temperature() -> None:
+    """A client may ask for T = 1e-300: the bound is at most 1 (a CDF moves no further),
+    not an OverflowError, and a token top-k excludes is still refused."""
+    assert verification.tie_tolerance(THRESHOLDS, 1e-300) == 1.0
+    row = torch.tensor([4.0, 3.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0], dtype=torch.float64)
+    cold = SamplingParams(max_tokens=1, temperature=1e-300, top_k=5)
+    assert one_position(row, 0, cold, b"s").valid
+    assert not one_position(row, 7, cold, b"s").valid
+
+
+@pytest.mark.parametrize("cheat", sorted(cheats.STATING))
+async def test_cheats_that_state_what_they_did_fail(engine: TorchEngine, cheat: str) -> None:
+    artifact = await cheats.make_cheater(cheat, engine)(prompt(engine), SAMPLED, b"seed-0")
+    verdict = await check(engine, artifact, contract=asked(artifact, SAMPLED, billed(artifact)))
+    assert "contract" in failed_rules(verdict), verdict.reasons

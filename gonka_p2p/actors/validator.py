@@ -16,9 +16,13 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   the client's signed request and the artifact from the executor, or else
   from the TA that relayed and kept it (``/gonka/artifact/1``), re-runs the
   committed model teacher-forced over the exact ids (one prefill), applies
-  the verification metric and submits a ``Validation``. An artifact that
-  neither serves, or that does not match the ledger's commitment, is a
-  withheld verdict: a failure.
+  the verification metric and submits a ``Validation``. The client's signed
+  request is the contract (``verification.Contract``): prompt, parameters,
+  ``max_tokens`` and seed come from it, never from the artifact, and the
+  counts the ledger bills must be the artifact's. An artifact that neither
+  serves, or that does not match the ledger's commitment, is a withheld
+  verdict: a failure. Whatever else goes wrong with the evidence is a failed
+  verdict too (:meth:`judge` is total); only this node's own faults are not.
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
 
@@ -55,11 +59,20 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService
-from gonka_p2p.identity import Keypair
+from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
 from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.verification import VerificationParams, verify
+from gonka_p2p.inference.verification import (
+    Billed,
+    Contract,
+    VerificationParams,
+    Verdict,
+    check_scorable,
+    rejected,
+    verify,
+)
 from gonka_p2p.ledger.records import Inference
 from gonka_p2p.ledger.rules import (
     DisputeOutcome,
@@ -80,7 +93,7 @@ from gonka_p2p.ledger.transactions import (
     withheld_verdict,
 )
 from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest, response_hash
+from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest
 from gonka_p2p.wire.messages import inference_id as inference_id_of  # "inference_id" names ids here
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 from gonka_p2p.wire.schema import WireError
@@ -117,6 +130,7 @@ class ValidatorActor:
         self._wake = asyncio.Event()
         # epoch -> (what, epoch or inference id) committed, or not judgeable here
         self._done: dict[int, set[tuple[str, int | bytes]]] = {}
+        self._in_flight: set[tuple[int, tuple[str, int | bytes]]] = set()  # submitted, fate unknown
         self.checked = 0
 
     @property
@@ -130,7 +144,6 @@ class ValidatorActor:
 
     async def run(self) -> None:
         while True:
-        self._in_flight: set[tuple[int, tuple[str, int | bytes]]] = set()  # submitted, fate unknown
             await self._wake.wait()
             self._wake.clear()
             await self.step()
@@ -234,9 +247,15 @@ class ValidatorActor:
         self._once(epoch, (what, inference_id), build)
 
     async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | None:
-        """Fetch, re-run and judge one inference: a failure when the executor's evidence is
-        missing or inconsistent; None when *this node* cannot judge (no engine or thresholds
-        for the model), so it accuses no one and its skipped duty is its own loss."""
+        """Fetch, re-run and judge one inference by the client's signed request.
+
+        Total over what others serve: missing, malformed or inconsistent evidence, terms
+        other than the request's, ids the model cannot run -- each ends as a failed verdict
+        naming why, never as an exception (this runs inside the node, and one crafted
+        artifact must not stop every validator that checks it, again after each restart).
+        None when the fault is *this node's*: no engine or thresholds for the model, or its
+        engine failing on evidence the model's limits accept (out of memory, a crash); it
+        accuses no one, and its skipped duty is its own loss."""
         engine = self._engines.get(record.model)
         try:
             thresholds = self._params.for_model(record.model)
@@ -246,25 +265,52 @@ class ValidatorActor:
         if engine is None:
             log.warning("cannot check %s: this node does not run %s", inference_id.hex()[:12], record.model)
             return None
-        fetched = await self._fetch(inference_id, record)
-        if fetched is None:
+        served = await self._fetch(inference_id, record)
+        if served is None:
             return withheld_verdict()
-        request, artifact = fetched
-        prompt_ids = engine.encode_chat([(t.role, t.content) for t in request.messages])
-        if list(artifact.prompt_ids) != prompt_ids or artifact.seed != inference_id:
-            return withheld_verdict()  # evidence for another prompt or seed proves nothing
-        scored = await engine.score(prompt_ids, artifact.completion_ids, artifact.params.logprobs_k,
-                                    with_logits=True)
-        # The metric is pure CPU work (10-25 ms of float64 on the full vocabulary): off the loop.
-        verdict = await asyncio.to_thread(verify, artifact, scored, thresholds,
-                                          eos_token_ids=engine.eos_token_ids,
-                                          expected_response=record.response_hash)
+        claim = self._claim(engine, inference_id, record, *served)
+        if isinstance(claim, Verdict):
+            return verdict_stats(claim)
+        artifact, contract = claim
+        try:
+            scored = await engine.score(list(contract.prompt_ids), artifact.completion_ids,
+                                        contract.params.logprobs_k, with_logits=True)
+            # The metric is pure CPU work (10-25 ms of float64 on the full vocabulary): off the loop.
+            verdict = await asyncio.to_thread(verify, artifact, scored, thresholds, contract=contract,
+                                              eos_token_ids=engine.eos_token_ids)
+        except Exception:  # the evidence passed every check the model imposes: the fault is here
+            log.exception("cannot check %s: this node failed to re-run it", inference_id.hex()[:12])
+            return None
         return verdict_stats(verdict)
 
-    async def _fetch(self, inference_id: bytes, record: Inference
-                     ) -> tuple[InferenceRequest, InferenceArtifact] | None:
-        """The evidence behind the ledger's commitment, from the executor or else from the
-        TA that relayed (and kept) it; None when neither serves bytes that match."""
+    @staticmethod
+    def _claim(engine: Engine, inference_id: bytes, record: Inference, request: InferenceRequest,
+               data: bytes) -> tuple[InferenceArtifact, Contract] | Verdict:
+        """The served artifact and the contract it is judged by, or the failed verdict when
+        the evidence cannot even be run: it does not decode, the request is one no honest
+        executor could have run, or its ids are outside what the model accepts."""
+        try:
+            artifact = InferenceArtifact.decode(data)
+        except ArtifactError as e:
+            return rejected(f"evidence: the committed artifact does not decode: {e}")
+        try:
+            params = sampling_params(request)
+            prompt_ids = engine.encode_chat([(t.role, t.content) for t in request.messages])
+        except Exception as e:  # noqa: BLE001 -- deterministic in the signed request: every validator, and
+            # the executor that should have refused it, fails alike (a chat template raises what it likes)
+            return rejected(f"contract: the request cannot be run: {e}")
+        unscorable = check_scorable(prompt_ids, artifact.completion_ids, engine.local_model.vocab_size,
+                                    engine.local_model.max_context)
+        if unscorable is not None:
+            return rejected(unscorable)
+        return artifact, Contract(
+            model=request.model, prompt_ids=tuple(prompt_ids), params=params, seed=inference_id,
+            billed=Billed(record.response_hash, record.prompt_tokens, record.completion_tokens))
+
+    async def _fetch(self, inference_id: bytes, record: Inference) -> tuple[InferenceRequest, bytes] | None:
+        """The client's request and the artifact bytes behind the ledger's commitment, from
+        the executor or else from the TA that relayed (and kept) them; None when neither
+        serves bytes that match."""
         for holder in dict.fromkeys((record.executor, record.ta)):
             fetched = await self._fetch_from(holder, inference_id, record)
             if fetched is not None:
@@ -272,18 +318,16 @@ class ValidatorActor:
         return None
 
     async def _fetch_from(self, holder: str, inference_id: bytes, record: Inference
-                          ) -> tuple[InferenceRequest, InferenceArtifact] | None:
+                          ) -> tuple[InferenceRequest, bytes] | None:
         query = seal(ArtifactQuery(inference_id=inference_id), self._key)
         try:
             frame = await self._service.request(holder, ARTIFACT_PROTOCOL, query, timeout=FETCH_TIMEOUT_S)
             reply = open_envelope(frame, ArtifactReply)
             request = open_envelope(reply.message.request, InferenceRequest)
-            artifact = InferenceArtifact.decode(reply.message.artifact)
-        except (NetworkError, TimeoutError, WireError, ArtifactError) as e:
+        except (NetworkError, TimeoutError, WireError) as e:
             log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], holder, e)
             return None
         if (reply.signer_id != holder or inference_id_of(request) != inference_id
-                or artifact.commitment() != record.artifact_commitment
-                or response_hash(artifact.completion_ids) != record.response_hash):
-            return None
-        return request.message, artifact
+                or digest(reply.message.artifact) != record.artifact_commitment):
+            return None  # whether the committed bytes make sense is judged, not fetched
+        return request.message, reply.message.artifact

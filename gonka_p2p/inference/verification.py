@@ -11,6 +11,15 @@ thresholds), returning a :class:`Verdict`, valid only if every rule passes.
 The split lets calibration measure honest work once and choose thresholds
 without re-running a model. The rules, each a pure function below:
 
+0. ``check_contract`` -- the client's signed request is the contract: the
+   artifact states its model, prompt, sampling parameters, ``max_tokens`` and
+   seed (the inference id), and the ledger bills the token counts of the
+   executor's Finish; all of them must be the contract's. Every later rule
+   applies the *contract's* parameters and seed, never the artifact's own
+   statement of them: an executor that sampled greedily when T = 1 was asked,
+   or stopped after 4 of 64 tokens, and said so, does not get judged by the
+   terms it chose (one seed would otherwise admit a completion per parameter
+   set the executor cared to try).
 1. ``check_length`` -- the completion ends the way an honest engine ends one:
    at most ``max_tokens`` tokens, at least one, an EOS token only as the last
    token, and an early stop only on EOS. (Gonka's public code passes length
@@ -63,7 +72,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -74,7 +83,7 @@ import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
-from gonka_p2p.inference.sampler import claim_margins
+from gonka_p2p.inference.sampler import SamplingParams, claim_margins
 from gonka_p2p.ledger.rules import Observation
 from gonka_p2p.wire.messages import response_hash
 
@@ -224,12 +233,84 @@ def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     Noise of at most ``eps`` nats on every logprob can close a greedy gap of
     up to ``2 eps`` nats (one value up, the other down). At temperature T it
     scales every probability by at most ``exp(+-2 eps / T)``, so every CDF
-    value, which is at most 1, moves by at most ``expm1(2 eps / T)``.
+    value, which is at most 1, moves by at most ``expm1(2 eps / T)``; and by at
+    most 1 in any case, where the bound saturates (at a temperature far below
+    ``eps`` the exponent would overflow: a client may ask for T = 1e-300).
     """
     eps = thresholds.logprob_tolerance
     if temperature == 0.0:
         return 2.0 * eps
-    return math.expm1(2.0 * eps / temperature)
+    exponent = 2.0 * eps / temperature
+    return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
+
+
+# ---------------------------------------------------------------------------
+# The contract: what an artifact is judged against
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What the ledger recorded from the executor's FinishInference, and bills the client for."""
+
+    response_hash: bytes
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The terms of one inference: the client's signed request (model, prompt as this
+    validator tokenizes it, sampling parameters and ``max_tokens``), its seed (the
+    inference id) and, when it settled on a ledger, what the ledger bills (``billed``)."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: bytes
+    billed: Billed | None = None
+
+
+def check_contract(artifact: InferenceArtifact, contract: Contract) -> tuple[str, ...]:
+    """Every term the artifact states, and every count the ledger bills, is the contract's."""
+    reasons = []
+    if artifact.model != contract.model:
+        reasons.append(f"contract: the artifact is for model {artifact.model!r}, the request "
+                       f"asked {contract.model!r}")
+    if artifact.prompt_ids != contract.prompt_ids:
+        reasons.append("contract: the artifact's prompt is not the request's")
+    for f in fields(SamplingParams):
+        stated, asked = getattr(artifact.params, f.name), getattr(contract.params, f.name)
+        if stated != asked:
+            reasons.append(f"contract: the artifact states {f.name} {stated!r}, the request asked {asked!r}")
+    if artifact.seed != contract.seed:
+        reasons.append("contract: the artifact's seed is not the inference id")
+    billed = contract.billed
+    if billed is not None:
+        counts = (len(artifact.prompt_ids), len(artifact.steps))
+        if (billed.prompt_tokens, billed.completion_tokens) != counts:
+            reasons.append(f"contract: the ledger bills {billed.prompt_tokens} prompt + "
+                           f"{billed.completion_tokens} completion tokens, the artifact holds "
+                           f"{counts[0]} + {counts[1]}")
+        if response_hash(artifact.completion_ids) != billed.response_hash:
+            reasons.append("response: the artifact's tokens are not the committed response")
+    return tuple(reasons)
+
+
+def check_scorable(prompt_ids: list[int], completion_ids: list[int], vocab_size: int,
+                   max_context: int) -> str | None:
+    """The evidence is something the model can be run over: a completion of in-vocabulary
+    ids that fits, with the prompt, in the model's context. An honest executor cannot
+    produce anything else; checked before the validator's pass, so an engine failure after
+    it is the validator's own fault, not the executor's."""
+    if not completion_ids:
+        return "length: the completion is empty"
+    bad = [t for t in (*prompt_ids, *completion_ids) if not 0 <= t < vocab_size]
+    if bad:
+        return f"evidence: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
+    if len(prompt_ids) + len(completion_ids) > max_context:
+        return (f"length: {len(prompt_ids)} prompt + {len(completion_ids)} completion tokens "
+                f"exceed the model's context of {max_context}")
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -277,13 +358,6 @@ def check_length(artifact: InferenceArtifact, eos_token_ids: frozenset[int]) -> 
         return f"length: end-of-sequence token at position {early_eos[0]}, not at the end"
     if n < max_tokens and ids[-1] not in eos_token_ids:
         return f"length: stopped after {n} of {max_tokens} tokens without an end-of-sequence token"
-    return None
-
-
-def check_response(artifact: InferenceArtifact, expected: bytes) -> str | None:
-    """The artifact's tokens are the answer the executor signed and delivered."""
-    if response_hash(artifact.completion_ids) != expected:
-        return "response: the artifact's tokens are not the committed response"
     return None
 
 
@@ -355,20 +429,21 @@ def measure(
     recomputed: ScoredCompletion,
     *,
     eos_token_ids: frozenset[int],
-    expected_response: bytes | None = None,
+    contract: Contract | None = None,
 ) -> Measurements:
     """Compare ``artifact`` with the validator's teacher-forced ``recomputed`` pass (with
-    logits) of the same model over the artifact's prompt and completion.
-    ``expected_response`` is the committed response hash, when known."""
+    logits) of the same model over the contract's prompt and the artifact's completion,
+    by the contract's terms (:func:`check_contract`). ``contract`` None takes the
+    artifact's own statement as the terms: only for measuring work the caller itself
+    asked for (calibration, cost), never for judging someone else's claim."""
+    stated = () if contract is None else check_contract(artifact, contract)
+    if contract is not None:  # judged by the terms asked for, whatever the artifact states
+        artifact = replace(artifact, params=contract.params, seed=contract.seed)
     n = len(artifact.steps)
     covered = check_claim_covered(artifact, recomputed)
     form = check_evidence_form(artifact, recomputed.logits.shape[1]) if covered is None else None
-    structural = tuple(r for r in (
-        check_length(artifact, eos_token_ids),
-        check_response(artifact, expected_response) if expected_response is not None else None,
-        covered,
-        form,
-    ) if r is not None)
+    structural = stated + tuple(r for r in (check_length(artifact, eos_token_ids), covered, form)
+                                if r is not None)
     if n == 0 or covered is not None or form is not None:  # nothing comparable to compare
         return Measurements(n, artifact.params.temperature, structural, (), math.inf, (), ())
     logprobs = recomputed_logprobs(recomputed.logits)
@@ -473,9 +548,17 @@ def verify(
     recomputed: ScoredCompletion,
     thresholds: ModelThresholds,
     *,
+    contract: Contract,
     eos_token_ids: frozenset[int],
-    expected_response: bytes | None = None,
 ) -> Verdict:
-    """Decide whether ``artifact`` is honest work: :func:`measure`, then :func:`judge`."""
-    return judge(measure(artifact, recomputed, eos_token_ids=eos_token_ids,
-                         expected_response=expected_response), thresholds)
+    """Decide whether ``artifact`` is honest work on ``contract``: :func:`measure`, then
+    :func:`judge`."""
+    return judge(measure(artifact, recomputed, eos_token_ids=eos_token_ids, contract=contract), thresholds)
+
+
+def rejected(reason: str) -> Verdict:
+    """The verdict on evidence that fails before anything can be compared (it does not
+    decode, breaks the contract, or cannot be run through the model): failed, for ``reason``."""
+    return Verdict(valid=False, reasons=(reason,), evidence=Evidence.FAILED, n_tokens=0,
+                   mean_distance=math.inf, max_distance=math.inf, top_k_misses=0,
+                   sampling_mismatches=0, near_ties=0)
