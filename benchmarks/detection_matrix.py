@@ -75,6 +75,7 @@ from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL  # noqa: E
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
 from gonka_p2p.inference.verification import (  # noqa: E402
+    Contract,
     Evidence,
     Measurements,
     ModelThresholds,
@@ -89,7 +90,7 @@ MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.7, "top_p"
 HONEST = ("honest-torch", "honest-threads", "honest-vllm", "honest-vllm-batch")
 SUBTLE = ("fp16", "bf16", "int8")
 GROSS = ("int4", "small-model", "prefill", "fabricated", "truncated", "altered",
-         "wrong-temperature")
+         "wrong-temperature", *cheats.STATING)
 ROWS = HONEST + SUBTLE + GROSS
 SHORT_PREFIXES = (1, 4, 16)  # calibration checks the widened mean limits on prefixes this long
 CALIBRATION_MARGIN = 3.0  # thresholds are this many times the honest p99.9 (p90 for "suspicious")
@@ -226,14 +227,17 @@ async def vllm_artifacts(model: str, work: list[Job], concurrency: int) -> Made:
 # Validation
 
 
-async def validate(validator: TorchEngine, artifact: InferenceArtifact) -> dict:
+async def validate(validator: TorchEngine, job: Job, artifact: InferenceArtifact) -> dict:
     """What a validator does with fetched artifact bytes, up to the (cheap, threshold-
-    dependent) judgement: decode, score teacher-forced, measure. The record of one inference."""
+    dependent) judgement: decode, score teacher-forced, measure by the job's request (the
+    contract: its prompt, parameters and seed, never the artifact's statement of them).
+    The record of one inference."""
     began = time.perf_counter()
     claim = InferenceArtifact.decode(artifact.encode())
-    scored = await validator.score(list(claim.prompt_ids), claim.completion_ids,
-                                   claim.params.logprobs_k, with_logits=True)
-    measured = verification.measure(claim, scored, eos_token_ids=validator.eos_token_ids)
+    contract = Contract(validator.model_name, job.prompt_ids, job.params, job.seed)
+    scored = await validator.score(list(contract.prompt_ids), claim.completion_ids,
+                                   contract.params.logprobs_k, with_logits=True)
+    measured = verification.measure(claim, scored, eos_token_ids=validator.eos_token_ids, contract=contract)
     return {**dataclasses.asdict(measured), "val_s": time.perf_counter() - began}
 
 
@@ -293,7 +297,7 @@ async def run_model(model: str, rows: list[str], split: str, args,
         else:
             made = torch_artifacts(row, validator, todo)
         async for job, artifact, gen_s in made:
-            record = await validate(validator, artifact)
+            record = await validate(validator, job, artifact)
             record = {"mode": job.mode, "index": job.index, "gen_s": gen_s, **record}
             if row == "honest-torch":
                 record["artifact"] = base64.b64encode(artifact.encode()).decode()
@@ -443,7 +447,8 @@ def write_matrix(summaries: list[dict], args, params: VerificationParams) -> Non
     n_per_model = {m: max(r["n"] for r in summaries if r["model"] == m)
                    for m in dict.fromkeys(r["model"] for r in summaries)}
     meta["n"] = n_per_model
-    header = (f"n per row and mode: {', '.join(f'{m} {n}' for m, n in n_per_model.items())}; "
+    header = (f"n per row and mode (at most; each row's own is its n column): "
+              f"{', '.join(f'{m} {n}' for m, n in n_per_model.items())}; "
               f"max_tokens = {args.max_tokens}, epochs of "
               f"{args.epoch_size} validated inferences ({args.epochs} simulated), "
               f"OMP_NUM_THREADS={meta['threads']}, torch {torch.__version__}.\n\n")
@@ -457,11 +462,12 @@ def write_matrix(summaries: list[dict], args, params: VerificationParams) -> Non
 
 
 def merged_rows(path: Path, summaries: list[dict]) -> list[dict]:
-    """``summaries`` after the rows the results file ``path`` already holds for models this
-    run did not measure: a run of one model (or one model at another --n) updates its rows only."""
-    measured = {s["model"] for s in summaries}
+    """``summaries`` after the rows the results file ``path`` already holds for (model, row)
+    pairs this run did not measure: a run of some rows of one model (or of one model at
+    another --n) updates those rows only; each row states its own n."""
+    measured = {(s["model"], s["row"]) for s in summaries}
     try:
-        kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in measured]
+        kept = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["row"]) not in measured]
     except (OSError, ValueError, KeyError, TypeError):
         kept = []
     return kept + summaries

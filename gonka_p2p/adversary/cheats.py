@@ -3,10 +3,11 @@
 Used by ``benchmarks/detection_matrix.py`` (how often is each cheat caught?),
 the simulator and the demo's ``--cheater`` flag. A strategy is an async
 function ``(prompt_ids, params, seed) -> InferenceArtifact``, the same shape
-as honest work (:func:`honest`), and always *claims* the pinned model and the
-requested parameters -- that is the lie.
+as honest work (:func:`honest`). Most *claim* the pinned model and the
+requested parameters -- that is the lie; the last family tells the truth
+about what it did, which is not what was asked.
 
-Three families, all built on the real engines rather than on copies of them:
+Four families, all built on the real engines rather than on copies of them:
 
 * **Cheaper model** -- :func:`variant_engine` copies a ``TorchEngine`` with a
   transformed copy of its weights, then runs the honest generation path on
@@ -19,6 +20,12 @@ Three families, all built on the real engines rather than on copies of them:
   with other parameters than the client asked for.
 * **Tampered artifact** -- pure functions on an honest artifact:
   :func:`truncate`, :func:`alter_token`, :func:`fabricate_logprobs`.
+* **Other terms, stated** -- honest work on parameters the client did not
+  ask for, the artifact stating the ones used (:func:`stating`): fewer
+  tokens (a smaller ``max_tokens``), another temperature, top-k or top-p;
+  and :func:`steering`, which tries several parameter sets and keeps the
+  completion it prefers. Validators judge by the client's signed request,
+  so the statement itself is the failure.
 
 ``engine.CheatingEngine`` puts any of them behind the ``Engine``
 interface, so an unmodified executor actor streams and commits the cheat's claim.
@@ -163,6 +170,54 @@ def wrong_temperature(engine: Engine) -> Strategy:
 
 
 # ---------------------------------------------------------------------------
+# Other terms than the client's, stated in the artifact
+
+
+Deviation = Callable[[SamplingParams], SamplingParams]
+
+
+def fewer_tokens(params: SamplingParams) -> SamplingParams:
+    """A quarter of the requested tokens (at least one): less work, billed as all of it."""
+    return replace(params, max_tokens=max(1, params.max_tokens // 4))
+
+
+def other_top_k(params: SamplingParams) -> SamplingParams:
+    return replace(params, top_k=5 if params.top_k != 5 else 10)
+
+
+def other_top_p(params: SamplingParams) -> SamplingParams:
+    return replace(params, top_p=0.5 if params.top_p != 0.5 else 0.9)
+
+
+def stating(engine: Engine, deviate: Deviation) -> Strategy:
+    """Honest work on ``deviate(params)`` instead of ``params``, and an artifact that says so."""
+    async def run(prompt_ids: list[int], params: SamplingParams, seed: bytes) -> InferenceArtifact:
+        return await generate_artifact(engine, prompt_ids, deviate(params), seed)
+    return run
+
+
+STEERING_CHOICES = ((0.0, 1.0), (0.3, 1.0), (1.0, 0.9), (1.3, 1.0))  # (temperature, top_p) tried
+
+
+def mean_logprob(artifact: InferenceArtifact) -> float:
+    """How confident the completion reads: its mean raw logprob (the steering preference;
+    any other preference -- a word to push, a length -- is steered the same way)."""
+    return sum(s.logprob for s in artifact.steps) / max(1, len(artifact.steps))
+
+
+def steering(engine: Engine, prefer: Callable[[InferenceArtifact], float] = mean_logprob) -> Strategy:
+    """Steering through parameter choice: one seed, every parameter set of
+    :data:`STEERING_CHOICES` other than the requested one, and the completion ``prefer``
+    likes best handed in, stating the parameters that made it."""
+    async def run(prompt_ids: list[int], params: SamplingParams, seed: bytes) -> InferenceArtifact:
+        tried = [await generate_artifact(engine, prompt_ids, chosen, seed)
+                 for t, p in STEERING_CHOICES
+                 if (chosen := replace(params, temperature=t, top_p=p)) != params]
+        return max(tried, key=prefer)
+    return run
+
+
+# ---------------------------------------------------------------------------
 # Tampered artifacts
 
 
@@ -237,6 +292,11 @@ CHEATS: dict[str, str] = {
     "truncated": "the first half of an honest completion",
     "altered": "an honest completion with its middle token replaced",
     "wrong-temperature": "sampled at another temperature than requested",
+    "fewer-tokens": "a quarter of max_tokens, stating the smaller max_tokens",
+    "stated-temperature": "another temperature than requested, stated in the artifact",
+    "stated-top-k": "another top-k than requested, stated in the artifact",
+    "stated-top-p": "another top-p than requested, stated in the artifact",
+    "steering": "the preferred of several completions on other parameters, stating them",
 }
 
 ALIASES = {"small": "small-model"}  # the issue's name for it
@@ -252,6 +312,13 @@ def cheat_named(name: str) -> str:
 
 
 TAMPERS = ("fabricated", "truncated", "altered")
+STATING: dict[str, Callable[[Engine], Strategy]] = {  # the cheats that state what they did
+    "fewer-tokens": lambda engine: stating(engine, fewer_tokens),
+    "stated-temperature": lambda engine: stating(engine, other_temperature),
+    "stated-top-k": lambda engine: stating(engine, other_top_k),
+    "stated-top-p": lambda engine: stating(engine, other_top_p),
+    "steering": steering,
+}
 
 
 def tamper_for(name: str, vocab_size: int) -> Callable[[InferenceArtifact], InferenceArtifact]:
@@ -265,8 +332,8 @@ def tamper_for(name: str, vocab_size: int) -> Callable[[InferenceArtifact], Infe
 
 def make_cheater(name: str, engine: Engine) -> Strategy:
     """The strategy called ``name`` (see :data:`CHEATS`) built on ``engine``. Weight
-    cheats need a ``TorchEngine``; tampering and temperature cheats take any engine
-    that has a ``local_model`` (both engines do)."""
+    cheats need a ``TorchEngine``; tampering, temperature and stating cheats take any
+    engine that has a ``local_model`` (both engines do)."""
     try:
         name = cheat_named(name)
     except ValueError as e:
@@ -275,6 +342,8 @@ def make_cheater(name: str, engine: Engine) -> Strategy:
         return tampered(honest(engine), tamper_for(name, engine.local_model.vocab_size))
     if name == "wrong-temperature":
         return wrong_temperature(engine)
+    if name in STATING:
+        return STATING[name](engine)
     if not isinstance(engine, TorchEngine):
         raise EngineError(f"cheat {name!r} changes the model's weights: it needs the torch engine")
     transforms: dict[str, ModelTransform] = {
