@@ -163,6 +163,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ))
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    try:
+        from sim.command import main as sim_main
+    except ModuleNotFoundError as e:
+        if e.name != "sim":
+            raise
+        raise UsageProblem("gonka-p2p sim needs the repository's sim/ package: install the clone "
+                           "in editable mode (scripts/setup.sh), or run python -m sim in it") from None
+    return sim_main(args.sim_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gonka_p2p.inference.model_names import DEFAULT_MODEL
     from gonka_p2p.ledger.devnet import DEFAULT_MODELS, DEVNET_CHAIN_ID, DEVNET_CLIENT_BALANCE, DEVNET_EPOCH_BLOCKS
@@ -209,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cheater", metavar="CHEAT", type=cheat_name,
                    help="add a participant that cheats (e.g. int4, prefill, small) and show it caught")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sim", add_help=False, prefix_chars="+",
+                       help="the researchers' simulator: run a scenario file (gonka-p2p sim SCENARIO --seed N "
+                       "--out DIR), sweep a knob (gonka-p2p sim sweep SCENARIO --param K=LOW:HIGH:STEPS), "
+                       "list the ready scenarios (gonka-p2p sim list)")
+    # prefix_chars "+": every word after "sim", --help included, is the simulator's to parse
+    p.add_argument("sim_args", nargs=argparse.REMAINDER, help="see gonka-p2p sim --help")
+    p.set_defaults(func=cmd_sim)
     return parser
 
 

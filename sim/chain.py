@@ -14,7 +14,8 @@ and reported, because an honest simulated actor should never cause one.
 
 Coins are checked at every block: the state machine's own incremental
 invariant (``apply_block`` raises on any imbalance) and, here, the full sum
-``balances + escrow + pending fees == genesis supply + minted``.
+``balances + escrow + pending fees == genesis supply + minted - burned`` (transaction
+fees are burned).
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ class Chain:
 
     def _check_conservation(self) -> None:
         state = self.state
-        expected = state.genesis.supply + state.minted
+        expected = state.genesis.supply + state.minted - state.burned
         total = state.total_coins()
         if total != expected:
             raise ConservationError(f"height {state.height}: balances + escrow + fees = {total}, "
-                                    f"genesis supply + minted = {expected}")
+                                    f"genesis supply + minted - burned = {expected}")
         self.conservation_checks += 1

@@ -28,6 +28,7 @@ from gonka_p2p.ledger.genesis import Params
 from gonka_p2p.ledger.rules import PPM, miss_rate_exceeded
 from gonka_p2p.ledger.records import EpochSummary, ParticipantOutcome
 
+from sim.economics import break_even, gini, honest_bet, profits
 from sim.roster import Roster, Strategy
 
 
@@ -43,6 +44,9 @@ class StrategyRow:
     epochs_to_catch: float | None  # 0: the settlement of the epoch of the first offence
     reward_per_weight: float  # minted reward per unit weight, relative to stable honest peers
     accusations: int  # disputes opened against its executions
+    catch_blocks: list[int]  # per sanctioned peer: first offence -> settlement, blocks
+    profit: float  # cumulative profit per weight / honest's (sim.economics): above 1, it pays
+    cheated_share: float | None  # of the requests its members executed, those they cheated on
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Report:
     network: dict[str, float | int | str]
     per_epoch: dict[str, list[float]]
     reward_curves: dict[str, list[float]]  # strategy -> cumulative reward per weight, by epoch
+    profit_curves: dict[str, list[float]]  # strategy -> cumulative profit per weight / honest's
+    break_even: list[dict[str, float | bool]]  # sim.economics.break_even for the run's cheaters
     rejected_txs: dict[str, int]  # "kind/reason" -> count
     app_hash: str
     digest: str = ""
@@ -82,6 +88,13 @@ class Metrics:
     epoch_floor: list[float] = field(default_factory=list)
     epoch_reputation: dict[str, list[float]] = field(default_factory=dict)  # strategy -> mean r
     epoch_p: dict[str, list[float]] = field(default_factory=dict)  # strategy -> mean p_validate
+    costs: dict[tuple[str, int], float] = field(default_factory=dict)  # (peer, epoch) -> compute, coins
+    served: Counter[str] = field(default_factory=Counter)  # peer -> requests it executed
+    cheated: Counter[str] = field(default_factory=Counter)  # peer -> of those, cheated on
+
+    def spend(self, peer: str, epoch: int, coins: float) -> None:
+        """``peer`` spent ``coins`` of compute on work of ``epoch`` (executing or checking)."""
+        self.costs[(peer, epoch)] = self.costs.get((peer, epoch), 0.0) + coins
 
     def offence(self, peer: str, height: int, epoch: int) -> None:
         self.first_offence.setdefault(peer, (height, epoch))
@@ -108,7 +121,8 @@ class Metrics:
     # ------------------------------------------------------------------ the report
 
     def report(self, config: dict[str, object], rejected: Counter[tuple[str, str]], app_hash: bytes,
-               coins: dict[str, int], val_over_gen: float) -> Report:
+               coins: dict[str, int], val_over_gen: float, bet: tuple[float, float] | None) -> Report:
+        """The run's report; ``bet``: (d, s) of its executor cheaters, for the break-even table."""
         peers = self.roster.peers
         rewards = Counter[str]()
         for summary in self.summaries:
@@ -119,8 +133,13 @@ class Metrics:
                   and p.peer_id not in caught]
         honest_rpw = (sum(rewards[p.peer_id] for p in stable) / sum(p.weight for p in stable)
                       if stable else 0.0)
-        rows = [self._strategy_row(s, rewards, honest_rpw) for s in Strategy
+        profit = {row.strategy: row for row in profits(peers, stable, self.summaries, self.costs)}
+        rows = [self._strategy_row(s, rewards, honest_rpw, profit[str(s)].cumulative) for s in Strategy
                 if any(p.strategy is s for p in peers)]
+        cheating = [p for p in peers if p.strategy.cheats_as_executor]
+        table = None
+        if bet is not None and cheating:
+            table = honest_bet(stable, self.summaries, self.costs, fmean(p.weight for p in cheating), *bet)
         inferences = sum(s.inferences for s in self.summaries)
         checks = sum(r.checks for s in self.summaries for r in s.participants)
         votes = sum(r.votes for s in self.summaries for r in s.participants)
@@ -163,13 +182,15 @@ class Metrics:
                 **{f"p_validate {k}": v for k, v in sorted(self.epoch_p.items())},
             },
             reward_curves=self._reward_curves(),
+            profit_curves={s: row.cumulative for s, row in profit.items()},
+            break_even=break_even(table, self.params) if table else [],
             rejected_txs={f"{k}/{r}": n for (k, r), n in sorted(rejected.items())},
             app_hash=app_hash.hex())
 
     def _sanctioned(self, strategy: Strategy, row: ParticipantOutcome) -> bool:
         if strategy is Strategy.SILENT:
             return miss_rate_exceeded(row.expired, row.inferences, self.params)
-        if strategy in (Strategy.LAZY, Strategy.COLLUDING):
+        if strategy in (Strategy.LAZY, Strategy.COLLUDING, Strategy.FRAMING):
             return bool(row.forfeit)
         return bool(row.caught)
 
@@ -178,7 +199,8 @@ class Metrics:
             return row.inferences > 0
         return epoch in self.offence_epochs.get(peer, ())
 
-    def _strategy_row(self, strategy: Strategy, rewards: Counter[str], honest_rpw: float) -> StrategyRow:
+    def _strategy_row(self, strategy: Strategy, rewards: Counter[str], honest_rpw: float,
+                      profit: list[float]) -> StrategyRow:
         members = [p for p in self.roster.peers if p.strategy is strategy]
         active = sanctioned = within = 0
         blocks, epochs = [], []
@@ -198,6 +220,7 @@ class Metrics:
                 blocks.append(first_sanction[0] - offence[0])
                 epochs.append(first_sanction[1] - offence[1])
                 within += first_sanction[1] == offence[1]
+        served = sum(self.served[p.peer_id] for p in members)
         weight = sum(p.weight for p in members)
         rpw = sum(rewards[p.peer_id] for p in members) / weight if weight else 0.0
         return StrategyRow(
@@ -206,7 +229,9 @@ class Metrics:
             caught_within_epoch=within, blocks_to_catch=fmean(blocks) if blocks else None,
             epochs_to_catch=fmean(epochs) if epochs else None,
             reward_per_weight=rpw / honest_rpw if honest_rpw else 0.0,
-            accusations=self.accusations[str(strategy)])
+            accusations=self.accusations[str(strategy)], catch_blocks=blocks,
+            profit=profit[-1] if profit else 0.0,
+            cheated_share=(sum(self.cheated[p.peer_id] for p in members) / served) if served else None)
 
     def _reward_curves(self) -> dict[str, list[float]]:
         weight = Counter[str]()
@@ -234,9 +259,6 @@ def fairness(stable: list, rewards: Counter[str]) -> dict[str, float | int]:
     total_w = sum(p.weight for p in stable)
     total_r = sum(rewards[p.peer_id] for p in stable) or 1
     ratios = [(rewards[p.peer_id] / total_r) / (p.weight / total_w) for p in stable]
-    per_weight = sorted(rewards[p.peer_id] / p.weight for p in stable)
-    n, mean = len(per_weight), fmean(per_weight)
-    gini = (sum((2 * i - n + 1) * x for i, x in enumerate(per_weight)) / (n * n * mean)) if mean else 0.0
     points = [(math.log(p.weight), math.log(rewards[p.peer_id])) for p in stable if rewards[p.peer_id] > 0]
     exponent = float("nan")
     if len(points) >= 2:
@@ -245,5 +267,5 @@ def fairness(stable: list, rewards: Counter[str]) -> dict[str, float | int]:
         exponent = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
     return {"fair: honest stable peers": len(stable),
             "fair: max |reward share / weight share - 1|": max(abs(r - 1) for r in ratios),
-            "fair: Gini of reward per weight": gini,
+            "fair: Gini of reward per weight": gini([rewards[p.peer_id] / p.weight for p in stable]),
             "fair: k in reward ~ weight^k": exponent}

@@ -72,7 +72,42 @@ def plot_throughput(report: Report, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_profit(report: Report, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for strategy, curve in report.profit_curves.items():
+        ax.plot(range(len(curve)), curve, label=strategy, linewidth=2.5 if strategy == "honest" else 1.2)
+    ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+    ax.set(title="Cumulative profit per weight / a stable honest peer's (above 1: the strategy pays)",
+           xlabel="epoch", ylabel="relative profit")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_catch_times(report: Report, path: Path) -> Path:
+    rows = [r for r in report.strategies if r.catch_blocks]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if rows:
+        ax.boxplot([r.catch_blocks for r in rows], showmeans=True)
+        ax.set_xticks(range(1, len(rows) + 1), [r.strategy for r in rows], rotation=45)
+    ax.set(title="Time to catch, per sanctioned peer: first offence -> settlement", ylabel="blocks")
+    return _save(fig, path)
+
+
+def plot_sweep(param: str, metric: str, rows: list[dict[str, float]], path: Path) -> Path:
+    """One metric of a sweep: its mean across seeds per value, with the 95 % interval."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [r["value"] for r in rows]
+    means = [r["mean"] for r in rows]
+    ax.errorbar(xs, means, yerr=[r["ci95"] for r in rows], marker="o", capsize=4)
+    if metric.startswith("profit vs honest"):
+        ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8, label="as profitable as honesty")
+        ax.legend(fontsize="small")
+    ax.set(title=f"{metric} (mean, 95 % interval across seeds)", xlabel=param, ylabel=metric)
+    return _save(fig, path)
+
+
 def write_plots(report: Report, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     return [plot_rewards(report, out / "rewards.png"), plot_detection(report, out / "detection.png"),
-            plot_validation(report, out / "validation.png"), plot_throughput(report, out / "throughput.png")]
+            plot_validation(report, out / "validation.png"), plot_throughput(report, out / "throughput.png"),
+            plot_profit(report, out / "profit.png"), plot_catch_times(report, out / "catch.png")]

@@ -25,13 +25,33 @@ def strategies_table(report: Report) -> Table:
                   box=box.SIMPLE_HEAD)
     table.add_column("strategy", no_wrap=True)
     for column in ("peers", "offend", "sanct.", "detect", "in ep.", "blocks", "epochs", "rwd/w",
-                   "accused"):
+                   "profit", "accused"):
         table.add_column(column, justify="right", min_width=len(column))
     for row in report.strategies:
         detection = "-" if row.detection is None else f"{row.detection:.0%}"
         table.add_row(row.strategy, _num(row.peers), _num(row.active_epochs), _num(row.sanctioned_epochs),
                       detection, f"{row.caught_within_epoch}/{row.peers}", _num(row.blocks_to_catch),
-                      _num(row.epochs_to_catch), f"{row.reward_per_weight:.2f}", _num(row.accusations))
+                      _num(row.epochs_to_catch), f"{row.reward_per_weight:.2f}", f"{row.profit:.2f}",
+                      _num(row.accusations))
+    return table
+
+
+def break_even_table(report: Report) -> Table:
+    """Does cheating pay? Per (q, reputation) and validation floor: P(caught within the epoch)
+    and whether the expected gain is positive (sim.economics)."""
+    floors = sorted({row["floor"] for row in report.break_even})
+    table = Table(title="Break-even of a one-epoch cheat (sim.economics): P(caught), and 'PAYS' where "
+                        "the compute saved beats the expected loss", box=box.SIMPLE_HEAD)
+    table.add_column("q", justify="right")
+    table.add_column("reputation", justify="right")
+    for floor in floors:
+        table.add_column(f"floor {floor:g}", justify="right")
+    cells: dict[tuple[float, float], list[str]] = {}
+    for row in report.break_even:
+        mark = "PAYS" if row["pays"] else "no"
+        cells.setdefault((float(row["q"]), float(row["reputation"])), []).append(f"{row['P(caught)']:.2f} {mark}")
+    for (q, reputation), row_cells in cells.items():
+        table.add_row(f"{q:g}", f"{reputation:g}", *row_cells)
     return table
 
 
@@ -46,13 +66,18 @@ def network_table(report: Report) -> Table:
 
 def print_report(report: Report, console: Console, out: str) -> None:
     config = report.config
-    console.print(f"[bold]gonka-p2p network simulation[/bold]: seed {config['seed']}, {config['peers']} peers, "
-                  f"{config['epochs']} epochs of {config['epoch blocks']} blocks, "
-                  f"{config['requests per epoch']} requests per epoch, verdicts from {config['verdicts']}")
+    console.print(f"[bold]gonka-p2p network simulation[/bold]: scenario {config.get('scenario', '-')} "
+                  f"(sha256 {str(config.get('scenario sha256', '-'))[:16]}...), seed {config['seed']}, "
+                  f"{config['peers']} peers, {config['epochs']} epochs of {config['epoch_blocks']} blocks, "
+                  f"{config['requests']} requests per epoch, verdicts from {config['verdicts']}")
+    if config.get("overrides"):
+        console.print(f"overrides: {config['overrides']}")
     console.print(strategies_table(report))
     console.print(network_table(report))
+    if report.break_even:
+        console.print(break_even_table(report))
     if report.rejected_txs:
         console.print("[yellow]transactions the ledger rejected:[/yellow] "
                       + ", ".join(f"{k} x{n}" for k, n in report.rejected_txs.items()))
-    console.print(f"digest {report.digest}  (replay: same --seed and flags)")
+    console.print(f"digest {report.digest}  (replay: the same scenario file, --seed and --set)")
     console.print(f"plots and report.json in {out}")

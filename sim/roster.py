@@ -20,6 +20,7 @@ from enum import StrEnum
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.devnet import epoch0_seed_commitment
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
+from gonka_p2p.ledger.rules import PPM
 
 CHAIN_ID = "gonka-sim"
 MODEL = "sim-model"
@@ -37,19 +38,27 @@ class Strategy(StrEnum):
     LAZY = "lazy"  # a validator that skips its duties and votes
     COLLUDING = "colluding"  # a validator that rubber-stamps its partner executor
     SILENT = "silent"  # an executor that goes silent on some of its requests
+    FRAMING = "framing"  # a validator that fails honest work (alone or as a coalition)
+    SYBIL = "sybil"  # one owner's weight split over many identities that cheat and pass each other
+
+    @property
+    def validates_dishonestly(self) -> bool:
+        """Its checks and votes are not the evidence's verdict (the report names what it did)."""
+        return self in (Strategy.LAZY, Strategy.COLLUDING, Strategy.FRAMING, Strategy.SYBIL)
 
     @property
     def cheats_as_executor(self) -> bool:
         """Its outputs are not the pinned model's (the verdict table has a row for it)."""
         return self in (Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL, Strategy.INT8,
-                        Strategy.BF16)
+                        Strategy.BF16, Strategy.SYBIL)
 
     @property
     def gross(self) -> bool:
         return self in (Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL)
 
 
-DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if s is not Strategy.HONEST}
+DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if s not in (Strategy.HONEST, Strategy.SYBIL,
+                                                                       Strategy.FRAMING)}
 
 
 @dataclass(frozen=True)
@@ -83,25 +92,42 @@ class Roster:
         return {p.peer_id: p for p in self.peers}
 
 
+def identities(mix: dict[Strategy, int], sybil_identities: int) -> list[Strategy]:
+    """One strategy per identity: a sybil owner counts ``sybil_identities`` times."""
+    return [s for s, n in mix.items() for _ in range(n * (sybil_identities if s is Strategy.SYBIL else 1))]
+
+
 def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Strategy, int],
-                 churn: float) -> Roster:
-    """``peers`` participants with weights in [5, 20], ``mix[s]`` of them playing s, the rest
-    honest; each honest one leaves at an epoch boundary with probability ``churn`` and returns
-    with probability 1/2 per epoch. A colluding validator's partner is the heaviest gross cheater
-    (else any cheater): the case where rubber-stamping matters most."""
+                 churn: float, adversary_share: float = 0.0, sybil_identities: int = 1) -> Roster:
+    """``peers`` participants with weights in [5, 20], ``mix[s]`` of them playing s (a sybil
+    owner as ``sybil_identities`` identities splitting one drawn weight), the rest honest; each
+    honest one leaves at an epoch boundary with probability ``churn`` and returns with
+    probability 1/2 per epoch. With ``adversary_share`` > 0 the non-honest owners hold that
+    share of the total weight, evenly. A colluding validator's partner is the heaviest gross
+    cheater (else any cheater): the case where rubber-stamping matters most."""
     rng = random.Random(f"roster/{seed}")
-    strategies = [s for s, n in mix.items() for _ in range(n)]
+    strategies = identities(mix, sybil_identities)
     strategies += [Strategy.HONEST] * (peers - len(strategies))
     rng.shuffle(strategies)
-    roster = []
-    for i, strategy in enumerate(strategies):
+    weights = [rng.randint(5, 20) for _ in strategies]
+    schedules = []
+    for strategy in strategies:
         online = [True]
         for _ in range(1, epochs):
             stay = rng.random() >= churn if online[-1] else rng.random() < 0.5
             online.append(stay if strategy is Strategy.HONEST else True)
-        roster.append(Peer(i, Keypair.from_seed(f"sim/{seed}/peer/{i}".encode()), rng.randint(5, 20),
-                           strategy, tuple(online)))
-    cheaters = sorted((not p.strategy.gross, -p.weight, p.index) for p in roster if p.strategy.cheats_as_executor)
+        schedules.append(tuple(online))
+    owners = sum(mix.values())
+    if adversary_share > 0 and owners:
+        honest = sum(w for w, s in zip(weights, strategies, strict=True) if s is Strategy.HONEST)
+        owner_weight = max(1, round(adversary_share / (1 - adversary_share) * honest / owners))
+        weights = [w if s is Strategy.HONEST else owner_weight for w, s in zip(weights, strategies, strict=True)]
+    weights = [max(1, w // sybil_identities) if s is Strategy.SYBIL else w
+               for w, s in zip(weights, strategies, strict=True)]
+    roster = [Peer(i, Keypair.from_seed(f"sim/{seed}/peer/{i}".encode()), weights[i], strategy, schedules[i])
+              for i, strategy in enumerate(strategies)]
+    cheaters = sorted((not p.strategy.gross, -p.weight, p.index) for p in roster
+                      if p.strategy.cheats_as_executor and p.strategy is not Strategy.SYBIL)
     partner = {}
     if cheaters:
         target = roster[cheaters[0][2]].peer_id
@@ -110,15 +136,27 @@ def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Str
     return Roster(tuple(roster), keys, partner)
 
 
-def build_genesis(roster: Roster, epoch_blocks: int) -> Genesis:
-    """The network's genesis: the ledger's default parameters but for the epoch length (and
-    one model at 1 coin per token); every client funded far beyond what it will spend; each
-    peer online at the start committed to its epoch-0 validation seed, as ``init`` writes."""
+def build_genesis(roster: Roster, params: Params) -> Genesis:
+    """The network's genesis: ``params`` (see :func:`sim_params`); every client funded far
+    beyond what it will spend; each peer online at the start committed to its epoch-0
+    validation seed, as ``init`` writes."""
     return Genesis(
-        chain_id=CHAIN_ID, genesis_time_ms=GENESIS_TIME_MS,
-        params=Params(price_per_token={MODEL: 1}, epoch_length_blocks=epoch_blocks),
+        chain_id=CHAIN_ID, genesis_time_ms=GENESIS_TIME_MS, params=params,
         participants=tuple(GenesisParticipant(
             p.key.public_key, p.weight, models=(MODEL,),
             seed_commitment=epoch0_seed_commitment(p.key, CHAIN_ID) if p.online[0] else b"")
             for p in roster.peers),
         allocations={c.peer_id: CLIENT_BALANCE for c in roster.clients})
+
+
+def sim_params(epoch_blocks: int, floor: float, overrides: dict[str, int]) -> Params:
+    """The ledger's default parameters, one model at 1 coin per token, the epoch length, a flat
+    validation floor if ``floor`` > 0 (the schedule's three points all at it), then
+    ``overrides`` by name. Unknown names raise TypeError; the ledger's bounds are checked when
+    the genesis is built (GenesisError)."""
+    flat: dict[str, int] = {}
+    if floor > 0:
+        ppm = max(1, round(floor * PPM))
+        flat = {"floor_full_until_inferences": 0, "floor_mid_inferences": 1, "floor_low_inferences": 2,
+                "floor_mid_ppm": ppm, "floor_low_ppm": ppm}
+    return Params(**{"price_per_token": {MODEL: 1}, "epoch_length_blocks": epoch_blocks, **flat, **overrides})

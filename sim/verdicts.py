@@ -89,6 +89,12 @@ def design_table() -> VerdictTable:
     return VerdictTable(DESIGN_RATES, DEFAULT_VAL_OVER_GEN, "")
 
 
+def table_for(source: str, model: str = "") -> VerdictTable:
+    """The verdict table a scenario names: ``"design"``, or ``"matrix"`` (``model``: "" for the
+    matrix model with most rows)."""
+    return design_table() if source == "design" else load_matrix(DEFAULT_MATRIX, model or None)
+
+
 def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None) -> VerdictTable:
     """Failure rates measured per strategy for ``model`` (default: the model with most rows),
     suspicious shares from :data:`DESIGN_RATES`. Raises ValueError on a file of another shape."""

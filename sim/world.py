@@ -5,8 +5,9 @@ Theory of operation
 Time is the block height. Before each block the loop lets the actors act:
 clients' requests arrive (spread uniformly over each epoch); the TA of each
 (a random live peer) draws its executor with the network's own
-:func:`~gonka_p2p.ledger.rules.choose_executor` over the live
-peers' ledger weights and submits ``StartInference``; the executor submits
+:func:`~gonka_p2p.ledger.rules.choose_executor` over the ledger's executor
+weights, attempt after attempt until the draw is online (the rule
+``StartInference`` checks), and submits it; the executor submits
 ``FinishInference`` after generating (a silent one, sometimes, never does,
 and the ledger expires the request). Validators commit their seeds during
 the epoch before, check their duties, vote when drawn onto a committee and
@@ -20,8 +21,20 @@ order. After each block the loop reads back what committed: settled
 inferences (whose duties it then schedules), disputes opened (whose
 committees then vote), epoch starts and settlements (into the metrics).
 
+Behaviours (:class:`~sim.roster.Strategy`): a cheating executor cheats
+from ``cheat_from``, on a share ``cheat_fraction`` (q) of its requests, and
+only while the ledger's validation rate of its work is at most
+``cheat_below_validation``; a lazy validator skips its duties and votes; a
+colluding one passes its partner's work unchecked, a sybil identity its
+fellows'; a framing validator fails everyone else's work it is given to
+check (the ledger accepts such a failure only on a duty its seed proves); a
+silent executor drops some requests.
+
 Nothing here decides economics: who pays, who is caught, who forfeits is
 what :func:`~gonka_p2p.ledger.state.apply_block` made of these transactions.
+The loop only books each peer's compute (:meth:`Metrics.spend`, the cost
+model of :mod:`sim.economics`): executing, less what a cheat saves, and
+checking, at ``val_over_gen`` of executing; a check not run costs nothing.
 
 Determinism: all randomness comes from ``random.Random`` streams seeded with
 strings derived from the run's seed (traffic, latency, evidence), consumed
@@ -32,13 +45,15 @@ process) and no clock is read, so a seed replays bit for bit.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.block import Receipt
-from gonka_p2p.ledger.records import InferenceStatus
+from gonka_p2p.ledger.records import DisputeOutcome, InferenceStatus
 from gonka_p2p.ledger.rules import (
+    PPM,
     NoEligibleExecutor,
     choose_executor,
     epoch_last_height,
@@ -49,6 +64,7 @@ from gonka_p2p.ledger.rules import (
     seed_commitment,
 )
 from gonka_p2p.ledger.state import check_invariants
+from gonka_p2p.ledger.tx_rules import executor_weights
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
@@ -61,46 +77,17 @@ from gonka_p2p.ledger.transactions import (
     derive_validation_seed,
 )
 from gonka_p2p.wire.envelope import Signed, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
+from gonka_p2p.wire.messages import NONCE_BYTES, ChatTurn, InferenceRequest, inference_id
 
 from sim.chain import BLOCK_MS, Chain
+from sim.config import SimConfig
 from sim.metrics import Metrics, Report, report_digest
-from sim.roster import CHAIN_ID, GENESIS_TIME_MS, MODEL, Peer, Strategy, build_genesis, build_roster
-from sim.verdicts import Outcome, Rates, VerdictTable, verdict_stats_for
+from sim.roster import CHAIN_ID, GENESIS_TIME_MS, MODEL, Peer, Strategy, build_genesis, build_roster, sim_params
+from sim.verdicts import Outcome, Rates, table_for, verdict_stats_for
 
 GENERATION_BLOCKS = (1, 3)  # an executor's generation time, blocks
 PROMPT_CHARS = (20, 400)
 MAX_TOKENS = (16, 128)
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    seed: int
-    peers: int = 50
-    epochs: int = 20
-    requests: int = 300  # client requests per epoch
-    clients: int = 100
-    epoch_blocks: int = 100
-    latency: int = 2  # max blocks a message takes to reach a block
-    churn: float = 0.05  # per honest peer and epoch boundary
-    silent_rate: float = 0.5  # share of its requests a silent executor drops
-    cheat_from: int = 1  # first epoch cheaters cheat in (epoch 0 has no validators)
-    independent_checks: bool = False  # each check draws its own verdict (else one per inference)
-    mix: dict[Strategy, int] = field(default_factory=dict)
-    verdicts: VerdictTable | None = None
-
-    def describe(self) -> dict[str, object]:
-        """The configuration as plain data (in the report and its digest)."""
-        assert self.verdicts is not None
-        return {"seed": self.seed, "peers": self.peers, "epochs": self.epochs,
-                "requests per epoch": self.requests, "clients": self.clients,
-                "epoch blocks": self.epoch_blocks, "latency": self.latency, "churn": self.churn,
-                "silent rate": self.silent_rate, "cheat from epoch": self.cheat_from,
-                "independent checks": self.independent_checks,
-                "mix": {str(s): n for s, n in self.mix.items()},
-                "verdicts": self.verdicts.model or "design",
-                "verdict rates": {s: [r.failed, r.suspicious, r.source]
-                                  for s, r in sorted(self.verdicts.rates.items())}}
 
 
 @dataclass
@@ -112,27 +99,30 @@ class Work:
     cheating: bool  # its output is not the pinned model's
     rates: Rates  # the verdict rates of what it ran
     verdict: VerdictStats  # what a diligent check of it finds (drawn once: see sim.verdicts)
+    tokens: int  # billable tokens (what a check re-runs, as prefill)
 
 
 class Simulation:
     def __init__(self, config: SimConfig) -> None:
-        assert config.verdicts is not None
         self.config = config
-        self.verdicts = config.verdicts
+        self.verdicts = table_for(config.verdicts, config.matrix_model)
         self.roster = build_roster(config.seed, config.peers, config.clients, config.epochs,
-                                   config.mix, config.churn)
-        self.genesis = build_genesis(self.roster, config.epoch_blocks)
+                                   config.strategy_mix(), config.churn, config.adversary_weight_share,
+                                   config.sybil_identities)
+        self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor, config.params))
         self.params = self.genesis.params
         self.peers = self.roster.by_id()
         self.chain = Chain(self.genesis, [p.peer_id for p in self.roster.peers])
         self.metrics = Metrics(self.roster, self.params)
         self._traffic = random.Random(f"traffic/{config.seed}")
+        self._cheat = random.Random(f"cheat/{config.seed}")
         self._latency = random.Random(f"latency/{config.seed}")
         self._evidence = random.Random(f"evidence/{config.seed}")
         self._arrivals: dict[int, int] = {}  # height -> requests arriving
         self._work: dict[bytes, Work] = {}
         self._touched: list[bytes] = []  # inferences a Start or Finish of this block concerned
         self._accused: list[bytes] = []  # inferences a failed Validation of this block concerned
+        self._disputed: dict[bytes, set[str]] = {}  # open dispute -> committee members that voted
         self._reveal_after: dict[tuple[int, str], int] = {}  # (epoch, validator) -> last check height
         self._seeds: dict[tuple[int, int], bytes] = {}
         self._nonce = 0
@@ -142,7 +132,10 @@ class Simulation:
         """The block at which the last simulated epoch settles."""
         return epoch_last_height(self.config.epochs - 1, self.params) + self.params.settlement_delay_blocks
 
-    def run(self, on_block: Callable[[int], None] | None = None) -> Report:
+    def run(self, on_block: Callable[[int], None] | None = None,
+            identity: dict[str, object] | None = None) -> Report:
+        """Simulate every block; ``identity`` (the scenario's name, hash and overrides) heads
+        the report's config, so the digest covers what named the run."""
         self._epoch_started(0)
         for height in range(1, self.last_height + 1):
             self._before_block(height)
@@ -150,7 +143,7 @@ class Simulation:
             self._after_block(height)
             if on_block is not None:
                 on_block(height)
-        return self._report()
+        return self._report(identity or {})
 
     # ------------------------------------------------------------------ before a block
 
@@ -188,37 +181,71 @@ class Simulation:
         client = self._traffic.choice(self.roster.clients)
         self._nonce += 1
         request = InferenceRequest(
-            chain_id=CHAIN_ID, model=MODEL, messages=[ChatTurn(role="user", content="x" * self._traffic.randint(*PROMPT_CHARS))],
+            chain_id=CHAIN_ID, model=MODEL,
+            messages=[ChatTurn(role="user", content="x" * self._traffic.randint(*PROMPT_CHARS))],
             max_tokens=self._traffic.randint(*MAX_TOKENS), temperature=0.7, top_p=1.0, top_k=0,
             logprobs_k=5, timestamp_ms=GENESIS_TIME_MS + height * BLOCK_MS,
-            nonce=self._nonce.to_bytes(16, "big"))
+            nonce=self._nonce.to_bytes(NONCE_BYTES, "big"))
         raw = seal(request, client)
-        iid = inference_id(Signed(request, client.public_key, raw))  # signed here: no need to verify
-        weights = {p: w for p, w in self.chain.state.weights().items() if self.peers[p].online[epoch]}
-        try:
-            executor = self.peers[choose_executor(weights, frozenset({ta.peer_id}), iid, 0)]
-        except NoEligibleExecutor:
+        iid = inference_id(Signed(request, client.public_key, raw))
+        drawn = self._route(ta, iid, epoch)
+        if drawn is None:
             self.metrics.refused += 1
             return
+        executor, attempt = drawn
         self.chain.submit(height + self._lag(), ta.key, lambda n: StartInference(
-            chain_id=CHAIN_ID, request=raw, executor=executor.peer_id, sequence=n), self._on_start_or_finish(iid))
+            chain_id=CHAIN_ID, request=raw, executor=executor.peer_id, attempt=attempt, sequence=n),
+            self._on_start_or_finish(iid))
         if executor.strategy is Strategy.SILENT and self._traffic.random() < self.config.silent_rate:
             self.metrics.silenced += 1
             self.metrics.offence(executor.peer_id, height, epoch)
             return
-        cheating = executor.strategy.cheats_as_executor and epoch >= self.config.cheat_from
-        rates = self.verdicts.rates[str(executor.strategy) if cheating else str(Strategy.HONEST)]
+        cheating = self._cheats(executor, epoch)
+        self.metrics.served[executor.peer_id] += 1
+        self.metrics.cheated[executor.peer_id] += cheating
+        rates = self.verdicts.rates[self._cheat_of(executor) if cheating else str(Strategy.HONEST)]
         outcome = rates.draw(self._evidence)
         completion = self._traffic.randint(MAX_TOKENS[0], request.max_tokens)
         prompt = min(prompt_token_bound(request, self.params), len(request.messages[0].content) // 4 + 8)
+        saving = self.config.savings.get(str(executor.strategy), 0.0) if cheating else 0.0
+        self.metrics.spend(executor.peer_id, epoch, (prompt + completion) * self.config.compute_cost_per_token
+                           * (1 - saving))
         self._work[iid] = Work(height, executor, cheating, rates,
-                               verdict_stats_for(outcome, rates.flag, completion))
+                               verdict_stats_for(outcome, rates.flag, completion), prompt + completion)
         self.chain.submit(height + self._traffic.randint(*GENERATION_BLOCKS) + self._lag(), executor.key,
                           lambda n: FinishInference(
                               chain_id=CHAIN_ID, inference_id=iid, prompt_tokens=prompt,
                               completion_tokens=completion, response_hash=digest(iid + b"response"),
                               artifact_commitment=digest(iid + b"artifact"), sequence=n),
                           self._on_start_or_finish(iid))
+
+    def _route(self, ta: Peer, iid: bytes, epoch: int) -> tuple[Peer, int] | None:
+        """The live TA's routing: the ledger's draws over its executor weights, attempt by
+        attempt, skipping an executor that is offline; None when no attempt finds one."""
+        weights = executor_weights(self.chain.state, MODEL)
+        for attempt in range(self.params.max_executor_attempts):
+            try:
+                executor = self.peers[choose_executor(weights, frozenset({ta.peer_id}), iid, attempt)]
+            except NoEligibleExecutor:
+                return None
+            if executor.online[epoch]:
+                return executor, attempt
+        return None
+
+    def _cheats(self, executor: Peer, epoch: int) -> bool:
+        """Does ``executor`` cheat on this request: a cheat of its strategy, from ``cheat_from``,
+        while the ledger's validation rate of its work is at most ``cheat_below_validation``,
+        on a ``cheat_fraction`` q of its requests."""
+        config = self.config
+        if not executor.strategy.cheats_as_executor or epoch < config.cheat_from:
+            return False
+        if self.chain.state.validation_rate_ppm(executor.peer_id) > config.cheat_below_validation * PPM:
+            return False
+        return self._cheat.random() < config.cheat_fraction
+
+    def _cheat_of(self, executor: Peer) -> str:
+        """The verdict-table row of what a cheating executor runs."""
+        return self.config.sybil_cheat if executor.strategy is Strategy.SYBIL else str(executor.strategy)
 
     def _on_start_or_finish(self, iid: bytes) -> Callable[[Receipt], None]:
         def seen(receipt: Receipt) -> None:
@@ -238,6 +265,7 @@ class Simulation:
         accused, self._accused = self._accused, []
         for iid in dict.fromkeys(accused):  # several may fail it in one block; one dispute opens
             self._dispute_opened(height, iid)
+        self._vote(height)
         if height % self.params.epoch_length_blocks == 0:
             ended = height // self.params.epoch_length_blocks - 1
             self._reveal(height, ended)
@@ -271,8 +299,9 @@ class Simulation:
                 continue
             at = height + self._lag()
             self._reveal_after[(epoch, validator)] = max(at, self._reveal_after.get((epoch, validator), 0))
-            self.chain.submit(at, peer.key, lambda n, v=verdict: Validation(
-                chain_id=CHAIN_ID, inference_id=iid, verdict=v, sequence=n),
+            proof = b"" if verdict.valid else self._seed(peer, epoch)  # a failure proves its duty
+            self.chain.submit(at, peer.key, lambda n, v=verdict, s=proof: Validation(
+                chain_id=CHAIN_ID, inference_id=iid, verdict=v, seed=s, sequence=n),
                 None if verdict.valid else self._on_failed_check(iid))
 
     def _on_failed_check(self, iid: bytes) -> Callable[[Receipt], None]:
@@ -282,14 +311,23 @@ class Simulation:
         return seen
 
     def _verdict_of(self, peer: Peer, work: Work, height: int, epoch: int) -> VerdictStats | None:
-        """What ``peer`` submits for ``work``: nothing if lazy, a pass for its partner if
-        colluding, else the evidence's verdict (or, with independent checks, a fresh draw)."""
-        if peer.strategy is Strategy.LAZY:
+        """What ``peer`` submits for ``work``: nothing if lazy; a pass, unchecked, for its partner
+        if colluding or for a fellow identity if a sybil; a failure, unchecked, of anyone
+        else's work if framing; else the evidence's verdict (or, with independent checks, a
+        fresh draw), paying for the check's compute."""
+        strategy, executor = peer.strategy, work.executor.strategy
+        if strategy is Strategy.LAZY:
             self.metrics.offence(peer.peer_id, height, epoch)
             return None
-        if self.roster.partner.get(peer.peer_id) == work.executor.peer_id:
+        if (self.roster.partner.get(peer.peer_id) == work.executor.peer_id
+                or strategy is executor is Strategy.SYBIL):
             self.metrics.offence(peer.peer_id, height, epoch)
             return verdict_stats_for(Outcome.CLEAN, FailureFlag.OTHER, work.verdict.n_tokens)
+        if strategy is Strategy.FRAMING and executor is not Strategy.FRAMING:
+            self.metrics.offence(peer.peer_id, height, epoch)
+            return verdict_stats_for(Outcome.FAILED, FailureFlag.OTHER, work.verdict.n_tokens)
+        self.metrics.spend(peer.peer_id, epoch,
+                           work.tokens * self.config.compute_cost_per_token * self.verdicts.val_over_gen)
         if self.config.independent_checks:
             outcome = work.rates.draw(self._evidence)
             return verdict_stats_for(outcome, work.rates.flag, work.verdict.n_tokens)
@@ -301,12 +339,26 @@ class Simulation:
         if dispute is None or dispute.opened_height != height or work is None:
             return
         self.metrics.accusations[str(work.executor.strategy)] += 1
-        for member in dispute.committee:
-            peer = self.peers[member]
-            verdict = self._verdict_of(peer, work, height, dispute.epoch)
-            if verdict is not None:
-                self.chain.submit(height + self._lag(), peer.key, lambda n, v=verdict: DisputeVote(
-                    chain_id=CHAIN_ID, inference_id=iid, verdict=v, sequence=n))
+        self._disputed[iid] = set()
+
+    def _vote(self, height: int) -> None:
+        """Each member of an open dispute's committee votes once it is drawn (as the validator
+        actor does from ``open_disputes_for``); a member redrawn in a later round has voted."""
+        for iid in list(self._disputed):
+            dispute, work = self.chain.state.dispute(iid), self._work.get(iid)
+            if dispute is None or work is None or dispute.outcome is not DisputeOutcome.OPEN:
+                del self._disputed[iid]
+                continue
+            voted = self._disputed[iid]
+            for member in dispute.committee:
+                if member in voted:
+                    continue
+                voted.add(member)
+                verdict = self._verdict_of(self.peers[member], work, height, dispute.epoch)
+                if verdict is not None:
+                    self.chain.submit(height + self._lag(), self.peers[member].key,
+                                      lambda n, v=verdict, i=iid: DisputeVote(
+                                          chain_id=CHAIN_ID, inference_id=i, verdict=v, sequence=n))
 
     def _reveal(self, height: int, epoch: int) -> None:
         """After ``epoch`` ends, each of its committed validators reveals its seed: after its
@@ -335,16 +387,29 @@ class Simulation:
 
     # ------------------------------------------------------------------ the end
 
-    def _report(self) -> Report:
+    def _report(self, identity: dict[str, object]) -> Report:
         state = self.chain.state
         coins = {"coins: genesis supply": state.genesis.supply, "coins: minted": state.minted,
+                 "coins: burned": state.burned,
                  "coins: balances + escrow + fees": state.total_coins(),
                  "coins: blocks checked": self.chain.conservation_checks}
-        report = self.metrics.report(self.config.describe(), self.chain.rejected, state.app_hash(),
-                                     coins, self.verdicts.val_over_gen)
+        report = self.metrics.report({**identity, **self.config.describe()}, self.chain.rejected, state.app_hash(),
+                                     coins, self.verdicts.val_over_gen, self._bet())
         return replace(report, digest=report_digest(report))
 
 
-def simulate(config: SimConfig, on_block: Callable[[int], None] | None = None) -> tuple[Simulation, Report]:
+    def _bet(self) -> tuple[float, float] | None:
+        """(d, s) of the run's most numerous executor cheat: the chance a check fails its
+        cheated work, and the share of compute cheating saves (for the break-even table)."""
+        cheats = [p for p in self.roster.peers if p.strategy.cheats_as_executor]
+        if not cheats:
+            return None
+        counts = Counter(p.strategy for p in cheats)
+        strategy = max(counts, key=lambda s: (counts[s], str(s)))
+        peer = next(p for p in cheats if p.strategy is strategy)
+        return self.verdicts.rates[self._cheat_of(peer)].failed, self.config.savings.get(str(strategy), 0.0)
+
+
+def simulate(config: SimConfig) -> tuple[Simulation, Report]:
     simulation = Simulation(config)
-    return simulation, simulation.run(on_block)
+    return simulation, simulation.run()

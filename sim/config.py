@@ -1,0 +1,111 @@
+"""A simulation's knobs, each declared once: its scenario section, default, help and check.
+
+A scenario file (:mod:`sim.scenario`) is a TOML document whose tables are the
+sections below (``[network]``, ``[behaviour]``, ``[validation]``,
+``[economics]``) plus three free tables: ``[mix]`` (strategy -> peers playing
+it), ``[economics.savings]`` (strategy -> share of compute its cheat saves)
+and ``[params]`` (any genesis parameter, by name, checked by the ledger's own
+genesis validation). The loader, the sweep's ``--param`` and the report all
+read :class:`SimConfig`'s field metadata, so a knob added here is at once a
+scenario field, a sweepable parameter and a line of the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from sim.roster import Strategy
+
+Check = Callable[[Any], str | None]  # a value -> why it is wrong, or None
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def probability(v: float) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be a probability in [0, 1]"
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _knob(default: Any, section: str, help: str, check: Check | None = None) -> Any:
+    metadata = {"section": section, "help": help, "check": check}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Share of an honest execution's compute that each cheat saves (what it gains by cheating).
+DEFAULT_SAVINGS: MappingProxyType[str, float] = MappingProxyType({
+    "int4": 0.5, "prefill": 0.7, "small-model": 0.6, "int8": 0.3, "bf16": 0.2, "sybil": 0.5})
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int
+    # -- network --
+    peers: int = _knob(50, "network", "participants (weights drawn in 5..20)", at_least(3))
+    epochs: int = _knob(20, "network", "epochs simulated", at_least(1))
+    requests: int = _knob(300, "network", "client requests per epoch", at_least(0))
+    clients: int = _knob(100, "network", "client accounts sending them", at_least(1))
+    epoch_blocks: int = _knob(100, "network", "blocks per epoch", at_least(1))
+    latency: int = _knob(2, "network", "max blocks a message takes to reach a block", at_least(0))
+    churn: float = _knob(0.05, "network", "chance an honest peer leaves at an epoch boundary", probability)
+    # -- behaviour --
+    cheat_from: int = _knob(1, "behaviour", "first epoch in which cheaters cheat", at_least(0))
+    cheat_fraction: float = _knob(1.0, "behaviour", "q: share of its requests a cheater cheats on",
+                                  probability)
+    cheat_below_validation: float = _knob(
+        1.0, "behaviour", "a cheater cheats only while the ledger's validation rate of its work is at "
+        "most this (1: always; 0.1: once its reputation has brought the rate to 10 %)", probability)
+    silent_rate: float = _knob(0.5, "behaviour", "share of its requests a silent executor drops",
+                               probability)
+    adversary_weight_share: float = _knob(
+        0.0, "behaviour", "share of the total weight the non-honest peers hold together (0: their "
+        "weights are drawn like everyone's)", lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)")
+    sybil_identities: int = _knob(8, "behaviour", "identities each sybil owner splits its weight into",
+                                  at_least(1))
+    sybil_cheat: str = _knob("int4", "behaviour", "the cheat sybil identities run",
+                             one_of("int4", "prefill", "small-model", "int8", "bf16"))
+    # -- validation --
+    verdicts: str = _knob("matrix", "validation", "verdict rates: the measured detection matrix, or "
+                          "the design targets", one_of("matrix", "design"))
+    matrix_model: str = _knob("", "validation", "the matrix's model (empty: the one with most rows)")
+    independent_checks: bool = _knob(False, "validation", "each check and vote draws its own verdict "
+                                     "(else one per inference, a deterministic re-run)")
+    floor: float = _knob(0.0, "validation", "a flat validation floor m at every traffic (0: the "
+                         "ledger's schedule, params.floor_*)", probability)
+    # -- economics --
+    compute_cost_per_token: float = _knob(
+        0.5, "economics", "coins an honest execution of one token costs its executor (price: 1)",
+        at_least(0.0))
+    savings: dict[str, float] = _knob(dict(DEFAULT_SAVINGS), "economics.savings",
+                                      "share of compute each cheat saves, by strategy")
+    # -- free tables --
+    mix: dict[str, int] = _knob({}, "mix", "non-honest peers: strategy = count (the rest are honest)")
+    params: dict[str, int] = _knob({}, "params", "genesis parameters overriding the ledger's defaults")
+
+    def strategy_mix(self) -> dict[Strategy, int]:
+        return {Strategy(name): count for name, count in self.mix.items()}
+
+    def describe(self) -> dict[str, object]:
+        """Every knob as plain data (in the report and its digest)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def scalar_knobs() -> dict[str, Field[Any]]:
+    """``section.name`` -> the field, for every scalar knob (what a sweep may vary)."""
+    return {f"{f.metadata['section']}.{f.name}": f for f in fields(SimConfig)
+            if "section" in f.metadata and f.default is not MISSING}
+
+
+def table_knobs() -> dict[str, Field[Any]]:
+    """Section -> the field, for the free tables (``mix``, ``economics.savings``, ``params``)."""
+    return {f.metadata["section"]: f for f in fields(SimConfig)
+            if "section" in f.metadata and f.default is MISSING}
