@@ -225,7 +225,7 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
         for member in dispute.members:
             if (iid, member) in state.votes:
                 peer(member).votes += 1
-        for member in dispute.missed:
+        for member in dispute.silent:
             peer(member).missed_votes += 1
     return tally
 

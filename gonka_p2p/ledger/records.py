@@ -206,7 +206,7 @@ class Dispute:
     committee: tuple[str, ...] = ()  # the current round's voting members, sorted; () until drawn
     seats: tuple[int, ...] = ()  # seats held by each committee member, in the same order
     members: tuple[str, ...] = ()  # everyone seated in any round, sorted (whose votes it may hold)
-    missed: tuple[str, ...] = ()  # one entry per member and round in which it left its seats empty
+    silent: tuple[str, ...] = ()  # one entry per member and round in which it left its seats empty
     outcome: DisputeOutcome = DisputeOutcome.OPEN
     invalid_seats: int = 0  # seats whose holder voted "invalid", when it resolved
     valid_seats: int = 0

@@ -80,7 +80,7 @@ class Codec(Generic[V]):
 
 _FROM_WIRE: dict[str, Callable[[Any], Any]] = {  # msgpack gives lists and str
     "addrs": tuple, "models": tuple, "status": InferenceStatus, "payout": Payout,
-    "committee": tuple, "seats": tuple, "members": tuple, "missed": tuple, "outcome": DisputeOutcome,
+    "committee": tuple, "seats": tuple, "members": tuple, "silent": tuple, "outcome": DisputeOutcome,
     "forfeit": tuple,
     "validators": lambda v: tuple((str(p), int(w)) for p, w in v),
     "refunds": lambda v: tuple((str(c), int(a)) for c, a in v),

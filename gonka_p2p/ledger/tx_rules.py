@@ -499,15 +499,15 @@ def advance_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
             deadline=dispute_deadline(ctx.height - p.dispute_draw_delay_blocks, p)))
         _resolve_if_decided(state, ctx, iid)
         return
-    silent = [member for member in dispute.committee if (iid, member) not in state.votes]
-    missed = tuple(sorted(dispute.missed + tuple(silent)))
+    silent = tuple(sorted(dispute.silent + tuple(member for member in dispute.committee
+                                                 if (iid, member) not in state.votes)))
     if dispute.rounds < p.dispute_max_rounds:
         draw = dispute_draw_height(ctx.height, p)
         state.open_dispute(iid, replace(dispute, rounds=dispute.rounds + 1, committee=(), seats=(),
-                                        missed=missed, draw_height=draw, deadline=draw))
+                                        silent=silent, draw_height=draw, deadline=draw))
         return
     invalid, valid = _seats_voted(state, iid)
-    _resolve(state, ctx, iid, replace(dispute, missed=missed), DisputeOutcome.UNDECIDED, invalid, valid)
+    _resolve(state, ctx, iid, replace(dispute, silent=silent), DisputeOutcome.UNDECIDED, invalid, valid)
 
 
 def _seats_voted(state: LedgerState, iid: bytes) -> tuple[int, int]:

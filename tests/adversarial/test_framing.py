@@ -277,13 +277,13 @@ def test_a_dispute_nobody_votes_on_is_redrawn_then_undecided_not_clean() -> None
     ledger.block([])  # round 1 closes with no vote: not clean, a fresh round
     second = ledger.state.dispute(duty)
     assert second.outcome is DisputeOutcome.OPEN and second.rounds == 2 and second.committee == ()
-    assert sorted(second.missed) == sorted(first.committee)
+    assert sorted(second.silent) == sorted(first.committee)
     ledger.block([])  # round 2's draw, from this block's hash
     assert ledger.state.dispute(duty).voting and ledger.state.dispute(duty).draw_height == ledger.state.height
     ledger.block([])
     final = ledger.state.dispute(duty)
     assert final.outcome is DisputeOutcome.UNDECIDED and final.rounds == 2
-    assert set(final.missed) == set(first.committee) | set(final.committee)
+    assert set(final.silent) == set(first.committee) | set(final.committee)
     assert rules.inference_observation(final.outcome, []) is None  # no evidence of clean work
 
 
