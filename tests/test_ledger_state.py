@@ -68,7 +68,8 @@ def make_params(**overrides: object) -> Params:
                 max_tx_bytes=64 * 1024, prompt_overhead_per_turn_tokens=8,
                 prompt_overhead_fixed_tokens=16, max_held_finishes=100,
                 max_held_finishes_per_executor=10, price_per_token={MODEL: PRICE, "m2": 1},
-                validation_window_blocks=3, dispute_voting_blocks=2,  # epoch e settles at 10e + 15
+                validation_window_blocks=3, dispute_voting_blocks=2,  # epoch e settles at 10e + 15:
+                dispute_max_rounds=1,  # one dispute round (test_ledger_economics, adversarial/test_framing)
                 tx_fee=FEE)
     base.update(overrides)
     return Params(**base)  # type: ignore[arg-type]
@@ -826,7 +827,7 @@ SERVES = {MODEL: ["ex", "ex2"], "m2": ["ex2"]}
 def storm_genesis(seed: int) -> Genesis:
     rng = random.Random(seed)
     return make_genesis(epoch_length_blocks=rng.choice([3, 5, 10]),
-                        validation_window_blocks=1, dispute_voting_blocks=rng.choice([1, 2]),
+                        validation_window_blocks=1, dispute_voting_blocks=2,
                         inference_deadline_blocks=rng.choice([1, 2, 4]),
                         max_held_finishes=rng.choice([3, 50]), max_held_finishes_per_executor=2)
 
