@@ -99,7 +99,8 @@ def test_gross_cheater_is_caught_within_its_epoch_forfeits_and_its_clients_are_r
             assert row.caught, f"{peer.name} cheated in epoch {summary.epoch} and was not caught"
             assert "caught" in row.forfeit and row.executor_reward == row.validator_reward == 0
             assert row.fees_paid == 0 and row.fees_refunded > 0
-            assert row.weight_after == 0 and row.reputation_after == 0
+            assert row.reputation_after == 0  # its weight falls at settlement, 10 % of the total at most:
+            assert row.weight_after == 0 or row.weight_after < row.weight
     assert checked, "no gross cheater executed anything: pick another seed"
     for summary in simulation.metrics.summaries:
         assert sum(amount for _, amount in summary.refunds) == summary.fees_refunded
