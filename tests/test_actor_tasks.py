@@ -66,9 +66,10 @@ def open_dispute_on_me(state: LedgerState, n: int) -> bytes:
         client="client", ta=TA.peer_id, executor=EXECUTOR.peer_id, model="m", price=1, max_tokens=1,
         prompt_bound=1, escrow=1, request_ms=0, start_height=state.height, deadline=state.height + 5,
         status=InferenceStatus.SETTLED, closed_height=state.height))
-    state.open_dispute(iid, Dispute(epoch=0, executor=EXECUTOR.peer_id, accuser=TA.peer_id,
-                                    opened_height=state.height, deadline=state.height + 5,
-                                    committee=(ME.peer_id,)))
+    state.open_dispute(iid, Dispute(epoch=0, executor=EXECUTOR.peer_id, ta=TA.peer_id, accuser=TA.peer_id,
+                                    opened_height=state.height, draw_height=state.height,
+                                    deadline=state.height + 5, committee=(ME.peer_id,), seats=(1,),
+                                    members=(ME.peer_id,)))
     return iid
 
 
