@@ -268,7 +268,7 @@ class Simulation:
         self.replicas = [
             _Replica(i, v, sign, i in scenario.byzantine,
                      ConsensusState(chain_id=CHAIN_ID, verify=verify, address=v.address, sign=sign,
-                                    params=scenario.params),
+                                    clock_ms=lambda: self.now, params=scenario.params),
                      side=self.net.partition_sides[i] if self.net.partition_sides else self.rng.randrange(2))
             for i, (v, sign) in enumerate(keys)
         ]
@@ -403,7 +403,7 @@ class Simulation:
             return make_proposal(CHAIN_ID, r.sign, m.proposer, m.height, m.round, m.pol_round,
                                  prefix + m.block + b" twin " + self.rng.randbytes(8))
         other = self.rng.randbytes(32) if m.block_hash is None or self.rng.random() < 0.5 else None
-        return make_vote(CHAIN_ID, r.sign, m.validator, m.type, m.height, m.round, other)
+        return make_vote(CHAIN_ID, r.sign, m.validator, m.type, m.height, m.round, other, m.time_ms)
 
     # ---- the network ---------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from gonka_p2p.ledger.consensus_types import (
 from sim.consensus_sim import Network, Scenario, SimFailure, simulate
 
 CHAIN = "test-chain"
+T0 = 1_700_000_000_000  # every replica's clock here: only the block-time tests look at vote times
 PARAMS = ConsensusParams()
 PV, PC = VoteType.PREVOTE, VoteType.PRECOMMIT
 
@@ -59,7 +60,8 @@ class Cluster:
         self.valset = ValidatorSet(Validator(k.peer_id, k.public_key, p) for k, p in zip(self.keys, powers))
         self.me = me
         self.state = ConsensusState(chain_id=CHAIN, verify=verify_signature, address=self.addr[me],
-                                    sign=self.keys[me].sign, **state_kwargs)  # type: ignore[arg-type]
+                                    sign=self.keys[me].sign, clock_ms=lambda: T0,
+                                    **state_kwargs)  # type: ignore[arg-type]
 
     def index_of(self, address: str) -> int:
         return self.addr.index(address)
@@ -72,7 +74,7 @@ class Cluster:
         return next(r for r in range(100) if self.proposer(r) != self.me)
 
     def vote(self, i: int, vote_type: VoteType, round: int, block_hash: bytes | None, height: int = 1) -> Vote:
-        return make_vote(CHAIN, self.keys[i].sign, self.addr[i], vote_type, height, round, block_hash)
+        return make_vote(CHAIN, self.keys[i].sign, self.addr[i], vote_type, height, round, block_hash, T0 + i)
 
     def proposal(self, round: int, block: bytes, pol_round: int = -1, height: int = 1,
                  by: int | None = None) -> Proposal:
@@ -375,12 +377,12 @@ def test_non_validators_forgeries_and_wrong_proposers_are_ignored_and_counted():
     c = Cluster([1, 1, 1, 1])
     r = at_round_not_proposing(c)
     outsider = Keypair.from_seed(b"outsider")
-    assert c.state.on_vote(make_vote(CHAIN, outsider.sign, outsider.peer_id, PV, 1, r, None)) == []
+    assert c.state.on_vote(make_vote(CHAIN, outsider.sign, outsider.peer_id, PV, 1, r, None, T0)) == []
     forged = dataclasses.replace(c.vote(1, PV, r, None), signature=c.vote(2, PV, r, None).signature)
     assert c.state.on_vote(forged) == []
     wrong_proposer = next(i for i in range(1, 4) if i != c.proposer(r))
     assert c.state.on_proposal(c.proposal(r, b"blk", by=wrong_proposer)) == []
-    other_chain = make_vote("other-chain", c.keys[1].sign, c.addr[1], PV, 1, r, None)
+    other_chain = make_vote("other-chain", c.keys[1].sign, c.addr[1], PV, 1, r, None, T0)
     assert c.state.on_vote(other_chain) == []
     assert c.state.ignored == {"not_a_validator": 1, "bad_signature": 2, "not_proposer": 1}
 
@@ -392,14 +394,15 @@ def test_non_validators_forgeries_and_wrong_proposers_are_ignored_and_counted():
     round=st.one_of(st.integers(-2, 10**12), st.floats(allow_nan=True)),
     block_hash=st.one_of(st.none(), st.binary(max_size=40), st.integers()),
     validator=st.one_of(st.text(max_size=5), st.integers()),
+    time_ms=st.one_of(st.integers(-2, 2**70), st.floats(allow_nan=True), st.none()),
     signature=st.one_of(st.binary(max_size=200), st.none()),
     block=st.one_of(st.binary(max_size=64), st.text(max_size=4)),
     pol_round=st.integers(-3, 12),
 )
-def test_garbage_from_the_network_never_raises(vote_type, height, round, block_hash, validator, signature,
+def test_garbage_from_the_network_never_raises(vote_type, height, round, block_hash, validator, time_ms, signature,
                                                block, pol_round):
     c = _garbage_cluster()
-    vote = Vote(vote_type, height, round, block_hash, validator, signature)  # type: ignore[arg-type]
+    vote = Vote(vote_type, height, round, block_hash, validator, time_ms, signature)  # type: ignore[arg-type]
     proposal = Proposal(height, round, pol_round, block, validator, signature)  # type: ignore[arg-type]
     assert isinstance(c.state.on_vote(vote), list)
     assert isinstance(c.state.on_proposal(proposal), list)
@@ -450,7 +453,7 @@ def test_verify_commit_rejects_what_does_not_prove_a_commit():
     prevote = c.vote(0, PV, 0, h)
     assert reason(dataclasses.replace(cert, precommits=(prevote, cert.precommits[1]))) == "vote_mismatch"
     outsider = Keypair.from_seed(b"outsider")
-    stranger = make_vote(CHAIN, outsider.sign, outsider.peer_id, PC, 1, 0, h)
+    stranger = make_vote(CHAIN, outsider.sign, outsider.peer_id, PC, 1, 0, h, T0)
     assert reason(dataclasses.replace(cert, precommits=(*cert.precommits, stranger))) == "unknown_validator"
     assert reason("not a certificate") == "malformed"
 
@@ -507,7 +510,7 @@ def test_restarted_replica_never_signs_again_at_a_signed_position_and_keeps_its_
     assert c.state.safety == persisted
 
     restarted = ConsensusState(chain_id=CHAIN, verify=verify_signature, address=c.addr[0], sign=c.keys[0].sign,
-                               safety=persisted)
+                               clock_ms=lambda: T0, safety=persisted)
     c.state = restarted
     actions = restarted.start(1, c.valset)
     assert restarted.round == r and restarted.locked_round == r  # resumes where it signed, still locked
@@ -529,6 +532,8 @@ def test_driving_the_state_machine_out_of_order_is_a_usage_error():
         c.state.start(2, c.valset)  # height 1 is not decided
     with pytest.raises(UsageError):
         ConsensusState(chain_id=CHAIN, verify=verify_signature, address="x")  # address without a key
+    with pytest.raises(UsageError):
+        ConsensusState(chain_id=CHAIN, verify=verify_signature, address=c.addr[0], sign=c.keys[0].sign)  # no clock
 
 
 def test_a_follower_without_a_key_commits_but_never_signs():

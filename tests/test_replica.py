@@ -124,8 +124,9 @@ async def test_four_replicas_commit_submitted_transactions_and_agree(cluster: Cl
     top = max(c.height for c in committed)
     await cluster.wait_all(top)
     assert_same_state(replicas, top)
-    for client in CLIENTS:  # 5 txs of 1, 2 and 3 coins each
-        assert all(r.state.balance(client.peer_id) == 1_000_000 - 30 for r in replicas)
+    fee = replicas[0].state.params.tx_fee
+    for client in CLIENTS:  # 5 txs of 1, 2 and 3 coins each, and 15 fees
+        assert all(r.state.balance(client.peer_id) == 1_000_000 - 30 - 15 * fee for r in replicas)
         assert all(r.state.account(client.peer_id).sequence == 15 for r in replicas)  # type: ignore[union-attr]
     assert all(r.evidence_count == 0 for r in replicas)
 
@@ -263,14 +264,14 @@ async def test_votes_from_non_validators_are_ignored(cluster: Cluster) -> None:
 
     # Votes it forges for the current height are dropped by the topic validator before delivery ...
     height = replicas[0].core.height
-    forged = [make_vote(CHAIN, OUTSIDER.sign, OUTSIDER.peer_id, t, height, 0, b"\x07" * 32)
+    forged = [make_vote(CHAIN, OUTSIDER.sign, OUTSIDER.peer_id, t, height, 0, b"\x07" * 32, 0)
               for t in (VoteType.PREVOTE, VoteType.PRECOMMIT)]
     frame = encode_frame(ConsensusMessage(seq=1, proposals=[], votes=[vote_to_wire(v) for v in forged]))
     validate = replicas[0]._consensus.validator()
     assert not validate(OUTSIDER.peer_id, frame)
     await cluster.services[4].publish(CONSENSUS_TOPIC, frame)
     # ... and the core ignores them even when handed over directly (here: for the next height).
-    ahead = make_vote(CHAIN, OUTSIDER.sign, OUTSIDER.peer_id, VoteType.PREVOTE, height + 1, 0, None)
+    ahead = make_vote(CHAIN, OUTSIDER.sign, OUTSIDER.peer_id, VoteType.PREVOTE, height + 1, 0, None, 0)
     assert replicas[0].core.on_vote(ahead) == []
     assert replicas[0].core.ignored["not_a_validator"] >= 1
 
@@ -286,7 +287,7 @@ async def test_an_equivocating_validator_is_reported_to_the_ledger_by_the_replic
     byzantine = VALIDATORS[3]
     height = replicas[0].core.height
     # Two prevotes for different blocks in one round, at this height and the next (in case it moves on).
-    split = [make_vote(CHAIN, byzantine.sign, byzantine.peer_id, VoteType.PREVOTE, h, 0, block_hash)
+    split = [make_vote(CHAIN, byzantine.sign, byzantine.peer_id, VoteType.PREVOTE, h, 0, block_hash, 0)
              for h in (height, height + 1) for block_hash in (b"\x07" * 32, b"\x08" * 32)]
     await cluster.services[3].publish(CONSENSUS_TOPIC, encode_frame(
         ConsensusMessage(seq=1, proposals=[], votes=[vote_to_wire(v) for v in split])))

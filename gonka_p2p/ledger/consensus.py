@@ -7,9 +7,10 @@ BFT consensus" (2018). A :class:`ConsensusState` is one replica deciding one
 height at a time. It is driven by *events* (method calls) and answers each
 with a list of *actions* (dataclasses from :mod:`consensus_types`) that the
 caller -- the ledger replica actor, or the simulator -- must execute **in
-order**. It holds no clock, no randomness, no socket, no thread: the same
-events in the same order give the same actions, which is what lets
-``sim/consensus_sim.py`` replay a whole network from one seed.
+order**. It holds no randomness, no socket, no thread, and reads the shell's
+clock only to stamp the votes it signs: the same events at the same clock
+readings give the same actions, which is what lets ``sim/consensus_sim.py``
+replay a whole network from one seed.
 
     event (call)                          typical actions (returned)
     start(height, validators)             ScheduleTimeout, RequestProposal | Broadcast
@@ -112,6 +113,7 @@ from gonka_p2p.ledger.consensus_types import (
     Broadcast,
     Commit,
     DEFAULT_PARAMS,
+    ClockFn,
     CommitCertificate,
     ConsensusError,
     ConsensusParams,
@@ -194,6 +196,28 @@ def verify_commit(validators: ValidatorSet, height: int, block_hash: bytes, cert
         power += validator.power
     if not validators.is_quorum(power):
         raise InvalidCommit("short_of_quorum", f"signed power {power} of {validators.total_power} is not > 2/3")
+
+
+def bft_time_ms(previous_ms: int, certificate: CommitCertificate, validators: ValidatorSet) -> int:
+    """The time of the block after the one ``certificate`` commits: Tendermint's BFT time.
+
+    It is the power-weighted median of the certificate's precommit times (the earliest time by
+    which more than half of the signed power had precommitted), and at least ``previous_ms + 1``
+    so that block time never stands still. A valid certificate holds more than 2/3 of the power
+    and the faulty hold less than 1/3, so the honest signers hold more than half of the signed
+    power: the median lies between two honest clocks, whatever the faulty ones sign or which
+    quorum the proposer includes. Certificates are checked first (:func:`verify_commit`); a
+    signer the set does not know counts no power.
+    """
+    members = ((v.time_ms, validators.get(v.validator)) for v in certificate.precommits)
+    weighted = sorted((time_ms, member.power) for time_ms, member in members if member is not None)
+    half = sum(power for _, power in weighted) // 2
+    seen = 0
+    for time_ms, power in weighted:
+        seen += power
+        if seen > half:
+            return max(previous_ms + 1, time_ms)
+    return previous_ms + 1
 
 
 def verify_evidence(validators: ValidatorSet, evidence: Evidence, verify_sig: VerifyFn, *, chain_id: str) -> None:
@@ -311,18 +335,21 @@ class ConsensusState:
     _catchup_allowed: bool  # RequestCommit at most once per rebroadcast interval
 
     def __init__(self, *, chain_id: str, verify: VerifyFn, address: str | None = None, sign: SignFn | None = None,
-                 params: ConsensusParams = DEFAULT_PARAMS, safety: SafetyState | None = None) -> None:
-        """``address``/``sign`` identify our validator key; leave both out to follow without voting.
+                 clock_ms: ClockFn | None = None, params: ConsensusParams = DEFAULT_PARAMS,
+                 safety: SafetyState | None = None) -> None:
+        """``address``/``sign``/``clock_ms`` identify our validator key and stamp our votes; leave all
+        three out to follow without voting.
 
         ``safety`` is the last :class:`SafetyState` this replica persisted
         (from ``PersistSafety``), or None if it never signed anything.
         """
-        if (address is None) != (sign is None):
-            raise UsageError("bad_identity", "give both address and sign, or neither")
+        if not (address is None) == (sign is None) == (clock_ms is None):
+            raise UsageError("bad_identity", "give address, sign and clock_ms, or none of them")
         self.chain_id = chain_id
         self.params = params
         self._verify = verify
         self._key = None if address is None or sign is None else (address, sign)
+        self._clock_ms = clock_ms
         self._safety = safety or NEVER_SIGNED
         self.evidence: list[Evidence] = []
         self.ignored: Counter[str] = Counter()
@@ -714,7 +741,9 @@ class ConsensusState:
         if signer is None:
             return []
         me, sign = signer
-        vote = make_vote(self.chain_id, sign, me.address, vote_type, self._height, self._round, block_hash)
+        assert self._clock_ms is not None, "a replica with a key has a clock"
+        vote = make_vote(self.chain_id, sign, me.address, vote_type, self._height, self._round, block_hash,
+                         self._clock_ms())
         actions = self._signed(STEP_OF_VOTE[vote_type], vote)
         self._log.add_vote(vote, me.power)
         return actions

@@ -14,7 +14,10 @@ stand-in. What is signed is :func:`vote_sign_bytes` /
 :func:`proposal_sign_bytes`: a domain tag, the chain id (a signature for one
 network can never be replayed on another), the step, height and round, and
 the block *hash* (never the block: a proposal signature stays small and a
-certificate can be checked without the block's bytes).
+certificate can be checked without the block's bytes). A vote also signs its
+time, the signer's clock: the precommit times of one commit decide the next
+block's time (:func:`gonka_p2p.ledger.consensus.bft_time_ms`), so no proposer
+chooses it.
 
 Blocks are opaque bytes to consensus; a block's identity is SHA-256 of those
 bytes (:func:`gonka_p2p.identity.digest`), which the core computes itself and
@@ -44,13 +47,17 @@ from gonka_p2p.identity import digest
 
 HASH_BYTES = 32
 MAX_SIGNATURE_BYTES = 128
-_DOMAIN = "gonka-p2p/consensus/v1"
+MAX_VALIDATORS = 1024  # the most validators one set (and so one commit) may hold
+_DOMAIN = "gonka-p2p/consensus/v2"  # v2: votes sign their time
 
 SignFn = Callable[[bytes], bytes]
 """Signs a message with the replica's own key (e.g. ``Keypair.sign``)."""
 
 VerifyFn = Callable[[bytes, bytes, bytes], bool]
 """``verify(public_key, signature, message)``, e.g. ``identity.verify_signature``; must never raise."""
+
+ClockFn = Callable[[], int]
+"""The shell's clock in integer ms since the epoch: the time our votes sign (virtual in the simulator)."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -266,8 +273,9 @@ def _div_toward_zero(a: int, b: int) -> int:
 # --------------------------------------------------------------------------- messages
 
 
-def vote_sign_bytes(chain_id: str, vote_type: int, height: int, round: int, block_hash: bytes | None) -> bytes:
-    return msgpack.packb([_DOMAIN, chain_id, "vote", int(vote_type), height, round, block_hash])
+def vote_sign_bytes(chain_id: str, vote_type: int, height: int, round: int, block_hash: bytes | None,
+                    time_ms: int) -> bytes:
+    return msgpack.packb([_DOMAIN, chain_id, "vote", int(vote_type), height, round, block_hash, time_ms])
 
 
 def proposal_sign_bytes(chain_id: str, height: int, round: int, pol_round: int, block_hash: bytes) -> bytes:
@@ -283,10 +291,11 @@ class Vote:
     round: int
     block_hash: bytes | None  # None is nil
     validator: str
+    time_ms: int  # the signer's clock when it signed (ms since the epoch)
     signature: bytes = b""
 
     def sign_bytes(self, chain_id: str) -> bytes:
-        return vote_sign_bytes(chain_id, self.type, self.height, self.round, self.block_hash)
+        return vote_sign_bytes(chain_id, self.type, self.height, self.round, self.block_hash, self.time_ms)
 
 
 @dataclass(frozen=True)
@@ -309,9 +318,9 @@ class Proposal:
 
 
 def make_vote(chain_id: str, sign: SignFn, validator: str, vote_type: VoteType, height: int, round: int,
-              block_hash: bytes | None) -> Vote:
-    unsigned = Vote(vote_type, height, round, block_hash, validator)
-    return Vote(vote_type, height, round, block_hash, validator, sign(unsigned.sign_bytes(chain_id)))
+              block_hash: bytes | None, time_ms: int) -> Vote:
+    unsigned = Vote(vote_type, height, round, block_hash, validator, time_ms)
+    return Vote(vote_type, height, round, block_hash, validator, time_ms, sign(unsigned.sign_bytes(chain_id)))
 
 
 def make_proposal(chain_id: str, sign: SignFn, proposer: str, height: int, round: int, pol_round: int,
@@ -333,6 +342,7 @@ def well_formed_vote(v: object) -> TypeGuard[Vote]:
         and _is_int(v.round) and v.round >= 0
         and (v.block_hash is None or (isinstance(v.block_hash, bytes) and len(v.block_hash) == HASH_BYTES))
         and isinstance(v.validator, str)
+        and _is_int(v.time_ms) and v.time_ms >= 0
         and isinstance(v.signature, bytes) and len(v.signature) <= MAX_SIGNATURE_BYTES
     )
 

@@ -51,6 +51,7 @@ from gonka_p2p.identity import digest
 from gonka_p2p.ledger.consensus_types import (
     HASH_BYTES,
     MAX_SIGNATURE_BYTES,
+    MAX_VALIDATORS,
     CommitCertificate,
     Evidence,
     Proposal,
@@ -59,12 +60,17 @@ from gonka_p2p.ledger.consensus_types import (
     Vote,
     VoteType,
 )
-from gonka_p2p.ledger.block import MAX_BLOCK_TXS, Block
+from gonka_p2p.ledger.block import (
+    MAX_BLOCK_TXS,
+    Block,
+    PrecommitSignature,
+    certificate_of,
+    precommit_signatures,
+)
 from gonka_p2p.ledger.transactions import MAX_PEER_ID, SubmitEvidence
 from gonka_p2p.wire.schema import DEFAULT_MAX_BYTES, Malformed, Message, bounded
 
 MAX_BLOCK_BYTES = DEFAULT_MAX_BYTES  # the schema bound; ConsensusParams.max_block_bytes may be tighter
-MAX_VALIDATORS = 1024
 MAX_VOTES_PER_MESSAGE = 4 * MAX_VALIDATORS
 MAX_TXS_PER_BATCH = 4096
 MAX_SYNC_COUNT = 64
@@ -78,11 +84,13 @@ class VoteWire(Message):
     """A signed prevote (type 1) or precommit (type 2); an empty ``block_hash`` is nil."""
 
     KIND = "consensus_vote"
+    VERSION = 2  # 2: time_ms
     type: int = bounded(min_value=int(VoteType.PREVOTE), max_value=int(VoteType.PRECOMMIT))
     height: int = bounded(min_value=0)
     round: int = bounded(min_value=0)
     block_hash: bytes = bounded(max_len=HASH_BYTES)
     validator: str = bounded(max_len=MAX_PEER_ID)
+    time_ms: int = bounded(min_value=0)
     signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
 
 
@@ -114,25 +122,20 @@ class CompactBlock(Message):
     """
 
     KIND = "ledger_compact_block"
+    VERSION = 2  # 2: last_commit
     height: int = bounded(min_value=1)
     prev_hash: bytes = bounded(max_len=HASH_BYTES)
     proposer: str = bounded(max_len=MAX_PEER_ID)
     time_ms: int = bounded(min_value=0)
     entries: list[bytes] = bounded(max_len=MAX_BLOCK_TXS)
-
-
-@dataclass(frozen=True)
-class PrecommitSignature(Message):
-    """One entry of a certificate: everything else of the precommit is the certificate's."""
-
-    KIND = "consensus_precommit_signature"
-    validator: str = bounded(max_len=MAX_PEER_ID)
-    signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
+    last_commit_round: int = bounded(min_value=0)
+    last_commit: list[PrecommitSignature] = bounded(max_len=MAX_VALIDATORS)
 
 
 @dataclass(frozen=True)
 class CertificateWire(Message):
     KIND = "consensus_certificate"
+    VERSION = 2  # 2: precommit times
     height: int = bounded(min_value=0)
     round: int = bounded(min_value=0)
     block_hash: bytes = bounded(max_len=HASH_BYTES)
@@ -218,14 +221,14 @@ class BlockBody(Message):
 
 
 def vote_to_wire(vote: Vote) -> VoteWire:
-    return VoteWire(type=int(vote.type), height=vote.height, round=vote.round,
-                    block_hash=vote.block_hash or b"", validator=vote.validator, signature=vote.signature)
+    return VoteWire(type=int(vote.type), height=vote.height, round=vote.round, block_hash=vote.block_hash or b"",
+                    validator=vote.validator, time_ms=vote.time_ms, signature=vote.signature)
 
 
 def vote_from_wire(w: VoteWire) -> Vote:
     if len(w.block_hash) not in (0, HASH_BYTES):
         raise Malformed(f"vote block hash must be empty (nil) or {HASH_BYTES} bytes")
-    return Vote(VoteType(w.type), w.height, w.round, w.block_hash or None, w.validator, w.signature)
+    return Vote(VoteType(w.type), w.height, w.round, w.block_hash or None, w.validator, w.time_ms, w.signature)
 
 
 def proposal_to_wire(p: Proposal, inline: bool, compact: bytes = b"") -> ProposalWire:
@@ -241,7 +244,8 @@ def compact_block(block: Block, announced: Callable[[bytes], bool]) -> CompactBl
         tx_hash = digest(tx)
         entries.append(tx_hash if announced(tx_hash) else tx)
     return CompactBlock(height=block.height, prev_hash=block.prev_hash, proposer=block.proposer,
-                        time_ms=block.time_ms, entries=entries)
+                        time_ms=block.time_ms, entries=entries, last_commit_round=block.last_commit_round,
+                        last_commit=block.last_commit)
 
 
 def expand_block(compact: CompactBlock, lookup: Callable[[bytes], bytes | None]) -> bytes | None:
@@ -250,7 +254,8 @@ def expand_block(compact: CompactBlock, lookup: Callable[[bytes], bytes | None])
     if any(tx is None for tx in txs):
         return None
     return Block(height=compact.height, prev_hash=compact.prev_hash, proposer=compact.proposer,
-                 time_ms=compact.time_ms, txs=txs).encode()  # type: ignore[arg-type]
+                 time_ms=compact.time_ms, txs=txs, last_commit_round=compact.last_commit_round,  # type: ignore[arg-type]
+                 last_commit=compact.last_commit).encode()
 
 
 def proposal_from_wire(w: ProposalWire, block: bytes) -> Proposal:
@@ -262,17 +267,14 @@ def proposal_from_wire(w: ProposalWire, block: bytes) -> Proposal:
 
 def certificate_to_wire(c: CommitCertificate) -> CertificateWire:
     return CertificateWire(height=c.height, round=c.round, block_hash=c.block_hash,
-                           signatures=[PrecommitSignature(validator=v.validator, signature=v.signature)
-                                       for v in c.precommits])
+                           signatures=precommit_signatures(c))
 
 
 def certificate_from_wire(w: CertificateWire) -> CommitCertificate:
     """The certificate as the core checks it (``verify_commit`` judges it; here only shapes)."""
     if len(w.block_hash) != HASH_BYTES:
         raise Malformed(f"certificate block hash must be {HASH_BYTES} bytes")
-    precommits = tuple(Vote(VoteType.PRECOMMIT, w.height, w.round, w.block_hash, s.validator, s.signature)
-                       for s in w.signatures)
-    return CommitCertificate(w.height, w.round, w.block_hash, precommits)
+    return certificate_of(w.height, w.round, w.block_hash, w.signatures)
 
 
 def evidence_to_wire(e: Evidence) -> EvidenceWire:
@@ -300,7 +302,8 @@ def evidence_transaction(e: Evidence, chain_id: str, sequence: int) -> SubmitEvi
         return None
     return SubmitEvidence(chain_id=chain_id, offender=first.validator, vote_type=int(first.type),
                           height=first.height, round=first.round, first_block_hash=first.block_hash or b"",
-                          first_signature=first.signature, second_block_hash=second.block_hash or b"",
+                          first_time_ms=first.time_ms, first_signature=first.signature,
+                          second_block_hash=second.block_hash or b"", second_time_ms=second.time_ms,
                           second_signature=second.signature, sequence=sequence)
 
 

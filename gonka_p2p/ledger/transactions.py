@@ -278,8 +278,8 @@ class SubmitEvidence(Message):
     """Signed by anyone: two votes ``offender`` signed for one (height, round, type) naming two
     different blocks -- equivocation, which costs it its weight and epoch reward.
 
-    The two votes share everything but their block hash (empty: nil) and signature, so a
-    pair that differs anywhere else cannot even be written down.
+    The two votes share everything but their block hash (empty: nil), time and signature, so
+    a pair that differs anywhere else cannot even be written down.
     """
 
     KIND = "tx_submit_evidence"
@@ -289,8 +289,10 @@ class SubmitEvidence(Message):
     height: int = bounded(min_value=1)
     round: int = bounded(min_value=0)
     first_block_hash: bytes = bounded(max_len=HASH_BYTES)
+    first_time_ms: int = bounded(min_value=0)  # each vote signs its own time
     first_signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
     second_block_hash: bytes = bounded(max_len=HASH_BYTES)
+    second_time_ms: int = bounded(min_value=0)
     second_signature: bytes = bounded(max_len=MAX_SIGNATURE_BYTES)
     sequence: int = bounded(min_value=0)
 

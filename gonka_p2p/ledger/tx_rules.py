@@ -570,8 +570,10 @@ def process_submit_evidence(state: LedgerState, ctx: BlockContext, signed: Signe
     offender = state.registry.get(tx.offender)
     if info is None or offender is None or tx.offender not in info.weights:
         raise TxRejected(Reason.NOT_A_VALIDATOR, f"{tx.offender} held no weight in epoch {epoch}")
-    for block_hash, signature in ((hashes[0], tx.first_signature), (hashes[1], tx.second_signature)):
-        message = vote_sign_bytes(state.chain_id, tx.vote_type, tx.height, tx.round, block_hash or None)
+    for block_hash, time_ms, signature in ((hashes[0], tx.first_time_ms, tx.first_signature),
+                                           (hashes[1], tx.second_time_ms, tx.second_signature)):
+        message = vote_sign_bytes(state.chain_id, tx.vote_type, tx.height, tx.round, block_hash or None,
+                                  time_ms)
         if not verify_signature(offender.pubkey, signature, message):
             raise TxRejected(Reason.BAD_EVIDENCE_SIGNATURE, f"a vote is not signed by {tx.offender}")
     punished = state.equivocations.get(tx.offender)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
 from gonka_p2p.ledger.block import Block, Receipt
-from gonka_p2p.ledger.consensus_types import Vote, VoteType, make_vote
+from gonka_p2p.ledger.consensus_types import Evidence, Vote, VoteType, make_vote
+from gonka_p2p.ledger.consensus_wire import evidence_transaction
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
 from gonka_p2p.ledger.transactions import (
@@ -32,14 +33,14 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.wire.envelope import seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
 
 CHAIN = "gonka-equivocation"
 MODEL = "m"
 T0 = 1_700_000_000_000
-L = 10  # epoch e ends at 10e + 10 and settles at 10e + 15 (window 3, voting 2)
+L = 10  # epoch e ends at 10e + 10; it settles at rules.settlement_height(e)
 VALIDATORS = ("ta", "ex", "byz", "v1", "v2", "v3")
 KEYS = {n: Keypair.from_seed(f"equivocation-{n}".encode()) for n in (*VALIDATORS, "alice")}
 PEER = {n: k.peer_id for n, k in KEYS.items()}
@@ -61,7 +62,7 @@ def genesis() -> Genesis:
 
 def vote(who: str, height: int, block_hash: bytes | None, *, round: int = 0,
          vote_type: VoteType = VoteType.PRECOMMIT, chain_id: str = CHAIN) -> Vote:
-    return make_vote(chain_id, KEYS[who].sign, PEER[who], vote_type, height, round, block_hash)
+    return make_vote(chain_id, KEYS[who].sign, PEER[who], vote_type, height, round, block_hash, T0 + height)
 
 
 @dataclass
@@ -78,11 +79,11 @@ class Ledger:
 
     def evidence(self, first: Vote, second: Vote, *, by: str = "alice", offender: str | None = None) -> bytes:
         """The transaction as an honest replica writes it (``offender`` overrides the named signer)."""
-        return self.sign(by, lambda n: SubmitEvidence(
-            chain_id=CHAIN, offender=offender or first.validator, vote_type=int(first.type),
-            height=first.height, round=first.round, first_block_hash=first.block_hash or b"",
-            first_signature=first.signature, second_block_hash=second.block_hash or b"",
-            second_signature=second.signature, sequence=n))
+        def make(n: int) -> SubmitEvidence:
+            tx = evidence_transaction(Evidence(first, second), CHAIN, n)
+            assert tx is not None
+            return replace(tx, offender=offender or tx.offender)
+        return self.sign(by, make)
 
     def block(self, *txs: bytes) -> list[Receipt]:
         block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"], self.state.time_ms + 1000,
@@ -103,14 +104,18 @@ class Ledger:
     def seed(self, who: str, epoch: int) -> bytes:
         return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
 
-    def infer(self, executor: str) -> None:
+    def infer(self) -> None:
+        """One inference, executed by whichever participant the ledger's draw names."""
         self.nonce += 1
-        request = seal(InferenceRequest(model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+        request = seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
                                         max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
                                         timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS["alice"])
-        iid = hashlib.sha256(request).digest()
-        self.ok(self.sign("ta", lambda n: StartInference(chain_id=CHAIN, request=request,
-                                                         executor=PEER[executor], sequence=n)),
+        iid = inference_id(open_envelope(request, InferenceRequest))
+        n = self.state.account(PEER["ta"]).sequence  # type: ignore[union-attr]
+        starts = {e: seal(StartInference(chain_id=CHAIN, request=request, executor=PEER[e], attempt=0, sequence=n),
+                          KEYS["ta"]) for e in VALIDATORS}
+        executor = next(e for e, tx in starts.items() if check_tx(self.state, tx).ok)
+        self.ok(starts[executor],
                 self.sign(executor, lambda n: FinishInference(
                     chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
                     response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n)))
@@ -123,17 +128,17 @@ class Ledger:
             chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[w], self.seed(w, 1)), sequence=n))
             for w in VALIDATORS])
         self.until(L)
-        for executor in ("ex", "byz", "v1"):
-            self.infer(executor)
+        for _ in range(6):
+            self.infer()
         during()
         self.ok(*[self.sign(w, lambda n, w=w, iid=iid: Validation(chain_id=CHAIN, inference_id=iid,
-                                                                   verdict=OK, sequence=n))
+                                                                   verdict=OK, seed=b"", sequence=n))
                   for w in VALIDATORS for iid in self.state.validation_duties(1, PEER[w], self.seed(w, 1))])
         self.until(2 * L)
         self.ok(*[self.sign(w, lambda n, w=w: RevealValidationSeed(chain_id=CHAIN, epoch=1,
                                                                    seed=self.seed(w, 1), sequence=n))
                   for w in VALIDATORS])
-        self.until(2 * L + 5)
+        self.until(rules.settlement_height(1, self.state.params))
 
 
 def rejected(ledger: Ledger, tx: bytes, reason: Reason) -> None:
@@ -158,13 +163,14 @@ def test_two_conflicting_votes_cost_the_offender_its_weight_and_reward_at_settle
     summary = ledger.state.epoch_summary(1)
     assert summary is not None
     byz = summary.participant(PEER["byz"])
-    assert byz.caught == "equivocation" and byz.weight_after == 0
+    # Caught: it loses weight as any caught participant does (at most the per-epoch cut of voting power).
+    assert byz.caught == "equivocation" and byz.weight_after < byz.weight == 10
     assert byz.executor_reward + byz.validator_reward == 0 and byz.forfeited > 0
-    assert PEER["byz"] not in ledger.state.weights()
+    assert ledger.state.weights().get(PEER["byz"], 0) == byz.weight_after
     for who in ("ta", "ex", "v1", "v2", "v3"):
         row = summary.participant(PEER[who])
         assert not row.caught and not row.forfeit and row.weight_after == honest_before[PEER[who]] == 10
-    assert summary.participant(PEER["ex"]).executor_reward > 0
+    assert sum(summary.participant(PEER[w]).validator_reward for w in ("v2", "v3")) > 0
 
 
 def test_a_nil_vote_against_a_block_vote_is_equivocation_too_and_any_account_may_submit_it() -> None:

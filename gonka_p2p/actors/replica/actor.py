@@ -117,6 +117,7 @@ class Replica:
         recovered = await self._chain.open()
         core = self._core = ConsensusState(chain_id=self.chain_id, verify=verify_signature,
                                            address=self._key.peer_id, sign=self._key.sign,
+                                           clock_ms=lambda: int(self._clock() * 1000),
                                            params=self.params.consensus, safety=recovered.safety)
         if recovered.replayed:
             log.info("replica %s recovered height %d (%d blocks replayed)", self.peer_id[-8:],

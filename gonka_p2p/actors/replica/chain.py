@@ -113,6 +113,8 @@ class Chain:
         self._store: LedgerStore | None = None
         self._state: LedgerState | None = None
         self.validators: ValidatorSet  # of the next height to decide
+        self.last_validators: ValidatorSet | None = None  # of the last committed height (None: genesis)
+        self.last_certificate: CommitCertificate | None = None  # its commit: the next block's last_commit
         self.known_validators: frozenset[str] = frozenset()  # read by topic validators (any thread)
         self.evidence_count = 0
         self._app_hashes: OrderedDict[int, bytes] = OrderedDict()
@@ -126,6 +128,9 @@ class Chain:
         self._store = await LedgerStore.open(self._data_dir / "ledger.sqlite", self._genesis)
         recovered = await self._store.recover(self._genesis)
         self._state, self.validators = recovered.state, recovered.validators
+        if self._state.height > 0:
+            ((_, _, self.last_certificate),) = await self._store.blocks(self._state.height, 1)
+            self.last_validators = await self._store.validators(self._state.height)
         self._app_hashes.update(recovered.app_hashes)
         self.known_validators = frozenset(v.address for v in self.validators.validators)
         self.evidence_count = len(await self._store.evidence())
@@ -176,6 +181,7 @@ class Chain:
         m.store_block_s += time.perf_counter() - started
         started = time.thread_time()
         state, receipts = apply_block(self.state, block)  # in place: self.state is state
+        self.last_validators, self.last_certificate = self.validators, certificate
         self.validators = validator_set_after(self.validators, state)
         m.apply_s += time.thread_time() - started
         started = time.thread_time()

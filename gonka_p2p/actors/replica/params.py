@@ -33,7 +33,7 @@ class ReplicaParams:
     max_block_bytes: int = 1024 * 1024
     commit_wait_s: float = 0.0  # pause after a commit before the next height (lets blocks fill)
     empty_block_interval_s: float = 5.0  # an idle chain still commits a block this often
-    max_clock_drift_ms: int = 30_000  # a proposed block's time may lead our clock by this much
+    max_clock_drift_ms: int = 30_000  # block 1's time may lead our clock by this much (later: BFT time)
     # Gossip relays every message through every mesh peer, so each replica receives a proposal
     # several times: blocks over inline_block_bytes travel as a CompactBlock (tx hashes) if that is
     # at most compact_block_bytes, and are fetched over a stream by whoever cannot rebuild them.

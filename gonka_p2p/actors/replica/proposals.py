@@ -1,9 +1,13 @@
 """Proposal bodies: the block this replica proposes, the check of a block others propose, and how bodies travel.
 
 **Building** reaps the mempool into a block capped by ``max_block_txs`` and
-``max_block_bytes``. **Validating** is consensus's valid(v): would an honest
-proposer have built this block on our state (decoding, chaining, time,
-proposer, stateless transaction checks)?
+``max_block_bytes``, with the commit of the block before it and the time that
+commit decides (BFT time: ``consensus.bft_time_ms``). **Validating** is
+consensus's valid(v): would an honest proposer have built this block on our
+state (decoding, chaining, a last commit that proves the previous block, the
+time it decides, proposer, stateless transaction checks)? So the proposer
+chooses no block time; only block 1, which has no commit before it, takes the
+proposer's clock, bounded by ours plus ``max_clock_drift_ms``.
 
 **Travel.** A proposal carries its block inline when it is at most
 ``inline_block_bytes``; otherwise as a compact block (header + transaction
@@ -26,9 +30,9 @@ from collections.abc import Callable
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame, StreamReset
 from gonka_p2p.identity import digest, verify_signature
-from gonka_p2p.ledger.block import Block, decode_block
-from gonka_p2p.ledger.consensus import ConsensusState
-from gonka_p2p.ledger.consensus_types import Proposal, proposal_sign_bytes
+from gonka_p2p.ledger.block import Block, decode_block, precommit_signatures
+from gonka_p2p.ledger.consensus import ConsensusState, bft_time_ms, verify_commit
+from gonka_p2p.ledger.consensus_types import InvalidCommit, Proposal, proposal_sign_bytes
 from gonka_p2p.ledger.consensus_wire import (
     BlockBody,
     BlockRequest,
@@ -84,8 +88,15 @@ class ProposalBodies:
         started = time.thread_time()
         state = self._chain.state
         txs = self._mempool.reap(state, self._params.max_block_txs, self._params.max_block_bytes - 4096)
-        block = Block(height=height, prev_hash=state.last_block_hash, proposer=self._peer_id,
-                      time_ms=max(int(self._clock() * 1000), state.time_ms + 1), txs=txs).encode()
+        last = self._chain.last_certificate
+        if last is None:
+            block = Block(height=height, prev_hash=state.last_block_hash, proposer=self._peer_id,
+                          time_ms=max(int(self._clock() * 1000), state.time_ms + 1), txs=txs).encode()
+        else:
+            assert self._chain.last_validators is not None, "a committed height has its validators"
+            block = Block(height=height, prev_hash=state.last_block_hash, proposer=self._peer_id,
+                          time_ms=bft_time_ms(state.time_ms, last, self._chain.last_validators), txs=txs,
+                          last_commit_round=last.round, last_commit=precommit_signatures(last)).encode()
         self._bodies[digest(block)] = (height, block)
         self._metrics.build_s += time.thread_time() - started
         return block
@@ -122,9 +133,7 @@ class ProposalBodies:
             return False
         if block.height != height or self._chain.validators.get(block.proposer) is None:
             return False
-        if not state.time_ms < block.time_ms <= int(self._clock() * 1000) + self._params.max_clock_drift_ms:
-            log.info("block at height %d rejected: time %d outside (%d, now + drift]", height, block.time_ms,
-                     state.time_ms)
+        if not self._time_is_decided(block):
             return False
         if len(set(block.txs)) != len(block.txs):
             return False
@@ -134,6 +143,28 @@ class ProposalBodies:
                     return False
             except WireError:
                 return False
+        return True
+
+    def _time_is_decided(self, block: Block) -> bool:
+        """Its last commit proves the block before it, and its time is the BFT time of that commit."""
+        state, last_validators = self._chain.state, self._chain.last_validators
+        if last_validators is None:  # block 1: nothing decided a time before it
+            if state.time_ms < block.time_ms <= int(self._clock() * 1000) + self._params.max_clock_drift_ms:
+                return True
+            log.info("block 1 rejected: time %d outside (%d, now + drift]", block.time_ms, state.time_ms)
+            return False
+        certificate = block.last_certificate()
+        try:
+            verify_commit(last_validators, state.height, state.last_block_hash, certificate, verify_signature,
+                          chain_id=self._chain.chain_id)
+        except InvalidCommit as e:
+            log.info("block at height %d rejected: its last commit %s", block.height, e)
+            return False
+        decided = bft_time_ms(state.time_ms, certificate, last_validators)
+        if block.time_ms != decided:
+            log.info("block at height %d rejected: time %d, its last commit decides %d", block.height,
+                     block.time_ms, decided)
+            return False
         return True
 
     def receive(self, p: ProposalWire, relay: str) -> Proposal | None:
