@@ -67,7 +67,7 @@ def transfer(user: Keypair, sequence: int, amount: int = 1) -> bytes:
 
 
 def certify(validators: ValidatorSet, height: int, block: bytes) -> CommitCertificate:
-    votes = tuple(sorted((make_vote(CHAIN, k.sign, k.peer_id, VoteType.PRECOMMIT, height, 0, digest(block))
+    votes = tuple(sorted((make_vote(CHAIN, k.sign, k.peer_id, VoteType.PRECOMMIT, height, 0, digest(block), 0)
                           for k in VALS), key=lambda v: v.validator))
     return CommitCertificate(height, 0, digest(block), votes)
 
@@ -78,7 +78,7 @@ def certify(validators: ValidatorSet, height: int, block: bytes) -> CommitCertif
 def test_consensus_values_survive_the_wire() -> None:
     k = VALS[0]
     for block_hash in (None, b"\x05" * 32):
-        vote = make_vote(CHAIN, k.sign, k.peer_id, VoteType.PREVOTE, 3, 1, block_hash)
+        vote = make_vote(CHAIN, k.sign, k.peer_id, VoteType.PREVOTE, 3, 1, block_hash, 0)
         frame = encode_frame(ConsensusMessage(seq=7, proposals=[], votes=[vote_to_wire(vote)]))
         assert vote_from_wire(decode_frame(frame, ConsensusMessage).votes[0]) == vote
     proposal = make_proposal(CHAIN, k.sign, k.peer_id, 3, 1, 0, b"block bytes")
@@ -99,8 +99,8 @@ def test_consensus_values_survive_the_wire() -> None:
     assert back == cert
     verify_commit(vs, 3, digest(b"block bytes"), back, verify_signature, chain_id=CHAIN)
 
-    twin = make_vote(CHAIN, k.sign, k.peer_id, VoteType.PREVOTE, 3, 1, b"\x06" * 32)
-    evidence = Evidence(make_vote(CHAIN, k.sign, k.peer_id, VoteType.PREVOTE, 3, 1, None), twin)
+    twin = make_vote(CHAIN, k.sign, k.peer_id, VoteType.PREVOTE, 3, 1, b"\x06" * 32, 0)
+    evidence = Evidence(make_vote(CHAIN, k.sign, k.peer_id, VoteType.PREVOTE, 3, 1, None, 0), twin)
     assert evidence_from_wire(decode_frame(encode_frame(evidence_to_wire(evidence)), EvidenceWire)) == evidence
     other = make_proposal(CHAIN, k.sign, k.peer_id, 3, 1, 0, b"another block")
     assert evidence_from_wire(evidence_to_wire(Evidence(proposal, other))) == Evidence(proposal, other)
@@ -128,7 +128,7 @@ def test_frames_refuse_other_kinds_versions_and_garbage() -> None:
         with pytest.raises(WireError):
             decode_frame(msgpack.packb(bad), TxBatch)
     with pytest.raises(WireError):  # a block hash is 32 bytes, or empty for nil
-        vote_from_wire(VoteWire(type=1, height=1, round=0, block_hash=b"\x01", validator="v", signature=b""))
+        vote_from_wire(VoteWire(type=1, height=1, round=0, block_hash=b"\x01", validator="v", time_ms=0, signature=b""))
 
 
 @settings(max_examples=200, deadline=None)
@@ -143,7 +143,7 @@ def test_decode_frame_is_total(data: bytes) -> None:
 
 def test_every_gossip_publication_is_unique() -> None:
     """Rebroadcasts repeat votes on purpose; the seq field keeps gossip from taking them for duplicates."""
-    vote = vote_to_wire(make_vote(CHAIN, VALS[0].sign, VALS[0].peer_id, VoteType.PREVOTE, 1, 0, None))
+    vote = vote_to_wire(make_vote(CHAIN, VALS[0].sign, VALS[0].peer_id, VoteType.PREVOTE, 1, 0, None, 0))
     frames = {encode_frame(ConsensusMessage(seq=s, proposals=[], votes=[vote])) for s in range(3)}
     assert len(frames) == 3
 
