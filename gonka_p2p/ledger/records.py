@@ -90,10 +90,10 @@ class Inference:
     closed_height: int = 0  # height at which it settled or expired
     validation_ppm: int = 0  # p: the probability it is checked, fixed when it settled
     payout: Payout = Payout.NONE
+    attempt: int = 0  # the executor draw it was started at (rules.choose_executor): skips are attributable
 
     @property
     def billable_tokens(self) -> int:
-    attempt: int = 0  # the executor draw it was started at (rules.choose_executor): skips are attributable
         """The tokens the client paid for (the claim, capped at the escrow): the work it counts as."""
         return self.cost // self.price if self.price else 0
 

@@ -178,9 +178,6 @@ def process_register_participant(state: LedgerState, ctx: BlockContext,
     return "updated" if old else "registered"
 
 
-@rule_for(StartInference)
-def process_start_inference(state: LedgerState, ctx: BlockContext,
-                            signed: Signed[StartInference], signer: str, apply: bool) -> str:
 def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
     """Who may be drawn to execute ``model``, by weight: participants registered for it with
     weight > 0 and not sanctioned for proven-invalid work. The ledger's draw (and the TA's,
@@ -190,6 +187,9 @@ def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
             if p.weight > 0 and not p.sanctioned and model in p.models}
 
 
+@rule_for(StartInference)
+def process_start_inference(state: LedgerState, ctx: BlockContext,
+                            signed: Signed[StartInference], signer: str, apply: bool) -> str:
     """The TA locks the client's escrow for a client-signed request, executed by the draw.
 
     The executor must be ``choose_executor(executor_weights, {TA}, inference id, attempt)``
