@@ -43,7 +43,8 @@ def _knob(default: Any, section: str, help: str, check: Check | None = None) -> 
 
 # Share of an honest execution's compute that each cheat saves (what it gains by cheating).
 DEFAULT_SAVINGS: MappingProxyType[str, float] = MappingProxyType({
-    "int4": 0.5, "prefill": 0.7, "small-model": 0.6, "int8": 0.3, "bf16": 0.2, "sybil": 0.5})
+    "int4": 0.5, "prefill": 0.7, "small-model": 0.6, "int8": 0.3, "bf16": 0.2, "sybil": 0.5,
+    "self-dealing": 0.5})
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,15 @@ class SimConfig:
                                   at_least(1))
     sybil_cheat: str = _knob("int4", "behaviour", "the cheat sybil identities run",
                              one_of("int4", "prefill", "small-model", "int8", "bf16"))
+    self_dealing_requests: int = _knob(
+        100, "behaviour", "requests per epoch a self-dealing owner's client sends through its own TA",
+        at_least(0))
+    self_dealing_cheat: str = _knob(
+        "int4", "behaviour", "what a self-dealer's executor runs for its own client ('honest': the real "
+        "model, at full cost)", one_of("honest", "int4", "prefill", "small-model", "int8", "bf16"))
+    spam_requests: int = _knob(
+        0, "behaviour", "requests per epoch a spamming client sends (1 token each, to random TAs)",
+        at_least(0))
     # -- validation --
     verdicts: str = _knob("matrix", "validation", "verdict rates: the measured detection matrix, or "
                           "the design targets", one_of("matrix", "design"))

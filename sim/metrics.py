@@ -91,6 +91,7 @@ class Metrics:
     costs: dict[tuple[str, int], float] = field(default_factory=dict)  # (peer, epoch) -> compute, coins
     served: Counter[str] = field(default_factory=Counter)  # peer -> requests it executed
     cheated: Counter[str] = field(default_factory=Counter)  # peer -> of those, cheated on
+    own_requests: Counter[bool] = field(default_factory=Counter)  # self-dealers' own: sent to own executor?
 
     def spend(self, peer: str, epoch: int, coins: float) -> None:
         """``peer`` spent ``coins`` of compute on work of ``epoch`` (executing or checking)."""
@@ -166,6 +167,8 @@ class Metrics:
             "honest convicted": sum(1 for s in self.summaries for r in s.participants
                                     if r.caught and r.peer in honest_ids),
             "fees refunded": sum(s.fees_refunded for s in self.summaries),
+            "self-dealt share of own requests": (self.own_requests[True] / sum(self.own_requests.values())
+                                                 if self.own_requests else 0.0),
             **fairness(stable, rewards),
             **coins,
         }

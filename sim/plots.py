@@ -96,9 +96,9 @@ def plot_catch_times(report: Report, path: Path) -> Path:
 def plot_sweep(param: str, metric: str, rows: list[dict[str, float]], path: Path) -> Path:
     """One metric of a sweep: its mean across seeds per value, with the 95 % interval."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [r["value"] for r in rows]
-    means = [r["mean"] for r in rows]
-    ax.errorbar(xs, means, yerr=[r["ci95"] for r in rows], marker="o", capsize=4)
+    measured = [r for r in rows if r["mean"] is not None]
+    ax.errorbar([r["value"] for r in measured], [r["mean"] for r in measured],
+                yerr=[r["ci95"] for r in measured], marker="o", capsize=4)
     if metric.startswith("profit vs honest"):
         ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8, label="as profitable as honesty")
         ax.legend(fontsize="small")

@@ -40,6 +40,7 @@ class Strategy(StrEnum):
     SILENT = "silent"  # an executor that goes silent on some of its requests
     FRAMING = "framing"  # a validator that fails honest work (alone or as a coalition)
     SYBIL = "sybil"  # one owner's weight split over many identities that cheat and pass each other
+    SELF_DEALING = "self-dealing"  # one owner's client, TA and executor: pays itself to mint rewards
 
     @property
     def validates_dishonestly(self) -> bool:
@@ -57,8 +58,10 @@ class Strategy(StrEnum):
         return self in (Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL)
 
 
-DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if s not in (Strategy.HONEST, Strategy.SYBIL,
-                                                                       Strategy.FRAMING)}
+# One of each strategy that one identity plays alone (owners of several identities and framers:
+# their own scenarios).
+DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if s not in (
+    Strategy.HONEST, Strategy.SYBIL, Strategy.FRAMING, Strategy.SELF_DEALING)}
 
 
 @dataclass(frozen=True)
@@ -87,23 +90,34 @@ class Roster:
     peers: tuple[Peer, ...]
     clients: tuple[Keypair, ...]
     partner: dict[str, str]  # colluding validator -> the executor it rubber-stamps
+    own_client: dict[str, Keypair]  # self-dealing TA identity -> its owner's client key
+    own_executor: dict[str, str]  # self-dealing TA identity -> its owner's executor identity
+    spammer: Keypair | None  # a client that floods the network with the cheapest requests
 
     def by_id(self) -> dict[str, Peer]:
         return {p.peer_id: p for p in self.peers}
 
 
+def per_owner(strategy: Strategy, sybil_identities: int) -> int:
+    """Identities one owner of ``strategy`` runs: a sybil ``sybil_identities``, a self-dealer two
+    (the TA its client sends to, and the executor it hopes the draw gives the work to)."""
+    return {Strategy.SYBIL: sybil_identities, Strategy.SELF_DEALING: 2}.get(strategy, 1)
+
+
 def identities(mix: dict[Strategy, int], sybil_identities: int) -> list[Strategy]:
-    """One strategy per identity: a sybil owner counts ``sybil_identities`` times."""
-    return [s for s, n in mix.items() for _ in range(n * (sybil_identities if s is Strategy.SYBIL else 1))]
+    """One strategy per identity."""
+    return [s for s, n in mix.items() for _ in range(n * per_owner(s, sybil_identities))]
 
 
 def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Strategy, int],
-                 churn: float, adversary_share: float = 0.0, sybil_identities: int = 1) -> Roster:
+                 churn: float, adversary_share: float = 0.0, sybil_identities: int = 1,
+                 spam: bool = False) -> Roster:
     """``peers`` participants with weights in [5, 20], ``mix[s]`` of them playing s (a sybil
     owner as ``sybil_identities`` identities splitting one drawn weight), the rest honest; each
     honest one leaves at an epoch boundary with probability ``churn`` and returns with
     probability 1/2 per epoch. With ``adversary_share`` > 0 the non-honest owners hold that
-    share of the total weight, evenly. A colluding validator's partner is the heaviest gross
+    share of the total weight, evenly; a self-dealing owner's identities pair up in index order
+    (TA, executor), its client a key of its own. A colluding validator's partner is the heaviest gross
     cheater (else any cheater): the case where rubber-stamping matters most."""
     rng = random.Random(f"roster/{seed}")
     strategies = identities(mix, sybil_identities)
@@ -122,8 +136,7 @@ def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Str
         honest = sum(w for w, s in zip(weights, strategies, strict=True) if s is Strategy.HONEST)
         owner_weight = max(1, round(adversary_share / (1 - adversary_share) * honest / owners))
         weights = [w if s is Strategy.HONEST else owner_weight for w, s in zip(weights, strategies, strict=True)]
-    weights = [max(1, w // sybil_identities) if s is Strategy.SYBIL else w
-               for w, s in zip(weights, strategies, strict=True)]
+    weights = [max(1, w // per_owner(s, sybil_identities)) for w, s in zip(weights, strategies, strict=True)]
     roster = [Peer(i, Keypair.from_seed(f"sim/{seed}/peer/{i}".encode()), weights[i], strategy, schedules[i])
               for i, strategy in enumerate(strategies)]
     cheaters = sorted((not p.strategy.gross, -p.weight, p.index) for p in roster
@@ -133,7 +146,12 @@ def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Str
         target = roster[cheaters[0][2]].peer_id
         partner = {p.peer_id: target for p in roster if p.strategy is Strategy.COLLUDING}
     keys = tuple(Keypair.from_seed(f"sim/{seed}/client/{j}".encode()) for j in range(clients))
-    return Roster(tuple(roster), keys, partner)
+    dealers = [p for p in roster if p.strategy is Strategy.SELF_DEALING]
+    tas, executors = dealers[0::2], dealers[1::2]
+    own_client = {ta.peer_id: Keypair.from_seed(f"sim/{seed}/own-client/{ta.index}".encode()) for ta in tas}
+    own_executor = {ta.peer_id: ex.peer_id for ta, ex in zip(tas, executors, strict=True)}
+    spammer = Keypair.from_seed(f"sim/{seed}/spammer".encode()) if spam else None
+    return Roster(tuple(roster), keys, partner, own_client, own_executor, spammer)
 
 
 def build_genesis(roster: Roster, params: Params) -> Genesis:
@@ -146,7 +164,8 @@ def build_genesis(roster: Roster, params: Params) -> Genesis:
             p.key.public_key, p.weight, models=(MODEL,),
             seed_commitment=epoch0_seed_commitment(p.key, CHAIN_ID) if p.online[0] else b"")
             for p in roster.peers),
-        allocations={c.peer_id: CLIENT_BALANCE for c in roster.clients})
+        allocations={c.peer_id: CLIENT_BALANCE for c in (*roster.clients, *roster.own_client.values(),
+                                                         *([roster.spammer] if roster.spammer else []))})
 
 
 def sim_params(epoch_blocks: int, floor: float, overrides: dict[str, int]) -> Params:

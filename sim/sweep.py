@@ -117,7 +117,7 @@ def run_sweep(scenario: Scenario, overrides: dict[str, Any], path: str, values: 
         rows = []
         for i, value in enumerate(values):
             samples = [m[name] for m in results[i * len(seeds):(i + 1) * len(seeds)] if name in m]
-            mean, half = interval(samples) if samples else (float("nan"), float("nan"))
+            mean, half = interval(samples) if samples else (None, None)  # e.g. nobody caught at this value
             rows.append({"value": value, "mean": mean, "ci95": half, "n": len(samples)})
         summary["metrics"][name] = rows
     out.mkdir(parents=True, exist_ok=True)
@@ -136,12 +136,15 @@ def _slug(name: str) -> str:
 
 
 def sweep_table(summary: dict[str, Any]) -> Table:
+    """One line per (metric, value): the mean across seeds, its 95 % interval, and how many
+    seeds had the metric (a time to catch exists only in runs that caught someone)."""
     table = Table(title=f"sweep of {summary['param']} over {summary['scenario']} (seeds "
-                        f"{summary['seeds'][0]}..{summary['seeds'][1]}): mean +- 95 % interval",
-                  box=box.SIMPLE_HEAD)
-    table.add_column("metric")
-    for value in summary["values"]:
-        table.add_column(f"{value:g}", justify="right")
+                        f"{summary['seeds'][0]}..{summary['seeds'][1]})", box=box.SIMPLE_HEAD)
+    for column in ("metric", summary["param"], "mean", "+- 95 %", "seeds"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
     for name, rows in summary["metrics"].items():
-        table.add_row(name, *(f"{r['mean']:.3g} +- {r['ci95']:.2g}" for r in rows))
+        for i, r in enumerate(rows):
+            mean, half = ("-", "-") if r["mean"] is None else (f"{r['mean']:.3g}", f"{r['ci95']:.2g}")
+            table.add_row(name if i == 0 else "", f"{r['value']:g}", mean, half, str(r["n"]),
+                          end_section=i == len(rows) - 1)
     return table

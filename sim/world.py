@@ -28,7 +28,10 @@ only while the ledger's validation rate of its work is at most
 colluding one passes its partner's work unchecked, a sybil identity its
 fellows'; a framing validator fails everyone else's work it is given to
 check (the ledger accepts such a failure only on a duty its seed proves); a
-silent executor drops some requests.
+silent executor drops some requests. A self-dealing owner's client sends its
+own requests to its own TA identity, which takes its own executor identity
+at whichever of the ledger's allowed draws names it (and that executor may
+fabricate the answers); a spammer client sends one-token requests.
 
 Nothing here decides economics: who pays, who is caught, who forfeits is
 what :func:`~gonka_p2p.ledger.state.apply_block` made of these transactions.
@@ -82,7 +85,17 @@ from gonka_p2p.wire.messages import NONCE_BYTES, ChatTurn, InferenceRequest, inf
 from sim.chain import BLOCK_MS, Chain
 from sim.config import SimConfig
 from sim.metrics import Metrics, Report, report_digest
-from sim.roster import CHAIN_ID, GENESIS_TIME_MS, MODEL, Peer, Strategy, build_genesis, build_roster, sim_params
+from sim.roster import (
+    CHAIN_ID,
+    CLIENT_BALANCE,
+    GENESIS_TIME_MS,
+    MODEL,
+    Peer,
+    Strategy,
+    build_genesis,
+    build_roster,
+    sim_params,
+)
 from sim.verdicts import Outcome, Rates, table_for, verdict_stats_for
 
 GENERATION_BLOCKS = (1, 3)  # an executor's generation time, blocks
@@ -100,6 +113,7 @@ class Work:
     rates: Rates  # the verdict rates of what it ran
     verdict: VerdictStats  # what a diligent check of it finds (drawn once: see sim.verdicts)
     tokens: int  # billable tokens (what a check re-runs, as prefill)
+    owner: str  # a self-dealing TA identity whose own client sent it ("" for a stranger's request)
 
 
 class Simulation:
@@ -108,7 +122,7 @@ class Simulation:
         self.verdicts = table_for(config.verdicts, config.matrix_model)
         self.roster = build_roster(config.seed, config.peers, config.clients, config.epochs,
                                    config.strategy_mix(), config.churn, config.adversary_weight_share,
-                                   config.sybil_identities)
+                                   config.sybil_identities, config.spam_requests > 0)
         self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor, config.params))
         self.params = self.genesis.params
         self.peers = self.roster.by_id()
@@ -119,6 +133,9 @@ class Simulation:
         self._latency = random.Random(f"latency/{config.seed}")
         self._evidence = random.Random(f"evidence/{config.seed}")
         self._arrivals: dict[int, int] = {}  # height -> requests arriving
+        self._own_arrivals: dict[int, list[Peer]] = {}  # height -> self-dealers whose client sends one
+        self._spam_arrivals: dict[int, int] = {}  # height -> spam requests arriving
+        self._own_clients = {key.peer_id: ta for ta, key in self.roster.own_client.items()}
         self._work: dict[bytes, Work] = {}
         self._touched: list[bytes] = []  # inferences a Start or Finish of this block concerned
         self._accused: list[bytes] = []  # inferences a failed Validation of this block concerned
@@ -156,6 +173,10 @@ class Simulation:
             self._plan_epoch(height, epoch)
         for _ in range(self._arrivals.pop(height, 0)):
             self._request(height, epoch)
+        for owner in self._own_arrivals.pop(height, []):
+            self._request(height, epoch, owner)
+        for _ in range(self._spam_arrivals.pop(height, 0)):
+            self._request(height, epoch, spam=True)
 
     def _plan_epoch(self, height: int, epoch: int) -> None:
         """At an epoch's first block: spread its requests over it (leaving room to finish within
@@ -164,6 +185,13 @@ class Simulation:
         for _ in range(self.config.requests):
             at = height + self._traffic.randrange(max(room, 1))
             self._arrivals[at] = self._arrivals.get(at, 0) + 1
+        for ta in self.roster.own_client:
+            for _ in range(self.config.self_dealing_requests):
+                at = height + self._traffic.randrange(max(room, 1))
+                self._own_arrivals.setdefault(at, []).append(self.peers[ta])
+        for _ in range(self.config.spam_requests):
+            at = height + self._traffic.randrange(max(room, 1))
+            self._spam_arrivals[at] = self._spam_arrivals.get(at, 0) + 1
         following = epoch + 1
         if following >= self.config.epochs:
             return
@@ -174,21 +202,27 @@ class Simulation:
                 self.chain.submit(height + self._lag(), peer.key, lambda n, c=commitment: CommitValidationSeed(
                     chain_id=CHAIN_ID, epoch=following, commitment=c, sequence=n))
 
-    def _request(self, height: int, epoch: int) -> None:
-        """A client's request reaches a live TA, which routes it and records its Start."""
-        live = [p for p in self.roster.peers if p.online[epoch]]
-        ta = self._traffic.choice(live)
-        client = self._traffic.choice(self.roster.clients)
+    def _request(self, height: int, epoch: int, owner: Peer | None = None, spam: bool = False) -> None:
+        """A client's request reaches a live TA, which routes it and records its Start; with
+        ``owner``, a self-dealer's own client sends it to the owner's TA identity; with
+        ``spam``, the spammer sends a one-token request."""
+        if owner is not None:
+            ta, client = owner, self.roster.own_client[owner.peer_id]
+        else:
+            ta = self._traffic.choice([p for p in self.roster.peers if p.online[epoch]])
+            client = self.roster.spammer if spam else self._traffic.choice(self.roster.clients)
+        assert client is not None
         self._nonce += 1
         request = InferenceRequest(
             chain_id=CHAIN_ID, model=MODEL,
             messages=[ChatTurn(role="user", content="x" * self._traffic.randint(*PROMPT_CHARS))],
-            max_tokens=self._traffic.randint(*MAX_TOKENS), temperature=0.7, top_p=1.0, top_k=0,
+            max_tokens=1 if spam else self._traffic.randint(*MAX_TOKENS), temperature=0.7, top_p=1.0, top_k=0,
             logprobs_k=5, timestamp_ms=GENESIS_TIME_MS + height * BLOCK_MS,
             nonce=self._nonce.to_bytes(NONCE_BYTES, "big"))
         raw = seal(request, client)
         iid = inference_id(Signed(request, client.public_key, raw))
-        drawn = self._route(ta, iid, epoch)
+        own = self.roster.own_executor.get(ta.peer_id) if owner is not None else None
+        drawn = self._route(ta, iid, epoch, own)
         if drawn is None:
             self.metrics.refused += 1
             return
@@ -200,18 +234,23 @@ class Simulation:
             self.metrics.silenced += 1
             self.metrics.offence(executor.peer_id, height, epoch)
             return
-        cheating = self._cheats(executor, epoch)
+        dealing = own is not None and executor.peer_id == own
+        if owner is not None:
+            self.metrics.own_requests[dealing] += 1
+        cheating = self.config.self_dealing_cheat != "honest" if dealing else self._cheats(executor, epoch)
         self.metrics.served[executor.peer_id] += 1
         self.metrics.cheated[executor.peer_id] += cheating
-        rates = self.verdicts.rates[self._cheat_of(executor) if cheating else str(Strategy.HONEST)]
+        cheat = self.config.self_dealing_cheat if dealing else self._cheat_of(executor)
+        rates = self.verdicts.rates[cheat if cheating else str(Strategy.HONEST)]
         outcome = rates.draw(self._evidence)
-        completion = self._traffic.randint(MAX_TOKENS[0], request.max_tokens)
+        completion = self._traffic.randint(min(MAX_TOKENS[0], request.max_tokens), request.max_tokens)
         prompt = min(prompt_token_bound(request, self.params), len(request.messages[0].content) // 4 + 8)
         saving = self.config.savings.get(str(executor.strategy), 0.0) if cheating else 0.0
         self.metrics.spend(executor.peer_id, epoch, (prompt + completion) * self.config.compute_cost_per_token
                            * (1 - saving))
         self._work[iid] = Work(height, executor, cheating, rates,
-                               verdict_stats_for(outcome, rates.flag, completion), prompt + completion)
+                               verdict_stats_for(outcome, rates.flag, completion), prompt + completion,
+                               owner.peer_id if owner is not None else "")
         self.chain.submit(height + self._traffic.randint(*GENERATION_BLOCKS) + self._lag(), executor.key,
                           lambda n: FinishInference(
                               chain_id=CHAIN_ID, inference_id=iid, prompt_tokens=prompt,
@@ -219,18 +258,21 @@ class Simulation:
                               artifact_commitment=digest(iid + b"artifact"), sequence=n),
                           self._on_start_or_finish(iid))
 
-    def _route(self, ta: Peer, iid: bytes, epoch: int) -> tuple[Peer, int] | None:
+    def _route(self, ta: Peer, iid: bytes, epoch: int, prefer: str | None = None) -> tuple[Peer, int] | None:
         """The live TA's routing: the ledger's draws over its executor weights, attempt by
-        attempt, skipping an executor that is offline; None when no attempt finds one."""
+        attempt, the first that is online; None when no attempt finds one. A greedy TA takes
+        ``prefer`` at whichever allowed attempt draws it (the choice the ledger leaves it)."""
         weights = executor_weights(self.chain.state, MODEL)
+        drawn = []
         for attempt in range(self.params.max_executor_attempts):
             try:
                 executor = self.peers[choose_executor(weights, frozenset({ta.peer_id}), iid, attempt)]
             except NoEligibleExecutor:
-                return None
+                break
             if executor.online[epoch]:
-                return executor, attempt
-        return None
+                drawn.append((executor, attempt))
+        preferred = [d for d in drawn if d[0].peer_id == prefer]
+        return (preferred or drawn or [None])[0]
 
     def _cheats(self, executor: Peer, epoch: int) -> bool:
         """Does ``executor`` cheat on this request: a cheat of its strategy, from ``cheat_from``,
@@ -277,6 +319,9 @@ class Simulation:
             summary = self.chain.state.epoch_summary(settled)
             assert summary is not None
             self.metrics.settled(summary, height)
+            for client, amount in summary.refunds:  # a self-dealer's client refunded: its coins back
+                if client in self._own_clients:
+                    self.metrics.spend(self._own_clients[client], settled, -amount)
             self._work = {i: w for i, w in self._work.items() if epoch_of(w.arrival, self.params) > settled}
 
     def _settled(self, height: int, iid: bytes, work: Work) -> None:
@@ -288,6 +333,8 @@ class Simulation:
         self.metrics.latencies.append(height - work.arrival)
         if work.cheating:
             self.metrics.offence(work.executor.peer_id, height, epoch)
+        if work.owner:  # what the self-dealer's client paid (to itself, or to the stranger drawn)
+            self.metrics.spend(work.owner, epoch, record.cost)
         candidates = state.validation_candidates(iid)
         total = sum(candidates.values())
         for validator, weight in candidates.items():
@@ -389,7 +436,9 @@ class Simulation:
 
     def _report(self, identity: dict[str, object]) -> Report:
         state = self.chain.state
+        spammer = self.roster.spammer and state.account(self.roster.spammer.peer_id)
         coins = {"coins: genesis supply": state.genesis.supply, "coins: minted": state.minted,
+                 "coins: the spammer spent": CLIENT_BALANCE - spammer.balance if spammer else 0,
                  "coins: burned": state.burned,
                  "coins: balances + escrow + fees": state.total_coins(),
                  "coins: blocks checked": self.chain.conservation_checks}

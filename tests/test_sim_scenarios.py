@@ -59,7 +59,8 @@ def with_out(argv: list[str], out: Path) -> list[str]:
 def test_ready_scenarios_load_and_cover_the_brief() -> None:
     names = {p.stem for p in SCENARIOS.glob("*.toml")}
     assert {"honest", "int4", "prefill", "small-model", "int8", "bf16", "colluding", "churn-heavy",
-            "framing", "framing-coalition", "sybil-swarm", "q10-cheater", "reputation-gated"} <= names
+            "framing", "framing-coalition", "sybil-swarm", "q10-cheater", "reputation-gated",
+            "self-dealing", "spam"} <= names
     for name in sorted(names):
         scenario = load(name)
         assert scenario.sha256 == hashlib.sha256((SCENARIOS / f"{name}.toml").read_bytes()).hexdigest()
@@ -173,6 +174,28 @@ def test_sybils_split_one_weight_and_are_caught_cheating() -> None:
     sybils = [p for p in simulation.roster.peers if p.strategy is Strategy.SYBIL]
     assert len(sybils) == 4 and sum(p.weight for p in sybils) <= 20
     assert row(report, Strategy.SYBIL).sanctioned_epochs > 0 and row(report, Strategy.SYBIL).profit < 1
+
+
+def test_a_self_dealer_routes_to_itself_only_where_the_ledger_draw_allows_and_is_caught_fabricating() -> None:
+    """Its TA takes its own executor at any of the allowed draws: more often than its weight share,
+    never always, every Start accepted; the fabricated answers get it caught and unpaid."""
+    simulation, report = run(27, mix={"self-dealing": 1}, self_dealing_requests=150, self_dealing_cheat="honest")
+    executor = simulation.peers[next(iter(simulation.roster.own_executor.values()))]
+    share = executor.weight / sum(simulation.chain.state.weights().values())
+    assert share < report.network["self-dealt share of own requests"] < 1
+    assert report.network["self-dealt share of own requests"] <= 1 - (1 - share) ** 3 + 0.1
+    assert not any("start_inference" in kind for kind in report.rejected_txs)
+    _, fabricating = run(27, mix={"self-dealing": 1}, self_dealing_requests=150, self_dealing_cheat="int4")
+    dealer = row(fabricating, Strategy.SELF_DEALING)
+    assert dealer.sanctioned_epochs > 0 and dealer.profit < row(report, Strategy.SELF_DEALING).profit
+
+
+def test_spam_is_served_and_paid_for_by_the_spammer() -> None:
+    _, quiet = run(28, epochs=3)
+    _, report = run(28, epochs=3, spam_requests=200)
+    assert report.network["inferences settled"] >= quiet.network["inferences settled"] + 0.9 * 3 * 200
+    assert report.network["coins: the spammer spent"] > 3 * 200  # a fee and one token each, at least
+    assert report.network["honest convicted"] == 0 and row(report, Strategy.HONEST).profit == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------- economics
