@@ -24,22 +24,45 @@ in :mod:`~gonka_p2p.ledger.tx_rules` and :mod:`~gonka_p2p.ledger.end_of_block`.
    its reputation (``rules.forfeit_reasons``, ``rules.reputation_after_epoch``),
    while convicting honest work needs the committee majority of rule 3: for
    a coalition that is a certain loss against a chance <= 2.1e-8 per
-   dispute. Neither the accuser, the executor nor the TA ever votes.
+   dispute.
 
 3. **Committees nobody chooses, large enough.** A round's committee is
    drawn at the end of the block ``dispute_draw_delay_blocks`` after the
    round starts (:func:`dispute_draw_height`), from that block's hash -- not
    the accusing block's, which the accuser and its proposer could steer --
    as ``dispute_committee_size`` = n seats by weight, with replacement,
-   over the epoch's whole validator set (:func:`draw_committee`). The seats
-   of the executor, the TA, the accuser and anyone sanctioned are *recused*:
-   they count in n but never vote, so recusing a party never raises anyone
-   else's share, however few validators the epoch has. A coalition's seat
-   count is Bin(n, c). :func:`dispute_outcome` convicts only on a strict
-   majority of all n seats and clears on half of them, so the coalition
-   decides a dispute its way only with P(Bin(n, c) > n/2)
-   (:func:`committee_capture_probability`): at c = 1/3, 2.6e-1 for n = 3,
-   3.1e-3 for 63, 1.0e-6 for 191 and 2.1e-8 for the default 255.
+   over the epoch's whole validator set (:func:`draw_committee`), and
+   seated by :func:`seat_committee`: the executor's seats (and anyone's
+   sanctioned) are *recused* -- they count in n but never vote; the
+   accuser's count as "invalid" votes already cast, since its failing
+   Validation *is* its vote (it cannot vote again); everyone else votes,
+   the TA included: the ledger checks the executor draw, so the TA is no
+   party to the executor's work. :func:`dispute_outcome` convicts only on
+   a strict majority of all n seats and clears on half of them.
+
+   Why framing stays closed. A coalition holding c < 1/3 of the weight,
+   whatever it accuses (as accuser, TA, or both), holds Bin(n, c) seats:
+   c * n < n/2 in expectation. Honest members re-run the work and vote
+   "valid" on honest work, so a conviction needs the coalition's own seats
+   to be a strict majority of all n -- counting the accuser's seats as
+   votes gives it nothing it could not vote anyway, and recused seats
+   still count in the total, so recusing never raises anyone's share. The
+   tail bound is therefore unchanged: P(Bin(n, c) > n/2)
+   (:func:`committee_capture_probability`) is, at c = 1/3, 2.6e-1 for
+   n = 3, 3.1e-3 for 63, 1.0e-6 for 191 and 2.1e-8 for the default 255.
+   Symmetrically, a cheating executor's coalition of c < 1/3 cannot clear
+   it: it needs half of all seats voting "valid" and its executor's seats
+   vote neither way.
+   Why small networks convict. With three equal participants (executor,
+   TA, validator; the demo) the accuser and the TA together hold about 2/3
+   of the seats, so a proven cheat is convicted; recusing the TA and the
+   accuser too, as before, recused every seat and paid the cheater.
+   The limit: an executor drawn to half of the seats or more can never be
+   convicted (its recused seats leave a strict majority out of reach; the
+   dispute ends UNDECIDED). That is why a participant's voting power must
+   be capped below half -- issue 12 caps it at 1/3, where such a draw has
+   the same probability 2.1e-8 -- and why a sanction, not a vote, is what
+   removes a convicted executor's seats from later disputes.
    What a later proposer can still grind: the proposer of the draw block
    may try variants of its block (transaction order, time within the drift
    consensus allows) before proposing one; each try captures with
@@ -52,7 +75,8 @@ in :mod:`~gonka_p2p.ledger.tx_rules` and :mod:`~gonka_p2p.ledger.end_of_block`.
 4. **Silence is not innocence, nor guilt.** A round that closes with
    neither majority (e.g. nobody voted) draws a fresh committee, up to
    ``dispute_max_rounds`` rounds; a member's vote counts again if it is
-   redrawn, and every member that left a round's seats empty is counted as
+   redrawn (the accuser's, its failing Validation, in every round), and
+   every member that left a round's seats empty is counted as
    missed (it forfeits its epoch reward). After the last round the dispute
    is UNDECIDED: the executor keeps its pay (its observation comes from the
    passing checks alone) and the accuser is not penalized. A silent
@@ -74,7 +98,7 @@ import hashlib
 import math
 from collections.abc import Collection, Mapping
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from gonka_p2p.ledger.rules import PPM, DisputeOutcome, weighted_pick
 
@@ -88,8 +112,8 @@ def draw_committee(validators: Mapping[str, int], draw_hash: bytes, inference_id
                    seats: int) -> tuple[tuple[str, int], ...]:
     """(peer, seats held), sorted by peer: ``seats`` seats drawn by weight with replacement; seat
     s of round r is the :func:`~gonka_p2p.ledger.rules.weighted_pick` over ``validators`` from
-    H(draw hash, inference id, r, s). Parties are not removed here (the caller recuses their
-    seats), so a peer's seat count is Bin(seats, w / W) and a coalition's Bin(seats, its share).
+    H(draw hash, inference id, r, s). Parties are not removed here (:func:`seat_committee`
+    seats them), so a peer's seat count is Bin(seats, w / W) and a coalition's Bin(seats, its share).
     Empty when no validator has weight."""
     held: dict[str, int] = {}
     for seat in range(seats):
@@ -102,6 +126,24 @@ def draw_committee(validators: Mapping[str, int], draw_hash: bytes, inference_id
     return tuple(sorted(held.items()))
 
 
+class Seating(NamedTuple):
+    """A drawn committee, seated: who votes, with how many seats, and the accuser's seats."""
+
+    voters: tuple[tuple[str, int], ...]  # (member, seats), sorted by member: they vote
+    accuser_seats: int  # counted as "invalid": its failing Validation is its vote
+
+
+def seat_committee(drawn: tuple[tuple[str, int], ...], executor: str, accuser: str,
+                   sanctioned: Collection[str]) -> Seating:
+    """Seat a :func:`draw_committee` draw (rule 3 above): the executor's and the sanctioned
+    seats are recused (counted in the total, voting neither way); the accuser's count as its
+    vote, "invalid"; every other member, the TA included, votes."""
+    voters = tuple((peer, seats) for peer, seats in drawn
+                   if peer not in (executor, accuser) and peer not in sanctioned)
+    accuser_seats = 0 if accuser in sanctioned else dict(drawn).get(accuser, 0)
+    return Seating(voters, accuser_seats)
+
+
 def committee_capture_probability(seats: int, share: Fraction) -> Fraction:
     """P(Bin(seats, share) > seats / 2), exactly: the chance that a coalition holding ``share``
     of the weight draws a strict majority of a committee's seats."""
@@ -111,8 +153,8 @@ def committee_capture_probability(seats: int, share: Fraction) -> Fraction:
 
 
 def dispute_outcome(invalid_seats: int, valid_seats: int, seats: int) -> DisputeOutcome:
-    """INVALID needs a strict majority of all ``seats`` (recused and silent seats count against
-    it); VALID needs half of them; neither (yet): UNDECIDED. Both at once is impossible."""
+    """INVALID needs a strict majority of all ``seats`` (the accuser's among ``invalid_seats``;
+    recused and silent seats count against it); VALID needs half of them; neither (yet): UNDECIDED. Both at once is impossible."""
     assert invalid_seats >= 0 and valid_seats >= 0 and invalid_seats + valid_seats <= seats
     if 2 * invalid_seats > seats:
         return DisputeOutcome.INVALID

@@ -191,9 +191,10 @@ class Dispute:
     """A failed check under review by a committee, in rounds; keyed by inference id.
 
     Each round draws its committee at the end of ``draw_height`` from that block's hash
-    (``rules.draw_committee``), then takes votes until ``deadline``. The committee lists only
-    the members who may vote; the seats of the executor, the TA and the accuser are recused:
-    ``params.dispute_committee_size - sum(seats)``, counted in the total, voting neither way."""
+    (``disputes.draw_committee``), then takes votes until ``deadline``. The committee lists only
+    the members who may vote; the accuser's seats count as its "invalid" vote (``accuser_seats``);
+    the executor's and the sanctioned are recused: ``params.dispute_committee_size - sum(seats)
+    - accuser_seats``, counted in the total, voting neither way (``disputes.seat_committee``)."""
 
     epoch: int  # the inference's epoch
     executor: str
@@ -205,6 +206,7 @@ class Dispute:
     rounds: int = 1  # rounds started so far, the current one included
     committee: tuple[str, ...] = ()  # the current round's voting members, sorted; () until drawn
     seats: tuple[int, ...] = ()  # seats held by each committee member, in the same order
+    accuser_seats: int = 0  # the current round's seats drawn for the accuser: "invalid" votes
     members: tuple[str, ...] = ()  # everyone seated in any round, sorted (whose votes it may hold)
     silent: tuple[str, ...] = ()  # one entry per member and round in which it left its seats empty
     outcome: DisputeOutcome = DisputeOutcome.OPEN

@@ -73,7 +73,8 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
-from gonka_p2p.ledger.disputes import dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee
+from gonka_p2p.ledger.disputes import (dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee,
+                                       seat_committee)
 from gonka_p2p.ledger.consensus_types import vote_sign_bytes
 from gonka_p2p.ledger.genesis import MAX_ADDR_LEN
 from gonka_p2p.ledger.records import (
@@ -479,23 +480,23 @@ def advance_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
     """The step an open dispute takes at the end of its ``deadline`` height: draw the round's
     committee, or close a round that ended undecided (a fresh round, or UNDECIDED after the last).
 
-    Seats are drawn over the epoch's whole validator set, from this block's hash; the seats of
-    the executor, the TA, the accuser and anyone sanctioned since are recused (they still count
-    in the total a conviction needs a strict majority of). A member's vote from an earlier
-    round counts again if it is redrawn; a member that leaves a round's seats empty is missed."""
+    Seats are drawn over the epoch's whole validator set, from this block's hash, and seated by
+    ``disputes.seat_committee``: the executor's and the sanctioned are recused (they still
+    count in the total a conviction needs a strict majority of), the accuser's count as its
+    "invalid" vote. A member's vote from an earlier round counts again if it is redrawn; a
+    member that leaves a round's seats empty is missed."""
     dispute = state.disputes.rows[iid]
     assert dispute.outcome is DisputeOutcome.OPEN and dispute.deadline == ctx.height
     p = state.params
     if not dispute.voting:
-        recused = {dispute.executor, dispute.ta, dispute.accuser}
-        seated = [(peer, seats) for peer, seats in draw_committee(
-            state.epoch_validators(dispute.epoch), ctx.block_hash, iid, dispute.rounds - 1,
-            p.dispute_committee_size)
-            if peer not in recused and not state.registry.rows[peer].sanctioned]
-        committee = tuple(peer for peer, _ in seated)
+        drawn = draw_committee(state.epoch_validators(dispute.epoch), ctx.block_hash, iid, dispute.rounds - 1,
+                               p.dispute_committee_size)
+        seated = seat_committee(drawn, dispute.executor, dispute.accuser,
+                                {peer for peer, _ in drawn if state.registry.rows[peer].sanctioned})
+        committee = tuple(peer for peer, _ in seated.voters)
         state.open_dispute(iid, replace(
-            dispute, committee=committee, seats=tuple(seats for _, seats in seated),
-            members=tuple(sorted(set(dispute.members) | set(committee))),
+            dispute, committee=committee, seats=tuple(seats for _, seats in seated.voters),
+            accuser_seats=seated.accuser_seats, members=tuple(sorted(set(dispute.members) | set(committee))),
             deadline=dispute_deadline(ctx.height - p.dispute_draw_delay_blocks, p)))
         _resolve_if_decided(state, ctx, iid)
         return
@@ -504,16 +505,17 @@ def advance_dispute(state: LedgerState, ctx: BlockContext, iid: bytes) -> None:
     if dispute.rounds < p.dispute_max_rounds:
         draw = dispute_draw_height(ctx.height, p)
         state.open_dispute(iid, replace(dispute, rounds=dispute.rounds + 1, committee=(), seats=(),
-                                        silent=silent, draw_height=draw, deadline=draw))
+                                        accuser_seats=0, silent=silent, draw_height=draw, deadline=draw))
         return
     invalid, valid = _seats_voted(state, iid)
     _resolve(state, ctx, iid, replace(dispute, silent=silent), DisputeOutcome.UNDECIDED, invalid, valid)
 
 
 def _seats_voted(state: LedgerState, iid: bytes) -> tuple[int, int]:
-    """(seats voting invalid, seats voting valid) on the current committee."""
+    """(seats voting invalid, seats voting valid) on the current committee, the accuser's
+    seats among the invalid (its failing Validation is its vote)."""
     dispute = state.disputes.rows[iid]
-    invalid = valid = 0
+    invalid, valid = dispute.accuser_seats, 0
     for member, seats in zip(dispute.committee, dispute.seats, strict=True):
         vote = state.votes.get((iid, member))
         if vote is not None:

@@ -158,7 +158,7 @@ class Ledger:
         for iid, dispute in sorted(self.state.disputes.rows.items()):
             if dispute.outcome is not DisputeOutcome.OPEN:
                 continue
-            tally = {True: 0, False: 0}
+            tally = {True: 0, False: dispute.accuser_seats}  # the accuser's failing check is its vote
             for member, seats in zip(dispute.committee, dispute.seats, strict=True):
                 if disputes.dispute_outcome(tally[False], tally[True], 255) is not DisputeOutcome.UNDECIDED:
                     break
@@ -300,13 +300,14 @@ def test_the_committee_is_drawn_from_a_later_block_not_the_accusing_one() -> Non
         assert ledger.state.dispute(duty).committee == ()
         ledger.block([], time_ms=ledger.state.time_ms + 1)
         dispute = ledger.state.dispute(duty)
-        recused = {dispute.executor, dispute.ta, dispute.accuser}
         validators, seats = ledger.state.epoch_validators(1), ledger.state.params.dispute_committee_size
         drawn = disputes.draw_committee(validators, ledger.state.last_block_hash, duty, 0, seats)
+        held = dict(drawn)
         assert tuple(zip(dispute.committee, dispute.seats, strict=True)) == \
-            tuple((p, k) for p, k in drawn if p not in recused)
+            tuple((p, k) for p, k in drawn if p not in (dispute.executor, dispute.accuser))  # the TA votes
+        assert dispute.accuser_seats == held.get(dispute.accuser, 0)  # its failing check is its vote
         assert disputes.draw_committee(validators, accusing_hash, duty, 0, seats) != drawn
-        assert sum(dispute.seats) + sum(k for p, k in drawn if p in recused) == seats
+        assert sum(dispute.seats) + dispute.accuser_seats + held.get(dispute.executor, 0) == seats
         committees.add(dispute.committee + tuple(dispute.seats))
     assert len(committees) > 1  # the draw block's hash moved it, not anything the accuser chose
 
@@ -330,7 +331,8 @@ def test_a_conviction_sanctions_at_once_and_moves_weight_only_at_settlement_by_b
     executor = ledger.state.inferences.rows[duty].executor
     ledger.block([ledger.validate("h1", duty, BAD, seed)])
     ledger.block([])  # drawn
-    dispute, txs, invalid = ledger.state.dispute(duty), [], 0
+    dispute, txs = ledger.state.dispute(duty), []
+    invalid = dispute.accuser_seats
     for member, seats in zip(dispute.committee, dispute.seats, strict=True):
         if 2 * invalid <= ledger.state.params.dispute_committee_size:  # all judge it invalid
             txs.append(ledger.vote(NAME[member], duty, BAD))
