@@ -75,7 +75,7 @@ async def test_a_request_is_escrowed_started_finished_and_settled(nodes: list[No
     completion = await rich.chat([("user", "Say hello.")], model=MODEL, max_tokens=6)
     cost = await settled(rich, completion.inference_id)
     assert cost == completion.prompt_tokens + completion.completion_tokens  # price 1 per token
-    assert (await rich.balance()).balance == before - cost
+    assert (await rich.balance()).balance == before - cost - GENESIS.params.tx_fee  # the Start's fee is the client's
     executor = next(n for n in nodes if n.key.peer_id == completion.executor)
     assert executor.replica.state.pending_fees(executor.key.peer_id) == cost  # type: ignore[union-attr]
     record = nodes[0].replica.state.inference(completion.inference_id)  # type: ignore[union-attr]
