@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -174,6 +175,37 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return sim_main(args.sim_args)
 
 
+def cmd_testnet(args: argparse.Namespace) -> int:
+    from gonka_p2p.testnet import netns
+    from gonka_p2p.testnet.manifest import load_manifest
+    from gonka_p2p.testnet.report import save, show
+    from gonka_p2p.testnet.runner import Testnet
+
+    if args.action == "down":
+        netns.require_privilege()
+        removed = netns.cleanup()
+        print(f"removed {len(removed)} testnet namespaces" + (f": {', '.join(removed)}" if removed else ""))
+        return 0
+    if args.manifest is None:
+        raise UsageProblem(f"gonka-p2p testnet {args.action} needs a MANIFEST (e.g. testnet/short.toml)")
+    net = Testnet(load_manifest(Path(args.manifest)), Path(args.workdir))
+    console = Console()
+    try:
+        net.up()
+        console.print(f"{len(net.participants)} participants up: "
+                      + ", ".join(p.addr for p in net.participants))
+        if args.action == "up":
+            console.print("Ctrl-C stops them and removes the namespaces")
+            signal.pause()
+            return 0
+        verdict = net.run(console.print)
+    finally:
+        net.down()
+    show(verdict, net.applied, console)
+    save(verdict, net.applied, Path(args.workdir) / "report.json")
+    return 0 if verdict.passed else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gonka_p2p.inference.model_names import DEFAULT_MODEL
     from gonka_p2p.ledger.devnet import DEFAULT_MODELS, DEVNET_CHAIN_ID, DEVNET_CLIENT_BALANCE, DEVNET_EPOCH_BLOCKS
@@ -228,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     # prefix_chars "+": every word after "sim", --help included, is the simulator's to parse
     p.add_argument("sim_args", nargs=argparse.REMAINDER, help="see gonka-p2p sim --help")
     p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("testnet", help="run participants in their own network namespaces under load and "
+                       "faults, and check the invariants (needs root)")
+    p.add_argument("action", choices=("run", "up", "down"), help="run a manifest; only start it; remove leftovers")
+    p.add_argument("manifest", nargs="?", help="the TOML manifest (see testnet/)")
+    p.add_argument("--workdir", default="testnet-run", help="keys, logs and the report (default testnet-run)")
+    p.set_defaults(func=cmd_testnet)
     return parser
 
 
@@ -240,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     from gonka_p2p.client import GonkaError
     from gonka_p2p.ledger.devnet import DevnetError
     from gonka_p2p.ledger.genesis import GenesisError
+    from gonka_p2p.testnet.manifest import ManifestError
+    from gonka_p2p.testnet.netns import PrivilegeError
+    from gonka_p2p.testnet.runner import TestnetError
 
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (ConfigError, KeyFileError, StartupError, EngineError, NetworkError, GenesisError, DevnetError,
-            GonkaError, UsageProblem) as e:
+            GonkaError, UsageProblem, ManifestError, PrivilegeError, TestnetError) as e:
         if os.environ.get("GONKA_DEBUG"):
             raise
         err_console.print(f"[red]error:[/red] {e}")

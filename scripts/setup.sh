@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-if ! dpkg -s libgmp-dev >/dev/null 2>&1; then
-  say "installing libgmp-dev (needed to build fastecdsa for py-libp2p)"
+if ! dpkg -s libgmp-dev nftables >/dev/null 2>&1; then
+  say "installing libgmp-dev (needed to build fastecdsa for py-libp2p) and nftables (the testnet's faults)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libgmp-dev >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libgmp-dev nftables >/dev/null
 fi
 
 PY=${PYTHON:-}

@@ -1,0 +1,153 @@
+"""The testnet's network: Linux namespaces on a private bridge, and the faults put on its links.
+
+Every name starts with :data:`PREFIX`. One hub namespace holds the bridge;
+each host (a participant, the load client, the observer) is a namespace with
+one veth pair to the hub, created directly between the two namespaces, so the
+root namespace and the host's real interfaces never see a link, an address or
+a rule of ours: all traffic stays on 10.77.0.0/24 inside namespaces we made.
+Deleting the namespaces deletes their links, queues and nftables tables with
+them, which is all :func:`cleanup` has to do -- after first killing whatever
+still runs inside them (``ip netns pids``), so a harness that crashed leaves
+nothing behind that the next start does not remove.
+
+Faults: a partition and a packet-drop share are nftables rules in the
+targets' own namespaces (``inet gtn`` table: drop by peer address, or
+``numgen random mod 1000 < share``); a bandwidth cap is a ``tbf`` queue on
+both ends of the target's link (the kernel has no netem, so there is no
+latency fault).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+PREFIX = "gtn-"
+HUB = f"{PREFIX}hub"
+BRIDGE = "br0"
+SUBNET = "10.77.0"
+
+
+class PrivilegeError(Exception):
+    """The machine does not let us make namespaces (not root, or no ``ip``/``nft``); says which."""
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+    return result
+
+
+def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run("ip", "netns", "exec", ns, *argv, check=check)
+
+
+def require_privilege() -> None:
+    """Raise :class:`PrivilegeError` naming what is missing, before anything is created."""
+    if os.geteuid() != 0:
+        raise PrivilegeError("the testnet needs root: it creates network namespaces, veth links and "
+                             "nftables rules (run it as root, e.g. in CI or under sudo)")
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("tc", "iproute2")):
+        if shutil.which(tool) is None:
+            raise PrivilegeError(f"the testnet needs the {tool!r} command (Debian package {package}; "
+                                 "scripts/setup.sh installs it)")
+    probe = f"{PREFIX}probe{os.getpid()}"
+    made = _run("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        raise PrivilegeError(f"this machine forbids network namespaces (ip netns add: {made.stderr.strip()})")
+    _run("ip", "netns", "del", probe, check=False)
+
+
+def leftovers() -> list[str]:
+    listing = _run("ip", "netns", "list", check=False).stdout.split("\n")
+    return [line.split()[0] for line in listing if line.startswith(PREFIX)]
+
+
+def cleanup() -> list[str]:
+    """Kill every process inside our namespaces, then delete them; the names removed."""
+    names = leftovers()
+    for ns in names:
+        for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGCONT)  # a frozen process must be able to die
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for ns in names:
+        _run("ip", "netns", "del", ns, check=False)
+    return names
+
+
+@dataclass(frozen=True)
+class Host:
+    """One namespace on the bridge: its name, its address, and the hub end of its link."""
+
+    ns: str
+    ip: str
+    hub_link: str
+
+    def exec_argv(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+
+def create_hub() -> None:
+    _run("ip", "netns", "add", HUB)
+    in_ns(HUB, "ip", "link", "add", BRIDGE, "type", "bridge")
+    in_ns(HUB, "ip", "link", "set", BRIDGE, "up")
+    in_ns(HUB, "ip", "link", "set", "lo", "up")
+
+
+def create_host(name: str, octet: int) -> Host:
+    """A namespace ``PREFIX+name`` at 10.77.0.<octet>, linked to the hub's bridge."""
+    host = Host(f"{PREFIX}{name}", f"{SUBNET}.{octet}", f"h{octet}")
+    _run("ip", "netns", "add", host.ns)
+    _run("ip", "link", "add", "eth0", "netns", host.ns, "type", "veth",
+         "peer", "name", host.hub_link, "netns", HUB)
+    in_ns(HUB, "ip", "link", "set", host.hub_link, "master", BRIDGE)
+    in_ns(HUB, "ip", "link", "set", host.hub_link, "up")
+    in_ns(host.ns, "ip", "addr", "add", f"{host.ip}/24", "dev", "eth0")
+    in_ns(host.ns, "ip", "link", "set", "eth0", "up")
+    in_ns(host.ns, "ip", "link", "set", "lo", "up")
+    return host
+
+
+def _nft(host: Host, script: str) -> None:
+    subprocess.run(["ip", "netns", "exec", host.ns, "nft", "-f", "-"], input=script, text=True,
+                   check=True, capture_output=True)
+
+
+def _table(rules: list[str]) -> str:
+    body = "\n".join(f"    {r}" for r in rules)
+    return (f"table inet gtn {{\n  chain input {{ type filter hook input priority 0; policy accept;\n{body}\n  }}\n"
+            f"  chain output {{ type filter hook output priority 0; policy accept;\n{body}\n  }}\n}}\n")
+
+
+def isolate(host: Host, peers: list[Host]) -> None:
+    """Drop every packet between ``host`` and ``peers`` (one side of a partition)."""
+    addrs = ", ".join(p.ip for p in peers)
+    _nft(host, _table([f"ip saddr {{ {addrs} }} drop", f"ip daddr {{ {addrs} }} drop"]))
+
+
+def drop_share(host: Host, share: float) -> None:
+    """Drop ``share`` of the packets entering and leaving ``host``, each independently at random."""
+    _nft(host, _table([f"numgen random mod 1000 < {round(share * 1000)} drop"]))
+
+
+def clear_rules(host: Host) -> None:
+    in_ns(host.ns, "nft", "delete", "table", "inet", "gtn", check=False)
+
+
+def cap_bandwidth(host: Host, rate_kbit: int) -> None:
+    """A token bucket on both ends of ``host``'s link: ``rate_kbit`` each way."""
+    for ns, dev in ((host.ns, "eth0"), (HUB, host.hub_link)):
+        in_ns(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_kbit}kbit",
+              "burst", "16kbit", "latency", "400ms")
+
+
+def uncap_bandwidth(host: Host) -> None:
+    for ns, dev in ((host.ns, "eth0"), (HUB, host.hub_link)):
+        in_ns(ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)

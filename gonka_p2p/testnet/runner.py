@@ -1,0 +1,266 @@
+"""Run a testnet: namespaces, participant processes, load, perturbations, then the verdict.
+
+:func:`run` is the whole life of one run, in order: refuse early without the
+privilege; remove what a crashed earlier harness left (namespaces with our
+prefix, and the processes in them); ``gonka-p2p init`` the genesis (with the
+manifest's weights); one namespace per participant plus one for the load
+client and one for the observer; start the participants; start the observer
+and the load; apply the perturbations at their times (every random choice
+was made from the manifest's seed when it was loaded); stop the load, let
+the ledger settle, stop the participants, replay their stores, and judge
+(:mod:`gonka_p2p.testnet.invariants`). Whatever happens -- an exception, ^C,
+SIGTERM -- the ``finally`` and an ``atexit`` hook kill every process we
+started and delete every namespace (:func:`netns.cleanup`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger.genesis import load_genesis, save_genesis
+from gonka_p2p.testnet import netns
+from gonka_p2p.testnet.invariants import Applied, Verdict, judge, read_jsonl, replay_store
+from gonka_p2p.testnet.manifest import Manifest, Perturbation
+
+PORT = 9000
+READY_TIMEOUT_S = 300.0  # a model load on a busy machine
+
+
+class TestnetError(Exception):
+    """A run that could not be carried out (as opposed to one whose invariants failed)."""
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+@dataclass
+class Participant:
+    index: int
+    host: netns.Host
+    key: Path
+    peer_id: str
+    log_dir: Path
+    proc: subprocess.Popen[str] | None = None
+    frozen: bool = False
+    starts: int = 0
+
+    @property
+    def addr(self) -> str:
+        return f"/ip4/{self.host.ip}/tcp/{PORT}/p2p/{self.peer_id}"
+
+    def start(self, manifest: Manifest, genesis: Path, bootstrap: list[str]) -> None:
+        self.starts += 1
+        argv = self.host.exec_argv() + _python(
+            "gonka_p2p.cli", "node", "--engine", manifest.engine, "--model", manifest.model,
+            "--key", str(self.key), "--genesis", str(genesis), "--listen", f"/ip4/{self.host.ip}/tcp/{PORT}",
+            "--empty-block-interval", str(manifest.empty_block_interval), "--announce-interval", "2")
+        for addr in bootstrap:
+            argv += ["--bootstrap", addr]
+        log = open(self.log_dir / f"node{self.index}.{self.starts}.log", "w")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+        self.frozen = False
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("READY "):
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+                return
+            if not line and self.proc.poll() is not None:
+                break
+        raise TestnetError(f"participant {self.index} did not start; see {self.log_dir}/node{self.index}.{self.starts}.log")
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Testnet:
+    manifest: Manifest
+    workdir: Path
+    participants: list[Participant] = field(default_factory=list)
+    helpers: list[subprocess.Popen[str]] = field(default_factory=list)
+    client: netns.Host | None = None
+    observer: netns.Host | None = None
+    applied: list[Applied] = field(default_factory=list)
+
+    @property
+    def net(self) -> Path:
+        return self.workdir / "net"
+
+    def up(self) -> None:
+        netns.require_privilege()
+        netns.cleanup()
+        atexit.register(netns.cleanup)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally blocks
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        init = subprocess.run(_python("gonka_p2p.cli", "init", "--nodes", str(self.manifest.nodes), "--clients", "2",
+                                      "--model", self.manifest.model, "--out", str(self.net)),
+                              capture_output=True, text=True)
+        if init.returncode != 0:
+            raise TestnetError(f"gonka-p2p init failed: {init.stderr.strip()}")
+        if self.manifest.weights:
+            genesis = load_genesis(self.net / "genesis.toml")
+            save_genesis(replace(genesis, participants=tuple(
+                replace(p, weight=w) for p, w in zip(genesis.participants, self.manifest.weights))),
+                self.net / "genesis.toml")
+        netns.create_hub()
+        self.client = netns.create_host("client", 2)
+        self.observer = netns.create_host("observer", 3)
+        for i in range(self.manifest.nodes):
+            key = self.net / f"node{i}.key"
+            self.participants.append(Participant(i, netns.create_host(f"node{i}", 10 + i), key,
+                                                 Keypair.load(key).peer_id, self.workdir))
+        first, *rest = self.participants
+        first.start(self.manifest, self.net / "genesis.toml", [])
+        first.wait_ready()
+        for p in rest:
+            p.start(self.manifest, self.net / "genesis.toml", [first.addr])
+        for p in rest:
+            p.wait_ready()
+
+    def restart(self, p: Participant) -> None:
+        p.start(self.manifest, self.net / "genesis.toml",
+                [q.addr for q in self.participants if q is not p and not q.frozen])
+        p.wait_ready()
+
+    def helper(self, host: netns.Host, module: str, *args: str, **config: object) -> subprocess.Popen[str]:
+        path = self.workdir / f"{module.rsplit('.', 1)[-1]}-{args[0] if args else 'run'}.json"
+        path.write_text(json.dumps({"ip": host.ip, "addrs": [p.addr for p in self.participants],
+                                    "chain_id": load_genesis(self.net / "genesis.toml").chain_id, **config}))
+        proc = subprocess.Popen(host.exec_argv() + _python(module, *args, str(path)), text=True,
+                                stderr=open(self.workdir / f"{path.stem}.log", "w"))
+        self.helpers.append(proc)
+        return proc
+
+    def down(self) -> None:
+        for proc in self.helpers:
+            if proc.poll() is None:
+                proc.kill()
+        for p in self.participants:
+            p.stop()
+        netns.cleanup()
+
+    # ---- perturbations -------------------------------------------------------------
+
+    def apply(self, pert: Perturbation) -> None:
+        targets = [self.participants[i] for i in pert.targets]
+        if pert.kind == "kill":
+            for p in targets:
+                p.signal(signal.SIGKILL)
+                assert p.proc is not None
+                p.proc.wait()
+        elif pert.kind == "freeze":
+            for p in targets:
+                p.signal(signal.SIGSTOP)
+                p.frozen = True
+        elif pert.kind == "partition":
+            others = [p for p in self.participants if p not in targets]
+            for p in targets:
+                netns.isolate(p.host, [q.host for q in others])
+            for q in others:
+                netns.isolate(q.host, [p.host for p in targets])
+        elif pert.kind == "drop":
+            for p in targets:
+                netns.drop_share(p.host, pert.share)
+        elif pert.kind == "bandwidth":
+            for p in targets:
+                netns.cap_bandwidth(p.host, pert.rate_kbit)
+        elif pert.kind == "rolling":
+            for p in self.participants:
+                p.stop()
+                self.restart(p)
+
+    def undo(self, pert: Perturbation) -> None:
+        targets = [self.participants[i] for i in pert.targets]
+        if pert.kind == "kill":
+            for p in targets:
+                self.restart(p)
+        elif pert.kind == "freeze":
+            for p in targets:
+                p.signal(signal.SIGCONT)
+                p.frozen = False
+        elif pert.kind in ("partition", "drop"):
+            for p in self.participants:
+                netns.clear_rules(p.host)
+        elif pert.kind == "bandwidth":
+            for p in targets:
+                netns.uncap_bandwidth(p.host)
+
+    def perturb(self, t0: float, log: callable) -> None:  # type: ignore[valid-type]
+        """Apply and undo the manifest's perturbations at their times, one at a time, in order."""
+        events = sorted([(p.at_s, 0, i) for i, p in enumerate(self.manifest.perturbations)]
+                        + [(p.end_s, 1, i) for i, p in enumerate(self.manifest.perturbations) if not p.forever])
+        started: dict[int, float] = {}
+        for at, undo, i in events:
+            pert = self.manifest.perturbations[i]
+            time.sleep(max(0.0, t0 + at - time.time()))
+            if undo:
+                self.undo(pert)
+                self.applied.append(Applied(pert, started[i], time.time()))
+                log(f"t+{time.time() - t0:5.0f} s  undone  {pert.kind} {list(pert.targets)}")
+            else:
+                started[i] = time.time()
+                self.apply(pert)
+                log(f"t+{time.time() - t0:5.0f} s  applied {pert.kind} {list(pert.targets) or 'all'}")
+        self.applied += [Applied(self.manifest.perturbations[i], started[i], None)
+                         for i, p in enumerate(self.manifest.perturbations) if p.forever]
+
+    # ---- the run -------------------------------------------------------------------
+
+    def run(self, log: callable) -> Verdict:  # type: ignore[valid-type]
+        m = self.manifest
+        assert self.client is not None and self.observer is not None
+        observe_key, load_key = str(self.net / "client1.key"), str(self.net / "client0.key")
+        watch = self.helper(self.observer, "gonka_p2p.testnet.observer", "watch", key=observe_key,
+                            out=str(self.workdir / "observed.jsonl"), interval=1.0)
+        load = self.helper(self.client, "gonka_p2p.testnet.load", key=load_key, out=str(self.workdir / "requests.jsonl"),
+                           rate=m.load.rate, duration_s=m.duration_s, model=m.model, max_tokens=m.load.max_tokens,
+                           timeout_s=m.load.timeout_s, concurrency=m.load.concurrency)
+        t0 = time.time()
+        log(f"load started: {m.load.rate} requests/s for {m.duration_s:g} s")
+        self.perturb(t0, log)
+        load.wait(timeout=max(0.0, t0 + m.duration_s - time.time()) + m.load.timeout_s + 60)
+        log("load done; settling the ledger")
+        settle = self.helper(self.observer, "gonka_p2p.testnet.observer", "settle", key=observe_key,
+                             requests=str(self.workdir / "requests.jsonl"), out=str(self.workdir / "settled.json"),
+                             settle_s=m.settle_s)
+        settle.wait(timeout=m.settle_s + 120)
+        watch.terminate()
+        watch.wait(timeout=30)
+        for p in self.participants:
+            p.stop()
+        genesis = load_genesis(self.net / "genesis.toml")
+        stores = {p.index: asyncio.run(replay_store(p.key.parent / f"{p.key.name}-ledger" / "ledger.sqlite", genesis))
+                  for p in self.participants}
+        settled_path = self.workdir / "settled.json"
+        settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
+        return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
+                     settled, self.applied, stores, m.recovery_bound_s)
