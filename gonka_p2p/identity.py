@@ -102,7 +102,7 @@ class Keypair:
     def public_key(self) -> bytes:
         return self._private.public_key.format(compressed=True)
 
-    @property
+    @cached_property
     def peer_id(self) -> str:
         return peer_id_from_pubkey(self.public_key)
 

@@ -256,14 +256,15 @@ class LedgerState:
             return []
         total = sum(eligible.values())
         duties = []
-        for iid in self.epoch_inferences(epoch):
-            record = self.inferences.rows[iid]
+        rows = self.inferences.rows
+        for iid in self._closed.get(epoch, ()):  # one hash each; only the few duties are sorted
+            record = rows[iid]
             if record.status is not InferenceStatus.SETTLED or validator in (record.executor, record.ta):
                 continue
             others = total - eligible.get(record.executor, 0) - eligible.get(record.ta, 0)
             if is_validation_duty(seed, iid, record.validation_ppm, weight, others):
                 duties.append(iid)
-        return duties
+        return sorted(duties, key=lambda iid: (rows[iid].closed_height, iid))
 
     def validations(self, inference_id: bytes) -> dict[str, Check]:
         """The Validations submitted for an inference, by validator."""
