@@ -1,8 +1,9 @@
 """The simulated chain: transactions due at a height are signed, put in a block, and applied
 to the real :class:`~gonka_p2p.ledger.state.LedgerState`.
 
-Consensus is not simulated (``sim.consensus_sim`` does that): every block
-commits, one per virtual second. What is real is everything the economics
+Consensus is simulated only when the scenario asks (:mod:`sim.consensus_run`
+then gives each height its commit time, and the run ends where the chain
+stops); otherwise every block commits, one per virtual second. What is real is everything the economics
 depend on -- each transaction is a sealed secp256k1 envelope that
 ``apply_block`` decodes, verifies and judges, in block order, with the
 signer's exact next sequence. Like the live network's
@@ -48,9 +49,10 @@ class Pending:
 
 
 class Chain:
-    def __init__(self, genesis: Genesis, proposers: list[str]) -> None:
+    def __init__(self, genesis: Genesis, proposers: list[str], commit_ms: tuple[int, ...] = ()) -> None:
         self.state = LedgerState.from_genesis(genesis)
         self._proposers = proposers
+        self._commit_ms = commit_ms  # virtual ms after genesis at which each height committed (if simulated)
         self._due: dict[int, list[Pending]] = {}
         self.rejected: Counter[tuple[str, str]] = Counter()  # (tx kind, reason) -> count
         self.accepted: Counter[str] = Counter()  # tx kind -> count
@@ -79,7 +81,7 @@ class Chain:
             sequences[peer] = sequence + 1
             raws.append(seal(item.build(sequence), item.signer))
         block = Block(height, state.last_block_hash, self._proposers[height % len(self._proposers)],
-                      state.time_ms + BLOCK_MS, raws)
+                      self.time_of(height), raws)
         _, receipts = apply_block(state, block)
         self._check_conservation()
         for item, receipt in zip(pending, receipts, strict=True):
@@ -94,6 +96,12 @@ class Chain:
             if item.on_receipt is not None:
                 item.on_receipt(receipt)
         return receipts
+
+    def time_of(self, height: int) -> int:
+        """Block ``height``'s time: its simulated commit, else one second after the one before."""
+        if self._commit_ms:
+            return max(self.state.genesis.genesis_time_ms + self._commit_ms[height - 1], self.state.time_ms + 1)
+        return self.state.time_ms + BLOCK_MS
 
     def _check_conservation(self) -> None:
         state = self.state

@@ -7,7 +7,8 @@ seed, and the same pair (with the same ``--set`` overrides) replays byte for
 byte. ``gonka-p2p sim sweep SCENARIO --param validation.floor=0.01:0.2:8
 --seeds 20`` runs every (value, seed) pair in parallel processes and writes a
 table and one plot per metric (mean and 95 % interval across seeds); see
-:mod:`sim.sweep`. ``python -m sim`` is the same command.
+:mod:`sim.sweep`. ``gonka-p2p sim safety --seeds 1000`` checks consensus over
+many random networks (:mod:`sim.safety`). ``python -m sim`` is the same command.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             return list_scenarios(console)
         if argv[:1] == ["sweep"]:
             return sweep(argv[1:], console)
+        if argv[:1] == ["safety"]:
+            from sim.safety import main as safety
+
+            return safety(argv[1:], console)
         return run(argv, console)
     except ScenarioError as e:
         console.print(f"[red]error:[/red] {e}")

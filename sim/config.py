@@ -2,7 +2,7 @@
 
 A scenario file (:mod:`sim.scenario`) is a TOML document whose tables are the
 sections below (``[network]``, ``[behaviour]``, ``[validation]``,
-``[economics]``) plus three free tables: ``[mix]`` (strategy -> peers playing
+``[economics]``, ``[consensus]``) plus three free tables: ``[mix]`` (strategy -> peers playing
 it), ``[economics.savings]`` (strategy -> share of compute its cheat saves)
 and ``[params]`` (any genesis parameter, by name, checked by the ledger's own
 genesis validation). The loader, the sweep's ``--param`` and the report all
@@ -97,6 +97,20 @@ class SimConfig:
         at_least(0.0))
     savings: dict[str, float] = _knob(dict(DEFAULT_SAVINGS), "economics.savings",
                                       "share of compute each cheat saves, by strategy")
+    # -- consensus (sim.consensus_run) --
+    validators: int = _knob(0, "consensus", "replicas running Tendermint for the chain, equal power "
+                            "(0: no consensus simulated; every block commits, one a second)", at_least(0))
+    byzantine_share: float = _knob(0.0, "consensus", "share of the replicas that are byzantine (rounded "
+                                   "up: 1/4 of 7 is 2)", probability)
+    byzantine: str = _knob("equivocate", "consensus", "what byzantine replicas do: sign conflicting "
+                           "twins and propose invalid blocks, or withhold their votes",
+                           one_of("equivocate", "withhold"))
+    partitions: int = _knob(0, "consensus", "partition windows that form and heal during the run, "
+                            "each splitting the replicas in two at random", at_least(0))
+    partition_ms: int = _knob(5_000, "consensus", "the longest a partition holds, ms", at_least(1))
+    max_delay_ms: int = _knob(50, "consensus", "a consensus message's delay, at most (ms)", at_least(1))
+    stall_ms: int = _knob(30_000, "consensus", "virtual time without a commit after which the chain is "
+                          "reported stalled (ms)", at_least(1))
     # -- free tables --
     mix: dict[str, int] = _knob({}, "mix", "non-honest peers: strategy = count (the rest are honest)")
     params: dict[str, int] = _knob({}, "params", "genesis parameters overriding the ledger's defaults")

@@ -16,15 +16,18 @@ sim.consensus_sim --seed S --validators N``).
 
 The network: each message is delayed uniformly in [min, max] ms, may be
 duplicated, and before ``stabilize_ms`` (the paper's GST) may be dropped or
-cut by a partition window that splits the validators into two sides. After
-GST nothing is lost, which is when the protocol must make progress.
+cut by partition windows that form and heal, each splitting the validators
+into two sides. After GST nothing is lost, which is when the protocol must
+make progress.
 
-Byzantine validators (fewer than 1/3 of the power) run an honest core but
-equivocate on the wire: for every message they broadcast they sign a
-conflicting twin (another block, an invalid block, another vote) and send
-each peer one of the two at random -- for another validator's vote they
-relay, the twin is a forgery that signature checks must reject; they
-sometimes propose invalid blocks and never serve catch-up requests.
+Byzantine validators (fewer than 1/3 of the power, unless the scenario lifts
+that bound to see what breaks) run an honest core but, when they
+*equivocate*, sign for every message they broadcast a conflicting twin
+(another block, an invalid block, another vote) and send each peer one of
+the two at random -- for another validator's vote they relay, the twin is a
+forgery that signature checks must reject; they sometimes propose invalid
+blocks and never serve catch-up requests. When they *withhold*, they send no
+vote at all (and still propose).
 
 Invariants are checked where state changes, not only at the end: an honest
 commit that conflicts with another honest commit at the same height, or
@@ -112,7 +115,7 @@ class Network:
     max_delay_ms: int = 50
     drop_rate: float = 0.0  # before stabilize_ms only
     duplicate_rate: float = 0.0
-    partition: tuple[int, int] | None = None  # [start, end) ms: the two sides cannot talk
+    partitions: tuple[tuple[int, int], ...] = ()  # [start, end) ms windows: the two sides cannot talk
     partition_sides: tuple[int, ...] = ()  # side (0/1) of each validator; empty: drawn from the seed
     stabilize_ms: int = 0  # GST: from here on nothing is dropped and no partition holds
 
@@ -128,10 +131,20 @@ class Scenario:
     liveness_window_ms: int = 20_000  # ... within this much virtual time after GST (the run stops there)
     app_delay_ms: int = 5  # the application answers build/validate requests within this
     real_signatures: bool = False
+    byzantine_mode: str = "equivocate"  # or "withhold": send no votes
+    bound_byzantine: bool = True  # refuse byzantine power >= 1/3 (the economic runs lift it)
+    stall_ms: int | None = None  # stop once no honest replica has committed for this long
 
     def __post_init__(self) -> None:
-        if 3 * sum(self.powers[i] for i in self.byzantine) >= sum(self.powers):
+        if self.bound_byzantine and not self.tolerated:
             raise ValueError("byzantine validators must hold less than 1/3 of the power")
+        if self.byzantine_mode not in ("equivocate", "withhold"):
+            raise ValueError(f"unknown byzantine mode {self.byzantine_mode!r}")
+
+    @property
+    def tolerated(self) -> bool:
+        """Byzantine power below 1/3: the protocol promises no fork, and liveness after GST."""
+        return 3 * sum(self.powers[i] for i in self.byzantine) < sum(self.powers)
 
     @classmethod
     def random(cls, seed: int, n_validators: int, **overrides: object) -> Scenario:
@@ -144,15 +157,15 @@ class Scenario:
         for i in order[: rng.randint(0, (n_validators - 1) // 3)]:
             if 3 * (sum(powers[j] for j in byzantine) + powers[i]) < sum(powers):
                 byzantine.append(i)
-        partition = None
+        partitions = ()
         if rng.random() < 0.5:
             start = rng.randint(0, 2000)
-            partition = (start, start + rng.randint(500, 3000))
+            partitions = ((start, start + rng.randint(500, 3000)),)
         network = Network(
             min_delay_ms=1, max_delay_ms=rng.randint(5, 80),
             drop_rate=rng.uniform(0.0, 0.3), duplicate_rate=rng.uniform(0.0, 0.1),
-            partition=partition,
-            stabilize_ms=max(partition[1] if partition else 0, rng.randint(1000, 4000)),
+            partitions=partitions,
+            stabilize_ms=max(partitions[0][1] if partitions else 0, rng.randint(1000, 4000)),
         )
         scenario = cls(seed=seed, powers=powers, byzantine=tuple(sorted(byzantine)), network=network)
         return replace(scenario, **overrides)  # type: ignore[arg-type]
@@ -275,6 +288,7 @@ class Simulation:
         self.honest = [r for r in self.replicas if not r.byzantine]
         self._after_gst = Counter[int]()  # honest replica index -> heights committed after GST
         self._behind = len(self.honest)  # honest replicas short of target_heights after GST
+        self._last_commit_ms = 0  # an honest replica's latest commit
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -284,6 +298,8 @@ class Simulation:
         while self._queue and not self._done():
             self.now, _, thunk = heapq.heappop(self._queue)
             if self.now > self.net.stabilize_ms + self.scenario.liveness_window_ms:
+                break
+            if self.scenario.stall_ms is not None and self.now - self._last_commit_ms > self.scenario.stall_ms:
                 break
             thunk()
         for r in self.replicas:
@@ -360,7 +376,8 @@ class Simulation:
         r.safety = state
 
     def _build_block(self, r: _Replica, height: int, round: int) -> bytes:
-        prefix = INVALID_PREFIX if r.byzantine and self.rng.random() < 0.3 else b""
+        equivocating = r.byzantine and self.scenario.byzantine_mode == "equivocate"
+        prefix = INVALID_PREFIX if equivocating and self.rng.random() < 0.3 else b""
         return prefix + f"block h={height} r={round} by={r.validator.address} ".encode() + self.rng.randbytes(16)
 
     def _commit(self, r: _Replica, action: Commit) -> None:
@@ -375,6 +392,7 @@ class Simulation:
                 self._fail(InvariantViolation, f"{r.validator.address} committed height {h} out of order")
             verify_commit(self.validator_set(h), h, block_hash, action.certificate, self.verify, chain_id=CHAIN_ID)
             r.commit_times[h] = self.now
+            self._last_commit_ms = self.now
             if self.now >= self.net.stabilize_ms:
                 self._after_gst[r.index] += 1
                 self._behind -= self._after_gst[r.index] == self.scenario.target_heights
@@ -391,7 +409,12 @@ class Simulation:
     # ---- byzantine behaviour -------------------------------------------------------------
 
     def _broadcast(self, r: _Replica, message: Proposal | Vote) -> None:
-        twin = self._twin(r, message) if r.byzantine else None
+        if r.byzantine and self.scenario.byzantine_mode == "withhold":
+            if isinstance(message, Vote):
+                return
+            twin = None
+        else:
+            twin = self._twin(r, message) if r.byzantine else None
         for peer in self.replicas:
             if peer is not r:
                 self._send(r, peer, twin if twin is not None and self.rng.random() < 0.5 else message)
@@ -408,11 +431,10 @@ class Simulation:
     # ---- the network ---------------------------------------------------------------------
 
     def _send(self, src: _Replica, dst: _Replica, payload: object) -> None:
+        if src.side != dst.side and any(start <= self.now < end for start, end in self.net.partitions):
+            self.stats["partitioned"] += 1  # a window that outlasts GST holds anyway (sim.consensus_run)
+            return
         if self.now < self.net.stabilize_ms:
-            p = self.net.partition
-            if p is not None and p[0] <= self.now < p[1] and src.side != dst.side:
-                self.stats["partitioned"] += 1
-                return
             if self.rng.random() < self.net.drop_rate:
                 self.stats["dropped"] += 1
                 return

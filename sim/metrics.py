@@ -122,7 +122,7 @@ class Metrics:
     # ------------------------------------------------------------------ the report
 
     def report(self, config: dict[str, object], rejected: Counter[tuple[str, str]], app_hash: bytes,
-               coins: dict[str, int], val_over_gen: float, bet: tuple[float, float] | None) -> Report:
+               coins: dict[str, float | int | str], val_over_gen: float, bet: tuple[float, float] | None) -> Report:
         """The run's report; ``bet``: (d, s) of its executor cheaters, for the break-even table."""
         peers = self.roster.peers
         rewards = Counter[str]()

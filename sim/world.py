@@ -82,13 +82,13 @@ from gonka_p2p.ledger.transactions import (
 from gonka_p2p.wire.envelope import Signed, seal
 from gonka_p2p.wire.messages import NONCE_BYTES, ChatTurn, InferenceRequest, inference_id
 
-from sim.chain import BLOCK_MS, Chain
+from sim.chain import Chain
 from sim.config import SimConfig
+from sim.consensus_run import run_consensus
 from sim.metrics import Metrics, Report, report_digest
 from sim.roster import (
     CHAIN_ID,
     CLIENT_BALANCE,
-    GENESIS_TIME_MS,
     MODEL,
     Peer,
     Strategy,
@@ -126,7 +126,11 @@ class Simulation:
         self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor, config.params))
         self.params = self.genesis.params
         self.peers = self.roster.by_id()
-        self.chain = Chain(self.genesis, [p.peer_id for p in self.roster.peers])
+        self.consensus = run_consensus(config, self.last_height) if config.validators else None
+        self.chain = Chain(self.genesis, [p.peer_id for p in self.roster.peers],
+                           self.consensus.commit_ms if self.consensus else ())
+        self._block_ms = [self.genesis.genesis_time_ms]  # height -> its block's time
+        self._latency_ms: list[int] = []  # request arrival -> settlement, by block times
         self.metrics = Metrics(self.roster, self.params)
         self._traffic = random.Random(f"traffic/{config.seed}")
         self._cheat = random.Random(f"cheat/{config.seed}")
@@ -143,6 +147,7 @@ class Simulation:
         self._reveal_after: dict[tuple[int, str], int] = {}  # (epoch, validator) -> last check height
         self._seeds: dict[tuple[int, int], bytes] = {}
         self._nonce = 0
+        self._weights: tuple[int, dict[str, int]] = (-1, {})  # (height, the ledger's executor weights)
 
     @property
     def last_height(self) -> int:
@@ -154,9 +159,11 @@ class Simulation:
         """Simulate every block; ``identity`` (the scenario's name, hash and overrides) heads
         the report's config, so the digest covers what named the run."""
         self._epoch_started(0)
-        for height in range(1, self.last_height + 1):
+        end = self.consensus.heights if self.consensus else self.last_height  # a stall or a fork ends it
+        for height in range(1, end + 1):
             self._before_block(height)
             self.chain.step()
+            self._block_ms.append(self.chain.state.time_ms)
             self._after_block(height)
             if on_block is not None:
                 on_block(height)
@@ -217,7 +224,7 @@ class Simulation:
             chain_id=CHAIN_ID, model=MODEL,
             messages=[ChatTurn(role="user", content="x" * self._traffic.randint(*PROMPT_CHARS))],
             max_tokens=1 if spam else self._traffic.randint(*MAX_TOKENS), temperature=0.7, top_p=1.0, top_k=0,
-            logprobs_k=5, timestamp_ms=GENESIS_TIME_MS + height * BLOCK_MS,
+            logprobs_k=5, timestamp_ms=self.chain.time_of(height),
             nonce=self._nonce.to_bytes(NONCE_BYTES, "big"))
         raw = seal(request, client)
         iid = inference_id(Signed(request, client.public_key, raw))
@@ -262,7 +269,9 @@ class Simulation:
         """The live TA's routing: the ledger's draws over its executor weights, attempt by
         attempt, the first that is online; None when no attempt finds one. A greedy TA takes
         ``prefer`` at whichever allowed attempt draws it (the choice the ledger leaves it)."""
-        weights = executor_weights(self.chain.state, MODEL)
+        if self._weights[0] != self.chain.height:  # weights change only in blocks: one read per block
+            self._weights = (self.chain.height, executor_weights(self.chain.state, MODEL))
+        weights = self._weights[1]
         drawn = []
         for attempt in range(self.params.max_executor_attempts):
             try:
@@ -331,6 +340,7 @@ class Simulation:
         assert record is not None
         epoch = state.inference_epoch(record)
         self.metrics.latencies.append(height - work.arrival)
+        self._latency_ms.append(self._block_ms[height] - self._block_ms[work.arrival])
         if work.cheating:
             self.metrics.offence(work.executor.peer_id, height, epoch)
         if work.owner:  # what the self-dealer's client paid (to itself, or to the stranger drawn)
@@ -441,11 +451,20 @@ class Simulation:
                  "coins: the spammer spent": CLIENT_BALANCE - spammer.balance if spammer else 0,
                  "coins: burned": state.burned,
                  "coins: balances + escrow + fees": state.total_coins(),
-                 "coins: blocks checked": self.chain.conservation_checks}
+                 "coins: blocks checked": self.chain.conservation_checks, **self._consensus_lines()}
         report = self.metrics.report({**identity, **self.config.describe()}, self.chain.rejected, state.app_hash(),
                                      coins, self.verdicts.val_over_gen, self._bet())
         return replace(report, digest=report_digest(report))
 
+
+    def _consensus_lines(self) -> dict[str, float | int | str]:
+        """With simulated consensus: its verdict, commit latency, and request latency in ms."""
+        if self.consensus is None:
+            return {}
+        ms = sorted(self._latency_ms)
+        return {**self.consensus.lines(),
+                "request latency mean (ms)": round(sum(ms) / len(ms), 1) if ms else 0.0,
+                "request latency p95 (ms)": ms[int(0.95 * (len(ms) - 1))] if ms else 0}
 
     def _bet(self) -> tuple[float, float] | None:
         """(d, s) of the run's most numerous executor cheat: the chance a check fails its

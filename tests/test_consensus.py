@@ -600,7 +600,7 @@ def test_simulation_with_real_signatures_and_an_equivocator():
 
 
 def test_partition_without_quorum_on_either_side_heals():
-    network = Network(max_delay_ms=30, drop_rate=0.1, partition=(0, 3000), partition_sides=(0, 1, 0, 1, 0, 1),
+    network = Network(max_delay_ms=30, drop_rate=0.1, partitions=((0, 3000),), partition_sides=(0, 1, 0, 1, 0, 1),
                       stabilize_ms=3000)
     for seed in range(5):
         result = simulate(Scenario(seed=seed, powers=(1, 1, 1, 1, 1, 1), network=network))
