@@ -209,10 +209,10 @@ class Mempool:
         most = max(self._heaviest, default=0)
         if most <= needs:
             return False
-        for signer in sorted(self._heaviest[most]):
+        for signer in self._heaviest[most]:  # any of them: the pool is local, not consensus
             newest = self._by_signer[signer][max(self._by_signer[signer])]
             if not newest.duty:  # only a run's last transaction goes: the rest still line up
-                self._remove(newest.tx_hash)
+                self._remove(newest.tx_hash)  # changes the set iterated: return at once
                 self._evicted.append((newest.tx_hash, TxRefused(
                     "evicted", f"{signer} held {most} paying transactions of a full pool")))
                 return True

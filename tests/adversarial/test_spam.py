@@ -388,3 +388,14 @@ async def test_a_duty_counts_as_done_only_once_its_transaction_commits() -> None
     follower.sent[1][1](True)
     await actor.step()
     assert len(follower.sent) == 2
+
+
+def test_a_newcomer_evicts_the_heaviest_account_of_a_full_pool_and_the_eviction_is_reported() -> None:
+    chain = Chain()
+    chain.flood()  # the spammers hold the whole paying share, evicting each other down to a fair share
+    assert {refusal.code for _, refusal in chain.pool.update(chain.state, [])} == {"evicted"}
+    tx = chain.submit(KEYS["alice"], lambda n: Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=n))
+    assert tx in chain.pool and len(chain.pool) == UNRESERVED
+    (evicted_hash, refusal), = chain.pool.update(chain.state, [])  # reported by the next update, once
+    assert refusal.code == "evicted" and evicted_hash not in chain.pool
+    assert chain.pool.update(chain.state, []) == []
