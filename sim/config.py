@@ -106,7 +106,7 @@ class SimConfig:
                            "twins and propose invalid blocks, or withhold their votes",
                            one_of("equivocate", "withhold"))
     partitions: int = _knob(0, "consensus", "partition windows that form and heal during the run, "
-                            "each splitting the replicas in two at random", at_least(0))
+                            "each splitting the replicas into two halves", at_least(0))
     partition_ms: int = _knob(5_000, "consensus", "the longest a partition holds, ms", at_least(1))
     max_delay_ms: int = _knob(50, "consensus", "a consensus message's delay, at most (ms)", at_least(1))
     stall_ms: int = _knob(30_000, "consensus", "virtual time without a commit after which the chain is "

@@ -7,8 +7,9 @@ loop, the byzantine consensus simulator (:mod:`sim.consensus_sim`, the real
 :class:`~gonka_p2p.ledger.consensus.ConsensusState` in N replicas) for every
 height the economic run needs, from the same seed: ``byzantine_share`` of the
 replicas equivocate (conflicting twins, invalid proposals) or withhold their
-votes, and ``partitions`` windows split the replicas in two at random times
-and heal ``partition_ms`` later at most. What comes out is one virtual
+votes, and ``partitions`` windows split the replicas in two halves (neither
+holds 2/3, so no block commits meanwhile) at random times and heal
+``partition_ms`` later at most. What comes out is one virtual
 commit time per height -- the first honest replica's -- which becomes that
 block's time on the ledger (:class:`sim.chain.Chain`), and a verdict:
 
@@ -69,19 +70,21 @@ class ConsensusOutcome:
 
 
 def consensus_scenario(config: SimConfig, heights: int) -> Scenario:
-    """The consensus run of ``config``'s seed: N equal replicas, the byzantine ones and the
-    partition windows drawn from the seed, spread over the run's expected duration."""
+    """The consensus run of ``config``'s seed: N equal replicas, the byzantine ones, the two
+    halves and the partition windows drawn from the seed, spread over the run's expected duration."""
     rng = random.Random(f"consensus/{config.seed}")
     n = config.validators
     order = list(range(n))
     rng.shuffle(order)
     byzantine = tuple(sorted(order[:math.ceil(config.byzantine_share * n - 1e-9)]))
-    span = heights * (config.max_delay_ms * 4 + 50)  # a rough healthy duration, ms
+    span = heights * config.max_delay_ms  # within a healthy run (a height takes ~1.7 delays), ms
     windows = []
     for _ in range(config.partitions):
         start = rng.randrange(max(span, 1))
         windows.append((start, start + rng.randint(config.partition_ms // 2, config.partition_ms)))
-    network = Network(min_delay_ms=1, max_delay_ms=config.max_delay_ms, partitions=tuple(sorted(windows)))
+    halves = order[n // 2:]  # a balanced split: neither side holds the 2/3 that commits
+    network = Network(min_delay_ms=1, max_delay_ms=config.max_delay_ms, partitions=tuple(sorted(windows)),
+                      partition_sides=tuple(int(i in halves) for i in range(n)))
     return Scenario(seed=config.seed, powers=(1,) * n, byzantine=byzantine, network=network,
                     target_heights=heights, liveness_window_ms=heights * config.stall_ms,
                     byzantine_mode=config.byzantine, bound_byzantine=False, stall_ms=config.stall_ms)

@@ -34,6 +34,7 @@ from rich.table import Table
 from sim.consensus_sim import LivenessFailure, Scenario, SimFailure, simulate
 
 VALIDATORS = (4, 10)  # replicas per run: drawn from the seed in this range
+STALL_MS = 5_000  # beyond the bound, this long without an honest commit ends the run: stalled
 
 
 def within_bound(seed: int) -> str:
@@ -58,7 +59,7 @@ def beyond_bound(seed: int) -> str:
     powers = tuple(max(base.powers) if i in byzantine else p for i, p in enumerate(base.powers))  # ... >= 1/3
     scenario = replace(base, powers=powers, byzantine=byzantine, bound_byzantine=False,
                        byzantine_mode="withhold" if seed % 2 == 0 else "equivocate",
-                       stall_ms=base.liveness_window_ms)
+                       stall_ms=STALL_MS)
     assert not scenario.tolerated
     try:
         result = simulate(scenario)

@@ -75,7 +75,8 @@ def metrics_of(report: Report) -> dict[str, float]:
             out[f"blocks to catch: {row.strategy}"] = row.blocks_to_catch
     network = report.network
     for key in ("validation compute share", "fair: Gini of reward per weight", "honest convicted",
-                "disputes", "checks per inference"):
+                "disputes", "checks per inference", "commit latency mean (ms)", "commit latency p99 (ms)",
+                "request latency mean (ms)"):  # the last three with simulated consensus only
         value = network.get(key)
         if isinstance(value, (int, float)) and not math.isnan(value):
             out[key] = float(value)
