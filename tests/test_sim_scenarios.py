@@ -272,9 +272,15 @@ def test_readme_shows_a_ready_scenario_file_verbatim() -> None:
 
 def test_readme_commands_run(tmp_path: Path) -> None:
     found = commands(readme_section())
-    assert [c[:2] for c in found] == [["sim", "list"], ["sim", "q10-cheater"], ["sim", "sweep"]]
+    assert [c[:2] for c in found] == [["sim", "list"], ["sim", "q10-cheater"], ["sim", "sweep"],
+                                      ["sim", "safety"]]
     for i, command in enumerate(found):
-        argv = command[1:] if command[1] == "list" else with_out(command[1:], tmp_path / str(i))
+        if command[1] == "list":
+            argv = command[1:]
+        elif command[1] == "safety":
+            argv = [*command[1:], "--seeds", "4", "--workers", "2"]
+        else:
+            argv = with_out(command[1:], tmp_path / str(i))
         result = gonka(["sim", *argv])
         assert result.returncode == 0, f"{shlex.join(command)}: {result.stderr}"
     assert (tmp_path / "1" / "report.json").exists() and (tmp_path / "2" / "sweep.json").exists()
