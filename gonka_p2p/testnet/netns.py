@@ -1,14 +1,16 @@
 """The testnet's network: Linux namespaces on a private bridge, and the faults put on its links.
 
-Every name starts with :data:`PREFIX`. One hub namespace holds the bridge;
+Every name starts with :data:`PREFIX` and the harness's process id (so two
+harnesses on one machine never touch each other's). One hub namespace holds the bridge;
 each host (a participant, the load client, the observer) is a namespace with
 one veth pair to the hub, created directly between the two namespaces, so the
 root namespace and the host's real interfaces never see a link, an address or
 a rule of ours: all traffic stays on 10.77.0.0/24 inside namespaces we made.
 Deleting the namespaces deletes their links, queues and nftables tables with
 them, which is all :func:`cleanup` has to do -- after first killing whatever
-still runs inside them (``ip netns pids``), so a harness that crashed leaves
-nothing behind that the next start does not remove.
+still runs inside them (``ip netns pids``). It removes this harness's
+namespaces and those of every harness no longer alive, so one that crashed
+leaves nothing behind that the next start does not remove.
 
 Faults: a partition and a packet-drop share are nftables rules in the
 targets' own namespaces (``inet gtn`` table: drop by peer address, or
@@ -25,8 +27,9 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-PREFIX = "gtn-"
-HUB = f"{PREFIX}hub"
+PREFIX = "gtn"
+RUN = f"{PREFIX}{os.getpid()}-"  # this harness's namespaces
+HUB = f"{RUN}hub"
 BRIDGE = "br0"
 SUBNET = "10.77.0"
 
@@ -55,20 +58,32 @@ def require_privilege() -> None:
         if shutil.which(tool) is None:
             raise PrivilegeError(f"the testnet needs the {tool!r} command (Debian package {package}; "
                                  "scripts/setup.sh installs it)")
-    probe = f"{PREFIX}probe{os.getpid()}"
+    probe = f"{RUN}probe"
     made = _run("ip", "netns", "add", probe, check=False)
     if made.returncode != 0:
         raise PrivilegeError(f"this machine forbids network namespaces (ip netns add: {made.stderr.strip()})")
     _run("ip", "netns", "del", probe, check=False)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def leftovers() -> list[str]:
-    listing = _run("ip", "netns", "list", check=False).stdout.split("\n")
-    return [line.split()[0] for line in listing if line.startswith(PREFIX)]
+    """This harness's namespaces and those of harnesses that are gone."""
+    listing = [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line]
+    ours = [ns for ns in listing if ns.startswith(PREFIX) and ns[len(PREFIX):].split("-")[0].isdigit()]
+    return [ns for ns in ours if ns.startswith(RUN) or not _alive(int(ns[len(PREFIX):].split("-")[0]))]
 
 
 def cleanup() -> list[str]:
-    """Kill every process inside our namespaces, then delete them; the names removed."""
+    """Kill every process inside :func:`leftovers`, then delete them; the names removed."""
     names = leftovers()
     for ns in names:
         for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
@@ -102,8 +117,8 @@ def create_hub() -> None:
 
 
 def create_host(name: str, octet: int) -> Host:
-    """A namespace ``PREFIX+name`` at 10.77.0.<octet>, linked to the hub's bridge."""
-    host = Host(f"{PREFIX}{name}", f"{SUBNET}.{octet}", f"h{octet}")
+    """A namespace ``RUN+name`` at 10.77.0.<octet>, linked to the hub's bridge."""
+    host = Host(f"{RUN}{name}", f"{SUBNET}.{octet}", f"h{octet}")
     _run("ip", "netns", "add", host.ns)
     _run("ip", "link", "add", "eth0", "netns", host.ns, "type", "veth",
          "peer", "name", host.hub_link, "netns", HUB)

@@ -110,6 +110,7 @@ class Testnet:
     client: netns.Host | None = None
     observer: netns.Host | None = None
     applied: list[Applied] = field(default_factory=list)
+    failed_restarts: list[str] = field(default_factory=list)
 
     @property
     def net(self) -> Path:
@@ -147,9 +148,13 @@ class Testnet:
             p.wait_ready()
 
     def restart(self, p: Participant) -> None:
+        """Start ``p`` again through the others; one that cannot start is a finding, not the run's end."""
         p.start(self.manifest, self.net / "genesis.toml",
                 [q.addr for q in self.participants if q is not p and not q.frozen])
-        p.wait_ready()
+        try:
+            p.wait_ready()
+        except TestnetError as e:
+            self.failed_restarts.append(str(e))
 
     def helper(self, host: netns.Host, module: str, *args: str, **config: object) -> subprocess.Popen[str]:
         path = self.workdir / f"{module.rsplit('.', 1)[-1]}-{args[0] if args else 'run'}.json"
@@ -263,4 +268,4 @@ class Testnet:
         settled_path = self.workdir / "settled.json"
         settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
         return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
-                     settled, self.applied, stores, m.recovery_bound_s)
+                     settled, self.applied, stores, m.recovery_bound_s, self.failed_restarts)

@@ -1,0 +1,110 @@
+"""The testnet harness: its manifest, its verdict on made-up records, and two real runs.
+
+The real runs (marked slow) need root and network namespaces; on a machine
+that forbids them they are skipped with the harness's own sentence saying
+what is missing. The short scenario must pass every invariant; two of five
+participants frozen for good (byzantine power >= 1/3) must end STALLED --
+reported, never passing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gonka_p2p.testnet import netns
+from gonka_p2p.testnet.invariants import Applied, judge, recovery_after
+from gonka_p2p.testnet.manifest import ManifestError, Perturbation, load_manifest, parse_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+HASH_A, HASH_B = "aa" * 32, "bb" * 32
+
+
+def test_the_seed_draws_the_targets_the_manifest_left_open_and_bad_manifests_say_why() -> None:
+    text = 'seed = 5\nnodes = 5\n[[perturbation]]\nkind = "partition"\nat_s = 3\n'
+    first, again = parse_manifest(text), parse_manifest(text)
+    assert first.perturbations[0].targets == again.perturbations[0].targets
+    assert len(first.perturbations[0].targets) == 2
+    for bad, needle in (("colour = 1", "unknown key"), ('[[perturbation]]\nkind = "meteor"\nat_s = 1', "meteor"),
+                        ('[[perturbation]]\nkind = "kill"\nat_s = 1\ntargets = [9]', "targets"),
+                        ("nodes = 2\nweights = [1]", "weights"), ("[load]\nrate = 0", "rate")):
+        with pytest.raises(ManifestError, match=needle):
+            parse_manifest(bad)
+    for name in ("smoke", "short", "stalled"):
+        assert load_manifest(ROOT / "testnet" / f"{name}.toml").nodes >= 3
+
+
+def observation(t: float, node: int, height: int, app_hash: str = HASH_A) -> dict[str, object]:
+    return {"t": t, "node": node, "height": height, "app_hash": app_hash, "evidence": 0}
+
+
+def request(n: int, outcome: str) -> dict[str, object]:
+    return {"n": n, "id": f"{n:064x}", "outcome": outcome, "error": "" if outcome == "ok" else "broke"}
+
+
+def test_the_verdict_catches_a_split_a_charge_without_answer_and_a_stall() -> None:
+    observed = [observation(t, n, t) for t in range(1, 30) for n in range(3)]
+    applied = [Applied(Perturbation("kill", 5, 5, (1,)), 5, 10)]
+    stores = {n: ({h: HASH_A for h in range(1, 30)}, None) for n in range(3)}
+    settled = {"inferences": {f"{0:064x}": {"status": "settled"}, f"{1:064x}": {"status": "expired"},
+                              f"{2:064x}": {"status": "absent"}}}
+    sent = [request(0, "ok"), request(1, "error"), request(2, "error")]
+    good = judge(observed, sent, settled, applied, stores, 10, [])
+    assert good.passed, good.rows
+    assert good.counts["refunded"] == 1 and good.counts["never charged"] == 1
+
+    charged = judge(observed, [request(0, "error")], settled, applied, stores, 10, [])
+    assert not charged.passed and "1 lost" in charged.rows[6].detail
+
+    split = judge(observed + [observation(29.5, 2, 29, HASH_B)], [], {}, applied, stores, 10, [])
+    assert not split.rows[1].holds and "first 29" in split.rows[1].detail
+
+    stalled_obs = [observation(t, n, min(t, 8)) for t in range(1, 60) for n in range(3)]
+    stalled = judge(stalled_obs, [], {}, [Applied(Perturbation("freeze", 5, 1, (0, 1), forever=True), 5, None)],
+                    stores, 10, [])
+    assert stalled.stalled and not stalled.passed and "STALLED" in stalled.rows[-1].detail
+    assert recovery_after(observed, 10, 10) == 1
+
+
+def test_without_root_the_harness_says_so_and_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(netns.PrivilegeError, match="needs root"):
+        netns.require_privilege()
+
+
+def namespaces_or_skip() -> None:
+    try:
+        netns.require_privilege()
+    except netns.PrivilegeError as e:
+        pytest.skip(f"the testnet cannot run here: {e}")
+
+
+def run_testnet(manifest: str, workdir: Path, timeout: float) -> tuple[subprocess.CompletedProcess[str], dict]:
+    result = subprocess.run([sys.executable, "-m", "gonka_p2p.cli", "testnet", "run", str(ROOT / "testnet" / manifest),
+                             "--workdir", str(workdir)], capture_output=True, text=True, timeout=timeout)
+    report = workdir / "report.json"
+    assert report.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    assert not netns.leftovers(), "the harness left namespaces behind"
+    return result, json.loads(report.read_text())
+
+
+@pytest.mark.slow
+def test_the_short_scenario_keeps_every_invariant(tmp_path: Path) -> None:
+    namespaces_or_skip()
+    result, report = run_testnet("short.toml", tmp_path, timeout=900)
+    assert report["outcome"] == "PASSED" and result.returncode == 0, result.stdout[-5000:]
+    assert {p["kind"] for p in report["perturbations"]} == {"kill", "freeze", "partition", "drop", "bandwidth",
+                                                             "rolling"}
+    assert report["counts"]["completed"] > 0
+
+
+@pytest.mark.slow
+def test_two_of_five_frozen_for_good_is_reported_stalled_not_passing(tmp_path: Path) -> None:
+    namespaces_or_skip()
+    result, report = run_testnet("stalled.toml", tmp_path, timeout=600)
+    assert report["outcome"] == "STALLED" and result.returncode == 1, result.stdout[-5000:]
+    assert "STALLED" in result.stdout
