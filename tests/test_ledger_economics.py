@@ -499,13 +499,15 @@ def test_p_is_fixed_when_an_inference_settles_from_the_executors_reputation_and_
 
 
 def test_the_floor_of_an_epoch_follows_the_previous_epochs_traffic() -> None:
-    net = Net(state=LedgerState.from_genesis(genesis(floor_full_until_inferences=1, floor_mid_inferences=3,
-                                                     floor_low_inferences=5)))
-    for _ in range(3):
-        net.infer("ex")
+    """Traffic counts each executor's settled inferences up to its weight's fair share
+    (rules.floor_traffic): ex's second inference is above the median of 1 per 10 weight."""
+    net = Net(state=LedgerState.from_genesis(genesis(floor_full_until_inferences=1, floor_mid_inferences=4,
+                                                     floor_low_inferences=6)))
+    for executor in ("ex", "ex", "cheat", "v1", "v2"):
+        net.infer(executor)
     net.until(10)
     info = net.state.epoch_info(1)
-    assert info.traffic == 3 and info.floor_ppm == 50_000
+    assert info.traffic == 4 and info.floor_ppm == 50_000
     assert info.weights == {PEER[n]: w for n, w in WEIGHTS.items()}
 
 
@@ -593,7 +595,7 @@ def votes_on(net: Net, iid: bytes, votes: dict[str, VerdictStats | None]) -> lis
     (a vote after that would be refused); None, or not seated: silent."""
     dispute = net.state.dispute(iid)
     seats = dict(zip(dispute.committee, dispute.seats, strict=True))
-    tally, txs = {True: 0, False: 0}, []
+    tally, txs = {True: 0, False: dispute.accuser_seats}, []  # the accuser's failing check is its vote
     for name, verdict in votes.items():
         decided = disputes.dispute_outcome(tally[False], tally[True], net.state.params.dispute_committee_size)
         if verdict is None or PEER[name] not in seats or decided is not DisputeOutcome.UNDECIDED:
@@ -612,16 +614,16 @@ def cast(net: Net, iid: bytes, votes: dict[str, VerdictStats | None]) -> None:
 
 def disputed(votes: dict[str, VerdictStats | None], accuser: str = "v1") -> tuple[Net, bytes]:
     """Epoch 1: ``cheat`` executes one inference that ``ta`` routed; ``accuser`` fails it; the
-    next block's hash draws the committee (255 seats by weight; the executor's, the TA's and the
-    accuser's recused); its members vote as given (:func:`cast`)."""
+    next block's hash draws the committee (255 seats by weight; the executor's recused, the
+    accuser's counted as its "invalid" vote); its members vote as given (:func:`cast`)."""
     net = committed_net(weights=HEAVY)
     iid = net.infer("cheat")
     (r,) = net.ok(net.validate(accuser, iid, BAD))
     assert "dispute opened" in r.detail and net.state.dispute(iid).committee == ()
     net.ok()
     dispute = net.state.dispute(iid)
-    assert dispute.voting and {NAME_OF[m] for m in dispute.committee} == {"ex", "v2", "v3"} - {accuser}
-    assert sum(dispute.seats) < net.state.params.dispute_committee_size  # the parties' seats count
+    assert dispute.voting and {NAME_OF[m] for m in dispute.committee} == {"ta", "ex", "v2", "v3"} - {accuser}
+    assert sum(dispute.seats) + dispute.accuser_seats < net.state.params.dispute_committee_size  # the executor's count
     cast(net, iid, votes)
     return net, iid
 
@@ -647,14 +649,16 @@ def test_a_majority_of_all_seats_decides_at_once() -> None:
     dispute = net.state.dispute(iid)
     seats = dict(zip(dispute.committee, dispute.seats, strict=True))
     assert dispute.outcome is DisputeOutcome.INVALID
-    assert (dispute.invalid_seats, dispute.valid_seats) == (seats[PEER["v2"]] + seats[PEER["v3"]], 0)
+    assert (dispute.invalid_seats, dispute.valid_seats) == (
+        dispute.accuser_seats + seats[PEER["v2"]] + seats[PEER["v3"]], 0)
     rejected(net, net.vote("ex", iid, OK), Reason.VOTING_CLOSED)
 
 
 def test_a_round_without_a_majority_is_undecided_not_clean_and_its_silent_members_forfeit() -> None:
     net, iid = disputed({"ex": OK, "v2": None, "v3": None})  # one round here (test_framing redraws)
     dispute = net.state.dispute(iid)
-    assert dispute.outcome is DisputeOutcome.UNDECIDED and sorted(dispute.silent) == sorted([PEER["v2"], PEER["v3"]])
+    assert dispute.outcome is DisputeOutcome.UNDECIDED
+    assert sorted(dispute.silent) == sorted([PEER["ta"], PEER["v2"], PEER["v3"]])
     summary = net.settle_epoch_1()
     assert summary.participant(PEER["v2"]).forfeit == ("missed_votes",)
     assert summary.participant(PEER["v2"]).missed_votes == 1
@@ -762,7 +766,9 @@ def test_a_clean_checked_epoch_adds_one_thirtieth_of_reputation_unchecked_work_a
 def test_rewards_split_by_tokens_executed_and_by_validation_work_and_forfeits_are_not_minted() -> None:
     """Executors by the tokens they executed, not weight x tokens: the draw already sends an
     executor traffic in proportion to its weight (the simulator measured reward ~ weight^1.6
-    when weight was counted twice)."""
+    when weight was counted twice). Each executor's tokens are capped at its weight's fair
+    share (rules.fair_share_scores): here the median is ex's 20 tokens per 30 weight, so
+    cheat's 40 tokens (weight 10) score 10 x 2/3, rounded down: 6."""
     w = {"ta": 10, "ex": 30, "cheat": 10, "v1": 10, "v2": 10, "v3": 10}
     net = Net(state=LedgerState.from_genesis(genesis(weights=w)))
     net.until(1)
@@ -776,7 +782,7 @@ def test_rewards_split_by_tokens_executed_and_by_validation_work_and_forfeits_ar
     net.until(25)
     s = net.state.epoch_summary(1)
     row = {NAME_OF[r.peer]: r for r in s.participants}
-    assert (row["ex"].executor_reward, row["cheat"].executor_reward) == (80_000 * 20 // 60, 80_000 * 40 // 60)
+    assert (row["ex"].executor_reward, row["cheat"].executor_reward) == (80_000 * 20 // 26, 80_000 * 6 // 26)
     work = {n: row[n].work for n in ("ta", "ex", "cheat", "v1", "v2")}
     assert work == {"ta": 0, "ex": 40, "cheat": 20, "v1": 60, "v2": 60}  # every duty, p = 1
     assert row["v1"].validator_reward == 20_000 * 60 // 180 and row["v3"].forfeit == ("no_commit",)
@@ -847,7 +853,8 @@ def test_scenario_an_honest_executor_and_a_cheater_over_an_epoch() -> None:
     """Epoch 1: alice is served by the honest executor, bob by the cheater (made-up logprobs).
     Every validator checks its duties; the cheater's work fails, the committee agrees, and at
     settlement the cheater forfeits everything, bob is refunded, the honest are paid."""
-    net = committed_net(weights=HEAVY)  # every participant committed its seed for epoch 1
+    weights = {"ta": 10, "ex": 40, "cheat": 20, "v1": 10, "v2": 10, "v3": 10}  # the executors: 60 %
+    net = committed_net(weights=weights)  # every participant committed its seed for epoch 1
     good = [net.infer("ex", client="alice", prompt=12, completion=8) for _ in range(3)]
     bad = [net.infer("cheat", client="bob", prompt=12, completion=8) for _ in range(2)]
     alice, bob = net.state.balance(PEER["alice"]), net.state.balance(PEER["bob"])
@@ -871,17 +878,18 @@ def test_scenario_an_honest_executor_and_a_cheater_over_an_epoch() -> None:
     assert row["cheat"].fees_paid == 0 and row["cheat"].executor_reward == row["cheat"].validator_reward == 0
     assert net.state.balance(PEER["bob"]) == bob + 40 and dict(summary.refunds) == {PEER["bob"]: 40}
     assert net.state.balance(PEER["alice"]) == alice  # alice paid for honest work
-    # The executor pool splits by tokens executed (ex 60, cheat 40); the cheater's share
+    # The executor pool splits by tokens executed, capped at the weight's fair share (the
+    # median: ex's 60 per 40 weight; cheat's 40 per 20 weight score 30); the cheater's share
     # is not minted, so the honest executor gains nothing from being the only one paid.
-    assert row["ex"].fees_paid == 60 and row["ex"].executor_reward == 80_000 * 60 // 100
-    assert row["cheat"].forfeited == 80_000 * 40 // 100 + row["cheat"].work * 20_000 // sum(
+    assert row["ex"].fees_paid == 60 and row["ex"].executor_reward == 80_000 * 60 // 90
+    assert row["cheat"].forfeited == 80_000 * 30 // 90 + row["cheat"].work * 20_000 // sum(
         r.work for r in summary.participants)
     for v in ("v1", "v2", "v3"):
         assert row[v].forfeit == () and row[v].validator_reward > 0, row[v]
     assert row["ta"].duties == 0 and row["ta"].forfeit == ()  # it routed everything: nothing to check
     assert net.state.participant(PEER["ex"]).reputation_ppm == -(-PPM // 30)  # 1/30, rounded up
     cheater = net.state.participant(PEER["cheat"])
-    assert cheater.reputation_ppm == 0 and cheater.weight == 0
+    assert cheater.reputation_ppm == 0 and cheater.weight == 10  # 20 of 100: at most 10 % moves per settlement
     assert summary.minted + summary.forfeited + 10 > summary.reward
     assert net.state.total_coins() == net.state.genesis.supply + net.state.minted - net.state.burned
 
@@ -948,7 +956,9 @@ def run_epochs(seed: int, epochs: int = 3) -> Counter:
         seen["settled"] += 1
         assert summary.minted + summary.forfeited <= summary.reward
         executor_pool, validator_pool = rules.epoch_reward_pools(summary.epoch, g.params)
-        unscored = (executor_pool * (not any(r.tokens for r in summary.participants))
+        scores = rules.fair_share_scores({r.peer: r.tokens for r in summary.participants},
+                                         {r.peer: r.weight for r in summary.participants})
+        unscored = (executor_pool * (not any(scores.values()))
                     + validator_pool * (not any(r.work for r in summary.participants)))  # nobody earned it
         assert summary.reward - summary.minted - summary.forfeited - unscored <= 2 * len(summary.participants)
         for row in summary.participants:

@@ -9,7 +9,8 @@ draw a round's committee from this block's hash, or close an undecided
 round); if this height settles an epoch,
 :func:`process_epoch_settlement` runs; if it ends an epoch,
 :func:`process_epoch_start` freezes the next epoch's validator set and
-validation floor.
+validation floor (from the epoch's traffic, capped per executor as the
+reward is: ``rules.floor_traffic``).
 
 Epochs and verification (formulas in :mod:`gonka_p2p.ledger.rules`)
 --------------------------------------------------------------------
@@ -31,8 +32,11 @@ decides, and :func:`process_epoch_settlement` applies. Deterministically, it:
   vote earns no share: seats follow weight as duties do, so paying votes
   would change nothing in expectation, and it would let a framer shift
   honest validators' rewards by opening disputes), the rest by billable
-  tokens executed (executors are drawn by weight, so this share tracks
-  weight without counting it twice). A forfeited share stays in the split
+  tokens executed, each executor's capped at its weight's fair share
+  (``rules.fair_share_scores``: executors are drawn by weight, so this
+  share tracks weight without counting it twice, and work a client-TA
+  grinds onto its own weighted executor earns nothing beyond that share).
+  A forfeited share stays in the split
   and is not minted, so nobody's forfeit moves anyone else's share.
   A participant that was caught, skipped a duty or a vote, did not commit
   and reveal a seed, passed work that a dispute proved invalid, or failed
@@ -65,6 +69,8 @@ from gonka_p2p.ledger.rules import (
     epoch_after,
     epoch_reward_pools,
     epoch_settled_at,
+    fair_share_scores,
+    floor_traffic,
     forfeit_reasons,
     inference_observation,
     is_epoch_end,
@@ -146,12 +152,20 @@ class PeerTally:
     work: int = 0
 
 
+def epoch_executors(state: LedgerState, epoch: int) -> dict[str, int]:
+    """The executors of ``epoch`` and their weights: the members of its validator set that
+    serve a model (whom the executor draw could pick), idle or not."""
+    return {peer: weight for peer, weight in state.epochs.rows[epoch].weights.items()
+            if state.registry.rows[peer].models}
+
+
 @dataclass
 class EpochTally:
     epoch: int
     floor_ppm: int
     peers: dict[str, PeerTally]
     fees: list[tuple[bytes, str, str, int]]  # (inference id, executor, client, cost) of settled ones
+    executors: dict[str, int] = field(default_factory=dict)  # epoch_executors: whose work sets fair shares
     checked: int = 0
     disputes: int = 0
     disputes_invalid: int = 0
@@ -161,7 +175,7 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
     """Read everything settlement needs about ``epoch`` from the state (changes nothing)."""
     info = state.epochs.rows[epoch]
     weights = info.weights
-    tally = EpochTally(epoch, info.floor_ppm, {}, [])
+    tally = EpochTally(epoch, info.floor_ppm, {}, [], epoch_executors(state, epoch))
 
     def peer(address: str) -> PeerTally:
         row = tally.peers.get(address)
@@ -250,7 +264,8 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
         else:
             paid[executor] = paid.get(executor, 0) + cost
     executor_pool, validator_pool = epoch_reward_pools(tally.epoch, params)
-    executor_shares = pro_rata(executor_pool, {a: r.tokens for a, r in tally.peers.items()})
+    executor_shares = pro_rata(executor_pool, fair_share_scores({a: r.tokens for a, r in tally.peers.items()},
+                                                                tally.executors))
     validator_shares = pro_rata(validator_pool, {a: r.work for a, r in tally.peers.items()})
     cuts = weight_cuts({a: r.power for a, r in tally.peers.items()},
                        {a for a, r in tally.peers.items() if r.sanctioned or a in caught},
@@ -338,12 +353,17 @@ def process_epoch_settlement(state: LedgerState, ctx: BlockContext, epoch: int) 
 
 def process_epoch_start(state: LedgerState, ctx: BlockContext, epoch: int) -> None:
     """Rotate the validator set: freeze ``epoch``'s weights (the participants table's, after any
-    settlement in this block) and its validation floor from the epoch that just ended."""
-    ended = state.epochs.rows[epoch - 1]
+    settlement in this block) and its validation floor from the traffic of the epoch that just
+    ended (its settled inferences per executor, capped at each one's fair share)."""
+    settled: dict[str, int] = {}
+    for iid in state.epoch_inferences(epoch - 1):
+        record = state.inferences.rows[iid]
+        if record.status is InferenceStatus.SETTLED:
+            settled[record.executor] = settled.get(record.executor, 0) + 1
+    traffic = floor_traffic(settled, epoch_executors(state, epoch - 1))
     validators = tuple((peer, weight) for peer, weight in state.weights().items()
                        if not state.registry.rows[peer].sanctioned)  # sanctioned: validates nothing more
-    state.epochs.put(epoch, EpochInfo(traffic=ended.inferences,
-                                      floor_ppm=validation_floor_ppm(ended.inferences, state.params),
+    state.epochs.put(epoch, EpochInfo(traffic=traffic, floor_ppm=validation_floor_ppm(traffic, state.params),
                                       validators=validators))
 
 

@@ -131,10 +131,9 @@ def _weight_map(validators: tuple[tuple[str, int], ...]) -> Mapping[str, int]:
 class EpochInfo:
     """What an epoch froze when it began: its validator set and its validation floor."""
 
-    traffic: int  # inferences settled in the previous epoch
+    traffic: int  # inferences settled in the previous epoch, capped per executor (rules.floor_traffic)
     floor_ppm: int  # m = validation_floor_ppm(traffic)
     validators: tuple[tuple[str, int], ...]  # (peer, weight > 0), sorted: weights at its start
-    inferences: int = 0  # inferences settled in it so far (the next epoch's traffic)
 
     @property
     def weights(self) -> Mapping[str, int]:

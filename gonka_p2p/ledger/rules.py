@@ -28,7 +28,8 @@ belongs to the epoch in which it closed (settled or expired).
 1. During epoch e-1 each validator commits to a secret 32-byte seed for
    epoch e (:func:`seed_commit_open`, :func:`seed_commitment`). When epoch e
    starts, its validator set (weights) and its validation floor
-   m = :func:`validation_floor_ppm` (traffic = inferences settled in e-1)
+   m = :func:`validation_floor_ppm` (traffic = inferences settled in e-1,
+   capped per executor at its weight's fair share: :func:`floor_traffic`)
    are frozen.
 2. When an inference settles, its validation probability is fixed:
    p = :func:`p_validate_ppm` (m, the executor's reputation r), capped
@@ -59,6 +60,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from decimal import ROUND_FLOOR, Context, Decimal, localcontext
 from enum import IntEnum, StrEnum
+from fractions import Fraction
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -357,8 +359,9 @@ def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inferen
     also the TA can grind its request's nonce (so the inference id) until the draw lands on
     a partner: that partner must hold real weight (a zero-weight identity is never drawn),
     and the fees it is paid are the client's own, recycled; but an executor reward split
-    by tokens executed (:func:`pro_rata`) still grows with such self-sent work -- a holder
-    of weight can mint with it, which settlement has yet to bound."""
+    by tokens executed (:func:`pro_rata`) would grow with such self-sent work: settlement
+    caps each executor's score at its weight's fair share (:func:`fair_share_scores`), and the
+    floor's traffic count likewise (:func:`floor_traffic`)."""
     draw = hashlib.sha256(_EXECUTOR_DOMAIN + inference_id + attempt.to_bytes(4, "big")).digest()
     peer = weighted_pick({p: w for p, w in weights.items() if p not in exclude}, draw)
     if peer is None:
@@ -524,11 +527,56 @@ def epoch_reward_pools(epoch: int, params: Params) -> tuple[int, int]:
 
 def pro_rata(pool: int, scores: Mapping[str, int]) -> dict[str, int]:
     """Split ``pool`` in proportion to ``scores``, each share rounded down (the dust is never
-    minted). Executors score the billable tokens they executed (weight enters through the
-    weighted executor draw: scoring weight x tokens would pay weight squared); validators,
-    the tokens they checked."""
+    minted). Executors score the billable tokens they executed, capped at their weight's fair
+    share (:func:`fair_share_scores`; weight enters through the weighted executor draw and the
+    cap: scoring weight x tokens would pay weight squared); validators, the tokens they checked."""
     assert pool >= 0 and all(s >= 0 for s in scores.values())
     total = sum(scores.values())
     if total == 0:
         return {}
     return {peer: pool * score // total for peer, score in sorted(scores.items()) if score}
+
+
+def fair_share_scores(work: Mapping[str, int], weights: Mapping[str, int]) -> dict[str, int]:
+    """Each executor's ``work``, capped at its weight's fair share: ``min(work_i, w_i * M)``
+    rounded down, where M is the weight-weighted median of work_j / w_j over ``weights`` (the
+    epoch's executors, those that did nothing included): the smallest ratio such that the
+    executors at or below it hold more than half of the weight. Work by a peer outside
+    ``weights`` scores 0. Integers throughout (the ratios are compared exactly).
+
+    Why. Executors are drawn by weight, so honest work is about w_i x (total / W): every honest
+    executor's ratio is about the same. A client that is also a TA can grind its nonces until
+    the draw lands on a partner holding weight (``choose_executor``) and so raise that
+    partner's work -- and with it its share of the executor reward -- as far as it is willing
+    to pay itself fees. That raises only the partner's ratio. A coalition holding c < 1/2 of
+    the weight, whatever ratios it shows, leaves M between two of the honest executors'
+    weighted quantiles ((1/2 - c) / (1 - c) and 1 / (2 (1 - c))): put all its weight above,
+    and the honest weight still passes half at an honest ratio; below, and it cannot pass
+    half alone. So its self-dealt volume earns nothing beyond w_i x M, the share of an
+    honest executor of its weight at the median; what is left is the draw's variance (its
+    honest work may fall short of w_i x M), not the volume. The price: an honest executor
+    luckier than the median loses its excess (the pool is still split in full, pro rata),
+    and an epoch in which more than half of the executors' weight did no work at all has
+    M = 0 and mints no executor reward (its fees are still paid)."""
+    assert all(w >= 0 for w in weights.values()) and all(x >= 0 for x in work.values())
+    ranked = sorted((Fraction(work.get(peer, 0), weight), peer) for peer, weight in weights.items() if weight > 0)
+    total, below = sum(weights[peer] for _, peer in ranked), 0
+    median = Fraction(0)
+    for ratio, peer in ranked:
+        below += weights[peer]
+        if 2 * below > total:
+            median = ratio
+            break
+    return {peer: min(amount, weights.get(peer, 0) * median.numerator // median.denominator)
+            for peer, amount in work.items()}
+
+
+def floor_traffic(settled: Mapping[str, int], weights: Mapping[str, int]) -> int:
+    """The traffic that sets the next epoch's validation floor (:func:`validation_floor_ppm`):
+    the inferences each executor settled in the epoch, capped as :func:`fair_share_scores`
+    caps the reward, then summed. The floor falls as traffic grows (a busy network checks a
+    smaller share of its work), so a self-dealer who grinds its nonces onto its own weighted
+    executor could otherwise buy a lower floor for everyone with fees it pays itself; capped,
+    its volume beyond its weight's median share counts for nothing, and a coalition below
+    half of the weight cannot move the median."""
+    return sum(fair_share_scores(settled, weights).values())

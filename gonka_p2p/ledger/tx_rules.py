@@ -336,7 +336,6 @@ def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: 
         artifact_commitment=artifact_commitment, cost=cost, closed_height=ctx.height,
         validation_ppm=validation_ppm(executor.reputation_ppm, info.floor_ppm, state.params),
         payout=Payout.PENDING))
-    state.epochs.put(epoch, replace(info, inferences=info.inferences + 1))
     state.registry.put(record.executor, replace(executor, completed=executor.completed + 1))
 
 

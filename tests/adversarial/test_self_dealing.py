@@ -6,6 +6,13 @@ executor draw for every StartInference (``tx_rules.process_start_inference``): t
 fees go to executors drawn by weight -- honest ones -- the attacker mints nothing and loses
 what it paid, and a named partner is refused.
 
+What the draw leaves open: a client that is also the TA grinds its request nonce until the
+draw lands on its own executor, which holds real weight, and pumps that executor's share of
+the reward (split by executed work) and the traffic count that sets the validation floor, at
+no cost beyond fees it pays itself. Settlement caps both at the executor's weight's fair share
+(``rules.fair_share_scores``, ``rules.floor_traffic``), which a coalition below half the
+weight cannot move.
+
 The ledger is driven directly with real signed transactions (as tests/test_ledger_economics.py
 does); that the TA routes by the same draw is tests/test_serving.py's."""
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import count
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
@@ -31,7 +39,7 @@ from gonka_p2p.ledger.transactions import (
     derive_validation_seed,
 )
 from gonka_p2p.ledger.tx_rules import executor_weights
-from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
 
@@ -78,6 +86,20 @@ class Ledger:
         return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
                                      max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
                                      timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS[client])
+
+    def grind(self, client: str, ta: str, executor: str) -> bytes:
+        """A request of ``client``'s whose nonce is ground until the draw at attempt 0 gives it to
+        ``executor`` when ``ta`` routes it (the id needs no signature: only the one kept is signed)."""
+        weights = executor_weights(self.state, MODEL)
+        for nonce in (n.to_bytes(16, "big") for n in count(self.nonce + 1)):
+            message = InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
+                                       max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
+                                       timestamp_ms=T0, nonce=nonce)
+            iid = inference_id(Signed(message, KEYS[client].public_key, b""))
+            if rules.choose_executor(weights, frozenset({PEER[ta]}), iid, 0) == PEER[executor]:
+                self.nonce = int.from_bytes(nonce, "big")
+                return seal(message, KEYS[client])
+        raise AssertionError("unreachable: the nonces never run out")
 
     def drawn(self, request: bytes, ta: str, attempt: int = 0) -> str:
         """The executor the ledger's draw gives ``request`` at ``attempt`` (what an honest TA routes to)."""
@@ -205,3 +227,70 @@ def test_ta_naming_a_partner_is_refused_and_the_drawn_executor_is_paid() -> None
     assert ledger.state.pending_fees(PEER[honest]) == 15
     ledger.until(rules.settlement_height(0, ledger.state.params))
     assert ledger.state.balance(PEER[honest]) == before + 15
+
+
+SHARES = {"h1": 50, "h2": 30, "h3": 10, "mallory_ex": 10}  # the attacker's executor holds 10 % of the weight
+GROUND = 10_000  # the attacker's own requests, each ground onto its own executor
+
+
+def grinding_genesis() -> Genesis:
+    params = Params(epoch_length_blocks=L, inference_deadline_blocks=3, request_window_ms=10**9,
+                    max_tx_bytes=64 * 1024, price_per_token={MODEL: 1}, validation_window_blocks=3,
+                    dispute_voting_blocks=2, epoch_reward=100_000, validation_cap_ppm=10_000,
+                    floor_full_until_inferences=100, floor_mid_inferences=1_000, floor_low_inferences=5_000)
+    return Genesis(chain_id=CHAIN, genesis_time_ms=T0, params=params,
+                   participants=tuple(GenesisParticipant(KEYS[n].public_key, w, models=(MODEL,))
+                                      for n, w in SHARES.items()),
+                   allocations={PEER["alice"]: 10**6, PEER["mallory"]: 10**7, PEER["mallory_ta"]: 10})
+
+
+def epoch_1_with_grinding(ground: int) -> LedgerState:
+    """Epoch 1 of the network above, settled: honest traffic of 100 inferences split exactly by
+    weight (the test grinds alice's nonces too, so that the comparison is exact: the draw's
+    variance is not what is under test), plus ``ground`` requests the attacker (client
+    mallory, TA mallory_ta) grinds onto mallory_ex. Every validator does its duties."""
+    ledger = Ledger(state=LedgerState.from_genesis(grinding_genesis()))
+    ledger.ok(ledger.sign("mallory_ta", lambda s: RegisterParticipant(
+        chain_id=CHAIN, addrs=["/ip4/6.6.6.6/tcp/6"], models=[], sequence=s)),
+        *[ledger.sign(n, lambda s, n=n: CommitValidationSeed(
+            chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[n], ledger.seed(n, 1)), sequence=s))
+          for n in SHARES])
+    ledger.until(L)
+    work = [(executor, "h2" if executor == "h1" else "h1", "alice")
+            for executor, weight in SHARES.items() for _ in range(weight)]
+    work += [("mallory_ex", "mallory_ta", "mallory")] * ground
+    txs = []
+    for executor, ta, client in work:
+        request = ledger.grind(client, ta, executor)
+        txs += [ledger.start(request, ta, executor), ledger.finish(request, executor)]
+    for chunk in range(0, len(txs), 4_000):
+        ledger.ok(*txs[chunk:chunk + 4_000])
+        ledger.next_seq.clear()
+    assert ledger.state.height < 2 * L - 3, "the traffic fits in epoch 1"
+    ledger.ok(*[ledger.sign(v, lambda s, iid=iid: Validation(chain_id=CHAIN, inference_id=iid, verdict=OK, seed=b"",
+                                                             sequence=s))
+                for v in SHARES for iid in ledger.state.validation_duties(1, PEER[v], ledger.seed(v, 1))])
+    ledger.until(2 * L)
+    ledger.ok(*[ledger.sign(v, lambda s, v=v: RevealValidationSeed(chain_id=CHAIN, epoch=1, seed=ledger.seed(v, 1),
+                                                                   sequence=s)) for v in SHARES])
+    ledger.until(rules.settlement_height(1, ledger.state.params))
+    return ledger.state
+
+
+def test_grinding_nonces_onto_its_own_weighted_executor_earns_nothing_and_keeps_the_floor() -> None:
+    attacked, honest = epoch_1_with_grinding(GROUND), epoch_1_with_grinding(0)
+    a = {NAME[r.peer]: r for r in attacked.epoch_summary(1).participants}
+    h = {NAME[r.peer]: r for r in honest.epoch_summary(1).participants}
+    assert a["mallory_ex"].inferences == GROUND + 10 and h["mallory_ex"].inferences == 10
+    assert all(not row.forfeit and not row.caught for row in (a[n] for n in SHARES)), a
+    # The attacker's executor earns what an honest 10 % executor doing the same honest work earns...
+    assert a["mallory_ex"].executor_reward == a["h3"].executor_reward == h["mallory_ex"].executor_reward
+    # ... and no more in all: the self-dealt volume gave it nothing (its duties are the same).
+    assert a["mallory_ex"].executor_reward + a["mallory_ex"].validator_reward <= \
+        h["mallory_ex"].executor_reward + h["mallory_ex"].validator_reward
+    pool, _ = rules.epoch_reward_pools(1, attacked.params)
+    for name, weight in SHARES.items():  # executor rewards follow weight, as without the attack
+        assert a[name].executor_reward == h[name].executor_reward == pool * weight // 100, (name, a[name])
+    # The floor counts the honest traffic alone: the next epoch is checked as much as without it.
+    assert attacked.epoch_info(2).traffic == honest.epoch_info(2).traffic == 100
+    assert attacked.epoch_info(2).floor_ppm == honest.epoch_info(2).floor_ppm == rules.PPM

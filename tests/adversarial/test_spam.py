@@ -224,10 +224,12 @@ def test_a_hundred_funded_spammers_for_a_whole_epoch_crowd_out_no_protocol_trans
         for h in honest]
     summary = chain.state.epoch_summary(1)
     assert summary is not None and summary.inferences == 4 and summary.fees_paid > 0
-    for w in HONEST:  # every duty done, nothing forfeited, every executor paid for its tokens
+    scores = rules.fair_share_scores({r.peer: r.tokens for r in summary.participants},
+                                     {r.peer: r.weight for r in summary.participants})
+    for w in HONEST:  # every duty done, nothing forfeited, every executor paid for its (capped) tokens
         row = summary.participant(PEER[w])
         assert row is not None and not row.caught and not row.forfeit and row.forfeited == 0
-        assert row.done == row.duties and (row.executor_reward > 0) == (row.tokens > 0)
+        assert row.done == row.duties and (row.executor_reward > 0) == (scores[row.peer] > 0)
     assert sum(row.validator_reward for row in summary.participants) > 0
     assert chain.state.burned > 0  # and the spam paid for every transaction it got in
 
