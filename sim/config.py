@@ -58,6 +58,8 @@ class SimConfig:
     epoch_blocks: int = _knob(100, "network", "blocks per epoch", at_least(1))
     latency: int = _knob(2, "network", "max blocks a message takes to reach a block", at_least(0))
     churn: float = _knob(0.05, "network", "chance an honest peer leaves at an epoch boundary", probability)
+    signatures: str = _knob("real", "network", "secp256k1, or a keyed hash standing in for it (faster; "
+                            "sim.signatures)", one_of("real", "keyed-hash"))
     # -- behaviour --
     cheat_from: int = _knob(1, "behaviour", "first epoch in which cheaters cheat", at_least(0))
     cheat_fraction: float = _knob(1.0, "behaviour", "q: share of its requests a cheater cheats on",

@@ -96,6 +96,7 @@ from sim.roster import (
     build_roster,
     sim_params,
 )
+from sim.signatures import keyed_hash_signatures
 from sim.verdicts import Outcome, Rates, table_for, verdict_stats_for
 
 GENERATION_BLOCKS = (1, 3)  # an executor's generation time, blocks
@@ -160,13 +161,14 @@ class Simulation:
         the report's config, so the digest covers what named the run."""
         self._epoch_started(0)
         end = self.consensus.heights if self.consensus else self.last_height  # a stall or a fork ends it
-        for height in range(1, end + 1):
-            self._before_block(height)
-            self.chain.step()
-            self._block_ms.append(self.chain.state.time_ms)
-            self._after_block(height)
-            if on_block is not None:
-                on_block(height)
+        with keyed_hash_signatures(self.config.signatures == "keyed-hash"):
+            for height in range(1, end + 1):
+                self._before_block(height)
+                self.chain.step()
+                self._block_ms.append(self.chain.state.time_ms)
+                self._after_block(height)
+                if on_block is not None:
+                    on_block(height)
         return self._report(identity or {})
 
     # ------------------------------------------------------------------ before a block

@@ -140,3 +140,17 @@ def test_false_accusations_are_overturned_and_cost_the_honest_executor_nothing()
     assert report.network["disputes invalid"] == report.network["honest convicted"] == 0
     rows = [row for s in simulation.metrics.summaries for row in s.participants]
     assert any(row.overturned for row in rows) and not any(row.caught for row in rows)
+
+
+def test_keyed_hash_signatures_change_no_economics_and_are_restored() -> None:
+    """The faster stand-in for secp256k1 (sim.signatures) leaves every economic figure as it
+    was -- only the envelopes' bytes, so the app hash, differ -- and is gone after the run."""
+    from gonka_p2p.identity import Keypair
+    from gonka_p2p.wire import envelope
+
+    sign, verify = Keypair.sign, envelope.verify_signature
+    _, real = simulate(small(12, mix={}, churn=0.0))
+    _, keyed = simulate(small(12, mix={}, churn=0.0, signatures="keyed-hash"))
+    assert keyed.network == real.network and keyed.strategies == real.strategies
+    assert keyed.app_hash != real.app_hash
+    assert (Keypair.sign, envelope.verify_signature) == (sign, verify)
