@@ -17,7 +17,10 @@ fixed, so the bytes of every block are too.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+
+from helpers import drawn_attempt, request_drawing
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
@@ -110,16 +113,19 @@ class Driver:
         while self.state.height < height:
             self.block()
 
-    def request(self, client: str, max_tokens: int = 20) -> bytes:
+    def request(self, client: str, executor: str, ta: str = "ta", max_tokens: int = 20) -> bytes:
+        """A fresh request whose nonce is ground so that the ledger's draw gives it to ``executor``."""
         self.nonce += 1
-        return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
-                                     max_tokens=max_tokens, temperature=0.7, top_p=1.0, top_k=0,
-                                     logprobs_k=5, timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")),
-                    KEYS[client])
+        return request_drawing(self.state, lambda grind: seal(InferenceRequest(
+            chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")], max_tokens=max_tokens,
+            temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=T0,
+            nonce=hashlib.sha256(self.nonce.to_bytes(8, "big") + grind).digest()[:16]), KEYS[client]),
+            PEER[ta], PEER[executor])
 
     def start(self, request: bytes, executor: str, ta: str = "ta") -> bytes:
-        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request,
-                                                      executor=PEER[executor], sequence=n))
+        attempt = drawn_attempt(self.state, request, PEER[ta], PEER[executor]) or 0
+        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
+                                                      attempt=attempt, sequence=n))
 
     def finish(self, request: bytes, executor: str, prompt: int = 10, completion: int = 5) -> bytes:
         iid = inference_id(open_envelope(request, InferenceRequest))
@@ -162,19 +168,20 @@ def run_sequence() -> Driver:
     d.ok(d.sign("newbie", lambda n: RegisterParticipant(chain_id=CHAIN, addrs=["/ip4/9.9.9.9/tcp/9"],
                                                         models=[MODEL], sequence=n)),
          *[d.commit(w, 1) for w in VALIDATORS])
-    early = d.request("alice")
+    early = d.request("alice", "ex")
     d.ok(d.start(early, "ex"), d.finish(early, "ex", 11, 7))
     d.check_duties(0, lambda iid: OK)
     d.until(10)
     # Epoch 1: every order of Start and Finish, an expiry, honest and cheating executors.
-    req = [d.request(c) for c in ("alice", "bob", "alice", "bob", "alice", "bob")]
+    req = [d.request(c, ex, ta) for c, ex, ta in (("alice", "ex", "ta"), ("bob", "cheat", "ta"), ("alice", "v1", "ta"),
+                                                  ("bob", "ex", "ta"), ("alice", "cheat", "ta"), ("bob", "cheat", "v3"))]
     iid = [inference_id(open_envelope(r, InferenceRequest)) for r in req]
     d.ok(d.start(req[0], "ex"), d.finish(req[0], "ex", 12, 8),
          d.start(req[1], "cheat"), d.finish(req[1], "cheat", 9, 20),
-         d.finish(req[2], "newbie", 10, 3),  # held: its Start comes in the next block
+         d.finish(req[2], "v1", 10, 3),  # held: its Start comes in the next block
          d.start(req[3], "ex"),  # finished in the next block
          d.start(req[4], "cheat"))  # never finished: expires
-    d.ok(d.start(req[2], "newbie"), d.finish(req[3], "ex", 10, 10),
+    d.ok(d.start(req[2], "v1"), d.finish(req[3], "ex", 10, 10),
          d.start(req[5], "cheat", ta="v3"), d.finish(req[5], "cheat", 4, 4))
     d.ok(d.sign("alice", lambda n: Transfer(chain_id=CHAIN, to=PEER["bob"], amount=5, sequence=n)))
     cheated = {iid[1], iid[5]}
@@ -184,7 +191,7 @@ def run_sequence() -> Driver:
     # votes: the round closes undecided, a second committee is drawn, which stays silent.
     first, second = (d.state.dispute(i) for i in (iid[1], iid[5]))
     assert first is not None and second is not None and first.voting and second.voting
-    invalid, votes = 0, []
+    invalid, votes = first.accuser_seats, []  # the accuser's failing check is its vote
     for member, seats in zip(first.committee, first.seats, strict=True):
         if 2 * invalid <= d.state.params.dispute_committee_size:
             votes.append(d.vote(NAME_OF[member], iid[1], BAD))
@@ -202,39 +209,39 @@ def run_sequence() -> Driver:
 
 
 GOLDEN_APP_HASHES: list[str] = [  # index: height (0: genesis)
-    "2667ea47570ded56e8c668e015e68c0ed6b66abb480f413b0c8261916f72c829",
-    "d92dbdb58e059a1add8dee92c2bc34b0a1c510fe5628467da49ec3f2eb6c6667",
-    "a7d6c1a7538714ab38addc59a172c9604cf6d0786b54a79aa03ea972bfd98dcb",
-    "8334bd0e8ea9eeae6b3a952c607bca3b17b9986c88dc5addf752cd134160b03e",
-    "cf0937ba4c55eed81206df5df9a908e5b03d6ee58f64cdbc40d835d92da011fa",
-    "4045e3b33d0c7b0636b893e7c09397c2e16abf1ad5a7198a23c24d04f0ecd11d",
-    "eb296584b32729703549619411f05eb5ffd3bb222a27e395f27353de5d26e44c",
-    "71b6af078ba8b900ecae6fe0e1744c442ee353549967258c9a58ccee6a61d983",
-    "d2fd241f3d7751c935922748a9e76a08a34e56859cad0fea5b63cd0811e805bd",
-    "0a43c082101eefd23705a8f1bfe9d072ec4394df5ed6492b5fb83191a477f8d3",
-    "23d419bea09e562cb18726efad6c97ea0d06f9eff1f2483d6026f0e573a93da7",
-    "9a41398cb8bdbe5b61a1b83536cdc0d899f1f8faa040fc8505418f5429077d12",
-    "f3f4797413f8480e887095f19f91deab4ca2c89c320f34c27729f2b95bd28e03",
-    "7493b7ae5a2d97669b8c6dc215e8aa62ba934b5fecea31b93d01cfc6eed0b2e2",
-    "e85c7bc282e80bec67b4017e908d4989f66dc6848921d60ced9db6a5e704a71a",
-    "0b102c38f53f6e4a3091f1f3b8855849725472aa1775449eb3812142a1beb3a1",
-    "cac1471d2767addcb559e8dd380a3f790043fe481aa641c754575ed0134d119c",
-    "b7d64c2499ee290d103014528a6cfa2917dfb7e46c0f877de035a8e94a25b74c",
-    "531b58eb306a24ec9cb1f057b9758978518998ed97aa0b00c960d281ef7ebc1d",
-    "e120e6df2794fc1c8a31693957ade0bf9b77f2a3b1cb226545e4367d540ce2f4",
-    "be4139b18a8a400ae53f80bd2ff3c1787cacf35762a4fccf6ae46088245e8072",
-    "50312c9a4fe34cb09550e8ace91f65cbc830792d83ea2b1eab01667dfde9b4f2",
-    "fc3cfc4a2665035e3dc94c24c6e11dcb29bc2f8bdf72b2b4977213b764a4d977",
-    "9b61845150d453eae3fe3761776419bb3a0e7eb04db7632c883cf71bb5688571",
-    "44daf2843fc5ca40978c8c7f98a4cff20bd8ceca5cbc8dff10250093ded71991",
-    "d229766637a37ae8de2c6085776db20019acf5c818db7c554151816eeb207014",
-    "070c1180ce6d874367aff28b284a92ebd98079ebf258eec44c8adf8d3daffe76",
-    "41776721c32139b4d947033ec9ea8e36f2ca0fcf91e14d1a06c537a1a1bf98a7",
-    "e6290a07b61cb367b5abcd7884e8fd76c02108a846640d819c181448234d5177",
-    "cea7e434b21b671d6d2ca1a98a23ee45cb43d6845e94f864fdc78033c58b9840",
-    "0d80d8bd9ed24785af3023a02ceeb0cbdf7418db1c908954b2b36aadd09df450",
-    "4b88af79ef1b21cbe9b609216d0cedaf7dd753ba838433bae3b8811ab8f22603",
-    "67d3d7b5b5134ce484988779473596b73782f16a1f21363652145ace79488b29",
+    "206095072c6a902a62537206551f7658968e03c9d9c11975bb0b2aa1be6e1eae",
+    "c3f7c3fb79ff872d7bcdee2841e921522b70a0be93c8580c069b06bbd1189117",
+    "c4717feb1ec166d34a336d5a6fcbc59eeee26444551e0bc841f7c0f4d48ca414",
+    "194bd7384f0d9a6328032d6be2cb61d2293105283f7b6ede5faa34d455b0225d",
+    "8e0cfce65ed2c7309bfecb4e06be9899709a25ea1b092cfb02f27ec41c398ead",
+    "3ebd59e2e2c04a4e464ab65e03652a0b761ee126830db000bd0bb440d4c58011",
+    "55621f3ecbafe95729946180ce7a9427a5efc7491ead0551dee4515975a7f69a",
+    "638822235d41aa19eb7b47a1f67dbadfa5ab18719807555ae5b55a4b639cc4db",
+    "d2e4b92f3e28726917dfba2f596a43aef5ae0c70daeb8fba5ce22e02c848951b",
+    "66bbbe5a5f0a335560ebfe206af9a3e91dac179e739ffcac0ce3bda83789d948",
+    "977b5831071554ee96a03e286ff42a2a6c5328670853d770926d969d5e80e145",
+    "f9fe8149e0adc732c08a3d8f41b6dfc4a4a90e7f3f680e046b43a4b86a85b288",
+    "dfd958b32dff1a42c017975cfb3cd3f42b961bd43c698b4280b9d55fcfd06697",
+    "41a14cef618b0a40c6a7045f714d0458c002322c99e1f6cd9a17da0dbf46236d",
+    "a5bf0619f08b990cbde2b9ecb55c2e5a4b31beffddecc8a9f49153d876e6482b",
+    "ff08b3e024f72d2d2deb01107c49c302bee06cd28680060e65c247e0cdbbd82c",
+    "91cfb69ddbfca6cd3d56a8e9b358721f8eb8730da3f670059f4167a407dd2359",
+    "2f5afd3a9d1b0d19ca0b5550f10885cbe3b2e7d43631befff5151a61c3fc1588",
+    "3131fb73be998cd04741cb96dc77384fc4662c2c0ca90d70efb57e1b9c6ba4de",
+    "1817fd315087718a7add5b2123f299c57d575ae328ce2ad5309d55dcdb1d895e",
+    "188d4404fb6900115e4cff9775540cab0aa1c33e2cacd95e3911bb005f1cd71d",
+    "52995516118c4cb034fea85c5dfc8ff4eff8b64e96bce2d8b2617b4fb8a39a77",
+    "28e0dd13b60ab9e85543f2f4ee9f1e1ef77c1ad0646e43daf2e5dc5fe21a4248",
+    "3990697d9b26ec5b3e8a66805fc496950878a9770e4e7dcd46b35934120214a4",
+    "342869e445e16925737ddaa74784d9965139146fc15ae25c5f096eddd1def862",
+    "e4c02f73aa7c6b757e0af4bb0e1f0e5e335293562fa7971a4144265f96c8b5ea",
+    "bee2d2a75434ebb74d9f3450a5207f29900341cd2a9f7d5e869c8fba64f79142",
+    "52bf050f3dd32f1d71f1119f991c7c70bd835076828dbff42b3ab35e1edc668d",
+    "fd36c6fdc506f2deb738c909388f781613dd9ded9e012cd7db16195f3e280526",
+    "a254e45c6d36388aad4fc3cebfc2e761ee8bdd9b05b0c8ab3e11ff1bc1f741b9",
+    "f0d930b48dce27df3a14dbaf16c08d389c7e191dc0788177bdeff382e6cdf3f8",
+    "ba213d145939315f78b8418576b6bd1d5575903a7869bd5bd21f1979afd136dd",
+    "99cba5952382f8abef6362f0ceca9448b0fbe6c6aef2ceaef7d3fb388e5ce0b6",
 ]
 
 
