@@ -3,7 +3,8 @@
 Each size runs in a fresh process (so its peak memory is its own): honest peers,
 one epoch of 100 blocks, ``--requests-per-peer`` (3) requests per peer -- 30,000 at
 10,000 peers, the issue's target of <= 60 s on one core -- then the epoch's
-settlement, on the real ledger with real signatures. The table gives wall time,
+settlement, on the real ledger with real signatures (``--signatures keyed-hash``: the
+stand-in of :mod:`sim.signatures`). The table gives wall time,
 peak resident memory, milliseconds per request and the local growth exponent k
 (time ~ size^k between one size and the next); a size that would run past
 ``--budget-s`` by the previous one's exponent is projected, not run, and marked so.
@@ -33,13 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_size(peers: int, requests: int, profile: bool) -> dict[str, float]:
+def one_size(peers: int, requests: int, signatures: str, profile: bool) -> dict[str, float]:
     """Run one epoch of ``peers`` in this process; wall time, peak RSS, and maybe the profile."""
     sys.path.insert(0, str(ROOT))
     from sim.config import SimConfig
     from sim.world import Simulation
 
-    config = SimConfig(seed=1, peers=peers, epochs=1, requests=requests, clients=100, churn=0.0, mix={})
+    config = SimConfig(seed=1, peers=peers, epochs=1, requests=requests, clients=100, churn=0.0, mix={},
+                       signatures=signatures)
     profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
     if profiler:
@@ -64,11 +66,13 @@ def main() -> None:
     parser.add_argument("--requests-per-peer", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=900.0,
                         help="skip (and project) a size whose projected time exceeds this")
+    parser.add_argument("--signatures", choices=("real", "keyed-hash"), default="real",
+                        help="secp256k1, or the keyed hash standing in for it (default %(default)s)")
     parser.add_argument("--profile", action="store_true", help="cProfile the largest size run")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(one_size(args.child, args.child * args.requests_per_peer, args.profile)))
+        print(json.dumps(one_size(args.child, args.child * args.requests_per_peer, args.signatures, args.profile)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     rows: list[dict[str, object]] = []
@@ -84,7 +88,8 @@ def main() -> None:
                          "peak_mib": float("nan"), "projected": True})
             continue
         command = [sys.executable, __file__, "--child", str(peers),
-                   "--requests-per-peer", str(args.requests_per_peer), *(["--profile"] if args.profile else [])]
+                   "--requests-per-peer", str(args.requests_per_peer), "--signatures", args.signatures,
+                   *(["--profile"] if args.profile else [])]
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True,
                                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
         hot_spots = result.pop("profile", hot_spots)
@@ -92,8 +97,8 @@ def main() -> None:
     if hot_spots:
         print(f"hot spots of the largest size run:\n{hot_spots}")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"sim scale: one epoch of 100 blocks, {args.requests_per_peer} requests per peer, real signatures "
-          f"(uptime: {load})")
+    print(f"sim scale: one epoch of 100 blocks, {args.requests_per_peer} requests per peer, {args.signatures} "
+          f"signatures (uptime: {load})")
     print(f"{'peers':>7} {'requests':>9} {'wall s':>9} {'ms/request':>11} {'peak MiB':>9} {'k':>5}")
     for i, row in enumerate(rows):
         k = ""
