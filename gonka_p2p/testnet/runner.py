@@ -230,11 +230,11 @@ class Testnet:
             if undo:
                 self.undo(pert)
                 self.applied.append(Applied(pert, started[i], time.time()))
-                log(f"t+{time.time() - t0:5.0f} s  undone  {pert.kind} {list(pert.targets)}")
+                log(f"t+{time.time() - t0:5.0f} s  undone  {pert.kind} {list(pert.targets) or 'all'}")
             else:
                 started[i] = time.time()
+                log(f"t+{time.time() - t0:5.0f} s  apply   {pert.kind} {list(pert.targets) or 'all'}")
                 self.apply(pert)
-                log(f"t+{time.time() - t0:5.0f} s  applied {pert.kind} {list(pert.targets) or 'all'}")
         self.applied += [Applied(self.manifest.perturbations[i], started[i], None)
                          for i, p in enumerate(self.manifest.perturbations) if p.forever]
 
