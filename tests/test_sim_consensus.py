@@ -18,7 +18,7 @@ from sim.safety import run_safety
 from sim.world import Simulation, simulate
 
 SMALL = dict(peers=12, epochs=4, requests=60, epoch_blocks=50, churn=0.0, mix={})
-CI_SEEDS = 500  # the safety command's seeds here; `gonka-p2p sim safety --seeds 10000` is the long run
+CI_SEEDS = 1000  # the safety command's seeds here; `gonka-p2p sim safety --seeds 10000` is the long run
 
 
 def small(seed: int, **overrides: object) -> SimConfig:
