@@ -16,7 +16,8 @@ three hooks, which this class implements on top of the node's
   if the request never starts.
 * ``on_start`` (TA, when the executor's first frame arrives): submit
   ``StartInference`` signed by this TA, wrapping the client's request
-  envelope byte for byte, naming the actual executor.
+  envelope byte for byte, naming the actual executor and the draw (attempt)
+  that picked it, which the ledger recomputes.
 * ``on_finished`` (executor, after its last frame): submit
   ``FinishInference`` with the token counts, response hash and artifact
   commitment.
@@ -60,10 +61,10 @@ from gonka_p2p.wire.messages import InferenceRequest, inference_id
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 300.0
-
 # Refusals and drops that may pass: the mempool's room and order, never the ledger's verdict.
 RETRYABLE = frozenset({"mempool_full", "account_quota", "sequence_taken", "too_far_ahead", "evicted",
                        Reason.BAD_SEQUENCE.value})
+
 
 @dataclass(frozen=True)
 class _Reservation:
@@ -90,10 +91,10 @@ class LedgerHooks:
         self._key = key
         self._reservation_s = reservation_s
         self._clock = clock
-        self._reservations: dict[bytes, _Reservation] = {}  # inference id -> its escrow, held
         self._retry_first_s = retry_first_s
         self._retry_max_s = retry_max_s
         self._retry_for_s = retry_for_s
+        self._reservations: dict[bytes, _Reservation] = {}  # inference id -> its escrow, held
         self._submitted: asyncio.Queue[_Submitted] = asyncio.Queue()  # waiting for the follower
 
     async def run(self) -> None:
@@ -111,8 +112,8 @@ class LedgerHooks:
         if price is None:
             return "unknown_model", f"{req.model!r} has no price on this network"
         escrow = escrow_for(prompt_token_bound(req, state.params), req.max_tokens, price)
-        client = request.signer_id
         fee = state.params.tx_fee  # the client pays the Start's fee too (transactions.Payer.CLIENT)
+        client = request.signer_id
         available = state.balance(client) - self.reserved(client)
         if escrow + fee > available:
             return ("insufficient_balance",
@@ -128,7 +129,7 @@ class LedgerHooks:
         self._reservations = {i: r for i, r in self._reservations.items() if r.expires > now}
         return sum(r.escrow for r in self._reservations.values() if r.client == client)
 
-    def on_start(self, request: Signed[InferenceRequest], executor: str) -> None:
+    def on_start(self, request: Signed[InferenceRequest], executor: str, attempt: int) -> None:
         iid = inference_id(request)
         reservation = self._reservations.get(iid)
         if reservation is not None:  # held until the Start commits, however long that takes
@@ -137,7 +138,7 @@ class LedgerHooks:
 
         def build(sequence: int) -> bytes:
             return seal(StartInference(chain_id=chain_id, request=request.raw, executor=executor,
-                                       sequence=sequence), self._key)
+                                       attempt=attempt, sequence=sequence), self._key)
 
         self.follow(build, f"StartInference {iid.hex()[:12]}",
                      lambda committed: self._reservations.pop(iid, None))
@@ -171,7 +172,6 @@ class LedgerHooks:
             return
         self._submitted.put_nowait(_Submitted(build, what, tx_hash, done))
 
-    async def _until_committed(self, tx: _Submitted) -> None:
     def _submit(self, build: Callable[[int], bytes], what: str) -> bytes | None:
         """The hash of the transaction admitted now, or None if refused for now (raises
         :class:`TxRefused` if no retry can cure the refusal)."""
@@ -183,6 +183,7 @@ class LedgerHooks:
             log.info("%s refused for now: %s", what, e)
             return None
 
+    async def _until_committed(self, tx: _Submitted) -> None:
         committed = False
         try:
             committed = await self._see_through(tx)

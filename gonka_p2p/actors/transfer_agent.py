@@ -14,13 +14,19 @@ serves the model (``unknown_model``); the admission hook (balance, later
 the ledger) accepts it.
 
 Routing: the executor is drawn by :func:`choose_executor`, seeded by the
-inference id, among live peers serving the model, never this node. If the
-executor fails *before its first token* the TA draws again (up to
-``attempts``); after that the client gets ``executor_failed``. The
-``on_start`` hook (the ledger's ``StartInference``) is called when the
-executor's first frame arrives; it only submits (admission to the local
-mempool) and returns, so no frame ever waits for a block, and the TA has no
-background task of its own.
+inference id and the attempt number, never this node. With a ledger the draw
+runs over the weights the committed state holds for the model
+(:func:`~gonka_p2p.ledger.tx_rules.executor_weights`): it is the draw the
+ledger recomputes for ``StartInference``, so the TA cannot put another
+executor in its place. Attempt k is tried only if its draw is live and not
+already tried; if the executor fails *before its first token* the TA moves
+to the next attempt (up to ``attempts``, the genesis
+``max_executor_attempts``); after that the client gets ``no_executor``.
+Without a ledger the draw runs over the directory's live peers. The
+``on_start`` hook (the ledger's ``StartInference``, naming the executor and
+its attempt) is called when the executor's first frame arrives; it only
+submits (admission to the local mempool) and returns, so no frame ever waits
+for a block, and the TA has no background task of its own.
 
 Evidence: from the frames it relays (the executor's signed TokenBatches and
 the prompt ids of its InferenceFinished) the TA rebuilds the artifact the
@@ -46,6 +52,7 @@ from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor
 from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.tx_rules import executor_weights
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,
@@ -74,7 +81,7 @@ TERMINAL_REFUSALS = frozenset({"malformed", "bad_signature", "oversize",
 # Returns None to admit, or (code, message) to reject.
 AdmissionHook = Callable[[Signed[InferenceRequest]], Awaitable[tuple[str, str] | None]]
 # Submits and returns: it must never wait for a block (the stream waits for it).
-StartHook = Callable[[Signed[InferenceRequest], str], None]
+StartHook = Callable[[Signed[InferenceRequest], str, int], None]  # (request, executor, attempt)
 
 
 class ClientGone(Exception):
@@ -180,18 +187,23 @@ class TransferAgent:
             log.info("client %s went away mid-stream", opener)
 
     async def route(self, request: Signed[InferenceRequest], send: SendFrame) -> None:
-        """Draw an executor, relay its frames; redraw while nothing reached the client."""
+        """Try the draws in turn, relay the first that starts; move on while nothing reached
+        the client. A draw that is not live, or was already tried, is skipped."""
         order = seal(ExecuteOrder(request=request.raw), self._key)
-        tried: set[str] = {self._service.peer_id}
+        me, iid, model = self._service.peer_id, inference_id(request), request.message.model
+        tried: set[str] = set()
         refusals: list[str] = []
         for attempt in range(self._attempts):
-            weights = self._directory.executor_weights(request.message.model)
+            weights = (self._directory.executor_weights(model) if self._ledger is None
+                       else executor_weights(self._ledger, model))
             try:
-                executor = choose_executor(weights, frozenset(tried), inference_id(request), attempt)
+                executor = choose_executor(weights, frozenset({me}), iid, attempt)
             except NoEligibleExecutor:
                 break
+            if executor in tried or not self._directory.is_live(executor):
+                continue
             tried.add(executor)
-            outcome = await self._relay(executor, order, request, send)
+            outcome = await self._relay(executor, attempt, order, request, send)
             if outcome == "done":
                 self.relayed += 1
                 return
@@ -202,11 +214,12 @@ class TransferAgent:
             await _to_client(send, self._failed("overloaded", "every executor drawn is at capacity; "
                                                               "retry later or use another TA"))
             return
-        await _to_client(send, self._failed("no_executor", "no live executor could take the "
-                                                           f"request after {len(tried) - 1} attempt(s)"))
+        await _to_client(send, self._failed("no_executor", "no live executor could take the request: "
+                                                           f"{len(tried)} of {self._attempts} draws tried"))
 
     async def _relay(
-        self, executor: str, order: bytes, request: Signed[InferenceRequest], send: SendFrame
+        self, executor: str, attempt: int, order: bytes, request: Signed[InferenceRequest],
+        send: SendFrame,
     ) -> str:
         """Relay one executor's stream.
 
@@ -233,7 +246,7 @@ class TransferAgent:
                 if not started:
                     started = True
                     if self._on_start is not None:
-                        self._on_start(request, executor)
+                        self._on_start(request, executor, attempt)
                 if isinstance(msg, InferenceFinished):  # kept before the client hears it is done
                     await self._keep_artifact(request, batches, msg)
                 await _to_client(send, frame)
