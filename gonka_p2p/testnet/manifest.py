@@ -61,7 +61,7 @@ class Perturbation:
     targets: tuple[int, ...] = ()  # node indices (partition: the minority side)
     share: float = 0.3  # drop: the share of packets dropped each way
     rate_kbit: int = 64  # bandwidth: the cap each way
-    forever: bool = False  # freeze: never thawed (a byzantine-power scenario)
+    forever: bool = False  # never undone: a freeze never thawed (byzantine power), a kill never restarted
 
     @property
     def end_s(self) -> float:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,7 +84,8 @@ class Participant:
                 return
             if not line and self.proc.poll() is not None:
                 break
-        raise TestnetError(f"participant {self.index} did not start; see {self.log_dir}/node{self.index}.{self.starts}.log")
+        raise TestnetError(f"participant {self.index} did not start; see "
+                           f"{self.log_dir}/node{self.index}.{self.starts}.log")
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -219,7 +221,7 @@ class Testnet:
             for p in targets:
                 netns.uncap_bandwidth(p.host)
 
-    def perturb(self, t0: float, log: callable) -> None:  # type: ignore[valid-type]
+    def perturb(self, t0: float, log: Callable[[str], object]) -> None:
         """Apply and undo the manifest's perturbations at their times, one at a time, in order."""
         events = sorted([(p.at_s, 0, i) for i, p in enumerate(self.manifest.perturbations)]
                         + [(p.end_s, 1, i) for i, p in enumerate(self.manifest.perturbations) if not p.forever])
@@ -240,13 +242,14 @@ class Testnet:
 
     # ---- the run -------------------------------------------------------------------
 
-    def run(self, log: callable) -> Verdict:  # type: ignore[valid-type]
+    def run(self, log: Callable[[str], object]) -> Verdict:
         m = self.manifest
         assert self.client is not None and self.observer is not None
         observe_key, load_key = str(self.net / "client1.key"), str(self.net / "client0.key")
         watch = self.helper(self.observer, "gonka_p2p.testnet.observer", "watch", key=observe_key,
                             out=str(self.workdir / "observed.jsonl"), interval=1.0)
-        load = self.helper(self.client, "gonka_p2p.testnet.load", key=load_key, out=str(self.workdir / "requests.jsonl"),
+        load = self.helper(self.client, "gonka_p2p.testnet.load", key=load_key,
+                           out=str(self.workdir / "requests.jsonl"),
                            rate=m.load.rate, duration_s=m.duration_s, model=m.model, max_tokens=m.load.max_tokens,
                            timeout_s=m.load.timeout_s, concurrency=m.load.concurrency)
         t0 = time.time()
