@@ -19,8 +19,9 @@ nodes stopped. Rows:
 * **no request lost** -- every request completed with a verified answer, or
   the ledger holds no charge for it (absent, or expired and refunded); none
   charged without an answer, none still running after the settle time.
-* **liveness** -- after each perturbation ends, some replica commits a new
-  height within ``recovery_bound_s``; a run in which that never happens is
+* **liveness** -- after each perturbation ends (one never undone: after it
+  starts), some replica commits a new height within ``recovery_bound_s``, and
+  one does in the run's last such window; a run in which either fails is
   STALLED (with byzantine power >= 1/3 frozen this is the correct outcome,
   and it is reported as such, never as a pass).
 """
@@ -174,9 +175,9 @@ def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: d
                             f"{sum(len(h) for h, _ in stores.values())} replica-heights checked"))
     row, verdict.counts = judge_requests(sent, settled.get("inferences", {}))
     verdict.rows.append(row)
-    for a in applied:
-        verdict.recoveries.append(None if a.ended is None else
-                                  recovery_after(observed, a.ended, recovery_bound_s))
+    for a in applied:  # one never undone must not stop the network from its start on
+        verdict.recoveries.append(recovery_after(observed, a.started if a.ended is None else a.ended,
+                                                 recovery_bound_s))
     never = [a.perturbation.kind for a, r in zip(applied, verdict.recoveries) if r is None]
     last_t = max((o["t"] for o in observed), default=0.0)
     final_progress = recovery_after(observed, last_t - recovery_bound_s, recovery_bound_s) if observed else None
