@@ -9,6 +9,7 @@ hypothesis); replay a failure with ``ECONOMICS_SEED=<seed> pytest tests/test_led
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -20,6 +21,8 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
+
+from helpers import drawn_attempt, request_drawing
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
@@ -123,16 +126,19 @@ class Net:
         s = self.seed(who, epoch) if seed is None else seed
         return self.sign(who, lambda n: RevealValidationSeed(chain_id=CHAIN, epoch=epoch, seed=s, sequence=n))
 
-    def request(self, client: str = "alice", max_tokens: int = 20) -> bytes:
+    def request(self, client: str = "alice", max_tokens: int = 20, executor: str = "ex", ta: str = "ta") -> bytes:
+        """A fresh request whose nonce is ground so that the ledger's draw gives it to ``executor``."""
         self.nonce += 1
-        return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
-                                     max_tokens=max_tokens, temperature=0.7, top_p=1.0, top_k=0,
-                                     logprobs_k=5, timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")),
-                    KEYS[client])
+        return request_drawing(self.state, lambda grind: seal(InferenceRequest(
+            chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")], max_tokens=max_tokens,
+            temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=T0,
+            nonce=hashlib.sha256(self.nonce.to_bytes(8, "big") + grind).digest()[:16]), KEYS[client]),
+            PEER[ta], PEER[executor])
 
     def start(self, request: bytes, executor: str, ta: str = "ta") -> bytes:
-        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request,
-                                                      executor=PEER[executor], sequence=n))
+        attempt = drawn_attempt(self.state, request, PEER[ta], PEER[executor]) or 0
+        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
+                                                      attempt=attempt, sequence=n))
 
     def finish(self, request: bytes, executor: str, prompt: int = 10, completion: int = 5) -> bytes:
         iid = inference_id(open_envelope(request, InferenceRequest))
@@ -174,7 +180,7 @@ class Net:
     def infer(self, executor: str, client: str = "alice", ta: str = "ta",
               prompt: int = 10, completion: int = 5) -> bytes:
         """Start and finish an inference in one block; its id."""
-        req = self.request(client)
+        req = self.request(client, executor=executor, ta=ta)
         self.ok(self.start(req, executor, ta), self.finish(req, executor, prompt, completion))
         return inference_id(open_envelope(req, InferenceRequest))
 
@@ -987,7 +993,7 @@ def run_epochs(seed: int, epochs: int = 3) -> Counter:
             ex = rng.choice([n for n in ("ex", "cheat", "v1", "v2")
                              if PEER[n] in executor_weights(net.state, MODEL)] or ["ex"])
             ta = rng.choice([n for n in ("ta", "v3") if n != ex])
-            req = net.request(rng.choice(["alice", "bob"]), max_tokens=20)
+            req = net.request(rng.choice(["alice", "bob"]), max_tokens=20, executor=ex, ta=ta)
             txs.append(net.start(req, ex, ta))
             if rng.random() < 0.9:
                 txs.append(net.finish(req, ex, rng.randrange(1, 30), rng.randrange(1, 20)))

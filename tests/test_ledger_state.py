@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from helpers import drawn_attempt, request_drawing
+
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
 from gonka_p2p.ledger.genesis import (
@@ -56,9 +58,9 @@ from gonka_p2p.wire.schema import WireError
 CHAIN = "gonka-test"
 MODEL = "m"
 PRICE = 2
+FEE = 1  # tx_fee: what a paying transaction burns (the client's, for a Start)
 T0 = 1_700_000_000_000  # genesis time, ms
 KEYS = {name: Keypair.from_seed(name.encode()) for name in
-FEE = 1  # tx_fee: what a paying transaction burns (the client's, for a Start)
         ("ta", "ta2", "ex", "ex2", "alice", "bob", "carol", "outsider")}
 PEER = {name: key.peer_id for name, key in KEYS.items()}
 
@@ -125,7 +127,8 @@ class Chain:
                                                   models=models, sequence=self.seq(who)))
 
     def start(self, request: bytes, ta: str = "ta", executor: str = "ex") -> bytes:
-        return self.sign(ta, StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
+        attempt = drawn_attempt(self.state, request, PEER[ta], PEER[executor]) or 0
+        return self.sign(ta, StartInference(chain_id=CHAIN, request=request, executor=PEER[executor], attempt=attempt,
                                             sequence=self.seq(ta)))
 
     def finish(self, request: bytes, executor: str = "ex", prompt: int = 10, completion: int = 5,
@@ -143,8 +146,14 @@ class Chain:
         return receipts
 
     def request(self, client: str = "alice", content: str = "hello", max_tokens: int = 20,
-                ts: int | None = None, nonce: bytes = b"n" * 16, model: str = MODEL) -> bytes:
-        return make_request(client, content, max_tokens, self.now if ts is None else ts, nonce, model)
+                ts: int | None = None, nonce: bytes | None = None, model: str = MODEL) -> bytes:
+        """Without a ``nonce``, the first of a fixed sequence whose draw gives the request to "ex"
+        when "ta" routes it (what ``start``'s defaults name)."""
+        ts = self.now if ts is None else ts
+        if nonce is not None:
+            return make_request(client, content, max_tokens, ts, nonce, model)
+        return request_drawing(self.state, lambda n: make_request(client, content, max_tokens, ts, n, model),
+                               PEER["ta"], PEER["ex"])
 
 
 def make_request(client: str, content: str, max_tokens: int, ts: int, nonce: bytes = b"n" * 16,
@@ -987,7 +996,9 @@ def test_a_block_of_1000_mixed_txs_applies() -> None:
     state = LedgerState.from_genesis(genesis)
     chain = Chain(state=state)
     txs: list[bytes] = []
-    reqs = [make_request("alice", f"prompt {i}", 64, T0, nonce=i.to_bytes(16, "big")) for i in range(300)]
+    reqs = [request_drawing(state, lambda n, i=i: make_request(
+        "alice", f"prompt {i}", 64, T0, nonce=hashlib.sha256(i.to_bytes(4, "big") + n).digest()[:16]),
+        PEER["ta"], PEER["ex"]) for i in range(300)]
     for req in reqs:
         txs.append(chain.start(req, executor="ex"))
     for req in reqs:

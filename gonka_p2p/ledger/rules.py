@@ -316,11 +316,11 @@ def seed_commitment(epoch: int, validator: str, seed: bytes) -> bytes:
     return hashlib.sha256(_SEED_DOMAIN + epoch.to_bytes(8, "big") + validator.encode() + b"\x00"
                           + seed).digest()
 
-MAX_EXECUTOR_ATTEMPTS = 16  # the schema's bound on StartInference.attempt; genesis sets the real one
-
-
 
 # --------------------------------------------------------------------------- weighted draws
+
+
+MAX_EXECUTOR_ATTEMPTS = 16  # the schema's bound on StartInference.attempt; genesis sets the real one
 
 
 class NoEligibleExecutor(Exception):

@@ -166,9 +166,9 @@ class StartInference(Message):
     chain_id: str = bounded(max_len=64)
     request: bytes = bounded(max_len=MAX_CLIENT_REQUEST_BYTES)
     executor: str = bounded(max_len=MAX_PEER_ID)
+    attempt: int = bounded(min_value=0, max_value=MAX_EXECUTOR_ATTEMPTS - 1)
     sequence: int = bounded(min_value=0)
 
-    attempt: int = bounded(min_value=0, max_value=MAX_EXECUTOR_ATTEMPTS - 1)
 
 @dataclass(frozen=True)
 class FinishInference(Message):
@@ -341,8 +341,6 @@ def derive_validation_seed(secret: bytes, chain_id: str, epoch: int) -> bytes:
                           + chain_id.encode() + b"\x00" + epoch.to_bytes(8, "big")).digest()
 
 
-@dataclass(frozen=True)
-class TxKind:
 class Payer(Enum):
     """Who pays a transaction's fee (genesis ``tx_fee``, burned when the transaction applies).
 
@@ -360,13 +358,15 @@ class Payer(Enum):
     DUTY = "duty"
 
 
+@dataclass(frozen=True)
+class TxKind:
     """One kind of transaction: its wire schema, who pays for it, and what the mempool may
     assume of it. Its rule is ``tx_rules``' (which checks that every kind here has exactly one)."""
 
     message: type[Message]
+    payer: Payer
     account_only: bool = False  # valid or not by its signer's account record alone (see mempool)
 
-    payer: Payer
 
 TX_KINDS: tuple[TxKind, ...] = (  # every transaction kind, once
     TxKind(Transfer, Payer.SIGNER, account_only=True),
@@ -380,8 +380,6 @@ TX_KINDS: tuple[TxKind, ...] = (  # every transaction kind, once
     TxKind(SubmitEvidence, Payer.DUTY),
 )
 ACCOUNT_ONLY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.account_only)
-Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
-      | RevealValidationSeed | Validation | DisputeVote | SubmitEvidence)  # the same kinds, for the type checker
 DUTY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.payer is Payer.DUTY)
 _SIGNER_PAYS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.payer is Payer.SIGNER)
 
@@ -389,6 +387,8 @@ _SIGNER_PAYS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.payer is
 def signer_fee(kind: str, tx_fee: int) -> int:
     """What the signer of a ``kind`` transaction pays when it applies: ``tx_fee`` or nothing."""
     return tx_fee if kind in _SIGNER_PAYS else 0
+Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
+      | RevealValidationSeed | Validation | DisputeVote | SubmitEvidence)  # the same kinds, for the type checker
 assert set(get_args(Tx)) == {kind.message for kind in TX_KINDS}, "Tx and TX_KINDS disagree"
 _TX_MESSAGES = tuple(kind.message for kind in TX_KINDS)
 
