@@ -105,8 +105,8 @@ class SimConfig:
     byzantine_share: float = _knob(0.0, "consensus", "share of the replicas that are byzantine (rounded "
                                    "up: 1/4 of 7 is 2)", probability)
     byzantine: str = _knob("equivocate", "consensus", "what byzantine replicas do: sign conflicting "
-                           "twins and propose invalid blocks, or withhold their votes",
-                           one_of("equivocate", "withhold"))
+                           "twins and propose invalid blocks, withhold their votes, or crash (send nothing)",
+                           one_of("equivocate", "withhold", "crash"))
     partitions: int = _knob(0, "consensus", "partition windows that form and heal during the run, "
                             "each splitting the replicas into two halves", at_least(0))
     partition_ms: int = _knob(5_000, "consensus", "the longest a partition holds, ms", at_least(1))

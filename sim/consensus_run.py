@@ -6,8 +6,8 @@ A scenario with ``[consensus] validators = N`` runs, before its economic
 loop, the byzantine consensus simulator (:mod:`sim.consensus_sim`, the real
 :class:`~gonka_p2p.ledger.consensus.ConsensusState` in N replicas) for every
 height the economic run needs, from the same seed: ``byzantine_share`` of the
-replicas equivocate (conflicting twins, invalid proposals) or withhold their
-votes, and ``partitions`` windows split the replicas in two halves (neither
+replicas equivocate (conflicting twins, invalid proposals), withhold their
+votes or crash (send nothing), and ``partitions`` windows split the replicas in two halves (neither
 holds 2/3, so no block commits meanwhile) at random times and heal
 ``partition_ms`` later at most. What comes out is one virtual
 commit time per height -- the first honest replica's -- which becomes that

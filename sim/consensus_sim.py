@@ -27,7 +27,7 @@ that bound to see what breaks) run an honest core but, when they
 the two at random -- for another validator's vote they relay, the twin is a
 forgery that signature checks must reject; they sometimes propose invalid
 blocks and never serve catch-up requests. When they *withhold*, they send no
-vote at all (and still propose).
+vote at all (and still propose); when they *crash*, they send nothing.
 
 Invariants are checked where state changes, not only at the end: an honest
 commit that conflicts with another honest commit at the same height, or
@@ -131,14 +131,14 @@ class Scenario:
     liveness_window_ms: int = 20_000  # ... within this much virtual time after GST (the run stops there)
     app_delay_ms: int = 5  # the application answers build/validate requests within this
     real_signatures: bool = False
-    byzantine_mode: str = "equivocate"  # or "withhold": send no votes
+    byzantine_mode: str = "equivocate"  # or "withhold": send no votes; or "crash": send nothing
     bound_byzantine: bool = True  # refuse byzantine power >= 1/3 (the economic runs lift it)
     stall_ms: int | None = None  # stop once no honest replica has committed for this long
 
     def __post_init__(self) -> None:
         if self.bound_byzantine and not self.tolerated:
             raise ValueError("byzantine validators must hold less than 1/3 of the power")
-        if self.byzantine_mode not in ("equivocate", "withhold"):
+        if self.byzantine_mode not in ("equivocate", "withhold", "crash"):
             raise ValueError(f"unknown byzantine mode {self.byzantine_mode!r}")
 
     @property
@@ -409,8 +409,9 @@ class Simulation:
     # ---- byzantine behaviour -------------------------------------------------------------
 
     def _broadcast(self, r: _Replica, message: Proposal | Vote) -> None:
-        if r.byzantine and self.scenario.byzantine_mode == "withhold":
-            if isinstance(message, Vote):
+        mode = self.scenario.byzantine_mode
+        if r.byzantine and mode != "equivocate":
+            if mode == "crash" or isinstance(message, Vote):
                 return
             twin = None
         else:

@@ -58,6 +58,13 @@ def test_withheld_votes_of_a_third_stall_the_chain_and_nothing_settles_after() -
     assert len(simulation.metrics.summaries) < SMALL["epochs"]
 
 
+def test_crashed_replicas_below_a_third_only_slow_the_chain() -> None:
+    calm = simulate(small(6, validators=7))[1].network
+    crashed = simulate(small(6, validators=7, byzantine_share=0.25, byzantine="crash"))[1].network
+    assert crashed["consensus: verdict"] == "safe", crashed["consensus: why"]
+    assert crashed["commit latency mean (ms)"] > calm["commit latency mean (ms)"]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_a_third_or_more_equivocating_is_never_reported_safe(seed: int) -> None:
     outcome = run_consensus(small(seed, validators=7, byzantine_share=0.4, partitions=2), 200)
