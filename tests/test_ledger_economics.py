@@ -55,7 +55,7 @@ from gonka_p2p.ledger.transactions import (
     verdict_stats,
     withheld_verdict,
 )
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 
@@ -709,7 +709,7 @@ def test_an_invalid_dispute_sanctions_at_once_refunds_all_its_clients_and_cuts_w
     assert net.state.dispute(iid).outcome is DisputeOutcome.INVALID
     convicted = net.state.participant(PEER["cheat"])
     assert convicted.sanctioned and convicted.reputation_ppm == 0  # at once: drawn for no new client
-    assert PEER["cheat"] not in executor_weights(net.state, MODEL)
+    assert not may_execute(net.state, PEER["cheat"])  # named by no new Start; the draw table stays frozen
     # Its voting power moved at the next settlement (epoch 0's, at the end of this very block):
     assert net.state.height == 15 and net.state.epoch_summary(0).participant(PEER["cheat"]).weight_after == 0
     net.check_duties(1, verdict_of=lambda i, who: OK)
@@ -991,7 +991,8 @@ def run_epochs(seed: int, epochs: int = 3) -> Counter:
                     if net.state.participant(PEER[n]).weight and rng.random() < 0.9]
         for _ in range(rng.randrange(0, 4)):  # traffic
             ex = rng.choice([n for n in ("ex", "cheat", "v1", "v2")
-                             if PEER[n] in executor_weights(net.state, MODEL)] or ["ex"])
+                             if PEER[n] in executor_weights(net.state, MODEL)
+                             and may_execute(net.state, PEER[n])] or ["ex"])
             ta = rng.choice([n for n in ("ta", "v3") if n != ex])
             req = net.request(rng.choice(["alice", "bob"]), max_tokens=20, executor=ex, ta=ta)
             txs.append(net.start(req, ex, ta))

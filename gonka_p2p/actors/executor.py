@@ -44,9 +44,8 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
-from gonka_p2p.ledger.rules import choose_executor
 from gonka_p2p.ledger.state import LedgerState
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.tx_rules import is_drawn, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,
@@ -145,10 +144,10 @@ class ExecutorActor:
         if ta not in ledger.registry:
             raise Rejected("unknown_ta", f"{ta} is not a participant of {self.chain_id!r}: "
                                          "it cannot start the inference it orders")
-        weights = executor_weights(ledger, request.message.model)
-        iid, me = inference_id(request), self._key.peer_id
-        if me not in weights or all(choose_executor(weights, frozenset({ta}), iid, attempt) != me
-                                    for attempt in range(ledger.params.max_executor_attempts)):
+        iid, me, model, height = inference_id(request), self._key.peer_id, request.message.model, ledger.height + 1
+        if not may_execute(ledger, me) or not any(
+                is_drawn(ledger, model, ta, iid, attempt, me, height)
+                for attempt in range(ledger.params.max_executor_attempts)):
             raise Rejected("not_drawn", "the ledger's executor draw for this request is another "
                                         f"executor at every attempt up to {ledger.params.max_executor_attempts}")
 

@@ -52,7 +52,7 @@ from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor
 from gonka_p2p.ledger.state import LedgerState
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,
@@ -200,7 +200,8 @@ class TransferAgent:
                 executor = choose_executor(weights, frozenset({me}), iid, attempt)
             except NoEligibleExecutor:
                 break
-            if executor in tried or not self._directory.is_live(executor):
+            if (executor in tried or not self._directory.is_live(executor)
+                    or (self._ledger is not None and not may_execute(self._ledger, executor))):
                 continue
             tried.add(executor)
             outcome = await self._relay(executor, attempt, order, request, send)

@@ -90,7 +90,9 @@ from gonka_p2p.ledger.records import (
 from gonka_p2p.ledger.rules import (
     SEED_BYTES,
     DisputeOutcome,
+    NoEligibleExecutor,
     choose_executor,
+    epoch_last_height,
     epoch_of,
     escrow_for,
     held_finish_deadline,
@@ -179,13 +181,53 @@ def process_register_participant(state: LedgerState, ctx: BlockContext,
     return "updated" if old else "registered"
 
 
-def executor_weights(state: LedgerState, model: str) -> dict[str, int]:
-    """Who may be drawn to execute ``model``, by weight: participants registered for it with
-    weight > 0 and not sanctioned for proven-invalid work. The ledger's draw (and the TA's,
-    which must match it) runs over exactly these, so an identity without weight is never
-    paid to execute, however many the attacker registers."""
-    return {peer: p.weight for peer, p in state.registry.rows.items()
-            if p.weight > 0 and not p.sanctioned and model in p.models}
+def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -> dict[str, int]:
+    """The table the executor draw runs over: the weights ``epoch`` (default: the epoch of the
+    next block) froze at its start, of the participants registered for ``model``.
+
+    Frozen, so that a TA's draw and the ledger's recomputation agree whatever commits in
+    between: a sanction or a weight cut landing while a Start is in flight does not turn
+    the honest executor's finished work into a refused Start. A participant sanctioned
+    since stays in the table (the draw does not move) but may not be named
+    (:func:`may_execute`): the TA takes the next attempt. Zero-weight identities are never
+    in it, however many an attacker registers."""
+    info = state.epoch_info(state.epoch if epoch is None else epoch)
+    if info is None:
+        return {}
+    registry = state.registry.rows
+    return {peer: weight for peer, weight in info.weights.items()
+            if peer in registry and model in registry[peer].models}
+
+
+def may_execute(state: LedgerState, peer: str) -> bool:
+    """A drawn executor may be named unless proven-invalid work sanctioned it."""
+    participant = state.registry.get(peer)
+    return participant is not None and not participant.sanctioned
+
+
+def draw_epochs(state: LedgerState, height: int) -> tuple[int, ...]:
+    """Whose frozen weights a Start applied at ``height`` may have been drawn from: its own
+    epoch's, and during the first ``inference_deadline_blocks`` of an epoch also the previous
+    one's -- a Start drawn just before the boundary commits just after it. (A TA thereby
+    chooses among at most twice as many draws there, see ``rules.choose_executor``.)"""
+    epoch = epoch_of(height, state.params)
+    into = height - epoch_last_height(epoch - 1, state.params) if epoch > 0 else height
+    if epoch > 0 and into <= state.params.inference_deadline_blocks and state.epoch_info(epoch - 1):
+        return (epoch, epoch - 1)
+    return (epoch,)
+
+
+def is_drawn(state: LedgerState, model: str, ta: str, iid: bytes, attempt: int, executor: str,
+             height: int) -> bool:
+    """Whether the ledger's weighted draw gives inference ``iid`` to ``executor`` at ``attempt``
+    for a Start that ``ta`` submits into the block at ``height``."""
+    for epoch in draw_epochs(state, height):
+        try:
+            if choose_executor(executor_weights(state, model, epoch), frozenset({ta}), iid, attempt) == executor:
+                return True
+        except NoEligibleExecutor:
+            continue
+    return False
 
 
 @rule_for(StartInference)
@@ -226,13 +268,13 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
     if tx.attempt >= state.params.max_executor_attempts:
         raise TxRejected(Reason.ATTEMPT_OUT_OF_RANGE, f"attempt {tx.attempt}; a TA draws at most "
                                                       f"{state.params.max_executor_attempts} times")
-    weights = executor_weights(state, req.model)
-    if tx.executor not in weights:
-        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE,
-                         f"{tx.executor!r} is not a participant with weight serving {req.model}")
-    drawn = choose_executor(weights, frozenset({signer}), iid, tx.attempt)
-    if tx.executor != drawn:
-        raise TxRejected(Reason.EXECUTOR_NOT_DRAWN, f"attempt {tx.attempt} draws {drawn}, not {tx.executor}")
+    if not may_execute(state, tx.executor) or all(
+            tx.executor not in executor_weights(state, req.model, e) for e in draw_epochs(state, ctx.height)):
+        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} is not an unsanctioned participant "
+                                                       f"with weight serving {req.model}")
+    if not is_drawn(state, req.model, signer, iid, tx.attempt, tx.executor, ctx.height):
+        raise TxRejected(Reason.EXECUTOR_NOT_DRAWN, f"attempt {tx.attempt} of the weighted draw for "
+                                                    f"{req.model} does not give {iid.hex()} to {tx.executor}")
     client = peer_id_of(request.signer)
     account = state.accounts.get(client)
     if account is None:

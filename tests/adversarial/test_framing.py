@@ -36,7 +36,7 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
@@ -341,7 +341,7 @@ def test_a_conviction_sanctions_at_once_and_moves_weight_only_at_settlement_by_b
     assert ledger.state.dispute(duty).outcome is DisputeOutcome.INVALID
     convicted = ledger.state.participant(executor)
     assert convicted.sanctioned and convicted.weight == 10  # voting power unchanged until settlement
-    assert executor not in executor_weights(ledger.state, MODEL)
+    assert not may_execute(ledger.state, executor)  # named by no new Start; the draw table stays frozen
     while ledger.state.height < rules.settlement_height(1, ledger.state.params):
         ledger.block([])
     assert ledger.state.participant(executor).weight == 0  # 10 of 100: within one step's 10 %

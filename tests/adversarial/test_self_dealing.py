@@ -19,7 +19,7 @@ does); that the TA routes by the same draw is tests/test_serving.py's."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 
 from gonka_p2p.identity import Keypair
@@ -38,7 +38,7 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.tx_rules import executor_weights, is_drawn, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
@@ -294,3 +294,23 @@ def test_grinding_nonces_onto_its_own_weighted_executor_earns_nothing_and_keeps_
     # The floor counts the honest traffic alone: the next epoch is checked as much as without it.
     assert attacked.epoch_info(2).traffic == honest.epoch_info(2).traffic == 100
     assert attacked.epoch_info(2).floor_ppm == honest.epoch_info(2).floor_ppm == rules.PPM
+
+
+def test_a_sanction_in_flight_does_not_move_the_draw_of_other_requests() -> None:
+    """The draw runs over the weights the epoch froze at its start: a conviction (or any
+    other change) landing between the TA's draw and its Start's block leaves every other
+    request's draw where it was, so an honest executor's finished work is never refused.
+    (When the table dropped sanctioned executors at once, a conviction mid-epoch moved
+    draws under requests already in flight: the honest executor's Start was refused.)"""
+    state = LedgerState.from_genesis(genesis())
+    ta, height = PEER["mallory_ta"], state.height + 1
+    draws = {}
+    for n in range(64):
+        iid = bytes([n]) * 32
+        draws[iid] = rules.choose_executor(executor_weights(state, MODEL), frozenset({ta}), iid, 0)
+    sanctioned = PEER["h2"]
+    state.registry.put(sanctioned, replace(state.registry.rows[sanctioned], sanctioned=True))
+    for iid, executor in draws.items():
+        if executor != sanctioned:
+            assert is_drawn(state, MODEL, ta, iid, 0, executor, height), iid.hex()
+    assert not may_execute(state, sanctioned)
