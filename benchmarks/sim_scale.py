@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10,100,1000,10000", help="peer counts (default %(default)s)")
     parser.add_argument("--requests-per-peer", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=900.0,
+    parser.add_argument("--budget-s", type=float, default=300.0,
                         help="skip (and project) a size whose projected time exceeds this")
     parser.add_argument("--signatures", choices=("real", "keyed-hash"), default="real",
                         help="secp256k1, or the keyed hash standing in for it (default %(default)s)")
@@ -75,41 +75,41 @@ def main() -> None:
         print(json.dumps(one_size(args.child, args.child * args.requests_per_peer, args.signatures, args.profile)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    rows: list[dict[str, object]] = []
+    print(f"sim scale: one epoch of 100 blocks, {args.requests_per_peer} requests per peer, {args.signatures} "
+          f"signatures (uptime: {_uptime()})")
+    print(f"{'peers':>7} {'requests':>9} {'wall s':>9} {'ms/request':>11} {'peak MiB':>9} {'k':>5}", flush=True)
+    rows: list[dict[str, float]] = []
     hot_spots = ""
     for peers in sizes:
-        projected = None
-        if len(rows) >= 2:
-            a, b = rows[-2], rows[-1]
-            k = math.log(float(b["wall_s"]) / float(a["wall_s"])) / math.log(int(b["peers"]) / int(a["peers"]))
-            projected = float(b["wall_s"]) * (peers / int(b["peers"])) ** k
-        if projected is not None and projected > args.budget_s:
-            rows.append({"peers": peers, "requests": peers * args.requests_per_peer, "wall_s": projected,
-                         "peak_mib": float("nan"), "projected": True})
-            continue
-        command = [sys.executable, __file__, "--child", str(peers),
-                   "--requests-per-peer", str(args.requests_per_peer), "--signatures", args.signatures,
-                   *(["--profile"] if args.profile else [])]
-        result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True,
-                                           env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
-        hot_spots = result.pop("profile", hot_spots)
-        rows.append(result)
+        k = _exponent(rows[-2], rows[-1]) if len(rows) >= 2 else None
+        projected = rows[-1]["wall_s"] * (peers / rows[-1]["peers"]) ** k if k is not None else 0.0
+        if projected > args.budget_s:
+            row = {"peers": peers, "requests": peers * args.requests_per_peer, "wall_s": projected,
+                   "peak_mib": float("nan")}
+        else:
+            command = [sys.executable, __file__, "--child", str(peers),
+                       "--requests-per-peer", str(args.requests_per_peer), "--signatures", args.signatures,
+                       *(["--profile"] if args.profile else [])]
+            row = json.loads(subprocess.run(command, capture_output=True, text=True, check=True,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+            hot_spots = row.pop("profile", hot_spots)
+        growth = f"{_exponent(rows[-1], row):.2f}" if rows else ""
+        rows.append(row)
+        print(f"{peers:>7,} {int(row['requests']):>9,} {row['wall_s']:>9.1f} "
+              f"{1000 * row['wall_s'] / max(row['requests'], 1):>11.2f} {row['peak_mib']:>9.0f} {growth:>5}"
+              f"{'  (projected: past --budget-s)' if projected > args.budget_s else ''}", flush=True)
+    print("k: time ~ peers^k from the size above (requests grow with peers, so k = 2 is O(peers x requests))")
+    print(f"uptime at the end: {_uptime()}")
     if hot_spots:
         print(f"hot spots of the largest size run:\n{hot_spots}")
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"sim scale: one epoch of 100 blocks, {args.requests_per_peer} requests per peer, {args.signatures} "
-          f"signatures (uptime: {load})")
-    print(f"{'peers':>7} {'requests':>9} {'wall s':>9} {'ms/request':>11} {'peak MiB':>9} {'k':>5}")
-    for i, row in enumerate(rows):
-        k = ""
-        if i:
-            k = f"{math.log(float(row['wall_s']) / float(rows[i - 1]['wall_s'])) / math.log(int(row['peers']) / int(rows[i - 1]['peers'])):.2f}"
-        mark = "  (projected)" if row.get("projected") else ""
-        print(f"{row['peers']:>7,} {row['requests']:>9,} {float(row['wall_s']):>9.1f} "
-              f"{1000 * float(row['wall_s']) / max(int(row['requests']), 1):>11.2f} "
-              f"{float(row['peak_mib']):>9.0f} {k:>5}{mark}")
-    print("k: time ~ peers^k from the size above (requests grow with peers, so k = 2 is O(peers x requests))")
 
+
+def _exponent(a: dict[str, float], b: dict[str, float]) -> float:
+    return math.log(b["wall_s"] / a["wall_s"]) / math.log(b["peers"] / a["peers"])
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 if __name__ == "__main__":
     main()

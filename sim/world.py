@@ -33,6 +33,11 @@ own requests to its own TA identity, which takes its own executor identity
 at whichever of the ledger's allowed draws names it (and that executor may
 fabricate the answers); a spammer client sends one-token requests.
 
+With a ``[consensus]`` section, :mod:`sim.consensus_run` first runs the
+chain's byzantine replicas for the run's heights: each block then carries
+its simulated commit time (requests are stamped with it, and their latency
+is also reported in ms), and the loop ends where the chain stops.
+
 Nothing here decides economics: who pays, who is caught, who forfeits is
 what :func:`~gonka_p2p.ledger.state.apply_block` made of these transactions.
 The loop only books each peer's compute (:meth:`Metrics.spend`, the cost
