@@ -97,11 +97,18 @@ def main() -> None:
         rows.append(row)
         print(f"{peers:>7,} {int(row['requests']):>9,} {row['wall_s']:>9.1f} "
               f"{1000 * row['wall_s'] / max(row['requests'], 1):>11.2f} {row['peak_mib']:>9.0f} {growth:>5}"
-              f"{'  (projected: past --budget-s)' if projected > args.budget_s else ''}", flush=True)
+              f"{_projection_note(rows[-2], peers) if projected > args.budget_s else ''}", flush=True)
     print("k: time ~ peers^k from the size above (requests grow with peers, so k = 2 is O(peers x requests))")
     print(f"uptime at the end: {_uptime()}")
     if hot_spots:
         print(f"hot spots of the largest size run:\n{hot_spots}")
+
+
+def _projection_note(last: dict[str, float], peers: int) -> str:
+    """A projected size: by the last exponent measured (a floor: the share of the cost that is
+    peers x requests grows with size), and by k = 2, that share's own growth (a ceiling)."""
+    ceiling = last["wall_s"] * (peers / last["peers"]) ** 2
+    return f"  (projected, not run; k = 2 would give {ceiling:,.0f} s)"
 
 
 def _exponent(a: dict[str, float], b: dict[str, float]) -> float:
