@@ -151,7 +151,7 @@ class Simulation:
         self._accused: list[bytes] = []  # inferences a failed Validation of this block concerned
         self._disputed: dict[bytes, set[str]] = {}  # open dispute -> committee members that voted
         self._reveal_after: dict[tuple[int, str], int] = {}  # (epoch, validator) -> last check height
-        self._seeds: dict[tuple[int, int], bytes] = {}
+        self._seeds: dict[int, dict[str, bytes]] = {}  # epoch -> peer id -> its validation seed
         self._nonce = 0
         self._weights: tuple[int, dict[str, int]] = (-1, {})  # (height, the ledger's executor weights)
 
@@ -354,10 +354,11 @@ class Simulation:
             self.metrics.spend(work.owner, epoch, record.cost)
         candidates = state.validation_candidates(iid)
         total = sum(candidates.values())
-        for validator, weight in candidates.items():
-            peer = self.peers[validator]
-            if not is_validation_duty(self._seed(peer, epoch), iid, record.validation_ppm, weight, total):
+        seeds = self._epoch_seeds(epoch)
+        for validator, weight in candidates.items():  # every candidate, every inference: keep it lean
+            if not is_validation_duty(seeds[validator], iid, record.validation_ppm, weight, total):
                 continue
+            peer = self.peers[validator]
             verdict = self._verdict_of(peer, work, height, epoch)
             if verdict is None:
                 continue
@@ -443,11 +444,15 @@ class Simulation:
                                    {p: state.validation_rate_ppm(p) for p in live})
 
     def _seed(self, peer: Peer, epoch: int) -> bytes:
-        key = (peer.index, epoch)
-        seed = self._seeds.get(key)
-        if seed is None:
-            seed = self._seeds[key] = derive_validation_seed(peer.key.secret, CHAIN_ID, epoch)
-        return seed
+        return self._epoch_seeds(epoch)[peer.peer_id]
+
+    def _epoch_seeds(self, epoch: int) -> dict[str, bytes]:
+        """Every peer's validation seed for ``epoch``, derived once."""
+        seeds = self._seeds.get(epoch)
+        if seeds is None:
+            seeds = self._seeds[epoch] = {p.peer_id: derive_validation_seed(p.key.secret, CHAIN_ID, epoch)
+                                          for p in self.roster.peers}
+        return seeds
 
     # ------------------------------------------------------------------ the end
 
