@@ -19,6 +19,7 @@ import pytest
 from gonka_p2p.testnet import netns
 from gonka_p2p.testnet.invariants import Applied, judge, recovery_after
 from gonka_p2p.testnet.manifest import ManifestError, Perturbation, load_manifest, parse_manifest
+from gonka_p2p.testnet.runner import Participant
 
 ROOT = Path(__file__).resolve().parents[1]
 HASH_A, HASH_B = "aa" * 32, "bb" * 32
@@ -74,6 +75,19 @@ def test_without_root_the_harness_says_so_and_creates_nothing(monkeypatch: pytes
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     with pytest.raises(netns.PrivilegeError, match="needs root"):
         netns.require_privilege()
+
+
+def test_a_participant_that_exits_on_its_own_is_reported_once_with_its_last_log_line(tmp_path: Path) -> None:
+    host = netns.Host("unused", "10.77.0.10", "h10")
+    p = Participant(0, host, tmp_path / "node0.key", "16Uiu2Hx", tmp_path, starts=1)
+    p.log.write_text("starting\nNameError: name 'x' is not defined\n")
+    p.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], text=True)
+    p.proc.wait()
+    assert "exited with 3: NameError" in (p.crashed() or "")
+    assert p.crashed() is None  # once
+    p.meant_down = False
+    p.stop()  # we stopped it: not a crash
+    assert p.crashed() is None
 
 
 def namespaces_or_skip() -> None:

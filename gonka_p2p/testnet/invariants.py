@@ -5,8 +5,9 @@ request lines, the observer's ``settle`` answers, the perturbations applied
 (with wall-clock start and end), and every replica's SQLite store once the
 nodes stopped. Rows:
 
-* **every participant restarts** -- after a kill or a rolling restart, from
-  its own data directory.
+* **no participant crashed or failed to restart** -- no process exited that
+  the harness did not stop, and each came back from its own data directory
+  after a kill or a rolling restart.
 * **app hashes agree** -- every pair of observations at one height carry one
   app hash; and, offline, every replica's stored blocks replay to the same
   app hash at every height they share (a divergent commit cannot hide in a
@@ -150,10 +151,10 @@ def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any]) -> tuple[
 
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],
           applied: list[Applied], stores: dict[int, tuple[dict[int, str], str | None]],
-          recovery_bound_s: float, failed_restarts: list[str]) -> Verdict:
+          recovery_bound_s: float, process_failures: list[str]) -> Verdict:
     verdict = Verdict()
-    verdict.rows.append(Row("every participant restarts", not failed_restarts,
-                            "; ".join(failed_restarts) or "all came back"))
+    verdict.rows.append(Row("no participant crashed or failed to restart", not process_failures,
+                            "; ".join(process_failures) or "none"))
     polled: dict[int, dict[int, str]] = defaultdict(dict)
     for o in observed:
         if "height" in o and o["height"] > 0:

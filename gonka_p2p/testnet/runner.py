@@ -56,6 +56,7 @@ class Participant:
     proc: subprocess.Popen[str] | None = None
     frozen: bool = False
     starts: int = 0
+    meant_down: bool = False  # we killed or stopped it: its exit is not a crash
 
     @property
     def addr(self) -> str:
@@ -69,10 +70,21 @@ class Participant:
             "--empty-block-interval", str(manifest.empty_block_interval), "--announce-interval", "2")
         for addr in bootstrap:
             argv += ["--bootstrap", addr]
-        log = open(self.log_dir / f"node{self.index}.{self.starts}.log", "w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-        self.frozen = False
+        self.frozen = self.meant_down = False
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / f"node{self.index}.{self.starts}.log"
+
+    def crashed(self) -> str | None:
+        """Why the process exited on its own (its log's last line), once; None while it runs or when meant."""
+        if self.proc is None or self.meant_down or self.proc.poll() is None:
+            return None
+        self.meant_down = True  # reported once
+        last = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        return f"participant {self.index} exited with {self.proc.returncode}: {''.join(last)[:160]} ({self.log})"
 
     def wait_ready(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -84,8 +96,8 @@ class Participant:
                 return
             if not line and self.proc.poll() is not None:
                 break
-        raise TestnetError(f"participant {self.index} did not start; see "
-                           f"{self.log_dir}/node{self.index}.{self.starts}.log")
+        self.meant_down = True
+        raise TestnetError(f"participant {self.index} did not start; see {self.log}")
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -94,6 +106,7 @@ class Participant:
     def stop(self) -> None:
         if self.proc is None:
             return
+        self.meant_down = True
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
@@ -112,7 +125,7 @@ class Testnet:
     client: netns.Host | None = None
     observer: netns.Host | None = None
     applied: list[Applied] = field(default_factory=list)
-    failed_restarts: list[str] = field(default_factory=list)
+    process_failures: list[str] = field(default_factory=list)  # crashes and failed restarts
 
     @property
     def net(self) -> Path:
@@ -156,7 +169,10 @@ class Testnet:
         try:
             p.wait_ready()
         except TestnetError as e:
-            self.failed_restarts.append(str(e))
+            self.process_failures.append(str(e))
+
+    def notice_crashes(self) -> None:
+        self.process_failures += [c for c in (p.crashed() for p in self.participants) if c]
 
     def helper(self, host: netns.Host, module: str, *args: str, **config: object) -> subprocess.Popen[str]:
         path = self.workdir / f"{module.rsplit('.', 1)[-1]}-{args[0] if args else 'run'}.json"
@@ -181,6 +197,7 @@ class Testnet:
         targets = [self.participants[i] for i in pert.targets]
         if pert.kind == "kill":
             for p in targets:
+                p.meant_down = True
                 p.signal(signal.SIGKILL)
                 assert p.proc is not None
                 p.proc.wait()
@@ -202,6 +219,7 @@ class Testnet:
                 netns.cap_bandwidth(p.host, pert.rate_kbit)
         elif pert.kind == "rolling":
             for p in self.participants:
+                self.notice_crashes()  # before stop() makes an exit look meant
                 p.stop()
                 self.restart(p)
 
@@ -229,6 +247,7 @@ class Testnet:
         for at, undo, i in events:
             pert = self.manifest.perturbations[i]
             time.sleep(max(0.0, t0 + at - time.time()))
+            self.notice_crashes()
             if undo:
                 self.undo(pert)
                 self.applied.append(Applied(pert, started[i], time.time()))
@@ -263,6 +282,7 @@ class Testnet:
         settle.wait(timeout=m.settle_s + 120)
         watch.terminate()
         watch.wait(timeout=30)
+        self.notice_crashes()
         for p in self.participants:
             p.stop()
         genesis = load_genesis(self.net / "genesis.toml")
@@ -271,4 +291,4 @@ class Testnet:
         settled_path = self.workdir / "settled.json"
         settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
         return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
-                     settled, self.applied, stores, m.recovery_bound_s, self.failed_restarts)
+                     settled, self.applied, stores, m.recovery_bound_s, self.process_failures)
