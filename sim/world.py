@@ -72,7 +72,7 @@ from gonka_p2p.ledger.rules import (
     seed_commitment,
 )
 from gonka_p2p.ledger.state import check_invariants
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
@@ -274,7 +274,8 @@ class Simulation:
 
     def _route(self, ta: Peer, iid: bytes, epoch: int, prefer: str | None = None) -> tuple[Peer, int] | None:
         """The live TA's routing: the ledger's draws over its executor weights, attempt by
-        attempt, the first that is online; None when no attempt finds one. A greedy TA takes
+        attempt, the first that is online and not sanctioned (``may_execute``); None when no
+        attempt finds one. A greedy TA takes
         ``prefer`` at whichever allowed attempt draws it (the choice the ledger leaves it)."""
         if self._weights[0] != self.chain.height:  # weights change only in blocks: one read per block
             self._weights = (self.chain.height, executor_weights(self.chain.state, MODEL))
@@ -285,7 +286,7 @@ class Simulation:
                 executor = self.peers[choose_executor(weights, frozenset({ta.peer_id}), iid, attempt)]
             except NoEligibleExecutor:
                 break
-            if executor.online[epoch]:
+            if executor.online[epoch] and may_execute(self.chain.state, executor.peer_id):
                 drawn.append((executor, attempt))
         preferred = [d for d in drawn if d[0].peer_id == prefer]
         return (preferred or drawn or [None])[0]
