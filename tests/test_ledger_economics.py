@@ -709,7 +709,7 @@ def test_an_invalid_dispute_sanctions_at_once_refunds_all_its_clients_and_cuts_w
     assert net.state.dispute(iid).outcome is DisputeOutcome.INVALID
     convicted = net.state.participant(PEER["cheat"])
     assert convicted.sanctioned and convicted.reputation_ppm == 0  # at once: drawn for no new client
-    assert not may_execute(net.state, PEER["cheat"])  # named by no new Start; the draw table stays frozen
+    assert not may_execute(net.state, PEER["cheat"])  # TAs route around it; the draw table stays frozen
     # Its voting power moved at the next settlement (epoch 0's, at the end of this very block):
     assert net.state.height == 15 and net.state.epoch_summary(0).participant(PEER["cheat"]).weight_after == 0
     net.check_duties(1, verdict_of=lambda i, who: OK)

@@ -188,8 +188,8 @@ def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -
     Frozen, so that a TA's draw and the ledger's recomputation agree whatever commits in
     between: a sanction or a weight cut landing while a Start is in flight does not turn
     the honest executor's finished work into a refused Start. A participant sanctioned
-    since stays in the table (the draw does not move) but may not be named
-    (:func:`may_execute`): the TA takes the next attempt. Zero-weight identities are never
+    since stays in the table (the draw does not move); TAs route around it
+    (:func:`may_execute`). Zero-weight identities are never
     in it, however many an attacker registers."""
     info = state.epoch_info(state.epoch if epoch is None else epoch)
     if info is None:
@@ -200,7 +200,10 @@ def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -
 
 
 def may_execute(state: LedgerState, peer: str) -> bool:
-    """A drawn executor may be named unless proven-invalid work sanctioned it."""
+    """Whether a TA should still route to a drawn executor: not once proven-invalid work
+    sanctioned it (the TA takes the next attempt). The ledger still records a Start drawn to
+    it -- work already in flight when the conviction landed -- so the client's escrow is on
+    the ledger and refunded with the rest of the caught epoch, never lost."""
     participant = state.registry.get(peer)
     return participant is not None and not participant.sanctioned
 
@@ -268,10 +271,9 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
     if tx.attempt >= state.params.max_executor_attempts:
         raise TxRejected(Reason.ATTEMPT_OUT_OF_RANGE, f"attempt {tx.attempt}; a TA draws at most "
                                                       f"{state.params.max_executor_attempts} times")
-    if not may_execute(state, tx.executor) or all(
-            tx.executor not in executor_weights(state, req.model, e) for e in draw_epochs(state, ctx.height)):
-        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} is not an unsanctioned participant "
-                                                       f"with weight serving {req.model}")
+    if all(tx.executor not in executor_weights(state, req.model, e) for e in draw_epochs(state, ctx.height)):
+        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} is not a participant with weight "
+                                                       f"serving {req.model}")
     if not is_drawn(state, req.model, signer, iid, tx.attempt, tx.executor, ctx.height):
         raise TxRejected(Reason.EXECUTOR_NOT_DRAWN, f"attempt {tx.attempt} of the weighted draw for "
                                                     f"{req.model} does not give {iid.hex()} to {tx.executor}")

@@ -341,7 +341,7 @@ def test_a_conviction_sanctions_at_once_and_moves_weight_only_at_settlement_by_b
     assert ledger.state.dispute(duty).outcome is DisputeOutcome.INVALID
     convicted = ledger.state.participant(executor)
     assert convicted.sanctioned and convicted.weight == 10  # voting power unchanged until settlement
-    assert not may_execute(ledger.state, executor)  # named by no new Start; the draw table stays frozen
+    assert not may_execute(ledger.state, executor)  # TAs route around it; the draw table stays frozen
     while ledger.state.height < rules.settlement_height(1, ledger.state.params):
         ledger.block([])
     assert ledger.state.participant(executor).weight == 0  # 10 of 100: within one step's 10 %
