@@ -28,7 +28,7 @@ from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.consensus_types import ConsensusParams
 from gonka_p2p.ledger.rules import choose_executor
 from gonka_p2p.ledger.state import LedgerState
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest, inference_id
 from gonka_p2p.wire.schema import WireError

@@ -22,7 +22,8 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.tx_rules import may_execute, request_seen
+from gonka_p2p.ledger.executor_draw import may_execute
+from gonka_p2p.ledger.tx_rules import request_seen
 from gonka_p2p.ledger.rules import settlement_height
 
 pytestmark = pytest.mark.slow

@@ -55,7 +55,7 @@ from gonka_p2p.ledger.transactions import (
     verdict_stats,
     withheld_verdict,
 )
-from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
+from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 

@@ -21,7 +21,7 @@ from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
-from gonka_p2p.inference.sampler import SamplingParams, nucleus_mask, position_uniform
+from gonka_p2p.inference.sampler import MIN_TEMPERATURE, SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.inference.verification import (
     Billed,
@@ -486,11 +486,14 @@ def test_scorable_evidence_is_in_vocabulary_and_fits_the_context() -> None:
 
 
 def test_the_tie_tolerance_saturates_at_a_vanishing_temperature() -> None:
-    """A client may ask for T = 1e-300: the bound is at most 1 (a CDF moves no further),
-    not an OverflowError, and a token top-k excludes is still refused."""
+    """A client may sign T = 1e-300: no request runs at it (greedy in all but name, its
+    logits / T overflow), the bound is at most 1 (a CDF moves no further), not an
+    OverflowError, and at the coldest runnable T a token top-k excludes is still refused."""
     assert verification.tie_tolerance(THRESHOLDS, 1e-300) == 1.0
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=1, temperature=1e-300)
     row = torch.tensor([4.0, 3.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0], dtype=torch.float64)
-    cold = SamplingParams(max_tokens=1, temperature=1e-300, top_k=5)
+    cold = SamplingParams(max_tokens=1, temperature=MIN_TEMPERATURE, top_k=5)
     assert one_position(row, 0, cold, b"s").valid
     assert not one_position(row, 7, cold, b"s").valid
 

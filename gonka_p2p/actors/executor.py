@@ -45,7 +45,7 @@ from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.sampler import SamplingParams
 from gonka_p2p.ledger.state import LedgerState
-from gonka_p2p.ledger.tx_rules import is_drawn, may_execute
+from gonka_p2p.ledger.executor_draw import is_drawn, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,

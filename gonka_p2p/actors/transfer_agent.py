@@ -16,7 +16,7 @@ the ledger) accepts it.
 Routing: the executor is drawn by :func:`choose_executor`, seeded by the
 inference id and the attempt number, never this node. With a ledger the draw
 runs over the weights the committed state holds for the model
-(:func:`~gonka_p2p.ledger.tx_rules.executor_weights`): it is the draw the
+(:func:`~gonka_p2p.ledger.executor_draw.executor_weights`): it is the draw the
 ledger recomputes for ``StartInference``, so the TA cannot put another
 executor in its place. Attempt k is tried only if its draw is live and not
 already tried; if the executor fails *before its first token* the TA moves
@@ -52,7 +52,7 @@ from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor
 from gonka_p2p.ledger.state import LedgerState
-from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
+from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,

@@ -296,6 +296,7 @@ class ValidatorActor:
         try:
             params = sampling_params(request)
             prompt_ids = engine.encode_chat([(t.role, t.content) for t in request.messages])
+            engine.local_model.check_request(prompt_ids, params.max_tokens)  # the executor's own refusal rule
         except Exception as e:  # noqa: BLE001 -- deterministic in the signed request: every validator, and
             # the executor that should have refused it, fails alike (a chat template raises what it likes)
             return rejected(f"contract: the request cannot be run: {e}")

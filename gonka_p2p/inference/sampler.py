@@ -32,6 +32,11 @@ import torch
 _UNIFORM_PERSON = b"gonka-sample-v1"
 
 
+# Below this, logits / temperature overflows float32 for ordinary logits: such a request is
+# greedy in all but name, and its "sampling" would be whatever inf - inf makes of it.
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What the client asked for; exactly what the sampler and the validator apply."""
@@ -45,8 +50,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= 32768:
             raise ValueError("max_tokens must be in 1..32768")
-        if not 0.0 <= self.temperature <= 10.0:
-            raise ValueError("temperature must be in [0, 10]")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 10.0):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 10]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:

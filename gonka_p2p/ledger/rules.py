@@ -350,7 +350,7 @@ def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inferen
     (peer id -> weight) minus ``exclude``, drawn from (inference id, attempt).
 
     The ledger recomputes it for every StartInference, from the weights it holds for the
-    model and ``exclude = {the TA}`` (``tx_rules.executor_weights``), and the TA draws the
+    model and ``exclude = {the TA}`` (``executor_draw.executor_weights``), and the TA draws the
     same way; so the executor the ledger pays is the draw, never the TA's pick. What a
     greedy TA can still do: skip draws, claiming the executor failed before its first token,
     up to ``max_executor_attempts`` = k; a partner holding a share w of the weight is then

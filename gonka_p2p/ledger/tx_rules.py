@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
+from gonka_p2p.ledger.executor_draw import draw_epochs, executor_weights, is_drawn
 from gonka_p2p.ledger.disputes import (dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee,
                                        seat_committee)
 from gonka_p2p.ledger.consensus_types import vote_sign_bytes
@@ -90,9 +91,6 @@ from gonka_p2p.ledger.records import (
 from gonka_p2p.ledger.rules import (
     SEED_BYTES,
     DisputeOutcome,
-    NoEligibleExecutor,
-    choose_executor,
-    epoch_last_height,
     epoch_of,
     escrow_for,
     held_finish_deadline,
@@ -179,58 +177,6 @@ def process_register_participant(state: LedgerState, ctx: BlockContext,
         state.registry.put(signer, replace(old, addrs=addrs, models=models) if old else Participant(
             pubkey=signed.signer, weight=0, addrs=addrs, models=models, completed=0, missed=0))
     return "updated" if old else "registered"
-
-
-def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -> dict[str, int]:
-    """The table the executor draw runs over: the weights ``epoch`` (default: the epoch of the
-    next block) froze at its start, of the participants registered for ``model``.
-
-    Frozen, so that a TA's draw and the ledger's recomputation agree whatever commits in
-    between: a sanction or a weight cut landing while a Start is in flight does not turn
-    the honest executor's finished work into a refused Start. A participant sanctioned
-    since stays in the table (the draw does not move); TAs route around it
-    (:func:`may_execute`). Zero-weight identities are never
-    in it, however many an attacker registers."""
-    info = state.epoch_info(state.epoch if epoch is None else epoch)
-    if info is None:
-        return {}
-    registry = state.registry.rows
-    return {peer: weight for peer, weight in info.weights.items()
-            if peer in registry and model in registry[peer].models}
-
-
-def may_execute(state: LedgerState, peer: str) -> bool:
-    """Whether a TA should still route to a drawn executor: not once proven-invalid work
-    sanctioned it (the TA takes the next attempt). The ledger still records a Start drawn to
-    it -- work already in flight when the conviction landed -- so the client's escrow is on
-    the ledger and refunded with the rest of the caught epoch, never lost."""
-    participant = state.registry.get(peer)
-    return participant is not None and not participant.sanctioned
-
-
-def draw_epochs(state: LedgerState, height: int) -> tuple[int, ...]:
-    """Whose frozen weights a Start applied at ``height`` may have been drawn from: its own
-    epoch's, and during the first ``inference_deadline_blocks`` of an epoch also the previous
-    one's -- a Start drawn just before the boundary commits just after it. (A TA thereby
-    chooses among at most twice as many draws there, see ``rules.choose_executor``.)"""
-    epoch = epoch_of(height, state.params)
-    into = height - epoch_last_height(epoch - 1, state.params) if epoch > 0 else height
-    if epoch > 0 and into <= state.params.inference_deadline_blocks and state.epoch_info(epoch - 1):
-        return (epoch, epoch - 1)
-    return (epoch,)
-
-
-def is_drawn(state: LedgerState, model: str, ta: str, iid: bytes, attempt: int, executor: str,
-             height: int) -> bool:
-    """Whether the ledger's weighted draw gives inference ``iid`` to ``executor`` at ``attempt``
-    for a Start that ``ta`` submits into the block at ``height``."""
-    for epoch in draw_epochs(state, height):
-        try:
-            if choose_executor(executor_weights(state, model, epoch), frozenset({ta}), iid, attempt) == executor:
-                return True
-        except NoEligibleExecutor:
-            continue
-    return False
 
 
 @rule_for(StartInference)

@@ -6,6 +6,8 @@ the validator's whole check path).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -33,7 +35,7 @@ CLIENT, EXECUTOR, TA, VALIDATOR = (Keypair.from_seed(n) for n in (b"client", b"e
 QUESTION = "Write a short story about a robot who learns to paint."
 
 
-def signed_request(model: str, params: SamplingParams, messages: list[tuple[str, str]] | None = None,
+def signed_request(model: str, params: SamplingParams | SimpleNamespace, messages: list[tuple[str, str]] | None = None,
                    nonce: bytes = b"n" * NONCE_BYTES) -> bytes:
     """The client's signed request for ``params`` (the contract the executor must honour)."""
     return seal(InferenceRequest(

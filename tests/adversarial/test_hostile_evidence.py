@@ -12,6 +12,8 @@ that fails on evidence the model accepts) end as "cannot judge", which accuses n
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import asyncio
 import math
 import struct
@@ -26,7 +28,7 @@ from served_evidence import Served, honest_work, id_of, judge, signed_request, v
 from gonka_p2p.identity import digest
 from gonka_p2p.inference.artifacts import MAX_TOKEN_ID, InferenceArtifact
 from gonka_p2p.inference.engine import Engine, EngineError, ScoredCompletion
-from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.inference.sampler import MIN_TEMPERATURE, SamplingParams
 from gonka_p2p.ledger.transactions import FailureFlag, VerdictStats
 
 SAMPLED = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9)
@@ -122,9 +124,10 @@ async def test_a_model_this_node_does_not_run_accuses_no_one(engine: Engine, hon
 
 TOKEN = st.integers(0, MAX_TOKEN_ID)
 PARAMS = st.builds(SamplingParams, max_tokens=st.integers(1, 64), temperature=st.sampled_from([0.0, 0.7, 1.0])
-                   | st.floats(0.0, 10.0), top_p=st.floats(0.01, 1.0), top_k=st.integers(0, 100_000),
+                   | st.floats(MIN_TEMPERATURE, 10.0), top_p=st.floats(0.01, 1.0), top_k=st.integers(0, 100_000),
                    logprobs_k=st.integers(5, 20))
-WIRE_PARAMS = st.builds(SamplingParams, max_tokens=st.integers(1, 32768), temperature=st.floats(0.0, 10.0),
+# What the wire admits, which is more than a runnable request (e.g. 0 < T < MIN_TEMPERATURE).
+WIRE_PARAMS = st.builds(SimpleNamespace, max_tokens=st.integers(1, 32768), temperature=st.floats(0.0, 10.0),
                         top_p=st.floats(0.01, 1.0), top_k=st.integers(0, 1_000_000), logprobs_k=st.integers(5, 20))
 LOGPROB = st.floats(-1e30, 0.0) | st.just(-math.inf)  # float32 rows hold them without overflow
 

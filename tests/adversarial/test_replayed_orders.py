@@ -28,7 +28,7 @@ from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.rules import choose_executor
 from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.transactions import Reason, StartInference
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (
     NONCE_BYTES,

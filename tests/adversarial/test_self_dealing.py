@@ -38,7 +38,7 @@ from gonka_p2p.ledger.transactions import (
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.ledger.tx_rules import executor_weights, is_drawn, may_execute
+from gonka_p2p.ledger.executor_draw import executor_weights, is_drawn, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message

@@ -53,7 +53,7 @@ from gonka_p2p.ledger.transactions import (
     decode_tx,
     derive_validation_seed,
 )
-from gonka_p2p.ledger.tx_rules import executor_weights
+from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message

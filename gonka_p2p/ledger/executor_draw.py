@@ -1,0 +1,70 @@
+"""Who executes an inference: the ledger's weighted draw, over weights frozen per epoch.
+
+The TA draws, the executor checks it was drawn before it computes, and the
+ledger recomputes the draw for every ``StartInference`` -- all with these
+functions, so the three can never disagree. The draw itself is
+:func:`~gonka_p2p.ledger.rules.choose_executor` (seeded by the inference id and
+an attempt number); this module says over which table it runs and who may be
+named, as queries of the committed :class:`~gonka_p2p.ledger.state.LedgerState`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor, epoch_last_height, epoch_of
+
+if TYPE_CHECKING:
+    from gonka_p2p.ledger.state import LedgerState
+
+
+def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -> dict[str, int]:
+    """The table the executor draw runs over: the weights ``epoch`` (default: the epoch of the
+    next block) froze at its start, of the participants registered for ``model``.
+
+    Frozen, so that a TA's draw and the ledger's recomputation agree whatever commits in
+    between: a sanction or a weight cut landing while a Start is in flight does not turn
+    the honest executor's finished work into a refused Start. A participant sanctioned
+    since stays in the table (the draw does not move); TAs route around it
+    (:func:`may_execute`). Zero-weight identities are never
+    in it, however many an attacker registers."""
+    info = state.epoch_info(state.epoch if epoch is None else epoch)
+    if info is None:
+        return {}
+    registry = state.registry.rows
+    return {peer: weight for peer, weight in info.weights.items()
+            if peer in registry and model in registry[peer].models}
+
+
+def may_execute(state: LedgerState, peer: str) -> bool:
+    """Whether a TA should still route to a drawn executor: not once proven-invalid work
+    sanctioned it (the TA takes the next attempt). The ledger still records a Start drawn to
+    it -- work already in flight when the conviction landed -- so the client's escrow is on
+    the ledger and refunded with the rest of the caught epoch, never lost."""
+    participant = state.registry.get(peer)
+    return participant is not None and not participant.sanctioned
+
+
+def draw_epochs(state: LedgerState, height: int) -> tuple[int, ...]:
+    """Whose frozen weights a Start applied at ``height`` may have been drawn from: its own
+    epoch's, and during the first ``inference_deadline_blocks`` of an epoch also the previous
+    one's -- a Start drawn just before the boundary commits just after it. (A TA thereby
+    chooses among at most twice as many draws there, see ``rules.choose_executor``.)"""
+    epoch = epoch_of(height, state.params)
+    into = height - epoch_last_height(epoch - 1, state.params) if epoch > 0 else height
+    if epoch > 0 and into <= state.params.inference_deadline_blocks and state.epoch_info(epoch - 1):
+        return (epoch, epoch - 1)
+    return (epoch,)
+
+
+def is_drawn(state: LedgerState, model: str, ta: str, iid: bytes, attempt: int, executor: str,
+             height: int) -> bool:
+    """Whether the ledger's weighted draw gives inference ``iid`` to ``executor`` at ``attempt``
+    for a Start that ``ta`` submits into the block at ``height``."""
+    for epoch in draw_epochs(state, height):
+        try:
+            if choose_executor(executor_weights(state, model, epoch), frozenset({ta}), iid, attempt) == executor:
+                return True
+        except NoEligibleExecutor:
+            continue
+    return False
