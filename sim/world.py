@@ -72,7 +72,7 @@ from gonka_p2p.ledger.rules import (
     seed_commitment,
 )
 from gonka_p2p.ledger.state import check_invariants
-from gonka_p2p.ledger.tx_rules import executor_weights, may_execute
+from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
