@@ -26,3 +26,10 @@ def engine() -> Engine:
     from gonka_p2p.inference.factory import load_engine
 
     return load_engine("torch", MODEL)
+
+# Fuzzing budget: CI runs hypothesis' default (100 examples per property); a longer hunt is
+# `pytest tests/adversarial --hypothesis-profile=fuzz` (the adversarial fuzz tests state no
+# example count of their own, so the profile decides).
+from hypothesis import settings  # noqa: E402 -- after the thread pins above
+
+settings.register_profile("fuzz", max_examples=20_000, deadline=None)

@@ -68,7 +68,7 @@ def test_nan_or_positive_logprobs_are_refused() -> None:
             InferenceArtifact.decode(raw)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(deadline=None)
 @given(st.data())
 def test_mutated_artifacts_raise_only_artifact_errors(data: st.DataObject) -> None:
     raw = bytearray(ARTIFACT.encode())
@@ -87,7 +87,7 @@ def test_mutated_artifacts_raise_only_artifact_errors(data: st.DataObject) -> No
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.binary(max_size=512))
 def test_random_bytes_raise_only_artifact_errors(raw: bytes) -> None:
     try:

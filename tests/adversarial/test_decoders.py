@@ -92,7 +92,7 @@ def test_only_the_canonical_encoding_of_a_signed_message_is_accepted() -> None:
             open_envelope(variant, InferenceRequest)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.data())
 def test_mutated_envelopes_raise_only_wire_errors(data: st.DataObject) -> None:
     raw = bytearray(seal(REQUEST, KEY))

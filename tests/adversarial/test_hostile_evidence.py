@@ -165,7 +165,7 @@ def flip_bytes(data: st.DataObject, raw: bytes) -> bytes:
     return bytes(mutable)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_no_hostile_evidence_or_request_stops_the_validator(engine: Engine, honest: Served,
                                                             data: st.DataObject) -> None:
