@@ -25,7 +25,7 @@ from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
 CLIENT = Keypair.from_seed(b"store-client")
 T0 = 1_700_000_000_000
 WINDOW_MS = 60_000
-# Epoch length 10, validation window 3, dispute voting 2: epoch e settles at the end of 10e + 15.
+# Epoch length 10: epoch e settles at rules.settlement_height(e) (validation window, then every dispute round).
 GENESIS = devnet_genesis([Keypair.from_seed(b"store-node").public_key], [CLIENT.peer_id], models=("m",),
                          epoch_length_blocks=10, validation_window_blocks=3, dispute_voting_blocks=2,
                          request_window_ms=WINDOW_MS, genesis_time_ms=T0)
@@ -123,10 +123,11 @@ async def test_settlement_prunes_only_evidence_of_settled_epochs(tmp_path: Path)
         await store.put(req, artifact(req))
     closed = {inference_id(settled0): (InferenceStatus.SETTLED, 5), inference_id(settled1): (InferenceStatus.SETTLED, 12)}
 
-    store.on_commit(ledger_at(14, T0, closed, running=(inference_id(running),)))  # nothing has settled yet
+    settles = [settlement_height(epoch, GENESIS.params) for epoch in range(3)]
+    store.on_commit(ledger_at(settles[0] - 1, T0, closed, running=(inference_id(running),)))  # nothing settled yet
     assert len(store) == 5
 
-    store.on_commit(ledger_at(15, T0, closed, running=(inference_id(running),)))  # epoch 0 settles
+    store.on_commit(ledger_at(settles[0], T0, closed, running=(inference_id(running),)))  # epoch 0 settles
     assert await store.get(inference_id(settled0)) is None
     assert await store.get(inference_id(stale)) is None
     for kept in (settled1, running, unstarted):
@@ -138,11 +139,11 @@ async def test_settlement_prunes_only_evidence_of_settled_epochs(tmp_path: Path)
     try:
         assert len(store) == 3
         closed[inference_id(running)] = (InferenceStatus.EXPIRED, 21)
-        store.on_commit(ledger_at(25, T0 + WINDOW_MS, closed))  # epoch 1 settles
+        store.on_commit(ledger_at(settles[1], T0 + WINDOW_MS, closed))  # epoch 1 settles
         assert await store.get(inference_id(settled1)) is None
         assert await store.get(inference_id(running)) is not None  # it closed in epoch 2
         assert await store.get(inference_id(unstarted)) is not None  # the ledger may still start it
-        store.on_commit(ledger_at(35, T0 + WINDOW_MS + 1, closed))  # epoch 2 settles
+        store.on_commit(ledger_at(settles[2], T0 + WINDOW_MS + 1, closed))  # epoch 2 settles
         assert len(store) == 0
     finally:
         await store.close()
@@ -163,7 +164,8 @@ async def test_a_full_store_refuses_new_evidence_and_evicts_nothing(caplog: pyte
         assert await store.get(inference_id(first)) is not None
         assert await store.get(inference_id(second)) is None
 
-        store.on_commit(ledger_at(15, T0, {inference_id(first): (InferenceStatus.SETTLED, 5)}))
+        store.on_commit(ledger_at(settlement_height(0, GENESIS.params), T0,
+                                  {inference_id(first): (InferenceStatus.SETTLED, 5)}))
         assert not store.full and store.used_bytes == 0
         await store.put(second, artifact(second))
         assert await store.get(inference_id(second)) is not None
