@@ -17,32 +17,23 @@ fixed, so the bytes of every block are too.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
-from helpers import drawn_attempt, request_drawing
+from ledger_driver import BAD, OK, LedgerDriver
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
-from gonka_p2p.ledger.block import Block, Receipt
+from gonka_p2p.ledger.block import Receipt
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants
+from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.transactions import (
-    CommitValidationSeed,
-    DisputeVote,
-    FailureFlag,
-    FinishInference,
     RegisterParticipant,
-    RevealValidationSeed,
-    StartInference,
     Transfer,
-    Validation,
     VerdictStats,
     derive_validation_seed,
 )
-from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
-from gonka_p2p.wire.schema import Message
+from gonka_p2p.wire.envelope import open_envelope
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 CHAIN = "gonka-golden"
 MODEL = "m"
@@ -54,12 +45,6 @@ PEER = {n: k.peer_id for n, k in KEYS.items()}
 NAME_OF = {p: n for n, p in PEER.items()}
 VALIDATORS = ("ta", "ex", "cheat", "v1", "v2", "v3")
 WEIGHTS = {"ta": 10, "ex": 8, "cheat": 6, "v1": 10, "v2": 5, "v3": 7}
-
-OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
-                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
-BAD = VerdictStats(valid=False, suspicious=False, failure_flags=int(FailureFlag.DISTANCE), n_tokens=5,
-                   mean_distance_nano=2_300_000_000, max_distance_nano=9_000_000_000, top_k_misses=3,
-                   sampling_mismatches=2)
 
 
 def seed_of(who: str, epoch: int) -> bytes:
@@ -80,82 +65,23 @@ def golden_genesis() -> Genesis:
         allocations={PEER["alice"]: 1_000_000, PEER["bob"]: 500_000})
 
 
-class Driver:
-    """Applies blocks of signed transactions, recording the app hash after each."""
+class Driver(LedgerDriver):
+    """The golden ledger, recording the app hash after each block."""
 
     def __init__(self) -> None:
-        self.state = LedgerState.from_genesis(golden_genesis())
+        super().__init__(LedgerState.from_genesis(golden_genesis()), KEYS, "ta", MODEL)
         self.hashes = [self.state.app_hash().hex()]
-        self.next_seq: dict[str, int] = {}
-        self.nonce = 0
 
-    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
-        account = self.state.account(PEER[who])
-        n = self.next_seq.get(who, account.sequence if account else 0)
-        self.next_seq[who] = n + 1
-        return seal(make(n), KEYS[who])
-
-    def block(self, *txs: bytes) -> list[Receipt]:
-        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"],
-                      self.state.time_ms + 1000, list(txs))
-        _, receipts = apply_block(self.state, block)
-        self.next_seq.clear()
-        check_invariants(self.state)
+    def block(self, *txs: bytes, time_ms: int | None = None) -> list[Receipt]:
+        receipts = super().block(*txs, time_ms=time_ms)
         self.hashes.append(self.state.app_hash().hex())
         return receipts
-
-    def ok(self, *txs: bytes) -> list[Receipt]:
-        receipts = self.block(*txs)
-        assert all(r.ok for r in receipts), [(r.kind, r.reason, r.detail) for r in receipts if not r.ok]
-        return receipts
-
-    def until(self, height: int) -> None:
-        while self.state.height < height:
-            self.block()
-
-    def request(self, client: str, executor: str, ta: str = "ta", max_tokens: int = 20) -> bytes:
-        """A fresh request whose nonce is ground so that the ledger's draw gives it to ``executor``."""
-        self.nonce += 1
-        return request_drawing(self.state, lambda grind: seal(InferenceRequest(
-            chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")], max_tokens=max_tokens,
-            temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=T0,
-            nonce=hashlib.sha256(self.nonce.to_bytes(8, "big") + grind).digest()[:16]), KEYS[client]),
-            PEER[ta], PEER[executor])
-
-    def start(self, request: bytes, executor: str, ta: str = "ta") -> bytes:
-        attempt = drawn_attempt(self.state, request, PEER[ta], PEER[executor]) or 0
-        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
-                                                      attempt=attempt, sequence=n))
-
-    def finish(self, request: bytes, executor: str, prompt: int = 10, completion: int = 5) -> bytes:
-        iid = inference_id(open_envelope(request, InferenceRequest))
-        return self.sign(executor, lambda n: FinishInference(
-            chain_id=CHAIN, inference_id=iid, prompt_tokens=prompt, completion_tokens=completion,
-            response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))
-
-    def commit(self, who: str, epoch: int) -> bytes:
-        c = rules.seed_commitment(epoch, PEER[who], seed_of(who, epoch))
-        return self.sign(who, lambda n: CommitValidationSeed(chain_id=CHAIN, epoch=epoch, commitment=c,
-                                                             sequence=n))
-
-    def reveal(self, who: str, epoch: int) -> bytes:
-        return self.sign(who, lambda n: RevealValidationSeed(chain_id=CHAIN, epoch=epoch,
-                                                             seed=seed_of(who, epoch), sequence=n))
-
-    def validate(self, who: str, iid: bytes, verdict: VerdictStats, epoch: int) -> bytes:
-        seed = b"" if verdict.valid else seed_of(who, epoch)  # a failure proves its duty
-        return self.sign(who, lambda n: Validation(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                   seed=seed, sequence=n))
-
-    def vote(self, who: str, iid: bytes, verdict: VerdictStats) -> bytes:
-        return self.sign(who, lambda n: DisputeVote(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                    sequence=n))
 
     def check_duties(self, epoch: int, verdict_of: Callable[[bytes], VerdictStats]) -> None:
         txs = []
         for who in VALIDATORS:
             if self.state.commitment(epoch, PEER[who]) is not None:
-                txs += [self.validate(who, iid, verdict_of(iid), epoch)
+                txs += [self.validate(who, iid, v := verdict_of(iid), b"" if v.valid else seed_of(who, epoch))
                         for iid in self.state.validation_duties(epoch, PEER[who], seed_of(who, epoch))]
         self.ok(*txs)
 
