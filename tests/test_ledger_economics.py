@@ -9,12 +9,11 @@ hypothesis); replay a failure with ``ECONOMICS_SEED=<seed> pytest tests/test_led
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from helpers import drawn_attempt, request_drawing
+from ledger_driver import BAD, OK, LedgerDriver
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
@@ -41,14 +40,8 @@ from gonka_p2p.ledger.records import EpochSummary, Payout
 from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
 from gonka_p2p.ledger.transactions import (
     MAX_DISTANCE_NANO,
-    CommitValidationSeed,
-    DisputeVote,
     FailureFlag,
-    FinishInference,
     Reason,
-    RevealValidationSeed,
-    StartInference,
-    Validation,
     VerdictStats,
     derive_validation_seed,
     to_nano,
@@ -56,8 +49,8 @@ from gonka_p2p.ledger.transactions import (
     withheld_verdict,
 )
 from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
-from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
+from gonka_p2p.wire.envelope import open_envelope
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 CHAIN = "gonka-econ"
 MODEL = "m"
@@ -87,64 +80,18 @@ def genesis(weights: dict[str, int] = WEIGHTS, **overrides: object) -> Genesis:
                    allocations={PEER["alice"]: 1_000_000, PEER["bob"]: 1_000_000})
 
 
-OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
-                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
 SUSPICIOUS = replace(OK, suspicious=True, mean_distance_nano=60_000_000)
-BAD = VerdictStats(valid=False, suspicious=False, failure_flags=int(FailureFlag.DISTANCE), n_tokens=5,
-                   mean_distance_nano=2_300_000_000, max_distance_nano=9_000_000_000, top_k_misses=3,
-                   sampling_mismatches=2)
 
 
-@dataclass
-class Net:
-    """A ledger and the signers around it; every tx gets its signer's next sequence."""
+class Net(LedgerDriver):
+    """The economics ledger (``genesis()`` unless ``state`` is given) and its signers."""
 
-    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
-    next_seq: dict[str, int] = field(default_factory=dict)
-    nonce: int = 0
+    def __init__(self, state: LedgerState | None = None) -> None:
+        super().__init__(state or LedgerState.from_genesis(genesis()), KEYS, "ta", MODEL)
 
     @property
     def height(self) -> int:
         return self.state.height
-
-    def sign(self, who: str, make) -> bytes:  # make: sequence -> message
-        peer = PEER[who]
-        account = self.state.account(peer)
-        n = self.next_seq.get(peer, account.sequence if account else 0)
-        self.next_seq[peer] = n + 1
-        return seal(make(n), KEYS[who])
-
-    def seed(self, who: str, epoch: int) -> bytes:
-        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
-
-    def commit(self, who: str, epoch: int) -> bytes:
-        c = rules.seed_commitment(epoch, PEER[who], self.seed(who, epoch))
-        return self.sign(who, lambda n: CommitValidationSeed(chain_id=CHAIN, epoch=epoch, commitment=c,
-                                                             sequence=n))
-
-    def reveal(self, who: str, epoch: int, seed: bytes | None = None) -> bytes:
-        s = self.seed(who, epoch) if seed is None else seed
-        return self.sign(who, lambda n: RevealValidationSeed(chain_id=CHAIN, epoch=epoch, seed=s, sequence=n))
-
-    def request(self, client: str = "alice", max_tokens: int = 20, executor: str = "ex", ta: str = "ta") -> bytes:
-        """A fresh request whose nonce is ground so that the ledger's draw gives it to ``executor``."""
-        self.nonce += 1
-        return request_drawing(self.state, lambda grind: seal(InferenceRequest(
-            chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")], max_tokens=max_tokens,
-            temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=T0,
-            nonce=hashlib.sha256(self.nonce.to_bytes(8, "big") + grind).digest()[:16]), KEYS[client]),
-            PEER[ta], PEER[executor])
-
-    def start(self, request: bytes, executor: str, ta: str = "ta") -> bytes:
-        attempt = drawn_attempt(self.state, request, PEER[ta], PEER[executor]) or 0
-        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
-                                                      attempt=attempt, sequence=n))
-
-    def finish(self, request: bytes, executor: str, prompt: int = 10, completion: int = 5) -> bytes:
-        iid = inference_id(open_envelope(request, InferenceRequest))
-        return self.sign(executor, lambda n: FinishInference(
-            chain_id=CHAIN, inference_id=iid, prompt_tokens=prompt, completion_tokens=completion,
-            response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))
 
     def validate(self, who: str, iid: bytes, verdict: VerdictStats = OK, seed: bytes | None = None) -> bytes:
         """A check; a failing one carries the validator's seed for the inference's epoch (its duty's proof)."""
@@ -152,35 +99,12 @@ class Net:
             record = self.state.inference(iid)
             epoch = self.state.inference_epoch(record) if record and record.closed_height else self.state.epoch
             seed = b"" if verdict.valid else self.seed(who, epoch)
-        return self.sign(who, lambda n: Validation(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                   seed=seed, sequence=n))
-
-    def vote(self, who: str, iid: bytes, verdict: VerdictStats = OK) -> bytes:
-        return self.sign(who, lambda n: DisputeVote(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                    sequence=n))
-
-    def block(self, *txs: bytes) -> list:
-        block = Block(self.height + 1, self.state.last_block_hash, PEER["ta"], self.state.time_ms + 1000,
-                      list(txs))
-        _, receipts = apply_block(self.state, block)
-        self.next_seq.clear()
-        check_invariants(self.state)
-        assert self.state.total_coins() == self.state.genesis.supply + self.state.minted - self.state.burned
-        return receipts
-
-    def ok(self, *txs: bytes) -> list:
-        receipts = self.block(*txs)
-        assert all(r.ok for r in receipts), [(r.reason, r.detail) for r in receipts if not r.ok]
-        return receipts
-
-    def until(self, height: int) -> None:
-        while self.height < height:
-            self.block()
+        return super().validate(who, iid, verdict, seed)
 
     def infer(self, executor: str, client: str = "alice", ta: str = "ta",
               prompt: int = 10, completion: int = 5) -> bytes:
         """Start and finish an inference in one block; its id."""
-        req = self.request(client, executor=executor, ta=ta)
+        req = self.request(client, executor, ta)
         self.ok(self.start(req, executor, ta), self.finish(req, executor, prompt, completion))
         return inference_id(open_envelope(req, InferenceRequest))
 
@@ -549,7 +473,7 @@ def test_a_check_must_come_from_a_committed_validator_within_the_window_once() -
 
 def test_running_work_cannot_be_checked() -> None:
     net = committed_net(everyone=("v1",))
-    req = net.request()
+    req = net.request("alice", "ex")
     net.ok(net.start(req, "ex"))
     rejected(net, net.validate("v1", inference_id(open_envelope(req, InferenceRequest))), Reason.NOT_VALIDATABLE)
 
@@ -751,7 +675,7 @@ def test_too_many_missed_requests_reset_reputation() -> None:
     net = committed_net(everyone=("ta", "v1"))
     net.state.registry.rows[PEER["ex"]] = replace(net.state.registry.rows[PEER["ex"]], reputation_ppm=500_000)
     iid = net.infer("ex")
-    net.ok(net.start(net.request(), "ex"))  # never finished: expires in its hands
+    net.ok(net.start(net.request("alice", "ex"), "ex"))  # never finished: expires in its hands
     net.ok(net.validate("v1", iid))
     net.until(25)
     ex = net.state.epoch_summary(1).participant(PEER["ex"])
@@ -994,7 +918,7 @@ def run_epochs(seed: int, epochs: int = 3) -> Counter:
                              if PEER[n] in executor_weights(net.state, MODEL)
                              and may_execute(net.state, PEER[n])] or ["ex"])
             ta = rng.choice([n for n in ("ta", "v3") if n != ex])
-            req = net.request(rng.choice(["alice", "bob"]), max_tokens=20, executor=ex, ta=ta)
+            req = net.request(rng.choice(["alice", "bob"]), ex, ta, max_tokens=20)
             txs.append(net.start(req, ex, ta))
             if rng.random() < 0.9:
                 txs.append(net.finish(req, ex, rng.randrange(1, 30), rng.randrange(1, 20)))
@@ -1067,7 +991,7 @@ def test_reveals_and_settlement_of_a_busy_epoch_check_every_inference() -> None:
     net.until(1)
     net.ok(*[net.commit(n, 1) for n in weights])
     net.until(10)
-    reqs = [net.request() for _ in range(1000)]
+    reqs = [net.request("alice", "ex") for _ in range(1000)]
     net.ok(*[net.start(r, "ex") for r in reqs], *[net.finish(r, "ex") for r in reqs])
     net.check_duties(1, who_all=tuple(weights))  # p = 1: 8,000 checks
     net.until(20)
