@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from helpers import drawn_attempt, request_drawing
 from hypothesis import strategies as st
+
+from helpers import drawn_attempt, request_drawing
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
@@ -61,9 +62,12 @@ class LedgerDriver:
         self.keys = keys
         self.proposer = proposer
         self.model = model
-        self.chain = state.genesis.chain_id
         self.next_seq: dict[str, int] = {}
         self.nonce = 0
+
+    @property
+    def chain(self) -> str:
+        return self.state.genesis.chain_id
 
     def peer(self, who: str) -> str:
         return self.keys[who].peer_id

@@ -11,35 +11,23 @@ as tests/test_ledger_economics.py does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from fractions import Fraction
 
 import pytest
 
+from ledger_driver import BAD, OK, LedgerDriver, request_message
+
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
-from gonka_p2p.ledger.block import Block, Receipt
+from gonka_p2p.ledger.block import Receipt
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.records import EpochSummary
 from gonka_p2p.ledger.rules import DisputeOutcome, Forfeit
-from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants
-from gonka_p2p.ledger.transactions import (
-    CommitValidationSeed,
-    DisputeVote,
-    FailureFlag,
-    FinishInference,
-    Reason,
-    RevealValidationSeed,
-    StartInference,
-    Validation,
-    VerdictStats,
-    derive_validation_seed,
-)
+from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.transactions import Reason
 from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
 from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
-from gonka_p2p.wire.schema import Message
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 CHAIN = "gonka-framing"
 MODEL = "m"
@@ -51,11 +39,6 @@ EVERYONE = HONEST + COALITION
 KEYS = {n: Keypair.from_seed(f"framing-{n}".encode()) for n in (*EVERYONE, "alice")}
 PEER = {n: k.peer_id for n, k in KEYS.items()}
 NAME = {p: n for n, p in PEER.items()}
-OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
-                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
-BAD = VerdictStats(valid=False, suspicious=False, failure_flags=int(FailureFlag.DISTANCE), n_tokens=5,
-                   mean_distance_nano=2_300_000_000, max_distance_nano=9_000_000_000, top_k_misses=3,
-                   sampling_mismatches=2)
 EPOCHS = 10
 
 
@@ -70,66 +53,23 @@ def genesis(**overrides: int) -> Genesis:
                    allocations={PEER["alice"]: 10**9})
 
 
-@dataclass
-class Ledger:
+class Ledger(LedgerDriver):
     """A ledger, the participants around it, and what the coalition does: ``attack`` makes it
     fail every honest inference and vote "invalid" on every committee it sits on."""
 
-    attack: bool
-    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
-    next_seq: dict[str, int] = field(default_factory=dict)
-    nonce: int = 0
-    summaries: dict[int, EpochSummary] = field(default_factory=dict)
-    refused: list[Receipt] = field(default_factory=list)  # the coalition's refused accusations
-
-    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
-        account = self.state.account(PEER[who])
-        n = self.next_seq.get(who, account.sequence if account else 0)
-        self.next_seq[who] = n + 1
-        return seal(make(n), KEYS[who])
-
-    def seed(self, who: str, epoch: int) -> bytes:
-        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
-
-    def commit(self, who: str, epoch: int) -> bytes:
-        c = rules.seed_commitment(epoch, PEER[who], self.seed(who, epoch))
-        return self.sign(who, lambda n: CommitValidationSeed(chain_id=CHAIN, epoch=epoch, commitment=c,
-                                                             sequence=n))
-
-    def reveal(self, who: str, epoch: int) -> bytes:
-        s = self.seed(who, epoch)
-        return self.sign(who, lambda n: RevealValidationSeed(chain_id=CHAIN, epoch=epoch, seed=s, sequence=n))
-
-    def validate(self, who: str, iid: bytes, verdict: VerdictStats, seed: bytes = b"") -> bytes:
-        return self.sign(who, lambda n: Validation(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                   seed=seed, sequence=n))
-
-    def vote(self, who: str, iid: bytes, verdict: VerdictStats) -> bytes:
-        return self.sign(who, lambda n: DisputeVote(chain_id=CHAIN, inference_id=iid, verdict=verdict,
-                                                    sequence=n))
+    def __init__(self, attack: bool) -> None:
+        super().__init__(LedgerState.from_genesis(genesis()), KEYS, "h0", MODEL)
+        self.attack = attack
+        self.summaries: dict[int, EpochSummary] = {}
+        self.refused: list[Receipt] = []  # the coalition's refused accusations
 
     def infer(self, ta: str) -> list[bytes]:
         """A client request routed by ``ta`` to the executor the ledger draws, started and finished."""
         self.nonce += 1
-        request = seal(InferenceRequest(
-            chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")], max_tokens=20,
-            temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=T0,
-            nonce=self.nonce.to_bytes(16, "big")), KEYS["alice"])
+        request = seal(request_message(self.state, self.nonce.to_bytes(16, "big"), MODEL), KEYS["alice"])
         iid = inference_id(open_envelope(request, InferenceRequest))
-        executor = rules.choose_executor(executor_weights(self.state, MODEL), frozenset({PEER[ta]}), iid, 0)
-        return [self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=executor,
-                                                       attempt=0, sequence=n)),
-                self.sign(NAME[executor], lambda n: FinishInference(
-                    chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
-                    response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))]
-
-    def block(self, txs: list[bytes], time_ms: int | None = None) -> list[Receipt]:
-        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["h0"],
-                      self.state.time_ms + 1000 if time_ms is None else time_ms, txs)
-        _, receipts = apply_block(self.state, block)
-        self.next_seq.clear()
-        check_invariants(self.state)
-        return receipts
+        executor = NAME[rules.choose_executor(executor_weights(self.state, MODEL), frozenset({PEER[ta]}), iid, 0)]
+        return [self.start(request, executor, ta, attempt=0), self.finish(request, executor)]
 
     def checks(self, epoch: int) -> list[bytes]:
         """Every committed validator checks its duties (honest work passes). The attacking
@@ -185,7 +125,7 @@ class Ledger:
                 txs += [self.reveal(who, epoch - 1) for who in EVERYONE]
             if position == 5 and epoch >= 1:
                 txs += self.checks(epoch)
-            receipts = self.block(txs)
+            receipts = self.block(*txs)
             for receipt in receipts:
                 if not receipt.ok and self.attack and NAME.get(receipt.signer) in COALITION:
                     self.refused.append(receipt)
@@ -234,14 +174,14 @@ def epoch_one(**overrides: int) -> tuple[Ledger, list[bytes]]:
     """A ledger in epoch 1 with seeds committed and nine settled inferences; their ids."""
     ledger = Ledger(attack=True)
     ledger.state = LedgerState.from_genesis(genesis(**overrides))
-    ledger.block([ledger.commit(who, 1) for who in EVERYONE])
-    ledger.block([])
+    ledger.block(*[ledger.commit(who, 1) for who in EVERYONE])
+    ledger.block()
     while ledger.state.height < L:
-        ledger.block([])
+        ledger.block()
     txs = []
     for k in range(9):
         txs += ledger.infer(EVERYONE[k])
-    assert all(r.ok for r in ledger.block(txs))
+    assert all(r.ok for r in ledger.block(*txs))
     return ledger, ledger.state.epoch_inferences(1)
 
 
@@ -258,9 +198,9 @@ def test_an_accusation_without_a_duty_is_refused() -> None:
                                         (duty, BAD, b"", Reason.SEED_MISMATCH),
                                         (duty, BAD, ledger.seed("c1", 1), Reason.SEED_MISMATCH),
                                         (duty, OK, seed, Reason.MALFORMED)):
-        (receipt,) = ledger.block([ledger.validate("c0", iid, verdict, proof)])
+        (receipt,) = ledger.block(ledger.validate("c0", iid, verdict, proof))
         assert receipt.reason is reason, receipt.detail
-    (accused,) = ledger.block([ledger.validate("c0", duty, BAD, seed)])
+    (accused,) = ledger.block(ledger.validate("c0", duty, BAD, seed))
     assert accused.ok and ledger.state.dispute(duty) is not None
 
 
@@ -268,19 +208,19 @@ def test_a_dispute_nobody_votes_on_is_redrawn_then_undecided_not_clean() -> None
     ledger, _ = epoch_one()
     seed = ledger.seed("c0", 1)
     duty = ledger.state.validation_duties(1, PEER["c0"], seed)[0]
-    ledger.block([ledger.validate("c0", duty, BAD, seed)])
+    ledger.block(ledger.validate("c0", duty, BAD, seed))
     opened = ledger.state.dispute(duty)
     assert opened.committee == () and not opened.voting  # drawn later
-    ledger.block([])  # the draw block
+    ledger.block()  # the draw block
     first = ledger.state.dispute(duty)
     assert first.voting and first.committee and first.rounds == 1
-    ledger.block([])  # round 1 closes with no vote: not clean, a fresh round
+    ledger.block()  # round 1 closes with no vote: not clean, a fresh round
     second = ledger.state.dispute(duty)
     assert second.outcome is DisputeOutcome.OPEN and second.rounds == 2 and second.committee == ()
     assert sorted(second.silent) == sorted(first.committee)
-    ledger.block([])  # round 2's draw, from this block's hash
+    ledger.block()  # round 2's draw, from this block's hash
     assert ledger.state.dispute(duty).voting and ledger.state.dispute(duty).draw_height == ledger.state.height
-    ledger.block([])
+    ledger.block()
     final = ledger.state.dispute(duty)
     assert final.outcome is DisputeOutcome.UNDECIDED and final.rounds == 2
     assert set(final.silent) == set(first.committee) | set(final.committee)
@@ -295,10 +235,10 @@ def test_the_committee_is_drawn_from_a_later_block_not_the_accusing_one() -> Non
         ledger, _ = epoch_one()
         seed = ledger.seed("c0", 1)
         duty = ledger.state.validation_duties(1, PEER["c0"], seed)[0]
-        ledger.block([ledger.validate("c0", duty, BAD, seed)], time_ms=ledger.state.time_ms + 1 + grind)
+        ledger.block(ledger.validate("c0", duty, BAD, seed), time_ms=ledger.state.time_ms + 1 + grind)
         accusing_hash = ledger.state.last_block_hash
         assert ledger.state.dispute(duty).committee == ()
-        ledger.block([], time_ms=ledger.state.time_ms + 1)
+        ledger.block(time_ms=ledger.state.time_ms + 1)
         dispute = ledger.state.dispute(duty)
         validators, seats = ledger.state.epoch_validators(1), ledger.state.params.dispute_committee_size
         drawn = disputes.draw_committee(validators, ledger.state.last_block_hash, duty, 0, seats)
@@ -329,21 +269,21 @@ def test_a_conviction_sanctions_at_once_and_moves_weight_only_at_settlement_by_b
     seed = ledger.seed("h1", 1)
     duty = next(i for i in ledger.state.validation_duties(1, PEER["h1"], seed))
     executor = ledger.state.inferences.rows[duty].executor
-    ledger.block([ledger.validate("h1", duty, BAD, seed)])
-    ledger.block([])  # drawn
+    ledger.block(ledger.validate("h1", duty, BAD, seed))
+    ledger.block()  # drawn
     dispute, txs = ledger.state.dispute(duty), []
     invalid = dispute.accuser_seats
     for member, seats in zip(dispute.committee, dispute.seats, strict=True):
         if 2 * invalid <= ledger.state.params.dispute_committee_size:  # all judge it invalid
             txs.append(ledger.vote(NAME[member], duty, BAD))
             invalid += seats
-    assert all(r.ok for r in ledger.block(txs))
+    assert all(r.ok for r in ledger.block(*txs))
     assert ledger.state.dispute(duty).outcome is DisputeOutcome.INVALID
     convicted = ledger.state.participant(executor)
     assert convicted.sanctioned and convicted.weight == 10  # voting power unchanged until settlement
     assert not may_execute(ledger.state, executor)  # TAs route around it; the draw table stays frozen
     while ledger.state.height < rules.settlement_height(1, ledger.state.params):
-        ledger.block([])
+        ledger.block()
     assert ledger.state.participant(executor).weight == 0  # 10 of 100: within one step's 10 %
     assert ledger.state.epoch_summary(1).participant(executor).weight_after == 0
     # A bigger conviction moves in steps of at most 10 % of the total voting power:
