@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 
+from ledger_driver import OK, LedgerDriver, request_message
+
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
-from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.consensus_types import Evidence, Vote, VoteType, make_vote
 from gonka_p2p.ledger.consensus_wire import evidence_transaction
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
-from gonka_p2p.ledger.transactions import (
-    CommitValidationSeed,
-    FinishInference,
-    Reason,
-    RevealValidationSeed,
-    StartInference,
-    SubmitEvidence,
-    Validation,
-    VerdictStats,
-    derive_validation_seed,
-)
-from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
-from gonka_p2p.wire.schema import Message
+from gonka_p2p.ledger.state import LedgerState, check_tx
+from gonka_p2p.ledger.transactions import Reason, StartInference, SubmitEvidence
+from gonka_p2p.wire.envelope import seal
 
 CHAIN = "gonka-equivocation"
 MODEL = "m"
@@ -44,8 +33,6 @@ L = 10  # epoch e ends at 10e + 10; it settles at rules.settlement_height(e)
 VALIDATORS = ("ta", "ex", "byz", "v1", "v2", "v3")
 KEYS = {n: Keypair.from_seed(f"equivocation-{n}".encode()) for n in (*VALIDATORS, "alice")}
 PEER = {n: k.peer_id for n, k in KEYS.items()}
-OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
-                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
 BLOCK_A, BLOCK_B = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
 
 
@@ -65,17 +52,9 @@ def vote(who: str, height: int, block_hash: bytes | None, *, round: int = 0,
     return make_vote(chain_id, KEYS[who].sign, PEER[who], vote_type, height, round, block_hash, T0 + height)
 
 
-@dataclass
-class Ledger:
-    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
-    next_seq: dict[str, int] = field(default_factory=dict)
-    nonce: int = 0
-
-    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
-        account = self.state.account(PEER[who])
-        n = self.next_seq.get(who, account.sequence if account else 0)
-        self.next_seq[who] = n + 1
-        return seal(make(n), KEYS[who])
+class Ledger(LedgerDriver):
+    def __init__(self) -> None:
+        super().__init__(LedgerState.from_genesis(genesis()), KEYS, "ta", MODEL)
 
     def evidence(self, first: Vote, second: Vote, *, by: str = "alice", offender: str | None = None) -> bytes:
         """The transaction as an honest replica writes it (``offender`` overrides the named signer)."""
@@ -85,61 +64,30 @@ class Ledger:
             return replace(tx, offender=offender or tx.offender)
         return self.sign(by, make)
 
-    def block(self, *txs: bytes) -> list[Receipt]:
-        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"], self.state.time_ms + 1000,
-                      list(txs))
-        _, receipts = apply_block(self.state, block)
-        self.next_seq.clear()
-        check_invariants(self.state)
-        return receipts
-
-    def ok(self, *txs: bytes) -> None:
-        receipts = self.block(*txs)
-        assert all(r.ok for r in receipts), [(r.reason, r.detail) for r in receipts if not r.ok]
-
-    def until(self, height: int) -> None:
-        while self.state.height < height:
-            self.block()
-
-    def seed(self, who: str, epoch: int) -> bytes:
-        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
-
     def infer(self) -> None:
         """One inference, executed by whichever participant the ledger's draw names."""
         self.nonce += 1
-        request = seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
-                                        max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
-                                        timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS["alice"])
-        iid = inference_id(open_envelope(request, InferenceRequest))
+        request = seal(request_message(self.state, self.nonce.to_bytes(16, "big"), MODEL), KEYS["alice"])
         n = self.state.account(PEER["ta"]).sequence  # type: ignore[union-attr]
         starts = {e: seal(StartInference(chain_id=CHAIN, request=request, executor=PEER[e], attempt=0, sequence=n),
                           KEYS["ta"]) for e in VALIDATORS}
         executor = next(e for e, tx in starts.items() if check_tx(self.state, tx).ok)
-        self.ok(starts[executor],
-                self.sign(executor, lambda n: FinishInference(
-                    chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
-                    response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n)))
+        self.ok(starts[executor], self.finish(request, executor))
 
     def run_epoch_1(self, during: Callable[[], None]) -> None:
         """Everyone commits, executes and checks its duties in epoch 1 and reveals; ``during``
         runs in the middle of the epoch; blocks run to its settlement."""
         self.until(1)
-        self.ok(*[self.sign(w, lambda n, w=w: CommitValidationSeed(
-            chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[w], self.seed(w, 1)), sequence=n))
-            for w in VALIDATORS])
+        self.ok(*[self.commit(w, 1) for w in VALIDATORS])
         self.until(L)
         for _ in range(6):
             self.infer()
         during()
-        self.ok(*[self.sign(w, lambda n, w=w, iid=iid: Validation(chain_id=CHAIN, inference_id=iid,
-                                                                   verdict=OK, seed=b"", sequence=n))
+        self.ok(*[self.validate(w, iid, OK)
                   for w in VALIDATORS for iid in self.state.validation_duties(1, PEER[w], self.seed(w, 1))])
         self.until(2 * L)
-        self.ok(*[self.sign(w, lambda n, w=w: RevealValidationSeed(chain_id=CHAIN, epoch=1,
-                                                                   seed=self.seed(w, 1), sequence=n))
-                  for w in VALIDATORS])
+        self.ok(*[self.reveal(w, 1) for w in VALIDATORS])
         self.until(rules.settlement_height(1, self.state.params))
-
 
 def rejected(ledger: Ledger, tx: bytes, reason: Reason) -> None:
     assert check_tx(ledger.state, tx).reason is reason
