@@ -18,30 +18,19 @@ does); that the TA routes by the same draw is tests/test_serving.py's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import count
+
+from ledger_driver import OK, LedgerDriver, request_message
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import rules
-from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
-from gonka_p2p.ledger.transactions import (
-    CommitValidationSeed,
-    FinishInference,
-    Reason,
-    RegisterParticipant,
-    RevealValidationSeed,
-    StartInference,
-    Validation,
-    VerdictStats,
-    derive_validation_seed,
-)
+from gonka_p2p.ledger.state import LedgerState, check_tx
+from gonka_p2p.ledger.transactions import Reason, RegisterParticipant
 from gonka_p2p.ledger.executor_draw import executor_weights, is_drawn, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
-from gonka_p2p.wire.schema import Message
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 CHAIN = "gonka-self-dealing"
 MODEL = "m"
@@ -52,8 +41,6 @@ ATTACKER = ("mallory", "mallory_ta", "mallory_ex")  # client, TA, zero-weight ex
 KEYS = {n: Keypair.from_seed(f"self-dealing-{n}".encode()) for n in (*HONEST, *ATTACKER, "alice")}
 PEER = {n: k.peer_id for n, k in KEYS.items()}
 NAME = {p: n for n, p in PEER.items()}
-OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
-                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
 FLOOD = 300  # the attacker's requests in epoch 1 (honest traffic: 30)
 
 
@@ -69,32 +56,21 @@ def genesis() -> Genesis:
                                 PEER["mallory_ta"]: 10, PEER["mallory_ex"]: 10})
 
 
-@dataclass
-class Ledger:
-    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
-    next_seq: dict[str, int] = field(default_factory=dict)
-    nonce: int = 0
+class Ledger(LedgerDriver):
+    def __init__(self, state: LedgerState | None = None) -> None:
+        super().__init__(state or LedgerState.from_genesis(genesis()), KEYS, "h1", MODEL)
 
-    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
-        account = self.state.account(PEER[who])
-        n = self.next_seq.get(who, account.sequence if account else 0)
-        self.next_seq[who] = n + 1
-        return seal(make(n), KEYS[who])
-
-    def request(self, client: str) -> bytes:
+    def fresh_request(self, client: str) -> bytes:
+        """A request with the next nonce, not ground: where it goes is the draw's."""
         self.nonce += 1
-        return seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
-                                     max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
-                                     timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS[client])
+        return seal(request_message(self.state, self.nonce.to_bytes(16, "big"), MODEL), KEYS[client])
 
     def grind(self, client: str, ta: str, executor: str) -> bytes:
         """A request of ``client``'s whose nonce is ground until the draw at attempt 0 gives it to
         ``executor`` when ``ta`` routes it (the id needs no signature: only the one kept is signed)."""
         weights = executor_weights(self.state, MODEL)
         for nonce in (n.to_bytes(16, "big") for n in count(self.nonce + 1)):
-            message = InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
-                                       max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
-                                       timestamp_ms=T0, nonce=nonce)
+            message = request_message(self.state, nonce, MODEL)
             iid = inference_id(Signed(message, KEYS[client].public_key, b""))
             if rules.choose_executor(weights, frozenset({PEER[ta]}), iid, 0) == PEER[executor]:
                 self.nonce = int.from_bytes(nonce, "big")
@@ -107,48 +83,17 @@ class Ledger:
         weights = executor_weights(self.state, MODEL)
         return NAME[rules.choose_executor(weights, frozenset({PEER[ta]}), iid, attempt)]
 
-    def start(self, request: bytes, ta: str, executor: str, attempt: int = 0) -> bytes:
-        return self.sign(ta, lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER[executor],
-                                                      attempt=attempt, sequence=n))
-
-    def finish(self, request: bytes, executor: str) -> bytes:
-        iid = inference_id(open_envelope(request, InferenceRequest))
-        return self.sign(executor, lambda n: FinishInference(
-            chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
-            response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n))
-
-    def block(self, *txs: bytes) -> list[Receipt]:
-        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["h1"],
-                      self.state.time_ms + 1000, list(txs))
-        _, receipts = apply_block(self.state, block)
-        self.next_seq.clear()
-        check_invariants(self.state)
-        return receipts
-
-    def ok(self, *txs: bytes) -> list[Receipt]:
-        receipts = self.block(*txs)
-        assert all(r.ok for r in receipts), [(r.reason, r.detail) for r in receipts if not r.ok]
-        return receipts
-
-    def until(self, height: int) -> None:
-        while self.state.height < height:
-            self.block()
-
-    def seed(self, who: str, epoch: int) -> bytes:
-        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
-
     def coins(self, *names: str) -> int:
         return sum(self.state.balance(PEER[n]) for n in names)
 
-
 def attacker_route(ledger: Ledger, request: bytes) -> tuple[str, bytes]:
     """The attacker's best Start: its own executor if the ledger takes it, else the draw."""
-    greedy = ledger.start(request, "mallory_ta", "mallory_ex")
+    greedy = ledger.start(request, "mallory_ex", "mallory_ta", attempt=0)
     if check_tx(ledger.state, greedy).ok:
         return "mallory_ex", greedy
     ledger.next_seq["mallory_ta"] -= 1  # the refused Start is never sent: its sequence is reused
     executor = ledger.drawn(request, "mallory_ta")
-    return executor, ledger.start(request, "mallory_ta", executor)
+    return executor, ledger.start(request, executor, "mallory_ta", attempt=0)
 
 
 def test_self_dealing_flood_mints_nothing_and_pays_honest_executors_by_weight() -> None:
@@ -156,9 +101,7 @@ def test_self_dealing_flood_mints_nothing_and_pays_honest_executors_by_weight() 
     register = [ledger.sign(n, lambda s: RegisterParticipant(chain_id=CHAIN, addrs=["/ip4/6.6.6.6/tcp/6"],
                                                              models=[MODEL], sequence=s))
                 for n in ("mallory_ta", "mallory_ex")]
-    commits = [ledger.sign(n, lambda s, n=n: CommitValidationSeed(
-        chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[n], ledger.seed(n, 1)), sequence=s))
-        for n in HONEST]
+    commits = [ledger.commit(n, 1) for n in HONEST]
     ledger.ok(*register, *commits)
     ledger.until(L)
     before = ledger.coins(*ATTACKER)
@@ -168,11 +111,11 @@ def test_self_dealing_flood_mints_nothing_and_pays_honest_executors_by_weight() 
         txs = []
         for i in range((FLOOD + 30) // 6):
             if i % 11 == 0:  # honest traffic, through an honest TA
-                req = ledger.request("alice")
+                req = ledger.fresh_request("alice")
                 executor = ledger.drawn(req, "h1")
-                start = ledger.start(req, "h1", executor)
+                start = ledger.start(req, executor, "h1", attempt=0)
             else:
-                req = ledger.request("mallory")
+                req = ledger.fresh_request("mallory")
                 executor, start = attacker_route(ledger, req)
                 paid_by_attacker[executor] = paid_by_attacker.get(executor, 0) + 15
             txs += [start, ledger.finish(req, executor)]
@@ -180,13 +123,11 @@ def test_self_dealing_flood_mints_nothing_and_pays_honest_executors_by_weight() 
     assert ledger.state.height < 2 * L, "the flood fits in epoch 1"
     assert "mallory_ex" not in paid_by_attacker, "the ledger refused every Start naming the attacker's executor"
 
-    checks = [ledger.sign(v, lambda s, iid=iid: Validation(chain_id=CHAIN, inference_id=iid, verdict=OK, seed=b"",
-                                                                     sequence=s))
+    checks = [ledger.validate(v, iid, OK)
               for v in HONEST for iid in ledger.state.validation_duties(1, PEER[v], ledger.seed(v, 1))]
     ledger.ok(*checks)
     ledger.until(2 * L)
-    ledger.ok(*[ledger.sign(v, lambda s, v=v: RevealValidationSeed(chain_id=CHAIN, epoch=1, seed=ledger.seed(v, 1),
-                                                                     sequence=s)) for v in HONEST])
+    ledger.ok(*[ledger.reveal(v, 1) for v in HONEST])
     ledger.until(rules.settlement_height(1, ledger.state.params))
     summary = ledger.state.epoch_summary(1)
     rows = {NAME[r.peer]: r for r in summary.participants}
@@ -208,19 +149,19 @@ def test_ta_naming_a_partner_is_refused_and_the_drawn_executor_is_paid() -> None
     ledger.ok(ledger.sign("mallory_ta", lambda s: RegisterParticipant(
         chain_id=CHAIN, addrs=["/ip4/6.6.6.6/tcp/6"], models=[], sequence=s)))
     while True:  # a request whose draws never pick h3, the greedy TA's partner
-        req = ledger.request("alice")
+        req = ledger.fresh_request("alice")
         draws = [ledger.drawn(req, "mallory_ta", k) for k in range(ledger.state.params.max_executor_attempts)]
         if "h3" not in draws:
             break
     for partner, attempt, reason in (("h3", 0, Reason.EXECUTOR_NOT_DRAWN), ("h3", 2, Reason.EXECUTOR_NOT_DRAWN),
                                      ("mallory_ex", 0, Reason.EXECUTOR_NOT_ELIGIBLE),
                                      (draws[0], 3, Reason.ATTEMPT_OUT_OF_RANGE)):
-        (r,) = ledger.block(ledger.start(req, "mallory_ta", partner, attempt))
+        (r,) = ledger.block(ledger.start(req, partner, "mallory_ta", attempt))
         assert r.reason is reason, (partner, attempt, r.reason, r.detail)
     honest = draws[0]
     before = ledger.state.balance(PEER[honest])
     ledger.ok(ledger.finish(req, honest))  # the drawn executor did the work: its Finish waits, held
-    ledger.ok(ledger.start(req, "mallory_ta", honest))  # the only Start the ledger takes names it
+    ledger.ok(ledger.start(req, honest, "mallory_ta", attempt=0))  # the only Start the ledger takes names it
     iid = inference_id(open_envelope(req, InferenceRequest))
     record = ledger.state.inference(iid)
     assert record is not None and record.executor == PEER[honest] and record.attempt == 0
@@ -252,9 +193,7 @@ def epoch_1_with_grinding(ground: int) -> LedgerState:
     ledger = Ledger(state=LedgerState.from_genesis(grinding_genesis()))
     ledger.ok(ledger.sign("mallory_ta", lambda s: RegisterParticipant(
         chain_id=CHAIN, addrs=["/ip4/6.6.6.6/tcp/6"], models=[], sequence=s)),
-        *[ledger.sign(n, lambda s, n=n: CommitValidationSeed(
-            chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[n], ledger.seed(n, 1)), sequence=s))
-          for n in SHARES])
+        *[ledger.commit(n, 1) for n in SHARES])
     ledger.until(L)
     work = [(executor, "h2" if executor == "h1" else "h1", "alice")
             for executor, weight in SHARES.items() for _ in range(weight)]
@@ -262,17 +201,15 @@ def epoch_1_with_grinding(ground: int) -> LedgerState:
     txs = []
     for executor, ta, client in work:
         request = ledger.grind(client, ta, executor)
-        txs += [ledger.start(request, ta, executor), ledger.finish(request, executor)]
+        txs += [ledger.start(request, executor, ta, attempt=0), ledger.finish(request, executor)]
     for chunk in range(0, len(txs), 4_000):
         ledger.ok(*txs[chunk:chunk + 4_000])
         ledger.next_seq.clear()
     assert ledger.state.height < 2 * L - 3, "the traffic fits in epoch 1"
-    ledger.ok(*[ledger.sign(v, lambda s, iid=iid: Validation(chain_id=CHAIN, inference_id=iid, verdict=OK, seed=b"",
-                                                             sequence=s))
+    ledger.ok(*[ledger.validate(v, iid, OK)
                 for v in SHARES for iid in ledger.state.validation_duties(1, PEER[v], ledger.seed(v, 1))])
     ledger.until(2 * L)
-    ledger.ok(*[ledger.sign(v, lambda s, v=v: RevealValidationSeed(chain_id=CHAIN, epoch=1, seed=ledger.seed(v, 1),
-                                                                   sequence=s)) for v in SHARES])
+    ledger.ok(*[ledger.reveal(v, 1) for v in SHARES])
     ledger.until(rules.settlement_height(1, ledger.state.params))
     return ledger.state
 
