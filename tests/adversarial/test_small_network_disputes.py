@@ -10,32 +10,19 @@ The ledger is driven directly with real signed transactions, as tests/adversaria
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from fractions import Fraction
 
-from helpers import drawn_attempt, request_drawing
+from helpers import drawn_attempt
+from ledger_driver import BAD, LedgerDriver
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
-from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.rules import DisputeOutcome
-from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants
-from gonka_p2p.ledger.transactions import (
-    CommitValidationSeed,
-    DisputeVote,
-    FailureFlag,
-    FinishInference,
-    Reason,
-    StartInference,
-    Validation,
-    VerdictStats,
-    derive_validation_seed,
-)
-from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
-from gonka_p2p.wire.schema import Message
+from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.ledger.transactions import Reason
+from gonka_p2p.wire.envelope import open_envelope
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 
 CHAIN = "gonka-small-network"
 MODEL = "m"
@@ -44,10 +31,6 @@ L = 10
 NAMES = ("E", "T", "V", "alice")
 KEYS = {n: Keypair.from_seed(f"small-network-{n}".encode()) for n in NAMES}
 PEER = {n: k.peer_id for n, k in KEYS.items()}
-NAME = {p: n for n, p in PEER.items()}
-BAD = VerdictStats(valid=False, suspicious=False, failure_flags=int(FailureFlag.DISTANCE), n_tokens=5,
-                   mean_distance_nano=2_300_000_000, max_distance_nano=9_000_000_000, top_k_misses=3,
-                   sampling_mismatches=2)
 
 
 def genesis() -> Genesis:
@@ -60,53 +43,20 @@ def genesis() -> Genesis:
                    allocations={PEER["alice"]: 10**6})
 
 
-@dataclass
-class Ledger:
-    state: LedgerState = field(default_factory=lambda: LedgerState.from_genesis(genesis()))
-    next_seq: dict[str, int] = field(default_factory=dict)
-
-    def sign(self, who: str, make: Callable[[int], Message]) -> bytes:
-        account = self.state.account(PEER[who])
-        n = self.next_seq.get(who, account.sequence if account else 0)
-        self.next_seq[who] = n + 1
-        return seal(make(n), KEYS[who])
-
-    def block(self, *txs: bytes) -> list[Receipt]:
-        block = Block(self.state.height + 1, self.state.last_block_hash, PEER["T"], self.state.time_ms + 1000,
-                      list(txs))
-        _, receipts = apply_block(self.state, block)
-        self.next_seq.clear()
-        check_invariants(self.state)
-        return receipts
-
-    def ok(self, *txs: bytes) -> None:
-        receipts = self.block(*txs)
-        assert all(r.ok for r in receipts), [(r.reason, r.detail) for r in receipts if not r.ok]
-
-    def seed(self, who: str, epoch: int) -> bytes:
-        return derive_validation_seed(KEYS[who].secret, CHAIN, epoch)
+class Ledger(LedgerDriver):
+    def __init__(self) -> None:
+        super().__init__(LedgerState.from_genesis(genesis()), KEYS, "T", MODEL)
 
     def cheat_routed_by_t(self) -> bytes:
         """In epoch 1: T routes alice's request to E (the ledger's draw; the test grinds the
         nonce so that it lands there), E finishes it. Its inference id."""
-        self.ok(*[self.sign(v, lambda n, v=v: CommitValidationSeed(
-            chain_id=CHAIN, epoch=1, commitment=rules.seed_commitment(1, PEER[v], self.seed(v, 1)), sequence=n))
-            for v in ("E", "T", "V")])
+        self.ok(*[self.commit(v, 1) for v in ("E", "T", "V")])
         while self.state.height < L:
             self.ok()
-        request = request_drawing(self.state, lambda nonce: seal(InferenceRequest(
-            chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")], max_tokens=20,
-            temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5, timestamp_ms=T0, nonce=nonce), KEYS["alice"]),
-            PEER["T"], PEER["E"])
-        iid = inference_id(open_envelope(request, InferenceRequest))
-        attempt = drawn_attempt(self.state, request, PEER["T"], PEER["E"])
-        assert attempt is not None
-        self.ok(self.sign("T", lambda n: StartInference(chain_id=CHAIN, request=request, executor=PEER["E"],
-                                                        attempt=attempt, sequence=n)),
-                self.sign("E", lambda n: FinishInference(
-                    chain_id=CHAIN, inference_id=iid, prompt_tokens=10, completion_tokens=5,
-                    response_hash=b"r" * 32, artifact_commitment=b"a" * 32, sequence=n)))
-        return iid
+        request = self.request("alice", "E", "T")
+        assert drawn_attempt(self.state, request, PEER["T"], PEER["E"]) is not None
+        self.ok(self.start(request, "E", "T"), self.finish(request, "E"))
+        return inference_id(open_envelope(request, InferenceRequest))
 
 
 def test_three_equal_participants_convict_a_proven_cheat() -> None:
@@ -114,15 +64,13 @@ def test_three_equal_participants_convict_a_proven_cheat() -> None:
     iid = ledger.cheat_routed_by_t()
     seed = ledger.seed("V", 1)
     assert ledger.state.is_validation_duty(iid, PEER["V"], seed)  # V is the only eligible validator
-    ledger.ok(ledger.sign("V", lambda n: Validation(chain_id=CHAIN, inference_id=iid, verdict=BAD, seed=seed,
-                                                    sequence=n)))
+    ledger.ok(ledger.validate("V", iid, BAD, seed))
     ledger.ok()  # the committee is drawn from this block's hash
     dispute = ledger.state.dispute(iid)
     assert dispute is not None and dispute.voting
     assert dispute.committee == (PEER["T"],), "the TA votes; the executor is recused; the accuser has voted"
     assert dispute.accuser_seats > 0
-    again, vote = ledger.block(*[ledger.sign(who, lambda n: DisputeVote(
-        chain_id=CHAIN, inference_id=iid, verdict=BAD, sequence=n)) for who in ("V", "T")])
+    again, vote = ledger.block(*[ledger.vote(who, iid, BAD) for who in ("V", "T")])
     assert again.reason is Reason.NOT_ON_COMMITTEE  # its failing Validation was its vote
     assert vote.ok, vote.detail
     resolved = ledger.state.dispute(iid)
