@@ -4,16 +4,14 @@ by one named proposer a second apart, applied, and the state's invariants checke
 
 Signers are named (``"ta"``, ``"alice"``...): a test module gives its names and keys, its
 genesis and its proposer; what a scenario does with them stays in the test. Also here: the
-two verdicts the tests submit, and the byte mutations the decoder fuzz tests throw at encoders'
-output. No test module imports another; what they share lives here and in helpers.py.
+two verdicts the tests submit. No test module imports another; what they share lives here,
+in helpers.py and in fuzz.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-
-from hypothesis import strategies as st
 
 from helpers import drawn_attempt, request_drawing
 
@@ -139,18 +137,3 @@ class LedgerDriver:
         return self.sign(who, lambda n: DisputeVote(chain_id=self.chain, inference_id=iid, verdict=verdict,
                                                     sequence=n))
 
-
-def mutate(data: st.DataObject, raw: bytes) -> bytes:
-    """``raw`` after one to four byte flips, insertions or deletions drawn by hypothesis: what a
-    corrupting or hostile peer sends in place of a valid encoding."""
-    out = bytearray(raw)
-    for _ in range(data.draw(st.integers(1, 4))):
-        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
-        at = data.draw(st.integers(0, len(out) - 1))
-        if op == "flip":
-            out[at] ^= data.draw(st.integers(1, 255))
-        elif op == "insert":
-            out[at:at] = data.draw(st.binary(min_size=1, max_size=8))
-        else:
-            del out[at]
-    return bytes(out)

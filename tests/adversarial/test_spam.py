@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from ledger_driver import OK, request_message
+
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Committed, ReplicaMetrics, ReplicaParams, TxDropped
 from gonka_p2p.actors.replica.tx_gossip import TxGossip
@@ -49,13 +51,12 @@ from gonka_p2p.ledger.transactions import (
     StartInference,
     Transfer,
     Validation,
-    VerdictStats,
     decode_tx,
     derive_validation_seed,
 )
 from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
-from gonka_p2p.wire.messages import ChatTurn, InferenceRequest, inference_id
+from gonka_p2p.wire.messages import InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
 from gonka_p2p.wire.unsigned import encode_frame
 
@@ -69,8 +70,6 @@ SPAMMERS = 100
 KEYS = {n: Keypair.from_seed(f"spam-test-{n}".encode()) for n in (*HONEST, "alice", "broke", "stranger")}
 SPAM_KEYS = [Keypair.from_seed(f"spam-test-spammer-{i}".encode()) for i in range(SPAMMERS)]
 PEER = {n: k.peer_id for n, k in KEYS.items()}
-OK = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=5, mean_distance_nano=1_000,
-                  max_distance_nano=5_000, top_k_misses=0, sampling_mismatches=0)
 # A pool the spammers can fill: 100 accounts x 8 pending > the 500 slots not reserved.
 POOL = MempoolParams(max_txs=600, max_bytes=4 * 1024 * 1024, reserved_ppm=166_667, max_per_account=8,
                      max_bytes_per_account=64 * 1024, max_duties_per_account=64)
@@ -129,9 +128,7 @@ class Chain:
 
     def request(self) -> Signed[InferenceRequest]:
         self.nonce += 1
-        raw = seal(InferenceRequest(chain_id=CHAIN, model=MODEL, messages=[ChatTurn(role="user", content="hi")],
-                                    max_tokens=20, temperature=0.7, top_p=1.0, top_k=0, logprobs_k=5,
-                                    timestamp_ms=T0, nonce=self.nonce.to_bytes(16, "big")), KEYS["alice"])
+        raw = seal(request_message(self.state, self.nonce.to_bytes(16, "big"), MODEL), KEYS["alice"])
         return open_envelope(raw, InferenceRequest)
 
 
