@@ -61,14 +61,16 @@ Validate = Callable[[InferenceArtifact], Awaitable[verification.Measurements]]
 
 
 def baseline_modules(commit: str) -> tuple[ModuleType, ModuleType]:
-    """``(verification, torch_engine)`` as of ``commit``, each importing the sampler of
-    that commit, under private module names (the current ones stay as they are)."""
+    """``(verification, torch_engine)`` as of ``commit``, each importing the sampler and
+    artifacts of that commit, under private module names (the current ones stay as they are)."""
     modules = {}
-    for name in ("sampler", "verification", "torch_engine"):
+    own = ("sampler", "artifacts")  # what the others import from their own commit, not this tree
+    for name in (*own, "verification", "torch_engine"):
         source = subprocess.run(["git", "show", f"{commit}:gonka_p2p/inference/{name}.py"],
                                 cwd=ROOT, capture_output=True, text=True, check=True).stdout
         private = f"_baseline_{name}"
-        source = source.replace("gonka_p2p.inference.sampler", "_baseline_sampler")
+        for dependency in own:
+            source = source.replace(f"gonka_p2p.inference.{dependency}", f"_baseline_{dependency}")
         spec = importlib.util.spec_from_loader(private, loader=None)
         module = importlib.util.module_from_spec(spec)
         sys.modules[private] = module  # dataclasses look their module up while being defined

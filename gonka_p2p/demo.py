@@ -227,10 +227,11 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
         await _shutdown(procs, client_service)
 
     _print_summary(results, memory, time.perf_counter() - started)
-    _print_ledger(client_key.peer_id, balance_before, balance_after, costs, refunded)
+    fees = len(costs) * network.genesis.params.tx_fee  # each StartInference's fee, paid by its client
+    _print_ledger(client_key.peer_id, balance_before, balance_after, costs, fees, refunded)
     if cheater and not _report_verification(summaries, cheater, cheater_peer):  # type: ignore[arg-type]
         return 1
-    if balance_before - balance_after != sum(costs) - refunded:
+    if balance_before - balance_after != sum(costs) + fees - refunded:
         console.print("[red]error:[/red] the client's balance did not fall by exactly what it was charged")
         return 1
     executors = {c.executor for _, c in results}
@@ -254,12 +255,13 @@ async def _wait_settled(client: GonkaClient, completions: list[Completion]) -> l
     return costs
 
 
-def _print_ledger(client: str, before: int, after: int, costs: list[int], refunded: int) -> None:
+def _print_ledger(client: str, before: int, after: int, costs: list[int], fees: int, refunded: int) -> None:
     table = Table(title="ledger", title_justify="left")
-    for col in ("client", "balance before", "balance after", "charged", "refunded", "inferences settled"):
+    for col in ("client", "balance before", "balance after", "charged", "refunded", "inferences settled",
+                "transaction fees"):
         table.add_column(col)
     table.add_row(client[-12:], str(before), str(after), str(before - after), str(refunded),
-                  f"{len(costs)} (cost {sum(costs)})")
+                  f"{len(costs)} (cost {sum(costs)})", str(fees))
     console.print(table)
 
 
