@@ -325,8 +325,32 @@ async def test_gateway_at_capacity_is_429_naming_other_tas(net: Net) -> None:
     assert all(n.service.listen_addrs[0] in alternatives for n in net.nodes[1:])
 
 
+class HeldEngine:
+    """The real engine, holding every generation after its first token until ``resume`` is set.
+
+    The tiny model answers these prompts in a few tokens and, once warm (an earlier test in the
+    module ran it), in a few milliseconds: without the hold an answer can be complete before
+    the client acts on its first token, and "mid-stream" would depend on the machine's speed."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.resume = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       seed: bytes) -> AsyncIterator[TokenStep]:
+        first = True
+        async for step in self._engine.generate(prompt_ids, params, seed):
+            yield step
+            if first:
+                first = False
+                await self.resume.wait()
+
+
 async def test_executor_dying_mid_stream_ends_the_stream_with_an_error(engine: Engine) -> None:
-    nodes = await start_network(MemoryHub(), engine, n=2)
+    nodes = await start_network(MemoryHub(), HeldEngine(engine), n=2)  # type: ignore[arg-type]
     async with serving(Gateway(nodes[0].ta, nodes[0].directory)) as url, sdk(url) as client:
         stream = await client.chat.completions.create(**chat_body(max_tokens=64, stream=True))
         with pytest.raises(openai.APIError) as err:
@@ -351,16 +375,18 @@ class WatchedTA(TransferAgent):
             raise
 
 
-async def test_client_hanging_up_cancels_the_route_and_frees_its_slot(net: Net) -> None:
-    node = net.nodes[0]
+async def test_client_hanging_up_cancels_the_route_and_frees_its_slot(engine: Engine) -> None:
+    held = HeldEngine(engine)
+    node = (await start_network(MemoryHub(), held))[0]  # type: ignore[arg-type]
     ta = WatchedTA(node.service, node.key, node.directory, ADHOC_CHAIN_ID)
     async with serving(Gateway(ta, node.directory, max_in_flight=1)) as url, sdk(url) as client:
         stream = await client.chat.completions.create(**chat_body(
-            max_tokens=400, temperature=1.0, stream=True))  # long: still running when we leave
+            max_tokens=400, temperature=1.0, stream=True))  # held: still running when we leave
         async for _ in stream:
             break
         await stream.close()
         await asyncio.wait_for(ta.cancelled.wait(), 10)
+        held.resume.set()  # the next request runs to its end
         assert (await client.chat.completions.create(**chat_body())).choices  # slot is free
 
 
