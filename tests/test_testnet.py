@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from gonka_p2p.testnet import netns
-from gonka_p2p.testnet.invariants import Applied, judge, recovery_after
+from gonka_p2p.testnet.invariants import Applied, judge, judge_requests, recovery_after
 from gonka_p2p.testnet.manifest import ManifestError, Perturbation, load_manifest, parse_manifest
 from gonka_p2p.testnet.runner import Participant
+from gonka_p2p.wire.messages import response_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 HASH_A, HASH_B = "aa" * 32, "bb" * 32
@@ -62,13 +63,44 @@ def test_the_verdict_catches_a_split_a_charge_without_answer_and_a_stall() -> No
     assert not charged.passed and "1 lost" in charged.rows[6].detail
 
     split = judge(observed + [observation(29.5, 2, 29, HASH_B)], [], {}, applied, stores, 10, [])
-    assert not split.rows[1].holds and "first 29" in split.rows[1].detail
 
     stalled_obs = [observation(t, n, min(t, 8)) for t in range(1, 60) for n in range(3)]
     stalled = judge(stalled_obs, [], {}, [Applied(Perturbation("freeze", 5, 1, (0, 1), forever=True), 5, None)],
                     stores, 10, [])
     assert stalled.stalled and not stalled.passed and "STALLED" in stalled.rows[-1].detail
     assert recovery_after(observed, 10, 10) == 1
+
+
+def test_a_settled_request_whose_client_saw_an_error_is_judged_by_what_the_client_holds() -> None:
+    """The short run's fabaa375...: all 8 tokens reached the client, then the executor was restarted
+    (rolling) before its InferenceFinished frame got through; it had sent it and claimed the work."""
+    executor, other = "16Uiu2HAexecutor", "16Uiu2HAother"
+    answer = response_hash([5, 6, 7]).hex()
+    answers = {f"{n:064x}": {"response_hash": answer, "completion_tokens": 3, "executor": executor}
+               for n in range(6)}
+    ledger = {f"{n:064x}": {"status": "settled", "executor": executor} for n in range(6)}
+
+    def failed(n: int, tokens: list[int], by: str = executor) -> dict[str, object]:
+        return request(n, "error") | {"executor": by, "tokens": len(tokens),
+                                      "answer": response_hash(tokens).hex(),
+                                      "error": "RequestRejected: executor failed mid-stream: StreamReset()"}
+
+    row, counts = judge_requests([failed(0, [5, 6, 7])], ledger, answers)
+    assert row.holds and counts["answered, last frame lost"] == 1 and counts["failed"] == 1
+    assert "1 answered but last frame lost, 0 lost" in row.detail
+
+    row, counts = judge_requests([failed(1, [5])], ledger, answers)
+    assert not row.holds and counts["charged, answer cut in relay"] == 1 and "(1 of 3 tokens)" in row.detail
+
+    for lost in (failed(2, []), failed(3, [5, 6, 7], by=other), failed(4, [5, 6, 8])):
+        row, counts = judge_requests([lost], ledger, answers)
+        assert not row.holds and counts["charged without answer"] == 1, lost
+    row, counts = judge_requests([failed(5, [5, 6, 7])], ledger, {})  # nothing committed to compare with
+    assert not row.holds and counts["charged without answer"] == 1
+
+    ok = request(0, "ok") | {"executor": executor, "tokens": 3, "answer": response_hash([5, 6, 8]).hex()}
+    row, counts = judge_requests([ok], ledger, answers)
+    assert not row.holds and counts["charged for another answer"] == 1
 
 
 def test_without_root_the_harness_says_so_and_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,20 @@ nodes stopped. Rows:
   equals the coins held at every height (``check_invariants``).
 * **no request lost** -- every request completed with a verified answer, or
   the ledger holds no charge for it (absent, or expired and refunded); none
-  charged without an answer, none still running after the settle time.
+  charged without an answer, none still running after the settle time. A
+  request the ledger settled while the client saw an error is judged by what
+  the client holds against what was committed (the response hash and token
+  count of the settled record, read from the replayed stores): *answered,
+  last frame lost* -- every token of the committed answer reached the client,
+  signed by the executor the ledger paid, and only the closing
+  ``InferenceFinished`` frame was cut (a perturbation broke the relay after
+  the executor had sent it and claimed the work); this is no loss and holds.
+  *charged, answer cut in relay* -- the executor the ledger paid started the
+  stream and claimed a finished answer, but the client holds only part of
+  it; *charged without answer* -- anything else (no token, another executor,
+  tokens that are not the committed answer). Those two are losses and fail.
+  A completed request settled with another answer than the one verified is
+  *charged for another answer*, and fails too.
 * **liveness** -- after each perturbation ends (one never undone: after it
   starts), some replica commits a new height within ``recovery_bound_s``, and
   one does in the run's last such window; a run in which either fails is
@@ -75,9 +88,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-async def replay_store(path: Path, genesis: Genesis) -> tuple[dict[int, str], str | None]:
+async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str, Any]] | None = None
+                       ) -> tuple[dict[int, str], str | None]:
     """Every stored height's app hash, replayed from genesis with a full invariant check after each
-    block; and the first violation, if any."""
+    block; and the first violation, if any. ``answers``, when given, is filled with what each
+    inference's record committed as its answer (hex id -> response hash, completion tokens,
+    executor), kept as seen even once the record is pruned."""
     store = await LedgerStore.open(path, genesis)
     hashes: dict[int, str] = {}
     try:
@@ -93,6 +109,12 @@ async def replay_store(path: Path, genesis: Genesis) -> tuple[dict[int, str], st
                 except InvariantViolation as e:
                     return hashes, f"height {height}: {e}"
                 hashes[height] = state.app_hash().hex()
+                if answers is not None:
+                    for iid, record in state.inferences.rows.items():
+                        if record.response_hash:
+                            answers[iid.hex()] = {"response_hash": record.response_hash.hex(),
+                                                  "completion_tokens": record.completion_tokens,
+                                                  "executor": record.executor}
     finally:
         await store.close()
 
@@ -119,7 +141,24 @@ def recovery_after(observed: list[dict[str, Any]], at: float, bound: float) -> f
     return None if first is None or first - at > bound else first - at
 
 
-def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any]) -> tuple[Row, dict[str, int]]:
+def charged_failure(r: dict[str, Any], record: dict[str, Any], committed: dict[str, Any] | None) -> str:
+    """What happened to a request the ledger settled while its client saw an error (see the module doc)."""
+    paid = record.get("executor") or (committed or {}).get("executor", "")
+    if not r.get("tokens") or r.get("executor") != paid or committed is None:
+        return "charged without answer"
+    if (r.get("answer") == committed["response_hash"]
+            and r.get("tokens") == committed["completion_tokens"]):
+        return "answered, last frame lost"
+    if r.get("tokens", 0) < committed["completion_tokens"]:
+        return "charged, answer cut in relay"
+    return "charged without answer"
+
+
+def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any],
+                   answers: dict[str, dict[str, Any]] | None = None) -> tuple[Row, dict[str, int]]:
+    """``answers``: the committed answers (:func:`replay_store`); without them a settled request the
+    client saw fail is judged charged without answer."""
+    answers = answers or {}
     counts: dict[str, int] = defaultdict(int)
     bad: list[str] = []
     for r in sent:
@@ -127,15 +166,25 @@ def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any]) -> tuple[
             counts["skipped"] += 1
             continue
         counts["sent"] += 1
-        status = (ledger.get(r["id"]) or {}).get("status", "unknown")
+        record = ledger.get(r["id"]) or {}
+        status = record.get("status", "unknown")
+        committed = answers.get(r["id"])
         answered = r["outcome"] == "ok"
         counts["completed" if answered else "failed"] += 1
         if status in ("started", "finished", "unknown"):
             counts["unresolved"] += 1
             bad.append(f"{r['id'][:12]} {status}")
         elif not answered and status == "settled":
-            counts["charged without answer"] += 1
-            bad.append(f"{r['id'][:12]} charged, client got {r.get('error', '')[:60]}")
+            what = charged_failure(r, record, committed)
+            counts[what] += 1
+            if what != "answered, last frame lost":
+                got = (f"{r.get('tokens', 0)} of {committed['completion_tokens']} tokens" if committed
+                       else f"{r.get('tokens', 0)} tokens")
+                bad.append(f"{r['id'][:12]} {what} ({got}), client got {r.get('error', '')[:60]}")
+        elif (answered and status == "settled" and committed is not None and "answer" in r
+              and r["answer"] != committed["response_hash"]):
+            counts["charged for another answer"] += 1
+            bad.append(f"{r['id'][:12]} charged for another answer than the one verified")
         elif status == "expired":
             counts["refunded"] += 1
         elif not answered:
@@ -143,7 +192,10 @@ def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any]) -> tuple[
         elif status == "absent":
             counts["answered, unrecorded"] += 1
     detail = (f"{counts['sent']} sent: {counts['completed']} verified, {counts['refunded']} refunded, "
-              f"{counts['never charged']} failed uncharged, {len(bad)} lost")
+              f"{counts['never charged']} failed uncharged, "
+              + (f"{counts.get('answered, last frame lost')} answered but last frame lost, "
+                 if counts.get("answered, last frame lost") else "")
+              + f"{len(bad)} lost")
     if bad:
         detail += f"; first: {bad[0]}"
     return Row("no request lost or charged without answer", not bad, detail), dict(counts)
@@ -151,7 +203,8 @@ def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any]) -> tuple[
 
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],
           applied: list[Applied], stores: dict[int, tuple[dict[int, str], str | None]],
-          recovery_bound_s: float, process_failures: list[str]) -> Verdict:
+          recovery_bound_s: float, process_failures: list[str],
+          answers: dict[str, dict[str, Any]] | None = None) -> Verdict:
     verdict = Verdict()
     verdict.rows.append(Row("no participant crashed or failed to restart", not process_failures,
                             "; ".join(process_failures) or "none"))
@@ -174,7 +227,7 @@ def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: d
     verdict.rows.append(Row("conservation at every height", not broken,
                             f"{broken}" if broken else
                             f"{sum(len(h) for h, _ in stores.values())} replica-heights checked"))
-    row, verdict.counts = judge_requests(sent, settled.get("inferences", {}))
+    row, verdict.counts = judge_requests(sent, settled.get("inferences", {}), answers)
     verdict.rows.append(row)
     for a in applied:  # one never undone must not stop the network from its start on
         verdict.recoveries.append(recovery_after(observed, a.started if a.ended is None else a.ended,

@@ -5,7 +5,12 @@ gonka_p2p.testnet.load ARGS.json``). A request is signed before it is sent,
 so its inference id is known whatever happens next; each outcome is one
 JSON line: ``ok`` (the whole answer arrived and the client library verified
 every signature, position and the final hash) or ``error`` with the reason.
-The ledger's side of each request is judged later by the observer.
+Either way the line carries the executor named in the signed start, the
+number of verified tokens received and ``answer``: the response hash of
+those token ids (what a committed ``FinishInference`` signs), so that the
+judge can tell a request whose tokens all arrived but whose last frame was
+lost from one charged for an answer the client never got. The ledger's side
+of each request is judged later by the observer.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from gonka_p2p.client import build_request
 from gonka_p2p.identity import Keypair
 from gonka_p2p.testnet.peers import Peers, append_jsonl, read_args
 from gonka_p2p.wire.envelope import open_envelope
-from gonka_p2p.wire.messages import InferenceRequest, inference_id
+from gonka_p2p.wire.messages import InferenceRequest, inference_id, response_hash
 from gonka_p2p.wire.stream import StartedEvent, TokensEvent
 
 
@@ -29,22 +34,24 @@ async def one_request(peers: Peers, ta: int, n: int, args: dict[str, Any], out: 
                         model=args["model"], max_tokens=args["max_tokens"])
     record: dict[str, Any] = {"n": n, "ta": ta, "id": inference_id(open_envelope(raw, InferenceRequest)).hex(),
                               "sent": time.time()}
-    tokens, executor = 0, ""
+    token_ids: list[int] = []
+    executor = ""
 
     async def stream() -> None:
-        nonlocal tokens, executor
+        nonlocal executor
         async for event in (await peers.client(ta)).stream_request(raw, timeout=args["timeout_s"]):
             if isinstance(event, StartedEvent):
                 executor = event.executor
             elif isinstance(event, TokensEvent):
-                tokens += len(event.token_ids)
+                token_ids.extend(event.token_ids)
 
     try:
         await asyncio.wait_for(peers.ask(ta, lambda _: stream()), args["timeout_s"])
         record |= {"outcome": "ok"}
     except Exception as e:  # every failure is an outcome to record, none ends the load
         record |= {"outcome": "error", "error": f"{type(e).__name__}: {e}"[:300]}
-    append_jsonl(out, record | {"executor": executor, "tokens": tokens, "done": time.time()})
+    append_jsonl(out, record | {"executor": executor, "tokens": len(token_ids),
+                                "answer": response_hash(token_ids).hex(), "done": time.time()})
 
 
 async def run(args: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.genesis import load_genesis, save_genesis
@@ -286,9 +287,11 @@ class Testnet:
         for p in self.participants:
             p.stop()
         genesis = load_genesis(self.net / "genesis.toml")
-        stores = {p.index: asyncio.run(replay_store(p.key.parent / f"{p.key.name}-ledger" / "ledger.sqlite", genesis))
+        answers: dict[str, dict[str, Any]] = {}  # what each settled inference committed, from every store
+        stores = {p.index: asyncio.run(replay_store(p.key.parent / f"{p.key.name}-ledger" / "ledger.sqlite", genesis,
+                                                    answers))
                   for p in self.participants}
         settled_path = self.workdir / "settled.json"
         settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
         return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
-                     settled, self.applied, stores, m.recovery_bound_s, self.process_failures)
+                     settled, self.applied, stores, m.recovery_bound_s, self.process_failures, answers)
