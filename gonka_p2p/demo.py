@@ -27,6 +27,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gonka_p2p.client import Completion, GonkaClient, GonkaError
+from gonka_p2p.wire.stream import RequestRejected
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.verification import thresholds_table
@@ -52,6 +53,7 @@ CHEATER_GENESIS = {"epoch_length_blocks": 40, "validation_window_blocks": 12,
                    "dispute_voting_blocks": 8, "inference_deadline_blocks": 30}
 CHEATER_EMPTY_BLOCK_INTERVAL_S = 1.0
 EPOCH_TIMEOUT_S = 300.0
+NO_EXECUTOR_RETRIES = 2
 
 
 @dataclass
@@ -116,11 +118,20 @@ async def _wait_for_executors(client: GonkaClient, want: int, model: str, timeou
 async def _ask(client: GonkaClient, prompt: str, temperature: float, model: str,
                max_tokens: int) -> Completion:
     console.print(f"\n[bold cyan]> {prompt}[/bold cyan]  [dim](TA {client.ta[-8:]}, T={temperature})[/dim]")
-    completion = await client.chat(
-        [("user", prompt)], on_text=lambda t: console.print(t, end="", highlight=False, markup=False),
-        model=model, max_tokens=max_tokens, temperature=temperature,
-        top_p=0.95 if temperature else 1.0,
-    )
+    for retry in range(NO_EXECUTOR_RETRIES + 1):
+        try:
+            completion = await client.chat(
+                [("user", prompt)], on_text=lambda t: console.print(t, end="", highlight=False, markup=False),
+                model=model, max_tokens=max_tokens, temperature=temperature,
+                top_p=0.95 if temperature else 1.0,
+            )
+            break
+        except RequestRejected as e:
+            # The draw is frozen for the epoch: once the cheater is convicted, a request whose
+            # every allowed draw lands on it finds no executor until the next epoch. A new
+            # request (new nonce) is drawn afresh; in a 4-node demo this happens to ~4 %.
+            if e.code != "no_executor" or retry == NO_EXECUTOR_RETRIES:
+                raise
     console.print()
     return completion
 
