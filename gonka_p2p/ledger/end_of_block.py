@@ -61,6 +61,8 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.ledger.block import BlockContext
 from gonka_p2p.ledger.disputes import weight_cuts
+from gonka_p2p.ledger.executor_draw import draw_table
+from gonka_p2p.ledger.poc_rounds import process_poc, unconfirmed
 from gonka_p2p.ledger.records import EpochInfo, EpochSummary, InferenceStatus, ParticipantOutcome, Payout
 from gonka_p2p.ledger.rules import (
     PPM,
@@ -150,6 +152,7 @@ class PeerTally:
     overturned: int = 0
     vouched_invalid: int = 0  # its passing checks of work a dispute proved invalid
     work: int = 0
+    unconfirmed: bool = False  # its weight failed the epoch's confirmation round of proof of compute
 
 
 def epoch_executors(state: LedgerState, epoch: int) -> dict[str, int]:
@@ -194,6 +197,8 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
     for address, punished in state.equivocations.rows.items():
         if punished == epoch:
             peer(address).equivocated = True
+    for address in unconfirmed(state, epoch):
+        peer(address).unconfirmed = True
     duties: set[tuple[bytes, str]] = set()  # (inference id, validator) of every revealed duty
     for (e, address), commitment in state.commitments.rows.items():
         if e == epoch and address in weights:
@@ -276,7 +281,7 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
                                   committed=row.committed, revealed=row.revealed,
                                   skipped=row.duties - row.done, missed_votes=row.missed_votes,
                                   caught=address in caught, vouched_invalid=row.vouched_invalid,
-                                  overturned=row.overturned)
+                                  overturned=row.overturned, unconfirmed=row.unconfirmed)
         shares = executor_shares.get(address, 0), validator_shares.get(address, 0)
         missed_too_many = miss_rate_exceeded(row.expired, row.inferences, params)
         clean = row.inferences > 0 and row.checked > 0
@@ -364,7 +369,7 @@ def process_epoch_start(state: LedgerState, ctx: BlockContext, epoch: int) -> No
     validators = tuple((peer, weight) for peer, weight in state.weights().items()
                        if not state.registry.rows[peer].sanctioned)  # sanctioned: validates nothing more
     state.epochs.put(epoch, EpochInfo(traffic=traffic, floor_ppm=validation_floor_ppm(traffic, state.params),
-                                      validators=validators))
+                                      validators=validators, draw_weights=draw_table(state)))
 
 
 def end_block(state: LedgerState, ctx: BlockContext) -> None:
@@ -375,6 +380,7 @@ def end_block(state: LedgerState, ctx: BlockContext) -> None:
     settling = epoch_settled_at(ctx.height, state.params)
     if settling is not None:
         process_epoch_settlement(state, ctx, settling)
+    process_poc(state, ctx)
     if is_epoch_end(ctx.height, state.params):
         process_epoch_start(state, ctx, epoch_after(ctx.height, state.params))
 

@@ -32,8 +32,23 @@ def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -
     if info is None:
         return {}
     registry = state.registry.rows
-    return {peer: weight for peer, weight in info.weights.items()
+    return {peer: weight for peer, weight in info.model_weights(model).items()
             if peer in registry and model in registry[peer].models}
+
+
+def draw_table(state: LedgerState) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """What an epoch freezes for its draws: per model, each unsanctioned participant's weight
+    proven on that model (not its total weight: a participant strong on one model is not
+    drawn for another -- Gonka's issue #629), bounded by its total weight after any cuts."""
+    table: dict[str, list[tuple[str, int]]] = {}
+    for peer, participant in sorted(state.registry.rows.items()):
+        if participant.sanctioned or participant.weight <= 0:
+            continue
+        for model in participant.models:
+            weight = min(participant.weight_for(model), participant.weight)
+            if weight > 0:
+                table.setdefault(model, []).append((peer, weight))
+    return tuple((model, tuple(rows)) for model, rows in sorted(table.items()))
 
 
 def may_execute(state: LedgerState, peer: str) -> bool:

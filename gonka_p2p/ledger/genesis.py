@@ -68,6 +68,7 @@ import tomli_w
 from coincurve import PublicKey
 
 from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
+from gonka_p2p.ledger.poc import schedule_problem
 from gonka_p2p.ledger.rules import MAX_EXECUTOR_ATTEMPTS, PPM, is_account_address
 from gonka_p2p.wire.messages import MAX_CHAIN_ID
 
@@ -172,6 +173,43 @@ class Params:
         maximum=MAX_SUPPLY)
     validator_share_ppm: int = _param(
         200_000, "ppm of the epoch reward split by validation work; the rest by executed tokens", maximum=PPM)
+    # -- open membership: proof of compute (ledger/poc.py), voting power --
+    poc_enabled: int = _param(
+        0, "1: weights are earned each epoch by proof of compute (genesis weights bootstrap epoch 0); "
+        "0: a closed network whose genesis weights never change but by sanctions", maximum=1)
+    poc_start_offset_blocks: int = _param(
+        10, "blocks into each epoch at which its proof-of-compute round opens", positive=True)
+    poc_compute_blocks: int = _param(
+        10, "blocks of the compute window: commitments (Merkle root, count) land within it", positive=True)
+    poc_secret_blocks: int = _param(
+        3, "blocks after the compute window for revealing the committed secrets that seed the samples",
+        positive=True)
+    poc_reveal_blocks: int = _param(
+        5, "blocks after the secrets for opening the sampled nonces (leaves with Merkle proofs)", positive=True)
+    poc_verdict_blocks: int = _param(
+        10, "blocks after the openings for validators to recompute them and send verdicts", positive=True)
+    poc_confirm_compute_blocks: int = _param(
+        5, "blocks of the confirmation round's compute window, opened at a random height later in the epoch",
+        positive=True)
+    poc_confirm_min_ppm: int = _param(
+        500_000, "ppm; a confirmation must show at least this share of the nonces per block that earned the "
+        "epoch's weight, or the weight goes", maximum=PPM)
+    poc_sample_size: int = _param(
+        50, "nonces opened and recomputed per commitment: a k-fold overclaim escapes with (1/k)^this",
+        positive=True, maximum=256)
+    poc_max_nonces: int = _param(
+        2**32, "nonces one commitment may claim", positive=True, maximum=2**40)
+    poc_max_newcomers: int = _param(
+        64, "commitments per round from keys with no account: registration with proof of compute", positive=True)
+    poc_join_pow_bits: int = _param(
+        20, "leading zero bits of a newcomer's join stamp (poc.join_stamp_ok): the CPU a Sybil pays per key",
+        maximum=32)
+    max_weight_growth_ppm: int = _param(
+        400_000, "ppm of the total weight by which all participants' weights together may grow per round "
+        "(< 1/2, so that no newcomer reaches 1/3 of the power in one round)", positive=True, maximum=PPM)
+    voting_power_cap_ppm: int = _param(
+        333_333, "ppm of the total voting power one participant may hold (with 4 or more participants)",
+        positive=True, maximum=PPM)
     # -- the epoch test: two Wald SPRTs over checked inferences, log-likelihood ratios. --
     # Defaults: sprt_params_from_rates of the verification metric's design rates
     # (inference/thresholds.toml [sprt]): honest fail 0.005, cheat fail 0.1, honest far 0.01, cheat far 0.3.
@@ -408,6 +446,8 @@ def _validate(g: Genesis) -> None:
                            "floor_mid_inferences < floor_low_inferences")
     if p.floor_low_ppm > p.floor_mid_ppm:
         raise GenesisError("params.floor_low_ppm must not exceed floor_mid_ppm (the floor only falls)")
+    if (problem := schedule_problem(p)) is not None:
+        raise GenesisError(f"params: {problem}")
     if p.settlement_delay_blocks > p.epoch_length_blocks:
         raise GenesisError("params: validation_window_blocks + dispute_max_rounds * dispute_voting_blocks "
                            "must not exceed epoch_length_blocks (an epoch settles before the next one ends)")

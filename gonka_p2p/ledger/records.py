@@ -66,6 +66,14 @@ class Participant:
     caught: int = 0  # epochs in which it was caught cheating (work proven invalid or SPRT)
     overturned: int = 0  # its failed verdicts that a dispute majority overturned
     sanctioned: bool = False  # its work was proven invalid: never drawn again; weight falls at settlement
+    model_weights: tuple[tuple[str, int], ...] = ()  # proof of compute's weight per model, sorted; () = weight
+
+    def weight_for(self, model: str) -> int:
+        """Its executor-draw weight for ``model``: proven compute on it (every registered model
+        weighs ``weight`` on a network without proof of compute)."""
+        if not self.model_weights:
+            return self.weight if model in self.models else 0
+        return dict(self.model_weights).get(model, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +141,47 @@ class EpochInfo:
 
     traffic: int  # inferences settled in the previous epoch, capped per executor (rules.floor_traffic)
     floor_ppm: int  # m = validation_floor_ppm(traffic)
-    validators: tuple[tuple[str, int], ...]  # (peer, weight > 0), sorted: weights at its start
+    validators: tuple[tuple[str, int], ...]  # (peer, voting power > 0), sorted: at its start
+    draw_weights: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()  # model -> ((peer, weight > 0))
 
     @property
     def weights(self) -> Mapping[str, int]:
         return _weight_map(self.validators)
+
+    def model_weights(self, model: str) -> Mapping[str, int]:
+        """The executor draw's table for ``model``: weights proven on it, frozen at its start."""
+        for name, table in self.draw_weights:
+            if name == model:
+                return _weight_map(table)
+        return _weight_map(())
+
+
+@dataclass(frozen=True, slots=True)
+class PocRound:
+    """One proof-of-compute round of an epoch; keyed by (epoch, poc.RoundKind)."""
+
+    start: int  # its first compute height
+    work_seed: bytes  # fixed by the block before ``start``
+    sample_seed: bytes = b""  # fixed at the end of its secret phase
+    newcomers: int = 0  # commitments that registered a new key
+
+
+@dataclass(frozen=True, slots=True)
+class PocEntry:
+    """One commitment of a round; keyed by (epoch, round kind, prover, model)."""
+
+    root: bytes
+    count: int
+    secret_hash: bytes
+    secret: bytes = b""  # empty until opened
+    leaves: tuple[bytes, ...] = ()  # the sampled leaves, once opened (proofs checked)
+    passed: int = 0  # voting power of the validators that recomputed them and agree
+    failed: int = 0  # ... and that disagree
+    voters: tuple[str, ...] = ()  # sorted
+
+    @property
+    def opened(self) -> bool:
+        return bool(self.leaves)
 
 
 @dataclass(frozen=True, slots=True)

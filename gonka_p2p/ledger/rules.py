@@ -481,11 +481,12 @@ class Forfeit(StrEnum):
     NO_COMMIT = "no_commit"  # it held weight but committed no seed: it validated nothing
     VOUCHED_INVALID = "vouched_invalid"  # it passed work that a dispute proved invalid
     OVERTURNED = "overturned"  # it failed work that a dispute found valid
+    UNCONFIRMED = "unconfirmed"  # proof of compute's confirmation round did not find its hardware
 
 
 def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, skipped: int,
                     missed_votes: int, caught: bool, vouched_invalid: int = 0,
-                    overturned: int = 0) -> tuple[Forfeit, ...]:
+                    overturned: int = 0, unconfirmed: bool = False) -> tuple[Forfeit, ...]:
     """Every reason this participant loses its epoch reward (empty: it is paid).
 
     ``vouched_invalid``: its checks that passed work a dispute then proved invalid. A
@@ -513,6 +514,8 @@ def forfeit_reasons(*, in_validator_set: bool, committed: bool, revealed: bool, 
         reasons.append(Forfeit.VOUCHED_INVALID)
     if overturned:
         reasons.append(Forfeit.OVERTURNED)
+    if unconfirmed:
+        reasons.append(Forfeit.UNCONFIRMED)
     return tuple(reasons)
 
 

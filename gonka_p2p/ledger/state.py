@@ -63,6 +63,8 @@ from gonka_p2p.ledger.records import (
     Inference,
     InferenceStatus,
     Participant,
+    PocEntry,
+    PocRound,
     SeedCommitment,
     ValidationView,
     ValidatorDuty,
@@ -79,12 +81,15 @@ from gonka_p2p.ledger.rules import (
     validation_ppm,
 )
 from gonka_p2p.ledger.tables import InvariantViolation, LtHash, Table, check_record, fold_changes, new_table
-from gonka_p2p.ledger.transactions import Reason, Tx, TxRejected, decode_tx, reason_of, signer_fee
-from gonka_p2p.ledger.tx_rules import RULES, peer_id_of
+from gonka_p2p.ledger.executor_draw import draw_table
+from gonka_p2p.ledger.poc import capped_voting_power
+from gonka_p2p.ledger.poc_rules import RULES
+from gonka_p2p.ledger.transactions import PocCommit, Reason, Tx, TxRejected, decode_tx, reason_of, signer_fee
+from gonka_p2p.ledger.tx_rules import peer_id_of
 from gonka_p2p.wire.envelope import Signed
 from gonka_p2p.wire.schema import WireError
 
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 SUMMARY_EPOCHS_KEPT = 16  # epoch summaries kept for queries (the rest of an epoch goes sooner)
 _APP_HASH_DOMAIN = b"gonka-p2p/app-hash/v1\x00"
 
@@ -124,9 +129,12 @@ class LedgerState:
         self.disputes: Table[bytes, Dispute] = new_table("dispute")
         self.summaries: Table[int, EpochSummary] = new_table("epoch_summary")
         self.equivocations: Table[str, int] = new_table("equivocation")  # offender -> epoch punished
+        self.poc_rounds: Table[tuple[int, int], PocRound] = new_table("poc_round")
+        self.poc_entries: Table[tuple[int, int, str, str], PocEntry] = new_table("poc_entry")
         self.tables: tuple[Table[Any, Any], ...] = (  # in snapshot and hash order
             self.accounts, self.registry, self.inferences, self.seen, self.held, self.fees, self.epochs,
-            self.commitments, self.checks, self.votes, self.disputes, self.summaries, self.equivocations)
+            self.commitments, self.checks, self.votes, self.disputes, self.summaries, self.equivocations,
+            self.poc_rounds, self.poc_entries)
         self._lthash = LtHash()
         self._block_created = 0  # coins minted minus coins burned since the last commit
         # Indexes derived from the tables (not hashed, rebuilt on load).
@@ -150,7 +158,7 @@ class LedgerState:
         for address, amount in genesis.allocations.items():
             state.accounts.put(address, Account(amount, 0))
         state.epochs.put(0, EpochInfo(traffic=0, floor_ppm=validation_floor_ppm(0, state.params),
-                                      validators=tuple(state.weights().items())))
+                                      validators=tuple(state.weights().items()), draw_weights=draw_table(state)))
         for p in genesis.participants:  # epoch 0 has no epoch before it to commit seeds in
             if p.seed_commitment and p.weight > 0:
                 state.add_commitment(0, p.peer_id, SeedCommitment(p.seed_commitment, 0))
@@ -178,8 +186,12 @@ class LedgerState:
         return dict(sorted(self.registry.rows.items()))
 
     def weights(self) -> dict[str, int]:
-        """Peer id -> weight (> 0 only): the validator set's voting power and the executor draw."""
-        return {p: r.weight for p, r in sorted(self.registry.rows.items()) if r.weight > 0}
+        """Peer id -> voting power (> 0 only): weight, capped per participant where weight is
+        earned by proof of compute (``poc.capped_voting_power``)."""
+        weights = {p: r.weight for p, r in sorted(self.registry.rows.items()) if r.weight > 0}
+        if self.params.poc_enabled:
+            return capped_voting_power(weights, self.params.voting_power_cap_ppm)
+        return weights
 
     def pending_fees(self, executor: str) -> int:
         """Fees earned in the current epoch, paid at its end."""
@@ -451,6 +463,9 @@ class LedgerState:
             del self._committed[old]
         for old in sorted(e for e in self.epochs.rows if e < epoch):
             self.epochs.delete(old)
+        for table in (self.poc_rounds, self.poc_entries):
+            for key in sorted(k for k in table.rows if k[0] < epoch):
+                table.delete(key)
         for old in sorted(e for e in self.summaries.rows if e <= epoch - SUMMARY_EPOCHS_KEPT):
             self.summaries.delete(old)
 
@@ -584,6 +599,8 @@ def _run(state: LedgerState, ctx: BlockContext, raw: Any, apply: bool) -> Receip
         if tx.chain_id != state.chain_id:
             raise TxRejected(Reason.WRONG_CHAIN, f"signed for chain {tx.chain_id!r}")
         account = state.accounts.get(signer)
+        if account is None and isinstance(tx, PocCommit):
+            account = Account(0, 0)  # a newcomer joins by its first commitment (poc_rules)
         if account is None:
             raise TxRejected(Reason.UNKNOWN_ACCOUNT, f"{signer} has no account")
         if not sequence_acceptable(account.sequence, tx.sequence, mempool=ctx.mempool):

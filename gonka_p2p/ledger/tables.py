@@ -52,6 +52,8 @@ from gonka_p2p.ledger.records import (
     Participant,
     ParticipantOutcome,
     Payout,
+    PocEntry,
+    PocRound,
     SeedCommitment,
 )
 from gonka_p2p.ledger.rules import PPM, DisputeOutcome, verdict_is_consistent
@@ -81,7 +83,9 @@ class Codec(Generic[V]):
 _FROM_WIRE: dict[str, Callable[[Any], Any]] = {  # msgpack gives lists and str
     "addrs": tuple, "models": tuple, "status": InferenceStatus, "payout": Payout,
     "committee": tuple, "seats": tuple, "members": tuple, "silent": tuple, "outcome": DisputeOutcome,
-    "forfeit": tuple,
+    "forfeit": tuple, "leaves": tuple, "voters": tuple,
+    "model_weights": lambda v: tuple((str(m), int(w)) for m, w in v),
+    "draw_weights": lambda v: tuple((str(m), tuple((str(p), int(w)) for p, w in t)) for m, t in v),
     "validators": lambda v: tuple((str(p), int(w)) for p, w in v),
     "refunds": lambda v: tuple((str(c), int(a)) for c, a in v),
     "participants": lambda v: tuple(_OUTCOME_CODEC.decode(row) for row in v),
@@ -130,6 +134,8 @@ _CODECS: dict[str, Codec[Any]] = {  # every table of the state, by tag: how it s
     "dispute": _record_codec(Dispute, lambda d: 0),
     "epoch_summary": _record_codec(EpochSummary, lambda s: 0),
     "equivocation": Codec(lambda v: v, int, lambda v: 0),  # offender -> epoch it is punished in
+    "poc_round": _record_codec(PocRound, lambda r: 0),
+    "poc_entry": _record_codec(PocEntry, lambda e: 0),
 }
 
 

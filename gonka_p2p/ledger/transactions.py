@@ -43,7 +43,7 @@ from gonka_p2p.identity import digest
 from gonka_p2p.ledger.rules import MAX_EXECUTOR_ATTEMPTS
 from gonka_p2p.wire.envelope import MAX_SIGNATURE_BYTES, Signed, open_envelope
 from gonka_p2p.wire.messages import HASH_BYTES
-from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded
+from gonka_p2p.wire.schema import Message, Oversize, WireError, bounded, each
 
 MAX_PEER_ID = 64
 MAX_TOKENS_CLAIM = 2**31  # per inference and per part; far above any context length
@@ -113,6 +113,12 @@ class Reason(StrEnum):
     BAD_EVIDENCE_SIGNATURE = "bad_evidence_signature"  # a vote is not signed by the named offender
     EVIDENCE_TOO_OLD = "evidence_too_old"  # older than evidence_max_age_blocks, or a future height
     ALREADY_PUNISHED = "already_punished"  # the offender's punishment already covers that height
+    # Proof of compute.
+    NOT_IN_PHASE = "not_in_phase"  # the round is not in the phase this kind belongs to
+    BAD_JOIN_STAMP = "bad_join_stamp"  # a newcomer's hashcash stamp does not pass
+    ROUND_FULL = "round_full"  # the round's newcomer places are taken
+    NO_WEIGHT_TO_CONFIRM = "no_weight_to_confirm"  # a confirmation by one without weight for the model
+    BAD_OPENING = "bad_opening"  # wrong number of leaves, or a proof that does not verify
 
 
 class TxRejected(Exception):
@@ -297,6 +303,70 @@ class SubmitEvidence(Message):
     sequence: int = bounded(min_value=0)
 
 
+@dataclass(frozen=True)
+class PocCommit(Message):
+    """Signed by a prover inside a round's compute window: ``count`` nonces computed on ``model``,
+    committed by their Merkle ``root``, and the hash of its round secret (``poc.secret_hash``).
+
+    A key with no account joins with its first commitment: it then carries its ``addrs`` and a
+    ``join_stamp`` (``poc.join_stamp_ok``); a participant's ``addrs`` may be empty."""
+
+    KIND = "tx_poc_commit"
+    chain_id: str = bounded(max_len=64)
+    epoch: int = bounded(min_value=0, max_value=MAX_EPOCH)
+    round: int = bounded(min_value=0, max_value=1)  # poc.RoundKind
+    model: str = bounded(max_len=128)
+    root: bytes = bounded(max_len=HASH_BYTES)
+    count: int = bounded(min_value=1)
+    secret_hash: bytes = bounded(max_len=HASH_BYTES)
+    addrs: list[str] = bounded(max_len=8, items=each(max_len=256))
+    join_stamp: int = bounded(min_value=0, max_value=2**63 - 1)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class PocSecret(Message):
+    """Signed by a committer in the round's secret phase: the secret behind its commitment."""
+
+    KIND = "tx_poc_secret"
+    chain_id: str = bounded(max_len=64)
+    epoch: int = bounded(min_value=0, max_value=MAX_EPOCH)
+    round: int = bounded(min_value=0, max_value=1)
+    model: str = bounded(max_len=128)
+    secret: bytes = bounded(max_len=HASH_BYTES)
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class PocReveal(Message):
+    """Signed by a committer in the reveal phase: its sampled leaves, in sample order, each with
+    its Merkle inclusion proof (``wire.merkle``)."""
+
+    KIND = "tx_poc_reveal"
+    chain_id: str = bounded(max_len=64)
+    epoch: int = bounded(min_value=0, max_value=MAX_EPOCH)
+    round: int = bounded(min_value=0, max_value=1)
+    model: str = bounded(max_len=128)
+    leaves: list[bytes] = bounded(max_len=256, items=each(max_len=256))  # poc.MAX_POC_LEAF_BYTES
+    proofs: list[list[bytes]] = bounded(max_len=256, items=each(max_len=64, items=each(max_len=HASH_BYTES)))
+    sequence: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class PocVerdict(Message):
+    """Signed by a validator of the epoch in the verdict phase: whether ``prover``'s opened leaves
+    are what its own engine computes for them."""
+
+    KIND = "tx_poc_verdict"
+    chain_id: str = bounded(max_len=64)
+    epoch: int = bounded(min_value=0, max_value=MAX_EPOCH)
+    round: int = bounded(min_value=0, max_value=1)
+    prover: str = bounded(max_len=MAX_PEER_ID)
+    model: str = bounded(max_len=128)
+    ok: bool
+    sequence: int = bounded(min_value=0)
+
+
 def to_nano(nats: float) -> int:
     """A distance in nats as integer nano-nats: rounded, capped; inf and NaN become the cap."""
     if not math.isfinite(nats) or nats * 1e9 >= MAX_DISTANCE_NANO:
@@ -378,6 +448,10 @@ TX_KINDS: tuple[TxKind, ...] = (  # every transaction kind, once
     TxKind(Validation, Payer.DUTY),
     TxKind(DisputeVote, Payer.DUTY),
     TxKind(SubmitEvidence, Payer.DUTY),
+    TxKind(PocCommit, Payer.DUTY),
+    TxKind(PocSecret, Payer.DUTY),
+    TxKind(PocReveal, Payer.DUTY),
+    TxKind(PocVerdict, Payer.DUTY),
 )
 ACCOUNT_ONLY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.account_only)
 DUTY_KINDS = frozenset(kind.message.KIND for kind in TX_KINDS if kind.payer is Payer.DUTY)
@@ -388,7 +462,8 @@ def signer_fee(kind: str, tx_fee: int) -> int:
     """What the signer of a ``kind`` transaction pays when it applies: ``tx_fee`` or nothing."""
     return tx_fee if kind in _SIGNER_PAYS else 0
 Tx = (Transfer | RegisterParticipant | StartInference | FinishInference | CommitValidationSeed
-      | RevealValidationSeed | Validation | DisputeVote | SubmitEvidence)  # the same kinds, for the type checker
+      | RevealValidationSeed | Validation | DisputeVote | SubmitEvidence | PocCommit | PocSecret | PocReveal
+      | PocVerdict)  # the same kinds, for the type checker
 assert set(get_args(Tx)) == {kind.message for kind in TX_KINDS}, "Tx and TX_KINDS disagree"
 _TX_MESSAGES = tuple(kind.message for kind in TX_KINDS)
 

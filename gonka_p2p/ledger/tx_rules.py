@@ -108,7 +108,6 @@ from gonka_p2p.ledger.rules import (
     verdict_is_consistent,
 )
 from gonka_p2p.ledger.transactions import (
-    TX_KINDS,
     CommitValidationSeed,
     DisputeVote,
     FinishInference,
@@ -577,5 +576,3 @@ def process_submit_evidence(state: LedgerState, ctx: BlockContext, signed: Signe
     state.registry.put(tx.offender, replace(offender, reputation_ppm=0))
     return f"{tx.offender} equivocated at height {tx.height}, round {tx.round}: punished in epoch {now}"
 
-
-assert set(RULES) == {kind.message for kind in TX_KINDS}, "every transaction kind has exactly one rule"

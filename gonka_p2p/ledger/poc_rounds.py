@@ -1,0 +1,160 @@
+"""Proof-of-compute rounds over the ledger state: opening them, fixing their sample seeds, and
+turning an epoch's proven compute into the next epoch's weights (rules: ``poc``).
+
+:func:`process_poc` runs at the end of every block (``end_of_block``), before the epoch's
+validator set rotates, so the weights it writes at an epoch's last block are the ones the
+next epoch freezes -- a height every replica agrees on. The queries below are what the
+proof-of-compute actor asks: which round is open, what it must open, what it must judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from gonka_p2p.ledger.block import BlockContext
+from gonka_p2p.ledger.poc import (
+    Phase,
+    RoundKind,
+    Verdicts,
+    confirmation_holds,
+    confirmation_starts_after,
+    confirmation_window,
+    grown_weights,
+    phase,
+    regular_start,
+    sample_indices,
+    sample_seed,
+    scaled_model_weights,
+    secrets_close,
+    work_seed,
+)
+from gonka_p2p.ledger.records import PocEntry, PocRound
+from gonka_p2p.ledger.rules import epoch_of, is_epoch_end
+
+if TYPE_CHECKING:
+    from gonka_p2p.ledger.state import LedgerState
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """A round and where the next block lies in it."""
+
+    epoch: int
+    kind: RoundKind
+    record: PocRound
+    phase: Phase
+
+
+def open_rounds(state: LedgerState) -> list[OpenRound]:
+    """The rounds of the current epoch as of the next block, in start order."""
+    height = state.height + 1
+    epoch = epoch_of(height, state.params)
+    found = []
+    for kind in RoundKind:
+        record = state.poc_rounds.get((epoch, kind))
+        if record is not None:
+            found.append(OpenRound(epoch, kind, record, phase(height, record.start, kind, state.params)))
+    return found
+
+
+def entries(state: LedgerState, epoch: int, kind: RoundKind) -> dict[tuple[str, str], PocEntry]:
+    """The round's commitments by (prover, model), sorted."""
+    return {(peer, model): entry for (e, k, peer, model), entry in sorted(state.poc_entries.rows.items())
+            if e == epoch and k == kind}
+
+
+def sampled(state: LedgerState, epoch: int, kind: RoundKind, prover: str, model: str) -> tuple[int, ...]:
+    """The nonces ``prover`` must open, once the round's sample seed is fixed (else none)."""
+    record = state.poc_rounds.get((epoch, kind))
+    entry = state.poc_entries.get((epoch, kind, prover, model))
+    if record is None or entry is None or not record.sample_seed:
+        return ()
+    return sample_indices(record.sample_seed, prover, model, entry.count, state.params.poc_sample_size)
+
+
+def to_judge(state: LedgerState, epoch: int, kind: RoundKind, validator: str) -> list[tuple[str, str, PocEntry]]:
+    """Opened commitments of others that ``validator`` has not judged yet: (prover, model, entry)."""
+    return [(peer, model, entry) for (peer, model), entry in entries(state, epoch, kind).items()
+            if entry.opened and peer != validator and validator not in entry.voters]
+
+
+def verdicts(state: LedgerState, epoch: int, entry: PocEntry) -> Verdicts:
+    info = state.epoch_info(epoch)
+    return Verdicts(entry.passed, entry.failed, sum(info.weights.values()) if info else 0)
+
+
+def unconfirmed(state: LedgerState, epoch: int) -> set[str]:
+    """Participants whose ``epoch`` weight for some model its confirmation round did not
+    confirm (none when the round never opened)."""
+    if (epoch, RoundKind.CONFIRMATION) not in state.poc_rounds:
+        return set()
+    info = state.epoch_info(epoch)
+    if info is None:
+        return set()
+    confirmations = entries(state, epoch, RoundKind.CONFIRMATION)
+    failed = set()
+    for model, table in info.draw_weights:
+        for peer, weight in table:
+            entry = confirmations.get((peer, model))
+            if (entry is None or not verdicts(state, epoch, entry).proven
+                    or not confirmation_holds(entry.count, weight, state.params)):
+                failed.add(peer)
+    return failed
+
+
+def process_poc(state: LedgerState, ctx: BlockContext) -> None:
+    """Open rounds, fix sample seeds, and at an epoch's end set the next epoch's weights."""
+    params = state.params
+    if not params.poc_enabled:
+        return
+    height = ctx.height
+    epoch = epoch_of(height, params)
+    if height == regular_start(epoch, params) - 1:
+        state.poc_rounds.put((epoch, RoundKind.REGULAR), PocRound(
+            start=height + 1, work_seed=work_seed(state.chain_id, epoch, RoundKind.REGULAR, ctx.block_hash)))
+    for kind in RoundKind:
+        record = state.poc_rounds.get((epoch, kind))
+        if record is not None and not record.sample_seed and height == secrets_close(record.start, kind, params):
+            secrets = {key: entry.secret for key, entry in entries(state, epoch, kind).items() if entry.secret}
+            state.poc_rounds.put((epoch, kind), replace(record, sample_seed=sample_seed(record.work_seed, secrets)))
+    regular = state.poc_rounds.get((epoch, RoundKind.REGULAR))
+    first, last = confirmation_window(epoch, params)
+    if (regular is not None and regular.sample_seed and (epoch, RoundKind.CONFIRMATION) not in state.poc_rounds
+            and first - 1 <= height < last
+            and confirmation_starts_after(regular.sample_seed, ctx.block_hash, height, last)):
+        state.poc_rounds.put((epoch, RoundKind.CONFIRMATION), PocRound(
+            start=height + 1, work_seed=work_seed(state.chain_id, epoch, RoundKind.CONFIRMATION, ctx.block_hash)))
+    if is_epoch_end(height, params):
+        apply_round(state, epoch)
+
+
+def apply_round(state: LedgerState, epoch: int) -> None:
+    """The next epoch's weights from ``epoch``'s rounds: proven nonces per model; nothing for an
+    unconfirmed, unproven or fraudulent prover (fraud also resets its reputation); at most the
+    remaining weight of a sanctioned one; increases bounded together (``poc.grown_weights``)."""
+    targets: dict[str, dict[str, int]] = {}
+    fraud = set()
+    for (peer, model), entry in entries(state, epoch, RoundKind.REGULAR).items():
+        judged = verdicts(state, epoch, entry)
+        if judged.fraud:
+            fraud.add(peer)
+        elif judged.proven:
+            targets.setdefault(peer, {})[model] = entry.count
+    excluded = fraud | unconfirmed(state, epoch)
+    totals = {}
+    for peer, per_model in targets.items():
+        participant = state.registry.rows[peer]
+        total = 0 if peer in excluded else sum(per_model.values())
+        totals[peer] = min(total, participant.weight) if participant.sanctioned else total
+    previous = {peer: p.weight for peer, p in state.registry.rows.items() if p.weight > 0}
+    weights = grown_weights(previous, totals, None if epoch == 0 else state.params.max_weight_growth_ppm)
+    if weights == previous and not any(totals.values()):
+        return  # nothing was proven at all: the set stays as it is rather than vanish
+    for peer, participant in sorted(state.registry.rows.items()):
+        weight = weights.get(peer, 0)
+        model_weights = scaled_model_weights(targets.get(peer, {}), weight) if weight else ()
+        changed = replace(participant, weight=weight, model_weights=model_weights,
+                          reputation_ppm=0 if peer in fraud else participant.reputation_ppm)
+        if changed != participant:
+            state.registry.put(peer, changed)
