@@ -445,7 +445,7 @@ def test_eligible_validators_are_committed_and_never_the_executor_or_the_ta() ->
     net = committed_net(everyone=("ta", "ex", "v1", "v2"))
     iid = net.infer("ex")
     assert net.state.validation_candidates(iid) == {PEER["v1"]: 10, PEER["v2"]: 10}
-    view = net.state.validation_view(iid)
+    view = disputes.validation_view(net.state, iid)
     assert view.p_ppm == PPM and [d.q for d in view.validators] == [1.0, 1.0]  # p = 1: all check
     assert all(d.duty is None for d in view.validators)  # seeds still secret
     assert net.state.is_validation_duty(iid, PEER["v1"], net.seed("v1", 1))
@@ -486,7 +486,7 @@ def test_reveal_recomputes_duties_and_a_validator_that_skipped_one_forfeits_its_
     receipts = net.ok(*[net.reveal(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2", "v3")])
     assert all(" 0 skipped" in r.detail for i, r in enumerate(receipts) if i != 4)
     assert "3 duties, 0 done, 3 skipped" in receipts[4].detail  # p = 1: all three were its duties
-    view = net.state.validation_view(iids[0])
+    view = disputes.validation_view(net.state, iids[0])
     assert {NAME_OF[d.peer]: d.duty for d in view.validators} == {"cheat": True, "v1": True, "v2": True,
                                                                    "v3": True}
     net.until(25)

@@ -100,10 +100,12 @@ from collections.abc import Collection, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING, NamedTuple
 
-from gonka_p2p.ledger.rules import PPM, DisputeOutcome, weighted_pick
+from gonka_p2p.ledger.records import InferenceStatus, ValidationView, ValidatorDuty
+from gonka_p2p.ledger.rules import PPM, DisputeOutcome, duty_threshold, is_validation_duty, weighted_pick
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.genesis import Params
+    from gonka_p2p.ledger.state import LedgerState
 
 _COMMITTEE_DOMAIN = b"gonka-p2p/dispute-committee/v2\x00"
 
@@ -192,3 +194,26 @@ def weight_cuts(power: Mapping[str, int], sanctioned: Collection[str], shift_ppm
             cuts[peer] = cut
             budget -= cut
     return cuts
+
+
+def validation_view(state: LedgerState, inference_id: bytes) -> ValidationView | None:
+    """Everything the ledger knows about checking one settled inference: p, each eligible
+    validator's weight, duty (once its seed is revealed) and check, and the dispute."""
+    record = state.inferences.get(inference_id)
+    if record is None or record.status is not InferenceStatus.SETTLED:
+        return None
+    epoch = state.inference_epoch(record)
+    candidates = state.validation_candidates(inference_id)
+    total = sum(candidates.values())
+    rows = []
+    for peer, weight in sorted(candidates.items()):
+        commitment = state.commitments.rows[(epoch, peer)]
+        duty = None
+        if commitment.revealed:
+            duty = is_validation_duty(commitment.seed, inference_id, record.validation_ppm,
+                                      weight, total)
+        rows.append(ValidatorDuty(peer, weight, duty_threshold(record.validation_ppm, weight, total),
+                                  duty, state.checks.get((inference_id, peer)),
+                                  state.votes.get((inference_id, peer))))
+    return ValidationView(inference_id, epoch, record.executor, record.ta, record.validation_ppm,
+                          tuple(rows), state.disputes.get(inference_id))

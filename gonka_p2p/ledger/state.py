@@ -66,12 +66,9 @@ from gonka_p2p.ledger.records import (
     PocEntry,
     PocRound,
     SeedCommitment,
-    ValidationView,
-    ValidatorDuty,
 )
 from gonka_p2p.ledger.rules import (
     DisputeOutcome,
-    duty_threshold,
     epoch_after,
     epoch_of,
     is_validation_duty,
@@ -293,28 +290,6 @@ class LedgerState:
         return [iid for iid, dispute in self.disputes.rows.items()
                 if dispute.outcome is DisputeOutcome.OPEN and validator in dispute.committee
                 and (iid, validator) not in self.votes]
-
-    def validation_view(self, inference_id: bytes) -> ValidationView | None:
-        """Everything the ledger knows about checking one settled inference: p, each eligible
-        validator's weight, duty (once its seed is revealed) and check, and the dispute."""
-        record = self.inferences.get(inference_id)
-        if record is None or record.status is not InferenceStatus.SETTLED:
-            return None
-        epoch = self.inference_epoch(record)
-        candidates = self.validation_candidates(inference_id)
-        total = sum(candidates.values())
-        rows = []
-        for peer, weight in sorted(candidates.items()):
-            commitment = self.commitments.rows[(epoch, peer)]
-            duty = None
-            if commitment.revealed:
-                duty = is_validation_duty(commitment.seed, inference_id, record.validation_ppm,
-                                          weight, total)
-            rows.append(ValidatorDuty(peer, weight, duty_threshold(record.validation_ppm, weight, total),
-                                      duty, self.checks.get((inference_id, peer)),
-                                      self.votes.get((inference_id, peer))))
-        return ValidationView(inference_id, epoch, record.executor, record.ta, record.validation_ppm,
-                              tuple(rows), self.disputes.get(inference_id))
 
     def epoch_summary(self, epoch: int) -> EpochSummary | None:
         """The settlement of ``epoch`` (kept for ``SUMMARY_EPOCHS_KEPT`` epochs)."""
