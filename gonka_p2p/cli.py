@@ -121,14 +121,29 @@ async def _ask_node(node: str, question: Callable[[GonkaClient], Awaitable[objec
         return await question(client)
 
 
+async def _status_and_genesis_hash(client: GonkaClient) -> tuple[object, str]:
+    """The node's ledger status, and the hash of the genesis it serves to joining nodes (or why not)."""
+    from gonka_p2p.actors.genesis_exchange import ask_genesis
+    from gonka_p2p.gossip.service import NetworkError
+    from gonka_p2p.wire.schema import WireError
+
+    status = await client.status()
+    try:
+        genesis = await ask_genesis(client.service, client.ta)
+    except (NetworkError, TimeoutError, WireError) as e:
+        return status, f"unknown ({str(e) or type(e).__name__})"
+    return status, genesis.hash().hex() if genesis is not None else "none"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from gonka_p2p.ledger.query import StatusReply
 
-    status = asyncio.run(_ask_node(args.node, lambda c: c.status()))
+    status, genesis_hash = asyncio.run(_ask_node(args.node, _status_and_genesis_hash))  # type: ignore[misc]
     assert isinstance(status, StatusReply)
     console = Console()
     console.print(f"chain {status.chain_id}  height {status.height}  epoch {status.epoch}  "
                   f"app hash {status.app_hash.hex()}")
+    console.print(f"genesis {genesis_hash}")
     console.print(f"mempool {status.mempool} transactions, {status.evidence} equivocations seen")
     table = Table(title="participants", title_justify="left")
     for col in ("peer id", "weight", "models", "completed", "missed"):

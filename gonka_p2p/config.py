@@ -14,6 +14,7 @@ Example ``node.toml``::
     models = ["smollm2-135m"]             # models this node executes; [] = TA only
     engine = "vllm"                       # or "torch"
     genesis = "genesis.json"              # the network's genesis: with it the node runs a ledger replica
+    genesis_hash = "3f1c..."              # pinned: without a file, the genesis is fetched from bootstrap peers
     data_dir = "node-ledger"              # the replica's and the evidence store (default: <key file>-ledger/)
     evidence_max_bytes = 1073741824       # artifacts kept for validators until their epoch settles
     empty_block_interval = 5.0            # seconds between blocks when nothing happens
@@ -68,7 +69,12 @@ class NodeConfig:
     models: list[str] = _option([DEFAULT_MODEL], "model to serve (name or HF directory)",
                                 flag="--model", action="append")
     engine: str = _option("vllm", choices=ENGINES)
-    genesis: Path | None = _option(None, "genesis file with participant weights")
+    genesis: Path | None = _option(  # actors/genesis_exchange.py: where a genesis comes from
+        None, "genesis file with participant weights (default: the one saved in the data dir, else the "
+              "one the bootstrap peers serve)")
+    genesis_hash: str | None = _option(
+        None, "the network's genesis hash, pinned: a genesis with another (from any source) is refused",
+        metavar="HEX")
     announce_interval: float = _option(2.0, type=float)  # seconds between announcements
     cheater: str | None = _option(  # a cheat of gonka_p2p.adversary.cheats.CHEATS: demos and tests
         None, "serve a cheating executor (demos and tests: validators must catch it); "
@@ -98,6 +104,8 @@ class NodeConfig:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
+        if self.genesis_hash is not None and not _is_hash_hex(self.genesis_hash):
+            raise ConfigError(f"genesis_hash must be 64 hex digits (a SHA-256), not {self.genesis_hash!r}")
         if self.announce_interval <= 0:
             raise ConfigError("announce_interval must be positive")
         if self.http is not None:
@@ -112,6 +120,10 @@ class NodeConfig:
         if self.evidence_max_bytes <= 0:
             raise ConfigError("evidence_max_bytes must be positive")
         return self
+
+
+def _is_hash_hex(text: str) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _flags() -> list[tuple[Field[Any], str]]:

@@ -15,8 +15,11 @@ what the serving path checks: the TA admits a request only if the client's
 available balance covers its escrow and records ``StartInference``; the
 executor records ``FinishInference`` (:class:`LedgerHooks`); and the
 executor draw uses the participants' weights from the committed state,
-refreshed after every block. Without a genesis (an ad-hoc development
-network) there is no ledger: every peer weighs 1 and nothing is charged.
+refreshed after every block. A node given no genesis file takes the one
+saved in its data directory, else asks its bootstrap peers
+(``genesis_exchange.py``); every node serves its own to those that join.
+Without a genesis (an ad-hoc development network) there is no ledger:
+every peer weighs 1 and nothing is charged.
 
 Tasks: every long-lived task of every actor is owned by one
 :class:`Supervisor` under :meth:`Node.serve` (``actors/supervisor.py``
@@ -47,6 +50,7 @@ from gonka_p2p.actors.artifact_server import ArtifactServer
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreError
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import ExecutorActor
+from gonka_p2p.actors.genesis_exchange import genesis_server, resolve_genesis
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.transfer_agent import TransferAgent
@@ -67,6 +71,7 @@ from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.store import StoreError
 from gonka_p2p.ledger.validators import NoValidators
 from gonka_p2p.openai.gateway import Gateway, GatewayServer
+from gonka_p2p.wire.protocols import GENESIS_PROTOCOL
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +139,7 @@ class Node:
         if self.replica is not None:  # both refuse what the committed ledger already started
             self.replica.add_commit_listener(self.executor.on_commit)
             self.replica.add_commit_listener(self.ta.on_commit)
+        service.set_stream_handler(GENESIS_PROTOCOL, genesis_server(genesis))  # for nodes that join
         self.gateway: GatewayServer | None = None
         if config.http is not None:
             self.gateway = GatewayServer(Gateway(self.ta, self.directory).app,
@@ -227,8 +233,11 @@ async def run_node(
     genesis: Genesis | None,
     on_ready: Callable[[Node], None],
 ) -> None:
-    """The whole life of a node process; StartupError for anything a person must fix."""
+    """The whole life of a node process; StartupError (or GenesisError) for anything a person must fix.
+
+    ``genesis``: the ``--genesis`` file's; without one the node looks further (``genesis_exchange``)."""
     key = Keypair.load_or_create(config.key)
+    genesis = await resolve_genesis(config, genesis, service_factory)
     service = service_factory(key, config.listen)
     node = Node(config, key, service, None, genesis)
     stop = asyncio.Event()

@@ -3,9 +3,9 @@
 One line per id: how it travels (a gossipsub topic, or a direct stream of one
 request frame then response frames), what travels on it, and how large one
 unit of it may be. The schemas live in ``wire/messages.py`` (serving path),
-``ledger/consensus_wire.py`` and ``ledger/query.py`` (ledger). The trailing
-``/1`` is the protocol version: a change that old peers cannot read gets a
-new id, never a new meaning for this one.
+``ledger/consensus_wire.py``, ``ledger/query.py`` and ``ledger/genesis_wire.py``
+(ledger). The trailing ``/1`` is the protocol version: a change that old
+peers cannot read gets a new id, never a new meaning for this one.
 
 Why each id declares its sizes: memory is bounded before trust. A frame's
 length prefix arrives before its payload, so the network service refuses a
@@ -88,5 +88,7 @@ ARTIFACT_PROTOCOL = _stream("/gonka/artifact/1", request=_SMALL_REQUEST, reply=_
 SYNC_PROTOCOL = _stream("/gonka/ledger/sync/1", request=_SMALL_REQUEST, reply=_LARGEST_FRAME)
 # replica -> peer: BlockRequest; back: BlockBody (large proposals, <= 4 MiB)
 BLOCK_PROTOCOL = _stream("/gonka/ledger/block/1", request=_SMALL_REQUEST, reply=4 * MiB + 64 * KiB)
+# joining node -> peer: GenesisRequest; back: GenesisReply (ledger/genesis_wire.py: <= 1 MiB of genesis)
+GENESIS_PROTOCOL = _stream("/gonka/ledger/genesis/1", request=_SMALL_REQUEST, reply=1 * MiB + 4 * KiB)
 # client -> node: a ledger query or SubmitTx (a StartInference carries a request); back: its reply
 QUERY_PROTOCOL = _stream("/gonka/ledger/query/1", request=_SIGNED_REQUEST, reply=1 * MiB)
