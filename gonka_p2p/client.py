@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset
@@ -79,6 +80,14 @@ from gonka_p2p.wire.unsigned import decode_frame_of, encode_frame
 
 class NetworkUnavailable(GonkaError):
     code = "unreachable"
+
+
+class StreamStalled(NetworkUnavailable):
+    """The TA sent nothing for the stream's idle timeout; the stream was cancelled. A TA
+    reports a stalled executor itself (``executor_stalled``): this is a silent TA, so a
+    kind of unreachable one (callers that re-dial those re-dial this too)."""
+
+    code = "stalled"
 
 
 @dataclass
@@ -226,23 +235,32 @@ class GonkaClient:
     async def stream_chat(
         self, messages: list[tuple[str, str]], *, timeout: float = 120.0, **params: object
     ) -> AsyncIterator[StreamEvent]:
-        """Send a chat request; yield verified events until the answer is complete."""
+        """Send a chat request; yield verified events until the answer is complete (``timeout``:
+        the idle timeout of :meth:`stream_request`)."""
         request = build_request(self.key, messages, await self.chain_id(), **params)  # type: ignore[arg-type]
         async for event in self.stream_request(request, timeout=timeout):
             yield event
 
     async def stream_request(self, request: bytes, timeout: float = 120.0
                              ) -> AsyncIterator[StreamEvent]:
-        """Stream an already signed request envelope (lets callers keep the exact bytes)."""
+        """Stream an already signed request envelope (lets callers keep the exact bytes).
+
+        ``timeout`` is the idle timeout: a TA that sends no frame for that long (the first
+        one included: it waits for an executor) has its stream cancelled, and StreamStalled
+        is raised -- a frozen or withholding TA cannot hang the caller."""
         verifier = StreamVerifier(inference_id(open_envelope(request, InferenceRequest)))
         try:
-            async for frame in self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout):
-                event = verifier.accept(frame)
-                if event is not None:
-                    yield event
-                if verifier.done:
-                    return
-        except (NetworkError, TimeoutError) as e:
+            async with aclosing(self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout)) as frames:
+                async for frame in frames:
+                    event = verifier.accept(frame)
+                    if event is not None:
+                        yield event
+                    if verifier.done:
+                        return
+        except TimeoutError:  # the transport's per-frame timeout; it reset the stream
+            raise StreamStalled(f"TA {self.ta} sent nothing for {timeout:g} s; "
+                                "the stream was cancelled") from None
+        except NetworkError as e:
             raise NetworkUnavailable(f"the stream from TA {self.ta} broke: {e}") from None
         raise ProtocolViolation("the TA closed the stream before the answer was complete")
 

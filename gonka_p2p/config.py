@@ -19,6 +19,7 @@ Example ``node.toml``::
     evidence_max_bytes = 1073741824       # artifacts kept for validators until their epoch settles
     empty_block_interval = 5.0            # seconds between blocks when nothing happens
     announce_interval = 2.0               # seconds
+    stall_timeout = 30.0                  # seconds without a token before a stream is cancelled
     http = "127.0.0.1:8000"               # OpenAI-compatible gateway; omit for none
 """
 
@@ -87,6 +88,9 @@ class NodeConfig:
     empty_block_interval: float = _option(  # an idle chain still commits a block this often
         5.0, "seconds between blocks when there are no transactions (default {default:g})", type=float)
     max_concurrent: int = _option(16, flag=None)  # inferences the executor runs at once
+    stall_timeout: float = _option(  # a stream's executor silent this long is cancelled and reported
+        30.0, "seconds without a token after which the TA cancels an executor's stream and tells "
+              "the client (default {default:g})", type=float)
     evidence_max_bytes: int = _option(  # sized to an epoch's traffic plus its settlement delay
         1 << 30, "bytes of evidence kept for validators until its epoch settles; when full the node "
                  "executes nothing new (default {default})", type=int)
@@ -119,6 +123,8 @@ class NodeConfig:
             raise ConfigError("empty_block_interval must be positive")
         if self.evidence_max_bytes <= 0:
             raise ConfigError("evidence_max_bytes must be positive")
+        if self.stall_timeout <= 0:
+            raise ConfigError("stall_timeout must be positive")
         return self
 
 

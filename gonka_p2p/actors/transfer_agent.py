@@ -28,6 +28,14 @@ its attempt) is called when the executor's first frame arrives; it only
 submits (admission to the local mempool) and returns, so no frame ever waits
 for a block, and the TA has no background task of its own.
 
+Stalls: the executor's first frame must come within ``first_frame_timeout``
+(dial, admission, its queue), and every later one within ``stall_timeout``
+of the one before. An executor that goes silent mid-stream (frozen, or
+withholding tokens) has its stream cancelled, the client gets
+``executor_stalled`` and the TA counts it (``stalled``). Nothing is
+refunded here: the ledger holds a Start without a Finish, which expires
+at its deadline with the escrow returned to the client.
+
 Evidence: from the frames it relays (the executor's signed TokenBatches and
 the prompt ids of its InferenceFinished) the TA rebuilds the artifact the
 executor committed to and keeps it in ``artifacts`` for validators
@@ -37,10 +45,11 @@ goes silent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from gonka_p2p.actors.admission import Rejected, ReplayGuard, check_request
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
@@ -88,6 +97,10 @@ class ClientGone(Exception):
     """The client's side of the stream failed; nothing more can reach it."""
 
 
+class ExecutorStalled(Exception):
+    """The executor started, then sent nothing for ``stall_timeout`` seconds."""
+
+
 def relayed_artifact(request: Signed[InferenceRequest], batches: list[TokenBatch],
                      finished: InferenceFinished) -> InferenceArtifact | None:
     """The artifact the executor committed to, rebuilt from the frames it signed, or None
@@ -119,6 +132,7 @@ class TransferAgent:
         chain_id: str,
         attempts: int = 3,
         first_frame_timeout: float = 60.0,
+        stall_timeout: float = 30.0,
         admit: AdmissionHook | None = None,
         on_start: StartHook | None = None,
         clock: Callable[[], float] = time.time,
@@ -132,11 +146,13 @@ class TransferAgent:
         self._ledger: LedgerState | None = None
         self._attempts = attempts
         self._first_frame_timeout = first_frame_timeout
+        self._stall_timeout = stall_timeout
         self._admit = admit
         self._on_start = on_start
         self._clock = clock
         self._artifacts = artifacts
         self.relayed = 0
+        self.stalled = 0  # executors that went silent mid-stream, each cancelled and reported
 
     def start(self) -> None:
         self._service.set_stream_handler(INFER_PROTOCOL, self._handle)
@@ -231,30 +247,36 @@ class TransferAgent:
         started = False
         batches: list[TokenBatch] = []
         try:
-            async for frame in self._service.open_stream(
-                executor, EXECUTE_PROTOCOL, order, timeout=self._first_frame_timeout
-            ):
-                signed = open_envelope(frame, *EXECUTOR_FRAMES)
-                if signed.signer_id != executor:
-                    raise WireError("frame not signed by the executor")
-                msg = signed.message
-                if isinstance(msg, InferenceFailed) and not started:
-                    log.info("executor %s declined: %s", executor, msg.code)
-                    if msg.code in TERMINAL_REFUSALS:
-                        await _to_client(send, frame)
+            async with contextlib.aclosing(self._executor_frames(executor, order)) as frames:
+                async for frame in frames:
+                    signed = open_envelope(frame, *EXECUTOR_FRAMES)
+                    if signed.signer_id != executor:
+                        raise WireError("frame not signed by the executor")
+                    msg = signed.message
+                    if isinstance(msg, InferenceFailed) and not started:
+                        log.info("executor %s declined: %s", executor, msg.code)
+                        if msg.code in TERMINAL_REFUSALS:
+                            await _to_client(send, frame)
+                            return "done"
+                        return msg.code
+                    if not started:
+                        started = True
+                        if self._on_start is not None:
+                            self._on_start(request, executor, attempt)
+                    if isinstance(msg, InferenceFinished):  # kept before the client hears it is done
+                        await self._keep_artifact(request, batches, msg)
+                    await _to_client(send, frame)
+                    if isinstance(msg, TokenBatch):
+                        batches.append(msg)
+                    elif isinstance(msg, InferenceFinished | InferenceFailed):
                         return "done"
-                    return msg.code
-                if not started:
-                    started = True
-                    if self._on_start is not None:
-                        self._on_start(request, executor, attempt)
-                if isinstance(msg, InferenceFinished):  # kept before the client hears it is done
-                    await self._keep_artifact(request, batches, msg)
-                await _to_client(send, frame)
-                if isinstance(msg, TokenBatch):
-                    batches.append(msg)
-                elif isinstance(msg, InferenceFinished | InferenceFailed):
-                    return "done"
+        except ExecutorStalled as e:
+            self._directory.mark_failed(executor)
+            self.stalled += 1
+            log.warning("executor %s stalled on %s (%s); stream cancelled", executor,
+                        inference_id(request).hex()[:12], e)
+            await _to_client(send, self._failed("executor_stalled", f"executor {executor} stalled: {e}"))
+            return "failed_mid_stream"
         except (NetworkError, TimeoutError, WireError) as e:
             self._directory.mark_failed(executor)
             if not started:
@@ -268,6 +290,27 @@ class TransferAgent:
         await _to_client(send, self._failed(
             "executor_failed", f"executor {executor} closed the stream early"))
         return "failed_mid_stream"
+
+    async def _executor_frames(self, executor: str, order: bytes) -> AsyncIterator[bytes]:
+        """The executor's frames: the first within ``first_frame_timeout``, each later one within
+        ``stall_timeout``, else ExecutorStalled. The stream is reset however this ends early."""
+        frames = self._service.open_stream(executor, EXECUTE_PROTOCOL, order,
+                                           timeout=max(self._first_frame_timeout, self._stall_timeout))
+        async with contextlib.aclosing(frames):
+            limit, started = self._first_frame_timeout, False
+            while True:
+                deadline = asyncio.timeout(limit)
+                try:
+                    async with deadline:
+                        frame = await anext(frames)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if started and deadline.expired():
+                        raise ExecutorStalled(f"no token for {limit:g} s") from None
+                    raise
+                yield frame
+                limit, started = self._stall_timeout, True
 
     async def _keep_artifact(self, request: Signed[InferenceRequest], batches: list[TokenBatch],
                              finished: InferenceFinished) -> None:

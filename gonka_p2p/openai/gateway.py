@@ -27,7 +27,10 @@ status from one table (:data:`ERRORS`) keyed by the same codes the TA and the
 wire use. A streamed answer commits to 200 only after the executor's first
 frame, so failures before it (no executor, every executor busy) still get
 their own status; a failure after it ends the stream with an error event,
-which the OpenAI SDKs raise as ``APIError``.
+which the OpenAI SDKs raise as ``APIError``. No answer holds its connection
+open for a stalled executor: the TA cancels that stream after its
+``stall_timeout`` and the gateway ends the answer with ``executor_stalled``
+(the error event of a streamed answer, 504 for a whole one).
 
 Lifecycle: :class:`GatewayServer` binds its socket with the node's other
 cheap start-up checks, serves as a task the node owns, and stops when the
@@ -96,6 +99,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "unknown_ta": (502, "server_error"),  # executors do not take this TA's orders
     "protocol_violation": (502, "server_error"),
     "no_executor": (503, "service_unavailable_error"),
+    "executor_stalled": (504, "server_error"),  # no token for the TA's stall_timeout: stream cancelled
 }
 UNKNOWN_ERROR = (500, "server_error")
 
