@@ -91,6 +91,17 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _poc_params(args: argparse.Namespace) -> dict[str, int]:
+    """Genesis parameters of ``init --proof-of-compute``: weights earned by proof of compute,
+    with the round windows scaled to the epoch (``ledger/poc.py``) and a cheap join stamp."""
+    if not args.proof_of_compute:
+        return {}
+    unit = max(1, args.epoch_length // 20)
+    return {"poc_enabled": 1, "poc_start_offset_blocks": unit, "poc_compute_blocks": 2 * unit + 2,
+            "poc_secret_blocks": unit + 1, "poc_reveal_blocks": unit + 1, "poc_verdict_blocks": 2 * unit + 2,
+            "poc_confirm_compute_blocks": unit + 2, "poc_join_pow_bits": 12}
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from gonka_p2p.inference.verification import thresholds_table
     from gonka_p2p.ledger.devnet import DEFAULT_MODELS, init_local_network
@@ -98,7 +109,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     net = init_local_network(Path(args.out), nodes=args.nodes, clients=args.clients,
                              models=tuple(args.model or DEFAULT_MODELS), client_balance=args.client_balance,
                              epoch_length_blocks=args.epoch_length, chain_id=args.chain_id,
-                             verification=thresholds_table())
+                             verification=thresholds_table(), **_poc_params(args))
     print(f"local network {net.genesis.chain_id!r} in {args.out}: genesis {net.genesis_path}")
     weights = net.genesis.weights()
     for path in net.node_keys + net.client_keys:
@@ -247,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-balance", type=int, default=DEVNET_CLIENT_BALANCE, help="coins per client")
     p.add_argument("--epoch-length", type=int, default=DEVNET_EPOCH_BLOCKS, help="blocks per epoch")
     p.add_argument("--chain-id", default=DEVNET_CHAIN_ID)
+    p.add_argument("--proof-of-compute", action="store_true",
+                   help="open membership: weights are earned each epoch by proof of compute, and a node "
+                        "with a fresh key joins with --bootstrap alone")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="ask a node for the ledger's height, epoch, app hash, participants")

@@ -55,6 +55,7 @@ from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.transfer_agent import TransferAgent
 from gonka_p2p.actors.supervisor import Supervised, Supervisor
+from gonka_p2p.actors.prover import ProverActor
 from gonka_p2p.actors.validator import ValidatorActor
 from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
@@ -116,6 +117,7 @@ class Node:
         self.replica: Replica | None = None
         self.hooks: LedgerHooks | None = None
         self.validator: ValidatorActor | None = None
+        self.prover: ProverActor | None = None
         if genesis is not None:
             params = replica_params or ReplicaParams(empty_block_interval_s=config.empty_block_interval)
             self.replica = Replica(service, key, genesis, config.ledger_dir, params)
@@ -124,6 +126,10 @@ class Node:
             self.validator = ValidatorActor(service, key, self.engines, verification_params_of(genesis),
                                             genesis.chain_id, self.hooks)
             self.replica.add_commit_listener(self.validator.on_commit)
+            if genesis.params.poc_enabled and config.models:
+                self.prover = ProverActor(key, self.engines, genesis.chain_id, self.hooks,
+                                          lambda: service.listen_addrs)
+                self.replica.add_commit_listener(self.prover.on_commit)
         hooks = self.hooks
         # Evidence lives beside the ledger that expects it; without a ledger nothing does (memory).
         evidence = config.ledger_dir / "artifacts.sqlite" if genesis is not None else None
@@ -200,6 +206,8 @@ class Node:
             actors += [Supervised("ledger replica", self.replica.run, critical=True),
                        Supervised("transaction follower", self.hooks.run, critical=False),
                        Supervised("validator", self.validator.run, critical=False)]
+        if self.prover is not None:
+            actors.append(Supervised("prover", self.prover.run, critical=False))
         if self.gateway is not None:  # its stop returns once in-flight answers end (or their grace does)
             actors.append(Supervised("HTTP gateway", self.gateway.serve, critical=True,
                                      stop=self.gateway.stop))

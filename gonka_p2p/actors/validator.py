@@ -56,9 +56,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Protocol
 
+from gonka_p2p.actors.duty_ledger import DutyLedger, TxFollower
 from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair, digest
@@ -103,13 +102,6 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 30.0
 
 
-class TxFollower(Protocol):
-    def follow(self, build: Callable[[int], bytes], what: str, done: Callable[[bool], object]) -> None:
-        """Sign with the next sequence, submit, and see it to its block in the background;
-        then ``done(committed)``."""
-        ...
-
-
 class ValidatorActor:
     def __init__(
         self,
@@ -125,12 +117,9 @@ class ValidatorActor:
         self._engines = engines
         self._params = params
         self._chain_id = chain_id
-        self._submitter = submitter
         self._state: LedgerState | None = None
         self._wake = asyncio.Event()
-        # epoch -> (what, epoch or inference id) committed, or not judgeable here
-        self._done: dict[int, set[tuple[str, int | bytes]]] = {}
-        self._in_flight: set[tuple[int, tuple[str, int | bytes]]] = set()  # submitted, fate unknown
+        self._duties = DutyLedger(submitter)  # (what, epoch or inference id) sent, per epoch
         self.checked = 0
 
     @property
@@ -153,13 +142,13 @@ class ValidatorActor:
 
     def remembered_epochs(self) -> list[int]:
         """The epochs whose sent transactions this actor still remembers."""
-        return sorted(self._done)
+        return self._duties.epochs()
 
     async def step(self) -> None:
         """Everything due now: seeds to commit or reveal, checks, dispute votes."""
         if self._state is None:
             return
-        self._forget_settled()
+        self._duties.forget(self._settled)
         now = self._live().epoch
         for epoch in (now - 1, now, now + 1):
             if epoch < 0 or self._settled(epoch):
@@ -169,13 +158,13 @@ class ValidatorActor:
             if commitment is None or epoch > self._live().epoch:  # the next epoch's duties do not exist yet
                 continue
             for iid in self._live().validation_duties(epoch, self.me, self.seed(epoch)):
-                if self.me not in self._live().validations(iid) and not self._sent(epoch, "check", iid):
+                if self.me not in self._live().validations(iid) and not self._duties.sent(epoch, ("check", iid)):
                     await self._check(epoch, iid, dispute=False)
             self._reveal_seed(epoch)
         for iid in self._live().open_disputes_for(self.me):
             dispute = self._live().dispute(iid)  # still open? an earlier await may have closed it
             if (dispute is not None and dispute.outcome is DisputeOutcome.OPEN
-                    and not self._sent(dispute.epoch, "vote", iid)):
+                    and not self._duties.sent(dispute.epoch, ("vote", iid))):
                 await self._check(dispute.epoch, iid, dispute=True)
 
     def _live(self) -> LedgerState:
@@ -188,14 +177,10 @@ class ValidatorActor:
         state = self._live()
         return state.height >= settlement_height(epoch, state.params)
 
-    def _forget_settled(self) -> None:
-        for epoch in [e for e in self._done if self._settled(e)]:
-            del self._done[epoch]
-
     def _commit_seed(self, epoch: int) -> None:
         state = self._live()
         if seed_commit_open(epoch, state.height, state.params) and state.commitment(epoch, self.me) is None:
-            self._once(epoch, ("commit", epoch), lambda s: seal(CommitValidationSeed(
+            self._duties.once(epoch, ("commit", epoch), lambda s: seal(CommitValidationSeed(
                 chain_id=self._chain_id, epoch=epoch,
                 commitment=seed_commitment(epoch, self.me, self.seed(epoch)), sequence=s), self._key))
 
@@ -205,25 +190,8 @@ class ValidatorActor:
         commitment = state.commitment(epoch, self.me)
         if (commitment is not None and not commitment.revealed
                 and seed_reveal_open(epoch, state.height, state.params)):
-            self._once(epoch, ("reveal", epoch), lambda s: seal(RevealValidationSeed(
+            self._duties.once(epoch, ("reveal", epoch), lambda s: seal(RevealValidationSeed(
                 chain_id=self._chain_id, epoch=epoch, seed=self.seed(epoch), sequence=s), self._key))
-
-    def _sent(self, epoch: int, what: str, key: int | bytes) -> bool:
-        return (what, key) in self._done.get(epoch, ()) or (epoch, (what, key)) in self._in_flight
-
-    def _once(self, epoch: int, key: tuple[str, int | bytes], build: Callable[[int], bytes]) -> None:
-        if self._sent(epoch, *key):
-            return
-        self._in_flight.add((epoch, key))
-        self._submitter.follow(build, f"{key[0]} {key[1]!r}",
-                               lambda committed: self._landed(epoch, key, committed))
-
-    def _landed(self, epoch: int, key: tuple[str, int | bytes], committed: bool) -> None:
-        """The follower's word on a sent transaction: done once committed, else due again at
-        the next block (the follower has retried for a while already: no hurry)."""
-        self._in_flight.discard((epoch, key))
-        if committed:
-            self._done.setdefault(epoch, set()).add(key)
 
     async def _check(self, epoch: int, inference_id: bytes, dispute: bool) -> None:
         record = self._live().inference(inference_id)
@@ -232,7 +200,7 @@ class ValidatorActor:
         what = "vote" if dispute else "check"
         verdict = await self.judge(inference_id, record)
         if verdict is None:  # this node cannot judge it: say so once, not after every block
-            self._done.setdefault(epoch, set()).add((what, inference_id))
+            self._duties.mark_done(epoch, (what, inference_id))
             return
         self.checked += 1
         proof = b"" if verdict.valid else self.seed(epoch)  # a failing check shows it was a duty
@@ -244,7 +212,7 @@ class ValidatorActor:
             return seal(Validation(chain_id=self._chain_id, inference_id=inference_id, verdict=verdict,
                                    seed=proof, sequence=s), self._key)
 
-        self._once(epoch, (what, inference_id), build)
+        self._duties.once(epoch, (what, inference_id), build)
 
     async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | None:
         """Fetch, re-run and judge one inference by the client's signed request.

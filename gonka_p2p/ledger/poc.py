@@ -35,8 +35,8 @@ holds in this epoch, so hardware rented for the regular window alone loses
 the weight (Gonka's confirmation PoC).
 
 A commitment passes when validators holding more than half of the epoch's
-voting power say so; it *fails* (fraud: weight 0 and reputation reset) when
-more than half say it does not; otherwise (no secret, no openings, too few
+voting power (the prover's own excepted: it does not judge itself) say so; it
+*fails* (fraud: weight 0 and reputation reset) when more than half say it does not; otherwise (no secret, no openings, too few
 verdicts) it is simply unproven: weight 0, as for a participant that left.
 
 From targets to weights (:func:`grown_weights`): decreases apply at once
@@ -99,7 +99,7 @@ class Phase(IntEnum):
 
 @dataclass(frozen=True)
 class Verdicts:
-    """The voting power that passed and failed one commitment, out of the epoch's total."""
+    """The voting power that passed and failed one commitment, out of the power that may judge it."""
 
     passed: int
     failed: int

@@ -79,9 +79,12 @@ def to_judge(state: LedgerState, epoch: int, kind: RoundKind, validator: str) ->
             if entry.opened and peer != validator and validator not in entry.voters]
 
 
-def verdicts(state: LedgerState, epoch: int, entry: PocEntry) -> Verdicts:
+def verdicts(state: LedgerState, epoch: int, prover: str, entry: PocEntry) -> Verdicts:
+    """The verdicts on ``prover``'s commitment, out of the power of everyone who may judge it:
+    the epoch's validators but the prover itself."""
     info = state.epoch_info(epoch)
-    return Verdicts(entry.passed, entry.failed, sum(info.weights.values()) if info else 0)
+    judges = {} if info is None else info.weights
+    return Verdicts(entry.passed, entry.failed, sum(judges.values()) - judges.get(prover, 0))
 
 
 def unconfirmed(state: LedgerState, epoch: int) -> set[str]:
@@ -97,7 +100,7 @@ def unconfirmed(state: LedgerState, epoch: int) -> set[str]:
     for model, table in info.draw_weights:
         for peer, weight in table:
             entry = confirmations.get((peer, model))
-            if (entry is None or not verdicts(state, epoch, entry).proven
+            if (entry is None or not verdicts(state, epoch, peer, entry).proven
                     or not confirmation_holds(entry.count, weight, state.params)):
                 failed.add(peer)
     return failed
@@ -136,7 +139,7 @@ def apply_round(state: LedgerState, epoch: int) -> None:
     targets: dict[str, dict[str, int]] = {}
     fraud = set()
     for (peer, model), entry in entries(state, epoch, RoundKind.REGULAR).items():
-        judged = verdicts(state, epoch, entry)
+        judged = verdicts(state, epoch, peer, entry)
         if judged.fraud:
             fraud.add(peer)
         elif judged.proven:
