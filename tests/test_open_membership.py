@@ -81,6 +81,7 @@ async def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weigh
     assert weights.get(me, 0) > 0, f"the stranger earned no weight: {weights}"
     info = state.epoch_info(1)
     assert me in info.weights and me in info.model_weights(MODEL)
+    assert state.commitment(1, me) is not None, "a newcomer validates from its first weighted epoch"
     # It signs blocks of epoch 1.
     stranger = nodes[-1]
 

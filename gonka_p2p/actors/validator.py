@@ -72,6 +72,7 @@ from gonka_p2p.inference.verification import (
     rejected,
     verify,
 )
+from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.records import Inference
 from gonka_p2p.ledger.rules import (
     DisputeOutcome,
@@ -179,7 +180,8 @@ class ValidatorActor:
 
     def _commit_seed(self, epoch: int) -> None:
         state = self._live()
-        if seed_commit_open(epoch, state.height, state.params) and state.commitment(epoch, self.me) is None:
+        if (seed_commit_open(epoch, state.height, state.params) and state.commitment(epoch, self.me) is None
+                and may_commit_seed(state, epoch, self.me)):
             self._duties.once(epoch, ("commit", epoch), lambda s: seal(CommitValidationSeed(
                 chain_id=self._chain_id, epoch=epoch,
                 commitment=seed_commitment(epoch, self.me, self.seed(epoch)), sequence=s), self._key))

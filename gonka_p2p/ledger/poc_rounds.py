@@ -106,6 +106,19 @@ def unconfirmed(state: LedgerState, epoch: int) -> set[str]:
     return failed
 
 
+def may_commit_seed(state: LedgerState, epoch: int, peer: str) -> bool:
+    """May ``peer`` commit a validation seed for ``epoch`` (during ``epoch - 1``)? When it holds
+    weight now, or when it committed compute in ``epoch - 1``'s regular round: the round that
+    may give it weight in ``epoch`` ends with that epoch, too late to commit a seed then, and
+    a newcomer without a seed would validate nothing in its first epoch and forfeit its reward."""
+    participant = state.registry.get(peer)
+    if participant is None:
+        return False
+    return participant.weight > 0 or any(
+        e == epoch - 1 and kind == RoundKind.REGULAR and prover == peer
+        for e, kind, prover, _model in state.poc_entries.rows)
+
+
 def process_poc(state: LedgerState, ctx: BlockContext) -> None:
     """Open rounds, fix sample seeds, and at an epoch's end set the next epoch's weights."""
     params = state.params
@@ -150,10 +163,12 @@ def apply_round(state: LedgerState, epoch: int) -> None:
         participant = state.registry.rows[peer]
         total = 0 if peer in excluded else sum(per_model.values())
         totals[peer] = min(total, participant.weight) if participant.sanctioned else total
+    if not any(totals.values()):  # nothing was proven at all: the set stays as it is rather than vanish,
+        for peer in sorted(fraud):  # but for the provers a majority of the power found lying
+            state.registry.put(peer, replace(state.registry.rows[peer], weight=0, model_weights=(), reputation_ppm=0))
+        return
     previous = {peer: p.weight for peer, p in state.registry.rows.items() if p.weight > 0}
     weights = grown_weights(previous, totals, None if epoch == 0 else state.params.max_weight_growth_ppm)
-    if weights == previous and not any(totals.values()):
-        return  # nothing was proven at all: the set stays as it is rather than vanish
     for peer, participant in sorted(state.registry.rows.items()):
         weight = weights.get(peer, 0)
         model_weights = scaled_model_weights(targets.get(peer, {}), weight) if weight else ()

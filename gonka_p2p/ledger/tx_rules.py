@@ -78,6 +78,7 @@ from gonka_p2p.ledger.disputes import (dispute_deadline, dispute_draw_height, di
                                        seat_committee)
 from gonka_p2p.ledger.consensus_types import vote_sign_bytes
 from gonka_p2p.ledger.genesis import MAX_ADDR_LEN
+from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.records import (
     Check,
     Dispute,
@@ -331,13 +332,13 @@ def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: 
 @rule_for(CommitValidationSeed)
 def process_commit_seed(state: LedgerState, ctx: BlockContext,
                         signed: Signed[CommitValidationSeed], signer: str, apply: bool) -> str:
-    """A participant with weight commits, during epoch e-1, to its secret seed for epoch e."""
+    """A participant with weight (or with compute committed in e-1's proof-of-compute round:
+    ``poc_rounds.may_commit_seed``) commits, during epoch e-1, to its secret seed for epoch e."""
     tx = signed.message
     if len(tx.commitment) != HASH_BYTES:
         raise TxRejected(Reason.MALFORMED, f"a seed commitment is {HASH_BYTES} bytes")
-    participant = state.registry.get(signer)
-    if participant is None or participant.weight == 0:
-        raise TxRejected(Reason.NOT_A_VALIDATOR, "only a participant with weight validates")
+    if not may_commit_seed(state, tx.epoch, signer):
+        raise TxRejected(Reason.NOT_A_VALIDATOR, "only a participant with weight (or proving compute) validates")
     if not seed_commit_open(tx.epoch, ctx.height, state.params):
         raise TxRejected(Reason.WRONG_EPOCH, f"seeds for epoch {tx.epoch} are committed during epoch "
                                              f"{tx.epoch - 1}; this is epoch "
