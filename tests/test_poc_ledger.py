@@ -1,0 +1,214 @@
+"""Proof of compute on the ledger (``ledger/poc.py``, ``poc_rules.py``, ``poc_rounds.py``): each
+pure rule against its specification, then whole rounds driven through blocks with real signed
+transactions (``ledger_driver``; coins are conserved after every block, the driver checks).
+
+The network: three genesis participants A, B, C of weight 10 on model ``m`` and a newcomer N
+whose key has no account; 20-block epochs (``ledger_driver.poc_params``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from ledger_driver import LedgerDriver, poc_genesis, poc_params
+
+from gonka_p2p.identity import Keypair
+from gonka_p2p.ledger import poc
+from gonka_p2p.ledger.genesis import GenesisError
+from gonka_p2p.ledger.executor_draw import executor_weights
+from gonka_p2p.ledger.poc import Phase, RoundKind, Verdicts
+from gonka_p2p.ledger.rules import PPM, Forfeit
+from gonka_p2p.ledger.state import LedgerState
+
+CHAIN = "gonka-poc-ledger"
+M, M2 = "m", "m2"
+NAMES = ("A", "B", "C", "N")
+KEYS = {n: Keypair.from_seed(f"poc-ledger-{n}".encode()) for n in NAMES}
+PEER = {n: k.peer_id for n, k in KEYS.items()}
+PARAMS = poc_params()
+
+
+def driver(**models: tuple[str, ...]) -> LedgerDriver:
+    return LedgerDriver(LedgerState.from_genesis(poc_genesis(CHAIN, KEYS, {"A": 10, "B": 10, "C": 10}, models)),
+                        KEYS, "A")
+
+
+def weight(d: LedgerDriver, who: str) -> int:
+    participant = d.state.registry.get(PEER[who])
+    return participant.weight if participant else 0
+
+
+# --------------------------------------------------------------------------- the pure rules
+
+
+def test_the_schedule_fits_or_says_why() -> None:
+    assert poc.schedule_problem(PARAMS) is None
+    assert poc.schedule_problem(poc_params(poc_enabled=0, epoch_length_blocks=5)) is None  # no rounds at all
+    problem = poc.schedule_problem(poc_params(epoch_length_blocks=12))
+    assert problem is not None and "epoch_length_blocks (12)" in problem
+
+
+def test_a_round_passes_through_its_phases_in_order() -> None:
+    lengths = {RoundKind.REGULAR: (2, 1, 1, 2), RoundKind.CONFIRMATION: (2, 1, 1, 2)}
+    for kind, (compute, secret, reveal, verdict) in lengths.items():
+        expected = ([Phase.BEFORE] + [Phase.COMPUTE] * compute + [Phase.SECRET] * secret + [Phase.REVEAL] * reveal
+                    + [Phase.VERDICT] * verdict + [Phase.OVER] * 2)
+        assert [poc.phase(h, 5, kind, PARAMS) for h in range(4, 4 + len(expected))] == expected
+        assert poc.secrets_close(5, kind, PARAMS) == 5 + compute + secret - 1
+    assert poc.round_span(RoundKind.REGULAR, PARAMS) == 6
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(min_value=1, max_value=10_000),
+       st.integers(min_value=1, max_value=64))
+def test_sampled_nonces_are_distinct_in_range_and_deterministic(seed: bytes, count: int, size: int) -> None:
+    picked = poc.sample_indices(seed, "p", M, count, size)
+    assert len(set(picked)) == len(picked) == min(count, size)
+    assert all(0 <= i < count for i in picked)
+    assert picked == poc.sample_indices(seed, "p", M, count, size)
+
+
+def test_the_sample_depends_on_the_seed_the_prover_and_the_model() -> None:
+    base = poc.sample_indices(b"s" * 32, "p", M, 10**6, 8)
+    assert base != poc.sample_indices(b"t" * 32, "p", M, 10**6, 8)
+    assert base != poc.sample_indices(b"s" * 32, "q", M, 10**6, 8)
+    assert base != poc.sample_indices(b"s" * 32, "p", M2, 10**6, 8)
+    assert poc.sample_indices(b"s" * 32, "p", M, 3, 8) == (0, 1, 2)  # fewer nonces than the sample: all
+
+
+def test_the_confirmation_round_starts_inside_its_window_uniformly() -> None:
+    """Each candidate block triggers with probability 1 / (candidates left): over many seeds
+    every start lies in the window and each start height is about equally likely."""
+    first, last = poc.confirmation_window(3, PARAMS)
+    assert (first, last) == (3 * 20 + 8, 3 * 20 + 15)
+    rng = random.Random(7)
+    starts: Counter[int] = Counter()
+    trials = 4000
+    for _ in range(trials):
+        seed = rng.randbytes(32)
+        height = first - 1
+        while not poc.confirmation_starts_after(seed, rng.randbytes(32), height, last):
+            height += 1
+        starts[height + 1] += 1
+    assert set(starts) <= set(range(first, last + 1))
+    expected = trials / (last - first + 1)
+    assert all(0.75 * expected < starts[h] < 1.25 * expected for h in range(first, last + 1)), starts
+
+
+def test_grown_weights_decrease_in_full_and_grow_together_within_the_bound() -> None:
+    previous = {"a": 100, "b": 100}
+    targets = {"a": 50, "b": 300, "c": 300}  # a falls; b and c ask 200 + 300 more; 40% of 200 = 80 allowed
+    grown = poc.grown_weights(previous, targets, 400_000)
+    assert grown == {"a": 50, "b": 100 + 200 * 80 // 500, "c": 300 * 80 // 500}
+    assert sum(grown.values()) - 50 <= 200 + 80
+    assert poc.grown_weights(previous, targets, None) == targets  # the first round: unbounded
+    assert poc.grown_weights(previous, {"a": 100, "b": 150}, 400_000) == {"a": 100, "b": 150}  # within the bound
+    assert poc.grown_weights(previous, {}, 400_000) == previous  # nothing proven: kept
+    assert poc.grown_weights(previous, {"a": 0, "b": 0}, 400_000) == previous
+    assert poc.grown_weights(previous, {"a": 70}, 400_000) == {"a": 70}  # b proved nothing: gone
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=3), st.integers(min_value=1, max_value=10**9),
+                       min_size=4, max_size=30),
+       st.integers(min_value=PPM // 4, max_value=PPM))
+def test_no_one_holds_more_than_the_cap_of_the_voting_power(weights: dict[str, int], cap_ppm: int) -> None:
+    power = poc.capped_voting_power(weights, cap_ppm)
+    assert set(power) == set(weights)
+    total = sum(power.values())
+    assert all(v * PPM <= cap_ppm * total for v in power.values()), power
+    assert all(0 < power[p] <= weights[p] for p in weights)
+    for p in weights:  # order preserved
+        for q in weights:
+            if weights[p] >= weights[q]:
+                assert power[p] >= power[q]
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=3), st.integers(min_value=1, max_value=10**9), max_size=3))
+def test_networks_of_fewer_than_four_are_not_capped(weights: dict[str, int]) -> None:
+    assert poc.capped_voting_power(weights, 333_333) == weights
+
+
+def test_a_join_stamp_binds_its_chain_epoch_and_key() -> None:
+    key = KEYS["N"].public_key
+    stamp = poc.find_join_stamp(CHAIN, 4, key, 12)
+    assert poc.join_stamp_ok(CHAIN, 4, key, stamp, 12)
+    assert not poc.join_stamp_ok(CHAIN, 5, key, stamp, 12)
+    assert not poc.join_stamp_ok(CHAIN, 4, KEYS["A"].public_key, stamp, 12)
+    assert not poc.join_stamp_ok("other", 4, key, stamp, 12)
+    assert poc.join_stamp_ok(CHAIN, 4, key, 12345, 0)  # zero bits: no cost
+
+
+def test_confirmation_and_verdict_thresholds() -> None:
+    # A weight of 100 over 2 compute blocks needs 50% of its rate over the 2 confirmation blocks: 50 nonces.
+    assert poc.confirmation_holds(50, 100, PARAMS) and not poc.confirmation_holds(49, 100, PARAMS)
+    assert Verdicts(passed=16, failed=0, total=30).proven and not Verdicts(passed=15, failed=0, total=30).proven
+    assert Verdicts(passed=0, failed=16, total=30).fraud and not Verdicts(passed=0, failed=15, total=30).fraud
+
+
+# --------------------------------------------------------------------------- whole rounds
+
+
+def test_a_first_round_sets_next_epoch_weights_to_the_proven_counts() -> None:
+    """A, B and the newcomer N (no account) prove 100, 60 and 40 nonces; C commits nothing.
+    The first round is unbounded: epoch 1 weighs exactly that, and N validates and is drawn."""
+    d = driver()
+    d.poc_epoch(0, {("A", M): 100, ("B", M): 60, ("N", M): 40})
+    assert {n: weight(d, n) for n in NAMES} == {"A": 100, "B": 60, "C": 0, "N": 40}
+    info = d.state.epoch_info(1)
+    assert info is not None
+    assert dict(info.weights) == {PEER["A"]: 100, PEER["B"]: 60, PEER["N"]: 40}
+    assert executor_weights(d.state, M, 1) == {PEER["A"]: 100, PEER["B"]: 60, PEER["N"]: 40}
+    newcomer = d.state.registry.rows[PEER["N"]]
+    assert newcomer.models == (M,) and newcomer.model_weights == ((M, 40),)
+    assert d.state.account(PEER["N"]) is not None
+    confirmation = d.state.poc_rounds.get((0, RoundKind.CONFIRMATION))
+    first, last = poc.confirmation_window(0, PARAMS)
+    assert confirmation is not None and first <= confirmation.start <= last
+
+
+def test_weights_are_earned_per_model() -> None:
+    d = driver(A=(M, M2))
+    d.poc_epoch(0, {("A", M): 30, ("A", M2): 70, ("B", M2): 50, ("C", M): 20})
+    assert d.state.registry.rows[PEER["A"]].model_weights == ((M, 30), (M2, 70))
+    assert weight(d, "A") == 100
+    assert executor_weights(d.state, M, 1) == {PEER["A"]: 30, PEER["C"]: 20}
+    assert executor_weights(d.state, M2, 1) == {PEER["A"]: 70, PEER["B"]: 50}
+
+
+def test_an_unconfirmed_weight_is_lost_at_the_next_round_and_its_reward_forfeited() -> None:
+    d = driver()
+    counts = {("A", M): 100, ("B", M): 60, ("N", M): 40}
+    d.poc_epoch(0, counts)
+    assert "N" in d.poc_judges(1)  # the newcomer now judges others' compute
+    d.poc_epoch(1, counts, unconfirmed={"B"})
+    assert {n: weight(d, n) for n in ("A", "B", "N")} == {"A": 100, "B": 0, "N": 40}
+    d.until(40 + PARAMS.settlement_delay_blocks)
+    summary = d.state.epoch_summary(1)
+    assert summary is not None
+    assert Forfeit.UNCONFIRMED in summary.participant(PEER["B"]).forfeit
+    assert Forfeit.UNCONFIRMED not in summary.participant(PEER["A"]).forfeit
+
+
+def test_later_rounds_grow_within_the_bound() -> None:
+    d = driver()
+    d.poc_epoch(0, {("A", M): 100, ("B", M): 100, ("C", M): 100})
+    d.poc_epoch(1, {("A", M): 100, ("B", M): 100, ("C", M): 1000})  # C asks 900 more; 40% of 300 allowed
+    assert {n: weight(d, n) for n in ("A", "B", "C")} == {"A": 100, "B": 100, "C": 220}
+
+
+def test_a_round_where_nobody_proves_anything_leaves_the_weights_unchanged() -> None:
+    d = driver()
+    d.poc_epoch(0, {("A", M): 100, ("B", M): 60, ("N", M): 40})
+    before = d.state.epoch_info(1)
+    d.until(40)  # epoch 1: no commitment, no confirmation
+    after = d.state.epoch_info(2)
+    assert before is not None and after is not None
+    assert after.weights == before.weights and after.draw_weights == before.draw_weights
+
+
+def test_a_genesis_whose_rounds_do_not_fit_an_epoch_is_refused() -> None:
+    with pytest.raises(GenesisError, match="epoch_length_blocks"):
+        poc_genesis(CHAIN, KEYS, {"A": 1}, epoch_length_blocks=12)
