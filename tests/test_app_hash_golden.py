@@ -11,15 +11,17 @@ registration, StartInference/FinishInference in one block, in two blocks and in 
 order (a held Finish), an expiry, seed commit and reveal (including epoch 0's seeds from
 genesis), passing and failing Validations (a failure carrying its duty's seed), a dispute decided by a
 majority of its seats and one redrawn after a silent round, then undecided, and the
-settlements of epochs 0 and 1. Keys, times and nonces are
-fixed, so the bytes of every block are too.
+settlements of epochs 0 and 1. A second, shorter sequence runs on a network with proof of
+compute: one epoch whose regular round (a newcomer joining by its commitment, one participant
+committing nothing) and confirmation round set the next epoch's weights. Keys, times and
+nonces are fixed, so the bytes of every block are too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from ledger_driver import BAD, OK, LedgerDriver
+from ledger_driver import BAD, OK, LedgerDriver, poc_genesis
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger import disputes, rules
@@ -66,10 +68,10 @@ def golden_genesis() -> Genesis:
 
 
 class Driver(LedgerDriver):
-    """The golden ledger, recording the app hash after each block."""
+    """A golden ledger, recording the app hash after each block."""
 
-    def __init__(self) -> None:
-        super().__init__(LedgerState.from_genesis(golden_genesis()), KEYS, "ta", MODEL)
+    def __init__(self, genesis: Genesis) -> None:
+        super().__init__(LedgerState.from_genesis(genesis), KEYS, "ta", MODEL)
         self.hashes = [self.state.app_hash().hex()]
 
     def block(self, *txs: bytes, time_ms: int | None = None) -> list[Receipt]:
@@ -87,7 +89,7 @@ class Driver(LedgerDriver):
 
 
 def run_sequence() -> Driver:
-    d = Driver()
+    d = Driver(golden_genesis())
     # Epoch 0: money moves, a newcomer joins, epoch 1's seeds are committed, work is served.
     d.ok(d.sign("alice", lambda n: Transfer(chain_id=CHAIN, to=PEER["newbie"], amount=1_000, sequence=n)),
          d.sign("bob", lambda n: Transfer(chain_id=CHAIN, to=PEER["alice"], amount=77, sequence=n)))
@@ -135,45 +137,85 @@ def run_sequence() -> Driver:
 
 
 GOLDEN_APP_HASHES: list[str] = [  # index: height (0: genesis)
-    "206095072c6a902a62537206551f7658968e03c9d9c11975bb0b2aa1be6e1eae",
-    "c3f7c3fb79ff872d7bcdee2841e921522b70a0be93c8580c069b06bbd1189117",
-    "c4717feb1ec166d34a336d5a6fcbc59eeee26444551e0bc841f7c0f4d48ca414",
-    "194bd7384f0d9a6328032d6be2cb61d2293105283f7b6ede5faa34d455b0225d",
-    "8e0cfce65ed2c7309bfecb4e06be9899709a25ea1b092cfb02f27ec41c398ead",
-    "3ebd59e2e2c04a4e464ab65e03652a0b761ee126830db000bd0bb440d4c58011",
-    "55621f3ecbafe95729946180ce7a9427a5efc7491ead0551dee4515975a7f69a",
-    "638822235d41aa19eb7b47a1f67dbadfa5ab18719807555ae5b55a4b639cc4db",
-    "d2e4b92f3e28726917dfba2f596a43aef5ae0c70daeb8fba5ce22e02c848951b",
-    "66bbbe5a5f0a335560ebfe206af9a3e91dac179e739ffcac0ce3bda83789d948",
-    "977b5831071554ee96a03e286ff42a2a6c5328670853d770926d969d5e80e145",
-    "f9fe8149e0adc732c08a3d8f41b6dfc4a4a90e7f3f680e046b43a4b86a85b288",
-    "dfd958b32dff1a42c017975cfb3cd3f42b961bd43c698b4280b9d55fcfd06697",
-    "41a14cef618b0a40c6a7045f714d0458c002322c99e1f6cd9a17da0dbf46236d",
-    "a5bf0619f08b990cbde2b9ecb55c2e5a4b31beffddecc8a9f49153d876e6482b",
-    "ff08b3e024f72d2d2deb01107c49c302bee06cd28680060e65c247e0cdbbd82c",
-    "91cfb69ddbfca6cd3d56a8e9b358721f8eb8730da3f670059f4167a407dd2359",
-    "2f5afd3a9d1b0d19ca0b5550f10885cbe3b2e7d43631befff5151a61c3fc1588",
-    "3131fb73be998cd04741cb96dc77384fc4662c2c0ca90d70efb57e1b9c6ba4de",
-    "1817fd315087718a7add5b2123f299c57d575ae328ce2ad5309d55dcdb1d895e",
-    "188d4404fb6900115e4cff9775540cab0aa1c33e2cacd95e3911bb005f1cd71d",
-    "52995516118c4cb034fea85c5dfc8ff4eff8b64e96bce2d8b2617b4fb8a39a77",
-    "28e0dd13b60ab9e85543f2f4ee9f1e1ef77c1ad0646e43daf2e5dc5fe21a4248",
-    "3990697d9b26ec5b3e8a66805fc496950878a9770e4e7dcd46b35934120214a4",
-    "342869e445e16925737ddaa74784d9965139146fc15ae25c5f096eddd1def862",
-    "e4c02f73aa7c6b757e0af4bb0e1f0e5e335293562fa7971a4144265f96c8b5ea",
-    "bee2d2a75434ebb74d9f3450a5207f29900341cd2a9f7d5e869c8fba64f79142",
-    "52bf050f3dd32f1d71f1119f991c7c70bd835076828dbff42b3ab35e1edc668d",
-    "fd36c6fdc506f2deb738c909388f781613dd9ded9e012cd7db16195f3e280526",
-    "a254e45c6d36388aad4fc3cebfc2e761ee8bdd9b05b0c8ab3e11ff1bc1f741b9",
-    "f0d930b48dce27df3a14dbaf16c08d389c7e191dc0788177bdeff382e6cdf3f8",
-    "ba213d145939315f78b8418576b6bd1d5575903a7869bd5bd21f1979afd136dd",
-    "99cba5952382f8abef6362f0ceca9448b0fbe6c6aef2ceaef7d3fb388e5ce0b6",
+    "c2b1301817bdaabe5efecdcdd034dde50fd93b0d92188961af301ad72288f805",
+    "892d65ca0ba28b16514d79130089e4aabd93b027b452319a7675e1078aa83d87",
+    "335e52d071e1683adc36e2b7cba712023af213a9560789206e84e2f9d997c177",
+    "318b397d69849be162eaddb17c2601f33a3012c7086464804e72fd24fd8c0761",
+    "3dabbd66a5f8ede87e7af0df0f2b782081b830f59298d38792e621b8204ee82e",
+    "13bf0457c9c95a9628e047cc4fee1b157a66371c63d89824fdc0d89ee72bd811",
+    "0f25b93603108c25e5cddbe959852a829d84f4a3001820bdf7bbc3ee51cff2fe",
+    "84e32297a6b2a3eca4e512b24d6959798a135b3425a22408b060fdb53d6b42c0",
+    "f9f7605806c9e2e6f11a32d6bd476246dd6437aa3bc0e2b5954995c84ad7479d",
+    "85bd3b606a790adc1b5e50a8929e2cc1a79b016b9b3c6a5f7ac279f18c2e24d4",
+    "13a0e9ef947b072517a236e56929447b4700d7918a99f6c3b03b0f8f7e95c862",
+    "042f013d73f893346a5242d67c014e30c2b5f9ff5f94a753967d51b7aa998391",
+    "47e9fa9ce40fed524961370ae423859f8729ebf609147fe24057140a0010c440",
+    "87c39406dc7827025e3f26354298d8e7e8149ecaf537b8a78b7e6313100a5c7c",
+    "d040b40d1beac7601767bc3510eb6bfc341c98107de83c53febe555054f61ac6",
+    "30bee078ce91ab77884665963fd36f81c9f68fcefd381e0a9e46381a13774b08",
+    "def1057bd92b070cec0e13d18618fd8daa7e0bf2cb1eed5ca367689652b84039",
+    "37b252073a4b70610fd41d4ae054349439cfd6d53fd754a68aadbd6ddc5d7ff7",
+    "caa6451868f2b694885b6fc2f7dd8df7fdb27eed9416edeb53abc70222569a12",
+    "83770ac10ba169785e0daaf7125527d4170d23f251c85c18d575ef79862d2c33",
+    "803c555ddb53ad5d1e5707f6e08be97e7c77f3ebc971fc7609fd5c6e4a5ab3d6",
+    "564555b3cf189bf197dc75ae114debef9f36b564e0fa46d4f9ddda3d252f9d25",
+    "63936dcf969d9e5d8a8ff835c98c5f6b24f998f345381a58eb63c665e8a31e3e",
+    "8ae283a353df21709d3c4018f7a584ca3a2322f2613146f892dceae1b7e9ba64",
+    "2feb4dd2aa27181dedeac5f4ef0bce55d109fb1aa64c25373709fcf0828c4ed1",
+    "466c21cc71b89740ce127a5d96e4676a06366295d117002d67925de7952833a7",
+    "a8a9e2b4b8dee382772ca4e578fb7c2b842e5f2a7e2e1307fd38216c6a3fcbc0",
+    "7f2ac671ca16f71bac7bad4cc624d0cdc1fa67a0dd2d94395d740b0e1c70a4ff",
+    "25863512e58f7d21184d74207f03b93308da9d74bcd6a235a92bdbee0214b8b6",
+    "12ffcf29d483ad4a3b54739cfcebbe496bb6e33656d8a609bbb61bdc743f61e8",
+    "649a523cc779322f758fac618cfb231186f1f03dce7e69e9d08ebc971c64e11c",
+    "ec9b5a9a2850f4eebb852e03ec7416a11c5cfd980ae89d7a292cb092ae862635",
+    "5c3025184f9370bfea78931ed881f90d5c87ab2fdebbccb9cb54d8b6da564514",
 ]
 
 
 def test_the_app_hash_of_a_fixed_block_sequence_is_unchanged() -> None:
     hashes = run_sequence().hashes
     for height, (got, want) in enumerate(zip(hashes, GOLDEN_APP_HASHES, strict=True)):
+        assert got == want, f"app hash at height {height} changed"
+
+
+def run_poc_sequence() -> Driver:
+    """Epoch 0 of a proof-of-compute network (``ledger_driver.poc_params``): ta, v1 and the
+    newcomer prove 100, 60 and 40 nonces, ex commits nothing; everyone weighted confirms."""
+    d = Driver(poc_genesis(CHAIN, KEYS, {"ta": 10, "ex": 10, "v1": 10}))
+    d.poc_epoch(0, {("ta", MODEL): 100, ("v1", MODEL): 60, ("newbie", MODEL): 40})
+    assert d.state.weights() == {PEER["ta"]: 100, PEER["v1"]: 60, PEER["newbie"]: 40}
+    return d
+
+
+GOLDEN_POC_APP_HASHES: list[str] = [  # index: height (0: genesis)
+    "02ba5eb9e971337fcc9580198d58593d58897549d75926f624d81ff64c57cb30",
+    "52f703c8847eeffa3deed52638ca069dbe2c493ffccadb970e2e0eb10e10fc83",
+    "eb1c2342584106d982fb2df2ea908972f14975d5165ae1dcbe289c541d2b1a67",
+    "ea32bb4e83b6fc2001c08e4a8590d3a52e86f8b0f91e7e361043fa74b025450e",
+    "9703f53dfef65f624eaee6b21b181b0535fdda382a15983b2126ab8a92db0093",
+    "d9fbaecaa1e308160e90f4fa98ddac61974853f05aa3a1b557300210bbc8b74e",
+    "be0fde9f59ad7d72d45d4b21cfa80f542b23e271a5e997f894921d2dd7489ef9",
+    "48843c3beb87f8045224b3adbaa3620075d0acff7b7b90c35cb253befa1ec8a1",
+    "0246c263f712c1be637288bd9066c70aa902ba68515f7d08d354f0f983279f67",
+    "633e107d0adcd2a0a75c7d2ffaadc8972f00708bc2e7db6fc1832dd0769f4396",
+    "6974ab260d066ee5ad7d84eca19d80d3bcd1f6e738f862579f64644c6a9497f6",
+    "ace1130395cf230c7b249e218db2f239f7fb93e54cff7a4bd1d8a94cdc5d06a3",
+    "813976f2ce3b5c885ca5d27140fc4ea9e22d143131a655411317c0ffc0fa4a9d",
+    "42f2f0d2065afae3c3b235bee9d5da688efe2aa7258aac2ce77a590dad31f9b8",
+    "6319c3b4d94abf24fffc2aca8f2372994f3aeec103992486362b2d47426023ad",
+    "2b1346e0e6909e474c9056156ece8185169d1b13441fa518e6c1ebe0f9e55f2d",
+    "e64a42a72cf1fefddc2d2a9e50b7405d0eb389ec4e2811a8bb6307f938bd8da6",
+    "bc1b69daf7bc70602f792db3e2e3907ec67bbd6f23e97db99202f4c02931e962",
+    "f3f9e9ecb2901b255f2d818b514ffcca8e9a7161743b5f67a184b1ee3f2570c5",
+    "945ca07c442c21e98d62ef3e02565cc1c16cc8d937a8a3984651bbec138f7e92",
+    "951c4e946a3ac33f075847e7106e05b234bc3dd70bf45331c77d0240e977ac0c",
+]  # index: height (0: genesis)
+
+
+def test_the_app_hash_of_a_proof_of_compute_epoch_is_unchanged() -> None:
+    hashes = run_poc_sequence().hashes
+    for height, (got, want) in enumerate(zip(hashes, GOLDEN_POC_APP_HASHES, strict=True)):
         assert got == want, f"app hash at height {height} changed"
 
 
