@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from gonka_p2p.testnet import netns
-from gonka_p2p.testnet.invariants import Applied, judge, judge_requests, recovery_after
+from gonka_p2p.testnet.invariants import (
+    Applied,
+    judge,
+    judge_membership,
+    judge_requests,
+    judge_streams,
+    recovery_after,
+)
+from gonka_p2p.testnet.load import via_http
 from gonka_p2p.testnet.manifest import ManifestError, Perturbation, load_manifest, parse_manifest
 from gonka_p2p.testnet.runner import Participant
 from gonka_p2p.wire.messages import response_hash
@@ -37,8 +45,35 @@ def test_the_seed_draws_the_targets_the_manifest_left_open_and_bad_manifests_say
                         ("nodes = 2\nweights = [1]", "weights"), ("[load]\nrate = 0", "rate")):
         with pytest.raises(ManifestError, match=needle):
             parse_manifest(bad)
-    for name in ("smoke", "short", "stalled", "default"):
+    for name in ("smoke", "short", "stalled", "default", "membership"):
         assert load_manifest(ROOT / "testnet" / f"{name}.toml").nodes >= 3
+
+
+def test_joins_and_leaves_need_proof_of_compute_and_a_leaver_is_never_perturbed_again() -> None:
+    poc = 'seed = 2\nnodes = 4\nweights = "poc"\n'
+    m = parse_manifest(poc + '[[perturbation]]\nkind = "join"\nat_s = 5\n[[perturbation]]\nkind = "join"\n'
+                       'at_s = 9\n[[perturbation]]\nkind = "leave"\nat_s = 20\ntargets = [1]\n'
+                       + "".join(f'[[perturbation]]\nkind = "kill"\nat_s = {30 + i}\n' for i in range(12)))
+    assert m.proof_of_compute and m.joiners == 2
+    assert [(p.kind, p.targets, p.forever) for p in m.perturbations[:3]] == [
+        ("join", (4,), True), ("join", (5,), True), ("leave", (1,), True)]
+    assert all(p.targets != (1,) for p in m.perturbations[3:]), "a kill drawn after the leave hit the leaver"
+    for bad, needle in (('[[perturbation]]\nkind = "join"\nat_s = 1', "poc"),
+                        (poc + '[[perturbation]]\nkind = "join"\nat_s = 1\ntargets = [2]', "no targets"),
+                        (poc + '[[perturbation]]\nkind = "leave"\nat_s = 1\ntargets = [2]\n'
+                               '[[perturbation]]\nkind = "freeze"\nat_s = 30\ntargets = [2]', "not left"),
+                        ('weights = "heavy"', "poc"),
+                        ('stall_timeout_s = 8\n[[perturbation]]\nkind = "freeze"\nat_s = 1\nfor_s = 5',
+                         "stall_timeout_s"),
+                        ("[load]\nidle_s = 90", "idle_s")):
+        with pytest.raises(ManifestError, match=needle):
+            parse_manifest(bad)
+
+
+def test_a_share_of_the_requests_goes_through_the_gateway_spread_evenly() -> None:
+    assert sum(via_http(n, 0.3) for n in range(100)) == 30
+    assert not any(via_http(n, 0.0) for n in range(100)) and all(via_http(n, 1.0) for n in range(100))
+    assert [via_http(n, 0.5) for n in range(4)] == [False, True, False, True]
 
 
 def observation(t: float, node: int, height: int, app_hash: str = HASH_A) -> dict[str, object]:
@@ -104,6 +139,54 @@ def test_a_settled_request_whose_client_saw_an_error_is_judged_by_what_the_clien
     assert not row.holds and counts["charged for another answer"] == 1
 
 
+def test_a_request_that_hung_fails_and_one_cut_for_silence_does_not() -> None:
+    cut = [request(0, "error") | {"error": "StreamStalled: TA x sent nothing for 20 s"},
+           request(1, "error") | {"error": "RequestRejected: executor x stalled: no token for 8 s", "via": "http"},
+           request(2, "ok"), {"n": 3, "outcome": "skipped"}]
+    row = judge_streams(cut)
+    assert row.holds and row.detail == "3 ended, 2 cut for silence, 0 hung"
+    row = judge_streams(cut + [request(4, "error") | {"hung": True, "via": "http"}])
+    assert not row.holds and "1 hung" in row.detail and "via http" in row.detail
+
+
+def test_an_http_request_is_judged_by_its_executor_and_token_count() -> None:
+    """The HTTP API shows text, not token ids: the gateway verified each frame, so the count of the
+    paid executor's tokens is what the client holds."""
+    executor = "16Uiu2HAexecutor"
+    answers = {f"{n:064x}": {"response_hash": HASH_A, "completion_tokens": 3, "executor": executor} for n in range(2)}
+    ledger = {f"{n:064x}": {"status": "settled", "executor": executor} for n in range(2)}
+    whole = request(0, "error") | {"via": "http", "executor": executor, "tokens": 3}
+    row, counts = judge_requests([whole], ledger, answers)
+    assert row.holds and counts["answered, last frame lost"] == 1
+    row, counts = judge_requests([request(1, "error") | {"via": "http", "executor": executor, "tokens": 2}],
+                                 ledger, answers)
+    assert not row.holds and counts["charged, answer cut in relay"] == 1
+
+
+def weights_seen(t: float, epoch: int, height: int, weights: dict[str, int]) -> dict[str, object]:
+    return observation(t, 0, height) | {"epoch": epoch, "weights": weights}
+
+
+def test_a_joiner_must_gain_weight_and_a_leaver_lose_it_within_two_epochs() -> None:
+    peers = ["g0", "g1", "g2", "new"]
+    join = Applied(Perturbation("join", 5, 1, (3,), forever=True), 5, None)
+    leave = Applied(Perturbation("leave", 25, 1, (2,), forever=True), 25, None)
+    base = {"g0": 10, "g1": 10, "g2": 10}
+    timeline = [weights_seen(t, t // 10, t, base | ({"new": 7} if t >= 18 else {})
+                             | ({"g2": 0} if t >= 40 else {})) for t in range(60)]
+    row = judge_membership(timeline, [join, leave], peers)
+    assert row is not None and row.holds, row
+    assert "joiner 3 (epoch 0): weight 7 in epoch 1" in row.detail and "leaver 2 (epoch 2): weight 0 from epoch 4" in row.detail
+
+    late = [o | {"weights": base} if o["epoch"] <= 2 else o for o in timeline]  # type: ignore[operator]
+    row = judge_membership(late, [join], peers)
+    assert row is not None and not row.holds and "no weight by epoch 2" in row.detail
+    back = timeline + [weights_seen(61, 5, 61, base)]
+    row = judge_membership(back, [leave], peers)
+    assert row is not None and not row.holds and "weight back in epoch 5" in row.detail
+    assert judge_membership(timeline, [], peers) is None
+
+
 def test_without_root_the_harness_says_so_and_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     with pytest.raises(netns.PrivilegeError, match="needs root"):
@@ -159,3 +242,14 @@ def test_two_of_five_frozen_for_good_is_reported_stalled_not_passing(tmp_path: P
     result, report = run_testnet("stalled.toml", tmp_path, timeout=600)
     assert report["outcome"] == "STALLED" and result.returncode == 1, result.stdout[-5000:]
     assert "STALLED" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GONKA_TESTNET_SHORT") != "1", reason=(
+    "the 6-8 minute proof-of-compute scenario runs with GONKA_TESTNET_SHORT=1, like the short one"))
+def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weight(tmp_path: Path) -> None:
+    namespaces_or_skip()
+    result, report = run_testnet("membership.toml", tmp_path, timeout=1200)
+    assert report["outcome"] == "PASSED" and result.returncode == 0, result.stdout[-5000:]
+    membership = next(r for r in report["rows"] if r["name"].startswith("joiners gain weight"))
+    assert "joiner 4" in membership["detail"] and "leaver" in membership["detail"]

@@ -32,7 +32,21 @@ nodes stopped. Rows:
   it; *charged without answer* -- anything else (no token, another executor,
   tokens that are not the committed answer). Those two are losses and fail.
   A completed request settled with another answer than the one verified is
-  *charged for another answer*, and fails too.
+  *charged for another answer*, and fails too. A request sent through the
+  OpenAI gateway carries no token ids (the HTTP API shows text): it holds the
+  committed answer when the paid executor's frames, all verified by the
+  gateway, number the committed count.
+* **streams never hang** -- every request ended: answered, refused, or cut
+  by the TA's stall timeout (a silent executor: ``executor_stalled``) or by
+  the client's idle timeout (a silent TA: ``StreamStalled``); none reached
+  the load's ``timeout_s`` still open. A cut one must be refunded, which the
+  previous row judges.
+* **membership** (only with ``join`` or ``leave``) -- a participant that
+  joined in epoch *e* holds weight at some height of epoch *e* + 2 or
+  earlier; one that left in epoch *e* has weight 0 from some height of epoch
+  *e* + 2 or earlier on, and at no greater height more (a regular round whose
+  compute window had passed when it joined or left sets the weights of the
+  epoch after next).
 * **liveness** -- after each perturbation ends (one never undone: after it
   starts), some replica commits a new height within ``recovery_bound_s``, and
   one does in the run's last such window; a run in which either fails is
@@ -146,8 +160,8 @@ def charged_failure(r: dict[str, Any], record: dict[str, Any], committed: dict[s
     paid = record.get("executor") or (committed or {}).get("executor", "")
     if not r.get("tokens") or r.get("executor") != paid or committed is None:
         return "charged without answer"
-    if (r.get("answer") == committed["response_hash"]
-            and r.get("tokens") == committed["completion_tokens"]):
+    same = r["answer"] == committed["response_hash"] if "answer" in r else r.get("via") == "http"
+    if same and r.get("tokens") == committed["completion_tokens"]:
         return "answered, last frame lost"
     if r.get("tokens", 0) < committed["completion_tokens"]:
         return "charged, answer cut in relay"
@@ -201,10 +215,57 @@ def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any],
     return Row("no request lost or charged without answer", not bad, detail), dict(counts)
 
 
+# cut for silence, not hung: executor_stalled (TA), StreamStalled (libp2p client), the SDK's read timeout
+STALLED_ERRORS = ("stalled", "apitimeouterror")  # matched without regard to case
+
+
+def judge_streams(sent: list[dict[str, Any]]) -> Row:
+    """No request hung; how many were cut for silence (by the TA or the client) and how."""
+    ended = [r for r in sent if r["outcome"] != "skipped"]
+    hung = [r for r in ended if r.get("hung")]
+    cut = [r for r in ended if not r.get("hung") and any(s in r.get("error", "").lower() for s in STALLED_ERRORS)]
+    detail = f"{len(ended)} ended, {len(cut)} cut for silence, {len(hung)} hung"
+    if hung:
+        detail += f"; first: {hung[0]['id'][:12]} via {hung[0].get('via', 'libp2p')}"
+    return Row("streams never hang", not hung, detail)
+
+
+def _epoch_at(observed: list[dict[str, Any]], t: float) -> int:
+    return max((o["epoch"] for o in observed if "epoch" in o and o["t"] <= t), default=0)
+
+
+def judge_membership(observed: list[dict[str, Any]], applied: list[Applied], peers: list[str]) -> Row | None:
+    """Joiners gain weight and leavers lose it within two epochs (see the module doc); None without either."""
+    changes = [a for a in applied if a.perturbation.kind in ("join", "leave")]
+    if not changes:
+        return None
+    seen = [o for o in observed if "weights" in o]
+    bad, good = [], []
+    for a in changes:
+        index = a.perturbation.targets[0]
+        peer, kind, joined = peers[index], a.perturbation.kind, _epoch_at(observed, a.started)
+        later = [o for o in seen if o["t"] > a.started]
+        if kind == "join":
+            won = [o for o in later if o["epoch"] <= joined + 2 and o["weights"].get(peer, 0) > 0]
+            (good if won else bad).append(
+                f"joiner {index} (epoch {joined}): " + (f"weight {won[0]['weights'][peer]} in epoch {won[0]['epoch']}"
+                                                       if won else f"no weight by epoch {joined + 2}"))
+        else:
+            gone = next((o for o in later if o["epoch"] <= joined + 2 and not o["weights"].get(peer, 0)), None)
+            back = [o for o in later if gone is not None and o["height"] > gone["height"] and o["weights"].get(peer, 0)]
+            ok = gone is not None and not back
+            (good if ok else bad).append(
+                f"leaver {index} (epoch {joined}): " + (f"weight 0 from epoch {gone['epoch']}" if ok else
+                                                       f"weight back in epoch {back[0]['epoch']}" if back else
+                                                       f"weight kept past epoch {joined + 2}"))
+    return Row("joiners gain weight, leavers lose it (two epochs)", not bad, "; ".join(bad + good))
+
+
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],
           applied: list[Applied], stores: dict[int, tuple[dict[int, str], str | None]],
           recovery_bound_s: float, process_failures: list[str],
-          answers: dict[str, dict[str, Any]] | None = None) -> Verdict:
+          answers: dict[str, dict[str, Any]] | None = None, peers: list[str] | None = None) -> Verdict:
+    """``peers``: every participant's peer id by index (joiners included), for the membership row."""
     verdict = Verdict()
     verdict.rows.append(Row("no participant crashed or failed to restart", not process_failures,
                             "; ".join(process_failures) or "none"))
@@ -229,6 +290,10 @@ def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: d
                             f"{sum(len(h) for h, _ in stores.values())} replica-heights checked"))
     row, verdict.counts = judge_requests(sent, settled.get("inferences", {}), answers)
     verdict.rows.append(row)
+    verdict.rows.append(judge_streams(sent))
+    membership = judge_membership(observed, applied, peers or [])
+    if membership is not None:
+        verdict.rows.append(membership)
     for a in applied:  # one never undone must not stop the network from its start on
         verdict.recoveries.append(recovery_after(observed, a.started if a.ended is None else a.ended,
                                                  recovery_bound_s))

@@ -1,57 +1,127 @@
 """The load generator: signed chat requests at a steady rate, round-robin over the participants.
 
 Run by the harness inside the client namespace (``python -m
-gonka_p2p.testnet.load ARGS.json``). A request is signed before it is sent,
-so its inference id is known whatever happens next; each outcome is one
-JSON line: ``ok`` (the whole answer arrived and the client library verified
-every signature, position and the final hash) or ``error`` with the reason.
-Either way the line carries the executor named in the signed start, the
-number of verified tokens received and ``answer``: the response hash of
-those token ids (what a committed ``FinishInference`` signs), so that the
-judge can tell a request whose tokens all arrived but whose last frame was
-lost from one charged for an answer the client never got. The ledger's side
-of each request is judged later by the observer.
+gonka_p2p.testnet.load ARGS.json``). A share of the requests (``http_share``,
+spread evenly) goes through the TA's OpenAI gateway with the official
+``openai`` SDK, streamed every other one; the rest through the libp2p client
+library. Either way a request is signed before it is sent, so its inference
+id is known whatever happens next, and each outcome is one JSON line: ``ok``
+(the whole answer arrived verified) or ``error`` with the reason. The line
+carries the executor named in the signed start, the number of verified
+tokens received, ``via`` (``libp2p`` or ``http``) and, on the libp2p path,
+``answer``: the response hash of those token ids (what a committed
+``FinishInference`` signs), so that the judge can tell a request whose tokens
+all arrived but whose last frame was lost from one charged for an answer the
+client never got. The HTTP API shows text, not token ids, so an HTTP line has
+no ``answer``: the gateway verified every frame (signer, position, final
+hash) before passing it on, and the judge compares the executor and the
+token count (each token is one logprobs entry; special tokens, such as the
+end of sequence, are not shown, so a cut answer that ended in one reads one
+token short). ``hung`` marks a request that reached ``timeout_s`` without
+an end: neither the TA's stall timeout nor the client's ``idle_s`` cut it.
+The ledger's side of each request is judged later by the observer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
+
 from gonka_p2p.client import build_request
 from gonka_p2p.identity import Keypair
+from gonka_p2p.openai.auth import REQUEST_HEADER, parse_body
 from gonka_p2p.testnet.peers import Peers, append_jsonl, read_args
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest, inference_id, response_hash
 from gonka_p2p.wire.stream import StartedEvent, TokensEvent
 
 
-async def one_request(peers: Peers, ta: int, n: int, args: dict[str, Any], out: Path) -> None:
-    raw = build_request(peers.key, [("user", f"Count to three, request {n}.")], peers.chain_id,
-                        model=args["model"], max_tokens=args["max_tokens"])
-    record: dict[str, Any] = {"n": n, "ta": ta, "id": inference_id(open_envelope(raw, InferenceRequest)).hex(),
-                              "sent": time.time()}
+def prompt(n: int) -> list[tuple[str, str]]:
+    return [("user", f"Count to three, request {n}.")]
+
+
+def via_http(n: int, share: float) -> bool:
+    """Whether request ``n`` goes through the gateway: ``share`` of them, spread evenly."""
+    return int((n + 1) * share) > int(n * share)
+
+
+async def libp2p_request(peers: Peers, ta: int, n: int, args: dict[str, Any]) -> dict[str, Any]:
+    raw = build_request(peers.key, prompt(n), peers.chain_id, model=args["model"], max_tokens=args["max_tokens"])
+    record: dict[str, Any] = {"id": inference_id(open_envelope(raw, InferenceRequest)).hex(), "via": "libp2p"}
     token_ids: list[int] = []
-    executor = ""
 
     async def stream() -> None:
-        nonlocal executor
-        async for event in (await peers.client(ta)).stream_request(raw, timeout=args["timeout_s"]):
+        async for event in (await peers.client(ta)).stream_request(raw, timeout=args["idle_s"]):
             if isinstance(event, StartedEvent):
-                executor = event.executor
+                record["executor"] = event.executor
             elif isinstance(event, TokensEvent):
                 token_ids.extend(event.token_ids)
 
     try:
-        await asyncio.wait_for(peers.ask(ta, lambda _: stream()), args["timeout_s"])
-        record |= {"outcome": "ok"}
+        await bounded(peers.ask(ta, lambda _: stream()), args["timeout_s"], record)
+    finally:
+        record |= {"tokens": len(token_ids), "answer": response_hash(token_ids).hex()}
+    return record
+
+
+async def http_request(key: Keypair, chain_id: str, url: str, n: int, args: dict[str, Any]) -> dict[str, Any]:
+    """One chat request through the gateway at ``url`` with the ``openai`` SDK: the envelope signed
+    here (what ``GonkaAuth`` would sign) so that its id is known before it is sent; no SDK retry,
+    since a resent envelope is a replay."""
+    stream = n % 2 == 0
+    body = {"model": args["model"], "messages": [{"role": r, "content": c} for r, c in prompt(n)],
+            "max_tokens": args["max_tokens"], "logprobs": True, "top_logprobs": 0}
+    envelope = parse_body("chat", body | {"stream": stream}).sign(key, chain_id)
+    record: dict[str, Any] = {"id": inference_id(open_envelope(envelope, InferenceRequest)).hex(),
+                              "via": "http", "stream": stream, "tokens": 0}
+    timeout = httpx.Timeout(args["idle_s"], connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", http_client=http, max_retries=0)
+        headers = {REQUEST_HEADER: base64.b64encode(envelope).decode()}
+
+        async def ask() -> None:
+            raw = await client.chat.completions.with_raw_response.create(
+                **body, stream=stream, extra_headers=headers)  # type: ignore[call-overload]
+            record["executor"] = raw.headers.get("x-gonka-executor", "")
+            answer = await raw.parse()
+            if not stream:
+                record["tokens"] = answer.usage.completion_tokens
+                return
+            async for chunk in answer:
+                for choice in chunk.choices:
+                    record["tokens"] += len(choice.logprobs.content or []) if choice.logprobs else 0
+
+        await bounded(ask(), args["timeout_s"], record)
+    return record
+
+
+async def bounded(question: Awaitable[None], timeout_s: float, record: dict[str, Any]) -> None:
+    """Await ``question``; its outcome goes into ``record``. Running into ``timeout_s`` is a hang."""
+    try:
+        async with asyncio.timeout(timeout_s) as deadline:
+            await question
+        record["outcome"] = "ok"
     except Exception as e:  # every failure is an outcome to record, none ends the load
-        record |= {"outcome": "error", "error": f"{type(e).__name__}: {e}"[:300]}
-    append_jsonl(out, record | {"executor": executor, "tokens": len(token_ids),
-                                "answer": response_hash(token_ids).hex(), "done": time.time()})
+        hung = isinstance(e, TimeoutError) and deadline.expired()
+        record |= {"outcome": "error", "error": "no end within the request's timeout" if hung else
+                   f"{type(e).__name__}: {e}"[:300], "hung": hung}
+
+
+async def one_request(peers: Peers, ta: int, n: int, args: dict[str, Any], out: Path) -> None:
+    sent = time.time()
+    if via_http(n, args["http_share"]):
+        record = await http_request(peers.key, peers.chain_id, args["http"][ta], n, args)
+    else:
+        record = await libp2p_request(peers, ta, n, args)
+    append_jsonl(out, {"n": n, "ta": ta, "sent": sent, "executor": "", **record, "done": time.time()})
 
 
 async def run(args: dict[str, Any]) -> None:
@@ -67,7 +137,8 @@ async def run(args: dict[str, Any]) -> None:
             if len(in_flight) >= args["concurrency"]:
                 append_jsonl(out, {"n": n, "outcome": "skipped", "sent": time.time()})
             else:
-                task = asyncio.create_task(one_request(peers, n % len(args["addrs"]), n, args, out))
+                ta = args["tas"][n % len(args["tas"])]
+                task = asyncio.create_task(one_request(peers, ta, n, args, out))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             n += 1

@@ -1,13 +1,14 @@
 """The observer: what each participant's replica says, over its client protocol, during and after a run.
 
 Run by the harness inside the observer namespace. ``watch`` polls every
-participant's status (height, app hash, equivocations seen) once per
-interval and writes one JSON line per answer or failure, until the harness
-stops it; the invariant checker reads from these lines whether replicas
-agreed at each height and how long the network took to commit again after
-each perturbation. ``settle`` asks the ledger about every request the load
-generator sent, until none is still running (or ``settle_s`` passes), and
-writes the final statuses.
+participant's status (height, epoch, app hash, equivocations seen, every
+participant's weight) once per interval and writes one JSON line per answer
+or failure, until the harness stops it; the invariant checker reads from
+these lines whether replicas agreed at each height, how long the network
+took to commit again after each perturbation, and when a joiner gained
+weight and a leaver lost it. ``settle`` asks the ledger about every request
+the load generator sent, until none is still running (or ``settle_s``
+passes), and writes the final statuses.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ async def watch(peers: Peers, out: Path, interval: float) -> None:
         try:
             s = await asyncio.wait_for(peers.ask(i, lambda c: c.status()), 5.0)
             append_jsonl(out, {"t": time.time(), "node": i, "height": s.height, "app_hash": s.app_hash.hex(),
-                               "evidence": s.evidence})
+                               "evidence": s.evidence, "epoch": s.epoch,
+                               "weights": {p.peer_id: p.weight for p in s.participants}})
         except Exception as e:  # a node down, frozen or cut off is an observation, not an end
             append_jsonl(out, {"t": time.time(), "node": i, "error": type(e).__name__})
 

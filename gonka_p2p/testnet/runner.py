@@ -4,9 +4,10 @@
 privilege; remove what a crashed earlier harness left (namespaces with our
 prefix, and the processes in them); ``gonka-p2p init`` the genesis (with the
 manifest's weights); one namespace per participant plus one for the load
-client and one for the observer; start the participants; start the observer
-and the load; apply the perturbations at their times (every random choice
-was made from the manifest's seed when it was loaded); stop the load, let
+client and one for the observer (and one, with a fresh key, for each
+participant a ``join`` will start); start the genesis participants; start
+the observer and the load; apply the perturbations at their times (every
+random choice was made from the manifest's seed when it was loaded); stop the load, let
 the ledger settle, stop the participants, replay their stores, and judge
 (:mod:`gonka_p2p.testnet.invariants`). Whatever happens -- an exception, ^C,
 SIGTERM -- the ``finally`` and an ``atexit`` hook kill every process we
@@ -36,6 +37,7 @@ from gonka_p2p.testnet.invariants import Applied, Verdict, judge, read_jsonl, re
 from gonka_p2p.testnet.manifest import Manifest, Perturbation
 
 PORT = 9000
+HTTP_PORT = 8000  # every participant's OpenAI gateway
 READY_TIMEOUT_S = 300.0  # a model load on a busy machine
 
 
@@ -58,17 +60,32 @@ class Participant:
     frozen: bool = False
     starts: int = 0
     meant_down: bool = False  # we killed or stopped it: its exit is not a crash
+    joiner: bool = False  # not in the genesis: started by a join, with --bootstrap only
+    left: bool = False  # stopped for good by a leave
+
+    @property
+    def live(self) -> bool:
+        """Started and not gone for good: what rolling restarts and bootstrap lists cover."""
+        return self.proc is not None and not self.left
 
     @property
     def addr(self) -> str:
         return f"/ip4/{self.host.ip}/tcp/{PORT}/p2p/{self.peer_id}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host.ip}:{HTTP_PORT}/v1"
+
     def start(self, manifest: Manifest, genesis: Path, bootstrap: list[str]) -> None:
+        """A joiner is given no genesis: it fetches it from ``bootstrap`` once and keeps it in its data dir."""
         self.starts += 1
         argv = self.host.exec_argv() + _python(
             "gonka_p2p.cli", "node", "--engine", manifest.engine, "--model", manifest.model,
-            "--key", str(self.key), "--genesis", str(genesis), "--listen", f"/ip4/{self.host.ip}/tcp/{PORT}",
+            "--key", str(self.key), "--listen", f"/ip4/{self.host.ip}/tcp/{PORT}",
+            "--http", f"{self.host.ip}:{HTTP_PORT}", "--stall-timeout", str(manifest.stall_timeout_s),
             "--empty-block-interval", str(manifest.empty_block_interval), "--announce-interval", "2")
+        if not self.joiner:
+            argv += ["--genesis", str(genesis)]
         for addr in bootstrap:
             argv += ["--bootstrap", addr]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
@@ -138,12 +155,14 @@ class Testnet:
         atexit.register(netns.cleanup)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally blocks
         self.workdir.mkdir(parents=True, exist_ok=True)
-        init = subprocess.run(_python("gonka_p2p.cli", "init", "--nodes", str(self.manifest.nodes), "--clients", "2",
-                                      "--model", self.manifest.model, "--out", str(self.net)),
+        m = self.manifest
+        init = subprocess.run(_python("gonka_p2p.cli", "init", "--nodes", str(m.nodes), "--clients", "2",
+                                      "--model", m.model, "--epoch-length", str(m.epoch_length), "--out", str(self.net),
+                                      *(["--proof-of-compute"] if m.proof_of_compute else [])),
                               capture_output=True, text=True)
         if init.returncode != 0:
             raise TestnetError(f"gonka-p2p init failed: {init.stderr.strip()}")
-        if self.manifest.weights:
+        if m.weights and not m.proof_of_compute:
             genesis = load_genesis(self.net / "genesis.toml")
             save_genesis(replace(genesis, participants=tuple(
                 replace(p, weight=w) for p, w in zip(genesis.participants, self.manifest.weights))),
@@ -151,11 +170,13 @@ class Testnet:
         netns.create_hub()
         self.client = netns.create_host("client", 2)
         self.observer = netns.create_host("observer", 3)
-        for i in range(self.manifest.nodes):
+        for i in range(m.nodes + m.joiners):
             key = self.net / f"node{i}.key"
+            if i >= m.nodes:  # a stranger's key, written now so its address is known to the helpers
+                Keypair.generate().save(key)
             self.participants.append(Participant(i, netns.create_host(f"node{i}", 10 + i), key,
-                                                 Keypair.load(key).peer_id, self.workdir))
-        first, *rest = self.participants
+                                                 Keypair.load(key).peer_id, self.workdir, joiner=i >= m.nodes))
+        first, *rest = self.participants[:m.nodes]
         first.start(self.manifest, self.net / "genesis.toml", [])
         first.wait_ready()
         for p in rest:
@@ -166,7 +187,7 @@ class Testnet:
     def restart(self, p: Participant) -> None:
         """Start ``p`` again through the others; one that cannot start is a finding, not the run's end."""
         p.start(self.manifest, self.net / "genesis.toml",
-                [q.addr for q in self.participants if q is not p and not q.frozen])
+                [q.addr for q in self.participants if q is not p and q.live and not q.frozen])
         try:
             p.wait_ready()
         except TestnetError as e:
@@ -178,6 +199,7 @@ class Testnet:
     def helper(self, host: netns.Host, module: str, *args: str, **config: object) -> subprocess.Popen[str]:
         path = self.workdir / f"{module.rsplit('.', 1)[-1]}-{args[0] if args else 'run'}.json"
         path.write_text(json.dumps({"ip": host.ip, "addrs": [p.addr for p in self.participants],
+                                    "http": [p.http_url for p in self.participants],
                                     "chain_id": load_genesis(self.net / "genesis.toml").chain_id, **config}))
         proc = subprocess.Popen(host.exec_argv() + _python(module, *args, str(path)), text=True,
                                 stderr=open(self.workdir / f"{path.stem}.log", "w"))
@@ -219,10 +241,18 @@ class Testnet:
             for p in targets:
                 netns.cap_bandwidth(p.host, pert.rate_kbit)
         elif pert.kind == "rolling":
-            for p in self.participants:
+            for p in [p for p in self.participants if p.live]:
                 self.notice_crashes()  # before stop() makes an exit look meant
                 p.stop()
                 self.restart(p)
+        elif pert.kind == "join":
+            for p in targets:
+                self.restart(p)  # its first start: bootstrap addresses only, no genesis file
+        elif pert.kind == "leave":
+            for p in targets:
+                self.notice_crashes()
+                p.stop()
+                p.left = True
 
     def undo(self, pert: Perturbation) -> None:
         targets = [self.participants[i] for i in pert.targets]
@@ -271,7 +301,8 @@ class Testnet:
         load = self.helper(self.client, "gonka_p2p.testnet.load", key=load_key,
                            out=str(self.workdir / "requests.jsonl"),
                            rate=m.load.rate, duration_s=m.duration_s, model=m.model, max_tokens=m.load.max_tokens,
-                           timeout_s=m.load.timeout_s, concurrency=m.load.concurrency)
+                           idle_s=m.load.idle_s, timeout_s=m.load.timeout_s, concurrency=m.load.concurrency,
+                           http_share=m.load.http_share, tas=list(range(m.nodes)))
         t0 = time.time()
         log(f"load started: {m.load.rate} requests/s for {m.duration_s:g} s")
         self.perturb(t0, log)
@@ -290,8 +321,9 @@ class Testnet:
         answers: dict[str, dict[str, Any]] = {}  # what each settled inference committed, from every store
         stores = {p.index: asyncio.run(replay_store(p.key.parent / f"{p.key.name}-ledger" / "ledger.sqlite", genesis,
                                                     answers))
-                  for p in self.participants}
+                  for p in self.participants if p.proc is not None}
         settled_path = self.workdir / "settled.json"
         settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
         return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
-                     settled, self.applied, stores, m.recovery_bound_s, self.process_failures, answers)
+                     settled, self.applied, stores, m.recovery_bound_s, self.process_failures, answers,
+                     [p.peer_id for p in self.participants])
