@@ -2,7 +2,7 @@
 
 A scenario file (:mod:`sim.scenario`) is a TOML document whose tables are the
 sections below (``[network]``, ``[behaviour]``, ``[validation]``,
-``[economics]``, ``[consensus]``) plus three free tables: ``[mix]`` (strategy -> peers playing
+``[economics]``, ``[consensus]``, ``[poc]``) plus three free tables: ``[mix]`` (strategy -> peers playing
 it), ``[economics.savings]`` (strategy -> share of compute its cheat saves)
 and ``[params]`` (any genesis parameter, by name, checked by the ledger's own
 genesis validation). The loader, the sweep's ``--param`` and the report all
@@ -17,6 +17,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from sim.poc import poc_windows
 from sim.roster import Strategy
 
 Check = Callable[[Any], str | None]  # a value -> why it is wrong, or None
@@ -113,12 +114,31 @@ class SimConfig:
     max_delay_ms: int = _knob(50, "consensus", "a consensus message's delay, at most (ms)", at_least(1))
     stall_ms: int = _knob(30_000, "consensus", "virtual time without a commit after which the chain is "
                           "reported stalled (ms)", at_least(1))
+    # -- proof of compute (sim.poc) --
+    proof_of_compute: bool = _knob(False, "poc", "weights earned each epoch by proof of compute, with the "
+                                   "ledger's windows scaled to the epoch (sim.poc.poc_windows)")
+    capacity_min: int = _knob(5, "poc", "the least nonces per block a participant computes", at_least(1))
+    capacity_max: int = _knob(20, "poc", "the most (capacities drawn uniformly in between)", at_least(1))
+    capacity_noise: float = _knob(0.05, "poc", "a round's nonces vary by up to this share", probability)
+    overclaim: float = _knob(2.0, "poc", "k: a poc-overclaim peer claims k x the nonces it computed",
+                             at_least(1.0))
+    rent_factor: float = _knob(4.0, "poc", "a poc-renter's regular window runs on this many times its own "
+                               "hardware", at_least(1.0))
+    joiners: int = _knob(0, "poc", "new keys that join by proof of compute at join_epoch", at_least(0))
+    join_epoch: int = _knob(2, "poc", "the epoch whose round the joiners commit in", at_least(1))
+    leavers: int = _knob(0, "poc", "honest genesis peers that stop proving and serving at leave_epoch",
+                         at_least(0))
+    leave_epoch: int = _knob(3, "poc", "the first epoch the leavers miss", at_least(1))
     # -- free tables --
     mix: dict[str, int] = _knob({}, "mix", "non-honest peers: strategy = count (the rest are honest)")
     params: dict[str, int] = _knob({}, "params", "genesis parameters overriding the ledger's defaults")
 
     def strategy_mix(self) -> dict[Strategy, int]:
         return {Strategy(name): count for name, count in self.mix.items()}
+
+    def genesis_overrides(self) -> dict[str, int]:
+        """The genesis parameters the run changes: proof of compute's (if on), then ``params``."""
+        return {**(poc_windows(self.epoch_blocks, self.latency) if self.proof_of_compute else {}), **self.params}
 
     def describe(self) -> dict[str, object]:
         """Every knob as plain data (in the report and its digest)."""

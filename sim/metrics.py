@@ -60,6 +60,7 @@ class Report:
     break_even: list[dict[str, float | bool]]  # sim.economics.break_even for the run's cheaters
     rejected_txs: dict[str, int]  # "kind/reason" -> count
     app_hash: str
+    poc: dict[str, object] = field(default_factory=dict)  # sim.poc's measurements, with proof of compute
     digest: str = ""
 
     def to_json(self) -> str:

@@ -93,6 +93,27 @@ def plot_catch_times(report: Report, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_poc(report: Report, path: Path) -> Path:
+    """Proof of compute: each participant's weight by epoch (joiners rise, leavers and caught
+    overclaimers fall to 0), and its final weight share against its compute share."""
+    rows = report.poc["participants"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for row in rows:  # type: ignore[union-attr]
+        honest = row["role"] == "honest"
+        left.plot(row["weights"], color="0.75" if honest else None, linewidth=0.8 if honest else 2,
+                  label=None if honest else f"{row['peer']} ({row['role']})")
+    left.set(title="Weight at each epoch's start (grey: honest)", xlabel="epoch", ylabel="weight")
+    left.legend(fontsize="small")
+    for role in sorted({row["role"] for row in rows}):  # type: ignore[union-attr]
+        mine = [row for row in rows if row["role"] == role]  # type: ignore[union-attr]
+        right.scatter([r["compute share"] for r in mine], [r["weight share"] for r in mine], label=role)
+    top = max([0.01, *(max(r["compute share"], r["weight share"]) for r in rows)])  # type: ignore[union-attr]
+    right.plot([0, top], [0, top], "k--", linewidth=0.8, label="weight = compute")
+    right.set(title="Final weight share vs compute share", xlabel="compute share", ylabel="weight share")
+    right.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def plot_sweep(param: str, metric: str, rows: list[dict[str, float]], path: Path) -> Path:
     """One metric of a sweep: its mean across seeds per value, with the 95 % interval."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -110,4 +131,5 @@ def write_plots(report: Report, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     return [plot_rewards(report, out / "rewards.png"), plot_detection(report, out / "detection.png"),
             plot_validation(report, out / "validation.png"), plot_throughput(report, out / "throughput.png"),
-            plot_profit(report, out / "profit.png"), plot_catch_times(report, out / "catch.png")]
+            plot_profit(report, out / "profit.png"), plot_catch_times(report, out / "catch.png"),
+            *([plot_poc(report, out / "poc.png")] if report.poc else [])]

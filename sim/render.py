@@ -64,6 +64,32 @@ def network_table(report: Report) -> Table:
     return table
 
 
+def poc_table(report: Report) -> Table:
+    """Proof of compute, per participant: its compute share and its final weight share (fair:
+    equal), and its weight at each epoch's start (joiners rising, leavers falling to 0)."""
+    poc = report.poc
+    table = Table(title=f"Proof of compute: weight follows compute (sample size {poc['sample size']}, "
+                        f"overclaim k = {poc['overclaim k']:g})", box=box.SIMPLE_HEAD)
+    for column in ("peer", "role", "nonces/block", "compute share", "weight share", "weight by epoch"):
+        table.add_column(column, justify="left" if column in ("peer", "role") else "right", no_wrap=True)
+    for row in poc["participants"]:  # type: ignore[union-attr]
+        table.add_row(row["peer"], row["role"], _num(row["capacity"]), f"{row['compute share']:.3f}",
+                      f"{row['weight share']:.3f}", " ".join(str(w) for w in row["weights"]))
+    return table
+
+
+def poc_rounds_table(report: Report) -> Table:
+    """Each round's commitments as the ledger judged them."""
+    table = Table(title="Proof-of-compute rounds: commitments proven, failed by a majority (fraud), "
+                        "unjudged", box=box.SIMPLE_HEAD)
+    columns = ("epoch", "round", "commitments", "proven", "fraud", "unproven", "honest fraud")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "round" else "right")
+    for row in report.poc["rounds"]:  # type: ignore[union-attr]
+        table.add_row(*(_num(row[c]) for c in columns))
+    return table
+
+
 def print_report(report: Report, console: Console, out: str) -> None:
     config = report.config
     console.print(f"[bold]gonka-p2p network simulation[/bold]: scenario {config.get('scenario', '-')} "
@@ -74,6 +100,12 @@ def print_report(report: Report, console: Console, out: str) -> None:
         console.print(f"overrides: {config['overrides']}")
     console.print(strategies_table(report))
     console.print(network_table(report))
+    if report.poc:
+        console.print(poc_rounds_table(report))
+        console.print(poc_table(report))
+        shares = " ".join(f"{s:.3f}" for s in report.poc["max voting power share"])  # type: ignore[union-attr]
+        console.print(f"largest voting power share by epoch: {shares} "
+                      f"(cap {report.poc['voting power cap']:.3f} with 4 or more participants)")
     if report.break_even:
         console.print(break_even_table(report))
     if report.rejected_txs:

@@ -41,6 +41,13 @@ class Strategy(StrEnum):
     FRAMING = "framing"  # a validator that fails honest work (alone or as a coalition)
     SYBIL = "sybil"  # one owner's weight split over many identities that cheat and pass each other
     SELF_DEALING = "self-dealing"  # one owner's client, TA and executor: pays itself to mint rewards
+    POC_OVERCLAIM = "poc-overclaim"  # claims k x the nonces it computed (sim.poc)
+    POC_RENTER = "poc-renter"  # rents hardware for the regular proof-of-compute window only (sim.poc)
+
+    @property
+    def needs_poc(self) -> bool:
+        """It cheats proof of compute: a network without it has nothing for it to cheat."""
+        return self in (Strategy.POC_OVERCLAIM, Strategy.POC_RENTER)
 
     @property
     def validates_dishonestly(self) -> bool:
@@ -60,7 +67,7 @@ class Strategy(StrEnum):
 
 # One of each strategy that one identity plays alone (owners of several identities and framers:
 # their own scenarios).
-DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if s not in (
+DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if not s.needs_poc and s not in (
     Strategy.HONEST, Strategy.SYBIL, Strategy.FRAMING, Strategy.SELF_DEALING)}
 
 
@@ -71,10 +78,16 @@ class Peer:
     weight: int
     strategy: Strategy
     online: tuple[bool, ...]  # per epoch
+    capacity: int = 0  # proof of compute: nonces it computes per block (sim.poc)
+    joins: int = 0  # the epoch whose proof-of-compute round registers it (0: in genesis)
 
     @property
     def peer_id(self) -> str:
         return self.key.peer_id
+
+    def serves(self, epoch: int) -> bool:
+        """Online and registered: a joiner serves from the epoch after the round that registers it."""
+        return self.online[epoch] and (not self.joins or epoch > self.joins)
 
     @property
     def name(self) -> str:
@@ -157,13 +170,13 @@ def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Str
 def build_genesis(roster: Roster, params: Params) -> Genesis:
     """The network's genesis: ``params`` (see :func:`sim_params`); every client funded far
     beyond what it will spend; each peer online at the start committed to its epoch-0
-    validation seed, as ``init`` writes."""
+    validation seed, as ``init`` writes; joiners are not in it."""
     return Genesis(
         chain_id=CHAIN_ID, genesis_time_ms=GENESIS_TIME_MS, params=params,
         participants=tuple(GenesisParticipant(
             p.key.public_key, p.weight, models=(MODEL,),
             seed_commitment=epoch0_seed_commitment(p.key, CHAIN_ID) if p.online[0] else b"")
-            for p in roster.peers),
+            for p in roster.peers if not p.joins),
         allocations={c.peer_id: CLIENT_BALANCE for c in (*roster.clients, *roster.own_client.values(),
                                                          *([roster.spammer] if roster.spammer else []))})
 

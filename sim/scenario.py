@@ -22,6 +22,7 @@ from typing import Any
 from gonka_p2p.ledger.genesis import PARAM_FIELDS, Genesis, GenesisError
 
 from sim.config import SimConfig, scalar_knobs, table_knobs
+from sim.poc import POC_PHASES
 from sim.roster import CHAIN_ID, Strategy, identities, sim_params
 from sim.verdicts import table_for
 from sim.world import GENERATION_BLOCKS
@@ -148,14 +149,19 @@ def checked(config: SimConfig) -> SimConfig:
     if nonhonest >= config.peers:
         problems.append(f"mix: {nonhonest} non-honest identities leave no honest one among network.peers "
                         f"= {config.peers}")
+    problems += _poc_problems(config)
     try:
-        params = sim_params(config.epoch_blocks, config.floor, config.params)
+        params = sim_params(config.epoch_blocks, config.floor, config.genesis_overrides())
         Genesis(chain_id=CHAIN_ID, params=params)
     except GenesisError as e:
         raise ScenarioError("\n".join([*problems, str(e)])) from None  # GenesisError names the field
     if not 0 <= config.latency < min(params.dispute_voting_blocks, params.validation_window_blocks):
         problems.append(f"network.latency: must be below {params.dispute_voting_blocks} blocks, so that a "
                         "dispute vote lands before its deadline")
+    windows = [getattr(params, name) for name in POC_PHASES]
+    if config.proof_of_compute and min(windows) <= config.latency:
+        problems.append(f"params: every proof-of-compute phase ({', '.join(POC_PHASES)}) must be longer than "
+                        f"network.latency = {config.latency} blocks, so that a message lands in its phase")
     if config.epoch_blocks <= GENERATION_BLOCKS[1] + 2 * config.latency + 1:
         problems.append("network.epoch_blocks: leaves no room for a request to finish within its epoch")
     try:
@@ -165,6 +171,21 @@ def checked(config: SimConfig) -> SimConfig:
     if problems:
         raise ScenarioError("\n".join(problems))
     return config
+
+
+def _poc_problems(config: SimConfig) -> list[str]:
+    """Proof-of-compute knobs that need it on, or name an epoch the run does not have."""
+    problems = []
+    uses = [name for name, count in config.mix.items() if count and Strategy(name).needs_poc]
+    uses += [f"poc.{knob}" for knob in ("joiners", "leavers") if getattr(config, knob)]
+    if uses and not config.proof_of_compute:
+        problems.append(f"poc.proof_of_compute: must be true for {', '.join(uses)}")
+    if config.capacity_min > config.capacity_max:
+        problems.append("poc.capacity_min: must not exceed poc.capacity_max")
+    for count, knob in ((config.joiners, "join_epoch"), (config.leavers, "leave_epoch")):
+        if count and getattr(config, knob) >= config.epochs:
+            problems.append(f"poc.{knob}: must be below network.epochs = {config.epochs}")
+    return problems
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -74,9 +74,11 @@ def metrics_of(report: Report) -> dict[str, float]:
         if row.blocks_to_catch is not None:
             out[f"blocks to catch: {row.strategy}"] = row.blocks_to_catch
     network = report.network
+    # latencies in ms: with simulated consensus only; "poc: ...": with proof of compute only
     for key in ("validation compute share", "fair: Gini of reward per weight", "honest convicted",
                 "disputes", "checks per inference", "commit latency mean (ms)", "commit latency p99 (ms)",
-                "request latency mean (ms)"):  # the last three with simulated consensus only
+                "request latency mean (ms)", "poc: overclaims caught share",
+                "poc: fair max |weight share / compute share - 1|", "poc: max voting power share"):
         value = network.get(key)
         if isinstance(value, (int, float)) and not math.isnan(value):
             out[key] = float(value)

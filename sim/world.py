@@ -33,6 +33,11 @@ own requests to its own TA identity, which takes its own executor identity
 at whichever of the ledger's allowed draws names it (and that executor may
 fabricate the answers); a spammer client sends one-token requests.
 
+With ``[poc] proof_of_compute``, :mod:`sim.poc` runs every proof-of-compute round the
+ledger opens (commit, secret, reveal, verdict, with the real transactions) before each
+block's requests, and the weights the ledger derives from them are the ones the TAs draw
+executors by; joiners enter the roster there, serving from the epoch after their round.
+
 With a ``[consensus]`` section, :mod:`sim.consensus_run` first runs the
 chain's byzantine replicas for the run's heights: each block then carries
 its simulated commit time (requests are stamped with it, and their latency
@@ -91,6 +96,7 @@ from sim.chain import Chain
 from sim.config import SimConfig
 from sim.consensus_run import run_consensus
 from sim.metrics import Metrics, Report, report_digest
+from sim.poc import ProofOfCompute, with_poc
 from sim.roster import (
     CHAIN_ID,
     CLIENT_BALANCE,
@@ -129,12 +135,17 @@ class Simulation:
         self.roster = build_roster(config.seed, config.peers, config.clients, config.epochs,
                                    config.strategy_mix(), config.churn, config.adversary_weight_share,
                                    config.sybil_identities, config.spam_requests > 0)
-        self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor, config.params))
+        roles: dict[str, str] = {}
+        if config.proof_of_compute:
+            self.roster, roles = with_poc(self.roster, config)
+        self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor,
+                                                             config.genesis_overrides()))
         self.params = self.genesis.params
         self.peers = self.roster.by_id()
         self.consensus = run_consensus(config, self.last_height) if config.validators else None
-        self.chain = Chain(self.genesis, [p.peer_id for p in self.roster.peers],
+        self.chain = Chain(self.genesis, [p.peer_id for p in self.roster.peers if not p.joins],
                            self.consensus.commit_ms if self.consensus else ())
+        self.poc = ProofOfCompute(config, self.roster, roles, self.chain) if config.proof_of_compute else None
         self._block_ms = [self.genesis.genesis_time_ms]  # height -> its block's time
         self._latency_ms: list[int] = []  # request arrival -> settlement, by block times
         self.metrics = Metrics(self.roster, self.params)
@@ -185,6 +196,8 @@ class Simulation:
         epoch = epoch_of(height, self.params)
         if epoch < self.config.epochs and (height - 1) % self.params.epoch_length_blocks == 0:
             self._plan_epoch(height, epoch)
+        if self.poc is not None:
+            self.poc.before_block(height)
         for _ in range(self._arrivals.pop(height, 0)):
             self._request(height, epoch)
         for owner in self._own_arrivals.pop(height, []):
@@ -223,7 +236,7 @@ class Simulation:
         if owner is not None:
             ta, client = owner, self.roster.own_client[owner.peer_id]
         else:
-            ta = self._traffic.choice([p for p in self.roster.peers if p.online[epoch]])
+            ta = self._traffic.choice([p for p in self.roster.peers if p.serves(epoch)])
             client = self.roster.spammer if spam else self._traffic.choice(self.roster.clients)
         assert client is not None
         self._nonce += 1
@@ -325,6 +338,8 @@ class Simulation:
         for iid in dict.fromkeys(accused):  # several may fail it in one block; one dispute opens
             self._dispute_opened(height, iid)
         self._vote(height)
+        if self.poc is not None:
+            self.poc.after_block(height)
         if height % self.params.epoch_length_blocks == 0:
             ended = height // self.params.epoch_length_blocks - 1
             self._reveal(height, ended)
@@ -440,7 +455,7 @@ class Simulation:
         state = self.chain.state
         info = state.epoch_info(epoch)
         assert info is not None
-        live = [p.peer_id for p in self.roster.peers if p.online[epoch]]
+        live = [p.peer_id for p in self.roster.peers if p.serves(epoch)]
         self.metrics.epoch_started(info.floor_ppm, {p: state.participant(p).reputation_ppm for p in live},
                                    {p: state.validation_rate_ppm(p) for p in live})
 
@@ -467,6 +482,9 @@ class Simulation:
                  "coins: blocks checked": self.chain.conservation_checks, **self._consensus_lines()}
         report = self.metrics.report({**identity, **self.config.describe()}, self.chain.rejected, state.app_hash(),
                                      coins, self.verdicts.val_over_gen, self._bet())
+        if self.poc is not None:
+            section, lines = self.poc.report()
+            report = replace(report, poc=section, network={**report.network, **lines})
         return replace(report, digest=report_digest(report))
 
 
