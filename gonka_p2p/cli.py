@@ -109,8 +109,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     net = init_local_network(Path(args.out), nodes=args.nodes, clients=args.clients,
                              models=tuple(args.model or DEFAULT_MODELS), client_balance=args.client_balance,
                              epoch_length_blocks=args.epoch_length, chain_id=args.chain_id,
-                             verification=thresholds_table(), **_poc_params(args))
+                             verification=thresholds_table(), dtype=args.dtype, **_poc_params(args))
     print(f"local network {net.genesis.chain_id!r} in {args.out}: genesis {net.genesis_path}")
+    for model, pin in net.genesis.models.items():
+        print(f"  model {model} pinned: {pin.dtype}, digest {pin.digest}")
     weights = net.genesis.weights()
     for path in net.node_keys + net.client_keys:
         peer = Keypair.load(path).peer_id
@@ -118,6 +120,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 else f"client, balance {net.genesis.allocations[peer]}")
         print(f"  {path}  {peer}  {role}")
     first = f"gonka-p2p node --key {net.node_keys[0]} --genesis {net.genesis_path} --listen /ip4/127.0.0.1/tcp/9000"
+    first += "".join(f" --model {model}" for model in args.model or ())
     print(f"start the first node with:\n  {first}\nand the others with --key {args.out}/nodeN.key, "
           "another --listen port and --bootstrap <the first node's READY address>")
     return 0
@@ -233,7 +236,7 @@ def cmd_testnet(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gonka_p2p.inference.model_names import DEFAULT_MODEL
+    from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES
     from gonka_p2p.ledger.devnet import DEFAULT_MODELS, DEVNET_CHAIN_ID, DEVNET_CLIENT_BALANCE, DEVNET_EPOCH_BLOCKS
 
     parser = argparse.ArgumentParser(prog="gonka-p2p", description=__doc__.splitlines()[0])
@@ -258,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-balance", type=int, default=DEVNET_CLIENT_BALANCE, help="coins per client")
     p.add_argument("--epoch-length", type=int, default=DEVNET_EPOCH_BLOCKS, help="blocks per epoch")
     p.add_argument("--chain-id", default=DEVNET_CHAIN_ID)
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help="the dtype every engine loads the models in (pinned in genesis beside each model's "
+                        "digest, which init computes from this machine's files)")
     p.add_argument("--proof-of-compute", action="store_true",
                    help="open membership: weights are earned each epoch by proof of compute, and a node "
                         "with a fresh key joins with --bootstrap alone")

@@ -13,6 +13,9 @@ Example ``node.toml``::
     bootstrap = ["/ip4/127.0.0.1/tcp/9001/p2p/16Uiu2..."]
     models = ["smollm2-135m"]             # models this node executes; [] = TA only
     engine = "vllm"                       # or "torch"
+    tensor_parallel_size = 1              # vLLM on multi-GPU hosts: GPUs per engine
+    gpu_memory_utilization = 0.9          # vLLM on a GPU: its share of GPU memory (omit: a 1 GiB KV cache)
+    max_model_len = 8192                  # cap on prompt + completion tokens (omit: the model's own)
     genesis = "genesis.json"              # the network's genesis: with it the node runs a ledger replica
     genesis_hash = "3f1c..."              # pinned: without a file, the genesis is fetched from bootstrap peers
     data_dir = "node-ledger"              # the replica's and the evidence store (default: <key file>-ledger/)
@@ -70,6 +73,13 @@ class NodeConfig:
     models: list[str] = _option([DEFAULT_MODEL], "model to serve (name or HF directory)",
                                 flag="--model", action="append")
     engine: str = _option("vllm", choices=ENGINES)
+    # vLLM's engine arguments that matter on multi-GPU hosts (inference/vllm_engine.vllm_engine_args);
+    # the torch engine and a CPU ignore the first two with a warning.
+    tensor_parallel_size: int = _option(1, "GPUs one vLLM engine spans (default {default})", type=int)
+    gpu_memory_utilization: float | None = _option(
+        None, "share of each GPU's memory vLLM may take, e.g. 0.9 (default: a 1 GiB KV cache)", type=float)
+    max_model_len: int | None = _option(
+        None, "cap on a request's prompt + completion tokens (default: the model's context)", type=int)
     genesis: Path | None = _option(  # actors/genesis_exchange.py: where a genesis comes from
         None, "genesis file with participant weights (default: the one saved in the data dir, else the "
               "one the bootstrap peers serve)")
@@ -125,6 +135,12 @@ class NodeConfig:
             raise ConfigError("evidence_max_bytes must be positive")
         if self.stall_timeout <= 0:
             raise ConfigError("stall_timeout must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be at least 1")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be at least 1")
         return self
 
 

@@ -1,7 +1,9 @@
 """One participant process: the network service and the actors it holds.
 
 Start-up order is chosen so that the cheap failures come first: key file,
-listen address, bootstrap peer -- and only then the seconds-long model load.
+genesis, the served models' files against the genesis pins (hashed once, then
+cached), listen address, bootstrap peer -- and only then the seconds-long
+model load.
 The node prints ``READY <multiaddr>`` on stdout once it serves (the demo and
 tests wait for that line) and shuts down cleanly on SIGINT/SIGTERM: actors
 stop, in-flight streams reset, the engine is closed. With ``http`` set it
@@ -42,8 +44,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
 from gonka_p2p.actors.artifact_server import ArtifactServer
@@ -62,6 +65,9 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.factory import EngineLoader
+from gonka_p2p.inference.model_identity import ModelMismatch, pinned_name
+from gonka_p2p.inference.model_names import DEFAULT_DTYPE
+from gonka_p2p.inference.models import ModelSpec
 from gonka_p2p.inference.verification import (
     VerificationParams,
     load_verification_params,
@@ -90,6 +96,23 @@ def verification_params_of(genesis: Genesis) -> VerificationParams:
         return verification_params_from_obj(genesis.verification)
     except (ValueError, TypeError) as e:
         raise GenesisError(f"the genesis verification table: {e}") from None
+
+
+def model_specs(config: NodeConfig, genesis: Genesis | None) -> list[ModelSpec]:
+    """What this node's engines load: each ``--model`` under the name the network serves it as,
+    in its pinned dtype, with the operator's engine arguments. A model whose local files differ
+    from its pin is a StartupError: it would be judged (and judge others) against another copy."""
+    pins = genesis.models if genesis is not None else {}
+    specs = []
+    for source in config.models:
+        try:
+            name = pinned_name(source, {model: pin.digest for model, pin in pins.items()})
+        except ModelMismatch as e:
+            raise StartupError(str(e)) from None
+        specs.append(ModelSpec(source, name, pins[name].dtype if name in pins else DEFAULT_DTYPE,
+                               config.tensor_parallel_size, config.gpu_memory_utilization,
+                               config.max_model_len))
+    return specs
 
 
 class Node:
@@ -187,10 +210,10 @@ class Node:
         """The executor draw follows the weights the ledger holds now."""
         self.directory.weights = state.weights()
 
-    def load_engines(self, loader: EngineLoader) -> None:
+    def load_engines(self, loader: EngineLoader, specs: Sequence[ModelSpec]) -> None:
         """Load each served model (a ``--cheater`` node's loader wraps each in its cheat)."""
-        for model in self.config.models:
-            self.engines[model] = loader(self.config.engine, model)
+        for spec in specs:
+            self.engines[spec.served_as] = loader(self.config.engine, spec)
 
     async def start_actors(self) -> None:
         await self.directory.start()
@@ -247,6 +270,8 @@ async def run_node(
     ``genesis``: the ``--genesis`` file's; without one the node looks further (``genesis_exchange``)."""
     key = Keypair.load_or_create(config.key)
     genesis = await resolve_genesis(config, genesis, service_factory)
+    specs = await asyncio.to_thread(model_specs, config, genesis)
+    config = replace(config, models=[spec.served_as for spec in specs])  # what it announces and serves
     service = service_factory(key, config.listen)
     node = Node(config, key, service, None, genesis)
     stop = asyncio.Event()
@@ -254,6 +279,6 @@ async def run_node(
     async with AsyncExitStack() as stack:
         stack.push_async_callback(node.close)
         await node.join()
-        await asyncio.to_thread(node.load_engines, engine_loader)
+        await asyncio.to_thread(node.load_engines, engine_loader, specs)
         on_ready(node)
         await node.serve(stop)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from gonka_p2p.adversary.cheats import Strategy, make_cheater
 from gonka_p2p.inference.engine import Engine, ScoredCompletion, TokenStep
 from gonka_p2p.inference.factory import EngineLoader
-from gonka_p2p.inference.models import LocalModelFrontend
+from gonka_p2p.inference.models import LocalModelFrontend, ModelSpec
 from gonka_p2p.inference.sampler import SamplingParams
 
 
@@ -48,6 +48,6 @@ class CheatingEngine(LocalModelFrontend):
 
 def cheating_loader(load: EngineLoader, cheat: str) -> EngineLoader:
     """``load``, but every engine it returns serves ``cheat`` (validators must catch it)."""
-    def load_cheating(kind: str, model: str) -> Engine:
+    def load_cheating(kind: str, model: ModelSpec) -> Engine:
         return CheatingEngine(load(kind, model), cheat)
     return load_cheating

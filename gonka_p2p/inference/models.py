@@ -11,7 +11,14 @@ locally once and cached:
   dequantized model; int4 is only how it is shipped.
 * ``tiny-llama``: a small seeded Llama for tests (see ``tiny_model``).
 
-Anything else must be a path to an existing HF directory, used as is.
+Anything else must be a path to an existing HF directory (any Llama/Qwen-family
+checkpoint transformers and vLLM load), used as is and served under the
+directory's name unless the genesis pins its digest under another
+(``model_identity``).
+
+What an engine loads is a :class:`ModelSpec`: the model, the name it is served
+under, the dtype the genesis pins (float32 where nothing is pinned) and the
+operator's multi-GPU engine arguments.
 
 Cache: ``$GONKA_CACHE/models/<name>``, default ``~/.cache/gonka-p2p/models``.
 A directory is built under a temporary name and renamed into place, so a
@@ -41,7 +48,7 @@ from typing import Any
 import torch
 
 from gonka_p2p.inference.engine import EngineError
-from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
+from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES, TINY_MODEL
 
 _ALIASES = {"SmolLM2-135M-Instruct": DEFAULT_MODEL}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +64,48 @@ def cache_root() -> Path:
 def known_models() -> list[str]:
     """Names ``resolve_model`` builds by itself (aliases included)."""
     return sorted({*_BUILDERS, *_ALIASES})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model an engine loads and how: everything that varies between nodes serving it.
+
+    ``dtype`` comes from the genesis pin, never from the operator: executors and
+    validators of a network must compute in the same precision. The last three
+    are the operator's (node options) and matter on multi-GPU hosts only; the
+    vLLM engine passes them on, the torch engine ignores the first two.
+    """
+
+    source: str = DEFAULT_MODEL  # a known model name or a Hugging Face directory
+    name: str | None = None  # the name the network serves it under; None: served_name(source)
+    dtype: str = DEFAULT_DTYPE
+    tensor_parallel_size: int = 1  # GPUs one engine spans
+    gpu_memory_utilization: float | None = None  # share of GPU memory vLLM may take; None: its KV budget
+    max_model_len: int | None = None  # context cap (prompt + completion); None: the model's own
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise EngineError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def served_as(self) -> str:
+        return self.name or served_name(self.source)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def model_spec(model: str | ModelSpec) -> ModelSpec:
+    """A spec for ``model``: itself, or a name or directory with the defaults."""
+    return model if isinstance(model, ModelSpec) else ModelSpec(model)
+
+
+def served_name(name_or_path: str) -> str:
+    """The name a model is served under before any genesis mapping: a known model's canonical
+    name, else the directory's own name (``/models/Qwen2.5-7B-Instruct`` -> ``Qwen2.5-7B-Instruct``)."""
+    canonical = _ALIASES.get(name_or_path, name_or_path)
+    return canonical if canonical in _BUILDERS else Path(name_or_path).expanduser().resolve().name
 
 
 def resolve_model(name_or_path: str = DEFAULT_MODEL) -> Path:
@@ -136,11 +185,13 @@ class LocalModelFrontend:
         return self._local.decode(token_ids)
 
 
-def load_local_model(name_or_path: str = DEFAULT_MODEL) -> LocalModel:
-    """Resolve ``name_or_path`` and load what engines share: tokenizer and limits."""
+def load_local_model(model: str | ModelSpec = DEFAULT_MODEL) -> LocalModel:
+    """Resolve ``model`` and load what engines share: tokenizer and limits (the context capped
+    at the spec's ``max_model_len``, so every engine refuses a longer request alike)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model(name_or_path)
+    spec = model_spec(model)
+    path = resolve_model(spec.source)
     try:
         config = json.loads((path / "config.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -152,14 +203,14 @@ def load_local_model(name_or_path: str = DEFAULT_MODEL) -> LocalModel:
         eos.update([value] if isinstance(value, int) else value or [])
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
-    canonical = _ALIASES.get(name_or_path, name_or_path)
+    max_context = int(config.get("max_position_embeddings", 2048))
     return LocalModel(
-        name=canonical if canonical in _BUILDERS else str(path),
+        name=spec.served_as,
         path=path,
         tokenizer=tokenizer,
         eos_token_ids=frozenset(eos),
         vocab_size=int(config["vocab_size"]),
-        max_context=int(config.get("max_position_embeddings", 2048)),
+        max_context=min(max_context, spec.max_model_len or max_context),
     )
 
 

@@ -2,12 +2,13 @@
 
 Why it exists: a validator must be able to re-score an executor's output with
 an independent implementation, and tests need an engine that loads in seconds
-with no engine process or KV-cache pool. It runs the same fp32 weights as
-vLLM (see ``models``) and agrees with it to about 1e-5 in logprobs.
+with no engine process or KV-cache pool. It runs the same weights as vLLM
+(see ``models``), in the dtype the genesis pins (``ModelSpec.dtype``, fp32
+where nothing is pinned), and agrees with it to about 1e-5 in logprobs at fp32.
 
 Choices:
 
-* fp32, eager, one forward at a time (a lock), each request with its own KV
+* the pinned dtype, eager, one forward at a time (a lock), each request with its own KV
   cache. Concurrent requests interleave step by step instead of batching:
   simple, and batching is vLLM's job.
 * Compute runs in a worker thread (``asyncio.to_thread``) so the event loop
@@ -28,7 +29,7 @@ import torch
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
-from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, load_local_model
+from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, ModelSpec, load_local_model, model_spec
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
 
 
@@ -49,15 +50,16 @@ def token_steps(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> list[
 
 
 class TorchEngine(LocalModelFrontend):
-    """``Engine`` over transformers in fp32."""
+    """``Engine`` over transformers in the spec's dtype (a multi-GPU spec's engine arguments are vLLM's)."""
 
-    def __init__(self, model: str = DEFAULT_MODEL) -> None:
+    def __init__(self, model: str | ModelSpec = DEFAULT_MODEL) -> None:
         from transformers import AutoModelForCausalLM
 
-        self._local: LocalModel = load_local_model(model)
+        spec = model_spec(model)
+        self._local: LocalModel = load_local_model(spec)
         try:
             self._model = AutoModelForCausalLM.from_pretrained(
-                self._local.path, dtype=torch.float32
+                self._local.path, dtype=spec.torch_dtype
             ).eval()
         except Exception as exc:
             raise EngineError(f"transformers cannot load {self._local.path}: {exc}") from exc

@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -82,8 +83,10 @@ from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
-from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, load_local_model
+from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, ModelSpec, load_local_model, model_spec
 from gonka_p2p.inference.sampler import SamplingParams, choose_token
+
+log = logging.getLogger(__name__)
 
 _RULE_KEY = "gonka_sampling"  # SamplingParams.extra_args key carrying the rule and seed
 # vLLM keeps process-global state (distributed groups, env cache): closing one
@@ -156,12 +159,14 @@ class VLLMEngine(LocalModelFrontend):
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: str | ModelSpec = DEFAULT_MODEL,
         *,
         kv_cache_gib: float = 1.0,
         max_num_seqs: int = 32,
     ) -> None:
-        self._local: LocalModel = load_local_model(model)
+        """``kv_cache_gib``: the KV budget, unless the spec gives a ``gpu_memory_utilization``."""
+        self._spec = model_spec(model)
+        self._local: LocalModel = load_local_model(self._spec)
         self.model_name = self._local.name
         self.eos_token_ids = self._local.eos_token_ids
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -282,7 +287,7 @@ class VLLMEngine(LocalModelFrontend):
 
         with self._torch_lock:
             if self._torch is None:
-                self._torch = TorchEngine(str(self._local.path))
+                self._torch = TorchEngine(self._spec)
         return self._torch
 
     # -- driver thread ------------------------------------------------------
@@ -338,21 +343,12 @@ class VLLMEngine(LocalModelFrontend):
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the sampler path verified above
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores
         from vllm.engine.arg_utils import EngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        args = EngineArgs(
-            model=str(self._local.path),
-            dtype="float32",
-            skip_tokenizer_init=True,
-            logprobs_mode="raw_logprobs",
-            logits_processors=[SeededSampling],
-            enforce_eager=True,
-            max_model_len=self._local.max_context,
-            max_num_seqs=max_num_seqs,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
-            disable_log_stats=True,
-        )
-        return LLMEngine.from_engine_args(args)
+        args = vllm_engine_args(self._local, self._spec, kv_cache_gib, max_num_seqs,
+                                on_cpu=current_platform.is_cpu())
+        return LLMEngine.from_engine_args(EngineArgs(**args))
 
     def _serve_commands(self, engine: Any, routes: dict[str, _Route]) -> bool:
         """Apply queued adds and aborts; block while idle. False once asked to stop."""
@@ -389,6 +385,37 @@ class VLLMEngine(LocalModelFrontend):
             if not route.send(route.convert(out)) and not out.finished:
                 del routes[out.request_id]  # its caller is gone
                 engine.abort_request([out.request_id])
+
+
+def vllm_engine_args(local: LocalModel, spec: ModelSpec, kv_cache_gib: float, max_num_seqs: int,
+                     *, on_cpu: bool) -> dict[str, Any]:
+    """vLLM's ``EngineArgs`` for ``spec``: the pinned dtype, our sampler and tokenization, and the
+    operator's multi-GPU arguments -- which mean nothing on a CPU, where they are ignored with a
+    note and the KV cache is ``kv_cache_gib``. On a GPU a ``gpu_memory_utilization`` sizes the
+    KV cache instead (vLLM ignores it when a byte budget is given)."""
+    args: dict[str, Any] = dict(
+        model=str(local.path),
+        dtype=spec.dtype,
+        skip_tokenizer_init=True,
+        logprobs_mode="raw_logprobs",
+        logits_processors=[SeededSampling],
+        enforce_eager=True,
+        max_model_len=local.max_context,  # already capped at spec.max_model_len
+        max_num_seqs=max_num_seqs,
+        disable_log_stats=True,
+    )
+    gpu_only = {"tensor_parallel_size": spec.tensor_parallel_size if spec.tensor_parallel_size > 1 else None,
+                "gpu_memory_utilization": spec.gpu_memory_utilization}
+    given = {k: v for k, v in gpu_only.items() if v is not None}
+    if on_cpu:
+        if given:
+            log.warning("%s: %s ignored on a CPU (multi-GPU engine arguments)", local.name,
+                        ", ".join(f"{k}={v}" for k, v in given.items()))
+        given = {}
+    args.update(given)
+    if "gpu_memory_utilization" not in given:
+        args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    return args
 
 
 def _forget_partial_start() -> None:

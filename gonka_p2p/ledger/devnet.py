@@ -12,7 +12,10 @@ the verification metric's parameters (the tree of the package's calibrated
 ``thresholds.toml``), the genesis pins them for the served models and
 derives the ledger's integer epoch-test parameters from the same rates.
 Each node's epoch-0 validation seed commitment goes into genesis too, so the
-bootstrap epoch's inferences are checked like any other's.
+bootstrap epoch's inferences are checked like any other's. Every model is
+pinned (``[models]``): the digest of the files this machine holds for it
+(built or hashed here, so writing a network takes the model's hashing time
+once) and the dtype asked for, float32 by default.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.model_names import DEFAULT_MODEL
+from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, save_genesis, sprt_params_from_rates
+from gonka_p2p.ledger.model_pins import ModelPin
 from gonka_p2p.ledger.rules import seed_commitment
 from gonka_p2p.ledger.transactions import derive_validation_seed
 
@@ -58,10 +62,12 @@ def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
                    models: tuple[str, ...] = DEFAULT_MODELS, client_balance: int = DEVNET_CLIENT_BALANCE,
                    epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS, chain_id: str = DEVNET_CHAIN_ID,
                    genesis_time_ms: int = 0, verification: Mapping[str, Any] | None = None,
-                   seed_commitments: list[bytes] | None = None, **params: int) -> Genesis:
+                   seed_commitments: list[bytes] | None = None, pins: Mapping[str, ModelPin] | None = None,
+                   **params: int) -> Genesis:
     """Equal weights for every participant, ``client_balance`` for every client, each model at 1
     per token; ``params`` overrides other entries of the parameters table. ``verification``:
-    the metric's parameters (thresholds per model, ``sprt`` rates), kept for ``models``."""
+    the metric's parameters (thresholds per model, ``sprt`` rates), kept for ``models``.
+    ``pins``: the models table (none: nothing pinned)."""
     pinned: dict[str, Any] = {}
     if verification:
         pinned = {**verification, "models": {m: t for m, t in verification.get("models", {}).items()
@@ -80,15 +86,28 @@ def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
                                                      strict=True)),
         allocations={c: client_balance for c in clients},
         verification=pinned,
+        models=pins or {},
     )
+
+
+def pin_models(models: tuple[str, ...], dtype: str) -> dict[str, ModelPin]:
+    """Each model's pin, under the name it is served as (a directory's own name), from the files
+    this machine holds for it (building a known model if missing)."""
+    from gonka_p2p.inference.model_identity import model_digest  # imports torch: only when writing
+    from gonka_p2p.inference.models import resolve_model, served_name
+
+    if dtype not in DTYPES:
+        raise DevnetError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return {served_name(m): ModelPin(digest=model_digest(resolve_model(m)), dtype=dtype) for m in models}
 
 
 def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[str, ...] = DEFAULT_MODELS,
                        client_balance: int = DEVNET_CLIENT_BALANCE,
                        epoch_length_blocks: int = DEVNET_EPOCH_BLOCKS,
                        chain_id: str = DEVNET_CHAIN_ID, verification: Mapping[str, Any] | None = None,
-                       **params: int) -> LocalNetwork:
-    """Write ``node{i}.key``, ``client{j}.key`` and ``genesis.toml`` into ``directory``."""
+                       dtype: str = DEFAULT_DTYPE, **params: int) -> LocalNetwork:
+    """Write ``node{i}.key``, ``client{j}.key`` and ``genesis.toml`` into ``directory``, each
+    model pinned to this machine's copy of it in ``dtype``."""
     if nodes < 1:
         raise DevnetError("a network needs at least one node (--nodes >= 1)")
     if clients < 0 or client_balance < 0:
@@ -104,12 +123,13 @@ def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[
     taken = [p for p in [genesis_path, *node_paths, *client_paths] if p.exists()]
     if taken:
         raise DevnetError(f"{taken[0]} already exists; refusing to overwrite a network (use another directory)")
+    pins = pin_models(models, dtype)
     node_keys = [Keypair.generate() for _ in node_paths]
     client_keys = [Keypair.generate() for _ in client_paths]
-    genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], models,
+    genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], tuple(pins),
                              client_balance, epoch_length_blocks, chain_id, int(time.time() * 1000),
                              verification, [epoch0_seed_commitment(k, chain_id) for k in node_keys],
-                             **params)  # validated before writing
+                             pins, **params)  # validated before writing
     for key, path in zip(node_keys + client_keys, node_paths + client_paths):
         key.save(path)
     save_genesis(genesis, genesis_path)

@@ -32,6 +32,10 @@ hold the same tree::
     [allocations]                             # coin units, by peer id
     "16Uiu2HAm..." = 1000000
 
+    [models."smollm2-135m"]                   # optional per model: what the name means
+    digest = "5f0c..."                        # SHA-256 of its weight, tokenizer, config files
+    dtype = "float32"                         # the precision every engine loads it in
+
     [verification.sprt]                       # the verification metric's parameters:
     honest_fail_rate = 0.005                  # the tree of inference/thresholds.toml
     [verification.models."smollm2-135m"]
@@ -45,6 +49,12 @@ state transitions; its own epoch test runs on the integer ``sprt_*``
 parameters, which :func:`sprt_params_from_rates` derives from the same rates
 when the file is written -- but it is part of :meth:`Genesis.hash`, so
 validators holding different thresholds are on different networks.
+
+The ``models`` table (:mod:`gonka_p2p.ledger.model_pins`) pins per model the
+digest of its files and its dtype; a node whose files differ refuses to serve
+or validate that model. Like ``verification`` the state machine never reads
+it; it is part of :meth:`Genesis.hash` when present, and a record without
+pins hashes exactly as before the table existed.
 
 :func:`load_genesis` is total: any problem in the file is a :class:`GenesisError`
 that names the offending entry. :meth:`Genesis.hash` is the canonical
@@ -68,6 +78,7 @@ import tomli_w
 from coincurve import PublicKey
 
 from gonka_p2p.identity import PUBKEY_BYTES, digest, peer_id_from_pubkey
+from gonka_p2p.ledger.model_pins import ModelPin, check_pins, pins_from_obj, pins_toml
 from gonka_p2p.ledger.poc import schedule_problem
 from gonka_p2p.ledger.rules import MAX_EXECUTOR_ATTEMPTS, PPM, is_account_address
 from gonka_p2p.wire.messages import MAX_CHAIN_ID
@@ -299,11 +310,14 @@ class Genesis:
     # The verification metric's parameters (see the module docstring); empty: the
     # validators' own calibrated defaults.
     verification: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Model name -> the digest and dtype it pins (model_pins.py); empty: nothing pinned.
+    models: Mapping[str, ModelPin] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "participants", tuple(self.participants))
         object.__setattr__(self, "allocations",
                            MappingProxyType(dict(sorted(self.allocations.items()))))
+        object.__setattr__(self, "models", MappingProxyType(dict(sorted(self.models.items()))))
         object.__setattr__(self, "verification", _frozen_tree(self.verification, "verification", 1))
         _validate(self)
 
@@ -317,7 +331,9 @@ class Genesis:
         return {p.peer_id: p.weight for p in self.participants}
 
     def to_obj(self) -> dict[str, Any]:
-        """The canonical tree (sorted maps, hex keys) that both file formats hold."""
+        """The canonical tree (sorted maps, hex keys) that both file formats hold; ``models``
+        only when something is pinned, so a record without pins keeps its hash."""
+        pins = {"models": {m: pin.to_obj() for m, pin in self.models.items()}} if self.models else {}
         return {
             "chain_id": self.chain_id,
             "genesis_time_ms": self.genesis_time_ms,
@@ -329,6 +345,7 @@ class Genesis:
                              for p in self.participants],
             "allocations": dict(self.allocations),
             "verification": _plain_tree(self.verification),
+            **pins,
         }
 
     def hash(self) -> bytes:
@@ -340,8 +357,8 @@ def genesis_from_obj(obj: Any) -> Genesis:
     """Build a :class:`Genesis` from a parsed TOML/JSON tree, or raise :class:`GenesisError`."""
     if not isinstance(obj, dict):
         raise GenesisError("genesis must be a table")
-    _only(obj, {"chain_id", "genesis_time_ms", "params", "participants", "allocations", "verification"},
-          "genesis")
+    _only(obj, {"chain_id", "genesis_time_ms", "params", "participants", "allocations", "verification",
+                "models"}, "genesis")
     raw_params = obj.get("params", {})
     if not isinstance(raw_params, dict):
         raise GenesisError("[params] must be a table")
@@ -369,12 +386,16 @@ def genesis_from_obj(obj: Any) -> Genesis:
     allocations = obj.get("allocations", {})
     if not isinstance(allocations, dict):
         raise GenesisError("[allocations] must be a table of peer id = amount")
+    try:
+        models = pins_from_obj(obj.get("models", {}))
+    except ValueError as e:
+        raise GenesisError(str(e)) from None
     return Genesis(
         chain_id=_str(obj.get("chain_id"), "chain_id"),
         genesis_time_ms=_int(obj.get("genesis_time_ms", 0), "genesis_time_ms"),
         params=params, participants=tuple(participants),
         allocations={str(a): _int(v, f"allocation of {a}") for a, v in allocations.items()},
-        verification=obj.get("verification", {}))
+        verification=obj.get("verification", {}), models=models)
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -424,6 +445,8 @@ def genesis_to_toml(genesis: Genesis) -> str:
         lines += ["", "# Verification thresholds per model and the epoch test's rates (validators judge by",
                   "# these; see gonka_p2p/inference/verification.py).",
                   tomli_w.dumps({"verification": obj["verification"]})]
+    if genesis.models:
+        lines += ["", *pins_toml(genesis.models)]
     return "\n".join(lines) + "\n"
 
 
@@ -492,6 +515,10 @@ def _validate(g: Genesis) -> None:
             raise GenesisError(f"allocation to {account}: amount must be a non-negative integer")
     if g.supply > MAX_SUPPLY:
         raise GenesisError(f"total allocation {g.supply} exceeds {MAX_SUPPLY}")
+    try:
+        check_pins(g.models, p.price_per_token)
+    except ValueError as e:
+        raise GenesisError(str(e)) from None
 
 
 def _frozen_tree(tree: Any, where: str, depth: int) -> Mapping[str, Any]:
