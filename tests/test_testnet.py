@@ -193,13 +193,14 @@ def test_without_root_the_harness_says_so_and_creates_nothing(monkeypatch: pytes
         netns.require_privilege()
 
 
-def test_a_participant_that_exits_on_its_own_is_reported_once_with_its_last_log_line(tmp_path: Path) -> None:
+def test_a_participant_that_exits_on_its_own_is_reported_once_with_its_last_error_line(tmp_path: Path) -> None:
     host = netns.Host("unused", "10.77.0.10", "h10")
     p = Participant(0, host, tmp_path / "node0.key", "16Uiu2Hx", tmp_path, starts=1)
-    p.log.write_text("starting\nNameError: name 'x' is not defined\n")
+    p.log.write_text("starting\n  | gonka_p2p.gossip.service.NetworkError: the network service is stopping\n"
+                     "  +------------------------------------\n")
     p.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], text=True)
     p.proc.wait()
-    assert "exited with 3: NameError" in (p.crashed() or "")
+    assert "exited with 3: gonka_p2p.gossip.service.NetworkError: the network" in (p.crashed() or "")
     assert p.crashed() is None  # once
     p.meant_down = False
     p.stop()  # we stopped it: not a crash
@@ -246,7 +247,9 @@ def test_two_of_five_frozen_for_good_is_reported_stalled_not_passing(tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GONKA_TESTNET_SHORT") != "1", reason=(
-    "the 6-8 minute proof-of-compute scenario runs with GONKA_TESTNET_SHORT=1, like the short one"))
+    "the 8-minute proof-of-compute scenario runs with GONKA_TESTNET_SHORT=1: it does not pass yet -- "
+    "once the leaver's peer record expires, py-libp2p 0.8.1's peerstore cleanup raises PeerStoreError "
+    "and takes the other participants down (issue 14 is open for it)"))
 def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weight(tmp_path: Path) -> None:
     namespaces_or_skip()
     result, report = run_testnet("membership.toml", tmp_path, timeout=1200)

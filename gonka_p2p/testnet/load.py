@@ -15,9 +15,9 @@ all arrived but whose last frame was lost from one charged for an answer the
 client never got. The HTTP API shows text, not token ids, so an HTTP line has
 no ``answer``: the gateway verified every frame (signer, position, final
 hash) before passing it on, and the judge compares the executor and the
-token count (each token is one logprobs entry; special tokens, such as the
-end of sequence, are not shown, so a cut answer that ended in one reads one
-token short). ``hung`` marks a request that reached ``timeout_s`` without
+token count (the usage of a finished answer; of a cut one, its logprobs
+entries, where special tokens such as the end of sequence are not shown, so
+a cut answer that ended in one reads one token short). ``hung`` marks a request that reached ``timeout_s`` without
 an end: neither the TA's stall timeout nor the client's ``idle_s`` cut it.
 The ledger's side of each request is judged later by the observer.
 """
@@ -78,8 +78,10 @@ async def http_request(key: Keypair, chain_id: str, url: str, n: int, args: dict
     since a resent envelope is a replay."""
     stream = n % 2 == 0
     body = {"model": args["model"], "messages": [{"role": r, "content": c} for r, c in prompt(n)],
-            "max_tokens": args["max_tokens"], "logprobs": True, "top_logprobs": 0}
-    envelope = parse_body("chat", body | {"stream": stream}).sign(key, chain_id)
+            "max_tokens": args["max_tokens"], "logprobs": True, "top_logprobs": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    envelope = parse_body("chat", body).sign(key, chain_id)
     record: dict[str, Any] = {"id": inference_id(open_envelope(envelope, InferenceRequest)).hex(),
                               "via": "http", "stream": stream, "tokens": 0}
     timeout = httpx.Timeout(args["idle_s"], connect=10.0)
@@ -89,15 +91,17 @@ async def http_request(key: Keypair, chain_id: str, url: str, n: int, args: dict
 
         async def ask() -> None:
             raw = await client.chat.completions.with_raw_response.create(
-                **body, stream=stream, extra_headers=headers)  # type: ignore[call-overload]
+                **body, extra_headers=headers)  # type: ignore[call-overload]
             record["executor"] = raw.headers.get("x-gonka-executor", "")
-            answer = await raw.parse()
+            answer = raw.parse()
             if not stream:
                 record["tokens"] = answer.usage.completion_tokens
                 return
             async for chunk in answer:
                 for choice in chunk.choices:
                     record["tokens"] += len(choice.logprobs.content or []) if choice.logprobs else 0
+                if chunk.usage is not None:  # the last chunk: the count special tokens included
+                    record["tokens"] = chunk.usage.completion_tokens
 
         await bounded(ask(), args["timeout_s"], record)
     return record

@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from gonka_p2p.testnet.manifest import Manifest, Perturbation
 PORT = 9000
 HTTP_PORT = 8000  # every participant's OpenAI gateway
 READY_TIMEOUT_S = 300.0  # a model load on a busy machine
+ERROR_LINE = re.compile(r"[\w.]*(Error|Exception|ExceptionGroup): ")  # "pkg.SomeError: why", as a traceback ends
 
 
 class TestnetError(Exception):
@@ -97,11 +99,13 @@ class Participant:
         return self.log_dir / f"node{self.index}.{self.starts}.log"
 
     def crashed(self) -> str | None:
-        """Why the process exited on its own (its log's last line), once; None while it runs or when meant."""
+        """Why the process exited on its own (its log's last error line, else its last line), once;
+        None while it runs or when meant. A traceback group ends in frame lines, not in its error."""
         if self.proc is None or self.meant_down or self.proc.poll() is None:
             return None
         self.meant_down = True  # reported once
-        last = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        lines = [line.strip(" |") for line in self.log.read_text(errors="replace").splitlines() if line.strip(" |+-")]
+        last = ([line for line in lines if ERROR_LINE.match(line)] or lines)[-1:]
         return f"participant {self.index} exited with {self.proc.returncode}: {''.join(last)[:160]} ({self.log})"
 
     def wait_ready(self) -> None:
