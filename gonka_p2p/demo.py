@@ -151,7 +151,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
     """``cheater``: add one participant serving that cheat (``cheats.CHEATS``) and show
     the validators catching it within the epoch."""
     from gonka_p2p.adversary.cheats import CHEATS
-    from gonka_p2p.inference.models import resolve_model
+    from gonka_p2p.inference.models import resolve_model, served_name
 
     if nodes < 3:
         console.print("[red]error:[/red] the demo needs at least 3 nodes")
@@ -167,6 +167,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
         task = progress.add_task(f"preparing model {model} (dequantized once, then cached)")
         model_dir = await asyncio.to_thread(resolve_model, model)
         progress.update(task, description=f"model {model} ready at {model_dir}", completed=1, total=1)
+        served = served_name(model)  # what the nodes announce and clients ask for (a directory: its name)
 
         workdir = Path(tempfile.mkdtemp(prefix="gonka-demo-"))
         network = init_local_network(workdir, nodes=nodes, clients=1, models=(model,),
@@ -197,7 +198,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
                 clients.append(GonkaClient(client_key, client_service, ta, chain_id=network.genesis.chain_id))
             task = progress.add_task("waiting until every TA sees the executors", total=1)
             for client in clients:
-                await _wait_for_executors(client, nodes - 1, model)
+                await _wait_for_executors(client, nodes - 1, served)
             progress.update(task, completed=1)
         except BaseException:
             await _shutdown(procs, client_service)
@@ -217,7 +218,7 @@ async def run_demo(nodes: int, requests: int, engine: str, model: str, max_token
                                and i < 4 * requests):
             prompt, temperature = PROMPTS[i % len(PROMPTS)]
             client = clients[i % len(clients)]
-            completion = await _ask(client, prompt, temperature, model, max_tokens)
+            completion = await _ask(client, prompt, temperature, served, max_tokens)
             results.append((client.ta, completion))
             console.print(_request_table(i + 1, client.ta, completion, cheater_peer))
             i += 1
