@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from test_sampler_batched import literal_weights, splitmix_u32
 
 from gonka_p2p.adversary import cheats
 from gonka_p2p.inference import verification
@@ -268,26 +269,18 @@ def test_drop_layers_and_fake_quantize_transform_a_copy(engine: TorchEngine) -> 
 
 def reference_margin(row: torch.Tensor, params: SamplingParams, seed: bytes, position: int,
                      claimed: int) -> float:
-    """The sampler's rule (module docstring of ``sampler``) on one row, the plain way:
-    float64 log_softmax, temperature, top-k, top-p by a full stable sort, inverse CDF."""
-    lp = torch.log_softmax(row.to(torch.float64), dim=-1)
+    """``check_token``'s margin on one row, the plain way: greedy, nats below the float32
+    row's maximum; sampled, the rule's integer weights (``literal_weights``) and noise, and
+    the distance of ``t`` from the claimed token's interval as a share of the total."""
     if params.greedy:
-        return float(lp.max() - lp[claimed])
-    z = lp / params.temperature
-    if 0 < params.top_k < len(z):
-        z = z.masked_fill(z < torch.topk(z, params.top_k).values[-1], float("-inf"))
-    probs = torch.softmax(z, dim=-1)
-    if params.top_p < 1.0:
-        values, ids = torch.sort(probs, descending=True, stable=True)
-        kept = torch.zeros_like(probs, dtype=torch.bool)
-        kept[ids[(torch.cumsum(values, dim=0) - values) < params.top_p]] = True
-        probs = probs * kept
-    cdf = torch.cumsum(probs / probs.sum(), dim=0)
-    hi, lo = float(cdf[claimed]), float(cdf[claimed - 1]) if claimed else 0.0
-    u = position_uniform(seed, position)
+        x = row.to(torch.float32).to(torch.float64)
+        return float(x.max() - x[claimed])
+    q = literal_weights(row, params)
+    lo, hi, total = sum(q[:claimed]), sum(q[:claimed + 1]), sum(q)
+    t = splitmix_u32(seed, position) * total >> 32
     if hi <= lo:
         return math.inf
-    return 0.0 if lo <= u < hi else min(abs(u - lo), abs(u - hi))
+    return 0.0 if lo <= t < hi else (lo - t if t < lo else t - hi + 1) / total
 
 
 def reference_measurements(engine: TorchEngine, artifact: InferenceArtifact
@@ -346,17 +339,18 @@ async def test_batched_validation_equals_the_position_by_position_rule(
 def test_nucleus_mask_tiers_equal_the_full_sort() -> None:
     """Rows settled by the 64-candidate tier, by the 1024 one, and by neither, in one batch."""
     torch.manual_seed(0)
-    logits = torch.randn(6, 5000, dtype=torch.float64)
+    logits = torch.randn(6, 5000)
     logits[:2] *= 30.0  # peaked: a nucleus of a few tokens
     logits[2:4] *= 3.0  # a few hundred tokens
     logits[4:, :] = 0.0  # flat: every token ties, the nucleus is 90% of them
-    probs = torch.softmax(logits, dim=-1)
-    for row, mask in zip(probs, nucleus_mask(probs, 0.9), strict=True):
+    q = (torch.softmax(logits, dim=-1) * 2.0**30).to(torch.int32)
+    threshold = (round(0.9 * 2**32) * q.sum(dim=-1, dtype=torch.int64)) >> 32
+    for row, limit, mask in zip(q, threshold, nucleus_mask(q, threshold), strict=True):
         values, ids = torch.sort(row, descending=True, stable=True)
         expected = torch.zeros_like(mask)
-        expected[ids[(torch.cumsum(values, dim=0) - values) < 0.9]] = True
+        expected[ids[(torch.cumsum(values, dim=0, dtype=torch.int64) - values) < limit]] = True
         assert torch.equal(mask, expected)
-    sizes = nucleus_mask(probs, 0.9).sum(dim=-1).tolist()
+    sizes = nucleus_mask(q, threshold).sum(dim=-1).tolist()
     assert sizes[0] < 64 and 64 < sizes[2] < 1024 and sizes[4] > 1024, sizes
 
 

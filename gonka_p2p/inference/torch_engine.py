@@ -14,7 +14,8 @@ Choices:
 * Compute runs in a worker thread (``asyncio.to_thread``) so the event loop
   keeps serving the network while the model runs.
 * The token at generated position i is ``sampler.choose_token(row, params,
-  seed, i)`` on the raw logits row; the evidence is the raw (temperature 1)
+  seed, i)`` on the raw logits row: ``sampler.sample_batch``, the function
+  vLLM's batch runs, on a batch of one; the evidence is the raw (temperature 1)
   ``log_softmax`` of that row in float32, as vLLM's ``raw_logprobs`` mode
   computes it.
 """

@@ -90,7 +90,8 @@ from gonka_p2p.wire.messages import response_hash
 # Bump when :func:`measure` would return other numbers for the same artifact and
 # scores: the detection benchmark keeps hours of measurements keyed by it (a faster
 # but equivalent implementation keeps the version; tests hold it to the reference).
-MEASURE_VERSION = 1
+# 2: the sampler's rule moved to integer weights and SplitMix64 noise (batched on the device).
+MEASURE_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # Parameters

@@ -24,23 +24,27 @@ compute releases the GIL; with 8 requests decoding, the event loop's lag was
 p50 0.2 ms, p99 5 ms. The engine is also *built* on that thread so vLLM's
 CPU thread setup applies to the thread that computes.
 
-**Token choice = ``sampler.choose_token``, exactly.** Every request carries
-its sampling rule and seed in ``SamplingParams.extra_args``; a per-request
-logits processor (:class:`SeededSampling`, an ``AdapterLogitsProcessor``)
-computes ``choose_token(raw_row, params, seed, len(output_ids))`` and masks
-every other token to -inf; vLLM itself runs greedy (temperature 0), so its
-argmax is that token. Checked in ``vllm/v1/sample/sampler.py``: with
-``logprobs_mode="raw_logprobs"`` the returned logprobs are
-``log_softmax(logits)`` computed *before* any logits processor; processors
-that are not argmax-invariant (ours) run in ``apply_logits_processors``
-before the greedy argmax, so greedy requests go through it; the row it sees
-is the model's float32 logits (no temperature, penalties or bias: none are
-set). ``len(output_ids)`` is the 0-based index of the token being chosen
-(the list is vLLM's live reference to the request's output, restored on
-preemption). The processor runs even at temperature 0 so ties break by
-``choose_token``'s rule (lowest id), not by vLLM's argmax kernel. The V1
-model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``): V2 has its own
-logits-processor pipeline this was not verified against.
+**Token choice = the sampler's rule, for the whole batch at once.** Every
+request carries its sampling rule and seed in ``SamplingParams.extra_args``;
+one batch-level logits processor (:class:`SeededSampling`, a vLLM v1
+``LogitsProcessor``) keeps each row's rule as device tensors, rebuilt only
+when the batch changes (``update_state``), and per step runs
+``sampler.sample_batch`` over the batch's logits on the engine's device --
+tensor passes, no Python per request beyond reading each row's output length,
+no copy of a logits row to the host -- then sets each chosen token's logit to
++inf; vLLM itself runs greedy (temperature 0), so its argmax is that token.
+Checked in ``vllm/v1/sample/sampler.py``: with ``logprobs_mode="raw_logprobs"``
+the returned logprobs are ``log_softmax(logits)`` computed *before* any logits
+processor; processors that are not argmax-invariant (ours) run in
+``apply_logits_processors`` before the greedy argmax, so greedy requests go
+through it; the rows it sees are the model's float32 logits (no temperature,
+penalties or bias: none are set). The position of a row is
+``len(output_ids)``, the 0-based index of the token being chosen (the list is
+vLLM's live reference to the request's output, handed over again when a
+preempted request is re-added). The processor decides greedy rows too, so
+ties break by the sampler's rule (lowest id), not by vLLM's argmax kernel.
+The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0``): V2 has its
+own logits-processor pipeline this was not verified against.
 
 **Tokenization is ours.** vLLM runs with ``skip_tokenizer_init``: prompts
 arrive as ids encoded by the shared transformers tokenizer
@@ -79,12 +83,13 @@ from typing import Any
 import torch
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.sampling_params import RequestOutputKind
-from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
 from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, ModelSpec, load_local_model, model_spec
-from gonka_p2p.inference.sampler import SamplingParams, choose_token
+from gonka_p2p.inference.sampler import RowRules, SamplingParams, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -94,31 +99,79 @@ _RULE_KEY = "gonka_sampling"  # SamplingParams.extra_args key carrying the rule 
 _ONE_ENGINE = threading.Lock()
 
 
-class SeededSampling(AdapterLogitsProcessor):
-    """vLLM logits processor forcing ``sampler.choose_token``'s pick on each request.
+@dataclass(frozen=True)
+class _Row:
+    """One generating request's place in the batch, as ``SeededSampling`` keeps it."""
 
-    Cost on the engine thread, per request per step (49k vocabulary):
-    0.06 ms greedy, 0.3 ms sampled, ~6 ms with ``top_p < 1`` (the sampler's
-    stable float64 sort of the whole vocabulary).
+    params: SamplingParams
+    seed: bytes
+    output_ids: list[int]  # vLLM's live list: its length is the position being chosen
+
+
+def _rule_of(params: VllmSamplingParams) -> tuple[SamplingParams, bytes] | None:
+    """The sampler's rule and seed a request carries; None for scoring requests."""
+    rule = (params.extra_args or {}).get(_RULE_KEY)
+    if rule is None:
+        return None
+    return SamplingParams(**rule["params"]), bytes.fromhex(rule["seed"])
+
+
+class SeededSampling(LogitsProcessor):
+    """vLLM logits processor forcing ``sampler.sample_batch``'s pick on every generating
+    row of the batch (scoring requests carry no rule and are left alone).
+
+    Per step: the rows' positions (one ``len`` per request, copied to the device as
+    one tensor), ``sample_batch`` on the device, one scatter of +inf. Per batch
+    change: the rows' rules rebuilt as tensors (``RowRules.of``).
     """
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self._device = torch.device(device)
+        self._pin = is_pin_memory
+        self._vocab = vllm_config.model_config.get_vocab_size()
+        self._rows: dict[int, _Row] = {}  # batch index -> the request there
+        self._outputs: list[list[int]] = []  # the rows' output lists, in batch order
+        self._index = torch.empty(0, dtype=torch.long, device=self._device)
+        self._leading = True  # the ruled rows are exactly the batch's first rows
+        self._rules: RowRules | None = None
+
+    @classmethod
+    def validate_params(cls, sampling_params: VllmSamplingParams) -> None:
+        _rule_of(sampling_params)  # a malformed rule fails its request, not the engine
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the argmax; vLLM must apply it to greedy requests
 
-    def new_req_logits_processor(self, params: Any) -> Callable | None:
-        rule = (params.extra_args or {}).get(_RULE_KEY)
-        if rule is None:
-            return None  # scoring requests: nothing to force
-        sampling = SamplingParams(**rule["params"])
-        seed = bytes.fromhex(rule["seed"])
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def row(params: VllmSamplingParams, _: Any, output_ids: list[int]) -> _Row | None:
+            rule = _rule_of(params)
+            return None if rule is None else _Row(*rule, output_ids)
 
-        def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-            token = choose_token(logits.cpu(), sampling, seed, len(output_ids))
-            logits.fill_(float("-inf"))
-            logits[token] = 0.0
+        if not process_dict_updates(self._rows, batch_update, row):
+            return
+        order = sorted(self._rows)
+        rows = [self._rows[i] for i in order]
+        self._outputs = [r.output_ids for r in rows]
+        self._index = torch.tensor(order, dtype=torch.long).to(self._device)
+        self._leading = order == list(range(len(order)))
+        self._rules = RowRules.of([(r.params, r.seed) for r in rows], self._vocab, self._device) \
+            if rows else None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._rules is None:
             return logits
+        positions = torch.tensor(list(map(len, self._outputs)), dtype=torch.long,
+                                 pin_memory=self._pin).to(self._device, non_blocking=True)
+        n = len(self._outputs)
+        rows = logits[:n] if self._leading else logits.index_select(0, self._index)
+        tokens = sample_batch(rows, self._rules, positions)
+        logits.index_put_((self._index, tokens), torch.tensor(float("inf"), device=logits.device))
+        return logits
 
-        return force
+
+def rule_args(params: SamplingParams, seed: bytes) -> dict[str, Any]:
+    """The ``extra_args`` that hand a request's rule and seed to ``SeededSampling``."""
+    return {_RULE_KEY: {"params": dataclasses.asdict(params), "seed": seed.hex()}}
 
 
 @dataclass
@@ -203,7 +256,7 @@ class VLLMEngine(LocalModelFrontend):
             output_kind=RequestOutputKind.DELTA,
             max_tokens=params.max_tokens,
             logprobs=params.logprobs_k,
-            extra_args={_RULE_KEY: {"params": dataclasses.asdict(params), "seed": seed.hex()}},
+            extra_args=rule_args(params, seed),
         )
         route = self._route(_generation_payload)
         request_id = self._submit(prompt_ids, vllm_params, route)
