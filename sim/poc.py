@@ -27,7 +27,7 @@ makes of a live network's: who proved what, who is a fraud, the next epoch's wei
   recomputing it, so an honest leaf always passes and a fabricated one never does.
 
 A confirmation round (at the height the ledger picks) is answered by the participants
-holding weight for the model, on their own hardware. Leavers stop proving (and serving)
+that committed in the epoch's regular round, on their own hardware. Leavers stop proving (and serving)
 at their leave epoch; joiners prove from their join epoch and serve from the next.
 
 Every message lands after a latency drawn from this module's own seeded stream, so a
@@ -51,7 +51,7 @@ from gonka_p2p.ledger.poc_rounds import (
     open_rounds,
     sampled,
     to_judge,
-    unconfirmed,
+    round_outcome,
     verdicts,
 )
 from gonka_p2p.ledger.rules import PPM, seed_commitment
@@ -190,13 +190,13 @@ class ProofOfCompute:
                 self._judge(height, key, record.work_seed)
 
     def _provers(self, key: RoundKey) -> list[Peer]:
-        """Who proves in this round: the online peers (a confirmation: those holding weight)."""
+        """Who proves in this round: the online peers (a confirmation: those that committed in
+        the epoch's regular round, which it confirms)."""
         online = [p for p in self.peers if p.online[key.epoch]]
         if key.kind is RoundKind.REGULAR:
             return online
-        info = self.chain.state.epoch_info(key.epoch)
-        holding = info.model_weights(MODEL) if info is not None else {}
-        return [p for p in online if holding.get(p.peer_id)]
+        entries = self.chain.state.poc_entries
+        return [p for p in online if (key.epoch, RoundKind.REGULAR, p.peer_id, MODEL) in entries]
 
     def _nonces(self, peer: Peer, key: RoundKey, blocks: int) -> int:
         hardware = peer.capacity
@@ -294,7 +294,7 @@ class ProofOfCompute:
         if height % length == 0:
             ended = height // length - 1
             if ended < self.config.epochs:
-                self.unconfirmed[ended] = sorted(self._name(p) for p in unconfirmed(self.chain.state, ended))
+                self.unconfirmed[ended] = sorted(self._name(p) for p in round_outcome(self.chain.state, ended).unconfirmed)
             if ended + 1 < self.config.epochs:
                 self._epoch_started(ended + 1)
 

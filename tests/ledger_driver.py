@@ -263,24 +263,19 @@ class LedgerDriver:
         self.ok(*[self.poc_verdict(judge, who, who not in fail, epoch, kind, model)
                   for judge in self.poc_judges(epoch) for who, model in counts if judge != who])
 
-    def confirmation_counts(self, epoch: int, skip: Set[str] = frozenset()) -> dict[tuple[str, str], int]:
-        """The fewest nonces by which each holder of ``epoch``'s draw weight (but ``skip``)
-        confirms it, per model."""
-        info, params = self.state.epoch_info(epoch), self.state.params
-        assert info is not None
-        need = {}
-        for model, table in info.draw_weights:
-            for peer, weight in table:
-                if self.name_of(peer) not in skip:
-                    need[(self.name_of(peer), model)] = max(1, -(-params.poc_confirm_min_ppm * weight
-                                                                 * params.poc_confirm_compute_blocks
-                                                                 // (params.poc_compute_blocks * rules.PPM)))
-        return need
+    def confirmation_counts(self, counts: Mapping[tuple[str, str], int], skip: Set[str] = frozenset()
+                            ) -> dict[tuple[str, str], int]:
+        """The fewest nonces by which each regular commitment of ``counts`` (but ``skip``'s) is
+        confirmed, per model."""
+        params = self.state.params
+        return {(who, model): max(1, -(-params.poc_confirm_min_ppm * n * params.poc_confirm_compute_blocks
+                                       // (params.poc_compute_blocks * rules.PPM)))
+                for (who, model), n in counts.items() if who not in skip}
 
     def poc_epoch(self, epoch: int, counts: Mapping[tuple[str, str], int], fail: Set[str] = frozenset(),
                   unconfirmed: Set[str] = frozenset()) -> None:
-        """:meth:`poc_round` for the regular round, every weighted participant but
-        ``unconfirmed`` confirming, then blocks to the epoch's last (its weights applied)."""
+        """:meth:`poc_round` for the regular round, every regular committer but ``unconfirmed``
+        confirming it, then blocks to the epoch's last (its weights applied)."""
         self.poc_round(epoch, RoundKind.REGULAR, counts, fail)
-        self.poc_round(epoch, RoundKind.CONFIRMATION, self.confirmation_counts(epoch, unconfirmed))
+        self.poc_round(epoch, RoundKind.CONFIRMATION, self.confirmation_counts(counts, unconfirmed))
         self.until(rules.epoch_last_height(epoch, self.state.params))

@@ -181,7 +181,7 @@ def test_the_app_hash_of_a_fixed_block_sequence_is_unchanged() -> None:
 
 def run_poc_sequence() -> Driver:
     """Epoch 0 of a proof-of-compute network (``ledger_driver.poc_params``): ta, v1 and the
-    newcomer prove 100, 60 and 40 nonces, ex commits nothing; everyone weighted confirms."""
+    newcomer prove 100, 60 and 40 nonces, ex commits nothing; every committer confirms."""
     d = Driver(poc_genesis(CHAIN, KEYS, {"ta": 10, "ex": 10, "v1": 10}))
     d.poc_epoch(0, {("ta", MODEL): 100, ("v1", MODEL): 60, ("newbie", MODEL): 40})
     assert d.state.weights() == {PEER["ta"]: 100, PEER["v1"]: 60, PEER["newbie"]: 40}
@@ -193,23 +193,23 @@ GOLDEN_POC_APP_HASHES: list[str] = [  # index: height (0: genesis)
     "52f703c8847eeffa3deed52638ca069dbe2c493ffccadb970e2e0eb10e10fc83",
     "eb1c2342584106d982fb2df2ea908972f14975d5165ae1dcbe289c541d2b1a67",
     "ea32bb4e83b6fc2001c08e4a8590d3a52e86f8b0f91e7e361043fa74b025450e",
-    "9703f53dfef65f624eaee6b21b181b0535fdda382a15983b2126ab8a92db0093",
-    "d9fbaecaa1e308160e90f4fa98ddac61974853f05aa3a1b557300210bbc8b74e",
-    "be0fde9f59ad7d72d45d4b21cfa80f542b23e271a5e997f894921d2dd7489ef9",
-    "48843c3beb87f8045224b3adbaa3620075d0acff7b7b90c35cb253befa1ec8a1",
-    "0246c263f712c1be637288bd9066c70aa902ba68515f7d08d354f0f983279f67",
-    "633e107d0adcd2a0a75c7d2ffaadc8972f00708bc2e7db6fc1832dd0769f4396",
-    "6974ab260d066ee5ad7d84eca19d80d3bcd1f6e738f862579f64644c6a9497f6",
-    "ace1130395cf230c7b249e218db2f239f7fb93e54cff7a4bd1d8a94cdc5d06a3",
-    "813976f2ce3b5c885ca5d27140fc4ea9e22d143131a655411317c0ffc0fa4a9d",
-    "42f2f0d2065afae3c3b235bee9d5da688efe2aa7258aac2ce77a590dad31f9b8",
-    "6319c3b4d94abf24fffc2aca8f2372994f3aeec103992486362b2d47426023ad",
-    "2b1346e0e6909e474c9056156ece8185169d1b13441fa518e6c1ebe0f9e55f2d",
-    "e64a42a72cf1fefddc2d2a9e50b7405d0eb389ec4e2811a8bb6307f938bd8da6",
-    "bc1b69daf7bc70602f792db3e2e3907ec67bbd6f23e97db99202f4c02931e962",
-    "f3f9e9ecb2901b255f2d818b514ffcca8e9a7161743b5f67a184b1ee3f2570c5",
-    "945ca07c442c21e98d62ef3e02565cc1c16cc8d937a8a3984651bbec138f7e92",
-    "951c4e946a3ac33f075847e7106e05b234bc3dd70bf45331c77d0240e977ac0c",
+    "50d1e86d86f370ff7bfa7eb8bb330b6c745cde1fc465496d908dc7320ba767b6",
+    "7d96f7a0f1fdb9b9e0cf2d07cd9c24a6302259c99cb7029d382c3b5cb04a4d4c",
+    "45cc846d3d11fea6527a1c48a6535383d267b502b042db173be47524314a3796",
+    "0cb1bee40405f02becf9ffde01ac6fa7aa7c0bec03e264fd5aa50811fcd6332a",
+    "b9d871130eb3c3d62348b91229fb0a314f9a3bdf43b7ae54410e2ff900af9eae",
+    "3f8c15d55c1f9fcc1dd227598e0fbfb0d6ba7654ba5afb29ed34fbd63c8d0a96",
+    "303afd1dba7d3078fab35641f6628437d06d28cbae39defdb65150162207ceca",
+    "d6f6c3442b4b8581b88a1c9cfb45ff22a42d0562dc31c5fae6881c6cc6340eb0",
+    "ff078c3830e370de94a8c035bc5429686cbeffc7e8163b65a2c373e8e93acda2",
+    "3e80b81d6395212a7971bd214476d275ff832b8495372d956d28fcbe9c48167c",
+    "9f9680809ff7630ec1ca449d7e74fa5ec466576be64174df467aa01b009419c5",
+    "0e3f9bd7521422fb190a1edb330c872b8605ba4c8c9dfa46e945a3fdee09b82a",
+    "89964ccdd214e48ef50fc32092329d38c22df93fd8b512e1f7a859862fc78ea7",
+    "4218d6be1ea80e91a098688652bdcf63368c343304fb3461c89a6dd16e6c6190",
+    "2b78a039c85463d005fcec5d6c73c4fec9beb4d6005b60039fa670c87c5fb736",
+    "592017bbbb1106b26be6ceb63b4e943547a8c56f95b40efdea612e63895db2d3",
+    "fa5b841084c8d5aef1e30a89967da18200786401556dac4f2b860ed83973352a",
 ]  # index: height (0: genesis)
 
 

@@ -21,7 +21,7 @@ from gonka_p2p.ledger import poc
 from gonka_p2p.ledger.genesis import GenesisError
 from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.ledger.poc import Phase, RoundKind, Verdicts
-from gonka_p2p.ledger.rules import PPM, Forfeit
+from gonka_p2p.ledger.rules import PPM, Forfeit, epoch_last_height
 from gonka_p2p.ledger.state import LedgerState
 
 CHAIN = "gonka-poc-ledger"
@@ -98,17 +98,19 @@ def test_the_confirmation_round_starts_inside_its_window_uniformly() -> None:
     assert all(0.75 * expected < starts[h] < 1.25 * expected for h in range(first, last + 1)), starts
 
 
-def test_grown_weights_decrease_in_full_and_grow_together_within_the_bound() -> None:
+def test_grown_weights_decrease_in_full_and_grow_together_within_the_bound_of_what_stays() -> None:
     previous = {"a": 100, "b": 100}
-    targets = {"a": 50, "b": 300, "c": 300}  # a falls; b and c ask 200 + 300 more; 40% of 200 = 80 allowed
+    # a falls to 50; b and c ask 200 + 300 more; what stays is min(100, 50) + min(100, 300) = 150,
+    # 40 % of it = 60 allowed, shared in proportion to the growth asked
+    targets = {"a": 50, "b": 300, "c": 300}
     grown = poc.grown_weights(previous, targets, 400_000)
-    assert grown == {"a": 50, "b": 100 + 200 * 80 // 500, "c": 300 * 80 // 500}
-    assert sum(grown.values()) - 50 <= 200 + 80
-    assert poc.grown_weights(previous, targets, None) == targets  # the first round: unbounded
-    assert poc.grown_weights(previous, {"a": 100, "b": 150}, 400_000) == {"a": 100, "b": 150}  # within the bound
-    assert poc.grown_weights(previous, {}, 400_000) == previous  # nothing proven: kept
-    assert poc.grown_weights(previous, {"a": 0, "b": 0}, 400_000) == previous
+    assert grown == {"a": 50, "b": 100 + 200 * 60 // 500, "c": 300 * 60 // 500}
+    assert poc.grown_weights(previous, {"a": 100, "b": 140}, 400_000) == {"a": 100, "b": 140}  # within the bound
+    assert poc.grown_weights(previous, {}, 400_000) == {}  # nothing proven: nobody (the caller keeps the set)
+    assert poc.grown_weights(previous, {"a": 0, "b": 0}, 400_000) == {}
     assert poc.grown_weights(previous, {"a": 70}, 400_000) == {"a": 70}  # b proved nothing: gone
+    # An outage of the incumbents does not hand the network to newcomers: nothing stays, nothing grows.
+    assert poc.grown_weights(previous, {"n1": 1000, "n2": 1000}, 400_000) == {}
 
 
 @given(st.dictionaries(st.text(min_size=1, max_size=3), st.integers(min_value=1, max_value=10**9),
@@ -190,6 +192,23 @@ def test_an_unconfirmed_weight_is_lost_at_the_next_round_and_its_reward_forfeite
     assert summary is not None
     assert Forfeit.UNCONFIRMED in summary.participant(PEER["B"]).forfeit
     assert Forfeit.UNCONFIRMED not in summary.participant(PEER["A"]).forfeit
+
+
+def test_hardware_rented_for_the_regular_window_buys_only_the_rate_confirmed() -> None:
+    """B claims 400 nonces in the regular window on rented hardware, and confirms at its own
+    rate, a quarter of that: its weight is the confirmed rate over the regular window (100),
+    not 400, and it forfeits the epoch's reward."""
+    d = driver()
+    d.poc_epoch(0, {("A", M): 100, ("B", M): 100})
+    counts = {("A", M): 100, ("B", M): 400}
+    d.poc_round(1, RoundKind.REGULAR, counts)
+    own_rate = d.confirmation_counts({("B", M): 100})  # what its own hardware shows, barely enough for 100
+    d.poc_round(1, RoundKind.CONFIRMATION, {**d.confirmation_counts({("A", M): 100}), **own_rate})
+    d.until(epoch_last_height(1, d.state.params))
+    confirmed = own_rate[("B", M)] * PARAMS.poc_compute_blocks // PARAMS.poc_confirm_compute_blocks
+    assert weight(d, "B") == confirmed < 400
+    d.until(40 + PARAMS.settlement_delay_blocks)
+    assert Forfeit.UNCONFIRMED in d.state.epoch_summary(1).participant(PEER["B"]).forfeit
 
 
 def test_later_rounds_grow_within_the_bound() -> None:

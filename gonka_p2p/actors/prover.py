@@ -6,8 +6,8 @@ Like the validator it keeps no schedule of its own: after each committed block i
 the open rounds (``poc_rounds.open_rounds``) and does what their phase asks
 (``ledger/poc.py`` has the round's anatomy):
 
-* **compute** -- for each model it serves (the confirmation round: each model it holds
-  weight for), it runs nonces through the serving engine (``inference.poc.PocCompute``)
+* **compute** -- for each model it serves (the confirmation round: each model it committed
+  in the epoch's regular round), it runs nonces through the serving engine (``inference.poc.PocCompute``)
   from the round's first block until ``COMMIT_MARGIN_BLOCKS`` before the window closes,
   then commits the Merkle root and count with the hash of its round secret. A node that is
   not a participant yet joins here: the commitment carries its addresses and a join stamp
@@ -134,10 +134,12 @@ class ProverActor:
         return start + compute_blocks(kind, state.params) - 1 - COMMIT_MARGIN_BLOCKS
 
     def _models_for(self, open_round: OpenRound) -> list[str]:
+        """Every served model in a regular round; in a confirmation, those it committed in the
+        epoch's regular round."""
         if open_round.kind is RoundKind.REGULAR:
             return sorted(self._engines)
-        info = self._live().epoch_info(open_round.epoch)
-        return [m for m in sorted(self._engines) if info is not None and info.model_weights(m).get(self.me)]
+        entries = self._live().poc_entries
+        return [m for m in sorted(self._engines) if (open_round.epoch, RoundKind.REGULAR, self.me, m) in entries]
 
     def _act(self, open_round: OpenRound, model: str, tasks: asyncio.TaskGroup) -> None:
         state = self._live()

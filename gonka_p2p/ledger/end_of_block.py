@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING
 from gonka_p2p.ledger.block import BlockContext
 from gonka_p2p.ledger.disputes import weight_cuts
 from gonka_p2p.ledger.executor_draw import draw_table
-from gonka_p2p.ledger.poc_rounds import process_poc, unconfirmed
+from gonka_p2p.ledger.poc_rounds import process_poc, round_outcome
 from gonka_p2p.ledger.records import EpochInfo, EpochSummary, InferenceStatus, ParticipantOutcome, Payout
 from gonka_p2p.ledger.rules import (
     PPM,
@@ -197,7 +197,7 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
     for address, punished in state.equivocations.rows.items():
         if punished == epoch:
             peer(address).equivocated = True
-    for address in unconfirmed(state, epoch):
+    for address in round_outcome(state, epoch).unconfirmed:
         peer(address).unconfirmed = True
     duties: set[tuple[bytes, str]] = set()  # (inference id, validator) of every revealed duty
     for (e, address), commitment in state.commitments.rows.items():

@@ -19,20 +19,23 @@ A round, at heights relative to its start ``S`` (all lengths in genesis)::
                       costs the same work)
     S .. S+C-1        compute; PocCommit(root, count, H(secret)) lands in this window
     .. +X             PocSecret(secret): the committed secrets are opened
-    end of secrets    sample seed = H(work seed, every opened secret): fixed by commitments
-                      made before anyone could know it, so no single proposer or committer
-                      can steer a sample (a committer can only withhold its secret, which
-                      fails its own round)
+    end of secrets    sample seed = H(work seed, the opened secrets of the committers that hold
+                      voting power this epoch): fixed by commitments made before anyone could
+                      know it, so no proposer can steer a sample, and withholding a secret
+                      (the last revealer's one bit) costs the withholder its whole round --
+                      which is why only the weighted count: a newcomer's key is cheap, and
+                      k throwaway keys would otherwise buy 2**k samples to choose from
     .. +R             PocReveal: the sampled leaves with their Merkle proofs (checked here)
     .. +V             PocVerdict(ok) by the epoch's validators after recomputing the leaves
 
-Two rounds per epoch: the *regular* round at a fixed offset sets the next
-epoch's weights; the *confirmation* round opens at a height nobody can
+Two rounds per epoch: the *regular* round at a fixed offset measures the
+next epoch's weights; the *confirmation* round opens at a height nobody can
 predict (each block after the regular round ends starts it with probability
-1 / blocks left, from the sample seed and that block's hash) and must show
-``poc_confirm_min_ppm`` of the nonce rate behind the weight the participant
-holds in this epoch, so hardware rented for the regular window alone loses
-the weight (Gonka's confirmation PoC).
+1 / blocks left, from the sample seed and that block's hash), and every
+regular committer must show in it at least ``poc_confirm_min_ppm`` of its
+regular nonce rate, or keep only the rate it confirmed (nothing if it did
+not confirm) and forfeit the epoch's reward: hardware rented for the regular
+window alone buys no weight (Gonka's confirmation PoC).
 
 A commitment passes when validators holding more than half of the epoch's
 voting power (the prover's own excepted: it does not judge itself) say so; it
@@ -42,9 +45,13 @@ verdicts) it is simply unproven: weight 0, as for a participant that left.
 From targets to weights (:func:`grown_weights`): decreases apply at once
 (a participant that stopped proving compute stops deciding), but all
 increases together may add at most ``max_weight_growth_ppm`` (< 1/2) of the
-total weight per round, so no coalition of newcomers reaches 1/3 of the
-voting power in one round. A round in which nothing at all was proven
-changes nothing (the network cannot vote itself out of existence).
+weight that *stays* (each participant's min(previous, target)), so no
+coalition of newcomers reaches 1/3 of the voting power in one round, even
+when the incumbents fail a round (an outage cannot hand newcomers the
+network). The first round after genesis rebases: the genesis participants'
+proven counts are the weight that stays. A round that would leave no
+weight at all changes nothing (the network cannot vote itself out of
+existence).
 Voting power is weight capped at ``voting_power_cap_ppm`` of the total
 (:func:`capped_voting_power`); executor draws use the uncapped weight per
 model, so work follows compute.
@@ -83,7 +90,7 @@ _SECRET_DOMAIN = b"gonka-p2p/poc-secret/v1\x00"
 
 class RoundKind(IntEnum):
     REGULAR = 0  # sets the next epoch's weights
-    CONFIRMATION = 1  # re-checks this epoch's weights at an unpredictable height
+    CONFIRMATION = 1  # re-checks the regular round's rate at an unpredictable height
 
 
 class Phase(IntEnum):
@@ -233,24 +240,21 @@ def find_join_stamp(chain_id: str, epoch: int, pubkey: bytes, bits: int) -> int:
     return stamp
 
 
-def confirmation_holds(confirmed: int, weight: int, params: Params) -> bool:
-    """Did a confirmation round show enough nonces per block for ``weight`` (earned over the
-    regular window)? Integer cross-multiplication, no floats."""
+def confirmation_holds(confirmed: int, regular: int, params: Params) -> bool:
+    """Did a confirmation round show enough nonces per block for the ``regular`` count of the
+    same epoch's regular round? Integer cross-multiplication, no floats."""
     return (confirmed * params.poc_compute_blocks * PPM
-            >= params.poc_confirm_min_ppm * weight * params.poc_confirm_compute_blocks)
+            >= params.poc_confirm_min_ppm * regular * params.poc_confirm_compute_blocks)
 
 
-def grown_weights(previous: Mapping[str, int], targets: Mapping[str, int], growth_ppm: int | None
-                  ) -> dict[str, int]:
+def grown_weights(previous: Mapping[str, int], targets: Mapping[str, int], growth_ppm: int) -> dict[str, int]:
     """Each participant's next total weight: its target, except that the increases together may
-    add at most ``growth_ppm`` of the previous total (scaled down alike; None: no bound, the
-    first round after genesis, whose weights are in other units). Decreases apply in full."""
-    if not any(targets.values()):
-        return dict(previous)  # nothing proven at all: keep the validator set alive
+    add at most ``growth_ppm`` of the weight that stays, sum(min(previous, target)) (scaled down
+    alike). Decreases apply in full. May leave nobody: the caller decides what then."""
     peers = sorted(set(previous) | set(targets))
     growth = {p: max(0, targets.get(p, 0) - previous.get(p, 0)) for p in peers}
     total_growth = sum(growth.values())
-    allowed = total_growth if growth_ppm is None else sum(previous.values()) * growth_ppm // PPM
+    allowed = sum(min(previous.get(p, 0), targets.get(p, 0)) for p in peers) * growth_ppm // PPM
     nxt = {}
     for p in peers:
         target = targets.get(p, 0)

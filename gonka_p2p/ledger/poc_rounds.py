@@ -87,23 +87,48 @@ def verdicts(state: LedgerState, epoch: int, prover: str, entry: PocEntry) -> Ve
     return Verdicts(entry.passed, entry.failed, sum(judges.values()) - judges.get(prover, 0))
 
 
-def unconfirmed(state: LedgerState, epoch: int) -> set[str]:
-    """Participants whose ``epoch`` weight for some model its confirmation round did not
-    confirm (none when the round never opened)."""
-    if (epoch, RoundKind.CONFIRMATION) not in state.poc_rounds:
-        return set()
-    info = state.epoch_info(epoch)
-    if info is None:
-        return set()
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What an epoch's rounds proved: the next epoch's weight target per prover and model, the
+    provers a majority found lying, and those whose confirmation fell short."""
+
+    targets: dict[str, dict[str, int]]
+    fraud: frozenset[str]
+    unconfirmed: frozenset[str]
+
+
+def round_outcome(state: LedgerState, epoch: int) -> RoundOutcome:
+    """The regular round's proven counts, each checked against the same epoch's confirmation
+    round: a prover that did not confirm gets nothing; one whose confirmation shows less than
+    ``poc_confirm_min_ppm`` of its regular nonce rate gets only the rate it confirmed -- so
+    hardware rented for the regular window buys no weight beyond one's own. (No confirmation
+    round opened: nothing to check.)"""
+    params = state.params
+    confirming = (epoch, RoundKind.CONFIRMATION) in state.poc_rounds
     confirmations = entries(state, epoch, RoundKind.CONFIRMATION)
-    failed = set()
-    for model, table in info.draw_weights:
-        for peer, weight in table:
-            entry = confirmations.get((peer, model))
-            if (entry is None or not verdicts(state, epoch, peer, entry).proven
-                    or not confirmation_holds(entry.count, weight, state.params)):
-                failed.add(peer)
-    return failed
+    targets: dict[str, dict[str, int]] = {}
+    fraud, unconfirmed = set(), set()
+    for (peer, model), entry in entries(state, epoch, RoundKind.REGULAR).items():
+        judged = verdicts(state, epoch, peer, entry)
+        if judged.fraud:
+            fraud.add(peer)
+            continue
+        if not judged.proven:
+            continue
+        target = entry.count
+        confirmation = confirmations.get((peer, model))
+        if confirming:
+            confirmed = None if confirmation is None else verdicts(state, epoch, peer, confirmation)
+            if confirmed is not None and confirmed.fraud:
+                fraud.add(peer)
+            if confirmed is None or not confirmed.proven:
+                target = 0
+                unconfirmed.add(peer)
+            elif not confirmation_holds(confirmation.count, entry.count, params):
+                target = min(target, confirmation.count * params.poc_compute_blocks // params.poc_confirm_compute_blocks)
+                unconfirmed.add(peer)
+        targets.setdefault(peer, {})[model] = target
+    return RoundOutcome(targets, frozenset(fraud), frozenset(unconfirmed))
 
 
 def may_commit_seed(state: LedgerState, epoch: int, peer: str) -> bool:
@@ -132,7 +157,10 @@ def process_poc(state: LedgerState, ctx: BlockContext) -> None:
     for kind in RoundKind:
         record = state.poc_rounds.get((epoch, kind))
         if record is not None and not record.sample_seed and height == secrets_close(record.start, kind, params):
-            secrets = {key: entry.secret for key, entry in entries(state, epoch, kind).items() if entry.secret}
+            info = state.epoch_info(epoch)
+            weighted = {} if info is None else info.weights
+            secrets = {(peer, model): entry.secret for (peer, model), entry in entries(state, epoch, kind).items()
+                       if entry.secret and peer in weighted}
             state.poc_rounds.put((epoch, kind), replace(record, sample_seed=sample_seed(record.work_seed, secrets)))
     regular = state.poc_rounds.get((epoch, RoundKind.REGULAR))
     first, last = confirmation_window(epoch, params)
@@ -146,29 +174,23 @@ def process_poc(state: LedgerState, ctx: BlockContext) -> None:
 
 
 def apply_round(state: LedgerState, epoch: int) -> None:
-    """The next epoch's weights from ``epoch``'s rounds: proven nonces per model; nothing for an
-    unconfirmed, unproven or fraudulent prover (fraud also resets its reputation); at most the
-    remaining weight of a sanctioned one; increases bounded together (``poc.grown_weights``)."""
-    targets: dict[str, dict[str, int]] = {}
-    fraud = set()
-    for (peer, model), entry in entries(state, epoch, RoundKind.REGULAR).items():
-        judged = verdicts(state, epoch, peer, entry)
-        if judged.fraud:
-            fraud.add(peer)
-        elif judged.proven:
-            targets.setdefault(peer, {})[model] = entry.count
-    excluded = fraud | unconfirmed(state, epoch)
+    """The next epoch's weights from ``epoch``'s rounds (:func:`round_outcome`): proven nonces per
+    model, as far as confirmed; nothing for an unproven or fraudulent prover (fraud also resets
+    its reputation); at most the remaining weight of a sanctioned one; increases bounded
+    together (``poc.grown_weights``)."""
+    outcome = round_outcome(state, epoch)
+    targets, fraud = outcome.targets, outcome.fraud
     totals = {}
     for peer, per_model in targets.items():
         participant = state.registry.rows[peer]
-        total = 0 if peer in excluded else sum(per_model.values())
+        total = 0 if peer in fraud else sum(per_model.values())
         totals[peer] = min(total, participant.weight) if participant.sanctioned else total
-    if not any(totals.values()):  # nothing was proven at all: the set stays as it is rather than vanish,
-        for peer in sorted(fraud):  # but for the provers a majority of the power found lying
-            state.registry.put(peer, replace(state.registry.rows[peer], weight=0, model_weights=(), reputation_ppm=0))
-        return
-    previous = {peer: p.weight for peer, p in state.registry.rows.items() if p.weight > 0}
-    weights = grown_weights(previous, totals, None if epoch == 0 else state.params.max_weight_growth_ppm)
+    held = {peer: p.weight for peer, p in state.registry.rows.items() if p.weight > 0}
+    # The first round rebases: genesis weights are in other units, the genesis set's proven counts stay.
+    weights = grown_weights(held if epoch else {peer: totals.get(peer, 0) for peer in held}, totals,
+                            state.params.max_weight_growth_ppm)
+    if not weights:  # nobody would be left: the set stays as it is rather than vanish,
+        weights = {peer: w for peer, w in held.items() if peer not in fraud}  # but for proven liars
     for peer, participant in sorted(state.registry.rows.items()):
         weight = weights.get(peer, 0)
         model_weights = scaled_model_weights(targets.get(peer, {}), weight) if weight else ()

@@ -8,7 +8,7 @@ prover and model)::
                                    (round, signer, model); a key that is no participant joins
                                    here (join stamp, among the round's first
                                    poc_max_newcomers, regular rounds only); a confirmation
-                                   needs weight for the model in the epoch
+                                   needs a commitment for the model in the epoch's regular round
     PocSecret(s)                   SECRET; H(s) opens the commitment
     PocReveal(leaves, proofs)      REVEAL; secret opened; exactly the sampled nonces, each
                                    proof verifying against the committed root and count
@@ -93,10 +93,9 @@ def process_poc_commit(state: LedgerState, ctx: BlockContext, signed: Signed[Poc
         raise TxRejected(Reason.ALREADY_COMMITTED, f"{signer} already committed for {tx.model!r} in this round")
     participant = state.registry.get(signer)
     if tx.round == RoundKind.CONFIRMATION:
-        info = state.epoch_info(tx.epoch)
-        if info is None or not info.model_weights(tx.model).get(signer):
-            raise TxRejected(Reason.NO_WEIGHT_TO_CONFIRM, f"{signer} holds no weight for {tx.model!r} in "
-                                                          f"epoch {tx.epoch}: it has nothing to confirm")
+        if (tx.epoch, RoundKind.REGULAR, signer, tx.model) not in state.poc_entries:
+            raise TxRejected(Reason.NOTHING_TO_CONFIRM, f"{signer} committed nothing for {tx.model!r} in epoch "
+                                                        f"{tx.epoch}'s regular round")
     elif participant is None:
         if record.newcomers >= params.poc_max_newcomers:
             raise TxRejected(Reason.ROUND_FULL, f"this round took its {params.poc_max_newcomers} newcomers")

@@ -117,7 +117,7 @@ class Reason(StrEnum):
     NOT_IN_PHASE = "not_in_phase"  # the round is not in the phase this kind belongs to
     BAD_JOIN_STAMP = "bad_join_stamp"  # a newcomer's hashcash stamp does not pass
     ROUND_FULL = "round_full"  # the round's newcomer places are taken
-    NO_WEIGHT_TO_CONFIRM = "no_weight_to_confirm"  # a confirmation by one without weight for the model
+    NOTHING_TO_CONFIRM = "nothing_to_confirm"  # a confirmation without a regular commitment to confirm
     BAD_OPENING = "bad_opening"  # wrong number of leaves, or a proof that does not verify
 
 
