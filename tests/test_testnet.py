@@ -176,11 +176,14 @@ def test_a_joiner_must_gain_weight_and_a_leaver_lose_it_within_two_epochs() -> N
                              | ({"g2": 0} if t >= 40 else {})) for t in range(60)]
     row = judge_membership(timeline, [join, leave], peers)
     assert row is not None and row.holds, row
-    assert "joiner 3 (epoch 0): weight 7 in epoch 1" in row.detail and "leaver 2 (epoch 2): weight 0 from epoch 4" in row.detail
+    assert "joiner 3 (epoch 0): weight 7 in epoch 1" in row.detail
+    assert "leaver 2 (epoch 2): weight 0 from epoch 4" in row.detail
 
     late = [o | {"weights": base} if o["epoch"] <= 2 else o for o in timeline]  # type: ignore[operator]
     row = judge_membership(late, [join], peers)
     assert row is not None and not row.holds and "no weight by epoch 2" in row.detail
+    row = judge_membership([o for o in timeline if o["epoch"] < 4], [leave], peers)  # type: ignore[operator]
+    assert row is not None and not row.holds and "kept past epoch 4 (the run reached epoch 3)" in row.detail
     back = timeline + [weights_seen(61, 5, 61, base)]
     row = judge_membership(back, [leave], peers)
     assert row is not None and not row.holds and "weight back in epoch 5" in row.detail

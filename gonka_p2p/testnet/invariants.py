@@ -234,31 +234,35 @@ def _epoch_at(observed: list[dict[str, Any]], t: float) -> int:
     return max((o["epoch"] for o in observed if "epoch" in o and o["t"] <= t), default=0)
 
 
+def _membership_change(a: Applied, peer: str, observed: list[dict[str, Any]], reached: int) -> tuple[bool, str]:
+    """Whether one join or leave took effect within two epochs, and what was seen."""
+    index, joined = a.perturbation.targets[0], _epoch_at(observed, a.started)
+    later = [o for o in observed if "weights" in o and o["t"] > a.started]
+    in_time = [o for o in later if o["epoch"] <= joined + 2]
+    cut_short = f" (the run reached epoch {reached})" if reached < joined + 2 else ""
+    if a.perturbation.kind == "join":
+        won = next((o for o in in_time if o["weights"].get(peer, 0) > 0), None)
+        if won is None:
+            return False, f"joiner {index} (epoch {joined}): no weight by epoch {joined + 2}{cut_short}"
+        return True, f"joiner {index} (epoch {joined}): weight {won['weights'][peer]} in epoch {won['epoch']}"
+    gone = next((o for o in in_time if not o["weights"].get(peer, 0)), None)
+    if gone is None:
+        return False, f"leaver {index} (epoch {joined}): weight kept past epoch {joined + 2}{cut_short}"
+    back = next((o for o in later if o["height"] > gone["height"] and o["weights"].get(peer, 0)), None)
+    if back is not None:
+        return False, f"leaver {index} (epoch {joined}): weight back in epoch {back['epoch']}"
+    return True, f"leaver {index} (epoch {joined}): weight 0 from epoch {gone['epoch']}"
+
+
 def judge_membership(observed: list[dict[str, Any]], applied: list[Applied], peers: list[str]) -> Row | None:
     """Joiners gain weight and leavers lose it within two epochs (see the module doc); None without either."""
     changes = [a for a in applied if a.perturbation.kind in ("join", "leave")]
     if not changes:
         return None
-    seen = [o for o in observed if "weights" in o]
-    bad, good = [], []
-    for a in changes:
-        index = a.perturbation.targets[0]
-        peer, kind, joined = peers[index], a.perturbation.kind, _epoch_at(observed, a.started)
-        later = [o for o in seen if o["t"] > a.started]
-        if kind == "join":
-            won = [o for o in later if o["epoch"] <= joined + 2 and o["weights"].get(peer, 0) > 0]
-            (good if won else bad).append(
-                f"joiner {index} (epoch {joined}): " + (f"weight {won[0]['weights'][peer]} in epoch {won[0]['epoch']}"
-                                                       if won else f"no weight by epoch {joined + 2}"))
-        else:
-            gone = next((o for o in later if o["epoch"] <= joined + 2 and not o["weights"].get(peer, 0)), None)
-            back = [o for o in later if gone is not None and o["height"] > gone["height"] and o["weights"].get(peer, 0)]
-            ok = gone is not None and not back
-            (good if ok else bad).append(
-                f"leaver {index} (epoch {joined}): " + (f"weight 0 from epoch {gone['epoch']}" if ok else
-                                                       f"weight back in epoch {back[0]['epoch']}" if back else
-                                                       f"weight kept past epoch {joined + 2}"))
-    return Row("joiners gain weight, leavers lose it (two epochs)", not bad, "; ".join(bad + good))
+    reached = max((o["epoch"] for o in observed if "epoch" in o), default=0)
+    seen = [_membership_change(a, peers[a.perturbation.targets[0]], observed, reached) for a in changes]
+    detail = "; ".join([what for ok, what in seen if not ok] + [what for ok, what in seen if ok])
+    return Row("joiners gain weight, leavers lose it (two epochs)", all(ok for ok, _ in seen), detail)
 
 
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],
