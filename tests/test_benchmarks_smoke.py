@@ -87,3 +87,15 @@ def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()} == records
     assert json.loads((tmp_path / "detection_matrix.json").read_text())["rows"] == rows
+
+
+def test_poc_bench_quick_tiny_prints_cost_fairness_and_cheat_tables() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "poc_bench.py"), "--quick", "--model", "tiny-llama",
+         "--engine", "torch"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    for title in ("PoC cost", "Fairness", "Overclaiming", "small model", "summary"):
+        assert title in result.stdout
+    assert "fabricated leaves failing 100%" in result.stdout

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import random
 import struct
+import time
 from collections.abc import AsyncIterator
 
 import msgpack
@@ -306,7 +307,7 @@ async def test_smollm2_honest_leaves_pass_across_engines_and_its_small_model_fai
     reference = TorchEngine(DEFAULT_MODEL)
     honest = await poc.compute_leaves(reference, SEED, ALICE, 0, 8, concurrency=1)
     cheap = await poc.compute_leaves(small_model(reference), SEED, ALICE, 0, 8)
-    vllm = VLLMEngine(DEFAULT_MODEL, kv_cache_gib=0.25)
+    vllm = VLLMEngine(DEFAULT_MODEL, kv_cache_gib=0.5)
     try:
         assert (await check(vllm, dict(enumerate(honest)))).ok
         assert (await check(vllm, dict(enumerate(cheap)))).failed == list(range(8))
@@ -317,16 +318,29 @@ async def test_smollm2_honest_leaves_pass_across_engines_and_its_small_model_fai
 
 @pytest.mark.slow
 async def test_ten_sybils_on_one_engine_compute_what_one_identity_does(engine: Engine) -> None:
-    budget = 3.0
+    """One identity, then ten sharing the engine, each for the same wall-clock budget, three times
+    in turn. Counted per CPU-second this process got: on a shared machine the CPU a budget buys
+    varies several-fold from one second to the next (measured: 47 to 576 nonces in 3 s), while
+    nonces per CPU-second is the machine's rate, which is what Sybils would have to multiply."""
+    budget = 2.0
+    sybils = [bytes([2]) + struct.pack(">32s", bytes([i]) * 32) for i in range(10)]
 
-    async def computed(identities: list[bytes]) -> int:
+    async def rate(identities: list[bytes]) -> tuple[int, float]:
         runs = [poc.PocCompute(engine, SEED, pk) for pk in identities]
         loop = asyncio.get_running_loop()
         for run in runs:
             loop.call_later(budget, run.stop)
-        return sum(len(leaves) for leaves in await asyncio.gather(*(run.run() for run in runs)))
+        started = time.process_time()
+        done = sum(len(leaves) for leaves in await asyncio.gather(*(run.run() for run in runs)))
+        return done, time.process_time() - started
 
-    await computed([ALICE])  # warm-up
-    alone = await computed([ALICE])
-    sybils = await computed([bytes([2]) + struct.pack(">32s", bytes([i]) * 32) for i in range(10)])
-    assert abs(sybils / alone - 1) < 0.35, (alone, sybils)
+    await rate([ALICE])  # warm-up
+    totals = {"one": [0, 0.0], "ten": [0, 0.0]}
+    for _ in range(3):
+        for name, identities in (("one", [ALICE]), ("ten", sybils)):
+            done, cpu = await rate(identities)
+            totals[name][0] += done
+            totals[name][1] += cpu
+    one, ten = (totals[k][0] / totals[k][1] for k in ("one", "ten"))
+    print(f"nonces per CPU-second: one identity {one:.0f}, ten sharing the engine {ten:.0f}")
+    assert abs(ten / one - 1) < 0.35, totals
