@@ -13,13 +13,14 @@ and the ledger expires the request). Validators commit their seeds during
 the epoch before, check their duties, vote when drawn onto a committee and
 reveal their seeds once the epoch ends -- each as the live validator actor
 does, with the same transactions and the same ledger queries
-(``validation_candidates`` and ``rules.is_validation_duty``, the body of
-``LedgerState.is_validation_duty`` evaluated once per inference rather than
-once per validator). Every message reaches its block after a latency drawn
-uniformly from ``0..latency`` blocks, so Start and Finish commit in either
-order. After each block the loop reads back what committed: settled
-inferences (whose duties it then schedules), disputes opened (whose
-committees then vote), epoch starts and settlements (into the metrics).
+(the duty ring of :mod:`~gonka_p2p.ledger.duties`: ``ArcIndex.holders``
+finds the validators whose arcs cover an inference's point, the inverse of
+``LedgerState.validation_duties``, since the simulator knows every seed).
+Every message reaches its block after a latency drawn uniformly from
+``0..latency`` blocks, so Start and Finish commit in either order. After
+each block the loop reads back what committed: settled inferences (whose
+duties it then schedules), disputes opened (whose committees then vote),
+epoch starts and settlements (into the metrics).
 
 Behaviours (:class:`~sim.roster.Strategy`): a cheating executor cheats
 from ``cheat_from``, on a share ``cheat_fraction`` (q) of its requests, and
@@ -72,10 +73,10 @@ from gonka_p2p.ledger.rules import (
     epoch_last_height,
     epoch_of,
     epoch_settled_at,
-    is_validation_duty,
     prompt_token_bound,
     seed_commitment,
 )
+from gonka_p2p.ledger.duties import ArcIndex
 from gonka_p2p.ledger.state import check_invariants
 from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
 from gonka_p2p.ledger.transactions import (
@@ -163,6 +164,7 @@ class Simulation:
         self._disputed: dict[bytes, set[str]] = {}  # open dispute -> committee members that voted
         self._reveal_after: dict[tuple[int, str], int] = {}  # (epoch, validator) -> last check height
         self._seeds: dict[int, dict[str, bytes]] = {}  # epoch -> peer id -> its validation seed
+        self._arc_index: dict[int, ArcIndex] = {}  # epoch -> its validators' duty arcs
         self._nonce = 0
         self._weights: tuple[int, dict[str, int]] = (-1, {})  # (height, the ledger's executor weights)
 
@@ -368,12 +370,8 @@ class Simulation:
             self.metrics.offence(work.executor.peer_id, height, epoch)
         if work.owner:  # what the self-dealer's client paid (to itself, or to the stranger drawn)
             self.metrics.spend(work.owner, epoch, record.cost)
-        candidates = state.validation_candidates(iid)
-        total = sum(candidates.values())
-        seeds = self._epoch_seeds(epoch)
-        for validator, weight in candidates.items():  # every candidate, every inference: keep it lean
-            if not is_validation_duty(seeds[validator], iid, record.validation_ppm, weight, total):
-                continue
+        for validator in self._arcs(epoch).holders(record.duty_point, record.validation_ppm,
+                                                   record.executor, record.ta):
             peer = self.peers[validator]
             verdict = self._verdict_of(peer, work, height, epoch)
             if verdict is None:
@@ -461,6 +459,12 @@ class Simulation:
 
     def _seed(self, peer: Peer, epoch: int) -> bytes:
         return self._epoch_seeds(epoch)[peer.peer_id]
+
+    def _arcs(self, epoch: int) -> ArcIndex:
+        """The epoch's eligible validators by arc start (fixed once the epoch has begun)."""
+        if epoch not in self._arc_index:
+            self._arc_index[epoch] = ArcIndex(self._epoch_seeds(epoch), self.chain.state.eligible(epoch))
+        return self._arc_index[epoch]
 
     def _epoch_seeds(self, epoch: int) -> dict[str, bytes]:
         """Every peer's validation seed for ``epoch``, derived once."""

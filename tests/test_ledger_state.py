@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import drawn_attempt, request_drawing
 
 from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger import rules
+from gonka_p2p.ledger import duties, rules
 from gonka_p2p.ledger.genesis import (
     Genesis,
     GenesisError,
@@ -451,11 +451,16 @@ def _final(order: str) -> LedgerState:
 
 
 def test_start_then_finish_and_finish_then_start_reach_the_same_state() -> None:
-    """Same block: identical records. Two blocks: identical but for where the Start committed."""
+    """Identical records but for the duty point, which hashes the settling block (so its
+    transactions' order), and, in two blocks, for where the Start committed."""
     iid = iid_of(make_request("alice", "hello", 20, T0 + 1000))
-    assert tables(_final("[start finish]")) == tables(_final("[finish start]"))
+    same = [_final("[start finish]"), _final("[finish start]")]
     a, b = _final("start, finish"), _final("finish, start")
     assert a.inference(iid).start_height == 1 and b.inference(iid).start_height == 2
+    for state in (*same, a, b):
+        assert state.inference(iid).duty_point == duties.duty_point(state.last_block_hash, iid)
+        state.inferences.rows[iid] = replace(state.inferences.rows[iid], duty_point=0)
+    assert tables(same[0]) == tables(same[1])
     for state in (a, b):
         state.inferences.rows[iid] = replace(state.inferences.rows[iid], start_height=0, deadline=0)
     assert tables(a) == tables(b)

@@ -10,7 +10,7 @@ in :mod:`~gonka_p2p.ledger.tx_rules` and :mod:`~gonka_p2p.ledger.end_of_block`.
    accuser's epoch seed -- an early reveal: the ledger checks that it opens
    the seed commitment (made in the epoch before, when the inference did not
    exist) and that it makes the inference the accuser's duty
-   (``rules.is_validation_duty``). A pass needs no proof: duties are counted
+   (``duties.is_validation_duty``). A pass needs no proof: duties are counted
    at the reveal, as before. Why this rather than a bond or a committee seat:
    the duty is the one thing the protocol already assigns by secret,
    unbiasable randomness, so an accuser cannot pick its target -- it can
@@ -101,7 +101,8 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, NamedTuple
 
 from gonka_p2p.ledger.records import InferenceStatus, ValidationView, ValidatorDuty
-from gonka_p2p.ledger.rules import PPM, DisputeOutcome, duty_threshold, is_validation_duty, weighted_pick
+from gonka_p2p.ledger.duties import is_validation_duty
+from gonka_p2p.ledger.rules import PPM, DisputeOutcome, duty_threshold, weighted_pick
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.genesis import Params
@@ -210,7 +211,7 @@ def validation_view(state: LedgerState, inference_id: bytes) -> ValidationView |
         commitment = state.commitments.rows[(epoch, peer)]
         duty = None
         if commitment.revealed:
-            duty = is_validation_duty(commitment.seed, inference_id, record.validation_ppm,
+            duty = is_validation_duty(commitment.seed, record.duty_point, record.validation_ppm,
                                       weight, total)
         rows.append(ValidatorDuty(peer, weight, duty_threshold(record.validation_ppm, weight, total),
                                   duty, state.checks.get((inference_id, peer)),

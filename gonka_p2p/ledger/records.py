@@ -99,6 +99,7 @@ class Inference:
     validation_ppm: int = 0  # p: the probability it is checked, fixed when it settled
     payout: Payout = Payout.NONE
     attempt: int = 0  # the executor draw it was started at (rules.choose_executor): skips are attributable
+    duty_point: int = 0  # its point on the duty ring (duties.duty_point), fixed when it settles
 
     @property
     def billable_tokens(self) -> int:

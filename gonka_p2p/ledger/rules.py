@@ -34,13 +34,15 @@ belongs to the epoch in which it closed (settled or expired).
 2. When an inference settles, its validation probability is fixed:
    p = :func:`p_validate_ppm` (m, the executor's reputation r), capped
    (:func:`validation_ppm`).
-3. Validator v must check inference i iff :func:`is_validation_duty`:
-   ``H(seed_v || i) < 2^64 * q_v`` with ``q_v = 1 - (1 - p)^(w_v / W)``,
+3. Validator v must check inference i iff i's point lies on v's arc of the
+   duty ring (:mod:`~gonka_p2p.ledger.duties`): v has the duty with
+   probability q_v = :func:`duty_threshold` / 2^64 = 1 - (1 - p)^(w_v / W),
    W the weight of i's eligible validators (committed for the epoch, not
-   its executor, not its TA). Independent seeds make the events independent,
-   so P(nobody checks) = prod_v (1 - p)^(w_v / W) = (1 - p)^(sum w_v / W) =
-   1 - p: at least one validator checks with probability exactly p, and a
-   validator's share of the checks grows with its weight.
+   its executor, not its TA). Independent seeds make the events independent
+   across validators, so P(nobody checks) = prod_v (1 - p)^(w_v / W) =
+   (1 - p)^(sum w_v / W) = 1 - p: at least one validator checks with
+   probability exactly p, and a validator's share of the checks grows with
+   its weight.
 4. Only a validator whose duty covers the inference can fail it; the failure
    opens a dispute that committees drawn later settle by a majority of all
    their seats (:mod:`~gonka_p2p.ledger.disputes`, with the probability
@@ -74,9 +76,8 @@ if TYPE_CHECKING:
     from gonka_p2p.wire.messages import InferenceRequest
 
 PPM = 1_000_000  # parts per million: 1.0 as an integer rate
-DUTY_SCALE = 2**64  # duty draws are 64-bit integers; a threshold of DUTY_SCALE always fires
+DUTY_SCALE = 2**64  # points of the duty ring (ledger/duties.py); a threshold of DUTY_SCALE always fires
 SEED_BYTES = 32
-_DUTY_DOMAIN = b"gonka-p2p/validation-duty/v1\x00"
 _SEED_DOMAIN = b"gonka-p2p/validation-seed/v1\x00"
 _EXECUTOR_DOMAIN = b"gonka-executor-choice"
 
@@ -297,17 +298,6 @@ def duty_threshold(p_ppm: int, weight: int, total_weight: int) -> int:
     with localcontext(Context(prec=60)):
         stay = ((Decimal(PPM - p_ppm) / PPM).ln() * weight / total_weight).exp()
         return int(((1 - stay) * DUTY_SCALE).to_integral_value(rounding=ROUND_FLOOR))
-
-
-def duty_draw(seed: bytes, inference_id: bytes) -> int:
-    """The validator's uniform 64-bit draw for an inference, from its secret epoch seed."""
-    return int.from_bytes(hashlib.sha256(_DUTY_DOMAIN + seed + inference_id).digest()[:8], "big")
-
-
-def is_validation_duty(seed: bytes, inference_id: bytes, p_ppm: int, weight: int,
-                       total_weight: int) -> bool:
-    """Must the validator with this seed and weight check this inference?"""
-    return duty_draw(seed, inference_id) < duty_threshold(p_ppm, weight, total_weight)
 
 
 def seed_commitment(epoch: int, validator: str, seed: bytes) -> bytes:

@@ -51,6 +51,7 @@ import msgpack
 
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.block import Block, BlockContext, Receipt
+from gonka_p2p.ledger.duties import DutyRing, Eligible, Entry, is_validation_duty
 from gonka_p2p.ledger.end_of_block import end_block
 from gonka_p2p.ledger.genesis import Genesis, GenesisError, Params, genesis_from_obj
 from gonka_p2p.ledger.records import (
@@ -71,7 +72,6 @@ from gonka_p2p.ledger.rules import (
     DisputeOutcome,
     epoch_after,
     epoch_of,
-    is_validation_duty,
     next_block_time,
     sequence_acceptable,
     validation_floor_ppm,
@@ -143,6 +143,8 @@ class LedgerState:
         self._closed: dict[int, set[bytes]] = {}  # epoch -> ids of inferences closed in it
         self._checkers: dict[bytes, set[str]] = {}  # inference id -> validators that checked it
         self._committed: dict[int, set[str]] = {}  # epoch -> validators with a seed commitment
+        self._eligible: dict[int, Eligible] = {}  # epoch -> its eligible validators, once asked
+        self._rings: dict[int, DutyRing] = {}  # epoch -> its settled inferences by duty point
         self._disputes_due: dict[int, list[bytes]] = {}  # deadline height -> open disputes
 
     @classmethod
@@ -222,9 +224,16 @@ class LedgerState:
 
         Fixed once the epoch has begun (commitments close when the epoch before it ends).
         """
-        info = self.epochs.rows[epoch]
-        committed = self._committed.get(epoch, ())
-        return {peer: w for peer, w in info.validators if peer in committed}
+        return dict(self.eligible(epoch).weights)
+
+    def eligible(self, epoch: int) -> Eligible:
+        """:meth:`epoch_validators` with the sums of its duty thresholds, computed once (a new
+        commitment for the epoch recomputes them)."""
+        if epoch not in self._eligible:
+            committed = self._committed.get(epoch, ())
+            self._eligible[epoch] = Eligible.of(
+                {peer: w for peer, w in self.epochs.rows[epoch].validators if peer in committed})
+        return self._eligible[epoch]
 
     def inference_epoch(self, record: Inference) -> int:
         """The epoch a closed inference belongs to: the one in which it closed."""
@@ -234,7 +243,7 @@ class LedgerState:
         """Who may check a settled inference, by weight: its epoch's eligible validators but
         its executor and its TA. Their total weight is the W of its duty thresholds."""
         record = self.inferences.rows[inference_id]
-        candidates = self.epoch_validators(self.inference_epoch(record))
+        candidates = dict(self.eligible(self.inference_epoch(record)).weights)
         candidates.pop(record.executor, None)
         candidates.pop(record.ta, None)
         return candidates
@@ -243,13 +252,12 @@ class LedgerState:
         """Must ``validator``, holding its secret ``seed`` for the inference's epoch, check it?
         (What a validator actor asks for every inference that settles.)"""
         record = self.inferences.get(inference_id)
-        if record is None or record.status is not InferenceStatus.SETTLED:
+        if record is None or record.status is not InferenceStatus.SETTLED or validator in (record.executor, record.ta):
             return False
-        candidates = self.validation_candidates(inference_id)
-        if validator not in candidates:
-            return False
-        return is_validation_duty(seed, inference_id, record.validation_ppm, candidates[validator],
-                                  sum(candidates.values()))
+        eligible = self.eligible(self.inference_epoch(record))
+        weight = eligible.weights.get(validator)
+        return weight is not None and is_validation_duty(
+            seed, record.duty_point, record.validation_ppm, weight, eligible.others(record.executor, record.ta))
 
     def epoch_inferences(self, epoch: int) -> list[bytes]:
         """Ids of the inferences closed in ``epoch`` (settled or expired), in closing order."""
@@ -258,22 +266,13 @@ class LedgerState:
 
     def validation_duties(self, epoch: int, validator: str, seed: bytes) -> list[bytes]:
         """Every inference of ``epoch`` (so far) that ``validator`` must check with ``seed``,
-        in closing order. One hash per inference: what a reveal recomputes."""
-        eligible = self.epoch_validators(epoch)
-        weight = eligible.get(validator)
-        if weight is None:
+        in closing order: the settled inferences on its arc of the duty ring (what a reveal
+        recomputes), found by a range query over the epoch's ring (:mod:`.duties`)."""
+        eligible, ring = self.eligible(epoch), self._rings.get(epoch)
+        if ring is None or validator not in eligible.weights:
             return []
-        total = sum(eligible.values())
-        duties = []
         rows = self.inferences.rows
-        for iid in self._closed.get(epoch, ()):  # one hash each; only the few duties are sorted
-            record = rows[iid]
-            if record.status is not InferenceStatus.SETTLED or validator in (record.executor, record.ta):
-                continue
-            others = total - eligible.get(record.executor, 0) - eligible.get(record.ta, 0)
-            if is_validation_duty(seed, iid, record.validation_ppm, weight, others):
-                duties.append(iid)
-        return sorted(duties, key=lambda iid: (rows[iid].closed_height, iid))
+        return sorted(ring.duties(seed, validator, eligible), key=lambda iid: (rows[iid].closed_height, iid))
 
     def validations(self, inference_id: bytes) -> dict[str, Check]:
         """The Validations submitted for an inference, by validator."""
@@ -357,7 +356,7 @@ class LedgerState:
             if record.status is InferenceStatus.STARTED:
                 self._expiring.setdefault(record.deadline, []).append(iid)
             else:
-                self._closed.setdefault(self.inference_epoch(record), set()).add(iid)
+                self._index_closed(iid, record)
         for iid, validator in self.checks.rows:
             self._checkers.setdefault(iid, set()).add(validator)
         for epoch, validator in self.commitments.rows:
@@ -404,7 +403,14 @@ class LedgerState:
         """Store a settled or expired record and index it under its epoch."""
         assert record.status in (InferenceStatus.SETTLED, InferenceStatus.EXPIRED)
         self.inferences.put(inference_id, record)
-        self._closed.setdefault(self.inference_epoch(record), set()).add(inference_id)
+        self._index_closed(inference_id, record)
+
+    def _index_closed(self, inference_id: bytes, record: Inference) -> None:
+        epoch = self.inference_epoch(record)
+        self._closed.setdefault(epoch, set()).add(inference_id)
+        if record.status is InferenceStatus.SETTLED:
+            self._rings.setdefault(epoch, DutyRing()).add(
+                Entry(record.duty_point, inference_id, record.validation_ppm, record.executor, record.ta))
 
     def add_check(self, inference_id: bytes, validator: str, check: Check) -> None:
         self.checks.put((inference_id, validator), check)
@@ -413,6 +419,7 @@ class LedgerState:
     def add_commitment(self, epoch: int, validator: str, commitment: SeedCommitment) -> None:
         self.commitments.put((epoch, validator), commitment)
         self._committed.setdefault(epoch, set()).add(validator)
+        self._eligible.pop(epoch, None)
 
     def open_dispute(self, inference_id: bytes, dispute: Dispute) -> None:
         self.disputes.put(inference_id, dispute)
@@ -434,8 +441,9 @@ class LedgerState:
                     self.disputes.delete(iid)
         for key in sorted(k for k in self.commitments.rows if k[0] < epoch):
             self.commitments.delete(key)
-        for old in [e for e in self._committed if e < epoch]:
-            del self._committed[old]
+        for index in (self._committed, self._eligible, self._rings):
+            for old in [e for e in index if e < epoch]:
+                del index[old]
         for old in sorted(e for e in self.epochs.rows if e < epoch):
             self.epochs.delete(old)
         for table in (self.poc_rounds, self.poc_entries):

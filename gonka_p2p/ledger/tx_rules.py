@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING
 from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
 from gonka_p2p.ledger.executor_draw import draw_epochs, executor_weights, is_drawn
+from gonka_p2p.ledger.duties import duty_point
 from gonka_p2p.ledger.disputes import (dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee,
                                        seat_committee)
 from gonka_p2p.ledger.consensus_types import vote_sign_bytes
@@ -325,7 +326,7 @@ def settle_inference(state: LedgerState, ctx: BlockContext, iid: bytes, record: 
         completion_tokens=completion_tokens, response_hash=response_hash,
         artifact_commitment=artifact_commitment, cost=cost, closed_height=ctx.height,
         validation_ppm=validation_ppm(executor.reputation_ppm, info.floor_ppm, state.params),
-        payout=Payout.PENDING))
+        payout=Payout.PENDING, duty_point=duty_point(ctx.block_hash, iid)))
     state.registry.put(record.executor, replace(executor, completed=executor.completed + 1))
 
 
