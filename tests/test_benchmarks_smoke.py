@@ -55,6 +55,14 @@ def test_validation_cost_tiny_prints_and_writes_its_table(tmp_path: Path) -> Non
         (executor, mode) for executor in ("torch", "vllm-batch") for mode in ("greedy", "sampled")}
 
 
+def test_sampler_bench_quick_prints_both_tables() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampler_bench.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "old per-request ms" in result.stdout and "seeded (SeededSampling)" in result.stdout
+
+
 def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses_its_records(
         tmp_path: Path) -> None:
     kept = {"model": "other-model", "mode": "greedy", "row": "honest-torch", "class": "honest", "n": 7,
