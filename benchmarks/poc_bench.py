@@ -82,9 +82,14 @@ PRODUCTION = {"name": "production", "epoch_blocks": 17_280, "compute_blocks": 18
 SAMPLE_SIZE = _GENESIS.poc_sample_size
 BLOCK_SECONDS = (1.0, 5.0)
 OVERCLAIMS = (1.1, 2.0, 10.0)
-# CPUs; 1 : 2 : 4, together well under this 2-core machine, so that the others sharing it
+SHARES = (1, 2, 4)  # relative compute of the fairness run's three participants
+# Their CPU quotas: together well under this 2-core machine, so that the others sharing it
 # (0.25 : 0.5 : 1.0 measured 74 % off with ~1.5 cores busy elsewhere) do not starve the largest.
-QUOTAS = (0.1, 0.2, 0.4)
+QUOTAS = tuple(0.1 * share for share in SHARES)
+# Nonces in flight per fairness participant: a stop drops those in flight and vLLM finishes a
+# batch at once, so fewer than the default keeps a 0.1-CPU participant's count from moving in
+# steps of 16 (a third of what it computes in 20 s on SmolLM2).
+FAIRNESS_CONCURRENCY = 4
 CATCH_TARGET = 0.99
 SEED = bytes(range(32))
 PUBKEY = b"\x02" + hashlib.sha256(b"poc-bench").digest()
@@ -146,32 +151,50 @@ async def cost(engine: Engine, seconds: float) -> dict:
 
 
 @contextmanager
-def cpu_quota(name: str, cpus: float) -> Iterator[tuple[str, Path | None]]:
-    """A cgroup limiting its processes to ``cpus`` CPUs: (how, its ``cgroup.procs``), or
-    (why not, None) where this machine has no writable cgroup with a cpu controller."""
+def cpu_quotas(cpus: tuple[float, ...]) -> Iterator[tuple[str, list[Path] | None]]:
+    """One cgroup per entry of ``cpus`` under a common parent: each capped at its CPUs and
+    weighted in proportion to them, so the split holds both on an idle machine (the caps bind)
+    and on a busy one (the parent gets what three ordinary processes would, and the weights
+    split it). Yields (how, each group's ``cgroup.procs``), or (why not, None)."""
     period = 100_000
     v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
     controllers = v2 / "cgroup.controllers"
     if controllers.exists() and "cpu" in controllers.read_text().split():
-        group, how = v2 / name, "cgroup v2 cpu.max"
-        limits = {"cpu.max": f"{int(cpus * period)} {period}"}
+        root, how = v2, "cgroup v2 cpu.max + cpu.weight"
+        parent_limits = {"cpu.weight": str(3 * 100), "cgroup.subtree_control": "+cpu"}
+
+        def limits(c: float) -> dict[str, str]:
+            return {"cpu.max": f"{int(c * period)} {period}",
+                    "cpu.weight": str(round(c / cpus[0] * 100))}
     elif (v1 / "cpu.cfs_quota_us").exists():
-        group, how = v1 / name, "cgroup v1 cpu.cfs_quota_us"
-        limits = {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(int(cpus * period))}
+        root, how = v1, "cgroup v1 cpu.cfs_quota_us + cpu.shares"
+        parent_limits = {"cpu.shares": str(3 * 1024)}
+
+        def limits(c: float) -> dict[str, str]:
+            return {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(int(c * period)),
+                    "cpu.shares": str(round(c / cpus[0] * 1024))}
     else:
         yield "no cgroup cpu controller", None
         return
+    parent = root / f"poc_bench_{os.getpid()}"
+    groups = [parent / f"share{i}" for i in range(len(cpus))]
     try:
-        group.mkdir(exist_ok=True)
-        for file, value in limits.items():
-            (group / file).write_text(value)
-    except OSError as e:
-        yield f"cgroups not writable ({e.strerror})", None
-        return
-    try:
-        yield how, group / "cgroup.procs"
+        try:
+            parent.mkdir()
+            for file, value in parent_limits.items():
+                (parent / file).write_text(value)
+            for group, c in zip(groups, cpus, strict=True):
+                group.mkdir()
+                for file, value in limits(c).items():
+                    (group / file).write_text(value)
+        except OSError as e:
+            yield f"cgroups not writable ({e.strerror})", None
+            return
+        yield f"{how}, {' : '.join(f'{c:g}' for c in cpus)} CPU", [g / "cgroup.procs" for g in groups]
     finally:
-        group.rmdir()
+        for group in [*groups, parent]:
+            if group.exists():
+                group.rmdir()
 
 
 def _line_from(child: subprocess.Popen[str], wanted: Callable[[str], bool]) -> str:
@@ -187,19 +210,14 @@ def fairness(model: str, engine_kind: str, window_s: float) -> dict:
     each (``QUOTAS``), else ``taskset`` to 1, 2 and 4 cores with as many threads where the
     machine has 7 -- and compute for ``window_s`` after the same 'go'."""
     with ExitStack() as stack:
-        groups = [stack.enter_context(cpu_quota(f"poc_bench_{os.getpid()}_{i}", q))
-                  for i, q in enumerate(QUOTAS)]
-        quotas = all(procs is not None for _, procs in groups)
-        if quotas:
-            how = f"{groups[0][0]}, {' : '.join(f'{q:g}' for q in QUOTAS)} CPU"
-        elif (os.cpu_count() or 1) >= 7:
-            how = f"taskset to 1, 2, 4 cores and threads ({groups[0][0]})"
-        else:
-            how = f"NOT ENFORCED: {groups[0][0]} and under 7 cores for taskset"
+        how, procs_files = stack.enter_context(cpu_quotas(QUOTAS))
+        pinned = procs_files is None and (os.cpu_count() or 1) >= sum(SHARES)
+        if procs_files is None:
+            how = (f"taskset to 1, 2, 4 cores and threads ({how})" if pinned
+                   else f"NOT ENFORCED: {how}, and under {sum(SHARES)} cores for taskset")
         children = []
-        for i, share in enumerate((1, 2, 4)):
-            cores = set(range(sum((1, 2, 4)[:i]), sum((1, 2, 4)[:i + 1])))
-            pinned = not quotas and (os.cpu_count() or 1) >= 7
+        for i, share in enumerate(SHARES):
+            cores = set(range(sum(SHARES[:i]), sum(SHARES[:i + 1])))
             children.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", "--model", model, "--engine", engine_kind,
                  "--seconds", str(window_s)],
@@ -207,26 +225,27 @@ def fairness(model: str, engine_kind: str, window_s: float) -> dict:
                 env={**os.environ, **({"OMP_NUM_THREADS": str(share)} if pinned else {})},
                 preexec_fn=(lambda cores=cores: os.sched_setaffinity(0, cores)) if pinned else None))
         try:
-            for child, (_, procs) in zip(children, groups, strict=True):
+            for i, child in enumerate(children):
                 _line_from(child, lambda line: line == "ready")  # loaded at full speed
-                if procs is not None:
-                    procs.write_text(str(child.pid))  # moves every thread of the process
+                if procs_files is not None:
+                    procs_files[i].write_text(str(child.pid))  # moves every thread of the process
             for child in children:
                 child.stdin.write("go\n")
                 child.stdin.flush()
             counts = [json.loads(_line_from(child, lambda line: line.startswith("{")))["nonces"]
                       for child in children]
-        finally:
+        finally:  # on a failure the others read EOF instead of 'go', compute and exit
             for child in children:
-                child.wait(timeout=120)
-    expected = [share / 7 for share in (1, 2, 4)]
+                child.stdin.close()
+                child.wait(timeout=300)
+    expected = [share / sum(SHARES) for share in SHARES]
     shares = [c / sum(counts) for c in counts]
     error = max(abs(s / e - 1) for s, e in zip(shares, expected, strict=True))
     table = Table(title=f"Fairness: {model} on {engine_kind}, {window_s:g} s window, compute held by "
                         f"{how} ({load()})")
     for column in ("relative compute", "nonces", "share", "expected share", "ratio to the first"):
         table.add_column(column, justify="right")
-    for share, c, s, e in zip((1, 2, 4), counts, shares, expected, strict=True):
+    for share, c, s, e in zip(SHARES, counts, shares, expected, strict=True):
         table.add_row(str(share), str(c), f"{s:.3f}", f"{e:.3f}", f"{c / counts[0]:.2f}")
     console.print(table)
     console.print(f"largest share error vs 1:2:4: {error:.1%} (target <= 15 %)")
@@ -239,7 +258,7 @@ async def worker(model: str, engine_kind: str, seconds: float) -> None:
     await poc.compute_leaves(engine, SEED, PUBKEY, 10**9, 4)  # warm-up
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
-    run = poc.PocCompute(engine, SEED, b"\x03" + PUBKEY[1:])
+    run = poc.PocCompute(engine, SEED, b"\x03" + PUBKEY[1:], concurrency=FAIRNESS_CONCURRENCY)
     asyncio.get_running_loop().call_later(seconds, run.stop)
     print(json.dumps({"nonces": len(await run.run())}), flush=True)
     await engine.close()
@@ -384,7 +403,7 @@ async def main(args: argparse.Namespace) -> None:
                                1 if args.quick else 4)
     finally:
         await engine.close()
-    fair = fairness(args.model, args.engine, window if args.quick else 60.0)
+    fair = fairness(args.model, args.engine, 20.0 if args.quick else 60.0)
     console.print(f"[bold]summary[/bold]: {measured['nonces_per_s']:.1f} nonces/s, sample check "
                   f"{measured['check_s']:.2f} s, fairness error {fair['error']:.1%}, fabricated leaves "
                   f"failing {cheated['fabricated_fail_rate']:.0%}, small-model rounds caught "
