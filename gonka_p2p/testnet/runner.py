@@ -118,8 +118,9 @@ class Participant:
                 return
             if not line and self.proc.poll() is not None:
                 break
-        self.meant_down = True
-        raise TestnetError(f"participant {self.index} did not start; see {self.log}")
+        if not self.meant_down:  # else we stopped it meanwhile: nothing to report
+            self.meant_down = True
+            raise TestnetError(f"participant {self.index} did not start; see {self.log}")
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -188,10 +189,18 @@ class Testnet:
         for p in rest:
             p.wait_ready()
 
-    def restart(self, p: Participant) -> None:
-        """Start ``p`` again through the others; one that cannot start is a finding, not the run's end."""
+    def restart(self, p: Participant, wait: bool) -> None:
+        """Start ``p`` again through the others; one that cannot start is a finding, not the run's end.
+        Without ``wait`` it is awaited in a thread, so that a slow start (a model load on a busy
+        machine) does not hold up the perturbations scheduled after it."""
         p.start(self.manifest, self.net / "genesis.toml",
                 [q.addr for q in self.participants if q is not p and q.live and not q.frozen])
+        if wait:
+            self._await_ready(p)
+        else:
+            threading.Thread(target=self._await_ready, args=(p,), daemon=True).start()
+
+    def _await_ready(self, p: Participant) -> None:
         try:
             p.wait_ready()
         except TestnetError as e:
@@ -248,10 +257,10 @@ class Testnet:
             for p in [p for p in self.participants if p.live]:
                 self.notice_crashes()  # before stop() makes an exit look meant
                 p.stop()
-                self.restart(p)
+                self.restart(p, wait=True)  # one at a time: the next stops only once this one serves
         elif pert.kind == "join":
             for p in targets:
-                self.restart(p)  # its first start: bootstrap addresses only, no genesis file
+                self.restart(p, wait=False)  # its first start: bootstrap addresses only, no genesis file
         elif pert.kind == "leave":
             for p in targets:
                 self.notice_crashes()
@@ -262,7 +271,7 @@ class Testnet:
         targets = [self.participants[i] for i in pert.targets]
         if pert.kind == "kill":
             for p in targets:
-                self.restart(p)
+                self.restart(p, wait=False)
         elif pert.kind == "freeze":
             for p in targets:
                 p.signal(signal.SIGCONT)
