@@ -12,19 +12,19 @@ module is what runs the model for that:
   the pubkey in it means one identity's nonces are worth nothing to another:
   ten identities on one machine split that machine's nonces (Sybils cannot
   share work). The result is the next-token distribution after the whole
-  prompt -- ``Engine.generate`` for one greedy token, which both engines
-  compute from one prefill with the LM head on the last row only -- of which
-  the leaf keeps the top ``TOP_K`` ids and logprobs.
+  prompt -- ``Engine.generate`` for one greedy token: one prefill, the LM
+  head on its last row only in vLLM -- of which the leaf keeps the top
+  ``TOP_K`` ids and logprobs.
 * **Leaf.** Canonical msgpack of ``[nonce, top_ids, top_logprobs]``, the
-  logprobs as float32 (62 bytes; at most ``MAX_LEAF_BYTES``). The decoder is
+  logprobs as float32 (about 45-65 bytes; at most ``MAX_LEAF_BYTES``). The decoder is
   total: any other bytes raise :class:`PocLeafError`, nothing else.
 * **Check.** A validator recomputes each opened nonce on its own engine and
   compares rank by rank (:func:`leaf_mismatch`): the k logprobs within
   ``LOGPROB_TOLERANCE`` of its own, and each claimed id carrying the
   logprob claimed for it -- so the top-1 id is the validator's own up to a
   near-tie, and the top-k set may differ only by near-ties at its edge.
-  Honest noise between engines, batch sizes and thread counts is about
-  1e-5 nats; a fabricated leaf, another identity's or seed's, or a smaller
+  Honest noise between engines, batch sizes and thread counts is under
+  1e-4 nats (measured below); a fabricated leaf, another identity's or seed's, or a smaller
   model's misses by whole nats.
 
 Computing (:class:`PocCompute`) keeps ``concurrency`` nonces in flight so
