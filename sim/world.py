@@ -68,6 +68,7 @@ from gonka_p2p.ledger.block import Receipt
 from gonka_p2p.ledger.records import DisputeOutcome, InferenceStatus
 from gonka_p2p.ledger.rules import (
     PPM,
+    DrawTable,
     NoEligibleExecutor,
     choose_executor,
     epoch_last_height,
@@ -165,8 +166,9 @@ class Simulation:
         self._reveal_after: dict[tuple[int, str], int] = {}  # (epoch, validator) -> last check height
         self._seeds: dict[int, dict[str, bytes]] = {}  # epoch -> peer id -> its validation seed
         self._arc_index: dict[int, ArcIndex] = {}  # epoch -> its validators' duty arcs
+        self._servers: tuple[int, list[Peer]] = (-1, [])  # (epoch, its serving peers)
         self._nonce = 0
-        self._weights: tuple[int, dict[str, int]] = (-1, {})  # (height, the ledger's executor weights)
+        self._weights = (-1, DrawTable({}))  # (height, the ledger's executor weights, ready to draw)
 
     @property
     def last_height(self) -> int:
@@ -238,7 +240,7 @@ class Simulation:
         if owner is not None:
             ta, client = owner, self.roster.own_client[owner.peer_id]
         else:
-            ta = self._traffic.choice([p for p in self.roster.peers if p.serves(epoch)])
+            ta = self._traffic.choice(self._serving(epoch))
             client = self.roster.spammer if spam else self._traffic.choice(self.roster.clients)
         assert client is not None
         self._nonce += 1
@@ -293,7 +295,7 @@ class Simulation:
         attempt finds one. A greedy TA takes
         ``prefer`` at whichever allowed attempt draws it (the choice the ledger leaves it)."""
         if self._weights[0] != self.chain.height:  # weights change only in blocks: one read per block
-            self._weights = (self.chain.height, executor_weights(self.chain.state, MODEL))
+            self._weights = (self.chain.height, DrawTable(executor_weights(self.chain.state, MODEL)))
         weights = self._weights[1]
         drawn = []
         for attempt in range(self.params.max_executor_attempts):
@@ -459,6 +461,12 @@ class Simulation:
 
     def _seed(self, peer: Peer, epoch: int) -> bytes:
         return self._epoch_seeds(epoch)[peer.peer_id]
+
+    def _serving(self, epoch: int) -> list[Peer]:
+        """The peers serving in ``epoch`` (the TAs its clients reach), listed once."""
+        if self._servers[0] != epoch:
+            self._servers = (epoch, [p for p in self.roster.peers if p.serves(epoch)])
+        return self._servers[1]
 
     def _arcs(self, epoch: int) -> ArcIndex:
         """The epoch's eligible validators by arc start (fixed once the epoch has begun)."""

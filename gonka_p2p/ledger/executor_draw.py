@@ -10,9 +10,11 @@ named, as queries of the committed :class:`~gonka_p2p.ledger.state.LedgerState`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor, epoch_last_height, epoch_of
+from gonka_p2p.ledger.records import Participant
+from gonka_p2p.ledger.rules import DrawTable, NoEligibleExecutor, choose_executor, epoch_last_height, epoch_of
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.state import LedgerState
@@ -34,6 +36,35 @@ def executor_weights(state: LedgerState, model: str, epoch: int | None = None) -
     registry = state.registry.rows
     return {peer: weight for peer, weight in info.model_weights(model).items()
             if peer in registry and model in registry[peer].models}
+
+
+class ExecutorTables:
+    """:func:`executor_weights` laid out for drawing (``rules.DrawTable``), once per (epoch, model)
+    rather than once per Start. A table follows frozen weights and which participants still list
+    the model, so a change of anyone's models drops every table when its block commits
+    (:meth:`committed`), and until then tables are built afresh (:meth:`table`)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[int, str], DrawTable] = {}
+
+    def table(self, state: LedgerState, model: str, epoch: int) -> DrawTable:
+        if state.epoch_info(epoch) is None or _models_changed(state.registry.dirty, state.registry.rows):
+            return DrawTable(executor_weights(state, model, epoch))
+        if (epoch, model) not in self._tables:
+            self._tables = {k: t for k, t in self._tables.items() if k[0] >= epoch - 1}  # draw_epochs' reach
+            self._tables[(epoch, model)] = DrawTable(executor_weights(state, model, epoch))
+        return self._tables[(epoch, model)]
+
+    def committed(self, changed: Mapping[str, Any], rows: Mapping[str, Participant]) -> None:
+        """A block's registry changes (key -> the record before it) are committed."""
+        if _models_changed(changed, rows):
+            self._tables.clear()
+
+
+def _models_changed(before: Mapping[str, Any], rows: Mapping[str, Participant]) -> bool:
+    """Did a participant that existed before change its models? (A newcomer is in no frozen table.)"""
+    return any(isinstance(old, Participant) and old.models is not rows[peer].models
+               and old.models != rows[peer].models for peer, old in before.items())
 
 
 def draw_table(state: LedgerState) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
@@ -78,7 +109,8 @@ def is_drawn(state: LedgerState, model: str, ta: str, iid: bytes, attempt: int, 
     for a Start that ``ta`` submits into the block at ``height``."""
     for epoch in draw_epochs(state, height):
         try:
-            if choose_executor(executor_weights(state, model, epoch), frozenset({ta}), iid, attempt) == executor:
+            if choose_executor(state.executor_tables.table(state, model, epoch), frozenset({ta}), iid,
+                               attempt) == executor:
                 return True
         except NoEligibleExecutor:
             continue

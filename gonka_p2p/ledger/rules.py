@@ -59,11 +59,13 @@ belongs to the epoch in which it closed (settled or expired).
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from decimal import ROUND_FLOOR, Context, Decimal, localcontext
 from enum import IntEnum, StrEnum
 from fractions import Fraction
 from functools import lru_cache
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import base58
@@ -317,27 +319,47 @@ class NoEligibleExecutor(Exception):
     """No candidate with positive weight remains."""
 
 
+class DrawTable:
+    """The one weighted draw's table: the positive weights laid end to end in peer-id order (so
+    dict order does not matter). Built once per table, it answers each draw by bisection, and a
+    draw that excludes a few peers as if they had never been laid (:meth:`pick`)."""
+
+    def __init__(self, weights: Mapping[str, int]) -> None:
+        pool = sorted((peer, w) for peer, w in weights.items() if w > 0)
+        self._peers = [peer for peer, _ in pool]
+        self._ends = list(accumulate(w for _, w in pool))
+        self._slot = {peer: (end - w, w) for (peer, w), end in zip(pool, self._ends, strict=True)}
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._slot
+
+    def pick(self, draw: bytes, exclude: frozenset[str] = frozenset()) -> str | None:
+        """The peer under point ``draw mod total`` of the table without ``exclude``; None if no
+        weight is left. ``draw`` is a 256-bit hash: the modulo bias is negligible."""
+        gone = sorted(self._slot[p] for p in exclude if p in self._slot)
+        total = (self._ends[-1] if self._ends else 0) - sum(w for _, w in gone)
+        if total <= 0:
+            return None
+        point = int.from_bytes(draw, "big") % total
+        for start, weight in gone:  # in table order: a point that reaches an excluded stretch skips it
+            if point < start:
+                break
+            point += weight
+        return self._peers[bisect_right(self._ends, point)]
+
+
 def weighted_pick(weights: Mapping[str, int], draw: bytes) -> str | None:
-    """The one weighted draw: lay the positive weights end to end in peer-id order (so dict
-    order does not matter) and take the peer under point ``draw mod total``; None if no weight
-    is positive. A peer's chance is its share of the weight, so a thousand identities with
-    no weight are never drawn. ``draw`` is a 256-bit hash: the modulo bias is negligible."""
-    pool = sorted((peer, w) for peer, w in weights.items() if w > 0)
-    total = sum(w for _, w in pool)
-    if total == 0:
-        return None
-    point = int.from_bytes(draw, "big") % total
-    for peer, weight in pool:
-        if point < weight:
-            return peer
-        point -= weight
-    raise AssertionError("unreachable: point < total")
+    """The one weighted draw (:class:`DrawTable`): the peer under point ``draw mod total``;
+    None if no weight is positive. A peer's chance is its share of the weight, so a thousand
+    identities with no weight are never drawn."""
+    return DrawTable(weights).pick(draw)
 
 
-def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inference_id: bytes,
+def choose_executor(weights: Mapping[str, int] | DrawTable, exclude: frozenset[str], inference_id: bytes,
                     attempt: int) -> str:
-    """The executor drawn for an inference at ``attempt``: :func:`weighted_pick` over ``weights``
-    (peer id -> weight) minus ``exclude``, drawn from (inference id, attempt).
+    """The executor drawn for an inference at ``attempt``: the weighted draw over ``weights``
+    (peer id -> weight, or their :class:`DrawTable`, built once for many draws) minus
+    ``exclude``, drawn from (inference id, attempt).
 
     The ledger recomputes it for every StartInference, from the weights it holds for the
     model and ``exclude = {the TA}`` (``executor_draw.executor_weights``), and the TA draws the
@@ -353,7 +375,7 @@ def choose_executor(weights: Mapping[str, int], exclude: frozenset[str], inferen
     caps each executor's score at its weight's fair share (:func:`fair_share_scores`), and the
     floor's traffic count likewise (:func:`floor_traffic`)."""
     draw = hashlib.sha256(_EXECUTOR_DOMAIN + inference_id + attempt.to_bytes(4, "big")).digest()
-    peer = weighted_pick({p: w for p, w in weights.items() if p not in exclude}, draw)
+    peer = (weights if isinstance(weights, DrawTable) else DrawTable(weights)).pick(draw, exclude)
     if peer is None:
         raise NoEligibleExecutor("no live executor with positive weight serves this model")
     return peer

@@ -78,7 +78,7 @@ from gonka_p2p.ledger.rules import (
     validation_ppm,
 )
 from gonka_p2p.ledger.tables import InvariantViolation, LtHash, Table, check_record, fold_changes, new_table
-from gonka_p2p.ledger.executor_draw import draw_table
+from gonka_p2p.ledger.executor_draw import ExecutorTables, draw_table
 from gonka_p2p.ledger.poc import capped_voting_power
 from gonka_p2p.ledger.poc_rules import RULES
 from gonka_p2p.ledger.transactions import PocCommit, Reason, Tx, TxRejected, decode_tx, reason_of, signer_fee
@@ -146,6 +146,7 @@ class LedgerState:
         self._eligible: dict[int, Eligible] = {}  # epoch -> its eligible validators, once asked
         self._rings: dict[int, DutyRing] = {}  # epoch -> its settled inferences by duty point
         self._disputes_due: dict[int, list[bytes]] = {}  # deadline height -> open disputes
+        self.executor_tables = ExecutorTables()  # the executor draw's, laid out (derived, not hashed)
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> LedgerState:
@@ -227,8 +228,7 @@ class LedgerState:
         return dict(self.eligible(epoch).weights)
 
     def eligible(self, epoch: int) -> Eligible:
-        """:meth:`epoch_validators` with the sums of its duty thresholds, computed once (a new
-        commitment for the epoch recomputes them)."""
+        """:meth:`epoch_validators` and the sums of its duty thresholds, until a commitment."""
         if epoch not in self._eligible:
             committed = self._committed.get(epoch, ())
             self._eligible[epoch] = Eligible.of(
@@ -265,9 +265,8 @@ class LedgerState:
         return sorted(ids, key=lambda iid: (self.inferences.rows[iid].closed_height, iid))
 
     def validation_duties(self, epoch: int, validator: str, seed: bytes) -> list[bytes]:
-        """Every inference of ``epoch`` (so far) that ``validator`` must check with ``seed``,
-        in closing order: the settled inferences on its arc of the duty ring (what a reveal
-        recomputes), found by a range query over the epoch's ring (:mod:`.duties`)."""
+        """Every inference of ``epoch`` (so far) that ``validator`` must check with ``seed``, in
+        closing order (what a reveal recomputes): a range query on the epoch's duty ring."""
         eligible, ring = self.eligible(epoch), self._rings.get(epoch)
         if ring is None or validator not in eligible.weights:
             return []
@@ -310,6 +309,7 @@ class LedgerState:
 
     def _commit(self, coins_created: int) -> None:
         """Fold every change since the last commit into the hash and check the invariants on it."""
+        self.executor_tables.committed(self.registry.dirty, self.registry.rows)
         delta = fold_changes(self.tables, self._lthash)
         if delta != coins_created:
             raise InvariantViolation(

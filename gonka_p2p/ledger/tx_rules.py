@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
-from gonka_p2p.ledger.executor_draw import draw_epochs, executor_weights, is_drawn
+from gonka_p2p.ledger.executor_draw import draw_epochs, is_drawn
 from gonka_p2p.ledger.duties import duty_point
 from gonka_p2p.ledger.disputes import (dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee,
                                        seat_committee)
@@ -218,7 +218,8 @@ def process_start_inference(state: LedgerState, ctx: BlockContext,
     if tx.attempt >= state.params.max_executor_attempts:
         raise TxRejected(Reason.ATTEMPT_OUT_OF_RANGE, f"attempt {tx.attempt}; a TA draws at most "
                                                       f"{state.params.max_executor_attempts} times")
-    if all(tx.executor not in executor_weights(state, req.model, e) for e in draw_epochs(state, ctx.height)):
+    tables = state.executor_tables
+    if all(tx.executor not in tables.table(state, req.model, e) for e in draw_epochs(state, ctx.height)):
         raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"{tx.executor!r} is not a participant with weight "
                                                        f"serving {req.model}")
     if not is_drawn(state, req.model, signer, iid, tx.attempt, tx.executor, ctx.height):
@@ -409,7 +410,7 @@ def process_validation(state: LedgerState, ctx: BlockContext, signed: Signed[Val
     if signer in (record.executor, record.ta):
         raise TxRejected(Reason.CONFLICT_OF_INTEREST, "a validator never checks work it executed or routed")
     commitment = state.commitments.get((epoch, signer))
-    if commitment is None or signer not in state.epochs.rows[epoch].weights:
+    if commitment is None or signer not in state.eligible(epoch).weights:
         raise TxRejected(Reason.NOT_A_VALIDATOR, f"not a committed validator of epoch {epoch}")
     if commitment.revealed:
         raise TxRejected(Reason.ALREADY_CLAIMED, f"its seed for epoch {epoch} is revealed: duties closed")
