@@ -1015,3 +1015,40 @@ def test_a_block_of_1000_mixed_txs_applies() -> None:
     block = Block(1, state.last_block_hash, PEER["ta"], T0 + 1000, txs)
     _, receipts = apply_block(state, block)
     assert len(receipts) == 1000 and all(r.ok for r in receipts), [r for r in receipts if not r.ok][:3]
+
+
+def test_the_executor_draw_table_picks_as_the_walk_over_the_weights_without_the_excluded() -> None:
+    """rules.DrawTable answers by bisection what the walk over the positive weights in peer-id
+    order, less the excluded peers, answers: at every boundary and with absent or weightless
+    peers excluded."""
+    seed = 5
+    print(f"draw table seed={seed}")
+    rng = random.Random(seed)
+
+    def walk(weights: dict[str, int], point: int) -> str:
+        for peer, weight in sorted((p, w) for p, w in weights.items() if w > 0):
+            if point < weight:
+                return peer
+            point -= weight
+        raise AssertionError("point past the total")
+
+    for _ in range(3000):
+        weights = {f"p{i}": rng.choice([0, 1, 2, 5, 10**6]) for i in range(rng.randint(0, 8))}
+        exclude = frozenset(rng.sample([*weights, "absent"], rng.randint(0, min(3, len(weights) + 1))))
+        left = {p: w for p, w in weights.items() if p not in exclude}
+        draw = rng.randbytes(32)
+        want = walk(left, int.from_bytes(draw, "big") % sum(left.values())) if sum(left.values()) else None
+        assert rules.DrawTable(weights).pick(draw, exclude) == want, (weights, exclude)
+
+
+def test_an_executor_that_drops_its_model_is_not_drawn_from_the_block_that_drops_it() -> None:
+    """The ledger keeps each epoch's executor table laid out (executor_draw.ExecutorTables): a
+    change of models must reach the draw within its own block, not at the next commit."""
+    chain = Chain()
+    chain.block(chain.transfer("alice", PEER["ex"], 100))
+    assert PEER["ex"] in chain.state.executor_tables.table(chain.state, MODEL, 0)  # laid out already
+    req = make_request("alice", "hi", 20, T0 + 1000)
+    register, start = chain.register("ex", ["m2"]), chain.start(req, executor="ex")
+    r, s = chain.block(register, start)
+    assert r.ok and s.reason is Reason.EXECUTOR_NOT_ELIGIBLE, (r, s)
+    assert PEER["ex"] not in chain.state.executor_tables.table(chain.state, MODEL, 0)
