@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
 from gonka_p2p.config import (
     ENGINES,
@@ -35,6 +34,7 @@ from gonka_p2p.identity import Keypair, KeyFileError
 
 if TYPE_CHECKING:
     from gonka_p2p.client import GonkaClient
+    from gonka_p2p.ledger.query import StatusReply
 
 err_console = Console(stderr=True)
 
@@ -135,13 +135,14 @@ async def _ask_node(node: str, question: Callable[[GonkaClient], Awaitable[objec
         return await question(client)
 
 
-async def _status_and_genesis_hash(client: GonkaClient) -> tuple[object, str]:
-    """The node's ledger status, and the hash of the genesis it serves to joining nodes (or why not)."""
+async def _status_and_genesis_hash(client: GonkaClient, prover: str | None) -> tuple[object, str]:
+    """The node's ledger status (with ``prover``'s last proof-of-compute result, the node's own
+    by default), and the hash of the genesis it serves to joining nodes (or why not)."""
     from gonka_p2p.actors.genesis_exchange import ask_genesis
     from gonka_p2p.gossip.service import NetworkError
     from gonka_p2p.wire.schema import WireError
 
-    status = await client.status()
+    status = await client.status(prover)
     try:
         genesis = await ask_genesis(client.service, client.ta)
     except (NetworkError, TimeoutError, WireError) as e:
@@ -149,22 +150,45 @@ async def _status_and_genesis_hash(client: GonkaClient) -> tuple[object, str]:
     return status, genesis.hash().hex() if genesis is not None else "none"
 
 
+def _poc_lines(status: StatusReply) -> list[str]:
+    """The proof-of-compute schedule, and the asked prover's last result."""
+    if not status.poc_enabled:
+        return ["proof of compute: off (weights are fixed at genesis)"]
+    confirmation = (f"opened at height {status.confirmation}" if status.confirmation
+                    else "not yet open (it opens at an unpredictable height after the regular round)")
+    lines = [f"proof of compute: next regular round at height {status.next_poc}; "
+             f"this epoch's confirmation: {confirmation}"]
+    if not status.last_poc:
+        lines.append(f"last proof of compute of {status.prover}: none")
+    for r in status.last_poc:
+        lines.append(f"last proof of compute of {status.prover}: epoch {r.epoch} {r.round} round, "
+                     f"{r.model}, {r.count} nonces: {r.verdict}")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from gonka_p2p.ledger.query import StatusReply
+    from gonka_p2p.ledger.rules import is_account_address
 
-    status, genesis_hash = asyncio.run(_ask_node(args.node, _status_and_genesis_hash))  # type: ignore[misc]
+    if args.peer is not None and not is_account_address(args.peer):
+        raise UsageProblem(f"{args.peer!r} is not a peer id (a peer id looks like 16Uiu2HAm...)")
+    status, genesis_hash = asyncio.run(_ask_node(  # type: ignore[misc]
+        args.node, lambda client: _status_and_genesis_hash(client, args.peer)))
     assert isinstance(status, StatusReply)
     console = Console()
     console.print(f"chain {status.chain_id}  height {status.height}  epoch {status.epoch}  "
                   f"app hash {status.app_hash.hex()}")
     console.print(f"genesis {genesis_hash}")
     console.print(f"mempool {status.mempool} transactions, {status.evidence} equivocations seen")
-    table = Table(title="participants", title_justify="left")
-    for col in ("peer id", "weight", "models", "completed", "missed"):
-        table.add_column(col)
+    for line in _poc_lines(status):
+        console.print(line, highlight=False)
+    # One line each, not a table: a peer id alone is 53 characters, and a table squeezed into a
+    # terminal would cut ids and weights short.
+    console.print("participants (power: consensus voting power):")
     for p in status.participants:
-        table.add_row(p.peer_id, str(p.weight), ", ".join(p.models), str(p.completed), str(p.missed))
-    console.print(table)
+        per_model = ", ".join(f"{m.model}: {m.weight}" for m in p.model_weights) or "none"
+        print(f"  {p.peer_id}  weight {p.weight}  power {p.power}  per model {per_model}  "
+              f"completed {p.completed}  missed {p.missed}")
     return 0
 
 
@@ -269,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a fresh key joins with --bootstrap alone")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("status", help="ask a node for the ledger's height, epoch, app hash, participants")
+    p = sub.add_parser("status", help="ask a node for the ledger's height, epoch, app hash, participants' "
+                       "weights and voting power, and the proof-of-compute schedule and results")
     p.add_argument("--node", required=True, help="multiaddr of a running node")
+    p.add_argument("--peer", help="whose last proof-of-compute result to show (default: the node's own)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("balance", help="ask a node for an account's balance")

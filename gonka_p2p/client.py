@@ -189,9 +189,11 @@ class GonkaClient:
         except WireError as e:
             raise ProtocolViolation(f"TA sent a bad info frame: {e}") from None
 
-    async def status(self) -> StatusReply:
-        """The node's view of the ledger: chain, height, epoch, app hash, participants."""
-        return await self._query(StatusQuery(), StatusReply)  # type: ignore[return-value]
+    async def status(self, prover: str | None = None) -> StatusReply:
+        """The node's view of the ledger: chain, height, epoch, app hash, participants, the
+        proof-of-compute schedule, and ``prover``'s last proof-of-compute result (the asked
+        node's own by default)."""
+        return await self._query(StatusQuery(prover=prover or self.ta), StatusReply)  # type: ignore[return-value]
 
     async def balance(self, account: str | None = None) -> BalanceReply:
         """``account``'s committed balance and sequence (this client's own by default)."""

@@ -4,7 +4,9 @@ Protocol ``/gonka/ledger/query/1``: one request frame, one reply frame, each
 an unsigned versioned frame (:func:`~gonka_p2p.wire.unsigned.encode_frame`;
 noise authenticates the replica that answers). Requests and their replies::
 
-    StatusQuery               -> StatusReply     (chain, height, epoch, app hash, participants, ...)
+    StatusQuery(prover)       -> StatusReply     (chain, height, epoch, app hash, participants with their
+                                                  weights per model and voting power, the proof-of-compute
+                                                  schedule, and ``prover``'s last proof-of-compute result)
     BalanceQuery(account)     -> BalanceReply
     InferenceQuery(id)        -> InferenceReply
     AppHashQuery(height)      -> AppHashReply    (recent heights only)
@@ -21,17 +23,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gonka_p2p.ledger.genesis import MAX_CHAIN_ID, MAX_MODELS
+from gonka_p2p.ledger.genesis import MAX_CHAIN_ID, MAX_MODEL_NAME, MAX_MODELS
 from gonka_p2p.ledger.transactions import MAX_CLIENT_REQUEST_BYTES, MAX_PEER_ID
 from gonka_p2p.wire.messages import HASH_BYTES
-from gonka_p2p.wire.schema import Message, bounded
+from gonka_p2p.wire.schema import Message, bounded, each
 
 MAX_LISTED_PARTICIPANTS = 4096
+PEER_IDS = each(max_len=MAX_PEER_ID)  # the bound of each item of a list of peer ids
 
 
 @dataclass(frozen=True)
 class StatusQuery(Message):
     KIND = "ledger_status_query"
+    prover: str = bounded(max_len=MAX_PEER_ID)  # whose last proof-of-compute result to include ("": nobody's)
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,34 @@ class EpochSummaryQuery(Message):
 
 
 @dataclass(frozen=True)
+class ModelWeight(Message):
+    KIND = "ledger_model_weight"
+    model: str = bounded(max_len=MAX_MODEL_NAME)
+    weight: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
 class ParticipantInfo(Message):
     KIND = "ledger_participant_info"
     peer_id: str = bounded(max_len=MAX_PEER_ID)
     weight: int = bounded(min_value=0)
-    models: list[str] = bounded(max_len=MAX_MODELS)
+    power: int = bounded(min_value=0)  # consensus voting power: weight, capped per participant
+    model_weights: list[ModelWeight] = bounded(max_len=MAX_MODELS)  # executor-draw weight per model
+    models: list[str] = bounded(max_len=MAX_MODELS, items=each(max_len=MAX_MODEL_NAME))
     completed: int = bounded(min_value=0)
     missed: int = bounded(min_value=0)
+
+
+@dataclass(frozen=True)
+class PocResultInfo(Message):
+    """One commitment of a prover's last proof-of-compute round, and how the round judged it."""
+
+    KIND = "ledger_poc_result"
+    epoch: int = bounded(min_value=0)
+    round: str = bounded(max_len=16)  # "regular" | "confirmation"
+    model: str = bounded(max_len=MAX_MODEL_NAME)
+    count: int = bounded(min_value=0)  # nonces committed
+    verdict: str = bounded(max_len=16)  # "proven" | "fraud" | "unproven" | "pending"
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,11 @@ class StatusReply(Message):
     participants: list[ParticipantInfo] = bounded(max_len=MAX_LISTED_PARTICIPANTS)
     mempool: int = bounded(min_value=0)
     evidence: int = bounded(min_value=0)  # equivocations this replica has seen
+    poc_enabled: bool = bounded()
+    next_poc: int = bounded(min_value=0)  # first compute height of the next regular round (0: PoC off)
+    confirmation: int = bounded(min_value=0)  # this epoch's confirmation round's start, once open (else 0)
+    prover: str = bounded(max_len=MAX_PEER_ID)  # the query's prover
+    last_poc: list[PocResultInfo] = bounded(max_len=MAX_MODELS)  # its last round's commitments, one per model
 
 
 @dataclass(frozen=True)
@@ -134,8 +164,9 @@ class EpochSummaryReply(Message):
     KIND = "ledger_epoch_summary_reply"
     epoch: int = bounded(min_value=0)
     settled: bool = bounded()
-    caught: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS)
-    paid: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS)  # executors paid fees
+    caught: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS, items=PEER_IDS)
+    paid: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS, items=PEER_IDS)  # executors paid fees
+    checked: list[str] = bounded(max_len=MAX_LISTED_PARTICIPANTS, items=PEER_IDS)  # with an inference checked
     fees_paid: int = bounded(min_value=0)
     fees_refunded: int = bounded(min_value=0)
     minted: int = bounded(min_value=0)
