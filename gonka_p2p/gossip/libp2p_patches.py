@@ -34,6 +34,7 @@ from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStore
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
@@ -335,6 +336,25 @@ async def confirm_connection(host: IHost, peer: ID, deadline: float) -> None:
                 await close(stream)
     except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError) as e:
         log.debug("connected to %s but the confirming ping failed: %r", peer, e)
+
+
+async def clean_peerstore(peerstore: PeerStore, interval: float) -> None:
+    """Forget expired peers every ``interval`` seconds, as ``PeerStore.start_cleanup_task`` does,
+    without crashing.
+
+    Upstream's cleanup asks ``addrs()`` of every expired peer whose signed peer record it
+    holds (to drop the record once no address is left), and ``addrs()`` raises for an
+    expired peer: the exception ends the trio loop, and with it the node. A peer that leaves
+    for good expires once its addresses' time to live runs out, so every node that knew it
+    stopped. We drop the records of expired peers first -- what that check meant to do --
+    then run the rest.
+    """
+    while True:
+        await trio.sleep(interval)
+        for peer, data in list(peerstore.peer_data_map.items()):
+            if data.is_expired():
+                peerstore.peer_record_map.pop(peer, None)
+        peerstore._cleanup_expired_records()  # noqa: SLF001 -- upstream's own cleanup, now safe
 
 
 async def close_connections(host: IHost) -> None:

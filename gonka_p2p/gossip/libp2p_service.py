@@ -56,7 +56,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -78,6 +79,7 @@ from gonka_p2p.gossip.libp2p_patches import (
     GossipPubsub,
     Topic,
     check_port_free,
+    clean_peerstore,
     close_connections,
     confirm_connection,
     forget_failed_dial,
@@ -185,7 +187,7 @@ class Libp2pService:
                 raise NetworkError(f"cannot listen on {self._listen}")
             async with background_trio_service(pubsub), background_trio_service(router), trio.open_nursery() as nursery:
                 await pubsub.wait_until_ready()
-                nursery.start_soon(host.get_peerstore().start_cleanup_task, 60)
+                nursery.start_soon(clean_peerstore, host.get_peerstore(), 60)
                 self._host, self._pubsub = host, pubsub
                 self._listen_addrs = [str(a) for a in host.get_addrs()]
                 try:
@@ -398,9 +400,10 @@ class Libp2pService:
         bridge = self._running()
         stream = await bridge.call(self._t_open, peer_id, protocol, bytes(request), timeout)
         finished = False
-        try:
-            while (frame := await bridge.call(self._t_read, stream, protocol, timeout)) is not None:
-                yield frame
+        try:  # one reader task per stream, not a trio call per frame
+            async with aclosing(bridge.pull(partial(self._t_read, stream, protocol, timeout))) as frames:
+                async for frame in frames:
+                    yield frame
             finished = True
         finally:
             if not finished:  # abandoned, failed or cancelled: do not leave the stream open
