@@ -56,8 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
-from functools import partial
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -400,10 +399,9 @@ class Libp2pService:
         bridge = self._running()
         stream = await bridge.call(self._t_open, peer_id, protocol, bytes(request), timeout)
         finished = False
-        try:  # one reader task per stream, not a trio call per frame
-            async with aclosing(bridge.pull(partial(self._t_read, stream, protocol, timeout))) as frames:
-                async for frame in frames:
-                    yield frame
+        try:
+            while (frame := await bridge.call(self._t_read, stream, protocol, timeout)) is not None:
+                yield frame
             finished = True
         finally:
             if not finished:  # abandoned, failed or cancelled: do not leave the stream open
