@@ -7,6 +7,11 @@ module owns the one thread where trio runs and the four ways across:
   trio nursery and await its result from asyncio. Cancelling the asyncio
   caller cancels the trio task; stopping the thread fails pending calls with
   :class:`NetworkError` instead of leaving them hanging.
+* ``pull`` (trio -> asyncio, a stream of items): one trio task reads ahead
+  (at most ``window`` items unconsumed) and hands each item over with one
+  ``call_soon_threadsafe``, instead of a ``call`` (a trio task, a cancel
+  scope, a future and two thread hops) per item: what every frame of a
+  response stream used to cost its reader, the TA and the client.
 * ``call_soon_in_trio`` (any thread -> trio, sync, fire and forget) and
   ``spawn`` (any thread -> trio task): both through the trio token, whose
   ``run_sync_soon`` is the only trio API that is safe to use from another
@@ -27,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -38,6 +43,8 @@ from gonka_p2p.gossip.service import NetworkError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PULL_WINDOW = 64  # items a ``pull`` reader may read ahead of its consumer
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -60,6 +67,27 @@ class _CallHandle:
         self.cancelled = True
         if self.scope is not None:
             self.scope.cancel()
+
+
+class _Credit:
+    """How many more items a ``pull`` reader may read ahead; used in the trio thread only."""
+
+    __slots__ = ("_left", "_more")
+
+    def __init__(self, window: int) -> None:
+        self._left = window
+        self._more: trio.Event | None = None
+
+    async def take(self) -> None:
+        while self._left == 0:
+            self._more = trio.Event()
+            await self._more.wait()
+        self._left -= 1
+
+    def give(self, n: int) -> None:
+        self._left += n
+        if self._more is not None:
+            self._more.set()
 
 
 class TrioThread:
@@ -178,6 +206,60 @@ class TrioThread:
         except asyncio.CancelledError:
             self.call_soon_in_trio(handle.cancel)
             raise
+
+    async def pull(self, next_item: Callable[[], Awaitable[T | None]],
+                   window: int = PULL_WINDOW) -> AsyncIterator[T]:
+        """The items of ``next_item()`` (a trio coroutine function) until it returns None, read
+        by one trio task that stays at most ``window`` items ahead (call from asyncio).
+
+        An error of ``next_item`` is raised here after the items before it; closing or
+        cancelling the iteration cancels the reader. Credit goes back to the reader every
+        ``window // 2`` items consumed, so a fast stream costs about one thread hop per item
+        and a slow consumer holds the reader back (and with it the transport's flow control)."""
+        token, nursery = self._token, self._nursery
+        if token is None or nursery is None:
+            raise NetworkError("the network service is not running")
+        queue: asyncio.Queue[tuple[T | None, BaseException | None]] = asyncio.Queue()
+        handle = _CallHandle()
+        credit = _Credit(window)
+
+        async def reader() -> None:
+            if handle.cancelled:
+                return
+            with trio.CancelScope() as scope:
+                handle.scope = scope
+                try:
+                    while True:
+                        await credit.take()
+                        item = await next_item()
+                        self.call_soon_in_asyncio(queue.put_nowait, (item, None))
+                        if item is None:
+                            return
+                except trio.Cancelled:
+                    self.call_soon_in_asyncio(queue.put_nowait, (None, NetworkError("the network service stopped")))
+                    raise
+                except Exception as e:  # noqa: BLE001 - re-raised on the asyncio side
+                    self.call_soon_in_asyncio(queue.put_nowait, (None, _unwrap(e)))
+
+        try:
+            token.run_sync_soon(nursery.start_soon, reader)
+        except trio.RunFinishedError:
+            raise NetworkError("the network service is not running") from None
+        consumed = 0
+        try:
+            while True:
+                item, error = await queue.get()
+                if error is not None:
+                    raise error
+                if item is None:
+                    return
+                consumed += 1
+                if consumed == max(1, window // 2):
+                    self.call_soon_in_trio(credit.give, consumed)
+                    consumed = 0
+                yield item
+        finally:
+            self.call_soon_in_trio(handle.cancel)
 
     def call_soon_in_trio(self, fn: Callable[..., object], *args: Any) -> None:
         """Run sync ``fn(*args)`` in the trio thread soon; a no-op once trio has stopped."""

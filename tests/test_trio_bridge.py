@@ -1,0 +1,98 @@
+"""``TrioThread.pull``: a trio reader task per stream, handing items to asyncio in order.
+
+What a response stream's reader relies on: every item in order, then the end; an error
+after the items before it; a reader that never runs more than ``window`` items ahead of
+its consumer (a peer that floods frames is held back by the transport's flow control, not
+buffered here without bound); closing or cancelling the iteration cancels the reader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+
+import pytest
+import trio
+
+from gonka_p2p.gossip.service import NetworkError
+from gonka_p2p.gossip.trio_bridge import TrioThread
+
+
+@asynccontextmanager
+async def no_lifespan() -> AsyncIterator[None]:
+    yield
+
+
+@pytest.fixture
+async def bridge() -> AsyncIterator[TrioThread]:
+    thread = TrioThread("test-trio")
+    await thread.start(no_lifespan)
+    yield thread
+    await thread.stop(5.0)
+
+
+class Source:
+    """Items 0, 1, ... read in the trio thread; ``end`` items then None, or ``fail`` at an index."""
+
+    def __init__(self, end: int | None = None, fail: int | None = None) -> None:
+        self.end, self.fail = end, fail
+        self.read = 0
+        self.cancelled = False
+
+    async def next(self) -> int | None:
+        try:
+            await trio.sleep(0)
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        if self.read == self.fail:
+            raise ValueError(f"broken at {self.read}")
+        if self.read == self.end:
+            return None
+        self.read += 1
+        return self.read - 1
+
+
+async def test_every_item_in_order_then_the_end(bridge: TrioThread) -> None:
+    source = Source(end=500)
+    assert [x async for x in bridge.pull(source.next, window=8)] == list(range(500))
+
+
+async def test_an_error_comes_after_the_items_before_it(bridge: TrioThread) -> None:
+    source, seen = Source(fail=3), []
+    with pytest.raises(ValueError, match="broken at 3"):
+        async for x in bridge.pull(source.next):
+            seen.append(x)
+    assert seen == [0, 1, 2]
+
+
+async def test_a_flood_is_read_at_most_a_window_ahead_of_the_consumer(bridge: TrioThread) -> None:
+    source = Source()  # never ends: a peer sending frames as fast as it can
+    async with aclosing(bridge.pull(source.next, window=16)) as items:
+        assert await anext(items) == 0
+        await asyncio.sleep(0.3)  # the consumer is busy; the reader must stop
+        assert source.read <= 16
+        for _ in range(100):
+            await anext(items)
+        await asyncio.sleep(0.3)
+        assert source.read <= 101 + 16
+
+
+async def test_closing_the_iteration_cancels_the_reader(bridge: TrioThread) -> None:
+    source = Source()
+    async with aclosing(bridge.pull(source.next, window=4)) as items:
+        await anext(items)
+        await asyncio.sleep(0.1)  # the reader waits for credit, or reads
+    for _ in range(50):
+        if source.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    read = source.read
+    await asyncio.sleep(0.1)
+    assert source.read == read  # nothing is read once the consumer is gone
+
+
+async def test_pull_on_a_stopped_bridge_fails_cleanly() -> None:
+    thread = TrioThread("stopped")
+    with pytest.raises(NetworkError):
+        await anext(thread.pull(Source().next))
