@@ -77,7 +77,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         config = type(config)(**{**config.__dict__, "models": []})
     genesis = load_genesis(config.genesis) if config.genesis else None
 
+    status = err_console.status("starting the node")  # model loads and warm-ups take seconds
+
     def ready(node: object) -> None:
+        status.stop()
         addr = node.service.listen_addrs[0]  # type: ignore[attr-defined]
         gateway = node.gateway  # type: ignore[attr-defined]
         if gateway is not None:
@@ -87,7 +90,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                           f" at {addr}[/green]")
 
     loader = cheating_loader(load_engine, config.cheater) if config.cheater else load_engine
-    asyncio.run(run_node(config, Libp2pService, loader, genesis, ready))
+    with status:
+        asyncio.run(run_node(config, Libp2pService, loader, genesis, ready, status.update))
     return 0
 
 

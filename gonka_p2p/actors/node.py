@@ -4,7 +4,8 @@ Start-up order is chosen so that the cheap failures come first: key file,
 genesis, the served models' files against the genesis pins (hashed once, then
 cached), listen address, bootstrap peer -- and only then the seconds-long
 model load.
-The node prints ``READY <multiaddr>`` on stdout once it serves (the demo and
+The node prints ``READY <multiaddr>`` on stdout once it serves, its engines
+loaded and warmed up (the demo and
 tests wait for that line) and shuts down cleanly on SIGINT/SIGTERM: actors
 stop, in-flight streams reset, the engine is closed. With ``http`` set it
 also serves the OpenAI-compatible gateway in front of its TA; the HTTP port
@@ -64,7 +65,7 @@ from gonka_p2p.config import NodeConfig, parse_http_address
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.factory import EngineLoader
+from gonka_p2p.inference.factory import EngineLoader, warm_up
 from gonka_p2p.inference.model_identity import ModelMismatch, pinned_name
 from gonka_p2p.inference.model_names import DEFAULT_DTYPE
 from gonka_p2p.inference.models import ModelSpec
@@ -210,10 +211,17 @@ class Node:
         """The executor draw follows the weights the ledger holds now."""
         self.directory.weights = state.weights()
 
-    def load_engines(self, loader: EngineLoader, specs: Sequence[ModelSpec]) -> None:
-        """Load each served model (a ``--cheater`` node's loader wraps each in its cheat)."""
+    async def load_engines(self, loader: EngineLoader, specs: Sequence[ModelSpec],
+                           progress: Callable[[str], None]) -> None:
+        """Load each served model (a ``--cheater`` node's loader wraps each in its cheat), then
+        warm it up (:func:`~gonka_p2p.inference.factory.warm_up`): READY comes after, so no
+        client's first request pays for the engine's first use. ``progress`` hears each step."""
         for spec in specs:
-            self.engines[spec.served_as] = loader(self.config.engine, spec)
+            progress(f"loading {spec.served_as} ({self.config.engine} engine)")
+            engine = await asyncio.to_thread(loader, self.config.engine, spec)
+            self.engines[spec.served_as] = engine
+            progress(f"warming up {spec.served_as}: a seeded generation, a score, a proof-of-compute nonce")
+            log.info("%s warmed up in %.1f s", spec.served_as, await warm_up(engine))
 
     async def start_actors(self) -> None:
         await self.directory.start()
@@ -264,10 +272,12 @@ async def run_node(
     engine_loader: EngineLoader,
     genesis: Genesis | None,
     on_ready: Callable[[Node], None],
+    on_progress: Callable[[str], None] = log.info,
 ) -> None:
     """The whole life of a node process; StartupError (or GenesisError) for anything a person must fix.
 
-    ``genesis``: the ``--genesis`` file's; without one the node looks further (``genesis_exchange``)."""
+    ``genesis``: the ``--genesis`` file's; without one the node looks further (``genesis_exchange``).
+    ``on_progress`` hears each step of the seconds-long start (model loads, warm-ups)."""
     key = Keypair.load_or_create(config.key)
     genesis = await resolve_genesis(config, genesis, service_factory)
     specs = await asyncio.to_thread(model_specs, config, genesis)
@@ -279,6 +289,6 @@ async def run_node(
     async with AsyncExitStack() as stack:
         stack.push_async_callback(node.close)
         await node.join()
-        await asyncio.to_thread(node.load_engines, engine_loader, specs)
+        await node.load_engines(engine_loader, specs, on_progress)
         on_ready(node)
         await node.serve(stop)
