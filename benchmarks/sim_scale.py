@@ -4,7 +4,8 @@ Each size runs in a fresh process (so its peak memory is its own): honest peers,
 one epoch of 100 blocks, ``--requests-per-peer`` (3) requests per peer -- 30,000 at
 10,000 peers, the issue's target of <= 60 s on one core -- then the epoch's
 settlement, on the real ledger with real signatures (``--signatures keyed-hash``: the
-stand-in of :mod:`sim.signatures`). The table gives wall time,
+stand-in of :mod:`sim.signatures`). The table gives wall time, CPU time (the
+process's own, so a machine shared with other work inflates it less than the wall time),
 peak resident memory, milliseconds per request and the local growth exponent k
 (time ~ size^k between one size and the next); a size that would run past
 ``--budget-s`` by the previous one's exponent is projected, not run, and marked so.
@@ -43,15 +44,15 @@ def one_size(peers: int, requests: int, signatures: str, profile: bool) -> dict[
     config = SimConfig(seed=1, peers=peers, epochs=1, requests=requests, clients=100, churn=0.0, mix={},
                        signatures=signatures)
     profiler = cProfile.Profile() if profile else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     simulation = Simulation(config)
     simulation.run()
     if profiler:
         profiler.disable()
-    wall = time.perf_counter() - started
-    out = {"peers": peers, "requests": requests, "wall_s": wall,
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    out = {"peers": peers, "requests": requests, "wall_s": wall, "cpu_s": cpu,
            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if profiler:
         text = io.StringIO()
@@ -77,7 +78,8 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"sim scale: one epoch of 100 blocks, {args.requests_per_peer} requests per peer, {args.signatures} "
           f"signatures (uptime: {_uptime()})")
-    print(f"{'peers':>7} {'requests':>9} {'wall s':>9} {'ms/request':>11} {'peak MiB':>9} {'k':>5}", flush=True)
+    print(f"{'peers':>7} {'requests':>9} {'wall s':>9} {'cpu s':>7} {'ms/request':>11} {'peak MiB':>9} {'k':>5}",
+          flush=True)
     rows: list[dict[str, float]] = []
     hot_spots = ""
     for peers in sizes:
@@ -85,7 +87,7 @@ def main() -> None:
         projected = rows[-1]["wall_s"] * (peers / rows[-1]["peers"]) ** k if k is not None else 0.0
         if projected > args.budget_s:
             row = {"peers": peers, "requests": peers * args.requests_per_peer, "wall_s": projected,
-                   "peak_mib": float("nan")}
+                   "cpu_s": float("nan"), "peak_mib": float("nan")}
         else:
             command = [sys.executable, __file__, "--child", str(peers),
                        "--requests-per-peer", str(args.requests_per_peer), "--signatures", args.signatures,
@@ -95,10 +97,11 @@ def main() -> None:
             hot_spots = row.pop("profile", hot_spots)
         growth = f"{_exponent(rows[-1], row):.2f}" if rows else ""
         rows.append(row)
-        print(f"{peers:>7,} {int(row['requests']):>9,} {row['wall_s']:>9.1f} "
+        print(f"{peers:>7,} {int(row['requests']):>9,} {row['wall_s']:>9.1f} {row['cpu_s']:>7.1f} "
               f"{1000 * row['wall_s'] / max(row['requests'], 1):>11.2f} {row['peak_mib']:>9.0f} {growth:>5}"
               f"{_projection_note(rows[-2], peers) if projected > args.budget_s else ''}", flush=True)
-    print("k: time ~ peers^k from the size above (requests grow with peers, so k = 2 is O(peers x requests))")
+    print("k: time ~ peers^k from the size above (requests grow with peers, so k = 2 is O(peers x requests));"
+          " cpu s: the process's own CPU time, what one core would take on a machine shared with other work")
     print(f"uptime at the end: {_uptime()}")
     if hot_spots:
         print(f"hot spots of the largest size run:\n{hot_spots}")
