@@ -19,11 +19,12 @@ token-id order over *integer* weights):
    of token i is the integer ``q_i = floor(p_i * 2**30)``.
 3. top-k (``0 < k < vocab``): zero every weight below the k-th largest weight
    (ties at the k-th place are all kept).
-4. top-p (``< 1``): order tokens by (weight desc, id asc) and keep those whose
-   exclusive prefix sum of weights is below ``max(1, floor(P * total / 2**32))``
-   (the heaviest token always stays), with ``P = max(1, round(top_p * 2**32))``
-   and ``total`` the sum of the weights left by 3.
-5. noise: ``key = blake2b-64(seed)``, ``u`` = the top 32 bits of SplitMix64's
+4. top-p, with ``P = max(1, round(top_p * 2**32))`` (off when ``P = 2**32``):
+   order tokens by (weight desc, id asc) and keep those whose exclusive prefix
+   sum of weights is below ``max(1, floor(P * total / 2**32))`` (the heaviest
+   token always stays), ``total`` being the sum of the weights left by 3.
+5. noise: ``key`` = the seed's 8-byte BLAKE2b (person ``gonka-sample-v2``) as
+   a big-endian int64, ``u`` = the top 32 bits of SplitMix64's
    output number ``position + 1`` for that key (one mix of ``key + (position
    + 1) * golden gamma``); ``t = floor(u * total / 2**32)`` with ``total``
    the sum of the weights left by 4.
@@ -191,8 +192,9 @@ class RowRules:
 
 
 def _block_rows(device: torch.device) -> int | None:
-    """Rows per pass over the weights: on a CPU, blocks whose int64 temporaries stay in
-    cache (measured ~2x faster at batch 256 than the whole batch); a GPU takes it whole."""
+    """Rows per pass over the weights: on a CPU, blocks whose float32 and int32
+    temporaries stay in cache (1.5 MB at 49k tokens; measured ~2x faster at batch 256
+    than the whole batch at once); a GPU takes the batch whole."""
     return 8 if device.type == "cpu" else None
 
 
