@@ -84,7 +84,9 @@ async def http_request(key: Keypair, chain_id: str, url: str, n: int, args: dict
     envelope = parse_body("chat", body).sign(key, chain_id)
     record: dict[str, Any] = {"id": inference_id(open_envelope(envelope, InferenceRequest)).hex(),
                               "via": "http", "stream": stream, "tokens": 0}
-    timeout = httpx.Timeout(args["idle_s"], connect=10.0)
+    # A whole answer sends no byte before its end, so only the hang bound covers it; a stream is cut
+    # after idle_s of silence, as the libp2p client cuts a silent TA.
+    timeout = httpx.Timeout(args["idle_s"] if stream else None, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout) as http:
         client = openai.AsyncOpenAI(base_url=url, api_key="unused", http_client=http, max_retries=0)
         headers = {REQUEST_HEADER: base64.b64encode(envelope).decode()}
