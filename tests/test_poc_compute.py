@@ -91,7 +91,7 @@ def test_honest_leaves_are_small_canonical_and_numbered(honest: list[bytes]) -> 
     for nonce, data in enumerate(honest):
         leaf = poc.decode_poc_leaf(data)
         assert leaf.nonce == nonce and len(leaf.top_ids) == poc.TOP_K
-        assert poc.encode_poc_leaf(leaf) == data and len(data) <= poc.MAX_LEAF_BYTES
+        assert poc.encode_poc_leaf(leaf) == data and len(data) <= poc.MAX_POC_LEAF_BYTES
 
 
 def _raw(nonce: object, ids: object, values: object, single: bool = True) -> bytes:

@@ -16,7 +16,7 @@ module is what runs the model for that:
   head on its last row only in vLLM -- of which the leaf keeps the top
   ``TOP_K`` ids and logprobs.
 * **Leaf.** Canonical msgpack of ``[nonce, top_ids, top_logprobs]``, the
-  logprobs as float32 (about 45-65 bytes; at most ``MAX_LEAF_BYTES``). The decoder is
+  logprobs as float32 (about 45-65 bytes; at most ``MAX_POC_LEAF_BYTES``). The decoder is
   total: any other bytes raise :class:`PocLeafError`, nothing else.
 * **Check.** A validator recomputes each opened nonce on its own engine and
   compares rank by rank (:func:`leaf_mismatch`): the k logprobs within
@@ -47,11 +47,11 @@ import msgpack
 
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.ledger.poc import MAX_POC_LEAF_BYTES
 from gonka_p2p.wire.schema import Malformed
 
 PROMPT_TOKENS = 32  # tokens per nonce's prompt: one short prefill, the unit of work
 TOP_K = 5  # ids and logprobs a leaf keeps of the distribution after the prompt
-MAX_LEAF_BYTES = 256  # the ledger's bound on one opened leaf (ledger/poc.py MAX_POC_LEAF_BYTES)
 DEFAULT_CONCURRENCY = 16  # nonces in flight: enough for vLLM to batch, few lost at a stop
 WORK_SEED_BYTES = 32
 PUBKEY_BYTES = 33  # compressed secp256k1
@@ -130,8 +130,8 @@ def encode_poc_leaf(leaf: PocLeaf) -> bytes:
 def decode_poc_leaf(data: bytes) -> PocLeaf:
     """The leaf ``data`` encodes; :class:`PocLeafError` for anything but a canonical leaf
     (exactly ``TOP_K`` distinct ids, finite non-positive non-increasing float32 logprobs)."""
-    if not isinstance(data, bytes) or len(data) > MAX_LEAF_BYTES:
-        raise PocLeafError(f"a leaf is at most {MAX_LEAF_BYTES} bytes")
+    if not isinstance(data, bytes) or len(data) > MAX_POC_LEAF_BYTES:
+        raise PocLeafError(f"a leaf is at most {MAX_POC_LEAF_BYTES} bytes")
     try:
         obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on bad input

@@ -7,7 +7,9 @@ participant builds the root and the proofs with :func:`merkle_root` and
 :func:`inclusion_proof`. Leaves and inner nodes hash under different prefixes
 (0x00, 0x01), so no inner node can be passed off as a leaf; the tree splits
 at the largest power of two below the count, so every count has exactly one
-tree and a proof names its leaf's index unambiguously.
+tree and a proof names its leaf's index unambiguously. The root commits to
+the count too (H(0x02, count, tree root)): an opening verifies under the
+count it was made for and no other.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ def _root_of_hashes(hashes: Sequence[bytes]) -> bytes:
     return node_hash(_root_of_hashes(hashes[:k]), _root_of_hashes(hashes[k:]))
 
 
+def _bound(count: int, tree_root: bytes) -> bytes:
+    return hashlib.sha256(b"\x02" + count.to_bytes(8, "big") + tree_root).digest()
+
+
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    """The root over ``leaves`` (at least one), in order."""
+    """The root over ``leaves`` (at least one), in order, bound to their count."""
     if not leaves:
         raise ValueError("a Merkle tree needs at least one leaf")
-    return _root_of_hashes([leaf_hash(leaf) for leaf in leaves])
+    return _bound(len(leaves), _root_of_hashes([leaf_hash(leaf) for leaf in leaves]))
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
@@ -66,8 +72,9 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
 def verify_inclusion(root: bytes, count: int, index: int, leaf: bytes, proof: Sequence[bytes]) -> bool:
     """Whether ``leaf`` is leaf ``index`` of the ``count``-leaf tree with ``root``. Total: any
     malformed input is False, never an exception."""
-    if not 0 <= index < count or len(proof) > MAX_PROOF_HASHES:
+    if not 0 <= index < count < 2**64 or len(proof) > MAX_PROOF_HASHES:
         return False
+    leaves = count
     if any(not isinstance(h, bytes) or len(h) != HASH_BYTES for h in proof):
         return False
     sides: list[bool] = []  # from the root down: True where the leaf lies in the right subtree
@@ -83,4 +90,4 @@ def verify_inclusion(root: bytes, count: int, index: int, leaf: bytes, proof: Se
     node = leaf_hash(leaf)
     for right, sibling in zip(reversed(sides), proof, strict=True):
         node = node_hash(sibling, node) if right else node_hash(node, sibling)
-    return node == root
+    return _bound(leaves, node) == root
