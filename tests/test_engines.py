@@ -19,6 +19,7 @@ import pytest
 from gonka_p2p.inference.engine import EngineError, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, check_token
+from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
 from gonka_p2p.inference.torch_engine import TorchEngine
 from gonka_p2p.inference.vllm_engine import VLLMEngine
 
@@ -146,13 +147,19 @@ async def test_validator_replays_sampling(engines: Engines, executor: str) -> No
         assert wrong_seed_rejected > 0, "the check accepts any seed: it proves nothing"
 
 
-async def test_vllm_score_with_logits_matches_torch(engines: Engines) -> None:
+async def test_vllm_top_k_evidence_matches_torch(engines: Engines) -> None:
+    """The validator's evidence (top EVIDENCE_TOP_K per position) from vLLM is torch's; full
+    logits rows are refused: they would take a second copy of the model in this process."""
     steps = await engines.run("vllm", 2, SAMPLED, seed_for(2))
     ids = [s.token_id for s in steps]
-    ours = await engines.vllm.score(engines.prompt(2), ids, 5, with_logits=True)
-    ref = await engines.torch.score(engines.prompt(2), ids, 5, with_logits=True)
-    assert ours.logits is not None and ref.logits is not None
-    assert float((ours.logits - ref.logits).abs().max()) < 1e-3
+    ours = await engines.vllm.score(engines.prompt(2), ids, EVIDENCE_TOP_K)
+    ref = await engines.torch.score(engines.prompt(2), ids, EVIDENCE_TOP_K)
+    for a, b in zip(ours.steps, ref.steps, strict=True):
+        assert len(a.top_ids) == EVIDENCE_TOP_K and abs(a.logprob - b.logprob) < 1e-3
+        theirs = dict(zip(b.top_ids, b.top_logprobs))
+        assert max(abs(v - theirs[t]) for t, v in zip(a.top_ids[:20], a.top_logprobs[:20])) < 1e-3
+    with pytest.raises(EngineError):
+        await engines.vllm.score(engines.prompt(2), ids, 5, with_logits=True)
 
 
 async def test_vllm_batches_concurrent_requests_without_changing_them(engines: Engines) -> None:

@@ -308,7 +308,9 @@ def reference_measurements(engine: TorchEngine, artifact: InferenceArtifact
         structural=(length,) if length else (),
         position_errors=tuple(float(e.mean()) for e in errors),
         max_error=max(float(e.max()) for e in errors),
-        top_k_shortfall=tuple(shortfalls), sampling_margins=tuple(margins))
+        top_k_shortfall=tuple(shortfalls), sampling_margins=tuple(margins),
+        error_ceilings=tuple(float(e.max()) for e in errors),  # from rows, ceilings are the floors
+        top_k_ceilings=tuple(shortfalls), sampling_ceilings=tuple(margins))
 
 
 # Sampled at T=1.5 with top-p 0.99 the tiny model's nucleus spans thousands of tokens:

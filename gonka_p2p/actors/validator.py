@@ -15,7 +15,9 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   inferences it must check. For each one it has not checked yet it fetches
   the client's signed request and the artifact from the executor, or else
   from the TA that relayed and kept it (``/gonka/artifact/1``), re-runs the
-  committed model teacher-forced over the exact ids (one prefill), applies
+  committed model teacher-forced over the exact ids (one prefill in the
+  serving engine, the top ``EVIDENCE_TOP_K`` logprobs per position: no second
+  copy of the model, see ``inference/topk_evidence.py``), applies
   the verification metric and submits a ``Validation``. The client's signed
   request is the contract (``verification.Contract``): prompt, parameters,
   ``max_tokens`` and seed come from it, never from the artifact, and the
@@ -63,6 +65,7 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
 from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
 from gonka_p2p.inference.verification import (
     Billed,
     Contract,
@@ -243,11 +246,12 @@ class ValidatorActor:
             return verdict_stats(claim)
         artifact, contract = claim
         try:
-            scored = await engine.score(list(contract.prompt_ids), artifact.completion_ids,
-                                        contract.params.logprobs_k, with_logits=True)
-            # The metric is pure CPU work (10-25 ms of float64 on the full vocabulary): off the loop.
+            # Every validator judges from the same top-K evidence, whichever engine it runs.
+            scored = await engine.score(list(contract.prompt_ids), artifact.completion_ids, EVIDENCE_TOP_K)
+            # The metric is pure CPU work (a few ms of float64 on [n, K] tables): off the loop.
             verdict = await asyncio.to_thread(verify, artifact, scored, thresholds, contract=contract,
-                                              eos_token_ids=engine.eos_token_ids)
+                                              eos_token_ids=engine.eos_token_ids,
+                                              vocab_size=engine.local_model.vocab_size)
         except Exception:  # the evidence passed every check the model imposes: the fault is here
             log.exception("cannot check %s: this node failed to re-run it", inference_id.hex()[:12])
             return None

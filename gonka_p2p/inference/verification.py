@@ -4,7 +4,11 @@ run honestly with the committed seed and parameters, would have produced?
 Theory of operation. A validator holds an :class:`InferenceArtifact` (the
 executor's claim: token ids, top-k raw logprobs, sampling parameters, seed)
 and a :class:`ScoredCompletion` it computed itself: one teacher-forced pass of
-the pinned model over prompt + claimed completion, with the raw logits rows.
+the pinned model over prompt + claimed completion: the serving engine's top
+``EVIDENCE_TOP_K`` logprobs per position (``topk_evidence``: a floor and a
+ceiling per measurement, rules fail on floors, a position between them is
+undecidable and rule 6 bounds those), or raw logits rows (the reference:
+tests, calibration, the out-of-process cross-check; exact).
 :func:`verify` is :func:`measure` (the expensive, threshold-free comparison:
 :class:`Measurements`) then :func:`judge` (cheap: the rules with the model's
 thresholds), returning a :class:`Verdict`, valid only if every rule passes.
@@ -42,6 +46,8 @@ without re-running a model. The rules, each a pure function below:
    This is what defeats the pre-fill attack (cheap model writes, real model
    scores): honest-looking logprobs are not enough, the tokens must be the
    ones the real distribution and the public noise select.
+6. ``check_undecidable`` -- no more undecidable positions than honest work
+   leaves, beyond chance (``topk_evidence.too_many_undecidable``).
 
 All thresholds live in :class:`ModelThresholds`, one record per model,
 calibrated from measured honest noise on the pinned configuration (fp32 on
@@ -84,14 +90,15 @@ import torch
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
 from gonka_p2p.inference.sampler import SamplingParams, claim_margins
+from gonka_p2p.inference.topk_evidence import too_many_undecidable, top_k_measurements
 from gonka_p2p.ledger.rules import Observation
 from gonka_p2p.wire.messages import response_hash
 
 # Bump when :func:`measure` would return other numbers for the same artifact and
 # scores: the detection benchmark keeps hours of measurements keyed by it (a faster
 # but equivalent implementation keeps the version; tests hold it to the reference).
-# 2: the sampler's rule moved to integer weights and SplitMix64 noise (batched on the device).
-MEASURE_VERSION = 2
+# 2: integer sampler weights, SplitMix64 noise. 3: ceilings and the honest undecidable bound.
+MEASURE_VERSION = 3
 
 # ---------------------------------------------------------------------------
 # Parameters
@@ -333,6 +340,12 @@ class Measurements:
     max_error: float  # nats: largest single |claimed - recomputed| logprob (inf: not comparable)
     top_k_shortfall: tuple[float, ...]  # nats, per position (see top_k_shortfall)
     sampling_margins: tuple[float, ...]  # per position, check_token's margin; 0 = the sampler's pick
+    # The same three at the least favourable tail for the executor (top-K evidence); equal to the
+    # floors above when the validator held logits rows. Per position; errors: the largest of k + 1.
+    error_ceilings: tuple[float, ...] = ()
+    top_k_ceilings: tuple[float, ...] = ()
+    sampling_ceilings: tuple[float, ...] = ()
+    honest_undecidable: float = 0.0  # mu: expected undecidable positions of honest work, at most
 
     @property
     def comparable(self) -> bool:
@@ -363,14 +376,13 @@ def check_length(artifact: InferenceArtifact, eos_token_ids: frozenset[int]) -> 
 
 
 def check_claim_covered(artifact: InferenceArtifact, recomputed: ScoredCompletion) -> str | None:
-    """The validator's pass covers exactly the claimed ids; what was not compared never passes."""
-    claimed = artifact.completion_ids
-    ids = [s.token_id for s in recomputed.steps]
-    if recomputed.logits is None:
-        return "recomputation: no logits rows (score with with_logits=True)"
-    if ids != claimed or recomputed.logits.shape[0] != len(claimed):
-        return (f"recomputation: covers {len(ids)} tokens / {recomputed.logits.shape[0]} rows, "
-                f"not the {len(claimed)} claimed tokens")
+    """The validator's pass covers exactly the claimed ids (a logits row or >= k top ids each)."""
+    claimed, ids = artifact.completion_ids, [s.token_id for s in recomputed.steps]
+    rows = len(ids) if recomputed.logits is None else len(recomputed.logits)
+    if ids != claimed or rows != len(claimed):
+        return f"recomputation: covers {len(ids)} tokens / {rows} rows, not the {len(claimed)} claimed tokens"
+    if recomputed.logits is None and any(len(s.top_ids) < artifact.params.logprobs_k for s in recomputed.steps):
+        return f"recomputation: fewer than {artifact.params.logprobs_k} top ids per position"
     return None
 
 
@@ -431,33 +443,35 @@ def measure(
     *,
     eos_token_ids: frozenset[int],
     contract: Contract | None = None,
+    vocab_size: int | None = None,
 ) -> Measurements:
-    """Compare ``artifact`` with the validator's teacher-forced ``recomputed`` pass (with
-    logits) of the same model over the contract's prompt and the artifact's completion,
-    by the contract's terms (:func:`check_contract`). ``contract`` None takes the
-    artifact's own statement as the terms: only for measuring work the caller itself
-    asked for (calibration, cost), never for judging someone else's claim."""
+    """Compare ``artifact`` with the validator's teacher-forced ``recomputed`` pass (logits
+    rows, or top-K evidence and the model's logits width ``vocab_size``) over the contract's
+    prompt and the artifact's completion, by the contract's terms (:func:`check_contract`).
+    ``contract`` None takes the artifact's own statement as the terms: only for measuring
+    work the caller itself asked for (calibration, cost), never for judging others."""
     stated = () if contract is None else check_contract(artifact, contract)
     if contract is not None:  # judged by the terms asked for, whatever the artifact states
         artifact = replace(artifact, params=contract.params, seed=contract.seed)
+    vocab_size = vocab_size if recomputed.logits is None else recomputed.logits.shape[1]
+    assert vocab_size is not None, "measuring from top-K evidence needs the model's vocab_size"
     n = len(artifact.steps)
     covered = check_claim_covered(artifact, recomputed)
-    form = check_evidence_form(artifact, recomputed.logits.shape[1]) if covered is None else None
+    form = check_evidence_form(artifact, vocab_size) if covered is None else None
     structural = stated + tuple(r for r in (check_length(artifact, eos_token_ids), covered, form)
                                 if r is not None)
     if n == 0 or covered is not None or form is not None:  # nothing comparable to compare
         return Measurements(n, artifact.params.temperature, structural, (), math.inf, (), ())
+    if recomputed.logits is None:  # floors judged, ceilings counted by rule 6
+        return Measurements(n, artifact.params.temperature, structural, **top_k_measurements(
+            artifact.steps, recomputed.steps, artifact.params, artifact.seed, vocab_size))
     logprobs = recomputed_logprobs(recomputed.logits)
     errors = logprob_errors(artifact, logprobs)
-    return Measurements(
-        n_tokens=n,
-        temperature=artifact.params.temperature,
-        structural=structural,
-        position_errors=tuple(errors.mean(dim=1).tolist()),
-        max_error=float(errors.max()),
-        top_k_shortfall=tuple(top_k_shortfall(artifact, logprobs).tolist()),
-        sampling_margins=tuple(sampling_margins(artifact, recomputed.logits).tolist()),
-    )
+    shortfall = tuple(top_k_shortfall(artifact, logprobs).tolist())
+    margins = tuple(sampling_margins(artifact, recomputed.logits).tolist())
+    return Measurements(n, artifact.params.temperature, structural, tuple(errors.mean(dim=1).tolist()),
+                        float(errors.max()), shortfall, margins, tuple(errors.max(dim=1).values.tolist()),
+                        shortfall, margins)  # exact: ceilings are the floors
 
 
 # ---------------------------------------------------------------------------
@@ -494,6 +508,22 @@ def check_sampling(m: Measurements, thresholds: ModelThresholds) -> str | None:
     return None
 
 
+def undecidable_positions(m: Measurements, thresholds: ModelThresholds) -> int:
+    """Positions where some rule fails at its ceiling: undecidable once every floor passes."""
+    single, tie = thresholds.logprob_tolerance, tie_tolerance(thresholds, m.temperature)
+    return sum(max(e, s) > single or c > tie for e, s, c in zip(
+        m.error_ceilings, m.top_k_ceilings, m.sampling_ceilings, strict=True))
+
+
+def check_undecidable(m: Measurements, thresholds: ModelThresholds) -> str | None:
+    """Rule 6: no more undecidable positions than honest sampling leaves, beyond chance."""
+    count = undecidable_positions(m, thresholds)
+    if too_many_undecidable(count, m.honest_undecidable):
+        return (f"undecidable: {count} positions the top-K evidence cannot decide, more than honest "
+                f"sampling leaves (expected at most {m.honest_undecidable:.3g})")
+    return None
+
+
 class Evidence(str, Enum):
     """What one verdict contributes to the epoch test."""
 
@@ -520,14 +550,17 @@ class Verdict:
     top_k_misses: int  # positions
     sampling_mismatches: int  # positions
     near_ties: int  # positions accepted only as near-ties
+    undecidable: int = 0  # positions the top-K evidence could not decide (0 once a rule failed)
 
 
 def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
     """Apply every rule to ``m`` with the model's thresholds."""
     reasons = list(m.structural)
     if m.comparable:
-        reasons += [r for r in (check_distance(m, thresholds), check_top_k_set(m, thresholds),
-                                check_sampling(m, thresholds)) if r is not None]
+        floors = [r for r in (check_distance(m, thresholds), check_top_k_set(m, thresholds),
+                              check_sampling(m, thresholds)) if r is not None]
+        undecidable = 0 if floors else undecidable_positions(m, thresholds)  # a proven failure decides
+        reasons += floors or [r for r in (check_undecidable(m, thresholds),) if r is not None]
     if reasons:
         evidence = Evidence.FAILED
     elif m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens):
@@ -541,6 +574,7 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         top_k_misses=sum(x > thresholds.logprob_tolerance for x in m.top_k_shortfall),
         sampling_mismatches=sum(x > tolerance for x in m.sampling_margins),
         near_ties=sum(0.0 < x <= tolerance for x in m.sampling_margins),
+        undecidable=undecidable if m.comparable else 0,
     )
 
 
@@ -551,10 +585,12 @@ def verify(
     *,
     contract: Contract,
     eos_token_ids: frozenset[int],
+    vocab_size: int | None = None,
 ) -> Verdict:
     """Decide whether ``artifact`` is honest work on ``contract``: :func:`measure`, then
     :func:`judge`."""
-    return judge(measure(artifact, recomputed, eos_token_ids=eos_token_ids, contract=contract), thresholds)
+    return judge(measure(artifact, recomputed, eos_token_ids=eos_token_ids, contract=contract,
+                         vocab_size=vocab_size), thresholds)
 
 
 def rejected(reason: str) -> Verdict:

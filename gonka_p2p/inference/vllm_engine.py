@@ -53,13 +53,15 @@ detokenized on the hot path, so both engines see identical ids and stop
 identically.
 
 **Scoring.** ``score`` is one prefill with ``prompt_logprobs=k`` and
-``max_tokens=1`` (vLLM's prompt logprobs are raw ``log_softmax`` too). With
-``with_logits=True`` it falls back to the torch path: vLLM can return full
-rows only as ``prompt_logprobs=-1``, which routes ~50k Python floats per
-position through its output processor (measured ~35 ms per position against
-one ~0.2 s torch forward for a whole completion). The torch model is loaded
-lazily on first use (~3 s, +~0.6 GB) from the same weights; it agrees with
-vLLM to ~1e-5.
+``max_tokens=1`` (vLLM's prompt logprobs are raw ``log_softmax`` too): per
+position the scored token's logprob and the top k. A validator asks for
+``k = topk_evidence.EVIDENCE_TOP_K`` (``max_logprobs`` is raised to it) and
+judges from that (``topk_evidence``), in the engine that already holds the
+model. Full logits rows (``with_logits``) are refused: vLLM returns them only
+as ``prompt_logprobs=-1`` (~50k Python floats per position through its output
+processor, ~35 ms a position), and the torch engine that has them would be a
+second copy of the model in this process; the full-row reference runs out of
+process (the torch engine, as a cross-check tool).
 
 Process-wide side effects of an in-process vLLM engine (vLLM's, not ours):
 it reseeds the global ``random``/``numpy``/``torch`` generators at start,
@@ -90,6 +92,7 @@ from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
 from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, ModelSpec, load_local_model, model_spec
 from gonka_p2p.inference.sampler import RowRules, SamplingParams, sample_batch
+from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +232,6 @@ class VLLMEngine(LocalModelFrontend):
         # Guards (_closed, _failure) against the command queue, so no request
         # is queued after the driver thread stopped reading it.
         self._state_lock = threading.Lock()
-        self._torch: Any = None  # TorchEngine for with_logits, loaded on first use
-        self._torch_lock = threading.Lock()
         if not _ONE_ENGINE.acquire(blocking=False):
             raise EngineError(
                 "another VLLMEngine is open in this process; vLLM keeps process-wide "
@@ -279,7 +280,8 @@ class VLLMEngine(LocalModelFrontend):
     ) -> ScoredCompletion:
         self._local.check_request(prompt_ids + completion_ids, 1)
         if with_logits:
-            return await (await self._torch_engine()).score(prompt_ids, completion_ids, k, True)
+            raise EngineError("vLLM scores with top-k evidence only (topk_evidence); full logits rows "
+                              "are the torch engine's, run out of process as a cross-check")
         if not completion_ids:
             return ScoredCompletion(steps=[], logits=None)
         vllm_params = self._vllm_params(
@@ -297,8 +299,6 @@ class VLLMEngine(LocalModelFrontend):
             self._closed = True
             self._commands.put(_STOP)
         await asyncio.to_thread(self._thread.join)
-        if self._torch is not None:
-            await self._torch.close()
 
     # -- asyncio side -------------------------------------------------------
 
@@ -331,17 +331,6 @@ class VLLMEngine(LocalModelFrontend):
         if isinstance(item, BaseException):
             raise item
         return item
-
-    async def _torch_engine(self) -> Any:
-        return await asyncio.to_thread(self._load_torch_engine)
-
-    def _load_torch_engine(self) -> Any:
-        from gonka_p2p.inference.torch_engine import TorchEngine
-
-        with self._torch_lock:
-            if self._torch is None:
-                self._torch = TorchEngine(self._spec)
-        return self._torch
 
     # -- driver thread ------------------------------------------------------
 
@@ -451,6 +440,7 @@ def vllm_engine_args(local: LocalModel, spec: ModelSpec, kv_cache_gib: float, ma
         dtype=spec.dtype,
         skip_tokenizer_init=True,
         logprobs_mode="raw_logprobs",
+        max_logprobs=EVIDENCE_TOP_K,  # a validator's top-K evidence (vLLM's default cap is 20)
         logits_processors=[SeededSampling],
         enforce_eager=True,
         max_model_len=local.max_context,  # already capped at spec.max_model_len
