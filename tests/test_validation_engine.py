@@ -1,0 +1,121 @@
+"""Validation through the serving engine: verdicts from top-K evidence equal the reference.
+
+The reference judges from full logits rows (the torch engine, ``with_logits``);
+a participant's validator judges from one prefill's top ``EVIDENCE_TOP_K``
+logprobs (``topk_evidence``). On the tiny model, over honest work and every
+cheat of ``gonka_p2p.adversary.cheats``, in greedy, nucleus, top-k and plain
+T = 1 sampling (the mode whose tail the evidence leaves open), the two
+verdicts must agree: same validity, same evidence class. The last test runs
+the same comparison on evidence scored by the vLLM engine itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from gonka_p2p.adversary import cheats
+from gonka_p2p.inference import verification
+from gonka_p2p.inference.artifacts import InferenceArtifact
+from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.model_names import TINY_MODEL
+from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
+from gonka_p2p.inference.torch_engine import TorchEngine
+from gonka_p2p.inference.verification import Contract, Verdict
+
+THRESHOLDS = verification.load_verification_params().for_model(TINY_MODEL)
+MODES = {
+    "greedy": SamplingParams(max_tokens=24),
+    "nucleus": SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9),
+    "top-k": SamplingParams(max_tokens=24, temperature=1.3, top_k=40),
+    "plain": SamplingParams(max_tokens=24, temperature=1.0),
+}
+QUESTIONS = ("Write a short story about a robot who learns to paint.", "Describe the ocean.",
+             "What is the capital of France?")
+ROWS = ("honest", *cheats.CHEATS)
+PER_MODE = 2
+
+
+@pytest.fixture(scope="module")
+def engine() -> TorchEngine:
+    return TorchEngine(TINY_MODEL)
+
+
+async def work(engine: TorchEngine, row: str, mode: str, i: int) -> tuple[InferenceArtifact, Contract]:
+    params = MODES[mode]
+    ids = engine.encode_chat([("user", QUESTIONS[i % len(QUESTIONS)])])
+    seed = hashlib.blake2b(f"{row}/{mode}/{i}".encode(), digest_size=16).digest()
+    strategy = cheats.honest(engine) if row == "honest" else cheats.make_cheater(row, engine)
+    return await strategy(ids, params, seed), Contract(engine.model_name, tuple(ids), params, seed)
+
+
+async def verdicts(reference: TorchEngine, validator: Engine, artifact: InferenceArtifact,
+                   contract: Contract) -> tuple[Verdict, Verdict]:
+    """(reference verdict from logits rows, the validator's from its top-K evidence)."""
+    prompt = list(contract.prompt_ids)
+    rows = await reference.score(prompt, artifact.completion_ids, 5, with_logits=True)
+    top = await validator.score(prompt, artifact.completion_ids, EVIDENCE_TOP_K)
+    eos = reference.eos_token_ids
+    return (verification.verify(artifact, rows, THRESHOLDS, contract=contract, eos_token_ids=eos),
+            verification.verify(artifact, top, THRESHOLDS, contract=contract, eos_token_ids=eos,
+                                vocab_size=reference.local_model.vocab_size))
+
+
+@pytest.mark.parametrize("row", ROWS)
+async def test_top_k_verdicts_equal_the_reference(engine: TorchEngine, row: str) -> None:
+    for mode in MODES:
+        for i in range(PER_MODE):
+            artifact, contract = await work(engine, row, mode, i)
+            ref, top = await verdicts(engine, engine, artifact, contract)
+            assert (top.valid, top.evidence) == (ref.valid, ref.evidence), (mode, i, ref.reasons, top.reasons)
+            assert top.sampling_mismatches <= ref.sampling_mismatches  # floors: only proven misses
+            if row == "honest":
+                assert ref.valid
+
+
+async def test_plain_sampling_leaves_undecidable_positions_within_the_honest_bound(engine: TorchEngine) -> None:
+    """At T = 1 with no filter the tail beyond the top-K is open: some honest positions are
+    undecidable, and rule 6 lets them through (its bound is computed from the evidence)."""
+    undecidable = 0
+    for i in range(6):
+        artifact, contract = await work(engine, "honest", "plain", i)
+        rows = await engine.score(list(contract.prompt_ids), artifact.completion_ids, EVIDENCE_TOP_K)
+        m = verification.measure(artifact, rows, eos_token_ids=engine.eos_token_ids, contract=contract,
+                                 vocab_size=engine.local_model.vocab_size)
+        count = verification.undecidable_positions(m, THRESHOLDS)
+        assert count <= m.honest_undecidable * 3 + 2, (count, m.honest_undecidable)
+        assert verification.judge(m, THRESHOLDS).valid
+        undecidable += count
+    assert undecidable > 0  # the path is exercised
+
+
+def test_a_too_short_evidence_list_is_not_compared(engine: TorchEngine) -> None:
+    artifact, contract = asyncio.run(work(engine, "honest", "greedy", 0))
+    short = asyncio.run(engine.score(list(contract.prompt_ids), artifact.completion_ids, 3))
+    verdict = verification.verify(artifact, short, THRESHOLDS, contract=contract,
+                                  eos_token_ids=engine.eos_token_ids, vocab_size=engine.local_model.vocab_size)
+    assert not verdict.valid and "fewer than 5 top ids" in verdict.reasons[0]
+
+
+@pytest.mark.slow
+def test_vllm_evidence_gives_the_reference_verdicts(engine: TorchEngine) -> None:
+    """The same comparison with the evidence scored by the serving engine (vLLM, in-process,
+    one engine, no torch copy loaded by it)."""
+    from gonka_p2p.inference.vllm_engine import VLLMEngine
+
+    async def run() -> None:
+        served = VLLMEngine(TINY_MODEL, kv_cache_gib=0.25)
+        try:
+            for row in ("honest", "prefill", "int8", "wrong-temperature", "altered", "fabricated"):
+                for mode in MODES:
+                    artifact, contract = await work(engine, row, mode, 0)
+                    ref, top = await verdicts(engine, served, artifact, contract)
+                    assert (top.valid, top.evidence) == (ref.valid, ref.evidence), (row, mode, ref.reasons,
+                                                                                     top.reasons)
+        finally:
+            await served.close()
+
+    asyncio.run(run())
