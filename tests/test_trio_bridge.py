@@ -1,21 +1,25 @@
-"""``TrioThread.pull``: a trio reader task per stream, handing items to asyncio in order.
+"""``TrioThread.pull`` and ``Outbox``: one trio task per stream direction instead of a trio
+call per frame.
 
 What a response stream's reader relies on: every item in order, then the end; an error
 after the items before it; a reader that never runs more than ``window`` items ahead of
 its consumer (a peer that floods frames is held back by the transport's flow control, not
-buffered here without bound); closing or cancelling the iteration cancels the reader."""
+buffered here without bound); closing or cancelling the iteration cancels the reader. What a
+stream handler's sends rely on: every item written in order before the writer returns, a
+sender held back while a window of items is unwritten (a peer that reads nothing cannot make
+a handler buffer without bound), and a failed write raised at the next send."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 
 import pytest
 import trio
 
 from gonka_p2p.gossip.service import NetworkError
-from gonka_p2p.gossip.trio_bridge import TrioThread
+from gonka_p2p.gossip.trio_bridge import Outbox, TrioThread
 
 
 @asynccontextmanager
@@ -96,3 +100,78 @@ async def test_pull_on_a_stopped_bridge_fails_cleanly() -> None:
     thread = TrioThread("stopped")
     with pytest.raises(NetworkError):
         await anext(thread.pull(Source().next))
+
+
+class Sink:
+    """A trio-side writer: records items, optionally blocks until released or fails at an index."""
+
+    def __init__(self, fail: int | None = None) -> None:
+        self.written: list[int] = []
+        self.fail = fail
+        self.gate: trio.Event | None = None
+
+    async def write(self, item: int) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if len(self.written) == self.fail:
+            raise NetworkError(f"write {len(self.written)} failed")
+        self.written.append(item)
+
+
+async def run_outbox(bridge: TrioThread, outbox: Outbox[int], sink: Sink) -> asyncio.Future[None]:
+    """Start ``outbox.run(sink.write)`` in the trio thread; the future ends with it."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def writer() -> None:
+        with suppress(NetworkError):
+            await outbox.run(sink.write)
+        bridge.call_soon_in_asyncio(done.set_result, None)
+
+    bridge.spawn(writer)
+    return done
+
+
+async def test_an_outbox_writes_every_item_in_order_before_its_writer_returns(bridge: TrioThread) -> None:
+    outbox: Outbox[int] = Outbox(bridge, window=8)
+    sink = Sink()
+    done = await run_outbox(bridge, outbox, sink)
+    for i in range(300):
+        await outbox.send(i)
+    bridge.call_soon_in_trio(outbox.close)
+    await asyncio.wait_for(done, 5)
+    assert sink.written == list(range(300)) and outbox.error is None
+
+
+async def test_a_sender_waits_while_a_window_of_items_is_unwritten(bridge: TrioThread) -> None:
+    outbox: Outbox[int] = Outbox(bridge, window=4)
+    sink = Sink()
+    sink.gate = trio.Event()  # a peer that reads nothing: the transport blocks the writer
+    done = await run_outbox(bridge, outbox, sink)
+    sent = 0
+
+    async def sender() -> None:
+        nonlocal sent
+        for i in range(100):
+            await outbox.send(i)
+            sent += 1
+
+    task = asyncio.create_task(sender())
+    await asyncio.sleep(0.3)
+    assert sent <= 4  # held back, not buffered without bound
+    bridge.call_soon_in_trio(sink.gate.set)
+    await asyncio.wait_for(task, 5)
+    bridge.call_soon_in_trio(outbox.close)
+    await asyncio.wait_for(done, 5)
+    assert sink.written == list(range(100))
+
+
+async def test_a_failed_write_is_raised_at_the_next_send(bridge: TrioThread) -> None:
+    outbox: Outbox[int] = Outbox(bridge, window=4)
+    sink = Sink(fail=2)
+    done = await run_outbox(bridge, outbox, sink)
+    with pytest.raises(NetworkError, match="write 2 failed"):
+        for i in range(100):
+            await outbox.send(i)
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(done, 5)
+    assert sink.written == [0, 1] and isinstance(outbox.error, NetworkError)

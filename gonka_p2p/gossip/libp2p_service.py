@@ -56,7 +56,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
+from functools import partial
 from typing import Any
 
 import trio
@@ -97,7 +98,7 @@ from gonka_p2p.gossip.service import (
     StreamReset,
 )
 from gonka_p2p.gossip.ownership import TaskOwner
-from gonka_p2p.gossip.trio_bridge import TrioThread
+from gonka_p2p.gossip.trio_bridge import Outbox, TrioThread
 from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.protocols import frame_limits, topic_max_bytes
 
@@ -356,15 +357,15 @@ class Libp2pService:
         if bridge is None:
             await streams.reset(stream)
             return
-        lock = trio.Lock()
-
-        async def write(frame: bytes) -> None:
-            async with lock:
-                await streams.write_frame(stream, frame, limits.reply)
+        outbox: Outbox[bytes] = Outbox(bridge)  # frames written by one task, not a trio call each
 
         async def send(frame: bytes) -> None:  # asyncio side
             streams.check_frame(frame, limits.reply)
-            await bridge.call(write, bytes(frame))
+            await outbox.send(bytes(frame))
+
+        async def write_all() -> None:
+            with suppress(Exception):  # kept as outbox.error: the stream is reset below
+                await outbox.run(partial(streams.write_frame, stream, limit=limits.reply))
 
         send_frame: SendFrame = send
         try:
@@ -376,18 +377,22 @@ class Libp2pService:
             log.debug("%s from %s: bad request: %r", protocol, opener, e)
             await streams.reset(stream)
             return
-        try:
-            await bridge.run_in_asyncio(handler, opener, request, send_frame)
-        except Exception as e:
-            if isinstance(e, NetworkError) and not isinstance(e, FrameTooLarge):
-                log.debug("%s handler for %s ended by the network: %r", protocol, opener, e)
-            else:
-                log.warning("%s handler raised for %s; resetting the stream", protocol, opener, exc_info=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_all)
+            try:
+                await bridge.run_in_asyncio(handler, opener, request, send_frame)
+            except Exception as e:
+                if isinstance(e, NetworkError) and not isinstance(e, FrameTooLarge):
+                    log.debug("%s handler for %s ended by the network: %r", protocol, opener, e)
+                else:
+                    log.warning("%s handler raised for %s; resetting the stream", protocol, opener, exc_info=True)
+                nursery.cancel_scope.cancel()
+            outbox.close()  # the writer returns once every frame sent is written
+        if outbox.error is not None or nursery.cancel_scope.cancel_called:
             await streams.reset(stream)
             return
         try:
-            async with lock:
-                await streams.finish(stream)
+            await streams.finish(stream)
         except NetworkError as e:
             log.debug("%s to %s: could not end the stream: %r", protocol, opener, e)
             await streams.reset(stream)
@@ -399,9 +404,10 @@ class Libp2pService:
         bridge = self._running()
         stream = await bridge.call(self._t_open, peer_id, protocol, bytes(request), timeout)
         finished = False
-        try:
-            while (frame := await bridge.call(self._t_read, stream, protocol, timeout)) is not None:
-                yield frame
+        try:  # one reader task per stream, not a trio call per frame
+            async with aclosing(bridge.pull(partial(self._t_read, stream, protocol, timeout))) as frames:
+                async for frame in frames:
+                    yield frame
             finished = True
         finally:
             if not finished:  # abandoned, failed or cancelled: do not leave the stream open

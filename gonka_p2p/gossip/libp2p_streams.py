@@ -23,6 +23,7 @@ answers ``na`` and the opener resets the stream. Measured with
 
 from __future__ import annotations
 
+import os
 from contextlib import suppress
 
 import trio
@@ -36,6 +37,13 @@ from gonka_p2p.gossip.service import FrameTooLarge, StreamReset
 from gonka_p2p.wire.framing import END_MARKER, HEADER, announced_length, length_prefixed
 
 MAX_NEGOTIATION_LINE = 1024  # bytes of one multistream-select answer
+
+# py-libp2p 0.8's yamux answers every read that returns bytes with a WINDOW_UPDATE frame
+# (PY_YAMUX_RELEASE_ON_READ, on by default, read at each read): one more encrypted frame
+# and send syscall for each frame a stream carries, a third of a token frame's CPU at its
+# two ends (py-spy; benchmarks/serving_bench.py). Off, the reader's credit goes back once
+# half the window is read, as go-yamux sends it. An operator's explicit setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 async def _read_exact(stream: INetStream, n: int) -> bytes:
