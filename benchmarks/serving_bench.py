@@ -514,6 +514,7 @@ class Report:
     gateway_note: str | None
     net: list[NetRow]
     wall_s: float
+    load: tuple[float, float]  # the machine's 1-minute load average as serving began and ended
 
 
 def gateway_unavailable() -> str | None:
@@ -527,7 +528,8 @@ def gateway_unavailable() -> str | None:
     return None
 
 
-async def serving_phase(settings: Settings, progress: Progress) -> tuple[list[PathResult], str | None]:
+async def serving_phase(settings: Settings, progress: Progress
+                        ) -> tuple[list[PathResult], str | None, tuple[float, float]]:
     from gonka_p2p.inference.factory import load_engine
     from gonka_p2p.inference.models import resolve_model
 
@@ -566,10 +568,11 @@ async def serving_phase(settings: Settings, progress: Progress) -> tuple[list[Pa
             progress.update(task, description=text)
             progress.advance(task)
 
+        load_start = os.getloadavg()[0]
         async with profiling(settings.profile, {"bench": os.getpid(), **cluster.pids()}):
             results = await measure_serving(paths, settings, advance)
         progress.update(task, description="serving measured")
-        return results, gateway_note
+        return results, gateway_note, (load_start, os.getloadavg()[0])
     finally:
         for path in paths:
             if isinstance(path, GatewayPath):
@@ -606,9 +609,9 @@ async def run(settings: Settings) -> Report:
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
-        serving, gateway_note = await serving_phase(settings, progress)
+        serving, gateway_note, load = await serving_phase(settings, progress)
         net = await net_phase(settings, progress) if settings.net else []
-    return Report(settings, serving, gateway_note, net, time.perf_counter() - started)
+    return Report(settings, serving, gateway_note, net, time.perf_counter() - started, load)
 
 
 # ---- reporting ------------------------------------------------------------------------
@@ -671,7 +674,9 @@ def caption(report: Report) -> str:
     mismatched = sum(r.tokens != bare[r.clients].tokens for r in compared)
     return (
         f"{s.model}, {s.peers} node processes (1 executor), greedy, max_tokens {s.max_tokens}, "
-        f"rounds {s.rounds}; one run, {report.wall_s:.0f} s, paths interleaved. "
+        f"rounds {s.rounds}; one run, {report.wall_s:.0f} s, paths interleaved; load average "
+        f"{report.load[0]:.1f} as serving began, {report.load[1]:.1f} as it ended, on "
+        f"{os.cpu_count()} CPUs. "
         f"p50/p99: TTFT for serving rows, one-way delivery (round trip for rpc) for gossip & streams. "
         f"Added TTFT: median over rounds of the round's p50 minus bare's in the same round. "
         f"Targets: <= {TTFT_TARGET_MS:.0f} ms added p50 TTFT at 1 client; >= "
@@ -705,6 +710,7 @@ def to_json(report: Report) -> dict[str, Any]:
     return {
         "settings": dataclasses.asdict(s),
         "wall_s": report.wall_s,
+        "load": report.load,
         "gateway_note": report.gateway_note,
         "serving": [{
             "path": r.path, "clients": r.clients, "ttft_p50_ms": r.ttft_ms(50),
@@ -729,7 +735,7 @@ def from_json(data: dict[str, Any]) -> Report:
         Turn(t["clients"], t["wall_s"], [Sample(**x) for x in t["samples"]], t["cpu_s"])
         for t in r["turns"]]) for r in data["serving"]]
     return Report(settings, serving, data["gateway_note"], [NetRow(**n) for n in data["net"]],
-                  data["wall_s"])
+                  data["wall_s"], tuple(data.get("load", (math.nan, math.nan))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
