@@ -19,9 +19,11 @@ the open rounds (``poc_rounds.open_rounds``) and does what their phase asks
 * **reveal** -- opens the sampled leaves with their Merkle proofs. The leaves live in
   memory only: a prover restarted between commit and reveal cannot open, and that round
   leaves it unproven (weight 0 for one epoch), never wrongly weighted.
-* **verdict** -- when it holds voting power in the epoch, recomputes every other
-  prover's opened leaves on its own engine for that model and sends a verdict; a model
-  it does not serve, it cannot judge (others do).
+* **verdict** -- when it holds voting power in the epoch, it recomputes every other
+  prover's opened leaves on its own engine as soon as they are opened (the reveal phase,
+  all provers at once) and sends the verdicts when the verdict phase opens, so the
+  recomputation never eats into the verdict window; a model it does not serve, it cannot
+  judge (others do).
 
 Its transactions go to the node's follower through a :class:`DutyLedger`, so none is
 sent twice while in flight; everything else is re-derived from committed state. Compute
@@ -33,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gonka_p2p.actors.duty_ledger import DutyLedger, TxFollower
 from gonka_p2p.identity import Keypair
@@ -60,16 +61,6 @@ log = logging.getLogger(__name__)
 COMMIT_MARGIN_BLOCKS = 2  # stop computing this many blocks before the window's last, to commit in time
 
 
-@dataclass(frozen=True)
-class PocResult:
-    """This node's last commitment, for ``gonka-p2p status``."""
-
-    epoch: int
-    kind: RoundKind
-    model: str
-    count: int
-
-
 class ProverActor:
     def __init__(self, key: Keypair, engines: dict[str, Engine], chain_id: str, submitter: TxFollower,
                  addrs: Callable[[], list[str]]) -> None:
@@ -83,7 +74,7 @@ class ProverActor:
         self._wake = asyncio.Event()
         self._computing: dict[tuple[int, RoundKind, str], PocCompute] = {}
         self._leaves: dict[tuple[int, RoundKind, str], list[bytes]] = {}  # what was committed
-        self.last: PocResult | None = None
+        self._checked: dict[tuple[int, RoundKind, str, str], bool] = {}  # (round, prover, model) -> ok
 
     @property
     def me(self) -> str:
@@ -108,13 +99,14 @@ class ProverActor:
             return
         epoch_now = epoch_of(state.height + 1, state.params)
         self._duties.forget(lambda epoch: epoch < epoch_now)
-        for key in [k for k in self._leaves if k[0] < epoch_now]:
-            del self._leaves[key]
+        for memo in (self._leaves, self._checked):
+            for key in [k for k in memo if k[0] < epoch_now]:
+                del memo[key]
         self._stop_due(state)
         for open_round in open_rounds(state):
             for model in self._models_for(open_round):
                 self._act(open_round, model, tasks)
-            if open_round.phase is Phase.VERDICT:
+            if open_round.phase in (Phase.REVEAL, Phase.VERDICT):
                 await self._judge(open_round)
 
     def _live(self) -> LedgerState:
@@ -188,7 +180,6 @@ class ProverActor:
         root = merkle_root(leaves)
         commitment = secret_hash(derive_secret(self._key.secret, self._chain_id, epoch, kind, model))
         addrs = self._addrs()[:MAX_ADDRS] if joining else []
-        self.last = PocResult(epoch, kind, model, len(leaves))
         log.info("proof of compute: %d nonces on %s in epoch %d (%s round)%s", len(leaves), model, epoch,
                  kind.name.lower(), ", joining" if joining else "")
         self._duties.once(epoch, ("poc-commit", (kind, model)), lambda s: seal(PocCommit(
@@ -196,22 +187,33 @@ class ProverActor:
             secret_hash=commitment, addrs=addrs, join_stamp=stamp, sequence=s), self._key))
 
     async def _judge(self, open_round: OpenRound) -> None:
-        """Recompute others' opened leaves of the models this node serves; one verdict each."""
+        """Recompute others' opened leaves of the models this node serves as soon as they are
+        opened (the reveal phase), all provers at once, and send each verdict once the verdict
+        phase opens: the recomputation never eats into the verdict window."""
         epoch, kind = open_round.epoch, open_round.kind
         info = self._live().epoch_info(epoch)
         if info is None or not info.weights.get(self.me):
             return
-        for prover, model, entry in to_judge(self._live(), epoch, kind, self.me):
-            key = ("poc-verdict", (kind, prover, model))
-            engine = self._engines.get(model)
-            participant = self._live().participant(prover)
-            if engine is None or participant is None or self._duties.sent(epoch, key):
-                continue
-            indices = sampled(self._live(), epoch, kind, prover, model)
-            check = await check_leaves(engine, open_round.record.work_seed, participant.pubkey, model,
-                                       dict(zip(indices, entry.leaves, strict=True)))
-            if not check.ok:
-                log.warning("proof of compute: %s's %s sample fails: %s", prover, model, check.reason)
-            self._duties.once(epoch, key, lambda s, ok=check.ok, p=prover, m=model: seal(PocVerdict(
-                chain_id=self._chain_id, epoch=epoch, round=kind, prover=p, model=m, ok=ok, sequence=s),
-                self._key))
+        due = [(prover, model, entry) for prover, model, entry in to_judge(self._live(), epoch, kind, self.me)
+               if model in self._engines and (epoch, kind, prover, model) not in self._checked
+               and self._live().participant(prover) is not None]
+        await asyncio.gather(*(self._check(open_round, prover, model, entry.leaves) for prover, model, entry in due))
+        if open_round.phase is not Phase.VERDICT:
+            return
+        for (e, k, prover, model), ok in sorted(self._checked.items()):
+            if (e, k) == (epoch, kind):
+                self._duties.once(epoch, ("poc-verdict", (kind, prover, model)), lambda s, ok=ok, p=prover, m=model:
+                                  seal(PocVerdict(chain_id=self._chain_id, epoch=epoch, round=kind, prover=p, model=m,
+                                                  ok=ok, sequence=s), self._key))
+
+    async def _check(self, open_round: OpenRound, prover: str, model: str, leaves: tuple[bytes, ...]) -> None:
+        epoch, kind = open_round.epoch, open_round.kind
+        participant = self._live().participant(prover)
+        indices = sampled(self._live(), epoch, kind, prover, model)
+        if participant is None or len(indices) != len(leaves):
+            return
+        check = await check_leaves(self._engines[model], open_round.record.work_seed, participant.pubkey, model,
+                                   dict(zip(indices, leaves, strict=True)))
+        if not check.ok:
+            log.warning("proof of compute: %s's %s sample fails: %s", prover, model, check.reason)
+        self._checked[(epoch, kind, prover, model)] = check.ok
