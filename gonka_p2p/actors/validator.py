@@ -17,7 +17,8 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   from the TA that relayed and kept it (``/gonka/artifact/1``), re-runs the
   committed model teacher-forced over the exact ids (one prefill in the
   serving engine, the top ``EVIDENCE_TOP_K`` logprobs per position: no second
-  copy of the model, see ``inference/topk_evidence.py``), applies
+  copy of the model, see ``inference/topk_evidence.py``; an output that leaves
+  undecidable positions is scored again there over the whole vocabulary), applies
   the verification metric and submits a ``Validation``. The client's signed
   request is the contract (``verification.Contract``): prompt, parameters,
   ``max_tokens`` and seed come from it, never from the artifact, and the
@@ -64,11 +65,12 @@ from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
-from gonka_p2p.inference.engine import Engine
-from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
+from gonka_p2p.inference.engine import Engine, ScoredCompletion
+from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, full_rows
 from gonka_p2p.inference.verification import (
     Billed,
     Contract,
+    ModelThresholds,
     VerificationParams,
     Verdict,
     check_scorable,
@@ -246,16 +248,27 @@ class ValidatorActor:
             return verdict_stats(claim)
         artifact, contract = claim
         try:
-            # Every validator judges from the same top-K evidence, whichever engine it runs.
-            scored = await engine.score(list(contract.prompt_ids), artifact.completion_ids, EVIDENCE_TOP_K)
-            # The metric is pure CPU work (a few ms of float64 on [n, K] tables): off the loop.
-            verdict = await asyncio.to_thread(verify, artifact, scored, thresholds, contract=contract,
-                                              eos_token_ids=engine.eos_token_ids,
-                                              vocab_size=engine.local_model.vocab_size)
+            verdict = await self._verify(engine, artifact, contract, thresholds, EVIDENCE_TOP_K)
+            if verdict.valid and verdict.undecidable:  # resolved in the same engine: every row
+                verdict = await self._verify(engine, artifact, contract, thresholds,
+                                             engine.local_model.vocab_size)
         except Exception:  # the evidence passed every check the model imposes: the fault is here
             log.exception("cannot check %s: this node failed to re-run it", inference_id.hex()[:12])
             return None
         return verdict_stats(verdict)
+
+    @staticmethod
+    async def _verify(engine: Engine, artifact: InferenceArtifact, contract: Contract,
+                      thresholds: ModelThresholds, k: int) -> Verdict:
+        """One prefill in the serving engine with the top ``k`` logprobs per position, judged;
+        with k = the vocabulary the rows are whole and the verdict is the reference's."""
+        vocab = engine.local_model.vocab_size
+        scored = await engine.score(list(contract.prompt_ids), artifact.completion_ids, k)
+        if k >= vocab:
+            scored = ScoredCompletion(scored.steps, full_rows(scored.steps, vocab))
+        # The metric is pure CPU work (a few ms of float64 on [n, K] tables): off the loop.
+        return await asyncio.to_thread(verify, artifact, scored, thresholds, contract=contract,
+                                       eos_token_ids=engine.eos_token_ids, vocab_size=vocab)
 
     @staticmethod
     def _claim(engine: Engine, inference_id: bytes, record: Inference, request: InferenceRequest,

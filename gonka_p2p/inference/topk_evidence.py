@@ -33,7 +33,11 @@ proven failure, the same as the full-row reference gives -- and a position is
 *undecidable* when a floor passes but a ceiling does not. Greedy positions
 are always decided (the argmax and the claimed logprob are both known).
 
-Undecidable positions are counted and bounded, never resolved in the
+Undecidable positions are counted and bounded; an output that keeps any
+within the bound is resolved by a second prefill in the same engine that
+lists the whole vocabulary (``full_rows``; slow, ~35 ms a position through
+vLLM's output processor on a 49k vocabulary, so only for such outputs: plain
+or wide sampling over a flat tail). Never by a second model in the
 participant's process (the torch engine stays a cross-check tool, out of
 process). For an honest executor a position can only be undecidable when the
 noise point falls outside every top-K token's *certain* interval (the part
@@ -66,6 +70,15 @@ _TIE = 1e-6  # relative gap under which a top-k or top-p cut is a tie the eviden
 _UNIT = 2.0 ** -WEIGHT_BITS
 UNDECIDABLE_FALSE_ALARM = 1e-6  # probability per output that rule 6 fails an honest executor
 _LAMBDAS = (0.5, 1.0, 2.0, 4.0, 8.0)  # small lambdas test a large mu, large ones a mu near 0
+
+
+def full_rows(steps: Sequence[TokenStep], vocab_size: int) -> torch.Tensor:
+    """``[n, vocab]`` logprob rows from evidence that lists the whole vocabulary (an id
+    missing from it is impossible: -inf). Logprobs are logits shifted by a constant, so
+    the sampler and the metric take them as logits rows (the reference path)."""
+    rows = torch.full((len(steps), vocab_size), -math.inf, dtype=torch.float32)
+    ids = torch.tensor([s.top_ids for s in steps], dtype=torch.long)
+    return rows.scatter_(1, ids, torch.tensor([s.top_logprobs for s in steps], dtype=torch.float32))
 
 
 def too_many_undecidable(count: int, mu: float) -> bool:

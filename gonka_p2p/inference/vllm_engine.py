@@ -55,9 +55,9 @@ identically.
 **Scoring.** ``score`` is one prefill with ``prompt_logprobs=k`` and
 ``max_tokens=1`` (vLLM's prompt logprobs are raw ``log_softmax`` too): per
 position the scored token's logprob and the top k. A validator asks for
-``k = topk_evidence.EVIDENCE_TOP_K`` (``max_logprobs`` is raised to it) and
-judges from that (``topk_evidence``), in the engine that already holds the
-model. Full logits rows (``with_logits``) are refused: vLLM returns them only
+``k = topk_evidence.EVIDENCE_TOP_K`` and judges from that (``topk_evidence``),
+in the engine that already holds the model; an output it cannot decide is
+scored again with k = the vocabulary (``max_logprobs`` is uncapped for it). Full logits rows (``with_logits``) are refused: vLLM returns them only
 as ``prompt_logprobs=-1`` (~50k Python floats per position through its output
 processor, ~35 ms a position), and the torch engine that has them would be a
 second copy of the model in this process; the full-row reference runs out of
@@ -92,7 +92,6 @@ from gonka_p2p.inference.engine import EngineError, ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
 from gonka_p2p.inference.models import LocalModel, LocalModelFrontend, ModelSpec, load_local_model, model_spec
 from gonka_p2p.inference.sampler import RowRules, SamplingParams, sample_batch
-from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +439,7 @@ def vllm_engine_args(local: LocalModel, spec: ModelSpec, kv_cache_gib: float, ma
         dtype=spec.dtype,
         skip_tokenizer_init=True,
         logprobs_mode="raw_logprobs",
-        max_logprobs=EVIDENCE_TOP_K,  # a validator's top-K evidence (vLLM's default cap is 20)
+        max_logprobs=-1,  # a validator's top-K evidence, or the whole vocabulary to resolve it
         logits_processors=[SeededSampling],
         enforce_eager=True,
         max_model_len=local.max_context,  # already capped at spec.max_model_len
