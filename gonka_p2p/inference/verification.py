@@ -517,11 +517,9 @@ def undecidable_positions(m: Measurements, thresholds: ModelThresholds) -> int:
 
 def check_undecidable(m: Measurements, thresholds: ModelThresholds) -> str | None:
     """Rule 6: no more undecidable positions than honest sampling leaves, beyond chance."""
-    count = undecidable_positions(m, thresholds)
-    if too_many_undecidable(count, m.honest_undecidable):
-        return (f"undecidable: {count} positions the top-K evidence cannot decide, more than honest "
-                f"sampling leaves (expected at most {m.honest_undecidable:.3g})")
-    return None
+    count, mu = undecidable_positions(m, thresholds), m.honest_undecidable
+    return (f"undecidable: {count} positions the top-K evidence cannot decide, more than honest sampling "
+            f"leaves (expected at most {mu:.3g})") if too_many_undecidable(count, mu) else None
 
 
 class Evidence(str, Enum):
@@ -560,7 +558,7 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         floors = [r for r in (check_distance(m, thresholds), check_top_k_set(m, thresholds),
                               check_sampling(m, thresholds)) if r is not None]
         undecidable = 0 if floors else undecidable_positions(m, thresholds)  # a proven failure decides
-        reasons += floors or [r for r in (check_undecidable(m, thresholds),) if r is not None]
+        reasons += floors or list(filter(None, [check_undecidable(m, thresholds)]))
     if reasons:
         evidence = Evidence.FAILED
     elif m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens):
