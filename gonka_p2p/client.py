@@ -23,6 +23,21 @@ there); without one it signs for the chain id the TA states in its signed
 networks: a lying TA could otherwise have it sign for, and be charged on,
 another one. The CLI and the demo pin the genesis's chain id.
 
+A broken relay does not lose a paid answer. Once the executor has started
+(the stream's first frame), a stream that breaks -- the TA reset it, died,
+went silent, or a partition cut it -- is recovered: the client asks the
+ledger (through the TA, else the executor's node) how the inference stands,
+and once its Finish has settled (the client is charged) fetches the answer
+over ``/gonka/answer/1`` from the executor, else the TA, both of which keep
+the executor's signed frames until the epoch settles
+(``actors/answer_server.py``). The recovered frames pass the same checks as
+a live stream, and more: the same executor, the ledger's response hash, no
+more frames than ``max_tokens`` allows, and the tokens already yielded as
+their prefix; only the rest is yielded. It retries until the answer comes,
+the ledger says the inference expired (:class:`AnswerExpired`: the escrow
+was refunded), or ``recovery_timeout`` passes. Where no node has a ledger
+nobody is charged, and the break is raised as it was.
+
 The ledger calls (:meth:`GonkaClient.status`, :meth:`~GonkaClient.balance`,
 :meth:`~GonkaClient.inference`, :meth:`~GonkaClient.app_hash`,
 :meth:`~GonkaClient.submit_tx`) ask the node's replica over
@@ -32,6 +47,7 @@ and says so.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -56,20 +72,22 @@ from gonka_p2p.ledger.query import (
     SubmitReply,
     SubmitTx,
 )
-from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     NONCE_BYTES,
+    AnswerQuery,
     ChatTurn,
     InferenceRequest,
     NetworkInfo,
     inference_id,
 )
-from gonka_p2p.wire.protocols import INFER_PROTOCOL, INFO_PROTOCOL, QUERY_PROTOCOL
+from gonka_p2p.wire.protocols import ANSWER_PROTOCOL, INFER_PROTOCOL, INFO_PROTOCOL, QUERY_PROTOCOL
 from gonka_p2p.wire.schema import Message, WireError
 from gonka_p2p.wire.stream import (
     GonkaError,
     ProtocolViolation,
     RequestRejected,
+    FinishedEvent,
     StartedEvent,
     StreamEvent,
     StreamVerifier,
@@ -88,6 +106,21 @@ class StreamStalled(NetworkUnavailable):
     kind of unreachable one (callers that re-dial those re-dial this too)."""
 
     code = "stalled"
+
+
+class NoLedger(NetworkUnavailable):
+    """The node serves no ledger queries: it runs without a genesis."""
+
+
+class AnswerExpired(GonkaError):
+    """The stream broke and the ledger expired the inference unfinished: its escrow went back
+    to the client, so nothing was charged for the answer that never came."""
+
+    code = "expired"
+
+
+RECOVERY_TIMEOUT_S = 120.0  # how long a broken stream's answer is sought before giving up
+_RETRY_S = (0.25, 5.0)  # first and longest pause between recovery rounds
 
 
 @dataclass
@@ -219,15 +252,16 @@ class GonkaClient:
             raise RequestRejected(reply.detail, code=reply.code)
         return reply.tx_hash
 
-    async def _query(self, request: Message, reply_type: type[Message]) -> Message:
+    async def _query(self, request: Message, reply_type: type[Message], node: str | None = None) -> Message:
+        node = node or self.ta
         try:
-            frame = await self.service.request(self.ta, QUERY_PROTOCOL, encode_frame(request), timeout=10.0)
+            frame = await self.service.request(node, QUERY_PROTOCOL, encode_frame(request), timeout=10.0)
             reply = decode_frame_of(frame, reply_type, QueryFailed)
         except StreamReset as e:
-            raise NetworkUnavailable(f"node {self.ta} does not answer ledger queries (is it running "
-                                     f"with a genesis?): {e}") from None
+            raise NoLedger(f"node {node} does not answer ledger queries (is it running "
+                           f"with a genesis?): {e}") from None
         except (NetworkError, TimeoutError) as e:
-            raise NetworkUnavailable(f"node {self.ta} did not answer: {e}") from None
+            raise NetworkUnavailable(f"node {node} did not answer: {e}") from None
         except WireError as e:
             raise ProtocolViolation(f"node sent a bad ledger reply: {e}") from None
         if isinstance(reply, QueryFailed):
@@ -243,28 +277,120 @@ class GonkaClient:
         async for event in self.stream_request(request, timeout=timeout):
             yield event
 
-    async def stream_request(self, request: bytes, timeout: float = 120.0
-                             ) -> AsyncIterator[StreamEvent]:
+    async def stream_request(self, request: bytes, timeout: float = 120.0,
+                             recovery_timeout: float = RECOVERY_TIMEOUT_S) -> AsyncIterator[StreamEvent]:
         """Stream an already signed request envelope (lets callers keep the exact bytes).
 
         ``timeout`` is the idle timeout: a TA that sends no frame for that long (the first
         one included: it waits for an executor) has its stream cancelled, and StreamStalled
-        is raised -- a frozen or withholding TA cannot hang the caller."""
-        verifier = StreamVerifier(inference_id(open_envelope(request, InferenceRequest)))
+        is raised -- a frozen or withholding TA cannot hang the caller. A stream that breaks
+        after the executor started is recovered for up to ``recovery_timeout`` seconds (see
+        the module doc)."""
+        signed = open_envelope(request, InferenceRequest)
+        verifier = StreamVerifier(inference_id(signed))
+        broken: GonkaError
         try:
-            async with aclosing(self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout)) as frames:
-                async for frame in frames:
+            async with aclosing(self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout)) as live:
+                async for frame in live:
                     event = verifier.accept(frame)
                     if event is not None:
                         yield event
                     if verifier.done:
                         return
+            broken = ProtocolViolation("the TA closed the stream before the answer was complete")
         except TimeoutError:  # the transport's per-frame timeout; it reset the stream
-            raise StreamStalled(f"TA {self.ta} sent nothing for {timeout:g} s; "
-                                "the stream was cancelled") from None
+            broken = StreamStalled(f"TA {self.ta} sent nothing for {timeout:g} s; the stream was cancelled")
         except NetworkError as e:
-            raise NetworkUnavailable(f"the stream from TA {self.ta} broke: {e}") from None
-        raise ProtocolViolation("the TA closed the stream before the answer was complete")
+            broken = NetworkUnavailable(f"the stream from TA {self.ta} broke: {e}")
+        if verifier.executor is None:  # no executor started: nothing to recover
+            raise broken
+        for event in await self._recover(signed, verifier, broken, recovery_timeout):
+            yield event
+
+    async def _recover(self, request: Signed[InferenceRequest], live: StreamVerifier, broken: GonkaError,
+                       timeout: float) -> list[StreamEvent]:
+        """The rest of the answer ``live`` verified so far, once the ledger settles it; raises
+        AnswerExpired, ``broken`` where no node has a ledger, NetworkUnavailable at ``timeout``."""
+        assert live.executor is not None
+        nodes = list(dict.fromkeys((live.executor, self.ta)))
+        loop = asyncio.get_running_loop()
+        give_up, pause, why = loop.time() + timeout, _RETRY_S[0], str(broken)
+        while True:
+            try:
+                record = await self._ledger_record(live.inference_id, nodes)
+            except NoLedger:  # no ledger anywhere: nobody was charged
+                raise broken from None
+            if record is not None and record.status == "expired":
+                raise AnswerExpired(f"{broken}; the inference expired unfinished on the ledger: "
+                                    "its escrow was refunded") from None
+            if record is not None and record.status == "settled":
+                for node in dict.fromkeys((record.executor, *nodes)):
+                    try:
+                        events = await self.fetch_answer(request.raw, node, record)
+                        return _after(events, live)
+                    except (GonkaError, NetworkError, TimeoutError) as e:
+                        why = f"{node}: {e}"
+            else:
+                why = f"the ledger has the inference {record.status if record else 'not yet'}"
+            if loop.time() + pause > give_up:
+                raise NetworkUnavailable(f"{broken}; the answer was not recovered within {timeout:g} s "
+                                         f"(last: {why})") from None
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _RETRY_S[1])
+
+    async def _ledger_record(self, iid: bytes, nodes: list[str]) -> InferenceReply | None:
+        """The record of ``iid`` in the ledger of the first of ``nodes`` to answer; None if it
+        has none, or none answered. NoLedger if each of them serves no ledger."""
+        no_ledger = True
+        for node in nodes:
+            try:
+                reply = await self._query(InferenceQuery(inference_id=iid), InferenceReply, node)
+            except GonkaError as e:
+                no_ledger = no_ledger and isinstance(e, NoLedger)
+                continue
+            assert isinstance(reply, InferenceReply)
+            return reply if reply.found else None
+        if no_ledger:
+            raise NoLedger(f"none of {', '.join(nodes)} serves a ledger")
+        return None
+
+    async def fetch_answer(self, request: bytes, node: str, record: InferenceReply | None = None
+                           ) -> list[StreamEvent]:
+        """This client's answer to its signed ``request``, as ``node`` (the executor, or the TA
+        that relayed it) kept it, verified: the executor's signature on every frame, the
+        positions, at most ``max_tokens`` tokens, and the final hash against the ledger's
+        ``record`` (asked of ``node`` when not given). Raises RequestRejected (``not_found``:
+        not kept there), ProtocolViolation, or NetworkError."""
+        signed = open_envelope(request, InferenceRequest)
+        iid = inference_id(signed)
+        if record is None:
+            asked = await self._query(InferenceQuery(inference_id=iid), InferenceReply, node)
+            assert isinstance(asked, InferenceReply)
+            record = asked
+        if not record.found or not record.response_hash:
+            raise RequestRejected(f"the ledger holds no finished inference {iid.hex()}", code="not_found")
+        query = seal(AnswerQuery(inference_id=iid, reader=self.service.peer_id,
+                                 timestamp_ms=int(time.time() * 1000)), self.key)
+        verifier = StreamVerifier(iid)
+        events: list[StreamEvent] = []
+        frames_left = signed.message.max_tokens + 2  # InferenceStarted, >= 1 token per batch, the end
+        async with aclosing(self.service.open_stream(node, ANSWER_PROTOCOL, query, timeout=10.0)) as frames:
+            async for frame in frames:
+                frames_left -= 1
+                if frames_left < 0:
+                    raise ProtocolViolation(f"{node} sent more frames than max_tokens allows")
+                event = verifier.accept(frame)
+                if event is not None:
+                    events.append(event)
+                if verifier.done:
+                    break
+        if not verifier.done:
+            raise ProtocolViolation(f"{node} ended the answer before its last frame")
+        finished = events[-1]
+        assert isinstance(finished, FinishedEvent)
+        if verifier.executor != record.executor or finished.response_hash != record.response_hash:
+            raise ProtocolViolation(f"the answer {node} kept is not the one the ledger settled")
+        return events
 
     async def chat(self, messages: list[tuple[str, str]],
                    on_text: Callable[[str], object] | None = None, **params: object) -> Completion:
@@ -290,3 +416,23 @@ class GonkaClient:
         assert completion is not None
         completion.elapsed_s = time.perf_counter() - t0
         return completion
+
+
+def _after(events: list[StreamEvent], live: StreamVerifier) -> list[StreamEvent]:
+    """The recovered ``events`` past what the ``live`` stream already yielded. They must extend
+    it: the same executor, its tokens as their prefix, a batch boundary where it broke."""
+    if events and isinstance(events[0], StartedEvent) and events[0].executor != live.executor:
+        raise ProtocolViolation("the recovered answer comes from another executor than the stream's")
+    rest: list[StreamEvent] = []
+    position, seen = 0, len(live.token_ids)
+    for event in events:
+        if isinstance(event, TokensEvent):
+            end = position + len(event.token_ids)
+            if position < seen and (end > seen or event.token_ids != live.token_ids[position:end]):
+                raise ProtocolViolation("the recovered answer does not extend the tokens already streamed")
+            if position >= seen:
+                rest.append(event)
+            position = end
+        elif isinstance(event, FinishedEvent):
+            rest.append(event)
+    return rest

@@ -8,6 +8,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull, last_settled_epoch
@@ -45,7 +46,7 @@ def artifact(req: Signed[InferenceRequest], tokens: int = 4) -> InferenceArtifac
 
 
 def size(req: Signed[InferenceRequest], art: InferenceArtifact) -> int:
-    return len(req.raw) + len(art.encode())
+    return len(req.raw) + len(art.encode()) + len(msgpack.packb([]))  # kept with no answer frames
 
 
 async def opened(path: Path | None, max_bytes: int = 1 << 20) -> ArtifactStore:
@@ -85,7 +86,7 @@ async def test_evidence_survives_close_and_reopen(tmp_path: Path) -> None:
     store = await opened(path)
     kept = [(r, artifact(r)) for r in (request(1), request(2))]
     for req, art in kept:
-        await store.put(req, art)
+        await store.put(req, art, [])
     await store.close()
     store = await opened(path)
     try:
@@ -104,7 +105,7 @@ async def test_a_put_is_on_disk_when_it_returns(tmp_path: Path) -> None:
     store = await opened(path)
     req = request(1)
     try:
-        await store.put(req, artifact(req))
+        await store.put(req, artifact(req), [])
         other = sqlite3.connect(path)
         try:
             assert other.execute("SELECT COUNT(*) FROM artifacts").fetchone() == (1,)
@@ -120,7 +121,7 @@ async def test_settlement_prunes_only_evidence_of_settled_epochs(tmp_path: Path)
     settled0, settled1, running, unstarted = request(1), request(2), request(3), request(4)
     stale = request(5, timestamp_ms=T0 - 2 * WINDOW_MS)  # never started, and now never can
     for req in (settled0, settled1, running, unstarted, stale):
-        await store.put(req, artifact(req))
+        await store.put(req, artifact(req), [])
     closed = {inference_id(settled0): (InferenceStatus.SETTLED, 5), inference_id(settled1): (InferenceStatus.SETTLED, 12)}
 
     settles = [settlement_height(epoch, GENESIS.params) for epoch in range(3)]
@@ -153,12 +154,12 @@ async def test_a_full_store_refuses_new_evidence_and_evicts_nothing(caplog: pyte
     first, second, third = request(1), request(2), request(3)
     store = await opened(None, max_bytes=size(first, artifact(first)) + 10)
     try:
-        await store.put(first, artifact(first))
+        await store.put(first, artifact(first), [])
         assert not store.full
         caplog.set_level(logging.ERROR)
         for refused in (second, third):
             with pytest.raises(EvidenceStoreFull, match="evidence store is full"):
-                await store.put(refused, artifact(refused))
+                await store.put(refused, artifact(refused), [])
         assert store.full and store.refused == 2
         assert [r.levelno for r in caplog.records] == [logging.ERROR]  # one clear error, not one per refusal
         assert await store.get(inference_id(first)) is not None
@@ -167,7 +168,7 @@ async def test_a_full_store_refuses_new_evidence_and_evicts_nothing(caplog: pyte
         store.on_commit(ledger_at(settlement_height(0, GENESIS.params), T0,
                                   {inference_id(first): (InferenceStatus.SETTLED, 5)}))
         assert not store.full and store.used_bytes == 0
-        await store.put(second, artifact(second))
+        await store.put(second, artifact(second), [])
         assert await store.get(inference_id(second)) is not None
     finally:
         await store.close()

@@ -1,5 +1,5 @@
-"""The node's evidence store: each inference's artifact and client request, on disk until the
-epoch that holds the inference has settled.
+"""The node's evidence store: each inference's artifact, client request and signed answer, on
+disk until the epoch that holds the inference has settled.
 
 Theory of operation
 -------------------
@@ -24,6 +24,13 @@ is kept must outlive a restart, and must not be pushed out by load:
   later, waits for that epoch; evidence of a request the ledger never
   started goes once the request is too old to start (``request_window_ms``),
   since nobody will ever ask for it.
+* **The answer too.** Beside the artifact each row keeps the answer as the
+  executor signed it (its response frames, verbatim), so a client whose
+  relay broke after the executor finished -- and who is charged for the
+  answer -- can still fetch it (``actors/answer_server.py``) and check every
+  signature, as it checks a live stream. The artifact alone would not do: a
+  TA cannot sign for the executor, and the text the client reads is only in
+  the frames. It lives and goes with its artifact, in the same transaction.
 * **Bounded by bytes, refusing when full.** The ledger expects every kept
   artifact until its epoch settles, so evicting one to make room would turn
   honest work into a withholding failure, silently and long after the fact.
@@ -47,11 +54,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
+
+import msgpack
 
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.ledger.genesis import Params
@@ -73,6 +82,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
     request BLOB NOT NULL,       -- the client's signed request, verbatim
     artifact BLOB NOT NULL       -- InferenceArtifact.encode()
 );
+CREATE TABLE IF NOT EXISTS answers (
+    inference_id BLOB PRIMARY KEY,  -- a row of artifacts, written and deleted with it
+    frames BLOB NOT NULL            -- msgpack list of the executor's signed response frames
+);
 """
 _CLOSED = (InferenceStatus.SETTLED, InferenceStatus.EXPIRED)
 
@@ -89,7 +102,7 @@ class EvidenceStoreFull(Exception):
 class _Kept:
     epoch: int  # the first epoch whose settlement may free it
     request_ms: int
-    size: int  # bytes of request and artifact
+    size: int  # bytes of request, artifact and answer
 
 
 def last_settled_epoch(height: int, params: Params) -> int:
@@ -114,8 +127,8 @@ def freed_by(ledger: LedgerState, inference_id: bytes, request_ms: int) -> int |
 
 
 class ArtifactStore:
-    """(client request, encoded artifact) by inference id, at ``path`` (None: in memory), at most
-    ``max_bytes`` of them. :attr:`used_bytes`, :attr:`refused` and :attr:`full` are its metrics."""
+    """(client request, encoded artifact, signed answer) by inference id, at ``path`` (None: in
+    memory), at most ``max_bytes`` of them. :attr:`used_bytes`, :attr:`refused` and :attr:`full` are its metrics."""
 
     def __init__(self, path: Path | None, max_bytes: int) -> None:
         assert max_bytes > 0
@@ -152,18 +165,21 @@ class ArtifactStore:
             return
         if self._db is not None:
             forgotten, self._forgotten = self._forgotten, set()
-            await self._run(self._write, forgotten, None)
+            await self._run(self._write, forgotten, None, b"")
             await self._run(self._conn().close)
             self._db = None
         self._thread.shutdown()
         self._thread = None
 
-    async def put(self, request: Signed[InferenceRequest], artifact: InferenceArtifact) -> None:
-        """Keep the evidence of ``request``; durable when this returns. EvidenceStoreFull when it
-        does not fit (nothing is evicted for it)."""
+    async def put(self, request: Signed[InferenceRequest], artifact: InferenceArtifact,
+                  answer: Sequence[bytes]) -> None:
+        """Keep the evidence of ``request`` and its ``answer`` (the executor's signed frames, in
+        order); durable when this returns. EvidenceStoreFull when it does not fit (nothing is
+        evicted for it)."""
         iid = inference_id(request)
         data = artifact.encode()
-        kept = _Kept(self._epoch, request.message.timestamp_ms, len(request.raw) + len(data))
+        frames = msgpack.packb(list(answer), use_bin_type=True)
+        kept = _Kept(self._epoch, request.message.timestamp_ms, len(request.raw) + len(data) + len(frames))
         previous = self._drop(iid)
         if self.used_bytes + kept.size > self.max_bytes:
             if previous is not None:
@@ -173,7 +189,7 @@ class ArtifactStore:
         self._forgotten.discard(iid)
         forgotten, self._forgotten = self._forgotten, set()
         try:
-            await self._run(self._write, forgotten, (iid, kept.epoch, kept.request_ms, request.raw, data))
+            await self._run(self._write, forgotten, (iid, kept.epoch, kept.request_ms, request.raw, data), frames)
         except BaseException:
             self._forgotten |= forgotten
             self._drop(iid)
@@ -186,6 +202,13 @@ class ArtifactStore:
         if inference_id not in self._kept:
             return None
         row = await self._run(self._read, inference_id)
+        return row if inference_id in self._kept else None
+
+    async def answer(self, inference_id: bytes) -> tuple[bytes, list[bytes]] | None:
+        """(client request, the executor's signed frames), or None if not kept (or already pruned)."""
+        if inference_id not in self._kept:
+            return None
+        row = await self._run(self._read_answer, inference_id)
         return row if inference_id in self._kept else None
 
     def on_commit(self, ledger: LedgerState) -> None:
@@ -250,7 +273,8 @@ class ArtifactStore:
 
     def _index(self) -> list[tuple[bytes, int, int, int]]:
         return self._conn().execute(
-            "SELECT inference_id, epoch, request_ms, length(request) + length(artifact) FROM artifacts"
+            "SELECT inference_id, epoch, request_ms, length(request) + length(artifact) + "
+            "coalesce(length(frames), 0) FROM artifacts LEFT JOIN answers USING (inference_id)"
         ).fetchall()
 
     def _read(self, inference_id: bytes) -> tuple[bytes, bytes] | None:
@@ -258,16 +282,26 @@ class ArtifactStore:
                                    (inference_id,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def _write(self, forgotten: set[bytes], row: tuple[bytes, int, int, bytes, bytes] | None) -> None:
-        """Delete ``forgotten`` and insert ``row`` in one transaction: one fsync for both."""
+    def _read_answer(self, inference_id: bytes) -> tuple[bytes, list[bytes]] | None:
+        row = self._conn().execute(
+            "SELECT a.request, f.frames FROM artifacts a JOIN answers f USING (inference_id) "
+            "WHERE inference_id = ?", (inference_id,)).fetchone()
+        return (row[0], msgpack.unpackb(row[1], raw=False)) if row else None
+
+    def _write(self, forgotten: set[bytes], row: tuple[bytes, int, int, bytes, bytes] | None,
+               frames: bytes) -> None:
+        """Delete ``forgotten`` and insert ``row`` with its answer ``frames`` in one transaction:
+        one fsync for all."""
         if not forgotten and row is None:
             return
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("DELETE FROM artifacts WHERE inference_id = ?", [(iid,) for iid in forgotten])
+            for table in ("artifacts", "answers"):
+                db.executemany(f"DELETE FROM {table} WHERE inference_id = ?", [(iid,) for iid in forgotten])
             if row is not None:
                 db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)", row)
+                db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (row[0], frames))
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -166,11 +166,17 @@ class ExecutorActor:
         batches = TokenBatches(engine.generate(prompt_ids, params, seed=inference_id))
         text = TextStream(engine.decode)
         steps: list[TokenStep] = []
+        answer: list[bytes] = []  # the frames as signed, kept for the client (actors/answer_server.py)
+
+        async def emit(frame: bytes) -> None:
+            answer.append(frame)
+            await send(frame)
+
         try:
-            await send(seal(InferenceStarted(inference_id=inference_id, ta=ta,
+            await emit(seal(InferenceStarted(inference_id=inference_id, ta=ta,
                                              prompt_tokens=len(prompt_ids)), self._key))
             async for batch in batches:
-                await send(seal(TokenBatch(
+                await emit(seal(TokenBatch(
                     inference_id=inference_id, start=len(steps),
                     token_ids=[s.token_id for s in batch], logprobs=[s.logprob for s in batch],
                     top_ids=[list(s.top_ids) for s in batch],
@@ -187,17 +193,18 @@ class ExecutorActor:
         finish_reason = "stop" if stopped else "length"
         artifact = InferenceArtifact(engine.model_name, tuple(prompt_ids), params,
                                      inference_id, tuple(steps))
-        try:
-            await self.artifacts.put(request, artifact)  # on disk before the work is claimed
-        except EvidenceStoreFull as e:
-            await send(self._fail("executor_failed", f"{e}: this inference is not claimed"))
-            return
         rhash = response_hash(artifact.completion_ids)
-        await send(seal(InferenceFinished(
+        finished = seal(InferenceFinished(
             inference_id=inference_id, finish_reason=finish_reason,
             prompt_tokens=len(prompt_ids), completion_tokens=len(steps), response_hash=rhash,
             prompt_ids=list(prompt_ids),
-        ), self._key))
+        ), self._key)
+        try:  # on disk before the work is claimed
+            await self.artifacts.put(request, artifact, [*answer, finished])
+        except EvidenceStoreFull as e:
+            await send(self._fail("executor_failed", f"{e}: this inference is not claimed"))
+            return
+        await send(finished)
         self.served += 1
         if self._on_finished is not None:
             await self._on_finished(request, artifact, rhash)

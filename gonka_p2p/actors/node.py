@@ -50,6 +50,7 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 
 from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
+from gonka_p2p.actors.answer_server import AnswerServer
 from gonka_p2p.actors.artifact_server import ArtifactServer
 from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreError
 from gonka_p2p.actors.directory import PeerDirectory
@@ -158,6 +159,7 @@ class Node:
         # Evidence lives beside the ledger that expects it; without a ledger nothing does (memory).
         evidence = config.ledger_dir / "artifacts.sqlite" if genesis is not None else None
         self.artifacts = ArtifactServer(service, key, ArtifactStore(evidence, config.evidence_max_bytes))
+        self.answers = AnswerServer(service, key, self.artifacts.store)
         if self.replica is not None:
             self.replica.add_commit_listener(self.artifacts.store.on_commit)
         chain_id = genesis.chain_id if genesis is not None else ADHOC_CHAIN_ID
@@ -226,6 +228,7 @@ class Node:
     async def start_actors(self) -> None:
         await self.directory.start()
         self.artifacts.start()
+        self.answers.start()
         self.executor.start()
         self.ta.start()
 

@@ -28,6 +28,15 @@ its attempt) is called when the executor's first frame arrives; it only
 submits (admission to the local mempool) and returns, so no frame ever waits
 for a block, and the TA has no background task of its own.
 
+A client that goes away is not charged for an answer it gave up on: the
+network service cancels the handler of a stream whose opener left (reset,
+disconnected), at whatever it waits for, and a failed send to the client
+(:class:`ClientGone`) ends the relay too; either way the executor's stream
+is reset, so the executor stops and sends no Finish. Gone before the
+executor's first frame, the client is never started on the ledger; after
+it, the Start expires at its deadline, refunded. (The OpenAI gateway
+cancels the same way when its HTTP client hangs up.)
+
 Stalls: the executor's first frame must come within ``first_frame_timeout``
 (dial, admission, its queue), and every later one within ``stall_timeout``
 of the one before. An executor that goes silent mid-stream (frozen, or
@@ -40,7 +49,8 @@ Evidence: from the frames it relays (the executor's signed TokenBatches and
 the prompt ids of its InferenceFinished) the TA rebuilds the artifact the
 executor committed to and keeps it in ``artifacts`` for validators
 (:func:`relayed_artifact`), so that work stays verifiable when its executor
-goes silent.
+goes silent; beside it, the frames as the executor signed them, for a client
+whose stream broke after the executor finished (``actors/answer_server.py``).
 """
 
 from __future__ import annotations
@@ -246,6 +256,7 @@ class TransferAgent:
         """
         started = False
         batches: list[TokenBatch] = []
+        relayed: list[bytes] = []  # the executor's frames as signed: the answer kept for the client
         try:
             async with contextlib.aclosing(self._executor_frames(executor, order)) as frames:
                 async for frame in frames:
@@ -264,8 +275,9 @@ class TransferAgent:
                         if self._on_start is not None:
                             self._on_start(request, executor, attempt)
                     if isinstance(msg, InferenceFinished):  # kept before the client hears it is done
-                        await self._keep_artifact(request, batches, msg)
+                        await self._keep_artifact(request, batches, msg, [*relayed, frame])
                     await _to_client(send, frame)
+                    relayed.append(frame)
                     if isinstance(msg, TokenBatch):
                         batches.append(msg)
                     elif isinstance(msg, InferenceFinished | InferenceFailed):
@@ -313,7 +325,7 @@ class TransferAgent:
                 limit, started = self._stall_timeout, True
 
     async def _keep_artifact(self, request: Signed[InferenceRequest], batches: list[TokenBatch],
-                             finished: InferenceFinished) -> None:
+                             finished: InferenceFinished, answer: list[bytes]) -> None:
         if self._artifacts is None:
             return
         artifact = relayed_artifact(request, batches, finished)
@@ -322,7 +334,7 @@ class TransferAgent:
                      inference_id(request).hex()[:12])
             return
         with contextlib.suppress(EvidenceStoreFull):  # the store logged it; the executor keeps its own copy
-            await self._artifacts.put(request, artifact)
+            await self._artifacts.put(request, artifact, answer)
 
 
 async def _to_client(send: SendFrame, frame: bytes) -> None:

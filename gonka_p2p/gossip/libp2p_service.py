@@ -38,7 +38,10 @@ opener sees :class:`StreamReset`).
 
 Streams (frame format in :mod:`gonka_p2p.wire.framing`): a reset (a handler
 that raised, a frame over the limit) may discard frames the opener has not
-read yet: yamux drops buffered data when the reset arrives.
+read yet: yamux drops buffered data when the reset arrives. An opener that
+goes away (resets the stream, or its connection dies) cancels the handler
+serving it, as on the in-memory hub: a TA stops relaying, and so stops the
+executor, for a client that gave up even while it waits for a frame.
 
 Bounded memory: delivery is bounded by slots per topic, outbound queues by
 ``OUTBOUND_QUEUE_SIZE`` RPCs per peer (dropped with the peer), stalled peers
@@ -379,6 +382,15 @@ class Libp2pService:
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write_all)
+            watching = trio.CancelScope()
+
+            async def cancel_when_the_opener_leaves() -> None:
+                with watching:
+                    await streams.opener_done(stream)
+                    log.debug("%s opener %s went away; cancelling its handler", protocol, opener)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_when_the_opener_leaves)
             try:
                 await bridge.run_in_asyncio(handler, opener, request, send_frame)
             except Exception as e:
@@ -387,6 +399,7 @@ class Libp2pService:
                 else:
                     log.warning("%s handler raised for %s; resetting the stream", protocol, opener, exc_info=True)
                 nursery.cancel_scope.cancel()
+            watching.cancel()
             outbox.close()  # the writer returns once every frame sent is written
         if outbox.error is not None or nursery.cancel_scope.cancel_called:
             await streams.reset(stream)

@@ -120,6 +120,15 @@ async def expect_agreement(stream: INetStream, peer_id: str, protocol: str) -> N
         raise StreamReset(f"{peer_id} does not serve {protocol} (it answered {answer!r})")
 
 
+async def opener_done(stream: INetStream) -> None:
+    """Return once the opener of a served stream sends anything after its request: a reset, the
+    end of its side (py-libp2p's word for a dead connection too) or bytes it had no business
+    sending. Each means it is done with the answer: no opener here ends its side before the
+    end-of-stream marker."""
+    with suppress(BaseLibp2pError, OSError):
+        await stream.read(1)
+
+
 async def reset(stream: INetStream) -> None:
     with trio.CancelScope(shield=True), suppress(BaseLibp2pError, OSError):
         await stream.reset()

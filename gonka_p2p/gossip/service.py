@@ -21,7 +21,8 @@ Actors never touch libp2p directly. They see one narrow asyncio interface:
   raises crashes the service: it stops, and ``wait_closed`` raises
   :class:`ServiceCrashed`, so whoever owns the service (the node's
   supervisor) learns of it instead of running on without gossip. A stream
-  handler that raises resets only its stream.
+  handler that raises resets only its stream; an opener that goes away
+  (abandons or resets the stream, or disconnects) cancels its handler.
 
 Frames are opaque bytes; their meaning (and their signatures) belongs to
 ``gonka_p2p.wire``. Every frame is bounded by its protocol's

@@ -131,6 +131,7 @@ class BalanceReply(Message):
 @dataclass(frozen=True)
 class InferenceReply(Message):
     KIND = "ledger_inference_reply"
+    VERSION = 2  # 2: response_hash (what a client checks a recovered answer against)
     inference_id: bytes = bounded(max_len=HASH_BYTES)
     found: bool = bounded()
     status: str = bounded(max_len=16)
@@ -139,6 +140,7 @@ class InferenceReply(Message):
     escrow: int = bounded(min_value=0)
     cost: int = bounded(min_value=0)
     height: int = bounded(min_value=0)
+    response_hash: bytes = bounded(max_len=HASH_BYTES)  # the executor's Finish claim; empty before it
 
 
 @dataclass(frozen=True)

@@ -87,10 +87,10 @@ def answer(view: LedgerView, request: Message) -> Message:
         record = state.inference(request.inference_id)
         if record is None:
             return InferenceReply(inference_id=request.inference_id, found=False, status="", client="",
-                                  executor="", escrow=0, cost=0, height=state.height)
+                                  executor="", escrow=0, cost=0, height=state.height, response_hash=b"")
         return InferenceReply(inference_id=request.inference_id, found=True, status=record.status.value,
                               client=record.client, executor=record.executor, escrow=record.escrow,
-                              cost=record.cost, height=state.height)
+                              cost=record.cost, height=state.height, response_hash=record.response_hash)
     if isinstance(request, AppHashQuery):
         app_hash = view.app_hash_at(request.height)
         return AppHashReply(height=request.height, found=app_hash is not None, app_hash=app_hash or b"")

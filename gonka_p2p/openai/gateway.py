@@ -35,7 +35,13 @@ open for a stalled executor: the TA cancels that stream after its
 Lifecycle: :class:`GatewayServer` binds its socket with the node's other
 cheap start-up checks, serves as a task the node owns, and stops when the
 node does. Each request's route task is owned by its response: a client
-that hangs up cancels it, which resets the executor's stream. The server
+that hangs up cancels it, which resets the executor's stream -- at any
+point, not only while an answer streams: while the gateway waits for the
+executor's first frame, and while it gathers a whole answer (which sends no
+byte before its end), it watches the connection too (:func:`_unless_hung_up`).
+So a client that gives up is not charged: before the executor's first frame
+the TA never submits the Start; after it the executor stops, sends no
+Finish, and the Start expires with the escrow refunded. The server
 accepts headers up to :data:`MAX_HEADER_BYTES`, since the signed header
 carries the whole prompt (a reverse proxy in front must allow as much).
 """
@@ -48,9 +54,9 @@ import binascii
 import json
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -110,6 +116,13 @@ MAX_HEADER_BYTES = 3 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
 MAX_ALTERNATIVES = 8
 ALTERNATIVES_HEADER = "X-Gonka-Alternatives"
+HUNG_UP_STATUS = 499  # nginx's "client closed request": nobody reads it, the logs do
+
+T = TypeVar("T")
+
+
+class HungUp(Exception):
+    """The HTTP client closed its connection before the answer was complete."""
 
 
 class ApiError(Exception):
@@ -182,9 +195,11 @@ class Gateway:
             envelope = _matching_envelope(http, request)
             vocab = await self._vocabulary(request)
             events = self._inference(envelope)
-            started = await anext(events)
+            started = await _unless_hung_up(http, anext(events))
         except ApiError as e:
             return e.response()
+        except HungUp:
+            return Response(status_code=HUNG_UP_STATUS)
         # From here on nothing awaits until ``events`` has an owner that closes it.
         assert isinstance(started, StartedEvent)
         answer = Answer(request, started.inference_id, int(time.time()), vocab)
@@ -193,16 +208,10 @@ class Gateway:
         if request.stream:
             return _ClosingStream(_stream(answer, events), media_type="text/event-stream",
                                   headers={**headers, "Cache-Control": "no-cache"})
-        async with aclosing(events):
-            try:
-                async for event in events:
-                    if isinstance(event, TokensEvent):
-                        answer.add(event)
-                    elif isinstance(event, FinishedEvent):
-                        return JSONResponse(answer.whole(event), headers=headers)
-            except ApiError as e:
-                return e.response()
-        raise AssertionError("invariant: a verified stream ends with InferenceFinished")
+        try:
+            return await _unless_hung_up(http, _whole(answer, events, headers))
+        except HungUp:
+            return Response(status_code=HUNG_UP_STATUS)
 
     async def _inference(self, envelope: bytes) -> AsyncGenerator[StreamEvent, None]:
         """Admit ``envelope`` through the TA and yield its verified events (StartedEvent first).
@@ -261,6 +270,45 @@ class Gateway:
         if model not in self._vocabularies:
             self._vocabularies[model] = await asyncio.to_thread(load_vocabulary, model)
         return self._vocabularies[model]
+
+
+async def _unless_hung_up(http: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or HungUp if the HTTP client hangs up first (``work`` is cancelled,
+    which closes the answer's events and with them the executor's stream). Only for the
+    stretches where nothing else reads the connection: a streamed body has Starlette's
+    own watcher."""
+    job = asyncio.ensure_future(work)
+    hang_up = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({job, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (job, hang_up):
+            task.cancel()
+        await asyncio.wait({job, hang_up})
+    if job.cancelled():
+        raise HungUp("the HTTP client closed its connection")
+    return job.result()
+
+
+async def _disconnected(http: Request) -> None:
+    """Return once the HTTP client has closed its connection (the body is read by then)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _whole(answer: Answer, events: AsyncGenerator[StreamEvent, None],
+                 headers: Mapping[str, str]) -> Response:
+    """A whole (non-streamed) answer: its JSON once the executor's last frame is verified."""
+    async with aclosing(events):
+        try:
+            async for event in events:
+                if isinstance(event, TokensEvent):
+                    answer.add(event)
+                elif isinstance(event, FinishedEvent):
+                    return JSONResponse(answer.whole(event), headers=dict(headers))
+        except ApiError as e:
+            return e.response()
+    raise AssertionError("invariant: a verified stream ends with InferenceFinished")
 
 
 async def _stream(answer: Answer, events: AsyncGenerator[StreamEvent, None]

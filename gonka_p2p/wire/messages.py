@@ -192,3 +192,20 @@ class ArtifactReply(Message):
     KIND = "artifact_reply"
     request: bytes = bounded(max_len=2 * 1024 * 1024)
     artifact: bytes = bounded(max_len=8 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class AnswerQuery(Message):
+    """A client asks the executor (or the TA that relayed it) for its own answer; signed by the
+    client key that signed the request, for the peer that reads the reply.
+
+    ``reader`` is the libp2p peer id of the stream's opener: the server answers only that
+    opener, so a query overheard, or a reply of one passed on, is no use to anyone else
+    (libp2p authenticates the opener). ``timestamp_ms`` bounds how long a leaked query
+    can be tried at all. The reply is the executor's signed response frames, verbatim,
+    or one InferenceFailed signed by the server."""
+
+    KIND = "answer_query"
+    inference_id: bytes = bounded(max_len=HASH_BYTES)
+    reader: str = bounded(max_len=MAX_PEER_ID_CHARS)
+    timestamp_ms: int = bounded(min_value=0)

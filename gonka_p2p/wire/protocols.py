@@ -84,6 +84,8 @@ INFO_PROTOCOL = _stream("/gonka/info/1", request=_SMALL_REQUEST, reply=1 * MiB)
 EXECUTE_PROTOCOL = _stream("/gonka/execute/1", request=_SIGNED_REQUEST, reply=_TOKEN_FRAME)
 # validator -> executor or TA: ArtifactQuery; back: ArtifactReply (the request and the artifact)
 ARTIFACT_PROTOCOL = _stream("/gonka/artifact/1", request=_SMALL_REQUEST, reply=_LARGEST_FRAME)
+# client -> executor or TA: AnswerQuery; back: the executor's signed frames of that answer, as kept
+ANSWER_PROTOCOL = _stream("/gonka/answer/1", request=_SMALL_REQUEST, reply=_TOKEN_FRAME)
 # replica -> peer: SyncRequest; back: CommitRecord* (catch-up: a block of <= 4 MiB and its certificate)
 SYNC_PROTOCOL = _stream("/gonka/ledger/sync/1", request=_SMALL_REQUEST, reply=_LARGEST_FRAME)
 # replica -> peer: BlockRequest; back: BlockBody (large proposals, <= 4 MiB)

@@ -1,0 +1,351 @@
+"""Nobody is charged for an answer they did not get (issue 14: every request completed with a
+verified answer, or refunded; none charged without an answer).
+
+Two ways a client used to pay for nothing, both found by the testnet:
+
+* its relay broke after the executor finished (the TA reset the stream, died, or a partition
+  cut it): the ledger charged it for the answer the executor committed to. Now the executor
+  and the TA keep the answer as the executor signed it until the epoch settles, and the
+  client library fetches it over ``/gonka/answer/1`` -- from the executor, else the TA --
+  checked as a live stream is and against the ledger's response hash. Only the client that
+  signed the request may fetch it; a tampered or substituted answer is refused.
+* it gave up before its first token (or its HTTP client hung up on the OpenAI gateway), and
+  the executor went on, finished and was paid. Now the TA's handler is cancelled when its
+  client's stream goes away (and the gateway's route when the HTTP connection closes), which
+  stops the executor: the Start, if any, expires refunded.
+
+The executor is the real tiny model; the network the in-memory hub, and real libp2p on
+127.0.0.1 where the transport is what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import FAST, MODEL, all_announced, eventually
+
+from gonka_p2p.actors.node import Node
+from gonka_p2p.client import GonkaClient, build_request
+from gonka_p2p.config import NodeConfig
+from gonka_p2p.gossip.libp2p_service import Libp2pService
+from gonka_p2p.gossip.memory import MemoryHub
+from gonka_p2p.gossip.service import NetworkService, SendFrame, StreamHandler
+from gonka_p2p.identity import Keypair
+from gonka_p2p.inference.artifacts import InferenceArtifact
+from gonka_p2p.inference.engine import Engine, TokenStep
+from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.ledger.devnet import devnet_genesis
+from gonka_p2p.ledger.genesis import Genesis
+from gonka_p2p.openai.auth import GonkaAuth
+from gonka_p2p.openai.gateway import Gateway, GatewayServer
+from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.messages import (
+    AnswerQuery,
+    InferenceFailed,
+    InferenceFinished,
+    InferenceRequest,
+    TokenBatch,
+    inference_id,
+    response_hash,
+)
+from gonka_p2p.wire.protocols import ANSWER_PROTOCOL, INFER_PROTOCOL
+from gonka_p2p.wire.stream import FinishedEvent, ProtocolViolation, RequestRejected, StartedEvent, TokensEvent
+
+CLIENT = Keypair.from_seed(b"answer-client")
+STRANGER = Keypair.from_seed(b"answer-stranger")
+NODE_KEYS = [Keypair.from_seed(f"answer-node-{i}".encode()) for i in range(2)]  # a TA only, an executor
+GUARD_S = 60.0  # far above a settled inference or an expiry here, far below a hang
+PROMPT = [("user", "Count to twenty.")]
+
+ServiceFactory = Callable[[Keypair], NetworkService]
+
+
+def ledger_genesis() -> Genesis:
+    return devnet_genesis([k.public_key for k in NODE_KEYS], [CLIENT.peer_id, STRANGER.peer_id],
+                          models=(MODEL,), inference_deadline_blocks=3, genesis_time_ms=int(time.time() * 1000))
+
+
+class HoldingEngine:
+    """The real engine, holding before its first token until ``release`` is set; ``abandoned``
+    is set when its generation is cancelled while it holds (its executor stream was reset)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.release = asyncio.Event()
+        self.abandoned = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       seed: bytes) -> AsyncIterator[TokenStep]:
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.abandoned.set()
+            raise
+        async for step in self._engine.generate(prompt_ids, params, seed):
+            yield step
+
+
+@asynccontextmanager
+async def network(make_service: ServiceFactory, engine: Engine | HoldingEngine, tmp_path: Path,
+                  genesis: Genesis | None) -> AsyncIterator[list[Node]]:
+    """A TA-only node and an executor serving ``engine``, joined and announced; with ``genesis``
+    each runs a ledger replica."""
+    nodes: list[Node] = []
+    stop = asyncio.Event()
+    serving: list[asyncio.Task[None]] = []
+    try:
+        for i, models in enumerate(([], [MODEL])):
+            config = NodeConfig(models=models, engine="torch", announce_interval=0.5, data_dir=tmp_path / f"n{i}",
+                                stall_timeout=10 * GUARD_S)  # only the client's leaving stops a holding executor
+            node = Node(config, NODE_KEYS[i], make_service(NODE_KEYS[i]), None, genesis, FAST)
+            if models:
+                node.engines[MODEL] = engine  # type: ignore[assignment]
+            await node.join()
+            nodes.append(node)
+        await nodes[1].service.connect(nodes[0].service.listen_addrs[0])
+        serving = [asyncio.create_task(n.serve(stop)) for n in nodes]
+        await all_announced(nodes)
+        yield nodes
+    finally:
+        if isinstance(engine, HoldingEngine):
+            engine.release.set()
+        stop.set()
+        await asyncio.gather(*serving)
+        for node in nodes:  # not Node.close: the engine is the module's, shared by its tests
+            if node.replica is not None:
+                await node.replica.close()
+            await node.service.stop()
+            await node.artifacts.store.close()
+
+
+async def client_of(ta: Node, key: Keypair = CLIENT) -> GonkaClient:
+    service = ta.service._hub.service(key)  # type: ignore[attr-defined]
+    await service.start()
+    return GonkaClient(key, service, await service.connect(ta.service.listen_addrs[0]))
+
+
+def cut_after(frames: int, handler: StreamHandler) -> StreamHandler:
+    """The TA's handler, its relay to the client cut after ``frames`` frames: the TA relays the
+    whole answer (the executor finishes, the ledger charges), the client sees a reset."""
+
+    async def cut(opener: str, frame: bytes, send: SendFrame) -> None:
+        sent = 0
+
+        async def first_frames(out: bytes) -> None:
+            nonlocal sent
+            sent += 1
+            if sent <= frames:
+                await send(out)
+
+        await handler(opener, frame, first_frames)
+        raise ConnectionResetError("the relay to the client was cut")
+
+    return cut
+
+
+async def withhold(opener: str, frame: bytes, send: SendFrame) -> None:
+    raise ConnectionResetError("this node serves no answers")
+
+
+async def settled(client: GonkaClient, request: bytes) -> None:
+    iid = inference_id(open_envelope(request, InferenceRequest))
+    await eventually(lambda: client.inference(iid), GUARD_S, "the inference to settle",
+                     until=lambda r: r.status == "settled", interval=0.05)
+
+
+async def collect(client: GonkaClient, request: bytes) -> list[object]:
+    async with asyncio.timeout(GUARD_S):
+        return [event async for event in client.stream_request(request, recovery_timeout=GUARD_S)]
+
+
+def tokens(events: list[object]) -> list[int]:
+    return [t for e in events if isinstance(e, TokensEvent) for t in e.token_ids]
+
+
+# --- a relay cut after the executor finished ---------------------------------------------------
+
+
+@pytest.mark.parametrize("served_by", ["executor", "ta"])
+async def test_a_relay_cut_after_the_executor_finished_still_returns_the_verified_answer(
+        engine: Engine, tmp_path: Path, served_by: str) -> None:
+    """Started and one token reach the client, then the stream is reset; the client recovers the
+    rest from the executor (or, the executor withholding, from the TA's copy) once settled."""
+    async with network(MemoryHub().service, engine, tmp_path, ledger_genesis()) as nodes:
+        ta, executor = nodes
+        ta.service.set_stream_handler(INFER_PROTOCOL, cut_after(2, ta.ta._handle))
+        if served_by == "ta":
+            executor.service.set_stream_handler(ANSWER_PROTOCOL, withhold)
+        client = await client_of(ta)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+        events = await collect(client, request)
+        assert [type(e) for e in events[:2]] == [StartedEvent, TokensEvent]
+        assert isinstance(events[-1], FinishedEvent) and len(tokens(events)) == events[-1].completion_tokens
+        iid = inference_id(open_envelope(request, InferenceRequest))
+        record = await client.inference(iid)
+        assert record.status == "settled" and record.response_hash == response_hash(tokens(events))
+        kept = InferenceArtifact.decode((await executor.artifacts.store.get(iid))[1])  # type: ignore[index]
+        assert tokens(events) == list(kept.completion_ids)
+        text = "".join(e.text for e in events if isinstance(e, TokensEvent))
+        assert text == engine.decode(tokens(events))
+
+
+@pytest.mark.slow
+@pytest.mark.libp2p
+async def test_a_relay_cut_over_libp2p_is_recovered(engine: Engine, tmp_path: Path) -> None:
+    async with network(lambda key: Libp2pService(key, "/ip4/127.0.0.1/tcp/0"), engine, tmp_path,
+                       ledger_genesis()) as nodes:
+        ta = nodes[0]
+        ta.service.set_stream_handler(INFER_PROTOCOL, cut_after(2, ta.ta._handle))
+        async with await GonkaClient.connect(ta.service.listen_addrs[0], CLIENT) as client:
+            request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+            events = await collect(client, request)
+            assert isinstance(events[0], StartedEvent) and isinstance(events[-1], FinishedEvent)
+            record = await client.inference(inference_id(open_envelope(request, InferenceRequest)))
+            assert record.response_hash == response_hash(tokens(events))
+
+
+# --- only the client fetches, and only the answer the ledger settled --------------------------
+
+
+async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine: Engine, tmp_path: Path) -> None:
+    async with network(MemoryHub().service, engine, tmp_path, ledger_genesis()) as nodes:
+        ta, executor = nodes
+        client, stranger = await client_of(ta), await client_of(ta, STRANGER)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
+        answered = await collect(client, request)
+        await settled(client, request)
+        for node in (executor, ta):
+            assert tokens(await client.fetch_answer(request, node.key.peer_id)) == tokens(answered)
+            with pytest.raises(RequestRejected) as refused:
+                await stranger.fetch_answer(request, node.key.peer_id)
+            assert refused.value.code == "not_found"
+        iid = inference_id(open_envelope(request, InferenceRequest))
+        overheard = seal(AnswerQuery(inference_id=iid, reader=CLIENT.peer_id, timestamp_ms=int(ta.ta._clock() * 1000)),
+                         CLIENT)
+        stale = seal(AnswerQuery(inference_id=iid, reader=STRANGER.peer_id, timestamp_ms=0), CLIENT)
+        for query, code in ((overheard, "bad_signature"), (stale, "stale")):
+            reply = await stranger.service.request(executor.key.peer_id, ANSWER_PROTOCOL, query)
+            assert open_envelope(reply, InferenceFailed).message.code == code
+
+
+async def test_a_tampered_or_substituted_answer_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """A stored frame altered in transit or on disk fails its signature; an executor that signs
+    another answer than the one it finished on the ledger fails the ledger's response hash."""
+    async with network(MemoryHub().service, engine, tmp_path, ledger_genesis()) as nodes:
+        ta, executor = nodes
+        client = await client_of(ta)
+        raw = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
+        await collect(client, raw)
+        await settled(client, raw)
+        request = open_envelope(raw, InferenceRequest)
+        store = executor.artifacts.store
+        artifact = InferenceArtifact.decode((await store.get(inference_id(request)))[1])  # type: ignore[index]
+        _, frames = await store.answer(inference_id(request))  # type: ignore[misc]
+
+        flipped = [*frames[:1], frames[1][:-1] + bytes([frames[1][-1] ^ 1]), *frames[2:]]
+        await store.put(request, artifact, flipped)
+        with pytest.raises(ProtocolViolation, match="bad frame"):
+            await client.fetch_answer(raw, executor.key.peer_id)
+
+        await store.put(request, artifact, other_answer(frames, executor.key))
+        with pytest.raises(ProtocolViolation, match="not the one the ledger settled"):
+            await client.fetch_answer(raw, executor.key.peer_id)
+
+
+def other_answer(frames: list[bytes], key: Keypair) -> list[bytes]:
+    """The executor's answer with its first token changed, every frame re-signed by the executor
+    and the final hash made to match: a consistent stream, but not what the ledger settled."""
+    out, ids = [frames[0]], []
+    for frame in frames[1:]:
+        msg = open_envelope(frame, TokenBatch, InferenceFinished).message
+        if isinstance(msg, TokenBatch):
+            changed = [(msg.token_ids[0] + 1) % 50, *msg.token_ids[1:]] if not ids else msg.token_ids
+            ids += changed
+            out.append(seal(replace(msg, token_ids=changed), key))
+        else:
+            out.append(seal(replace(msg, response_hash=response_hash(ids)), key))
+    return out
+
+
+# --- a client that gives up is not charged -------------------------------------------------------
+
+
+async def test_a_client_that_gives_up_before_its_first_token_is_not_charged(engine: Engine, tmp_path: Path) -> None:
+    genesis = ledger_genesis()
+    holding = HoldingEngine(engine)
+    async with network(MemoryHub().service, holding, tmp_path, genesis) as nodes:
+        client = await client_of(nodes[0])
+        before = (await client.balance()).balance
+        request = build_request(CLIENT, PROMPT, genesis.chain_id, model=MODEL, max_tokens=12)
+        async with asyncio.timeout(GUARD_S):
+            async for event in client.stream_request(request):
+                assert isinstance(event, StartedEvent)
+                break  # gives up: the stream is abandoned
+            await holding.abandoned.wait()
+        await not_charged_for(client, inference_id(open_envelope(request, InferenceRequest)), before, genesis)
+
+
+async def not_charged_for(client: GonkaClient, iid: bytes, before: int, genesis: Genesis) -> None:
+    """The inference expires unfinished and the client is out only the Start's fee."""
+    record = await eventually(lambda: client.inference(iid), GUARD_S, "the abandoned inference to expire",
+                              until=lambda r: r.status == "expired", interval=0.05)
+    assert record.cost == 0
+    assert (await client.balance()).balance == before - genesis.params.tx_fee
+
+
+@pytest.mark.libp2p
+async def test_a_client_reset_over_libp2p_stops_the_executor_before_its_first_token(
+        engine: Engine, tmp_path: Path) -> None:
+    """The TA waits for the executor's first token, so no send of its own would notice the
+    client's reset: the transport cancels its handler, which resets the executor's stream."""
+    holding = HoldingEngine(engine)
+    async with network(lambda key: Libp2pService(key, "/ip4/127.0.0.1/tcp/0"), holding, tmp_path, None) as nodes:
+        async with await GonkaClient.connect(nodes[0].service.listen_addrs[0], CLIENT) as client:
+            async with asyncio.timeout(GUARD_S):
+                async for event in client.stream_chat(PROMPT, model=MODEL, max_tokens=12):
+                    assert isinstance(event, StartedEvent)
+                    break
+                await holding.abandoned.wait()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_http_client_that_hangs_up_on_the_gateway_is_not_charged(
+        engine: Engine, tmp_path: Path, stream: bool) -> None:
+    """A whole answer sends no byte before its end, so only the connection tells the gateway
+    that its client left; it cancels the route, which stops the executor."""
+    genesis = ledger_genesis()
+    holding = HoldingEngine(engine)
+    async with network(MemoryHub().service, holding, tmp_path, genesis) as nodes:
+        ta = nodes[0]
+        client = await client_of(ta)
+        before = (await client.balance()).balance
+        server = GatewayServer(Gateway(ta.ta, ta.directory).app, "127.0.0.1", 0)
+        server.bind()
+        serving = asyncio.create_task(server.serve())
+        try:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}],
+                    "max_tokens": 12, "stream": stream}
+            async with httpx.AsyncClient(auth=GonkaAuth(CLIENT, genesis.chain_id), timeout=1.0) as http:
+                with pytest.raises(httpx.TimeoutException):
+                    async with http.stream("POST", f"{server.url}/chat/completions", json=body) as response:
+                        async for _ in response.aiter_bytes():
+                            pass
+            async with asyncio.timeout(GUARD_S):
+                await holding.abandoned.wait()
+        finally:
+            server.stop()
+            await serving
+        started = await eventually(lambda: list(ta.replica.state.inferences.rows), GUARD_S,  # type: ignore[union-attr]
+                                   "the gateway's Start to commit")
+        assert len(started) == 1
+        await not_charged_for(client, started[0], before, genesis)
