@@ -163,8 +163,19 @@ class GossipPubsub(Pubsub):
       does.
     * ``peer_topics`` is mutated in the network thread; ``topic_snapshot``
       is a copy replaced on every change, safe to read from asyncio.
+    * When our stream *to* a peer fails while the peer stays connected (a
+      write error on a loaded machine; the old connection's stream after the
+      peer restarted and dialled again), upstream forgets every subscription
+      of that peer and re-opens only its own stream. The peer's stream *to us*
+      still runs, so it never announces its subscriptions again: it is never
+      meshed, gossiped or published to again, and hears nothing from us while
+      we still hear it (issue 14: a testnet whose replicas all restarted sat
+      at one height, two of them deaf to the other three). A peer's
+      subscriptions are what it announced on the stream it opened to us; we
+      forget them when that stream ends, not when ours fails.
 
-    Per-peer memory: ``_stalled`` forgets a peer when it disconnects;
+    Per-peer memory: ``_stalled`` forgets a peer when it disconnects,
+    ``_inbound`` when its stream to us ends;
     ``_holding`` holds at most ``DELIVERY_SLOTS`` entries per topic; the seen
     cache is py-libp2p's, swept after ``seen_ttl`` (120 s).
     """
@@ -178,6 +189,7 @@ class GossipPubsub(Pubsub):
         self._deliver = deliver
         self._holding: set[int] = set()  # id() of messages that hold a delivery slot
         self._stalled: set[ID] = set()  # peers whose outbound queue stayed full
+        self._inbound: dict[ID, INetStream] = {}  # the stream each peer opened to us (its subscriptions)
 
     # Delivery: a message takes a slot before processing; notify hands the slot on.
 
@@ -247,7 +259,20 @@ class GossipPubsub(Pubsub):
         super().handle_subscription(origin_id, sub_message)
         self._snapshot_topics()
 
+    async def stream_handler(self, stream: INetStream) -> None:
+        """Read a peer's stream to us; its subscriptions last as long as it (class docstring)."""
+        peer_id = stream.muxed_conn.peer_id
+        self._inbound[peer_id] = stream
+        try:
+            await super().stream_handler(stream)
+        finally:
+            if self._inbound.get(peer_id) is stream:  # not replaced by a newer stream from the peer
+                del self._inbound[peer_id]
+                self._forget_all_subscriptions(peer_id)
+
     def _forget_all_subscriptions(self, peer_id: ID) -> None:
+        if peer_id in self._inbound:  # only our stream to it failed: what it announced still holds
+            return
         super()._forget_all_subscriptions(peer_id)
         self._stalled.discard(peer_id)
         self._snapshot_topics()
