@@ -62,9 +62,9 @@ from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.inference.sampler import WEIGHT_BITS, SamplingParams, position_uniform
 
 # Evidence the validator asks the engine for: top-K (id, logprob) per position. vLLM's
-# max_logprobs is raised to it. At 256 on SmolLM2 the missing mass beyond the top-K is
+# max_logprobs is raised to it. At 1024 on SmolLM2 the missing mass beyond the top-K is
 # small enough that sampled positions at T = 1 are mostly decided (benchmarks/validation_bench.py).
-EVIDENCE_TOP_K = 256
+EVIDENCE_TOP_K = 1024
 _FLOAT_SLACK = 4e-6  # float32 logprobs vs the float32 softmax the sampler runs: a few ulps of mass
 _TIE = 1e-6  # relative gap under which a top-k or top-p cut is a tie the evidence cannot order
 _UNIT = 2.0 ** -WEIGHT_BITS
@@ -233,11 +233,15 @@ def _interval(a: torch.Tensor, n_below: torch.Tensor, n_above: torch.Tensor, tot
 
 def _order_stats(rows: _Rows, token_ids: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """For each ``token_ids[i, j]``: the kept known weight on smaller ids, and how many tail
-    ids lie below and above it."""
-    below = rows.ids.unsqueeze(1) < token_ids.unsqueeze(2)  # [n, m, K + 1]
-    a = (below * (rows.weight * kept).unsqueeze(1)).sum(dim=2)
-    known_below = (below & rows.known.unsqueeze(1)).sum(dim=2)
-    n_below = token_ids - known_below
+    ids lie below and above it (prefix sums over the known ids in id order: O(K log K))."""
+    order = torch.argsort(rows.ids, dim=1)
+    ids = rows.ids.gather(1, order).contiguous()
+    weight = torch.cumsum((rows.weight * kept).gather(1, order), dim=1)
+    known = torch.cumsum(rows.known.gather(1, order).to(torch.long), dim=1)
+    below = torch.searchsorted(ids, token_ids.contiguous())  # how many known ids are smaller
+    at = (below - 1).clamp_min(0)
+    a = torch.where(below > 0, weight.gather(1, at), 0.0)
+    n_below = token_ids - torch.where(below > 0, known.gather(1, at), 0)
     return a, n_below, rows.n_tail.unsqueeze(1) - n_below
 
 
