@@ -1,5 +1,6 @@
 """Which protocol-critical transactions an actor has sent, per epoch: each at most once in
-flight, done only once committed.
+flight, done only once committed; and :class:`DutyActor`, the base of the actors that act
+on what committed state says is due (the validator, the prover).
 
 The validator and the prover act on what committed state says is due, re-reading it after
 every block; this keeps them from sending a duty twice while its transaction is on its way
@@ -10,8 +11,13 @@ about it can be accepted any more, so the memory holds only the epochs still ope
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gonka_p2p.identity import Keypair
+    from gonka_p2p.ledger.state import LedgerState
 
 DutyKey = tuple[str, object]  # (what, which): ("check", inference id), ("poc-commit", (kind, model)), ...
 
@@ -58,3 +64,34 @@ class DutyLedger:
         self._in_flight.discard((epoch, key))
         if committed:
             self.mark_done(epoch, key)
+
+
+class DutyActor:
+    """Keeps no schedule of its own: after each committed block it reads the replica's live
+    committed state (never mutated here; nothing read from it is carried across an ``await``
+    but snapshots) and sends what is due through a :class:`DutyLedger`."""
+
+    def __init__(self, key: Keypair, submitter: TxFollower) -> None:
+        self._key = key
+        self._duties = DutyLedger(submitter)
+        self._state: LedgerState | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def me(self) -> str:
+        return self._key.peer_id
+
+    def on_commit(self, state: LedgerState) -> None:
+        """Replica commit listener: remember the (live) committed state and wake the loop."""
+        self._state = state
+        self._wake.set()
+
+    async def next_commit(self) -> None:
+        """Wait until a block has committed since the last call."""
+        await self._wake.wait()
+        self._wake.clear()
+
+    def _live(self) -> LedgerState:
+        """The newest committed state: what any read after an ``await`` must use."""
+        assert self._state is not None
+        return self._state

@@ -36,7 +36,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from gonka_p2p.actors.duty_ledger import DutyLedger, TxFollower
+from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.poc import PocCompute, check_leaves
@@ -61,35 +61,22 @@ log = logging.getLogger(__name__)
 COMMIT_MARGIN_BLOCKS = 2  # stop computing this many blocks before the window's last, to commit in time
 
 
-class ProverActor:
+class ProverActor(DutyActor):
     def __init__(self, key: Keypair, engines: dict[str, Engine], chain_id: str, submitter: TxFollower,
                  addrs: Callable[[], list[str]]) -> None:
         """``addrs``: this node's dialable addresses, registered when it joins."""
-        self._key = key
+        super().__init__(key, submitter)
         self._engines = engines
         self._chain_id = chain_id
         self._addrs = addrs
-        self._duties = DutyLedger(submitter)
-        self._state: LedgerState | None = None
-        self._wake = asyncio.Event()
         self._computing: dict[tuple[int, RoundKind, str], PocCompute] = {}
         self._leaves: dict[tuple[int, RoundKind, str], list[bytes]] = {}  # what was committed
         self._checked: dict[tuple[int, RoundKind, str, str], bool] = {}  # (round, prover, model) -> ok
 
-    @property
-    def me(self) -> str:
-        return self._key.peer_id
-
-    def on_commit(self, state: LedgerState) -> None:
-        """Replica commit listener: remember the (live) committed state and wake the loop."""
-        self._state = state
-        self._wake.set()
-
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
+                await self.next_commit()
                 await self.step(tasks)
 
     async def step(self, tasks: asyncio.TaskGroup) -> None:
@@ -108,10 +95,6 @@ class ProverActor:
                 self._act(open_round, model, tasks)
             if open_round.phase in (Phase.REVEAL, Phase.VERDICT):
                 await self._judge(open_round)
-
-    def _live(self) -> LedgerState:
-        assert self._state is not None
-        return self._state
 
     def _stop_due(self, state: LedgerState) -> None:
         """Stop every computation whose window is about to close (or closed while this replica

@@ -60,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gonka_p2p.actors.duty_ledger import DutyLedger, TxFollower
+from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
 from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair, digest
@@ -108,7 +108,7 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 30.0
 
 
-class ValidatorActor:
+class ValidatorActor(DutyActor):
     def __init__(
         self,
         service: NetworkService,
@@ -118,29 +118,16 @@ class ValidatorActor:
         chain_id: str,
         submitter: TxFollower,
     ) -> None:
+        super().__init__(key, submitter)  # its duties: (what, epoch or inference id) per epoch
         self._service = service
-        self._key = key
         self._engines = engines
         self._params = params
         self._chain_id = chain_id
-        self._state: LedgerState | None = None
-        self._wake = asyncio.Event()
-        self._duties = DutyLedger(submitter)  # (what, epoch or inference id) sent, per epoch
         self.checked = 0
-
-    @property
-    def me(self) -> str:
-        return self._key.peer_id
-
-    def on_commit(self, state: LedgerState) -> None:
-        """Replica commit listener: remember the (live) committed state and wake the loop."""
-        self._state = state
-        self._wake.set()
 
     async def run(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await self.next_commit()
             await self.step()
 
     def seed(self, epoch: int) -> bytes:
@@ -172,11 +159,6 @@ class ValidatorActor:
             if (dispute is not None and dispute.outcome is DisputeOutcome.OPEN
                     and not self._duties.sent(dispute.epoch, ("vote", iid))):
                 await self._check(dispute.epoch, iid, dispute=True)
-
-    def _live(self) -> LedgerState:
-        """The newest committed state: what any read after an ``await`` must use."""
-        assert self._state is not None
-        return self._state
 
     def _settled(self, epoch: int) -> bool:
         """Has ``epoch`` settled? Then no seed, check or vote for it is accepted any more."""
