@@ -310,7 +310,9 @@ def _report_verification(summaries: list[EpochSummaryReply], cheat: str, cheater
         console.print(summary.text, highlight=False, markup=False)
     caught = any(cheater in s.caught for s in summaries)
     honest_paid = any(p != cheater for s in summaries for p in s.paid)
-    cheater_paid = any(cheater in s.paid for s in summaries)
+    # Caught, it loses the whole epoch (brief, section 1): fees of an epoch whose checks all
+    # missed it are paid -- validation is sampled -- but never those of an epoch it was caught in.
+    cheater_paid = any(cheater in s.paid and cheater in s.caught for s in summaries)
     table = Table(title=f"verification: one executor cheats ({cheat})", title_justify="left")
     for col in ("cheater", "caught", "its fees", "its clients refunded", "honest executors paid"):
         table.add_column(col)

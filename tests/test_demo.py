@@ -24,11 +24,11 @@ def test_demo_serves_requests_from_two_executors() -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("cheat, model", [("int4", "tiny-llama"), ("prefill", "smollm2-135m")])
+@pytest.mark.parametrize("cheat, model", [("int4", "tiny-llama")])
 def test_demo_with_a_cheater_shows_it_caught_and_its_clients_refunded(cheat: str, model: str) -> None:
-    """README's `gonka-p2p demo --cheater ...`: quantized weights on the tiny model, and the
-    pre-fill attack (a cheap model writes, the real one scores: logprobs exact, tokens not the
-    seeded sampler's) on the real default model."""
+    """README's `gonka-p2p demo --cheater ...`: quantized weights on the tiny model. (The pre-fill
+    attack on SmolLM2 runs the same path for 3 more minutes of CI; tests/test_cheater_caught.py
+    catches it, and every other cheat, on the in-memory network.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     result = subprocess.run(
         [sys.executable, "-m", "gonka_p2p.cli", "demo", "--cheater", cheat, "--model", model,

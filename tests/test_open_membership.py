@@ -31,7 +31,7 @@ STRANGER = Keypair.from_seed(b"open-membership-stranger")
 EPOCH = 90  # windows of several blocks: blocks come every ~0.1-0.3 s here, and four nodes share one engine
 GENESIS = devnet_genesis([k.public_key for k in GENESIS_KEYS], [], models=(MODEL,), epoch_length_blocks=EPOCH,
                          validation_window_blocks=10, poc_enabled=1, poc_start_offset_blocks=3,
-                         poc_compute_blocks=8, poc_secret_blocks=4, poc_reveal_blocks=8, poc_verdict_blocks=16,
+                         poc_compute_blocks=8, poc_secret_blocks=8, poc_reveal_blocks=8, poc_verdict_blocks=16,
                          poc_confirm_compute_blocks=5, poc_join_pow_bits=8)
 
 pytestmark = pytest.mark.slow
