@@ -1,5 +1,6 @@
 """What several test modules share: polling for a condition, a network on the in-memory hub
-with the real tiny model, and reading a node process's READY line.
+with the real tiny model, a TA-and-executor pair around an engine that can go silent, and
+reading a node process's READY line.
 
 Tests wait for the signal they need (a commit, a height, an announcement) by polling it
 here, never by a fixed sleep: a fixed sleep is either too short on a loaded machine or
@@ -15,16 +16,22 @@ import inspect
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica.params import ReplicaParams
 from gonka_p2p.client import GonkaClient
 from gonka_p2p.config import NodeConfig
+from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.memory import MemoryHub
+from gonka_p2p.gossip.service import NetworkService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.engine import Engine, TokenStep
+from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.consensus_types import ConsensusParams
 from gonka_p2p.ledger.rules import choose_executor
 from gonka_p2p.ledger.state import LedgerState
@@ -95,6 +102,89 @@ async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node
     await all_announced(nodes)
     return nodes
 
+
+
+class StallingEngine:
+    """The real engine, going silent after ``after`` tokens (0: before its first) until
+    ``release`` is set: an executor frozen mid-answer, its connection still open. It holds
+    before computing the next token; ``abandoned`` is set when its generation is cancelled
+    while it holds (its stream was reset)."""
+
+    def __init__(self, engine: Engine, after: int) -> None:
+        self._engine = engine
+        self._after = after
+        self.release = asyncio.Event()
+        self.abandoned = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       seed: bytes) -> AsyncIterator[TokenStep]:
+        if self._after == 0:
+            await self._hold()
+        n = 0
+        async with aclosing(self._engine.generate(prompt_ids, params, seed)) as steps:
+            async for step in steps:
+                yield step
+                n += 1
+                if n == self._after:
+                    await self._hold()
+
+    async def _hold(self) -> None:
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.abandoned.set()
+            raise
+
+
+ServiceFactory = Callable[[Keypair], NetworkService]
+
+
+def memory_services() -> ServiceFactory:
+    """Services on one fresh in-memory hub."""
+    return MemoryHub().service
+
+
+def libp2p_service(key: Keypair) -> NetworkService:
+    """A real py-libp2p service on 127.0.0.1, any free port."""
+    return Libp2pService(key, "/ip4/127.0.0.1/tcp/0")
+
+
+@asynccontextmanager
+async def ta_and_executor(make_service: ServiceFactory, engine: Engine | StallingEngine, keys: Sequence[Keypair],
+                          *, stall_timeout: float, genesis: Genesis | None = None,
+                          data_dir: Path | None = None) -> AsyncIterator[list[Node]]:
+    """A TA-only node (``stall_timeout``) and one executor serving ``engine``, with ``keys``,
+    joined and announced; with ``genesis`` each runs a ledger replica (kept under ``data_dir``).
+    The engine is the caller's, shared by its tests: the nodes leave it open."""
+    nodes: list[Node] = []
+    stop = asyncio.Event()
+    serving: list[asyncio.Task[None]] = []
+    try:
+        for i, models in enumerate(([], [MODEL])):
+            config = NodeConfig(models=models, engine="torch", stall_timeout=stall_timeout, announce_interval=0.5,
+                                data_dir=data_dir / f"node{i}" if data_dir else None)
+            node = Node(config, keys[i], make_service(keys[i]), None, genesis, FAST)
+            if models:
+                node.engines[MODEL] = engine  # type: ignore[assignment]
+            await node.join()
+            nodes.append(node)
+        await nodes[1].service.connect(nodes[0].service.listen_addrs[0])
+        serving = [asyncio.create_task(n.serve(stop)) for n in nodes]
+        await all_announced(nodes)
+        yield nodes
+    finally:
+        if isinstance(engine, StallingEngine):
+            engine.release.set()  # a held generation ends, so the nodes stop at once
+        stop.set()
+        await asyncio.gather(*serving)
+        for node in nodes:  # not Node.close: the engine stays open
+            if node.replica is not None:
+                await node.replica.close()
+            await node.service.stop()
+            await node.artifacts.store.close()
 
 async def all_announced(nodes: list[Node], timeout: float = 30.0) -> None:
     """Until every node's directory holds every other node that serves ``MODEL`` as live."""

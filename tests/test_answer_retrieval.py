@@ -22,25 +22,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FAST, MODEL, all_announced, eventually
+from helpers import (
+    MODEL,
+    ServiceFactory,
+    StallingEngine,
+    eventually,
+    libp2p_service,
+    memory_services,
+    ta_and_executor,
+)
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.client import GonkaClient, build_request
-from gonka_p2p.config import NodeConfig
-from gonka_p2p.gossip.libp2p_service import Libp2pService
-from gonka_p2p.gossip.memory import MemoryHub
-from gonka_p2p.gossip.service import NetworkService, SendFrame, StreamHandler
+from gonka_p2p.gossip.service import SendFrame, StreamHandler
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
-from gonka_p2p.inference.engine import Engine, TokenStep
-from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.openai.auth import GonkaAuth
@@ -64,68 +67,17 @@ NODE_KEYS = [Keypair.from_seed(f"answer-node-{i}".encode()) for i in range(2)]  
 GUARD_S = 60.0  # far above a settled inference or an expiry here, far below a hang
 PROMPT = [("user", "Count to twenty.")]
 
-ServiceFactory = Callable[[Keypair], NetworkService]
-
-
 def ledger_genesis() -> Genesis:
     return devnet_genesis([k.public_key for k in NODE_KEYS], [CLIENT.peer_id, STRANGER.peer_id],
                           models=(MODEL,), inference_deadline_blocks=3, genesis_time_ms=int(time.time() * 1000))
 
 
-class HoldingEngine:
-    """The real engine, holding before its first token until ``release`` is set; ``abandoned``
-    is set when its generation is cancelled while it holds (its executor stream was reset)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.release = asyncio.Event()
-        self.abandoned = asyncio.Event()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._engine, name)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       seed: bytes) -> AsyncIterator[TokenStep]:
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.abandoned.set()
-            raise
-        async for step in self._engine.generate(prompt_ids, params, seed):
-            yield step
-
-
-@asynccontextmanager
-async def network(make_service: ServiceFactory, engine: Engine | HoldingEngine, tmp_path: Path,
-                  genesis: Genesis | None) -> AsyncIterator[list[Node]]:
-    """A TA-only node and an executor serving ``engine``, joined and announced; with ``genesis``
-    each runs a ledger replica."""
-    nodes: list[Node] = []
-    stop = asyncio.Event()
-    serving: list[asyncio.Task[None]] = []
-    try:
-        for i, models in enumerate(([], [MODEL])):
-            config = NodeConfig(models=models, engine="torch", announce_interval=0.5, data_dir=tmp_path / f"n{i}",
-                                stall_timeout=10 * GUARD_S)  # only the client's leaving stops a holding executor
-            node = Node(config, NODE_KEYS[i], make_service(NODE_KEYS[i]), None, genesis, FAST)
-            if models:
-                node.engines[MODEL] = engine  # type: ignore[assignment]
-            await node.join()
-            nodes.append(node)
-        await nodes[1].service.connect(nodes[0].service.listen_addrs[0])
-        serving = [asyncio.create_task(n.serve(stop)) for n in nodes]
-        await all_announced(nodes)
-        yield nodes
-    finally:
-        if isinstance(engine, HoldingEngine):
-            engine.release.set()
-        stop.set()
-        await asyncio.gather(*serving)
-        for node in nodes:  # not Node.close: the engine is the module's, shared by its tests
-            if node.replica is not None:
-                await node.replica.close()
-            await node.service.stop()
-            await node.artifacts.store.close()
+def network(make_service: ServiceFactory, engine: Engine | StallingEngine, tmp_path: Path,
+            genesis: Genesis | None) -> AbstractAsyncContextManager[list[Node]]:
+    """A TA-only node and an executor serving ``engine``; with ``genesis`` each runs a ledger
+    replica. The TA's stall timeout is far away: only the client's leaving stops a holding executor."""
+    return ta_and_executor(make_service, engine, NODE_KEYS, stall_timeout=10 * GUARD_S, genesis=genesis,
+                           data_dir=tmp_path)
 
 
 async def client_of(ta: Node, key: Keypair = CLIENT) -> GonkaClient:
@@ -180,7 +132,7 @@ async def test_a_relay_cut_after_the_executor_finished_still_returns_the_verifie
         engine: Engine, tmp_path: Path, served_by: str) -> None:
     """Started and one token reach the client, then the stream is reset; the client recovers the
     rest from the executor (or, the executor withholding, from the TA's copy) once settled."""
-    async with network(MemoryHub().service, engine, tmp_path, ledger_genesis()) as nodes:
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
         ta, executor = nodes
         ta.service.set_stream_handler(INFER_PROTOCOL, cut_after(2, ta.ta._handle))
         if served_by == "ta":
@@ -202,7 +154,7 @@ async def test_a_relay_cut_after_the_executor_finished_still_returns_the_verifie
 @pytest.mark.slow
 @pytest.mark.libp2p
 async def test_a_relay_cut_over_libp2p_is_recovered(engine: Engine, tmp_path: Path) -> None:
-    async with network(lambda key: Libp2pService(key, "/ip4/127.0.0.1/tcp/0"), engine, tmp_path,
+    async with network(libp2p_service, engine, tmp_path,
                        ledger_genesis()) as nodes:
         ta = nodes[0]
         ta.service.set_stream_handler(INFER_PROTOCOL, cut_after(2, ta.ta._handle))
@@ -218,7 +170,7 @@ async def test_a_relay_cut_over_libp2p_is_recovered(engine: Engine, tmp_path: Pa
 
 
 async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine: Engine, tmp_path: Path) -> None:
-    async with network(MemoryHub().service, engine, tmp_path, ledger_genesis()) as nodes:
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
         ta, executor = nodes
         client, stranger = await client_of(ta), await client_of(ta, STRANGER)
         request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
@@ -241,7 +193,7 @@ async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine
 async def test_a_tampered_or_substituted_answer_is_refused(engine: Engine, tmp_path: Path) -> None:
     """A stored frame altered in transit or on disk fails its signature; an executor that signs
     another answer than the one it finished on the ledger fails the ledger's response hash."""
-    async with network(MemoryHub().service, engine, tmp_path, ledger_genesis()) as nodes:
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
         ta, executor = nodes
         client = await client_of(ta)
         raw = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
@@ -282,8 +234,8 @@ def other_answer(frames: list[bytes], key: Keypair) -> list[bytes]:
 
 async def test_a_client_that_gives_up_before_its_first_token_is_not_charged(engine: Engine, tmp_path: Path) -> None:
     genesis = ledger_genesis()
-    holding = HoldingEngine(engine)
-    async with network(MemoryHub().service, holding, tmp_path, genesis) as nodes:
+    holding = StallingEngine(engine, 0)
+    async with network(memory_services(), holding, tmp_path, genesis) as nodes:
         client = await client_of(nodes[0])
         before = (await client.balance()).balance
         request = build_request(CLIENT, PROMPT, genesis.chain_id, model=MODEL, max_tokens=12)
@@ -308,8 +260,8 @@ async def test_a_client_reset_over_libp2p_stops_the_executor_before_its_first_to
         engine: Engine, tmp_path: Path) -> None:
     """The TA waits for the executor's first token, so no send of its own would notice the
     client's reset: the transport cancels its handler, which resets the executor's stream."""
-    holding = HoldingEngine(engine)
-    async with network(lambda key: Libp2pService(key, "/ip4/127.0.0.1/tcp/0"), holding, tmp_path, None) as nodes:
+    holding = StallingEngine(engine, 0)
+    async with network(libp2p_service, holding, tmp_path, None) as nodes:
         async with await GonkaClient.connect(nodes[0].service.listen_addrs[0], CLIENT) as client:
             async with asyncio.timeout(GUARD_S):
                 async for event in client.stream_chat(PROMPT, model=MODEL, max_tokens=12):
@@ -324,8 +276,8 @@ async def test_an_http_client_that_hangs_up_on_the_gateway_is_not_charged(
     """A whole answer sends no byte before its end, so only the connection tells the gateway
     that its client left; it cancels the route, which stops the executor."""
     genesis = ledger_genesis()
-    holding = HoldingEngine(engine)
-    async with network(MemoryHub().service, holding, tmp_path, genesis) as nodes:
+    holding = StallingEngine(engine, 0)
+    async with network(memory_services(), holding, tmp_path, genesis) as nodes:
         ta = nodes[0]
         client = await client_of(ta)
         before = (await client.balance()).balance

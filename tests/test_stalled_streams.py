@@ -14,24 +14,29 @@ started and never finished. Over the in-memory hub and over real libp2p on 127.0
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from helpers import FAST, MODEL, all_announced, eventually
+from helpers import (
+    MODEL,
+    ServiceFactory,
+    StallingEngine,
+    eventually,
+    libp2p_service,
+    memory_services,
+    ta_and_executor,
+)
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.client import GonkaClient, StreamStalled, build_request
 from gonka_p2p.config import ConfigError, NodeConfig, load_config
-from gonka_p2p.gossip.libp2p_service import Libp2pService
-from gonka_p2p.gossip.memory import MemoryHub
-from gonka_p2p.gossip.service import NetworkService, SendFrame
+from gonka_p2p.gossip.service import SendFrame
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.engine import Engine, TokenStep
-from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.openai.auth import GonkaAuth
@@ -43,79 +48,15 @@ from gonka_p2p.wire.stream import GonkaError, RequestRejected, StartedEvent, Tok
 
 STALL_S = 0.5  # the TA's stall_timeout in these tests
 GUARD_S = 30.0  # far below what a hung stream would take, far above a stall being reported
+STALL_KEYS = [Keypair.from_seed(f"stall-node-{i}".encode()) for i in range(2)]  # a TA only, an executor
 CLIENT = Keypair.from_seed(b"stalled-client")
 
-ServiceFactory = Callable[[Keypair], NetworkService]
 
-
-class StallingEngine:
-    """The real engine, going silent after ``after`` tokens until ``release`` is set: an executor
-    frozen mid-answer, its connection still open. ``abandoned`` is set when its generation is
-    cancelled while it holds (its stream was reset)."""
-
-    def __init__(self, engine: Engine, after: int) -> None:
-        self._engine = engine
-        self._after = after
-        self.release = asyncio.Event()
-        self.abandoned = asyncio.Event()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._engine, name)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       seed: bytes) -> AsyncIterator[TokenStep]:
-        n = 0
-        async for step in self._engine.generate(prompt_ids, params, seed):
-            if n == self._after:
-                try:
-                    await self.release.wait()
-                except asyncio.CancelledError:
-                    self.abandoned.set()
-                    raise
-            yield step
-            n += 1
-
-
-def memory_services() -> ServiceFactory:
-    return MemoryHub().service
-
-
-def libp2p_service(key: Keypair) -> NetworkService:
-    return Libp2pService(key, "/ip4/127.0.0.1/tcp/0")
-
-
-@asynccontextmanager
-async def stalled_network(make_service: ServiceFactory, engine: StallingEngine,
-                          genesis: Genesis | None = None, tmp_path: Path | None = None
-                          ) -> AsyncIterator[list[Node]]:
-    """A TA-only node (``stall_timeout`` = STALL_S) and one executor serving ``engine``, joined and
-    announced; with ``genesis`` each runs a ledger replica (kept under ``tmp_path``)."""
-    nodes: list[Node] = []
-    stop = asyncio.Event()
-    serving: list[asyncio.Task[None]] = []
-    try:
-        for i, models in enumerate(([], [MODEL])):
-            key = Keypair.from_seed(f"stall-node-{i}".encode())
-            config = NodeConfig(models=models, engine="torch", stall_timeout=STALL_S, announce_interval=0.5,
-                                data_dir=tmp_path / f"node{i}" if tmp_path else None)
-            node = Node(config, key, make_service(key), None, genesis, FAST)
-            if models:
-                node.engines[MODEL] = engine  # type: ignore[assignment]
-            await node.join()
-            nodes.append(node)
-        await nodes[1].service.connect(nodes[0].service.listen_addrs[0])
-        serving = [asyncio.create_task(n.serve(stop)) for n in nodes]
-        await all_announced(nodes)
-        yield nodes
-    finally:
-        engine.release.set()  # a held generation ends, so the nodes stop at once
-        stop.set()
-        await asyncio.gather(*serving)
-        for node in nodes:  # not Node.close: the engine is the module's, shared by its tests
-            if node.replica is not None:
-                await node.replica.close()
-            await node.service.stop()
-            await node.artifacts.store.close()
+def stalled_network(make_service: ServiceFactory, engine: StallingEngine, genesis: Genesis | None = None,
+                    tmp_path: Path | None = None) -> AbstractAsyncContextManager[list[Node]]:
+    """A TA-only node (``stall_timeout`` = STALL_S) and one executor serving ``engine``."""
+    return ta_and_executor(make_service, engine, STALL_KEYS, stall_timeout=STALL_S, genesis=genesis,
+                           data_dir=tmp_path)
 
 
 async def stream_until_error(client: GonkaClient, request: bytes) -> tuple[GonkaError, int]:
