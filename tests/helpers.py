@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import inspect
+import itertools
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -23,7 +26,7 @@ from typing import TypeVar
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica.params import ReplicaParams
-from gonka_p2p.client import GonkaClient
+from gonka_p2p.client import GonkaClient, NetworkUnavailable
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.memory import MemoryHub
@@ -251,3 +254,59 @@ def request_drawing(state: LedgerState, make: Callable[[bytes], bytes], ta: str,
     candidates = itertools.chain([first], (make(hashlib.sha256(i.to_bytes(8, "big")).digest()[:16])
                                            for i in itertools.count()))
     return next(r for r in candidates if drawn_attempt(state, r, ta, executor) is not None)
+
+
+# -- node processes of a devnet written by ``gonka-p2p init`` --------------------------------------
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def gonka(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gonka_p2p.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=cwd)
+
+
+class DevnetNode:
+    """One ``gonka-p2p node --no-executor`` process of the network in ``net``; stderr goes to a file."""
+
+    def __init__(self, net: Path, index: int, port: int, bootstrap: str | None) -> None:
+        args = ["node", "--no-executor", "--key", str(net / f"node{index}.key"), "--genesis",
+                str(net / "genesis.toml"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
+                "--empty-block-interval", "0.5", "--announce-interval", "1"]
+        if bootstrap:
+            args += ["--bootstrap", bootstrap]
+        self.log = net / f"node{index}.{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=open(self.log, "w"), text=True, env=ENV)
+        self.peer_id = Keypair.load(net / f"node{index}.key").peer_id
+        self.addr = ""
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        addr = ready_address(self.proc, timeout)
+        if addr is None:
+            raise AssertionError(f"node not ready: {self.log.read_text()[-3000:]}")
+        self.addr = addr
+        return addr
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+async def ask(client: GonkaClient, question: Callable[[GonkaClient], Awaitable[T]], addr: str) -> T:
+    """Ask, re-dialling once if the connection dropped (py-libp2p drops some on a loaded machine)."""
+    try:
+        return await question(client)
+    except NetworkUnavailable:
+        await client.service.connect(addr)
+        return await question(client)
+
+
+async def height_of(node: DevnetNode, client: GonkaClient) -> int:
+    return (await ask(client, lambda c: c.status(), node.addr)).height
+
+
+async def wait_height(node: DevnetNode, client: GonkaClient, height: int, timeout: float = 120) -> None:
+    await eventually(lambda: height_of(node, client), timeout, f"node {client.ta[-6:]} to reach height {height}",
+                     until=lambda h: h >= height, interval=0.25)

@@ -12,20 +12,14 @@ safety state only moved forward). The CLI's ``init``, ``status`` and
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sqlite3
 import subprocess
-import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from helpers import eventually, free_port, ready_address
+from helpers import DevnetNode, ask, eventually, free_port, gonka, height_of, wait_height
 
-from gonka_p2p.client import GonkaClient, NetworkUnavailable
+from gonka_p2p.client import GonkaClient
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.genesis import load_genesis
@@ -34,47 +28,12 @@ from gonka_p2p.wire.envelope import seal
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-T = TypeVar("T")
-
-
-def gonka(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gonka_p2p.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=cwd)
 
 
 def clean_failure(result: subprocess.CompletedProcess[str], needle: str) -> None:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     assert needle in result.stderr.lower().replace("\n", " "), result.stderr
-
-
-class Node:
-    """One ``gonka-p2p node --no-executor`` process of the network in ``net``; stderr goes to a file."""
-
-    def __init__(self, net: Path, index: int, port: int, bootstrap: str | None) -> None:
-        args = ["node", "--no-executor", "--key", str(net / f"node{index}.key"), "--genesis",
-                str(net / "genesis.toml"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
-                "--empty-block-interval", "0.5", "--announce-interval", "1"]
-        if bootstrap:
-            args += ["--bootstrap", bootstrap]
-        self.log = net / f"node{index}.{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=open(self.log, "w"), text=True, env=ENV)
-        self.peer_id = Keypair.load(net / f"node{index}.key").peer_id
-        self.addr = ""
-
-    def wait_ready(self, timeout: float = 120) -> str:
-        addr = ready_address(self.proc, timeout)
-        if addr is None:
-            raise AssertionError(f"node not ready: {self.log.read_text()[-3000:]}")
-        self.addr = addr
-        return addr
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 def persisted_safety(net: Path, index: int) -> tuple[int, int, int]:
@@ -85,24 +44,6 @@ def persisted_safety(net: Path, index: int) -> tuple[int, int, int]:
     finally:
         db.close()
     return tuple(row) if row else (-1, -1, 0)
-
-
-async def ask(client: GonkaClient, question: Callable[[GonkaClient], Awaitable[T]], addr: str) -> T:
-    """Ask, re-dialling once if the connection dropped (py-libp2p drops some on a loaded machine)."""
-    try:
-        return await question(client)
-    except NetworkUnavailable:
-        await client.service.connect(addr)
-        return await question(client)
-
-
-async def height_of(node: Node, client: GonkaClient) -> int:
-    return (await ask(client, lambda c: c.status(), node.addr)).height
-
-
-async def wait_height(node: Node, client: GonkaClient, height: int, timeout: float = 120) -> None:
-    await eventually(lambda: height_of(node, client), timeout, f"node {client.ta[-6:]} to reach height {height}",
-                     until=lambda h: h >= height, interval=0.25)
 
 
 def test_init_refuses_bad_input(tmp_path: Path) -> None:
@@ -121,9 +62,9 @@ async def test_a_killed_node_restarts_catches_up_and_never_equivocates(tmp_path:
     assert gonka("init", "--nodes", "4", "--clients", "1", "--out", "net", cwd=tmp_path).returncode == 0
     net = tmp_path / "net"
     ports = [free_port() for _ in range(4)]
-    nodes = [Node(net, 0, ports[0], None)]
+    nodes = [DevnetNode(net, 0, ports[0], None)]
     await asyncio.to_thread(nodes[0].wait_ready)
-    nodes += [Node(net, i, ports[i], nodes[0].addr) for i in range(1, 4)]
+    nodes += [DevnetNode(net, i, ports[i], nodes[0].addr) for i in range(1, 4)]
     for node in nodes[1:]:
         await asyncio.to_thread(node.wait_ready)
     key = Keypair.load(net / "client0.key")
@@ -168,7 +109,7 @@ async def test_a_killed_node_restarts_catches_up_and_never_equivocates(tmp_path:
         assert safety_at_kill[0] >= killed_at  # it had been voting
         await wait_height(nodes[0], clients[0], killed_at + 6)
 
-        nodes[3] = Node(net, 3, ports[3], nodes[0].addr)
+        nodes[3] = DevnetNode(net, 3, ports[3], nodes[0].addr)
         await asyncio.to_thread(nodes[3].wait_ready)
         clients[3] = GonkaClient(key, service, await service.connect(nodes[3].addr))
         target = await height_of(nodes[0], clients[0]) + 2

@@ -22,10 +22,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import eventually, free_port
+from helpers import DevnetNode, ask, eventually, free_port, gonka, height_of, wait_height
 from libp2p.peer.id import ID
 from test_gossip_libp2p import Factory, link, make_host  # noqa: F401 -- make_host is a fixture
-from test_ledger_process import Node, ask, gonka, height_of, wait_height
 
 from gonka_p2p.client import GonkaClient, GonkaError
 from gonka_p2p.gossip.libp2p_service import Libp2pService
@@ -49,9 +48,9 @@ async def test_replicas_commit_again_after_every_one_restarted(tmp_path: Path) -
     assert gonka("init", "--nodes", str(NODES), "--clients", "1", "--out", "net", cwd=tmp_path).returncode == 0
     net = tmp_path / "net"
     ports = [free_port() for _ in range(NODES)]
-    nodes = [Node(net, 0, ports[0], None)]
+    nodes = [DevnetNode(net, 0, ports[0], None)]
     await asyncio.to_thread(nodes[0].wait_ready)
-    nodes += [Node(net, i, ports[i], nodes[0].addr) for i in range(1, NODES)]
+    nodes += [DevnetNode(net, i, ports[i], nodes[0].addr) for i in range(1, NODES)]
     for node in nodes[1:]:
         await asyncio.to_thread(node.wait_ready)
     key = Keypair.load(net / "client0.key")
@@ -93,7 +92,7 @@ async def test_replicas_commit_again_after_every_one_restarted(tmp_path: Path) -
             nodes[i].proc.wait(timeout=60)
             other = (i + 1) % NODES  # down long enough that it must catch up: the others decide without it
             await wait_height(nodes[other], clients[other], await height_of(nodes[other], clients[other]) + HEIGHTS_DOWN)
-            nodes[i] = Node(net, i, ports[i], nodes[(i + 1) % NODES].addr)
+            nodes[i] = DevnetNode(net, i, ports[i], nodes[(i + 1) % NODES].addr)
             await asyncio.to_thread(nodes[i].wait_ready)
             clients[i] = GonkaClient(key, service, await service.connect(nodes[i].addr))
             down.discard(i)
