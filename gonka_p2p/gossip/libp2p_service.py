@@ -76,6 +76,7 @@ from multiaddr import Multiaddr
 
 from gonka_p2p.gossip import libp2p_streams as streams
 from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
+from gonka_p2p.gossip.outbound import RETRY_AFTER, OutboundGate
 from gonka_p2p.gossip.libp2p_patches import (
     ROOM_WAIT,
     ConnectionSnapshot,
@@ -136,6 +137,9 @@ class Libp2pService:
         self._topics: dict[str, Topic] = {}
         self._owner: TaskOwner | None = None
         self._gate = InboundGate(limits)  # read and written in the trio thread only
+        self._outbound = OutboundGate()  # as every honest listener counts us; trio thread only
+        self._outbound_streams: dict[INetStream, tuple[str, str]] = {}  # stream -> (peer, protocol)
+        self._outbound_freed: trio.Event | None = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -424,7 +428,7 @@ class Libp2pService:
             finished = True
         finally:
             if not finished:  # abandoned, failed or cancelled: do not leave the stream open
-                bridge.spawn(streams.reset, stream)
+                bridge.spawn(self._t_abandon, stream)
 
     async def request(self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0) -> bytes:
         streams.check_frame(request, frame_limits(protocol).request, "request")
@@ -432,6 +436,17 @@ class Libp2pService:
 
     async def _t_open(self, peer_id: str, protocol: str, request: bytes, timeout: float) -> INetStream:
         host, peer = self._t_host(), _parse_peer_id(peer_id)
+        await self._t_take_slot(peer_id, protocol, timeout)
+        try:
+            stream = await self._t_negotiated(host, peer, protocol, request, timeout)
+        except BaseException:
+            self._t_give_back_slot(peer_id, protocol)
+            raise
+        self._outbound_streams[stream] = (peer_id, protocol)
+        return stream
+
+    async def _t_negotiated(self, host: IHost, peer: ID, protocol: str, request: bytes, timeout: float) -> INetStream:
+        peer_id = peer.to_base58()
         try:
             with trio.fail_after(timeout):
                 stream = await host.get_network().new_stream(peer)
@@ -452,27 +467,63 @@ class Libp2pService:
         stream.set_protocol(TProtocol(protocol))
         return stream
 
+    async def _t_take_slot(self, peer_id: str, protocol: str, timeout: float) -> None:
+        """Wait until ``peer_id`` would admit one more ``protocol`` stream from us (outbound.py)."""
+        try:
+            with trio.fail_after(timeout):
+                while (busy := self._outbound.take(peer_id, protocol, trio.current_time())) is not None:
+                    log.debug("waiting to open %s to %s: %s", protocol, peer_id, busy)
+                    if self._outbound_freed is None:
+                        self._outbound_freed = trio.Event()
+                    freed = self._outbound_freed
+                    with trio.move_on_after(RETRY_AFTER):
+                        await freed.wait()
+        except trio.TooSlowError:
+            raise TimeoutError(f"{peer_id} would refuse one more {protocol} stream from this host "
+                               f"({busy}) and none ended within {timeout} s") from None
+
+    def _t_give_back_slot(self, peer_id: str, protocol: str) -> None:
+        self._outbound.give_back(peer_id, protocol)
+        if self._outbound_freed is not None:
+            self._outbound_freed.set()
+            self._outbound_freed = None
+
+    def _t_ended(self, stream: INetStream) -> None:
+        """An opened stream is closed or reset: its slot goes back (once, whichever path ends it)."""
+        if (key := self._outbound_streams.pop(stream, None)) is not None:
+            self._t_give_back_slot(*key)
+
+    async def _t_abandon(self, stream: INetStream) -> None:
+        try:
+            await streams.reset(stream)
+        finally:
+            self._t_ended(stream)
+
     async def _t_read(self, stream: INetStream, protocol: str, timeout: float) -> bytes | None:
         """The next response frame of ``protocol``, or None (stream closed) after the end marker."""
         try:
             with trio.fail_after(timeout):
                 frame = await streams.read_frame(stream, frame_limits(protocol).reply)
         except trio.TooSlowError:
-            await streams.reset(stream)
+            await self._t_abandon(stream)
             raise TimeoutError(f"no frame from {stream.muxed_conn.peer_id} within {timeout} s") from None
         except BaseException:
-            await streams.reset(stream)
+            await self._t_abandon(stream)
             raise
         if frame is None:
             await streams.close(stream)
+            self._t_ended(stream)
         return frame
 
     async def _t_request(self, peer_id: str, protocol: str, request: bytes, timeout: float) -> bytes:
         stream = await self._t_open(peer_id, protocol, request, timeout)
-        response = await self._t_read(stream, protocol, timeout)
-        if response is None:
-            raise StreamReset(f"{peer_id} closed {protocol} without a response")
-        if await self._t_read(stream, protocol, timeout) is not None:
-            await streams.reset(stream)
-            raise StreamReset(f"{peer_id} sent more than one response on {protocol}")
-        return response
+        try:
+            response = await self._t_read(stream, protocol, timeout)
+            if response is None:
+                raise StreamReset(f"{peer_id} closed {protocol} without a response")
+            if await self._t_read(stream, protocol, timeout) is not None:
+                raise StreamReset(f"{peer_id} sent more than one response on {protocol}")
+            return response
+        except BaseException:
+            await self._t_abandon(stream)
+            raise

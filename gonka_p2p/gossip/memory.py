@@ -24,11 +24,13 @@ is reset before its handler runs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
+from gonka_p2p.gossip.outbound import RETRY_AFTER, OutboundGate
 from gonka_p2p.gossip.ownership import TaskOwner
 from gonka_p2p.gossip.service import (
     AddressInUse,
@@ -81,6 +83,8 @@ class MemoryService:
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)
         self._owner: TaskOwner | None = None
         self._gate = InboundGate(hub.limits)
+        self._outbound = OutboundGate()  # as every honest listener counts us
+        self._outbound_freed = asyncio.Event()
 
     @property
     def peer_id(self) -> str:
@@ -215,26 +219,43 @@ class MemoryService:
             except Exception as e:  # noqa: BLE001 - a failing handler resets the stream
                 await frames.put(StreamReset(f"peer {peer_id} reset the stream: {e}"))
 
-        await self._hub.deliver_delay()
-        tasks = await other._tasks()
-        if tasks is None:
-            raise PeerUnreachable(f"cannot reach peer {peer_id}: it stopped")
-        gate = other._gate
-        if (refused := gate.admit(self._peer_id, protocol, asyncio.get_running_loop().time())) is not None:
-            raise StreamReset(f"peer {peer_id} refused the stream: {refused}")
-        task = tasks.create_task(serve())
-        task.add_done_callback(lambda _: gate.release(self._peer_id, protocol))  # even if it never ran
+        await self._take_slot(peer_id, protocol, timeout)
         try:
-            while True:
-                item = await asyncio.wait_for(frames.get(), timeout)
-                if item is _END:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item  # type: ignore[misc]
+            await self._hub.deliver_delay()
+            tasks = await other._tasks()
+            if tasks is None:
+                raise PeerUnreachable(f"cannot reach peer {peer_id}: it stopped")
+            gate = other._gate
+            if (refused := gate.admit(self._peer_id, protocol, asyncio.get_running_loop().time())) is not None:
+                raise StreamReset(f"peer {peer_id} refused the stream: {refused}")
+            task = tasks.create_task(serve())
+            task.add_done_callback(lambda _: gate.release(self._peer_id, protocol))  # even if it never ran
+            try:
+                while True:
+                    item = await asyncio.wait_for(frames.get(), timeout)
+                    if item is _END:
+                        return
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item  # type: ignore[misc]
+            finally:
+                if not task.done():
+                    task.cancel()
         finally:
-            if not task.done():
-                task.cancel()
+            self._outbound.give_back(peer_id, protocol)
+            self._outbound_freed.set()
+            self._outbound_freed = asyncio.Event()
+
+    async def _take_slot(self, peer_id: str, protocol: str, timeout: float) -> None:
+        """Wait until ``peer_id`` would admit one more ``protocol`` stream from us (outbound.py)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (busy := self._outbound.take(peer_id, protocol, loop.time())) is not None:
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{peer_id} would refuse one more {protocol} stream from this host "
+                                   f"({busy}) and none ended within {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbound_freed.wait(), min(RETRY_AFTER, deadline - loop.time()))
 
     async def request(
         self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0

@@ -211,3 +211,64 @@ async def test_a_peer_over_its_request_rate_is_refused_and_others_are_not() -> N
     with pytest.raises(StreamReset, match="faster than"):
         await attacker.request(server.peer_id, INFO_PROTOCOL, b"")
     assert await honest.request(server.peer_id, INFO_PROTOCOL, b"") == b"ok"
+
+
+# ---- the honest side of those limits: an opener waits for a slot instead of being refused ----
+
+
+async def _more_streams_than_a_listener_admits_all_complete(opener: NetworkService, server: NetworkService) -> None:
+    """A transfer agent relays more clients to one executor than the executor admits per
+    protocol: its streams wait for slots and all complete. Refused, they were resets the
+    opener could not tell from a crash (30 of 128 relayed clients got no frame at all)."""
+    admitted = InboundLimits().streams_per_protocol
+    open_now, all_admitted = 0, asyncio.Event()
+
+    async def held_until_every_slot_is_taken(peer: str, request: bytes, send: SendFrame) -> None:
+        nonlocal open_now
+        open_now += 1
+        if open_now >= admitted:  # the listener's limit is reached: every slot is held at once
+            all_admitted.set()
+        await all_admitted.wait()
+        for i in range(3):
+            await send(request + b"-%d" % i)
+        open_now -= 1
+
+    server.set_stream_handler("/many/1", held_until_every_slot_is_taken)
+
+    async def one(i: int) -> list[bytes]:
+        return [f async for f in opener.open_stream(server.peer_id, "/many/1", b"%d" % i, timeout=30)]
+
+    answers = await asyncio.gather(*(one(i) for i in range(admitted + 16)))
+    assert answers == [[b"%d-%d" % (i, k) for k in range(3)] for i in range(admitted + 16)]
+    assert all_admitted.is_set()
+
+    async def holds_forever(peer: str, request: bytes, send: SendFrame) -> None:
+        await send(b"first")
+        await asyncio.Event().wait()
+
+    server.set_stream_handler("/stall/1", holds_forever)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(admitted):
+            frames = await held.enter_async_context(
+                contextlib.aclosing(opener.open_stream(server.peer_id, "/stall/1", b"go", timeout=30)))
+            assert await anext(frames) == b"first"
+        with pytest.raises(TimeoutError, match="would refuse one more /stall/1 stream"):  # bounded, and said why
+            await opener.request(server.peer_id, "/stall/1", b"go", timeout=0.5)
+    assert await one(0) == [b"0-0", b"0-1", b"0-2"]  # every slot came back
+
+
+async def test_an_opener_over_a_memory_listeners_limits_waits_for_slots() -> None:
+    opener, server = await _pair(MemoryHub())
+    await _more_streams_than_a_listener_admits_all_complete(opener, server)
+
+
+@pytest.mark.libp2p
+async def test_an_opener_over_a_libp2p_listeners_limits_waits_for_slots() -> None:
+    opener, server = Libp2pService(Keypair.from_seed(b"relay")), Libp2pService(Keypair.from_seed(b"executor"))
+    for s in (opener, server):
+        await s.start()
+    try:
+        await opener.connect(server.listen_addrs[0])
+        await _more_streams_than_a_listener_admits_all_complete(opener, server)
+    finally:
+        await asyncio.gather(opener.stop(), server.stop())
