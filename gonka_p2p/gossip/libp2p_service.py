@@ -102,6 +102,7 @@ from gonka_p2p.gossip.service import (
     StreamReset,
 )
 from gonka_p2p.gossip.ownership import TaskOwner
+from gonka_p2p.gossip.relay import Relay, RelayOptions, is_circuit
 from gonka_p2p.gossip.trio_bridge import Outbox, TrioThread
 from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.protocols import frame_limits, topic_max_bytes
@@ -125,9 +126,12 @@ class Libp2pService:
     """The production NetworkService: py-libp2p (noise + yamux + gossipsub) in a trio thread."""
 
     def __init__(self, key: Keypair, listen_multiaddr: str = "/ip4/127.0.0.1/tcp/0",
-                 limits: InboundLimits = InboundLimits()) -> None:
+                 limits: InboundLimits = InboundLimits(), relay: RelayOptions = RelayOptions()) -> None:
+        """``relay``: whether this host relays for peers behind NATs, or is one (gossip/relay.py)."""
         self._key = key
         self._listen = Multiaddr(listen_multiaddr)
+        self._relay_options = relay
+        self._relay: Relay | None = None
         self._bridge: TrioThread | None = None
         self._host: IHost | None = None
         self._pubsub: GossipPubsub | None = None
@@ -149,6 +153,9 @@ class Libp2pService:
 
     @property
     def listen_addrs(self) -> list[str]:
+        """Where peers dial us: behind a NAT, the circuits through the relays that hold our reservation."""
+        if self._relay is not None and self._relay_options.behind_nat:
+            return list(self._relay.addrs)
         return list(self._listen_addrs)
 
     async def start(self) -> None:
@@ -195,12 +202,14 @@ class Libp2pService:
             async with background_trio_service(pubsub), background_trio_service(router), trio.open_nursery() as nursery:
                 await pubsub.wait_until_ready()
                 nursery.start_soon(clean_peerstore, host.get_peerstore(), 60)
-                self._host, self._pubsub = host, pubsub
+                relay = Relay(host, self._relay_options)
+                await nursery.start(relay.run)  # behind a NAT: once a relay holds our reservation (or NoRelay)
+                self._host, self._pubsub, self._relay = host, pubsub, relay
                 self._listen_addrs = [str(a) for a in host.get_addrs()]
                 try:
                     yield
                 finally:
-                    self._host = self._pubsub = None
+                    self._host = self._pubsub = self._relay = None
                     with trio.move_on_after(STOP_GRACE) as scope:
                         scope.shield = True
                         await close_connections(host)
@@ -229,10 +238,13 @@ class Libp2pService:
         deadline = trio.current_time() + timeout
         try:
             with trio.fail_at(deadline):
-                await host.connect(info)
+                if not is_circuit(multiaddr):
+                    await host.connect(info)
+                elif not host.get_network().get_connections(info.peer_id):  # py-libp2p never dials circuits
+                    await self._t_relay().dial(Multiaddr(multiaddr))
         except trio.TooSlowError:
             raise PeerUnreachable(f"cannot connect to {multiaddr}: timed out after {timeout} s") from None
-        except (BaseLibp2pError, OSError) as e:
+        except (BaseLibp2pError, OSError, ConnectionError) as e:
             raise PeerUnreachable(f"cannot connect to {multiaddr}: {e}") from e
         await confirm_connection(host, info.peer_id, deadline)
         return info.peer_id.to_base58()
@@ -244,6 +256,11 @@ class Libp2pService:
         if self._host is None:
             raise NetworkError("the network service is stopping")
         return self._host
+
+    def _t_relay(self) -> Relay:
+        if self._relay is None:
+            raise NetworkError("the network service is stopping")
+        return self._relay
 
     def _t_pubsub(self) -> GossipPubsub:
         if self._pubsub is None:

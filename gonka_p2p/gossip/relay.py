@@ -1,0 +1,166 @@
+"""Circuit relay v2 for a peer without a public address (py-libp2p 0.8.1's, trio side).
+
+Theory of operation
+-------------------
+A peer behind a NAT can dial out but cannot be dialed. It asks relays -- its
+bootstrap peers, which have public addresses -- for a *reservation*; each
+relay then accepts ``CONNECT`` requests for it and forwards them over the
+connection the peer keeps open to it. The peer announces, instead of its
+private listen address, one circuit address per relay that holds a
+reservation for it::
+
+    /ip4/<relay ip>/tcp/<port>/p2p/<relay id>/p2p-circuit/p2p/<its own id>
+
+and any peer that dials such an address reaches it through that relay; noise
+runs end to end, so the relay forwards bytes it can neither read nor forge.
+
+Every :class:`Relay` dials circuits and accepts relayed connections (the
+``STOP`` side, cheap); one with ``hop`` serves as a relay for others, bounded
+by :data:`HOP_LIMITS` (reservations, circuits per reservation, bytes and
+seconds per circuit: a circuit over its bounds is reset, and the dialer dials
+again). A peer with ``reserve_on`` relays keeps a reservation on each: every
+:data:`KEEP_INTERVAL` seconds it reconnects to a relay it lost (a relay that
+restarted forgot the reservation) and reserves again; its circuit addresses
+are those of the relays it currently holds one on.
+
+Which peers are behind a NAT is configured, not detected
+(``gonka-p2p node --behind-nat``): the addresses a test network gives its
+public hosts are private ones too, so an address's range says nothing. A
+hole punch (DCUtR) would let the two ends replace the circuit by a direct
+connection; py-libp2p 0.8.1's punch needs the NATed side's observed public
+address, which it only learns from AutoNAT/identify observations we do not
+run, so circuits are kept (and a peer behind a NAT that *dials out* -- to its
+bootstrap peers, to peers it hears announce -- has direct connections anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost
+from libp2p.connection_types import ConnectionType
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from gonka_p2p.gossip.service import NetworkError
+
+log = logging.getLogger(__name__)
+
+CIRCUIT = "/p2p-circuit"
+# What one public peer lends to peers behind NATs: a handful of reservations, each good for the
+# circuits a participant needs (one per peer that dials it), each circuit bounded in time and bytes.
+HOP_LIMITS = RelayLimits(duration=3600, data=1 << 30, max_circuit_conns=16, max_reservations=8,
+                         reservation_ttl=3600)
+KEEP_INTERVAL = 5.0  # seconds between checks that each relay still holds our reservation
+RESERVE_TIMEOUT = 10.0  # seconds one reservation (connect, then RESERVE) may take
+FIRST_RESERVATION_TIMEOUT = 30.0  # seconds a peer behind a NAT waits at start for one relay
+
+
+class NoRelay(NetworkError):
+    """A peer behind a NAT got no reservation from any of its relays: nobody could dial it."""
+
+
+def is_circuit(addr: str) -> bool:
+    return CIRCUIT + "/" in addr
+
+
+def is_relayed(conn: object) -> bool:
+    """Whether a py-libp2p connection runs through a relay (either side of the circuit)."""
+    get_type = getattr(conn, "get_connection_type", None)
+    return callable(get_type) and get_type() == ConnectionType.RELAYED
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    """``hop``: relay for peers behind NATs (public peers); ``reserve_on``: this peer is behind a NAT
+    and reserves a slot on these relays (full multiaddrs ending in ``/p2p/<relay id>``)."""
+
+    hop: bool = False
+    reserve_on: tuple[str, ...] = ()
+
+    @property
+    def behind_nat(self) -> bool:
+        return bool(self.reserve_on)
+
+
+class Relay:
+    """One host's circuit relay: the protocol (hop when asked, stop always), circuit dialing and,
+    behind a NAT, the reservations and the circuit addresses they give. Trio thread only, except
+    :attr:`addrs`, a tuple replaced whole (safe to read from another thread)."""
+
+    def __init__(self, host: IHost, options: RelayOptions) -> None:
+        self._host = host
+        self._options = options
+        self._protocol = CircuitV2Protocol(host, limits=HOP_LIMITS, allow_hop=options.hop)
+        # STOP only: dialing a circuit needs no reservation of our own (the CLIENT role would make one
+        # on every relay we dial through, and run a discovery that probes every peer)
+        self._transport = CircuitV2Transport(host, self._protocol, RelayConfig(roles=RelayRole.STOP,
+                                                                               limits=HOP_LIMITS))
+        self._reserved: dict[ID, str] = {}  # relay -> the address we reach it at
+        self.addrs: tuple[str, ...] = ()
+        self.relayed_in = 0  # relayed connections accepted (behind a NAT: peers that dialed us)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the relay protocol; behind a NAT, hold a reservation at start (or raise
+        :class:`NoRelay`), then keep them."""
+        async with background_trio_service(self._protocol):
+            if self._options.behind_nat:
+                with trio.move_on_after(FIRST_RESERVATION_TIMEOUT):
+                    while not self._reserved:
+                        await self._keep_reservations()
+                        if not self._reserved:
+                            await trio.sleep(1.0)
+                if not self._reserved:
+                    raise NoRelay(f"no relay of {', '.join(self._options.reserve_on)} granted a reservation "
+                                  f"within {FIRST_RESERVATION_TIMEOUT:g} s")
+            task_status.started()
+            while self._options.behind_nat:
+                await trio.sleep(KEEP_INTERVAL)
+                await self._keep_reservations()
+            await trio.sleep_forever()
+
+    async def _keep_reservations(self) -> None:
+        for addr in self._options.reserve_on:
+            relay = info_from_p2p_addr(Multiaddr(addr)).peer_id
+            if relay in self._reserved and self._host.get_network().get_connections(relay):
+                continue
+            self._reserved.pop(relay, None)
+            try:
+                with trio.fail_after(RESERVE_TIMEOUT):
+                    await self._reserve(addr)
+                self._reserved[relay] = addr
+            except (trio.TooSlowError, BaseLibp2pError, OSError, ConnectionError) as e:
+                log.info("no reservation on relay %s: %r", addr, e)
+        me = self._host.get_id().to_base58()
+        self.addrs = tuple(f"{addr}{CIRCUIT}/p2p/{me}" for addr in self._reserved.values())
+
+    async def _reserve(self, addr: str) -> None:
+        info = info_from_p2p_addr(Multiaddr(addr))
+        await self._host.connect(info)
+        stream = await self._host.new_stream(info.peer_id, [HOP_PROTOCOL_ID])
+        try:
+            if not await self._transport._make_reservation(stream, info.peer_id):  # noqa: SLF001
+                raise ConnectionError(f"relay {addr} refused the reservation")
+        finally:
+            await stream.close()
+        log.info("reserved a slot on relay %s", addr)
+
+    async def dial(self, addr: Multiaddr) -> None:
+        """Connect through the relay named in circuit address ``addr`` (ConnectionError if it cannot)."""
+        await self._transport.dial(addr)
+
+
+def relay_addrs(bootstrap: Sequence[str]) -> tuple[str, ...]:
+    """The relays a peer behind a NAT reserves on: its bootstrap peers that are not circuits themselves."""
+    return tuple(a for a in bootstrap if not is_circuit(a))

@@ -1,0 +1,133 @@
+"""A peer behind a NAT, reached through a circuit relay v2: real py-libp2p hosts on 127.0.0.1.
+
+One process, three hosts: a public relay, a peer "behind a NAT" (it reserves
+a slot on the relay and announces only the circuit through it) and a public
+peer that knows nothing but that circuit address. What the NAT hides is
+simulated by the dialer's knowledge: the direct address is never given to it,
+and each test checks that the connection it got is a relayed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from helpers import eventually
+
+from gonka_p2p.gossip import relay as relay_module
+from gonka_p2p.gossip.libp2p_service import Libp2pService
+from gonka_p2p.gossip.relay import RelayOptions, is_circuit, is_relayed
+from gonka_p2p.gossip.service import NetworkError, SendFrame
+from gonka_p2p.identity import Keypair
+from gonka_p2p.wire.protocols import DEFAULT_FRAMES
+
+pytestmark = [pytest.mark.libp2p]
+
+PROTOCOL = "/test/echo/1"  # any protocol: DEFAULT_FRAMES limits apply
+TOPIC = "test-relay"
+
+
+async def echo(opener: str, request: bytes, send: SendFrame) -> None:
+    await send(request)
+
+
+def relayed_to(service: Libp2pService, peer: str) -> list[bool]:
+    """For each connection ``service`` holds to ``peer``: does it run through a relay?"""
+    host = service._host  # noqa: SLF001 - the test inspects the transport under the service
+    assert host is not None
+    return [is_relayed(c) for p, conns in host.get_network().get_connections_map().items()
+            if p.to_base58() == peer for c in conns]
+
+
+@pytest.fixture
+async def trio_of_hosts() -> AsyncIterator[tuple[Libp2pService, Libp2pService, Libp2pService]]:
+    relay = Libp2pService(Keypair.from_seed(b"relay"), relay=RelayOptions(hop=True))
+    await relay.start()
+    natted = Libp2pService(Keypair.from_seed(b"natted"),
+                           relay=RelayOptions(hop=False, reserve_on=(relay.listen_addrs[0],)))
+    dialer = Libp2pService(Keypair.from_seed(b"dialer"))
+    try:
+        await natted.start()
+        await dialer.start()
+        yield relay, natted, dialer
+    finally:
+        await asyncio.gather(natted.stop(), dialer.stop())
+        await relay.stop()
+
+
+async def test_a_peer_behind_a_nat_announces_only_circuits_through_its_relay(trio_of_hosts) -> None:
+    relay, natted, _ = trio_of_hosts
+    assert natted.listen_addrs == [f"{relay.listen_addrs[0]}/p2p-circuit/p2p/{natted.peer_id}"]
+    assert all(is_circuit(a) and a.endswith("/p2p/" + natted.peer_id) for a in natted.listen_addrs)
+    assert not any(is_circuit(a) for a in relay.listen_addrs)
+
+
+async def test_a_stream_reaches_the_natted_peer_through_the_relay(trio_of_hosts) -> None:
+    _, natted, dialer = trio_of_hosts
+    natted.set_stream_handler(PROTOCOL, echo)
+    assert await dialer.connect(natted.listen_addrs[0]) == natted.peer_id
+    assert relayed_to(dialer, natted.peer_id) == [True]
+    assert await dialer.request(natted.peer_id, PROTOCOL, b"ping") == b"ping"
+    big = b"x" * (DEFAULT_FRAMES.reply // 2)  # many yamux frames inside the circuit
+    assert await dialer.request(natted.peer_id, PROTOCOL, big) == big
+    # and the other way, over the same relayed connection
+    dialer.set_stream_handler(PROTOCOL, echo)
+    assert await natted.request(dialer.peer_id, PROTOCOL, b"pong") == b"pong"
+    assert relayed_to(natted, dialer.peer_id) == [True]
+
+
+async def test_gossip_crosses_the_relayed_connection(trio_of_hosts) -> None:
+    """The relay subscribes to nothing, so only the circuit can carry the message."""
+    _, natted, dialer = trio_of_hosts
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_message(sender: str, data: bytes) -> None:
+        got.put_nowait(data)
+
+    await natted.subscribe(TOPIC, on_message)
+    await dialer.subscribe(TOPIC, on_message)
+    await dialer.connect(natted.listen_addrs[0])
+    await eventually(lambda: natted.peer_id in dialer.topic_peers(TOPIC), what="the natted peer's subscription")
+    await dialer.publish(TOPIC, b"hello through the relay")
+    assert await asyncio.wait_for(got.get(), 10) == b"hello through the relay"
+
+
+async def test_the_natted_peer_reserves_again_after_its_relay_restarts() -> None:
+    relay_key = Keypair.from_seed(b"relay")
+    relay = Libp2pService(relay_key, relay=RelayOptions(hop=True))
+    await relay.start()
+    addr = relay.listen_addrs[0]
+    natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(hop=False, reserve_on=(addr,)))
+    await natted.start()
+    dialer = Libp2pService(Keypair.from_seed(b"dialer"))
+    await dialer.start()
+    try:
+        await relay.stop()
+        relay = Libp2pService(relay_key, addr.rsplit("/p2p/", 1)[0], relay=RelayOptions(hop=True))  # a fresh one
+        await relay.start()
+        natted.set_stream_handler(PROTOCOL, echo)
+
+        async def reached() -> bool:
+            try:
+                await dialer.connect(natted.listen_addrs[0], timeout=3)
+                return True
+            except NetworkError:
+                return False
+
+        await eventually(reached, timeout=20, what="a circuit through the restarted relay")
+        assert await dialer.request(natted.peer_id, PROTOCOL, b"again") == b"again"
+    finally:
+        await asyncio.gather(natted.stop(), dialer.stop(), relay.stop())
+
+
+async def test_a_peer_behind_a_nat_without_a_relay_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody could dial it: it says so instead of running unreachable."""
+    monkeypatch.setattr(relay_module, "FIRST_RESERVATION_TIMEOUT", 2.0)
+    gone = Libp2pService(Keypair.from_seed(b"gone"))
+    await gone.start()
+    addr = gone.listen_addrs[0]
+    await gone.stop()
+    natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(hop=False, reserve_on=(addr,)))
+    with pytest.raises(NetworkError, match="no relay"):
+        await natted.start()
