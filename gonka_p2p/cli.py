@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from gonka_p2p.actors.node import run_node
     from gonka_p2p.adversary.engine import cheating_loader
     from gonka_p2p.gossip.libp2p_service import Libp2pService
+    from gonka_p2p.gossip.relay import RelayOptions, relay_addrs
     from gonka_p2p.inference.factory import load_engine
     from gonka_p2p.ledger.genesis import load_genesis
 
@@ -90,8 +92,11 @@ def cmd_node(args: argparse.Namespace) -> int:
                           f" at {addr}[/green]")
 
     loader = cheating_loader(load_engine, config.cheater) if config.cheater else load_engine
+    # public hosts relay for those behind NATs; one behind a NAT reserves on its bootstrap peers
+    relay = RelayOptions(hop=not config.behind_nat,
+                         reserve_on=relay_addrs(config.bootstrap) if config.behind_nat else ())
     with status:
-        asyncio.run(run_node(config, Libp2pService, loader, genesis, ready, status.update))
+        asyncio.run(run_node(config, partial(Libp2pService, relay=relay), loader, genesis, ready, status.update))
     return 0
 
 

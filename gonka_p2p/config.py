@@ -11,6 +11,7 @@ Example ``node.toml``::
     key = "node.key"                      # created (0600) if missing
     listen = "/ip4/127.0.0.1/tcp/9000"
     bootstrap = ["/ip4/127.0.0.1/tcp/9001/p2p/16Uiu2..."]
+    behind_nat = false                    # true: not dialable; reachable through the bootstrap peers (relays)
     models = ["smollm2-135m"]             # models this node executes; [] = TA only
     engine = "vllm"                       # or "torch"
     tensor_parallel_size = 1              # vLLM on multi-GPU hosts: GPUs per engine
@@ -70,6 +71,10 @@ class NodeConfig:
     key: Path = _option(Path("node.key"), "key file (created if missing)")
     listen: str = _option("/ip4/127.0.0.1/tcp/9000", "listen multiaddr, e.g. /ip4/127.0.0.1/tcp/9000")
     bootstrap: list[str] = _option([], "multiaddr of a peer to join through", action="append")
+    behind_nat: bool = _option(  # gossip/relay.py: configured, not detected (a private address says nothing)
+        False, "this host cannot be dialed (behind a NAT): reserve a slot on the bootstrap peers, which relay, "
+               "and announce the circuits through them instead of the listen address",
+        action="store_const", const=True)  # absent: None, so a file's value stands
     models: list[str] = _option([DEFAULT_MODEL], "model to serve (name or HF directory)",
                                 flag="--model", action="append")
     engine: str = _option("vllm", choices=ENGINES)
@@ -118,6 +123,8 @@ class NodeConfig:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
+        if self.behind_nat and not self.bootstrap:
+            raise ConfigError("behind_nat needs a --bootstrap peer with a public address to relay for it")
         if self.genesis_hash is not None and not _is_hash_hex(self.genesis_hash):
             raise ConfigError(f"genesis_hash must be 64 hex digits (a SHA-256), not {self.genesis_hash!r}")
         if self.announce_interval <= 0:
@@ -158,8 +165,8 @@ def add_node_options(parser: argparse.ArgumentParser) -> None:
     """Add a flag per option. Defaults stay None, so an absent flag keeps the file's value."""
     for f, flag in _flags():
         cli = {"metavar": flag.removeprefix("--").replace("-", "_").upper(), **f.metadata["cli"]}
-        if "choices" in cli:
-            del cli["metavar"]  # argparse then lists the choices
+        if "choices" in cli or "const" in cli:
+            del cli["metavar"]  # argparse then lists the choices; a switch takes no value
         parser.add_argument(flag, dest=f.name, help=f.metadata["help"], **cli)
 
 
