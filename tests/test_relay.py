@@ -10,7 +10,10 @@ and each test checks that the connection it got is a relayed one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from helpers import eventually
@@ -20,6 +23,7 @@ from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.relay import RelayOptions, is_circuit, is_relayed
 from gonka_p2p.gossip.service import NetworkError, SendFrame
 from gonka_p2p.identity import Keypair
+from gonka_p2p.testnet import netns
 from gonka_p2p.wire.protocols import DEFAULT_FRAMES
 
 pytestmark = [pytest.mark.libp2p]
@@ -131,3 +135,53 @@ async def test_a_peer_behind_a_nat_without_a_relay_refuses_to_start(monkeypatch:
     natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(hop=False, reserve_on=(addr,)))
     with pytest.raises(NetworkError, match="no relay"):
         await natted.start()
+
+
+# ---- the NAT in the testnet's namespaces (root only) -------------------------------------------
+
+LISTEN = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7000)); s.listen(); s.settimeout(float(sys.argv[2]))
+conn, (peer, _) = s.accept(); print(peer, flush=True)
+"""
+DIAL = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 7000), timeout=3).close(); print("connected")
+except OSError as e:
+    print("refused:", e)
+"""
+
+
+def _in(host: netns.Host, code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(host.exec_argv() + [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def nat_topology() -> Iterator[tuple[netns.Host, netns.Host]]:
+    try:
+        netns.require_privilege()
+    except netns.PrivilegeError as e:
+        pytest.skip(str(e))
+    netns.create_hub()
+    try:
+        yield netns.create_host("public", 10), netns.create_natted_host("natted", 11, 0)
+    finally:
+        netns.cleanup()
+
+
+def test_the_natted_host_dials_out_masqueraded_and_nobody_dials_in(nat_topology) -> None:
+    public, natted = nat_topology
+    assert natted.ip.startswith(netns.NAT_SUBNET) and natted.public_ip.startswith(netns.SUBNET)
+    listener = _in(public, LISTEN, public.ip, "10")
+    time.sleep(0.5)
+    assert _in(natted, DIAL, public.ip).communicate(timeout=10)[0].strip() == "connected"
+    assert listener.communicate(timeout=10)[0].strip() == natted.public_ip  # the router's address
+    # inbound: even a peer that routes the private subnet through the router gets nowhere
+    netns.in_ns(public.ns, "ip", "route", "add", f"{natted.ip.rsplit('.', 1)[0]}.0/24", "via", natted.public_ip)
+    listener = _in(natted, LISTEN, natted.ip, "6")
+    time.sleep(0.5)
+    assert _in(public, DIAL, natted.ip).communicate(timeout=10)[0].startswith("refused")
+    listener.kill()
+    listener.wait()

@@ -12,6 +12,14 @@ still runs inside them (``ip netns pids``). It removes this harness's
 namespaces and those of every harness no longer alive, so one that crashed
 leaves nothing behind that the next start does not remove.
 
+A host behind a NAT (:func:`create_natted_host`) sits on a private subnet
+10.78.<n>.0/24 of its own, linked to a router namespace that is on the
+bridge like any host: the router forwards and masquerades (nftables ``ip
+gtnnat`` table) what leaves the private subnet, and drops every new
+connection that comes in, so the NATed host can dial out and nobody can dial
+it -- peers see the router's address on its packets, and must reach it
+through a relay (:mod:`gonka_p2p.gossip.relay`).
+
 Faults: a partition and a packet-drop share are nftables rules in the
 targets' own namespaces (``inet gtn`` table: drop by peer address, or
 ``numgen random mod 1000 < share``); a bandwidth cap is a ``tbf`` queue on
@@ -32,6 +40,7 @@ RUN = f"{PREFIX}{os.getpid()}-"  # this harness's namespaces
 HUB = f"{RUN}hub"
 BRIDGE = "br0"
 SUBNET = "10.77.0"
+NAT_SUBNET = "10.78"  # + ".<n>": the private subnet behind the n-th router
 
 
 class PrivilegeError(Exception):
@@ -99,11 +108,18 @@ def cleanup() -> list[str]:
 
 @dataclass(frozen=True)
 class Host:
-    """One namespace on the bridge: its name, its address, and the hub end of its link."""
+    """One namespace: its name, its address, and the hub end of its link to the bridge. A host
+    behind a NAT has a private address; its link is its router's, and peers see the router's
+    address (``seen_as``) on its packets."""
 
     ns: str
     ip: str
     hub_link: str
+    seen_as: str = ""
+
+    @property
+    def public_ip(self) -> str:
+        return self.seen_as or self.ip
 
     def exec_argv(self) -> list[str]:
         return ["ip", "netns", "exec", self.ns]
@@ -130,6 +146,34 @@ def create_host(name: str, octet: int) -> Host:
     return host
 
 
+def create_natted_host(name: str, octet: int, subnet: int) -> Host:
+    """A namespace ``RUN+name`` at 10.78.<subnet>.2 behind a router ``RUN+name-nat`` that is on the
+    bridge at 10.77.0.<octet>, masquerades what the host sends and lets no connection in."""
+    router = create_host(f"{name}-nat", octet)
+    private = f"{NAT_SUBNET}.{subnet}"
+    host = Host(f"{RUN}{name}", f"{private}.2", router.hub_link, seen_as=router.ip)
+    _run("ip", "netns", "add", host.ns)
+    _run("ip", "link", "add", "eth0", "netns", host.ns, "type", "veth", "peer", "name", "lan0", "netns", router.ns)
+    in_ns(router.ns, "ip", "addr", "add", f"{private}.1/24", "dev", "lan0")
+    in_ns(router.ns, "ip", "link", "set", "lan0", "up")
+    in_ns(router.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    _nft(router, f"""table ip gtnnat {{
+  chain forward {{ type filter hook forward priority 0; policy drop;
+    iifname "lan0" oifname "eth0" accept
+    iifname "eth0" oifname "lan0" ct state established,related accept
+  }}
+  chain postrouting {{ type nat hook postrouting priority 100; policy accept;
+    oifname "eth0" ip saddr {private}.0/24 masquerade
+  }}
+}}
+""")
+    in_ns(host.ns, "ip", "addr", "add", f"{host.ip}/24", "dev", "eth0")
+    in_ns(host.ns, "ip", "link", "set", "eth0", "up")
+    in_ns(host.ns, "ip", "link", "set", "lo", "up")
+    in_ns(host.ns, "ip", "route", "add", "default", "via", f"{private}.1")
+    return host
+
+
 def _nft(host: Host, script: str) -> None:
     subprocess.run(["ip", "netns", "exec", host.ns, "nft", "-f", "-"], input=script, text=True,
                    check=True, capture_output=True)
@@ -143,7 +187,7 @@ def _table(rules: list[str]) -> str:
 
 def isolate(host: Host, peers: list[Host]) -> None:
     """Drop every packet between ``host`` and ``peers`` (one side of a partition)."""
-    addrs = ", ".join(p.ip for p in peers)
+    addrs = ", ".join(p.public_ip for p in peers)  # the address their packets carry here
     _nft(host, _table([f"ip saddr {{ {addrs} }} drop", f"ip daddr {{ {addrs} }} drop"]))
 
 
