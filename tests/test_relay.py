@@ -24,6 +24,8 @@ from gonka_p2p.gossip.relay import RelayOptions, is_circuit, is_relayed
 from gonka_p2p.gossip.service import NetworkError, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.testnet import netns
+from gonka_p2p.testnet.invariants import judge_nat
+from gonka_p2p.testnet.manifest import ManifestError, parse_manifest
 from gonka_p2p.wire.protocols import DEFAULT_FRAMES
 
 pytestmark = [pytest.mark.libp2p]
@@ -185,3 +187,20 @@ def test_the_natted_host_dials_out_masqueraded_and_nobody_dials_in(nat_topology)
     assert _in(public, DIAL, natted.ip).communicate(timeout=10)[0].startswith("refused")
     listener.kill()
     listener.wait()
+
+
+def test_the_manifest_puts_participants_behind_a_nat_but_never_the_first() -> None:
+    assert parse_manifest("nodes = 5\nnat = [3]").nat == (3,)
+    for bad in ("nat = [0]", "nat = [5]", "nat = [2, 2]", 'nat = ["x"]'):
+        with pytest.raises(ManifestError, match="nat"):
+            parse_manifest("nodes = 5\n" + bad)
+
+
+def test_the_nat_row_needs_executions_validations_and_answers_through_the_relay() -> None:
+    peer = "natted-peer"
+    answers = {"aa": {"executor": peer}, "bb": {"executor": "other"}}
+    sent = [{"ta": 3, "outcome": "ok"}, {"ta": 3, "outcome": "error"}, {"ta": 1, "outcome": "ok"}]
+    row = judge_nat(3, peer, sent, answers, {("aa", "other"), ("bb", peer)})
+    assert row.holds and row.detail.startswith("1 inferences settled as executor, 1 validations committed, 1 ")
+    assert not judge_nat(3, peer, sent, answers, {("bb", "other")}).holds  # it never validated
+    assert not judge_nat(3, peer, sent[1:], answers, {("bb", peer)}).holds  # nobody reached it as TA

@@ -47,6 +47,11 @@ nodes stopped. Rows:
   *e* + 2 or earlier on, and at no greater height more (a regular round whose
   compute window had passed when it joined or left sets the weights of the
   epoch after next).
+* **a peer behind a NAT serves and validates** (only with ``nat``) -- each
+  participant behind a NAT has inferences settled with it as the executor,
+  validations of its committed, and requests answered with it as the TA: the
+  load client, on the public side, can reach it only through the circuit
+  its relay holds, so those answers crossed a relay.
 * **liveness** -- after each perturbation ends (one never undone: after it
   starts), some replica commits a new height within ``recovery_bound_s``, and
   one does in the run's last such window; a run in which either fails is
@@ -102,12 +107,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str, Any]] | None = None
-                       ) -> tuple[dict[int, str], str | None]:
+async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str, Any]] | None = None,
+                       checks: set[tuple[str, str]] | None = None) -> tuple[dict[int, str], str | None]:
     """Every stored height's app hash, replayed from genesis with a full invariant check after each
     block; and the first violation, if any. ``answers``, when given, is filled with what each
     inference's record committed as its answer (hex id -> response hash, completion tokens,
-    executor), kept as seen even once the record is pruned."""
+    executor), kept as seen even once the record is pruned; ``checks`` with every committed
+    validation (hex inference id, validator)."""
     store = await LedgerStore.open(path, genesis)
     hashes: dict[int, str] = {}
     try:
@@ -123,6 +129,8 @@ async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str
                 except InvariantViolation as e:
                     return hashes, f"height {height}: {e}"
                 hashes[height] = state.app_hash().hex()
+                if checks is not None:
+                    checks.update((iid.hex(), validator) for iid, validator in state.checks.rows)
                 if answers is not None:
                     for iid, record in state.inferences.rows.items():
                         if record.response_hash:
@@ -265,11 +273,23 @@ def judge_membership(observed: list[dict[str, Any]], applied: list[Applied], pee
     return Row("joiners gain weight, leavers lose it (two epochs)", all(ok for ok, _ in seen), detail)
 
 
+def judge_nat(index: int, peer: str, sent: list[dict[str, Any]], answers: dict[str, dict[str, Any]],
+              checks: set[tuple[str, str]]) -> Row:
+    executed = sum(a["executor"] == peer for a in answers.values())
+    validated = sum(validator == peer for _, validator in checks)
+    relayed = sum(r.get("ta") == index and r.get("outcome") == "ok" for r in sent)
+    return Row(f"participant {index} behind a NAT serves and validates", bool(executed and validated and relayed),
+               f"{executed} inferences settled as executor, {validated} validations committed, {relayed} "
+               "requests answered as TA through its relay's circuit")
+
+
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],
           applied: list[Applied], stores: dict[int, tuple[dict[int, str], str | None]],
           recovery_bound_s: float, process_failures: list[str],
-          answers: dict[str, dict[str, Any]] | None = None, peers: list[str] | None = None) -> Verdict:
-    """``peers``: every participant's peer id by index (joiners included), for the membership row."""
+          answers: dict[str, dict[str, Any]] | None = None, peers: list[str] | None = None,
+          nat: tuple[int, ...] = (), checks: set[tuple[str, str]] | None = None) -> Verdict:
+    """``peers``: every participant's peer id by index (joiners included), for the membership and NAT
+    rows; ``nat``: the participants behind a NAT; ``checks``: the committed validations."""
     verdict = Verdict()
     verdict.rows.append(Row("no participant crashed or failed to restart", not process_failures,
                             "; ".join(process_failures) or "none"))
@@ -298,6 +318,7 @@ def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: d
     membership = judge_membership(observed, applied, peers or [])
     if membership is not None:
         verdict.rows.append(membership)
+    verdict.rows += [judge_nat(i, (peers or [])[i], sent, answers or {}, checks or set()) for i in nat]
     for a in applied:  # one never undone must not stop the network from its start on
         verdict.recoveries.append(recovery_after(observed, a.started if a.ended is None else a.ended,
                                                  recovery_bound_s))

@@ -123,7 +123,7 @@ async def bounded(question: Awaitable[None], timeout_s: float, record: dict[str,
 
 async def one_request(peers: Peers, ta: int, n: int, args: dict[str, Any], out: Path) -> None:
     sent = time.time()
-    if via_http(n, args["http_share"]):
+    if via_http(n, args["http_share"]) and args["http"][ta]:  # "": a TA behind a NAT, no gateway to reach
         record = await http_request(peers.key, peers.chain_id, args["http"][ta], n, args)
     else:
         record = await libp2p_request(peers, ta, n, args)

@@ -8,6 +8,7 @@ Example (``testnet/short.toml``)::
     model = "tiny-llama"
     engine = "torch"
     weights = [10, 10, 10, 10, 10]   # optional, equal by default; "poc": earned by proof of compute
+    nat = [3]                   # optional: these participants sit behind a NAT, reached through relays
     epoch_length = 100          # blocks per epoch (proof of compute: one regular round each)
     empty_block_interval = 1.0
     stall_timeout_s = 8         # the TAs cancel an executor silent this long (shorter than any freeze)
@@ -25,6 +26,13 @@ Example (``testnet/short.toml``)::
     at_s = 30
     for_s = 15                  # how long it lasts (kill: down time before the restart)
     targets = [2]               # optional: node indices; drawn from the seed when absent
+
+A participant in ``nat`` lives behind a masquerading router
+(:func:`~gonka_p2p.testnet.netns.create_natted_host`) and runs with
+``--behind-nat``: the others reach it only through the circuits its relays
+(its bootstrap peers) hold for it; the load client sends it no HTTP
+request (an HTTP gateway has no relay). Participant 0 starts first, with
+nobody to relay for it, so it cannot be one.
 
 ``join`` starts a participant that is not in the genesis (index ``nodes``,
 ``nodes + 1``, ... in the order of the joins) with a fresh key and only
@@ -94,6 +102,7 @@ class Manifest:
     model: str = TINY_MODEL
     engine: str = "torch"
     weights: tuple[int, ...] | Literal["poc"] = ()  # () equal; "poc": earned by proof of compute
+    nat: tuple[int, ...] = ()  # genesis participants behind a NAT (never 0: it starts with no relay)
     epoch_length: int = DEVNET_EPOCH_BLOCKS
     empty_block_interval: float = 1.0
     stall_timeout_s: float = 8.0  # every TA's stall_timeout: shorter than a freeze, so a frozen
@@ -164,6 +173,7 @@ def parse_manifest(text: str, where: str = "manifest") -> Manifest:
     if isinstance(weights, str) and weights != "poc":
         raise ManifestError(f'{where}: weights is a list of integers or "poc", not {weights!r}')
     raw["weights"] = weights if weights == "poc" else tuple(weights)
+    raw["nat"] = tuple(raw.get("nat", ()))
     manifest: Manifest = _build(Manifest, raw, where)
     if manifest.nodes < 1 or manifest.duration_s <= 0 or load.rate <= 0:
         raise ManifestError(f"{where}: nodes >= 1, duration_s > 0 and load.rate > 0 are required")
@@ -172,6 +182,9 @@ def parse_manifest(text: str, where: str = "manifest") -> Manifest:
     if not manifest.stall_timeout_s < load.idle_s < load.timeout_s:
         raise ManifestError(f"{where}: stall_timeout_s < [load] idle_s < [load] timeout_s is required (the TA "
                             "cuts a silent executor first, the client a silent TA next; the last bounds a hang)")
+    if any(not isinstance(i, int) or not 0 < i < manifest.nodes for i in manifest.nat) or len(set(manifest.nat)) != len(manifest.nat):
+        raise ManifestError(f"{where}: nat lists distinct participant indices from 1 to {manifest.nodes - 1} "
+                            "(participant 0 starts first, with no peer to relay for it)")
     if not 0 <= load.http_share <= 1:
         raise ManifestError(f"{where} [load]: http_share must lie between 0 and 1")
     rng = random.Random(manifest.seed)

@@ -64,6 +64,7 @@ class Participant:
     meant_down: bool = False  # we killed or stopped it: its exit is not a crash
     joiner: bool = False  # not in the genesis: started by a join, with --bootstrap only
     left: bool = False  # stopped for good by a leave
+    via: str = ""  # behind a NAT: the relay (its address) whose circuit the others are given
 
     @property
     def live(self) -> bool:
@@ -72,11 +73,15 @@ class Participant:
 
     @property
     def addr(self) -> str:
+        """Where the others dial it: behind a NAT, the circuit through ``via``."""
+        if self.via:
+            return f"{self.via}/p2p-circuit/p2p/{self.peer_id}"
         return f"/ip4/{self.host.ip}/tcp/{PORT}/p2p/{self.peer_id}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host.ip}:{HTTP_PORT}/v1"
+        """Its OpenAI gateway; none behind a NAT (HTTP has no relay)."""
+        return "" if self.via else f"http://{self.host.ip}:{HTTP_PORT}/v1"
 
     def start(self, manifest: Manifest, genesis: Path, bootstrap: list[str]) -> None:
         """A joiner is given no genesis: it fetches it from ``bootstrap`` once and keeps it in its data dir."""
@@ -88,6 +93,8 @@ class Participant:
             "--empty-block-interval", str(manifest.empty_block_interval), "--announce-interval", "2")
         if not self.joiner:
             argv += ["--genesis", str(genesis)]
+        if self.via:
+            argv += ["--behind-nat"]  # its bootstrap peers relay for it
         for addr in bootstrap:
             argv += ["--bootstrap", addr]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
@@ -179,9 +186,13 @@ class Testnet:
             key = self.net / f"node{i}.key"
             if i >= m.nodes:  # a stranger's key, written now so its address is known to the helpers
                 Keypair.generate().save(key)
-            self.participants.append(Participant(i, netns.create_host(f"node{i}", 10 + i), key,
-                                                 Keypair.load(key).peer_id, self.workdir, joiner=i >= m.nodes))
+            host = (netns.create_natted_host(f"node{i}", 10 + i, i) if i in m.nat
+                    else netns.create_host(f"node{i}", 10 + i))
+            self.participants.append(Participant(i, host, key, Keypair.load(key).peer_id, self.workdir,
+                                                 joiner=i >= m.nodes))
         first, *rest = self.participants[:m.nodes]
+        for p in rest:
+            p.via = first.addr if p.index in m.nat else ""  # first: its relay from the start
         first.start(self.manifest, self.net / "genesis.toml", [])
         first.wait_ready()
         for p in rest:
@@ -332,11 +343,12 @@ class Testnet:
             p.stop()
         genesis = load_genesis(self.net / "genesis.toml")
         answers: dict[str, dict[str, Any]] = {}  # what each settled inference committed, from every store
+        checks: set[tuple[str, str]] = set()  # every committed validation, from every store
         stores = {p.index: asyncio.run(replay_store(p.key.parent / f"{p.key.name}-ledger" / "ledger.sqlite", genesis,
-                                                    answers))
+                                                    answers, checks))
                   for p in self.participants if p.proc is not None}
         settled_path = self.workdir / "settled.json"
         settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
         return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
                      settled, self.applied, stores, m.recovery_bound_s, self.process_failures, answers,
-                     [p.peer_id for p in self.participants])
+                     [p.peer_id for p in self.participants], m.nat, checks)
