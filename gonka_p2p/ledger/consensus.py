@@ -36,7 +36,9 @@ Invariants (asserted or enforced where the state changes)
   after :class:`SafetyState`, and the new state is emitted as
   ``PersistSafety`` *before* the ``Broadcast`` that carries the signature. A
   shell that persists it and restores it (``ConsensusState(safety=...)``)
-  cannot be made to equivocate by a crash. The lock is part of that state.
+  cannot be made to equivocate by a crash. The lock is part of that state,
+  and so is what keeps a height alive when every replica restarts in it
+  (validValue with its proof-of-lock, our recent votes: see SafetyState).
 * A validator's power counts at most once in any tally. A second, different
   signed vote for the same (height, round, type) is equivocation: it is kept
   as :class:`Evidence` and reported once; it never adds to the "any" tallies
@@ -644,13 +646,11 @@ class ConsensusState:
         if not self._vals.is_quorum(self._log.power_for(self._round, VoteType.PREVOTE, p.block_hash)):
             return None
         self._fired.add((36, self._round))
-        actions: list[Action] = []
-        if self._step is Step.PREVOTE:
-            self._locked_round, self._locked_hash = self._round, p.block_hash
-            actions = self._precommit(p.block_hash)
         self._valid_round, self._valid_block, self._valid_hash = self._round, p.block, p.block_hash
-        assert self._valid_round >= self._locked_round
-        return actions
+        if self._step is not Step.PREVOTE:
+            return []
+        self._locked_round, self._locked_hash = self._round, p.block_hash
+        return self._precommit(p.block_hash)  # persists the lock with the validValue that justifies it
 
     def _line44_precommit_nil(self) -> list[Action] | None:
         """2f+1 nil prevotes: precommit nil."""
@@ -758,8 +758,11 @@ class ConsensusState:
     def _signed(self, step: Step, message: Message) -> list[Action]:
         """Record the signature in the safety state (persisted first), remember and send the message."""
         assert self._safety.allows(self._height, self._round, step), "never sign twice at one position"
-        self._safety = SafetyState(self._height, self._round, step, self._locked_round, self._locked_hash)
         self._own.append(message)
+        proof = self._log.votes_for(self._valid_round, VoteType.PREVOTE, self._valid_hash) if self._valid_hash else []
+        recent = [m for m in self._own if isinstance(m, Vote) and m.round >= self._round - 1]
+        self._safety = SafetyState(self._height, self._round, step, self._locked_round, self._locked_hash,
+                                   self._valid_round, self._valid_block, tuple(proof), tuple(recent))
         return [PersistSafety(self._safety), Broadcast(message)]
 
     def _decide(self, block: bytes, certificate: CommitCertificate) -> list[Action]:
@@ -814,7 +817,11 @@ class ConsensusState:
         """Initial values of Algorithm 1 for a new height.
 
         A restart in the middle of a height keeps its lock and resumes in the
-        round it last signed in: locks only ever move to later rounds.
+        round it last signed in: locks only ever move to later rounds. It also
+        gets back its validValue with the proof-of-lock, to re-propose at its
+        turn (line 16), and its recent votes, to re-send (``_rebroadcast``):
+        see :class:`SafetyState` for why the height would stall without them.
+        Both were admitted (or signed) at this height before the crash.
         """
         self._round = 0
         self._step = Step.PROPOSE
@@ -829,3 +836,14 @@ class ConsensusState:
         self._fired = set()
         self._own = []
         self._catchup_allowed = True
+        if restored is None:
+            return
+        if restored.valid_block is not None:
+            self._valid_round, self._valid_block = restored.valid_round, restored.valid_block
+            self._valid_hash = digest(restored.valid_block)
+            self._validity[self._valid_hash] = True
+        for vote in (*restored.proof_of_lock, *restored.votes):
+            member = self._vals.get(vote.validator)
+            if member is not None and not self._log.has_vote(vote):
+                self._log.add_vote(vote, member.power)
+        self._own = list(restored.votes)

@@ -387,12 +387,24 @@ class Evidence:
 
 @dataclass(frozen=True)
 class SafetyState:
-    """What must survive a crash so that the replica never equivocates.
+    """What must survive a crash so that the replica never equivocates, and the height still ends.
 
-    (``height``, ``round``, ``step``) is the last thing it signed: it will sign
-    only strictly later positions. ``locked_round``/``locked_hash`` is its lock
-    at that height (Algorithm 1's lockedRound/lockedValue), without which a
-    restarted replica could prevote against a block it helped commit.
+    Safety: (``height``, ``round``, ``step``) is the last thing it signed: it
+    will sign only strictly later positions. ``locked_round``/``locked_hash``
+    is its lock at that height (Algorithm 1's lockedRound/lockedValue),
+    without which a restarted replica could prevote against a block it
+    helped commit.
+
+    Liveness (what Tendermint's write-ahead log replays): a lock alone would
+    make a restarted replica refuse every block but one whose body and
+    proof nobody may hold any more -- if every replica restarts, a height
+    with two locked replicas never commits. So the state also carries
+    ``valid_block`` (validValue, whose round is never before the lock's) with
+    ``proof_of_lock``, the prevotes for it in ``valid_round``, so that the
+    replica can re-propose it at its turn and the others can check the proof
+    (line 28); and ``votes``, its own votes of its last two rounds, which it
+    re-sends after a restart (it may not sign them again, and without them
+    nobody could finish the round every replica crashed in).
     """
 
     height: int
@@ -400,6 +412,10 @@ class SafetyState:
     step: Step
     locked_round: int = -1
     locked_hash: bytes | None = None
+    valid_round: int = -1
+    valid_block: bytes | None = None
+    proof_of_lock: tuple[Vote, ...] = ()
+    votes: tuple[Vote, ...] = ()
 
     def allows(self, height: int, round: int, step: Step) -> bool:
         return (height, round, int(step)) > (self.height, self.round, int(self.step))

@@ -5,9 +5,15 @@ Theory of operation
 What a replica must never lose, and when it is written:
 
 * **Safety state** (:meth:`LedgerStore.save_safety`): the last (height,
-  round, step) the replica signed and its lock. Written and synced *before*
-  the signed message leaves the process, so a crash can never make it sign
-  a second, different message for the same position.
+  round, step) the replica signed and its lock; with them, in the same
+  transaction, its recent votes and its validValue with the prevotes that
+  prove it (what keeps a height alive when every replica restarts in it:
+  :class:`~gonka_p2p.ledger.consensus_types.SafetyState`). Written and synced
+  *before* the signed message leaves the process, so a crash can never make
+  it sign a second, different message for the same position. The
+  validValue's block is written only when it changes (once per round at
+  most, usually never), so a signature costs two small rows in one
+  transaction.
 * **Committed blocks** (:meth:`LedgerStore.commit_block`): block bytes,
   commit certificate, and the validator set (with proposer priorities) that
   decided it, in one transaction, synced *before* the block is applied or
@@ -34,20 +40,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiosqlite
 
 from gonka_p2p.ledger.block import decode_block
-from gonka_p2p.ledger.consensus_types import CommitCertificate, SafetyState, Step, ValidatorSet
+from gonka_p2p.ledger.consensus_types import CommitCertificate, SafetyState, Step, ValidatorSet, Vote
 from gonka_p2p.ledger.consensus_wire import (
     CertificateWire,
+    ConsensusMessage,
     ValidatorSetWire,
     certificate_from_wire,
     certificate_to_wire,
     validator_set_from_wire,
     validator_set_to_wire,
+    vote_from_wire,
+    vote_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.state import LedgerState, apply_block
@@ -66,6 +75,10 @@ CREATE TABLE IF NOT EXISTS validator_sets (height INTEGER PRIMARY KEY, data BLOB
 CREATE TABLE IF NOT EXISTS safety (
     id INTEGER PRIMARY KEY CHECK (id = 0), height INTEGER NOT NULL, round INTEGER NOT NULL,
     step INTEGER NOT NULL, locked_round INTEGER NOT NULL, locked_hash BLOB);
+CREATE TABLE IF NOT EXISTS safety_votes (id INTEGER PRIMARY KEY CHECK (id = 0), votes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS valid_value (
+    id INTEGER PRIMARY KEY CHECK (id = 0), height INTEGER NOT NULL, round INTEGER NOT NULL,
+    block BLOB NOT NULL, proof BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (height INTEGER PRIMARY KEY, state BLOB NOT NULL, app_hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS evidence (
     id INTEGER PRIMARY KEY AUTOINCREMENT, height INTEGER NOT NULL, validator TEXT NOT NULL, data BLOB NOT NULL);
@@ -87,11 +100,21 @@ class Recovered:
     app_hashes: dict[int, bytes]  # height -> app hash, from the snapshot's height on
 
 
+def _encode_votes(votes: tuple[Vote, ...]) -> bytes:
+    """Votes as one consensus message's votes: the schema that already bounds and checks them."""
+    return encode_frame(ConsensusMessage(seq=0, proposals=[], votes=[vote_to_wire(v) for v in votes]))
+
+
+def _decode_votes(data: bytes) -> tuple[Vote, ...]:
+    return tuple(vote_from_wire(w) for w in decode_frame(data, ConsensusMessage).votes)
+
+
 class LedgerStore:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
         self._writing = asyncio.Lock()  # one multi-statement transaction at a time on the connection
+        self._valid_saved: tuple[int, int] | None = None  # (height, round) of the validValue on disk
 
     @classmethod
     async def open(cls, path: Path, genesis: Genesis) -> LedgerStore:
@@ -130,10 +153,17 @@ class LedgerStore:
     # ---- safety ------------------------------------------------------------------------
 
     async def save_safety(self, s: SafetyState) -> None:
-        """Durable when this returns: only then may the message it covers be sent."""
-        await self._db.execute(
-            "INSERT OR REPLACE INTO safety VALUES (0, ?, ?, ?, ?, ?)",
-            (s.height, s.round, int(s.step), s.locked_round, s.locked_hash))
+        """Durable when this returns, all of it or none: only then may the message it covers be sent."""
+        async with self._transaction():
+            await self._db.execute(
+                "INSERT OR REPLACE INTO safety VALUES (0, ?, ?, ?, ?, ?)",
+                (s.height, s.round, int(s.step), s.locked_round, s.locked_hash))
+            await self._db.execute("INSERT OR REPLACE INTO safety_votes VALUES (0, ?)", (_encode_votes(s.votes),))
+            if s.valid_block is not None and (s.height, s.valid_round) != self._valid_saved:
+                await self._db.execute("INSERT OR REPLACE INTO valid_value VALUES (0, ?, ?, ?, ?)", (
+                    s.height, s.valid_round, s.valid_block, _encode_votes(s.proof_of_lock)))
+        if s.valid_block is not None:
+            self._valid_saved = (s.height, s.valid_round)
 
     async def load_safety(self) -> SafetyState | None:
         rows = await self._db.execute_fetchall(
@@ -141,7 +171,16 @@ class LedgerStore:
         if not rows:
             return None
         height, round, step, locked_round, locked_hash = rows[0]
-        return SafetyState(height, round, Step(step), locked_round, locked_hash)
+        safety = SafetyState(height, round, Step(step), locked_round, locked_hash)
+        votes = await self._db.execute_fetchall("SELECT votes FROM safety_votes WHERE id = 0")
+        if votes:  # of this height only, should an older version have written the safety row last
+            safety = replace(safety, votes=tuple(v for v in _decode_votes(votes[0][0]) if v.height == height))
+        valid = await self._db.execute_fetchall(
+            "SELECT round, block, proof FROM valid_value WHERE id = 0 AND height = ?", (height,))
+        if valid:  # a row of an earlier height is a validValue that height no longer needs
+            (valid_round, block, proof), = valid
+            safety = replace(safety, valid_round=valid_round, valid_block=block, proof_of_lock=_decode_votes(proof))
+        return safety
 
     # ---- blocks ------------------------------------------------------------------------
 
