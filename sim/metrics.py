@@ -39,6 +39,7 @@ class StrategyRow:
     active_epochs: int  # epochs in which it offended (an honest peer: in which it executed)
     sanctioned_epochs: int
     detection: float | None  # sanctioned / active
+    offenders: int  # peers that offended at least once
     caught_within_epoch: int  # peers sanctioned in the epoch of their first offence
     blocks_to_catch: float | None  # mean over sanctioned peers, first offence -> settlement
     epochs_to_catch: float | None  # 0: the settlement of the epoch of the first offence
@@ -93,10 +94,27 @@ class Metrics:
     served: Counter[str] = field(default_factory=Counter)  # peer -> requests it executed
     cheated: Counter[str] = field(default_factory=Counter)  # peer -> of those, cheated on
     own_requests: Counter[bool] = field(default_factory=Counter)  # self-dealers' own: sent to own executor?
+    # epoch -> compute in tokens generated: executions (less what a cheat saves), and the checks and
+    # dispute votes of that epoch's inferences (each re-runs the inference's tokens as one prefill, at
+    # val_over_gen of generating them): what validation's share of the network's compute is made of
+    inference_compute: Counter[int] = field(default_factory=Counter)
+    validation_compute: Counter[int] = field(default_factory=Counter)
 
     def spend(self, peer: str, epoch: int, coins: float) -> None:
         """``peer`` spent ``coins`` of compute on work of ``epoch`` (executing or checking)."""
         self.costs[(peer, epoch)] = self.costs.get((peer, epoch), 0.0) + coins
+
+    def compute(self, peer: str, epoch: int, tokens: float, coins_per_token: float, *, validating: bool) -> None:
+        """``peer`` spent compute worth ``tokens`` generated tokens on work of ``epoch``: booked as
+        its cost (:meth:`spend`) and towards validation's share of the network's compute."""
+        (self.validation_compute if validating else self.inference_compute)[epoch] += tokens
+        self.spend(peer, epoch, tokens * coins_per_token)
+
+    def validation_share(self, epochs: list[int]) -> float:
+        """Validation's share of the compute spent on ``epochs``' inferences (0 if none ran)."""
+        checking = sum(self.validation_compute[e] for e in epochs)
+        total = checking + sum(self.inference_compute[e] for e in epochs)
+        return checking / total if total else 0.0
 
     def offence(self, peer: str, height: int, epoch: int) -> None:
         self.first_offence.setdefault(peer, (height, epoch))
@@ -123,7 +141,7 @@ class Metrics:
     # ------------------------------------------------------------------ the report
 
     def report(self, config: dict[str, object], rejected: Counter[tuple[str, str]], app_hash: bytes,
-               coins: dict[str, float | int | str], val_over_gen: float, bet: tuple[float, float] | None) -> Report:
+               coins: dict[str, float | int | str], bet: tuple[float, float] | None) -> Report:
         """The run's report; ``bet``: (d, s) of its executor cheaters, for the break-even table."""
         peers = self.roster.peers
         rewards = Counter[str]()
@@ -158,7 +176,8 @@ class Metrics:
             "validations": checks,
             "dispute votes": votes,
             "checks per inference": per_inference,
-            "validation compute share": (per_inference * val_over_gen) / (1 + per_inference * val_over_gen),
+            "validation compute share": self.validation_share([s.epoch for s in self.summaries]),
+            "validation compute share, last epoch": self.validation_share([s.epoch for s in self.summaries[-1:]]),
             "latency mean (blocks)": fmean(latencies) if latencies else 0.0,
             "latency p50 (blocks)": median(latencies) if latencies else 0.0,
             "latency p95 (blocks)": latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0,
@@ -181,6 +200,7 @@ class Metrics:
                 "checks per inference": [
                     sum(r.checks + r.votes for r in s.participants) / s.inferences if s.inferences else 0.0
                     for s in self.summaries],
+                "validation compute share": [self.validation_share([s.epoch]) for s in self.summaries],
                 "floor m": self.epoch_floor,
                 **{f"reputation {k}": v for k, v in sorted(self.epoch_reputation.items())},
                 **{f"p_validate {k}": v for k, v in sorted(self.epoch_p.items())},
@@ -206,7 +226,7 @@ class Metrics:
     def _strategy_row(self, strategy: Strategy, rewards: Counter[str], honest_rpw: float,
                       profit: list[float]) -> StrategyRow:
         members = [p for p in self.roster.peers if p.strategy is strategy]
-        active = sanctioned = within = 0
+        active = sanctioned = within = offenders = 0
         blocks, epochs = [], []
         for peer in members:
             first_sanction = None
@@ -220,6 +240,7 @@ class Metrics:
                     if first_sanction is None:
                         first_sanction = (height, summary.epoch)
             offence = self.first_offence.get(peer.peer_id)
+            offenders += offence is not None
             if first_sanction is not None and offence is not None:
                 blocks.append(first_sanction[0] - offence[0])
                 epochs.append(first_sanction[1] - offence[1])
@@ -230,7 +251,7 @@ class Metrics:
         return StrategyRow(
             strategy=str(strategy), peers=len(members), active_epochs=active,
             sanctioned_epochs=sanctioned, detection=sanctioned / active if active else None,
-            caught_within_epoch=within, blocks_to_catch=fmean(blocks) if blocks else None,
+            offenders=offenders, caught_within_epoch=within, blocks_to_catch=fmean(blocks) if blocks else None,
             epochs_to_catch=fmean(epochs) if epochs else None,
             reward_per_weight=rpw / honest_rpw if honest_rpw else 0.0,
             accusations=self.accusations[str(strategy)], catch_blocks=blocks,

@@ -73,9 +73,11 @@ def metrics_of(report: Report) -> dict[str, float]:
             out[f"detection: {row.strategy}"] = row.detection
         if row.blocks_to_catch is not None:
             out[f"blocks to catch: {row.strategy}"] = row.blocks_to_catch
+        if row.offenders:
+            out[f"caught within its epoch: {row.strategy}"] = row.caught_within_epoch / row.offenders
     network = report.network
     # latencies in ms: with simulated consensus only; "poc: ...": with proof of compute only
-    for key in ("validation compute share", "fair: Gini of reward per weight", "honest convicted",
+    for key in ("validation compute share", "validation compute share, last epoch", "fair: Gini of reward per weight", "honest convicted",
                 "disputes", "checks per inference", "commit latency mean (ms)", "commit latency p99 (ms)",
                 "request latency mean (ms)", "poc: overclaims caught share",
                 "poc: fair max |weight share / compute share - 1|", "poc: max voting power share"):

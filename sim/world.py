@@ -46,7 +46,7 @@ is also reported in ms), and the loop ends where the chain stops.
 
 Nothing here decides economics: who pays, who is caught, who forfeits is
 what :func:`~gonka_p2p.ledger.state.apply_block` made of these transactions.
-The loop only books each peer's compute (:meth:`Metrics.spend`, the cost
+The loop only books each peer's compute (:meth:`Metrics.compute`, the cost
 model of :mod:`sim.economics`): executing, less what a cheat saves, and
 checking, at ``val_over_gen`` of executing; a check not run costs nothing.
 
@@ -277,8 +277,8 @@ class Simulation:
         completion = self._traffic.randint(min(MAX_TOKENS[0], request.max_tokens), request.max_tokens)
         prompt = min(prompt_token_bound(request, self.params), len(request.messages[0].content) // 4 + 8)
         saving = self.config.savings.get(str(executor.strategy), 0.0) if cheating else 0.0
-        self.metrics.spend(executor.peer_id, epoch, (prompt + completion) * self.config.compute_cost_per_token
-                           * (1 - saving))
+        self.metrics.compute(executor.peer_id, epoch, (prompt + completion) * (1 - saving),
+                             self.config.compute_cost_per_token, validating=False)
         self._work[iid] = Work(height, executor, cheating, rates,
                                verdict_stats_for(outcome, rates.flag, completion), prompt + completion,
                                owner.peer_id if owner is not None else "")
@@ -407,8 +407,8 @@ class Simulation:
         if strategy is Strategy.FRAMING and executor is not Strategy.FRAMING:
             self.metrics.offence(peer.peer_id, height, epoch)
             return verdict_stats_for(Outcome.FAILED, FailureFlag.OTHER, work.verdict.n_tokens)
-        self.metrics.spend(peer.peer_id, epoch,
-                           work.tokens * self.config.compute_cost_per_token * self.verdicts.val_over_gen)
+        self.metrics.compute(peer.peer_id, epoch, work.tokens * self.verdicts.val_over_gen,
+                             self.config.compute_cost_per_token, validating=True)
         if self.config.independent_checks:
             outcome = work.rates.draw(self._evidence)
             return verdict_stats_for(outcome, work.rates.flag, work.verdict.n_tokens)
@@ -493,7 +493,7 @@ class Simulation:
                  "coins: balances + escrow + fees": state.total_coins(),
                  "coins: blocks checked": self.chain.conservation_checks, **self._consensus_lines()}
         report = self.metrics.report({**identity, **self.config.describe()}, self.chain.rejected, state.app_hash(),
-                                     coins, self.verdicts.val_over_gen, self._bet())
+                                     coins, self._bet())
         if self.poc is not None:
             section, lines = self.poc.report()
             report = replace(report, poc=section, network={**report.network, **lines})

@@ -107,3 +107,18 @@ def test_poc_bench_quick_tiny_prints_cost_fairness_and_cheat_tables() -> None:
     for title in ("PoC cost", "Fairness", "Overclaiming", "small model", "summary"):
         assert title in result.stdout
     assert "fabricated leaves failing 100%" in result.stdout
+
+
+def test_sim_overhead_quick_prints_both_tables_with_a_row_per_case(tmp_path: Path) -> None:
+    out = tmp_path / "sim_overhead.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sim_overhead.py"), "--quick",
+                             "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "load average" in result.stdout
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")
+            and not line.startswith("| requests") and not line.startswith("| floor |")]
+    assert [r[0] for r in rows] == ["| 20", "| 50", "| 100", "| schedule (default)", "| flat 5 %"]
+    assert all(len(r) == 10 and r[6].startswith("**") and r[6].endswith("%**") for r in rows)
+    assert rows[-1][1] == "5.0%"  # the flat floor is the floor the ledger used
