@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import FAST
 
 from gonka_p2p.actors.replica import Replica
@@ -37,8 +39,10 @@ from gonka_p2p.ledger.consensus_types import (
     Action,
     Broadcast,
     Commit,
+    CommitCertificate,
     PersistSafety,
     Proposal,
+    RequestCommit,
     RequestProposal,
     SafetyState,
     ScheduleTimeout,
@@ -60,14 +64,18 @@ PARAMS = FAST.consensus
 
 
 class VirtualNet:
-    """The four cores on virtual time: every broadcast reaches every other replica 1 ms later,
-    unless the receiver is cut off by then; a restart drops every timer and delivery of the old process."""
+    """The four cores on virtual time: every broadcast reaches every other replica 1 ms later, unless
+    the receiver is cut off by then or ``drop_rate`` drops it; a restart drops every timer and delivery
+    of the old process. A replica that committed height 1 keeps it (its store has it) and serves it."""
 
-    def __init__(self, first_block: bytes) -> None:
+    def __init__(self, first_block: bytes, rng: random.Random | None = None) -> None:
         self.first_block = first_block  # what the proposer of height 1, round 0 builds
         self.persisted: list[SafetyState] = [NEVER_SIGNED] * len(KEYS)
         self.incarnation = [0] * len(KEYS)
         self.cut_off: set[int] = set()  # replicas that receive nothing
+        self.rng = rng or random.Random(0)
+        self.drop_rate = 0.0
+        self.certificate: tuple[bytes, CommitCertificate] | None = None  # height 1, once decided
         self.cores = [self._core(i) for i in range(len(KEYS))]
         self.decided: dict[int, bytes] = {}  # replica -> the block it committed at height 1
         self.now = 0
@@ -85,12 +93,15 @@ class VirtualNet:
 
     def restart_all(self) -> None:
         """Every process dies at once, losing all it did not persist, and comes back from its safety state."""
-        for i in range(len(KEYS)):
+        restarted = [i for i in range(len(KEYS)) if i not in self.decided]
+        for i in restarted:
             self.incarnation[i] += 1
             self.cores[i] = self._core(i)
         self.cut_off.clear()
-        for i in range(len(KEYS)):
+        for i in restarted:
             self.start(i)
+            if self.certificate is not None:  # catch-up at start-up, as Replica.run does
+                self._execute(i, self.cores[i].on_commit_certificate(*self.certificate))
 
     def run_until(self, until_ms: int, done: Callable[[], bool] = lambda: False) -> None:
         while self._queue and self._queue[0][0] <= until_ms and not done():
@@ -123,12 +134,15 @@ class VirtualNet:
                 self._execute(i, core.on_block_validated(action.block_hash, True))
             elif isinstance(action, Commit):
                 self.decided[i] = action.block
+                self.certificate = (action.block, action.certificate)
+            elif isinstance(action, RequestCommit) and self.certificate is not None:
+                self._later(1, i, lambda c=core, got=self.certificate: c.on_commit_certificate(*got))
 
     def _delivery(self, j: int, message: Proposal | Vote) -> Callable[[], list[Action]]:
         core = self.cores[j]
 
         def deliver() -> list[Action]:
-            if j in self.cut_off:
+            if j in self.cut_off or self.rng.random() < self.drop_rate:
                 return []
             return core.on_proposal(message) if isinstance(message, Proposal) else core.on_vote(message)
 
@@ -177,6 +191,25 @@ def test_a_restarted_replica_re_gossips_its_votes_so_the_round_it_crashed_in_can
     net.restart_all()
     net.run_until(60_000, done=lambda: len(net.decided) == len(KEYS))
     assert len(net.decided) == len(KEYS), "round 0 never ended after every replica restarted"
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_every_replica_restarting_at_any_moment_of_a_lossy_height_still_commits_one_block(seed: int) -> None:
+    """Most messages dropped, then every replica crashes at a random moment or when the first of
+    them commits, once or twice; after the last restart the network is reliable and height 1 must
+    commit, one block everywhere."""
+    rng = random.Random(seed)
+    net = VirtualNet(b"block A", rng)
+    net.drop_rate = rng.uniform(0.3, 0.9)
+    for i in range(len(KEYS)):
+        net.start(i)
+    for _ in range(rng.randint(1, 2)):
+        net.run_until(net.now + rng.randint(1, 3000), done=lambda: bool(net.decided))
+        net.restart_all()
+    net.drop_rate = 0.0
+    net.run_until(net.now + 120_000, done=lambda: len(net.decided) == len(KEYS))
+    assert len(net.decided) == len(KEYS), f"seed {seed}: height 1 never committed after the restarts"
+    assert len(set(net.decided.values())) == 1, f"seed {seed}: conflicting commits {net.decided}"
 
 
 # --------------------------------------------------------------------------- the replica actors
