@@ -261,37 +261,52 @@ def request_drawing(state: LedgerState, make: Callable[[bytes], bytes], ta: str,
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def gonka(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def gonka(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gonka_p2p.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV, cwd=cwd)
 
 
-class DevnetNode:
-    """One ``gonka-p2p node --no-executor`` process of the network in ``net``; stderr goes to a file."""
+class NodeProcess:
+    """A ``gonka-p2p node`` process (``argv`` after ``node``) whose key is ``key``; stderr goes to ``log``."""
 
-    def __init__(self, net: Path, index: int, port: int, bootstrap: str | None) -> None:
-        args = ["node", "--no-executor", "--key", str(net / f"node{index}.key"), "--genesis",
-                str(net / "genesis.toml"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
-                "--empty-block-interval", "0.5", "--announce-interval", "1"]
-        if bootstrap:
-            args += ["--bootstrap", bootstrap]
-        self.log = net / f"node{index}.{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=open(self.log, "w"), text=True, env=ENV)
-        self.peer_id = Keypair.load(net / f"node{index}.key").peer_id
+    def __init__(self, argv: list[str], key: Path, log: Path, cwd: Path | None = None) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", "node", *argv], stdout=subprocess.PIPE,
+                                     stderr=open(log, "w"), text=True, env=ENV, cwd=cwd)
+        self.peer_id = Keypair.load(key).peer_id
         self.addr = ""
 
-    def wait_ready(self, timeout: float = 120) -> str:
+    def wait_ready(self, timeout: float = 240) -> str:
         addr = ready_address(self.proc, timeout)
         if addr is None:
-            raise AssertionError(f"node not ready: {self.log.read_text()[-3000:]}")
+            raise AssertionError(f"{self.log.name} not ready: {self.log.read_text()[-3000:]}")
         self.addr = addr
         return addr
 
     def stop(self) -> int:
+        """SIGTERM, and SIGKILL if it has not exited within a minute (a loaded machine's vLLM
+        shutdown can take that long; a test's own failure must not hide behind this one)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=30)
+
+
+class DevnetNode(NodeProcess):
+    """``gonka-p2p node`` number ``index`` of the network in ``net`` (a TA and replica only unless
+    ``executor``), with ``args`` added."""
+
+    def __init__(self, net: Path, index: int, port: int, bootstrap: str | None, *args: str,
+                 executor: bool = False) -> None:
+        key = net / f"node{index}.key"
+        argv = ["--key", str(key), "--genesis", str(net / "genesis.toml"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
+                "--empty-block-interval", "0.5", "--announce-interval", "1", *args]
+        argv += [] if executor else ["--no-executor"]
+        argv += ["--bootstrap", bootstrap] if bootstrap else []
+        super().__init__(argv, key, net / f"node{index}.{time.monotonic_ns()}.log")
 
 
 async def ask(client: GonkaClient, question: Callable[[GonkaClient], Awaitable[T]], addr: str) -> T:

@@ -6,26 +6,19 @@ traceback; and the README's "Running a network by hand" commands work.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import eventually_blocking, free_port, ready_address
+from helpers import ENV, NodeProcess, eventually_blocking, free_port, gonka
 
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def gonka(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gonka_p2p.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -35,28 +28,8 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str
         assert needle in result.stderr.lower(), result.stderr
 
 
-class NodeProcess:
-    """A ``gonka-p2p node`` subprocess, ready once it prints READY."""
-
-    def __init__(self, *args: str, cwd: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", "node", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=ENV, cwd=cwd)
-        self.addr = ""
-
-    def wait_ready(self, timeout: float = 240) -> str:
-        addr = ready_address(self.proc, timeout)
-        if addr is None:
-            exited = self.proc.poll() is not None
-            raise AssertionError(f"node exited: {self.proc.stderr.read()}" if exited  # type: ignore[union-attr]
-                                 else "node not ready in time")
-        self.addr = addr
-        return addr
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        _, err = self.proc.communicate(timeout=30)
-        return err
+def node(cwd: Path, key: str, *args: str) -> NodeProcess:
+    return NodeProcess(["--key", key, *args], cwd / key, cwd / f"{key}.log", cwd)
 
 
 def test_keygen_writes_a_private_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -168,14 +141,12 @@ def test_readme_network_by_hand(tmp_path: Path) -> None:
     peer_a = gonka("keygen", "--out", "a.key", cwd=tmp_path).stdout.strip()
     gonka("keygen", "--out", "b.key", cwd=tmp_path)
     pa, pb, http = free_port(), free_port(), free_port()
-    a = NodeProcess("--key", "a.key", "--listen", f"/ip4/127.0.0.1/tcp/{pa}",
-                    "--http", f"127.0.0.1:{http}", cwd=tmp_path)
+    a = node(tmp_path, "a.key", "--listen", f"/ip4/127.0.0.1/tcp/{pa}", "--http", f"127.0.0.1:{http}")
     b = None
     try:
         addr = a.wait_ready()
         assert addr == f"/ip4/127.0.0.1/tcp/{pa}/p2p/{peer_a}"
-        b = NodeProcess("--key", "b.key", "--listen", f"/ip4/127.0.0.1/tcp/{pb}",
-                        "--bootstrap", addr, cwd=tmp_path)
+        b = node(tmp_path, "b.key", "--listen", f"/ip4/127.0.0.1/tcp/{pb}", "--bootstrap", addr)
         b.wait_ready()
         result = eventually_blocking(  # until a's directory has heard b's announcement
             lambda: run_example("chat_client.py", addr, "What is the capital of France?", "--max-tokens", "12"),
@@ -187,5 +158,8 @@ def test_readme_network_by_hand(tmp_path: Path) -> None:
         assert sdk.returncode == 0, sdk.stderr
         assert "Paris" in sdk.stdout
     finally:
-        errors = [n.stop() for n in (a, b) if n is not None]
+        started = [n for n in (a, b) if n is not None]
+        for n in started:
+            n.stop()
+    errors = [n.log.read_text() for n in started]
     assert all("Traceback" not in e for e in errors), errors

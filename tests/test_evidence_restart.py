@@ -4,16 +4,11 @@ committed to, and a validator that fetches it from that executor alone judges it
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import MODEL, eventually, free_port, ready_address
+from helpers import MODEL, DevnetNode, eventually, free_port, gonka
 
 from gonka_p2p.actors.node import verification_params_of
 from gonka_p2p.actors.validator import ValidatorActor
@@ -29,36 +24,7 @@ from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-class NodeProcess:
-    """``gonka-p2p node`` number ``index`` of the network in ``net``; stderr goes to a file."""
-
-    def __init__(self, net: Path, index: int, port: int, *args: str) -> None:
-        self.log = net / f"node{index}.{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gonka_p2p.cli", "node", "--key", str(net / f"node{index}.key"),
-             "--genesis", str(net / "genesis.toml"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
-             "--empty-block-interval", "0.5", "--announce-interval", "1", *args],
-            stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=ENV)
-        self.peer_id = Keypair.load(net / f"node{index}.key").peer_id
-        self.addr = ""
-
-    def wait_ready(self, timeout: float = 240) -> str:
-        addr = ready_address(self.proc, timeout)
-        if addr is None:
-            raise AssertionError(f"node not ready: {self.log.read_text()[-3000:]}")
-        self.addr = addr
-        return addr
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
-
-
-async def fetch(service: Libp2pService, executor: NodeProcess, inference_id: bytes) -> ArtifactReply:
+async def fetch(service: Libp2pService, executor: DevnetNode, inference_id: bytes) -> ArtifactReply:
     query = seal(ArtifactQuery(inference_id=inference_id), Keypair.from_seed(b"evidence-test"))
     return open_envelope(await service.request(executor.peer_id, ARTIFACT_PROTOCOL, query, timeout=30),
                          ArtifactReply).message
@@ -66,21 +32,19 @@ async def fetch(service: Libp2pService, executor: NodeProcess, inference_id: byt
 
 async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_validation(
         tmp_path: Path) -> None:
-    init = subprocess.run([sys.executable, "-m", "gonka_p2p.cli", "init", "--nodes", "3", "--clients", "1",
-                           "--model", MODEL, "--out", "net"], capture_output=True, text=True, env=ENV,
-                          cwd=tmp_path, timeout=120)
+    init = gonka("init", "--nodes", "3", "--clients", "1", "--model", MODEL, "--out", "net", cwd=tmp_path)
     assert init.returncode == 0, init.stderr
     net = tmp_path / "net"
     genesis = load_genesis(net / "genesis.toml")
     ports = [free_port() for _ in range(3)]
     executor_args = ("--engine", "torch", "--model", MODEL)
-    ta = NodeProcess(net, 0, ports[0], "--no-executor")
+    ta = DevnetNode(net, 0, ports[0], None)
     nodes = [ta]
     service: Libp2pService | None = None
     try:
         ta.wait_ready()
-        nodes += [NodeProcess(net, 1, ports[1], "--bootstrap", ta.addr, *executor_args),
-                  NodeProcess(net, 2, ports[2], "--bootstrap", ta.addr, "--no-executor")]
+        nodes += [DevnetNode(net, 1, ports[1], ta.addr, *executor_args, executor=True),
+                  DevnetNode(net, 2, ports[2], ta.addr)]
         for node in nodes[1:]:
             node.wait_ready()
         executor = nodes[1]
@@ -99,7 +63,7 @@ async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_val
         executor.proc.kill()
         executor.proc.wait(timeout=30)
         assert (net / "node1.key-ledger" / "artifacts.sqlite").exists()
-        nodes[1] = executor = NodeProcess(net, 1, ports[1], "--bootstrap", ta.addr, *executor_args)
+        nodes[1] = executor = DevnetNode(net, 1, ports[1], ta.addr, *executor_args, executor=True)
         executor.wait_ready()
         await service.connect(executor.addr)
         after = await fetch(service, executor, completion.inference_id)

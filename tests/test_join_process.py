@@ -17,19 +17,15 @@ committing, and its weight goes to 0 after the next round.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shlex
-import signal
 import sqlite3
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trio
-from helpers import MODEL, eventually, free_port, ready_address
+from helpers import MODEL, NodeProcess, eventually, free_port, gonka
 from ledger_driver import LedgerDriver, poc_genesis
 from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
@@ -149,7 +145,6 @@ def test_a_peer_that_left_for_good_does_not_take_the_others_down() -> None:
 # --------------------------------------------------------------------------- over real processes
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # Added to the README's node commands: the engine the other process tests use with the tiny
 # model, and blocks and announcements often enough for a test.
 NODE_FLAGS = ("--engine", "torch", "--empty-block-interval", "0.5", "--announce-interval", "1")
@@ -173,37 +168,16 @@ def filled(command: str, **values: str) -> list[str]:
     return shlex.split(command)
 
 
-def gonka(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gonka_p2p.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=ENV, cwd=cwd)
-
-
-class NodeProcess:
+class JoinNode(NodeProcess):
     """``gonka-p2p node ...`` (``argv``) run in ``cwd`` with :data:`NODE_FLAGS`, on a free port
-    unless it names one; stderr goes to a log file."""
+    unless it names one."""
 
     def __init__(self, cwd: Path, argv: list[str]) -> None:
         key = argv[argv.index("--key") + 1]
         listen = [] if "--listen" in argv else ["--listen", f"/ip4/127.0.0.1/tcp/{free_port()}"]
-        self.log = cwd / f"{Path(key).name}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "gonka_p2p.cli", *argv, *listen, *NODE_FLAGS],
-                                     stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=ENV,
-                                     cwd=cwd)
-        self.peer_id = Keypair.load(cwd / key).peer_id
+        assert argv[0] == "node"
+        super().__init__([*argv[1:], *listen, *NODE_FLAGS], cwd / key, cwd / f"{Path(key).name}.log", cwd)
         self.store = cwd / f"{key}-ledger" / "ledger.sqlite"
-        self.addr = ""
-
-    def wait_ready(self, timeout: float = 240) -> str:
-        addr = ready_address(self.proc, timeout)
-        if addr is None:
-            raise AssertionError(f"{self.log.name} not ready: {self.log.read_text()[-3000:]}")
-        self.addr = addr
-        return addr
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 def signers(store: Path, since: int) -> set[str]:
@@ -263,16 +237,16 @@ async def test_a_fresh_key_joins_with_a_bootstrap_address_and_earns_serves_valid
     keygen = gonka(*filled(keygen_cmd), cwd=tmp_path)
     assert keygen.returncode == 0, keygen.stderr
     first = filled(first_cmd.replace("/tcp/9000", f"/tcp/{free_port()}"))
-    nodes = [NodeProcess(tmp_path, first)]
+    nodes = [JoinNode(tmp_path, first)]
     payer = Keypair.load(tmp_path / "net" / "client0.key")
     service = Libp2pService(payer, "/ip4/127.0.0.1/tcp/0")
     load_task: asyncio.Task[None] | None = None
     try:
         boot = await asyncio.to_thread(nodes[0].wait_ready)
         at = first.index("--listen")  # README: the other two with their keys, a port of their own, --bootstrap
-        nodes += [NodeProcess(tmp_path, [w.replace("node0.key", f"node{i}.key") for w in first[:at] + first[at + 2:]]
+        nodes += [JoinNode(tmp_path, [w.replace("node0.key", f"node{i}.key") for w in first[:at] + first[at + 2:]]
                               + ["--bootstrap", boot]) for i in (1, 2)]
-        joiner = NodeProcess(tmp_path, filled(join_cmd, multiaddr_of_any_participant=boot, m=MODEL,
+        joiner = JoinNode(tmp_path, filled(join_cmd, multiaddr_of_any_participant=boot, m=MODEL,
                                               H=genesis.hash().hex()))
         nodes.append(joiner)
         for node in nodes[1:]:
