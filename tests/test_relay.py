@@ -19,6 +19,7 @@ import pytest
 from helpers import eventually
 
 from gonka_p2p.gossip import relay as relay_module
+from gonka_p2p.gossip.libp2p_patches import close_connections
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.relay import RelayOptions, is_circuit, is_relayed
 from gonka_p2p.gossip.service import NetworkError, SendFrame
@@ -204,3 +205,14 @@ def test_the_nat_row_needs_executions_validations_and_answers_through_the_relay(
     assert row.holds and row.detail.startswith("1 inferences settled as executor, 1 validations committed, 1 ")
     assert not judge_nat(3, peer, sent, answers, {("bb", "other")}).holds  # it never validated
     assert not judge_nat(3, peer, sent[1:], answers, {("bb", peer)}).holds  # nobody reached it as TA
+
+
+async def test_a_lost_relayed_connection_is_dialed_again_through_its_circuit(trio_of_hosts) -> None:
+    """py-libp2p's dialer skips circuits: without the redial, the next stream would find no address."""
+    _, natted, dialer = trio_of_hosts
+    natted.set_stream_handler(PROTOCOL, echo)
+    await dialer.connect(natted.listen_addrs[0])
+    await dialer._running().call(close_connections, dialer._t_host())  # noqa: SLF001 - a dropped connection
+    await eventually(lambda: natted.peer_id not in dialer.connected_peers(), what="the connection to drop")
+    assert await dialer.request(natted.peer_id, PROTOCOL, b"back") == b"back"
+    assert relayed_to(dialer, natted.peer_id) == [True]

@@ -39,6 +39,7 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -388,3 +389,37 @@ async def close_connections(host: IHost) -> None:
         for conns in host.get_network().get_connections_map().values():
             for conn in conns:
                 nursery.start_soon(conn.close)
+
+
+class _Untracked(dict[ID, Any]):
+    """A ``CircuitV2Protocol._active_relays`` that keeps nothing (see :class:`CircuitRelay`)."""
+
+    def __setitem__(self, peer: ID, streams: Any) -> None:
+        pass
+
+
+class CircuitRelay(CircuitV2Protocol):
+    """Circuit relay v2 whose circuits end one at a time.
+
+    Upstream files each circuit's two streams in ``_active_relays`` under one
+    peer id (the source, then the destination), overwriting the previous
+    circuit's; and when either direction of a circuit ends, its cleanup
+    closes the streams filed under that peer id -- which by then belong to
+    the *newest* circuit to or from that peer. A peer behind a NAT dialed by
+    two peers lost the second circuit whenever the first ended, and a redial
+    racing the teardown of the circuit it replaces failed its handshake. Here
+    nothing is filed, and each direction closes its own circuit's two streams
+    when it ends (which also ends the other direction's read).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active_relays = _Untracked()
+
+    async def _relay_data(self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID,
+                          *args: Any, **kwargs: Any) -> None:
+        try:
+            await super()._relay_data(src_stream, dst_stream, peer_id, *args, **kwargs)
+        finally:
+            await self._close_stream(src_stream)
+            await self._close_stream(dst_stream)

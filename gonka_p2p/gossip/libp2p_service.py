@@ -466,6 +466,8 @@ class Libp2pService:
         peer_id = peer.to_base58()
         try:
             with trio.fail_after(timeout):
+                if not host.get_network().get_connections(peer):
+                    await self._t_relay().redial(peer)
                 stream = await host.get_network().new_stream(peer)
         except trio.TooSlowError:
             raise PeerUnreachable(f"opening {protocol} to {peer_id} timed out after {timeout} s") from None

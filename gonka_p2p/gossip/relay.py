@@ -47,12 +47,12 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from gonka_p2p.gossip.libp2p_patches import CircuitRelay
 from gonka_p2p.gossip.service import NetworkError
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,13 @@ class Relay:
     def __init__(self, host: IHost, options: RelayOptions) -> None:
         self._host = host
         self._options = options
-        self._protocol = CircuitV2Protocol(host, limits=HOP_LIMITS, allow_hop=options.hop)
+        self._protocol = CircuitRelay(host, limits=HOP_LIMITS, allow_hop=options.hop)
         # STOP only: dialing a circuit needs no reservation of our own (the CLIENT role would make one
         # on every relay we dial through, and run a discovery that probes every peer)
         self._transport = CircuitV2Transport(host, self._protocol, RelayConfig(roles=RelayRole.STOP,
                                                                                limits=HOP_LIMITS))
         self._reserved: dict[ID, str] = {}  # relay -> the address we reach it at
+        self._circuits: dict[ID, Multiaddr] = {}  # peer -> the circuit that last reached it (one a peer)
         self.addrs: tuple[str, ...] = ()
         self.relayed_in = 0  # relayed connections accepted (behind a NAT: peers that dialed us)
 
@@ -158,7 +159,21 @@ class Relay:
 
     async def dial(self, addr: Multiaddr) -> None:
         """Connect through the relay named in circuit address ``addr`` (ConnectionError if it cannot)."""
-        await self._transport.dial(addr)
+        conn = await self._transport.dial(addr)
+        self._circuits[conn.muxed_conn.peer_id] = addr
+
+    async def redial(self, peer: ID) -> None:
+        """Reconnect to ``peer`` through the last circuit that reached it, if there is one and it
+        still works (py-libp2p's dialer skips circuits, and the signed peer record a relay hands
+        over replaces the peerstore's addresses of the peer with its private ones)."""
+        addr = self._circuits.get(peer)
+        if addr is None:
+            return
+        try:
+            await self.dial(addr)
+        except (BaseLibp2pError, OSError) as e:
+            del self._circuits[peer]  # its announcements bring a fresh one
+            log.debug("redialing %s through %s failed: %r", peer, addr, e)
 
 
 def relay_addrs(bootstrap: Sequence[str]) -> tuple[str, ...]:
