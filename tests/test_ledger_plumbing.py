@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import msgpack
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -268,3 +270,49 @@ def test_validator_sets_follow_the_state_weights() -> None:
         vs = validator_set_after(vs, state)
         proposers.append(vs.proposer(0))
     assert {a: proposers.count(a) for a in set(proposers)} == state.weights()  # weighted round robin
+
+
+async def _store_with_a_snapshot(path: Path) -> tuple[int, bytes]:
+    """Blocks 1..5 with a snapshot at 4; the final height and app hash."""
+    store = await LedgerStore.open(path, GENESIS)
+    state = LedgerState.from_genesis(GENESIS)
+    validators = initial_validator_set(state)
+    for height in range(1, 6):
+        block = Block(height=height, prev_hash=state.last_block_hash, proposer=VALS[0].peer_id,
+                      time_ms=height, txs=[transfer(USERS[height % 3], (height - 1) // 3)]).encode()
+        await store.commit_block(height, block, certify(validators, height, block), validators)
+        apply_block(state, Block.decode(block))
+        validators = validator_set_after(validators, state)
+        if height == 4:
+            await store.save_snapshot(state)
+    await store.close()
+    return state.height, state.app_hash()
+
+
+async def test_a_snapshot_an_upgrade_cannot_read_is_rebuilt_from_the_blocks(tmp_path: Path) -> None:
+    """An upgrade that changes the state's encoding must not leave a participant unable to
+    start (the testnet's rolling upgrade did: every restarted node crashed on its snapshot)."""
+    path = tmp_path / "ledger.sqlite"
+    height, app_hash = await _store_with_a_snapshot(path)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE snapshots SET state = ?", (b"\x93written by another version",))
+    db.commit()
+    db.close()
+    store = await LedgerStore.open(path, GENESIS)
+    try:
+        recovered = await store.recover(GENESIS)
+        assert (recovered.state.height, recovered.state.app_hash()) == (height, app_hash)
+        assert recovered.replayed == height  # from genesis
+    finally:
+        await store.close()
+
+    db = sqlite3.connect(path)  # and one whose rules differ from the writer's reaches another state
+    db.execute("UPDATE snapshots SET app_hash = ?", (bytes(32),))
+    db.commit()
+    db.close()
+    store = await LedgerStore.open(path, GENESIS)
+    try:
+        with pytest.raises(StoreError, match="computes another ledger"):
+            await store.recover(GENESIS)
+    finally:
+        await store.close()

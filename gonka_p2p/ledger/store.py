@@ -26,7 +26,10 @@ Recovery (:meth:`LedgerStore.recover`): the latest snapshot, then every
 stored block after it applied in order, gives exactly the state the replica
 had acknowledged (the state machine is deterministic); the next height's
 validators follow from the set stored with the last block and that state
-(:func:`~gonka_p2p.ledger.validators.validator_set_after`).
+(:func:`~gonka_p2p.ledger.validators.validator_set_after`). A snapshot the
+running version cannot decode (an upgrade changed the state's encoding) is
+skipped: every block is replayed from genesis, and the result must match the
+app hash stored beside that snapshot.
 
 Durability: WAL journal with ``synchronous=FULL``, so every committed
 transaction is fsync'd to the WAL before ``COMMIT`` returns. The store
@@ -38,6 +41,7 @@ asyncio loop never blocks on the disk.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -59,9 +63,11 @@ from gonka_p2p.ledger.consensus_wire import (
     vote_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis
-from gonka_p2p.ledger.state import LedgerState, apply_block
+from gonka_p2p.ledger.state import LedgerState, SnapshotError, apply_block
 from gonka_p2p.ledger.validators import initial_validator_set, validator_set_after
 from gonka_p2p.wire.unsigned import decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SNAPSHOTS_KEPT = 2
@@ -240,10 +246,22 @@ class LedgerStore:
                 "(SELECT height FROM snapshots ORDER BY height DESC LIMIT ?)", (SNAPSHOTS_KEPT,))
 
     async def recover(self, genesis: Genesis) -> Recovered:
-        """The acknowledged state: latest snapshot + the stored blocks after it (see module docstring)."""
+        """The acknowledged state: latest snapshot + the stored blocks after it (see module docstring).
+
+        A snapshot this version cannot decode (one written before an upgrade that changed the
+        state's encoding) is only a cache: the state is rebuilt from genesis and every stored
+        block, and must reach the app hash recorded with that snapshot, or this version computes
+        another ledger than the one that wrote the file, and the store refuses to open."""
         rows = await self._db.execute_fetchall(
-            "SELECT state FROM snapshots ORDER BY height DESC LIMIT 1")
-        state = LedgerState.from_bytes(rows[0][0]) if rows else LedgerState.from_genesis(genesis)
+            "SELECT height, state, app_hash FROM snapshots ORDER BY height DESC LIMIT 1")
+        state, unreadable = LedgerState.from_genesis(genesis), None
+        if rows:
+            try:
+                state = LedgerState.from_bytes(rows[0][1])
+            except SnapshotError as e:
+                unreadable = (int(rows[0][0]), bytes(rows[0][2]))
+                log.warning("the ledger snapshot at height %d is unreadable (%s); replaying every stored "
+                            "block from genesis instead", unreadable[0], e)
         app_hashes = {state.height: state.app_hash()}
         replayed = 0
         while True:
@@ -254,6 +272,11 @@ class LedgerStore:
                 apply_block(state, decode_block(raw))
                 app_hashes[height] = state.app_hash()
                 replayed += 1
+        if unreadable is not None and app_hashes.get(unreadable[0]) != unreadable[1]:
+            raise StoreError(f"replaying the stored blocks does not reach the state recorded at height "
+                             f"{unreadable[0]}: this version of gonka-p2p computes another ledger than the one "
+                             f"that wrote this file; run that version, or start from an empty ledger directory "
+                             f"to sync from peers")
         if state.height == 0:
             validators = initial_validator_set(state)
         else:
