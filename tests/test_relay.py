@@ -216,3 +216,39 @@ async def test_a_lost_relayed_connection_is_dialed_again_through_its_circuit(tri
     await eventually(lambda: natted.peer_id not in dialer.connected_peers(), what="the connection to drop")
     assert await dialer.request(natted.peer_id, PROTOCOL, b"back") == b"back"
     assert relayed_to(dialer, natted.peer_id) == [True]
+
+
+async def test_a_reservation_is_made_again_over_a_direct_connection_when_the_relay_dials_back_through_a_circuit(
+) -> None:
+    """A relay that restarts and reaches the natted peer through another relay first: the natted
+    peer must not take that circuit for its reservation (the relay refuses one asked through it)."""
+    first = Libp2pService(Keypair.from_seed(b"relay"), relay=RelayOptions(hop=True))
+    second = Libp2pService(Keypair.from_seed(b"relay2"), relay=RelayOptions(hop=True))
+    await first.start()
+    await second.start()
+    relays = (first.listen_addrs[0], second.listen_addrs[0])
+    natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(reserve_on=relays))
+    await natted.start()
+    dialer = Libp2pService(Keypair.from_seed(b"dialer"))
+    await dialer.start()
+    natted.set_stream_handler(PROTOCOL, echo)
+    via_first, via_second = natted.listen_addrs
+    try:
+        await second.stop()
+        second = Libp2pService(Keypair.from_seed(b"relay2"), relays[1].rsplit("/p2p/", 1)[0],
+                               relay=RelayOptions(hop=True))
+        await second.start()
+        await second.connect(via_first)  # back to the natted peer through the first relay's circuit
+        assert relayed_to(second, natted.peer_id) == [True]
+
+        async def reached_via_second() -> bool:
+            try:
+                await dialer.connect(via_second, timeout=3)
+                return True
+            except NetworkError:
+                return False
+
+        await eventually(reached_via_second, timeout=30, what="a circuit through the restarted relay")
+        assert await dialer.request(natted.peer_id, PROTOCOL, b"second") == b"second"
+    finally:
+        await asyncio.gather(natted.stop(), dialer.stop(), first.stop(), second.stop())

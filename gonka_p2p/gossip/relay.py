@@ -52,7 +52,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from gonka_p2p.gossip.libp2p_patches import CircuitRelay
+from gonka_p2p.gossip.libp2p_patches import CircuitRelay, forget_failed_dial
 from gonka_p2p.gossip.service import NetworkError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ class Relay:
         self._reserved: dict[ID, str] = {}  # relay -> the address we reach it at
         self._circuits: dict[ID, Multiaddr] = {}  # peer -> the circuit that last reached it (one a peer)
         self.addrs: tuple[str, ...] = ()
-        self.relayed_in = 0  # relayed connections accepted (behind a NAT: peers that dialed us)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the relay protocol; behind a NAT, hold a reservation at start (or raise
@@ -131,10 +130,15 @@ class Relay:
                 await self._keep_reservations()
             await trio.sleep_forever()
 
+    def _direct(self, peer: ID) -> bool:
+        return any(not is_relayed(c) for c in self._host.get_network().get_connections(peer))
+
     async def _keep_reservations(self) -> None:
+        """A reservation lives as long as our direct connection to its relay: one lost (the relay
+        restarted, or only dials us back through another relay's circuit) is made again."""
         for addr in self._options.reserve_on:
             relay = info_from_p2p_addr(Multiaddr(addr)).peer_id
-            if relay in self._reserved and self._host.get_network().get_connections(relay):
+            if relay in self._reserved and self._direct(relay):
                 continue
             self._reserved.pop(relay, None)
             try:
@@ -147,9 +151,13 @@ class Relay:
         self.addrs = tuple(f"{addr}{CIRCUIT}/p2p/{me}" for addr in self._reserved.values())
 
     async def _reserve(self, addr: str) -> None:
+        """Reserve over a direct connection: a relay refuses a reservation asked through a circuit,
+        and ``host.connect`` would not dial while a relayed connection to it exists."""
         info = info_from_p2p_addr(Multiaddr(addr))
-        await self._host.connect(info)
-        stream = await self._host.new_stream(info.peer_id, [HOP_PROTOCOL_ID])
+        if not self._direct(info.peer_id):
+            forget_failed_dial(self._host, info.peer_id)
+            await self._host.get_network().dial_addr(info.addrs[0], info.peer_id)
+        stream = await self._host.new_stream(info.peer_id, [HOP_PROTOCOL_ID])  # over the direct one
         try:
             if not await self._transport._make_reservation(stream, info.peer_id):  # noqa: SLF001
                 raise ConnectionError(f"relay {addr} refused the reservation")
@@ -159,6 +167,8 @@ class Relay:
 
     async def dial(self, addr: Multiaddr) -> None:
         """Connect through the relay named in circuit address ``addr`` (ConnectionError if it cannot)."""
+        relay, _ = self._transport.parse_circuit_ma(addr)
+        forget_failed_dial(self._host, ID.from_base58(relay.get_peer_id()))  # it may be back since
         conn = await self._transport.dial(addr)
         self._circuits[conn.muxed_conn.peer_id] = addr
 
