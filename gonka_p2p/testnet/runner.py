@@ -335,7 +335,11 @@ class Testnet:
         settle = self.helper(self.observer, "gonka_p2p.testnet.observer", "settle", key=observe_key,
                              requests=str(self.workdir / "requests.jsonl"), out=str(self.workdir / "settled.json"),
                              settle_s=m.settle_s)
-        settle.wait(timeout=m.settle_s + 120)
+        try:
+            settle.wait(timeout=m.settle_s + 120)
+        except subprocess.TimeoutExpired:  # no ledger answered: what it did settle is judged as it stands
+            settle.kill()
+            log(f"the observer could not settle the ledger within {m.settle_s + 120:g} s")
         watch.terminate()
         watch.wait(timeout=30)
         self.notice_crashes()
