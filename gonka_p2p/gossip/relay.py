@@ -19,18 +19,26 @@ Every :class:`Relay` dials circuits and accepts relayed connections (the
 by :data:`HOP_LIMITS` (reservations, circuits per reservation, bytes and
 seconds per circuit: a circuit over its bounds is reset, and the dialer dials
 again). A peer with ``reserve_on`` relays keeps a reservation on each: every
-:data:`KEEP_INTERVAL` seconds it reconnects to a relay it lost (a relay that
-restarted forgot the reservation) and reserves again; its circuit addresses
-are those of the relays it currently holds one on.
+:data:`KEEP_INTERVAL` seconds it reserves again on a relay it holds no direct
+connection to (a relay that restarted forgot the reservation, and one that
+dialed back through another relay's circuit refuses a reservation asked
+through it); its circuit addresses are those of the relays it currently
+holds one on. A relayed connection that drops is dialed again through the
+circuit that last reached the peer (:meth:`Relay.redial`).
 
 Which peers are behind a NAT is configured, not detected
 (``gonka-p2p node --behind-nat``): the addresses a test network gives its
-public hosts are private ones too, so an address's range says nothing. A
-hole punch (DCUtR) would let the two ends replace the circuit by a direct
-connection; py-libp2p 0.8.1's punch needs the NATed side's observed public
-address, which it only learns from AutoNAT/identify observations we do not
-run, so circuits are kept (and a peer behind a NAT that *dials out* -- to its
-bootstrap peers, to peers it hears announce -- has direct connections anyway).
+public hosts are private ones too, so an address's range says nothing.
+
+Hole punching (DCUtR) is not run. Tried over the testnet's masquerade,
+py-libp2p 0.8.1's ``DCUtRProtocol`` on the NATed side alone turns a relayed
+connection into a direct one within a second (it dials the other side's
+identified address: a connection reversal, no punch needed when one side is
+public), but 60 s later it closes the relayed leg, and with it whatever
+streams still run there -- gossipsub keeps one per connection -- which no
+testnet run has shown harmless yet. Without it a relay carries the
+connections peers open to a NATed peer; the NATed peer's own dials go out
+directly.
 """
 
 from __future__ import annotations
