@@ -109,7 +109,7 @@ def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None) -> Verdic
         raise ValueError(f"{path} has no rows for model {model!r} (it has {', '.join(models)})")
     pooled: dict[str, list[float]] = {}  # strategy -> [inferences, rejected, val seconds, gen seconds]
     for row in rows:
-        if row.get("model") != model:
+        if row.get("model") != model or row.get("dtype", "float32") != "float32":  # the sim's pin
             continue
         strategy = "honest" if row.get("class") == "honest" else str(row.get("row"))
         n = float(row["n"])

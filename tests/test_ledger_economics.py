@@ -36,6 +36,7 @@ from gonka_p2p.ledger.genesis import (
 from gonka_p2p.ledger.rules import PPM, DisputeOutcome, Forfeit, Observation
 from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.end_of_block import format_epoch_summary
+from gonka_p2p.ledger.epoch_test import NO_CARRY, run_epoch_test
 from gonka_p2p.ledger.records import EpochSummary, Payout
 from gonka_p2p.ledger.state import LedgerState, apply_block, check_invariants, check_tx
 from gonka_p2p.ledger.transactions import (
@@ -302,14 +303,14 @@ def test_sprt_accepts_honest_after_a_clean_run_and_restarts_so_late_cheating_is_
     assert rules.wald_step_micro(0, False, 7, 5, p) == (-5, False)
     assert rules.wald_step_micro(0, True, p.sprt_cheating_bound_micro, 5, p) == (p.sprt_cheating_bound_micro, True)
     assert rules.wald_step_micro(1 - p.sprt_honest_bound_micro, False, 7, 5, p) == (0, False)  # restarts
-    assert not rules.sprt_catches([clean] * 1000, p)
-    assert not rules.sprt_catches([clean] * 20 + [sus] + [clean] * 20 + [sus], p)  # honest noise
-    assert rules.sprt_catches([sus] * 3, p)
+    assert not run_epoch_test([clean] * 1000, NO_CARRY, p).accused
+    assert not run_epoch_test([clean] * 20 + [sus] + [clean] * 20 + [sus], NO_CARRY, p).accused  # honest noise
+    assert run_epoch_test([sus] * 3, NO_CARRY, p).accused
     # Early good behaviour buys nothing: a run never sits below the honest bound, so after any
     # clean prefix five suspicious outputs in a row accuse (5 x ln 30 > both bounds together).
     for prefix in range(40):
-        assert rules.sprt_catches([clean] * (500 + prefix) + [sus] * 5, p)
-    assert rules.sprt_catches([fail, sus, fail, sus], p)
+        assert run_epoch_test([clean] * (500 + prefix) + [sus] * 5, NO_CARRY, p).accused
+    assert run_epoch_test([fail, sus, fail, sus], NO_CARRY, p).accused
 
 
 def test_sprt_params_come_from_the_metrics_rates_and_the_defaults_are_its_defaults() -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from test_sampler_batched import literal_weights, splitmix_u32
 
+from gonka_p2p.actors.node import verification_params_of
 from gonka_p2p.adversary import cheats
 from gonka_p2p.inference import verification
 from gonka_p2p.inference.artifacts import InferenceArtifact
@@ -33,10 +35,14 @@ from gonka_p2p.inference.verification import (
     SprtParams,
     Verdict,
     load_verification_params,
+    thresholds_table,
+    verification_params_from_obj,
     verify,
 )
+from gonka_p2p.ledger.devnet import init_local_network
 from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
-from gonka_p2p.ledger.rules import Observation, sprt_catches
+from gonka_p2p.ledger.epoch_test import NO_CARRY, run_epoch_test
+from gonka_p2p.ledger.rules import Observation
 from gonka_p2p.wire.messages import response_hash
 
 # Round test values, same order of magnitude as the calibrated ones (nats).
@@ -393,10 +399,14 @@ def test_sampled_near_tie_tolerance(offset: float, accepted: bool) -> None:
 # The epoch test
 
 
-# The ledger's epoch test (``rules.sprt_catches``) run with the integer parameters a genesis
+# The ledger's epoch test (``epoch_test.run_epoch_test``, nothing carried) run with the integer parameters a genesis
 # derives from the metric's design rates: do those rates keep the promises they are designed to?
 DESIGN = SprtParams()
 LEDGER = Params(**sprt_params_from_rates(**dataclasses.asdict(DESIGN)))
+
+
+def catches(observations: list[Observation]) -> bool:
+    return run_epoch_test(observations, NO_CARRY, LEDGER).accused
 
 
 def draw(rng: random.Random, fail: float, suspicious: float) -> Evidence:
@@ -407,7 +417,7 @@ def draw(rng: random.Random, fail: float, suspicious: float) -> Evidence:
 def epoch_rate(fail: float, suspicious: float, epoch_size: int, epochs: int, seed: int) -> float:
     """Share of epochs accused when each verdict is drawn at the given rates."""
     rng = random.Random(seed)
-    return sum(sprt_catches([draw(rng, fail, suspicious).observation for _ in range(epoch_size)], LEDGER)
+    return sum(catches([draw(rng, fail, suspicious).observation for _ in range(epoch_size)])
                for _ in range(epochs)) / epochs
 
 
@@ -424,8 +434,8 @@ def test_sprt_accuses_a_consistently_failing_executor_after_a_few_verdicts() -> 
     step = max(LEDGER.sprt_failed_hit_llr_micro, LEDGER.sprt_far_hit_llr_micro)
     needed = math.ceil(LEDGER.sprt_cheating_bound_micro / step)
     assert needed == 3
-    assert sprt_catches([Evidence.FAILED.observation] * needed, LEDGER)
-    assert not sprt_catches([Evidence.FAILED.observation] * (needed - 1), LEDGER)
+    assert catches([Evidence.FAILED.observation] * needed)
+    assert not catches([Evidence.FAILED.observation] * (needed - 1))
 
 
 def test_sprt_catches_a_raised_failure_rate_without_suspicious_distances() -> None:
@@ -435,8 +445,8 @@ def test_sprt_catches_a_raised_failure_rate_without_suspicious_distances() -> No
 
 def test_sprt_keeps_testing_after_accepting_honest() -> None:
     clean, suspicious = Evidence.CLEAN.observation, Evidence.SUSPICIOUS.observation
-    assert not sprt_catches([clean] * 60, LEDGER)
-    assert sprt_catches([clean] * 60 + [suspicious] * 5, LEDGER)
+    assert not catches([clean] * 60)
+    assert catches([clean] * 60 + [suspicious] * 5)
 
 
 def test_every_verdict_outcome_is_an_observation_of_the_ledger() -> None:
@@ -454,6 +464,36 @@ def test_shipped_thresholds_cover_both_models_and_are_consistent() -> None:
         assert 0 < t.suspicious_mean_distance <= t.max_mean_distance <= t.logprob_tolerance < 1e-2
     with pytest.raises(KeyError):
         params.for_model("unknown-model")
+
+
+def test_thresholds_are_those_of_the_dtype_the_genesis_pins() -> None:
+    fp32, bf16 = THRESHOLDS, ModelThresholds(0.5, 0.05, 0.02, 16)
+    table = {"models": {"m": {**dataclasses.asdict(fp32), "calibration": {"date": "2026-12-03"},
+                              "bfloat16": {**dataclasses.asdict(bf16), "calibration": {}}}}}
+    assert verification_params_from_obj(table).for_model("m") == fp32
+    assert verification_params_from_obj(table, {"m": "float32", "other": "bfloat16"}).for_model("m") == fp32
+    assert verification_params_from_obj(table, {"m": "bfloat16"}).for_model("m") == bf16
+    del table["models"]["m"]["bfloat16"]
+    with pytest.raises(ValueError, match=r"models\.m\.bfloat16: missing keys"):  # judged by nothing: refused
+        verification_params_from_obj(table, {"m": "bfloat16"})
+    table["models"]["m"]["float16"] = dataclasses.asdict(bf16)
+    with pytest.raises(ValueError, match="unknown keys"):
+        verification_params_from_obj(table)
+
+
+def test_shipped_bfloat16_thresholds_cover_both_models_and_are_wider_than_float32() -> None:
+    for model in (DEFAULT_MODEL, TINY_MODEL):
+        fp32 = load_verification_params().for_model(model)
+        bf16 = load_verification_params(dtypes={model: "bfloat16"}).for_model(model)
+        assert 0 < bf16.suspicious_mean_distance <= bf16.max_mean_distance <= bf16.logprob_tolerance
+        assert bf16.max_mean_distance > 100 * fp32.max_mean_distance  # bf16 noise: ~1e-2 nats, fp32 ~1e-5
+
+
+def test_a_node_judges_by_the_thresholds_of_its_genesis_pinned_dtype(tmp_path: Path) -> None:
+    net = init_local_network(tmp_path, nodes=1, clients=0, models=(TINY_MODEL,),
+                             verification=thresholds_table(), dtype="bfloat16")
+    assert verification_params_of(net.genesis).for_model(TINY_MODEL) == load_verification_params(
+        dtypes={TINY_MODEL: "bfloat16"}).for_model(TINY_MODEL)
 
 
 # ---------------------------------------------------------------------------

@@ -92,10 +92,11 @@ class StartupError(Exception):
 def verification_params_of(genesis: Genesis) -> VerificationParams:
     """The thresholds this node's validator judges by: those the genesis pins, so that every
     validator of a network judges alike; the package's calibrated ones for a genesis without."""
-    if not genesis.verification:
-        return load_verification_params()
+    dtypes = {model: pin.dtype for model, pin in genesis.models.items()}
     try:
-        return verification_params_from_obj(genesis.verification)
+        if not genesis.verification:
+            return load_verification_params(dtypes=dtypes)
+        return verification_params_from_obj(genesis.verification, dtypes)
     except (ValueError, TypeError) as e:
         raise GenesisError(f"the genesis verification table: {e}") from None
 

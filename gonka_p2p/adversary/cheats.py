@@ -12,8 +12,8 @@ Four families, all built on the real engines rather than on copies of them:
 * **Cheaper model** -- :func:`variant_engine` copies a ``TorchEngine`` with a
   transformed copy of its weights, then runs the honest generation path on
   it: fake-quantized weights (:func:`fake_quantize`, per-channel symmetric
-  int8 / int4), another dtype (:func:`cast`, fp16 / bf16 instead of the
-  pinned fp32), fewer layers (:func:`drop_layers`).
+  int8 / int4; :func:`fake_quantize_fp8`, e4m3), another dtype (:func:`cast`,
+  fp16 / bf16 instead of a pinned fp32), fewer layers (:func:`drop_layers`).
 * **Cheaper tokens, real evidence** -- :func:`prefill`: a cheap engine writes
   the completion, the real engine scores it teacher-forced (one prefill) and
   its honest-looking logprobs are claimed. :func:`wrong_temperature` samples
@@ -90,12 +90,28 @@ def fake_quantize(model: torch.nn.Module, bits: int) -> torch.nn.Module:
     symmetric scale per output channel, and back: what a weight-only quantized
     deployment computes with. Embeddings and the (tied) head stay as they are."""
     qmax = 2 ** (bits - 1) - 1
+    return _per_channel(model, qmax, lambda q: q.round().clamp(-qmax, qmax))
+
+
+def fake_quantize_fp8(model: torch.nn.Module) -> torch.nn.Module:
+    """Round every linear weight of the decoder blocks to float8 e4m3 with one scale per
+    output channel (its largest weight at e4m3's largest value), and back: an fp8
+    weight deployment, the usual cheap serving format on recent GPUs."""
+    fp8 = torch.float8_e4m3fn
+    return _per_channel(model, torch.finfo(fp8).max, lambda q: q.to(fp8).to(torch.float32))
+
+
+def _per_channel(model: torch.nn.Module, qmax: float,
+                 rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.nn.Module:
+    """``rounding`` applied to each decoder linear weight scaled so that its output channel's
+    largest magnitude is ``qmax``, then scaled back; in float32 whatever the model's dtype, so
+    the only loss besides ``rounding`` is the final cast to that dtype."""
     with torch.no_grad():
         for module in decoder_layers(model).modules():
             if isinstance(module, torch.nn.Linear):
-                w = module.weight
+                w = module.weight.to(torch.float32)
                 scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
-                w.copy_((w / scale).round().clamp(-qmax, qmax) * scale)
+                module.weight.copy_(rounding(w / scale) * scale)
     return model
 
 
@@ -286,6 +302,7 @@ CHEATS: dict[str, str] = {
     "bf16": "bfloat16 weights and activations instead of the pinned float32",
     "int8": "decoder weights fake-quantized to int8 (per-channel symmetric)",
     "int4": "decoder weights fake-quantized to int4 (per-channel symmetric)",
+    "fp8": "decoder weights fake-quantized to float8 e4m3 (per-channel scale)",
     "small-model": "a quarter of the decoder layers dropped (at least one)",
     "prefill": "half the layers write the text, the real model scores it (pre-fill attack)",
     "fabricated": "real tokens, made-up logprobs",
@@ -351,6 +368,7 @@ def make_cheater(name: str, engine: Engine) -> Strategy:
         "bf16": lambda m: cast(m, torch.bfloat16),
         "int8": lambda m: fake_quantize(m, 8),
         "int4": lambda m: fake_quantize(m, 4),
+        "fp8": fake_quantize_fp8,
         "small-model": lambda m: drop_layers(m, max(1, len(decoder_layers(m)) // 4)),
         "prefill": lambda m: drop_layers(m, max(1, len(decoder_layers(m)) // 2)),
     }

@@ -49,28 +49,25 @@ without re-running a model. The rules, each a pure function below:
 6. ``check_undecidable`` -- no more undecidable positions than honest work
    leaves, beyond chance (``topk_evidence.too_many_undecidable``).
 
-All thresholds live in :class:`ModelThresholds`, one record per model,
-calibrated from measured honest noise on the pinned configuration (fp32 on
-CPU, both engines) as about 3x its p99.9; ``thresholds.toml`` holds the values
-and the calibration that chose them (``benchmarks/detection_matrix.py
---calibrate`` regenerates it). A network pins its own copy in genesis (its
-``verification`` table, written by ``gonka-p2p init``), so all its validators
-judge by the same numbers.
+All thresholds live in :class:`ModelThresholds`, one record per model and
+pinned dtype, calibrated from measured honest noise (both engines, CPU) as
+about 3x its p99.9; ``thresholds.toml`` holds them and the calibration that
+chose them (``benchmarks/detection_matrix.py --calibrate``), and each network
+pins its copy in genesis (``verification``), so its validators judge alike.
 
 Each verdict is failed, suspicious (valid, but its mean distance is above
-the honest bulk) or clean (:class:`Evidence`). Per executor per epoch the
-ledger folds them into its epoch test, two restarted Wald SPRTs in integer
-micro-nats (``ledger.rules.sprt_catches``; the only implementation): the
-failure test asks whether failures come more often than honest noise
-explains; the distance test whether failed-or-suspicious verdicts do -- the
-aggregate that catches a subtle cheat whose single outputs stay within the
-per-inference limits. Its integer parameters are derived, when a genesis is
-written (``ledger.genesis.sprt_params_from_rates``), from the design rates
-here (:class:`SprtParams`): rates under "honest" are bounds above the
-calibrated ones, rates under "cheating" the weakest cheat to catch.
+the honest bulk) or clean (:class:`Evidence`). Per executor the ledger folds
+them into its epoch test, two restarted Wald SPRTs in integer micro-nats carried
+across epochs until they decide (``ledger.epoch_test``; the only
+implementation): the failure test asks whether failures come more often than
+honest noise explains; the distance test whether failed-or-suspicious verdicts
+do -- the aggregate that catches a subtle cheat whose single outputs stay
+within the per-inference limits. Its integer parameters are derived
+(``ledger.genesis.sprt_params_from_rates``) from the design rates here
+(:class:`SprtParams`): "honest" bounds above the calibrated rates, "cheating"
+the weakest cheat to catch.
 
-Pure: no I/O, clocks or randomness, except :func:`load_verification_params`,
-which reads the thresholds file (a package resource by default).
+Pure: no I/O, clocks or randomness, except :func:`load_verification_params`.
 """
 
 from __future__ import annotations
@@ -89,6 +86,7 @@ import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
+from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DTYPES
 from gonka_p2p.inference.sampler import SamplingParams, claim_margins
 from gonka_p2p.inference.topk_evidence import too_many_undecidable, top_k_measurements
 from gonka_p2p.ledger.rules import Observation
@@ -194,16 +192,21 @@ class VerificationParams:
                            f"calibrated models: {', '.join(self.models) or 'none'}") from None
 
 
-def verification_params_from_obj(obj: Mapping[str, Any]) -> VerificationParams:
-    """Build the record from a parsed thresholds table; ``calibration`` tables are the
-    record of how values were chosen and are not read."""
-    unknown = set(obj) - {"sprt", "models"}
-    if unknown:
+def verification_params_from_obj(obj: Mapping[str, Any],
+                                 dtypes: Mapping[str, str] = MappingProxyType({})) -> VerificationParams:
+    """The record of a parsed thresholds table, each model at the dtype ``dtypes`` pins (noise,
+    so every threshold, depends on it): a model's table holds its DEFAULT_DTYPE values, a
+    sub-table per other dtype that dtype's (``[models."m".bfloat16]``); a model pinned at an
+    uncalibrated dtype is a ValueError. ``calibration`` tables are not read."""
+    if unknown := set(obj) - {"sprt", "models"}:
         raise ValueError(f"unknown top-level keys in thresholds: {sorted(unknown)}")
     models = {}
     for name, table in obj.get("models", {}).items():
-        values = {k: v for k, v in table.items() if k != "calibration"}
-        models[str(name)] = ModelThresholds(**_known(ModelThresholds, values, f"models.{name}"))
+        dtype = dtypes.get(name, DEFAULT_DTYPE)
+        where = f"models.{name}" + ("" if dtype == DEFAULT_DTYPE else f".{dtype}")
+        chosen = table if dtype == DEFAULT_DTYPE else table.get(dtype, {})
+        values = {k: v for k, v in chosen.items() if k not in ("calibration", *DTYPES)}
+        models[str(name)] = ModelThresholds(**_known(ModelThresholds, values, where))
     sprt = SprtParams(**_known(SprtParams, {k: float(v) for k, v in obj.get("sprt", {}).items()}, "sprt"))
     return VerificationParams(models=models, sprt=sprt)
 
@@ -223,16 +226,14 @@ def _known(record: type, values: Mapping[str, Any], where: str) -> Mapping[str, 
 def thresholds_table(path: Path | None = None) -> dict[str, Any]:
     """The parsed thresholds file: ``path``, or the calibrated ``thresholds.toml`` shipped
     with this package (what ``gonka-p2p init`` pins in a new network's genesis)."""
-    if path is None:
-        text = resources.files("gonka_p2p.inference").joinpath("thresholds.toml").read_text()
-    else:
-        text = Path(path).read_text()
-    return tomllib.loads(text)
+    return tomllib.loads(resources.files("gonka_p2p.inference").joinpath("thresholds.toml").read_text()
+                         if path is None else Path(path).read_text())
 
 
-def load_verification_params(path: Path | None = None) -> VerificationParams:
+def load_verification_params(path: Path | None = None,
+                             dtypes: Mapping[str, str] = MappingProxyType({})) -> VerificationParams:
     """:func:`verification_params_from_obj` of :func:`thresholds_table`."""
-    return verification_params_from_obj(thresholds_table(path))
+    return verification_params_from_obj(thresholds_table(path), dtypes)
 
 
 def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
@@ -531,7 +532,7 @@ class Evidence(str, Enum):
 
     @property
     def observation(self) -> Observation:
-        """The same outcome as the ledger's epoch test (``rules.sprt_catches``) counts it."""
+        """The same outcome as the ledger's epoch test (``ledger.epoch_test``) counts it."""
         return Observation[self.name]
 
 

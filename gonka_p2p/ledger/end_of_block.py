@@ -24,7 +24,7 @@ decides, and :func:`process_epoch_settlement` applies. Deterministically, it:
 
 - judges each executor: caught if a dispute found one of its inferences
   invalid, or if the epoch test (SPRT over one observation per checked
-  inference) accuses it;
+  inference, carried across epochs until it decides: ``epoch_test.py``) accuses it;
 - pays each executor the fees of its epoch's inferences -- or, if it was
   caught, refunds every one of them to the client that paid it;
 - splits the epoch reward: ``validator_share`` by validation work (tokens
@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.ledger.block import BlockContext
 from gonka_p2p.ledger.disputes import weight_cuts
+from gonka_p2p.ledger.epoch_test import NO_CARRY, Carry, run_epoch_test
 from gonka_p2p.ledger.executor_draw import draw_table
 from gonka_p2p.ledger.poc_rounds import process_poc, round_outcome
 from gonka_p2p.ledger.records import EpochInfo, EpochSummary, InferenceStatus, ParticipantOutcome, Payout
@@ -79,7 +80,6 @@ from gonka_p2p.ledger.rules import (
     miss_rate_exceeded,
     pro_rata,
     reputation_after_epoch,
-    sprt_catches,
     validation_floor_ppm,
 )
 from gonka_p2p.ledger.tables import InvariantViolation
@@ -140,6 +140,7 @@ class PeerTally:
     tokens: int = 0
     checked: int = 0
     observations: list[Observation] = field(default_factory=list)
+    sprt_carry: Carry = NO_CARRY  # the epoch test as the last settlement left it (epoch_test.py)
     proven_invalid: bool = False  # a dispute found one of its inferences invalid
     equivocated: bool = False  # a SubmitEvidence committed in this epoch proved it signed two votes
     committed: bool = False
@@ -186,7 +187,8 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
             participant = state.registry.rows[address]
             row = tally.peers[address] = PeerTally(
                 weight=weights.get(address, 0), power=participant.weight,
-                sanctioned=participant.sanctioned, reputation_ppm=participant.reputation_ppm)
+                sanctioned=participant.sanctioned, reputation_ppm=participant.reputation_ppm,
+                sprt_carry=participant.sprt_carry)
         return row
 
     for address in weights:
@@ -252,12 +254,13 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
 def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary:
     """The pure rule of settlement: from what happened in the epoch, who is paid what."""
     caught = {}
+    tests = {a: run_epoch_test(row.observations, row.sprt_carry, params) for a, row in tally.peers.items()}
     for address, row in tally.peers.items():
         if row.proven_invalid:
             caught[address] = "dispute"
         elif row.equivocated:
             caught[address] = "equivocation"
-        elif sprt_catches(row.observations, params):
+        elif tests[address].accused:
             caught[address] = "sprt"
     paid: dict[str, int] = {}
     refunded: dict[str, int] = {}
@@ -297,7 +300,8 @@ def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary
             executor_reward=0 if reasons else shares[0], validator_reward=0 if reasons else shares[1],
             forfeited=sum(shares) if reasons else 0, forfeit=tuple(str(r) for r in reasons),
             caught=caught.get(address, ""), reputation_before=row.reputation_ppm,
-            reputation_after=reputation, weight_after=row.power - cuts.get(address, 0)))
+            reputation_after=reputation, weight_after=row.power - cuts.get(address, 0),
+            sprt_carry=NO_CARRY if address in caught else tests[address].carry))
     minted = sum(r.executor_reward + r.validator_reward for r in rows)
     forfeited = sum(r.forfeited for r in rows)
     assert minted + forfeited <= executor_pool + validator_pool
@@ -346,7 +350,7 @@ def process_epoch_settlement(state: LedgerState, ctx: BlockContext, epoch: int) 
         state.registry.put(row.peer, replace(
             participant, reputation_ppm=row.reputation_after,
             weight=row.weight_after, sanctioned=participant.sanctioned or bool(row.caught),
-            caught=participant.caught + bool(row.caught),
+            caught=participant.caught + bool(row.caught), sprt_carry=row.sprt_carry,
             overturned=participant.overturned + row.overturned))
     if state.minted - minted_before != summary.minted:
         raise InvariantViolation(f"epoch {epoch} minted {state.minted - minted_before}, "

@@ -89,7 +89,7 @@ MAX_ADDR_LEN = 256
 MAX_ADDRS = 8
 MAX_MODELS = 16
 SEED_COMMITMENT_BYTES = 32
-MAX_VERIFICATION_DEPTH = 4  # verification.models.<model>.calibration
+MAX_VERIFICATION_DEPTH = 5  # verification.models.<model>.<dtype>.calibration
 MAX_VERIFICATION_BYTES = 65_536
 _HASH_DOMAIN = b"gonka-p2p/genesis/v1\x00"
 

@@ -50,7 +50,7 @@ belongs to the epoch in which it closed (settled or expired).
 5. After the epoch ends (:func:`seed_reveal_open`) each validator reveals
    its seed; the ledger recomputes its duties: a duty without a check is
    skipped work (:func:`forfeit_reasons`).
-6. At :func:`settlement_height`: the epoch test (:func:`sprt_catches`) over
+6. At :func:`settlement_height`: the epoch test (``epoch_test.run_epoch_test``) over
    each executor's checked inferences (:func:`inference_observation`), fees,
    the reward (:func:`epoch_reward_pools`, :func:`pro_rata`), forfeits,
    reputations (:func:`reputation_after_epoch`).
@@ -438,27 +438,6 @@ def wald_step_micro(llr: int, hit: bool, hit_llr: int, miss_llr: int, params: Pa
     if llr <= -params.sprt_honest_bound_micro:
         return 0, False
     return llr, False
-
-
-def sprt_catches(observations: Sequence[Observation], params: Params) -> bool:
-    """Is the executor statistically above the calibrated honest distribution this epoch?
-
-    Two restarted Wald tests run side by side, as the verification metric's epoch test
-    does (``verification.judge_epoch``, same rates, integers here): the failure test
-    counts failed inferences, the distance test failed-or-suspicious ones (a failed
-    output is at least as far from the model as a suspicious one). Either accusing
-    is enough."""
-    failures = distance = 0
-    for observation in observations:
-        failures, failed_accuses = wald_step_micro(
-            failures, observation is Observation.FAILED,
-            params.sprt_failed_hit_llr_micro, params.sprt_failed_miss_llr_micro, params)
-        distance, far_accuses = wald_step_micro(
-            distance, observation is not Observation.CLEAN,
-            params.sprt_far_hit_llr_micro, params.sprt_far_miss_llr_micro, params)
-        if failed_accuses or far_accuses:
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------- settlement

@@ -83,7 +83,7 @@ class Codec(Generic[V]):
 _FROM_WIRE: dict[str, Callable[[Any], Any]] = {  # msgpack gives lists and str
     "addrs": tuple, "models": tuple, "status": InferenceStatus, "payout": Payout,
     "committee": tuple, "seats": tuple, "members": tuple, "silent": tuple, "outcome": DisputeOutcome,
-    "forfeit": tuple, "leaves": tuple, "voters": tuple,
+    "forfeit": tuple, "leaves": tuple, "voters": tuple, "sprt_carry": tuple,
     "model_weights": lambda v: tuple((str(m), int(w)) for m, w in v),
     "draw_weights": lambda v: tuple((str(m), tuple((str(p), int(w)) for p, w in t)) for m, t in v),
     "validators": lambda v: tuple((str(p), int(w)) for p, w in v),

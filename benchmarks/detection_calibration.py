@@ -1,0 +1,148 @@
+"""Calibration for the detection matrix: verification thresholds from measured honest noise,
+per model and pinned dtype, and the thresholds file that records them.
+
+The rule depends on how far honest noise sits from the cheats, which the dtype sets:
+
+* float32: every threshold is CALIBRATION_MARGIN x a high quantile of honest noise (p99.9;
+  p90 for "suspicious"). Honest fp32 noise is about a thousand times below the subtlest
+  cheat, so a wide margin costs no detection.
+* bfloat16: honest noise (about 1e-2 nats between engines) is as large as int8 weights'
+  error, so a margin would hide every subtle cheat from the epoch test. The per-inference
+  limits keep the margin (an honest output must never fail), but the "suspicious" line
+  sits at no margin, where the epoch test's design needs it: at the
+  ``1 - honest_suspicious_rate / 2`` quantile of the *worst* honest row (each executor
+  runs one configuration, so every configuration, not the pool, must stay under the
+  design rate), measured on the length-normalised mean error that ``mean_limit`` judges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from gonka_p2p.inference.model_names import DEFAULT_DTYPE
+from gonka_p2p.inference.verification import Measurements, ModelThresholds, SprtParams
+
+CALIBRATION_MARGIN = 3.0  # thresholds are this many times the honest p99.9 (p90 for "suspicious")
+SHORT_PREFIXES = (1, 4, 16)  # calibration checks the widened mean limits on prefixes this long
+
+
+def quantile(values: list[float], q: float) -> float:
+    return float(np.quantile(np.array(values), q, method="higher"))
+
+
+def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
+              val_over_gen: float) -> tuple[ModelThresholds, dict[str, Any]]:
+    """Thresholds from the honest rows' measurements (see the module docstring for the rule
+    per dtype), and the record of what was measured."""
+    every = [m for ms in rows.values() for m in ms]
+    max_errors = [m.max_error for m in every]
+    mean_errors = [m.mean_error for m in every]
+    reference = int(np.median([m.n_tokens for m in every]))
+
+    def normalised(m: Measurements) -> float:  # the mean error as mean_limit's widening sees it
+        return m.mean_error / math.sqrt(max(1.0, reference / m.n_tokens))
+
+    max_mean = CALIBRATION_MARGIN * quantile(mean_errors, 0.999)
+    if dtype == DEFAULT_DTYPE:
+        suspicious = CALIBRATION_MARGIN * quantile(mean_errors, 0.9)
+    else:
+        suspicious = max(quantile([normalised(m) for m in ms], 1.0 - sprt.honest_suspicious_rate / 2)
+                         for ms in rows.values())
+    thresholds = ModelThresholds(
+        logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
+        max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
+        reference_tokens=reference)
+    greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
+    sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
+    measured: dict[str, Any] = {
+        "inferences": len(every),
+        "honest_rows": sorted(rows),
+        "p999_max_error": quantile(max_errors, 0.999),
+        "max_max_error": max(max_errors),
+        "p999_mean_error": quantile(mean_errors, 0.999),
+        "p90_mean_error": quantile(mean_errors, 0.9),
+        "max_top_k_shortfall": max(x for m in every for x in m.top_k_shortfall),
+        "greedy_positions_not_exact": sum(x > 0 for x in greedy),
+        "max_greedy_margin_nats": max(greedy),
+        "sampled_positions_not_exact": sum(x > 0 for x in sampled),
+        "max_sampled_margin_cdf": max(sampled),
+        "val_over_gen": val_over_gen,
+    }
+    for row, ms in sorted(rows.items()):  # the epoch test's honest rate, per configuration
+        measured[f"suspicious_share_{row.replace('-', '_')}"] = sum(
+            m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens)
+            for m in ms) / len(ms)
+    # Short outputs: the widened mean limits must still hold the honest prefixes' means.
+    for n in SHORT_PREFIXES:
+        means = [sum(m.position_errors[:n]) / len(m.position_errors[:n]) for m in every]
+        measured[f"p999_mean_error_first_{n}"] = quantile(means, 0.999)
+        measured[f"mean_limit_first_{n}"] = thresholds.mean_limit(thresholds.max_mean_distance, n)
+        measured[f"suspicious_share_first_{n}"] = sum(
+            v > thresholds.mean_limit(thresholds.suspicious_mean_distance, n) for v in means) / len(means)
+    return thresholds, measured
+
+
+def merged_table(table: dict[str, Any], model: str, dtype: str, thresholds: ModelThresholds,
+                 measured: dict[str, Any]) -> None:
+    """Put one (model, dtype)'s calibration into a parsed thresholds ``table``, keeping every
+    other model's and dtype's: the model's own table holds DEFAULT_DTYPE, a sub-table each
+    other dtype (``verification.verification_params_from_obj`` reads it so)."""
+    node = table.setdefault("models", {}).setdefault(model, {})
+    target = node if dtype == DEFAULT_DTYPE else node.setdefault(dtype, {})
+    target.update(dataclasses.asdict(thresholds))
+    target["calibration"] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **measured}
+
+
+HEADER = """\
+# Verification thresholds per model and pinned dtype, and the epoch test
+#   (gonka_p2p/inference/verification.py). A model's table holds its float32 values,
+#   [models."<model>".<dtype>] another dtype's.
+# Written by: OMP_NUM_THREADS=1 python benchmarks/detection_matrix.py --calibrate --write
+#   [--dtype bfloat16] --n N --max-tokens 32 (calibration prompt split, disjoint from the
+#   evaluation split; N in each calibration's inferences = 8 N). Configuration: weights and
+#   compute in the pinned dtype on CPU, torch and vLLM engines as executors, the torch engine
+#   (one thread) as validator.
+# Rule (benchmarks/detection_calibration.py): thresholds = {margin} x p99.9 of honest noise;
+#   suspicious_mean_distance = {margin} x its p90 at float32, and at bfloat16 the worst honest
+#   row's (1 - honest_suspicious_rate / 2) quantile, no margin (noise and subtle cheats overlap:
+#   the epoch test, carried across epochs, separates them). Units: nats.
+# The [sprt] rates are design values, not measurements: honest_* are upper bounds
+#   above the measured honest rates (see calibration.*), cheat_* the weakest cheat the
+#   epoch test is designed for; alpha/beta are per Wald run.
+"""
+
+
+def thresholds_toml(table: dict[str, Any], sprt: SprtParams) -> str:
+    """The thresholds file for ``table`` (parsed, merged): values with their units, and under
+    each the calibration that chose them."""
+    def value(v: object) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v) if isinstance(v, int) else f"{v:.3e}"
+
+    units: dict[str, str] = {f.name: f.metadata["unit"] for f in dataclasses.fields(ModelThresholds)}
+    lines = [HEADER.format(margin=CALIBRATION_MARGIN).rstrip("\n"), "", "[sprt]"]
+    lines += [f"{f.name} = {getattr(sprt, f.name)!r}  # {f.metadata['unit']}" for f in dataclasses.fields(sprt)]
+
+    def section(name: str, values: dict[str, Any], unit: Callable[[str], str]) -> list[str]:
+        return ["", f"[{name}]"] + [f"{k} = {value(v)}{unit(k)}" for k, v in values.items()
+                                    if not isinstance(v, dict)]
+
+    for model, node in sorted(table.get("models", {}).items()):
+        for prefix, values in [(f'models."{model}"', node)] + [
+                (f'models."{model}".{k}', v) for k, v in sorted(node.items())
+                if isinstance(v, dict) and k != "calibration"]:
+            ordered = {k: values[k] for k in units} | {k: v for k, v in values.items() if k not in units}
+            lines += section(prefix, ordered, lambda k: f"  # {units[k]}" if k in units else "")
+            lines += section(f"{prefix}.calibration", values["calibration"], lambda k: "")
+    return "\n".join(lines) + "\n"
