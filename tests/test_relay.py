@@ -1,10 +1,10 @@
 """A peer behind a NAT, reached through a circuit relay v2: real py-libp2p hosts on 127.0.0.1.
 
 One process, three hosts: a public relay, a peer "behind a NAT" (it reserves
-a slot on the relay and announces only the circuit through it) and a public
-peer that knows nothing but that circuit address. What the NAT hides is
-simulated by the dialer's knowledge: the direct address is never given to it,
-and each test checks that the connection it got is a relayed one.
+a slot on the relay, announces only the circuit through it, and then stops
+listening: like a NATed host, it can dial out and cannot be dialed) and a
+public peer that is given nothing but that circuit address. Each test checks
+that the connection it got is a relayed one.
 """
 
 from __future__ import annotations
@@ -47,6 +47,16 @@ def relayed_to(service: Libp2pService, peer: str) -> list[bool]:
             if p.to_base58() == peer for c in conns]
 
 
+async def stop_listening(service: Libp2pService) -> None:
+    """Close ``service``'s listeners: its connections stay, nobody can dial it any more (a NAT)."""
+
+    async def close() -> None:
+        for listener in service._t_host().get_network().listeners.values():  # noqa: SLF001
+            await listener.close()
+
+    await service._running().call(close)  # noqa: SLF001
+
+
 @pytest.fixture
 async def trio_of_hosts() -> AsyncIterator[tuple[Libp2pService, Libp2pService, Libp2pService]]:
     relay = Libp2pService(Keypair.from_seed(b"relay"), relay=RelayOptions(hop=True))
@@ -56,6 +66,7 @@ async def trio_of_hosts() -> AsyncIterator[tuple[Libp2pService, Libp2pService, L
     dialer = Libp2pService(Keypair.from_seed(b"dialer"))
     try:
         await natted.start()
+        await stop_listening(natted)
         await dialer.start()
         yield relay, natted, dialer
     finally:
@@ -64,7 +75,9 @@ async def trio_of_hosts() -> AsyncIterator[tuple[Libp2pService, Libp2pService, L
 
 
 async def test_a_peer_behind_a_nat_announces_only_circuits_through_its_relay(trio_of_hosts) -> None:
-    relay, natted, _ = trio_of_hosts
+    relay, natted, dialer = trio_of_hosts
+    with pytest.raises(NetworkError):  # the fixture's NAT: its own address no longer answers
+        await dialer.connect(natted._listen_addrs[0], timeout=3)  # noqa: SLF001
     assert natted.listen_addrs == [f"{relay.listen_addrs[0]}/p2p-circuit/p2p/{natted.peer_id}"]
     assert all(is_circuit(a) and a.endswith("/p2p/" + natted.peer_id) for a in natted.listen_addrs)
     assert not any(is_circuit(a) for a in relay.listen_addrs)
