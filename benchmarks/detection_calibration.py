@@ -73,7 +73,11 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
         "greedy_positions_not_exact": sum(x > 0 for x in greedy),
         "max_greedy_margin_nats": max(greedy),
         "sampled_positions_not_exact": sum(x > 0 for x in sampled),
-        "max_sampled_margin_cdf": max(sampled),
+        "max_sampled_margin_cdf": max(x for x in [0.0, *sampled] if math.isfinite(x)),
+        # claimed tokens outside the validator's nucleus: rejected whatever the tolerance
+        "sampled_positions_outside_nucleus": sum(math.isinf(x) for x in sampled),
+        "sampled_inferences_outside_nucleus": sum(
+            any(math.isinf(x) for x in m.sampling_margins) for m in every if m.temperature > 0.0),
         "val_over_gen": val_over_gen,
     }
     for row, ms in sorted(rows.items()):  # the epoch test's honest rate, per configuration

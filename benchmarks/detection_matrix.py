@@ -418,7 +418,8 @@ def detect_tokens(model: str, records: dict[str, list[dict]], args) -> list[list
     """The tokens-to-detect table for the subtle cheats measured: per cheat and mode, the checked
     tokens the best aggregate (mean distance) needs, and what the ledger's test needs."""
     out = []
-    for row in [r for r in records if row_class(r, args.dtype) == "subtle"]:
+    subtle = [r for r in records if row_class(r, args.dtype) == "subtle"]
+    for row in subtle if any(h in records for h in HONEST) else []:  # no honest rows: no line
         for mode in MODES:
             honest = {h: [r for r in records[h] if r["mode"] == mode] for h in HONEST if h in records}
             cheat = [r for r in records[row] if r["mode"] == mode]
