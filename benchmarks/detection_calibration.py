@@ -9,10 +9,13 @@ The rule depends on how far honest noise sits from the cheats, which the dtype s
 * bfloat16: honest noise (about 1e-2 nats between engines) is as large as int8 weights'
   error, so a margin would hide every subtle cheat from the epoch test. The per-inference
   limits keep the margin (an honest output must never fail), but the "suspicious" line
-  sits at no margin, where the epoch test's design needs it: at the
+  sits where the epoch test's design needs it: SUSPICIOUS_MARGIN x the
   ``1 - honest_suspicious_rate / 2`` quantile of the *worst* honest row (each executor
   runs one configuration, so every configuration, not the pool, must stay under the
   design rate), measured on the length-normalised mean error that ``mean_limit`` judges.
+  The small margin covers what a few dozen outputs per row cannot: that quantile is
+  their maximum, and prompts shift the noise (SmolLM2: 3 of 25 honest vLLM greedy outputs
+  of the evaluation split lay above the unmargined line, none above 1.2x).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from gonka_p2p.inference.model_names import DEFAULT_DTYPE
 from gonka_p2p.inference.verification import Measurements, ModelThresholds, SprtParams
 
 CALIBRATION_MARGIN = 3.0  # thresholds are this many times the honest p99.9 (p90 for "suspicious")
+SUSPICIOUS_MARGIN = 1.2  # bf16: the suspicious line over the worst honest row's p99.5
 SHORT_PREFIXES = (1, 4, 16)  # calibration checks the widened mean limits on prefixes this long
 
 
@@ -54,8 +58,8 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
     if dtype == DEFAULT_DTYPE:
         suspicious = CALIBRATION_MARGIN * quantile(mean_errors, 0.9)
     else:
-        suspicious = max(quantile([normalised(m) for m in ms], 1.0 - sprt.honest_suspicious_rate / 2)
-                         for ms in rows.values())
+        suspicious = SUSPICIOUS_MARGIN * max(
+            quantile([normalised(m) for m in ms], 1.0 - sprt.honest_suspicious_rate / 2) for ms in rows.values())
     thresholds = ModelThresholds(
         logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
@@ -115,9 +119,9 @@ HEADER = """\
 #   compute in the pinned dtype on CPU, torch and vLLM engines as executors, the torch engine
 #   (one thread) as validator.
 # Rule (benchmarks/detection_calibration.py): thresholds = {margin} x p99.9 of honest noise;
-#   suspicious_mean_distance = {margin} x its p90 at float32, and at bfloat16 the worst honest
-#   row's (1 - honest_suspicious_rate / 2) quantile, no margin (noise and subtle cheats overlap:
-#   the epoch test, carried across epochs, separates them). Units: nats.
+#   suspicious_mean_distance = {margin} x its p90 at float32, and at bfloat16 {suspicious} x the
+#   worst honest row's (1 - honest_suspicious_rate / 2) quantile (noise and subtle cheats are
+#   close: the epoch test, carried across epochs, separates them). Units: nats.
 # The [sprt] rates are design values, not measurements: honest_* are upper bounds
 #   above the measured honest rates (see calibration.*), cheat_* the weakest cheat the
 #   epoch test is designed for; alpha/beta are per Wald run.
@@ -135,7 +139,7 @@ def thresholds_toml(table: dict[str, Any], sprt: SprtParams) -> str:
         return repr(v) if isinstance(v, int) else f"{v:.3e}"
 
     units: dict[str, str] = {f.name: f.metadata["unit"] for f in dataclasses.fields(ModelThresholds)}
-    lines = [HEADER.format(margin=CALIBRATION_MARGIN).rstrip("\n"), "", "[sprt]"]
+    lines = [HEADER.format(margin=CALIBRATION_MARGIN, suspicious=SUSPICIOUS_MARGIN).rstrip("\n"), "", "[sprt]"]
     lines += [f"{f.name} = {getattr(sprt, f.name)!r}  # {f.metadata['unit']}" for f in dataclasses.fields(sprt)]
 
     def section(name: str, values: dict[str, Any], unit: Callable[[str], str]) -> list[str]:
