@@ -97,12 +97,12 @@ def traffic_cases(quick: bool) -> list[Case]:
 
 def floor_cases(quick: bool) -> list[Case]:
     n = 100 if quick else 3_000
+    flat = [Case(f"flat {f:.0%}", n, 3, floor=f) for f in ((0.05,) if quick else (0.5, 0.2, 0.05, 0.01))]
     if quick:
-        return [Case("schedule (default)", n, 3), Case("flat 5 %", n, 3, floor=0.05)]
+        return [Case("schedule (default)", n, 3), *flat]
     schedule = [Case("schedule (default): 100 % to 100 inferences, 5 % at 5,000, 1 % from 10,000", n, 3)]
     steeper = Case("schedule reaching 5 % at 1,000 inferences, 1 % from 2,000", n, 3, params=(
         *SATURATE_IN_ONE.items(), ("floor_mid_inferences", 1_000), ("floor_low_inferences", 2_000)))
-    flat = [Case(f"flat {f:.0%}", n, 3, floor=f) for f in (0.5, 0.2, 0.05, 0.01)]
     return [*schedule, steeper, *flat]
 
 

@@ -119,6 +119,6 @@ def test_sim_overhead_quick_prints_both_tables_with_a_row_per_case(tmp_path: Pat
     assert "load average" in result.stdout
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")
             and not line.startswith("| requests") and not line.startswith("| floor |")]
-    assert [r[0] for r in rows] == ["| 20", "| 50", "| 100", "| schedule (default)", "| flat 5 %"]
+    assert [r[0] for r in rows] == ["| 20", "| 50", "| 100", "| schedule (default)", "| flat 5%"]
     assert all(len(r) == 10 and r[6].startswith("**") and r[6].endswith("%**") for r in rows)
     assert rows[-1][1] == "5.0%"  # the flat floor is the floor the ledger used
