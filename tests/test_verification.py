@@ -269,6 +269,16 @@ def test_drop_layers_and_fake_quantize_transform_a_copy(engine: TorchEngine) -> 
         assert len(torch.unique(row)) <= 15  # -7..7 times the row's scale
 
 
+def test_fp8_fake_quantization_leaves_e4m3_values_times_one_scale_per_row(engine: TorchEngine) -> None:
+    base = cheats.decoder_layers(engine._model)[0].mlp.up_proj.weight
+    fp8 = cheats.decoder_layers(cheats.fake_quantize_fp8(
+        cheats.variant_engine(engine, lambda m: m)._model))[0].mlp.up_proj.weight
+    scale = base.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+    q = fp8 / scale
+    assert torch.allclose(q, q.to(torch.float8_e4m3fn).to(torch.float32), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fp8, base) and torch.allclose(fp8, base, rtol=2 ** -3, atol=scale.max().item())
+
+
 # ---------------------------------------------------------------------------
 # The batched validation pass is the position-by-position rule, bit for bit
 
