@@ -217,24 +217,31 @@ def test_mempool_update_drops_what_no_longer_passes() -> None:
 # --------------------------------------------------------------------------- store
 
 
-async def test_store_recovers_the_acknowledged_state(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite"
-    store = await LedgerStore.open(path, GENESIS)
+async def _commit_blocks(store: LedgerStore, last: int, snapshots: tuple[int, ...]) -> tuple[dict[int, bytes], ValidatorSet]:
+    """Blocks 1..``last`` of transfers committed to ``store``, with snapshots at ``snapshots``;
+    the app hash after each block and the validators after the last."""
     state = LedgerState.from_genesis(GENESIS)
     validators = initial_validator_set(state)
-    assert await store.load_safety() is None
-    safety = SafetyState(5, 2, Step.PRECOMMIT, 1, b"\x09" * 32)
-    await store.save_safety(safety)
     hashes = {}
-    for height in range(1, 8):
+    for height in range(1, last + 1):
         block = Block(height=height, prev_hash=state.last_block_hash, proposer=VALS[0].peer_id,
                       time_ms=height, txs=[transfer(USERS[height % 3], (height - 1) // 3)]).encode()
         await store.commit_block(height, block, certify(validators, height, block), validators)
         apply_block(state, Block.decode(block))
         validators = validator_set_after(validators, state)
         hashes[height] = state.app_hash()
-        if height in (2, 4, 6):
+        if height in snapshots:
             await store.save_snapshot(state)
+    return hashes, validators
+
+
+async def test_store_recovers_the_acknowledged_state(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    store = await LedgerStore.open(path, GENESIS)
+    assert await store.load_safety() is None
+    safety = SafetyState(5, 2, Step.PRECOMMIT, 1, b"\x09" * 32)
+    await store.save_safety(safety)
+    hashes, validators = await _commit_blocks(store, 7, (2, 4, 6))
     await store.close()
 
     store = await LedgerStore.open(path, GENESIS)
@@ -272,28 +279,14 @@ def test_validator_sets_follow_the_state_weights() -> None:
     assert {a: proposers.count(a) for a in set(proposers)} == state.weights()  # weighted round robin
 
 
-async def _store_with_a_snapshot(path: Path) -> tuple[int, bytes]:
-    """Blocks 1..5 with a snapshot at 4; the final height and app hash."""
-    store = await LedgerStore.open(path, GENESIS)
-    state = LedgerState.from_genesis(GENESIS)
-    validators = initial_validator_set(state)
-    for height in range(1, 6):
-        block = Block(height=height, prev_hash=state.last_block_hash, proposer=VALS[0].peer_id,
-                      time_ms=height, txs=[transfer(USERS[height % 3], (height - 1) // 3)]).encode()
-        await store.commit_block(height, block, certify(validators, height, block), validators)
-        apply_block(state, Block.decode(block))
-        validators = validator_set_after(validators, state)
-        if height == 4:
-            await store.save_snapshot(state)
-    await store.close()
-    return state.height, state.app_hash()
-
-
 async def test_a_snapshot_an_upgrade_cannot_read_is_rebuilt_from_the_blocks(tmp_path: Path) -> None:
     """An upgrade that changes the state's encoding must not leave a participant unable to
     start (the testnet's rolling upgrade did: every restarted node crashed on its snapshot)."""
     path = tmp_path / "ledger.sqlite"
-    height, app_hash = await _store_with_a_snapshot(path)
+    store = await LedgerStore.open(path, GENESIS)
+    hashes, _ = await _commit_blocks(store, 5, (4,))
+    await store.close()
+    height, app_hash = 5, hashes[5]
     db = sqlite3.connect(path)
     db.execute("UPDATE snapshots SET state = ?", (b"\x93written by another version",))
     db.commit()
