@@ -217,7 +217,8 @@ def test_mempool_update_drops_what_no_longer_passes() -> None:
 # --------------------------------------------------------------------------- store
 
 
-async def _commit_blocks(store: LedgerStore, last: int, snapshots: tuple[int, ...]) -> tuple[dict[int, bytes], ValidatorSet]:
+async def _commit_blocks(store: LedgerStore, last: int,
+                         snapshots: tuple[int, ...]) -> tuple[dict[int, bytes], ValidatorSet]:
     """Blocks 1..``last`` of transfers committed to ``store``, with snapshots at ``snapshots``;
     the app hash after each block and the validators after the last."""
     state = LedgerState.from_genesis(GENESIS)
