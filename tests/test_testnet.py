@@ -186,7 +186,13 @@ def test_a_joiner_must_gain_weight_and_a_leaver_lose_it_within_two_epochs() -> N
     assert row is not None and not row.holds and "kept past epoch 4 (the run reached epoch 3)" in row.detail
     back = timeline + [weights_seen(61, 5, 61, base)]
     row = judge_membership(back, [leave], peers)
-    assert row is not None and not row.holds and "weight back in epoch 5" in row.detail
+    assert row is not None and not row.holds and "weight 10 in epoch 5" in row.detail
+    # weight earned in the round of the epoch it left in, before leaving, is its due in the next
+    # (the 30-min testnet: none in its leaving epoch, some in the next, none after)
+    earned = [o | {"weights": base | {"g2": 10 if o["epoch"] == 3 else 0}}  # type: ignore[operator]
+              if o["epoch"] >= 2 else o for o in timeline]
+    row = judge_membership(earned, [leave], peers)
+    assert row is not None and row.holds and "leaver 2 (epoch 2): weight 0 from epoch 4" in row.detail, row
     assert judge_membership(timeline, [], peers) is None
 
 

@@ -253,12 +253,16 @@ def _membership_change(a: Applied, peer: str, observed: list[dict[str, Any]], re
         if won is None:
             return False, f"joiner {index} (epoch {joined}): no weight by epoch {joined + 2}{cut_short}"
         return True, f"joiner {index} (epoch {joined}): weight {won['weights'][peer]} in epoch {won['epoch']}"
-    gone = next((o for o in in_time if not o["weights"].get(peer, 0)), None)
-    if gone is None:
+    # Weight a leaver earned in the round of the epoch it left in (before leaving) is its due in
+    # the next epoch; from two epochs on it must have none, at every observation.
+    after = [o for o in later if o["epoch"] >= joined + 2]
+    if not after:
         return False, f"leaver {index} (epoch {joined}): weight kept past epoch {joined + 2}{cut_short}"
-    back = next((o for o in later if o["height"] > gone["height"] and o["weights"].get(peer, 0)), None)
-    if back is not None:
-        return False, f"leaver {index} (epoch {joined}): weight back in epoch {back['epoch']}"
+    kept = next((o for o in after if o["weights"].get(peer, 0)), None)
+    if kept is not None:
+        return False, f"leaver {index} (epoch {joined}): weight {kept['weights'][peer]} in epoch {kept['epoch']}"
+    gone = next(o for o in later if not o["weights"].get(peer, 0) and not any(
+        x["weights"].get(peer, 0) for x in later if x["t"] > o["t"]))
     return True, f"leaver {index} (epoch {joined}): weight 0 from epoch {gone['epoch']}"
 
 
