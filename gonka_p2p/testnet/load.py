@@ -18,7 +18,10 @@ hash) before passing it on, and the judge compares the executor and the
 token count (the usage of a finished answer; of a cut one, its logprobs
 entries, where special tokens such as the end of sequence are not shown, so
 a cut answer that ended in one reads one token short). ``hung`` marks a request that reached ``timeout_s`` without
-an end: neither the TA's stall timeout nor the client's ``idle_s`` cut it.
+an end: neither the TA's stall timeout nor the client's ``idle_s`` cut it. A libp2p request whose
+stream broke after its executor started is then recovered by the client library from the ledger
+and the executor's kept answer, for at most ``RECOVERY_TIMEOUT_S``; it hangs only past both bounds
+(on a chain slowed to a block every 40 s, the 30-minute run called recovering clients hung).
 The ledger's side of each request is judged later by the observer.
 """
 
@@ -35,7 +38,7 @@ from typing import Any
 import httpx
 import openai
 
-from gonka_p2p.client import build_request
+from gonka_p2p.client import RECOVERY_TIMEOUT_S, build_request
 from gonka_p2p.identity import Keypair
 from gonka_p2p.openai.auth import REQUEST_HEADER, parse_body
 from gonka_p2p.testnet.peers import Peers, append_jsonl, read_args
@@ -66,7 +69,7 @@ async def libp2p_request(peers: Peers, ta: int, n: int, args: dict[str, Any]) ->
                 token_ids.extend(event.token_ids)
 
     try:
-        await bounded(peers.ask(ta, lambda _: stream()), args["timeout_s"], record)
+        await bounded(peers.ask(ta, lambda _: stream()), args["timeout_s"] + RECOVERY_TIMEOUT_S, record)
     finally:
         record |= {"tokens": len(token_ids), "answer": response_hash(token_ids).hex()}
     return record
