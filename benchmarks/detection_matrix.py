@@ -404,12 +404,15 @@ _COLUMNS = ("model", "mode", "row", "class", "n", "tokens", "rejected", "(95% up
 def table_cells(s: dict) -> list[str]:
     target = {"honest": "rej<=0.5%, epochs<=0.1%", "gross": "rej>=99%", "subtle": "99% caught"}
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1]))
+    def share(key: str) -> str:  # "-": a row measured before this column existed
+        return f"{100 * s[key]:.1f}%" if key in s else "-"
+
     within = s.get("epochs_to_catch")
     return [s["model"], s["mode"], s["row"], s["class"], str(s["n"]), f"{s['mean_tokens']:.1f}",
-            f"{100 * s['rejected']:.1f}%", f"{100 * s['rejected_upper95']:.1f}%",
-            f"{100 * s.get('suspicious', 0.0):.1f}%", f"{s['mean_distance']:.2e}",
-            f"{100 * s['epoch_detection']:.1f}%", f"{100 * s.get('carried_detection', s['epoch_detection']):.1f}%",
-            "-" if s["class"] == "honest" else f"{within} epochs" if within else "not within the chain",
+            share("rejected"), share("rejected_upper95"), share("suspicious"), f"{s['mean_distance']:.2e}",
+            share("epoch_detection"), share("carried_detection"),
+            "-" if s["class"] == "honest" or "carried_detection" not in s
+            else f"{within} epochs" if within else "not within the chain",
             f"{1000 * s['val_s']:.0f}", f"{1000 * s['gen_s']:.0f}", f"{s['val_over_gen']:.2f}",
             ("met " if s["target_met"] else "MISSED ") + target[s["class"]], reasons]
 
