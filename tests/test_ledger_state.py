@@ -299,7 +299,7 @@ def test_genesis_supply_and_weights() -> None:
     (lambda o: o.update(verification=[1]), "verification must be a table"),
     (lambda o: o["verification"]["sprt"].update(alpha=float("nan")), "finite"),
     (lambda o: o["verification"]["sprt"].update(alpha=None), "not a number"),
-    (lambda o: o["verification"]["sprt"].update(deeper={"a": {"b": {"c": 1}}}), "nest"),
+    (lambda o: o["verification"]["sprt"].update(deeper={"a": {"b": {"c": {"d": 1}}}}), "nest"),
     (lambda o: o["verification"].update(big={str(i): "x" * 100 for i in range(1000)}), "larger"),
     (lambda o: o["verification"].update({1: 2}), "keys must be strings"),
 ])

@@ -236,13 +236,14 @@ class TransferAgent:
                 return
             if outcome == "failed_mid_stream":
                 return
-            refusals.append(outcome)
-        if refusals and all(r == "overloaded" for r in refusals):
+            refusals.append(f"{executor[-8:]}: {outcome}")
+        if refusals and all(r.endswith(": overloaded") for r in refusals):
             await _to_client(send, self._failed("overloaded", "every executor drawn is at capacity; "
                                                               "retry later or use another TA"))
             return
+        why = f" ({'; '.join(refusals)})" if refusals else ""
         await _to_client(send, self._failed("no_executor", "no live executor could take the request: "
-                                                           f"{len(tried)} of {self._attempts} draws tried"))
+                                                           f"{len(tried)} of {self._attempts} draws tried{why}"))
 
     async def _relay(
         self, executor: str, attempt: int, order: bytes, request: Signed[InferenceRequest],
