@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gonka_p2p.actors.node import Node
+from gonka_p2p.actors.replica import Replica
 from gonka_p2p.actors.replica.params import ReplicaParams
 from gonka_p2p.client import GonkaClient, NetworkUnavailable
 from gonka_p2p.config import NodeConfig
@@ -325,3 +326,36 @@ async def height_of(node: DevnetNode, client: GonkaClient) -> int:
 async def wait_height(node: DevnetNode, client: GonkaClient, height: int, timeout: float = 120) -> None:
     await eventually(lambda: height_of(node, client), timeout, f"node {client.ta[-6:]} to reach height {height}",
                      until=lambda h: h >= height, interval=0.25)
+
+
+@asynccontextmanager
+async def running_replicas(keys: Sequence[Keypair], genesis: Genesis, dirs: Sequence[Path], params: ReplicaParams,
+                           prepare: Callable[[int, Replica], None] = lambda i, r: None
+                           ) -> AsyncIterator[tuple[list[Replica], list[asyncio.Task[None]]]]:
+    """A replica per key on one in-memory network, each opened from its data directory (and
+    ``prepare``-d) before it runs; their run tasks, cancelled and every replica closed on exit."""
+    hub = MemoryHub()
+    services: list[NetworkService] = []
+    replicas: list[Replica] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for i, (key, path) in enumerate(zip(keys, dirs, strict=True)):
+            service = hub.service(key)
+            await service.start()
+            for other in services:
+                await service.connect(other.listen_addrs[0])
+            services.append(service)
+            replica = Replica(service, key, genesis, path, params)
+            await replica.open()
+            prepare(i, replica)
+            replicas.append(replica)
+            tasks.append(asyncio.create_task(replica.run()))
+        yield replicas, tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for replica in replicas:
+            await replica.close()
+        for service in services:
+            await service.stop()

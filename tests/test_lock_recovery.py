@@ -27,10 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import FAST
+from helpers import FAST, running_replicas
 
-from gonka_p2p.actors.replica import Replica
-from gonka_p2p.gossip.memory import MemoryHub, MemoryService
 from gonka_p2p.identity import Keypair, digest, verify_signature
 from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.consensus import ConsensusState
@@ -227,35 +225,14 @@ async def test_replicas_restarted_from_their_stores_with_locks_on_a_lost_block_c
         await store.save_safety(safety)
         await store.close()
 
-    hub = MemoryHub()
-    services: list[MemoryService] = []
-    replicas: list[Replica] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        for i, key in enumerate(KEYS):
-            service = hub.service(key)
-            await service.start()
-            for other in services:
-                await service.connect(other.listen_addrs[0])
-            replica = Replica(service, key, GENESIS, tmp_path / f"replica{i}", FAST)
-            await replica.open()
-            services.append(service)
-            replicas.append(replica)
-            tasks.append(asyncio.create_task(replica.run()))
+    dirs = [tmp_path / f"replica{i}" for i in range(len(KEYS))]
+    async with running_replicas(KEYS, GENESIS, dirs, FAST) as (replicas, tasks):
         for i in locked:
             assert replicas[i].core.safety.locked_hash == digest(block)  # the lock came back from disk
         await asyncio.gather(*(r.wait_for_height(1, timeout=30) for r in replicas))
         for task in tasks:
             assert not task.done(), task
         assert {r.state.last_block_hash for r in replicas} == {digest(block)}
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for replica in replicas:
-            await replica.close()
-        for service in services:
-            await service.stop()
 
 
 async def test_the_store_keeps_the_valid_value_and_votes_with_the_safety_state(tmp_path: Path) -> None:

@@ -11,10 +11,9 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from helpers import FAST
+from helpers import FAST, running_replicas
 
 from gonka_p2p.actors.replica import Replica
-from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.block import decode_block
 from gonka_p2p.ledger.consensus import bft_time_ms
@@ -62,21 +61,12 @@ def skew_time(replica: Replica) -> None:
 
 
 async def test_a_proposal_with_a_time_of_the_proposers_choosing_is_rejected(tmp_path: Path) -> None:
-    hub = MemoryHub()
-    services, replicas, tasks = [], [], []
-    try:
-        for i, key in enumerate(KEYS):
-            service = hub.service(key)
-            await service.start()
-            for other in services:
-                await service.connect(other.listen_addrs[0])
-            replica = Replica(service, key, GENESIS, tmp_path / f"r{i}", FAST)
-            await replica.open()
-            if i == 3:
-                skew_time(replica)
-            services.append(service)
-            replicas.append(replica)
-            tasks.append(asyncio.create_task(replica.run()))
+    def skew_the_last(i: int, replica: Replica) -> None:
+        if i == 3:
+            skew_time(replica)
+
+    async with running_replicas(KEYS, GENESIS, [tmp_path / f"r{i}" for i in range(len(KEYS))], FAST,
+                                skew_the_last) as (replicas, tasks):
         await asyncio.gather(*(r.wait_for_height(12, 20.0) for r in replicas[:3]))
         assert not any(t.done() for t in tasks)
         store = await LedgerStore.open(tmp_path / "r0" / "ledger.sqlite", GENESIS)
@@ -91,10 +81,3 @@ async def test_a_proposal_with_a_time_of_the_proposers_choosing_is_rejected(tmp_
         finally:
             await store.close()
         assert sum(r.metrics.rounds for r in replicas[:3]) > 0  # its turns cost a round each
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for replica, service in zip(replicas, services):
-            await replica.close()
-            await service.stop()
