@@ -13,7 +13,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from helpers import eventually
@@ -74,6 +74,17 @@ async def trio_of_hosts() -> AsyncIterator[tuple[Libp2pService, Libp2pService, L
         await relay.stop()
 
 
+def dials(dialer: Libp2pService, addr: str) -> Callable[[], Awaitable[bool]]:
+    """A probe for ``eventually``: whether ``dialer`` connects to ``addr`` now."""
+    async def reached() -> bool:
+        try:
+            await dialer.connect(addr, timeout=3)
+            return True
+        except NetworkError:
+            return False
+
+    return reached
+
 async def test_a_peer_behind_a_nat_announces_only_circuits_through_its_relay(trio_of_hosts) -> None:
     relay, natted, dialer = trio_of_hosts
     with pytest.raises(NetworkError):  # the fixture's NAT: its own address no longer answers
@@ -128,14 +139,7 @@ async def test_the_natted_peer_reserves_again_after_its_relay_restarts() -> None
         await relay.start()
         natted.set_stream_handler(PROTOCOL, echo)
 
-        async def reached() -> bool:
-            try:
-                await dialer.connect(natted.listen_addrs[0], timeout=3)
-                return True
-            except NetworkError:
-                return False
-
-        await eventually(reached, timeout=20, what="a circuit through the restarted relay")
+        await eventually(dials(dialer, natted.listen_addrs[0]), timeout=20, what="a circuit through the restarted relay")
         assert await dialer.request(natted.peer_id, PROTOCOL, b"again") == b"again"
     finally:
         await asyncio.gather(natted.stop(), dialer.stop(), relay.stop())
@@ -254,14 +258,7 @@ async def test_a_reservation_is_made_again_over_a_direct_connection_when_the_rel
         await second.connect(via_first)  # back to the natted peer through the first relay's circuit
         assert relayed_to(second, natted.peer_id) == [True]
 
-        async def reached_via_second() -> bool:
-            try:
-                await dialer.connect(via_second, timeout=3)
-                return True
-            except NetworkError:
-                return False
-
-        await eventually(reached_via_second, timeout=30, what="a circuit through the restarted relay")
+        await eventually(dials(dialer, via_second), timeout=30, what="a circuit through the restarted relay")
         assert await dialer.request(natted.peer_id, PROTOCOL, b"second") == b"second"
     finally:
         await asyncio.gather(natted.stop(), dialer.stop(), first.stop(), second.stop())
