@@ -191,12 +191,18 @@ async def ta_and_executor(make_service: ServiceFactory, engine: Engine | Stallin
             await node.artifacts.store.close()
 
 async def all_announced(nodes: list[Node], timeout: float = 30.0) -> None:
-    """Until every node's directory holds every other node that serves ``MODEL`` as live."""
+    """Until every node's directory holds every other node that serves ``MODEL`` as live, and
+    every ledger has committed a block: a StartInference is checked against the last block's
+    time, and before the first that is the genesis time (0 in tests' genesis files)."""
     executors = {node.key.peer_id for node in nodes if MODEL in node.config.models}
     for node in nodes:
         await eventually(lambda: set(node.directory.executor_weights(MODEL)), timeout,
                          f"{node.key.peer_id[-6:]} to hear every executor's announcement",
                          until=lambda seen: seen == executors - {node.key.peer_id})  # noqa: B023
+        if node.replica is not None:
+            replica = node.replica
+            await eventually(lambda: replica.state.height, timeout,  # noqa: B023
+                             f"{node.key.peer_id[-6:]} to commit its first block")
 
 
 async def client_for(hub: MemoryHub, ta: Node, seed: bytes = b"client") -> GonkaClient:

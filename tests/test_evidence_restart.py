@@ -24,6 +24,16 @@ from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 
 pytestmark = [pytest.mark.slow, pytest.mark.libp2p]
 
+def serve_only_node1(path: Path) -> None:
+    """Only node 1 runs an engine, so only it may be listed as serving the model: a draw of
+    another would be refused, and three draws all missing it fail the request (1 time in 8)."""
+    head, *participants = path.read_text().split("[[participants]]")
+    served = 'models = ["%s"]' % MODEL
+    assert all(served in p for p in participants)
+    participants = [p if i == 1 else p.replace(served, "models = []") for i, p in enumerate(participants)]
+    path.write_text("[[participants]]".join([head, *participants]))
+
+
 async def fetch(service: Libp2pService, executor: DevnetNode, inference_id: bytes) -> ArtifactReply:
     query = seal(ArtifactQuery(inference_id=inference_id), Keypair.from_seed(b"evidence-test"))
     return open_envelope(await service.request(executor.peer_id, ARTIFACT_PROTOCOL, query, timeout=30),
@@ -35,6 +45,7 @@ async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_val
     init = gonka("init", "--nodes", "3", "--clients", "1", "--model", MODEL, "--out", "net", cwd=tmp_path)
     assert init.returncode == 0, init.stderr
     net = tmp_path / "net"
+    serve_only_node1(net / "genesis.toml")
     genesis = load_genesis(net / "genesis.toml")
     ports = [free_port() for _ in range(3)]
     executor_args = ("--engine", "torch", "--model", MODEL)

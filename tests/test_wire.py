@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from gonka_p2p.identity import Keypair, peer_id_from_pubkey
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (
+    MAX_CHAIN_ID,
     Announcement,
     ChatTurn,
     InferenceFinished,
@@ -31,6 +32,7 @@ OTHER = Keypair.from_seed(b"someone-else")
 text = st.text(max_size=200)
 requests = st.builds(
     InferenceRequest,
+    chain_id=st.text(max_size=MAX_CHAIN_ID),  # left to inference, hypothesis once drew 65 characters
     model=st.text(min_size=1, max_size=128),
     messages=st.lists(st.builds(ChatTurn, role=st.sampled_from(["user", "system", "assistant"]),
                                 content=text), max_size=5),

@@ -49,6 +49,10 @@ from gonka_p2p.wire.schema import WireError
 
 log = logging.getLogger(__name__)
 
+# A dead peer is found by the first dial or stream to it that fails (mark_failed), so the ttl
+# only has to outlast a live one's late announcement: an executor generating on a loaded CPU
+# was seen silent for more than three intervals (a benchmark's TA then refused every request).
+LIVE_FOR_INTERVALS = 5
 FORGET_AFTER_TTLS = 10  # a peer silent this many ttl is dropped (it is re-learnt if it announces)
 MAX_PARTICIPANTS = 4096  # the ledger lists at most this many (query.MAX_LISTED_PARTICIPANTS)
 MAX_STRANGERS = 32  # weight-0 peers kept: newcomers not yet registered, clients' nodes
@@ -83,7 +87,7 @@ class PeerDirectory:
         self._capacity = capacity
         self.weights = dict(weights) if weights is not None else None
         self.interval = interval
-        self.ttl = 3 * interval
+        self.ttl = LIVE_FOR_INTERVALS * interval
         self.forget_after = FORGET_AFTER_TTLS * self.ttl
         self._target = target_connections
         self._clock = clock
@@ -215,6 +219,10 @@ class PeerDirectory:
             and not record.failed_since_seen
             and self._clock() - record.last_seen <= self.ttl
         )
+
+    def serves(self, peer: str, model: str) -> bool:
+        """``peer`` is live and announces ``model``: a draw of any other peer would be refused."""
+        return self.is_live(peer) and model in self._peers[peer].announcement.models
 
     def live_peers(self) -> list[PeerRecord]:
         return [r for p, r in sorted(self._peers.items()) if self.is_live(p)]

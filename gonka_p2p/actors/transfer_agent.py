@@ -214,7 +214,8 @@ class TransferAgent:
 
     async def route(self, request: Signed[InferenceRequest], send: SendFrame) -> None:
         """Try the draws in turn, relay the first that starts; move on while nothing reached
-        the client. A draw that is not live, or was already tried, is skipped."""
+        the client. A draw already tried, not live, barred by the ledger, or not announcing the
+        model is skipped (it would refuse) but named in the failure, if every draw fails."""
         order = seal(ExecuteOrder(request=request.raw), self._key)
         me, iid, model = self._service.peer_id, inference_id(request), request.message.model
         tried: set[str] = set()
@@ -226,10 +227,13 @@ class TransferAgent:
                 executor = choose_executor(weights, frozenset({me}), iid, attempt)
             except NoEligibleExecutor:
                 break
-            if (executor in tried or not self._directory.is_live(executor)
-                    or (self._ledger is not None and not may_execute(self._ledger, executor))):
+            if executor in tried:
                 continue
             tried.add(executor)
+            if not self._directory.serves(executor, model) or (
+                    self._ledger is not None and not may_execute(self._ledger, executor)):
+                refusals.append(f"{executor[-8:]}: not live, barred, or not serving {model!r}")
+                continue
             outcome = await self._relay(executor, attempt, order, request, send)
             if outcome == "done":
                 self.relayed += 1
@@ -243,7 +247,7 @@ class TransferAgent:
             return
         why = f" ({'; '.join(refusals)})" if refusals else ""
         await _to_client(send, self._failed("no_executor", "no live executor could take the request: "
-                                                           f"{len(tried)} of {self._attempts} draws tried{why}"))
+                                                           f"{len(tried)} distinct of {self._attempts} draws{why}"))
 
     async def _relay(
         self, executor: str, attempt: int, order: bytes, request: Signed[InferenceRequest],
