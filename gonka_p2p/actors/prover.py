@@ -25,6 +25,12 @@ the open rounds (``poc_rounds.open_rounds``) and does what their phase asks
   recomputation never eats into the verdict window; a model it does not serve, it cannot
   judge (others do).
 
+A replica that is replaying blocks committed long ago (a joiner or a restarted node
+catching up) does none of this: the rounds it sees open closed long ago by the network's
+clock, and the nonces it would compute for them (until replay passed their window) took the
+cores the replay needs. It acts again from the first block that is no older than
+``CATCHING_UP_LAG_S``; a window still open then is joined with what is left of it.
+
 Its transactions go to the node's follower through a :class:`DutyLedger`, so none is
 sent twice while in flight; everything else is re-derived from committed state. Compute
 runs as tasks of :meth:`run`'s TaskGroup; the node supervises :meth:`run`.
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
@@ -59,16 +66,21 @@ from gonka_p2p.wire.merkle import inclusion_proof, merkle_root
 log = logging.getLogger(__name__)
 
 COMMIT_MARGIN_BLOCKS = 2  # stop computing this many blocks before the window's last, to commit in time
+# A block this much older than this node's clock was committed long ago: the replica is catching
+# up. Far above a live block's age at its commit (the consensus rounds it took, and clock skew).
+CATCHING_UP_LAG_S = 60
 
 
 class ProverActor(DutyActor):
     def __init__(self, key: Keypair, engines: dict[str, Engine], chain_id: str, submitter: TxFollower,
-                 addrs: Callable[[], list[str]]) -> None:
-        """``addrs``: this node's dialable addresses, registered when it joins."""
+                 addrs: Callable[[], list[str]], clock: Callable[[], float] = time.time) -> None:
+        """``addrs``: this node's dialable addresses, registered when it joins; ``clock``:
+        wall time in seconds, against which block times tell a replay from the present."""
         super().__init__(key, submitter)
         self._engines = engines
         self._chain_id = chain_id
         self._addrs = addrs
+        self._clock = clock
         self._computing: dict[tuple[int, RoundKind, str], PocCompute] = {}
         self._leaves: dict[tuple[int, RoundKind, str], list[bytes]] = {}  # what was committed
         self._checked: dict[tuple[int, RoundKind, str, str], bool] = {}  # (round, prover, model) -> ok
@@ -90,11 +102,16 @@ class ProverActor(DutyActor):
             for key in [k for k in memo if k[0] < epoch_now]:
                 del memo[key]
         self._stop_due(state)
+        if self._catching_up(state):
+            return
         for open_round in open_rounds(state):
             for model in self._models_for(open_round):
                 self._act(open_round, model, tasks)
             if open_round.phase in (Phase.REVEAL, Phase.VERDICT):
                 await self._judge(open_round)
+
+    def _catching_up(self, state: LedgerState) -> bool:
+        return self._clock() * 1000 - state.time_ms > CATCHING_UP_LAG_S * 1000
 
     def _stop_due(self, state: LedgerState) -> None:
         """Stop every computation whose window is about to close (or closed while this replica
