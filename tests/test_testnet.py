@@ -19,6 +19,7 @@ import pytest
 
 from gonka_p2p.testnet import netns
 from gonka_p2p.testnet.invariants import (
+    STANDING,
     Applied,
     judge,
     judge_membership,
@@ -265,3 +266,14 @@ def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weight(tmp_
     assert report["outcome"] == "PASSED" and result.returncode == 0, result.stdout[-5000:]
     membership = next(r for r in report["rows"] if r["name"].startswith("joiners gain weight"))
     assert "joiner 4" in membership["detail"] and "leaver" in membership["detail"]
+
+
+def test_an_honest_participant_caught_sanctioned_or_overturned_fails_the_run() -> None:
+    observed = [observation(t, n, t) for t in range(1, 30) for n in range(3)]
+    stores = {n: ({h: HASH_A for h in range(1, 30)}, None) for n in range(3)}
+    clean = dict.fromkeys(STANDING, 0)
+    fine = judge(observed, [], {}, [], stores, 10, [], standing={"a" * 20: {**clean, "missed": 3}})
+    assert fine.passed and "3 inferences expired" in fine.rows[-2].detail
+    for counter in ("caught", "sanctioned", "overturned"):
+        penalised = judge(observed, [], {}, [], stores, 10, [], standing={"a" * 20: {**clean, counter: 1}})
+        assert not penalised.passed and counter in penalised.rows[-2].detail

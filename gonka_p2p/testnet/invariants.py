@@ -55,6 +55,11 @@ nodes stopped. Rows:
   validations of its committed, and requests answered with it as the TA: the
   load client, on the public side, can reach it only through the circuit
   its relay holds, so those answers crossed a relay.
+* **no honest participant penalised** -- every participant of a testnet is
+  honest, so none may end the run caught cheating, sanctioned, or with a
+  verdict of its overturned by a dispute: a crash, a partition or evidence
+  it could not serve must cost it at most the work it did not finish (the
+  inferences that expired in its hands, reported beside).
 * **liveness** -- after each perturbation ends (one never undone: after it
   starts), some replica commits a new height within ``recovery_bound_s``, and
   one does in the run's last such window; a run in which either fails is
@@ -110,13 +115,27 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+STANDING = ("caught", "sanctioned", "overturned", "missed")  # a participant's record, as the ledger keeps it
+
+
+def note_standing(state: LedgerState, standing: dict[str, dict[str, int]]) -> None:
+    """Merge each participant's :data:`STANDING` counters in ``state`` into ``standing`` (the
+    counters only grow, so the highest seen is the longest store's)."""
+    for peer, participant in state.registry.rows.items():
+        mine = standing.setdefault(peer, dict.fromkeys(STANDING, 0))
+        for counter in STANDING:
+            mine[counter] = max(mine[counter], int(getattr(participant, counter)))
+
+
 async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str, Any]] | None = None,
-                       checks: set[tuple[str, str]] | None = None) -> tuple[dict[int, str], str | None]:
+                       checks: set[tuple[str, str]] | None = None,
+                       standing: dict[str, dict[str, int]] | None = None) -> tuple[dict[int, str], str | None]:
     """Every stored height's app hash, replayed from genesis with a full invariant check after each
     block; and the first violation, if any. ``answers``, when given, is filled with what each
     inference's record committed as its answer (hex id -> response hash, completion tokens,
     executor), kept as seen even once the record is pruned; ``checks`` with every committed
-    validation (hex inference id, validator)."""
+    validation (hex inference id, validator); ``standing`` with each participant's
+    :data:`STANDING` counters at the store's last height (the highest across stores)."""
     store = await LedgerStore.open(path, genesis)
     hashes: dict[int, str] = {}
     try:
@@ -124,6 +143,8 @@ async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str
         while True:
             batch = await store.blocks(state.height + 1, 256)
             if not batch:
+                if standing is not None:
+                    note_standing(state, standing)
                 return hashes, None
             for height, raw, _ in batch:
                 apply_block(state, decode_block(raw))
@@ -291,13 +312,26 @@ def judge_nat(index: int, peer: str, sent: list[dict[str, Any]], answers: dict[s
                "requests answered as TA through its relay's circuit")
 
 
+def judge_standing(standing: dict[str, dict[str, int]]) -> Row:
+    penalised = {peer: {k: v for k, v in counters.items() if k != "missed" and v}
+                 for peer, counters in standing.items()}
+    penalised = {peer: counters for peer, counters in penalised.items() if counters}
+    missed = sum(counters["missed"] for counters in standing.values())
+    detail = (f"penalised: {', '.join(f'{peer[-8:]} {counters}' for peer, counters in penalised.items())}"
+              if penalised else f"none caught, sanctioned or overturned among {len(standing)} participants")
+    return Row("no honest participant penalised", not penalised,
+               f"{detail}; {missed} inferences expired in their executors' hands (unpaid, unpunished)")
+
+
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],
           applied: list[Applied], stores: dict[int, tuple[dict[int, str], str | None]],
           recovery_bound_s: float, process_failures: list[str],
           answers: dict[str, dict[str, Any]] | None = None, peers: list[str] | None = None,
-          nat: tuple[int, ...] = (), checks: set[tuple[str, str]] | None = None) -> Verdict:
+          nat: tuple[int, ...] = (), checks: set[tuple[str, str]] | None = None,
+          standing: dict[str, dict[str, int]] | None = None) -> Verdict:
     """``peers``: every participant's peer id by index (joiners included), for the membership and NAT
-    rows; ``nat``: the participants behind a NAT; ``checks``: the committed validations."""
+    rows; ``nat``: the participants behind a NAT; ``checks``: the committed validations;
+    ``standing``: each participant's record on the ledger (:func:`replay_store`)."""
     verdict = Verdict()
     verdict.rows.append(Row("no participant crashed or failed to restart", not process_failures,
                             "; ".join(process_failures) or "none"))
@@ -327,6 +361,8 @@ def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: d
     if membership is not None:
         verdict.rows.append(membership)
     verdict.rows += [judge_nat(i, (peers or [])[i], sent, answers or {}, checks or set()) for i in nat]
+    if standing:
+        verdict.rows.append(judge_standing(standing))
     for a in applied:  # one never undone must not stop the network from its start on
         verdict.recoveries.append(recovery_after(observed, a.started if a.ended is None else a.ended,
                                                  recovery_bound_s))

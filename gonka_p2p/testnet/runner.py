@@ -349,11 +349,12 @@ class Testnet:
         genesis = load_genesis(self.net / "genesis.toml")
         answers: dict[str, dict[str, Any]] = {}  # what each settled inference committed, from every store
         checks: set[tuple[str, str]] = set()  # every committed validation, from every store
+        standing: dict[str, dict[str, int]] = {}  # every participant's record, from the longest store
         stores = {p.index: asyncio.run(replay_store(p.key.parent / f"{p.key.name}-ledger" / "ledger.sqlite", genesis,
-                                                    answers, checks))
+                                                    answers, checks, standing))
                   for p in self.participants if p.proc is not None}
         settled_path = self.workdir / "settled.json"
         settled = json.loads(settled_path.read_text()) if settled_path.exists() else {}
         return judge(read_jsonl(self.workdir / "observed.jsonl"), read_jsonl(self.workdir / "requests.jsonl"),
                      settled, self.applied, stores, m.recovery_bound_s, self.process_failures, answers,
-                     [p.peer_id for p in self.participants], m.nat, checks)
+                     [p.peer_id for p in self.participants], m.nat, checks, standing)
