@@ -60,10 +60,19 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
     else:
         suspicious = SUSPICIOUS_MARGIN * max(
             quantile([normalised(m) for m in ms], 1.0 - sprt.honest_suspicious_rate / 2) for ms in rows.values())
+    # Honest tokens the validator's cut leaves out, as the logprob noise that carries them across it
+    # (sampler._filter_margins: a distance c at temperature T is T log(1 + c) / 2 nats). At float32
+    # the single-logprob tolerance is that noise's bound already (cut_noise None); at bfloat16 it
+    # is hundreds of times the typical noise and would keep every token, so the width is the
+    # margin x the widest honest one -- or x the p99.9 mean error, when no honest token was cut.
+    cut_noise = [m.temperature * math.log1p(c) / 2 for m in every if m.temperature > 0.0
+                 for c in m.cut_margins if math.isfinite(c)]
     thresholds = ModelThresholds(
         logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
-        reference_tokens=reference)
+        reference_tokens=reference,
+        cut_noise=None if dtype == DEFAULT_DTYPE else CALIBRATION_MARGIN * max(
+            [*cut_noise, quantile(mean_errors, 0.999)]))
     greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
     sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured: dict[str, Any] = {
@@ -82,6 +91,8 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
         "sampled_positions_outside_nucleus": sum(math.isinf(x) for x in sampled),
         "sampled_inferences_outside_nucleus": sum(
             any(math.isinf(x) for x in m.sampling_margins) for m in every if m.temperature > 0.0),
+        "sampled_positions_cut_with_weight": len(cut_noise),  # of those, the ones measured at the cut
+        "max_cut_noise_nats": max(cut_noise, default=0.0),
         "val_over_gen": val_over_gen,
     }
     for row, ms in sorted(rows.items()):  # the epoch test's honest rate, per configuration
@@ -105,7 +116,7 @@ def merged_table(table: dict[str, Any], model: str, dtype: str, thresholds: Mode
     other dtype (``verification.verification_params_from_obj`` reads it so)."""
     node = table.setdefault("models", {}).setdefault(model, {})
     target = node if dtype == DEFAULT_DTYPE else node.setdefault(dtype, {})
-    target.update(dataclasses.asdict(thresholds))
+    target.update({k: v for k, v in dataclasses.asdict(thresholds).items() if v is not None})
     target["calibration"] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **measured}
 
 

@@ -10,6 +10,7 @@ mixes and batch compositions.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -22,6 +23,7 @@ from gonka_p2p.inference.sampler import (
     SamplingParams,
     check_token,
     choose_token,
+    claim_margins,
     first_argmax,
     noise_bits,
     sample_batch,
@@ -57,6 +59,29 @@ def literal_weights(row: torch.Tensor, params: SamplingParams) -> list[int]:
             before += q[i]
         q = [w if i in kept else 0 for i, w in enumerate(q)]
     return q
+
+
+def literal_cut_margin(row: torch.Tensor, params: SamplingParams, claimed: int) -> float:
+    """A token's distance from the top-k/top-p cut as the sampler's docstring defines it: the
+    relative change of the weights under which rules 3-4 keep it; inf when they keep it
+    (or it has no weight)."""
+    if params.greedy or literal_weights(row, params)[claimed] > 0:
+        return math.inf
+    x = row.to(torch.float32).unsqueeze(0)
+    p = torch.softmax(x / torch.tensor([[params.temperature]], dtype=torch.float32), dim=-1)[0]
+    q = [int(v) for v in (p * 2.0**WEIGHT_BITS).to(torch.int32).tolist()]
+    w, margin = q[claimed], 0.0
+    if w == 0:
+        return math.inf
+    if 0 < params.top_k < len(q):
+        kth = sorted(q, reverse=True)[params.top_k - 1]
+        margin = kth / w - 1 if w < kth else 0.0
+        q = [v if v >= kth or i == claimed else 0 for i, v in enumerate(q)]
+    if round(params.top_p * 2**32) < 2**32:
+        threshold = max(1, max(1, round(params.top_p * 2**32)) * sum(q) >> 32)
+        ahead = sum(v for i, v in enumerate(q) if (v, -i) > (w, -claimed))
+        margin = max(margin, (ahead + 1) / threshold - 1 if ahead >= threshold else 0.0)
+    return margin if margin > 0 else math.inf
 
 
 def literal_choice(row: torch.Tensor, params: SamplingParams, seed: bytes, position: int) -> int:
@@ -188,3 +213,17 @@ def test_a_batch_on_the_accelerator_picks_the_cpu_reference_tokens() -> None:
         p, s, pos = rules[i]
         assert check_token(rows[i], p, s, pos, int(gpu[i]), tolerance=1e-5).ok
     assert len(differ) <= 2
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),
+                                    SamplingParams(max_tokens=1, temperature=1.3, top_k=7),
+                                    SamplingParams(max_tokens=1, temperature=1.0, top_k=20, top_p=0.8)],
+                         ids=["nucleus", "top-k", "both"])
+def test_every_tokens_distance_from_the_cut_is_the_literal_one(params: SamplingParams) -> None:
+    rows = torch.randn(6, 300, generator=torch.Generator().manual_seed(3)) * 2.5
+    for position, row in enumerate(rows):
+        claimed = torch.arange(row.numel())
+        _, _, cut = claim_margins(row.expand(row.numel(), -1), params, b"cut", claimed, position)
+        literal = [literal_cut_margin(row, params, t) for t in range(row.numel())]
+        assert cut.tolist() == literal
+        assert any(math.isfinite(c) for c in literal) and any(math.isinf(c) for c in literal)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sampler_batched import literal_weights, splitmix_u32
+from test_sampler_batched import literal_cut_margin, literal_weights, splitmix_u32
 
 from gonka_p2p.actors.node import verification_params_of
 from gonka_p2p.adversary import cheats
@@ -308,7 +308,7 @@ def reference_measurements(engine: TorchEngine, artifact: InferenceArtifact
     with torch.inference_mode():
         rows = engine._model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
     rows = rows[len(artifact.prompt_ids) - 1:][:n]
-    evidence, errors, shortfalls, margins = [], [], [], []
+    evidence, errors, shortfalls, margins, cut = [], [], [], [], []
     for i, (row, step) in enumerate(zip(rows, artifact.steps, strict=True)):
         lp = torch.log_softmax(row, dim=-1)
         top = torch.topk(lp, k)
@@ -318,6 +318,7 @@ def reference_measurements(engine: TorchEngine, artifact: InferenceArtifact
         errors.append(torch.tensor([abs(v - float(lp[t])) for t, v in claimed], dtype=torch.float64))
         shortfalls.append(max(0.0, *(float(top.values[-1]) - float(lp[t]) for t in step.top_ids)))
         margins.append(reference_margin(row, artifact.params, artifact.seed, i, step.token_id))
+        cut.append(literal_cut_margin(row, artifact.params, step.token_id))
     length = verification.check_length(artifact, engine.eos_token_ids)
     return evidence, rows, Measurements(
         n_tokens=n, temperature=artifact.params.temperature,
@@ -326,7 +327,8 @@ def reference_measurements(engine: TorchEngine, artifact: InferenceArtifact
         max_error=max(float(e.max()) for e in errors),
         top_k_shortfall=tuple(shortfalls), sampling_margins=tuple(margins),
         error_ceilings=tuple(float(e.max()) for e in errors),  # from rows, ceilings are the floors
-        top_k_ceilings=tuple(shortfalls), sampling_ceilings=tuple(margins))
+        top_k_ceilings=tuple(shortfalls), sampling_ceilings=tuple(margins),
+        cut_margins=tuple(cut), cut_ceilings=tuple(cut))
 
 
 # Sampled at T=1.5 with top-p 0.99 the tiny model's nucleus spans thousands of tokens:
@@ -549,3 +551,45 @@ async def test_cheats_that_state_what_they_did_fail(engine: TorchEngine, cheat: 
     artifact = await cheats.make_cheater(cheat, engine)(prompt(engine), SAMPLED, b"seed-0")
     verdict = await check(engine, artifact, contract=asked(artifact, SAMPLED, billed(artifact)))
     assert "contract" in failed_rules(verdict), verdict.reasons
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),
+                                    SamplingParams(max_tokens=1, temperature=1.3, top_k=7)], ids=["nucleus", "top-k"])
+def test_the_top_k_evidence_never_places_a_cut_token_further_out_than_the_whole_row(params: SamplingParams) -> None:
+    """A token the cut surely leaves out gets a floor on its distance from the cut, from the
+    top-K alone: never above the whole row's value (else an honest near-tie would fail
+    on evidence that cannot see it), and far enough from 0 to fail a far-out token."""
+    from gonka_p2p.inference.topk_evidence import _sampling_bounds
+
+    rows = torch.randn(4, 400, generator=torch.Generator().manual_seed(5)) * 6.0  # nuclei inside the top-64
+    for row in rows:
+        lp = torch.log_softmax(row, dim=-1).double()
+        top = torch.topk(lp, 64)
+        claimed = torch.arange(row.numel())
+        n = len(claimed)
+        *_, cut_floor, cut_ceiling = _sampling_bounds(
+            top.indices.repeat(n, 1), top.values.repeat(n, 1), claimed, lp[claimed], torch.full((n,), 0.5),
+            params, row.numel())
+        literal = torch.tensor([literal_cut_margin(row, params, t) for t in range(n)], dtype=torch.float64)
+        decided = torch.isfinite(cut_floor)
+        assert bool((cut_floor[decided] <= literal[decided]).all())
+        assert bool(torch.isinf(cut_ceiling).all())
+        assert bool((cut_floor[decided] > 0.05).any())  # far-out tokens fail from the evidence alone
+
+
+def test_a_near_tie_at_the_cut_passes_and_is_left_out_of_rule_6() -> None:
+    t = verification.load_verification_params().for_model(TINY_MODEL)
+    tol = verification.cut_tolerance(t, 0.7)
+    base = dict(n_tokens=3, temperature=0.7, structural=(), position_errors=(0.0,) * 3, max_error=0.0,
+                top_k_shortfall=(0.0,) * 3, sampling_margins=(0.0, math.inf, 0.0), error_ceilings=(0.0,) * 3,
+                top_k_ceilings=(0.0,) * 3, sampling_ceilings=(0.0, math.inf, 0.0))
+    near = Measurements(**base, cut_margins=(math.inf, tol / 2, math.inf), cut_ceilings=(math.inf, tol / 2, math.inf))
+    verdict = verification.judge(near, t)
+    assert verdict.valid and verdict.near_ties == 1 and verdict.sampling_mismatches == 0
+    far = Measurements(**base, cut_margins=(math.inf, tol * 2, math.inf), cut_ceilings=(math.inf, tol * 2, math.inf))
+    assert not verification.judge(far, t).valid
+    assert not verification.judge(Measurements(**base), t).valid  # no cut margin: as before, a miss
+    # from top-K evidence: open at the cut (floor within, ceiling not) -> resolved, never rule 6
+    open_cut = Measurements(**base, cut_margins=(math.inf, tol / 2, math.inf), cut_ceilings=(math.inf,) * 3)
+    verdict = verification.judge(open_cut, t)
+    assert verdict.valid and verdict.undecidable == 1

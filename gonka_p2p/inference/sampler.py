@@ -55,7 +55,12 @@ inference id, fixed before any token).
 
 ``check_token`` is the validator's side: it accepts the claimed token when it
 is the rule's choice, or when numeric noise of size ``tolerance`` could have
-flipped the choice to it (a near-tie), and reports the margin either way.
+flipped the choice to it (a near-tie), and reports the margin either way. A
+token rules 3-4 cut has no interval to be near: it is measured at the cut
+instead (how much the weights would have to move for the cut to keep it), and
+accepted within ``cut_tolerance`` -- an executor whose copy of the model
+differs in the last bits of bf16 puts a token just inside a nucleus that the
+validator's copy ends just before.
 """
 
 from __future__ import annotations
@@ -342,6 +347,7 @@ class TokenCheck:
     ok: bool
     exact: bool
     margin: float  # greedy: nats below the max; sampled: CDF distance from the token's interval
+    cut: float = float("inf")  # a token top-k/top-p cut: relative distance from the cut; inf: kept
 
 
 def claim_margins(
@@ -350,11 +356,13 @@ def claim_margins(
     seed: bytes,
     claimed: torch.Tensor,
     first_position: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``check_token``'s margin (float64) and exactness (bool) for every row of ``logits``
-    ``[n, vocab]``, row i being position ``first_position + i`` and claiming
-    ``claimed[i]`` (in the vocabulary). The weights are ``sample_batch``'s (rows in
-    blocks on a CPU, as there), so an exact pick is exactly ``choose_token``'s."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``check_token``'s margin (float64), exactness (bool) and cut margin (float64: for a
+    token rules 3-4 cut, how far outside the cut it lies, :func:`_filter_margins`; inf for
+    any other) for every row of ``logits`` ``[n, vocab]``, row i being position
+    ``first_position + i`` and claiming ``claimed[i]`` (in the vocabulary). The weights
+    are ``sample_batch``'s (rows in blocks on a CPU, as there), so an exact pick is
+    exactly ``choose_token``'s."""
     assert logits.dim() == 2 and claimed.shape == (logits.shape[0],) and len(claimed) > 0
     assert bool(((claimed >= 0) & (claimed < logits.shape[1])).all())
     x = logits.to(torch.float32)
@@ -362,7 +370,8 @@ def claim_margins(
     if params.greedy:
         scores = x.to(torch.float64)  # log_softmax's shift cancels in the difference
         best = first_argmax(x).unsqueeze(1)
-        return (scores.gather(1, best) - scores.gather(1, at)).squeeze(1), (best == at).squeeze(1)
+        margin = (scores.gather(1, best) - scores.gather(1, at)).squeeze(1)
+        return margin, (best == at).squeeze(1), torch.full_like(margin, float("inf"))
     n = len(claimed)
     rules = RowRules.of([(params, seed)] * n, x.shape[1], x.device)
     u = noise_bits(rules.keys, torch.arange(first_position, first_position + n, device=x.device))
@@ -376,8 +385,45 @@ def claim_margins(
     inside = (lo <= t) & (t < hi)
     miss = torch.where(t < lo, lo - t, t - hi + 1)  # >= 1 outside the interval
     margins = torch.where(inside, 0, miss).to(torch.float64) / total.to(torch.float64)
-    excluded = hi <= lo  # zero weight: no amount of noise makes it a choice
-    return margins.masked_fill(excluded, float("inf")), inside & ~excluded
+    excluded = hi <= lo  # zero weight: no amount of noise at a CDF boundary makes it a choice
+    cut = torch.full_like(margins, float("inf"))
+    if bool(excluded.any()):  # only those rows: a whole-vocabulary pass per row
+        rows = excluded.nonzero().view(-1)
+        cut.index_copy_(0, rows, _filter_margins(x.index_select(0, rows), params, claimed.index_select(0, rows)))
+    return margins.masked_fill(excluded, float("inf")), inside & ~excluded, cut
+
+
+def _filter_margins(logits: torch.Tensor, params: SamplingParams, claimed: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float64 for the claimed tokens of the rows of ``logits`` (a sampled request): the
+    least relative change of the weights under which rules 3-4 keep the token --
+    ``kth / w - 1`` below the top-k's k-th weight, ``(ahead + 1) / threshold - 1`` past the
+    nucleus (``ahead``: the weight rule 3 leaves on the tokens before it in (weight desc,
+    id asc) order), the larger when both cut it; inf for a token without weight, or one
+    both keep.
+
+    Why this unit: an executor's copy of the model that differs by ``e`` nats on each
+    logprob scales every weight by ``exp(+-e / T)``, so any ratio of two weights, or of two
+    sums of weights, by at most ``exp(2 e / T)``: a token within ``expm1(2 e / T)`` of the
+    cut may have been kept there -- a near-tie at the cut, the same unit as the tolerance
+    ``check_token`` gives a CDF boundary (``verification.filter_tolerance``)."""
+    temperature = params.temperature
+    q = torch.softmax(logits.to(torch.float32) / temperature, dim=-1).mul_(2.0**WEIGHT_BITS).to(torch.int32)
+    q = q.to(torch.int64)
+    at = claimed.to(q.device).unsqueeze(1)
+    w = q.gather(1, at)
+    margin = torch.zeros(len(q), dtype=torch.float64, device=q.device)
+    if 0 < params.top_k < q.shape[1]:
+        kth = torch.topk(q, params.top_k, dim=-1).values[:, -1:]
+        margin = torch.where(w < kth, kth.double() / w.clamp_min(1).double() - 1.0, 0.0).squeeze(1)
+        q = q.masked_fill(q < kth, 0).scatter_(1, at, w)  # the rest of the rule as if it were kept
+    p_scaled = max(1, round(params.top_p * 2**32))
+    if p_scaled < 2**32:
+        threshold = _scale(torch.full_like(w, p_scaled), q.sum(dim=-1, keepdim=True)).clamp_min_(1)
+        ids = torch.arange(q.shape[1], device=q.device)
+        ahead = ((q > w) | ((q == w) & (ids < at))).to(torch.int64).mul_(q).sum(dim=-1, keepdim=True)
+        past = torch.where(ahead >= threshold, (ahead + 1).double() / threshold.double() - 1.0, 0.0).squeeze(1)
+        margin = torch.maximum(margin, past)
+    return torch.where((w.squeeze(1) > 0) & (margin > 0), margin, float("inf"))
 
 
 def check_token(
@@ -387,10 +433,13 @@ def check_token(
     position: int,
     claimed: int,
     tolerance: float,
+    cut_tolerance: float = 0.0,
 ) -> TokenCheck:
-    """Validator side of ``choose_token``: accept exact picks and near-ties within ``tolerance``."""
+    """Validator side of ``choose_token``: accept exact picks, near-ties within ``tolerance``
+    of a CDF boundary, and tokens cut by top-k or top-p within ``cut_tolerance`` of the cut."""
     if not 0 <= claimed < logits.numel():
-        return TokenCheck(ok=False, exact=False, margin=float("inf"))
-    margins, exact = claim_margins(logits.reshape(1, -1), params, seed, torch.tensor([claimed]), position)
-    margin = float(margins[0])
-    return TokenCheck(ok=margin <= tolerance, exact=bool(exact[0]), margin=margin)
+        return TokenCheck(ok=False, exact=False, margin=float("inf"), cut=float("inf"))
+    margins, exact, cut = claim_margins(logits.reshape(1, -1), params, seed, torch.tensor([claimed]), position)
+    margin, cut_margin = float(margins[0]), float(cut[0])
+    return TokenCheck(ok=margin <= tolerance or cut_margin <= cut_tolerance, exact=bool(exact[0]),
+                      margin=margin, cut=cut_margin)

@@ -112,6 +112,8 @@ def top_k_measurements(claim: Sequence[TokenStep], evidence: Sequence[TokenStep]
         top_k_ceilings=tuple(b.shortfall_ceiling.tolist()),
         sampling_ceilings=tuple(b.margin_ceiling.tolist()),
         honest_undecidable=float(b.honest_undecidable.sum()),
+        cut_margins=tuple(b.cut_floor.tolist()),
+        cut_ceilings=tuple(b.cut_ceiling.tolist()),
     )
 
 
@@ -126,6 +128,8 @@ class Bounds:
     margin_floor: torch.Tensor  # [n] check_token's margin, CDF units (greedy: nats)
     margin_ceiling: torch.Tensor  # [n]
     honest_undecidable: torch.Tensor  # [n] bound on P(undecidable | honest, prefix)
+    cut_floor: torch.Tensor  # [n] a cut token's distance from the cut (sampler's unit); inf: kept
+    cut_ceiling: torch.Tensor  # [n]
 
 
 def evidence_tensors(steps: list[TokenStep]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,7 +170,8 @@ def bounds(artifact_ids: torch.Tensor, artifact_lps: torch.Tensor, steps: list[T
     distance = distance_bounds(artifact_ids, artifact_lps, ids, lps, claimed_lp, params.logprobs_k)
     if params.greedy:
         margin = torch.maximum(lps.max(dim=1).values, claimed_lp) - claimed_lp
-        margins = (margin, margin, torch.zeros_like(margin))
+        never = torch.full_like(margin, math.inf)
+        margins = (margin, margin, torch.zeros_like(margin), never, never)
     else:
         u = torch.tensor([position_uniform(seed, i) for i in range(len(steps))], dtype=torch.float64)
         margins = _sampling_bounds(ids, lps, claimed, claimed_lp, u, params, vocab_size)
@@ -293,9 +298,10 @@ def _slack(count: torch.Tensor | int, kept_mass: torch.Tensor, temperature: floa
 
 def _sampling_bounds(ids: torch.Tensor, lps: torch.Tensor, claimed: torch.Tensor, claimed_lp: torch.Tensor,
                      u: torch.Tensor, params: SamplingParams, vocab_size: int) -> tuple[torch.Tensor, ...]:
-    """(margin floor, margin ceiling, honest undecidable bound), each ``[n]``, for a sampled
-    request: the reference margin is ``max(0, lo - x, x - hi)`` for the claimed token's
-    interval ``[lo, hi)`` and the noise point ``x`` (``u``), in CDF units."""
+    """(margin floor, margin ceiling, honest undecidable bound, cut floor, cut ceiling), each
+    ``[n]``, for a sampled request: the reference margin is ``max(0, lo - x, x - hi)`` for the
+    claimed token's interval ``[lo, hi)`` and the noise point ``x`` (``u``), in CDF units; a
+    token the cut surely leaves out has no interval (margin inf) and is measured at the cut."""
     n, top_count = ids.shape
     t = params.temperature
     in_top = (ids == claimed.unsqueeze(1)).any(dim=1)
@@ -318,15 +324,42 @@ def _sampling_bounds(ids: torch.Tensor, lps: torch.Tensor, claimed: torch.Tensor
                          u - slack - hi[1] - slack]).max(dim=0).values
     ceiling = torch.stack([torch.zeros(n, dtype=torch.float64), lo[1] + slack - (u - slack),
                            u - (hi[0] - slack)]).max(dim=0).values
-    # a token with no weight (filtered out, or below one unit) is never a choice
+    # a token with no weight (filtered out, or below one unit) is never a choice at a CDF boundary
     unit = _UNIT * (1 + _TIE)
-    zero_surely = (weight_c / (rows.weight.sum(dim=1) + rows.tail_min) < _UNIT * (1 - _TIE)) | (sure & ~kept_c)
+    weightless = weight_c / (rows.weight.sum(dim=1) + rows.tail_min) < _UNIT * (1 - _TIE)
+    cut = sure & ~kept_c & ~weightless  # surely cut: judged by its distance from the cut instead
+    zero_surely = weightless | cut
     zero_maybe = weight_c / full_max < unit
     floor = torch.where(zero_surely, math.inf, floor)
     ceiling = torch.where(zero_surely | zero_maybe, math.inf, ceiling)
     floor = torch.where(sure | zero_surely, floor, 0.0)
     ceiling = torch.where(sure, ceiling, math.inf)
-    return floor, ceiling, _honest_undecidable(ids, lps, params, vocab_size, slack)
+    cut_floor = torch.where(cut, _cut_floor(rows, params, weight_c, full_max, vocab_size), math.inf)
+    return (floor, ceiling, _honest_undecidable(ids, lps, params, vocab_size, slack), cut_floor,
+            torch.full_like(cut_floor, math.inf))  # the ceiling: a whole-vocabulary pass decides
+
+
+def _cut_floor(rows: _Rows, params: SamplingParams, weight_c: torch.Tensor, full_max: torch.Tensor,
+               vocab_size: int) -> torch.Tensor:
+    """``[n]`` the least distance from the cut (``sampler._filter_margins``) of a claimed token
+    of weight ``weight_c`` that the cut surely leaves out, over every tail the evidence allows:
+    below the top-k's k-th weight (known: the cut is inside the top-K), and past the nucleus
+    by the known weight surely ahead of it against the largest threshold (the share of
+    ``full_max``). Integer rounding (a unit per token, in the total's scale) is given to
+    the executor, so the floor never exceeds the reference's value."""
+    units = 2 * _UNIT * full_max  # a weight and a sum's rounding, in these weights' scale
+    floor = torch.zeros_like(weight_c)
+    kth = torch.full_like(weight_c, 0.0)
+    if 0 < params.top_k < vocab_size:
+        kth = torch.sort(rows.weight[:, :-1], dim=1, descending=True).values[:, params.top_k - 1]
+        floor = (kth * (1 - _TIE) - units) / (weight_c + units) - 1.0
+    p_scaled = max(1, round(params.top_p * 2**32))
+    if p_scaled < 2**32:
+        heavier = rows.known & (rows.weight > weight_c.unsqueeze(1) * (1 + _TIE)) & (rows.weight >= kth.unsqueeze(1))
+        ahead = (rows.weight * heavier).sum(dim=1) - heavier.sum(dim=1) * units
+        threshold = p_scaled / 2**32 * full_max * (1 + _TIE) + units
+        floor = torch.maximum(floor, ahead / threshold - 1.0)
+    return floor.clamp_min(0.0)
 
 
 def _honest_undecidable(ids: torch.Tensor, lps: torch.Tensor, params: SamplingParams, vocab_size: int,

@@ -43,11 +43,18 @@ without re-running a model. The rules, each a pure function below:
 5. ``check_sampling`` -- each claimed token is the one ``sampler.choose_token``
    picks from the recomputed logits with the artifact's seed and parameters,
    up to near-ties that numeric noise of ``logprob_tolerance`` could flip.
-   This is what defeats the pre-fill attack (cheap model writes, real model
+   A token the recomputed top-k/top-p cut leaves out has no interval to be
+   near: it passes only within ``cut_tolerance`` of the cut (noise of
+   ``cut_noise`` nats; calibrated at bf16, where an honest executor's copy of
+   the model ends a nucleus a token later than the validator's in about one
+   sampled output in ten, and the single-logprob tolerance would keep every
+   token). This is what defeats the pre-fill attack (cheap model writes, real model
    scores): honest-looking logprobs are not enough, the tokens must be the
    ones the real distribution and the public noise select.
 6. ``check_undecidable`` -- no more undecidable positions than honest work
-   leaves, beyond chance (``topk_evidence.too_many_undecidable``).
+   leaves, beyond chance (``topk_evidence.too_many_undecidable``); positions
+   open only at a cut are left to the whole-vocabulary pass that resolves
+   every undecidable output.
 
 All thresholds live in :class:`ModelThresholds`, one record per model and
 pinned dtype, calibrated from measured honest noise (both engines, CPU) as
@@ -96,15 +103,16 @@ from gonka_p2p.wire.messages import response_hash
 # scores: the detection benchmark keeps hours of measurements keyed by it (a faster
 # but equivalent implementation keeps the version; tests hold it to the reference).
 # 2: integer sampler weights, SplitMix64 noise. 3: ceilings and the honest undecidable bound.
-MEASURE_VERSION = 3
+# 4: a token's distance from the top-k/top-p cut (cut_margins).
+MEASURE_VERSION = 4
 
 # ---------------------------------------------------------------------------
 # Parameters
 
 
-def _unit(unit: str, default: float | None = None) -> Any:
+def _unit(unit: str, default: Any = MISSING) -> Any:
     """A threshold's declaration with its unit (written beside it in ``thresholds.toml``)."""
-    return field(metadata={"unit": unit}) if default is None else field(default=default, metadata={"unit": unit})
+    return field(default=default, metadata={"unit": unit})
 
 
 @dataclass(frozen=True)
@@ -119,10 +127,18 @@ class ModelThresholds:
         "nats; valid outputs above it count as suspicious in the epoch test")
     reference_tokens: int = _unit(
         "tokens; output length the mean limits hold at (shorter outputs: wider, see mean_limit)")
+    cut_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
+        "nats; logprob noise that may carry a token across a top-k/top-p cut (its near-tie width)", None)
+
+    @property
+    def cut_noise_nats(self) -> float:
+        return self.logprob_tolerance if self.cut_noise is None else self.cut_noise
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "cut_noise":
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be positive, not {value!r}")
         if self.suspicious_mean_distance > self.max_mean_distance:
@@ -236,6 +252,17 @@ def load_verification_params(path: Path | None = None,
     return verification_params_from_obj(thresholds_table(path), dtypes)
 
 
+def cut_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
+    """How far outside the top-k/top-p cut a claimed token may lie, in ``sampler``'s cut unit
+    (the relative change of the weights that would keep it): noise of ``cut_noise`` nats on
+    every logprob moves any ratio of weights, or of sums of weights, by at most
+    ``exp(2 cut_noise / T)``; saturated at 1 as :func:`tie_tolerance` is. Greedy has no cut."""
+    if temperature == 0.0:
+        return 0.0
+    exponent = 2.0 * thresholds.cut_noise_nats / temperature
+    return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
+
+
 def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     """How far from the sampler's choice a claimed token may be, in ``check_token``'s unit.
 
@@ -347,6 +374,11 @@ class Measurements:
     top_k_ceilings: tuple[float, ...] = ()
     sampling_ceilings: tuple[float, ...] = ()
     honest_undecidable: float = 0.0  # mu: expected undecidable positions of honest work, at most
+    # Per position, for a token the top-k/top-p cut: how far outside the cut (sampler.claim_margins,
+    # relative); inf for every other (kept tokens are judged by their sampling margin alone).
+    # () = inf everywhere. Floors and ceilings as above.
+    cut_margins: tuple[float, ...] = ()
+    cut_ceilings: tuple[float, ...] = ()
 
     @property
     def comparable(self) -> bool:
@@ -430,12 +462,13 @@ def top_k_shortfall(artifact: InferenceArtifact, logprobs: torch.Tensor) -> torc
     return (kth - logprobs.gather(1, ids).to(torch.float64)).clamp_min(0.0).max(dim=1).values
 
 
-def sampling_margins(artifact: InferenceArtifact, logits: torch.Tensor) -> torch.Tensor:
-    """``[n]`` ``sampler.check_token``'s margin at every position, with the artifact's seed
-    and params: 0 where the claimed token is the sampler's pick. All positions in one
-    batched pass (``claim_margins``), bit for bit the per-position values."""
+def sampling_margins(artifact: InferenceArtifact, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n]`` ``sampler.check_token``'s margin and cut margin at every position, with the
+    artifact's seed and params: margin 0 where the claimed token is the sampler's pick.
+    All positions in one batched pass (``claim_margins``), bit for bit the per-position values."""
     claimed = torch.tensor(artifact.completion_ids, dtype=torch.long)
-    return claim_margins(logits, artifact.params, artifact.seed, claimed)[0]
+    margins, _, cut = claim_margins(logits, artifact.params, artifact.seed, claimed)
+    return margins, cut
 
 
 def measure(
@@ -469,10 +502,10 @@ def measure(
     logprobs = recomputed_logprobs(recomputed.logits)
     errors = logprob_errors(artifact, logprobs)
     shortfall = tuple(top_k_shortfall(artifact, logprobs).tolist())
-    margins = tuple(sampling_margins(artifact, recomputed.logits).tolist())
+    margins, cut = (tuple(x.tolist()) for x in sampling_margins(artifact, recomputed.logits))
     return Measurements(n, artifact.params.temperature, structural, tuple(errors.mean(dim=1).tolist()),
                         float(errors.max()), shortfall, margins, tuple(errors.max(dim=1).values.tolist()),
-                        shortfall, margins)  # exact: ceilings are the floors
+                        shortfall, margins, cut_margins=cut, cut_ceilings=cut)  # exact: ceilings are the floors
 
 
 # ---------------------------------------------------------------------------
@@ -499,26 +532,57 @@ def check_top_k_set(m: Measurements, thresholds: ModelThresholds) -> str | None:
     return None
 
 
+def _cut(values: tuple[float, ...], n: int) -> tuple[float, ...]:
+    return values or (math.inf,) * n
+
+
+def sampling_misses(m: Measurements, thresholds: ModelThresholds) -> list[int]:
+    """Positions whose token is neither the sampler's pick up to a near-tie at a CDF boundary,
+    nor a token cut by top-k/top-p within a near-tie of the cut."""
+    tie, cut = tie_tolerance(thresholds, m.temperature), cut_tolerance(thresholds, m.temperature)
+    return [i for i, (x, c) in enumerate(zip(m.sampling_margins, _cut(m.cut_margins, len(m.sampling_margins)),
+                                             strict=True)) if x > tie and c > cut]
+
+
 def check_sampling(m: Measurements, thresholds: ModelThresholds) -> str | None:
     """Each token is the seeded sampler's pick, up to near-ties noise could flip."""
     tolerance = tie_tolerance(thresholds, m.temperature)
-    misses = [i for i, x in enumerate(m.sampling_margins) if x > tolerance]
+    misses = sampling_misses(m, thresholds)
     if misses:
         return (f"sampling: {len(misses)} tokens are not the seeded sampler's choice (first at "
-                f"position {misses[0]}, worst margin {max(m.sampling_margins):.3g} > {tolerance:.3g})")
+                f"position {misses[0]}, worst margin {max(m.sampling_margins[i] for i in misses):.3g} > "
+                f"{tolerance:.3g}; at a top-k/top-p cut: {cut_tolerance(thresholds, m.temperature):.3g})")
     return None
+
+
+def _undecidable(m: Measurements, thresholds: ModelThresholds) -> tuple[int, int]:
+    """(positions where some rule fails at its ceiling, of which those only a token's distance
+    from the top-k/top-p cut leaves open): undecidable once every floor passes."""
+    single, tie = thresholds.logprob_tolerance, tie_tolerance(thresholds, m.temperature)
+    cut = cut_tolerance(thresholds, m.temperature)
+    n = len(m.sampling_ceilings)
+    count = at_cut = 0
+    for e, s, c, floor, ceiling in zip(m.error_ceilings, m.top_k_ceilings, m.sampling_ceilings,
+                                       _cut(m.cut_margins, n), _cut(m.cut_ceilings, n), strict=True):
+        open_at_cut = floor <= cut < ceiling
+        if max(e, s) > single or (c > tie and ceiling > cut):
+            count += 1
+            at_cut += open_at_cut and max(e, s) <= single
+    return count, at_cut
 
 
 def undecidable_positions(m: Measurements, thresholds: ModelThresholds) -> int:
     """Positions where some rule fails at its ceiling: undecidable once every floor passes."""
-    single, tie = thresholds.logprob_tolerance, tie_tolerance(thresholds, m.temperature)
-    return sum(max(e, s) > single or c > tie for e, s, c in zip(
-        m.error_ceilings, m.top_k_ceilings, m.sampling_ceilings, strict=True))
+    return _undecidable(m, thresholds)[0]
 
 
 def check_undecidable(m: Measurements, thresholds: ModelThresholds) -> str | None:
-    """Rule 6: no more undecidable positions than honest sampling leaves, beyond chance."""
-    count, mu = undecidable_positions(m, thresholds), m.honest_undecidable
+    """Rule 6: no more undecidable positions than honest sampling leaves, beyond chance. A token
+    just outside the validator's top-k/top-p cut is not counted: honest bf16 work leaves such
+    positions at a rate ``honest_undecidable`` does not bound (every undecidable position,
+    those included, is resolved by a whole-vocabulary pass all the same)."""
+    total, at_cut = _undecidable(m, thresholds)
+    count, mu = total - at_cut, m.honest_undecidable
     return (f"undecidable: {count} positions the top-K evidence cannot decide, more than honest sampling "
             f"leaves (expected at most {mu:.3g})") if too_many_undecidable(count, mu) else None
 
@@ -571,8 +635,8 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         valid=not reasons, reasons=tuple(reasons), evidence=evidence, n_tokens=m.n_tokens,
         mean_distance=m.mean_error, max_distance=m.max_error,
         top_k_misses=sum(x > thresholds.logprob_tolerance for x in m.top_k_shortfall),
-        sampling_mismatches=sum(x > tolerance for x in m.sampling_margins),
-        near_ties=sum(0.0 < x <= tolerance for x in m.sampling_margins),
+        sampling_mismatches=len(sampling_misses(m, thresholds)),
+        near_ties=sum(0.0 < x for x in m.sampling_margins) - len(sampling_misses(m, thresholds)),
         undecidable=undecidable if m.comparable else 0,
     )
 

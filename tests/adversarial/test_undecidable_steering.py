@@ -52,7 +52,7 @@ async def steered(engine: TorchEngine, prompt: list[int], params: SamplingParams
         tail = torch.ones(vocab, dtype=torch.bool).index_fill_(0, top.indices, False).nonzero().view(-1)
         near = tail[(tail - honest).abs().argsort()[:CANDIDATES]]
         u = torch.full((len(near),), position_uniform(seed, position), dtype=torch.float64)
-        floor, _, _ = _sampling_bounds(top.indices.repeat(len(near), 1), top.values.double().repeat(len(near), 1),
+        floor, *_ = _sampling_bounds(top.indices.repeat(len(near), 1), top.values.double().repeat(len(near), 1),
                                        near, logprobs[near].double(), u, params, vocab)
         possible = near[floor <= tolerance]
         token = int(possible[0]) if len(possible) else honest
