@@ -545,11 +545,14 @@ async def main(argv: list[str]) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     thresholds_file = args.thresholds or THRESHOLDS_FILE
     if args.calibrate:
+        honest_rows = args.rows or list(HONEST)  # a subset: to look at its noise (not to --write)
+        if set(honest_rows) - set(HONEST) or (args.write and set(honest_rows) != set(HONEST)):
+            raise SystemExit(f"--calibrate measures the honest rows ({', '.join(HONEST)}); --write needs all")
         table = verification.thresholds_table(thresholds_file) if thresholds_file.exists() else {}
         sprt = verification.verification_params_from_obj(table).sprt
         with Progress(*columns, console=console) as progress:
             for model in args.models:
-                name, records = await run_model(model, list(HONEST), "calibration", args, progress)
+                name, records = await run_model(model, honest_rows, "calibration", args, progress)
                 val_over_gen = (sum(r["val_s"] for rs in records.values() for r in rs)
                                 / sum(r["gen_s"] for rs in records.values() for r in rs))
                 thresholds, measured = calibrate(
