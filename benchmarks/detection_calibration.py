@@ -64,7 +64,7 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
     # (sampler._filter_margins: a distance c at temperature T is T log(1 + c) / 2 nats). At float32
     # the single-logprob tolerance is that noise's bound already (cut_noise None); at bfloat16 it
     # is hundreds of times the typical noise and would keep every token, so the width is the
-    # margin x the widest honest one -- or x the p99.9 mean error, when no honest token was cut.
+    # margin x the widest honest one (the p99.9 mean error stands in when no honest token was cut).
     cut_noise = [m.temperature * math.log1p(c) / 2 for m in every if m.temperature > 0.0
                  for c in m.cut_margins if math.isfinite(c)]
     thresholds = ModelThresholds(
@@ -72,7 +72,7 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
         reference_tokens=reference,
         cut_noise=None if dtype == DEFAULT_DTYPE else CALIBRATION_MARGIN * max(
-            [*cut_noise, quantile(mean_errors, 0.999)]))
+            cut_noise or [quantile(mean_errors, 0.999)]))
     greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
     sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured: dict[str, Any] = {
@@ -161,7 +161,7 @@ def thresholds_toml(table: dict[str, Any], sprt: SprtParams) -> str:
         for prefix, values in [(f'models."{model}"', node)] + [
                 (f'models."{model}".{k}', v) for k, v in sorted(node.items())
                 if isinstance(v, dict) and k != "calibration"]:
-            ordered = {k: values[k] for k in units} | {k: v for k, v in values.items() if k not in units}
+            ordered = {k: values[k] for k in units if k in values} | {k: v for k, v in values.items() if k not in units}
             lines += section(prefix, ordered, lambda k: f"  # {units[k]}" if k in units else "")
             lines += section(f"{prefix}.calibration", values["calibration"], lambda k: "")
     return "\n".join(lines) + "\n"
