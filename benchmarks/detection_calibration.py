@@ -64,15 +64,19 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
     # (sampler._filter_margins: a distance c at temperature T is T log(1 + c) / 2 nats). At float32
     # the single-logprob tolerance is that noise's bound already (cut_noise None); at bfloat16 it
     # is hundreds of times the typical noise and would keep every token, so the width is the
-    # margin x the widest honest one (the p99.9 mean error stands in when no honest token was cut).
+    # margin x the widest honest one. When no honest token was cut, the honest tokens' distances
+    # from their CDF boundaries stand in: both are how far noise moves a cumulative share of the
+    # weights (the mean error would not do: on the tiny model it let every pre-filled token pass).
     cut_noise = [m.temperature * math.log1p(c) / 2 for m in every if m.temperature > 0.0
                  for c in m.cut_margins if math.isfinite(c)]
+    boundary_noise = [m.temperature * math.log1p(x) / 2 for m in every if m.temperature > 0.0
+                      for x in m.sampling_margins if 0.0 < x < math.inf]
     thresholds = ModelThresholds(
         logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
         reference_tokens=reference,
         cut_noise=None if dtype == DEFAULT_DTYPE else CALIBRATION_MARGIN * max(
-            cut_noise or [quantile(mean_errors, 0.999)]))
+            cut_noise or boundary_noise or [quantile(mean_errors, 0.999)]))
     greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
     sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured: dict[str, Any] = {
