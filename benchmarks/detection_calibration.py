@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from gonka_p2p.inference.model_names import DEFAULT_DTYPE
-from gonka_p2p.inference.verification import Measurements, ModelThresholds, SprtParams
+from gonka_p2p.inference.verification import Measurements
+from gonka_p2p.inference.verification_params import ModelThresholds, SprtParams
 
 CALIBRATION_MARGIN = 3.0  # thresholds are this many times the honest p99.9 (p90 for "suspicious")
 SUSPICIOUS_MARGIN = 1.2  # bf16: the suspicious line over the worst honest row's p99.5
@@ -117,7 +118,7 @@ def merged_table(table: dict[str, Any], model: str, dtype: str, thresholds: Mode
                  measured: dict[str, Any]) -> None:
     """Put one (model, dtype)'s calibration into a parsed thresholds ``table``, keeping every
     other model's and dtype's: the model's own table holds DEFAULT_DTYPE, a sub-table each
-    other dtype (``verification.verification_params_from_obj`` reads it so)."""
+    other dtype (``verification_params.verification_params_from_obj`` reads it so)."""
     node = table.setdefault("models", {}).setdefault(model, {})
     target = node if dtype == DEFAULT_DTYPE else node.setdefault(dtype, {})
     target.update({k: v for k, v in dataclasses.asdict(thresholds).items() if v is not None})
@@ -126,7 +127,7 @@ def merged_table(table: dict[str, Any], model: str, dtype: str, thresholds: Mode
 
 HEADER = """\
 # Verification thresholds per model and pinned dtype, and the epoch test
-#   (gonka_p2p/inference/verification.py). A model's table holds its float32 values,
+#   (gonka_p2p/inference/verification_params.py). A model's table holds its float32 values,
 #   [models."<model>".<dtype>] another dtype's.
 # Written by: OMP_NUM_THREADS=1 python benchmarks/detection_matrix.py --calibrate --write
 #   [--dtype bfloat16] --n N --max-tokens 32 (calibration prompt split, disjoint from the

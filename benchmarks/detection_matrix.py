@@ -79,17 +79,14 @@ from rich.table import Table  # noqa: E402
 
 from gonka_p2p.adversary import cheats  # noqa: E402
 from gonka_p2p.inference import verification  # noqa: E402
+from gonka_p2p.inference import verification_params  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
 from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.models import ModelSpec  # noqa: E402
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
-from gonka_p2p.inference.verification import (  # noqa: E402
-    Contract,
-    Evidence,
-    Measurements,
-    VerificationParams,
-)
+from gonka_p2p.inference.verification import Contract, Evidence, Measurements  # noqa: E402
+from gonka_p2p.inference.verification_params import VerificationParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from detection_calibration import calibrate, merged_table, thresholds_toml  # noqa: E402
@@ -548,8 +545,8 @@ async def main(argv: list[str]) -> None:
         honest_rows = args.rows or list(HONEST)  # a subset: to look at its noise (not to --write)
         if set(honest_rows) - set(HONEST) or (args.write and set(honest_rows) != set(HONEST)):
             raise SystemExit(f"--calibrate measures the honest rows ({', '.join(HONEST)}); --write needs all")
-        table = verification.thresholds_table(thresholds_file) if thresholds_file.exists() else {}
-        sprt = verification.verification_params_from_obj(table).sprt
+        table = verification_params.thresholds_table(thresholds_file) if thresholds_file.exists() else {}
+        sprt = verification_params.verification_params_from_obj(table).sprt
         with Progress(*columns, console=console) as progress:
             for model in args.models:
                 name, records = await run_model(model, honest_rows, "calibration", args, progress)
@@ -570,7 +567,7 @@ async def main(argv: list[str]) -> None:
     rows = args.rows or [r for r in ROWS if args.dtype == DEFAULT_DTYPE or r not in CASTS]
     with Progress(*columns, console=console) as progress:
         runs = [await run_model(model, rows, "evaluation", args, progress) for model in args.models]
-    params = verification.load_verification_params(  # measurements need none
+    params = verification_params.load_verification_params(  # measurements need none
         args.thresholds, {name: args.dtype for name, _ in runs})
     summaries = [s for name, results in runs for row in rows
                  for s in summarize(name, row, results[row], params, args)]

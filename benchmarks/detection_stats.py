@@ -21,7 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from gonka_p2p.inference.verification import Evidence, VerificationParams
+from gonka_p2p.inference.verification import Evidence
+from gonka_p2p.inference.verification_params import VerificationParams
 from gonka_p2p.ledger.epoch_test import NO_CARRY, run_epoch_test
 from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
 

@@ -40,6 +40,7 @@ from detection_matrix import markdown, prompts  # sets the thread and log env fi
 
 from gonka_p2p.adversary import cheats  # noqa: E402
 from gonka_p2p.inference import verification  # noqa: E402
+from gonka_p2p.inference import verification_params  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
 from gonka_p2p.inference.engine import ScoredCompletion  # noqa: E402
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
@@ -90,7 +91,7 @@ def vllm_worker(model: str, jobs: list[Job], batch: int, judged: list[tuple[byte
 
     async def run() -> dict:
         engine = VLLMEngine(model, max_num_seqs=max(batch, 8))
-        thresholds = verification.load_verification_params().for_model(engine.model_name)
+        thresholds = verification_params.load_verification_params().for_model(engine.model_name)
         out: dict = {"gen_s": [], "artifacts": []}
         try:
             made: list[InferenceArtifact] = []
@@ -136,7 +137,7 @@ def reference_verdict(engine: TorchEngine, artifact: InferenceArtifact, job: Job
 
 def run_model(model: str, args: argparse.Namespace) -> tuple[list[list[str]], list[list[str]]]:
     reference = TorchEngine(model)
-    thresholds = verification.load_verification_params().for_model(reference.model_name)
+    thresholds = verification_params.load_verification_params().for_model(reference.model_name)
     work = make_jobs(reference, args.n, args.max_tokens)
     judged: list[tuple[str, bytes, Job]] = []
     for row in CHEAT_ROWS:

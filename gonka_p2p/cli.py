@@ -112,7 +112,7 @@ def _poc_params(args: argparse.Namespace) -> dict[str, int]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from gonka_p2p.inference.verification import thresholds_table
+    from gonka_p2p.inference.verification_params import thresholds_table
     from gonka_p2p.ledger.devnet import DEFAULT_MODELS, init_local_network
 
     net = init_local_network(Path(args.out), nodes=args.nodes, clients=args.clients,

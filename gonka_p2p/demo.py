@@ -30,7 +30,7 @@ from gonka_p2p.client import Completion, GonkaClient, GonkaError
 from gonka_p2p.wire.stream import RequestRejected
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.verification import thresholds_table
+from gonka_p2p.inference.verification_params import thresholds_table
 from gonka_p2p.ledger.devnet import init_local_network
 from gonka_p2p.ledger.query import EpochSummaryReply
 

@@ -17,7 +17,7 @@ from gonka_p2p.actors.validator import ValidatorActor
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.verification import VerificationParams
+from gonka_p2p.inference.verification_params import VerificationParams
 from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.records import Dispute, Inference, InferenceStatus

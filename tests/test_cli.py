@@ -75,7 +75,7 @@ def test_bad_key_file_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
 def test_init_pins_the_calibrated_thresholds_in_genesis_and_a_broken_table_is_a_clear_error(
         tmp_path: Path) -> None:
     from gonka_p2p.actors.node import verification_params_of
-    from gonka_p2p.inference.verification import load_verification_params
+    from gonka_p2p.inference.verification_params import load_verification_params
     from gonka_p2p.ledger.genesis import Params, load_genesis, sprt_params_from_rates
 
     assert gonka("init", "--out", "net", "--nodes", "1", "--clients", "1", "--model", "tiny-llama",

@@ -33,7 +33,7 @@ from gonka_p2p.client import GonkaClient, NetworkUnavailable
 from gonka_p2p.config import ConfigError, NodeConfig, load_config
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
 from gonka_p2p.identity import Keypair
-from gonka_p2p.inference.verification import thresholds_table
+from gonka_p2p.inference.verification_params import thresholds_table
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.genesis import Genesis, GenesisError, load_genesis
 from gonka_p2p.ledger.genesis_wire import genesis_bytes, genesis_from_bytes

@@ -314,8 +314,8 @@ def test_sprt_accepts_honest_after_a_clean_run_and_restarts_so_late_cheating_is_
 
 
 def test_sprt_params_come_from_the_metrics_rates_and_the_defaults_are_its_defaults() -> None:
-    verification = pytest.importorskip("gonka_p2p.inference.verification")
-    derived = sprt_params_from_rates(**dataclasses.asdict(verification.SprtParams()))
+    verification_params = pytest.importorskip("gonka_p2p.inference.verification_params")
+    derived = sprt_params_from_rates(**dataclasses.asdict(verification_params.SprtParams()))
     assert derived == {k: getattr(Params(), k) for k in derived}
     assert set(derived) == {f.name for f in dataclasses.fields(Params) if f.name.startswith("sprt_")}
 

@@ -162,7 +162,7 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
 
     from gonka_p2p.actors.artifact_store import ArtifactStore
     from gonka_p2p.actors.validator import ValidatorActor
-    from gonka_p2p.inference.verification import VerificationParams
+    from gonka_p2p.inference.verification_params import VerificationParams
 
     hub = MemoryHub()
     nodes = await start_network(hub, engine)

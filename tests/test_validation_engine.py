@@ -18,6 +18,7 @@ import pytest
 
 from gonka_p2p.adversary import cheats
 from gonka_p2p.inference import verification
+from gonka_p2p.inference import verification_params
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.model_names import TINY_MODEL
@@ -26,7 +27,7 @@ from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
 from gonka_p2p.inference.torch_engine import TorchEngine
 from gonka_p2p.inference.verification import Contract, Verdict
 
-THRESHOLDS = verification.load_verification_params().for_model(TINY_MODEL)
+THRESHOLDS = verification_params.load_verification_params().for_model(TINY_MODEL)
 MODES = {
     "greedy": SamplingParams(max_tokens=24),
     "nucleus": SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9),

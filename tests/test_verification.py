@@ -20,24 +20,20 @@ from test_sampler_batched import literal_cut_margin, literal_weights, splitmix_u
 from gonka_p2p.actors.node import verification_params_of
 from gonka_p2p.adversary import cheats
 from gonka_p2p.inference import verification
+from gonka_p2p.inference import verification_params
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
 from gonka_p2p.inference.sampler import MIN_TEMPERATURE, SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
-from gonka_p2p.inference.verification import (
-    Billed,
-    Contract,
-    Evidence,
-    Measurements,
+from gonka_p2p.inference.verification import Billed, Contract, Evidence, Measurements, Verdict, verify
+from gonka_p2p.inference.verification_params import (
     ModelThresholds,
     SprtParams,
-    Verdict,
     load_verification_params,
     thresholds_table,
     verification_params_from_obj,
-    verify,
 )
 from gonka_p2p.ledger.devnet import init_local_network
 from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
@@ -537,7 +533,7 @@ def test_the_tie_tolerance_saturates_at_a_vanishing_temperature() -> None:
     """A client may sign T = 1e-300: no request runs at it (greedy in all but name, its
     logits / T overflow), the bound is at most 1 (a CDF moves no further), not an
     OverflowError, and at the coldest runnable T a token top-k excludes is still refused."""
-    assert verification.tie_tolerance(THRESHOLDS, 1e-300) == 1.0
+    assert verification_params.tie_tolerance(THRESHOLDS, 1e-300) == 1.0
     with pytest.raises(ValueError):
         SamplingParams(max_tokens=1, temperature=1e-300)
     row = torch.tensor([4.0, 3.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0], dtype=torch.float64)
@@ -578,8 +574,8 @@ def test_the_top_k_evidence_never_places_a_cut_token_further_out_than_the_whole_
 
 
 def test_a_near_tie_at_the_cut_passes_and_is_left_out_of_rule_6() -> None:
-    t = verification.load_verification_params().for_model(TINY_MODEL)
-    tol = verification.cut_tolerance(t, 0.7)
+    t = verification_params.load_verification_params().for_model(TINY_MODEL)
+    tol = verification_params.cut_tolerance(t, 0.7)
     base = dict(n_tokens=3, temperature=0.7, structural=(), position_errors=(0.0,) * 3, max_error=0.0,
                 top_k_shortfall=(0.0,) * 3, sampling_margins=(0.0, math.inf, 0.0), error_ceilings=(0.0,) * 3,
                 top_k_ceilings=(0.0,) * 3, sampling_ceilings=(0.0, math.inf, 0.0))

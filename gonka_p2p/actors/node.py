@@ -70,7 +70,7 @@ from gonka_p2p.inference.factory import EngineLoader, warm_up
 from gonka_p2p.inference.model_identity import ModelMismatch, pinned_name
 from gonka_p2p.inference.model_names import DEFAULT_DTYPE
 from gonka_p2p.inference.models import ModelSpec
-from gonka_p2p.inference.verification import (
+from gonka_p2p.inference.verification_params import (
     VerificationParams,
     load_verification_params,
     verification_params_from_obj,

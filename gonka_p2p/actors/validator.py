@@ -67,16 +67,8 @@ from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
 from gonka_p2p.inference.engine import Engine, ScoredCompletion
 from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, full_rows
-from gonka_p2p.inference.verification import (
-    Billed,
-    Contract,
-    ModelThresholds,
-    VerificationParams,
-    Verdict,
-    check_scorable,
-    rejected,
-    verify,
-)
+from gonka_p2p.inference.verification import Billed, Contract, Verdict, check_scorable, rejected, verify
+from gonka_p2p.inference.verification_params import ModelThresholds, VerificationParams
 from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.records import Inference
 from gonka_p2p.ledger.rules import (

@@ -351,6 +351,8 @@ def _cut_floor(rows: _Rows, params: SamplingParams, weight_c: torch.Tensor, full
     floor = torch.zeros_like(weight_c)
     kth = torch.full_like(weight_c, 0.0)
     if 0 < params.top_k < vocab_size:
+        if params.top_k >= rows.weight.shape[1] - 1:  # the cut is in the tail: never sure (_nucleus)
+            return floor
         kth = torch.sort(rows.weight[:, :-1], dim=1, descending=True).values[:, params.top_k - 1]
         floor = (kth * (1 - _TIE) - units) / (weight_c + units) - 1.0
     p_scaled = max(1, round(params.top_p * 2**32))

@@ -56,7 +56,7 @@ without re-running a model. The rules, each a pure function below:
    open only at a cut are left to the whole-vocabulary pass that resolves
    every undecidable output.
 
-All thresholds live in :class:`ModelThresholds`, one record per model and
+All thresholds live in :class:`ModelThresholds` (``verification_params``), one record per model and
 pinned dtype, calibrated from measured honest noise (both engines, CPU) as
 about 3x its p99.9; ``thresholds.toml`` holds them and the calibration that
 chose them (``benchmarks/detection_matrix.py --calibrate``), and each network
@@ -71,30 +71,24 @@ honest noise explains; the distance test whether failed-or-suspicious verdicts
 do -- the aggregate that catches a subtle cheat whose single outputs stay
 within the per-inference limits. Its integer parameters are derived
 (``ledger.genesis.sprt_params_from_rates``) from the design rates here
-(:class:`SprtParams`): "honest" bounds above the calibrated rates, "cheating"
+(``verification_params.SprtParams``): "honest" bounds above the calibrated rates, "cheating"
 the weakest cheat to catch.
 
-Pure: no I/O, clocks or randomness, except :func:`load_verification_params`.
+Pure: no I/O, clocks or randomness.
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from enum import Enum
-from importlib import resources
-from pathlib import Path
-from types import MappingProxyType
-from typing import Any
 
 import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
-from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DTYPES
 from gonka_p2p.inference.sampler import SamplingParams, claim_margins
+from gonka_p2p.inference.verification_params import ModelThresholds, cut_tolerance, tie_tolerance
 from gonka_p2p.inference.topk_evidence import too_many_undecidable, top_k_measurements
 from gonka_p2p.ledger.rules import Observation
 from gonka_p2p.wire.messages import response_hash
@@ -105,180 +99,6 @@ from gonka_p2p.wire.messages import response_hash
 # 2: integer sampler weights, SplitMix64 noise. 3: ceilings and the honest undecidable bound.
 # 4: a token's distance from the top-k/top-p cut (cut_margins).
 MEASURE_VERSION = 4
-
-# ---------------------------------------------------------------------------
-# Parameters
-
-
-def _unit(unit: str, default: Any = MISSING) -> Any:
-    """A threshold's declaration with its unit (written beside it in ``thresholds.toml``)."""
-    return field(default=default, metadata={"unit": unit})
-
-
-@dataclass(frozen=True)
-class ModelThresholds:
-    """Per-model verification thresholds, each positive and finite. Units: nats (natural-log probability)."""
-
-    logprob_tolerance: float = _unit(
-        "nats; per single logprob, and the near-tie width of the sampling and top-k checks")
-    max_mean_distance: float = _unit(
-        "nats; mean |claimed - recomputed| logprob over one output's positions and k+1 values")
-    suspicious_mean_distance: float = _unit(
-        "nats; valid outputs above it count as suspicious in the epoch test")
-    reference_tokens: int = _unit(
-        "tokens; output length the mean limits hold at (shorter outputs: wider, see mean_limit)")
-    cut_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
-        "nats; logprob noise that may carry a token across a top-k/top-p cut (its near-tie width)", None)
-
-    @property
-    def cut_noise_nats(self) -> float:
-        return self.logprob_tolerance if self.cut_noise is None else self.cut_noise
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.name == "cut_noise":
-                continue
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{f.name} must be positive, not {value!r}")
-        if self.suspicious_mean_distance > self.max_mean_distance:
-            raise ValueError("suspicious_mean_distance must not exceed max_mean_distance")
-
-    def mean_limit(self, limit: float, n_tokens: int) -> float:
-        """``limit`` (a mean-distance limit at ``reference_tokens``) for an ``n_tokens`` output.
-
-        A mean over fewer values is noisier: the limit widens by the standard-error
-        factor sqrt(reference / n), up to ``logprob_tolerance``, the bound every
-        single value must meet anyway. So a short output is judged on its own,
-        smaller evidence -- every value and every token still checked -- rather than
-        diluted (Gonka divides by max(100, n)) or held to a limit made for long ones.
-        """
-        widened = limit * math.sqrt(max(1.0, self.reference_tokens / n_tokens))
-        return max(limit, min(widened, self.logprob_tolerance))
-
-
-@dataclass(frozen=True)
-class SprtParams:
-    """The design rates of the ledger's epoch test (two Bernoulli SPRTs), each a probability
-    in (0, 1) per validated inference.
-
-    The failure test watches "failed" verdicts, the distance test "failed or
-    suspicious" ones (a failed output is at least as far from the model as a
-    suspicious one). ``honest_*`` are upper bounds above the rates measured for
-    honest executors; ``cheat_*`` describe the weakest cheat each test is
-    designed to catch within an epoch. ``alpha`` and ``beta`` are the error
-    rates of one Wald run: honest accused, cheat cleared.
-    """
-
-    honest_fail_rate: float = _unit("probability per inference that an honest output fails (upper bound)", 0.005)
-    cheat_fail_rate: float = _unit("probability per inference that the weakest targeted cheat fails", 0.1)
-    honest_suspicious_rate: float = _unit(
-        "probability per inference that an honest output fails or is suspicious (upper bound)", 0.01)
-    cheat_suspicious_rate: float = _unit(
-        "probability per inference that the weakest targeted cheat fails or is suspicious", 0.3)
-    alpha: float = _unit("probability that one Wald run accuses an honest executor", 1e-4)
-    beta: float = _unit("probability that one Wald run accepts a cheat as honest", 0.01)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{f.name} must be a probability in (0, 1), not {value!r}")
-        if (self.cheat_fail_rate <= self.honest_fail_rate
-                or self.cheat_suspicious_rate <= self.honest_suspicious_rate):
-            raise ValueError("a cheat must fail and look suspicious more often than an honest executor")
-
-
-@dataclass(frozen=True)
-class VerificationParams:
-    """Everything the metric needs: thresholds per model and the epoch test."""
-
-    models: Mapping[str, ModelThresholds]
-    sprt: SprtParams = SprtParams()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "models", MappingProxyType(dict(sorted(self.models.items()))))
-
-    def for_model(self, model: str) -> ModelThresholds:
-        """The thresholds of ``model``; a model with none cannot be verified."""
-        try:
-            return self.models[model]
-        except KeyError:
-            raise KeyError(f"no verification thresholds for model {model!r}; "
-                           f"calibrated models: {', '.join(self.models) or 'none'}") from None
-
-
-def verification_params_from_obj(obj: Mapping[str, Any],
-                                 dtypes: Mapping[str, str] = MappingProxyType({})) -> VerificationParams:
-    """The record of a parsed thresholds table, each model at the dtype ``dtypes`` pins (noise,
-    so every threshold, depends on it): a model's table holds its DEFAULT_DTYPE values, a
-    sub-table per other dtype that dtype's (``[models."m".bfloat16]``); a model pinned at an
-    uncalibrated dtype is a ValueError. ``calibration`` tables are not read."""
-    if unknown := set(obj) - {"sprt", "models"}:
-        raise ValueError(f"unknown top-level keys in thresholds: {sorted(unknown)}")
-    models = {}
-    for name, table in obj.get("models", {}).items():
-        dtype = dtypes.get(name, DEFAULT_DTYPE)
-        where = f"models.{name}" + ("" if dtype == DEFAULT_DTYPE else f".{dtype}")
-        chosen = table if dtype == DEFAULT_DTYPE else table.get(dtype, {})
-        values = {k: v for k, v in chosen.items() if k not in ("calibration", *DTYPES)}
-        models[str(name)] = ModelThresholds(**_known(ModelThresholds, values, where))
-    sprt = SprtParams(**_known(SprtParams, {k: float(v) for k, v in obj.get("sprt", {}).items()}, "sprt"))
-    return VerificationParams(models=models, sprt=sprt)
-
-
-def _known(record: type, values: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    """``values`` if they are all fields of ``record`` and none is missing, else a ValueError
-    that names them (instead of a TypeError from the constructor)."""
-    names = {f.name for f in fields(record)}
-    defaults = {f.name for f in fields(record) if f.default is not MISSING}
-    if unknown := set(values) - names:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    if missing := names - defaults - set(values):
-        raise ValueError(f"{where}: missing keys {sorted(missing)}")
-    return values
-
-
-def thresholds_table(path: Path | None = None) -> dict[str, Any]:
-    """The parsed thresholds file: ``path``, or the calibrated ``thresholds.toml`` shipped
-    with this package (what ``gonka-p2p init`` pins in a new network's genesis)."""
-    return tomllib.loads(resources.files("gonka_p2p.inference").joinpath("thresholds.toml").read_text()
-                         if path is None else Path(path).read_text())
-
-
-def load_verification_params(path: Path | None = None,
-                             dtypes: Mapping[str, str] = MappingProxyType({})) -> VerificationParams:
-    """:func:`verification_params_from_obj` of :func:`thresholds_table`."""
-    return verification_params_from_obj(thresholds_table(path), dtypes)
-
-
-def cut_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
-    """How far outside the top-k/top-p cut a claimed token may lie, in ``sampler``'s cut unit
-    (the relative change of the weights that would keep it): noise of ``cut_noise`` nats on
-    every logprob moves any ratio of weights, or of sums of weights, by at most
-    ``exp(2 cut_noise / T)``; saturated at 1 as :func:`tie_tolerance` is. Greedy has no cut."""
-    if temperature == 0.0:
-        return 0.0
-    exponent = 2.0 * thresholds.cut_noise_nats / temperature
-    return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
-
-
-def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
-    """How far from the sampler's choice a claimed token may be, in ``check_token``'s unit.
-
-    Noise of at most ``eps`` nats on every logprob can close a greedy gap of
-    up to ``2 eps`` nats (one value up, the other down). At temperature T it
-    scales every probability by at most ``exp(+-2 eps / T)``, so every CDF
-    value, which is at most 1, moves by at most ``expm1(2 eps / T)``; and by at
-    most 1 in any case, where the bound saturates (at a temperature far below
-    ``eps`` the exponent would overflow: a client may ask for T = 1e-300).
-    """
-    eps = thresholds.logprob_tolerance
-    if temperature == 0.0:
-        return 2.0 * eps
-    exponent = 2.0 * eps / temperature
-    return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
-
 
 # ---------------------------------------------------------------------------
 # The contract: what an artifact is judged against

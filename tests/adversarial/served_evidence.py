@@ -18,7 +18,7 @@ from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.sampler import SamplingParams
-from gonka_p2p.inference.verification import load_verification_params
+from gonka_p2p.inference.verification_params import load_verification_params
 from gonka_p2p.ledger.transactions import VerdictStats
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import (

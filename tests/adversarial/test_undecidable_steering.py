@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from gonka_p2p.inference import verification
+from gonka_p2p.inference import verification_params
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.model_names import TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, choose_token, position_uniform
@@ -42,7 +43,7 @@ def engine() -> TorchEngine:
 async def steered(engine: TorchEngine, prompt: list[int], params: SamplingParams, seed: bytes
                   ) -> tuple[InferenceArtifact, int]:
     """The steering executor's artifact and how many positions it steered."""
-    vocab, tolerance = engine.local_model.vocab_size, verification.tie_tolerance(THRESHOLDS, params.temperature)
+    vocab, tolerance = engine.local_model.vocab_size, verification_params.tie_tolerance(THRESHOLDS, params.temperature)
     completion, steps, moved = [], [], 0
     for position in range(params.max_tokens):
         row = (await engine.score(prompt, completion + [0], 5, with_logits=True)).logits[-1]
@@ -64,7 +65,7 @@ async def steered(engine: TorchEngine, prompt: list[int], params: SamplingParams
     return InferenceArtifact(engine.model_name, tuple(prompt), params, seed, tuple(steps)), moved
 
 
-THRESHOLDS = verification.load_verification_params().for_model(TINY_MODEL)
+THRESHOLDS = verification_params.load_verification_params().for_model(TINY_MODEL)
 
 
 async def test_steering_through_undecidable_positions_is_caught(engine: TorchEngine) -> None:
