@@ -54,7 +54,8 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from gonka_p2p.identity import Keypair, verify_signature
-from gonka_p2p.ledger.consensus import ConsensusState, verify_commit, verify_evidence
+from gonka_p2p.ledger.commit_checks import verify_commit, verify_evidence
+from gonka_p2p.ledger.consensus import ConsensusState
 from gonka_p2p.ledger.consensus_types import (
     NEVER_SIGNED,
     Action,

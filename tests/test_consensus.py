@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gonka_p2p.identity import Keypair, digest, verify_signature
-from gonka_p2p.ledger.consensus import ConsensusState, verify_commit, verify_evidence
+from gonka_p2p.ledger.commit_checks import verify_commit, verify_evidence
+from gonka_p2p.ledger.consensus import ConsensusState
 from gonka_p2p.ledger.consensus_types import (
     Broadcast,
     Commit,

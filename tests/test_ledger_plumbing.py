@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gonka_p2p.identity import Keypair, digest, verify_signature
 from gonka_p2p.ledger.block import Block
-from gonka_p2p.ledger.consensus import verify_commit
+from gonka_p2p.ledger.commit_checks import verify_commit
 from gonka_p2p.ledger.consensus_types import (
     CommitCertificate,
     Evidence,

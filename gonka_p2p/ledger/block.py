@@ -58,7 +58,7 @@ class Block(Message):
     ``last_commit`` is the commit of the block before it (precommits of round
     ``last_commit_round`` for ``prev_hash``; empty at height 1, and in blocks a
     ledger is driven with outside consensus), and ``time_ms`` the BFT time
-    those precommits decide (``consensus.bft_time_ms``): every replica checks
+    those precommits decide (``commit_checks.bft_time_ms``): every replica checks
     both before it votes, so the proposer chooses neither. The ledger itself
     only refuses to let time go backwards. ``txs`` are raw signed transaction
     envelopes, applied in order, each judged on its own.

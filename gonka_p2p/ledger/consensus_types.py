@@ -16,7 +16,7 @@ network can never be replayed on another), the step, height and round, and
 the block *hash* (never the block: a proposal signature stays small and a
 certificate can be checked without the block's bytes). A vote also signs its
 time, the signer's clock: the precommit times of one commit decide the next
-block's time (:func:`gonka_p2p.ledger.consensus.bft_time_ms`), so no proposer
+block's time (:func:`gonka_p2p.ledger.commit_checks.bft_time_ms`), so no proposer
 chooses it.
 
 Blocks are opaque bytes to consensus; a block's identity is SHA-256 of those

@@ -16,7 +16,7 @@ from helpers import FAST, running_replicas
 from gonka_p2p.actors.replica import Replica
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.block import decode_block
-from gonka_p2p.ledger.consensus import bft_time_ms
+from gonka_p2p.ledger.commit_checks import bft_time_ms
 from gonka_p2p.ledger.consensus_types import CommitCertificate, Validator, ValidatorSet, Vote, VoteType
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
 from gonka_p2p.ledger.store import LedgerStore

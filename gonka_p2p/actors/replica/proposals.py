@@ -2,7 +2,7 @@
 
 **Building** reaps the mempool into a block capped by ``max_block_txs`` and
 ``max_block_bytes``, with the commit of the block before it and the time that
-commit decides (BFT time: ``consensus.bft_time_ms``). **Validating** is
+commit decides (BFT time: ``commit_checks.bft_time_ms``). **Validating** is
 consensus's valid(v): would an honest proposer have built this block on our
 state (decoding, chaining, a last commit that proves the previous block, the
 time it decides, proposer, stateless transaction checks)? So the proposer
@@ -31,7 +31,8 @@ from collections.abc import Callable
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame, StreamReset
 from gonka_p2p.identity import digest, verify_signature
 from gonka_p2p.ledger.block import Block, decode_block, precommit_signatures
-from gonka_p2p.ledger.consensus import ConsensusState, bft_time_ms, verify_commit
+from gonka_p2p.ledger.commit_checks import bft_time_ms, verify_commit
+from gonka_p2p.ledger.consensus import ConsensusState
 from gonka_p2p.ledger.consensus_types import InvalidCommit, Proposal, proposal_sign_bytes
 from gonka_p2p.ledger.consensus_wire import (
     BlockBody,

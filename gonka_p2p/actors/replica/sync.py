@@ -4,7 +4,7 @@
 validators holding more than 2/3 of the power are connected (a replica
 that voted alone would only run its rounds ahead of everybody else's), the
 replica asks its peers for the blocks after its height
-(``/gonka/ledger/sync/1``) and applies each only after :func:`verify_commit`
+(``/gonka/ledger/sync/1``) and applies each only after :func:`~gonka_p2p.ledger.commit_checks.verify_commit`
 accepts its certificate against the validator set of that height.
 
 **While running**, the core's ``RequestCommit`` (it saw a message from a
@@ -26,7 +26,8 @@ from contextlib import aclosing
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import digest, verify_signature
-from gonka_p2p.ledger.consensus import ConsensusState, verify_commit
+from gonka_p2p.ledger.commit_checks import verify_commit
+from gonka_p2p.ledger.consensus import ConsensusState
 from gonka_p2p.ledger.consensus_types import Action, CommitCertificate, InvalidCommit, RequestCommit
 from gonka_p2p.ledger.consensus_wire import (
     CommitRecord,
