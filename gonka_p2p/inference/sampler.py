@@ -241,12 +241,17 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
     return (chunk * _CHUNK + torch.argmax(inside, dim=-1, keepdim=True)).squeeze(1)
 
 
+def _weights(rows: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """Rule 2: the int32 weights ``floor(softmax(rows / temperature) * 2**WEIGHT_BITS)``."""
+    return torch.softmax(rows / temperature, dim=-1).mul_(2.0**WEIGHT_BITS).to(torch.int32)
+
+
 def token_weights(rows: torch.Tensor, rules: RowRules, first: int = 0) -> torch.Tensor:
     """Rules 2-4: the int32 weights of ``rows`` ``[n, vocab]`` (float32), which are the
     sampled rows ``first .. first + n`` of ``rules`` (positions in ``rules.sampled``)."""
     at = rules.sampled[first:first + len(rows)]
     temperature = rules.temperature.index_select(0, at).unsqueeze(1)
-    q = torch.softmax(rows / temperature, dim=-1).mul_(2.0**WEIGHT_BITS).to(torch.int32)
+    q = _weights(rows, temperature)
     k_rows = _local(rules.top_k_rows, first, len(rows), q.device)
     if k_rows is not None:
         k = rules.top_k.index_select(0, at.index_select(0, k_rows)).unsqueeze(1)
@@ -405,10 +410,8 @@ def _filter_margins(logits: torch.Tensor, params: SamplingParams, claimed: torch
     logprob scales every weight by ``exp(+-e / T)``, so any ratio of two weights, or of two
     sums of weights, by at most ``exp(2 e / T)``: a token within ``expm1(2 e / T)`` of the
     cut may have been kept there -- a near-tie at the cut, the same unit as the tolerance
-    ``check_token`` gives a CDF boundary (``verification.filter_tolerance``)."""
-    temperature = params.temperature
-    q = torch.softmax(logits.to(torch.float32) / temperature, dim=-1).mul_(2.0**WEIGHT_BITS).to(torch.int32)
-    q = q.to(torch.int64)
+    ``check_token`` gives a CDF boundary (``verification_params.cut_tolerance``)."""
+    q = _weights(logits.to(torch.float32), params.temperature).to(torch.int64)
     at = claimed.to(q.device).unsqueeze(1)
     w = q.gather(1, at)
     margin = torch.zeros(len(q), dtype=torch.float64, device=q.device)

@@ -450,13 +450,13 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         evidence = Evidence.SUSPICIOUS
     else:
         evidence = Evidence.CLEAN
-    tolerance = tie_tolerance(thresholds, m.temperature)
+    mismatches = len(sampling_misses(m, thresholds))
     return Verdict(
         valid=not reasons, reasons=tuple(reasons), evidence=evidence, n_tokens=m.n_tokens,
         mean_distance=m.mean_error, max_distance=m.max_error,
         top_k_misses=sum(x > thresholds.logprob_tolerance for x in m.top_k_shortfall),
-        sampling_mismatches=len(sampling_misses(m, thresholds)),
-        near_ties=sum(0.0 < x for x in m.sampling_margins) - len(sampling_misses(m, thresholds)),
+        sampling_mismatches=mismatches,
+        near_ties=sum(0.0 < x for x in m.sampling_margins) - mismatches,
         undecidable=undecidable if m.comparable else 0,
     )
 
