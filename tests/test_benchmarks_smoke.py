@@ -122,3 +122,16 @@ def test_sim_overhead_quick_prints_both_tables_with_a_row_per_case(tmp_path: Pat
     assert [r[0] for r in rows] == ["| 20", "| 50", "| 100", "| schedule (default)", "| flat 5%"]
     assert all(len(r) == 10 and r[6].startswith("**") and r[6].endswith("%**") for r in rows)
     assert rows[-1][1] == "5.0%"  # the flat floor is the floor the ledger used
+
+
+def test_sim_scale_runs_small_sizes_and_projects_a_size_past_its_budget() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sim_scale.py"), "--sizes", "10,30,100000",
+                             "--budget-s", "30", "--signatures", "keyed-hash"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert "load average" in lines[0]
+    measured = [line for line in lines if line.split()[:1] in (["10"], ["30"])]
+    assert len(measured) == 2 and all("projected" not in line for line in measured)
+    assert any(line.split()[0] == "100,000" and "projected, not run" in line for line in lines)
