@@ -38,6 +38,17 @@ the ledger says the inference expired (:class:`AnswerExpired`: the escrow
 was refunded), or ``recovery_timeout`` passes. Where no node has a ledger
 nobody is charged, and the break is raised as it was.
 
+A signed failure after the executor started is not a broken stream: the TA
+says its relay to the executor broke or went silent (``executor_failed``,
+``executor_stalled``), or the executor says it failed. That is raised at once
+(a killed executor's client should not wait for the ledger to expire its
+request), as :class:`AnswerInDoubt`: the executor may still have finished
+-- a partition cut the TA from it while it went on, claimed the work, and
+the ledger charged the client once the partition healed. The caller that
+wants that answer passes the error to :meth:`GonkaClient.recover`, which runs
+the same recovery as a broken stream (``AnswerExpired`` when the ledger
+refunded instead).
+
 The ledger calls (:meth:`GonkaClient.status`, :meth:`~GonkaClient.balance`,
 :meth:`~GonkaClient.inference`, :meth:`~GonkaClient.app_hash`,
 :meth:`~GonkaClient.submit_tx`) ask the node's replica over
@@ -117,6 +128,22 @@ class AnswerExpired(GonkaError):
     to the client, so nothing was charged for the answer that never came."""
 
     code = "expired"
+
+
+class AnswerInDoubt(RequestRejected):
+    """A signed failure after the executor started (see the module doc): the answer may still
+    settle on the ledger. ``code`` and the message are the failure's; :meth:`GonkaClient.recover`
+    fetches the rest of the answer if the ledger settles it."""
+
+    def __init__(self, failure: RequestRejected, request: Signed[InferenceRequest],
+                 streamed: StreamVerifier) -> None:
+        super().__init__(str(failure), code=failure.code)
+        self.request = request
+        self.streamed = streamed  # what the stream verified before the failure
+
+    @property
+    def inference_id(self) -> bytes:
+        return self.streamed.inference_id
 
 
 RECOVERY_TIMEOUT_S = 120.0  # how long a broken stream's answer is sought before giving up
@@ -292,7 +319,12 @@ class GonkaClient:
         try:
             async with aclosing(self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout)) as live:
                 async for frame in live:
-                    event = verifier.accept(frame)
+                    try:
+                        event = verifier.accept(frame)
+                    except RequestRejected as failure:
+                        if verifier.executor is None:
+                            raise
+                        raise AnswerInDoubt(failure, signed, verifier) from None
                     if event is not None:
                         yield event
                     if verifier.done:
@@ -306,6 +338,12 @@ class GonkaClient:
             raise broken
         for event in await self._recover(signed, verifier, broken, recovery_timeout):
             yield event
+
+    async def recover(self, doubt: AnswerInDoubt, timeout: float = RECOVERY_TIMEOUT_S) -> list[StreamEvent]:
+        """The rest of the answer ``doubt`` cut (the events after those its stream yielded), once
+        the ledger settles it; raises AnswerExpired if the ledger refunded it instead, ``doubt``
+        itself where no node has a ledger, NetworkUnavailable after ``timeout`` seconds."""
+        return await self._recover(doubt.request, doubt.streamed, doubt, timeout)
 
     async def _recover(self, request: Signed[InferenceRequest], live: StreamVerifier, broken: GonkaError,
                        timeout: float) -> list[StreamEvent]:

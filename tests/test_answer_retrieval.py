@@ -39,7 +39,7 @@ from helpers import (
 )
 
 from gonka_p2p.actors.node import Node
-from gonka_p2p.client import GonkaClient, build_request
+from gonka_p2p.client import AnswerExpired, AnswerInDoubt, GonkaClient, build_request
 from gonka_p2p.gossip.service import SendFrame, StreamHandler
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
@@ -164,6 +164,78 @@ async def test_a_relay_cut_over_libp2p_is_recovered(engine: Engine, tmp_path: Pa
             assert isinstance(events[0], StartedEvent) and isinstance(events[-1], FinishedEvent)
             record = await client.inference(inference_id(open_envelope(request, InferenceRequest)))
             assert record.response_hash == response_hash(tokens(events))
+
+
+# --- a TA that says the executor failed, while beyond a partition it finished ------------------
+
+
+def failed_after(frames: int, handler: StreamHandler, ta: Keypair, beyond: list[asyncio.Task[None]]) -> StreamHandler:
+    """The TA's handler as a partition leaves it: after ``frames`` frames its relay to the
+    executor is cut and it tells the client ``executor_failed``, while the executor, on the
+    other side, goes on (its frames go nowhere), finishes and claims the work."""
+
+    async def fail(opener: str, frame: bytes, send: SendFrame) -> None:
+        told, sent = asyncio.Event(), 0
+
+        async def relay(out: bytes) -> None:
+            nonlocal sent
+            sent += 1
+            if sent <= frames:
+                await send(out)
+            elif not told.is_set():
+                await send(seal(InferenceFailed(code="executor_failed", message="executor failed mid-stream: "
+                                                "the partition cut its stream"), ta))
+                told.set()
+
+        beyond.append(asyncio.create_task(handler(opener, frame, relay)))
+        await told.wait()
+
+    return fail
+
+
+async def test_a_failure_the_ta_reports_after_the_start_is_raised_at_once_and_its_answer_recovered(
+        engine: Engine, tmp_path: Path) -> None:
+    """The short testnet lost a request so: the client got executor_failed, the executor was
+    paid. The client hears the failure at once (AnswerInDoubt, a RequestRejected with its code),
+    and ``recover`` returns the rest of the answer the ledger charged it for."""
+    beyond: list[asyncio.Task[None]] = []
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
+        ta = nodes[0]
+        ta.service.set_stream_handler(INFER_PROTOCOL, failed_after(2, ta.ta._handle, ta.key, beyond))
+        client = await client_of(ta)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+        streamed: list[object] = []
+        with pytest.raises(AnswerInDoubt) as doubt:
+            async with asyncio.timeout(GUARD_S):
+                async for event in client.stream_request(request, recovery_timeout=GUARD_S):
+                    streamed.append(event)
+        assert isinstance(doubt.value, RequestRejected) and doubt.value.code == "executor_failed"
+        assert [type(e) for e in streamed] == [StartedEvent, TokensEvent]
+        rest = await client.recover(doubt.value, timeout=GUARD_S)
+        assert isinstance(rest[-1], FinishedEvent) and not any(isinstance(e, StartedEvent) for e in rest)
+        record = await client.inference(doubt.value.inference_id)
+        assert record.status == "settled" and record.response_hash == response_hash(tokens(streamed + rest))
+        await asyncio.gather(*beyond)
+
+
+async def test_recovering_an_answer_the_executor_never_finished_ends_refunded(engine: Engine, tmp_path: Path) -> None:
+    """The executor really died (here: holds after its first token for good): the ledger expires
+    the Start, and ``recover`` says so instead of waiting out its timeout."""
+    beyond: list[asyncio.Task[None]] = []
+    holding = StallingEngine(engine, 1)
+    async with network(memory_services(), holding, tmp_path, ledger_genesis()) as nodes:
+        ta = nodes[0]
+        ta.service.set_stream_handler(INFER_PROTOCOL, failed_after(1, ta.ta._handle, ta.key, beyond))
+        client = await client_of(ta)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+        with pytest.raises(AnswerInDoubt) as doubt:
+            async with asyncio.timeout(GUARD_S):
+                async for _ in client.stream_request(request):
+                    pass
+        with pytest.raises(AnswerExpired):
+            await client.recover(doubt.value, timeout=GUARD_S)
+        holding.release.set()
+        await asyncio.gather(*beyond)
 
 
 # --- only the client fetches, and only the answer the ledger settled --------------------------

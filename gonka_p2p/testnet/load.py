@@ -20,8 +20,11 @@ entries, where special tokens such as the end of sequence are not shown, so
 a cut answer that ended in one reads one token short). ``hung`` marks a request that reached ``timeout_s`` without
 an end: neither the TA's stall timeout nor the client's ``idle_s`` cut it. A libp2p request whose
 stream broke after its executor started is then recovered by the client library from the ledger
-and the executor's kept answer, for at most ``RECOVERY_TIMEOUT_S``; it hangs only past both bounds
-(on a chain slowed to a block every 40 s, the 30-minute run called recovering clients hung).
+and the executor's kept answer, for at most the manifest's ``recovery_s``; it hangs only past both bounds
+(on a chain slowed to a block every 40 s, the 30-minute run called recovering clients hung). So is
+one whose TA said, after the start, that its relay to the executor failed (``AnswerInDoubt``): in
+a partition the executor may finish and be paid beyond the cut (the short scenario lost a request
+so); the line then says ``in_doubt``, and ``recovered`` if the answer came.
 The ledger's side of each request is judged later by the observer.
 """
 
@@ -38,13 +41,13 @@ from typing import Any
 import httpx
 import openai
 
-from gonka_p2p.client import RECOVERY_TIMEOUT_S, build_request
+from gonka_p2p.client import AnswerInDoubt, GonkaClient, build_request
 from gonka_p2p.identity import Keypair
 from gonka_p2p.openai.auth import REQUEST_HEADER, parse_body
 from gonka_p2p.testnet.peers import Peers, append_jsonl, read_args
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest, inference_id, response_hash
-from gonka_p2p.wire.stream import StartedEvent, TokensEvent
+from gonka_p2p.wire.stream import StartedEvent, StreamEvent, TokensEvent
 
 
 def prompt(n: int) -> list[tuple[str, str]]:
@@ -61,15 +64,25 @@ async def libp2p_request(peers: Peers, ta: int, n: int, args: dict[str, Any]) ->
     record: dict[str, Any] = {"id": inference_id(open_envelope(raw, InferenceRequest)).hex(), "via": "libp2p"}
     token_ids: list[int] = []
 
-    async def stream() -> None:
-        async for event in (await peers.client(ta)).stream_request(raw, timeout=args["idle_s"]):
-            if isinstance(event, StartedEvent):
-                record["executor"] = event.executor
-            elif isinstance(event, TokensEvent):
-                token_ids.extend(event.token_ids)
+    def take(event: StreamEvent) -> None:
+        if isinstance(event, StartedEvent):
+            record["executor"] = event.executor
+        elif isinstance(event, TokensEvent):
+            token_ids.extend(event.token_ids)
+
+    async def stream(client: GonkaClient) -> None:
+        try:
+            async for event in client.stream_request(raw, timeout=args["idle_s"],
+                                                          recovery_timeout=args["recovery_s"]):
+                take(event)
+        except AnswerInDoubt as doubt:  # the executor may have finished beyond a cut relay
+            record["in_doubt"] = f"{doubt.code}: {doubt}"[:300]
+            for event in await client.recover(doubt, timeout=args["recovery_s"]):
+                take(event)
+            record["recovered"] = True
 
     try:
-        await bounded(peers.ask(ta, lambda _: stream()), args["timeout_s"] + RECOVERY_TIMEOUT_S, record)
+        await bounded(peers.ask(ta, stream), args["timeout_s"] + args["recovery_s"], record)
     finally:
         record |= {"tokens": len(token_ids), "answer": response_hash(token_ids).hex()}
     return record

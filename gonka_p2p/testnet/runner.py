@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gonka_p2p.client import RECOVERY_TIMEOUT_S
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.genesis import load_genesis, save_genesis
 from gonka_p2p.testnet import netns
@@ -327,11 +326,11 @@ class Testnet:
                            out=str(self.workdir / "requests.jsonl"),
                            rate=m.load.rate, duration_s=m.duration_s, model=m.model, max_tokens=m.load.max_tokens,
                            idle_s=m.load.idle_s, timeout_s=m.load.timeout_s, concurrency=m.load.concurrency,
-                           http_share=m.load.http_share, tas=list(range(m.nodes)))
+                           http_share=m.load.http_share, recovery_s=m.load.recovery_s, tas=list(range(m.nodes)))
         t0 = time.time()
         log(f"load started: {m.load.rate} requests/s for {m.duration_s:g} s")
         self.perturb(t0, log)
-        load.wait(timeout=max(0.0, t0 + m.duration_s - time.time()) + m.load.timeout_s + RECOVERY_TIMEOUT_S + 60)
+        load.wait(timeout=max(0.0, t0 + m.duration_s - time.time()) + m.load.timeout_s + m.load.recovery_s + 60)
         log("load done; settling the ledger")
         settle = self.helper(self.observer, "gonka_p2p.testnet.observer", "settle", key=observe_key,
                              requests=str(self.workdir / "requests.jsonl"), out=str(self.workdir / "settled.json"),
