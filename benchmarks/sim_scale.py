@@ -11,7 +11,7 @@ peak resident memory, milliseconds per request and the local growth exponent k
 ``--budget-s`` by the previous one's exponent is projected, not run, and marked so.
 ``--profile`` prints the cProfile hot spots of the largest size run (profiled, so slower).
 
-    OMP_NUM_THREADS=1 python benchmarks/sim_scale.py            # 10 .. 10,000 (projected past the budget)
+    OMP_NUM_THREADS=1 python benchmarks/sim_scale.py --plot sim_scale.png   # 10 .. 10,000, and the curve
     OMP_NUM_THREADS=1 python benchmarks/sim_scale.py --sizes 10,100,1000 --profile
 
 Run it at a quiet moment: the table prints ``uptime``'s load beside the figures.
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--signatures", choices=("real", "keyed-hash"), default="real",
                         help="secp256k1, or the keyed hash standing in for it (default %(default)s)")
     parser.add_argument("--profile", action="store_true", help="cProfile the largest size run")
+    parser.add_argument("--plot", type=Path, help="write the curve (time and memory against peers) to this PNG")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -87,7 +88,7 @@ def main() -> None:
         projected = rows[-1]["wall_s"] * (peers / rows[-1]["peers"]) ** k if k is not None else 0.0
         if projected > args.budget_s:
             row = {"peers": peers, "requests": peers * args.requests_per_peer, "wall_s": projected,
-                   "cpu_s": float("nan"), "peak_mib": float("nan")}
+                   "cpu_s": float("nan"), "peak_mib": float("nan"), "projected": True}
         else:
             command = [sys.executable, __file__, "--child", str(peers),
                        "--requests-per-peer", str(args.requests_per_peer), "--signatures", args.signatures,
@@ -103,6 +104,11 @@ def main() -> None:
     print("k: time ~ peers^k from the size above (requests grow with peers, so k = 2 is O(peers x requests));"
           " cpu s: the process's own CPU time, what one core would take on a machine shared with other work")
     print(f"uptime at the end: {_uptime()}")
+    if args.plot:
+        sys.path.insert(0, str(ROOT))
+        from sim.plots import plot_scale
+
+        print(f"curve: {plot_scale(rows, args.plot, f'One epoch of the simulator ({args.signatures} signatures)')}")
     if hot_spots:
         print(f"hot spots of the largest size run:\n{hot_spots}")
 

@@ -127,6 +127,29 @@ def plot_sweep(param: str, metric: str, rows: list[dict[str, float]], path: Path
     return _save(fig, path)
 
 
+def plot_scale(rows: list[dict[str, float]], path: Path, title: str) -> Path:
+    """``benchmarks/sim_scale.py``'s curve: wall time and peak memory against peers, log-log,
+    beside the lines time ~ peers (k = 1) and ~ peers^2 (k = 2) through the smallest size;
+    a projected size (not run) is a hollow marker."""
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    peers = [r["peers"] for r in rows]
+    run = [r for r in rows if not r.get("projected")]
+    time_ax.plot([r["peers"] for r in run], [r["wall_s"] for r in run], "o-", label="wall time (run)")
+    projected = [r for r in rows if r.get("projected")]
+    if projected:
+        time_ax.plot([r["peers"] for r in projected], [r["wall_s"] for r in projected], "o", mfc="none",
+                     label="projected, not run")
+    first = rows[0]
+    for k, style in ((1, ":"), (2, "--")):
+        time_ax.plot(peers, [first["wall_s"] * (p / first["peers"]) ** k for p in peers], style, color="grey",
+                     label=f"~ peers^{k}")
+    time_ax.set(xscale="log", yscale="log", title=title, xlabel="peers (3 requests each)", ylabel="seconds")
+    time_ax.legend(fontsize="small")
+    memory_ax.plot([r["peers"] for r in run], [r["peak_mib"] for r in run], "o-", color="tab:green")
+    memory_ax.set(xscale="log", title="Peak resident memory", xlabel="peers", ylabel="MiB")
+    return _save(fig, path)
+
+
 def write_plots(report: Report, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     return [plot_rewards(report, out / "rewards.png"), plot_detection(report, out / "detection.png"),

@@ -4,10 +4,10 @@ Theory of operation
 -------------------
 Time is the block height. Before each block the loop lets the actors act:
 clients' requests arrive (spread uniformly over each epoch); the TA of each
-(a random live peer) draws its executor with the network's own
-:func:`~gonka_p2p.ledger.rules.choose_executor` over the ledger's executor
-weights, attempt after attempt until the draw is online (the rule
-``StartInference`` checks), and submits it; the executor submits
+(a random live peer) draws its executor as the live TA does
+(:func:`~gonka_p2p.ledger.executor_draw.routing_draws`: the ledger's draw over
+its executor weights, attempt after attempt until the draw is online and not
+barred -- the rule ``StartInference`` checks), and submits it; the executor submits
 ``FinishInference`` after generating (a silent one, sometimes, never does,
 and the ledger expires the request). Validators commit their seeds during
 the epoch before, check their duties, vote when drawn onto a committee and
@@ -69,8 +69,6 @@ from gonka_p2p.ledger.records import DisputeOutcome, InferenceStatus
 from gonka_p2p.ledger.rules import (
     PPM,
     DrawTable,
-    NoEligibleExecutor,
-    choose_executor,
     epoch_last_height,
     epoch_of,
     epoch_settled_at,
@@ -79,7 +77,7 @@ from gonka_p2p.ledger.rules import (
 )
 from gonka_p2p.ledger.duties import ArcIndex
 from gonka_p2p.ledger.state import check_invariants
-from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
+from gonka_p2p.ledger.executor_draw import executor_weights, routing_draws
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
@@ -290,21 +288,17 @@ class Simulation:
                           self._on_start_or_finish(iid))
 
     def _route(self, ta: Peer, iid: bytes, epoch: int, prefer: str | None = None) -> tuple[Peer, int] | None:
-        """The live TA's routing: the ledger's draws over its executor weights, attempt by
-        attempt, the first that is online and not sanctioned (``may_execute``); None when no
-        attempt finds one. A greedy TA takes
+        """The live TA's routing (``routing_draws``: the ledger's draws over its executor weights,
+        attempt by attempt), the first that is online and not barred; None when no attempt
+        finds one. A greedy TA takes
         ``prefer`` at whichever allowed attempt draws it (the choice the ledger leaves it)."""
         if self._weights[0] != self.chain.height:  # weights change only in blocks: one read per block
             self._weights = (self.chain.height, DrawTable(executor_weights(self.chain.state, MODEL)))
-        weights = self._weights[1]
-        drawn = []
-        for attempt in range(self.params.max_executor_attempts):
-            try:
-                executor = self.peers[choose_executor(weights, frozenset({ta.peer_id}), iid, attempt)]
-            except NoEligibleExecutor:
-                break
-            if executor.online[epoch] and may_execute(self.chain.state, executor.peer_id):
-                drawn.append((executor, attempt))
+        table = self._weights[1]
+        drawn = [(self.peers[d.executor], d.attempt)
+                 for d in routing_draws(lambda: table, ta.peer_id, iid, self.params.max_executor_attempts,
+                                        self.chain.state)
+                 if not d.barred and self.peers[d.executor].online[epoch]]
         preferred = [d for d in drawn if d[0].peer_id == prefer]
         return (preferred or drawn or [None])[0]
 

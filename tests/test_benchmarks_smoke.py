@@ -124,9 +124,9 @@ def test_sim_overhead_quick_prints_both_tables_with_a_row_per_case(tmp_path: Pat
     assert rows[-1][1] == "5.0%"  # the flat floor is the floor the ledger used
 
 
-def test_sim_scale_runs_small_sizes_and_projects_a_size_past_its_budget() -> None:
+def test_sim_scale_runs_small_sizes_projects_a_size_past_its_budget_and_plots_the_curve(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sim_scale.py"), "--sizes", "10,30,100000",
-                             "--budget-s", "30", "--signatures", "keyed-hash"],
+                             "--budget-s", "30", "--signatures", "keyed-hash", "--plot", str(tmp_path / "scale.png")],
                             capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -135,3 +135,4 @@ def test_sim_scale_runs_small_sizes_and_projects_a_size_past_its_budget() -> Non
     measured = [line for line in lines if line.split()[:1] in (["10"], ["30"])]
     assert len(measured) == 2 and all("projected" not in line for line in measured)
     assert any(line.split()[0] == "100,000" and "projected, not run" in line for line in lines)
+    assert (tmp_path / "scale.png").read_bytes().startswith(b"\x89PNG")

@@ -13,7 +13,9 @@ restarts forgets what it received, the ledger does not); some live executor
 serves the model (``unknown_model``); the admission hook (balance, later
 the ledger) accepts it.
 
-Routing: the executor is drawn by :func:`choose_executor`, seeded by the
+Routing: the executor is drawn by :func:`~gonka_p2p.ledger.rules.choose_executor`
+(through :func:`~gonka_p2p.ledger.executor_draw.routing_draws`, the order the
+simulator routes in too), seeded by the
 inference id and the attempt number, never this node. With a ledger the draw
 runs over the weights the committed state holds for the model
 (:func:`~gonka_p2p.ledger.executor_draw.executor_weights`): it is the draw the
@@ -69,9 +71,8 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
-from gonka_p2p.ledger.rules import NoEligibleExecutor, choose_executor
+from gonka_p2p.ledger.executor_draw import executor_weights, routing_draws
 from gonka_p2p.ledger.state import LedgerState
-from gonka_p2p.ledger.executor_draw import executor_weights, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     ExecuteOrder,
@@ -218,23 +219,20 @@ class TransferAgent:
         model is skipped (it would refuse) but named in the failure, if every draw fails."""
         order = seal(ExecuteOrder(request=request.raw), self._key)
         me, iid, model = self._service.peer_id, inference_id(request), request.message.model
-        tried: set[str] = set()
+        tried = 0
         refusals: list[str] = []
-        for attempt in range(self._attempts):
-            weights = (self._directory.executor_weights(model) if self._ledger is None
-                       else executor_weights(self._ledger, model))
-            try:
-                executor = choose_executor(weights, frozenset({me}), iid, attempt)
-            except NoEligibleExecutor:
-                break
-            if executor in tried:
-                continue
-            tried.add(executor)
-            if not self._directory.serves(executor, model) or (
-                    self._ledger is not None and not may_execute(self._ledger, executor)):
+
+        def weights() -> dict[str, int]:
+            return (self._directory.executor_weights(model) if self._ledger is None
+                    else executor_weights(self._ledger, model))
+
+        for draw in routing_draws(weights, me, iid, self._attempts, self._ledger):
+            tried += 1
+            executor = draw.executor
+            if draw.barred or not self._directory.serves(executor, model):
                 refusals.append(f"{executor[-8:]}: not live, barred, or not serving {model!r}")
                 continue
-            outcome = await self._relay(executor, attempt, order, request, send)
+            outcome = await self._relay(executor, draw.attempt, order, request, send)
             if outcome == "done":
                 self.relayed += 1
                 return
@@ -247,7 +245,7 @@ class TransferAgent:
             return
         why = f" ({'; '.join(refusals)})" if refusals else ""
         await _to_client(send, self._failed("no_executor", "no live executor could take the request: "
-                                                           f"{len(tried)} distinct of {self._attempts} draws{why}"))
+                                                           f"{tried} distinct of {self._attempts} draws{why}"))
 
     async def _relay(
         self, executor: str, attempt: int, order: bytes, request: Signed[InferenceRequest],

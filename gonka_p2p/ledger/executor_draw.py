@@ -10,7 +10,8 @@ named, as queries of the committed :class:`~gonka_p2p.ledger.state.LedgerState`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gonka_p2p.ledger.records import Participant
@@ -89,6 +90,35 @@ def may_execute(state: LedgerState, peer: str) -> bool:
     the ledger and refunded with the rest of the caught epoch, never lost."""
     participant = state.registry.get(peer)
     return participant is not None and not participant.sanctioned
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One attempt of a TA's routing: the executor the ledger's draw names, and whether the
+    ledger bars it (:func:`may_execute`: the TA skips it, and says so if every draw fails)."""
+
+    attempt: int
+    executor: str
+    barred: bool
+
+
+def routing_draws(weights: Callable[[], Mapping[str, int] | DrawTable], ta: str, iid: bytes, attempts: int,
+                  state: LedgerState | None) -> Iterator[Draw]:
+    """The draws a TA tries for inference ``iid``, in order: attempt by attempt over the
+    ``weights`` of that moment (the ledger's frozen table, which :func:`is_drawn` recomputes;
+    read again per attempt, since a route can span a block), never the TA itself, each
+    distinct executor once (a second draw of one that failed would fail again). The live TA
+    and the simulator both route with this, so a routing rule changed here changes in both;
+    each then skips what only it knows (a peer not live, or not serving the model)."""
+    tried: set[str] = set()
+    for attempt in range(attempts):
+        try:
+            executor = choose_executor(weights(), frozenset({ta}), iid, attempt)
+        except NoEligibleExecutor:
+            return
+        if executor not in tried:
+            tried.add(executor)
+            yield Draw(attempt, executor, state is not None and not may_execute(state, executor))
 
 
 def draw_epochs(state: LedgerState, height: int) -> tuple[int, ...]:
