@@ -1,11 +1,14 @@
 #!/bin/sh
-# Research question: how long until an int8 cheater is caught, and how does that grow as it
-# cheats on fewer of its requests?
+# Research question: how long until an int8 cheater is caught in a network that pins bf16, and
+# how does that grow as it cheats on fewer of its requests?
 #
-# The int8 scenario (a subtle cheat: most of its outputs pass, some look suspicious, so the
-# ledger's epoch test rather than a single failed check catches it), swept over the share q of
-# requests it cheats on. Read runs/research-int8-catch/blocks-to-catch-int8.png (first offence
-# -> the settlement that sanctioned it) beside detection-int8.png (sanctioned / offending epochs).
+# The int8-bf16 scenario (sim/scenarios/int8-bf16.toml): verdicts from the detection matrix's
+# bf16 rows, where honest noise is as large as int8's, so a check fails an int8 output only
+# sometimes (11 % of SmolLM2's) and most of the evidence is suspicious-but-valid checks that the
+# ledger's epoch test (carried across epochs) adds up. The sweep lowers the share q of requests
+# it cheats on from 1 to 0.1, 20 seeds each. Read runs/research-int8-catch/blocks-to-catch-int8.png
+# (first offence -> the settlement that sanctioned it) beside detection-int8.png (sanctioned /
+# offending epochs).
 set -e
 cd "$(dirname "$0")/.."
-gonka-p2p sim sweep int8 --param behaviour.cheat_fraction=0.1:1:4 --seeds 20 --out runs/research-int8-catch
+gonka-p2p sim sweep int8-bf16 --param behaviour.cheat_fraction=0.1:1:4 --seeds 20 --out runs/research-int8-catch

@@ -60,7 +60,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     _common(parser)
     parser.add_argument("--param", required=True, metavar="SECTION.NAME=LOW:HIGH:STEPS",
                         help=f"the knob and its range, e.g. validation.floor=0.01:0.2:8 (knobs: "
-                             f"{', '.join(sorted(scalar_knobs()))})")
+                             f"{', '.join(sorted(scalar_knobs()))}; and params.NAME, a genesis parameter, "
+                             "mix.STRATEGY, economics.savings.STRATEGY)")
     parser.add_argument("--seeds", type=int, default=20, help="seeds per value (default %(default)s)")
     parser.add_argument("--first-seed", type=int, default=1, help="seeds run from this one (default 1)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,

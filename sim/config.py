@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, get_type_hints
 
+from gonka_p2p.ledger.genesis import Params
 from sim.poc import poc_windows
-from sim.roster import Strategy
+from sim.roster import EXECUTOR_CHEATS, Strategy
 
 Check = Callable[[Any], str | None]  # a value -> why it is wrong, or None
 
@@ -45,7 +46,10 @@ def _knob(default: Any, section: str, help: str, check: Check | None = None) -> 
 # Share of an honest execution's compute that each cheat saves (what it gains by cheating).
 DEFAULT_SAVINGS: MappingProxyType[str, float] = MappingProxyType({
     "int4": 0.5, "prefill": 0.7, "small-model": 0.6, "int8": 0.3, "bf16": 0.2, "sybil": 0.5,
-    "self-dealing": 0.5})
+    "self-dealing": 0.5,
+    # the matrix's other cheats: half precision or fp8 saves like bf16 / int8; made-up or cut
+    # answers save most of the compute; the stated / steered / temperature cheats save nothing
+    "fp16": 0.2, "fp8": 0.3, "fabricated": 0.9, "truncated": 0.5, "fewer-tokens": 0.5})
 
 
 @dataclass(frozen=True)
@@ -76,20 +80,25 @@ class SimConfig:
     sybil_identities: int = _knob(8, "behaviour", "identities each sybil owner splits its weight into",
                                   at_least(1))
     sybil_cheat: str = _knob("int4", "behaviour", "the cheat sybil identities run",
-                             one_of("int4", "prefill", "small-model", "int8", "bf16"))
+                             one_of(*map(str, EXECUTOR_CHEATS)))
     self_dealing_requests: int = _knob(
         100, "behaviour", "requests per epoch a self-dealing owner's client sends through its own TA",
         at_least(0))
     self_dealing_cheat: str = _knob(
         "int4", "behaviour", "what a self-dealer's executor runs for its own client ('honest': the real "
-        "model, at full cost)", one_of("honest", "int4", "prefill", "small-model", "int8", "bf16"))
+        "model, at full cost)", one_of("honest", *map(str, EXECUTOR_CHEATS)))
     spam_requests: int = _knob(
         0, "behaviour", "requests per epoch a spamming client sends (1 token each, to random TAs)",
         at_least(0))
     # -- validation --
     verdicts: str = _knob("matrix", "validation", "verdict rates: the measured detection matrix, or "
                           "the design targets", one_of("matrix", "design"))
+    matrix: str = _knob("", "validation", "the detection matrix file, JSON as benchmarks/detection_matrix.py "
+                        "writes it (empty: benchmarks/results/detection_matrix.json)")
     matrix_model: str = _knob("", "validation", "the matrix's model (empty: the one with most rows)")
+    matrix_dtype: str = _knob("float32", "validation", "the pinned dtype whose matrix rows give the rates "
+                              "(bfloat16: the bf16 rows, where int8 and fp8 are subtle)",
+                              one_of("float32", "bfloat16"))
     independent_checks: bool = _knob(False, "validation", "each check and vote draws its own verdict "
                                      "(else one per inference, a deterministic re-run)")
     floor: float = _knob(0.0, "validation", "a flat validation floor m at every traffic (0: the "
@@ -114,6 +123,8 @@ class SimConfig:
     max_delay_ms: int = _knob(50, "consensus", "a consensus message's delay, at most (ms)", at_least(1))
     stall_ms: int = _knob(30_000, "consensus", "virtual time without a commit after which the chain is "
                           "reported stalled (ms)", at_least(1))
+    real_signatures: bool = _knob(False, "consensus", "replicas sign and verify votes with secp256k1 "
+                                  "(else the keyed hash of sim.consensus_sim: the same protocol, faster)")
     # -- proof of compute (sim.poc) --
     proof_of_compute: bool = _knob(False, "poc", "weights earned each epoch by proof of compute, with the "
                                    "ledger's windows scaled to the epoch (sim.poc.poc_windows)")
@@ -155,3 +166,17 @@ def table_knobs() -> dict[str, Field[Any]]:
     """Section -> the field, for the free tables (``mix``, ``economics.savings``, ``params``)."""
     return {f.metadata["section"]: f for f in fields(SimConfig)
             if "section" in f.metadata and f.default is MISSING}
+
+
+def table_entry_kind(path: str) -> type | None:
+    """The type of one entry of a free table -- ``params.NAME`` (a genesis parameter: int),
+    ``mix.STRATEGY`` (int), ``economics.savings.STRATEGY`` (float) -- so that ``--set`` and a
+    sweep's ``--param`` reach it as they reach a scalar knob; None for any other path."""
+    section, _, name = path.rpartition(".")
+    if section == "params":
+        return int if get_type_hints(Params).get(name) == int else None
+    if section == "mix":
+        return int if name in set(map(str, Strategy)) else None
+    if section == "economics.savings":
+        return float if name in set(map(str, Strategy)) else None
+    return None

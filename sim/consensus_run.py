@@ -87,7 +87,8 @@ def consensus_scenario(config: SimConfig, heights: int) -> Scenario:
                       partition_sides=tuple(int(i in halves) for i in range(n)))
     return Scenario(seed=config.seed, powers=(1,) * n, byzantine=byzantine, network=network,
                     target_heights=heights, liveness_window_ms=heights * config.stall_ms,
-                    byzantine_mode=config.byzantine, bound_byzantine=False, stall_ms=config.stall_ms)
+                    byzantine_mode=config.byzantine, bound_byzantine=False, stall_ms=config.stall_ms,
+                    real_signatures=config.real_signatures)
 
 
 def run_consensus(config: SimConfig, heights: int) -> ConsensusOutcome:

@@ -35,6 +35,18 @@ class Strategy(StrEnum):
     SMALL_MODEL = "small-model"  # gross: fewer layers
     INT8 = "int8"  # subtle
     BF16 = "bf16"  # subtle
+    # The detection matrix's other cheats (benchmarks/detection_matrix.py names each row):
+    FP16 = "fp16"  # subtle: half precision instead of the pinned dtype
+    FP8 = "fp8"  # subtle: fake-quantized e4m3 weights (a bf16 row of the matrix)
+    FABRICATED = "fabricated"  # gross: made-up logprobs
+    TRUNCATED = "truncated"  # gross: the completion cut short
+    ALTERED = "altered"  # gross: tokens changed after generation
+    FEWER_TOKENS = "fewer-tokens"  # gross: stops before the length the request allowed
+    WRONG_TEMPERATURE = "wrong-temperature"  # gross: samples at another temperature
+    STATED_TEMPERATURE = "stated-temperature"  # gross: states another temperature than the request's
+    STATED_TOP_K = "stated-top-k"  # gross: states another top-k
+    STATED_TOP_P = "stated-top-p"  # gross: states another top-p
+    STEERING = "steering"  # gross: a system prompt of its own slipped in
     LAZY = "lazy"  # a validator that skips its duties and votes
     COLLUDING = "colluding"  # a validator that rubber-stamps its partner executor
     SILENT = "silent"  # an executor that goes silent on some of its requests
@@ -57,18 +69,26 @@ class Strategy(StrEnum):
     @property
     def cheats_as_executor(self) -> bool:
         """Its outputs are not the pinned model's (the verdict table has a row for it)."""
-        return self in (Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL, Strategy.INT8,
-                        Strategy.BF16, Strategy.SYBIL)
+        return self in EXECUTOR_CHEATS or self is Strategy.SYBIL
 
     @property
     def gross(self) -> bool:
-        return self in (Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL)
+        return self in EXECUTOR_CHEATS and self not in (Strategy.INT8, Strategy.BF16, Strategy.FP16, Strategy.FP8)
 
+
+# What an executor can run instead of the pinned model: every cheat row of the detection matrix.
+EXECUTOR_CHEATS: tuple[Strategy, ...] = (
+    Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL, Strategy.INT8, Strategy.BF16, Strategy.FP16,
+    Strategy.FP8, Strategy.FABRICATED, Strategy.TRUNCATED, Strategy.ALTERED, Strategy.FEWER_TOKENS,
+    Strategy.WRONG_TEMPERATURE, Strategy.STATED_TEMPERATURE, Strategy.STATED_TOP_K, Strategy.STATED_TOP_P,
+    Strategy.STEERING)
+# The matrix's cheats the default mix leaves to their own scenario (``matrix-cheats``).
+MATRIX_ONLY_CHEATS = EXECUTOR_CHEATS[5:]
 
 # One of each strategy that one identity plays alone (owners of several identities and framers:
 # their own scenarios).
 DEFAULT_MIX: dict[Strategy, int] = {s: 1 for s in Strategy if not s.needs_poc and s not in (
-    Strategy.HONEST, Strategy.SYBIL, Strategy.FRAMING, Strategy.SELF_DEALING)}
+    Strategy.HONEST, Strategy.SYBIL, Strategy.FRAMING, Strategy.SELF_DEALING, *MATRIX_ONLY_CHEATS)}
 
 
 @dataclass(frozen=True)

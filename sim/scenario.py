@@ -21,7 +21,7 @@ from typing import Any
 
 from gonka_p2p.ledger.genesis import PARAM_FIELDS, Genesis, GenesisError
 
-from sim.config import SimConfig, scalar_knobs, table_knobs
+from sim.config import SimConfig, scalar_knobs, table_entry_kind, table_knobs
 from sim.poc import POC_PHASES
 from sim.roster import CHAIN_ID, Strategy, identities, sim_params
 from sim.verdicts import table_for
@@ -103,6 +103,13 @@ def build(seed: int, values: dict[str, Any]) -> SimConfig:
         if path in tables:
             default = tables[path].default_factory()  # type: ignore[misc]
             fields[tables[path].name] = {**default, **value} if isinstance(value, dict) else value
+    for path, value in values.items():
+        if path in tables:
+            continue
+        if table_entry_kind(path) is not None:  # one entry of a table, set on top of the table
+            section, _, name = path.rpartition(".")
+            table = tables[section]
+            fields[table.name] = {**fields.get(table.name, table.default_factory()), name: value}  # type: ignore[misc]
             continue
         knob = scalars[path]
         kind = type(knob.default)
@@ -165,9 +172,9 @@ def checked(config: SimConfig) -> SimConfig:
     if config.epoch_blocks <= GENERATION_BLOCKS[1] + 2 * config.latency + 1:
         problems.append("network.epoch_blocks: leaves no room for a request to finish within its epoch")
     try:
-        table_for(config.verdicts, config.matrix_model)
+        table_for(config.verdicts, config.matrix_model, config.matrix_dtype, config.matrix)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        problems.append(f"validation.matrix_model: {e} (or validation.verdicts = \"design\")")
+        problems.append(f"validation.matrix: {e} (or validation.verdicts = \"design\")")
     if problems:
         raise ScenarioError("\n".join(problems))
     return config
@@ -189,17 +196,24 @@ def _poc_problems(config: SimConfig) -> list[str]:
 
 
 def parse_override(text: str) -> tuple[str, str]:
-    """``section.name=value`` -> (path, value text); the path must be a scalar knob."""
+    """``section.name=value`` -> (path, value text); the path must be a scalar knob or one entry
+    of a free table (``params.NAME``, ``mix.STRATEGY``, ``economics.savings.STRATEGY``)."""
     path, sep, value = text.partition("=")
-    if not sep or path not in scalar_knobs():
+    if not sep or (path not in scalar_knobs() and table_entry_kind(path) is None):
         raise ScenarioError(f"{text!r}: expected section.name=value with one of "
-                            f"{', '.join(sorted(scalar_knobs()))}")
+                            f"{', '.join(sorted(scalar_knobs()))}, or params.NAME (a genesis parameter), "
+                            "mix.STRATEGY, economics.savings.STRATEGY")
     return path, value
+
+
+def knob_kind(path: str) -> type:
+    """The type of a value ``path`` takes (a path :func:`parse_override` accepted)."""
+    return table_entry_kind(path) or type(scalar_knobs()[path].default)
 
 
 def typed(path: str, text: str) -> Any:
     """A command line's text as the knob's type (TOML syntax: 0.1, 3, true, "design")."""
-    kind = type(scalar_knobs()[path].default)
+    kind = knob_kind(path)
     if kind is str:
         return text.strip('"')
     try:

@@ -70,6 +70,17 @@ DESIGN_RATES: MappingProxyType[str, Rates] = MappingProxyType({
     "small-model": Rates(0.995, 0.005, FailureFlag.TOP_K, "design"),
     "int8": Rates(0.02, 0.4, FailureFlag.DISTANCE, "design"),
     "bf16": Rates(0.02, 0.3, FailureFlag.DISTANCE, "design"),
+    "fp16": Rates(0.02, 0.3, FailureFlag.DISTANCE, "design"),
+    "fp8": Rates(0.02, 0.4, FailureFlag.DISTANCE, "design"),
+    "fabricated": Rates(0.99, 0.0, FailureFlag.DISTANCE, "design"),
+    "truncated": Rates(0.99, 0.0, FailureFlag.LENGTH, "design"),
+    "altered": Rates(0.99, 0.0, FailureFlag.SAMPLING, "design"),
+    "fewer-tokens": Rates(0.99, 0.0, FailureFlag.LENGTH, "design"),
+    "wrong-temperature": Rates(0.99, 0.0, FailureFlag.SAMPLING, "design"),
+    "stated-temperature": Rates(0.99, 0.0, FailureFlag.OTHER, "design"),
+    "stated-top-k": Rates(0.99, 0.0, FailureFlag.OTHER, "design"),
+    "stated-top-p": Rates(0.99, 0.0, FailureFlag.OTHER, "design"),
+    "steering": Rates(0.99, 0.0, FailureFlag.OTHER, "design"),
 })
 
 
@@ -89,15 +100,20 @@ def design_table() -> VerdictTable:
     return VerdictTable(DESIGN_RATES, DEFAULT_VAL_OVER_GEN, "")
 
 
-def table_for(source: str, model: str = "") -> VerdictTable:
-    """The verdict table a scenario names: ``"design"``, or ``"matrix"`` (``model``: "" for the
-    matrix model with most rows)."""
-    return design_table() if source == "design" else load_matrix(DEFAULT_MATRIX, model or None)
+def table_for(source: str, model: str = "", dtype: str = "float32", path: str = "") -> VerdictTable:
+    """The verdict table a scenario names: ``"design"``, or ``"matrix"`` (``path``: "" for the
+    committed matrix; ``model``: "" for its model with most rows; ``dtype``: the pinned dtype
+    whose rows count)."""
+    if source == "design":
+        return design_table()
+    return load_matrix(Path(path) if path else DEFAULT_MATRIX, model or None, dtype)
 
 
-def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None) -> VerdictTable:
-    """Failure rates measured per strategy for ``model`` (default: the model with most rows),
-    suspicious shares from :data:`DESIGN_RATES`. Raises ValueError on a file of another shape."""
+def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None, dtype: str = "float32") -> VerdictTable:
+    """Failure rates measured per strategy for ``model`` (default: the model with most rows) at
+    the pinned ``dtype``, suspicious shares from :data:`DESIGN_RATES`; a strategy the matrix
+    has no row for there keeps its design rates (the table says which: ``source``). Raises
+    ValueError on a file of another shape, or one without ``model`` at ``dtype``."""
     doc: Any = json.loads(Path(path).read_text())
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not isinstance(rows, list) or not rows:
@@ -109,7 +125,7 @@ def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None) -> Verdic
         raise ValueError(f"{path} has no rows for model {model!r} (it has {', '.join(models)})")
     pooled: dict[str, list[float]] = {}  # strategy -> [inferences, rejected, val seconds, gen seconds]
     for row in rows:
-        if row.get("model") != model or row.get("dtype", "float32") != "float32":  # the sim's pin
+        if row.get("model") != model or row.get("dtype", "float32") != dtype:
             continue
         strategy = "honest" if row.get("class") == "honest" else str(row.get("row"))
         n = float(row["n"])
@@ -118,6 +134,8 @@ def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None) -> Verdic
         acc[1] += n * float(row["rejected"])
         acc[2] += n * float(row.get("val_s", 0.0))
         acc[3] += n * float(row.get("gen_s", 0.0))
+    if "honest" not in pooled:
+        raise ValueError(f"{path} has no {dtype} rows for model {model!r}")
     rates = dict(DESIGN_RATES)
     for strategy, design in DESIGN_RATES.items():
         if strategy in pooled:

@@ -131,7 +131,7 @@ class Work:
 class Simulation:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.verdicts = table_for(config.verdicts, config.matrix_model)
+        self.verdicts = table_for(config.verdicts, config.matrix_model, config.matrix_dtype, config.matrix)
         self.roster = build_roster(config.seed, config.peers, config.clients, config.epochs,
                                    config.strategy_mix(), config.churn, config.adversary_weight_share,
                                    config.sybil_identities, config.spam_requests > 0)

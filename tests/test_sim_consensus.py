@@ -12,9 +12,10 @@ import time
 import pytest
 from rich.console import Console
 
+from gonka_p2p.ledger.state import LedgerState
 from sim.config import SimConfig
 from sim.consensus_run import run_consensus
-from sim.safety import run_safety
+from sim.safety import run_safety, with_ledger
 from sim.world import Simulation, simulate
 
 SMALL = dict(peers=12, epochs=4, requests=60, epoch_blocks=50, churn=0.0, mix={})
@@ -98,13 +99,25 @@ def test_validation_duties_are_in_closing_order() -> None:
     assert sum(seen) > 0
 
 
+def test_the_safety_commands_ledger_leg_fails_a_seed_whose_coins_do_not_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger leg is safe on its own, and a coin appearing from nowhere after height 30 (a
+    broken rule, stood in for) fails the seed, naming it and the height."""
+    assert with_ledger(10) == "safe"
+    honest_total = LedgerState.total_coins
+    monkeypatch.setattr(LedgerState, "total_coins", lambda self: honest_total(self) + (self.height > 30))
+    verdict = with_ledger(10)
+    assert verdict.startswith("unsafe: seed 10: coins not conserved: height 31:"), verdict
+
+
 @pytest.mark.slow
 def test_safety_over_many_seeds() -> None:
-    """CI's share of `gonka-p2p sim safety`: below 1/3 every seed is safe and live; at or above,
-    none is reported safe."""
+    """CI's share of `gonka-p2p sim safety`: below 1/3 every seed is safe and live, and every
+    tenth also runs the ledger under its consensus with coins conserved at every block; at or
+    above 1/3, none is reported safe."""
     started = time.monotonic()
-    within, beyond, failures = run_safety(range(1, CI_SEEDS + 1), workers=2)
+    within, beyond, ledger, failures = run_safety(range(1, CI_SEEDS + 1), workers=2)
     assert not failures, "\n".join(failures)
     assert within["safe"] == CI_SEEDS and beyond["safe"] == 0 and beyond["stalled"] and beyond["unsafe"]
+    assert ledger["safe"] == CI_SEEDS // 10
     Console().print(f"consensus safety: {CI_SEEDS} seeds in {time.monotonic() - started:.0f} s: "
-                    f"{dict(within)} below 1/3, {dict(beyond)} at or above")
+                    f"{dict(within)} below 1/3, {dict(beyond)} at or above, {dict(ledger)} with the ledger")

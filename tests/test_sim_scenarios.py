@@ -24,9 +24,10 @@ from gonka_p2p.ledger.genesis import Params
 from sim.command import main
 from sim.config import SimConfig
 from sim.economics import Bet, break_even, catch_probability, gini
-from sim.roster import Strategy
-from sim.scenario import SCENARIOS, ScenarioError, load
+from sim.roster import MATRIX_ONLY_CHEATS, Strategy
+from sim.scenario import SCENARIOS, ScenarioError, load, parse_override
 from sim.sweep import parse_range
+from sim.verdicts import table_for
 from sim.world import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,8 @@ def test_ready_scenarios_load_and_cover_the_brief() -> None:
     names = {p.stem for p in SCENARIOS.glob("*.toml")}
     assert {"honest", "int4", "prefill", "small-model", "int8", "bf16", "colluding", "churn-heavy",
             "framing", "framing-coalition", "sybil-swarm", "q10-cheater", "reputation-gated",
-            "self-dealing", "spam"} <= names
+            "self-dealing", "spam", "matrix-cheats", "int8-bf16", "partition", "byzantine-minority",
+            "poc-churn"} <= names
     for name in sorted(names):
         scenario = load(name)
         assert scenario.sha256 == hashlib.sha256((SCENARIOS / f"{name}.toml").read_bytes()).hexdigest()
@@ -128,6 +130,25 @@ def run(seed: int, **fields: object):
 
 def row(report, strategy: Strategy):
     return next(r for r in report.strategies if r.strategy == str(strategy))
+
+
+def test_every_cheat_of_the_detection_matrix_is_an_executor_strategy_and_the_gross_ones_are_caught() -> None:
+    matrix = json.loads((ROOT / "benchmarks" / "results" / "detection_matrix.json").read_text())
+    cheats = {r["row"] for r in matrix["rows"] if r["class"] != "honest"}
+    assert cheats <= {str(s) for s in Strategy if s.cheats_as_executor}
+    mix = {str(s): 1 for s in MATRIX_ONLY_CHEATS}
+    _, report = run(23, mix=mix, cheat_from=0, peers=30, requests=300)
+    for strategy in MATRIX_ONLY_CHEATS:
+        if strategy.gross:
+            assert row(report, strategy).sanctioned_epochs >= 1, strategy
+
+
+def test_a_network_pinning_bf16_takes_the_matrix_bf16_rows() -> None:
+    fp32, bf16 = (table_for("matrix", "smollm2-135m", dtype) for dtype in ("float32", "bfloat16"))
+    assert fp32.rates["int8"].failed == 1.0 and 0 < bf16.rates["int8"].failed < 0.5
+    assert bf16.rates["fp8"].source == "matrix" and fp32.rates["fp8"].source == "design"
+    with pytest.raises(ValueError, match="no float16 rows"):
+        table_for("matrix", "smollm2-135m", "float16")
 
 
 def test_a_cheater_cheats_on_a_share_q_of_its_requests() -> None:
@@ -231,6 +252,20 @@ def test_gini() -> None:
 
 
 # ---------------------------------------------------------------------------- sweeps
+
+
+def test_set_and_param_reach_one_entry_of_a_table() -> None:
+    """A genesis parameter, a strategy's count or its savings: set on top of the scenario's table,
+    its other entries kept; an unknown entry is refused like an unknown knob."""
+    scenario = load("q10-cheater")
+    config = scenario.config(1, {"params.reputation_growth_epochs": 3, "mix.int4": 2,
+                                 "economics.savings.int4": 0.4})
+    assert config.params == {"reputation_growth_epochs": 3, "epoch_reward": 10000}
+    assert config.mix == {"int4": 2} and config.savings["int4"] == 0.4 and config.savings["prefill"] == 0.7
+    assert parse_range("params.reputation_growth_epochs=1:4:2") == ("params.reputation_growth_epochs", [1, 4])
+    for bad in ("params.nonsense=3", "mix.nobody=1"):
+        with pytest.raises(ScenarioError):
+            parse_override(bad)
 
 
 def test_parse_range() -> None:
