@@ -33,7 +33,9 @@ from gonka_p2p.ledger.transactions import Reason, Tx
 from gonka_p2p.wire.envelope import seal
 
 BLOCK_MS = 1_000
-SUBMIT_ATTEMPTS = 3  # as the live hooks: re-signed after a sequence conflict, then given up
+SUBMIT_ATTEMPTS = 3  # re-signed after a sequence conflict (BAD_SEQUENCE), as the live hooks re-sign it
+# (LedgerHooks._see_through); they retry on a clock for retry_for_s, virtual time has none: three
+# blocks stand in for it, and no honest simulated actor needs more (their sequences are assigned here)
 
 
 class ConservationError(AssertionError):

@@ -73,9 +73,12 @@ from gonka_p2p.ledger.rules import (
     epoch_of,
     epoch_settled_at,
     prompt_token_bound,
+    seed_commit_open,
     seed_commitment,
+    seed_reveal_open,
 )
 from gonka_p2p.ledger.duties import ArcIndex
+from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.state import check_invariants
 from gonka_p2p.ledger.executor_draw import executor_weights, routing_draws
 from gonka_p2p.ledger.transactions import (
@@ -224,9 +227,10 @@ class Simulation:
         following = epoch + 1
         if following >= self.config.epochs:
             return
-        for peer in self.roster.peers:
-            record = self.chain.state.participant(peer.peer_id)
-            if peer.online[epoch] and peer.online[following] and record and record.weight > 0:
+        state = self.chain.state
+        for peer in self.roster.peers:  # the validator actor's rule: seed_commit_open, may_commit_seed
+            if (peer.online[epoch] and peer.online[following] and seed_commit_open(following, height, self.params)
+                    and may_commit_seed(state, following, peer.peer_id)):
                 commitment = seed_commitment(following, peer.peer_id, self._seed(peer, following))
                 self.chain.submit(height + self._lag(), peer.key, lambda n, c=commitment: CommitValidationSeed(
                     chain_id=CHAIN_ID, epoch=following, commitment=c, sequence=n))
@@ -442,6 +446,8 @@ class Simulation:
             if self.chain.state.commitment(epoch, peer.peer_id) is None:
                 continue
             at = max(height + 1 + self._lag(), self._reveal_after.pop((epoch, peer.peer_id), 0))
+            if not seed_reveal_open(epoch, at, self.params):  # past the window: the actor would not send it
+                continue
             self.chain.submit(at, peer.key, lambda n, s=self._seed(peer, epoch): RevealValidationSeed(
                 chain_id=CHAIN_ID, epoch=epoch, seed=s, sequence=n))
 
