@@ -28,6 +28,13 @@ delay (and a request older than the freshness window when its block finally
 commits is refused as stale, as on the real chain). Serving is modelled per
 block: the traffic a stall would hold back lands in the block after it.
 
+The same faults reach the serving layer (:class:`ConsensusOutcome` keeps
+them for the economic loop): participant *i* of the roster runs replica
+*i* mod N, so it sits on that replica's side of every partition -- a TA
+cannot reach an executor across one while it holds, and routes to the next
+draw on its own side, or refuses -- and a participant whose replica crashed
+is down for the whole run, as executor, TA and validator alike.
+
 Replicas hold equal power (the byzantine share is a count); the economic
 peers' weights are not consensus power in this model.
 """
@@ -51,6 +58,15 @@ class ConsensusOutcome:
     byzantine_power: float
     evidence: int  # equivocations the replicas reported
     max_round: int
+    partitions: tuple[tuple[int, int], ...] = ()  # [start, end) virtual ms windows
+    sides: tuple[int, ...] = ()  # each replica's side (0/1) of every partition
+    crashed: tuple[int, ...] = ()  # replicas that sent nothing (byzantine, crash mode)
+
+    def apart(self, a: int, b: int, at_ms: int) -> bool:
+        """Are the participants running replicas ``a`` and ``b`` (indices mod N) cut apart at ``at_ms``?"""
+        n = len(self.sides)
+        return bool(n) and self.sides[a % n] != self.sides[b % n] and any(
+            start <= at_ms < end for start, end in self.partitions)
 
     @property
     def heights(self) -> int:
@@ -122,5 +138,7 @@ def run_consensus(config: SimConfig, heights: int) -> ConsensusOutcome:
                                   f"but the protocol excludes none")
     else:
         verdict, why = "safe", f"{heights} heights, no fork, byzantine power {power:.2f} < 1/3"
+    network = scenario.network
     return ConsensusOutcome(verdict, why, tuple(commit_ms), power, len(simulation.evidence),
-                            simulation.stats["max_round"])
+                            simulation.stats["max_round"], network.partitions, network.partition_sides,
+                            scenario.byzantine if scenario.byzantine_mode == "crash" else ())

@@ -144,8 +144,12 @@ class Simulation:
         self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor,
                                                              config.genesis_overrides()))
         self.params = self.genesis.params
-        self.peers = self.roster.by_id()
         self.consensus = run_consensus(config, self.last_height) if config.validators else None
+        if self.consensus is not None and self.consensus.crashed:  # a crashed replica's participant is down
+            down = set(self.consensus.crashed)
+            self.roster = replace(self.roster, peers=tuple(
+                replace(p, online=(False,) * len(p.online)) if p.index in down else p for p in self.roster.peers))
+        self.peers = self.roster.by_id()
         self.chain = Chain(self.genesis, [p.peer_id for p in self.roster.peers if not p.joins],
                            self.consensus.commit_ms if self.consensus else ())
         self.poc = ProofOfCompute(config, self.roster, roles, self.chain) if config.proof_of_compute else None
@@ -170,6 +174,8 @@ class Simulation:
         self._servers: tuple[int, list[Peer]] = (-1, [])  # (epoch, its serving peers)
         self._nonce = 0
         self._weights = (-1, DrawTable({}))  # (height, the ledger's executor weights, ready to draw)
+        self._send_clock = random.Random(f"send/{config.seed}")  # when, within its block, a request is sent
+        self.partitioned = {"routed around": 0, "refused": 0}  # requests a partition cut from their first draw
 
     @property
     def last_height(self) -> int:
@@ -255,7 +261,7 @@ class Simulation:
         raw = seal(request, client)
         iid = inference_id(Signed(request, client.public_key, raw))
         own = self.roster.own_executor.get(ta.peer_id) if owner is not None else None
-        drawn = self._route(ta, iid, epoch, own)
+        drawn = self._route(ta, iid, epoch, own, self._sent_at(height))
         if drawn is None:
             self.metrics.refused += 1
             return
@@ -291,7 +297,16 @@ class Simulation:
                               artifact_commitment=digest(iid + b"artifact"), sequence=n),
                           self._on_start_or_finish(iid))
 
-    def _route(self, ta: Peer, iid: bytes, epoch: int, prefer: str | None = None) -> tuple[Peer, int] | None:
+    def _sent_at(self, height: int) -> int | None:
+        """With partitions simulated: the virtual ms a request of ``height`` is sent, drawn between
+        the last block's commit and this one's (None: no partition can hold)."""
+        if self.consensus is None or not self.consensus.partitions:
+            return None
+        start = self._block_ms[-1] - self.genesis.genesis_time_ms
+        return self._send_clock.randint(start, max(start, self.chain.time_of(height) - self.genesis.genesis_time_ms))
+
+    def _route(self, ta: Peer, iid: bytes, epoch: int, prefer: str | None = None,
+               at_ms: int | None = None) -> tuple[Peer, int] | None:
         """The live TA's routing (``routing_draws``: the ledger's draws over its executor weights,
         attempt by attempt), the first that is online and not barred; None when no attempt
         finds one. A greedy TA takes
@@ -299,10 +314,14 @@ class Simulation:
         if self._weights[0] != self.chain.height:  # weights change only in blocks: one read per block
             self._weights = (self.chain.height, DrawTable(executor_weights(self.chain.state, MODEL)))
         table = self._weights[1]
-        drawn = [(self.peers[d.executor], d.attempt)
-                 for d in routing_draws(lambda: table, ta.peer_id, iid, self.params.max_executor_attempts,
-                                        self.chain.state)
-                 if not d.barred and self.peers[d.executor].online[epoch]]
+        live = [(self.peers[d.executor], d.attempt)
+                for d in routing_draws(lambda: table, ta.peer_id, iid, self.params.max_executor_attempts,
+                                       self.chain.state)
+                if not d.barred and self.peers[d.executor].online[epoch]]
+        drawn = live if at_ms is None else [  # a partition holds: only executors on the TA's side answer
+            (p, attempt) for p, attempt in live if not self.consensus.apart(ta.index, p.index, at_ms)]  # type: ignore[union-attr]
+        if live and live[0] != (drawn or [None])[0]:
+            self.partitioned["routed around" if drawn else "refused"] += 1
         preferred = [d for d in drawn if d[0].peer_id == prefer]
         return (preferred or drawn or [None])[0]
 
@@ -507,7 +526,10 @@ class Simulation:
         ms = sorted(self._latency_ms)
         return {**self.consensus.lines(),
                 "request latency mean (ms)": round(sum(ms) / len(ms), 1) if ms else 0.0,
-                "request latency p95 (ms)": ms[int(0.95 * (len(ms) - 1))] if ms else 0}
+                "request latency p95 (ms)": ms[int(0.95 * (len(ms) - 1))] if ms else 0,
+                "requests routed around a partition": self.partitioned["routed around"],
+                "requests refused across a partition": self.partitioned["refused"],
+                "participants down with their crashed replica": len(self.consensus.crashed)}
 
     def _bet(self) -> tuple[float, float] | None:
         """(d, s) of the run's most numerous executor cheat: the chance a check fails its

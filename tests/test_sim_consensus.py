@@ -50,6 +50,25 @@ def test_a_partition_delays_blocks_and_so_requests() -> None:
     assert split["request latency p95 (ms)"] > calm["request latency p95 (ms)"]
 
 
+def test_a_partition_cuts_the_serving_layer_too() -> None:
+    """While a partition holds, a TA reaches no executor across it: its request goes to the next
+    draw on its own side, or is refused. Without partitions neither happens."""
+    simulation, report = simulate(small(4, validators=7, partitions=3, partition_ms=8_000, requests=300))
+    net = report.network
+    assert net["requests routed around a partition"] + net["requests refused across a partition"] > 0
+    calm = simulate(small(4, validators=7, requests=300))[1].network
+    assert calm["requests routed around a partition"] == calm["requests refused across a partition"] == 0
+
+
+def test_a_participant_whose_replica_crashed_serves_nothing() -> None:
+    simulation, report = simulate(small(2, validators=7, byzantine_share=0.25, byzantine="crash"))
+    assert report.network["consensus: verdict"] == "safe"
+    down = {simulation.roster.peers[i].peer_id for i in simulation.consensus.crashed}  # type: ignore[union-attr]
+    assert len(down) == 2 and report.network["participants down with their crashed replica"] == 2
+    executors = {record.executor for record in simulation.chain.state.inferences.rows.values()}
+    assert executors and not executors & down
+
+
 def test_withheld_votes_of_a_third_stall_the_chain_and_nothing_settles_after() -> None:
     simulation, report = simulate(small(1, validators=7, byzantine_share=0.34, byzantine="withhold"))
     net = report.network
