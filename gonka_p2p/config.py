@@ -104,8 +104,9 @@ class NodeConfig:
         5.0, "seconds between blocks when there are no transactions (default {default:g})", type=float)
     max_concurrent: int = _option(16, flag=None)  # inferences the executor runs at once
     stall_timeout: float = _option(  # a stream's executor silent this long is cancelled and reported
-        30.0, "seconds without a token after which the TA cancels an executor's stream and tells "
-              "the client (default {default:g})", type=float)
+        30.0, "seconds without a frame (its first one included: a dial that hangs, an executor frozen "
+              "before it started) after which the TA cancels an executor's stream: before the start it "
+              "draws the next executor, after it tells the client (default {default:g})", type=float)
     evidence_max_bytes: int = _option(  # sized to an epoch's traffic plus its settlement delay
         1 << 30, "bytes of evidence kept for validators until its epoch settles; when full the node "
                  "executes nothing new (default {default})", type=int)

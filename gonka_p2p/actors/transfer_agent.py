@@ -40,8 +40,11 @@ it, the Start expires at its deadline, refunded. (The OpenAI gateway
 cancels the same way when its HTTP client hangs up.)
 
 Stalls: the executor's first frame must come within ``first_frame_timeout``
-(dial, admission, its queue), and every later one within ``stall_timeout``
-of the one before. An executor that goes silent mid-stream (frozen, or
+(dial, admission, its queue; a node sets it to its ``stall_timeout``: an
+executor sends ``InferenceStarted`` before it generates, so a longer wait is a
+dial across a partition or a frozen process, and a whole-answer HTTP client,
+which has no idle timeout of its own, would wait attempts x that bound), and
+every later one within ``stall_timeout`` of the one before. An executor that goes silent mid-stream (frozen, or
 withholding tokens) has its stream cancelled, the client gets
 ``executor_stalled`` and the TA counts it (``stalled``). Nothing is
 refunded here: the ledger holds a Start without a Finish, which expires
