@@ -234,11 +234,6 @@ def run_testnet(manifest: str, workdir: Path, timeout: float) -> tuple[subproces
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("GONKA_TESTNET_SHORT") != "1", reason=(
-    "the 4-6 minute perturbed scenario runs with GONKA_TESTNET_SHORT=1: CI's 30 minutes have no "
-    "room for it (the suite takes 25), and it is not yet deterministic: a TA that loses its "
-    "executor's stream in a partition tells its client executor_failed, while the executor "
-    "finishes and is paid (1 of 90 requests in the last fresh clone; issue 14 is open for it)"))
 def test_the_short_scenario_keeps_every_invariant(tmp_path: Path) -> None:
     namespaces_or_skip()
     result, report = run_testnet("short.toml", tmp_path, timeout=900)
