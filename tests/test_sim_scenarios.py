@@ -301,7 +301,8 @@ def readme_section() -> str:
 
 def test_readme_shows_a_ready_scenario_file_verbatim() -> None:
     assert (SCENARIOS / "q10-cheater.toml").read_text() in readme_section()
-    for image in ("examples/plots/floor-q10-profit.png",):
+    for image in ("examples/plots/floor-q10-profit.png", "examples/plots/int8-bf16-blocks-to-catch.png",
+                  "examples/plots/framing-honest-convicted.png", "examples/plots/byzantine-commit-latency.png"):
         assert image in readme_section() and (ROOT / image).read_bytes()[:8] == PNG_MAGIC
 
 
