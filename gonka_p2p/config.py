@@ -104,9 +104,12 @@ class NodeConfig:
         5.0, "seconds between blocks when there are no transactions (default {default:g})", type=float)
     max_concurrent: int = _option(16, flag=None)  # inferences the executor runs at once
     stall_timeout: float = _option(  # a stream's executor silent this long is cancelled and reported
-        30.0, "seconds without a frame (its first one included: a dial that hangs, an executor frozen "
-              "before it started) after which the TA cancels an executor's stream: before the start it "
-              "draws the next executor, after it tells the client (default {default:g})", type=float)
+        30.0, "seconds without a token after which the TA cancels an executor's stream and tells "
+              "the client (default {default:g})", type=float)
+    first_frame_timeout: float = _option(  # a draw whose executor has not started by then is redrawn
+        60.0, "seconds the TA waits for a drawn executor's first frame (a dial that hangs, an executor "
+              "frozen or busy proving compute) before it draws the next one; a whole-answer HTTP client "
+              "may wait attempts x this (default {default:g})", type=float)
     evidence_max_bytes: int = _option(  # sized to an epoch's traffic plus its settlement delay
         1 << 30, "bytes of evidence kept for validators until its epoch settles; when full the node "
                  "executes nothing new (default {default})", type=int)
@@ -141,8 +144,8 @@ class NodeConfig:
             raise ConfigError("empty_block_interval must be positive")
         if self.evidence_max_bytes <= 0:
             raise ConfigError("evidence_max_bytes must be positive")
-        if self.stall_timeout <= 0:
-            raise ConfigError("stall_timeout must be positive")
+        if self.stall_timeout <= 0 or self.first_frame_timeout <= 0:
+            raise ConfigError("stall_timeout and first_frame_timeout must be positive")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

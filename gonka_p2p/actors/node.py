@@ -169,7 +169,7 @@ class Node:
         self.ta = TransferAgent(service, key, self.directory, chain_id, admit=hooks.admit if hooks else None,
                                 on_start=hooks.on_start if hooks else None, artifacts=self.artifacts.store,
                                 attempts=genesis.params.max_executor_attempts if genesis else 3,
-                                first_frame_timeout=config.stall_timeout, stall_timeout=config.stall_timeout)
+                                first_frame_timeout=config.first_frame_timeout, stall_timeout=config.stall_timeout)
         if self.replica is not None:  # both refuse what the committed ledger already started
             self.replica.add_commit_listener(self.executor.on_commit)
             self.replica.add_commit_listener(self.ta.on_commit)

@@ -40,11 +40,12 @@ it, the Start expires at its deadline, refunded. (The OpenAI gateway
 cancels the same way when its HTTP client hangs up.)
 
 Stalls: the executor's first frame must come within ``first_frame_timeout``
-(dial, admission, its queue; a node sets it to its ``stall_timeout``: an
-executor sends ``InferenceStarted`` before it generates, so a longer wait is a
-dial across a partition or a frozen process, and a whole-answer HTTP client,
-which has no idle timeout of its own, would wait attempts x that bound), and
-every later one within ``stall_timeout`` of the one before. An executor that goes silent mid-stream (frozen, or
+(dial, admission, its queue; the node's ``first_frame_timeout``: an executor
+sends ``InferenceStarted`` before it generates, so a long wait is a dial
+across a partition, a frozen process or one saturated by proving compute;
+a whole-answer HTTP client, which has no idle timeout of its own, may wait
+attempts x that bound, so testnets set it short), and every later one
+within ``stall_timeout`` of the one before. An executor that goes silent mid-stream (frozen, or
 withholding tokens) has its stream cancelled, the client gets
 ``executor_stalled`` and the TA counts it (``stalled``). Nothing is
 refunded here: the ledger holds a Start without a Finish, which expires

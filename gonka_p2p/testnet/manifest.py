@@ -11,7 +11,7 @@ Example (``testnet/short.toml``)::
     nat = [3]                   # optional: these participants sit behind a NAT, reached through relays
     epoch_length = 100          # blocks per epoch (proof of compute: one regular round each)
     empty_block_interval = 1.0
-    stall_timeout_s = 8         # the TAs cancel an executor silent this long (shorter than any freeze)
+    stall_timeout_s = 8         # the TAs cancel an executor silent this long, or not started (shorter than any freeze)
     recovery_bound_s = 60       # the network must commit again this soon after each perturbation
 
     [load]
