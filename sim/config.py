@@ -180,3 +180,10 @@ def table_entry_kind(path: str) -> type | None:
     if section == "economics.savings":
         return float if name in set(map(str, Strategy)) else None
     return None
+
+
+def knob_kind(path: str) -> type | None:
+    """The type of the values ``path`` takes -- a scalar knob, or one entry of a free table
+    (:func:`table_entry_kind`) -- or None when ``--set`` and ``--param`` cannot reach it."""
+    knob = scalar_knobs().get(path)
+    return type(knob.default) if knob is not None else table_entry_kind(path)

@@ -73,17 +73,19 @@ class Strategy(StrEnum):
 
     @property
     def gross(self) -> bool:
-        return self in EXECUTOR_CHEATS and self not in (Strategy.INT8, Strategy.BF16, Strategy.FP16, Strategy.FP8)
+        return self in EXECUTOR_CHEATS and self not in SUBTLE_CHEATS
 
 
+# The matrix's cheats the default mix leaves to their own scenario (``matrix-cheats``).
+MATRIX_ONLY_CHEATS: tuple[Strategy, ...] = (
+    Strategy.FP16, Strategy.FP8, Strategy.FABRICATED, Strategy.TRUNCATED, Strategy.ALTERED,
+    Strategy.FEWER_TOKENS, Strategy.WRONG_TEMPERATURE, Strategy.STATED_TEMPERATURE, Strategy.STATED_TOP_K,
+    Strategy.STATED_TOP_P, Strategy.STEERING)
 # What an executor can run instead of the pinned model: every cheat row of the detection matrix.
 EXECUTOR_CHEATS: tuple[Strategy, ...] = (
-    Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL, Strategy.INT8, Strategy.BF16, Strategy.FP16,
-    Strategy.FP8, Strategy.FABRICATED, Strategy.TRUNCATED, Strategy.ALTERED, Strategy.FEWER_TOKENS,
-    Strategy.WRONG_TEMPERATURE, Strategy.STATED_TEMPERATURE, Strategy.STATED_TOP_K, Strategy.STATED_TOP_P,
-    Strategy.STEERING)
-# The matrix's cheats the default mix leaves to their own scenario (``matrix-cheats``).
-MATRIX_ONLY_CHEATS = EXECUTOR_CHEATS[5:]
+    Strategy.INT4, Strategy.PREFILL, Strategy.SMALL_MODEL, Strategy.INT8, Strategy.BF16, *MATRIX_ONLY_CHEATS)
+# Those whose outputs mostly pass a check: the epoch test, not one check, catches them.
+SUBTLE_CHEATS = frozenset({Strategy.INT8, Strategy.BF16, Strategy.FP16, Strategy.FP8})
 
 # One of each strategy that one identity plays alone (owners of several identities and framers:
 # their own scenarios).

@@ -21,7 +21,7 @@ from typing import Any
 
 from gonka_p2p.ledger.genesis import PARAM_FIELDS, Genesis, GenesisError
 
-from sim.config import SimConfig, scalar_knobs, table_entry_kind, table_knobs
+from sim.config import SimConfig, knob_kind, scalar_knobs, table_entry_kind, table_knobs
 from sim.poc import POC_PHASES
 from sim.roster import CHAIN_ID, Strategy, identities, sim_params
 from sim.verdicts import table_for
@@ -199,21 +199,17 @@ def parse_override(text: str) -> tuple[str, str]:
     """``section.name=value`` -> (path, value text); the path must be a scalar knob or one entry
     of a free table (``params.NAME``, ``mix.STRATEGY``, ``economics.savings.STRATEGY``)."""
     path, sep, value = text.partition("=")
-    if not sep or (path not in scalar_knobs() and table_entry_kind(path) is None):
+    if not sep or knob_kind(path) is None:
         raise ScenarioError(f"{text!r}: expected section.name=value with one of "
                             f"{', '.join(sorted(scalar_knobs()))}, or params.NAME (a genesis parameter), "
                             "mix.STRATEGY, economics.savings.STRATEGY")
     return path, value
 
 
-def knob_kind(path: str) -> type:
-    """The type of a value ``path`` takes (a path :func:`parse_override` accepted)."""
-    return table_entry_kind(path) or type(scalar_knobs()[path].default)
-
-
 def typed(path: str, text: str) -> Any:
     """A command line's text as the knob's type (TOML syntax: 0.1, 3, true, "design")."""
     kind = knob_kind(path)
+    assert kind is not None, path  # parse_override accepted it
     if kind is str:
         return text.strip('"')
     try:

@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sim.config import scalar_knobs, table_entry_kind
+from sim.config import knob_kind, scalar_knobs
 from sim.metrics import Report
-from sim.scenario import Scenario, ScenarioError, knob_kind
+from sim.scenario import Scenario, ScenarioError
 from sim.world import Simulation
 
 # Student's t at 97.5 % for 1..30 degrees of freedom; 1.96 beyond.
@@ -39,11 +39,11 @@ def parse_range(text: str) -> tuple[str, list[Any]]:
     """``validation.floor=0.01:0.2:8`` -> ("validation.floor", 8 evenly spaced values); an
     integer knob's values are rounded and repeats dropped; ``a,b,c`` lists values."""
     path, sep, spec = text.partition("=")
-    if not sep or (path not in scalar_knobs() and table_entry_kind(path) is None):
+    kind = knob_kind(path) if sep else None
+    if kind is None:
         raise ScenarioError(f"--param {text!r}: expected SECTION.NAME=LOW:HIGH:STEPS with one of "
                             f"{', '.join(sorted(scalar_knobs()))}, or params.NAME, mix.STRATEGY, "
                             "economics.savings.STRATEGY")
-    kind = knob_kind(path)
     if kind not in (int, float):
         raise ScenarioError(f"--param {path}: only numeric knobs can be swept")
     try:
