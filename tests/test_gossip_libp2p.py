@@ -413,13 +413,81 @@ async def test_abandoning_a_stream_does_not_leak(make_host: Factory) -> None:
 
     b.set_stream_handler("/endless/1", endless)
     await link(a, b)
-    for _ in range(5):
+    for _ in range(20):
         async with contextlib.aclosing(a.open_stream(b.peer_id, "/endless/1", b"go")) as frames:
             async for frame in frames:
                 assert frame == b"more"
                 break
     assert await a.request(b.peer_id, "/echo/1", b"still fine") == b"still fine"
     await eventually(lambda: b._gate.open_streams == 0, what="server streams to end")
+
+
+async def test_abandoning_streams_mid_frame_keeps_the_connection(make_host: Factory) -> None:
+    """Abandoning a stream cancels the writer that serves it, often in the middle of a frame.
+    py-libp2p then left the noise session one ciphertext out of step and the peer dropped the
+    whole connection ("Failed authentication of message"); frames are now written whole."""
+    a, b = await make_host(), await make_host()
+    b.set_stream_handler("/echo/1", echo)
+    big = b"x" * 300_000  # several noise messages and yamux frames per stream frame
+
+    async def flood(opener: str, request: bytes, send: SendFrame) -> None:
+        while True:
+            await send(big)
+
+    b.set_stream_handler("/flood/1", flood)
+    await link(a, b)
+    for _ in range(10):
+        async with contextlib.aclosing(a.open_stream(b.peer_id, "/flood/1", b"go")) as frames:
+            async for frame in frames:
+                assert frame == big
+                break
+    assert await a.request(b.peer_id, "/echo/1", b"still fine") == b"still fine"
+    await eventually(lambda: b._gate.open_streams == 0, what="server streams to end")
+
+
+def test_a_frame_write_finishes_through_a_cancellation_and_a_stuck_one_closes_the_connection() -> None:
+    """WholeFrameYamux on trio's virtual clock, over a stand-in connection: a cancelled writer
+    still writes its whole frame (then sees the cancellation); a write the peer never drains
+    closes the connection after FRAME_WRITE_TIMEOUT instead of hanging."""
+    import trio
+    import trio.testing
+    from libp2p.io.exceptions import ConnectionClosedError
+
+    from gonka_p2p.gossip.libp2p_patches import FRAME_WRITE_TIMEOUT, WholeFrameYamux
+
+    class SlowConnection:
+        def __init__(self, takes: float) -> None:
+            self.takes, self.written, self.closed = takes, [], False
+
+        async def write(self, data: bytes) -> None:
+            await trio.sleep(self.takes)
+            self.written.append(data)
+
+        async def close(self) -> None:
+            self.closed = True
+
+    def muxer(takes: float) -> WholeFrameYamux:
+        m = object.__new__(WholeFrameYamux)  # only what _write_frame touches
+        m._write_lock, m.secured_conn, m.peer_id = trio.Lock(), SlowConnection(takes), "peer"
+        return m
+
+    async def cancelled_mid_frame() -> tuple[list[bytes], bool]:
+        m = muxer(takes=1.0)
+        with trio.move_on_after(0.1) as scope:
+            await m._write_frame(b"frame")
+        return m.secured_conn.written, scope.cancelled_caught
+
+    async def never_drained() -> tuple[float, bool]:
+        m = muxer(takes=float("inf"))
+        started = trio.current_time()
+        with pytest.raises(ConnectionClosedError):
+            await m._write_frame(b"frame")
+        return trio.current_time() - started, m.secured_conn.closed
+
+    written, cancelled = trio.run(cancelled_mid_frame, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert written == [b"frame"] and cancelled
+    waited, closed = trio.run(never_drained, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert waited == pytest.approx(FRAME_WRITE_TIMEOUT) and closed
 
 
 def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -> None:

@@ -32,6 +32,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
@@ -42,6 +43,7 @@ from libp2p.pubsub.score import ScoreParams
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
@@ -58,6 +60,7 @@ OUTBOUND_HIGH_WATER = OUTBOUND_QUEUE_SIZE - 64  # leaves room for control RPCs
 DELIVERY_SLOTS = 1024  # gossip messages per topic in validation or awaiting the handler
 ROOM_WAIT = 10.0  # seconds publish / forwarding wait for outbound queue room
 ROOM_POLL = 0.002
+FRAME_WRITE_TIMEOUT = 30.0  # seconds one yamux frame may wait for TCP room before the connection is closed
 
 
 def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
@@ -69,14 +72,51 @@ def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
     * Every dial to a single address waits out a 250 ms "happy eyeballs"
       delay unless the per-peer connection limit is reached; with
       ``max_connections_per_peer=1`` a dial returns as soon as it connects.
+    * Yamux frames are written whole (:class:`WholeFrameYamux`).
     """
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},
-        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        muxer_opt={YAMUX_PROTOCOL_ID: WholeFrameYamux},
         listen_addrs=[listen],
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
+
+
+class WholeFrameYamux(Yamux):
+    """Yamux whose frame writes are not cut short by a cancellation.
+
+    py-libp2p writes each yamux frame through noise, which encrypts it (the
+    nonce advances) and then hands it to TCP. A trio cancellation after the
+    encryption, or inside a partial ``send_all``, leaves the peer holding a
+    ciphertext it cannot authenticate ("Failed authentication of message");
+    it drops the connection, and with it every stream and gossip link to us.
+    Cancelling is how this network abandons a stream (a client's idle
+    timeout, a handler whose opener left, a TA's stall timeout), so before
+    this one abandoned stream could cut a peer off. Once a frame holds the
+    write lock it is written whole, shielded from cancellation; one the peer
+    does not drain within ``FRAME_WRITE_TIMEOUT`` is a dead connection and is
+    closed, since a frame half written has broken it anyway. A cancellation
+    that arrived meanwhile takes effect right after.
+
+    py-libp2p builds its yamux connections from the module-level name
+    ``muxer_multistream.Yamux`` whatever muxer class a host is given, so that
+    name is rebound to this class below.
+    """
+
+    async def _write_frame(self, data: bytes) -> None:
+        async with self._write_lock:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT
+                await self.secured_conn.write(data)
+        if scope.cancelled_caught:
+            with trio.CancelScope(shield=True):
+                await self.secured_conn.close()
+            raise ConnectionClosedError(f"a frame to {self.peer_id} waited {FRAME_WRITE_TIMEOUT} s", transport="tcp")
+        await trio.lowlevel.checkpoint()
+
+
+muxer_multistream.Yamux = WholeFrameYamux  # type: ignore[misc]
 
 
 def gossip_router() -> GossipSub:
