@@ -224,6 +224,11 @@ def namespaces_or_skip() -> None:
         pytest.skip(f"the testnet cannot run here: {e}")
 
 
+def broken_rows(report: dict) -> str:
+    """The invariants a run broke, whole: the table in stdout wraps their details past a CI log's cut."""
+    return "".join(f"{r['name']}: {r['detail']}\n" for r in report["rows"] if not r["holds"])
+
+
 def run_testnet(manifest: str, workdir: Path, timeout: float) -> tuple[subprocess.CompletedProcess[str], dict]:
     result = subprocess.run([sys.executable, "-m", "gonka_p2p.cli", "testnet", "run", str(ROOT / "testnet" / manifest),
                              "--workdir", str(workdir)], capture_output=True, text=True, timeout=timeout)
@@ -237,7 +242,7 @@ def run_testnet(manifest: str, workdir: Path, timeout: float) -> tuple[subproces
 def test_the_short_scenario_keeps_every_invariant(tmp_path: Path) -> None:
     namespaces_or_skip()
     result, report = run_testnet("short.toml", tmp_path, timeout=900)
-    assert report["outcome"] == "PASSED" and result.returncode == 0, result.stdout[-5000:]
+    assert report["outcome"] == "PASSED" and result.returncode == 0, broken_rows(report) + result.stdout[-3000:]
     assert {p["kind"] for p in report["perturbations"]} == {"kill", "freeze", "partition", "drop", "bandwidth",
                                                              "rolling"}
     assert report["counts"]["completed"] > 0
@@ -258,7 +263,7 @@ def test_two_of_five_frozen_for_good_is_reported_stalled_not_passing(tmp_path: P
 def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weight(tmp_path: Path) -> None:
     namespaces_or_skip()
     result, report = run_testnet("membership.toml", tmp_path, timeout=1200)
-    assert report["outcome"] == "PASSED" and result.returncode == 0, result.stdout[-5000:]
+    assert report["outcome"] == "PASSED" and result.returncode == 0, broken_rows(report) + result.stdout[-3000:]
     membership = next(r for r in report["rows"] if r["name"].startswith("joiners gain weight"))
     assert "joiner 4" in membership["detail"] and "leaver" in membership["detail"]
 
