@@ -195,13 +195,18 @@ def build_request(
 
 class GonkaClient:
     def __init__(self, key: Keypair, service: NetworkService, ta: str, owns_service: bool = False,
-                 chain_id: str | None = None) -> None:
-        """``chain_id`` pins the network requests are signed for; None: the TA's (see module doc)."""
+                 chain_id: str | None = None,
+                 ledger: Callable[[bytes], InferenceReply | None] | None = None) -> None:
+        """``chain_id`` pins the network requests are signed for; None: the TA's (see module doc).
+        ``ledger``: a committed ledger in this process (a node's own: the OpenAI gateway recovers
+        for its HTTP clients so), which recovery reads instead of asking nodes; it returns None
+        where the process has no ledger."""
         self.key = key
         self.service = service
         self.ta = ta
         self._owns_service = owns_service
         self._chain_id = chain_id
+        self._local_ledger = ledger
 
     @classmethod
     async def connect(cls, bootstrap: str, key: Keypair | None = None,
@@ -379,6 +384,11 @@ class GonkaClient:
     async def _ledger_record(self, iid: bytes, nodes: list[str]) -> InferenceReply | None:
         """The record of ``iid`` in the ledger of the first of ``nodes`` to answer; None if it
         has none, or none answered. NoLedger if each of them serves no ledger."""
+        if self._local_ledger is not None:
+            local = self._local_ledger(iid)
+            if local is None:
+                raise NoLedger("this node runs without a ledger")
+            return local if local.found else None
         no_ledger = True
         for node in nodes:
             try:

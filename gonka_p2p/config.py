@@ -110,6 +110,10 @@ class NodeConfig:
         60.0, "seconds the TA waits for a drawn executor's first frame (a dial that hangs, an executor "
               "frozen or busy proving compute) before it draws the next one; a whole-answer HTTP client "
               "may wait attempts x this (default {default:g})", type=float)
+    answer_recovery: float = _option(  # the OpenAI gateway's twin of the client library's recovery
+        120.0, "seconds the OpenAI gateway seeks an answer its relay lost after the executor started "
+               "(a partition may cut it while the executor finishes and is paid) before it reports "
+               "the failure; 0: never (default {default:g})", type=float)
     evidence_max_bytes: int = _option(  # sized to an epoch's traffic plus its settlement delay
         1 << 30, "bytes of evidence kept for validators until its epoch settles; when full the node "
                  "executes nothing new (default {default})", type=int)
@@ -146,6 +150,8 @@ class NodeConfig:
             raise ConfigError("evidence_max_bytes must be positive")
         if self.stall_timeout <= 0 or self.first_frame_timeout <= 0:
             raise ConfigError("stall_timeout and first_frame_timeout must be positive")
+        if self.answer_recovery < 0:
+            raise ConfigError("answer_recovery must not be negative")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

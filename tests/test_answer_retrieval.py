@@ -21,7 +21,10 @@ The executor is the real tiny model; the network the in-memory hub, and real lib
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
@@ -47,8 +50,9 @@ from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.openai.auth import GonkaAuth
+from gonka_p2p.openai import gateway
 from gonka_p2p.openai.gateway import Gateway, GatewayServer
-from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
     AnswerQuery,
     InferenceFailed,
@@ -169,28 +173,46 @@ async def test_a_relay_cut_over_libp2p_is_recovered(engine: Engine, tmp_path: Pa
 # --- a TA that says the executor failed, while beyond a partition it finished ------------------
 
 
+def partitioned_relay(frames: int, send: SendFrame, ta: Keypair) -> tuple[SendFrame, asyncio.Event]:
+    """A TA's relay as a partition leaves it: after ``frames`` frames its link to the executor
+    is cut and it tells its client ``executor_failed`` (the event is set then), while the
+    executor, on the other side, goes on (its frames go nowhere), finishes and claims the work."""
+    told, sent = asyncio.Event(), 0
+
+    async def relay(out: bytes) -> None:
+        nonlocal sent
+        sent += 1
+        if sent <= frames:
+            await send(out)
+        elif not told.is_set():
+            await send(seal(InferenceFailed(code="executor_failed", message="executor failed mid-stream: "
+                                            "the partition cut its stream"), ta))
+            told.set()
+
+    return relay, told
+
+
 def failed_after(frames: int, handler: StreamHandler, ta: Keypair, beyond: list[asyncio.Task[None]]) -> StreamHandler:
-    """The TA's handler as a partition leaves it: after ``frames`` frames its relay to the
-    executor is cut and it tells the client ``executor_failed``, while the executor, on the
-    other side, goes on (its frames go nowhere), finishes and claims the work."""
+    """The TA's libp2p handler, its relay cut by a partition after ``frames`` frames."""
 
     async def fail(opener: str, frame: bytes, send: SendFrame) -> None:
-        told, sent = asyncio.Event(), 0
-
-        async def relay(out: bytes) -> None:
-            nonlocal sent
-            sent += 1
-            if sent <= frames:
-                await send(out)
-            elif not told.is_set():
-                await send(seal(InferenceFailed(code="executor_failed", message="executor failed mid-stream: "
-                                                "the partition cut its stream"), ta))
-                told.set()
-
+        relay, told = partitioned_relay(frames, send, ta)
         beyond.append(asyncio.create_task(handler(opener, frame, relay)))
         await told.wait()
 
     return fail
+
+
+def route_failed_after(frames: int, ta: Node, beyond: list[asyncio.Task[None]]) -> None:
+    """The TA's route (what its OpenAI gateway calls), its relay cut by a partition after ``frames`` frames."""
+    route = ta.ta.route
+
+    async def fail(request: Signed[InferenceRequest], send: SendFrame) -> None:
+        relay, told = partitioned_relay(frames, send, ta.key)
+        beyond.append(asyncio.create_task(route(request, relay)))
+        await told.wait()
+
+    ta.ta.route = fail  # type: ignore[method-assign]
 
 
 async def test_a_failure_the_ta_reports_after_the_start_is_raised_at_once_and_its_answer_recovered(
@@ -248,6 +270,8 @@ async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine
         request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
         answered = await collect(client, request)
         await settled(client, request)
+        relaying_ta = GonkaClient(ta.key, ta.service, executor.key.peer_id)  # the gateway fetches so
+        assert tokens(await relaying_ta.fetch_answer(request, executor.key.peer_id)) == tokens(answered)
         for node in (executor, ta):
             assert tokens(await client.fetch_answer(request, node.key.peer_id)) == tokens(answered)
             with pytest.raises(RequestRejected) as refused:
@@ -342,6 +366,80 @@ async def test_a_client_reset_over_libp2p_stops_the_executor_before_its_first_to
                 await holding.abandoned.wait()
 
 
+@contextlib.asynccontextmanager
+async def gateway_of(ta: Node, recovery_s: float = 0.0) -> AsyncIterator[str]:
+    """The OpenAI gateway in front of ``ta``, serving on 127.0.0.1; yields its base URL."""
+    server = GatewayServer(Gateway(ta.ta, ta.directory, recovery_s=recovery_s).app, "127.0.0.1", 0)
+    server.bind()
+    serving = asyncio.create_task(server.serve())
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        await serving
+
+
+def http_body(stream: bool, max_tokens: int = 12) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}],
+            "max_tokens": max_tokens, "stream": stream, "logprobs": True}
+
+
+def sse_events(body: str) -> list[dict[str, object]]:
+    """The JSON events of an SSE body (comments and [DONE] left out)."""
+    return [json.loads(line[len("data: "):]) for line in body.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_http_answer_a_partition_cut_from_the_ta_is_recovered_by_the_gateway(
+        engine: Engine, tmp_path: Path, stream: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTP client has no libp2p host to recover with, so the short testnet's partition could
+    leave one charged without an answer. The gateway recovers for it: it waits for its TA's
+    ledger to settle the inference, fetches the answer from the executor (which serves the TA
+    the ledger names) and sends the rest, every frame checked, as if nothing had happened; a
+    streamed answer says it is waiting meanwhile, so the client's idle timeout does not cut it."""
+    monkeypatch.setattr(gateway, "KEEPALIVE_S", 0.01)
+    beyond: list[asyncio.Task[None]] = []
+    genesis = ledger_genesis()
+    async with network(memory_services(), engine, tmp_path, genesis) as nodes:
+        ta = nodes[0]
+        route_failed_after(2, ta, beyond)
+        async with gateway_of(ta, recovery_s=GUARD_S) as url:
+            async with httpx.AsyncClient(auth=GonkaAuth(CLIENT, genesis.chain_id), timeout=GUARD_S) as http:
+                response = await http.post(f"{url}/chat/completions", json=http_body(stream))
+        assert response.status_code == 200, response.text
+        iid = bytes.fromhex(response.headers["X-Gonka-Inference-Id"])
+        if stream:
+            events = sse_events(response.text)
+            assert not any("error" in e for e in events), events
+            assert ": waiting" in response.text
+            logprobs = [t for e in events for c in e["choices"] if c.get("logprobs")  # type: ignore[union-attr]
+                        for t in c["logprobs"]["content"]]
+            assert events[-1]["choices"][0]["finish_reason"] is not None  # type: ignore[index]
+        else:
+            logprobs = response.json()["choices"][0]["logprobs"]["content"]
+        record = ta.replica.state.inference(iid)  # type: ignore[union-attr]
+        assert record is not None and record.status.value == "settled"
+        assert len(logprobs) == record.completion_tokens > 2  # all of it, not the two frames the relay passed
+        await asyncio.gather(*beyond)
+
+
+async def test_an_http_answer_whose_executor_never_finished_fails_saying_it_was_refunded(
+        engine: Engine, tmp_path: Path) -> None:
+    beyond: list[asyncio.Task[None]] = []
+    holding = StallingEngine(engine, 1)
+    genesis = ledger_genesis()
+    async with network(memory_services(), holding, tmp_path, genesis) as nodes:
+        ta = nodes[0]
+        route_failed_after(1, ta, beyond)
+        async with gateway_of(ta, recovery_s=GUARD_S) as url:
+            async with httpx.AsyncClient(auth=GonkaAuth(CLIENT, genesis.chain_id), timeout=GUARD_S) as http:
+                response = await http.post(f"{url}/chat/completions", json=http_body(stream=False))
+        assert response.status_code == 502 and "refunded" in response.json()["error"]["message"], response.text
+        holding.release.set()
+        await asyncio.gather(*beyond)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_an_http_client_that_hangs_up_on_the_gateway_is_not_charged(
         engine: Engine, tmp_path: Path, stream: bool) -> None:
@@ -353,22 +451,14 @@ async def test_an_http_client_that_hangs_up_on_the_gateway_is_not_charged(
         ta = nodes[0]
         client = await client_of(ta)
         before = (await client.balance()).balance
-        server = GatewayServer(Gateway(ta.ta, ta.directory).app, "127.0.0.1", 0)
-        server.bind()
-        serving = asyncio.create_task(server.serve())
-        try:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}],
-                    "max_tokens": 12, "stream": stream}
+        async with gateway_of(ta) as url:
             async with httpx.AsyncClient(auth=GonkaAuth(CLIENT, genesis.chain_id), timeout=1.0) as http:
                 with pytest.raises(httpx.TimeoutException):
-                    async with http.stream("POST", f"{server.url}/chat/completions", json=body) as response:
+                    async with http.stream("POST", f"{url}/chat/completions", json=http_body(stream)) as response:
                         async for _ in response.aiter_bytes():
                             pass
             async with asyncio.timeout(GUARD_S):
                 await holding.abandoned.wait()
-        finally:
-            server.stop()
-            await serving
         started = await eventually(lambda: list(ta.replica.state.inferences.rows), GUARD_S,  # type: ignore[union-attr]
                                    "the gateway's Start to commit")
         assert len(started) == 1

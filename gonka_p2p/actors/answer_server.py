@@ -9,7 +9,10 @@ the node's :class:`~gonka_p2p.actors.artifact_store.ArtifactStore` until the
 inference's epoch settles, and serve it here to the client that asked for it.
 
 Who may read: the query (:class:`~gonka_p2p.wire.messages.AnswerQuery`) must be
-signed by the key that signed the request, name the stream's opener as its
+signed by the key that signed the request -- or by the TA the committed ledger
+names for the inference, which relayed the answer anyway and fetches it for a
+client that cannot fetch for itself (the OpenAI gateway's HTTP clients hold no
+libp2p host; ``openai/gateway.py``) -- name the stream's opener as its
 reader (libp2p authenticates the opener, so a third party replaying an
 overheard query opens the stream as itself and is refused) and be fresh
 (:data:`QUERY_WINDOW_MS` either way of this node's clock). Whatever fails,
@@ -40,11 +43,14 @@ class AnswerServer:
     """Serves the answers in ``store`` to the clients that signed their requests."""
 
     def __init__(self, service: NetworkService, key: Keypair, store: ArtifactStore,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 relayed_by: Callable[[bytes], str | None] = lambda inference_id: None) -> None:
+        """``relayed_by``: the TA the committed ledger names for an inference (None: unknown)."""
         self._service = service
         self._key = key
         self._store = store
         self._clock = clock
+        self._relayed_by = relayed_by
 
     def start(self) -> None:
         self._service.set_stream_handler(ANSWER_PROTOCOL, self._serve)
@@ -62,8 +68,10 @@ class AnswerServer:
             await send(self._fail("stale", f"the query's timestamp is over {QUERY_WINDOW_MS} ms "
                                            "from this node's clock"))
             return
-        kept = await self._store.answer(query.message.inference_id)
-        if kept is None or open_envelope(kept[0], InferenceRequest).signer != query.signer:
+        iid = query.message.inference_id
+        kept = await self._store.answer(iid)
+        if kept is None or not (query.signer == open_envelope(kept[0], InferenceRequest).signer
+                                or query.signer_id == self._relayed_by(iid)):
             await send(self._fail("not_found", "no answer kept here for that inference and client"))
             return
         for answer_frame in kept[1]:

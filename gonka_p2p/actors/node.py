@@ -160,7 +160,7 @@ class Node:
         # Evidence lives beside the ledger that expects it; without a ledger nothing does (memory).
         evidence = config.ledger_dir / "artifacts.sqlite" if genesis is not None else None
         self.artifacts = ArtifactServer(service, key, ArtifactStore(evidence, config.evidence_max_bytes))
-        self.answers = AnswerServer(service, key, self.artifacts.store)
+        self.answers = AnswerServer(service, key, self.artifacts.store, relayed_by=self._relaying_ta)
         if self.replica is not None:
             self.replica.add_commit_listener(self.artifacts.store.on_commit)
         chain_id = genesis.chain_id if genesis is not None else ADHOC_CHAIN_ID
@@ -176,7 +176,7 @@ class Node:
         service.set_stream_handler(GENESIS_PROTOCOL, genesis_server(genesis))  # for nodes that join
         self.gateway: GatewayServer | None = None
         if config.http is not None:
-            self.gateway = GatewayServer(Gateway(self.ta, self.directory).app,
+            self.gateway = GatewayServer(Gateway(self.ta, self.directory, recovery_s=config.answer_recovery).app,
                                          *parse_http_address(config.http))
 
     async def join(self) -> None:
@@ -209,6 +209,11 @@ class Node:
             self.executor.on_commit(self.replica.state)
             self.ta.on_commit(self.replica.state)
             self.artifacts.store.on_commit(self.replica.state)  # epochs that settled while it was down
+
+    def _relaying_ta(self, inference_id: bytes) -> str | None:
+        """The TA the committed ledger names for ``inference_id`` (None: no ledger, or no record)."""
+        record = self.replica.state.inference(inference_id) if self.replica is not None else None
+        return record.ta if record is not None else None
 
     def _ledger_weights(self, state: LedgerState) -> None:
         """The executor draw follows the weights the ledger holds now."""

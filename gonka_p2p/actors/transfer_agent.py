@@ -76,6 +76,8 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import TokenStep
 from gonka_p2p.ledger.executor_draw import executor_weights, routing_draws
+from gonka_p2p.ledger.query import InferenceReply
+from gonka_p2p.ledger.query_answer import inference_reply
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
@@ -177,6 +179,19 @@ class TransferAgent:
         """Commit listener: admission reads the committed state (synchronously, see the module doc
         of ``actors/admission.py``)."""
         self._ledger = state
+
+    @property
+    def key(self) -> Keypair:
+        """This node's key: the OpenAI gateway signs with it what it asks for its HTTP clients."""
+        return self._key
+
+    @property
+    def service(self) -> NetworkService:
+        return self._service
+
+    def committed_inference(self, inference_id: bytes) -> InferenceReply | None:
+        """How the committed ledger holds ``inference_id``; None on a node without a ledger."""
+        return inference_reply(self._ledger, inference_id) if self._ledger is not None else None
 
     async def _handle_info(self, opener: str, frame: bytes, send: SendFrame) -> None:
         peers = [r for r in self._directory.live_peers() if r.announcement.models]

@@ -84,13 +84,7 @@ def answer(view: LedgerView, request: Message) -> Message:
                             sequence=account.sequence if account else 0,
                             pending_fees=state.pending_fees(request.account), height=state.height)
     if isinstance(request, InferenceQuery):
-        record = state.inference(request.inference_id)
-        if record is None:
-            return InferenceReply(inference_id=request.inference_id, found=False, status="", client="",
-                                  executor="", escrow=0, cost=0, height=state.height, response_hash=b"")
-        return InferenceReply(inference_id=request.inference_id, found=True, status=record.status.value,
-                              client=record.client, executor=record.executor, escrow=record.escrow,
-                              cost=record.cost, height=state.height, response_hash=record.response_hash)
+        return inference_reply(state, request.inference_id)
     if isinstance(request, AppHashQuery):
         app_hash = view.app_hash_at(request.height)
         return AppHashReply(height=request.height, found=app_hash is not None, app_hash=app_hash or b"")
@@ -113,6 +107,17 @@ def answer(view: LedgerView, request: Message) -> Message:
             fees_refunded=summary.fees_refunded, minted=summary.minted,
             text=format_epoch_summary(summary)[:256 * 1024])
     return QueryFailed(code="unknown_query", message=f"cannot answer {request.KIND}")
+
+
+def inference_reply(state: LedgerState, inference_id: bytes) -> InferenceReply:
+    """How ``state`` holds one inference, as a client asks it (``found`` False: never, or pruned)."""
+    record = state.inference(inference_id)
+    if record is None:
+        return InferenceReply(inference_id=inference_id, found=False, status="", client="",
+                              executor="", escrow=0, cost=0, height=state.height, response_hash=b"")
+    return InferenceReply(inference_id=inference_id, found=True, status=record.status.value,
+                          client=record.client, executor=record.executor, escrow=record.escrow,
+                          cost=record.cost, height=state.height, response_hash=record.response_hash)
 
 
 def next_regular_round(state: LedgerState) -> int:

@@ -32,6 +32,21 @@ open for a stalled executor: the TA cancels that stream after its
 ``stall_timeout`` and the gateway ends the answer with ``executor_stalled``
 (the error event of a streamed answer, 504 for a whole one).
 
+An answer the TA's relay lost is recovered, as the client library recovers
+its own: a signed failure after the executor's first frame (the TA's relay
+to it broke or went silent: a partition may have cut it while the executor
+went on, finished and was paid) is not passed on at once. For up to
+``recovery_s`` the gateway reads its own TA's committed ledger; once the
+inference settles (the client is charged) it fetches the answer from the
+executor over ``/gonka/answer/1``, signing the query with the TA's key (the
+executor serves the TA the ledger names, ``actors/answer_server.py``), and
+the rest of the answer passes the same checks as a live stream before it
+goes on where the stream stopped. If the ledger expires the inference
+instead (refunded) or the time runs out, the failure goes out as before,
+saying so. A streamed answer sends an SSE comment (``: waiting``) every
+:data:`KEEPALIVE_S` meanwhile, which SDKs skip, so a client's idle timeout
+does not cut a recovery short.
+
 Lifecycle: :class:`GatewayServer` binds its socket with the node's other
 cheap start-up checks, serves as a task the node owns, and stops when the
 node does. Each request's route task is owned by its response: a client
@@ -69,6 +84,7 @@ from starlette.types import Receive, Scope, Send
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.admission import Rejected
 from gonka_p2p.actors.transfer_agent import TransferAgent
+from gonka_p2p.client import RECOVERY_TIMEOUT_S, AnswerInDoubt, GonkaClient
 from gonka_p2p.openai.auth import CHAIN_HEADER, REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
 from gonka_p2p.openai.format import Answer, Json, Vocabulary, load_vocabulary
 from gonka_p2p.wire.envelope import open_envelope
@@ -78,6 +94,7 @@ from gonka_p2p.wire.stream import (
     FinishedEvent,
     GonkaError,
     ProtocolViolation,
+    RequestRejected,
     StartedEvent,
     StreamEvent,
     StreamVerifier,
@@ -117,6 +134,7 @@ DEFAULT_MAX_IN_FLIGHT = 64
 MAX_ALTERNATIVES = 8
 ALTERNATIVES_HEADER = "X-Gonka-Alternatives"
 HUNG_UP_STATUS = 499  # nginx's "client closed request": nobody reads it, the logs do
+KEEPALIVE_S = 10.0  # a streamed answer waiting on a recovery says so this often
 
 T = TypeVar("T")
 
@@ -164,9 +182,12 @@ class Gateway:
         ta: TransferAgent,
         directory: PeerDirectory,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        recovery_s: float = RECOVERY_TIMEOUT_S,
     ) -> None:
+        """``recovery_s``: how long an answer the TA's relay lost is sought (0: never)."""
         self._ta = ta
         self._directory = directory
+        self._recovery_s = recovery_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self._vocabularies: dict[str, Vocabulary | None] = {}
         self.app = Starlette(
@@ -238,7 +259,14 @@ class Gateway:
             verifier = StreamVerifier(inference_id(request))
             try:
                 while (frame := await frames.get()) is not None:
-                    event = verifier.accept(frame)
+                    try:
+                        event = verifier.accept(frame)
+                    except RequestRejected as failure:
+                        if verifier.executor is None or self._recovery_s <= 0:
+                            raise
+                        for event in await self._recover(AnswerInDoubt(failure, request, verifier)):
+                            yield event
+                        return
                     if event is not None:
                         yield event
                     if verifier.done:
@@ -250,6 +278,16 @@ class Gateway:
             finally:
                 task.cancel()
                 await asyncio.wait({task})
+
+    async def _recover(self, doubt: AnswerInDoubt) -> list[StreamEvent]:
+        """The rest of the answer ``doubt`` cut, fetched for the HTTP client (see the module doc)."""
+        assert doubt.streamed.executor is not None
+        reader = GonkaClient(self._ta.key, self._ta.service, ta=doubt.streamed.executor,
+                             ledger=self._ta.committed_inference)
+        try:
+            return await reader.recover(doubt, timeout=self._recovery_s)
+        except GonkaError as e:
+            raise RequestRejected(str(e), code=doubt.code) from None
 
     def _error(self, code: str, message: str) -> ApiError:
         """An ApiError; ``overloaded`` also names other participants' TAs to try instead."""
@@ -319,16 +357,42 @@ async def _stream(answer: Answer, events: AsyncGenerator[StreamEvent, None]
         if first is not None:
             yield _sse(first)
         try:
-            async for event in events:
-                if isinstance(event, TokensEvent):
-                    yield _sse(answer.add(event))
-                elif isinstance(event, FinishedEvent):
-                    yield _sse(answer.last_chunk(event))
-                    if answer.request.include_usage:
-                        yield _sse(answer.usage_chunk(event))
-                    yield b"data: [DONE]\n\n"
+            async with aclosing(_with_keepalives(events, KEEPALIVE_S)) as waited:
+                async for event in waited:
+                    if event is None:
+                        yield b": waiting\n\n"
+                    elif isinstance(event, TokensEvent):
+                        yield _sse(answer.add(event))
+                    elif isinstance(event, FinishedEvent):
+                        yield _sse(answer.last_chunk(event))
+                        if answer.request.include_usage:
+                            yield _sse(answer.usage_chunk(event))
+                        yield b"data: [DONE]\n\n"
         except ApiError as e:
             yield _sse(e.body())
+
+
+async def _with_keepalives(events: AsyncGenerator[StreamEvent, None], every: float
+                           ) -> AsyncIterator[StreamEvent | None]:
+    """``events``, and None each time ``every`` seconds pass without one."""
+    pending: asyncio.Future[StreamEvent] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                event = finished.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})
 
 
 async def _read_body(http: Request) -> bytes:

@@ -24,7 +24,9 @@ and the executor's kept answer, for at most the manifest's ``recovery_s``; it ha
 (on a chain slowed to a block every 40 s, the 30-minute run called recovering clients hung). So is
 one whose TA said, after the start, that its relay to the executor failed (``AnswerInDoubt``): in
 a partition the executor may finish and be paid beyond the cut (the short scenario lost a request
-so); the line then says ``in_doubt``, and ``recovered`` if the answer came.
+so); the line then says ``in_doubt``, and ``recovered`` if the answer came. An HTTP request's
+answer is recovered the same way by the TA's gateway (``--answer-recovery``, set to ``recovery_s``),
+so it too hangs only past both bounds.
 The ledger's side of each request is judged later by the observer.
 """
 
@@ -121,7 +123,7 @@ async def http_request(key: Keypair, chain_id: str, url: str, n: int, args: dict
                 if chunk.usage is not None:  # the last chunk: the count special tokens included
                     record["tokens"] = chunk.usage.completion_tokens
 
-        await bounded(ask(), args["timeout_s"], record)
+        await bounded(ask(), args["timeout_s"] + args["recovery_s"], record)  # the gateway recovers too
     return record
 
 

@@ -77,8 +77,9 @@ class Load:
     timeout_s: float = 60.0  # a request with no end by then hung (the TA and the client both failed to cut it)
     concurrency: int = 8  # requests in flight at most; beyond it the client skips a tick
     http_share: float = 0.0  # share of requests sent through a TA's OpenAI gateway (streamed every other one)
-    recovery_s: float = 120.0  # a libp2p request cut after its executor started seeks its answer this long,
-    # until the ledger settles it (fetched) or expires it (refunded): the client library's RECOVERY_TIMEOUT_S
+    recovery_s: float = 120.0  # a request cut after its executor started seeks its answer this long, until
+    # the ledger settles it (fetched) or expires it (refunded): the client library's RECOVERY_TIMEOUT_S on
+    # the libp2p path, the gateway's --answer-recovery on the HTTP one
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class Participant:
             "gonka_p2p.cli", "node", "--engine", manifest.engine, "--model", manifest.model,
             "--key", str(self.key), "--listen", f"/ip4/{self.host.ip}/tcp/{PORT}",
             "--http", f"{self.host.ip}:{HTTP_PORT}", "--stall-timeout", str(manifest.stall_timeout_s),
-            "--first-frame-timeout", str(manifest.stall_timeout_s),
+            "--first-frame-timeout", str(manifest.stall_timeout_s), "--answer-recovery", str(manifest.load.recovery_s),
             "--empty-block-interval", str(manifest.empty_block_interval), "--announce-interval", "2")
         if not self.joiner:
             argv += ["--genesis", str(genesis)]
