@@ -39,6 +39,7 @@ from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.consensus_types import ConsensusParams
 from gonka_p2p.ledger.rules import choose_executor
 from gonka_p2p.ledger.state import LedgerState
+from gonka_p2p.openai.gateway import Gateway, GatewayServer
 from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest, inference_id
@@ -365,3 +366,16 @@ async def running_replicas(keys: Sequence[Keypair], genesis: Genesis, dirs: Sequ
             await replica.close()
         for service in services:
             await service.stop()
+
+
+@asynccontextmanager
+async def serving(gateway: Gateway) -> AsyncIterator[str]:
+    """Serve ``gateway`` with the real HTTP server on a free port of 127.0.0.1; yields the base URL."""
+    server = GatewayServer(gateway.app, "127.0.0.1", 0)
+    server.bind()
+    task = asyncio.create_task(server.serve())
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        await task

@@ -10,14 +10,13 @@ import base64
 import json
 import socket
 from collections.abc import AsyncIterator, Generator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from helpers import start_network
+from helpers import serving, start_network
 
 from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
 from gonka_p2p.actors.node import Node, StartupError
@@ -35,7 +34,7 @@ from gonka_p2p.openai.auth import (
     parse_body,
 )
 from gonka_p2p.openai.format import Vocabulary, load_vocabulary, token_json
-from gonka_p2p.openai.gateway import ALTERNATIVES_HEADER, ERRORS, Gateway, GatewayServer
+from gonka_p2p.openai.gateway import ALTERNATIVES_HEADER, ERRORS, Gateway
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import InferenceRequest, TokenBatch
 from gonka_p2p.wire.schema import WireError
@@ -50,19 +49,6 @@ def vocab() -> Vocabulary:
     loaded = load_vocabulary(MODEL)
     assert loaded is not None
     return loaded
-
-
-@asynccontextmanager
-async def serving(gateway: Gateway) -> AsyncIterator[str]:
-    """Serve ``gateway`` with the real HTTP server on a free port; yields the base URL."""
-    server = GatewayServer(gateway.app, "127.0.0.1", 0)
-    server.bind()
-    task = asyncio.create_task(server.serve())
-    try:
-        yield server.url
-    finally:
-        server.stop()
-        await task
 
 
 @dataclass

@@ -28,6 +28,7 @@ from helpers import (
     eventually,
     libp2p_service,
     memory_services,
+    serving,
     ta_and_executor,
 )
 
@@ -40,7 +41,7 @@ from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.openai.auth import GonkaAuth
-from gonka_p2p.openai.gateway import Gateway, GatewayServer
+from gonka_p2p.openai.gateway import Gateway
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import InferenceRequest, InferenceStarted, inference_id
 from gonka_p2p.wire.protocols import INFER_PROTOCOL
@@ -133,16 +134,10 @@ async def test_a_stall_is_refunded_in_full_once_its_deadline_passes(engine: Engi
 
 @asynccontextmanager
 async def openai_sdk(ta: Node) -> AsyncIterator[openai.AsyncOpenAI]:
-    server = GatewayServer(Gateway(ta.ta, ta.directory).app, "127.0.0.1", 0)
-    server.bind()
-    task = asyncio.create_task(server.serve())
-    try:
-        async with openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0,
+    async with serving(Gateway(ta.ta, ta.directory)) as url:
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0,
                                       http_client=httpx.AsyncClient(auth=GonkaAuth(CLIENT))) as sdk:
             yield sdk
-    finally:
-        server.stop()
-        await task
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 40}
