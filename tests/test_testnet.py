@@ -140,6 +140,25 @@ def test_a_settled_request_whose_client_saw_an_error_is_judged_by_what_the_clien
     assert not row.holds and counts["charged for another answer"] == 1
 
 
+def test_a_request_pruned_after_it_settled_is_judged_by_what_the_stores_saw_settle() -> None:
+    """The 30-minute run counted 713 of 755 answers "unrecorded": the final ledger query comes after
+    their epochs settled and were pruned. The replayed stores saw them settle: judged as settled."""
+    executor = "16Uiu2HAexecutor"
+    answers = {f"{n:064x}": {"response_hash": response_hash([5, 6, 7]).hex(), "completion_tokens": 3,
+                             "executor": executor} for n in range(3)}
+    ledger = {f"{n:064x}": {"status": "absent", "executor": ""} for n in range(4)}
+    answered = request(0, "ok") | {"executor": executor, "tokens": 3, "answer": response_hash([5, 6, 7]).hex()}
+    other = request(1, "ok") | {"executor": executor, "tokens": 3, "answer": response_hash([5, 6, 8]).hex()}
+    cut = request(2, "error") | {"executor": executor, "tokens": 0, "answer": response_hash([]).hex()}
+    free = request(3, "ok") | {"executor": executor, "tokens": 3, "answer": response_hash([5, 6, 7]).hex()}
+    row, counts = judge_requests([answered, free], ledger, answers)
+    assert row.holds and counts["completed"] == 2 and counts["answered, unrecorded"] == 1
+    row, counts = judge_requests([other], ledger, answers)
+    assert not row.holds and counts["charged for another answer"] == 1
+    row, counts = judge_requests([cut], ledger, answers)
+    assert not row.holds and counts["charged without answer"] == 1
+
+
 def test_a_request_that_hung_fails_and_one_cut_for_silence_does_not() -> None:
     cut = [request(0, "error") | {"error": "StreamStalled: TA x sent nothing for 20 s"},
            request(1, "error") | {"error": "RequestRejected: executor x stalled: no token for 8 s", "via": "http"},

@@ -35,7 +35,12 @@ nodes stopped. Rows:
   *charged for another answer*, and fails too. A request sent through the
   OpenAI gateway carries no token ids (the HTTP API shows text): it holds the
   committed answer when the paid executor's frames, all verified by the
-  gateway, number the committed count.
+  gateway, number the committed count. The ledger prunes an inference once
+  its epoch has settled, so the observer's final ``settle`` query finds the
+  early ones absent; the replayed stores saw them settle, and they are judged
+  as settled. *Answered, unrecorded* is then an answer no store ever saw
+  settle: served, never charged or paid (a TA that died before its Start
+  committed, say).
 * **streams never hang** -- every request ended: answered, refused, or cut
   by the TA's stall timeout (a silent executor: ``executor_stalled``) or by
   the client's idle timeout (a silent TA: ``StreamStalled``); none reached
@@ -215,6 +220,8 @@ def judge_requests(sent: list[dict[str, Any]], ledger: dict[str, Any],
         record = ledger.get(r["id"]) or {}
         status = record.get("status", "unknown")
         committed = answers.get(r["id"])
+        if status == "absent" and committed is not None:  # settled, then pruned with its epoch
+            record, status = {"status": "settled", "executor": committed["executor"]}, "settled"
         answered = r["outcome"] == "ok"
         counts["completed" if answered else "failed"] += 1
         if status in ("started", "finished", "unknown"):
