@@ -60,7 +60,10 @@ OUTBOUND_HIGH_WATER = OUTBOUND_QUEUE_SIZE - 64  # leaves room for control RPCs
 DELIVERY_SLOTS = 1024  # gossip messages per topic in validation or awaiting the handler
 ROOM_WAIT = 10.0  # seconds publish / forwarding wait for outbound queue room
 ROOM_POLL = 0.002
-FRAME_WRITE_TIMEOUT = 30.0  # seconds one yamux frame may wait for TCP room before the connection is closed
+# Seconds one yamux frame (<= 64 KiB) may wait for TCP room before its connection is closed: py-libp2p
+# closes a connection whose frame takes 60 s to read, and a link capped at 32 kbit/s (the testnet's
+# bandwidth perturbation) drains a frame in about 16 s.
+FRAME_WRITE_TIMEOUT = 60.0
 
 
 def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
