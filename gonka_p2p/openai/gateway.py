@@ -373,12 +373,14 @@ async def _stream(answer: Answer, events: AsyncGenerator[StreamEvent, None]
 
 
 async def _with_keepalives(events: AsyncGenerator[StreamEvent, None], every: float
-                           ) -> AsyncIterator[StreamEvent | None]:
-    """``events``, and None each time ``every`` seconds pass without one."""
+                           ) -> AsyncGenerator[StreamEvent | None, None]:
+    """``events``, and None each time ``every`` seconds pass without one. The next event is
+    awaited in a task of its own, so that waiting for it can time out without cancelling it."""
     pending: asyncio.Future[StreamEvent] | None = None
     try:
         while True:
-            pending = pending or asyncio.ensure_future(anext(events))
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
             done, _ = await asyncio.wait({pending}, timeout=every)
             if not done:
                 yield None
