@@ -112,13 +112,14 @@ async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node
 class StallingEngine:
     """The real engine, going silent after ``after`` tokens (0: before its first) until
     ``release`` is set: an executor frozen mid-answer, its connection still open. It holds
-    before computing the next token; ``abandoned`` is set when its generation is cancelled
-    while it holds (its stream was reset)."""
+    before computing the next token; ``holding`` is set once it holds, and ``abandoned`` when
+    its generation is cancelled while it holds (its stream was reset)."""
 
     def __init__(self, engine: Engine, after: int) -> None:
         self._engine = engine
         self._after = after
         self.release = asyncio.Event()
+        self.holding = asyncio.Event()
         self.abandoned = asyncio.Event()
 
     def __getattr__(self, name: str) -> object:
@@ -137,6 +138,7 @@ class StallingEngine:
                     await self._hold()
 
     async def _hold(self) -> None:
+        self.holding.set()
         try:
             await self.release.wait()
         except asyncio.CancelledError:
