@@ -59,6 +59,7 @@ and says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -367,12 +368,15 @@ class GonkaClient:
                 raise AnswerExpired(f"{broken}; the inference expired unfinished on the ledger: "
                                     "its escrow was refunded") from None
             if record is not None and record.status == "settled":
+                await self._reach(record.executor, record.executor_addrs)
+                failures = []
                 for node in dict.fromkeys((record.executor, *nodes)):
                     try:
                         events = await self.fetch_answer(request.raw, node, record)
                         return _after(events, live)
                     except (GonkaError, NetworkError, TimeoutError) as e:
-                        why = f"{node}: {e}"
+                        failures.append(f"{node}: {e}")
+                why = "; ".join(failures)
             else:
                 why = f"the ledger has the inference {record.status if record else 'not yet'}"
             if loop.time() + pause > give_up:
@@ -380,6 +384,19 @@ class GonkaClient:
                                          f"(last: {why})") from None
             await asyncio.sleep(pause)
             pause = min(2 * pause, _RETRY_S[1])
+
+    async def _reach(self, peer: str, addrs: list[str]) -> None:
+        """Dial ``peer`` at the first of ``addrs`` (its ledger record) that reaches it, unless
+        connected: a recovering client may never have met the executor (one that joined after
+        the client connected; the 30-minute testnet lost an answer so). Only a connection that
+        authenticates as ``peer`` counts; a failure is left to the fetch that follows to report."""
+        if peer in self.service.connected_peers():
+            return
+        for addr in addrs:
+            target = addr if addr.endswith(f"/p2p/{peer}") else f"{addr}/p2p/{peer}"
+            with contextlib.suppress(NetworkError, TimeoutError):
+                if await self.service.connect(target, timeout=5.0) == peer:
+                    return
 
     async def _ledger_record(self, iid: bytes, nodes: list[str]) -> InferenceReply | None:
         """The record of ``iid`` in the ledger of the first of ``nodes`` to answer; None if it

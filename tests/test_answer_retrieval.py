@@ -287,6 +287,26 @@ async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine
             assert open_envelope(reply, InferenceFailed).message.code == code
 
 
+async def test_a_recovering_client_reaches_an_executor_it_never_met_by_its_ledger_addresses(
+        engine: Engine, tmp_path: Path) -> None:
+    """The 30-minute testnet lost an answer so: its executor had joined after the load client
+    connected, so the client could not dial it, and the TA had not kept the cut answer. The
+    ledger's reply now names the executor's addresses, and recovery dials them first."""
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
+        ta, executor = nodes
+        client = await client_of(ta)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
+        await collect(client, request)
+        await settled(client, request)
+        record = await client.inference(inference_id(open_envelope(request, InferenceRequest)))
+        registered = ta.replica.state.participant(executor.key.peer_id)  # type: ignore[union-attr]
+        assert registered is not None and record.executor_addrs == list(registered.addrs)
+        assert executor.key.peer_id not in client.service.connected_peers()
+        await client._reach(executor.key.peer_id, [f"/memory/gone/p2p/{STRANGER.peer_id}",
+                                                    *executor.service.listen_addrs])
+        assert executor.key.peer_id in client.service.connected_peers()
+
+
 async def test_a_tampered_or_substituted_answer_is_refused(engine: Engine, tmp_path: Path) -> None:
     """A stored frame altered in transit or on disk fails its signature; an executor that signs
     another answer than the one it finished on the ledger fails the ledger's response hash."""

@@ -131,7 +131,7 @@ class BalanceReply(Message):
 @dataclass(frozen=True)
 class InferenceReply(Message):
     KIND = "ledger_inference_reply"
-    VERSION = 2  # 2: response_hash (what a client checks a recovered answer against)
+    VERSION = 3  # 2: response_hash (what a client checks a recovered answer against); 3: executor_addrs
     inference_id: bytes = bounded(max_len=HASH_BYTES)
     found: bool = bounded()
     status: str = bounded(max_len=16)
@@ -141,6 +141,9 @@ class InferenceReply(Message):
     cost: int = bounded(min_value=0)
     height: int = bounded(min_value=0)
     response_hash: bytes = bounded(max_len=HASH_BYTES)  # the executor's Finish claim; empty before it
+    # Where the executor says it listens (its ledger record): a client recovering a cut answer
+    # may never have dialled it (a participant that joined after the client connected).
+    executor_addrs: list[str] = bounded(max_len=8, items=each(max_len=256))
 
 
 @dataclass(frozen=True)

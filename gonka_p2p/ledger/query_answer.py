@@ -114,10 +114,13 @@ def inference_reply(state: LedgerState, inference_id: bytes) -> InferenceReply:
     record = state.inference(inference_id)
     if record is None:
         return InferenceReply(inference_id=inference_id, found=False, status="", client="",
-                              executor="", escrow=0, cost=0, height=state.height, response_hash=b"")
+                              executor="", escrow=0, cost=0, height=state.height, response_hash=b"",
+                              executor_addrs=[])
+    executor = state.participant(record.executor)
     return InferenceReply(inference_id=inference_id, found=True, status=record.status.value,
                           client=record.client, executor=record.executor, escrow=record.escrow,
-                          cost=record.cost, height=state.height, response_hash=record.response_hash)
+                          cost=record.cost, height=state.height, response_hash=record.response_hash,
+                          executor_addrs=list(executor.addrs) if executor is not None else [])
 
 
 def next_regular_round(state: LedgerState) -> int:
