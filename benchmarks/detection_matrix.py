@@ -343,7 +343,7 @@ def row_class(row: str, dtype: str) -> str:
     """honest, subtle (caught by the epoch test: close to honest noise at ``dtype``) or gross
     (caught per inference). Casting to bf16 or fp16 is subtle only against a pinned fp32."""
     subtle = SUBTLE if dtype == DEFAULT_DTYPE else SUBTLE_QUANTIZED
-    return "honest" if row in HONEST else "subtle" if row in subtle else "gross"
+    return "honest" if row.startswith("honest") else "subtle" if row in subtle else "gross"
 
 
 def seed_of(*parts: str) -> int:

@@ -13,14 +13,20 @@ it replaced, and against the engine's own decode step, side by side in one run.
    ``--max-tokens`` tokens (EOS ignored), with the seeded sampler (``SeededSampling``,
    vLLM greedy on the forced rows) and with vLLM's own sampler at the same
    parameters: tokens/s over the run, and the median decode step (``engine.step()``
-   while every request decodes).
-3. The share: the batched sampler's time over vLLM's own decode step. The model's
+   while every request decodes). Where vLLM is not installed (an accelerator
+   machine without its wheel), the same run on transformers instead: one batched
+   forward per step over a KV cache in ``--dtype``, choosing with ``sample_batch``
+   or with transformers' own temperature / top-p warpers and a multinomial draw.
+   Transformers' step is slower than vLLM's (no CUDA graphs, no paged attention),
+   so its share is a lower bound of the share against vLLM's step there.
+3. The share: the batched sampler's time over the engine's own decode step. The model's
    vocabulary is its own (SmolLM2: 49152); for another vocabulary the step is the
    same model's, so the share there is against a step with a smaller LM head than a
    152k-vocabulary model would have (an upper bound on the share).
 
     OMP_NUM_THREADS=2 python benchmarks/sampler_bench.py
     OMP_NUM_THREADS=1 python benchmarks/sampler_bench.py --quick   # smoke: tiny model, small batch
+    python benchmarks/sampler_bench.py --batch 64 --old-rows 0 --dtype bfloat16   # on a GPU
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,7 +51,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
-from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
+from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.models import load_local_model  # noqa: E402
 from gonka_p2p.inference.sampler import RowRules, SamplingParams, sample_batch  # noqa: E402
 
@@ -117,8 +124,9 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
 
 def microbenchmark(rows: torch.Tensor, vocabs: list[int], device: torch.device, repeats: int,
                    old_rows: int) -> list[dict]:
-    """Per (vocabulary, mix): the batched sampler's ms per step, and the old path's."""
-    old = old_sampler()
+    """Per (vocabulary, mix): the batched sampler's ms per step, and the old path's (not
+    timed with ``old_rows`` 0: it needs the git history, which a copied tree lacks)."""
+    old = old_sampler() if old_rows else None
     batch = rows.shape[0]
     results = []
     for vocab in vocabs:
@@ -133,10 +141,63 @@ def microbenchmark(rows: torch.Tensor, vocabs: list[int], device: torch.device, 
                 for i in range(old_rows):
                     old.choose_token(logits[i].cpu(), rules[i][0], rules[i][1], i)
 
-            per = timed(per_request, device, 1) * batch / old_rows
+            per = timed(per_request, device, 1) * batch / old_rows if old else math.nan
             results.append({"vocab": vocab, "mix": mix, "batched_ms": batched * 1e3,
                             "old_per_request_ms": per * 1e3, "speedup": per / batched})
     return results
+
+
+def bench_prompts(tokenizer, batch: int, length: int = 12) -> torch.Tensor:
+    """``batch`` prompts of exactly ``length`` tokens cut from ``TEXT`` (no padding needed)."""
+    ids = tokenizer(TEXT)["input_ids"]
+    return torch.tensor([ids[(7 * i) % (len(ids) - length):][:length] for i in range(batch)])
+
+
+def torch_run(model: str, batch: int, max_tokens: int, seeded: bool, dtype: str,
+              device: torch.device, repeats: int) -> dict:
+    """vLLM's run on transformers: ``batch`` requests decoded together over one KV cache in
+    ``dtype`` on ``device``, T=0.7 top-p 0.9, chosen by the seeded sampler or by
+    transformers' own warpers and a multinomial draw; the best of ``repeats`` runs."""
+    from transformers import AutoModelForCausalLM, TemperatureLogitsWarper, TopPLogitsWarper
+
+    local = load_local_model(model)
+    net = AutoModelForCausalLM.from_pretrained(local.path, dtype=getattr(torch, dtype)).to(device).eval()
+    prompts = bench_prompts(local.tokenizer, batch).to(device)
+    rule = SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.9)
+    rules = RowRules.of([(rule, f"r{i}".encode()) for i in range(batch)], local.vocab_size, device)
+    warpers = (TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9))
+
+    def choose(logits: torch.Tensor, position: int) -> torch.Tensor:
+        if seeded:
+            return sample_batch(logits, rules, torch.full((batch,), position, device=device))
+        for warp in warpers:
+            logits = warp(None, logits)
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1).view(-1)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    best: dict = {}
+    for _ in range(repeats):
+        steps = []
+        sync()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            out = net(input_ids=prompts, use_cache=True)
+            for position in range(max_tokens):
+                start = time.perf_counter()
+                token = choose(out.logits[:, -1].to(torch.float32), position)
+                if position + 1 < max_tokens:
+                    out = net(input_ids=token.view(-1, 1), past_key_values=out.past_key_values, use_cache=True)
+                sync()
+                steps.append(time.perf_counter() - start)
+        wall = time.perf_counter() - began
+        run = {"seeded": seeded, "engine": f"transformers {dtype}", "tokens": batch * max_tokens,
+               "wall_s": wall, "tok_s": batch * max_tokens / wall,
+               "decode_step_ms": statistics.median(steps[1:]) * 1e3}
+        best = run if not best or run["wall_s"] < best["wall_s"] else best
+    return best
 
 
 def vllm_run(model: str, batch: int, max_tokens: int, seeded: bool) -> dict:
@@ -185,7 +246,7 @@ def vllm_runs(model: str, batch: int, max_tokens: int) -> list[dict]:
     runs = []
     for seeded in (False, True):
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            runs.append(pool.submit(vllm_run, model, batch, max_tokens, seeded).result())
+            runs.append(pool.submit(vllm_run, model, batch, max_tokens, seeded).result() | {"engine": "vLLM"})
     return runs
 
 
@@ -198,6 +259,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--old-rows", type=int, default=None, help="rows the old path is timed on")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
+                        help="the transformers run's dtype, where vLLM is not installed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     quick = args.quick
@@ -206,7 +269,7 @@ def main() -> None:
     vocabs = args.vocabs or ([49152] if quick else [49152, 151936])
     max_tokens = args.max_tokens or (4 if quick else 16)
     repeats = args.repeats or (2 if quick else 5)
-    old_rows = min(batch, args.old_rows or (4 if quick else 32))
+    old_rows = min(batch, (4 if quick else 32) if args.old_rows is None else args.old_rows)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     print(f"# gonka-p2p sampler benchmark: {model}, batch {batch}, device {device}, "
@@ -217,17 +280,22 @@ def main() -> None:
     print("| vocab | mix | batched ms | old per-request ms | speedup |")
     print("|---|---|---|---|---|")
     for r in micro:
-        print(f"| {r['vocab']} | {r['mix']} | {r['batched_ms']:.2f} | {r['old_per_request_ms']:.1f} | "
+        print(f"| {r['vocab']} | {r['mix']} | {r['batched_ms']:.3f} | {r['old_per_request_ms']:.1f} | "
               f"{r['speedup']:.1f}x |", flush=True)
-    runs = vllm_runs(model, batch, max_tokens)
-    print(f"\n## vLLM end to end ({model}, {batch} requests x {max_tokens} tokens, T=0.7 top-p 0.9)")
+    if importlib.util.find_spec("vllm"):
+        runs = vllm_runs(model, batch, max_tokens)
+    else:
+        runs = [torch_run(model, batch, max_tokens, seeded, args.dtype, device, repeats)
+                for seeded in (False, True)]
+    engine = runs[0]["engine"]
+    print(f"\n## {engine} end to end ({model}, {batch} requests x {max_tokens} tokens, T=0.7 top-p 0.9)")
     print("| sampler | tok/s | decode step ms | wall s |")
     print("|---|---|---|---|")
     for r in runs:
-        name = "seeded (SeededSampling)" if r["seeded"] else "vLLM's own"
-        print(f"| {name} | {r['tok_s']:.1f} | {r['decode_step_ms']:.1f} | {r['wall_s']:.1f} |")
+        name = "seeded (sample_batch)" if r["seeded"] else f"{engine}'s own"
+        print(f"| {name} | {r['tok_s']:.1f} | {r['decode_step_ms']:.2f} | {r['wall_s']:.2f} |")
     step = next(r for r in runs if not r["seeded"])["decode_step_ms"]
-    print(f"\n## Batched sampler as a share of vLLM's own decode step ({step:.1f} ms, {model})")
+    print(f"\n## Batched sampler as a share of {engine}'s own decode step ({step:.2f} ms, {model})")
     print("| vocab | mix | share |")
     print("|---|---|---|")
     for r in micro:
