@@ -14,7 +14,7 @@ sits from a CPU validator's recomputation. Two halves, one file between them:
 * ``--judge FILE`` (anywhere; the CPU here): every artifact through what a validator
   does (``detection_matrix.validate``: torch engine on the CPU at the same dtype), then
   the matrix's per-mode summary (rejections, suspicious share, the epoch test) per row,
-  printed and written to ``benchmarks/results/device_rows.md``.
+  printed and written to ``benchmarks/results/device_rows_<dtype>.md``.
 
     python benchmarks/device_rows.py --generate rows.json --dtype bfloat16 --batch 1 64 256   # GPU
     OMP_NUM_THREADS=1 python benchmarks/device_rows.py --judge rows.json                      # CPU
@@ -152,7 +152,7 @@ async def judge(args: argparse.Namespace) -> None:
             f"load average {os.getloadavg()}. gen ms is the executor's batch time per inference.\n\n"
             + markdown(_COLUMNS, [table_cells(s) for s in summaries]))
     print(text)
-    out = RESULTS / f"device_rows_{meta['dtype']}.md"
+    out = args.results / f"device_rows_{meta['dtype']}.md"
     out.write_text(text)
     console.print(f"wrote {out}")
 
@@ -170,6 +170,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--epoch-size", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=2000)
     parser.add_argument("--chain", type=int, default=20)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table goes (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.generate:
         generate(args)

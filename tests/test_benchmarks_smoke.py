@@ -60,7 +60,39 @@ def test_sampler_bench_quick_prints_both_tables() -> None:
                             capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "old per-request ms" in result.stdout and "seeded (SeededSampling)" in result.stdout
+    assert "old per-request ms" in result.stdout and "seeded (sample_batch)" in result.stdout
+
+
+def test_sampler_profile_compares_a_variant_and_finds_the_same_tokens() -> None:
+    """The profile's candidate mechanism, with the sampler itself as the candidate."""
+    sampler = ROOT / "gonka_p2p" / "inference" / "sampler.py"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sampler_profile.py"), "--model", "tiny-llama",
+         "--batch", "4", "--vocabs", "3000", "--repeats", "1", "--variant", str(sampler)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "variant sampler: tokens equal" in result.stdout
+    assert result.stdout.count("| sampler | 3000 |") == 4 and result.stdout.count("| current | 3000 |") == 4
+
+
+def test_device_rows_generates_batched_honest_artifacts_that_the_validator_accepts(tmp_path: Path) -> None:
+    """Both halves on the CPU: padded batches of the honest executor pass the CPU validator."""
+    rows = tmp_path / "rows.json"
+    script = str(ROOT / "benchmarks" / "device_rows.py")
+    env = {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"}
+    generated = subprocess.run(
+        [sys.executable, script, "--generate", str(rows), "--model", "tiny-llama", "--dtype", "float32",
+         "--batch", "1", "3", "--n", "3", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert generated.returncode == 0, generated.stderr[-4000:]
+    judged = subprocess.run([sys.executable, script, "--judge", str(rows), "--epochs", "20",
+                             "--results", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert judged.returncode == 0, judged.stderr[-4000:]
+    table = (tmp_path / "device_rows_float32.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| tiny-llama")]
+    assert {line.split(" | ")[2] for line in lines} == {"honest-cpu-float32-b1", "honest-cpu-float32-b3"}
+    assert all("| 0.0% |" in line and "| met " in line for line in lines), table
 
 
 def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses_its_records(

@@ -352,8 +352,11 @@ async def test_batched_validation_equals_the_position_by_position_rule(
     assert margins == {False, True}  # both exact picks and misses were compared
 
 
-def test_nucleus_mask_tiers_equal_the_full_sort() -> None:
-    """Rows settled by the 64-candidate tier, by the 1024 one, and by neither, in one batch."""
+@pytest.mark.parametrize("tiers", [None, (1024,), (64, 1024), (16, 64, 1024), ()],
+                         ids=["cpu-default", "accelerator", "two", "three", "whole-sort"])
+def test_nucleus_mask_tiers_equal_the_full_sort(tiers: tuple[int, ...] | None) -> None:
+    """Rows settled by the 64-candidate tier, by the 1024 one, and by neither, in one batch,
+    whichever tiers a device takes (an accelerator's single tier is run here too)."""
     torch.manual_seed(0)
     logits = torch.randn(6, 5000)
     logits[:2] *= 30.0  # peaked: a nucleus of a few tokens
@@ -361,7 +364,7 @@ def test_nucleus_mask_tiers_equal_the_full_sort() -> None:
     logits[4:, :] = 0.0  # flat: every token ties, the nucleus is 90% of them
     q = (torch.softmax(logits, dim=-1) * 2.0**30).to(torch.int32)
     threshold = (round(0.9 * 2**32) * q.sum(dim=-1, dtype=torch.int64)) >> 32
-    for row, limit, mask in zip(q, threshold, nucleus_mask(q, threshold), strict=True):
+    for row, limit, mask in zip(q, threshold, nucleus_mask(q, threshold, tiers), strict=True):
         values, ids = torch.sort(row, descending=True, stable=True)
         expected = torch.zeros_like(mask)
         expected[ids[(torch.cumsum(values, dim=0, dtype=torch.int64) - values) < limit]] = True

@@ -169,6 +169,9 @@ class RowRules:
     top_k_rows: tuple[int, ...]  # positions in ``sampled`` of the rows with top-k
     top_p_rows: tuple[int, ...]  # positions in ``sampled`` of the rows with top-p < 1
     max_top_k: int
+    # the two tuples above on the device, for a pass over the whole batch (no copy per step)
+    top_k_index: torch.Tensor | None = None
+    top_p_index: torch.Tensor | None = None
 
     @classmethod
     def of(cls, rules: Sequence[tuple[SamplingParams, bytes]], vocab: int,
@@ -180,15 +183,19 @@ class RowRules:
         top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p, _ in rules]
         sampled = [i for i, (p, _) in enumerate(rules) if not p.greedy]
         top_p = [max(1, round(p.top_p * 2**32)) for p, _ in rules]
+        top_k_rows = tuple(j for j, i in enumerate(sampled) if top_k[i])
+        top_p_rows = tuple(j for j, i in enumerate(sampled) if top_p[i] < 2**32)
         return cls(
             temperature=tensor([p.temperature for p, _ in rules], torch.float32),
             top_k=tensor(top_k, torch.int64),
             top_p=tensor(top_p, torch.int64),
             keys=tensor([seed_key(s) for _, s in rules], torch.int64),
             sampled=tensor(sampled, torch.int64),
-            top_k_rows=tuple(j for j, i in enumerate(sampled) if top_k[i]),
-            top_p_rows=tuple(j for j, i in enumerate(sampled) if top_p[i] < 2**32),
+            top_k_rows=top_k_rows,
+            top_p_rows=top_p_rows,
             max_top_k=max((top_k[i] for i in sampled), default=0),
+            top_k_index=tensor(list(top_k_rows), torch.int64) if top_k_rows else None,
+            top_p_index=tensor(list(top_p_rows), torch.int64) if top_p_rows else None,
         )
 
     @property
@@ -252,13 +259,13 @@ def token_weights(rows: torch.Tensor, rules: RowRules, first: int = 0) -> torch.
     at = rules.sampled[first:first + len(rows)]
     temperature = rules.temperature.index_select(0, at).unsqueeze(1)
     q = _weights(rows, temperature)
-    k_rows = _local(rules.top_k_rows, first, len(rows), q.device)
+    k_rows = _local(rules.top_k_rows, rules.top_k_index, first, len(rows))
     if k_rows is not None:
         k = rules.top_k.index_select(0, at.index_select(0, k_rows)).unsqueeze(1)
         sub = q.index_select(0, k_rows)
         kth = torch.topk(sub, min(rules.max_top_k, q.shape[1]), dim=-1).values.gather(1, k - 1)
         q.index_copy_(0, k_rows, sub.masked_fill_(sub < kth, 0))
-    p_rows = _local(rules.top_p_rows, first, len(rows), q.device)
+    p_rows = _local(rules.top_p_rows, rules.top_p_index, first, len(rows))
     if p_rows is not None:
         sub = q.index_select(0, p_rows)
         share = rules.top_p.index_select(0, at.index_select(0, p_rows))
@@ -268,10 +275,14 @@ def token_weights(rows: torch.Tensor, rules: RowRules, first: int = 0) -> torch.
     return q
 
 
-def _local(rows: tuple[int, ...], first: int, n: int, device: torch.device) -> torch.Tensor | None:
-    """The sorted ``rows`` inside ``first .. first + n``, relative to ``first``; None if none."""
+def _local(rows: tuple[int, ...], index: torch.Tensor | None, first: int, n: int) -> torch.Tensor | None:
+    """The sorted ``rows`` inside ``first .. first + n``, relative to ``first``; None if none.
+    ``index`` is ``rows`` on the device: a block holding them all (a GPU's whole batch) takes
+    it as it is, with no host-to-device copy per step."""
+    if first == 0 and (not rows or rows[-1] < n):
+        return index
     inside = rows[bisect.bisect_left(rows, first):bisect.bisect_left(rows, first + n)]
-    return torch.tensor([i - first for i in inside], device=device) if inside else None
+    return torch.tensor([i - first for i in inside], device=index.device) if inside else None
 
 
 def _inverse_cdf(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -293,39 +304,50 @@ def _inverse_cdf(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (chunk * _CHUNK + offset).squeeze(1).clamp_(max=vocab - 1)
 
 
-_NUCLEUS_CANDIDATES = (64, 1024)  # tiers tried in turn; a top-64 is a fraction of a full sort
+def nucleus_tiers(device: torch.device) -> tuple[int, ...]:
+    """Candidate counts ``nucleus_mask`` tries in turn on ``device``. A CPU pays per element:
+    a top-64 is a fraction of a top-1024, and the few rows it leaves go on alone. A GPU pays
+    per kernel and per wait for the host: on an H200, top-p over a batch of 64 or 256 real
+    rows took 225 kernels, 13 synchronisations and 4.3-5.9 ms with the CPU's tiers and row
+    picking, and 127 kernels, 1 synchronisation and 2.4-3.1 ms with one tier over every row,
+    the same tokens (``benchmarks/sampler_profile.py``; the device was busy 0.4-1.9 ms)."""
+    return (64, 1024) if device.type == "cpu" else (1024,)
 
 
-def nucleus_mask(q: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def nucleus_mask(q: torch.Tensor, threshold: torch.Tensor,
+                 tiers: tuple[int, ...] | None = None) -> torch.Tensor:
     """Rule 4's kept tokens per row of int32 weights ``q`` ``[n, vocab]``: in (weight desc,
     id asc) order, those whose exclusive prefix sum is below ``threshold[i]``.
 
     A full sort of the vocabulary is the rule's hot spot, so it is first evaluated
-    on the m heaviest tokens, m from ``_NUCLEUS_CANDIDATES`` in turn; that answer is
-    exact when the cut falls strictly above the smallest candidate's weight (every
-    token outside the candidates then weighs less than the cut). Rows no tier
-    settles are sorted whole. Integer prefix sums are exact, so every path gives
-    the same set and a row's set does not depend on the other rows.
+    on the m heaviest tokens, m from ``tiers`` (default: ``nucleus_tiers``) in turn; that
+    answer is exact when the cut falls strictly above the smallest candidate's weight
+    (every token outside the candidates then weighs less than the cut). The first tier
+    takes every row; a later one only the rows still unsettled; rows no tier settles are
+    sorted whole. Integer prefix sums are exact, so every path gives the same set and a
+    row's set does not depend on the other rows.
     """
     mask = torch.zeros_like(q, dtype=torch.bool)
-    unsettled = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-    for m in (m for m in _NUCLEUS_CANDIDATES if m < q.shape[1]):
-        todo = unsettled.nonzero().view(-1)
-        values, ids = torch.topk(q.index_select(0, todo), m, dim=-1)
+    rows: torch.Tensor | None = None  # the unsettled rows; None: every row
+    for m in (m for m in (nucleus_tiers(q.device) if tiers is None else tiers) if m < q.shape[1]):
+        sub, bound = (q, threshold) if rows is None else (q.index_select(0, rows), threshold.index_select(0, rows))
+        values, ids = torch.topk(sub, m, dim=-1)
         by_id = torch.argsort(ids, dim=-1)  # then a stable sort by weight keeps ids ascending on ties
         ids, values = ids.gather(-1, by_id), values.gather(-1, by_id)
         order = torch.sort(values, dim=-1, descending=True, stable=True).indices
         ids, values = ids.gather(-1, order), values.gather(-1, order)
-        before = torch.cumsum(values, dim=-1, dtype=torch.int64) - values
-        kept = before < threshold.index_select(0, todo).unsqueeze(1)
+        kept = torch.cumsum(values, dim=-1, dtype=torch.int64) - values < bound.unsqueeze(1)
         cut = kept.sum(dim=-1, keepdim=True) - 1
-        settled = ((cut < m - 1) & (values.gather(-1, cut) > values[:, m - 1:])).view(-1)
-        done = todo[settled]
-        mask[done.unsqueeze(1), ids[settled]] = kept[settled]
-        unsettled[done] = False
-        if not unsettled.any():
+        settled = (cut < m - 1) & (values.gather(-1, cut) > values[:, m - 1:])
+        if rows is None:
+            mask.scatter_(1, ids, kept & settled)
+        else:  # an unsettled row's entries stay False here: a later pass writes them
+            mask[rows.unsqueeze(1), ids] = kept & settled
+        left = ~settled.view(-1)
+        if not bool(left.any()):  # the pass's one wait for the device
             return mask
-    rest = unsettled.nonzero().view(-1)
+        rows = left.nonzero().view(-1) if rows is None else rows[left]
+    rest = torch.arange(q.shape[0], device=q.device) if rows is None else rows
     values, ids = torch.sort(q.index_select(0, rest), dim=-1, descending=True, stable=True)
     before = torch.cumsum(values, dim=-1, dtype=torch.int64) - values
     kept = before < threshold.index_select(0, rest).unsqueeze(1)
