@@ -23,11 +23,15 @@ there); without one it signs for the chain id the TA states in its signed
 networks: a lying TA could otherwise have it sign for, and be charged on,
 another one. The CLI and the demo pin the genesis's chain id.
 
-A broken relay does not lose a paid answer. Once the executor has started
-(the stream's first frame), a stream that breaks -- the TA reset it, died,
-went silent, or a partition cut it -- is recovered: the client asks the
-ledger (through the TA, else the executor's node) how the inference stands,
-and once its Finish has settled (the client is charged) fetches the answer
+A broken relay does not lose a paid answer. A stream that breaks -- the TA
+reset it, died, went silent, or a partition cut it -- is recovered: the client
+asks the ledger (through the TA, else the executor's node) how the inference
+stands. Before the first frame the client does not know whether an executor
+started, so a ledger that has had no such inference for ``UNSTARTED_GRACE_S``
+ends the wait (the break is raised as it was), while a TA that cannot be asked
+is asked again until ``recovery_timeout``: it may have started one and be
+cut off by a partition that will heal. Once the inference's Finish has
+settled (the client is charged) the client fetches the answer
 over ``/gonka/answer/1`` from the executor, else the TA, both of which keep
 the executor's signed frames until the epoch settles
 (``actors/answer_server.py``). The recovered frames pass the same checks as
@@ -148,6 +152,9 @@ class AnswerInDoubt(RequestRejected):
 
 
 RECOVERY_TIMEOUT_S = 120.0  # how long a broken stream's answer is sought before giving up
+# A stream that broke before its first frame is given up once a ledger has had no such inference
+# this long: a TA's Start commits within a few blocks of the executor starting.
+UNSTARTED_GRACE_S = 15.0
 _RETRY_S = (0.25, 5.0)  # first and longest pause between recovery rounds
 
 
@@ -340,8 +347,8 @@ class GonkaClient:
             broken = StreamStalled(f"TA {self.ta} sent nothing for {timeout:g} s; the stream was cancelled")
         except NetworkError as e:
             broken = NetworkUnavailable(f"the stream from TA {self.ta} broke: {e}")
-        if verifier.executor is None:  # no executor started: nothing to recover
-            raise broken
+        # Nothing verified yet: whether an executor started is the ledger's to say (the 30-minute
+        # testnet charged a client whose TA's circuit a partition cut before its first frame).
         for event in await self._recover(signed, verifier, broken, recovery_timeout):
             yield event
 
@@ -354,16 +361,23 @@ class GonkaClient:
     async def _recover(self, request: Signed[InferenceRequest], live: StreamVerifier, broken: GonkaError,
                        timeout: float) -> list[StreamEvent]:
         """The rest of the answer ``live`` verified so far, once the ledger settles it; raises
-        AnswerExpired, ``broken`` where no node has a ledger, NetworkUnavailable at ``timeout``."""
-        assert live.executor is not None
-        nodes = list(dict.fromkeys((live.executor, self.ta)))
+        AnswerExpired, ``broken`` where no node has a ledger (or, nothing verified yet, where
+        the ledger has had no such inference for ``UNSTARTED_GRACE_S``), NetworkUnavailable
+        at ``timeout``."""
+        nodes = list(dict.fromkeys(node for node in (live.executor, self.ta) if node))
         loop = asyncio.get_running_loop()
         give_up, pause, why = loop.time() + timeout, _RETRY_S[0], str(broken)
+        unknown_since: float | None = None  # when a ledger first said it has no such inference
         while True:
             try:
                 record = await self._ledger_record(live.inference_id, nodes)
             except NoLedger:  # no ledger anywhere: nobody was charged
                 raise broken from None
+            if record is not None and not record.found:
+                unknown_since = loop.time() if unknown_since is None else unknown_since
+                if live.executor is None and loop.time() - unknown_since >= min(timeout, UNSTARTED_GRACE_S):
+                    raise broken from None  # no Start: no executor ran, nothing was charged
+                record = None
             if record is not None and record.status == "expired":
                 raise AnswerExpired(f"{broken}; the inference expired unfinished on the ledger: "
                                     "its escrow was refunded") from None
@@ -399,13 +413,13 @@ class GonkaClient:
                     return
 
     async def _ledger_record(self, iid: bytes, nodes: list[str]) -> InferenceReply | None:
-        """The record of ``iid`` in the ledger of the first of ``nodes`` to answer; None if it
-        has none, or none answered. NoLedger if each of them serves no ledger."""
+        """The record of ``iid`` in the ledger of the first of ``nodes`` to answer (``found``
+        false: it has none); None if none answered. NoLedger if each of them serves no ledger."""
         if self._local_ledger is not None:
             local = self._local_ledger(iid)
             if local is None:
                 raise NoLedger("this node runs without a ledger")
-            return local if local.found else None
+            return local
         no_ledger = True
         for node in nodes:
             try:
@@ -414,7 +428,7 @@ class GonkaClient:
                 no_ledger = no_ledger and isinstance(e, NoLedger)
                 continue
             assert isinstance(reply, InferenceReply)
-            return reply if reply.found else None
+            return reply
         if no_ledger:
             raise NoLedger(f"none of {', '.join(nodes)} serves a ledger")
         return None
@@ -485,8 +499,10 @@ class GonkaClient:
 
 def _after(events: list[StreamEvent], live: StreamVerifier) -> list[StreamEvent]:
     """The recovered ``events`` past what the ``live`` stream already yielded. They must extend
-    it: the same executor, its tokens as their prefix, a batch boundary where it broke."""
-    if events and isinstance(events[0], StartedEvent) and events[0].executor != live.executor:
+    it: the same executor, its tokens as their prefix, a batch boundary where it broke. A stream
+    that broke before its first frame yielded nothing: every event is new, Started included."""
+    unstarted = live.executor is None
+    if events and not unstarted and isinstance(events[0], StartedEvent) and events[0].executor != live.executor:
         raise ProtocolViolation("the recovered answer comes from another executor than the stream's")
     rest: list[StreamEvent] = []
     position, seen = 0, len(live.token_ids)
@@ -498,6 +514,6 @@ def _after(events: list[StreamEvent], live: StreamVerifier) -> list[StreamEvent]
             if position >= seen:
                 rest.append(event)
             position = end
-        elif isinstance(event, FinishedEvent):
+        elif isinstance(event, FinishedEvent) or (unstarted and isinstance(event, StartedEvent)):
             rest.append(event)
     return rest

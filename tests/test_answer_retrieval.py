@@ -43,7 +43,8 @@ from helpers import (
 )
 
 from gonka_p2p.actors.node import Node
-from gonka_p2p.client import AnswerExpired, AnswerInDoubt, GonkaClient, build_request
+from gonka_p2p import client as client_module
+from gonka_p2p.client import AnswerExpired, AnswerInDoubt, GonkaClient, StreamStalled, build_request
 from gonka_p2p.gossip.service import SendFrame, StreamHandler
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import InferenceArtifact
@@ -259,6 +260,61 @@ async def test_recovering_an_answer_the_executor_never_finished_ends_refunded(en
             await client.recover(doubt.value, timeout=GUARD_S)
         holding.release.set()
         await asyncio.gather(*beyond)
+
+
+# --- a relay cut before the client's first frame ------------------------------------------------
+
+
+def silent_towards_the_client(handler: StreamHandler, beyond: list[asyncio.Task[None]] | None) -> StreamHandler:
+    """The TA's handler behind a partition that cut its client before the first frame: the
+    client hears nothing; with ``beyond`` the TA still serves the request on its side (the
+    executor finishes, the ledger charges), without it the TA never starts an executor."""
+
+    async def silent(opener: str, frame: bytes, send: SendFrame) -> None:
+        async def nowhere(out: bytes) -> None:
+            pass
+
+        if beyond is not None:
+            beyond.append(asyncio.create_task(handler(opener, frame, nowhere)))
+        await asyncio.Event().wait()  # until the client's stream goes away
+
+    return silent
+
+
+async def test_a_relay_cut_before_the_first_frame_is_recovered_from_the_ledger(
+        engine: Engine, tmp_path: Path) -> None:
+    """The 30-minute testnet charged a client so: a partition cut the circuit to its TA (behind
+    a NAT) before the first frame, the client's idle timeout fired (StreamStalled), and the
+    executor finished and was paid. The client now asks the ledger before giving up."""
+    beyond: list[asyncio.Task[None]] = []
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
+        ta = nodes[0]
+        ta.service.set_stream_handler(INFER_PROTOCOL, silent_towards_the_client(ta.ta._handle, beyond))
+        client = await client_of(ta)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+        async with asyncio.timeout(GUARD_S):
+            events = [e async for e in client.stream_request(request, timeout=1.0, recovery_timeout=GUARD_S)]
+        assert isinstance(events[0], StartedEvent) and isinstance(events[-1], FinishedEvent)
+        assert len(tokens(events)) == events[-1].completion_tokens > 0
+        record = await client.inference(inference_id(open_envelope(request, InferenceRequest)))
+        assert record.status == "settled" and record.response_hash == response_hash(tokens(events))
+        assert events[0].executor == record.executor
+        await asyncio.gather(*beyond)
+
+
+async def test_a_silent_ta_that_started_nothing_is_given_up_once_the_ledger_has_no_such_inference(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "UNSTARTED_GRACE_S", 0.5)
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
+        ta = nodes[0]
+        ta.service.set_stream_handler(INFER_PROTOCOL, silent_towards_the_client(ta.ta._handle, None))
+        client = await client_of(ta)
+        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+        async with asyncio.timeout(GUARD_S):
+            with pytest.raises(StreamStalled, match="sent nothing for 1 s"):
+                async for _ in client.stream_request(request, timeout=1.0, recovery_timeout=GUARD_S):
+                    pass
+        assert not (await client.inference(inference_id(open_envelope(request, InferenceRequest)))).found
 
 
 # --- only the client fetches, and only the answer the ledger settled --------------------------

@@ -19,8 +19,9 @@ token count (the usage of a finished answer; of a cut one, its logprobs
 entries, where special tokens such as the end of sequence are not shown, so
 a cut answer that ended in one reads one token short). ``hung`` marks a request that reached ``timeout_s`` without
 an end: neither the TA's stall timeout nor the client's ``idle_s`` cut it. A libp2p request whose
-stream broke after its executor started is then recovered by the client library from the ledger
-and the executor's kept answer, for at most the manifest's ``recovery_s``; it hangs only past both bounds
+stream broke is then recovered by the client library from the ledger and the executor's kept
+answer, for at most the manifest's ``recovery_s`` (before its first frame only if some executor
+started: the ledger says within the client's grace); it hangs only past both bounds
 (on a chain slowed to a block every 40 s, the 30-minute run called recovering clients hung). So is
 one whose TA said, after the start, that its relay to the executor failed (``AnswerInDoubt``): in
 a partition the executor may finish and be paid beyond the cut (the short scenario lost a request

@@ -20,7 +20,7 @@ Example (``testnet/short.toml``)::
     idle_s = 20                 # a TA silent this long is cut by the client (StreamStalled)
     timeout_s = 60              # a request with no end by then hung: the streams-never-hang row fails
     http_share = 0.3            # this share of requests goes through a TA's OpenAI gateway
-    recovery_s = 120            # a request cut after its executor started seeks the answer this long
+    recovery_s = 120            # a request whose stream broke seeks the answer this long
 
     [[perturbation]]
     kind = "kill"               # kill | freeze | partition | drop | bandwidth | rolling | join | leave
@@ -77,7 +77,7 @@ class Load:
     timeout_s: float = 60.0  # a request with no end by then hung (the TA and the client both failed to cut it)
     concurrency: int = 8  # requests in flight at most; beyond it the client skips a tick
     http_share: float = 0.0  # share of requests sent through a TA's OpenAI gateway (streamed every other one)
-    recovery_s: float = 120.0  # a request cut after its executor started seeks its answer this long, until
+    recovery_s: float = 120.0  # a request whose stream broke seeks its answer this long, until
     # the ledger settles it (fetched) or expires it (refunded): the client library's RECOVERY_TIMEOUT_S on
     # the libp2p path, the gateway's --answer-recovery on the HTTP one
 
