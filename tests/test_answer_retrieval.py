@@ -281,17 +281,23 @@ def silent_towards_the_client(handler: StreamHandler, beyond: list[asyncio.Task[
     return silent
 
 
+@contextlib.asynccontextmanager
+async def behind_a_silent_relay(engine: Engine, tmp_path: Path, beyond: list[asyncio.Task[None]] | None
+                                ) -> AsyncIterator[tuple[GonkaClient, bytes]]:
+    """A client and its request, the TA's handler ``silent_towards_the_client``."""
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
+        ta = nodes[0]
+        ta.service.set_stream_handler(INFER_PROTOCOL, silent_towards_the_client(ta.ta._handle, beyond))
+        yield await client_of(ta), build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+
+
 async def test_a_relay_cut_before_the_first_frame_is_recovered_from_the_ledger(
         engine: Engine, tmp_path: Path) -> None:
     """The 30-minute testnet charged a client so: a partition cut the circuit to its TA (behind
     a NAT) before the first frame, the client's idle timeout fired (StreamStalled), and the
     executor finished and was paid. The client now asks the ledger before giving up."""
     beyond: list[asyncio.Task[None]] = []
-    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
-        ta = nodes[0]
-        ta.service.set_stream_handler(INFER_PROTOCOL, silent_towards_the_client(ta.ta._handle, beyond))
-        client = await client_of(ta)
-        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+    async with behind_a_silent_relay(engine, tmp_path, beyond) as (client, request):
         async with asyncio.timeout(GUARD_S):
             events = [e async for e in client.stream_request(request, timeout=1.0, recovery_timeout=GUARD_S)]
         assert isinstance(events[0], StartedEvent) and isinstance(events[-1], FinishedEvent)
@@ -305,11 +311,7 @@ async def test_a_relay_cut_before_the_first_frame_is_recovered_from_the_ledger(
 async def test_a_silent_ta_that_started_nothing_is_given_up_once_the_ledger_has_no_such_inference(
         engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_module, "UNSTARTED_GRACE_S", 0.5)
-    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
-        ta = nodes[0]
-        ta.service.set_stream_handler(INFER_PROTOCOL, silent_towards_the_client(ta.ta._handle, None))
-        client = await client_of(ta)
-        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+    async with behind_a_silent_relay(engine, tmp_path, None) as (client, request):
         async with asyncio.timeout(GUARD_S):
             with pytest.raises(StreamStalled, match="sent nothing for 1 s"):
                 async for _ in client.stream_request(request, timeout=1.0, recovery_timeout=GUARD_S):
@@ -320,13 +322,21 @@ async def test_a_silent_ta_that_started_nothing_is_given_up_once_the_ledger_has_
 # --- only the client fetches, and only the answer the ledger settled --------------------------
 
 
-async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine: Engine, tmp_path: Path) -> None:
-    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
-        ta, executor = nodes
-        client, stranger = await client_of(ta), await client_of(ta, STRANGER)
+@contextlib.asynccontextmanager
+async def a_settled_answer(engine: Engine, tmp_path: Path
+                           ) -> AsyncIterator[tuple[Node, Node, GonkaClient, bytes, list[object]]]:
+    """The TA, the executor, a client, its request and the answer it streamed, settled."""
+    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as (ta, executor):
+        client = await client_of(ta)
         request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
         answered = await collect(client, request)
         await settled(client, request)
+        yield ta, executor, client, request, answered
+
+
+async def test_only_the_client_that_signed_the_request_fetches_its_answer(engine: Engine, tmp_path: Path) -> None:
+    async with a_settled_answer(engine, tmp_path) as (ta, executor, client, request, answered):
+        stranger = await client_of(ta, STRANGER)
         relaying_ta = GonkaClient(ta.key, ta.service, executor.key.peer_id)  # the gateway fetches so
         assert tokens(await relaying_ta.fetch_answer(request, executor.key.peer_id)) == tokens(answered)
         for node in (executor, ta):
@@ -348,12 +358,7 @@ async def test_a_recovering_client_reaches_an_executor_it_never_met_by_its_ledge
     """The 30-minute testnet lost an answer so: its executor had joined after the load client
     connected, so the client could not dial it, and the TA had not kept the cut answer. The
     ledger's reply now names the executor's addresses, and recovery dials them first."""
-    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
-        ta, executor = nodes
-        client = await client_of(ta)
-        request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
-        await collect(client, request)
-        await settled(client, request)
+    async with a_settled_answer(engine, tmp_path) as (ta, executor, client, request, _):
         record = await client.inference(inference_id(open_envelope(request, InferenceRequest)))
         registered = ta.replica.state.participant(executor.key.peer_id)  # type: ignore[union-attr]
         assert registered is not None and record.executor_addrs == list(registered.addrs)
@@ -366,12 +371,7 @@ async def test_a_recovering_client_reaches_an_executor_it_never_met_by_its_ledge
 async def test_a_tampered_or_substituted_answer_is_refused(engine: Engine, tmp_path: Path) -> None:
     """A stored frame altered in transit or on disk fails its signature; an executor that signs
     another answer than the one it finished on the ledger fails the ledger's response hash."""
-    async with network(memory_services(), engine, tmp_path, ledger_genesis()) as nodes:
-        ta, executor = nodes
-        client = await client_of(ta)
-        raw = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=8)
-        await collect(client, raw)
-        await settled(client, raw)
+    async with a_settled_answer(engine, tmp_path) as (ta, executor, client, raw, _):
         request = open_envelope(raw, InferenceRequest)
         store = executor.artifacts.store
         artifact = InferenceArtifact.decode((await store.get(inference_id(request)))[1])  # type: ignore[index]
