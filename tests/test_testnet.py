@@ -268,6 +268,10 @@ def test_the_short_scenario_keeps_every_invariant(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GONKA_TESTNET_STALLED") != "1", reason=(
+    "the stalled scenario runs with GONKA_TESTNET_STALLED=1: it passes (125-145 s on a 2-core "
+    "machine), but with it CI's suite came within about a minute of its 30-minute budget; the "
+    "verdict's stall rule is tested without namespaces above"))
 def test_two_of_five_frozen_for_good_is_reported_stalled_not_passing(tmp_path: Path) -> None:
     namespaces_or_skip()
     result, report = run_testnet("stalled.toml", tmp_path, timeout=600)
