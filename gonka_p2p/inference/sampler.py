@@ -169,9 +169,9 @@ class RowRules:
     top_k_rows: tuple[int, ...]  # positions in ``sampled`` of the rows with top-k
     top_p_rows: tuple[int, ...]  # positions in ``sampled`` of the rows with top-p < 1
     max_top_k: int
-    # the two tuples above on the device, for a pass over the whole batch (no copy per step)
-    top_k_index: torch.Tensor | None = None
-    top_p_index: torch.Tensor | None = None
+    # the two tuples above on the device (None where empty), for a pass over the whole batch
+    top_k_index: torch.Tensor | None
+    top_p_index: torch.Tensor | None
 
     @classmethod
     def of(cls, rules: Sequence[tuple[SamplingParams, bytes]], vocab: int,
