@@ -169,8 +169,9 @@ class Params:
     dispute_committee_size: int = _param(  # P(Bin(255, 1/3) > 127.5) = 2.1e-8: tests/adversarial/test_framing
         255, "seats drawn by weight with replacement; convicting needs a strict majority of all of them",
         positive=True)
-    max_weight_shift_ppm: int = _param(  # see rules.weight_cuts
-        100_000, "ppm of the total weight that one settlement may take from sanctioned participants",
+    max_weight_shift_ppm: int = _param(  # see disputes.weight_cuts, poc.declined_targets
+        100_000, "ppm of the total weight that one settlement may take from sanctioned participants, "
+        "and one proof-of-compute round from those whose proven compute fell",
         positive=True, maximum=PPM)
     # -- reputation, misses --
     reputation_growth_epochs: int = _param(

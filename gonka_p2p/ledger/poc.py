@@ -42,9 +42,11 @@ voting power (the prover's own excepted: it does not judge itself) say so; it
 *fails* (fraud: weight 0 and reputation reset) when more than half say it does not; otherwise (no secret, no openings, too few
 verdicts) it is simply unproven: weight 0, as for a participant that left.
 
-From targets to weights (:func:`grown_weights`): decreases apply at once
-(a participant that stopped proving compute stops deciding), but all
-increases together may add at most ``max_weight_growth_ppm`` (< 1/2) of the
+From targets to weights: decreases together may take at most
+``max_weight_shift_ppm`` of the total per round (:func:`declined_targets`;
+a prover found lying falls at once), so a missed round -- an outage, or an
+attacker cutting honest links for one window -- cannot hand the network to
+the few who got through; all increases together may add at most ``max_weight_growth_ppm`` (< 1/2) of the
 weight that *stays* (each participant's min(previous, target)), so no
 coalition of newcomers reaches 1/3 of the voting power in one round, even
 when the incumbents fail a round (an outage cannot hand newcomers the
@@ -68,7 +70,7 @@ one would.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -247,10 +249,41 @@ def confirmation_holds(confirmed: int, regular: int, params: Params) -> bool:
             >= params.poc_confirm_min_ppm * regular * params.poc_confirm_compute_blocks)
 
 
+def declined_targets(previous: Mapping[str, int], targets: Mapping[str, int], shift_ppm: int,
+                     exempt: Collection[str]) -> dict[str, int]:
+    """``targets`` with the decreases bounded: together they may take at most ``shift_ppm`` of
+    the previous total (rounded up, so a small network still moves), shared in proportion to
+    the decrease each asked (largest remainders, then peer id, for the units left over). The
+    ``exempt`` -- provers a majority found lying, participants already sanctioned -- fall in full.
+
+    Why. A missed round is not proof of anything: a rolling upgrade, an outage, or an attacker
+    cutting honest provers' links for one commit window all look alike. Applied in full, one
+    missed round handed a testnet all its voting power to the one prover that got through
+    (run 8); with the bound an epoch moves at most ``shift_ppm`` of honest weight, so a
+    Byzantine share f becomes at most f / (1 - shift) -- below 1/3 from below 30 % at the
+    default 10 % -- as for sanctions (``disputes.weight_cuts``). A participant that left loses
+    its weight over a few rounds instead of one (a third of the total: four rounds)."""
+    asked = {p: w - targets.get(p, 0) for p, w in sorted(previous.items())
+             if p not in exempt and targets.get(p, 0) < w}
+    total = sum(asked.values())
+    allowed = -(-sum(previous.values()) * shift_ppm // PPM)
+    bounded = dict(targets)
+    if total <= allowed:
+        return bounded
+    granted = {p: a * allowed // total for p, a in asked.items()}
+    left = allowed - sum(granted.values())
+    for p in sorted(asked, key=lambda p: (-(asked[p] * allowed % total), p))[:left]:
+        granted[p] += 1
+    for p, cut in granted.items():
+        bounded[p] = previous[p] - cut
+    return bounded
+
+
 def grown_weights(previous: Mapping[str, int], targets: Mapping[str, int], growth_ppm: int) -> dict[str, int]:
     """Each participant's next total weight: its target, except that the increases together may
     add at most ``growth_ppm`` of the weight that stays, sum(min(previous, target)) (scaled down
-    alike). Decreases apply in full. May leave nobody: the caller decides what then."""
+    alike). Decreases are the targets' (bounded before: :func:`declined_targets`). May leave
+    nobody: the caller decides what then."""
     peers = sorted(set(previous) | set(targets))
     growth = {p: max(0, targets.get(p, 0) - previous.get(p, 0)) for p in peers}
     total_growth = sum(growth.values())

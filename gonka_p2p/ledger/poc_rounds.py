@@ -20,6 +20,7 @@ from gonka_p2p.ledger.poc import (
     confirmation_holds,
     confirmation_starts_after,
     confirmation_window,
+    declined_targets,
     grown_weights,
     phase,
     regular_start,
@@ -175,9 +176,10 @@ def process_poc(state: LedgerState, ctx: BlockContext) -> None:
 
 def apply_round(state: LedgerState, epoch: int) -> None:
     """The next epoch's weights from ``epoch``'s rounds (:func:`round_outcome`): proven nonces per
-    model, as far as confirmed; nothing for an unproven or fraudulent prover (fraud also resets
-    its reputation); at most the remaining weight of a sanctioned one; increases bounded
-    together (``poc.grown_weights``)."""
+    model, as far as confirmed; nothing for a fraudulent prover (fraud also resets its
+    reputation); at most the remaining weight of a sanctioned one; the others' decreases (an
+    unproven or unconfirmed round included) bounded together (``poc.declined_targets``), and
+    their increases (``poc.grown_weights``)."""
     outcome = round_outcome(state, epoch)
     targets, fraud = outcome.targets, outcome.fraud
     totals = {}
@@ -186,10 +188,14 @@ def apply_round(state: LedgerState, epoch: int) -> None:
         total = 0 if peer in fraud else sum(per_model.values())
         totals[peer] = min(total, participant.weight) if participant.sanctioned else total
     held = {peer: p.weight for peer, p in state.registry.rows.items() if p.weight > 0}
+    proven = any(totals.values())
+    if epoch and proven:
+        exempt = fraud | {peer for peer in held if state.registry.rows[peer].sanctioned}
+        totals = declined_targets(held, totals, state.params.max_weight_shift_ppm, exempt)
     # The first round rebases: genesis weights are in other units, the genesis set's proven counts stay.
     weights = grown_weights(held if epoch else {peer: totals.get(peer, 0) for peer in held}, totals,
-                            state.params.max_weight_growth_ppm)
-    if not weights:  # nobody would be left: the set stays as it is rather than vanish,
+                            state.params.max_weight_growth_ppm) if proven else {}
+    if not weights:  # nobody proved anything, or nobody would be left: the set stays as it is,
         weights = {peer: w for peer, w in held.items() if peer not in fraud}  # but for proven liars
     for peer, participant in sorted(state.registry.rows.items()):
         weight = weights.get(peer, 0)
