@@ -1,7 +1,7 @@
 """Proof of compute in the simulator (sim.poc): the real ledger rules judge simulated provers.
 
 An overclaimer is caught in nearly every round (1 - (1/k)^sample size), a joiner holds
-weight from the epoch after its first round, a leaver none after the round it misses, a
+weight from the epoch after its first round, a leaver loses it by bounded steps, a
 renter loses the weight its confirmation round does not confirm, weight follows compute,
 no one's voting power passes the cap, and a seed replays byte for byte.
 
@@ -72,11 +72,15 @@ def test_a_joiner_gains_weight_the_epoch_after_its_first_round(churn) -> None:
     assert simulation.chain.state.participant(joiner.peer_id) is not None
 
 
-def test_a_leaver_is_at_zero_after_the_next_round(churn) -> None:
+def test_a_leaver_loses_its_weight_from_the_next_round_by_the_bounded_step(churn) -> None:
+    """It leaves at epoch 2, so the round of epoch 2 (which sets epoch 3's weights) is its first
+    missed; it holds less than the shift bound of the total here, so that one round takes it all."""
     simulation, _ = churn
     (leaver,) = playing(simulation, "leaver")
     w = weights(simulation, leaver)
-    assert all(w[:3]) and w[3:] == [0, 0]  # leaves at epoch 2: the round of epoch 2 sets epoch 3's
+    total = sum(ws[2] for ws in simulation.poc.weights.values())  # type: ignore[union-attr]
+    assert w[2] * PPM <= total * simulation.params.max_weight_shift_ppm, (w, total)
+    assert all(w[:3]) and w[3:] == [0, 0]
 
 
 def test_a_renter_keeps_only_the_weight_its_own_hardware_confirms(churn) -> None:
