@@ -145,6 +145,41 @@ async def test_the_natted_peer_reserves_again_after_its_relay_restarts() -> None
         await asyncio.gather(natted.stop(), dialer.stop(), relay.stop())
 
 
+async def test_a_peer_that_failed_to_reach_a_natted_peer_while_its_relay_restarted_reaches_it_once_back() -> None:
+    """The short testnet: a client whose TA sits behind a NAT asked it while the relay was
+    restarting, the circuit's redial failed once, and no request reached that TA again (the
+    dialer knows the peer by its circuit alone; its private addresses never answer)."""
+    relay_key = Keypair.from_seed(b"relay")
+    relay = Libp2pService(relay_key, relay=RelayOptions(hop=True))
+    await relay.start()
+    addr = relay.listen_addrs[0]
+    natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(hop=False, reserve_on=(addr,)))
+    await natted.start()
+    await stop_listening(natted)
+    natted.set_stream_handler(PROTOCOL, echo)
+    dialer = Libp2pService(Keypair.from_seed(b"dialer"))
+    await dialer.start()
+    try:
+        await dialer.connect(natted.listen_addrs[0])
+        await relay.stop()
+        await eventually(lambda: natted.peer_id not in dialer.connected_peers(), what="the circuit to drop")
+        with pytest.raises(NetworkError):  # the relay is down: nothing reaches the natted peer now
+            await dialer.request(natted.peer_id, PROTOCOL, b"now", timeout=3)
+        relay = Libp2pService(relay_key, addr.rsplit("/p2p/", 1)[0], relay=RelayOptions(hop=True))
+        await relay.start()
+
+        async def answered() -> bool:
+            try:
+                return await dialer.request(natted.peer_id, PROTOCOL, b"later", timeout=3) == b"later"
+            except NetworkError:
+                return False
+
+        await eventually(answered, timeout=30, what="a request through the restarted relay, by peer id alone")
+        assert relayed_to(dialer, natted.peer_id) == [True]
+    finally:
+        await asyncio.gather(natted.stop(), dialer.stop(), relay.stop())
+
+
 async def test_a_peer_behind_a_nat_without_a_relay_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nobody could dial it: it says so instead of running unreachable."""
     monkeypatch.setattr(relay_module, "FIRST_RESERVATION_TIMEOUT", 2.0)

@@ -24,7 +24,8 @@ connection to (a relay that restarted forgot the reservation, and one that
 dialed back through another relay's circuit refuses a reservation asked
 through it); its circuit addresses are those of the relays it currently
 holds one on. A relayed connection that drops is dialed again through the
-circuit that last reached the peer (:meth:`Relay.redial`).
+circuit that last reached the peer (:meth:`Relay.redial`), at every stream
+opened to it, until one succeeds.
 
 Which peers are behind a NAT is configured, not detected
 (``gonka-p2p node --behind-nat``): the addresses a test network gives its
@@ -182,15 +183,17 @@ class Relay:
 
     async def redial(self, peer: ID) -> None:
         """Reconnect to ``peer`` through the last circuit that reached it, if there is one and it
-        still works (py-libp2p's dialer skips circuits, and the signed peer record a relay hands
-        over replaces the peerstore's addresses of the peer with its private ones)."""
+        works now (py-libp2p's dialer skips circuits, and the signed peer record a relay hands
+        over replaces the peerstore's addresses of the peer with its private ones). A circuit
+        that fails is kept for the next try: its relay may be restarting, or the peer not yet
+        reserved on it again, and it may be the only address of that peer known here (a client
+        given the circuit alone); a circuit that works through another relay replaces it."""
         addr = self._circuits.get(peer)
         if addr is None:
             return
         try:
             await self.dial(addr)
         except (BaseLibp2pError, OSError) as e:
-            del self._circuits[peer]  # its announcements bring a fresh one
             log.debug("redialing %s through %s failed: %r", peer, addr, e)
 
 
