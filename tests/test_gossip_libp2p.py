@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from helpers import eventually, free_port
 
+from gonka_p2p.gossip.libp2p_patches import DIAL_BACKOFF_S
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.service import (
     AddressInUse,
@@ -401,6 +402,30 @@ async def test_open_stream_dials_a_known_peer_after_it_restarts(make_host: Facto
     b2.set_stream_handler("/echo/1", echo)
     assert await a.request(key.peer_id, "/echo/1", b"back again") == b"back again"
     assert b2.connected_peers() == [a.peer_id]
+
+
+async def test_a_peer_asked_while_it_was_down_is_reached_within_seconds_of_its_restart(make_host: Factory) -> None:
+    """The short testnet: a client whose TA restarted asked it while it was down, and py-libp2p's
+    negative dial cache then refused every dial to it for 60 s, so its cut requests could not
+    recover their answers from that TA for a minute."""
+    a = await make_host()
+    key, port = Keypair.from_seed(b"restarts late"), free_port()
+    b = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
+    await link(a, b)
+    await b.stop()
+    await eventually(lambda: a.connected_peers() == [], what="disconnect")
+    with pytest.raises(NetworkError):
+        await a.request(key.peer_id, "/echo/1", b"anyone?", timeout=3)
+    b2 = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
+    b2.set_stream_handler("/echo/1", echo)
+
+    async def answered() -> bool:
+        try:
+            return await a.request(key.peer_id, "/echo/1", b"back", timeout=3) == b"back"
+        except NetworkError:
+            return False
+
+    await eventually(answered, timeout=4 * DIAL_BACKOFF_S, what="a dial after the backoff", interval=0.2)
 
 
 async def test_abandoning_a_stream_does_not_leak(make_host: Factory) -> None:

@@ -66,6 +66,9 @@ ROOM_POLL = 0.002
 FRAME_WRITE_TIMEOUT = 60.0
 
 
+DIAL_BACKOFF_S = 2.0  # after every address of a peer failed, dials to it wait this long (py-libp2p: 60 s)
+
+
 def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
     """A host that offers noise only, yamux only, one connection per peer.
 
@@ -76,14 +79,20 @@ def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
       delay unless the per-peer connection limit is reached; with
       ``max_connections_per_peer=1`` a dial returns as soon as it connects.
     * Yamux frames are written whole (:class:`WholeFrameYamux`).
+    * A peer all of whose addresses failed is refused for ``DIAL_BACKOFF_S``,
+      not py-libp2p's 60 s: peers here restart in seconds (an upgrade, a
+      crash), and a client cut off from a restarting TA or executor must
+      reach it again to recover its answer -- for a minute it could not.
     """
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},
         muxer_opt={YAMUX_PROTOCOL_ID: WholeFrameYamux},
         listen_addrs=[listen],
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
+    host.get_network()._negative_peer_cache._ttl = DIAL_BACKOFF_S  # type: ignore[attr-defined]  # noqa: SLF001
+    return host
 
 
 class WholeFrameYamux(Yamux):
