@@ -381,3 +381,18 @@ async def serving(gateway: Gateway) -> AsyncIterator[str]:
     finally:
         server.stop()
         await task
+
+
+def short_testnet_runs_here() -> bool:
+    """Whether ``test_testnet.py`` runs the short scenario in this session (root and
+    ``nft`` at hand, not skipped with ``GONKA_TESTNET_SHORT=0``): tests whose ground it
+    covers under harsher conditions give CI's budget back to it."""
+    from gonka_p2p.testnet import netns
+
+    if os.environ.get("GONKA_TESTNET_SHORT") == "0":
+        return False
+    try:
+        netns.require_privilege()
+    except netns.PrivilegeError:
+        return False
+    return True

@@ -22,7 +22,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import DevnetNode, ask, eventually, free_port, gonka, height_of, wait_height
+from helpers import (DevnetNode, ask, eventually, free_port, gonka, height_of, short_testnet_runs_here,
+                     wait_height)
 from libp2p.peer.id import ID
 from test_gossip_libp2p import Factory, link, make_host  # noqa: F401 -- make_host is a fixture
 
@@ -43,6 +44,10 @@ TOPIC = "/test/restart/1"
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(short_testnet_runs_here(), reason=(
+    "the short testnet scenario runs here: it restarts every participant in turn under load and "
+    "checks that the network commits again (tests/test_testnet.py); this loopback version is for "
+    "machines that forbid network namespaces"))
 async def test_replicas_commit_again_after_every_one_restarted(tmp_path: Path) -> None:
     """Each replica in turn is stopped -- SIGKILL and SIGTERM alternately -- and restarted."""
     assert gonka("init", "--nodes", str(NODES), "--clients", "1", "--out", "net", cwd=tmp_path).returncode == 0
