@@ -124,49 +124,57 @@ async def test_gossip_crosses_the_relayed_connection(trio_of_hosts) -> None:
     assert await asyncio.wait_for(got.get(), 10) == b"hello through the relay"
 
 
-async def test_the_natted_peer_reserves_again_after_its_relay_restarts() -> None:
-    relay_key = Keypair.from_seed(b"relay")
-    relay = Libp2pService(relay_key, relay=RelayOptions(hop=True))
-    await relay.start()
-    addr = relay.listen_addrs[0]
-    natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(hop=False, reserve_on=(addr,)))
-    await natted.start()
-    dialer = Libp2pService(Keypair.from_seed(b"dialer"))
-    await dialer.start()
-    try:
-        await relay.stop()
-        relay = Libp2pService(relay_key, addr.rsplit("/p2p/", 1)[0], relay=RelayOptions(hop=True))  # a fresh one
-        await relay.start()
-        natted.set_stream_handler(PROTOCOL, echo)
+class RestartingRelay:
+    """A relay, a peer behind a NAT reserved on it (not listening: reached only through the
+    circuit) and a public dialer; the relay can be stopped and started afresh at its address."""
 
-        await eventually(dials(dialer, natted.listen_addrs[0]), timeout=20, what="a circuit through the restarted relay")
-        assert await dialer.request(natted.peer_id, PROTOCOL, b"again") == b"again"
-    finally:
-        await asyncio.gather(natted.stop(), dialer.stop(), relay.stop())
+    async def __aenter__(self) -> RestartingRelay:
+        self.key = Keypair.from_seed(b"relay")
+        self.relay = Libp2pService(self.key, relay=RelayOptions(hop=True))
+        await self.relay.start()
+        self.addr = self.relay.listen_addrs[0]
+        self.natted = Libp2pService(Keypair.from_seed(b"natted"),
+                                    relay=RelayOptions(hop=False, reserve_on=(self.addr,)))
+        await self.natted.start()
+        await stop_listening(self.natted)
+        self.natted.set_stream_handler(PROTOCOL, echo)
+        self.dialer = Libp2pService(Keypair.from_seed(b"dialer"))
+        await self.dialer.start()
+        return self
+
+    async def restart_relay(self, between: Callable[[], Awaitable[None]] | None = None) -> None:
+        await self.relay.stop()
+        if between is not None:
+            await between()
+        self.relay = Libp2pService(self.key, self.addr.rsplit("/p2p/", 1)[0], relay=RelayOptions(hop=True))
+        await self.relay.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(self.natted.stop(), self.dialer.stop(), self.relay.stop())
+
+
+async def test_the_natted_peer_reserves_again_after_its_relay_restarts() -> None:
+    async with RestartingRelay() as net:
+        await net.restart_relay()
+        await eventually(dials(net.dialer, net.natted.listen_addrs[0]), timeout=20,
+                         what="a circuit through the restarted relay")
+        assert await net.dialer.request(net.natted.peer_id, PROTOCOL, b"again") == b"again"
 
 
 async def test_a_peer_that_failed_to_reach_a_natted_peer_while_its_relay_restarted_reaches_it_once_back() -> None:
     """The short testnet: a client whose TA sits behind a NAT asked it while the relay was
     restarting, the circuit's redial failed once, and no request reached that TA again (the
     dialer knows the peer by its circuit alone; its private addresses never answer)."""
-    relay_key = Keypair.from_seed(b"relay")
-    relay = Libp2pService(relay_key, relay=RelayOptions(hop=True))
-    await relay.start()
-    addr = relay.listen_addrs[0]
-    natted = Libp2pService(Keypair.from_seed(b"natted"), relay=RelayOptions(hop=False, reserve_on=(addr,)))
-    await natted.start()
-    await stop_listening(natted)
-    natted.set_stream_handler(PROTOCOL, echo)
-    dialer = Libp2pService(Keypair.from_seed(b"dialer"))
-    await dialer.start()
-    try:
+    async with RestartingRelay() as net:
+        dialer, natted = net.dialer, net.natted
         await dialer.connect(natted.listen_addrs[0])
-        await relay.stop()
-        await eventually(lambda: natted.peer_id not in dialer.connected_peers(), what="the circuit to drop")
-        with pytest.raises(NetworkError):  # the relay is down: nothing reaches the natted peer now
-            await dialer.request(natted.peer_id, PROTOCOL, b"now", timeout=3)
-        relay = Libp2pService(relay_key, addr.rsplit("/p2p/", 1)[0], relay=RelayOptions(hop=True))
-        await relay.start()
+
+        async def ask_while_down() -> None:
+            await eventually(lambda: natted.peer_id not in dialer.connected_peers(), what="the circuit to drop")
+            with pytest.raises(NetworkError):  # the relay is down: nothing reaches the natted peer now
+                await dialer.request(natted.peer_id, PROTOCOL, b"now", timeout=3)
+
+        await net.restart_relay(between=ask_while_down)
 
         async def answered() -> bool:
             try:
@@ -176,8 +184,6 @@ async def test_a_peer_that_failed_to_reach_a_natted_peer_while_its_relay_restart
 
         await eventually(answered, timeout=30, what="a request through the restarted relay, by peer id alone")
         assert relayed_to(dialer, natted.peer_id) == [True]
-    finally:
-        await asyncio.gather(natted.stop(), dialer.stop(), relay.stop())
 
 
 async def test_a_peer_behind_a_nat_without_a_relay_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
