@@ -168,6 +168,7 @@ async def test_a_peer_that_failed_to_reach_a_natted_peer_while_its_relay_restart
     async with RestartingRelay() as net:
         dialer, natted = net.dialer, net.natted
         await dialer.connect(natted.listen_addrs[0])
+        await stop_listening(dialer)  # a client: the natted peer cannot dial it back directly either
 
         async def ask_while_down() -> None:
             await eventually(lambda: natted.peer_id not in dialer.connected_peers(), what="the circuit to drop")
