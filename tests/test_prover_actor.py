@@ -1,6 +1,5 @@
 """The prover actor on a ledger driven block by block: it joins a round whose compute window
-is open now, and leaves alone one it only sees open because it is replaying old blocks; it
-stops computing early enough for its commitment to land at the chain's pace."""
+is open now, and leaves alone one it only sees open because it is replaying old blocks."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from ledger_driver import LedgerDriver, poc_genesis
 
-from gonka_p2p.actors.prover import CATCHING_UP_LAG_S, COMMIT_LEAD_MS, COMMIT_MARGIN_BLOCKS, ProverActor, commit_margin
+from gonka_p2p.actors.prover import CATCHING_UP_LAG_S, ProverActor
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.poc import Phase, RoundKind
@@ -19,13 +18,7 @@ from gonka_p2p.ledger.state import LedgerState
 
 KEYS = {name: Keypair.from_seed(f"prover-actor-{name}".encode()) for name in ("A", "B")}
 
-
-def test_the_commit_margin_covers_the_commit_lead_at_the_chains_pace_within_half_the_window() -> None:
-    assert commit_margin(12, None) == COMMIT_MARGIN_BLOCKS  # no pace known yet
-    assert commit_margin(12, COMMIT_LEAD_MS / 2) == COMMIT_MARGIN_BLOCKS  # slow blocks: the least
-    assert commit_margin(12, 1000) == -(-COMMIT_LEAD_MS // 1000)  # one block a second
-    assert commit_margin(12, 100) == 6  # fast blocks: at most half the window
-    assert commit_margin(3, 100) == COMMIT_MARGIN_BLOCKS  # but never below the least
+pytestmark = pytest.mark.slow  # the tiny model computes the nonces
 
 
 class Unsent:
@@ -45,7 +38,6 @@ def in_compute_window() -> LedgerState:
     return driver.state
 
 
-@pytest.mark.slow  # the tiny model computes the nonces
 @pytest.mark.parametrize(("block_age_s", "computes"), [(1, True), (CATCHING_UP_LAG_S + 1, False)])
 async def test_the_prover_computes_only_in_windows_open_by_the_clock(engine: Engine, block_age_s: float,
                                                                      computes: bool) -> None:

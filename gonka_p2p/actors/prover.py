@@ -8,9 +8,8 @@ the open rounds (``poc_rounds.open_rounds``) and does what their phase asks
 
 * **compute** -- for each model it serves (the confirmation round: each model it committed
   in the epoch's regular round), it runs nonces through the serving engine (``inference.poc.PocCompute``)
-  from the round's first block until :func:`commit_margin` blocks before the window closes
-  (``COMMIT_LEAD_MS`` at the chain's recent pace: a fixed margin of two blocks let
-  commitments land late under load in the 30-minute testnet), then commits the Merkle root and count with the hash of its round secret. A node that is
+  from the round's first block until ``COMMIT_MARGIN_BLOCKS`` before the window closes,
+  then commits the Merkle root and count with the hash of its round secret. A node that is
   not a participant yet joins here: the commitment carries its addresses and a join stamp
   (hashcash, computed in a thread). The engine keeps serving clients meanwhile: nonces
   and requests share its batches, so the network keeps serving through the window and a
@@ -41,9 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 
 from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
@@ -68,24 +65,10 @@ from gonka_p2p.wire.merkle import inclusion_proof, merkle_root
 
 log = logging.getLogger(__name__)
 
-COMMIT_MARGIN_BLOCKS = 2  # stop computing at least this many blocks before the window's last
-# What a commitment needs from the stop to a committed block: the batch in flight, the mempool's
-# gossip, a proposal and its votes, on a loaded machine.
-COMMIT_LEAD_MS = 4000
-PACE_BLOCKS = 16  # recent blocks whose timestamps give the chain's pace
+COMMIT_MARGIN_BLOCKS = 2  # stop computing this many blocks before the window's last, to commit in time
 # A block this much older than this node's clock was committed long ago: the replica is catching
 # up. Far above a live block's age at its commit (the consensus rounds it took, and clock skew).
 CATCHING_UP_LAG_S = 60
-
-
-def commit_margin(window_blocks: int, block_ms: float | None) -> int:
-    """Blocks before a compute window's last at which to stop computing: ``COMMIT_LEAD_MS`` at
-    the chain's pace ``block_ms`` (unknown: the least), never below ``COMMIT_MARGIN_BLOCKS`` nor,
-    above it, more than half the window -- every prover stops alike, so a wider margin costs
-    nobody weight, while a commitment that lands late costs its prover the round."""
-    if not block_ms:
-        return COMMIT_MARGIN_BLOCKS
-    return max(COMMIT_MARGIN_BLOCKS, min(math.ceil(COMMIT_LEAD_MS / block_ms), window_blocks // 2))
 
 
 class ProverActor(DutyActor):
@@ -101,7 +84,6 @@ class ProverActor(DutyActor):
         self._computing: dict[tuple[int, RoundKind, str], PocCompute] = {}
         self._leaves: dict[tuple[int, RoundKind, str], list[bytes]] = {}  # what was committed
         self._checked: dict[tuple[int, RoundKind, str, str], bool] = {}  # (round, prover, model) -> ok
-        self._pace: deque[tuple[int, int]] = deque(maxlen=PACE_BLOCKS)  # (height, block time ms)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -119,8 +101,6 @@ class ProverActor(DutyActor):
         for memo in (self._leaves, self._checked):
             for key in [k for k in memo if k[0] < epoch_now]:
                 del memo[key]
-        if not self._pace or self._pace[-1][0] < state.height:
-            self._pace.append((state.height, state.time_ms))
         self._stop_due(state)
         if self._catching_up(state):
             return
@@ -141,11 +121,9 @@ class ProverActor(DutyActor):
             if record is None or state.height + 1 >= self._stop_at(record.start, kind, state):
                 compute.stop()
 
-    def _stop_at(self, start: int, kind: RoundKind, state: LedgerState) -> int:
-        (first, first_ms), (last, last_ms) = self._pace[0], self._pace[-1]
-        block_ms = (last_ms - first_ms) / (last - first) if last > first else None
-        window = compute_blocks(kind, state.params)
-        return start + window - 1 - commit_margin(window, block_ms)
+    @staticmethod
+    def _stop_at(start: int, kind: RoundKind, state: LedgerState) -> int:
+        return start + compute_blocks(kind, state.params) - 1 - COMMIT_MARGIN_BLOCKS
 
     def _models_for(self, open_round: OpenRound) -> list[str]:
         """Every served model in a regular round; in a confirmation, those it committed in the
