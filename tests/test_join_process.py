@@ -42,7 +42,7 @@ from gonka_p2p.ledger.genesis import load_genesis
 from gonka_p2p.ledger.poc import Phase, RoundKind, epoch_first_height, regular_start
 from gonka_p2p.ledger.query import PocResultInfo, StatusQuery, StatusReply
 from gonka_p2p.ledger.query_answer import answer
-from gonka_p2p.ledger.rules import PPM
+from gonka_p2p.ledger.rules import shift_budget
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.envelope import open_envelope
 from gonka_p2p.wire.messages import InferenceRequest, inference_id
@@ -312,7 +312,7 @@ async def test_a_fresh_key_joins_with_a_bootstrap_address_and_earns_serves_valid
         # It can neither open this epoch's round nor confirm: it falls from the next epoch (the one
         # after, had it stopped once both were done).
         assert fell.epoch <= stopped.epoch + 2, f"stopped in epoch {stopped.epoch}, weight kept until {fell.epoch}"
-        step = -(-sum(p.weight for p in stopped.participants) * params.max_weight_shift_ppm // PPM)
+        step = shift_budget(sum(p.weight for p in stopped.participants), params.max_weight_shift_ppm)
         assert held - weight(fell, leaving.peer_id) <= step, (held, weight(fell, leaving.peer_id), step)
         assert weight(fell, joiner.peer_id) > 0
 

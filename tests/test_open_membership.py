@@ -23,7 +23,7 @@ from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.ledger.devnet import devnet_genesis
-from gonka_p2p.ledger.rules import PPM, epoch_last_height
+from gonka_p2p.ledger.rules import epoch_last_height, shift_budget
 from gonka_p2p.ledger.state import check_invariants
 
 GENESIS_KEYS = [Keypair.from_seed(f"open-membership-{i}".encode()) for i in range(3)]
@@ -100,7 +100,7 @@ async def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weigh
     state = state_of(observer)
     rounds = {key: (entry.count, entry.passed, entry.failed, bool(entry.secret), entry.opened)
               for key, entry in state.poc_entries.rows.items() if key[0] == 1}
-    step = -(-sum(held.values()) * GENESIS.params.max_weight_shift_ppm // PPM)
+    step = shift_budget(sum(held.values()), GENESIS.params.max_weight_shift_ppm)
     kept = state.registry.rows[leaver].weight
     assert held[leaver] - step <= kept < held[leaver], f"the leaver: {held} -> {kept}, {rounds}"
     assert state.weights().get(me, 0) > 0, rounds

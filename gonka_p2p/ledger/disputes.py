@@ -102,7 +102,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from gonka_p2p.ledger.records import InferenceStatus, ValidationView, ValidatorDuty
 from gonka_p2p.ledger.duties import is_validation_duty
-from gonka_p2p.ledger.rules import PPM, DisputeOutcome, duty_threshold, weighted_pick
+from gonka_p2p.ledger.rules import DisputeOutcome, duty_threshold, shift_budget, weighted_pick
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.genesis import Params
@@ -187,7 +187,7 @@ def weight_cuts(power: Mapping[str, int], sanctioned: Collection[str], shift_ppm
     Why a bound: a Byzantine share f of the voting power is at most f / (1 - shift) after one
     settlement, so at the default 10 % a coalition below 30 % stays below 1/3 even if every
     unit moved were honest; and each change applies at one committed height on every replica."""
-    budget = -(-sum(power.values()) * shift_ppm // PPM)
+    budget = shift_budget(sum(power.values()), shift_ppm)
     cuts = {}
     for peer in sorted(sanctioned):
         cut = min(power.get(peer, 0), budget)

@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from gonka_p2p.ledger.rules import PPM
+from gonka_p2p.ledger.rules import PPM, shift_budget
 
 if TYPE_CHECKING:
     from gonka_p2p.ledger.genesis import Params
@@ -266,7 +266,7 @@ def declined_targets(previous: Mapping[str, int], targets: Mapping[str, int], sh
     asked = {p: w - targets.get(p, 0) for p, w in sorted(previous.items())
              if p not in exempt and targets.get(p, 0) < w}
     total = sum(asked.values())
-    allowed = -(-sum(previous.values()) * shift_ppm // PPM)
+    allowed = shift_budget(sum(previous.values()), shift_ppm)
     bounded = dict(targets)
     if total <= allowed:
         return bounded

@@ -519,6 +519,12 @@ def epoch_reward_pools(epoch: int, params: Params) -> tuple[int, int]:
     return params.epoch_reward - validators, validators
 
 
+def shift_budget(total: int, shift_ppm: int) -> int:
+    """The weight one settlement or round may move: ``shift_ppm`` of ``total``, rounded up so
+    that a small network still moves (``disputes.weight_cuts``, ``poc.declined_targets``)."""
+    return -(-total * shift_ppm // PPM)
+
+
 def pro_rata(pool: int, scores: Mapping[str, int]) -> dict[str, int]:
     """Split ``pool`` in proportion to ``scores``, each share rounded down (the dust is never
     minted). Executors score the billable tokens they executed, capped at their weight's fair
