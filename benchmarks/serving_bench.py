@@ -99,6 +99,7 @@ TITLE = "gonka-p2p serving benchmark"
 TTFT_TARGET_MS = 10.0  # at most this much added to p50 TTFT
 THROUGHPUT_TARGET = 0.90  # at least this share of bare tokens/s, concurrent clients
 DEFAULT_ROUNDS = {1: 16, 8: 6, 32: 3}  # turns per path: more where a turn has fewer samples
+WARM_UP_CLIENTS = 2  # concurrent requests of the unmeasured first turn
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -316,7 +317,7 @@ class Cluster:
         """The first TA (with the gateway) is the bootstrap; the others join through it."""
         config = self.workdir / "node.toml"
         # The executor must admit every concurrent client (the node's default is 16).
-        config.write_text(f"max_concurrent = {max(self.settings.concurrency)}\n")
+        config.write_text(f"max_concurrent = {max(*self.settings.concurrency, WARM_UP_CLIENTS)}\n")
         first = await self._spawn("TA0", ["--no-executor", "--http", "127.0.0.1:0"], config)
         await self._ready(first)
         rest = [await self._spawn("executor", [], config, first.addr)]
@@ -501,7 +502,7 @@ async def measure_serving(paths: list[ServingPath], settings: Settings,
 async def warm_up(paths: list[ServingPath]) -> None:
     """First requests pay for connections, streams and engine warm-up: not measured."""
     for path in paths:
-        await run_turn(path, PROMPTS[:2], 4)
+        await run_turn(path, PROMPTS[:WARM_UP_CLIENTS], 4)
 
 
 # ---- the run ------------------------------------------------------------------------

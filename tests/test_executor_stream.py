@@ -123,6 +123,19 @@ async def test_closing_early_stops_the_engine_generation() -> None:
     assert stopped.is_set()
 
 
+async def test_the_engine_has_the_request_before_the_executor_sends_anything() -> None:
+    submitted: list[str] = []
+
+    async def engine() -> AsyncIterator[TokenStep]:
+        submitted.append("request")  # VLLMEngine.generate queues the request before its first wait
+        await asyncio.sleep(0.001)
+        yield _steps(1)[0]
+
+    batches = await TokenBatches.start(engine())
+    assert submitted == ["request"]  # before InferenceStarted is signed and sent
+    assert [b async for b in batches] == [_steps(1)]
+
+
 class BurstyEngine:
     """The real engine, except that all tokens arrive at once: the executor must batch them."""
 

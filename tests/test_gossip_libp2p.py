@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from helpers import eventually, free_port
+from libp2p.stream_muxer.yamux import yamux
 
 from gonka_p2p.gossip.libp2p_patches import DIAL_BACKOFF_S
 from gonka_p2p.gossip.libp2p_service import Libp2pService
@@ -284,6 +285,35 @@ async def test_stream_of_many_small_frames_and_of_1_mib_frames(make_host: Factor
     assert total == n_blobs << 20
 
 
+async def test_a_reader_gives_credit_back_per_half_window_not_per_frame(
+        make_host: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-libp2p 0.8.1 answered about every second read of a small frame with a WINDOW_UPDATE
+    frame (its "partial slack" branch): a third of a token stream reader's CPU. Credit now goes
+    back once half the window is read, and a stream several windows long still completes."""
+    a, b = await make_host(), await make_host()
+    updates: list[int] = []
+    real_update = yamux.YamuxStream.send_window_update
+
+    async def counted(stream: yamux.YamuxStream, increment: int, skip_lock: bool = False) -> None:
+        if stream.conn.peer_id.to_base58() == b.peer_id:  # a's reads of b's frames
+            updates.append(increment)
+        await real_update(stream, increment, skip_lock)
+
+    monkeypatch.setattr(yamux.YamuxStream, "send_window_update", counted)
+    frame = bytes(300)
+
+    async def tokens(opener: str, request: bytes, send: SendFrame) -> None:
+        for _ in range(int(request)):
+            await send(frame)
+
+    b.set_stream_handler("/tokens/1", tokens)
+    await link(a, b)
+    n = 3000  # 0.9 MB: several windows
+    assert [f async for f in a.open_stream(b.peer_id, "/tokens/1", b"%d" % n)] == [frame] * n
+    half_window = yamux.DEFAULT_WINDOW_SIZE // 2
+    assert 1 <= len(updates) <= n * len(frame) // half_window + 2, updates
+
+
 async def test_handler_raising_resets_the_stream(make_host: Factory) -> None:
     a, b = await make_host(), await make_host()
 
@@ -503,6 +533,45 @@ def test_a_frame_write_finishes_through_a_cancellation_and_a_stuck_one_closes_th
     assert written == [b"frame"] and cancelled
     waited, closed = trio.run(never_drained, clock=trio.testing.MockClock(autojump_threshold=0))
     assert waited == pytest.approx(FRAME_WRITE_TIMEOUT) and closed
+
+
+def test_noise_messages_that_arrive_together_share_one_tcp_read() -> None:
+    """py-libp2p reads a noise message as its 2-byte length, then its body: two recv calls per
+    yamux frame. The read-ahead connection serves both, and the next messages, from one recv,
+    in order, and still reports the end of the connection."""
+    import trio
+    import trio.testing
+    from libp2p.io.utils import read_exactly
+
+    from gonka_p2p.gossip.libp2p_patches import ReadAheadTCPStream
+
+    messages = [b"message %d " % i * (i % 7 + 1) for i in range(100)]
+    wire = b"".join(struct.pack(">H", len(m)) + m for m in messages)
+
+    async def scenario() -> tuple[list[bytes], int, bytes]:
+        send, receive = trio.testing.memory_stream_one_way_pair()
+        recvs = 0
+        real_receive = receive.receive_some
+
+        async def counted(max_bytes: int | None = None) -> bytes:
+            nonlocal recvs
+            recvs += 1
+            return await real_receive(max_bytes)
+
+        receive.receive_some = counted  # type: ignore[method-assign]
+        conn = ReadAheadTCPStream(receive)  # type: ignore[arg-type]
+        await send.send_all(wire)
+        read = []
+        for _ in messages:
+            (length,) = struct.unpack(">H", await read_exactly(conn, 2))
+            read.append(await read_exactly(conn, length))
+        await send.aclose()
+        return read, recvs, await conn.read(2)
+
+    read, recvs, at_end = trio.run(scenario)
+    assert read == messages
+    assert recvs == 1  # was 200: one per length prefix and one per body
+    assert at_end == b""
 
 
 def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -> None:

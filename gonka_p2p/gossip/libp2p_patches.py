@@ -32,7 +32,9 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.io import trio as py_trio_io
 from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
@@ -45,7 +47,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux import yamux as py_yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.transport.tcp import tcp as py_tcp
 from multiaddr import Multiaddr
 
 from gonka_p2p.gossip.libp2p_streams import close
@@ -129,6 +133,84 @@ class WholeFrameYamux(Yamux):
 
 
 muxer_multistream.Yamux = WholeFrameYamux  # type: ignore[misc]
+
+
+class HalfWindowCreditStream(YamuxStream):
+    """A yamux stream that gives its reader's credit back once half the window is read.
+
+    py-libp2p 0.8.1 answers nearly every read with a WINDOW_UPDATE frame: its
+    "partial slack" branch credits any consumed bytes below the half-window
+    threshold at once (PY_YAMUX_RELEASE_ON_READ does not reach that branch),
+    and with auto-tuning on the increments even overshoot the window. On a
+    token stream that is one more encrypted frame and send syscall for each
+    frame read, and one more frame for the writer to parse: about a third of
+    a relayed token's CPU at each end (py-spy; test:
+    ``test_a_reader_gives_credit_back_per_half_window_not_per_frame``). Here,
+    as go-yamux's ``sendWindowUpdate`` does, the credit owed is the window
+    minus what is still buffered minus what the peer may still send; it goes
+    back only once it reaches half the window (the writer still has the other
+    half to send meanwhile, so a reader that reads never stalls it), with
+    py-libp2p's auto-tuning growth applied when it does.
+
+    py-libp2p's yamux connection builds its streams from the module-level name
+    ``yamux.YamuxStream``, so that name is rebound to this class below.
+    """
+
+    async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            owed = self.target_recv_window - (self.recv_window + buffered)
+            if owed < max(self.target_recv_window // 2, 1):  # not _grow_threshold: two env reads a call
+                return
+            self.recv_window += owed
+            owed += self._apply_autotune_epoch(buffered)
+        await self.send_window_update(owed, skip_lock=True)
+
+
+py_yamux.YamuxStream = HalfWindowCreditStream  # type: ignore[misc]
+
+
+READ_AHEAD = 64 * 1024  # bytes one TCP read may take beyond what was asked
+
+
+class ReadAheadTCPStream(TrioTCPStream):
+    """A TCP connection read in chunks of up to ``READ_AHEAD`` bytes, served from a buffer.
+
+    py-libp2p reads each noise message in two reads of exactly what it needs
+    (the 2-byte length, then the body), each a ``recv`` system call through
+    trio's socket wrapper: two per yamux frame, a quarter of a token stream
+    reader's CPU (py-spy). Here one ``recv`` takes whatever has arrived, so a
+    frame costs at most one and frames that arrive together share one. The
+    buffer is read and refilled under the read lock, so concurrent readers
+    still see the bytes in order.
+
+    py-libp2p's TCP transport and transport manager build connections from
+    the names ``tcp.TrioTCPStream`` and ``libp2p.io.trio.TrioTCPStream``, so
+    both are rebound to this class below.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        self._ahead = bytearray()
+        self._ahead_lock = trio.Lock()
+
+    async def read(self, n: int | None = None) -> bytes:
+        if n == 0:
+            return b""
+        async with self._ahead_lock:
+            if not self._ahead:
+                chunk = await super().read(max(n or 0, READ_AHEAD))
+                if not chunk:
+                    return chunk
+                self._ahead += chunk
+            take = len(self._ahead) if n is None else n
+            data = bytes(self._ahead[:take])
+            del self._ahead[:take]
+            return data
+
+
+py_trio_io.TrioTCPStream = ReadAheadTCPStream  # type: ignore[misc]
+py_tcp.TrioTCPStream = ReadAheadTCPStream  # type: ignore[misc]
 
 
 def gossip_router() -> GossipSub:

@@ -16,14 +16,13 @@ path opens one (client -> TA, TA -> executor). Instead the opener writes the
 handshake, the protocol and the request frame at once
 (:func:`proposal`), then reads both answers (:func:`expect_agreement`).
 Listeners cannot tell the difference; one that does not serve the protocol
-answers ``na`` and the opener resets the stream. Measured with
+answers ``na`` and resets the stream (see :func:`expect_agreement`). Measured with
 ``benchmarks/netbench.py`` on a busy 2-core machine: request/response p50
 24 -> 20 ms, and about 1.5x the requests per second.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import suppress
 
 import trio
@@ -37,13 +36,6 @@ from gonka_p2p.gossip.service import FrameTooLarge, StreamReset
 from gonka_p2p.wire.framing import END_MARKER, HEADER, announced_length, length_prefixed
 
 MAX_NEGOTIATION_LINE = 1024  # bytes of one multistream-select answer
-
-# py-libp2p 0.8's yamux answers every read that returns bytes with a WINDOW_UPDATE frame
-# (PY_YAMUX_RELEASE_ON_READ, on by default, read at each read): one more encrypted frame
-# and send syscall for each frame a stream carries, a third of a token frame's CPU at its
-# two ends (py-spy; benchmarks/serving_bench.py). Off, the reader's credit goes back once
-# half the window is read, as go-yamux sends it. An operator's explicit setting wins.
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 async def _read_exact(stream: INetStream, n: int) -> bytes:
@@ -113,7 +105,11 @@ async def expect_agreement(stream: INetStream, peer_id: str, protocol: str) -> N
     try:
         handshake, answer = await _read_line(stream), await _read_line(stream)
     except (BaseLibp2pError, OSError) as e:
-        raise StreamReset(f"{peer_id} broke off protocol negotiation: {e!r}") from e
+        # A listener that does not serve ``protocol`` answers "na", reads our pipelined request as
+        # its next proposal and resets the stream; yamux drops data still unread at a reset, so its
+        # "na" may never be read. A reset here is that, or a listener that failed.
+        raise StreamReset(f"{peer_id} reset the stream during protocol negotiation: it does not serve "
+                          f"{protocol}, or it failed ({e!r})") from e
     if handshake != MULTISELECT_PROTOCOL_ID:
         raise StreamReset(f"{peer_id} does not speak {MULTISELECT_PROTOCOL_ID} ({handshake!r})")
     if answer != protocol:
