@@ -175,3 +175,38 @@ async def test_a_failed_write_is_raised_at_the_next_send(bridge: TrioThread) -> 
             await asyncio.sleep(0.01)
     await asyncio.wait_for(done, 5)
     assert sink.written == [0, 1] and isinstance(outbox.error, NetworkError)
+
+
+async def test_calls_posted_together_wake_the_other_loop_once_and_run_in_order(bridge: TrioThread) -> None:
+    """Every wake-up of a loop from another thread is a write to its wake-up socket: 32 relayed
+    streams used to pay one per frame. Calls posted before the loop runs them share one."""
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    real_call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args: object) -> object:
+        nonlocal wakeups
+        wakeups += 1
+        return real_call_soon_threadsafe(*args)  # type: ignore[arg-type]
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    ran: list[int] = []
+    done = asyncio.Event()
+
+    def fail() -> None:
+        raise RuntimeError("one broken call")
+
+    async def post_in_one_step() -> None:  # trio side: no checkpoint between the posts
+        for i in range(500):
+            bridge.call_soon_in_asyncio(ran.append, i)
+            if i == 250:
+                bridge.call_soon_in_asyncio(fail)
+        bridge.call_soon_in_asyncio(done.set)
+
+    try:
+        await bridge.call(post_in_one_step)
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        loop.call_soon_threadsafe = real_call_soon_threadsafe  # type: ignore[method-assign]
+    assert ran == list(range(500))  # in order, the failing call in the middle skipped
+    assert wakeups <= 3  # the posts, and call's own result (was one per call: 503)

@@ -436,16 +436,23 @@ class Libp2pService:
     ) -> AsyncIterator[bytes]:
         streams.check_frame(request, frame_limits(protocol).request, "request")
         bridge = self._running()
-        stream = await bridge.call(self._t_open, peer_id, protocol, bytes(request), timeout)
+        opened: list[INetStream] = []  # written and read in the trio thread only
+        request = bytes(request)
+
+        async def next_frame() -> bytes | None:  # the reader opens the stream, then reads it
+            if not opened:
+                opened.append(await self._t_open(peer_id, protocol, request, timeout))
+            return await self._t_read(opened[0], protocol, timeout)
+
         finished = False
-        try:  # one reader task per stream, not a trio call per frame
-            async with aclosing(bridge.pull(partial(self._t_read, stream, protocol, timeout))) as frames:
+        try:  # one trio task per stream opens and reads it: no trio call to open, none per frame
+            async with aclosing(bridge.pull(next_frame)) as frames:
                 async for frame in frames:
                     yield frame
             finished = True
         finally:
             if not finished:  # abandoned, failed or cancelled: do not leave the stream open
-                bridge.spawn(self._t_abandon, stream)
+                bridge.spawn(self._t_abandon_opened, opened)
 
     async def request(self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0) -> bytes:
         streams.check_frame(request, frame_limits(protocol).request, "request")
@@ -517,6 +524,13 @@ class Libp2pService:
             await streams.reset(stream)
         finally:
             self._t_ended(stream)
+
+    async def _t_abandon_opened(self, opened: list[INetStream]) -> None:
+        """Abandon the stream a cancelled or failed reader opened, if it got that far. This runs
+        after the reader's cancellation was delivered, and a stream is in ``opened`` from the step
+        that finished opening it (an open cut short resets its own stream)."""
+        if opened:
+            await self._t_abandon(opened[0])
 
     async def _t_read(self, stream: INetStream, protocol: str, timeout: float) -> bytes | None:
         """The next response frame of ``protocol``, or None (stream closed) after the end marker."""
