@@ -41,6 +41,22 @@ def test_serving_bench_quick_prints_and_writes_its_table(tmp_path: Path) -> None
     assert (tmp_path / "serving_bench_quick.md").read_text().startswith("# gonka-p2p serving")
 
 
+@pytest.mark.libp2p
+def test_frame_cost_compares_our_stream_credit_with_py_libp2ps() -> None:
+    """Window updates are counted, not timed: py-libp2p's own yamux answers nearly every frame
+    read with one, ours once per half window (none for 200 small frames)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frame_cost.py"),
+                             "--frames", "200", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("│")}
+    assert int(rows["ours"][3]) == 0  # window updates per 1000 frames
+    assert int(rows["upstream"][3]) >= 500
+    assert "load average" in result.stdout
+
+
 def test_validation_cost_tiny_prints_and_writes_its_table(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "validation_cost.py"), "--models", "tiny-llama",
