@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from helpers import MODEL, client_for, start_network
 
-from gonka_p2p.actors.executor import TextStream, TokenBatches
+from gonka_p2p.actors.executor import MAX_HELD_TOKENS, TextStream, TokenBatches, tokens_per_frame
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.inference.engine import Engine, EngineError, TokenStep
 from gonka_p2p.inference.factory import load_engine
@@ -89,6 +89,21 @@ async def test_a_consumer_that_falls_behind_gets_everything_waiting_in_order() -
     assert [s for b in batches for s in b] == _steps(50)
     assert len(batches[0]) == 1  # the first token never waits for a second one
     assert max(len(b) for b in batches) == 16 and len(batches) < 10
+
+
+async def test_under_load_frames_after_the_first_wait_for_more_tokens() -> None:
+    async def paced() -> AsyncIterator[TokenStep]:
+        for step in _steps(9):
+            await asyncio.sleep(0.002)  # slower than the consumer: alone, one token per batch
+            yield step
+
+    held = [b async for b in TokenBatches(paced(), at_least=lambda: 3)]
+    assert held == [_steps(9)[0:1], _steps(9)[1:4], _steps(9)[4:7], _steps(9)[7:9]]  # the end does not wait
+
+
+def test_tokens_per_frame_grows_with_the_streams_and_is_bounded() -> None:
+    assert [tokens_per_frame(n) for n in (1, 8, 15, 16, 32)] == [1, 1, 1, 2, 3]
+    assert tokens_per_frame(10_000) == MAX_HELD_TOKENS
 
 
 async def test_an_engine_error_arrives_after_the_tokens_before_it() -> None:

@@ -63,6 +63,19 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 MAX_BATCH_TOKENS = 256  # per TokenBatch frame when a stream catches up (wire limit: 4096)
+STREAMS_PER_HELD_TOKEN = 16  # under load, each frame after the first holds one more token per this many streams
+MAX_HELD_TOKENS = 4  # ... up to this many
+
+
+def tokens_per_frame(streams: int) -> int:
+    """How many tokens each TokenBatch after the first waits for, with ``streams`` answers
+    streaming from this executor. Every frame is signed here, then read, verified and sent
+    again by the TA and read and verified by the client, on the cores (and, here, under the
+    GIL) the engine decodes on: at 32 streams that cost a tenth of the engine's tokens/s
+    (benchmarks/serving_bench.py). A frame of k tokens costs about what one of 1 costs, and
+    delays a token by at most k - 1 engine steps; the first token never waits, so TTFT is
+    untouched, and below STREAMS_PER_HELD_TOKEN streams nothing waits at all."""
+    return min(MAX_HELD_TOKENS, 1 + streams // STREAMS_PER_HELD_TOKEN)
 
 FinishedHook = Callable[[Signed[InferenceRequest], InferenceArtifact, bytes], Awaitable[None]]
 
@@ -92,6 +105,7 @@ class ExecutorActor:
         self.artifacts = artifacts
         self.chain_id = chain_id
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._streaming = 0  # answers being generated and sent now
         self._on_finished = on_finished
         self._clock = clock
         self._ledger: LedgerState | None = None
@@ -134,7 +148,11 @@ class ExecutorActor:
             await send(self._fail(e.code, str(e)))
             return
         async with self._slots:
-            await self._run(engine, opener, request, inference_id, send)
+            self._streaming += 1
+            try:
+                await self._run(engine, opener, request, inference_id, send)
+            finally:
+                self._streaming -= 1
 
     def _refuse_unpaid(self, ta: str, request: Signed[InferenceRequest]) -> None:
         """Raise Rejected unless the ledger would accept ``ta``'s StartInference naming this node."""
@@ -163,7 +181,8 @@ class ExecutorActor:
             return
         # Generation starts before InferenceStarted goes out: the engine's prefill
         # overlaps the frame's trip instead of waiting behind it.
-        batches = await TokenBatches.start(engine.generate(prompt_ids, params, seed=inference_id))
+        batches = await TokenBatches.start(engine.generate(prompt_ids, params, seed=inference_id),
+                                           at_least=lambda: tokens_per_frame(self._streaming))
         text = TextStream(engine.decode)
         steps: list[TokenStep] = []
         answer: list[bytes] = []  # the frames as signed, kept for the client (actors/answer_server.py)
@@ -252,13 +271,18 @@ class TokenBatches:
     gets one token per batch, so no token waits for another; one that falls
     behind (a slow stream, a busy process) catches up with fewer, larger
     TokenBatch frames -- each signed, relayed and verified once -- instead of
-    a growing backlog of one-token frames. ``aclose`` stops the engine's
-    generation if it is still running.
+    a growing backlog of one-token frames. Every batch after the first also
+    waits until it holds ``at_least()`` tokens (or the answer ends): fewer
+    frames per token under load (:func:`tokens_per_frame`). ``aclose`` stops
+    the engine's generation if it is still running.
     """
 
-    def __init__(self, steps: AsyncIterator[TokenStep], limit: int = MAX_BATCH_TOKENS) -> None:
+    def __init__(self, steps: AsyncIterator[TokenStep], limit: int = MAX_BATCH_TOKENS,
+                 at_least: Callable[[], int] = lambda: 1) -> None:
         self._queue: asyncio.Queue[TokenStep | _End] = asyncio.Queue()
         self._limit = limit
+        self._at_least = at_least
+        self._first = True
         self._end: _End | None = None
         self._task = asyncio.create_task(self._pump(steps))
 
@@ -274,12 +298,13 @@ class TokenBatches:
             self._queue.put_nowait(_End(None))
 
     @classmethod
-    async def start(cls, steps: AsyncIterator[TokenStep], limit: int = MAX_BATCH_TOKENS) -> TokenBatches:
+    async def start(cls, steps: AsyncIterator[TokenStep], limit: int = MAX_BATCH_TOKENS,
+                    at_least: Callable[[], int] = lambda: 1) -> TokenBatches:
         """Batches whose pump has already run to its first wait: the engine holds the request
         before the caller sends anything. A task only created runs at the caller's next wait, so
         InferenceStarted was signed and sent first (0.3-5 ms of every TTFT, traced on the
         serving bench)."""
-        batches = cls(steps, limit)
+        batches = cls(steps, limit, at_least)
         await asyncio.sleep(0)  # the pump's first step is already scheduled, so it runs now
         return batches
 
@@ -288,10 +313,12 @@ class TokenBatches:
 
     async def __anext__(self) -> list[TokenStep]:
         batch: list[TokenStep] = []
+        hold = 1 if self._first else min(max(self._at_least(), 1), self._limit)
+        self._first = False
         while self._end is None and len(batch) < self._limit:
-            if batch and self._queue.empty():
+            if len(batch) >= hold and self._queue.empty():
                 break
-            item = self._queue.get_nowait() if batch else await self._queue.get()
+            item = self._queue.get_nowait() if len(batch) >= hold else await self._queue.get()
             if isinstance(item, _End):
                 self._end = item
             else:
