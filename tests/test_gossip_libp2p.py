@@ -238,6 +238,30 @@ async def test_a_gossip_handler_that_raises_stops_the_service_and_its_owner_hear
 # ---- streams ---------------------------------------------------------------
 
 
+async def test_a_gossip_frame_that_is_not_an_rpc_resets_that_stream_not_the_node(make_host: Factory) -> None:
+    """py-libp2p's pubsub raised DecodeError out of its stream handler, which crashed the trio
+    loop: two testnet participants exited on one truncated frame each."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+
+    from gonka_p2p.gossip.libp2p_service import _parse_peer_id
+
+    a, b = await make_host(), await make_host()
+    b.set_stream_handler("/upper/1", echo)
+    await link(a, b)
+
+    async def send_garbage() -> None:
+        stream = await a._t_host().new_stream(_parse_peer_id(b.peer_id), [TProtocol(PROTOCOL_ID_V11)])
+        await stream.write(b"\x08\xff\xff\xff\xff\xff\xff\xff\xff")  # a length, then no valid RPC
+        await stream.close()
+
+    for _ in range(3):
+        await a._running().call(send_garbage)
+        assert await a.request(b.peer_id, "/upper/1", b"still here") == b"still here"
+    await asyncio.sleep(0)
+    assert not b._owner.closed  # type: ignore[union-attr]
+
+
 async def test_request_response(make_host: Factory) -> None:
     a, b = await make_host(), await make_host()
     openers: list[str] = []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from google.protobuf.message import DecodeError
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
@@ -395,11 +396,19 @@ class GossipPubsub(Pubsub):
         self._snapshot_topics()
 
     async def stream_handler(self, stream: INetStream) -> None:
-        """Read a peer's stream to us; its subscriptions last as long as it (class docstring)."""
+        """Read a peer's stream to us; its subscriptions last as long as it (class docstring).
+
+        py-libp2p lets a frame that does not parse as an RPC (``DecodeError``) escape the
+        handler, which crashes the whole trio loop and with it the node: one malformed or
+        truncated frame from any peer stopped two participants of the 30-minute testnet
+        (run 10). Such a stream is reset instead; the peer may open another."""
         peer_id = stream.muxed_conn.peer_id
         self._inbound[peer_id] = stream
         try:
             await super().stream_handler(stream)
+        except DecodeError as e:
+            log.warning("gossip stream from %s sent a frame that is not an RPC (%s); resetting it", peer_id, e)
+            await stream.reset()
         finally:
             if self._inbound.get(peer_id) is stream:  # not replaced by a newer stream from the peer
                 del self._inbound[peer_id]
