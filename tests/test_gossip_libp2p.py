@@ -633,3 +633,81 @@ def test_publishing_waits_for_outbound_room_but_not_twice_for_a_stalled_peer() -
     queues["stuck"].clear()
     assert trio.run(GossipPubsub.wait_for_room, fake, ["stuck"], 0.5) == ["stuck"]  # type: ignore[arg-type]
     assert fake._stalled == set()
+
+
+class FrameRecorder:
+    """Stands in for a yamux connection: records the frames a stream writes."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, int, bytes]] = []  # (type, flags, payload)
+        self.finalized = False
+
+    async def _write_frame(self, frame: bytes) -> None:
+        import trio
+
+        _version, kind, flags, _stream_id, _length = struct.unpack(yamux.YAMUX_HEADER_FORMAT, frame[:12])
+        self.frames.append((kind, flags, frame[12:]))
+        await trio.sleep(0)
+
+    async def _finalize_stream(self, stream: object, fully_closed: bool) -> None:
+        self.finalized = fully_closed
+
+    def data(self) -> bytes:
+        return b"".join(payload for kind, _flags, payload in self.frames if kind == yamux.TYPE_DATA)
+
+    def reset_sent(self) -> bool:
+        return any(flags & yamux.FLAG_RST for _kind, flags, _payload in self.frames)
+
+
+def test_concurrent_writes_to_one_stream_arrive_each_whole() -> None:
+    """py-libp2p 0.8.1 took the stream's write lock per yamux frame, not per write: two tasks
+    writing to one stream (gossipsub's sending loop and its flush of pending messages, both to the
+    same peer) interleaved their frames whenever a message outgrew the send window, and the peer
+    read a corrupt, length-prefixed RPC (testnet run 10: two participants exited on one)."""
+    import trio
+    import trio.testing
+
+    from gonka_p2p.gossip.libp2p_patches import WholeMessageStream
+
+    async def scenario() -> bytes:
+        conn = FrameRecorder()
+        stream = WholeMessageStream(1, conn, is_initiator=True)  # type: ignore[arg-type]
+        stream.send_window = 10
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.write, b"A" * 25)
+            nursery.start_soon(stream.write, b"B" * 25)
+            while len(conn.data()) < 50:  # the peer's credit, 10 bytes at a time
+                await trio.sleep(0.05)
+                stream.send_window += 10
+        return conn.data()
+
+    data = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert data in (b"A" * 25 + b"B" * 25, b"B" * 25 + b"A" * 25), data
+
+
+def test_a_write_cut_short_resets_the_stream_and_one_not_begun_does_not() -> None:
+    """A write cancelled (or timed out waiting for credit) after part of its message went out left
+    the stream open in py-libp2p 0.8.1: the peer read the next message's bytes as the rest of
+    this one. Such a stream is now reset, so the peer sees a reset, not a corrupt message; a
+    write that sent nothing leaves the stream as it was."""
+    import trio
+    import trio.testing
+
+    from gonka_p2p.gossip.libp2p_patches import WholeMessageStream
+
+    async def scenario(window: int) -> tuple[FrameRecorder, WholeMessageStream]:
+        conn = FrameRecorder()
+        stream = WholeMessageStream(1, conn, is_initiator=True)  # type: ignore[arg-type]
+        stream.send_window = window
+        with trio.move_on_after(1.0):
+            await stream.write(b"x" * 25)
+        return conn, stream
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    conn, stream = trio.run(scenario, 10, clock=clock)
+    assert conn.data() == b"x" * 10
+    assert conn.reset_sent() and stream.closed and conn.finalized
+
+    conn, stream = trio.run(scenario, 0, clock=clock)
+    assert conn.frames == []
+    assert not stream.closed

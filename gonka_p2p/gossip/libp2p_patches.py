@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,7 +50,15 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux import yamux as py_yamux
-from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.yamux.yamux import (
+    HEADER_SIZE,
+    MAX_MESSAGE_SIZE,
+    TYPE_DATA,
+    YAMUX_HEADER_FORMAT,
+    Yamux,
+    YamuxStream,
+)
 from libp2p.transport.tcp import tcp as py_tcp
 from multiaddr import Multiaddr
 
@@ -69,6 +78,8 @@ ROOM_POLL = 0.002
 # closes a connection whose frame takes 60 s to read, and a link capped at 32 kbit/s (the testnet's
 # bandwidth perturbation) drains a frame in about 16 s.
 FRAME_WRITE_TIMEOUT = 60.0
+MAX_FRAME_PAYLOAD = MAX_MESSAGE_SIZE - HEADER_SIZE
+CREDIT_POLL = 0.01  # seconds between looks at a stream's send window while it is zero (as py-libp2p)
 
 
 DIAL_BACKOFF_S = 2.0  # after every address of a peer failed, dials to it wait this long (py-libp2p: 60 s)
@@ -168,7 +179,62 @@ class HalfWindowCreditStream(YamuxStream):
         await self.send_window_update(owed, skip_lock=True)
 
 
-py_yamux.YamuxStream = HalfWindowCreditStream  # type: ignore[misc]
+class WholeMessageStream(HalfWindowCreditStream):
+    """A yamux stream whose writes go out each whole, or reset the stream.
+
+    py-libp2p 0.8.1 takes a stream's write lock per yamux frame, not per
+    write. A write larger than the send window goes out as several frames
+    with waits for credit between them, and a second task writing to the
+    same stream meanwhile slips its frames in between: gossipsub does exactly
+    that (its per-peer sending loop and its flush of pending messages write
+    to one stream), and the peer reads a corrupt length-prefixed RPC -- two
+    participants of testnet run 10 exited on one. A write that stops half
+    way (cancelled, or timed out waiting for credit) left the stream open
+    too, so the peer read the next message as the rest of this one. Here one
+    write holds the stream until its last frame is out, and a write that
+    stopped after its first frame resets the stream: the peer sees a reset,
+    never a misframed message. Credit may take ``FRAME_WRITE_TIMEOUT`` to
+    come, as a frame may take to drain (py-libp2p: 5 s, less than a capped
+    link needs to carry half a window).
+    """
+
+    def __init__(self, stream_id: int, conn: Yamux, is_initiator: bool) -> None:
+        super().__init__(stream_id, conn, is_initiator)
+        self._message_lock = trio.Lock()
+
+    async def write(self, data: bytes) -> None:
+        async with self._message_lock:
+            begun = False
+            try:
+                sent = 0
+                while sent < len(data):
+                    size = await self._take_send_window(len(data) - sent)
+                    begun = True
+                    header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
+                    await self.conn._write_frame(header + data[sent:sent + size])  # noqa: SLF001
+                    sent += size
+            except BaseException:
+                if begun:
+                    with trio.CancelScope(shield=True):
+                        await self.reset()
+                raise
+
+    async def _take_send_window(self, wanted: int) -> int:
+        """Reserves up to ``wanted`` bytes (at most one frame) of the peer's credit, waiting for some."""
+        with trio.move_on_after(FRAME_WRITE_TIMEOUT):
+            while True:
+                async with self.window_lock:
+                    if self.send_closed or self.closed:
+                        raise MuxedStreamError("Stream is closed for sending")
+                    if self.send_window > 0:
+                        size = min(self.send_window, MAX_FRAME_PAYLOAD, wanted)
+                        self.send_window -= size
+                        return size
+                await trio.sleep(CREDIT_POLL)
+        raise MuxedStreamError(f"no window update from {self.conn.peer_id} in {FRAME_WRITE_TIMEOUT} s")
+
+
+py_yamux.YamuxStream = WholeMessageStream  # type: ignore[misc]
 
 
 READ_AHEAD = 64 * 1024  # bytes one TCP read may take beyond what was asked
