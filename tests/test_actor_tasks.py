@@ -20,7 +20,7 @@ from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.verification_params import VerificationParams
 from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.devnet import devnet_genesis
-from gonka_p2p.ledger.records import Dispute, Inference, InferenceStatus
+from gonka_p2p.ledger.records import Dispute, Inference, InferenceStatus, SeedCommitment
 from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
@@ -58,14 +58,20 @@ def next_block(state: LedgerState) -> None:
                              proposer=ME.peer_id, time_ms=0, txs=[]))
 
 
-def open_dispute_on_me(state: LedgerState, n: int) -> bytes:
-    """What a block holding a failed Validation does: a settled inference, disputed, with this
-    validator on the committee (written straight into the state, as apply_block would)."""
+def settled_inference(state: LedgerState, n: int) -> bytes:
+    """An inference settled at this height (written straight into the state)."""
     iid = bytes([n]) * 32
     state.close_inference(iid, Inference(
         client="client", ta=TA.peer_id, executor=EXECUTOR.peer_id, model="m", price=1, max_tokens=1,
         prompt_bound=1, escrow=1, request_ms=0, start_height=state.height, deadline=state.height + 5,
         status=InferenceStatus.SETTLED, closed_height=state.height))
+    return iid
+
+
+def open_dispute_on_me(state: LedgerState, n: int) -> bytes:
+    """What a block holding a failed Validation does: a settled inference, disputed, with this
+    validator on the committee (written straight into the state, as apply_block would)."""
+    iid = settled_inference(state, n)
     state.open_dispute(iid, Dispute(epoch=0, executor=EXECUTOR.peer_id, ta=TA.peer_id, accuser=TA.peer_id,
                                     opened_height=state.height, draw_height=state.height,
                                     deadline=state.height + 5, committee=(ME.peer_id,), seats=(1,),
@@ -126,6 +132,34 @@ async def test_the_validator_forgets_each_epoch_once_it_has_settled() -> None:
     commits = [tx.epoch for tx in outbox.sent if isinstance(tx, CommitValidationSeed)]
     assert commits == list(range(1, epochs + 1))  # it still commits once per epoch
     assert max(remembered) <= 3  # the epoch before, this one and the next
+
+
+async def test_a_restarted_validator_does_not_rejudge_an_epoch_whose_seed_it_revealed() -> None:
+    """A reveal closes the epoch's duties on the ledger (its checks are refused after it), but a
+    validator restarted after its reveal had forgotten what it sent, judged every duty of the
+    epoch again -- fetches and a re-run each -- and had each refused (testnet run 10: 189
+    refusals by one restarted participant)."""
+    state = LedgerState.from_genesis(GENESIS)
+    for _ in range(GENESIS.params.epoch_length_blocks + 1):
+        next_block(state)
+    epoch = state.epoch
+    duty = settled_inference(state, 1)
+    state.add_commitment(epoch, ME.peer_id, SeedCommitment(
+        commitment=b"c", height=1, seed=b"s", revealed_height=state.height))
+    state.validation_duties = lambda e, validator, seed: [duty] if e == epoch else []  # type: ignore[method-assign]
+    judged: list[bytes] = []
+
+    async def judge(inference_id: bytes, record: Inference) -> object:
+        judged.append(inference_id)
+        return withheld_verdict()
+
+    outbox = Outbox()
+    validator = validator_of(outbox)  # a fresh actor: what a restart starts with
+    validator.judge = judge  # type: ignore[method-assign,assignment]
+    validator.on_commit(state)
+    await validator.step()
+    assert judged == []
+    assert not [tx for tx in outbox.sent if isinstance(tx, Validation)]
 
 
 # ---- a node's supervised actors ---------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -159,6 +160,40 @@ async def test_burst_of_500_reaches_every_subscriber_without_loss(make_host: Fac
     for svc in (a, b, c):
         for score, may_publish, graylisted in await svc._running().call(scores, svc):
             assert score == 0 and may_publish and not graylisted
+
+
+async def test_a_peer_subscribed_to_nothing_costs_a_publisher_no_log_and_a_small_queue(
+        make_host: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    """A client speaks gossip but subscribes to nothing. py-libp2p 0.8.1 queued every message
+    for it "until its subscription arrives" (100 per peer, for 30 s) and logged a WARNING for
+    each one past that: 99 % of every participant's log in testnet run 10, and one line per
+    message per connected stranger -- a full disk for whoever opens enough identities."""
+    from gonka_p2p.gossip.libp2p_patches import PENDING_PER_PEER
+
+    a, b, client = await make_host(), await make_host(), await make_host()
+    received: list[bytes] = []
+
+    async def handler(sender: str, data: bytes) -> None:
+        received.append(data)
+
+    await a.subscribe("t", handler)
+    await b.subscribe("t", handler)
+    await link(a, b)
+    await link(client, a)
+    await eventually(lambda: a.topic_peers("t") == [b.peer_id], what="subscriptions")
+    n = 200
+    with caplog.at_level(logging.WARNING, logger="libp2p"):
+        for i in range(n):
+            await a.publish("t", b"m%d" % i)
+        await eventually(lambda: len(received) == n, what="delivery")
+
+    async def pending() -> dict[str, int]:
+        pubsub = a._pubsub
+        assert pubsub is not None
+        return {p.to_base58(): len(q) for p, q in pubsub.router._pending_messages.items()}  # type: ignore[attr-defined]
+
+    assert [r.getMessage() for r in caplog.records if r.name == "libp2p.pubsub.gossipsub"] == []
+    assert all(size <= PENDING_PER_PEER for size in (await a._running().call(pending)).values())
 
 
 async def test_validator_rejects_before_delivery_and_forwarding(make_host: Factory) -> None:

@@ -142,6 +142,8 @@ class ValidatorActor(DutyActor):
             commitment = self._live().commitment(epoch, self.me)
             if commitment is None or epoch > self._live().epoch:  # the next epoch's duties do not exist yet
                 continue
+            if commitment.revealed:  # its duties are closed: the ledger refuses a check now
+                continue
             for iid in self._live().validation_duties(epoch, self.me, self.seed(epoch)):
                 if self.me not in self._live().validations(iid) and not self._duties.sent(epoch, ("check", iid)):
                     await self._check(epoch, iid, dispute=False)

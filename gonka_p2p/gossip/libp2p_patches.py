@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 1  # seconds; py-libp2p's default of 120 lets caches balloon
 GOSSIP_DEGREE, GOSSIP_DEGREE_LOW, GOSSIP_DEGREE_HIGH = 6, 4, 12
 OUTBOUND_QUEUE_SIZE = 2048  # RPCs per peer (py-libp2p: 32, then silent drops)
+# Gossip held for a peer until its subscriptions arrive (py-libp2p: 100 RPCs for 30 s, then a WARNING per message)
+PENDING_PER_PEER = 16
+PENDING_TTL_S = 5.0
 OUTBOUND_HIGH_WATER = OUTBOUND_QUEUE_SIZE - 64  # leaves room for control RPCs
 DELIVERY_SLOTS = 1024  # gossip messages per topic in validation or awaiting the handler
 ROOM_WAIT = 10.0  # seconds publish / forwarding wait for outbound queue room
@@ -306,7 +309,7 @@ def gossip_router() -> GossipSub:
       prune an honest peer (all our test peers share one IP, which P7 would
       punish); topic validators do the filtering instead.
     """
-    return GossipSub(
+    return BoundedPendingGossipSub(
         protocols=[PROTOCOL_ID_V11],
         degree=GOSSIP_DEGREE,
         degree_low=GOSSIP_DEGREE_LOW,
@@ -315,7 +318,32 @@ def gossip_router() -> GossipSub:
         score_params=ScoreParams(),
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
+        max_pending_messages_per_peer=PENDING_PER_PEER,
+        pending_messages_ttl=PENDING_TTL_S,
     )
+
+
+class BoundedPendingGossipSub(GossipSub):
+    """GossipSub that holds a little gossip for a peer whose subscriptions have not arrived, quietly.
+
+    py-libp2p 0.8.1 queues each message for every gossip peer not (yet) subscribed to its topic,
+    to cover the moment between a connection and its subscriptions. A client speaks gossip but
+    subscribes to nothing, so it never leaves that moment: 100 messages were held for it, and
+    each one past those logged a WARNING -- 99 % of every participant's log in testnet run 10,
+    and one line per message per connected identity for whoever opens many. The race needs a
+    few seconds: ``PENDING_PER_PEER`` messages for ``PENDING_TTL_S``, trimmed without a log line
+    (gossip's IHAVE / IWANT repair covers a subscriber slower than that).
+    """
+
+    def _prune_pending_messages(self, peer_id: ID) -> None:
+        queue = self._pending_messages.get(peer_id)
+        if queue is None:
+            return
+        oldest = time.time() - self._pending_messages_ttl
+        room = max(0, len(queue) - self._max_pending_messages_per_peer + 1)  # for the message queued next
+        queue[:] = [entry for entry in queue[room:] if entry[0] >= oldest]
+        if not queue:
+            del self._pending_messages[peer_id]
 
 
 @dataclass
