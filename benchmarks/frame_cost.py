@@ -50,7 +50,7 @@ def _use_upstream() -> None:
     from libp2p.stream_muxer.yamux import yamux as py_yamux
     from libp2p.transport.tcp import tcp as py_tcp
 
-    from gonka_p2p.gossip import libp2p_patches as patches
+    from gonka_p2p.gossip import libp2p_yamux as patches
 
     py_yamux.YamuxStream = patches.HalfWindowCreditStream.__base__  # type: ignore[misc]
     py_trio_io.TrioTCPStream = py_tcp.TrioTCPStream = patches.ReadAheadTCPStream.__base__  # type: ignore[misc]

@@ -557,7 +557,7 @@ def test_a_frame_write_finishes_through_a_cancellation_and_a_stuck_one_closes_th
     import trio.testing
     from libp2p.io.exceptions import ConnectionClosedError
 
-    from gonka_p2p.gossip.libp2p_patches import FRAME_WRITE_TIMEOUT, WholeFrameYamux
+    from gonka_p2p.gossip.libp2p_yamux import FRAME_WRITE_TIMEOUT, WholeFrameYamux
 
     class SlowConnection:
         def __init__(self, takes: float) -> None:
@@ -602,7 +602,7 @@ def test_noise_messages_that_arrive_together_share_one_tcp_read() -> None:
     import trio.testing
     from libp2p.io.utils import read_exactly
 
-    from gonka_p2p.gossip.libp2p_patches import ReadAheadTCPStream
+    from gonka_p2p.gossip.libp2p_yamux import ReadAheadTCPStream
 
     messages = [b"message %d " % i * (i % 7 + 1) for i in range(100)]
     wire = b"".join(struct.pack(">H", len(m)) + m for m in messages)
@@ -702,7 +702,7 @@ def test_concurrent_writes_to_one_stream_arrive_each_whole() -> None:
     import trio
     import trio.testing
 
-    from gonka_p2p.gossip.libp2p_patches import WholeMessageStream
+    from gonka_p2p.gossip.libp2p_yamux import WholeMessageStream
 
     async def scenario() -> bytes:
         conn = FrameRecorder()
@@ -728,7 +728,7 @@ def test_a_write_cut_short_resets_the_stream_and_one_not_begun_does_not() -> Non
     import trio
     import trio.testing
 
-    from gonka_p2p.gossip.libp2p_patches import WholeMessageStream
+    from gonka_p2p.gossip.libp2p_yamux import WholeMessageStream
 
     async def scenario(window: int) -> tuple[FrameRecorder, WholeMessageStream]:
         conn = FrameRecorder()
