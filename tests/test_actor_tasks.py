@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import eventually
@@ -13,14 +14,16 @@ from helpers import eventually
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica import ReplicaParams
 from gonka_p2p.actors.supervisor import Supervised, Supervisor
-from gonka_p2p.actors.validator import ValidatorActor
+from gonka_p2p.actors.validator import ACCUSE_MARGIN_BLOCKS, RETRY_AFTER_BLOCKS, Unreachable, ValidatorActor
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.verification_params import VerificationParams
 from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.devnet import devnet_genesis
+from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.records import Dispute, Inference, InferenceStatus, SeedCommitment
+from gonka_p2p.ledger.rules import validation_deadline
 from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
@@ -28,6 +31,7 @@ from gonka_p2p.ledger.transactions import (
     RevealValidationSeed,
     Transfer,
     Validation,
+    VerdictStats,
     withheld_verdict,
 )
 from gonka_p2p.wire.envelope import open_envelope, seal
@@ -48,6 +52,9 @@ class Outbox:
 
     def follow(self, build: Callable[[int], bytes], what: str, done: Callable[[bool], object]) -> None:
         self.sent.append(open_envelope(build(len(self.sent)), *TX_KINDS).message)
+
+    def checks(self) -> list[VerdictStats]:
+        return [tx.verdict for tx in self.sent if isinstance(tx, Validation)]
 
     def votes(self) -> set[bytes]:
         return {tx.inference_id for tx in self.sent if isinstance(tx, DisputeVote)}
@@ -79,9 +86,9 @@ def open_dispute_on_me(state: LedgerState, n: int) -> bytes:
     return iid
 
 
-def validator_of(outbox: Outbox) -> ValidatorActor:
+def validator_of(outbox: Outbox, genesis: Genesis = GENESIS) -> ValidatorActor:
     return ValidatorActor(MemoryHub().service(ME), ME, {}, VerificationParams(models={}),
-                          GENESIS.chain_id, outbox)
+                          genesis.chain_id, outbox)
 
 
 @pytest.mark.parametrize("block", ["opens a dispute", "prunes the disputes"])
@@ -160,6 +167,65 @@ async def test_a_restarted_validator_does_not_rejudge_an_epoch_whose_seed_it_rev
     await validator.step()
     assert judged == []
     assert not [tx for tx in outbox.sent if isinstance(tx, Validation)]
+
+
+WIDE = devnet_genesis([k.public_key for k in KEYS], [], epoch_length_blocks=40,
+                      validation_window_blocks=20, dispute_voting_blocks=2)
+
+
+async def test_evidence_no_holder_could_be_reached_for_is_unreachable_not_withheld() -> None:
+    """A holder that answers without the evidence withholds it; one the network cannot reach
+    (down, partitioned, behind lossy links) has not answered at all."""
+    validator = ValidatorActor(MemoryHub().service(ME), ME, {}, VerificationParams(models={}), WIDE.chain_id, None)
+    gone = Keypair.from_seed(b"actor-tasks-gone").peer_id
+    record = SimpleNamespace(executor=gone, ta=gone, artifact_commitment=b"", response_hash=b"")
+    fetched = await validator._fetch(b"\x07" * 32, record)  # type: ignore[arg-type]
+    assert isinstance(fetched, Unreachable) and fetched.holders == (gone,)
+
+
+@pytest.mark.parametrize("reachable_again", [True, False])
+async def test_a_validator_that_cannot_reach_the_evidence_asks_again_and_accuses_only_at_the_deadline(
+        reachable_again: bool) -> None:
+    """Testnet run 11: a validator that could not reach an executor under packet loss accused it
+    of withholding at its first try; the committee, later, got the evidence, and the honest
+    validator was penalised for an overturned accusation. Now it asks again every
+    RETRY_AFTER_BLOCKS while the check's window stays open, and a withheld verdict is
+    submitted only within ACCUSE_MARGIN_BLOCKS of the deadline."""
+    state = LedgerState.from_genesis(WIDE)
+    for _ in range(WIDE.params.epoch_length_blocks + 1):
+        next_block(state)
+    epoch = state.epoch
+    probe = LedgerState.from_genesis(WIDE)  # the duty's record, kept out of the blocks applied below
+    next_block(probe)
+    duty = settled_inference(probe, 1)
+    record = probe.inference(duty)
+    state.inference = lambda iid: record if iid == duty else None  # type: ignore[method-assign]
+    state.add_commitment(epoch, ME.peer_id, SeedCommitment(commitment=b"c", height=1))
+    state.validation_duties = lambda e, validator, seed: [duty] if e == epoch else []  # type: ignore[method-assign]
+    asked: list[int] = []
+    served = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=16, mean_distance_nano=0,
+                          max_distance_nano=0, top_k_misses=0, sampling_mismatches=0)
+
+    async def judge(inference_id: bytes, record: Inference) -> object:
+        asked.append(state.height)
+        if reachable_again and len(asked) == 3:
+            return served
+        return Unreachable((EXECUTOR.peer_id,))
+
+    outbox = Outbox()
+    validator = validator_of(outbox, WIDE)
+    validator.judge = judge  # type: ignore[method-assign,assignment]
+    deadline = validation_deadline(epoch, state.params)
+    while state.height < deadline and not outbox.checks():
+        validator.on_commit(state)
+        await validator.step()
+        next_block(state)
+    assert asked[1] - asked[0] == RETRY_AFTER_BLOCKS
+    if reachable_again:
+        assert outbox.checks() == [served] and len(asked) == 3
+    else:
+        assert outbox.checks() == [withheld_verdict()]
+        assert deadline - ACCUSE_MARGIN_BLOCKS <= asked[-1] < deadline
 
 
 # ---- a node's supervised actors ---------------------------------------------------------

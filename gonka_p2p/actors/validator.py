@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
 from gonka_p2p.actors.executor import sampling_params
@@ -77,6 +78,7 @@ from gonka_p2p.ledger.rules import (
     seed_commitment,
     seed_reveal_open,
     settlement_height,
+    validation_deadline,
 )
 from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.transactions import (
@@ -98,6 +100,27 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 30.0
+RETRY_AFTER_BLOCKS = 3  # blocks between tries at evidence no holder could be reached for
+ACCUSE_MARGIN_BLOCKS = 5  # within this many blocks of its deadline an unreachable holder is accused
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """No holder served the evidence, and some could not be reached at all (a network error or
+    a timeout, not an answer): maybe withholding, maybe down or cut off for now."""
+
+    holders: tuple[str, ...]
+
+
+UNANSWERED = object()  # a holder the request did not reach, or whose answer did not come back
+
+
+def accuse_unreachable(height: int, deadline: int) -> bool:
+    """Whether evidence still unreachable at ``height`` is to be judged withheld now, for a check
+    or vote the ledger accepts up to ``deadline``. Before, the validator asks again: a crash, a
+    partition or lossy links must not make an honest executor look like a withholder -- and
+    an accusation the committee overturns, once it reaches the evidence, costs the accuser."""
+    return deadline - height <= ACCUSE_MARGIN_BLOCKS
 
 
 class ValidatorActor(DutyActor):
@@ -116,6 +139,8 @@ class ValidatorActor(DutyActor):
         self._params = params
         self._chain_id = chain_id
         self.checked = 0
+        # (epoch, (what, inference id)) -> the height from which to ask again for unreachable evidence
+        self._ask_again: dict[tuple[int, tuple[str, bytes]], int] = {}
 
     async def run(self) -> None:
         while True:
@@ -134,6 +159,7 @@ class ValidatorActor(DutyActor):
         if self._state is None:
             return
         self._duties.forget(self._settled)
+        self._ask_again = {k: h for k, h in self._ask_again.items() if not self._settled(k[0])}
         now = self._live().epoch
         for epoch in (now - 1, now, now + 1):
             if epoch < 0 or self._settled(epoch):
@@ -145,14 +171,19 @@ class ValidatorActor(DutyActor):
             if commitment.revealed:  # its duties are closed: the ledger refuses a check now
                 continue
             for iid in self._live().validation_duties(epoch, self.me, self.seed(epoch)):
-                if self.me not in self._live().validations(iid) and not self._duties.sent(epoch, ("check", iid)):
+                if (self.me not in self._live().validations(iid) and not self._duties.sent(epoch, ("check", iid))
+                        and self._due(epoch, ("check", iid))):
                     await self._check(epoch, iid, dispute=False)
             self._reveal_seed(epoch)
         for iid in self._live().open_disputes_for(self.me):
             dispute = self._live().dispute(iid)  # still open? an earlier await may have closed it
             if (dispute is not None and dispute.outcome is DisputeOutcome.OPEN
-                    and not self._duties.sent(dispute.epoch, ("vote", iid))):
+                    and not self._duties.sent(dispute.epoch, ("vote", iid)) and self._due(dispute.epoch, ("vote", iid))):
                 await self._check(dispute.epoch, iid, dispute=True)
+
+    def _due(self, epoch: int, key: tuple[str, bytes]) -> bool:
+        """Not waiting to ask again for evidence it could not reach."""
+        return self._live().height >= self._ask_again.get((epoch, key), 0)
 
     def _settled(self, epoch: int) -> bool:
         """Has ``epoch`` settled? Then no seed, check or vote for it is accepted any more."""
@@ -185,6 +216,16 @@ class ValidatorActor(DutyActor):
         if verdict is None:  # this node cannot judge it: say so once, not after every block
             self._duties.mark_done(epoch, (what, inference_id))
             return
+        if isinstance(verdict, Unreachable):
+            state = self._live()
+            open_dispute = state.dispute(inference_id) if dispute else None
+            deadline = open_dispute.deadline if open_dispute is not None else validation_deadline(epoch, state.params)
+            if not accuse_unreachable(state.height, deadline):
+                log.info("evidence of %s unreachable at %s: asking again", inference_id.hex()[:12], verdict.holders)
+                self._ask_again[(epoch, (what, inference_id))] = state.height + RETRY_AFTER_BLOCKS
+                return
+            verdict = withheld_verdict()
+        self._ask_again.pop((epoch, (what, inference_id)), None)
         self.checked += 1
         proof = b"" if verdict.valid else self.seed(epoch)  # a failing check shows it was a duty
 
@@ -197,7 +238,7 @@ class ValidatorActor(DutyActor):
 
         self._duties.once(epoch, (what, inference_id), build)
 
-    async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | None:
+    async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | Unreachable | None:
         """Fetch, re-run and judge one inference by the client's signed request.
 
         Total over what others serve: missing, malformed or inconsistent evidence, terms
@@ -219,6 +260,8 @@ class ValidatorActor(DutyActor):
         served = await self._fetch(inference_id, record)
         if served is None:
             return withheld_verdict()
+        if isinstance(served, Unreachable):
+            return served
         claim = self._claim(engine, inference_id, record, *served)
         if isinstance(claim, Verdict):
             return verdict_stats(claim)
@@ -271,24 +314,35 @@ class ValidatorActor(DutyActor):
             model=request.model, prompt_ids=tuple(prompt_ids), params=params, seed=inference_id,
             billed=Billed(record.response_hash, record.prompt_tokens, record.completion_tokens))
 
-    async def _fetch(self, inference_id: bytes, record: Inference) -> tuple[InferenceRequest, bytes] | None:
+    async def _fetch(self, inference_id: bytes, record: Inference
+                     ) -> tuple[InferenceRequest, bytes] | Unreachable | None:
         """The client's request and the artifact bytes behind the ledger's commitment, from
-        the executor or else from the TA that relayed (and kept) them; None when neither
-        serves bytes that match."""
+        the executor or else from the TA that relayed (and kept) them; None when both
+        answered without bytes that match; ``Unreachable`` when none served and some did not
+        answer at all."""
+        unreachable = []
         for holder in dict.fromkeys((record.executor, record.ta)):
             fetched = await self._fetch_from(holder, inference_id, record)
-            if fetched is not None:
+            if isinstance(fetched, tuple):
                 return fetched
-        return None
+            if fetched is UNANSWERED:
+                unreachable.append(holder)
+        return Unreachable(tuple(unreachable)) if unreachable else None
 
     async def _fetch_from(self, holder: str, inference_id: bytes, record: Inference
-                          ) -> tuple[InferenceRequest, bytes] | None:
+                          ) -> tuple[InferenceRequest, bytes] | object | None:
+        """What ``holder`` served, None when it answered without matching evidence, or
+        ``UNANSWERED`` when the network did not bring an answer."""
         query = seal(ArtifactQuery(inference_id=inference_id), self._key)
         try:
             frame = await self._service.request(holder, ARTIFACT_PROTOCOL, query, timeout=FETCH_TIMEOUT_S)
+        except (NetworkError, TimeoutError) as e:
+            log.info("artifact of %s: %s not reached: %s", inference_id.hex()[:12], holder, e)
+            return UNANSWERED
+        try:
             reply = open_envelope(frame, ArtifactReply)
             request = open_envelope(reply.message.request, InferenceRequest)
-        except (NetworkError, TimeoutError, WireError) as e:
+        except WireError as e:
             log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], holder, e)
             return None
         if (reply.signer_id != holder or inference_id_of(request) != inference_id

@@ -6,8 +6,6 @@ the validator's whole check path).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -25,6 +23,7 @@ from gonka_p2p.wire.messages import (
     NONCE_BYTES,
     ArtifactReply,
     ChatTurn,
+    InferenceFailed,
     InferenceRequest,
     inference_id,
     response_hash,
@@ -85,14 +84,17 @@ class Served:
 
 
 class Holders:
-    """The network as the validator sees it: the executor serves ``served``, the TA nothing."""
+    """The network as the validator sees it: the executor serves ``served``; the TA answers
+    that it has nothing, as one does that did not keep it."""
 
     def __init__(self, served: Served) -> None:
         self.reply = seal(ArtifactReply(request=served.request, artifact=served.artifact), EXECUTOR)
 
     async def request(self, peer: str, protocol: str, data: bytes, timeout: float | None = None) -> bytes:
+        if peer == TA.peer_id:
+            return seal(InferenceFailed(code="not_found", message="no artifact for that inference id"), TA)
         if peer != EXECUTOR.peer_id:
-            raise PeerUnreachable(f"{peer} serves nothing here")
+            raise PeerUnreachable(f"{peer} is not on this network")
         return self.reply
 
 
