@@ -24,7 +24,11 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   ``max_tokens`` and seed come from it, never from the artifact, and the
   counts the ledger bills must be the artifact's. An artifact that neither
   serves, or that does not match the ledger's commitment, is a withheld
-  verdict: a failure. Whatever else goes wrong with the evidence is a failed
+  verdict: a failure. A holder the network did not reach (no answer at all)
+  is asked again every ``RETRY_AFTER_BLOCKS`` until ``ACCUSE_MARGIN_BLOCKS``
+  before the deadline (``accuse_unreachable``): a crash or a partition must not
+  look like withholding, and the committee that reaches the evidence later
+  would overturn the accusation at the accuser's cost. Whatever else goes wrong with the evidence is a failed
   verdict too (:meth:`judge` is total); only this node's own faults are not.
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
