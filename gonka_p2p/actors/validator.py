@@ -28,8 +28,9 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   is asked again every ``RETRY_AFTER_BLOCKS`` until ``ACCUSE_MARGIN_BLOCKS``
   before the deadline (``accuse_unreachable``): a crash or a partition must not
   look like withholding, and the committee that reaches the evidence later
-  would overturn the accusation at the accuser's cost. Whatever else goes wrong with the evidence is a failed
-  verdict too (:meth:`judge` is total); only this node's own faults are not.
+  would overturn the accusation at the accuser's cost. Whatever else goes
+  wrong with the evidence is a failed verdict too (:meth:`judge` is total);
+  only this node's own faults are not.
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
 
@@ -114,9 +115,6 @@ class Unreachable:
     a timeout, not an answer): maybe withholding, maybe down or cut off for now."""
 
     holders: tuple[str, ...]
-
-
-UNANSWERED = object()  # a holder the request did not reach, or whose answer did not come back
 
 
 def accuse_unreachable(height: int, deadline: int) -> bool:
@@ -324,25 +322,25 @@ class ValidatorActor(DutyActor):
         the executor or else from the TA that relayed (and kept) them; None when both
         answered without bytes that match; ``Unreachable`` when none served and some did not
         answer at all."""
-        unreachable = []
+        unreachable: tuple[str, ...] = ()
         for holder in dict.fromkeys((record.executor, record.ta)):
             fetched = await self._fetch_from(holder, inference_id, record)
-            if isinstance(fetched, tuple):
+            if isinstance(fetched, Unreachable):
+                unreachable += fetched.holders
+            elif fetched is not None:
                 return fetched
-            if fetched is UNANSWERED:
-                unreachable.append(holder)
-        return Unreachable(tuple(unreachable)) if unreachable else None
+        return Unreachable(unreachable) if unreachable else None
 
     async def _fetch_from(self, holder: str, inference_id: bytes, record: Inference
-                          ) -> tuple[InferenceRequest, bytes] | object | None:
+                          ) -> tuple[InferenceRequest, bytes] | Unreachable | None:
         """What ``holder`` served, None when it answered without matching evidence, or
-        ``UNANSWERED`` when the network did not bring an answer."""
+        ``Unreachable`` when the network did not bring an answer."""
         query = seal(ArtifactQuery(inference_id=inference_id), self._key)
         try:
             frame = await self._service.request(holder, ARTIFACT_PROTOCOL, query, timeout=FETCH_TIMEOUT_S)
         except (NetworkError, TimeoutError) as e:
             log.info("artifact of %s: %s not reached: %s", inference_id.hex()[:12], holder, e)
-            return UNANSWERED
+            return Unreachable((holder,))
         try:
             reply = open_envelope(frame, ArtifactReply)
             request = open_envelope(reply.message.request, InferenceRequest)

@@ -3,7 +3,7 @@
 Each class here replaces a py-libp2p class by rebinding the module-level name
 py-libp2p builds its objects from, so importing this module (``libp2p_patches``
 does) changes every host in the process. Each docstring names the upstream
-behaviour it corrects and the test or measurement that found it. Upgrading
+behaviour it corrects and why it hurts this network. Upgrading
 py-libp2p means re-reading each one against the new release: they override
 private methods.
 """
