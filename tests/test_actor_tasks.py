@@ -14,7 +14,8 @@ from helpers import eventually
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica import ReplicaParams
 from gonka_p2p.actors.supervisor import Supervised, Supervisor
-from gonka_p2p.actors.validator import ACCUSE_MARGIN_BLOCKS, RETRY_AFTER_BLOCKS, Unreachable, ValidatorActor
+from gonka_p2p.actors.evidence_fetch import RETRY_AFTER_BLOCKS, Unreachable
+from gonka_p2p.actors.validator import ACCUSE_MARGIN_BLOCKS, GIVE_UP_BEFORE_BLOCKS, ValidatorActor
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
@@ -23,7 +24,7 @@ from gonka_p2p.ledger.block import Block
 from gonka_p2p.ledger.devnet import devnet_genesis
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.records import Dispute, Inference, InferenceStatus, SeedCommitment
-from gonka_p2p.ledger.rules import validation_deadline
+from gonka_p2p.ledger.rules import settlement_height, validation_deadline
 from gonka_p2p.ledger.state import LedgerState, apply_block
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
@@ -99,10 +100,12 @@ async def test_a_block_applied_while_the_validator_judges_does_not_crash_it(bloc
     outbox = Outbox()
     validator = validator_of(outbox)
     judging, release = asyncio.Event(), asyncio.Event()
+    judged: list[bytes] = []
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         judging.set()
         await release.wait()  # the fetch and the re-run: blocks commit meanwhile
+        judged.append(inference_id)
         return withheld_verdict()
 
     validator.judge = judge  # type: ignore[method-assign,assignment]
@@ -114,11 +117,11 @@ async def test_a_block_applied_while_the_validator_judges_does_not_crash_it(bloc
         expected = {first, second, third}
     else:
         state.prune_epochs_before(1)
-        expected = {first}  # judged before the prune; the pruned one is not judged at all
+        expected = set()  # both were being judged; the ledger takes no vote on a pruned dispute
     validator.on_commit(state)  # the replica calls its listeners after the block
     release.set()
     try:
-        await eventually(lambda: outbox.votes() == expected or runner.done(), what="the votes")
+        await eventually(lambda: len(judged) == len(expected | {first, second}) or runner.done(), what="the checks")
         assert not runner.done(), runner.exception()
         assert outbox.votes() == expected
     finally:
@@ -156,7 +159,7 @@ async def test_a_restarted_validator_does_not_rejudge_an_epoch_whose_seed_it_rev
     state.validation_duties = lambda e, validator, seed: [duty] if e == epoch else []  # type: ignore[method-assign]
     judged: list[bytes] = []
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         judged.append(inference_id)
         return withheld_verdict()
 
@@ -177,10 +180,28 @@ async def test_evidence_no_holder_could_be_reached_for_is_unreachable_not_withhe
     """A holder that answers without the evidence withholds it; one the network cannot reach
     (down, partitioned, behind lossy links) has not answered at all."""
     validator = ValidatorActor(MemoryHub().service(ME), ME, {}, VerificationParams(models={}), WIDE.chain_id, None)
+    validator.on_commit(LedgerState.from_genesis(WIDE))
     gone = Keypair.from_seed(b"actor-tasks-gone").peer_id
     record = SimpleNamespace(executor=gone, ta=gone, artifact_commitment=b"", response_hash=b"")
-    fetched = await validator._fetch(b"\x07" * 32, record)  # type: ignore[arg-type]
-    assert isinstance(fetched, Unreachable) and fetched.holders == (gone,)
+    async with validator._evidence.fetch(b"\x07" * 32, record) as fetched:  # type: ignore[arg-type]
+        assert isinstance(fetched, Unreachable) and fetched.holders == (gone,)
+
+
+def epoch_with_duties(n: int) -> tuple[LedgerState, int, list[bytes]]:
+    """A state in epoch 1, whose ``n`` settled inferences are all this validator's duties and
+    stay so however many blocks are applied (their records are kept out of those blocks)."""
+    state = LedgerState.from_genesis(WIDE)
+    for _ in range(WIDE.params.epoch_length_blocks + 1):
+        next_block(state)
+    epoch = state.epoch
+    probe = LedgerState.from_genesis(WIDE)
+    next_block(probe)
+    duties = [settled_inference(probe, i + 1) for i in range(n)]
+    records = {iid: probe.inference(iid) for iid in duties}
+    state.inference = records.get  # type: ignore[method-assign,assignment]
+    state.add_commitment(epoch, ME.peer_id, SeedCommitment(commitment=b"c", height=1))
+    state.validation_duties = lambda e, validator, seed: list(duties) if e == epoch else []  # type: ignore
+    return state, epoch, duties
 
 
 @pytest.mark.parametrize("reachable_again", [True, False])
@@ -191,23 +212,14 @@ async def test_a_validator_that_cannot_reach_the_evidence_asks_again_and_accuses
     validator was penalised for an overturned accusation. Now it asks again every
     RETRY_AFTER_BLOCKS while the check's window stays open, and a withheld verdict is
     submitted only within ACCUSE_MARGIN_BLOCKS of the deadline."""
-    state = LedgerState.from_genesis(WIDE)
-    for _ in range(WIDE.params.epoch_length_blocks + 1):
-        next_block(state)
-    epoch = state.epoch
-    probe = LedgerState.from_genesis(WIDE)  # the duty's record, kept out of the blocks applied below
-    next_block(probe)
-    duty = settled_inference(probe, 1)
-    record = probe.inference(duty)
-    state.inference = lambda iid: record if iid == duty else None  # type: ignore[method-assign]
-    state.add_commitment(epoch, ME.peer_id, SeedCommitment(commitment=b"c", height=1))
-    state.validation_duties = lambda e, validator, seed: [duty] if e == epoch else []  # type: ignore[method-assign]
+    state, epoch, _ = epoch_with_duties(1)
     asked: list[int] = []
     served = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=16, mean_distance_nano=0,
                           max_distance_nano=0, top_k_misses=0, sampling_mismatches=0)
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         asked.append(state.height)
+        assert give_up_at == validation_deadline(epoch, state.params) - GIVE_UP_BEFORE_BLOCKS
         if reachable_again and len(asked) == 3:
             return served
         return Unreachable((EXECUTOR.peer_id,))
@@ -226,6 +238,56 @@ async def test_a_validator_that_cannot_reach_the_evidence_asks_again_and_accuses
     else:
         assert outbox.checks() == [withheld_verdict()]
         assert deadline - ACCUSE_MARGIN_BLOCKS <= asked[-1] < deadline
+
+
+async def test_a_validator_reveals_only_after_it_has_sent_every_check_of_the_epoch() -> None:
+    """The reveal closes an epoch's duties, and the ledger counts every duty not checked by then
+    as skipped: the validator forfeits its epoch reward. A duty whose evidence was unreachable
+    when the epoch ended was waiting to be asked again, and the validator revealed at the first
+    block after the end anyway -- so a partition at an epoch's end cost an honest validator its
+    reward. Now it reveals once every duty of the epoch is sent, or when the checks have closed."""
+    state, epoch, _ = epoch_with_duties(1)
+    while state.epoch == epoch:  # the evidence is out of reach from the epoch's last blocks on
+        next_block(state)
+
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
+        return Unreachable((EXECUTOR.peer_id,))
+
+    outbox = Outbox()
+    validator = validator_of(outbox, WIDE)
+    validator.judge = judge  # type: ignore[method-assign,assignment]
+    while state.height < settlement_height(epoch, state.params):
+        validator.on_commit(state)
+        await validator.step()
+        next_block(state)
+    kinds = [type(tx) for tx in outbox.sent if not isinstance(tx, CommitValidationSeed)]
+    assert kinds == [Validation, RevealValidationSeed]  # the accusation, at its deadline; then the claim
+
+
+async def test_a_check_whose_evidence_does_not_come_holds_up_no_other_check() -> None:
+    """A holder that never answers costs a fetch its whole timeout (30 s), and a lying executor
+    chooses to. The checks ran one at a time, so every other duty of the validator waited
+    behind the silent one, again at each retry: honest duties could miss their deadline (a
+    skipped duty forfeits the validator's epoch reward) while the silent executor's own
+    accusation margin passed unreached. Now the checks of a block run side by side."""
+    state, _, (silent, _) = epoch_with_duties(2)
+    never = asyncio.Event()
+
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
+        if inference_id == silent:
+            await never.wait()  # the fetch's timeout, as long as the test
+        return withheld_verdict()
+
+    outbox = Outbox()
+    validator = validator_of(outbox, WIDE)
+    validator.judge = judge  # type: ignore[method-assign,assignment]
+    runner = asyncio.create_task(validator.run())
+    validator.on_commit(state)
+    try:
+        await eventually(lambda: outbox.checks() or runner.done(), what="the other duty's check")
+        assert not runner.done(), runner.exception()
+    finally:
+        runner.cancel()
 
 
 # ---- a node's supervised actors ---------------------------------------------------------

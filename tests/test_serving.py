@@ -161,6 +161,7 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
     from types import SimpleNamespace
 
     from gonka_p2p.actors.artifact_store import ArtifactStore
+    from gonka_p2p.actors.evidence_fetch import Evidence
     from gonka_p2p.actors.validator import ValidatorActor
     from gonka_p2p.inference.verification_params import VerificationParams
 
@@ -179,10 +180,11 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
     withheld = ArtifactStore(None, max_bytes=1)
     await withheld.open()
     executor.artifacts.store = withheld  # the executor withholds (or went silent)
-    fetched = await validator._fetch(iid, record)
-    assert fetched is not None and fetched[1] == committed.encode()
+    async with validator._evidence.fetch(iid, record) as fetched:
+        assert isinstance(fetched, Evidence) and fetched.artifact == committed.encode()
     nodes[0].artifacts.store = withheld
-    assert await validator._fetch(iid, record) is None  # nobody serves it: a withheld verdict
+    async with validator._evidence.fetch(iid, record) as fetched:
+        assert fetched is None  # nobody serves it: a withheld verdict
 
 
 async def test_a_request_no_executor_can_run_is_refused_at_once(engine: Engine) -> None:

@@ -8,9 +8,10 @@ schedule of its own (nothing to persist, nothing lost by a restart):
 
 * **Seeds.** Its secret seed for epoch *e* is derived from its private key
   (``derive_validation_seed``). While *e - 1* runs it commits to the seed
-  (``CommitValidationSeed``); once *e* has ended, before it settles, it
-  reveals it (``RevealValidationSeed``), which claims its epoch reward -- and
-  lets every replica recompute its duties and count any it skipped.
+  (``CommitValidationSeed``); once *e* has ended and every duty of it is
+  sent (or its checks have closed), before it settles, it reveals it
+  (``RevealValidationSeed``), which claims its epoch reward -- and lets every
+  replica recompute its duties and count any it skipped.
 * **Duties.** ``state.validation_duties(e, me, seed)`` lists the settled
   inferences it must check. For each one it has not checked yet it fetches
   the client's signed request and the artifact from the executor, or else
@@ -28,7 +29,9 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   is asked again every ``RETRY_AFTER_BLOCKS`` until ``ACCUSE_MARGIN_BLOCKS``
   before the deadline (``accuse_unreachable``): a crash or a partition must not
   look like withholding, and the committee that reaches the evidence later
-  would overturn the accusation at the accuser's cost. Whatever else goes
+  would overturn the accusation at the accuser's cost. A request still
+  unanswered ``GIVE_UP_BEFORE_BLOCKS`` before the deadline is given up, so
+  the accusation can still commit. Whatever else goes
   wrong with the evidence is a failed verdict too (:meth:`judge` is total);
   only this node's own faults are not.
 * **Disputes.** When it sits on the committee of an open dispute it checks
@@ -48,10 +51,13 @@ block may have opened, resolved or pruned anything meanwhile.
 
 Tasks and memory
 ----------------
-The checks run one at a time (they share the cores with serving), inside
-:meth:`run`, which the node supervises: a crash is reported and the actor
-restarted, and since every duty is recomputed from committed state it
-resumes where it stopped. Its transactions go to the node's transaction
+Each committed block starts a step, and a step runs its checks side by side:
+their fetches wait on the network at once (``evidence_fetch`` bounds them, and
+what a silent holder can cost), their re-runs take turns in the engine (they
+share the cores with serving). A duty under way is not started again. All of
+it lives inside :meth:`run`, which the node supervises: a crash is reported
+and the actor restarted, and since every duty is recomputed from committed
+state it resumes where it stopped. Its transactions go to the node's transaction
 follower. A duty is done only once its transaction commits: until the
 follower reports its fate it is in flight (not sent twice), and if it never
 commits (refused to the end, rejected) it is due again at the next step. It
@@ -64,12 +70,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
+from gonka_p2p.actors.evidence_fetch import RETRY_AFTER_BLOCKS, Evidence, EvidenceFetcher, HeightWatch, Unreachable
 from gonka_p2p.actors.executor import sampling_params
-from gonka_p2p.gossip.service import NetworkError, NetworkService
-from gonka_p2p.identity import Keypair, digest
+from gonka_p2p.gossip.service import NetworkService
+from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
 from gonka_p2p.inference.engine import Engine, ScoredCompletion
 from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, full_rows
@@ -96,25 +102,13 @@ from gonka_p2p.ledger.transactions import (
     verdict_stats,
     withheld_verdict,
 )
-from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest
-from gonka_p2p.wire.messages import inference_id as inference_id_of  # "inference_id" names ids here
-from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
-from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.envelope import seal
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 30.0
-RETRY_AFTER_BLOCKS = 3  # blocks between tries at evidence no holder could be reached for
 ACCUSE_MARGIN_BLOCKS = 5  # within this many blocks of its deadline an unreachable holder is accused
-
-
-@dataclass(frozen=True)
-class Unreachable:
-    """No holder served the evidence, and some could not be reached at all (a network error or
-    a timeout, not an answer): maybe withholding, maybe down or cut off for now."""
-
-    holders: tuple[str, ...]
+GIVE_UP_BEFORE_BLOCKS = 3  # a fetch unanswered this close to the deadline ends: the accusation must commit
+DutyKey = tuple[int, tuple[str, bytes]]  # (epoch, ("check" or "vote", inference id))
 
 
 def accuse_unreachable(height: int, deadline: int) -> bool:
@@ -136,18 +130,27 @@ class ValidatorActor(DutyActor):
         submitter: TxFollower,
     ) -> None:
         super().__init__(key, submitter)  # its duties: (what, epoch or inference id) per epoch
-        self._service = service
+        self._heights = HeightWatch()
+        self._evidence = EvidenceFetcher(service, key, self._heights)
         self._engines = engines
         self._params = params
         self._chain_id = chain_id
         self.checked = 0
-        # (epoch, (what, inference id)) -> the height from which to ask again for unreachable evidence
-        self._ask_again: dict[tuple[int, tuple[str, bytes]], int] = {}
+        self._ask_again: dict[DutyKey, int] = {}  # -> the height from which to ask again for unreachable evidence
+        self._judging: set[DutyKey] = set()  # checks and votes under way
+        self._engine_turn = asyncio.Lock()  # re-runs one at a time: they share the cores with serving
 
     async def run(self) -> None:
-        while True:
-            await self.next_commit()
-            await self.step()
+        """A step per committed block, each in its own task: a check still waiting for its
+        evidence (up to the fetch timeout) holds up none of the next blocks' duties."""
+        async with asyncio.TaskGroup() as steps:
+            while True:
+                await self.next_commit()
+                steps.create_task(self.step())
+
+    def on_commit(self, state: LedgerState) -> None:
+        super().on_commit(state)
+        self._heights.advance(state.height)
 
     def seed(self, epoch: int) -> bytes:
         return derive_validation_seed(self._key.secret, self._chain_id, epoch)
@@ -157,35 +160,40 @@ class ValidatorActor(DutyActor):
         return self._duties.epochs()
 
     async def step(self) -> None:
-        """Everything due now: seeds to commit or reveal, checks, dispute votes."""
+        """Everything due now: seeds to commit, checks and dispute votes (side by side, each
+        one not already under way), then the reveals they allow."""
         if self._state is None:
             return
         self._duties.forget(self._settled)
         self._ask_again = {k: h for k, h in self._ask_again.items() if not self._settled(k[0])}
         now = self._live().epoch
-        for epoch in (now - 1, now, now + 1):
-            if epoch < 0 or self._settled(epoch):
-                continue
-            self._commit_seed(epoch)
-            commitment = self._live().commitment(epoch, self.me)
-            if commitment is None or epoch > self._live().epoch:  # the next epoch's duties do not exist yet
-                continue
-            if commitment.revealed:  # its duties are closed: the ledger refuses a check now
-                continue
-            for iid in self._live().validation_duties(epoch, self.me, self.seed(epoch)):
-                if (self.me not in self._live().validations(iid) and not self._duties.sent(epoch, ("check", iid))
-                        and self._due(epoch, ("check", iid))):
-                    await self._check(epoch, iid, dispute=False)
-            self._reveal_seed(epoch)
-        for iid in self._live().open_disputes_for(self.me):
-            dispute = self._live().dispute(iid)  # still open? an earlier await may have closed it
-            if (dispute is not None and dispute.outcome is DisputeOutcome.OPEN
-                    and not self._duties.sent(dispute.epoch, ("vote", iid)) and self._due(dispute.epoch, ("vote", iid))):
-                await self._check(dispute.epoch, iid, dispute=True)
+        epochs = [e for e in (now - 1, now, now + 1) if e >= 0 and not self._settled(e)]
+        async with asyncio.TaskGroup() as checks:
+            for epoch in epochs:
+                self._commit_seed(epoch)
+                commitment = self._live().commitment(epoch, self.me)
+                if commitment is None or epoch > now or commitment.revealed:
+                    continue  # the next epoch's duties do not exist yet; a revealed epoch's are closed
+                for iid in self._live().validation_duties(epoch, self.me, self.seed(epoch)):
+                    if not self._check_sent(epoch, iid) and self._due((epoch, ("check", iid))):
+                        checks.create_task(self._check(epoch, iid, dispute=False))
+            for iid in self._live().open_disputes_for(self.me):
+                dispute = self._live().dispute(iid)
+                if (dispute is not None and dispute.outcome is DisputeOutcome.OPEN
+                        and not self._duties.sent(dispute.epoch, ("vote", iid))
+                        and self._due((dispute.epoch, ("vote", iid)))):
+                    checks.create_task(self._check(dispute.epoch, iid, dispute=True))
+        for epoch in epochs:
+            if not self._settled(epoch):
+                self._reveal_seed(epoch)
 
-    def _due(self, epoch: int, key: tuple[str, bytes]) -> bool:
-        """Not waiting to ask again for evidence it could not reach."""
-        return self._live().height >= self._ask_again.get((epoch, key), 0)
+    def _check_sent(self, epoch: int, inference_id: bytes) -> bool:
+        """Its check of this duty is committed, on its way, or given up here."""
+        return self.me in self._live().validations(inference_id) or self._duties.sent(epoch, ("check", inference_id))
+
+    def _due(self, key: DutyKey) -> bool:
+        """Not under way, nor waiting to ask again for evidence it could not reach."""
+        return key not in self._judging and self._live().height >= self._ask_again.get(key, 0)
 
     def _settled(self, epoch: int) -> bool:
         """Has ``epoch`` settled? Then no seed, check or vote for it is accepted any more."""
@@ -201,27 +209,42 @@ class ValidatorActor(DutyActor):
                 commitment=seed_commitment(epoch, self.me, self.seed(epoch)), sequence=s), self._key))
 
     def _reveal_seed(self, epoch: int) -> None:
-        """After the epoch's checks: a reveal closes its duties."""
+        """After the epoch's checks: a reveal closes its duties, and the ledger counts each one
+        not checked by then as skipped (the whole epoch reward). So it waits while a duty is
+        still unsent -- evidence out of reach, asked again until its accusation margin --
+        unless the checks have closed, when waiting gains nothing."""
         state = self._live()
         commitment = state.commitment(epoch, self.me)
         if (commitment is not None and not commitment.revealed
-                and seed_reveal_open(epoch, state.height, state.params)):
+                and seed_reveal_open(epoch, state.height, state.params)
+                and (state.height >= validation_deadline(epoch, state.params)
+                     or all(self._check_sent(epoch, iid)
+                            for iid in state.validation_duties(epoch, self.me, self.seed(epoch))))):
             self._duties.once(epoch, ("reveal", epoch), lambda s: seal(RevealValidationSeed(
                 chain_id=self._chain_id, epoch=epoch, seed=self.seed(epoch), sequence=s), self._key))
 
     async def _check(self, epoch: int, inference_id: bytes, dispute: bool) -> None:
+        key = (epoch, ("vote" if dispute else "check", inference_id))
+        self._judging.add(key)
+        try:
+            await self._judge_and_send(epoch, inference_id, dispute)
+        finally:
+            self._judging.discard(key)
+
+    async def _judge_and_send(self, epoch: int, inference_id: bytes, dispute: bool) -> None:
         record = self._live().inference(inference_id)
-        if record is None:
-            return
+        deadline = self._deadline(epoch, inference_id, dispute)
+        if record is None or deadline is None or self._live().height > deadline:
+            return  # nothing to check, or the ledger takes it no more
         what = "vote" if dispute else "check"
-        verdict = await self.judge(inference_id, record)
+        verdict = await self.judge(inference_id, record, give_up_at=deadline - GIVE_UP_BEFORE_BLOCKS)
         if verdict is None:  # this node cannot judge it: say so once, not after every block
             self._duties.mark_done(epoch, (what, inference_id))
             return
+        if self._deadline(epoch, inference_id, dispute) is None:
+            return  # its dispute was resolved or pruned meanwhile: the ledger takes no vote now
+        state = self._live()
         if isinstance(verdict, Unreachable):
-            state = self._live()
-            open_dispute = state.dispute(inference_id) if dispute else None
-            deadline = open_dispute.deadline if open_dispute is not None else validation_deadline(epoch, state.params)
             if not accuse_unreachable(state.height, deadline):
                 log.info("evidence of %s unreachable at %s: asking again", inference_id.hex()[:12], verdict.holders)
                 self._ask_again[(epoch, (what, inference_id))] = state.height + RETRY_AFTER_BLOCKS
@@ -240,8 +263,18 @@ class ValidatorActor(DutyActor):
 
         self._duties.once(epoch, (what, inference_id), build)
 
-    async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | Unreachable | None:
-        """Fetch, re-run and judge one inference by the client's signed request.
+    def _deadline(self, epoch: int, inference_id: bytes, dispute: bool) -> int | None:
+        """The last height whose block takes this check, or this vote (None: no open dispute)."""
+        state = self._live()
+        if not dispute:
+            return validation_deadline(epoch, state.params)
+        open_dispute = state.dispute(inference_id)
+        return open_dispute.deadline if open_dispute and open_dispute.outcome is DisputeOutcome.OPEN else None
+
+    async def judge(self, inference_id: bytes, record: Inference, give_up_at: int | None = None
+                    ) -> VerdictStats | Unreachable | None:
+        """Fetch, re-run and judge one inference by the client's signed request; evidence not
+        served by the time ``give_up_at`` commits is ``Unreachable``.
 
         Total over what others serve: missing, malformed or inconsistent evidence, terms
         other than the request's, ids the model cannot run -- each ends as a failed verdict
@@ -259,24 +292,25 @@ class ValidatorActor(DutyActor):
         if engine is None:
             log.warning("cannot check %s: this node does not run %s", inference_id.hex()[:12], record.model)
             return None
-        served = await self._fetch(inference_id, record)
-        if served is None:
-            return withheld_verdict()
-        if isinstance(served, Unreachable):
-            return served
-        claim = self._claim(engine, inference_id, record, *served)
-        if isinstance(claim, Verdict):
-            return verdict_stats(claim)
-        artifact, contract = claim
-        try:
-            verdict = await self._verify(engine, artifact, contract, thresholds, EVIDENCE_TOP_K)
-            if verdict.valid and verdict.undecidable:  # resolved in the same engine: every row
-                verdict = await self._verify(engine, artifact, contract, thresholds,
-                                             engine.local_model.vocab_size)
-        except Exception:  # the evidence passed every check the model imposes: the fault is here
-            log.exception("cannot check %s: this node failed to re-run it", inference_id.hex()[:12])
-            return None
-        return verdict_stats(verdict)
+        async with self._evidence.fetch(inference_id, record, give_up_at) as served:
+            if served is None:
+                return withheld_verdict()
+            if isinstance(served, Unreachable):
+                return served
+            claim = self._claim(engine, inference_id, record, served)
+            if isinstance(claim, Verdict):
+                return verdict_stats(claim)
+            artifact, contract = claim
+            try:
+                async with self._engine_turn:
+                    verdict = await self._verify(engine, artifact, contract, thresholds, EVIDENCE_TOP_K)
+                    if verdict.valid and verdict.undecidable:  # resolved in the same engine: every row
+                        verdict = await self._verify(engine, artifact, contract, thresholds,
+                                                     engine.local_model.vocab_size)
+            except Exception:  # the evidence passed every check the model imposes: the fault is here
+                log.exception("cannot check %s: this node failed to re-run it", inference_id.hex()[:12])
+                return None
+            return verdict_stats(verdict)
 
     @staticmethod
     async def _verify(engine: Engine, artifact: InferenceArtifact, contract: Contract,
@@ -292,13 +326,14 @@ class ValidatorActor(DutyActor):
                                        eos_token_ids=engine.eos_token_ids, vocab_size=vocab)
 
     @staticmethod
-    def _claim(engine: Engine, inference_id: bytes, record: Inference, request: InferenceRequest,
-               data: bytes) -> tuple[InferenceArtifact, Contract] | Verdict:
+    def _claim(engine: Engine, inference_id: bytes, record: Inference,
+               served: Evidence) -> tuple[InferenceArtifact, Contract] | Verdict:
         """The served artifact and the contract it is judged by, or the failed verdict when
         the evidence cannot even be run: it does not decode, the request is one no honest
         executor could have run, or its ids are outside what the model accepts."""
+        request = served.request
         try:
-            artifact = InferenceArtifact.decode(data)
+            artifact = InferenceArtifact.decode(served.artifact)
         except ArtifactError as e:
             return rejected(f"evidence: the committed artifact does not decode: {e}")
         try:
@@ -315,39 +350,3 @@ class ValidatorActor(DutyActor):
         return artifact, Contract(
             model=request.model, prompt_ids=tuple(prompt_ids), params=params, seed=inference_id,
             billed=Billed(record.response_hash, record.prompt_tokens, record.completion_tokens))
-
-    async def _fetch(self, inference_id: bytes, record: Inference
-                     ) -> tuple[InferenceRequest, bytes] | Unreachable | None:
-        """The client's request and the artifact bytes behind the ledger's commitment, from
-        the executor or else from the TA that relayed (and kept) them; None when both
-        answered without bytes that match; ``Unreachable`` when none served and some did not
-        answer at all."""
-        unreachable: tuple[str, ...] = ()
-        for holder in dict.fromkeys((record.executor, record.ta)):
-            fetched = await self._fetch_from(holder, inference_id, record)
-            if isinstance(fetched, Unreachable):
-                unreachable += fetched.holders
-            elif fetched is not None:
-                return fetched
-        return Unreachable(unreachable) if unreachable else None
-
-    async def _fetch_from(self, holder: str, inference_id: bytes, record: Inference
-                          ) -> tuple[InferenceRequest, bytes] | Unreachable | None:
-        """What ``holder`` served, None when it answered without matching evidence, or
-        ``Unreachable`` when the network did not bring an answer."""
-        query = seal(ArtifactQuery(inference_id=inference_id), self._key)
-        try:
-            frame = await self._service.request(holder, ARTIFACT_PROTOCOL, query, timeout=FETCH_TIMEOUT_S)
-        except (NetworkError, TimeoutError) as e:
-            log.info("artifact of %s: %s not reached: %s", inference_id.hex()[:12], holder, e)
-            return Unreachable((holder,))
-        try:
-            reply = open_envelope(frame, ArtifactReply)
-            request = open_envelope(reply.message.request, InferenceRequest)
-        except WireError as e:
-            log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], holder, e)
-            return None
-        if (reply.signer_id != holder or inference_id_of(request) != inference_id
-                or digest(reply.message.artifact) != record.artifact_commitment):
-            return None  # whether the committed bytes make sense is judged, not fetched
-        return request.message, reply.message.artifact
