@@ -3,9 +3,9 @@
 
 The holders are counterparties, and a lying executor chooses how it answers. One that never
 answers costs a request its whole timeout. Asked once per duty, in turn, a silent executor
-with many inferences would hold a validator's checks for minutes at every retry: its honest
-duties could miss their deadline (a skipped duty forfeits the validator's epoch reward) and
-the silent one's own accusation margin could pass unasked. So:
+with many inferences would hold a validator's checks for minutes at every retry, and its
+honest duties could miss their deadline (a skipped duty forfeits the validator's epoch
+reward). So:
 
 * a holder is asked one request at a time; the other duties it holds queue behind that
   request without taking a slot (below);
@@ -13,12 +13,7 @@ the silent one's own accusation margin could pass unasked. So:
   duty it holds is :class:`Unreachable` until then, at once;
 * requests to different holders run side by side, at most ``EVIDENCE_SLOTS`` at a time, and
   a slot stays taken while the evidence it brought is judged, so the evidence held in
-  memory is bounded too. A holder that answers slowly on purpose holds one slot, not many;
-* a fetch gives up at a height its caller names (``give_up_at``): a request's timeout is
-  seconds, a check's deadline is blocks, and at fast blocks one timeout outlasts the whole
-  margin in which the silence is to be judged withheld. Without it a silent executor's
-  last request would end after the deadline: no accusation, and a skipped duty for the
-  validator.
+  memory is bounded too. A holder that answers slowly on purpose holds one slot, not many.
 
 Locks are taken in one order only -- a holder's turn, then a slot, then (the caller's) the
 engine -- and a slot is given back before the next holder's turn is awaited, so no two
@@ -30,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -58,23 +53,6 @@ class Unreachable:
     holders: tuple[str, ...]
 
 
-class HeightWatch:
-    """The newest committed height, and a wait for a height to commit."""
-
-    def __init__(self) -> None:
-        self.height = -1
-        self._next = asyncio.Event()
-
-    def advance(self, height: int) -> None:
-        self.height = height
-        self._next.set()
-        self._next = asyncio.Event()
-
-    async def reach(self, height: int) -> None:
-        while self.height < height:
-            await self._next.wait()
-
-
 @dataclass(frozen=True)
 class Evidence:
     """What a holder served: the client's signed request and the artifact bytes behind the
@@ -85,27 +63,25 @@ class Evidence:
 
 
 class EvidenceFetcher:
-    def __init__(self, service: NetworkService, key: Keypair, heights: HeightWatch,
+    def __init__(self, service: NetworkService, key: Keypair, height: Callable[[], int],
                  slots: int = EVIDENCE_SLOTS) -> None:
         self._service = service
         self._key = key
-        self._heights = heights
+        self._height = height  # the newest committed height
         self._slots = asyncio.Semaphore(slots)
         self._turns: dict[str, asyncio.Lock] = {}
         self._queued: Counter[str] = Counter()  # tasks holding or awaiting each holder's turn
         self._unreached_at: dict[str, int] = {}  # holder (a participant) -> height of its last unreached request
 
     @asynccontextmanager
-    async def fetch(self, inference_id: bytes, record: Inference, give_up_at: int | None = None
-                    ) -> AsyncIterator[Evidence | Unreachable | None]:
+    async def fetch(self, inference_id: bytes, record: Inference) -> AsyncIterator[Evidence | Unreachable | None]:
         """The evidence, from the executor or else from the TA that relayed (and kept) it,
         held in a slot until the block exits; None when every holder answered without
-        evidence that matches; ``Unreachable`` when none served and some did not answer,
-        or had not by the time ``give_up_at`` committed."""
+        evidence that matches; ``Unreachable`` when none served and some did not answer."""
         unreachable: tuple[str, ...] = ()
         evidence = None
         for holder in dict.fromkeys((record.executor, record.ta)):
-            served = await self._until(give_up_at, holder, self._take_from(holder, inference_id, record))
+            served = await self._take_from(holder, inference_id, record)
             if isinstance(served, Evidence):
                 evidence = served
                 break
@@ -117,29 +93,12 @@ class EvidenceFetcher:
             if evidence is not None:
                 self._slots.release()
 
-    async def _until(self, give_up_at: int | None, holder: str,
-                     taking: Coroutine[None, None, Evidence | Unreachable | None]) -> Evidence | Unreachable | None:
-        """``taking``'s result, or ``Unreachable`` once ``give_up_at`` has committed first
-        (``taking`` is then cancelled: its turn and slot are given back)."""
-        if give_up_at is None:
-            return await taking
-        async with asyncio.TaskGroup() as tasks:
-            took = tasks.create_task(taking)
-            cutoff = tasks.create_task(self._heights.reach(give_up_at))
-            await asyncio.wait((took, cutoff), return_when=asyncio.FIRST_COMPLETED)
-            for task in (took, cutoff):
-                task.cancel()
-        if took.cancelled():
-            log.info("%s gave no answer by height %d", holder, give_up_at)
-            return Unreachable((holder,))
-        return took.result()
-
     async def _take_from(self, holder: str, inference_id: bytes, record: Inference
                          ) -> Evidence | Unreachable | None:
         """Ask ``holder`` in its turn; the slot is still taken when this returns Evidence."""
         async with self._turn(holder):
             unreached_at = self._unreached_at.get(holder)
-            if unreached_at is not None and self._heights.height < unreached_at + RETRY_AFTER_BLOCKS:
+            if unreached_at is not None and self._height() < unreached_at + RETRY_AFTER_BLOCKS:
                 return Unreachable((holder,))
             await self._slots.acquire()
             try:
@@ -150,7 +109,7 @@ class EvidenceFetcher:
             if not isinstance(served, Evidence):
                 self._slots.release()
             if isinstance(served, Unreachable):
-                self._unreached_at[holder] = self._heights.height
+                self._unreached_at[holder] = self._height()
             else:
                 self._unreached_at.pop(holder, None)
             return served
