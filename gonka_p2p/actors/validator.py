@@ -89,7 +89,6 @@ from gonka_p2p.ledger.rules import (
     settlement_height,
     validation_deadline,
 )
-from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
