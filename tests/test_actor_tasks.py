@@ -15,7 +15,7 @@ from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica import ReplicaParams
 from gonka_p2p.actors.supervisor import Supervised, Supervisor
 from gonka_p2p.actors.evidence_fetch import RETRY_AFTER_BLOCKS, Unreachable
-from gonka_p2p.actors.validator import ACCUSE_MARGIN_BLOCKS, ValidatorActor
+from gonka_p2p.actors.validator import ACCUSE_MARGIN_BLOCKS, GIVE_UP_BEFORE_BLOCKS, ValidatorActor
 from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair
@@ -102,7 +102,7 @@ async def test_a_block_applied_while_the_validator_judges_does_not_crash_it(bloc
     judging, release = asyncio.Event(), asyncio.Event()
     judged: list[bytes] = []
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         judging.set()
         await release.wait()  # the fetch and the re-run: blocks commit meanwhile
         judged.append(inference_id)
@@ -159,7 +159,7 @@ async def test_a_restarted_validator_does_not_rejudge_an_epoch_whose_seed_it_rev
     state.validation_duties = lambda e, validator, seed: [duty] if e == epoch else []  # type: ignore[method-assign]
     judged: list[bytes] = []
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         judged.append(inference_id)
         return withheld_verdict()
 
@@ -217,8 +217,9 @@ async def test_a_validator_that_cannot_reach_the_evidence_asks_again_and_accuses
     served = VerdictStats(valid=True, suspicious=False, failure_flags=0, n_tokens=16, mean_distance_nano=0,
                           max_distance_nano=0, top_k_misses=0, sampling_mismatches=0)
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         asked.append(state.height)
+        assert give_up_at == validation_deadline(epoch, state.params) - GIVE_UP_BEFORE_BLOCKS
         if reachable_again and len(asked) == 3:
             return served
         return Unreachable((EXECUTOR.peer_id,))
@@ -249,7 +250,7 @@ async def test_a_validator_reveals_only_after_it_has_sent_every_check_of_the_epo
     while state.epoch == epoch:  # the evidence is out of reach from the epoch's last blocks on
         next_block(state)
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         return Unreachable((EXECUTOR.peer_id,))
 
     outbox = Outbox()
@@ -267,12 +268,12 @@ async def test_a_check_whose_evidence_does_not_come_holds_up_no_other_check() ->
     """A holder that never answers costs a fetch its whole timeout (30 s), and a lying executor
     chooses to. The checks ran one at a time, so every other duty of the validator waited
     behind the silent one, again at each retry: honest duties could miss their deadline (a
-    skipped duty forfeits the validator's epoch reward). Now the checks of a block run side
-    by side."""
+    skipped duty forfeits the validator's epoch reward) while the silent executor's own
+    accusation margin passed unreached. Now the checks of a block run side by side."""
     state, _, (silent, _) = epoch_with_duties(2)
     never = asyncio.Event()
 
-    async def judge(inference_id: bytes, record: Inference) -> object:
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
         if inference_id == silent:
             await never.wait()  # the fetch's timeout, as long as the test
         return withheld_verdict()

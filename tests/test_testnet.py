@@ -19,12 +19,14 @@ import pytest
 
 from gonka_p2p.testnet import netns
 from gonka_p2p.testnet.invariants import (
+    SKIPPED,
     STANDING,
     Applied,
     judge,
     judge_membership,
     judge_requests,
     judge_streams,
+    note_skipped,
     recovery_after,
 )
 from gonka_p2p.testnet.load import via_http
@@ -319,3 +321,16 @@ def test_an_honest_participant_caught_sanctioned_or_overturned_fails_the_run() -
     for counter in ("caught", "sanctioned", "overturned"):
         penalised = judge(observed, [], {}, [], stores, 10, [], standing={"a" * 20: {**clean, counter: 1}})
         assert not penalised.passed and counter in penalised.rows[-2].detail
+
+
+def test_checks_left_undone_at_a_reveal_are_reported_beside_the_standing_not_judged() -> None:
+    """A validator down or cut off for its whole validation window skips its duties and forfeits
+    that epoch's reward, by the brief's rule: the run reports it, so that a change which makes
+    honest validators skip more is seen, without failing on a perturbation's plain effect."""
+    observed = [observation(t, n, t) for t in range(1, 30) for n in range(3)]
+    stores = {n: ({h: HASH_A for h in range(1, 30)}, None) for n in range(3)}
+    standing: dict[str, dict[str, int]] = {}
+    note_skipped({(3, "v" * 20): 2, (4, "v" * 20): 1, (4, "w" * 20): 0}, standing)
+    assert standing["v" * 20][SKIPPED] == 3 and standing["w" * 20][SKIPPED] == 0
+    verdict = judge(observed, [], {}, [], stores, 10, [], standing=standing)
+    assert verdict.passed and "{'vvvvvvvv': 3}" in verdict.rows[-2].detail

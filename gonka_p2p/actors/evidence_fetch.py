@@ -13,7 +13,18 @@ reward). So:
   duty it holds is :class:`Unreachable` until then, at once;
 * requests to different holders run side by side, at most ``EVIDENCE_SLOTS`` at a time, and
   a slot stays taken while the evidence it brought is judged, so the evidence held in
-  memory is bounded too. A holder that answers slowly on purpose holds one slot, not many.
+  memory is bounded too. A holder that answers slowly on purpose holds one slot, not many;
+* the TA is not left waiting behind a silent executor (a hedged request): it is asked as
+  soon as the executor has answered without evidence, or has kept silent for
+  ``HEDGE_AFTER_S``, and at once when the executor's last request went unanswered or the
+  fetch starts within ``ASK_ALL_BEFORE_BLOCKS`` of its cutoff. The first evidence wins;
+* a fetch gives up at a height its caller names (``give_up_at``): a request's timeout is
+  seconds, a check's deadline is blocks, and at fast blocks one timeout outlasts the whole
+  margin in which silence is judged withheld. Without it the last request to a silent
+  executor and its partner TA would end after the deadline: no accusation, and a skipped
+  duty for the validator. (A cutoff without the hedge made honest executors look like
+  withholders: testnet run 13 cut requests to a partitioned executor while the TA that
+  held the evidence had not been asked.)
 
 Locks are taken in one order only -- a holder's turn, then a slot, then (the caller's) the
 engine -- and a slot is given back before the next holder's turn is awaited, so no two
@@ -25,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -43,6 +54,8 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 30.0
 RETRY_AFTER_BLOCKS = 3  # blocks between tries at a holder the network did not reach
 EVIDENCE_SLOTS = 8  # requests in flight, or evidence being judged, at once
+HEDGE_AFTER_S = 3.0  # executor silence after which the TA is asked too
+ASK_ALL_BEFORE_BLOCKS = 10  # a fetch starting this close to its cutoff asks every holder at once
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,23 @@ class Unreachable:
     a timeout, not an answer): maybe withholding, maybe down or cut off for now."""
 
     holders: tuple[str, ...]
+
+
+class HeightWatch:
+    """The newest committed height, and a wait for a height to commit."""
+
+    def __init__(self) -> None:
+        self.height = -1
+        self._next = asyncio.Event()
+
+    def advance(self, height: int) -> None:
+        self.height = height
+        self._next.set()
+        self._next = asyncio.Event()
+
+    async def reach(self, height: int) -> None:
+        while self.height < height:
+            await self._next.wait()
 
 
 @dataclass(frozen=True)
@@ -63,42 +93,80 @@ class Evidence:
 
 
 class EvidenceFetcher:
-    def __init__(self, service: NetworkService, key: Keypair, height: Callable[[], int],
-                 slots: int = EVIDENCE_SLOTS) -> None:
+    def __init__(self, service: NetworkService, key: Keypair, heights: HeightWatch,
+                 slots: int = EVIDENCE_SLOTS, hedge_after_s: float = HEDGE_AFTER_S) -> None:
         self._service = service
         self._key = key
-        self._height = height  # the newest committed height
+        self._heights = heights
         self._slots = asyncio.Semaphore(slots)
+        self._hedge_after_s = hedge_after_s
         self._turns: dict[str, asyncio.Lock] = {}
         self._queued: Counter[str] = Counter()  # tasks holding or awaiting each holder's turn
         self._unreached_at: dict[str, int] = {}  # holder (a participant) -> height of its last unreached request
 
     @asynccontextmanager
-    async def fetch(self, inference_id: bytes, record: Inference) -> AsyncIterator[Evidence | Unreachable | None]:
-        """The evidence, from the executor or else from the TA that relayed (and kept) it,
-        held in a slot until the block exits; None when every holder answered without
-        evidence that matches; ``Unreachable`` when none served and some did not answer."""
-        unreachable: tuple[str, ...] = ()
-        evidence = None
-        for holder in dict.fromkeys((record.executor, record.ta)):
-            served = await self._take_from(holder, inference_id, record)
-            if isinstance(served, Evidence):
-                evidence = served
-                break
-            if isinstance(served, Unreachable):
-                unreachable += served.holders
+    async def fetch(self, inference_id: bytes, record: Inference, give_up_at: int | None = None
+                    ) -> AsyncIterator[Evidence | Unreachable | None]:
+        """The evidence, from the executor or from the TA that relayed (and kept) it, held in a
+        slot until the block exits; None when every holder answered without evidence that
+        matches; ``Unreachable`` when none served and some did not answer, or had not by the
+        time ``give_up_at`` committed."""
+        holders = tuple(dict.fromkeys((record.executor, record.ta)))
+        served, silent = await self._first_served(holders, inference_id, record, give_up_at)
+        evidence = next((s for s in served if isinstance(s, Evidence)), None)
+        for extra in served:  # two holders served in the same instant: keep one slot
+            if isinstance(extra, Evidence) and extra is not evidence:
+                self._slots.release()
+        unreachable = tuple(h for s in served if isinstance(s, Unreachable) for h in s.holders) + silent
         try:
             yield evidence if evidence is not None else Unreachable(unreachable) if unreachable else None
         finally:
             if evidence is not None:
                 self._slots.release()
 
+    async def _first_served(self, holders: tuple[str, ...], inference_id: bytes, record: Inference,
+                            give_up_at: int | None) -> tuple[list[Evidence | Unreachable | None], tuple[str, ...]]:
+        """Ask ``holders`` in order, the next one once all asked so far have answered without
+        evidence or the hedge is due, until the first evidence, the last answer or the cutoff.
+        Returns what the finished requests served, and the holders cut off or never asked."""
+        queue = list(holders)
+        asks: dict[asyncio.Task[Evidence | Unreachable | None], str] = {}
+        hedge_due = self._ask_all_at_once(holders[0], give_up_at)
+        async with asyncio.TaskGroup() as tasks:
+            cutoff = tasks.create_task(self._heights.reach(give_up_at)) if give_up_at is not None else None
+            while not any(a.done() and isinstance(a.result(), Evidence) for a in asks):
+                running = {a for a in asks if not a.done()}
+                if queue and (hedge_due or not running):
+                    holder = queue.pop(0)
+                    asks[tasks.create_task(self._take_from(holder, inference_id, record))] = holder
+                    continue
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running | ({cutoff} if cutoff else set()),
+                                             timeout=self._hedge_after_s if queue else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if cutoff in done:
+                    log.info("evidence of %s: no answer by height %d", inference_id.hex()[:12], give_up_at)
+                    break
+                hedge_due = not done
+            for task in (*asks, cutoff):
+                if task is not None:
+                    task.cancel()
+        served = [a.result() for a in asks if not a.cancelled()]
+        return served, tuple(h for a, h in asks.items() if a.cancelled()) + tuple(queue)
+
+    def _ask_all_at_once(self, first: str, give_up_at: int | None) -> bool:
+        """No time to wait on the first holder: its last request went unanswered, or the cutoff
+        is too close for a hedge measured in seconds."""
+        return first in self._unreached_at or (
+            give_up_at is not None and self._heights.height >= give_up_at - ASK_ALL_BEFORE_BLOCKS)
+
     async def _take_from(self, holder: str, inference_id: bytes, record: Inference
                          ) -> Evidence | Unreachable | None:
         """Ask ``holder`` in its turn; the slot is still taken when this returns Evidence."""
         async with self._turn(holder):
             unreached_at = self._unreached_at.get(holder)
-            if unreached_at is not None and self._height() < unreached_at + RETRY_AFTER_BLOCKS:
+            if unreached_at is not None and self._heights.height < unreached_at + RETRY_AFTER_BLOCKS:
                 return Unreachable((holder,))
             await self._slots.acquire()
             try:
@@ -109,7 +177,7 @@ class EvidenceFetcher:
             if not isinstance(served, Evidence):
                 self._slots.release()
             if isinstance(served, Unreachable):
-                self._unreached_at[holder] = self._height()
+                self._unreached_at[holder] = self._heights.height
             else:
                 self._unreached_at.pop(holder, None)
             return served

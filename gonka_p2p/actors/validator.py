@@ -29,8 +29,10 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   is asked again every ``RETRY_AFTER_BLOCKS`` until ``ACCUSE_MARGIN_BLOCKS``
   before the deadline (``accuse_unreachable``): a crash or a partition must not
   look like withholding, and the committee that reaches the evidence later
-  would overturn the accusation at the accuser's cost. Whatever else goes
-  wrong with the evidence is a failed verdict too (:meth:`judge` is total);
+  would overturn the accusation at the accuser's cost. The TA is asked beside
+  an executor that keeps silent (``evidence_fetch``'s hedge), and a fetch still
+  unanswered ``GIVE_UP_BEFORE_BLOCKS`` before the deadline is given up, so
+  the accusation can still commit. Whatever else goes wrong with the evidence is a failed verdict too (:meth:`judge` is total);
   only this node's own faults are not.
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
@@ -70,7 +72,7 @@ import asyncio
 import logging
 
 from gonka_p2p.actors.duty_ledger import DutyActor, TxFollower
-from gonka_p2p.actors.evidence_fetch import RETRY_AFTER_BLOCKS, Evidence, EvidenceFetcher, Unreachable
+from gonka_p2p.actors.evidence_fetch import RETRY_AFTER_BLOCKS, Evidence, EvidenceFetcher, HeightWatch, Unreachable
 from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkService
 from gonka_p2p.identity import Keypair
@@ -81,6 +83,7 @@ from gonka_p2p.inference.verification import Billed, Contract, Verdict, check_sc
 from gonka_p2p.inference.verification_params import ModelThresholds, VerificationParams
 from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.records import Inference
+from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.rules import (
     DisputeOutcome,
     seed_commit_open,
@@ -104,6 +107,7 @@ from gonka_p2p.wire.envelope import seal
 log = logging.getLogger(__name__)
 
 ACCUSE_MARGIN_BLOCKS = 5  # within this many blocks of its deadline an unreachable holder is accused
+GIVE_UP_BEFORE_BLOCKS = 3  # a fetch unanswered this close to the deadline ends: the accusation must commit
 DutyKey = tuple[int, tuple[str, bytes]]  # (epoch, ("check" or "vote", inference id))
 
 
@@ -126,7 +130,8 @@ class ValidatorActor(DutyActor):
         submitter: TxFollower,
     ) -> None:
         super().__init__(key, submitter)  # its duties: (what, epoch or inference id) per epoch
-        self._evidence = EvidenceFetcher(service, key, lambda: self._live().height)
+        self._heights = HeightWatch()
+        self._evidence = EvidenceFetcher(service, key, self._heights)
         self._engines = engines
         self._params = params
         self._chain_id = chain_id
@@ -142,6 +147,10 @@ class ValidatorActor(DutyActor):
             while True:
                 await self.next_commit()
                 steps.create_task(self.step())
+
+    def on_commit(self, state: LedgerState) -> None:
+        super().on_commit(state)
+        self._heights.advance(state.height)
 
     def seed(self, epoch: int) -> bytes:
         return derive_validation_seed(self._key.secret, self._chain_id, epoch)
@@ -228,7 +237,7 @@ class ValidatorActor(DutyActor):
         if record is None or deadline is None or self._live().height > deadline:
             return  # nothing to check, or the ledger takes it no more
         what = "vote" if dispute else "check"
-        verdict = await self.judge(inference_id, record)
+        verdict = await self.judge(inference_id, record, give_up_at=deadline - GIVE_UP_BEFORE_BLOCKS)
         if verdict is None:  # this node cannot judge it: say so once, not after every block
             self._duties.mark_done(epoch, (what, inference_id))
             return
@@ -262,8 +271,10 @@ class ValidatorActor(DutyActor):
         open_dispute = state.dispute(inference_id)
         return open_dispute.deadline if open_dispute and open_dispute.outcome is DisputeOutcome.OPEN else None
 
-    async def judge(self, inference_id: bytes, record: Inference) -> VerdictStats | Unreachable | None:
-        """Fetch, re-run and judge one inference by the client's signed request.
+    async def judge(self, inference_id: bytes, record: Inference, give_up_at: int | None = None
+                    ) -> VerdictStats | Unreachable | None:
+        """Fetch, re-run and judge one inference by the client's signed request; evidence not
+        served by the time ``give_up_at`` commits is ``Unreachable``.
 
         Total over what others serve: missing, malformed or inconsistent evidence, terms
         other than the request's, ids the model cannot run -- each ends as a failed verdict
@@ -281,7 +292,7 @@ class ValidatorActor(DutyActor):
         if engine is None:
             log.warning("cannot check %s: this node does not run %s", inference_id.hex()[:12], record.model)
             return None
-        async with self._evidence.fetch(inference_id, record) as served:
+        async with self._evidence.fetch(inference_id, record, give_up_at) as served:
             if served is None:
                 return withheld_verdict()
             if isinstance(served, Unreachable):

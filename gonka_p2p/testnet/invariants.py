@@ -69,7 +69,10 @@ nodes stopped. Rows:
   honest, so none may end the run caught cheating, sanctioned, or with a
   verdict of its overturned by a dispute: a crash, a partition or evidence
   it could not serve must cost it at most the work it did not finish (the
-  inferences that expired in its hands, reported beside).
+  inferences that expired in its hands, reported beside). Checks a validator
+  left undone when it revealed are reported beside too, not judged: each one
+  forfeits that epoch's reward, which is the brief's rule also for a
+  validator that was down or cut off for its whole validation window.
 * **liveness** -- after each perturbation ends (one never undone: after it
   starts), some replica commits a new height within ``recovery_bound_s``, and
   one does in the run's last such window; a run in which either fails is
@@ -127,6 +130,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 STANDING = ("caught", "sanctioned", "overturned", "missed")  # a participant's record, as the ledger keeps it
+SKIPPED = "skipped"  # beside it: duties left unchecked at its reveals (read from the reveals, kept while they are)
 
 
 def note_standing(state: LedgerState, standing: dict[str, dict[str, int]]) -> None:
@@ -138,6 +142,16 @@ def note_standing(state: LedgerState, standing: dict[str, dict[str, int]]) -> No
             mine[counter] = max(mine[counter], int(getattr(participant, counter)))
 
 
+def note_skipped(revealed: dict[tuple[int, str], int], standing: dict[str, dict[str, int]]) -> None:
+    """Merge each validator's unchecked duties, summed over its reveals, into ``standing``."""
+    skipped: dict[str, int] = defaultdict(int)
+    for (_, validator), left in revealed.items():
+        skipped[validator] += left
+    for peer, left in skipped.items():
+        mine = standing.setdefault(peer, dict.fromkeys(STANDING, 0))
+        mine[SKIPPED] = max(mine.get(SKIPPED, 0), left)
+
+
 async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str, Any]] | None = None,
                        checks: set[tuple[str, str]] | None = None,
                        standing: dict[str, dict[str, int]] | None = None) -> tuple[dict[int, str], str | None]:
@@ -146,9 +160,11 @@ async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str
     inference's record committed as its answer (hex id -> response hash, completion tokens,
     executor), kept as seen even once the record is pruned; ``checks`` with every committed
     validation (hex inference id, validator); ``standing`` with each participant's
-    :data:`STANDING` counters at the store's last height (the highest across stores)."""
+    :data:`STANDING` counters at the store's last height and the duties it left unchecked at
+    every reveal the store holds (:data:`SKIPPED`; the highest across stores)."""
     store = await LedgerStore.open(path, genesis)
     hashes: dict[int, str] = {}
+    revealed: dict[tuple[int, str], int] = {}  # (epoch, validator) -> duties it left unchecked
     try:
         state = LedgerState.from_genesis(genesis)
         while True:
@@ -156,6 +172,7 @@ async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str
             if not batch:
                 if standing is not None:
                     note_standing(state, standing)
+                    note_skipped(revealed, standing)
                 return hashes, None
             for height, raw, _ in batch:
                 apply_block(state, decode_block(raw))
@@ -166,6 +183,9 @@ async def replay_store(path: Path, genesis: Genesis, answers: dict[str, dict[str
                 hashes[height] = state.app_hash().hex()
                 if checks is not None:
                     checks.update((iid.hex(), validator) for iid, validator in state.checks.rows)
+                if standing is not None:
+                    revealed |= {key: c.duties - c.done for key, c in state.commitments.rows.items()
+                                 if c.revealed_height}
                 if answers is not None:
                     for iid, record in state.inferences.rows.items():
                         if record.response_hash:
@@ -346,14 +366,16 @@ def judge_nat(index: int, peer: str, sent: list[dict[str, Any]], answers: dict[s
 
 
 def judge_standing(standing: dict[str, dict[str, int]]) -> Row:
-    penalised = {peer: {k: v for k, v in counters.items() if k != "missed" and v}
+    penalised = {peer: {k: v for k, v in counters.items() if k not in ("missed", SKIPPED) and v}
                  for peer, counters in standing.items()}
     penalised = {peer: counters for peer, counters in penalised.items() if counters}
     missed = sum(counters["missed"] for counters in standing.values())
+    skipped = {peer[-8:]: counters[SKIPPED] for peer, counters in standing.items() if counters.get(SKIPPED)}
     detail = (f"penalised: {', '.join(f'{peer[-8:]} {counters}' for peer, counters in penalised.items())}"
               if penalised else f"none caught, sanctioned or overturned among {len(standing)} participants")
     return Row("no honest participant penalised", not penalised,
-               f"{detail}; {missed} inferences expired in their executors' hands (unpaid, unpunished)")
+               f"{detail}; {missed} inferences expired in their executors' hands (unpaid, unpunished); "
+               f"checks left undone at a reveal (that epoch's reward forfeited): {skipped or 0}")
 
 
 def judge(observed: list[dict[str, Any]], sent: list[dict[str, Any]], settled: dict[str, Any],

@@ -2,8 +2,10 @@
 
 Its weapon is the fetch timeout: each request it leaves unanswered costs the asker 30 s. What
 must hold: one request at a time per holder however many duties it holds, none again for
-``RETRY_AFTER_BLOCKS`` after the network did not reach it, and a slow holder holds one of the
-validator's slots while other holders' evidence is fetched beside it.
+``RETRY_AFTER_BLOCKS`` after the network did not reach it, a slow holder holds one of the
+validator's slots while other holders' evidence is fetched beside it, the TA that kept the
+evidence is asked beside a silent executor (not after its timeout), and a fetch ends at the
+height its caller names.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from types import SimpleNamespace
 from helpers import eventually
 from served_evidence import VALIDATOR, id_of, signed_request
 
-from gonka_p2p.actors.evidence_fetch import RETRY_AFTER_BLOCKS, Evidence, EvidenceFetcher, Unreachable
+from gonka_p2p.actors.evidence_fetch import (
+    ASK_ALL_BEFORE_BLOCKS,
+    RETRY_AFTER_BLOCKS,
+    Evidence,
+    EvidenceFetcher,
+    HeightWatch,
+    Unreachable,
+)
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.wire.envelope import seal
 from gonka_p2p.wire.messages import ArtifactReply
@@ -51,35 +60,43 @@ class Holders:
             self.in_flight[peer] -= 1
 
 
-def record(holder: Keypair) -> SimpleNamespace:
-    return SimpleNamespace(executor=holder.peer_id, ta=holder.peer_id, artifact_commitment=digest(ARTIFACT))
+def record(executor: Keypair, ta: Keypair | None) -> SimpleNamespace:
+    return SimpleNamespace(executor=executor.peer_id, ta=(ta or executor).peer_id,
+                           artifact_commitment=digest(ARTIFACT))
 
 
-async def fetch(fetcher: EvidenceFetcher, holder: Keypair) -> Evidence | Unreachable | None:
-    async with fetcher.fetch(id_of(REQUEST), record(holder)) as got:  # type: ignore[arg-type]
+async def fetch(fetcher: EvidenceFetcher, executor: Keypair, give_up_at: int | None = None,
+                ta: Keypair | None = None) -> Evidence | Unreachable | None:
+    async with fetcher.fetch(id_of(REQUEST), record(executor, ta), give_up_at) as got:  # type: ignore[arg-type]
         return got
 
 
+def at_height(height: int) -> HeightWatch:
+    heights = HeightWatch()
+    heights.advance(height)
+    return heights
+
+
 async def test_a_silent_holder_is_asked_once_for_all_its_duties_and_not_again_until_the_retry() -> None:
-    holders, height = Holders(), [100]
-    fetcher = EvidenceFetcher(holders, VALIDATOR, lambda: height[0])  # type: ignore[arg-type]
+    holders, heights = Holders(), at_height(100)
+    fetcher = EvidenceFetcher(holders, VALIDATOR, heights)  # type: ignore[arg-type]
     duties = [asyncio.create_task(fetch(fetcher, SILENT)) for _ in range(20)]
     await eventually(lambda: holders.asked[SILENT.peer_id], what="the first request")
     holders.release.set()  # its timeout
     got = await asyncio.gather(*duties)
     assert got == [Unreachable((SILENT.peer_id,))] * 20
     assert holders.asked[SILENT.peer_id] == 1  # 20 duties, one timeout
-    height[0] += RETRY_AFTER_BLOCKS - 1
+    heights.advance(100 + RETRY_AFTER_BLOCKS - 1)
     assert await fetch(fetcher, SILENT) == Unreachable((SILENT.peer_id,))
     assert holders.asked[SILENT.peer_id] == 1
-    height[0] += 1
+    heights.advance(100 + RETRY_AFTER_BLOCKS)
     assert await fetch(fetcher, SILENT) == Unreachable((SILENT.peer_id,))
     assert holders.asked[SILENT.peer_id] == 2
 
 
 async def test_a_slow_holder_holds_one_slot_while_the_others_are_served() -> None:
     holders = Holders()
-    fetcher = EvidenceFetcher(holders, VALIDATOR, lambda: 100, slots=2)  # type: ignore[arg-type]
+    fetcher = EvidenceFetcher(holders, VALIDATOR, at_height(100), slots=2)  # type: ignore[arg-type]
     slow = [asyncio.create_task(fetch(fetcher, SLOW)) for _ in range(10)]
     await eventually(lambda: holders.asked[SLOW.peer_id], what="the slow holder's first request")
     served = await asyncio.wait_for(asyncio.gather(fetch(fetcher, HONEST), fetch(fetcher, OTHER)), 10)
@@ -93,8 +110,8 @@ async def test_a_slow_holder_holds_one_slot_while_the_others_are_served() -> Non
 async def test_evidence_being_judged_holds_its_slot() -> None:
     """The slots bound the evidence held in memory, not only the requests in flight."""
     holders = Holders()
-    fetcher = EvidenceFetcher(holders, VALIDATOR, lambda: 100, slots=1)  # type: ignore[arg-type]
-    async with fetcher.fetch(id_of(REQUEST), record(HONEST)) as first:  # type: ignore[arg-type]
+    fetcher = EvidenceFetcher(holders, VALIDATOR, at_height(100), slots=1)  # type: ignore[arg-type]
+    async with fetcher.fetch(id_of(REQUEST), record(HONEST, None)) as first:  # type: ignore[arg-type]
         assert isinstance(first, Evidence)
         second = asyncio.create_task(fetch(fetcher, OTHER))
         for _ in range(20):
@@ -102,3 +119,53 @@ async def test_evidence_being_judged_holds_its_slot() -> None:
         assert not holders.asked[OTHER.peer_id] and not second.done()
     assert isinstance(await second, Evidence)
 
+
+async def test_a_fetch_the_holder_leaves_unanswered_gives_up_at_the_height_named() -> None:
+    """Seconds are not blocks: at fast blocks a 30 s timeout outlasts the whole margin in which
+    the silence is to be judged withheld, and the accusation would come after the deadline --
+    none at all, and a skipped duty for the validator."""
+    holders, heights = Holders(), at_height(100)
+    fetcher = EvidenceFetcher(holders, VALIDATOR, heights)  # type: ignore[arg-type]
+    asking = asyncio.create_task(fetch(fetcher, SILENT, give_up_at=103))
+    queued = asyncio.create_task(fetch(fetcher, SILENT, give_up_at=102))
+    await eventually(lambda: holders.in_flight[SILENT.peer_id], what="the request")
+    heights.advance(102)
+    assert await asyncio.wait_for(queued, 10) == Unreachable((SILENT.peer_id,))  # given up in the queue
+    assert not asking.done()
+    heights.advance(103)
+    assert await asyncio.wait_for(asking, 10) == Unreachable((SILENT.peer_id,))
+    assert holders.in_flight[SILENT.peer_id] == 0  # the request was dropped, its slot given back
+    assert isinstance(await fetch(fetcher, HONEST, give_up_at=103), Evidence)  # at once: no cutoff needed
+
+
+async def test_the_ta_is_asked_beside_an_executor_that_keeps_silent() -> None:
+    """A lying executor's silence costs the asker its whole timeout (30 s): asked in turn, the TA
+    that kept the evidence would wait behind it, and near the deadline not be asked at all."""
+    holders = Holders()
+    fetcher = EvidenceFetcher(holders, VALIDATOR, at_height(100), hedge_after_s=0.05)  # type: ignore[arg-type]
+    served = await asyncio.wait_for(fetch(fetcher, SILENT, ta=HONEST), 10)
+    assert isinstance(served, Evidence) and served.artifact == ARTIFACT
+    assert holders.asked == Counter({SILENT.peer_id: 1, HONEST.peer_id: 1})
+    assert holders.in_flight[SILENT.peer_id] == 0  # the silent request was dropped, its slot given back
+
+
+async def test_an_executor_that_answered_is_not_doubled_by_a_request_to_the_ta() -> None:
+    holders = Holders()
+    fetcher = EvidenceFetcher(holders, VALIDATOR, at_height(100), hedge_after_s=1000)  # type: ignore[arg-type]
+    assert isinstance(await fetch(fetcher, HONEST, give_up_at=200, ta=OTHER), Evidence)
+    assert holders.asked == Counter({HONEST.peer_id: 1})
+
+
+async def test_the_ta_is_asked_at_once_when_the_executor_went_unanswered_before_or_the_cutoff_is_near() -> None:
+    """A hedge measured in seconds may not fit before a cutoff measured in blocks."""
+    holders, heights = Holders(), at_height(100)
+    fetcher = EvidenceFetcher(holders, VALIDATOR, heights, hedge_after_s=1000)  # type: ignore[arg-type]
+    near = asyncio.create_task(fetch(fetcher, SILENT, give_up_at=100 + ASK_ALL_BEFORE_BLOCKS, ta=HONEST))
+    assert isinstance(await asyncio.wait_for(near, 10), Evidence)
+    holders.release.set()
+    assert await fetch(fetcher, SILENT) == Unreachable((SILENT.peer_id,))  # remembered as unreached
+    heights.advance(100 + RETRY_AFTER_BLOCKS)
+    holders.release = asyncio.Event()  # silent again, with the retry due
+    retry = asyncio.create_task(fetch(fetcher, SILENT, give_up_at=1000, ta=HONEST))
+    assert isinstance(await asyncio.wait_for(retry, 10), Evidence)
+    assert holders.asked[SILENT.peer_id] == 3 and holders.in_flight[SILENT.peer_id] == 0
