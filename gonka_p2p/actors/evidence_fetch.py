@@ -18,7 +18,8 @@ reward). So:
   soon as the executor has answered without evidence, or has kept silent for
   ``HEDGE_AFTER_S``, and at once when the executor's last request went unanswered or the
   fetch starts within ``ASK_ALL_BEFORE_BLOCKS`` of its cutoff. The first evidence wins;
-* a fetch gives up at a height its caller names (``give_up_at``): a request's timeout is
+* a fetch gives up at a height its caller names (``give_up_at``), unless it started there
+  (then nobody was asked long enough to be judged silent): a request's timeout is
   seconds, a check's deadline is blocks, and at fast blocks one timeout outlasts the whole
   margin in which silence is judged withheld. Without it the last request to a silent
   executor and its partner TA would end after the deadline: no accusation, and a skipped
@@ -133,7 +134,8 @@ class EvidenceFetcher:
         asks: dict[asyncio.Task[Evidence | Unreachable | None], str] = {}
         hedge_due = self._ask_all_at_once(holders[0], give_up_at)
         async with asyncio.TaskGroup() as tasks:
-            cutoff = tasks.create_task(self._heights.reach(give_up_at)) if give_up_at is not None else None
+            cutoff = (tasks.create_task(self._heights.reach(give_up_at))  # not one that has passed: no
+                      if give_up_at is not None and self._heights.height < give_up_at else None)  # accusing unasked
             while not any(a.done() and isinstance(a.result(), Evidence) for a in asks):
                 running = {a for a in asks if not a.done()}
                 if queue and (hedge_due or not running):

@@ -169,3 +169,13 @@ async def test_the_ta_is_asked_at_once_when_the_executor_went_unanswered_before_
     retry = asyncio.create_task(fetch(fetcher, SILENT, give_up_at=1000, ta=HONEST))
     assert isinstance(await asyncio.wait_for(retry, 10), Evidence)
     assert holders.asked[SILENT.peer_id] == 3 and holders.in_flight[SILENT.peer_id] == 0
+
+
+async def test_a_fetch_started_at_its_cutoff_waits_for_the_answer() -> None:
+    """Cut at once, it would report holders silent that were never given the time to answer."""
+    holders = Holders()
+    fetcher = EvidenceFetcher(holders, VALIDATOR, at_height(103))  # type: ignore[arg-type]
+    late = asyncio.create_task(fetch(fetcher, SLOW, give_up_at=103))
+    await eventually(lambda: holders.asked[SLOW.peer_id], what="the request")
+    holders.release.set()
+    assert isinstance(await asyncio.wait_for(late, 10), Evidence)
