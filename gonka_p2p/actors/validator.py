@@ -32,8 +32,9 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   would overturn the accusation at the accuser's cost. The TA is asked beside
   an executor that keeps silent (``evidence_fetch``'s hedge), and a fetch still
   unanswered ``GIVE_UP_BEFORE_BLOCKS`` before the deadline is given up, so
-  the accusation can still commit. Whatever else goes wrong with the evidence is a failed verdict too (:meth:`judge` is total);
-  only this node's own faults are not.
+  the accusation can still commit. Whatever else goes wrong with the evidence
+  is a failed verdict too (:meth:`judge` is total); only this node's own
+  faults are not.
 * **Disputes.** When it sits on the committee of an open dispute it checks
   the inference itself in the same way and submits a ``DisputeVote``.
 
@@ -83,7 +84,6 @@ from gonka_p2p.inference.verification import Billed, Contract, Verdict, check_sc
 from gonka_p2p.inference.verification_params import ModelThresholds, VerificationParams
 from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.records import Inference
-from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.rules import (
     DisputeOutcome,
     seed_commit_open,
@@ -92,6 +92,7 @@ from gonka_p2p.ledger.rules import (
     settlement_height,
     validation_deadline,
 )
+from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.transactions import (
     CommitValidationSeed,
     DisputeVote,
