@@ -36,7 +36,9 @@ crashes its worker, which stops the service: ``wait_closed`` raises
 running deaf. A stream handler that raises only resets its stream (the
 opener sees :class:`StreamReset`).
 
-Streams (frame format in :mod:`gonka_p2p.wire.framing`): a reset (a handler
+Streams (frame format in :mod:`gonka_p2p.wire.framing`): on the serving path's
+protocols an opener keeps one negotiated stream per peer ready for the next
+request (:mod:`~gonka_p2p.gossip.spare_streams`). A reset (a handler
 that raised, a frame over the limit) may discard frames the opener has not
 read yet: yamux drops buffered data when the reset arrives. An opener that
 goes away (resets the stream, or its connection dies) cancels the handler
@@ -103,14 +105,16 @@ from gonka_p2p.gossip.service import (
 )
 from gonka_p2p.gossip.ownership import TaskOwner
 from gonka_p2p.gossip.relay import Relay, RelayOptions, is_circuit
+from gonka_p2p.gossip.spare_streams import SpareStreams
 from gonka_p2p.gossip.trio_bridge import Outbox, TrioThread
 from gonka_p2p.identity import Keypair
-from gonka_p2p.wire.protocols import frame_limits, topic_max_bytes
+from gonka_p2p.wire.protocols import frame_limits, keeps_spare, topic_max_bytes
 
 log = logging.getLogger(__name__)
 
 MESH_WAIT = 3.0  # seconds publish waits for a mesh while subscribers are known
-REQUEST_READ_TIMEOUT = 10.0  # seconds a served stream waits for its request frame
+REQUEST_READ_TIMEOUT = 30.0  # seconds a served stream waits for its request frame (a spare's included)
+SPARE_OPEN_TIMEOUT = 10.0  # seconds to open and negotiate a spare stream
 STOP_GRACE = 3.0  # seconds to close connections politely on stop
 PEER_ADDR_TTL = 3600  # seconds connect()-ed addresses stay dialable
 
@@ -144,6 +148,8 @@ class Libp2pService:
         self._outbound = OutboundGate()  # as every honest listener counts us; trio thread only
         self._outbound_streams: dict[INetStream, tuple[str, str]] = {}  # stream -> (peer, protocol)
         self._outbound_freed: trio.Event | None = None
+        self._slot_waiters = 0  # openers waiting for an outbound slot: no spare may take one meanwhile
+        self._spares = SpareStreams(self._t_open_spare, self._t_abandon)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -459,18 +465,36 @@ class Libp2pService:
         return await self._running().call(self._t_request, peer_id, protocol, bytes(request), timeout)
 
     async def _t_open(self, peer_id: str, protocol: str, request: bytes, timeout: float) -> INetStream:
-        host, peer = self._t_host(), _parse_peer_id(peer_id)
+        spare = await self._spares.take(peer_id, protocol)
+        if spare is not None and await self._spares.sent(spare, request, frame_limits(protocol).request, timeout):
+            return spare
         await self._t_take_slot(peer_id, protocol, timeout)
+        return await self._t_open_counted(peer_id, protocol, request, timeout)
+
+    async def _t_open_counted(self, peer_id: str, protocol: str, request: bytes | None,
+                              timeout: float) -> INetStream:
+        """Open a stream from the slot just taken; the slot goes back if it cannot be opened."""
         try:
-            stream = await self._t_negotiated(host, peer, protocol, request, timeout)
+            stream = await self._t_negotiated(peer_id, protocol, request, timeout)
         except BaseException:
             self._t_give_back_slot(peer_id, protocol)
             raise
         self._outbound_streams[stream] = (peer_id, protocol)
         return stream
 
-    async def _t_negotiated(self, host: IHost, peer: ID, protocol: str, request: bytes, timeout: float) -> INetStream:
-        peer_id = peer.to_base58()
+    async def _t_open_spare(self, peer_id: str, protocol: str) -> INetStream | None:
+        """A negotiated stream without a request, from a slot free now that nobody waits for;
+        None when there is none or the peer cannot be reached (gossip/spare_streams.py)."""
+        if self._slot_waiters or self._outbound.take(peer_id, protocol, trio.current_time()) is not None:
+            return None
+        try:
+            return await self._t_open_counted(peer_id, protocol, None, SPARE_OPEN_TIMEOUT)
+        except (NetworkError, TimeoutError) as e:
+            log.debug("no spare %s stream to %s: %r", protocol, peer_id, e)
+            return None
+
+    async def _t_negotiated(self, peer_id: str, protocol: str, request: bytes | None, timeout: float) -> INetStream:
+        host, peer = self._t_host(), _parse_peer_id(peer_id)
         try:
             with trio.fail_after(timeout):
                 if not host.get_network().get_connections(peer):
@@ -502,8 +526,12 @@ class Libp2pService:
                     if self._outbound_freed is None:
                         self._outbound_freed = trio.Event()
                     freed = self._outbound_freed
-                    with trio.move_on_after(RETRY_AFTER):
-                        await freed.wait()
+                    self._slot_waiters += 1
+                    try:
+                        with trio.move_on_after(RETRY_AFTER):
+                            await freed.wait()
+                    finally:
+                        self._slot_waiters -= 1
         except trio.TooSlowError:
             raise TimeoutError(f"{peer_id} would refuse one more {protocol} stream from this host "
                                f"({busy}) and none ended within {timeout} s") from None
@@ -514,10 +542,12 @@ class Libp2pService:
             self._outbound_freed.set()
             self._outbound_freed = None
 
-    def _t_ended(self, stream: INetStream) -> None:
-        """An opened stream is closed or reset: its slot goes back (once, whichever path ends it)."""
+    def _t_ended(self, stream: INetStream) -> tuple[str, str] | None:
+        """An opened stream is closed or reset: its slot goes back (once, whichever path ends it).
+        Returns its (peer, protocol) the first time."""
         if (key := self._outbound_streams.pop(stream, None)) is not None:
             self._t_give_back_slot(*key)
+        return key
 
     async def _t_abandon(self, stream: INetStream) -> None:
         try:
@@ -545,7 +575,9 @@ class Libp2pService:
             raise
         if frame is None:
             await streams.close(stream)
-            self._t_ended(stream)
+            ended = self._t_ended(stream)
+            if ended is not None and keeps_spare(protocol) and self._bridge is not None:
+                self._bridge.spawn(self._spares.keep, *ended)  # ended well: the next request's stream
         return frame
 
     async def _t_request(self, peer_id: str, protocol: str, request: bytes, timeout: float) -> bytes:

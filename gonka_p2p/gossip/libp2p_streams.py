@@ -87,9 +87,11 @@ async def finish(stream: INetStream) -> None:
         await stream.close()
 
 
-def proposal(protocol: str, request: bytes) -> bytes:
-    """multistream-select's handshake and protocol lines and the request frame, as one write."""
-    return encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode()) + length_prefixed(request)
+def proposal(protocol: str, request: bytes | None) -> bytes:
+    """multistream-select's handshake and protocol lines and the request frame, as one write
+    (no frame for a spare, whose request comes later: ``gossip/spare_streams.py``)."""
+    lines = encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode())
+    return lines if request is None else lines + length_prefixed(request)
 
 
 async def _read_line(stream: INetStream) -> str:

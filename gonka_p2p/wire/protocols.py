@@ -42,13 +42,16 @@ class FrameLimits:
 
 
 STREAMS: dict[str, FrameLimits] = {}
+SPARE_KEEPING: set[str] = set()  # stream ids whose openers keep one negotiated stream ready per peer
 TOPICS: dict[str, int] = {}  # topic -> longest message, in bytes
 DEFAULT_FRAMES = FrameLimits(request=_LARGEST_FRAME, reply=_LARGEST_FRAME)
 DEFAULT_TOPIC_BYTES = 1_000_000  # py-libp2p drops RPCs over 1 MiB; envelope overhead is < 1 KiB
 
 
-def _stream(protocol: str, *, request: int, reply: int) -> str:
+def _stream(protocol: str, *, request: int, reply: int, spare: bool = False) -> str:
     STREAMS[protocol] = FrameLimits(request, reply)
+    if spare:
+        SPARE_KEEPING.add(protocol)
     return protocol
 
 
@@ -60,6 +63,12 @@ def _topic(topic: str, *, max_bytes: int) -> str:
 def frame_limits(protocol: str) -> FrameLimits:
     """The frame bounds ``protocol`` declares (the global ones for an undeclared id)."""
     return STREAMS.get(protocol, DEFAULT_FRAMES)
+
+
+def keeps_spare(protocol: str) -> bool:
+    """Whether an opener keeps one negotiated ``protocol`` stream ready per peer
+    (``gossip/spare_streams.py``): the serving path, which opens one per request."""
+    return protocol in SPARE_KEEPING
 
 
 def topic_max_bytes(topic: str) -> int:
@@ -77,11 +86,11 @@ TX_TOPIC = _topic("/gonka/ledger/txs/1", max_bytes=DEFAULT_TOPIC_BYTES)
 
 # ---- streams (one request frame, then response frames) ---------------------------
 # client -> TA: InferenceRequest; back: the executor's signed frames, relayed
-INFER_PROTOCOL = _stream("/gonka/infer/1", request=_SIGNED_REQUEST, reply=_TOKEN_FRAME)
+INFER_PROTOCOL = _stream("/gonka/infer/1", request=_SIGNED_REQUEST, reply=_TOKEN_FRAME, spare=True)
 # client -> TA: empty; back: NetworkInfo (<= 4096 live executors and their models)
 INFO_PROTOCOL = _stream("/gonka/info/1", request=_SMALL_REQUEST, reply=1 * MiB)
 # TA -> executor: ExecuteOrder; back: InferenceStarted, TokenBatch*, InferenceFinished
-EXECUTE_PROTOCOL = _stream("/gonka/execute/1", request=_SIGNED_REQUEST, reply=_TOKEN_FRAME)
+EXECUTE_PROTOCOL = _stream("/gonka/execute/1", request=_SIGNED_REQUEST, reply=_TOKEN_FRAME, spare=True)
 # validator -> executor or TA: ArtifactQuery; back: ArtifactReply (the request and the artifact)
 ARTIFACT_PROTOCOL = _stream("/gonka/artifact/1", request=_SMALL_REQUEST, reply=_LARGEST_FRAME)
 # client -> executor or TA: AnswerQuery; back: the executor's signed frames of that answer, as kept
