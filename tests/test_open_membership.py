@@ -78,7 +78,9 @@ async def test_a_stranger_joins_by_proof_of_compute_and_a_leaver_loses_its_weigh
     state = state_of(observer)
     assert state.participant(me) is not None, "the stranger registered through its commitment"
     weights = state.weights()
-    assert weights.get(me, 0) > 0, f"the stranger earned no weight: {weights}"
+    entries = {key: (entry.count, entry.passed, entry.failed, bool(entry.secret), entry.opened)
+               for key, entry in state.poc_entries.rows.items() if key[0] == 0}
+    assert weights.get(me, 0) > 0, f"the stranger earned no weight: {weights}, round entries {entries}"
     info = state.epoch_info(1)
     assert me in info.weights and me in info.model_weights(MODEL)
     assert state.commitment(1, me) is not None, "a newcomer validates from its first weighted epoch"

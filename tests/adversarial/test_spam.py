@@ -35,7 +35,7 @@ from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Committed, ReplicaMetrics, ReplicaParams, TxDropped
 from gonka_p2p.actors.replica.tx_gossip import TxGossip
 from gonka_p2p.actors.validator import ValidatorActor
-from gonka_p2p.identity import Keypair
+from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.ledger import rules
 from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.consensus_wire import TxBatch
@@ -58,7 +58,7 @@ from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import InferenceRequest, inference_id
 from gonka_p2p.wire.schema import Message
-from gonka_p2p.wire.unsigned import encode_frame
+from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 CHAIN = "gonka-spam"
 MODEL = "m"
@@ -102,8 +102,9 @@ class Chain:
         """Sign with the signer's next sequence and admit (raises TxRefused); the tx hash."""
         return self.pool.add(self.state, seal(make(self.pool.next_sequence(self.state, key.peer_id)), key)).tx_hash
 
-    def block(self) -> None:
-        txs = self.pool.reap(self.state, BLOCK_TXS, 8 * 1024 * 1024)
+    def block(self, take: bool = True) -> None:
+        """The next block: with what the pool offers, or (``take=False``) with nothing."""
+        txs = self.pool.reap(self.state, BLOCK_TXS, 8 * 1024 * 1024) if take else []
         block = Block(self.state.height + 1, self.state.last_block_hash, PEER["ta"], self.state.time_ms + 1000, txs)
         _, receipts = apply_block(self.state, block)
         self.receipts.update((r.tx_hash, r) for r in receipts)
@@ -280,6 +281,49 @@ def test_the_topic_validator_lets_through_what_a_block_committed_meanwhile() -> 
     chain.pool.add(chain.state, tx)
     chain.block()  # the batch raced the block: harmless, and the sender is not at fault
     assert validate("peer", encode_frame(TxBatch(txs=[tx])))
+
+
+async def test_an_own_transaction_no_block_takes_is_gossiped_again_at_doubling_waits() -> None:
+    """Every peer's topic validator refused the batch (none had applied the block opening the
+    transaction's phase), so none holds it: a sender that proposes no blocks would hold it alone
+    until the phase closed (a joiner's proof-of-compute secret, stop 28). The sender gossips it
+    again after 2 blocks, then 4, 8, ..., and stops once a block takes it."""
+    chain = Chain()
+    published: list[list[bytes]] = []
+
+    async def publish(topic: str, data: bytes) -> None:
+        published.append(decode_frame(data, TxBatch).txs)
+
+    idle = asyncio.Event()
+    idle.set()
+    gossip = TxGossip(SimpleNamespace(state=chain.state), chain.pool, lambda: None, publish,  # type: ignore[arg-type]
+                      idle, ReplicaParams(tx_flush_s=0.0), ReplicaMetrics())
+    flushing = asyncio.create_task(gossip.flush())
+
+    async def flushed() -> None:  # no I/O on this path: a few turns of the loop publish what is due
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def block(take: bool = False) -> int:
+        """Commit a block; how many batches went out after it."""
+        before = len(published)
+        chain.block(take)
+        gossip.on_commit(chain.state)
+        await flushed()
+        return len(published) - before
+
+    try:
+        tx = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["alice"])
+        gossip.submit(tx)
+        await flushed()
+        assert len(published) == 1
+        again = [await block() for _ in range(14)]
+        assert again == [0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]  # after 2, then 4, then 8 blocks
+        assert all(batch == [tx] for batch in published)
+        assert await block(take=True) == 0 and digest(tx) in chain.receipts
+        assert [await block() for _ in range(16)] == [0] * 16  # taken: never again
+    finally:
+        flushing.cancel()
 
 
 # ---- the submitter -----------------------------------------------------------------------

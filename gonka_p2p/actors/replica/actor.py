@@ -127,6 +127,7 @@ class Replica:
         # The driver is made last, around the others; until then nobody calls these two.
         self._txs = TxGossip(chain, self._mempool, lambda: self._driver.maybe_start(), self._publish,
                              consensus_idle, params, metrics)
+        chain.add_commit_listener(self._txs.on_commit)
         self._proposals = ProposalBodies(self.peer_id, self._service, core, runtime, chain, self._mempool,
                                          self._txs.announced, self._clock, params, metrics)
         self._sync = Sync(self.peer_id, self._service, core, runtime, chain, params, metrics)

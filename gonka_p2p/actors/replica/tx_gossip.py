@@ -4,7 +4,14 @@
 (or raises :class:`TxRefused`) and returns at once; the transaction joins a
 :class:`TxBatch` on the tx topic: one batch at most every ``tx_flush_s`` (at
 once after a quiet spell), or as soon as ``tx_flush_count`` are waiting, and
-never while consensus has something to publish.
+never while consensus has something to publish. An own transaction still
+pending ``REGOSSIP_FIRST_BLOCKS`` blocks after it was gossiped goes out again,
+then after twice as many blocks, and so on until a block takes it or the
+mempool drops it: peers drop a whole batch whose transaction their committed
+state refuses, and a transaction sent as its phase opens (a proof-of-compute
+secret) reaches peers that have not yet applied the block opening it. A
+sender that proposes no blocks (a joiner) then held it alone until the phase
+closed; seen as a stranger earning no weight (stop 28).
 
 **In.** The topic's validator (run before delivery and forwarding, possibly
 on the network thread) drops any batch holding a transaction that
@@ -22,9 +29,10 @@ the batch is let through, since the handler's mempool admission re-checks
 every transaction on the loop. The handler offers each transaction to the
 mempool.
 
-Memory: the outbox and the set of hashes not yet gossiped hold only own
-transactions the mempool admitted (so its bounds bound them), and are
-emptied by each flush.
+Memory: the outbox, the set of hashes not yet gossiped and the own
+transactions awaiting a block hold only own transactions the mempool
+admitted (so its bounds bound them); the first two are emptied by each
+flush, the last as blocks take or the mempool drops them.
 """
 
 from __future__ import annotations
@@ -32,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gonka_p2p.gossip.service import MessageValidator
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.consensus_wire import TxBatch
 from gonka_p2p.ledger.mempool import Mempool, TxRefused
-from gonka_p2p.ledger.state import check_tx
+from gonka_p2p.ledger.state import LedgerState, check_tx
 from gonka_p2p.ledger.transactions import Reason
 from gonka_p2p.wire.protocols import TX_TOPIC
 from gonka_p2p.wire.schema import WireError
@@ -48,6 +57,16 @@ from gonka_p2p.actors.replica.runtime import Publish
 from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 MAX_GOSSIP_BYTES = 900_000  # under the gossip layer's ~1 MB limit, with room for framing
+REGOSSIP_FIRST_BLOCKS = 2  # blocks an own pending transaction waits before it is gossiped again
+
+
+@dataclass
+class _Own:
+    """An own transaction in the mempool, and when it is gossiped again if no block takes it."""
+
+    raw: bytes
+    due: int  # height
+    wait: int  # blocks between its last gossip and ``due``
 
 
 class TxGossip:
@@ -65,6 +84,7 @@ class TxGossip:
         self._metrics = metrics
         self._outbox: list[bytes] = []
         self._unannounced: set[bytes] = set()  # hashes of own transactions not gossiped yet
+        self._own: dict[bytes, _Own] = {}  # own transactions awaiting a block
         self._waiting = asyncio.Event()
         self._full = asyncio.Event()
 
@@ -75,11 +95,25 @@ class TxGossip:
         self._metrics.mempool_s += time.thread_time() - started
         self._outbox.append(tx.raw)
         self._unannounced.add(tx.tx_hash)
+        height = self._chain.state.height
+        self._own[tx.tx_hash] = _Own(tx.raw, height + REGOSSIP_FIRST_BLOCKS, REGOSSIP_FIRST_BLOCKS)
         self._waiting.set()
         if len(self._outbox) >= self._params.tx_flush_count:
             self._full.set()
         self._wake()
         return tx.tx_hash
+
+    def on_commit(self, state: LedgerState) -> None:
+        """After each block: gossip again the own transactions still pending at their due
+        height, each next time after twice the wait (module docstring)."""
+        for tx_hash, own in list(self._own.items()):
+            if tx_hash not in self._mempool:
+                del self._own[tx_hash]
+            elif state.height >= own.due:
+                own.wait *= 2
+                own.due = state.height + own.wait
+                self._outbox.append(own.raw)
+                self._waiting.set()
 
     def announced(self, tx_hash: bytes) -> bool:
         """Whether peers can have this transaction (a compact block may name it by hash only)."""
