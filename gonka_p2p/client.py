@@ -25,17 +25,20 @@ another one. The CLI and the demo pin the genesis's chain id.
 
 A broken relay does not lose a paid answer. A stream that breaks -- the TA
 reset it, died, went silent, or a partition cut it -- is recovered: the client
-asks the ledger (through the TA, else the executor's node) how the inference
-stands. Before the first frame the client does not know whether an executor
+asks the ledger (through the executor's node, else the TA) how the inference
+stands; it dials the executor first, at the addresses its signed
+``InferenceStarted`` names, since a client that talks only to its TA may never
+have met it (testnet run 17 lost an answer to a throttled TA so). Before the
+first frame the client does not know whether an executor
 started, so a ledger that has had no such inference for ``UNSTARTED_GRACE_S``
 ends the wait (the break is raised as it was), while a TA that cannot be asked
 is asked again until ``recovery_timeout``: it may have started one and be
 cut off by a partition that will heal. Once the inference's Finish has
 settled (the client is charged) the client fetches the answer
 over ``/gonka/answer/1`` from the executor, else the TA, both of which keep
-the executor's signed frames until the epoch settles
-(``actors/answer_server.py``). The recovered frames pass the same checks as
-a live stream, and more: the same executor, the ledger's response hash, no
+the executor's signed frames until the epoch settles and the request has left
+the ledger's replay window (``actors/answer_server.py``). The recovered frames
+pass the same checks as a live stream, and more: the same executor, the ledger's response hash, no
 more frames than ``max_tokens`` allows, and the tokens already yielded as
 their prefix; only the rest is yielded. It retries until the answer comes,
 the ledger says the inference expired (:class:`AnswerExpired`: the escrow
@@ -365,6 +368,8 @@ class GonkaClient:
         the ledger has had no such inference for ``UNSTARTED_GRACE_S``), NetworkUnavailable
         at ``timeout``."""
         nodes = list(dict.fromkeys(node for node in (live.executor, self.ta) if node))
+        if live.executor is not None:  # the TA may be what failed: ask the executor itself
+            await self._reach(live.executor, live.executor_addrs)
         loop = asyncio.get_running_loop()
         give_up, pause, why = loop.time() + timeout, _RETRY_S[0], str(broken)
         unknown_since: float | None = None  # when a ledger first said it has no such inference
@@ -400,10 +405,11 @@ class GonkaClient:
             pause = min(2 * pause, _RETRY_S[1])
 
     async def _reach(self, peer: str, addrs: list[str]) -> None:
-        """Dial ``peer`` at the first of ``addrs`` (its ledger record) that reaches it, unless
-        connected: a recovering client may never have met the executor (one that joined after
-        the client connected; the 30-minute testnet lost an answer so). Only a connection that
-        authenticates as ``peer`` counts; a failure is left to the fetch that follows to report."""
+        """Dial ``peer`` at the first of ``addrs`` (its ledger record, or its InferenceStarted)
+        that reaches it, unless connected: a recovering client may never have met the executor
+        (one that joined after the client connected; the 30-minute testnet lost an answer so).
+        Only a connection that authenticates as ``peer`` counts; a failure is left to the fetch
+        that follows to report."""
         if peer in self.service.connected_peers():
             return
         for addr in addrs:

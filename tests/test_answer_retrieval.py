@@ -64,7 +64,7 @@ from gonka_p2p.wire.messages import (
     inference_id,
     response_hash,
 )
-from gonka_p2p.wire.protocols import ANSWER_PROTOCOL, INFER_PROTOCOL
+from gonka_p2p.wire.protocols import ANSWER_PROTOCOL, INFER_PROTOCOL, QUERY_PROTOCOL
 from gonka_p2p.wire.stream import FinishedEvent, ProtocolViolation, RequestRejected, StartedEvent, TokensEvent
 
 CLIENT = Keypair.from_seed(b"answer-client")
@@ -545,3 +545,33 @@ async def test_an_http_client_that_hangs_up_on_the_gateway_is_not_charged(
                                    "the gateway's Start to commit")
         assert len(started) == 1
         await not_charged_for(client, started[0], before, genesis)
+
+
+@pytest.mark.slow
+@pytest.mark.libp2p
+async def test_a_client_whose_ta_stops_answering_recovers_from_an_executor_it_never_met(
+        engine: Engine, tmp_path: Path) -> None:
+    """Testnet run 17 lost an answer so: its TA, throttled to 32 kbit/s, said the executor failed
+    and then answered no ledger query, and the client had never met the executor (a joiner), so
+    it could learn neither the ledger's record nor the executor's addresses. The executor's
+    signed InferenceStarted now names its addresses, and recovery dials them first."""
+    beyond: list[asyncio.Task[None]] = []
+    async with network(libp2p_service, engine, tmp_path, ledger_genesis()) as nodes:
+        ta, executor = nodes
+        ta.service.set_stream_handler(INFER_PROTOCOL, failed_after(2, ta.ta._handle, ta.key, beyond))
+        async with await GonkaClient.connect(ta.service.listen_addrs[0], CLIENT) as client:
+            request = build_request(CLIENT, PROMPT, ta.ta.chain_id, model=MODEL, max_tokens=12)
+            with pytest.raises(AnswerInDoubt) as doubt:
+                async with asyncio.timeout(GUARD_S):
+                    async for _ in client.stream_request(request, recovery_timeout=GUARD_S):
+                        pass
+            await asyncio.gather(*beyond)  # the executor finished, and its Finish is on its way
+            assert executor.key.peer_id not in client.service.connected_peers()
+            for protocol in (QUERY_PROTOCOL, ANSWER_PROTOCOL):
+                ta.service.set_stream_handler(protocol, never_answer)
+            rest = await client.recover(doubt.value, timeout=20.0)
+            assert isinstance(rest[-1], FinishedEvent)
+
+
+async def never_answer(opener: str, frame: bytes, send: SendFrame) -> None:
+    await asyncio.Event().wait()

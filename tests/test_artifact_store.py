@@ -118,7 +118,8 @@ async def test_a_put_is_on_disk_when_it_returns(tmp_path: Path) -> None:
 async def test_settlement_prunes_only_evidence_of_settled_epochs(tmp_path: Path) -> None:
     path = tmp_path / "artifacts.sqlite"
     store = await opened(path)
-    settled0, settled1, running, unstarted = request(1), request(2), request(3), request(4)
+    old = T0 - WINDOW_MS - 1  # requests out of the replay window: no client still seeks their answers
+    settled0, settled1, running, unstarted = request(1, old), request(2, old), request(3), request(4)
     stale = request(5, timestamp_ms=T0 - 2 * WINDOW_MS)  # never started, and now never can
     for req in (settled0, settled1, running, unstarted, stale):
         await store.put(req, artifact(req), [])
@@ -165,10 +166,28 @@ async def test_a_full_store_refuses_new_evidence_and_evicts_nothing(caplog: pyte
         assert await store.get(inference_id(first)) is not None
         assert await store.get(inference_id(second)) is None
 
-        store.on_commit(ledger_at(settlement_height(0, GENESIS.params), T0,
+        store.on_commit(ledger_at(settlement_height(0, GENESIS.params), T0 + WINDOW_MS + 1,
                                   {inference_id(first): (InferenceStatus.SETTLED, 5)}))
         assert not store.full and store.used_bytes == 0
         await store.put(second, artifact(second), [])
         assert await store.get(inference_id(second)) is not None
+    finally:
+        await store.close()
+
+
+async def test_an_answer_outlives_its_settled_epoch_while_its_client_may_still_recover_it() -> None:
+    """Testnet run 17: the client's recovery (120 s) outlasted a 60-second epoch's settlement, and the
+    executor had dropped the answer the client was charged for. A settled inference's evidence
+    stays until its request is also out of the ledger's replay window (``request_window_ms``)."""
+    store = await opened(None)
+    req = request(1)
+    await store.put(req, artifact(req), [b"frame"])
+    closed = {inference_id(req): (InferenceStatus.SETTLED, 5)}
+    settles = [settlement_height(epoch, GENESIS.params) for epoch in range(3)]
+    try:
+        store.on_commit(ledger_at(settles[0], T0 + WINDOW_MS, closed))  # its epoch settles, the window has not passed
+        assert await store.answer(inference_id(req)) is not None
+        store.on_commit(ledger_at(settles[1], T0 + WINDOW_MS + 1, closed))  # the next settlement, past the window
+        assert await store.answer(inference_id(req)) is None
     finally:
         await store.close()

@@ -6,7 +6,9 @@ partition after the executor's last frame would leave it paying for an
 answer it never read. So the executor, and the TA that relayed the stream,
 keep the answer as the executor signed it (its response frames, verbatim) in
 the node's :class:`~gonka_p2p.actors.artifact_store.ArtifactStore` until the
-inference's epoch settles, and serve it here to the client that asked for it.
+inference's epoch settles and its request has left the ledger's replay window
+(the client may still be recovering it), and serve it here to the client that
+asked for it.
 
 Who may read: the query (:class:`~gonka_p2p.wire.messages.AnswerQuery`) must be
 signed by the key that signed the request -- or by the TA the committed ledger

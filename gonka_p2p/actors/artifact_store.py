@@ -24,6 +24,13 @@ is kept must outlive a restart, and must not be pushed out by load:
   later, waits for that epoch; evidence of a request the ledger never
   started goes once the request is too old to start (``request_window_ms``),
   since nobody will ever ask for it.
+* **Never before the client's recovery.** Whatever its epoch, a row stays
+  while its request is inside the ledger's replay window (``request_window_ms``,
+  10 minutes by default; the client library seeks a cut answer for 2): a
+  client charged for an answer its relay cut may still be fetching it. With
+  day-long epochs this never binds; with the testnet's one-minute epochs it
+  does (run 17 lost an answer its executor pruned 87 s after the Finish, while
+  the client's recovery was still waiting out a throttled TA).
 * **The answer too.** Beside the artifact each row keeps the answer as the
   executor signed it (its response frames, verbatim), so a client whose
   relay broke after the executor finished -- and who is charged for the
@@ -39,7 +46,7 @@ is kept must outlive a restart, and must not be pushed out by load:
   counting): the executor declines orders it cannot keep evidence for, and
   the TAs draw another executor. The operator sizes the store
   (``evidence_max_bytes``) to the traffic of an epoch plus its settlement
-  delay.
+  delay (or of the request window, where that is longer).
 
 Deletions decided at a settlement take effect at once for readers (the
 in-memory index no longer lists them) and reach the disk with the next
@@ -114,14 +121,14 @@ def last_settled_epoch(height: int, params: Params) -> int:
 
 def freed_by(ledger: LedgerState, inference_id: bytes, request_ms: int) -> int | None:
     """The epoch whose settlement frees this evidence, as far as committed state tells now
-    (the epoch of the next block while it may still run); None if the ledger never started
-    the inference and never can, or started it and has long forgotten it."""
+    (the epoch of the next block while it may still run, or while its request is inside the
+    ledger's replay window); None if the ledger never started the inference and never can,
+    or started it and has long forgotten it."""
     record = ledger.inference(inference_id)
+    fresh = ledger.time_ms <= replay_memory_until(request_ms, ledger.params.request_window_ms)
     if record is None:
-        if ledger.time_ms > replay_memory_until(request_ms, ledger.params.request_window_ms):
-            return None
-        return ledger.epoch
-    if record.status in _CLOSED:
+        return ledger.epoch if fresh else None
+    if record.status in _CLOSED and not fresh:
         return ledger.inference_epoch(record)
     return ledger.epoch
 

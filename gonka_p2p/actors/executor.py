@@ -48,6 +48,7 @@ from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.ledger.executor_draw import is_drawn, may_execute
 from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import (
+    MAX_ADDRS,
     ExecuteOrder,
     InferenceFailed,
     InferenceFinished,
@@ -192,8 +193,8 @@ class ExecutorActor:
             await send(frame)
 
         try:
-            await emit(seal(InferenceStarted(inference_id=inference_id, ta=ta,
-                                             prompt_tokens=len(prompt_ids)), self._key))
+            await emit(seal(InferenceStarted(inference_id=inference_id, ta=ta, prompt_tokens=len(prompt_ids),
+                                             addrs=self._service.listen_addrs[:MAX_ADDRS]), self._key))
             async for batch in batches:
                 await emit(seal(TokenBatch(
                     inference_id=inference_id, start=len(steps),

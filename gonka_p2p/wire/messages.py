@@ -14,7 +14,7 @@ the TA altered nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -107,12 +107,20 @@ class ExecuteOrder(Message):
 
 @dataclass(frozen=True)
 class InferenceStarted(Message):
-    """First frame of a stream, signed by the executor."""
+    """First frame of a stream, signed by the executor.
+
+    ``addrs`` are the executor's own dialable addresses: a client whose relay breaks may never
+    have met the executor (it talks only to its TA), and a TA that fails can no longer tell it
+    the ledger's record, which names them too. With them the client dials the executor and asks
+    its ledger and its kept answer directly (``client.py``)."""
 
     KIND = "inference_started"
+    VERSION = 2  # 2: addrs
     inference_id: bytes = bounded(max_len=HASH_BYTES)
     ta: str = bounded(max_len=64)
     prompt_tokens: int = bounded(min_value=0)
+    addrs: list[str] = field(default_factory=list,
+                             metadata=each(max_len=MAX_ADDRS, items=each(max_len=MAX_ADDR_CHARS)))
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class StreamVerifier:
     def __init__(self, inference_id: bytes) -> None:
         self.inference_id = inference_id
         self.executor: str | None = None
+        self.executor_addrs: list[str] = []  # where the executor says it is dialed (InferenceStarted)
         self.token_ids: list[int] = []
         self.done = False
 
@@ -99,7 +100,7 @@ class StreamVerifier:
         if self.executor is None:
             if not isinstance(msg, InferenceStarted):
                 raise ProtocolViolation("stream did not begin with InferenceStarted")
-            self.executor = signed.signer_id
+            self.executor, self.executor_addrs = signed.signer_id, list(msg.addrs)
         elif signed.signer_id != self.executor:
             raise ProtocolViolation("a frame was signed by someone other than the executor")
         if msg.inference_id != self.inference_id:
