@@ -496,15 +496,40 @@ async def test_open_stream_dials_a_known_peer_after_it_restarts(make_host: Facto
             await a.request(key.peer_id, "/echo/1", b"anyone?", timeout=3)
     b2 = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
     b2.set_stream_handler("/echo/1", echo)
-
-    async def answered() -> bool:
-        try:
-            return await a.request(key.peer_id, "/echo/1", b"back again", timeout=3) == b"back again"
-        except NetworkError:
-            return False
-
-    await eventually(answered, timeout=4 * DIAL_BACKOFF_S, what="a dial after the backoff", interval=0.2)
+    await eventually(lambda: answers(a, key.peer_id), timeout=4 * DIAL_BACKOFF_S, what="a dial after the backoff",
+                     interval=0.2)
     assert b2.connected_peers() == [a.peer_id]
+
+
+async def test_a_peer_connected_to_long_ago_is_dialed_again_after_it_restarts(make_host: Factory) -> None:
+    """Testnet run 17: py-libp2p's ``host.connect`` sets a peer's address TTL to 120 s whatever
+    ours was, so a client connected to its TA for longer than that found "No known addresses"
+    when the TA restarted, and failed every request to it until the client was made again."""
+    from gonka_p2p.gossip.libp2p_service import _parse_peer_id
+
+    a = await make_host()
+    key, port = Keypair.from_seed(b"restarts late"), free_port()
+    b = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
+    await link(a, b)
+
+    async def three_hours_pass() -> None:
+        a._t_host().get_peerstore().peer_data_map[_parse_peer_id(key.peer_id)].last_identified -= 3 * 3600
+
+    await a._running().call(three_hours_pass)
+    await b.stop()
+    await eventually(lambda: a.connected_peers() == [], what="disconnect")
+    b2 = await make_host(f"/ip4/127.0.0.1/tcp/{port}", key)
+    b2.set_stream_handler("/echo/1", echo)
+    await eventually(lambda: answers(a, key.peer_id), timeout=4 * DIAL_BACKOFF_S, what="a dial to the restarted peer",
+                     interval=0.2)
+
+
+async def answers(a: Libp2pService, peer_id: str) -> bool:
+    """Whether ``peer_id`` echoes a request from ``a`` now."""
+    try:
+        return await a.request(peer_id, "/echo/1", b"back again", timeout=3) == b"back again"
+    except NetworkError:
+        return False
 
 
 async def test_abandoning_a_stream_does_not_leak(make_host: Factory) -> None:
@@ -746,3 +771,27 @@ def test_a_write_cut_short_resets_the_stream_and_one_not_begun_does_not() -> Non
     conn, stream = trio.run(scenario, 0, clock=clock)
     assert conn.frames == []
     assert not stream.closed
+
+
+def test_the_dial_book_restores_remembered_addresses_and_forgets_the_oldest_peer_past_its_bound() -> None:
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    from gonka_p2p.gossip.dial_book import PEER_ADDR_TTL, DialBook
+
+    class Peerstore:
+        def __init__(self) -> None:
+            self.added: list[tuple[ID, list[Multiaddr], int]] = []
+
+        def add_addrs(self, peer: ID, addrs: list[Multiaddr], ttl: int) -> None:
+            self.added.append((peer, list(addrs), ttl))
+
+    store, book = Peerstore(), DialBook(max_peers=2)
+    peers = [ID(b"peer-%d" % i) for i in range(3)]
+    addrs = [[Multiaddr(f"/ip4/127.0.0.1/tcp/{4000 + i}")] for i in range(3)]
+    for peer, at in zip(peers, addrs):
+        book.remember(store, peer, at)  # type: ignore[arg-type]
+    store.added.clear()
+    for peer in peers:
+        book.restore(store, peer)  # type: ignore[arg-type]
+    assert store.added == [(peers[1], addrs[1], PEER_ADDR_TTL), (peers[2], addrs[2], PEER_ADDR_TTL)]

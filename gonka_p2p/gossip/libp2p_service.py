@@ -77,6 +77,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from gonka_p2p.gossip import libp2p_streams as streams
+from gonka_p2p.gossip.dial_book import DialBook
 from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
 from gonka_p2p.gossip.outbound import RETRY_AFTER, OutboundGate
 from gonka_p2p.gossip.libp2p_patches import (
@@ -116,7 +117,6 @@ MESH_WAIT = 3.0  # seconds publish waits for a mesh while subscribers are known
 REQUEST_READ_TIMEOUT = 30.0  # seconds a served stream waits for its request frame (a spare's included)
 SPARE_OPEN_TIMEOUT = 10.0  # seconds to open and negotiate a spare stream
 STOP_GRACE = 3.0  # seconds to close connections politely on stop
-PEER_ADDR_TTL = 3600  # seconds connect()-ed addresses stay dialable
 
 
 def _parse_peer_id(peer_id: str) -> ID:
@@ -150,6 +150,7 @@ class Libp2pService:
         self._outbound_freed: trio.Event | None = None
         self._slot_waiters = 0  # openers waiting for an outbound slot: no spare may take one meanwhile
         self._spares = SpareStreams(self._t_open_spare, self._t_abandon)
+        self._dialed = DialBook()  # trio thread only
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -239,7 +240,7 @@ class Libp2pService:
             raise PeerUnreachable(f"{multiaddr!r} is not a full multiaddr ending in /p2p/<peer id>: {e}") from e
         if info.peer_id == host.get_id():
             raise PeerUnreachable(f"{multiaddr} is this host itself")
-        host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
+        self._dialed.remember(host.get_peerstore(), info.peer_id, info.addrs)
         forget_failed_dial(host, info.peer_id)
         deadline = trio.current_time() + timeout
         try:
@@ -498,6 +499,7 @@ class Libp2pService:
         try:
             with trio.fail_after(timeout):
                 if not host.get_network().get_connections(peer):
+                    self._dialed.restore(host.get_peerstore(), peer)
                     await self._t_relay().redial(peer)
                 stream = await host.get_network().new_stream(peer)
         except trio.TooSlowError:
