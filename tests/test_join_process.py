@@ -299,6 +299,14 @@ async def test_a_fresh_key_joins_with_a_bootstrap_address_and_earns_serves_valid
         first_height = epoch_first_height(serving_epoch, params)
         assert joiner.peer_id in await asyncio.to_thread(signers, nodes[0].store, first_height)
 
+        # Its work was validated, and it is paid when the epoch settles -- before anyone leaves: a
+        # validator stopped before its reveal leaves its duties undone (fresh clone #18: the joiner's
+        # one inference of the epoch fell to the leaver).
+        summary = await eventually(lambda: client.epoch_summary(serving_epoch), ROUND_TIMEOUT_S,
+                                   f"epoch {serving_epoch} to settle", until=lambda r: r.settled, interval=1)
+        assert joiner.peer_id in summary.checked and joiner.peer_id in summary.paid, summary.text
+        assert (await client.balance(joiner.peer_id)).balance > 0
+
         # An original participant leaves: the others keep committing, and its weight falls after
         # the next round, by a missed round's bounded step at most.
         leaving = min(nodes[1:3], key=lambda n: weight(joined, n.peer_id))
@@ -315,12 +323,6 @@ async def test_a_fresh_key_joins_with_a_bootstrap_address_and_earns_serves_valid
         step = shift_budget(sum(p.weight for p in stopped.participants), params.max_weight_shift_ppm)
         assert held - weight(fell, leaving.peer_id) <= step, (held, weight(fell, leaving.peer_id), step)
         assert weight(fell, joiner.peer_id) > 0
-
-        # Its work was validated, and it is paid when the epoch settles.
-        summary = await eventually(lambda: client.epoch_summary(serving_epoch), ROUND_TIMEOUT_S,
-                                   f"epoch {serving_epoch} to settle", until=lambda r: r.settled, interval=1)
-        assert joiner.peer_id in summary.checked and joiner.peer_id in summary.paid, summary.text
-        assert (await client.balance(joiner.peer_id)).balance > 0
     except AssertionError as e:
         logs = "\n".join(f"--- {n.log.name}\n{quiet(n.log.read_text())[-4000:]}" for n in nodes)
         raise AssertionError(f"{e}\n{logs}") from None
