@@ -19,7 +19,8 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   committed model teacher-forced over the exact ids (one prefill in the
   serving engine, the top ``EVIDENCE_TOP_K`` logprobs per position: no second
   copy of the model, see ``inference/topk_evidence.py``; an output that leaves
-  undecidable positions is scored again there over the whole vocabulary), applies
+  undecidable positions is scored again there, over a wider top-K and then the
+  whole vocabulary, ``inference/served_check.py``), applies
   the verification metric and submits a ``Validation``. The client's signed
   request is the contract (``verification.Contract``): prompt, parameters,
   ``max_tokens`` and seed come from it, never from the artifact, and the
@@ -78,10 +79,10 @@ from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkService
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.artifacts import ArtifactError, InferenceArtifact
-from gonka_p2p.inference.engine import Engine, ScoredCompletion
-from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, full_rows
-from gonka_p2p.inference.verification import Billed, Contract, Verdict, check_scorable, rejected, verify
-from gonka_p2p.inference.verification_params import ModelThresholds, VerificationParams
+from gonka_p2p.inference.engine import Engine
+from gonka_p2p.inference.served_check import check_in_engine
+from gonka_p2p.inference.verification import Billed, Contract, Verdict, check_scorable, rejected
+from gonka_p2p.inference.verification_params import VerificationParams
 from gonka_p2p.ledger.poc_rounds import may_commit_seed
 from gonka_p2p.ledger.records import Inference
 from gonka_p2p.ledger.rules import (
@@ -304,27 +305,11 @@ class ValidatorActor(DutyActor):
             artifact, contract = claim
             try:
                 async with self._engine_turn:
-                    verdict = await self._verify(engine, artifact, contract, thresholds, EVIDENCE_TOP_K)
-                    if verdict.valid and verdict.undecidable:  # resolved in the same engine: every row
-                        verdict = await self._verify(engine, artifact, contract, thresholds,
-                                                     engine.local_model.vocab_size)
+                    verdict = (await check_in_engine(engine, artifact, contract, thresholds)).verdict
             except Exception:  # the evidence passed every check the model imposes: the fault is here
                 log.exception("cannot check %s: this node failed to re-run it", inference_id.hex()[:12])
                 return None
             return verdict_stats(verdict)
-
-    @staticmethod
-    async def _verify(engine: Engine, artifact: InferenceArtifact, contract: Contract,
-                      thresholds: ModelThresholds, k: int) -> Verdict:
-        """One prefill in the serving engine with the top ``k`` logprobs per position, judged;
-        with k = the vocabulary the rows are whole and the verdict is the reference's."""
-        vocab = engine.local_model.vocab_size
-        scored = await engine.score(list(contract.prompt_ids), artifact.completion_ids, k)
-        if k >= vocab:
-            scored = ScoredCompletion(scored.steps, full_rows(scored.steps, vocab))
-        # The metric is pure CPU work (a few ms of float64 on [n, K] tables): off the loop.
-        return await asyncio.to_thread(verify, artifact, scored, thresholds, contract=contract,
-                                       eos_token_ids=engine.eos_token_ids, vocab_size=vocab)
 
     @staticmethod
     def _claim(engine: Engine, inference_id: bytes, record: Inference,

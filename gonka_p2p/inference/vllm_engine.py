@@ -57,11 +57,13 @@ identically.
 position the scored token's logprob and the top k. A validator asks for
 ``k = topk_evidence.EVIDENCE_TOP_K`` and judges from that (``topk_evidence``),
 in the engine that already holds the model; an output it cannot decide is
-scored again with k = the vocabulary (``max_logprobs`` is uncapped for it). Full logits rows (``with_logits``) are refused: vLLM returns them only
-as ``prompt_logprobs=-1`` (~50k Python floats per position through its output
-processor, ~35 ms a position), and the torch engine that has them would be a
-second copy of the model in this process; the full-row reference runs out of
-process (the torch engine, as a cross-check tool).
+scored again with a wider k, up to the vocabulary (``served_check``;
+``max_logprobs`` is uncapped for it). Full logits rows (``with_logits``) are
+refused: vLLM returns them only as ``prompt_logprobs=-1`` (~50k Python floats
+per position through its output processor, ~35 ms a position), and the torch
+engine that has them would be a second copy of the model in this process; the
+full-row reference runs out of process (the torch engine, as a cross-check
+tool).
 
 Process-wide side effects of an in-process vLLM engine (vLLM's, not ours):
 it reseeds the global ``random``/``numpy``/``torch`` generators at start,
