@@ -2,24 +2,22 @@
 
 A participant's validator now scores in the vLLM engine that serves
 (``inference/topk_evidence.py``: one prefill, top-K logprobs; an output that
-leaves undecidable positions is scored again, ``inference/served_check.py``),
-with no torch copy of the model in its process. For each model this prints:
+leaves undecidable positions is scored again over the whole vocabulary,
+``inference/served_check.py``), with no torch copy of the model in its
+process. For each model this prints:
 
 * cost -- vLLM generates ``--n`` honest inferences per mode ``--batch`` at a
   time (per-inference time = batch wall time / batch size, after a discarded
   warm-up batch); the same engine validates them one at a time ("serial") and
   all at once ("batched": the prefills share vLLM's batches); val/gen is the
-  ratio of medians, or of totals; serially, each output is also validated
-  the way it was before the wider tier (top-K, then the whole vocabulary),
-  alternating with the tiers, and the ratio of the two totals is printed;
+  ratio of medians, or of totals for batched;
 * memory -- the process's RSS after serving alone, after validating too, and
   after loading the torch copy the old path loaded lazily for every check;
 * verdicts -- every row (honest vLLM work and the cheats of
   ``adversary/cheats.py``, made with the torch engine) judged from vLLM's
   evidence and from the reference (torch, full logits rows): the two must
   agree (validity and evidence class); rejected counts per row, undecidable
-  positions and the passes after the first (``served_check``'s tiers: a wider
-  top-K, then the whole vocabulary).
+  positions and second passes.
 
 vLLM runs in a child process (it pins process-wide state); the reference and
 the cheats run in the parent.
@@ -48,7 +46,7 @@ from gonka_p2p.inference import verification_params  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
-from gonka_p2p.inference.served_check import WIDER_TOP_K, check_in_engine  # noqa: E402
+from gonka_p2p.inference.served_check import check_in_engine  # noqa: E402
 from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
 
@@ -72,20 +70,11 @@ def make_jobs(engine: TorchEngine, n: int, max_tokens: int) -> list[Job]:
             for mode, sampling in MODES.items() for i in range(n)]
 
 
-def two_passes(vocab: int) -> tuple[int, ...]:
-    """The tiers before ``WIDER_TOP_K``: the top-K, then the whole vocabulary."""
-    return EVIDENCE_TOP_K, vocab
-
-
-async def served_verdict(engine, artifact: InferenceArtifact, contract, thresholds,
-                         tiers: tuple[int, ...] | None = None) -> tuple:
-    """What the validator actor does (``served_check``): top-K, then wider passes while anything
-    is undecidable. (valid, evidence, undecidable positions of the first pass, passes after it,
-    of which whole-vocabulary)."""
-    check = await check_in_engine(engine, artifact, contract, thresholds, tiers)
-    whole = check.passes[-1] >= engine.local_model.vocab_size and len(check.passes) > 1
-    return (check.verdict.valid, check.verdict.evidence.value, check.first_undecidable,
-            len(check.passes) - 1, int(whole))
+async def served_verdict(engine, artifact: InferenceArtifact, contract, thresholds) -> tuple:
+    """What the validator actor does (``served_check``): top-K, then whole-vocabulary rows if anything
+    is undecidable. (valid, evidence, undecidable positions, second pass?)."""
+    check = await check_in_engine(engine, artifact, contract, thresholds)
+    return check.verdict.valid, check.verdict.evidence.value, check.first_undecidable, check.second_pass
 
 
 def vllm_worker(model: str, jobs: list[Job], batch: int, judged: list[tuple[bytes, Job]]) -> dict:
@@ -109,17 +98,12 @@ def vllm_worker(model: str, jobs: list[Job], batch: int, judged: list[tuple[byte
                     made += done
             out["rss_serving"] = rss_mb()
             contracts = [verification.Contract(engine.model_name, j[2], j[3], j[4]) for j in jobs]
-            vocab = engine.local_model.vocab_size
             await served_verdict(engine, made[0], contracts[0], thresholds)  # warm the scoring path
-            serial, two_pass, out["honest"] = [], [], []
-            for artifact, contract in zip(made, contracts, strict=True):  # tiers and two passes, alternating
+            serial, out["honest"] = [], []
+            for artifact, contract in zip(made, contracts, strict=True):
                 began = time.perf_counter()
                 out["honest"].append(await served_verdict(engine, artifact, contract, thresholds))
                 serial.append(time.perf_counter() - began)
-                began = time.perf_counter()
-                await served_verdict(engine, artifact, contract, thresholds, two_passes(vocab))
-                two_pass.append(time.perf_counter() - began)
-            out["val_two_pass_s"] = two_pass
             began = time.perf_counter()
             await asyncio.gather(*[served_verdict(engine, a, c, thresholds) for a, c in zip(made, contracts)])
             out.update(val_serial_s=serial, val_batched_s=time.perf_counter() - began, rss_validating=rss_mb())
@@ -163,19 +147,17 @@ def run_model(model: str, args: argparse.Namespace) -> tuple[list[list[str]], li
         verdict_rows.setdefault((row, job[0]), []).append((ref, new))
     name = reference.model_name
     gen, serial = statistics.median(got["gen_s"]), statistics.median(got["val_serial_s"])
-    wider, whole = sum(v[3] - v[4] for v in got["honest"]), sum(v[4] for v in got["honest"])
-    tiered, before = sum(got["val_serial_s"]), sum(got["val_two_pass_s"])
+    second = sum(v[3] for v in got["honest"])
     cost = [[name, str(len(work)), f"{1000 * gen:.0f}", f"{1000 * serial:.0f}", f"{serial / gen:.3f}",
-             f"{tiered / sum(got['gen_s']):.3f}", f"{before / sum(got['gen_s']):.3f}", f"{before / tiered:.2f}x",
-             f"{wider} / {whole}", f"{got['val_batched_s'] / sum(got['gen_s']):.3f}", f"{got['rss_serving']:.0f}",
+             f"{sum(got['val_serial_s']) / sum(got['gen_s']):.3f}", str(second),
+             f"{got['val_batched_s'] / sum(got['gen_s']):.3f}", f"{got['rss_serving']:.0f}",
              f"{got['rss_validating']:.0f}", f"{got['rss_validating'] / got['rss_serving']:.2f}",
              f"{got['rss_with_torch_copy']:.0f}"]]
     table = []
     for (row, mode), pairs in verdict_rows.items():
         table.append([name, row, mode, str(len(pairs)), str(sum(not r[0] for r, _ in pairs)),
                       str(sum(not v[0] for _, v in pairs)), str(sum(r[:2] != tuple(v[:2]) for r, v in pairs)),
-                      str(sum(v[2] for _, v in pairs)), str(sum(v[3] - v[4] for _, v in pairs)),
-                      str(sum(v[4] for _, v in pairs))])
+                      str(sum(v[2] for _, v in pairs)), str(sum(v[3] for _, v in pairs))])
     return cost, table
 
 
@@ -194,16 +176,13 @@ def main() -> None:
         verdicts += v
     text = "\n\n".join([
         f"# Validation through the serving engine\n\nn = {args.n} per mode and row, max_tokens = "
-        f"{args.max_tokens}, vLLM batch = {args.batch}, K = {EVIDENCE_TOP_K}, then {WIDER_TOP_K}, then the "
-        f"vocabulary; modes: {', '.join(MODES)}. Serial validation runs each honest output through the "
-        f"tiers and through the two passes before them (K, then the vocabulary), alternating; load "
-        f"average {load}.",
+        f"{args.max_tokens}, vLLM batch = {args.batch}, K = {EVIDENCE_TOP_K}; modes: {', '.join(MODES)}; "
+        f"load average {load}.",
         markdown(("model", "inferences", "gen ms", "val ms serial", "val/gen (medians)", "val/gen (totals)",
-                  "val/gen two passes (totals)", "tiers' speedup", "wider / whole passes",
-                  "val/gen batched (totals)", "RSS serving MB", "RSS + validating MB", "ratio",
-                  "RSS + old torch copy MB"), cost),
+                  "second passes", "val/gen batched (totals)",
+                  "RSS serving MB", "RSS + validating MB", "ratio", "RSS + old torch copy MB"), cost),
         markdown(("model", "row", "mode", "n", "rejected (reference)", "rejected (served)", "disagree",
-                  "undecidable positions (first pass)", "wider passes", "whole passes"), verdicts),
+                  "undecidable positions", "second passes"), verdicts),
     ])
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -19,8 +19,8 @@ schedule of its own (nothing to persist, nothing lost by a restart):
   committed model teacher-forced over the exact ids (one prefill in the
   serving engine, the top ``EVIDENCE_TOP_K`` logprobs per position: no second
   copy of the model, see ``inference/topk_evidence.py``; an output that leaves
-  undecidable positions is scored again there, over a wider top-K and then the
-  whole vocabulary, ``inference/served_check.py``), applies
+  undecidable positions is scored again there over the whole vocabulary,
+  ``inference/served_check.py``), applies
   the verification metric and submits a ``Validation``. The client's signed
   request is the contract (``verification.Contract``): prompt, parameters,
   ``max_tokens`` and seed come from it, never from the artifact, and the

@@ -1,22 +1,24 @@
-"""A validator's check in the engine that serves the model: top-K passes, widening only as needed.
+"""A validator's check in the engine that serves the model: the top-K, then the whole vocabulary.
 
-Why tiers: a check is one prefill whose evidence is the top ``k`` logprobs per
-position (``topk_evidence``). Greedy outputs, and most sampled ones, are decided
-at ``EVIDENCE_TOP_K``; an output that keeps undecidable positions used to be
-scored again over the whole vocabulary, and that pass is what made checking a
-sampled output cost several times its generation on a CPU: vLLM hands every
-listed logprob through its output processor as a Python float, so a pass costs
-in proportion to ``k`` (about 35 ms a position at SmolLM2's 49k). A position is
-undecidable only while the tail beyond the top ``k`` could move the noise point
-across a token's interval, and that tail shrinks fast with ``k``, so a pass at
-``WIDER_TOP_K`` decides most of what the first left open at a sixth of the
-whole-vocabulary cost; only what it still leaves open pays for the whole rows.
+A check is one prefill whose evidence is the top ``EVIDENCE_TOP_K`` logprobs
+per position (``topk_evidence``). Greedy outputs, and most sampled ones, are
+decided there; an output that keeps undecidable positions (plain or wide
+sampling over a flat tail) is scored again in the same engine over the whole
+vocabulary, where the verdict is the full-logits reference's. Every pass fails
+an output only on a failure proven at its floors (or on rule 6, too many
+undecidable positions for its evidence), so the second pass runs only while
+the first is valid.
 
-Soundness does not depend on the tiers: every pass fails an output only on a
-failure proven at its floors (or on rule 6, too many undecidable positions for
-its own evidence), and the last pass lists the whole vocabulary, where the
-verdict is the full-logits reference's. Rule 6 may now run twice on an honest
-output, so its false alarm per output is at most twice ``UNDECIDABLE_FALSE_ALARM``.
+What the second pass costs, and what did not cut it (SmolLM2 on a CPU, a
+42-token prompt and a 32-token answer, ``score`` alone): 137 ms at the top-K,
+892 ms over the whole vocabulary, of which about 10 ms a position is vLLM
+listing 49k logprobs through its output processor -- for the *prompt's*
+positions too (42 of 74 here): vLLM computes prompt logprobs from the first
+token on and turns off prefix caching for such requests. A middle pass at the
+top 8,192 (272 ms) was tried: it decided 2 of 3 nucleus outputs and none of 3
+plain ones, for no net gain (1.02x on SmolLM2, 0.81x on the tiny model,
+``benchmarks/validation_bench.py``), so it is not run. Prompt logprobs that
+start at the answer would halve the second pass.
 """
 
 from __future__ import annotations
@@ -30,38 +32,25 @@ from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, full_rows
 from gonka_p2p.inference.verification import Contract, Verdict, verify
 from gonka_p2p.inference.verification_params import ModelThresholds
 
-WIDER_TOP_K = 8 * EVIDENCE_TOP_K  # the second pass's k, before the whole vocabulary
-
 
 @dataclass(frozen=True)
 class ServedCheck:
-    """The verdict, the undecidable positions the first pass left, and the k of every pass run."""
+    """The verdict, the undecidable positions the top-K pass left, and whether a second ran."""
 
     verdict: Verdict
     first_undecidable: int
-    passes: tuple[int, ...]
-
-
-def evidence_tiers(vocab_size: int) -> tuple[int, ...]:
-    """The k of each pass in turn, the last one the whole vocabulary."""
-    return (*(k for k in (EVIDENCE_TOP_K, WIDER_TOP_K) if k < vocab_size), vocab_size)
+    second_pass: bool
 
 
 async def check_in_engine(engine: Engine, artifact: InferenceArtifact, contract: Contract,
-                          thresholds: ModelThresholds, tiers: tuple[int, ...] | None = None) -> ServedCheck:
-    """Judge ``artifact`` on ``contract`` from prefills in ``engine``, one per k of ``tiers``
-    (default ``evidence_tiers``; the last must be the vocabulary): the next runs only while
-    the verdict is valid and leaves undecidable positions."""
-    passes: list[int] = []
-    first_undecidable = 0
-    for k in tiers or evidence_tiers(engine.local_model.vocab_size):
-        verdict = await _verify(engine, artifact, contract, thresholds, k)
-        if not passes:
-            first_undecidable = verdict.undecidable
-        passes.append(k)
-        if not (verdict.valid and verdict.undecidable):
-            break
-    return ServedCheck(verdict, first_undecidable, tuple(passes))
+                          thresholds: ModelThresholds) -> ServedCheck:
+    """Judge ``artifact`` on ``contract`` from prefills in ``engine``: the top-K, then the whole
+    vocabulary while that verdict is valid and leaves undecidable positions."""
+    vocab = engine.local_model.vocab_size
+    first = await _verify(engine, artifact, contract, thresholds, min(EVIDENCE_TOP_K, vocab))
+    if not (first.valid and first.undecidable):
+        return ServedCheck(first, first.undecidable, False)
+    return ServedCheck(await _verify(engine, artifact, contract, thresholds, vocab), first.undecidable, True)
 
 
 async def _verify(engine: Engine, artifact: InferenceArtifact, contract: Contract,

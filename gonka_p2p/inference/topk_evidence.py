@@ -34,11 +34,10 @@ proven failure, the same as the full-row reference gives -- and a position is
 are always decided (the argmax and the claimed logprob are both known).
 
 Undecidable positions are counted and bounded; an output that keeps any
-within the bound is resolved by more prefills in the same engine: a wider
-top-K, then, while positions stay open, the whole vocabulary (``full_rows``;
-slow, ~35 ms a position through vLLM's output processor on a 49k vocabulary,
-so only for such outputs: plain or wide sampling over a flat tail;
-``served_check``). Never by a second model in the
+within the bound is resolved by a second prefill in the same engine that
+lists the whole vocabulary (``full_rows``; slow, ~10 ms a position through
+vLLM's output processor on a 49k vocabulary, so only for such outputs: plain
+or wide sampling over a flat tail; ``served_check``). Never by a second model in the
 participant's process (the torch engine stays a cross-check tool, out of
 process). For an honest executor a position can only be undecidable when the
 noise point falls outside every top-K token's *certain* interval (the part

@@ -57,10 +57,10 @@ identically.
 position the scored token's logprob and the top k. A validator asks for
 ``k = topk_evidence.EVIDENCE_TOP_K`` and judges from that (``topk_evidence``),
 in the engine that already holds the model; an output it cannot decide is
-scored again with a wider k, up to the vocabulary (``served_check``;
-``max_logprobs`` is uncapped for it). Full logits rows (``with_logits``) are
+scored again with k = the vocabulary (``served_check``; ``max_logprobs`` is
+uncapped for it). Full logits rows (``with_logits``) are
 refused: vLLM returns them only as ``prompt_logprobs=-1`` (~50k Python floats
-per position through its output processor, ~35 ms a position), and the torch
+per position through its output processor, ~10 ms a position), and the torch
 engine that has them would be a second copy of the model in this process; the
 full-row reference runs out of process (the torch engine, as a cross-check
 tool).

@@ -11,10 +11,8 @@ evidence leaves possible -- with the real model's logprobs for every claim.
 What must hold: the top-K evidence alone passes such an artifact (its floors
 are all met: the hole is real, rule 6's bound does not see a few positions),
 and the validator's whole check path fails it on sampling, because an output
-that leaves undecidable positions is scored again in the same engine, over a
-wider top-K and then, while any stay open, over the whole vocabulary
-(``inference/served_check.py``). An executor that knows the tiers steers
-through the holes of the wider one too.
+that leaves undecidable positions is scored again in the same engine over the
+whole vocabulary.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from gonka_p2p.inference import verification_params
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.model_names import TINY_MODEL
 from gonka_p2p.inference.sampler import SamplingParams, choose_token, position_uniform
-from gonka_p2p.inference.served_check import WIDER_TOP_K
 from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, _sampling_bounds
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.ledger.transactions import FailureFlag
@@ -43,17 +40,16 @@ def engine() -> TorchEngine:
     return TorchEngine(TINY_MODEL)
 
 
-async def steered(engine: TorchEngine, prompt: list[int], params: SamplingParams, seed: bytes, k: int
+async def steered(engine: TorchEngine, prompt: list[int], params: SamplingParams, seed: bytes
                   ) -> tuple[InferenceArtifact, int]:
-    """The steering executor's artifact and how many positions it steered through the holes of
-    top-``k`` evidence."""
+    """The steering executor's artifact and how many positions it steered."""
     vocab, tolerance = engine.local_model.vocab_size, verification_params.tie_tolerance(THRESHOLDS, params.temperature)
     completion, steps, moved = [], [], 0
     for position in range(params.max_tokens):
         row = (await engine.score(prompt, completion + [0], 5, with_logits=True)).logits[-1]
         honest = choose_token(row, params, seed, position)
         logprobs = torch.log_softmax(row, dim=-1)
-        top = torch.topk(logprobs, k)
+        top = torch.topk(logprobs, EVIDENCE_TOP_K)
         tail = torch.ones(vocab, dtype=torch.bool).index_fill_(0, top.indices, False).nonzero().view(-1)
         near = tail[(tail - honest).abs().argsort()[:CANDIDATES]]
         u = torch.full((len(near),), position_uniform(seed, position), dtype=torch.float64)
@@ -72,17 +68,16 @@ async def steered(engine: TorchEngine, prompt: list[int], params: SamplingParams
 THRESHOLDS = verification_params.load_verification_params().for_model(TINY_MODEL)
 
 
-@pytest.mark.parametrize("k", [EVIDENCE_TOP_K, WIDER_TOP_K])
-async def test_steering_through_undecidable_positions_is_caught(engine: TorchEngine, k: int) -> None:
+async def test_steering_through_undecidable_positions_is_caught(engine: TorchEngine) -> None:
     for nonce in range(8):  # the first request (deterministic) the attack finds room in
         request = signed_request(engine.model_name, PLAIN, [("user", "Describe the ocean.")], bytes([nonce]) * 16)
         prompt = prompt_of(engine, request)
-        artifact, moved = await steered(engine, prompt, PLAIN, id_of(request), k)
+        artifact, moved = await steered(engine, prompt, PLAIN, id_of(request))
         if moved >= 3:
             break
     assert moved >= 3, "the attack found nothing to steer: the test proves nothing"
     contract = verification.Contract(engine.model_name, tuple(prompt), PLAIN, id_of(request))
-    evidence = await engine.score(prompt, artifact.completion_ids, k)
+    evidence = await engine.score(prompt, artifact.completion_ids, EVIDENCE_TOP_K)
     top_k_only = verification.verify(artifact, evidence, THRESHOLDS, contract=contract,
                                      eos_token_ids=engine.eos_token_ids,
                                      vocab_size=engine.local_model.vocab_size)
