@@ -71,6 +71,19 @@ def test_validation_cost_tiny_prints_and_writes_its_table(tmp_path: Path) -> Non
         (executor, mode) for executor in ("torch", "vllm-batch") for mode in ("greedy", "sampled")}
 
 
+def test_score_cost_tiny_prints_every_k_for_both_answer_lengths(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "score_cost.py"), "--model", "tiny-llama",
+         "--max-tokens", "8", "--short", "4", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = (tmp_path / "score_cost.md").read_text()
+    assert "load average" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny-llama")]
+    assert {row[3] for row in rows} == {"1", "1024", "8192", "49152"} and len(rows) == 8
+
+
 def test_sampler_bench_quick_prints_both_tables() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampler_bench.py"), "--quick"],
                             capture_output=True, text=True, timeout=600, cwd=ROOT,

@@ -1,24 +1,25 @@
 """A validator's check in the engine that serves the model: the top-K, then the whole vocabulary.
 
 A check is one prefill whose evidence is the top ``EVIDENCE_TOP_K`` logprobs
-per position (``topk_evidence``). Greedy outputs, and most sampled ones, are
-decided there; an output that keeps undecidable positions (plain or wide
-sampling over a flat tail) is scored again in the same engine over the whole
-vocabulary, where the verdict is the full-logits reference's. Every pass fails
+per position (``topk_evidence``). Greedy outputs are decided there; an output
+that keeps undecidable positions (sampling over a flat tail: on SmolLM2 every
+honest output at T = 0.7, top-p 0.9 and at T = 1 in ``validation_bench``) is
+scored again in the same engine over the whole vocabulary, where the verdict is the full-logits reference's. Every pass fails
 an output only on a failure proven at its floors (or on rule 6, too many
 undecidable positions for its evidence), so the second pass runs only while
 the first is valid.
 
 What the second pass costs, and what did not cut it (SmolLM2 on a CPU, a
-42-token prompt and a 32-token answer, ``score`` alone): 137 ms at the top-K,
-892 ms over the whole vocabulary, of which about 10 ms a position is vLLM
-listing 49k logprobs through its output processor -- for the *prompt's*
-positions too (42 of 74 here): vLLM computes prompt logprobs from the first
-token on and turns off prefix caching for such requests. A middle pass at the
-top 8,192 (272 ms) was tried: it decided 2 of 3 nucleus outputs and none of 3
-plain ones, for no net gain (1.02x on SmolLM2, 0.81x on the tiny model,
-``benchmarks/validation_bench.py``), so it is not run. Prompt logprobs that
-start at the answer would halve the second pass.
+42-token prompt and a 32-token answer, ``score`` alone,
+``benchmarks/score_cost.py``): 110 ms at k = 1, 139 ms at the top-K, 858 ms
+over the whole vocabulary, about 9 ms a position of vLLM listing 49k logprobs
+through its output processor -- for the *prompt's* positions too (42 of 74
+here): vLLM computes prompt logprobs from the first token on and turns off
+prefix caching for such requests. A middle pass at the top 8,192 (247 ms) was
+tried: it decided 2 of 3 nucleus outputs and none of 3 plain ones, for no net
+gain (1.02x on SmolLM2, 0.81x on the tiny model, ``validation_bench``), so it
+is not run. Prompt logprobs that start at the answer would halve the second
+pass.
 """
 
 from __future__ import annotations
