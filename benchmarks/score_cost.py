@@ -7,7 +7,11 @@ vLLM computes prompt logprobs from the first prompt token on, so the prompt's
 positions pay for them too. This prints, side by side in one run and one
 engine, the median time of ``score`` for each k, over the whole answer and
 over its first few tokens (the prompt's share of the cost is the difference's
-complement), and each as a multiple of k = 1 (the prefill itself).
+complement), and each as a multiple of k = 1 (the prefill itself). A second
+table splits the cost above k = 1 into the two steps vLLM takes per scored
+row, reproduced with torch on random rows of the same shape: the top-k of the
+logprobs (a full sort at k = the vocabulary) and the lists of Python floats
+and ints its output processor builds.
 
     OMP_NUM_THREADS=1 python benchmarks/score_cost.py
 """
@@ -22,6 +26,8 @@ import time
 from pathlib import Path
 
 from detection_matrix import markdown  # sets the thread and log env first
+
+import torch  # noqa: E402
 
 from gonka_p2p.inference.model_names import DEFAULT_MODEL  # noqa: E402
 from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
@@ -41,7 +47,27 @@ async def timed_score(engine, prompt: list[int], answer: list[int], k: int, repe
     return statistics.median(times)
 
 
-async def run(model: str, max_tokens: int, short: int, repeats: int) -> list[list[str]]:
+def median_ms(step, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    return 1000 * statistics.median(times)
+
+
+def step_costs(n_rows: int, vocab: int, ks: tuple[int, ...], repeats: int) -> list[list[str]]:
+    """Per k: ms for the top-k of ``n_rows`` logprob rows, and for turning it into Python lists."""
+    logprobs = torch.log_softmax(torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(0)), dim=-1)
+    rows = []
+    for k in ks:
+        top = torch.topk(logprobs, k, dim=-1)
+        rows.append([str(n_rows), str(k), f"{median_ms(lambda: torch.topk(logprobs, k, dim=-1), repeats):.1f}",
+                     f"{median_ms(lambda: (top.values.tolist(), top.indices.tolist()), repeats):.1f}"])
+    return rows
+
+
+async def run(model: str, max_tokens: int, short: int, repeats: int) -> tuple[list[list[str]], list[list[str]]]:
     from gonka_p2p.inference.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(model, max_num_seqs=8)
@@ -52,14 +78,15 @@ async def run(model: str, max_tokens: int, short: int, repeats: int) -> list[lis
         vocab = engine.local_model.vocab_size
         rows = []
         base: dict[int, float] = {}  # answer tokens -> seconds at k = 1
-        for k in dict.fromkeys((1, EVIDENCE_TOP_K, 8 * EVIDENCE_TOP_K, vocab)):
+        ks = tuple(dict.fromkeys((1, EVIDENCE_TOP_K, 8 * EVIDENCE_TOP_K, vocab)))
+        for k in ks:
             for n in (len(answer), min(short, len(answer))):
                 seconds = await timed_score(engine, prompt, answer[:n], k, repeats)
                 if k == 1:
                     base[n] = seconds
                 rows.append([engine.model_name, str(len(prompt)), str(n), str(k), f"{1000 * seconds:.1f}",
                              f"{seconds / base[n]:.2f}x"])
-        return rows
+        return rows, step_costs(len(prompt) + len(answer) - 1, vocab, ks, repeats)
     finally:
         await engine.close()
 
@@ -73,9 +100,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for score_cost.md")
     args = parser.parse_args()
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = asyncio.run(run(args.model, args.max_tokens, args.short, args.repeats))
+    rows, steps = asyncio.run(run(args.model, args.max_tokens, args.short, args.repeats))
     text = (f"# Cost of a validator's prefill by k\n\nmedian of {args.repeats}; load average {load}.\n\n"
-            + markdown(("model", "prompt tokens", "answer tokens", "k", "score ms", "x k = 1"), rows))
+            + markdown(("model", "prompt tokens", "answer tokens", "k", "score ms", "x k = 1"), rows)
+            + "\n\nvLLM's steps per scored row, on random rows of the same shape:\n\n"
+            + markdown(("rows", "k", "top-k ms", "to Python lists ms"), steps))
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "score_cost.md").write_text(text + "\n")

@@ -11,11 +11,11 @@ the first is valid.
 
 What the second pass costs, and what did not cut it (SmolLM2 on a CPU, a
 42-token prompt and a 32-token answer, ``score`` alone,
-``benchmarks/score_cost.py``): 110 ms at k = 1, 139 ms at the top-K, 858 ms
-over the whole vocabulary, about 9 ms a position of vLLM listing 49k logprobs
-through its output processor -- for the *prompt's* positions too (42 of 74
+``benchmarks/score_cost.py``): 111 ms at k = 1, 138 ms at the top-K, 893 ms
+over the whole vocabulary, about 11 ms a position of sorting 49k logprobs and
+listing them as Python floats -- for the *prompt's* positions too (42 of 74
 here): vLLM computes prompt logprobs from the first token on and turns off
-prefix caching for such requests. A middle pass at the top 8,192 (247 ms) was
+prefix caching for such requests. A middle pass at the top 8,192 (259 ms) was
 tried: it decided 2 of 3 nucleus outputs and none of 3 plain ones, for no net
 gain (1.02x on SmolLM2, 0.81x on the tiny model, ``validation_bench``), so it
 is not run. Prompt logprobs that start at the answer would halve the second
