@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 import statistics
 import time
@@ -37,33 +38,27 @@ RESULTS = Path(__file__).parent / "results"
 QUESTION = "Write a short story about a robot who learns to paint."
 
 
-async def timed_score(engine, prompt: list[int], answer: list[int], k: int, repeats: int) -> float:
-    """Median seconds of ``engine.score``."""
+async def median_ms(step, repeats: int) -> float:
+    """Median milliseconds of ``step()``, awaited when it returns an awaitable."""
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        await engine.score(prompt, answer, k)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
-def median_ms(step, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        step()
+        result = step()
+        if inspect.isawaitable(result):
+            await result
         times.append(time.perf_counter() - began)
     return 1000 * statistics.median(times)
 
 
-def step_costs(n_rows: int, vocab: int, ks: tuple[int, ...], repeats: int) -> list[list[str]]:
+async def step_costs(n_rows: int, vocab: int, ks: tuple[int, ...], repeats: int) -> list[list[str]]:
     """Per k: ms for the top-k of ``n_rows`` logprob rows, and for turning it into Python lists."""
     logprobs = torch.log_softmax(torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(0)), dim=-1)
     rows = []
     for k in ks:
         top = torch.topk(logprobs, k, dim=-1)
-        rows.append([str(n_rows), str(k), f"{median_ms(lambda: torch.topk(logprobs, k, dim=-1), repeats):.1f}",
-                     f"{median_ms(lambda: (top.values.tolist(), top.indices.tolist()), repeats):.1f}"])
+        sort = await median_ms(lambda: torch.topk(logprobs, k, dim=-1), repeats)
+        listing = await median_ms(lambda: (top.values.tolist(), top.indices.tolist()), repeats)
+        rows.append([str(n_rows), str(k), f"{sort:.1f}", f"{listing:.1f}"])
     return rows
 
 
@@ -81,12 +76,12 @@ async def run(model: str, max_tokens: int, short: int, repeats: int) -> tuple[li
         ks = tuple(dict.fromkeys((1, EVIDENCE_TOP_K, 8 * EVIDENCE_TOP_K, vocab)))
         for k in ks:
             for n in (len(answer), min(short, len(answer))):
-                seconds = await timed_score(engine, prompt, answer[:n], k, repeats)
+                seconds = await median_ms(lambda: engine.score(prompt, answer[:n], k), repeats) / 1000
                 if k == 1:
                     base[n] = seconds
                 rows.append([engine.model_name, str(len(prompt)), str(n), str(k), f"{1000 * seconds:.1f}",
                              f"{seconds / base[n]:.2f}x"])
-        return rows, step_costs(len(prompt) + len(answer) - 1, vocab, ks, repeats)
+        return rows, await step_costs(len(prompt) + len(answer) - 1, vocab, ks, repeats)
     finally:
         await engine.close()
 

@@ -29,21 +29,21 @@ asks the ledger (through the executor's node, else the TA) how the inference
 stands; it dials the executor first, at the addresses its signed
 ``InferenceStarted`` names, since a client that talks only to its TA may never
 have met it (testnet run 17 lost an answer to a throttled TA so). Before the
-first frame the client does not know whether an executor
-started, so a ledger that has had no such inference for ``UNSTARTED_GRACE_S``
-ends the wait (the break is raised as it was), while a TA that cannot be asked
-is asked again until ``recovery_timeout``: it may have started one and be
-cut off by a partition that will heal. Once the inference's Finish has
-settled (the client is charged) the client fetches the answer
-over ``/gonka/answer/1`` from the executor, else the TA, both of which keep
-the executor's signed frames until the epoch settles and the request has left
-the ledger's replay window (``actors/answer_server.py``). The recovered frames
-pass the same checks as a live stream, and more: the same executor, the ledger's response hash, no
-more frames than ``max_tokens`` allows, and the tokens already yielded as
-their prefix; only the rest is yielded. It retries until the answer comes,
-the ledger says the inference expired (:class:`AnswerExpired`: the escrow
-was refunded), or ``recovery_timeout`` passes. Where no node has a ledger
-nobody is charged, and the break is raised as it was.
+first frame the client does not know whether an executor started, so a ledger
+that has had no such inference for ``UNSTARTED_GRACE_S`` ends the wait (the
+break is raised as it was), while a TA that cannot be asked is asked again
+until ``recovery_timeout``: it may have started one and be cut off by a
+partition that will heal. Once the inference's Finish has settled (the client
+is charged) the client fetches the answer over ``/gonka/answer/1`` from the
+executor, else the TA, both of which keep the executor's signed frames until
+the epoch settles and the request has left the ledger's replay window
+(``actors/answer_server.py``). The recovered frames pass the same checks as a
+live stream, and more: the same executor, the ledger's response hash, no more
+frames than ``max_tokens`` allows, and the tokens already yielded as their
+prefix; only the rest is yielded. It retries until the answer comes, the
+ledger says the inference expired (:class:`AnswerExpired`: the escrow was
+refunded), or ``recovery_timeout`` passes. Where no node has a ledger nobody
+is charged, and the break is raised as it was.
 
 A signed failure after the executor started is not a broken stream: the TA
 says its relay to the executor broke or went silent (``executor_failed``,
