@@ -368,10 +368,10 @@ class GonkaClient:
         the ledger has had no such inference for ``UNSTARTED_GRACE_S``), NetworkUnavailable
         at ``timeout``."""
         nodes = list(dict.fromkeys(node for node in (live.executor, self.ta) if node))
+        loop = asyncio.get_running_loop()
+        give_up, pause, why = loop.time() + timeout, _RETRY_S[0], str(broken)  # the dials count too
         if live.executor is not None:  # the TA may be what failed: ask the executor itself
             await self._reach(live.executor, live.executor_addrs)
-        loop = asyncio.get_running_loop()
-        give_up, pause, why = loop.time() + timeout, _RETRY_S[0], str(broken)
         unknown_since: float | None = None  # when a ledger first said it has no such inference
         while True:
             try:
