@@ -159,6 +159,7 @@ RECOVERY_TIMEOUT_S = 120.0  # how long a broken stream's answer is sought before
 # this long: a TA's Start commits within a few blocks of the executor starting.
 UNSTARTED_GRACE_S = 15.0
 _RETRY_S = (0.25, 5.0)  # first and longest pause between recovery rounds
+_DIAL_TIMEOUT_S = 5.0  # one dial of a recovering client to one of the executor's addresses
 
 
 @dataclass
@@ -371,7 +372,7 @@ class GonkaClient:
         loop = asyncio.get_running_loop()
         give_up, pause, why = loop.time() + timeout, _RETRY_S[0], str(broken)  # the dials count too
         if live.executor is not None:  # the TA may be what failed: ask the executor itself
-            await self._reach(live.executor, live.executor_addrs)
+            await self._reach(live.executor, live.executor_addrs, give_up)
         unknown_since: float | None = None  # when a ledger first said it has no such inference
         while True:
             try:
@@ -387,7 +388,7 @@ class GonkaClient:
                 raise AnswerExpired(f"{broken}; the inference expired unfinished on the ledger: "
                                     "its escrow was refunded") from None
             if record is not None and record.status == "settled":
-                await self._reach(record.executor, record.executor_addrs)
+                await self._reach(record.executor, record.executor_addrs, give_up)
                 failures = []
                 for node in dict.fromkeys((record.executor, *nodes)):
                     try:
@@ -404,18 +405,23 @@ class GonkaClient:
             await asyncio.sleep(pause)
             pause = min(2 * pause, _RETRY_S[1])
 
-    async def _reach(self, peer: str, addrs: list[str]) -> None:
+    async def _reach(self, peer: str, addrs: list[str], give_up: float) -> None:
         """Dial ``peer`` at the first of ``addrs`` (its ledger record, or its InferenceStarted)
-        that reaches it, unless connected: a recovering client may never have met the executor
-        (one that joined after the client connected; the 30-minute testnet lost an answer so).
-        Only a connection that authenticates as ``peer`` counts; a failure is left to the fetch
-        that follows to report."""
+        that reaches it before the loop time ``give_up``, unless connected: a recovering client
+        may never have met the executor (one that joined after the client connected; the
+        30-minute testnet lost an answer so). The executor chose those addresses (up to 8): ones
+        that never answer cost at most the time left. Only a connection that authenticates as
+        ``peer`` counts; a failure is left to the fetch that follows to report."""
         if peer in self.service.connected_peers():
             return
+        loop = asyncio.get_running_loop()
         for addr in addrs:
+            left = min(_DIAL_TIMEOUT_S, give_up - loop.time())
+            if left <= 0:
+                return
             target = addr if addr.endswith(f"/p2p/{peer}") else f"{addr}/p2p/{peer}"
             with contextlib.suppress(NetworkError, TimeoutError):
-                if await self.service.connect(target, timeout=5.0) == peer:
+                if await self.service.connect(target, timeout=left) == peer:
                     return
 
     async def _ledger_record(self, iid: bytes, nodes: list[str]) -> InferenceReply | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +37,7 @@ from helpers import (
     ServiceFactory,
     StallingEngine,
     eventually,
+    free_port,
     libp2p_service,
     memory_services,
     serving,
@@ -364,8 +366,34 @@ async def test_a_recovering_client_reaches_an_executor_it_never_met_by_its_ledge
         assert registered is not None and record.executor_addrs == list(registered.addrs)
         assert executor.key.peer_id not in client.service.connected_peers()
         await client._reach(executor.key.peer_id, [f"/memory/gone/p2p/{STRANGER.peer_id}",
-                                                    *executor.service.listen_addrs])
+                                                    *executor.service.listen_addrs],
+                            asyncio.get_running_loop().time() + GUARD_S)
         assert executor.key.peer_id in client.service.connected_peers()
+
+
+@pytest.mark.libp2p
+async def test_a_lying_executors_addresses_neither_hide_it_nor_hold_the_client_past_its_deadline() -> None:
+    """An executor chooses the addresses its InferenceStarted names: dead ones before its live
+    one must not keep a recovering client from it (py-libp2p dialed the first one it heard of,
+    whatever the client asked), and ones that accept and never answer may cost the client its
+    recovery, but not more time than the recovery's own deadline."""
+    hosts = executor, near, far = [libp2p_service(key) for key in (NODE_KEYS[1], CLIENT, STRANGER)]
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; no handshake ever comes
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.gather(*(host.start() for host in hosts))
+        dead = [f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{executor.peer_id}" for _ in range(3)]
+        await GonkaClient(CLIENT, near, executor.peer_id)._reach(
+            executor.peer_id, [*dead, *executor.listen_addrs], loop.time() + GUARD_S)
+        assert executor.peer_id in near.connected_peers()
+        began = loop.time()
+        await GonkaClient(STRANGER, far, executor.peer_id)._reach(
+            executor.peer_id, [f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}"] * 8, began + 2.0)
+        assert loop.time() - began < 4.0  # not the 8 dials of 5 s each it was
+        assert executor.peer_id not in far.connected_peers()
+    finally:
+        silent.close()
+        await asyncio.gather(*(host.stop() for host in hosts))
 
 
 async def test_a_tampered_or_substituted_answer_is_refused(engine: Engine, tmp_path: Path) -> None:

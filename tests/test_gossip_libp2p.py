@@ -524,6 +524,25 @@ async def test_a_peer_connected_to_long_ago_is_dialed_again_after_it_restarts(ma
                      interval=0.2)
 
 
+async def test_connect_dials_the_address_it_is_given_not_one_it_knew_before(make_host: Factory) -> None:
+    """py-libp2p dials the first address its peerstore lists for a peer, one per transport,
+    whatever address ``connect`` was given: after one failed dial at a dead address (a lying
+    executor's first one), or once a peer came back at another port, the peer could never be
+    dialed again where it now listens."""
+    a = await make_host()
+    key = Keypair.from_seed(b"moves")
+    b = await make_host(key=key)
+    with pytest.raises(PeerUnreachable):
+        await a.connect(f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{key.peer_id}", timeout=5)
+    await link(a, b)
+    await b.stop()
+    await eventually(lambda: a.connected_peers() == [], what="disconnect")
+    moved = await make_host(key=key)  # the same peer, at another port
+    moved.set_stream_handler("/echo/1", echo)
+    await link(a, moved)
+    assert await answers(a, key.peer_id)
+
+
 async def answers(a: Libp2pService, peer_id: str) -> bool:
     """Whether ``peer_id`` echoes a request from ``a`` now."""
     try:
@@ -782,9 +801,15 @@ def test_the_dial_book_restores_remembered_addresses_and_forgets_the_oldest_peer
     class Peerstore:
         def __init__(self) -> None:
             self.added: list[tuple[ID, list[Multiaddr], int]] = []
+            self.cleared: ID | None = None
 
         def add_addrs(self, peer: ID, addrs: list[Multiaddr], ttl: int) -> None:
-            self.added.append((peer, list(addrs), ttl))
+            if self.cleared == peer:  # the remembered addresses replace the others
+                self.added.append((peer, list(addrs), ttl))
+            self.cleared = None
+
+        def clear_addrs(self, peer: ID) -> None:
+            self.cleared = peer
 
     store, book = Peerstore(), DialBook(max_peers=2)
     peers = [ID(b"peer-%d" % i) for i in range(3)]

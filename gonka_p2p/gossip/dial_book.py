@@ -9,11 +9,19 @@ addresses" -- though the caller dialed it itself and would dial it again. Testne
 run 17's load client lost a TA so for two minutes after a rolling restart:
 every request to that TA failed, and each one's recovery waited out its bound.
 
+And py-libp2p dials only the *first* address its peerstore lists for a peer
+(one per transport kind; none on loopback once any other is known), whatever
+address ``connect`` was given. The list only grows, in the order addresses
+were first heard of, so after one failed dial at a dead address -- the first
+of a lying executor's addresses, or a peer's old port after it came back at
+another -- that peer could never be dialed again where it listens.
+
 So :class:`DialBook` remembers the addresses each ``connect`` was given for a
-peer, and puts them back into the peerstore (refreshing their TTL) before a
-stream dials a peer that has no connection. (py-libp2p's dialer skips circuits
-among them; the relay redials those, ``relay.py``.) The book is bounded: past
-``MAX_PEERS`` the peer dialed longest ago is forgotten first.
+peer and makes them the peer's whole address list in the peerstore
+(refreshing their TTL), at the dial and again before a stream dials a peer
+that has no connection. (py-libp2p's dialer skips circuits among them; the
+relay redials those, ``relay.py``.) The book is bounded: past ``MAX_PEERS``
+the peer dialed longest ago is forgotten first.
 """
 
 from __future__ import annotations
@@ -41,10 +49,18 @@ class DialBook:
         self._addrs[peer] = list(addrs)
         while len(self._addrs) > self._max_peers:
             del self._addrs[next(iter(self._addrs))]
-        peerstore.add_addrs(peer, addrs, PEER_ADDR_TTL)
+        _dial_only(peerstore, peer, addrs)
 
     def restore(self, peerstore: IPeerStore, peer: ID) -> None:
-        """Make ``peer``'s remembered addresses dialable again (for another ``PEER_ADDR_TTL``)."""
+        """Make ``peer``'s remembered addresses the ones dialed again (for another ``PEER_ADDR_TTL``)."""
         addrs = self._addrs.get(peer)
         if addrs:
-            peerstore.add_addrs(peer, addrs, PEER_ADDR_TTL)
+            _dial_only(peerstore, peer, addrs)
+
+
+def _dial_only(peerstore: IPeerStore, peer: ID, addrs: Sequence[Multiaddr]) -> None:
+    """Make ``addrs``, in their order, everything the peerstore lists for ``peer``. (The first
+    add renews an expired entry: py-libp2p's ``clear_addrs`` raises on one.)"""
+    peerstore.add_addrs(peer, addrs, PEER_ADDR_TTL)
+    peerstore.clear_addrs(peer)
+    peerstore.add_addrs(peer, addrs, PEER_ADDR_TTL)
