@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 
 import pytest
+import torch
 
 from gonka_p2p.adversary import cheats
 from gonka_p2p.inference import verification
@@ -24,9 +25,9 @@ from gonka_p2p.inference import verification_params
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import Engine
 from gonka_p2p.inference.model_names import TINY_MODEL
-from gonka_p2p.inference.sampler import SamplingParams
+from gonka_p2p.inference.sampler import SamplingParams, choose_token, claim_margins, position_uniform
 from gonka_p2p.inference.served_check import check_in_engine
-from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K
+from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, _sampling_bounds
 from gonka_p2p.inference.torch_engine import TorchEngine
 from gonka_p2p.inference.verification import Contract, Verdict
 
@@ -111,6 +112,39 @@ async def test_the_served_check_gives_the_reference_verdict_and_rescores_only_th
                 assert mode == "plain" or not check.second_pass  # greedy is always decided
                 rescored += check.second_pass
     assert rescored > 0  # the path is exercised
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),
+                                    SamplingParams(max_tokens=1, temperature=1.3, top_p=0.8, top_k=50)],
+                         ids=["nucleus", "top-k and top-p"])
+def test_an_open_top_p_cut_bounds_every_nucleus_it_allows(params: SamplingParams) -> None:
+    """Away from T = 1 the tail's total weight is open, so the top-p threshold is too: a few
+    tokens at the cut may or may not be in the nucleus. Such rows used to be left undecidable
+    whole (5 of 6 honest SmolLM2 outputs at T = 0.7, top-p 0.9 needed the whole-vocabulary pass
+    for them alone); each nucleus the open cut allows now bounds the claimed token's interval.
+    Over rows with a peaked head and 4-17 % of the mass in a flat tail beyond the top-K, floors
+    never exceed the whole row's margin, ceilings never fall below it, and honest picks are
+    decided unless the cut may fall in the tail or on the pick itself."""
+    gen = torch.Generator().manual_seed(11)
+    vocab, k, positions = 3000, 64, 16
+    open_ceilings = 0
+    for trial in range(30):
+        row = torch.cat([torch.randn(k, generator=gen) * 1.5 + 5.0, torch.randn(vocab - k, generator=gen) * 0.5])
+        row = row[torch.randperm(vocab, generator=gen)]
+        lp = torch.log_softmax(row.double(), dim=-1)
+        top = torch.topk(lp, k)
+        seed = b"open-cut-%d" % trial
+        honest = torch.tensor([choose_token(row, params, seed, i) for i in range(positions)])
+        others = top.indices[:positions]  # every position also claims a head token it did not pick
+        u = torch.tensor([position_uniform(seed, i) for i in range(positions)], dtype=torch.float64)
+        for claimed in (honest, others):
+            floor, ceiling, *_ = _sampling_bounds(top.indices.repeat(positions, 1), top.values.repeat(positions, 1),
+                                                  claimed, lp[claimed], u, params, vocab)
+            reference, _, _ = claim_margins(row.repeat(positions, 1), params, seed, claimed)
+            assert bool((floor <= reference + 1e-12).all()), (trial, floor, reference)
+            assert bool((reference <= ceiling + 1e-12).all()), (trial, reference, ceiling)
+            open_ceilings += int(torch.isinf(ceiling).sum()) if claimed is honest else 0
+    assert open_ceilings <= 0.1 * 30 * positions, open_ceilings
 
 
 def test_a_too_short_evidence_list_is_not_compared(engine: TorchEngine) -> None:

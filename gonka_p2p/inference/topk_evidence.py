@@ -23,9 +23,13 @@ K-th, together exactly the missing mass):
   total itself is bounded by its most concentrated and its most spread
   arrangement (a sum of convex or concave powers is extreme there). With
   top-k below K, or a top-p nucleus that provably ends inside the top-K, the
-  kept set is known and the interval is exact. Integer weights round each
-  boundary by at most one unit per token before it; that and float32
-  logprobs widen every bound (``_slack``).
+  kept set is known and the interval is exact -- or nearly: away from T = 1
+  the open tail total leaves the top-p threshold open too, so a few tokens at
+  the cut (the *band*) may or may not be kept, and the interval is bounded
+  over each nucleus the band allows (before, such a row was left open whole:
+  5 of 6 honest SmolLM2 outputs at T = 0.7, top-p 0.9 needed the second pass
+  for it). Integer weights round each boundary by at most one unit per token
+  before it; that and float32 logprobs widen every bound (``_slack``).
 
 So each rule gets a floor (the most favourable tail for the executor) and a
 ceiling (the least favourable). A rule *fails* when its floor fails -- a
@@ -52,7 +56,7 @@ supermartingale bound, false alarm <= 1e-6 per output).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,23 +254,41 @@ def _order_stats(rows: _Rows, token_ids: torch.Tensor, kept: torch.Tensor) -> tu
     return a, n_below, rows.n_tail.unsqueeze(1) - n_below
 
 
-def _nucleus(rows: _Rows, params: SamplingParams, vocab_size: int, top_k_count: int
-             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The kept known tokens ``[n, K + 1]``, whether each row's cut is certain ``[n]``,
-    and whether the tail is kept (no filter at all)."""
+@dataclass(frozen=True)
+class _Cut:
+    """What rules 3-4 keep of the known tokens, as far as the evidence tells.
+
+    A top-p threshold is a share of the total weight, and away from T = 1 the tail's part
+    of that total is open, so a few known tokens just past the surely kept ones (the
+    *band*, in the order the nucleus takes them) may or may not be kept: the kept set is
+    ``kept`` plus the first m band tokens, for some m from 0 to the band's size."""
+
+    kept: torch.Tensor  # [n, K + 1] bool: surely kept
+    band: torch.Tensor  # [n, B] long: columns of the band tokens in nucleus order; -1 past a row's band
+    sure: torch.Tensor  # [n] bool: the kept set is one of those (else the whole row is open)
+    tail_kept: bool  # no filter at all: every token is kept, the tail too
+
+
+MAX_BAND = 32  # band tokens bounded nucleus by nucleus; a row with a wider band stays open
+
+
+def _nucleus(rows: _Rows, params: SamplingParams, vocab_size: int, top_k_count: int) -> _Cut:
+    """What the cut keeps of each row's known tokens (``_Cut``)."""
     k_on = 0 < params.top_k < vocab_size
     p_scaled = max(1, round(params.top_p * 2**32))
-    if not k_on and p_scaled >= 2**32:
-        return rows.known.clone(), torch.ones(len(rows.ids), dtype=torch.bool), True
     n = len(rows.ids)
+    no_band = torch.full((n, 0), -1, dtype=torch.long)
+    if not k_on and p_scaled >= 2**32:
+        return _Cut(rows.known.clone(), no_band, torch.ones(n, dtype=torch.bool), True)
     order = torch.argsort(rows.ids, dim=1)
     order = order.gather(1, torch.sort(rows.weight.gather(1, order), dim=1, descending=True, stable=True).indices)
     w = rows.weight.gather(1, order)
     sure = torch.ones(n, dtype=torch.bool)
     kept_sorted = torch.ones_like(w, dtype=torch.bool)
+    band = no_band
     if k_on:
         if params.top_k >= top_k_count:  # the cut falls in the tail: unknown
-            return rows.known.clone(), torch.zeros(n, dtype=torch.bool), False
+            return _Cut(rows.known.clone(), no_band, torch.zeros(n, dtype=torch.bool), False)
         kth, next_ = w[:, params.top_k - 1], w[:, params.top_k]
         full_max = rows.weight.sum(dim=1) + rows.tail_max  # integer weights may tie: 2 units apart
         sure &= (kth - next_) / full_max > 2 * _UNIT + kth * _TIE
@@ -280,14 +302,42 @@ def _nucleus(rows: _Rows, params: SamplingParams, vocab_size: int, top_k_count: 
         low, high = (share * total_lo * (1 - _TIE)).unsqueeze(1), (share * total_hi * (1 + _TIE)).unsqueeze(1)
         in_nucleus = before < low
         in_nucleus[:, 0] = True  # the heaviest token always stays
-        uncertain = kept_sorted & (before >= low) & (before < high)
+        uncertain = kept_sorted & rows.known.gather(1, order) & (before >= low) & (before < high)
         uncertain[:, 0] = False
-        sure &= ~uncertain.any(dim=1)
+        band = _band(order, uncertain)
+        sure &= uncertain.sum(dim=1) <= MAX_BAND
         if not k_on:  # a tail token's exclusive prefix is at least the whole known top-K
             sure &= rows.weight[:, :-1].sum(dim=1) >= high.squeeze(1)
         kept_sorted &= in_nucleus
     kept = torch.zeros_like(kept_sorted).scatter(1, order, kept_sorted) & rows.known
-    return kept, sure, False
+    return _Cut(kept, band, sure, False)
+
+
+def _band(order: torch.Tensor, uncertain: torch.Tensor) -> torch.Tensor:
+    """``[n, B]`` the columns (``order`` maps sorted places to columns) of each row's band
+    -- ``uncertain`` in sorted places, one run, since exclusive prefix sums only grow --
+    in nucleus order, -1 past its end; B is the widest band up to ``MAX_BAND``."""
+    size = uncertain.sum(dim=1, keepdim=True)
+    width = min(int(size.max()) if len(size) else 0, MAX_BAND)
+    start = uncertain.to(torch.uint8).argmax(dim=1, keepdim=True)
+    step = torch.arange(width).unsqueeze(0)
+    columns = order.gather(1, (start + step).clamp(max=order.shape[1] - 1))
+    return torch.where(step < size, columns, -1)
+
+
+def _nuclei(rows: _Rows, cut: _Cut, token_ids: torch.Tensor, a: torch.Tensor
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each kept set ``cut`` allows (the surely kept, then one more band token at a
+    time): the kept weight on ids below each of ``token_ids`` ``[n, m]`` (``a`` for the
+    surely kept alone) and the kept total ``[n, 1]``."""
+    total = (rows.weight * cut.kept).sum(dim=1, keepdim=True)
+    yield a, total
+    for place in range(cut.band.shape[1]):
+        column = cut.band[:, place:place + 1]
+        weight = torch.where(column >= 0, rows.weight.gather(1, column.clamp_min(0)), 0.0)
+        a = a + weight * (rows.ids.gather(1, column.clamp_min(0)) < token_ids)
+        total = total + weight
+        yield a, total
 
 
 def _slack(count: torch.Tensor | int, kept_mass: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -306,37 +356,56 @@ def _sampling_bounds(ids: torch.Tensor, lps: torch.Tensor, claimed: torch.Tensor
     t = params.temperature
     in_top = (ids == claimed.unsqueeze(1)).any(dim=1)
     rows = _rows(ids, lps, claimed, claimed_lp, ~in_top, t, vocab_size)
-    kept, sure, tail_kept = _nucleus(rows, params, vocab_size, top_count)
+    cut = _nucleus(rows, params, vocab_size, top_count)
+    kept, tail_kept = cut.kept, cut.tail_kept
     r_min = rows.tail_min if tail_kept else torch.zeros(n, dtype=torch.float64)
     r_max = rows.tail_max if tail_kept else torch.zeros(n, dtype=torch.float64)
     kept_w = (rows.weight * kept).sum(dim=1)
     full_max = rows.weight.sum(dim=1) + rows.tail_max
-    count = torch.full((n,), float(vocab_size)) if tail_kept else kept.sum(dim=1).double()
+    weighed = kept.sum(dim=1) + (cut.band >= 0).sum(dim=1)  # every token a nucleus may hold
+    count = torch.full((n,), float(vocab_size)) if tail_kept else weighed.double()
     slack = _slack(count, (kept_w + r_min) / full_max, t)
 
     weight_c = torch.where(in_top, (rows.weight[:, :-1] * (ids == claimed.unsqueeze(1))).sum(dim=1),
                            rows.weight[:, -1])
     kept_c = (kept & (rows.ids == claimed.unsqueeze(1)) & rows.known).any(dim=1) | (tail_kept & ~in_top)
+    in_band = ((cut.band >= 0) & (rows.ids.gather(1, cut.band.clamp_min(0)) == claimed.unsqueeze(1))).any(dim=1)
+    sure = cut.sure & ~in_band  # a claimed token the cut may keep or not: open (a whole-vocabulary pass decides)
     a, n_below, n_above = (x.squeeze(1) for x in _order_stats(rows, claimed.unsqueeze(1), kept))
-    lo = _interval(a, n_below, n_above, kept_w, rows.cap, r_min, r_max)
-    hi = _interval(a + weight_c, n_below, n_above, kept_w, rows.cap, r_min, r_max)
-    floor = torch.stack([torch.zeros(n, dtype=torch.float64), lo[0] - slack - u,
-                         u - slack - hi[1] - slack]).max(dim=0).values
-    ceiling = torch.stack([torch.zeros(n, dtype=torch.float64), lo[1] + slack - (u - slack),
-                           u - (hi[0] - slack)]).max(dim=0).values
+    lo, hi = _Extremes(), _Extremes()
+    for a_m, total in _nuclei(rows, cut, claimed.unsqueeze(1), a.unsqueeze(1)):
+        lo.add(*_interval(a_m.squeeze(1), n_below, n_above, total.squeeze(1), rows.cap, r_min, r_max))
+        hi.add(*_interval(a_m.squeeze(1) + weight_c, n_below, n_above, total.squeeze(1), rows.cap, r_min, r_max))
+    floor = torch.stack([torch.zeros(n, dtype=torch.float64), lo.least - slack - u,
+                         u - slack - hi.most - slack]).max(dim=0).values
+    ceiling = torch.stack([torch.zeros(n, dtype=torch.float64), lo.most + slack - (u - slack),
+                           u - (hi.least - slack)]).max(dim=0).values
     # a token with no weight (filtered out, or below one unit) is never a choice at a CDF boundary
     unit = _UNIT * (1 + _TIE)
     weightless = weight_c / (rows.weight.sum(dim=1) + rows.tail_min) < _UNIT * (1 - _TIE)
-    cut = sure & ~kept_c & ~weightless  # surely cut: judged by its distance from the cut instead
-    zero_surely = weightless | cut
+    left_out = sure & ~kept_c & ~weightless  # surely cut: judged by its distance from the cut instead
+    zero_surely = weightless | left_out
     zero_maybe = weight_c / full_max < unit
     floor = torch.where(zero_surely, math.inf, floor)
     ceiling = torch.where(zero_surely | zero_maybe, math.inf, ceiling)
     floor = torch.where(sure | zero_surely, floor, 0.0)
     ceiling = torch.where(sure, ceiling, math.inf)
-    cut_floor = torch.where(cut, _cut_floor(rows, params, weight_c, full_max, vocab_size), math.inf)
+    cut_floor = torch.where(left_out, _cut_floor(rows, params, weight_c, full_max, vocab_size), math.inf)
     return (floor, ceiling, _honest_undecidable(ids, lps, params, vocab_size, slack), cut_floor,
             torch.full_like(cut_floor, math.inf))  # the ceiling: a whole-vocabulary pass decides
+
+
+class _Extremes:
+    """The least of the lower values and the most of the upper values seen, elementwise:
+    a bound's range over every nucleus a cut allows."""
+
+    def __init__(self) -> None:
+        self.least: torch.Tensor | float = math.inf
+        self.most: torch.Tensor | float = -math.inf
+
+    def add(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
+        self.least = torch.minimum(torch.as_tensor(self.least), lower)
+        self.most = torch.maximum(torch.as_tensor(self.most), upper)
 
 
 def _cut_floor(rows: _Rows, params: SamplingParams, weight_c: torch.Tensor, full_max: torch.Tensor,
@@ -373,14 +442,16 @@ def _honest_undecidable(ids: torch.Tensor, lps: torch.Tensor, params: SamplingPa
     n = len(ids)
     none = torch.zeros(n, dtype=torch.bool)
     rows = _rows(ids, lps, ids[:, 0], lps[:, 0], none, params.temperature, vocab_size)
-    kept, sure, tail_kept = _nucleus(rows, params, vocab_size, ids.shape[1])
+    cut = _nucleus(rows, params, vocab_size, ids.shape[1])
+    kept = cut.kept
     kept[:, -1] = False
-    r_min = rows.tail_min if tail_kept else torch.zeros(n, dtype=torch.float64)
-    r_max = rows.tail_max if tail_kept else torch.zeros(n, dtype=torch.float64)
-    kept_w = (rows.weight * kept).sum(dim=1, keepdim=True)
+    r_min = rows.tail_min if cut.tail_kept else torch.zeros(n, dtype=torch.float64)
+    r_max = rows.tail_max if cut.tail_kept else torch.zeros(n, dtype=torch.float64)
     a, n_below, n_above = _order_stats(rows, ids, kept)
     expand = [x.unsqueeze(1).expand_as(a) for x in (rows.cap, r_min, r_max)]
-    lo_max = _interval(a, n_below, n_above, kept_w, expand[0], expand[1], expand[2])[1]
-    hi_min = _interval(a + rows.weight[:, :-1], n_below, n_above, kept_w, *expand)[0]
-    certain = ((hi_min - lo_max - 2 * slack.unsqueeze(1)).clamp_min(0.0) * kept[:, :-1]).sum(dim=1)
-    return torch.where(sure, (1.0 - certain).clamp(0.0, 1.0), 1.0)
+    lo, hi = _Extremes(), _Extremes()  # over every nucleus: a token's interval is certain where all hold it
+    for a_m, total in _nuclei(rows, cut, ids, a):
+        lo.add(*_interval(a_m, n_below, n_above, total, *expand))
+        hi.add(*_interval(a_m + rows.weight[:, :-1], n_below, n_above, total, *expand))
+    certain = ((hi.least - lo.most - 2 * slack.unsqueeze(1)).clamp_min(0.0) * kept[:, :-1]).sum(dim=1)
+    return torch.where(cut.sure, (1.0 - certain).clamp(0.0, 1.0), 1.0)
