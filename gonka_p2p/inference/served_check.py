@@ -3,11 +3,11 @@
 A check is one prefill whose evidence is the top ``EVIDENCE_TOP_K`` logprobs
 per position (``topk_evidence``). Greedy outputs are decided there; an output
 that keeps undecidable positions (sampling over a flat tail: on SmolLM2 every
-honest output at T = 0.7, top-p 0.9 and at T = 1 in ``validation_bench``) is
-scored again in the same engine over the whole vocabulary, where the verdict is the full-logits reference's. Every pass fails
-an output only on a failure proven at its floors (or on rule 6, too many
-undecidable positions for its evidence), so the second pass runs only while
-the first is valid.
+honest output at T = 1 and 1 of 3 at T = 0.7, top-p 0.9 in ``validation_bench``)
+is scored again in the same engine over the whole vocabulary, where the
+verdict is the full-logits reference's. Every pass fails an output only on a
+failure proven at its floors (or on rule 6, too many undecidable positions
+for its evidence), so the second pass runs only while the first is valid.
 
 What the second pass costs, and what did not cut it (SmolLM2 on a CPU, a
 42-token prompt and a 32-token answer, ``score`` alone,
