@@ -40,12 +40,14 @@ from pathlib import Path
 
 from detection_matrix import markdown, prompts  # sets the thread and log env first
 
+import torch  # noqa: E402
+
 from gonka_p2p.adversary import cheats  # noqa: E402
 from gonka_p2p.inference import verification  # noqa: E402
 from gonka_p2p.inference import verification_params  # noqa: E402
 from gonka_p2p.inference.artifacts import InferenceArtifact  # noqa: E402
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL  # noqa: E402
-from gonka_p2p.inference.sampler import SamplingParams  # noqa: E402
+from gonka_p2p.inference.sampler import RowRules, SamplingParams, token_weights  # noqa: E402
 from gonka_p2p.inference.served_check import check_in_engine  # noqa: E402
 from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K  # noqa: E402
 from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
@@ -122,10 +124,25 @@ def vllm_worker(model: str, jobs: list[Job], batch: int, judged: list[tuple[byte
 
 
 def reference_verdict(engine: TorchEngine, artifact: InferenceArtifact, job: Job, thresholds) -> tuple:
+    """(valid, evidence class, the chance the output would need a second pass heaviest first)."""
     contract = verification.Contract(engine.model_name, job[2], job[3], job[4])
     rows = asyncio.run(engine.score(list(job[2]), artifact.completion_ids, 5, with_logits=True))
     verdict = verification.verify(artifact, rows, thresholds, contract=contract, eos_token_ids=engine.eos_token_ids)
-    return verdict.valid, verdict.evidence.value
+    return verdict.valid, verdict.evidence.value, heaviest_first_second_pass(rows.logits, job[3], job[4])
+
+
+def heaviest_first_second_pass(logits: torch.Tensor, params: SamplingParams, seed: bytes) -> float:
+    """The chance an honest output sampled from ``logits`` would still need the whole-vocabulary
+    pass if the sampler's inverse CDF ran over tokens heaviest first instead of in id order
+    (a protocol change, not made): a position would then be open only when the noise point
+    falls past the top-K's weight, which it does with the processed tail's share (at T = 1;
+    away from it the open tail total leaves a few more open)."""
+    if params.greedy:
+        return 0.0
+    rules = RowRules.of([(params, seed)] * len(logits), logits.shape[1])
+    weights = token_weights(logits.to(torch.float32), rules).to(torch.float64)
+    top = torch.topk(weights, min(EVIDENCE_TOP_K, weights.shape[1]), dim=1).values.sum(dim=1)
+    return 1.0 - float(torch.prod(top / weights.sum(dim=1)))
 
 
 def run_model(model: str, args: argparse.Namespace) -> tuple[list[list[str]], list[list[str]]]:
@@ -148,8 +165,9 @@ def run_model(model: str, args: argparse.Namespace) -> tuple[list[list[str]], li
     name = reference.model_name
     gen, serial = statistics.median(got["gen_s"]), statistics.median(got["val_serial_s"])
     second = sum(v[3] for v in got["honest"])
+    heaviest_first = sum(ref[2] for (row, _), pairs in verdict_rows.items() if row == "honest-vllm" for ref, _ in pairs)
     cost = [[name, str(len(work)), f"{1000 * gen:.0f}", f"{1000 * serial:.0f}", f"{serial / gen:.3f}",
-             f"{sum(got['val_serial_s']) / sum(got['gen_s']):.3f}", str(second),
+             f"{sum(got['val_serial_s']) / sum(got['gen_s']):.3f}", str(second), f"{heaviest_first:.2f}",
              f"{got['val_batched_s'] / sum(got['gen_s']):.3f}", f"{got['rss_serving']:.0f}",
              f"{got['rss_validating']:.0f}", f"{got['rss_validating'] / got['rss_serving']:.2f}",
              f"{got['rss_with_torch_copy']:.0f}"]]
@@ -167,6 +185,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="inferences per mode and row")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for validation_bench.md")
     args = parser.parse_args()
     cost, verdicts = [], []
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -179,14 +198,14 @@ def main() -> None:
         f"{args.max_tokens}, vLLM batch = {args.batch}, K = {EVIDENCE_TOP_K}; modes: {', '.join(MODES)}; "
         f"load average {load}.",
         markdown(("model", "inferences", "gen ms", "val ms serial", "val/gen (medians)", "val/gen (totals)",
-                  "second passes", "val/gen batched (totals)",
+                  "second passes", "second passes heaviest first (expected)", "val/gen batched (totals)",
                   "RSS serving MB", "RSS + validating MB", "ratio", "RSS + old torch copy MB"), cost),
         markdown(("model", "row", "mode", "n", "rejected (reference)", "rejected (served)", "disagree",
                   "undecidable positions", "second passes"), verdicts),
     ])
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "validation_bench.md").write_text(text + "\n")
+    args.out.mkdir(exist_ok=True)
+    (args.out / "validation_bench.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,22 @@ def test_score_cost_tiny_prints_every_k_for_both_answer_lengths(tmp_path: Path) 
     assert {row[3] for row in rows} == {"1", "1024", "8192", "49152"} and len(rows) == 8
 
 
+def test_validation_bench_tiny_judges_every_row_as_the_reference_does(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "validation_bench.py"), "--models", "tiny-llama",
+         "--n", "1", "--max-tokens", "8", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = (tmp_path / "validation_bench.md").read_text()
+    assert "load average" in table and "second passes heaviest first (expected)" in table
+    verdicts = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny-llama") and
+                line.count("|") == 10]
+    assert {row[1] for row in verdicts} == {"honest-vllm", "prefill", "int8", "int4", "small-model",
+                                            "wrong-temperature", "fabricated", "altered"}
+    assert len(verdicts) == 8 * 3 and all(row[6] == "0" for row in verdicts)  # none disagrees
+
+
 def test_sampler_bench_quick_prints_both_tables() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampler_bench.py"), "--quick"],
                             capture_output=True, text=True, timeout=600, cwd=ROOT,
