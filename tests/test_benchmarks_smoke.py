@@ -22,14 +22,18 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bench(script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/<script>`` run with ``args`` on one thread with wide tables; it must exit 0."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 @pytest.mark.libp2p
 def test_serving_bench_quick_prints_and_writes_its_table(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serving_bench.py"), "--quick",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = bench("serving_bench.py", "--quick", "--out", tmp_path)
     assert "gonka-p2p serving benchmark" in result.stdout
     assert "tok/s per req" in result.stdout
     report = json.loads((tmp_path / "serving_bench_quick.json").read_text())
@@ -58,12 +62,7 @@ def test_frame_cost_compares_our_stream_credit_with_py_libp2ps() -> None:
 
 
 def test_validation_cost_tiny_prints_and_writes_its_table(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "validation_cost.py"), "--models", "tiny-llama",
-         "--n", "1", "--max-tokens", "8", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = bench("validation_cost.py", "--models", "tiny-llama", "--n", "1", "--max-tokens", "8", "--out", tmp_path)
     assert "val/gen batched" in result.stdout
     table = (tmp_path / "validation_cost.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| tiny-llama")]
@@ -72,12 +71,8 @@ def test_validation_cost_tiny_prints_and_writes_its_table(tmp_path: Path) -> Non
 
 
 def test_score_cost_tiny_prints_every_k_for_both_answer_lengths(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "score_cost.py"), "--model", "tiny-llama",
-         "--max-tokens", "8", "--short", "4", "--repeats", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    bench("score_cost.py", "--model", "tiny-llama", "--max-tokens", "8", "--short", "4", "--repeats", "1",
+          "--out", tmp_path)
     table = (tmp_path / "score_cost.md").read_text()
     assert "load average" in table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny-llama")]
@@ -85,12 +80,7 @@ def test_score_cost_tiny_prints_every_k_for_both_answer_lengths(tmp_path: Path) 
 
 
 def test_validation_bench_tiny_judges_every_row_as_the_reference_does(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "validation_bench.py"), "--models", "tiny-llama",
-         "--n", "1", "--max-tokens", "8", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    bench("validation_bench.py", "--models", "tiny-llama", "--n", "1", "--max-tokens", "8", "--out", tmp_path)
     table = (tmp_path / "validation_bench.md").read_text()
     assert "load average" in table and "second passes heaviest first (expected)" in table
     verdicts = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny-llama") and
@@ -101,21 +91,15 @@ def test_validation_bench_tiny_judges_every_row_as_the_reference_does(tmp_path: 
 
 
 def test_sampler_bench_quick_prints_both_tables() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampler_bench.py"), "--quick"],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = bench("sampler_bench.py", "--quick")
     assert "old per-request ms" in result.stdout and "seeded (sample_batch)" in result.stdout
 
 
 def test_sampler_profile_compares_a_variant_and_finds_the_same_tokens() -> None:
     """The profile's candidate mechanism, with the sampler itself as the candidate."""
     sampler = ROOT / "gonka_p2p" / "inference" / "sampler.py"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sampler_profile.py"), "--model", "tiny-llama",
-         "--batch", "4", "--vocabs", "3000", "--repeats", "1", "--variant", str(sampler)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = bench("sampler_profile.py", "--model", "tiny-llama", "--batch", "4", "--vocabs", "3000", "--repeats", "1",
+                   "--variant", sampler)
     assert "variant sampler: tokens equal" in result.stdout
     assert result.stdout.count("| sampler | 3000 |") == 4 and result.stdout.count("| current | 3000 |") == 4
 
@@ -149,15 +133,10 @@ def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses
     (tmp_path / "detection_matrix.json").write_text(json.dumps({"meta": {}, "rows": [kept]}))
 
     def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "detection_matrix.py"), "--models", "tiny-llama",
-             "--n", "2", "--max-tokens", "16", "--rows", "honest-torch", "int4", "prefill", "truncated",
-             "--epochs", "50", "--results", str(tmp_path)],
-            capture_output=True, text=True, timeout=600, cwd=ROOT,
-            env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+        return bench("detection_matrix.py", "--models", "tiny-llama", "--n", "2", "--max-tokens", "16", "--rows",
+                     "honest-torch", "int4", "prefill", "truncated", "--epochs", "50", "--results", tmp_path)
 
-    result = run()
-    assert result.returncode == 0, result.stderr[-4000:]
+    run()
     rows = json.loads((tmp_path / "detection_matrix.json").read_text())["rows"]
     assert kept in rows  # another model's rows survive a run of this one
     mine = {(r["row"], r["mode"]): r for r in rows if r["model"] == "tiny-llama"}
@@ -168,19 +147,13 @@ def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses
     assert "| tiny-llama | greedy | prefill |" in (tmp_path / "detection_matrix.md").read_text()
     records = {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()}
     assert len(records) == 4
-    again = run()  # every inference is cached: nothing is generated again (timings included)
-    assert again.returncode == 0, again.stderr[-4000:]
+    run()  # every inference is cached: nothing is generated again (timings included)
     assert {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()} == records
     assert json.loads((tmp_path / "detection_matrix.json").read_text())["rows"] == rows
 
 
 def test_poc_bench_quick_tiny_prints_cost_fairness_and_cheat_tables() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "poc_bench.py"), "--quick", "--model", "tiny-llama",
-         "--engine", "torch"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = bench("poc_bench.py", "--quick", "--model", "tiny-llama", "--engine", "torch")
     for title in ("PoC cost", "Fairness", "Overclaiming", "small model", "summary"):
         assert title in result.stdout
     assert "fabricated leaves failing 100%" in result.stdout
@@ -188,11 +161,7 @@ def test_poc_bench_quick_tiny_prints_cost_fairness_and_cheat_tables() -> None:
 
 def test_sim_overhead_quick_prints_both_tables_with_a_row_per_case(tmp_path: Path) -> None:
     out = tmp_path / "sim_overhead.md"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sim_overhead.py"), "--quick",
-                             "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = bench("sim_overhead.py", "--quick", "--out", out)
     assert "load average" in result.stdout
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")
             and not line.startswith("| requests") and not line.startswith("| floor |")]
