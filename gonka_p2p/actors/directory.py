@@ -5,7 +5,11 @@ topic every ``interval`` seconds. The directory keeps the latest one per peer;
 a peer is *live* while its announcements keep arriving (within ``ttl``) and
 no dial to it has failed since. It also keeps the node well connected: a star
 around the bootstrap peer delivers gossip poorly, so on hearing an
-announcement it dials one more peer until ``target_connections`` are open.
+announcement it dials one more peer until ``target_connections`` are open --
+from a task of its own, never in the handler: a topic's messages are handled
+one at a time, and a stranger announcing 8 addresses that never answer held
+every announcement behind it for 40 s (``DIAL_BUDGET_S`` bounds each
+candidate's dials together).
 
 Weights come from the ledger (genesis until the first commit); a peer
 missing from them has weight 0 and is never chosen as executor. Without a
@@ -57,6 +61,7 @@ FORGET_AFTER_TTLS = 10  # a peer silent this many ttl is dropped (it is re-learn
 MAX_PARTICIPANTS = 4096  # the ledger lists at most this many (query.MAX_LISTED_PARTICIPANTS)
 MAX_STRANGERS = 32  # weight-0 peers kept: newcomers not yet registered, clients' nodes
 STRANGER_CONNECTIONS = 2  # connections this node opens to weight-0 peers
+DIAL_BUDGET_S = 5.0  # one candidate's dials, all its announced addresses together
 
 
 @dataclass
@@ -95,16 +100,27 @@ class PeerDirectory:
         self._seq = 0
         self._dialing: set[str] = set()
         self._last_stranger_dial = -float("inf")
+        self._want_peers = asyncio.Event()  # set by an announcement heard while below target
 
     async def start(self) -> None:
         await self._service.subscribe(ANNOUNCE_TOPIC, self._on_announcement, self._is_valid)
 
     async def run(self) -> None:
-        """Announce and forget the silent forever; an empty mesh at start-up is retried on the next tick."""
+        """Announce, forget the silent and dial forever; an empty mesh at start-up is retried on the next tick."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._dial_forever(), name="directory dials")
+            while True:
+                self.forget_silent()
+                await self.announce_once()
+                await asyncio.sleep(self.interval)
+
+    async def _dial_forever(self) -> None:
+        """One more peer each time an announcement finds the node below its target."""
         while True:
-            self.forget_silent()
-            await self.announce_once()
-            await asyncio.sleep(self.interval)
+            await self._want_peers.wait()
+            self._want_peers.clear()
+            if len(self._service.connected_peers()) < self._target:
+                await self._dial_next()
 
     async def announce_once(self) -> bool:
         # Wall-clock milliseconds, bumped: a restarted peer's announcements supersede old ones.
@@ -141,7 +157,7 @@ class PeerDirectory:
             self.forget_silent()
             self._evict()
         if len(self._service.connected_peers()) < self._target:
-            await self._dial_next()
+            self._want_peers.set()
 
     # ---- what is kept ------------------------------------------------------
 
@@ -185,7 +201,7 @@ class PeerDirectory:
         return participants + strangers[:max(0, stranger_room)]
 
     async def _dial_next(self) -> None:
-        """Dial the best candidate (one per announcement: the handler must not stall the topic)."""
+        """Dial the best candidate at its announced addresses, within ``DIAL_BUDGET_S`` in all."""
         candidates = self.dial_candidates()
         if not candidates:
             return
@@ -193,12 +209,17 @@ class PeerDirectory:
         if not self.is_participant(peer):
             self._last_stranger_dial = self._clock()
         self._dialing.add(peer)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + DIAL_BUDGET_S
         try:
             for addr in self._peers[peer].announcement.addrs:
+                left = give_up - loop.time()
+                if left <= 0:
+                    break
                 try:
-                    await self._service.connect(addr, timeout=5.0)
+                    await self._service.connect(addr, timeout=left)
                     return
-                except NetworkError:
+                except (NetworkError, TimeoutError):
                     continue
             self.mark_failed(peer)
         finally:

@@ -1,6 +1,7 @@
 """Attack class: flooding the peer directory. An announcement costs its sender one key, so
 anyone can announce thousands of peers: the directory must keep bounded memory, keep every
-weighted participant, dial participants before strangers, and forget the silent."""
+weighted participant, dial participants before strangers, forget the silent, and never let
+a dial to an announced address hold up the announcements behind it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import tracemalloc
 
 from helpers import eventually
 
-from gonka_p2p.actors.directory import MAX_STRANGERS, STRANGER_CONNECTIONS, PeerDirectory
+from gonka_p2p.actors.directory import DIAL_BUDGET_S, MAX_STRANGERS, STRANGER_CONNECTIONS, PeerDirectory
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
+from gonka_p2p.gossip.service import PeerUnreachable
 from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.envelope import seal
 from gonka_p2p.wire.messages import MAX_ADDRS, MAX_MODEL_CHARS, MAX_MODELS, Announcement
@@ -96,13 +98,17 @@ async def test_announced_sybils_cannot_take_the_connections_a_participant_needs(
     filled every connection (an eclipse); strangers now get at most a small quota."""
     directory, relay, _ = await directory_under_attack(target_connections=4)
     hub_sybils = [await host(relay._hub, Keypair.from_seed(b"sybil-%d" % i)) for i in range(8)]
-    for sybil in hub_sybils:
-        await relay.publish(ANNOUNCE_TOPIC, announcement(Keypair.from_seed(b"sybil-%d" % hub_sybils.index(sybil))))
-    await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
-    me = directory._service
-    await eventually(lambda: PARTICIPANT.peer_id in me.connected_peers(), what="a dial to the participant")
-    sybils = {s.peer_id for s in hub_sybils}
-    assert len(sybils & set(me.connected_peers())) < STRANGER_CONNECTIONS  # the relay is a stranger too
+    dialing = asyncio.create_task(directory.run())
+    try:
+        for sybil in hub_sybils:
+            await relay.publish(ANNOUNCE_TOPIC, announcement(Keypair.from_seed(b"sybil-%d" % hub_sybils.index(sybil))))
+        await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
+        me = directory._service
+        await eventually(lambda: PARTICIPANT.peer_id in me.connected_peers(), what="a dial to the participant")
+        sybils = {s.peer_id for s in hub_sybils}
+        assert len(sybils & set(me.connected_peers())) < STRANGER_CONNECTIONS  # the relay is a stranger too
+    finally:
+        dialing.cancel()
 
 
 async def test_the_participant_leads_the_dial_set_whatever_strangers_announce() -> None:
@@ -130,3 +136,36 @@ async def test_silent_peers_are_forgotten_without_anyone_new_announcing() -> Non
         await eventually(lambda: not directory._peers, what="the silent peers to be forgotten")
     finally:
         ticking.cancel()
+
+
+async def test_a_stranger_whose_addresses_never_answer_holds_up_no_announcement() -> None:
+    """Topics are handled one message at a time, and the directory dialed from the announcement
+    handler: a stranger announcing 8 addresses that accept and never answer held every later
+    announcement for 8 dials of 5 s (the participant's liveness, and with it the executor draw,
+    lapsed behind it). Dials now run beside the handler, a candidate's within one budget."""
+    directory, relay, _ = await directory_under_attack()
+    me = directory._service
+    staller = Keypair.from_seed(b"silent-addresses")
+    dialing = asyncio.Event()
+    connect = me.connect
+
+    async def stalling_connect(multiaddr: str, timeout: float = 10.0) -> str:
+        if staller.peer_id not in multiaddr:
+            return await connect(multiaddr, timeout)
+        dialing.set()
+        await asyncio.sleep(timeout)
+        raise PeerUnreachable(f"{multiaddr}: no answer")
+
+    me.connect = stalling_connect  # type: ignore[method-assign]
+    addrs = [f"/ip4/127.0.0.1/tcp/{9000 + i}/p2p/{staller.peer_id}" for i in range(MAX_ADDRS)]
+    stranger = seal(Announcement(addrs=addrs, models=["m"], capacity=1, seq=1), staller)
+    running = asyncio.create_task(directory.run())
+    try:  # the handler is called as libp2p calls it: the topic's next message waits for it to return
+        await asyncio.wait_for(directory._on_announcement(relay.peer_id, stranger), timeout=1.0)
+        await eventually(dialing.is_set, what="a dial to the stranger's first address")
+        await asyncio.wait_for(directory._on_announcement(relay.peer_id, announcement(PARTICIPANT)), timeout=1.0)
+        assert directory.is_live(PARTICIPANT.peer_id)
+        await eventually(lambda: PARTICIPANT.peer_id in me.connected_peers(), timeout=DIAL_BUDGET_S + 5,
+                         what="a dial to the participant once the stranger's budget is spent")
+    finally:
+        running.cancel()
