@@ -66,14 +66,13 @@ and says so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset
+from gonka_p2p.gossip.service import NetworkError, NetworkService, StreamReset, connect_any
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.model_names import DEFAULT_MODEL
 from gonka_p2p.ledger.query import (
@@ -412,17 +411,9 @@ class GonkaClient:
         30-minute testnet lost an answer so). The executor chose those addresses (up to 8): ones
         that never answer cost at most the time left. Only a connection that authenticates as
         ``peer`` counts; a failure is left to the fetch that follows to report."""
-        if peer in self.service.connected_peers():
-            return
-        loop = asyncio.get_running_loop()
-        for addr in addrs:
-            left = min(_DIAL_TIMEOUT_S, give_up - loop.time())
-            if left <= 0:
-                return
-            target = addr if addr.endswith(f"/p2p/{peer}") else f"{addr}/p2p/{peer}"
-            with contextlib.suppress(NetworkError, TimeoutError):
-                if await self.service.connect(target, timeout=left) == peer:
-                    return
+        if peer not in self.service.connected_peers():
+            targets = (addr if addr.endswith(f"/p2p/{peer}") else f"{addr}/p2p/{peer}" for addr in addrs)
+            await connect_any(self.service, targets, give_up, _DIAL_TIMEOUT_S)
 
     async def _ledger_record(self, iid: bytes, nodes: list[str]) -> InferenceReply | None:
         """The record of ``iid`` in the ledger of the first of ``nodes`` to answer (``found``

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gonka_p2p.gossip.service import NetworkError, NetworkService, PublishError
+from gonka_p2p.gossip.service import NetworkService, PublishError, connect_any
 from gonka_p2p.identity import Keypair
 from gonka_p2p.wire.envelope import open_envelope, seal
 from gonka_p2p.wire.messages import Announcement
@@ -209,19 +209,10 @@ class PeerDirectory:
         if not self.is_participant(peer):
             self._last_stranger_dial = self._clock()
         self._dialing.add(peer)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + DIAL_BUDGET_S
+        give_up = asyncio.get_running_loop().time() + DIAL_BUDGET_S
         try:
-            for addr in self._peers[peer].announcement.addrs:
-                left = give_up - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    await self._service.connect(addr, timeout=left)
-                    return
-                except (NetworkError, TimeoutError):
-                    continue
-            self.mark_failed(peer)
+            if not await connect_any(self._service, self._peers[peer].announcement.addrs, give_up, DIAL_BUDGET_S):
+                self.mark_failed(peer)
         finally:
             self._dialing.discard(peer)
 

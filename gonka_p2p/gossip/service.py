@@ -41,7 +41,8 @@ simulations).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol
 
 # (sender peer id, message bytes) -> None
@@ -153,3 +154,20 @@ class NetworkService(Protocol):
     ) -> bytes:
         """One request, exactly one response frame. Raises as ``open_stream``."""
         ...
+
+
+async def connect_any(service: NetworkService, addrs: Iterable[str], give_up: float, per_dial: float) -> bool:
+    """Dial ``addrs`` in turn until one connects, each dial within ``per_dial`` seconds and all
+    before the event loop's time ``give_up``; whether one did. A peer chooses the addresses it
+    announces or signs, so ones that accept and never answer cost the dialer at most that."""
+    loop = asyncio.get_running_loop()
+    for addr in addrs:
+        left = min(per_dial, give_up - loop.time())
+        if left <= 0:
+            return False
+        try:
+            await service.connect(addr, timeout=left)
+            return True
+        except (NetworkError, TimeoutError):
+            continue
+    return False
