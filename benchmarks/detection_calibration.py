@@ -72,12 +72,19 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
                  for c in m.cut_margins if math.isfinite(c)]
     boundary_noise = [m.temperature * math.log1p(x) / 2 for m in every if m.temperature > 0.0
                       for x in m.sampling_margins if 0.0 < x < math.inf]
+    # The CDF near-tie width of sampled requests, likewise: at bfloat16 the single-logprob
+    # tolerance (the noise of tail logprobs) saturated it, and every token passed.
+    fallback = [quantile(mean_errors, 0.999)]
+
+    def widest(noise: list[float]) -> float | None:
+        return None if dtype == DEFAULT_DTYPE else CALIBRATION_MARGIN * max(noise)
+
     thresholds = ModelThresholds(
         logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
         reference_tokens=reference,
-        cut_noise=None if dtype == DEFAULT_DTYPE else CALIBRATION_MARGIN * max(
-            cut_noise or boundary_noise or [quantile(mean_errors, 0.999)]))
+        cut_noise=widest(cut_noise or boundary_noise or fallback),
+        tie_noise=widest(boundary_noise or fallback))
     greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
     sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured: dict[str, Any] = {
@@ -98,6 +105,7 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
             any(math.isinf(x) for x in m.sampling_margins) for m in every if m.temperature > 0.0),
         "sampled_positions_cut_with_weight": len(cut_noise),  # of those, the ones measured at the cut
         "max_cut_noise_nats": max(cut_noise, default=0.0),
+        "max_boundary_noise_nats": max(boundary_noise, default=0.0),
         "val_over_gen": val_over_gen,
     }
     for row, ms in sorted(rows.items()):  # the epoch test's honest rate, per configuration

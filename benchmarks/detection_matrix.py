@@ -3,9 +3,10 @@ executors, per inference and per epoch, at a pinned dtype, and what validation c
 
 Rows are executors (honest ones in four configurations, and each cheat of
 ``gonka_p2p.adversary.cheats``); each row runs ``--n`` inferences per sampling
-mode (greedy; T=0.7 top-p 0.9) per model on generated prompts, executors and
-validator loading the model in ``--dtype`` (the genesis pin: float32 or
-bfloat16), and every artifact goes through what a validator does: decode the
+mode (greedy; T=0.7 top-p 0.9; ``--modes`` adds plain T=1) per model on
+generated prompts, executors and validator loading the model in ``--dtype``
+(the genesis pin: float32 or bfloat16), and every artifact goes through what
+a validator does: decode the
 artifact bytes, score prompt + completion teacher-forced with the torch engine
 (one thread), ``verification.verify`` with the thresholds of that dtype. Columns:
 
@@ -106,7 +107,9 @@ from detection_stats import (  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS_FILE = Path(verification.__file__).with_name("thresholds.toml")
-MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
+MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.7, "top_p": 0.9},
+         "plain": {"temperature": 1.0}}  # T = 1, no cut: only the CDF near-tie width judges its tokens
+DEFAULT_MODES = ("greedy", "sampled")
 HONEST = ("honest-torch", "honest-threads", "honest-vllm", "honest-vllm-batch")
 CASTS = ("fp16", "bf16")  # cheats only against a pinned float32
 SUBTLE = (*CASTS, "int8", "fp8")
@@ -165,12 +168,13 @@ class Job:
     seed: bytes
 
 
-def jobs(engine: TorchEngine, split: str, n: int, max_tokens: int) -> list[Job]:
-    """``n`` inferences per mode; prompts cycle past the split's size, seeds never repeat."""
+def jobs(engine: TorchEngine, split: str, n: int, max_tokens: int,
+         modes: Iterable[str] = DEFAULT_MODES) -> list[Job]:
+    """``n`` inferences per mode of ``modes``; prompts cycle past the split's size, seeds never repeat."""
     texts = prompts(split)
     out = []
-    for mode, sampling in MODES.items():
-        params = SamplingParams(max_tokens=max_tokens, **sampling)
+    for mode in modes:
+        params = SamplingParams(max_tokens=max_tokens, **MODES[mode])
         for i in range(n):
             ids = engine.encode_chat([("user", texts[i % len(texts)])])
             seed = hashlib.blake2b(f"{split}/{mode}/{i}".encode(), digest_size=16).digest()
@@ -303,7 +307,7 @@ async def run_model(model: str, rows: list[str], split: str, args,
     honest-torch row, so it always runs (or loads) first when they are asked for."""
     spec = ModelSpec(model, dtype=args.dtype)
     validator = TorchEngine(spec)
-    work = jobs(validator, split, args.n, args.max_tokens)
+    work = jobs(validator, split, args.n, args.max_tokens, args.modes)
     needed = set(rows) | ({"honest-torch"} if set(rows) & set(cheats.TAMPERS) else set())
     results: dict[str, dict[tuple[str, int], dict]] = {}
     for row in [r for r in ROWS if r in needed]:
@@ -355,7 +359,7 @@ def summarize(model: str, row: str, records: list[dict], params: VerificationPar
     and carried over chains of ``--chain`` epochs (the ledger's rule), and costs."""
     out = []
     thresholds = params.for_model(model)
-    for mode in MODES:
+    for mode in dict.fromkeys(r["mode"] for r in records):
         rs = [r | dataclasses.asdict(verification.judge(measurements(r), thresholds))
               for r in records if r["mode"] == mode]
         rejected = sum(not r["valid"] for r in rs)
@@ -420,7 +424,7 @@ def detect_tokens(model: str, records: dict[str, list[dict]], args) -> list[list
     out = []
     subtle = [r for r in records if row_class(r, args.dtype) == "subtle"]
     for row in subtle if any(h in records for h in HONEST) else []:  # no honest rows: no line
-        for mode in MODES:
+        for mode in dict.fromkeys(r["mode"] for r in records[row]):
             honest = {h: [r for r in records[h] if r["mode"] == mode] for h in HONEST if h in records}
             cheat = [r for r in records[row] if r["mode"] == mode]
             tokens, line = tokens_to_detect(cheat, honest, args.bootstrap, seed_of(model, row, mode))
@@ -467,7 +471,7 @@ def write_matrix(summaries: list[dict], tokens: list[list[str]], args, params: V
               if (t[0], t[1]) not in {(u[0], u[1]) for u in tokens}] + tokens
     thresholds = {m: dataclasses.asdict(t) for m, t in params.models.items()}
     meta = {"max_tokens": args.max_tokens, "epoch_size": args.epoch_size, "epochs": args.epochs,
-            "chain": args.chain, "batch": args.batch, "modes": MODES,
+            "chain": args.chain, "batch": args.batch, "modes": {m: MODES[m] for m in args.modes},
             "threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
             "thresholds": {**old.get("meta", {}).get("thresholds", {}), args.dtype: thresholds},
             "sprt": dataclasses.asdict(params.sprt), "tokens_to_detect": tokens,
@@ -518,6 +522,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="inferences per row and sampling mode")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
+                        help="sampling modes (default: %(default)s)")
     parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
                         help="the pinned dtype executors and the validator load (default: %(default)s)")
     parser.add_argument("--models", nargs="+", default=[TINY_MODEL, DEFAULT_MODEL])

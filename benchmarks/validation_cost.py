@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from detection_matrix import MODES, Job, jobs, vllm_artifacts  # sets the thread and log env first
+from detection_matrix import DEFAULT_MODES, Job, jobs, vllm_artifacts  # sets the thread and log env first
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -132,7 +132,7 @@ async def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     old_engine = old_torch_engine.TorchEngine(model)
     baseline, batched = validator(old_engine, old_verification), validator(engine, verification)
     work = jobs(engine, "evaluation", args.n, args.max_tokens)
-    rows = {(e, m): Row(engine.model_name, e, m) for e in EXECUTORS for m in MODES}
+    rows = {(e, m): Row(engine.model_name, e, m) for e in EXECUTORS for m in DEFAULT_MODES}
     for executor in EXECUTORS:
         made = await generated(executor, engine, work, args.batch)
         for warmup in (baseline, batched):

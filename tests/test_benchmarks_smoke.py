@@ -134,16 +134,18 @@ def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses
 
     def run() -> subprocess.CompletedProcess[str]:
         return bench("detection_matrix.py", "--models", "tiny-llama", "--n", "2", "--max-tokens", "16", "--rows",
-                     "honest-torch", "int4", "prefill", "truncated", "--epochs", "50", "--results", tmp_path)
+                     "honest-torch", "int4", "prefill", "truncated", "--epochs", "50", "--results", tmp_path,
+                     "--modes", "greedy", "sampled", "plain")
 
     run()
     rows = json.loads((tmp_path / "detection_matrix.json").read_text())["rows"]
     assert kept in rows  # another model's rows survive a run of this one
     mine = {(r["row"], r["mode"]): r for r in rows if r["model"] == "tiny-llama"}
     assert set(mine) == {(row, mode) for row in ("honest-torch", "int4", "prefill", "truncated")
-                         for mode in ("greedy", "sampled")}
+                         for mode in ("greedy", "sampled", "plain")}
     assert all(r["rejected"] == 0.0 for (row, _), r in mine.items() if row == "honest-torch")
     assert all(r["rejected"] == 1.0 for (row, _), r in mine.items() if row in ("int4", "truncated"))
+    assert mine["prefill", "plain"]["rejected"] == 1.0  # no cut at T = 1: the near-tie width alone
     assert "| tiny-llama | greedy | prefill |" in (tmp_path / "detection_matrix.md").read_text()
     records = {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()}
     assert len(records) == 4

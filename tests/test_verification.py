@@ -46,6 +46,7 @@ THRESHOLDS = ModelThresholds(logprob_tolerance=1e-4, max_mean_distance=2e-5,
                              suspicious_mean_distance=1e-5, reference_tokens=16)
 GREEDY = SamplingParams(max_tokens=16)
 SAMPLED = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9)
+PLAIN = SamplingParams(max_tokens=16, temperature=1.0)
 # Outside the tiny model's training corpus: it rambles on to max_tokens instead of stopping.
 QUESTIONS = ("Write a short story about a robot who learns to paint.", "Describe the ocean.",
              "Explain volcanoes to a child.")
@@ -240,6 +241,20 @@ async def test_prefill_attack_fails_on_sampling_with_honest_looking_logprobs(eng
         verdict = await check(engine, artifact)
         assert failed_rules(verdict) == {"sampling"}, verdict.reasons
         assert verdict.max_distance < THRESHOLDS.logprob_tolerance  # the evidence itself is real
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_prefill_attack_on_a_plain_request_fails_on_sampling_at_each_pinned_dtype(
+        engine: TorchEngine, dtype: str) -> None:
+    """T = 1, no top-p or top-k: the OpenAI default, where no cut can catch a written token, so
+    only the CDF near-tie width stands between the pre-fill attack and a pass. At bf16 that
+    width was ``expm1(2 logprob_tolerance / T)``, and the per-value tolerance (0.97 nats here,
+    2.25 on SmolLM2: the noise of tail logprobs) saturated it at 1 -- every token passed."""
+    thresholds = load_verification_params(dtypes={TINY_MODEL: dtype}).for_model(TINY_MODEL)
+    attack = cheats.make_cheater("prefill", engine)
+    for i in range(len(QUESTIONS)):
+        artifact = await attack(prompt(engine, i), PLAIN, f"seed-{i}".encode())
+        assert "sampling" in failed_rules(await check(engine, artifact, thresholds)), (dtype, i)
 
 
 @pytest.mark.parametrize("cheat", ["int4", "small-model", "wrong-temperature"])
@@ -498,6 +513,20 @@ def test_shipped_bfloat16_thresholds_cover_both_models_and_are_wider_than_float3
         bf16 = load_verification_params(dtypes={model: "bfloat16"}).for_model(model)
         assert 0 < bf16.suspicious_mean_distance <= bf16.max_mean_distance <= bf16.logprob_tolerance
         assert bf16.max_mean_distance > 100 * fp32.max_mean_distance  # bf16 noise: ~1e-2 nats, fp32 ~1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("model", [DEFAULT_MODEL, TINY_MODEL])
+def test_shipped_sampling_near_ties_hold_honest_noise_and_stay_far_from_saturation(model: str, dtype: str) -> None:
+    """The CDF near-tie width covers the widest honest margin its calibration measured (at
+    T = 0.7) three times over in nats, yet leaves most of the mass a wrong token can miss by:
+    at bf16 it was the single-logprob tolerance's, saturated at 1, and no sampled token failed."""
+    table = thresholds_table()["models"][model]
+    record = (table if dtype == "float32" else table[dtype])["calibration"]
+    t = load_verification_params(dtypes={model: dtype}).for_model(model)
+    widest = record["max_sampled_margin_cdf"]
+    assert widest < verification_params.tie_tolerance(t, 0.7) < 0.3
+    assert verification_params.tie_tolerance(t, 1.0) < verification_params.tie_tolerance(t, 0.7)
 
 
 def test_a_node_judges_by_the_thresholds_of_its_genesis_pinned_dtype(tmp_path: Path) -> None:

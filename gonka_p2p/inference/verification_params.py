@@ -42,15 +42,21 @@ class ModelThresholds:
         "tokens; output length the mean limits hold at (shorter outputs: wider, see mean_limit)")
     cut_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
         "nats; logprob noise that may carry a token across a top-k/top-p cut (its near-tie width)", None)
+    tie_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
+        "nats; logprob noise that may move a sampled token's CDF boundary (its near-tie width)", None)
 
     @property
     def cut_noise_nats(self) -> float:
         return self.logprob_tolerance if self.cut_noise is None else self.cut_noise
 
+    @property
+    def tie_noise_nats(self) -> float:
+        return self.logprob_tolerance if self.tie_noise is None else self.tie_noise
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "cut_noise":
+            if value is None and f.name in ("cut_noise", "tie_noise"):
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be positive, not {value!r}")
@@ -180,14 +186,18 @@ def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     """How far from the sampler's choice a claimed token may be, in ``check_token``'s unit.
 
     Noise of at most ``eps`` nats on every logprob can close a greedy gap of
-    up to ``2 eps`` nats (one value up, the other down). At temperature T it
-    scales every probability by at most ``exp(+-2 eps / T)``, so every CDF
-    value, which is at most 1, moves by at most ``expm1(2 eps / T)``; and by at
-    most 1 in any case, where the bound saturates (at a temperature far below
-    ``eps`` the exponent would overflow: a client may ask for T = 1e-300).
+    up to ``2 eps`` nats (one value up, the other down): greedy takes
+    ``logprob_tolerance``. At temperature T noise of ``eps`` scales every
+    probability by at most ``exp(+-2 eps / T)``, so every CDF value, which is at
+    most 1, moves by at most ``expm1(2 eps / T)``; and by at most 1 in any case,
+    where the bound saturates (at a temperature far below ``eps`` the exponent
+    would overflow: a client may ask for T = 1e-300). Sampled requests take
+    ``tie_noise``: at bf16 the single-logprob tolerance is set by the noise of
+    tail logprobs (2.25 nats on SmolLM2), which moves no CDF boundary by much,
+    and it would saturate the bound -- every token a near-tie, the pre-fill
+    attack passing every plain T = 1 request.
     """
-    eps = thresholds.logprob_tolerance
     if temperature == 0.0:
-        return 2.0 * eps
-    exponent = 2.0 * eps / temperature
+        return 2.0 * thresholds.logprob_tolerance
+    exponent = 2.0 * thresholds.tie_noise_nats / temperature
     return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
