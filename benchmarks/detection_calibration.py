@@ -96,7 +96,7 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
         "p90_mean_error": quantile(mean_errors, 0.9),
         "max_top_k_shortfall": max(x for m in every for x in m.top_k_shortfall),
         "greedy_positions_not_exact": sum(x > 0 for x in greedy),
-        "max_greedy_margin_nats": max(greedy),
+        "max_greedy_margin_nats": max(greedy, default=0.0),
         "sampled_positions_not_exact": sum(x > 0 for x in sampled),
         "max_sampled_margin_cdf": max(x for x in [0.0, *sampled] if math.isfinite(x)),
         # claimed tokens outside the validator's nucleus: rejected whatever the tolerance
