@@ -176,10 +176,7 @@ def cut_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     (the relative change of the weights that would keep it): noise of ``cut_noise`` nats on
     every logprob moves any ratio of weights, or of sums of weights, by at most
     ``exp(2 cut_noise / T)``; saturated at 1 as :func:`tie_tolerance` is. Greedy has no cut."""
-    if temperature == 0.0:
-        return 0.0
-    exponent = 2.0 * thresholds.cut_noise_nats / temperature
-    return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
+    return 0.0 if temperature == 0.0 else _moved_by(thresholds.cut_noise_nats, temperature)
 
 
 def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
@@ -199,5 +196,11 @@ def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     """
     if temperature == 0.0:
         return 2.0 * thresholds.logprob_tolerance
-    exponent = 2.0 * thresholds.tie_noise_nats / temperature
+    return _moved_by(thresholds.tie_noise_nats, temperature)
+
+
+def _moved_by(noise: float, temperature: float) -> float:
+    """``expm1(2 noise / T)``, the most noise of ``noise`` nats on every logprob moves a share
+    of the weights at temperature T, saturated at 1 (see :func:`tie_tolerance`)."""
+    exponent = 2.0 * noise / temperature
     return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
