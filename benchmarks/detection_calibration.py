@@ -73,7 +73,11 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
     boundary_noise = [m.temperature * math.log1p(x) / 2 for m in every if m.temperature > 0.0
                       for x in m.sampling_margins if 0.0 < x < math.inf]
     # The CDF near-tie width of sampled requests, likewise: at bfloat16 the single-logprob
-    # tolerance (the noise of tail logprobs) saturated it, and every token passed.
+    # tolerance (the noise of tail logprobs) saturated it, and every token passed. And greedy's:
+    # a margin of g nats below the top is noise of g / 2 on each of the two logprobs; where no
+    # honest greedy token missed the top, the sampled head noise stands in.
+    greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
+    greedy_noise = [x / 2 for x in greedy if 0.0 < x < math.inf]
     fallback = [quantile(mean_errors, 0.999)]
 
     def widest(noise: list[float]) -> float | None:
@@ -84,8 +88,8 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
         reference_tokens=reference,
         cut_noise=widest(cut_noise or boundary_noise or fallback),
-        tie_noise=widest(boundary_noise or fallback))
-    greedy = [x for m in every if m.temperature == 0.0 for x in m.sampling_margins]
+        tie_noise=widest(boundary_noise or fallback),
+        greedy_noise=widest(greedy_noise or boundary_noise or fallback))
     sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured: dict[str, Any] = {
         "inferences": len(every),

@@ -244,21 +244,28 @@ async def test_prefill_attack_fails_on_sampling_with_honest_looking_logprobs(eng
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-async def test_prefill_attack_on_a_plain_request_fails_on_sampling_at_each_pinned_dtype(
-        engine: TorchEngine, dtype: str) -> None:
-    """T = 1, no top-p or top-k: the OpenAI default, where no cut can catch a written token, so
-    only the CDF near-tie width stands between the pre-fill attack and a pass. At bf16 that
-    width was ``expm1(2 logprob_tolerance / T)``, and the per-value tolerance (0.97 nats here,
-    2.25 on SmolLM2: the noise of tail logprobs) saturated it at 1: none of these failed. The
-    calibrated width leaves bf16 noise room (the tiny model's half-layer writer is close to it:
-    most fail per output, and the epoch test catches the rest; SmolLM2's all fail)."""
+@pytest.mark.parametrize("request_terms", [PLAIN, GREEDY], ids=["plain", "greedy"])
+async def test_prefill_attack_without_a_cut_fails_on_sampling_at_each_pinned_dtype(
+        engine: TorchEngine, request_terms: SamplingParams, dtype: str) -> None:
+    """Plain T = 1 (the OpenAI default) and greedy: no top-p or top-k cut can catch a written
+    token, so only the near-tie width stands between the pre-fill attack and a pass. At bf16
+    both widths came from the per-value tolerance (0.97 nats here, 2.25 on SmolLM2: the noise
+    of tail logprobs): the sampled width saturated at 1 and none of 12 failed; the greedy one
+    let any token within 1.9 nats of the top pass, and 4 of 8 failed. The calibrated widths
+    leave bf16 noise room (the tiny model's half-layer writer is close to it at T = 1: 8 of 12
+    fail per output, and the epoch test catches the rest; greedy, 8 of 8)."""
     thresholds = load_verification_params(dtypes={TINY_MODEL: dtype}).for_model(TINY_MODEL)
     attack = cheats.make_cheater("prefill", engine)
-    failed = 0
+    terms = dataclasses.replace(request_terms, max_tokens=32)
+    written = failed = 0
     for i in range(12):
-        artifact = await attack(prompt(engine, i), dataclasses.replace(PLAIN, max_tokens=32), f"seed-{i}".encode())
+        artifact = await attack(prompt(engine, i), terms, f"seed-{i}".encode())
+        if artifact.completion_ids == (await honest(engine, terms, i)).completion_ids:
+            continue  # the writer happened to write the model's own answer: no cheat to catch
+        written += 1
         failed += "sampling" in failed_rules(await check(engine, artifact, thresholds))
-    assert failed == 12 if dtype == "float32" else failed >= 6, failed
+    assert written >= 6
+    assert failed == written if dtype == "float32" else failed >= 2 * written // 3, (failed, written)
 
 
 @pytest.mark.parametrize("cheat", ["int4", "small-model", "wrong-temperature"])
@@ -531,6 +538,16 @@ def test_shipped_sampling_near_ties_hold_honest_noise_and_stay_far_from_saturati
     widest = record["max_sampled_margin_cdf"]
     assert widest < verification_params.tie_tolerance(t, 0.7) < 1.0
     assert verification_params.tie_tolerance(t, 1.0) < 0.4
+
+
+@pytest.mark.parametrize("model", [DEFAULT_MODEL, TINY_MODEL])
+def test_shipped_bfloat16_greedy_near_ties_hold_honest_noise_inside_the_per_value_tolerance(model: str) -> None:
+    """The greedy near-tie covers the widest honest greedy margin its calibration measured, and
+    is narrower than the per-value tolerance (tail logprobs' noise, 2.25 nats on SmolLM2): twice
+    that tolerance was the width, and a pre-filled token 4.5 nats below the top passed."""
+    record = thresholds_table()["models"][model]["bfloat16"]["calibration"]
+    t = load_verification_params(dtypes={model: "bfloat16"}).for_model(model)
+    assert record["max_greedy_margin_nats"] < verification_params.tie_tolerance(t, 0.0) < t.logprob_tolerance
 
 
 def test_a_node_judges_by_the_thresholds_of_its_genesis_pinned_dtype(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ without re-running a model. The rules, each a pure function below:
 5. ``check_sampling`` -- each claimed token is the one ``sampler.choose_token``
    picks from the recomputed logits with the artifact's seed and parameters,
    up to near-ties that numeric noise could flip (greedy: of
-   ``logprob_tolerance``; sampled: of ``tie_noise``, calibrated at bf16 from
-   honest CDF margins, where the single-logprob tolerance would make every
+   ``greedy_noise``, calibrated at bf16 from honest greedy margins; sampled: of
+   ``tie_noise``, calibrated at bf16 from honest CDF margins; at bf16 the
+   single-logprob tolerance, set by tail logprobs, would make nearly every
    token a near-tie).
    A token the recomputed top-k/top-p cut leaves out has no interval to be
    near: it passes only within ``cut_tolerance`` of the cut (noise of

@@ -28,6 +28,9 @@ def _unit(unit: str, default: Any = MISSING) -> Any:
     return field(default=default, metadata={"unit": unit})
 
 
+OPTIONAL_NOISE = ("cut_noise", "tie_noise", "greedy_noise")  # widths calibrated at bf16 only
+
+
 @dataclass(frozen=True)
 class ModelThresholds:
     """Per-model verification thresholds, each positive and finite. Units: nats (natural-log probability)."""
@@ -44,6 +47,8 @@ class ModelThresholds:
         "nats; logprob noise that may carry a token across a top-k/top-p cut (its near-tie width)", None)
     tie_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
         "nats; logprob noise that may move a sampled token's CDF boundary (its near-tie width)", None)
+    greedy_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
+        "nats; logprob noise that may swap the top two tokens (half the greedy near-tie width)", None)
 
     @property
     def cut_noise_nats(self) -> float:
@@ -53,10 +58,14 @@ class ModelThresholds:
     def tie_noise_nats(self) -> float:
         return self.logprob_tolerance if self.tie_noise is None else self.tie_noise
 
+    @property
+    def greedy_noise_nats(self) -> float:
+        return self.logprob_tolerance if self.greedy_noise is None else self.greedy_noise
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in ("cut_noise", "tie_noise"):
+            if value is None and f.name in OPTIONAL_NOISE:
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be positive, not {value!r}")
@@ -184,7 +193,7 @@ def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
 
     Noise of at most ``eps`` nats on every logprob can close a greedy gap of
     up to ``2 eps`` nats (one value up, the other down): greedy takes
-    ``logprob_tolerance``. At temperature T noise of ``eps`` scales every
+    ``greedy_noise``. At temperature T noise of ``eps`` scales every
     probability by at most ``exp(+-2 eps / T)``, so every CDF value, which is at
     most 1, moves by at most ``expm1(2 eps / T)``; and by at most 1 in any case,
     where the bound saturates (at a temperature far below ``eps`` the exponent
@@ -192,10 +201,12 @@ def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     ``tie_noise``: at bf16 the single-logprob tolerance is set by the noise of
     tail logprobs (2.25 nats on SmolLM2), which moves no CDF boundary by much,
     and it would saturate the bound -- every token a near-tie, the pre-fill
-    attack passing every plain T = 1 request.
+    attack passing every plain T = 1 request. Greedy, likewise: that tolerance let a
+    pre-filled token within 4.5 nats of SmolLM2's top pass, where honest bf16 noise
+    closed at most 0.375.
     """
     if temperature == 0.0:
-        return 2.0 * thresholds.logprob_tolerance
+        return 2.0 * thresholds.greedy_noise_nats
     return _moved_by(thresholds.tie_noise_nats, temperature)
 
 
