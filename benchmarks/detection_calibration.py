@@ -32,9 +32,8 @@ import torch
 
 from gonka_p2p.inference.model_names import DEFAULT_DTYPE
 from gonka_p2p.inference.verification import Measurements
-from gonka_p2p.inference.verification_params import ModelThresholds, SprtParams
+from gonka_p2p.inference.verification_params import CALIBRATION_MARGIN, ModelThresholds, SprtParams
 
-CALIBRATION_MARGIN = 3.0  # thresholds are this many times the honest p99.9 (p90 for "suspicious")
 SUSPICIOUS_MARGIN = 1.2  # bf16: the suspicious line over the worst honest row's p99.5
 SHORT_PREFIXES = (1, 4, 16)  # calibration checks the widened mean limits on prefixes this long
 

@@ -25,6 +25,7 @@ from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.adversary.engine import CheatingEngine
 from gonka_p2p.inference.engine import ScoredCompletion, TokenStep
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
+from gonka_p2p.inference.models import ModelSpec
 from gonka_p2p.inference.sampler import MIN_TEMPERATURE, SamplingParams, nucleus_mask, position_uniform
 from gonka_p2p.inference.torch_engine import TorchEngine, token_step
 from gonka_p2p.inference.verification import Billed, Contract, Evidence, Measurements, Verdict, verify
@@ -266,6 +267,36 @@ async def test_prefill_attack_without_a_cut_fails_on_sampling_at_each_pinned_dty
         failed += "sampling" in failed_rules(await check(engine, artifact, thresholds))
     assert written >= 6
     assert failed == written if dtype == "float32" else failed >= 2 * written // 3, (failed, written)
+
+
+async def test_wrong_temperature_inside_the_bf16_near_tie_width_leaves_suspicious_wide_ties() -> None:
+    """A plain T = 1 request sampled at 0.7, on a bf16 engine: most of its moved tokens stay
+    inside the near-tie width (SmolLM2: none of 30 outputs failed), but they sit further from
+    the sampler's choice than honest noise ever came, and enough of them in one output make it
+    suspicious, which the epoch test aggregates. Honest work at the same terms stays clean."""
+    engine = TorchEngine(ModelSpec(TINY_MODEL, dtype="bfloat16"))
+    thresholds = load_verification_params(dtypes={TINY_MODEL: "bfloat16"}).for_model(TINY_MODEL)
+    attack = cheats.make_cheater("wrong-temperature", engine)
+    terms = dataclasses.replace(PLAIN, max_tokens=32)
+    evidence = []
+    for i in range(12):
+        evidence.append((await check(engine, await attack(prompt(engine, i), terms, f"seed-{i}".encode()),
+                                     thresholds)).evidence)
+        honest_verdict = await check(engine, await honest(engine, terms, i), thresholds)
+        assert honest_verdict.evidence is Evidence.CLEAN and honest_verdict.wide_ties == 0
+    assert evidence.count(Evidence.SUSPICIOUS) >= 3 and evidence.count(Evidence.CLEAN) <= 4, evidence
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, 16, 32, 100, 1000, 4096])
+def test_the_wide_tie_limit_is_the_honest_binomial_tail(n_tokens: int) -> None:
+    """At most WIDE_TIE_TAIL of honest outputs (wide ties at HONEST_WIDE_TIE_RATE per position)
+    reach the limit, and one fewer would mark more: exact binomial sums, not the log-space ones."""
+    p, k = verification_params.HONEST_WIDE_TIE_RATE, verification_params.wide_tie_limit(n_tokens)
+
+    def at_least(j: int) -> float:
+        return 1.0 - sum(math.comb(n_tokens, i) * p ** i * (1 - p) ** (n_tokens - i) for i in range(j))
+
+    assert at_least(k) <= verification_params.WIDE_TIE_TAIL < (at_least(k - 1) if k > 1 else 1.0)
 
 
 @pytest.mark.parametrize("cheat", ["int4", "small-model", "wrong-temperature"])

@@ -67,7 +67,10 @@ chose them (``benchmarks/detection_matrix.py --calibrate``), and each network
 pins its copy in genesis (``verification``), so its validators judge alike.
 
 Each verdict is failed, suspicious (valid, but its mean distance is above
-the honest bulk) or clean (:class:`Evidence`). Per executor the ledger folds
+the honest bulk, or it holds more *wide ties* -- claims inside the near-tie
+width yet further from the sampler's choice than honest noise came in
+calibration -- than an honest output of its length shows but rarely:
+:func:`wide_ties`) or clean (:class:`Evidence`). Per executor the ledger folds
 them into its epoch test, two restarted Wald SPRTs in integer micro-nats carried
 across epochs until they decide (``ledger.epoch_test``; the only
 implementation): the failure test asks whether failures come more often than
@@ -92,7 +95,8 @@ import torch
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
 from gonka_p2p.inference.sampler import SamplingParams, claim_margins
-from gonka_p2p.inference.verification_params import ModelThresholds, cut_tolerance, tie_tolerance
+from gonka_p2p.inference.verification_params import (
+    ModelThresholds, cut_tolerance, tie_tolerance, wide_tie_floor, wide_tie_limit)
 from gonka_p2p.inference.topk_evidence import too_many_undecidable, top_k_measurements
 from gonka_p2p.ledger.rules import Observation
 from gonka_p2p.wire.messages import response_hash
@@ -438,6 +442,7 @@ class Verdict:
     sampling_mismatches: int  # positions
     near_ties: int  # positions accepted only as near-ties
     undecidable: int = 0  # positions the top-K evidence could not decide (0 once a rule failed)
+    wide_ties: int = 0  # positions further from the sampler's choice than honest noise came (wide_tie_floor)
 
 
 def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
@@ -448,9 +453,11 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
                               check_sampling(m, thresholds)) if r is not None]
         undecidable = 0 if floors else undecidable_positions(m, thresholds)  # a proven failure decides
         reasons += floors or list(filter(None, [check_undecidable(m, thresholds)]))
+    wide = wide_ties(m, thresholds)
     if reasons:
         evidence = Evidence.FAILED
-    elif m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens):
+    elif (m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens)
+          or wide >= wide_tie_limit(m.n_tokens)):
         evidence = Evidence.SUSPICIOUS
     else:
         evidence = Evidence.CLEAN
@@ -461,8 +468,18 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         top_k_misses=sum(x > thresholds.logprob_tolerance for x in m.top_k_shortfall),
         sampling_mismatches=mismatches,
         near_ties=sum(0.0 < x for x in m.sampling_margins) - mismatches,
-        undecidable=undecidable if m.comparable else 0,
+        undecidable=undecidable if m.comparable else 0, wide_ties=wide,
     )
+
+
+def wide_ties(m: Measurements, thresholds: ModelThresholds) -> int:
+    """Positions whose claimed token lies further from the seeded sampler's choice than honest
+    noise came in calibration (:func:`wide_tie_floor`): within the near-tie width they pass,
+    but a wrong temperature or a written text leaves many, an honest executor hardly any, so
+    enough of them make the output suspicious for the epoch test. Tokens at a top-k/top-p
+    cut (infinite margin) are the cut rule's."""
+    floor = wide_tie_floor(thresholds, m.temperature)
+    return sum(floor < x < math.inf for x in m.sampling_margins)
 
 
 def verify(

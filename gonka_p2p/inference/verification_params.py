@@ -8,6 +8,7 @@ Pure but for :func:`load_verification_params` (and :func:`thresholds_table`), wh
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from collections.abc import Mapping
@@ -215,3 +216,42 @@ def _moved_by(noise: float, temperature: float) -> float:
     of the weights at temperature T, saturated at 1 (see :func:`tie_tolerance`)."""
     exponent = 2.0 * noise / temperature
     return 1.0 if exponent >= math.log(2.0) else math.expm1(exponent)
+
+
+# ---------------------------------------------------------------------------
+# Wide near-ties: what a cheat that stays inside the width leaves behind
+
+CALIBRATION_MARGIN = 3.0  # every threshold is this many times the honest noise its calibration measured
+HONEST_WIDE_TIE_RATE = 1e-3  # per position, an upper bound (measured at bf16: 4 in 56,886)
+WIDE_TIE_TAIL = 0.005  # chance an honest output is suspicious for its wide ties (half honest_suspicious_rate)
+
+
+def wide_tie_floor(thresholds: ModelThresholds, temperature: float) -> float:
+    """The widest near-tie honest noise made in calibration, in ``check_token``'s unit: the
+    near-tie width (:func:`tie_tolerance`) without its calibration margin.
+
+    A claim past it but inside the width passes -- noise the calibration did not see might
+    still have made it -- yet counts as a *wide tie*. The width must hold every honest
+    executor's worst position, which leaves a cheat room: a wrong temperature (0.7 for 1.0 on
+    SmolLM2 at bf16) moves a tenth of its tokens by more than honest noise ever did, and
+    less than the width. One output's count of wide ties is the evidence (:func:`wide_tie_limit`).
+    """
+    if temperature == 0.0:
+        return 2.0 * thresholds.greedy_noise_nats / CALIBRATION_MARGIN
+    return _moved_by(thresholds.tie_noise_nats / CALIBRATION_MARGIN, temperature)
+
+
+@functools.cache
+def wide_tie_limit(n_tokens: int) -> int:
+    """The fewest wide ties that make an ``n_tokens`` output suspicious: the smallest k with
+    P(Binomial(n_tokens, HONEST_WIDE_TIE_RATE) >= k) <= WIDE_TIE_TAIL, so an honest output
+    crosses it at most that often at any length (2 at 32 tokens, 5 at 1,000). Summed in log
+    space: at a length where (1 - rate)^n underflows the terms must still grow."""
+    log_ratio = math.log(HONEST_WIDE_TIE_RATE) - math.log1p(-HONEST_WIDE_TIE_RATE)
+    log_pmf = n_tokens * math.log1p(-HONEST_WIDE_TIE_RATE)  # P(X = 0)
+    tail, k = 1.0 - math.exp(log_pmf), 1  # P(X >= 1)
+    while tail > WIDE_TIE_TAIL:
+        log_pmf += math.log((n_tokens - k + 1) / k) + log_ratio  # P(X = k)
+        tail -= math.exp(log_pmf)
+        k += 1
+    return k
