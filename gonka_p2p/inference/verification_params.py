@@ -222,7 +222,7 @@ def _moved_by(noise: float, temperature: float) -> float:
 # Wide near-ties: what a cheat that stays inside the width leaves behind
 
 CALIBRATION_MARGIN = 3.0  # every threshold is this many times the honest noise its calibration measured
-HONEST_WIDE_TIE_RATE = 1e-3  # per position, an upper bound (measured at bf16: 4 in 56,886)
+HONEST_WIDE_TIE_RATE = 1e-3  # per position, an upper bound (measured at bf16: 5 in 87,747)
 WIDE_TIE_TAIL = 0.005  # chance an honest output is suspicious for its wide ties (half honest_suspicious_rate)
 
 
