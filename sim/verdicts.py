@@ -5,13 +5,14 @@ per-strategy distribution over three outcomes -- failed, valid but
 suspicious, clean -- which is exactly what the ledger's epoch test reads
 (``rules.inference_observation``). The rates come from the measured
 detection matrix (``benchmarks/results/detection_matrix.json``): a row's
-``rejected`` is the per-inference failure rate, pooled over the row's
-sampling modes for one model. The matrix holds no per-row share of
-suspicious verdicts, so that share always comes from the built-in
-:data:`DESIGN_RATES` table, which also supplies the failure rate for any
-strategy the matrix lacks (or all of them: ``--verdicts design``, the
-targets of DESIGN.md section 4, whose honest 0.5 % false-failure rate makes
-false accusations happen at all).
+``rejected`` is the per-inference failure rate and its ``suspicious`` the
+share of valid-but-suspicious verdicts, each pooled over the row's sampling
+modes for one model. The fp32 rows measure no suspicious share (at fp32 every
+cheat fails outright), so there that share comes from the built-in
+:data:`DESIGN_RATES` table, which also supplies both rates for any strategy
+the matrix lacks (or all of them: ``--verdicts design``, the targets of
+DESIGN.md section 4, whose honest 0.5 % false-failure rate makes false
+accusations happen at all).
 
 Modelling assumption, stated because results depend on it: a check is a
 deterministic re-run over the executor's committed evidence, so the verdict
@@ -52,7 +53,7 @@ class Rates:
     failed: float
     suspicious: float  # of all inferences (a failed one is never suspicious)
     flag: FailureFlag  # the metric rule a failure of this strategy trips
-    source: str  # "matrix" or "design": where ``failed`` came from
+    source: str  # "matrix" or "design": where ``failed`` came from (``suspicious`` too, where measured)
 
     def draw(self, rng: random.Random) -> Outcome:
         x = rng.random()
@@ -111,9 +112,10 @@ def table_for(source: str, model: str = "", dtype: str = "float32", path: str = 
 
 def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None, dtype: str = "float32") -> VerdictTable:
     """Failure rates measured per strategy for ``model`` (default: the model with most rows) at
-    the pinned ``dtype``, suspicious shares from :data:`DESIGN_RATES`; a strategy the matrix
-    has no row for there keeps its design rates (the table says which: ``source``). Raises
-    ValueError on a file of another shape, or one without ``model`` at ``dtype``."""
+    the pinned ``dtype``, and suspicious shares where every row of the strategy measured one
+    (else from :data:`DESIGN_RATES`); a strategy the matrix has no row for there keeps its
+    design rates (the table says which: ``source``). Raises ValueError on a file of another
+    shape, or one without ``model`` at ``dtype``."""
     doc: Any = json.loads(Path(path).read_text())
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not isinstance(rows, list) or not rows:
@@ -123,25 +125,30 @@ def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None, dtype: st
         model = max(models, key=lambda m: sum(r.get("model") == m for r in rows))
     if model not in models:
         raise ValueError(f"{path} has no rows for model {model!r} (it has {', '.join(models)})")
-    pooled: dict[str, list[float]] = {}  # strategy -> [inferences, rejected, val seconds, gen seconds]
+    # strategy -> [inferences, rejected, val seconds, gen seconds, suspicious, inferences with a suspicious share]
+    pooled: dict[str, list[float]] = {}
     for row in rows:
         if row.get("model") != model or row.get("dtype", "float32") != dtype:
             continue
         strategy = "honest" if row.get("class") == "honest" else str(row.get("row"))
         n = float(row["n"])
-        acc = pooled.setdefault(strategy, [0.0, 0.0, 0.0, 0.0])
+        acc = pooled.setdefault(strategy, [0.0] * 6)
         acc[0] += n
         acc[1] += n * float(row["rejected"])
         acc[2] += n * float(row.get("val_s", 0.0))
         acc[3] += n * float(row.get("gen_s", 0.0))
+        if isinstance(suspicious := row.get("suspicious"), (int, float)):
+            acc[4] += n * float(suspicious)
+            acc[5] += n
     if "honest" not in pooled:
         raise ValueError(f"{path} has no {dtype} rows for model {model!r}")
     rates = dict(DESIGN_RATES)
     for strategy, design in DESIGN_RATES.items():
         if strategy in pooled:
-            n, rejected = pooled[strategy][:2]
+            n, rejected, _, _, suspicious, measured = pooled[strategy]
             failed = rejected / n
-            rates[strategy] = Rates(failed, min(design.suspicious, 1.0 - failed), design.flag, "matrix")
+            share = suspicious / n if measured == n else design.suspicious
+            rates[strategy] = Rates(failed, min(share, 1.0 - failed), design.flag, "matrix")
     honest = pooled.get("honest")
     ratio = honest[2] / honest[3] if honest and honest[3] > 0 else DEFAULT_VAL_OVER_GEN
     return VerdictTable(MappingProxyType(rates), ratio, model)

@@ -27,7 +27,7 @@ from sim.economics import Bet, break_even, catch_probability, gini
 from sim.roster import MATRIX_ONLY_CHEATS, Strategy
 from sim.scenario import SCENARIOS, ScenarioError, load, parse_override
 from sim.sweep import parse_range
-from sim.verdicts import table_for
+from sim.verdicts import DESIGN_RATES, table_for
 from sim.world import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +145,10 @@ def test_every_cheat_of_the_detection_matrix_is_an_executor_strategy_and_the_gro
 
 def test_a_network_pinning_bf16_takes_the_matrix_bf16_rows() -> None:
     fp32, bf16 = (table_for("matrix", "smollm2-135m", dtype) for dtype in ("float32", "bfloat16"))
-    assert fp32.rates["int8"].failed == 1.0 and 0 < bf16.rates["int8"].failed < 0.5
+    assert fp32.rates["int8"].failed == 1.0 and bf16.rates["int8"].failed < 0.5
+    # bf16 rows measure how many valid outputs are suspicious; fp32 rows do not (design share)
+    assert bf16.rates["int8"].suspicious > 0.5 and fp32.rates["int8"].suspicious == 0.0
+    assert bf16.rates["honest"].suspicious < DESIGN_RATES["honest"].suspicious
     assert bf16.rates["fp8"].source == "matrix" and fp32.rates["fp8"].source == "design"
     with pytest.raises(ValueError, match="no float16 rows"):
         table_for("matrix", "smollm2-135m", "float16")
