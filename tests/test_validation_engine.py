@@ -14,6 +14,7 @@ the same comparison on evidence scored by the vLLM engine itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 
 import pytest
@@ -29,7 +30,7 @@ from gonka_p2p.inference.sampler import SamplingParams, choose_token, claim_marg
 from gonka_p2p.inference.served_check import check_in_engine
 from gonka_p2p.inference.topk_evidence import EVIDENCE_TOP_K, _sampling_bounds
 from gonka_p2p.inference.torch_engine import TorchEngine
-from gonka_p2p.inference.verification import Contract, Verdict
+from gonka_p2p.inference.verification import Contract, Evidence, Verdict
 
 THRESHOLDS = verification_params.load_verification_params().for_model(TINY_MODEL)
 MODES = {
@@ -108,10 +109,31 @@ async def test_the_served_check_gives_the_reference_verdict_and_rescores_only_th
                 check = await check_in_engine(engine, artifact, contract, THRESHOLDS)
                 assert (check.verdict.valid, check.verdict.evidence) == (ref.valid, ref.evidence), (row, mode, i)
                 assert check.first_undecidable == top.undecidable
-                assert check.second_pass == (top.valid and top.undecidable > 0)
+                assert check.second_pass == (top.valid and (top.undecidable > 0 or top.wide_ties_open))
                 assert mode == "plain" or not check.second_pass  # greedy is always decided
                 rescored += check.second_pass
     assert rescored > 0  # the path is exercised
+
+
+async def test_wide_ties_the_top_k_tail_leaves_open_send_the_output_to_the_whole_vocabulary(
+        engine: TorchEngine) -> None:
+    """Top-K margins are floors: a cheat whose wide near-ties hide in the open tail must not
+    stay clean on an undercount. An output whose ceilings could reach the wide-tie limit while
+    its floors do not is open (the served check then re-scores it whole); one whose ceilings
+    cannot is decided clean."""
+    bf16 = verification_params.load_verification_params(dtypes={TINY_MODEL: "bfloat16"}).for_model(TINY_MODEL)
+    artifact, contract = await work(engine, "honest", "greedy", 0)
+    rows = await engine.score(list(contract.prompt_ids), artifact.completion_ids, EVIDENCE_TOP_K)
+    m = verification.measure(artifact, rows, eos_token_ids=engine.eos_token_ids, contract=contract,
+                             vocab_size=engine.local_model.vocab_size)
+    wide, tie = (f(bf16, 0.0) for f in (verification_params.wide_tie_floor, verification_params.tie_tolerance))
+    limit = verification_params.wide_tie_limit(m.n_tokens)
+    between = (wide + tie) / 2  # decided for the sampling rule, open for the wide-tie count
+    for open_positions, is_open in ((limit, True), (limit - 1, False)):
+        ceilings = [between] * open_positions + list(m.sampling_ceilings[open_positions:])
+        verdict = verification.judge(dataclasses.replace(m, sampling_ceilings=tuple(ceilings)), bf16)
+        assert verdict.valid and verdict.evidence is Evidence.CLEAN and verdict.undecidable == 0
+        assert verdict.wide_ties == 0 and verdict.wide_ties_open is is_open, open_positions
 
 
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),

@@ -3,9 +3,10 @@
 A check is one prefill whose evidence is the top ``EVIDENCE_TOP_K`` logprobs
 per position (``topk_evidence``). Greedy outputs are decided there; an output
 that keeps undecidable positions (sampling over a flat tail: on SmolLM2 every
-honest output at T = 1 and 1 of 3 at T = 0.7, top-p 0.9 in ``validation_bench``)
-is scored again in the same engine over the whole vocabulary, where the
-verdict is the full-logits reference's. Every pass fails an output only on a
+honest output at T = 1 and 1 of 3 at T = 0.7, top-p 0.9 in ``validation_bench``),
+or whose open tail could make it suspicious for its wide near-ties
+(``verification.wide_ties_open``), is scored again in the same engine over the
+whole vocabulary, where the verdict is the full-logits reference's. Every pass fails an output only on a
 failure proven at its floors (or on rule 6, too many undecidable positions
 for its evidence), so the second pass runs only while the first is valid.
 
@@ -46,10 +47,10 @@ class ServedCheck:
 async def check_in_engine(engine: Engine, artifact: InferenceArtifact, contract: Contract,
                           thresholds: ModelThresholds) -> ServedCheck:
     """Judge ``artifact`` on ``contract`` from prefills in ``engine``: the top-K, then the whole
-    vocabulary while that verdict is valid and leaves undecidable positions."""
+    vocabulary while that verdict is valid and leaves undecidable positions or open wide ties."""
     vocab = engine.local_model.vocab_size
     first = await _verify(engine, artifact, contract, thresholds, min(EVIDENCE_TOP_K, vocab))
-    if not (first.valid and first.undecidable):
+    if not (first.valid and (first.undecidable or first.wide_ties_open)):
         return ServedCheck(first, first.undecidable, False)
     return ServedCheck(await _verify(engine, artifact, contract, thresholds, vocab), first.undecidable, True)
 

@@ -443,6 +443,7 @@ class Verdict:
     near_ties: int  # positions accepted only as near-ties
     undecidable: int = 0  # positions the top-K evidence could not decide (0 once a rule failed)
     wide_ties: int = 0  # positions further from the sampler's choice than honest noise came (wide_tie_floor)
+    wide_ties_open: bool = False  # clean on the top-K evidence, but its tail could make it suspicious
 
 
 def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
@@ -469,6 +470,7 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         sampling_mismatches=mismatches,
         near_ties=sum(0.0 < x for x in m.sampling_margins) - mismatches,
         undecidable=undecidable if m.comparable else 0, wide_ties=wide,
+        wide_ties_open=evidence is Evidence.CLEAN and wide_ties_open(m, thresholds),
     )
 
 
@@ -480,6 +482,16 @@ def wide_ties(m: Measurements, thresholds: ModelThresholds) -> int:
     cut (infinite margin) are the cut rule's."""
     floor = wide_tie_floor(thresholds, m.temperature)
     return sum(floor < x < math.inf for x in m.sampling_margins)
+
+
+def wide_ties_open(m: Measurements, thresholds: ModelThresholds) -> bool:
+    """Whether the tail top-K evidence leaves open could carry the output's wide ties to their
+    limit when its floors do not: margins are floors there, and a cheat must not stay clean on
+    an undercount. The whole vocabulary then decides (``served_check``'s second pass); with
+    logits rows ceilings equal floors and nothing is open."""
+    floor = wide_tie_floor(thresholds, m.temperature)
+    ceilings = m.sampling_ceilings or m.sampling_margins
+    return wide_ties(m, thresholds) < wide_tie_limit(m.n_tokens) <= sum(floor < c < math.inf for c in ceilings)
 
 
 def verify(
