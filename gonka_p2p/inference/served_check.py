@@ -5,7 +5,7 @@ per position (``topk_evidence``). Greedy outputs are decided there; an output
 that keeps undecidable positions (sampling over a flat tail: on SmolLM2 every
 honest output at T = 1 and 1 of 3 at T = 0.7, top-p 0.9 in ``validation_bench``),
 or whose open tail could make it suspicious for its wide near-ties
-(``verification.wide_ties_open``), is scored again in the same engine over the
+(``Verdict.wide_ties_open``), is scored again in the same engine over the
 whole vocabulary, where the verdict is the full-logits reference's. Every pass fails an output only on a
 failure proven at its floors (or on rule 6, too many undecidable positions
 for its evidence), so the second pass runs only while the first is valid.

@@ -454,11 +454,12 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
                               check_sampling(m, thresholds)) if r is not None]
         undecidable = 0 if floors else undecidable_positions(m, thresholds)  # a proven failure decides
         reasons += floors or list(filter(None, [check_undecidable(m, thresholds)]))
-    wide = wide_ties(m, thresholds)
+    wide, possibly_wide = wide_ties(m, thresholds)
+    limit = wide_tie_limit(m.n_tokens)
     if reasons:
         evidence = Evidence.FAILED
     elif (m.mean_error > thresholds.mean_limit(thresholds.suspicious_mean_distance, m.n_tokens)
-          or wide >= wide_tie_limit(m.n_tokens)):
+          or wide >= limit):
         evidence = Evidence.SUSPICIOUS
     else:
         evidence = Evidence.CLEAN
@@ -470,28 +471,24 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         sampling_mismatches=mismatches,
         near_ties=sum(0.0 < x for x in m.sampling_margins) - mismatches,
         undecidable=undecidable if m.comparable else 0, wide_ties=wide,
-        wide_ties_open=evidence is Evidence.CLEAN and wide_ties_open(m, thresholds),
+        wide_ties_open=evidence is Evidence.CLEAN and wide < limit <= possibly_wide,
     )
 
 
-def wide_ties(m: Measurements, thresholds: ModelThresholds) -> int:
+def wide_ties(m: Measurements, thresholds: ModelThresholds) -> tuple[int, int]:
     """Positions whose claimed token lies further from the seeded sampler's choice than honest
-    noise came in calibration (:func:`wide_tie_floor`): within the near-tie width they pass,
-    but a wrong temperature or a written text leaves many, an honest executor hardly any, so
-    enough of them make the output suspicious for the epoch test. Tokens at a top-k/top-p
-    cut (infinite margin) are the cut rule's."""
-    floor = wide_tie_floor(thresholds, m.temperature)
-    return sum(floor < x < math.inf for x in m.sampling_margins)
-
-
-def wide_ties_open(m: Measurements, thresholds: ModelThresholds) -> bool:
-    """Whether the tail top-K evidence leaves open could carry the output's wide ties to their
-    limit when its floors do not: margins are floors there, and a cheat must not stay clean on
-    an undercount. The whole vocabulary then decides (``served_check``'s second pass); with
-    logits rows ceilings equal floors and nothing is open."""
+    noise came in calibration (:func:`wide_tie_floor`), as (proven at the margins' floors,
+    possible at their ceilings). Within the near-tie width they pass, but a wrong temperature
+    or a written text leaves many, an honest executor hardly any, so enough of them make the
+    output suspicious for the epoch test. Top-K evidence leaves the tail open, and a cheat
+    must not stay clean on an undercount: while the ceilings could reach the limit and the
+    floors do not, the verdict is open (``served_check`` then scores the whole vocabulary;
+    with logits rows ceilings equal floors). Tokens at a top-k/top-p cut (infinite margin)
+    are the cut rule's."""
     floor = wide_tie_floor(thresholds, m.temperature)
     ceilings = m.sampling_ceilings or m.sampling_margins
-    return wide_ties(m, thresholds) < wide_tie_limit(m.n_tokens) <= sum(floor < c < math.inf for c in ceilings)
+    return (sum(floor < x < math.inf for x in m.sampling_margins),
+            sum(floor < c < math.inf for c in ceilings))
 
 
 def verify(

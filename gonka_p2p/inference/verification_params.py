@@ -206,9 +206,15 @@ def tie_tolerance(thresholds: ModelThresholds, temperature: float) -> float:
     pre-filled token within 4.5 nats of SmolLM2's top pass, where honest bf16 noise
     closed at most 0.375.
     """
+    return _tie_width(thresholds, temperature, 1.0)
+
+
+def _tie_width(thresholds: ModelThresholds, temperature: float, share: float) -> float:
+    """The near-tie width for noise of ``share`` x the calibrated noise (greedy: ``greedy_noise``
+    on each of two logprobs; sampled: ``tie_noise``, see :func:`tie_tolerance`)."""
     if temperature == 0.0:
-        return 2.0 * thresholds.greedy_noise_nats
-    return _moved_by(thresholds.tie_noise_nats, temperature)
+        return 2.0 * thresholds.greedy_noise_nats * share
+    return _moved_by(thresholds.tie_noise_nats * share, temperature)
 
 
 def _moved_by(noise: float, temperature: float) -> float:
@@ -236,9 +242,7 @@ def wide_tie_floor(thresholds: ModelThresholds, temperature: float) -> float:
     SmolLM2 at bf16) moves a tenth of its tokens by more than honest noise ever did, and
     less than the width. One output's count of wide ties is the evidence (:func:`wide_tie_limit`).
     """
-    if temperature == 0.0:
-        return 2.0 * thresholds.greedy_noise_nats / CALIBRATION_MARGIN
-    return _moved_by(thresholds.tie_noise_nats / CALIBRATION_MARGIN, temperature)
+    return _tie_width(thresholds, temperature, 1.0 / CALIBRATION_MARGIN)
 
 
 @functools.cache
