@@ -16,6 +16,8 @@ The rule depends on how far honest noise sits from the cheats, which the dtype s
   The small margin covers what a few dozen outputs per row cannot: that quantile is
   their maximum, and prompts shift the noise (SmolLM2: 3 of 25 honest vLLM greedy outputs
   of the evaluation split lay above the unmargined line, none above 1.2x).
+  It also measures what the ledger's distance run needs (``honest_distance_spread``):
+  the worst honest configuration's mean distance and the widest per-token spread.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ SHORT_PREFIXES = (1, 4, 16)  # calibration checks the widened mean limits on pre
 
 def quantile(values: list[float], q: float) -> float:
     return float(np.quantile(np.array(values), q, method="higher"))
+
+
+def honest_distance_spread(rows: dict[str, list[Measurements]]) -> tuple[float, float, int]:
+    """The distance run's honest inputs (``ledger/distance_test.py``): over each configuration
+    (row and temperature: each executor runs one), the token-weighted mean distance and the
+    per-token spread, the sd of one output's mean x sqrt(the mean output length), which keeps
+    the correlation between an output's positions; the largest of each (the worst honest
+    executor sets the line, as for the suspicious line); and the longest output measured."""
+    groups: dict[tuple[str, float], list[Measurements]] = {}
+    for row, ms in rows.items():
+        for m in ms:
+            if m.comparable:
+                groups.setdefault((row, m.temperature), []).append(m)
+    means, spreads = [], []
+    for ms in groups.values():
+        tokens = np.array([len(m.position_errors) for m in ms], dtype=float)
+        errors = np.array([m.mean_error for m in ms])
+        means.append(float(np.sum(errors * tokens) / np.sum(tokens)))
+        spreads.append(float(np.std(errors) * math.sqrt(tokens.mean())))
+    return max(means), max(spreads), max(len(m.position_errors) for ms in groups.values() for m in ms)
 
 
 def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
@@ -82,13 +104,18 @@ def calibrate(rows: dict[str, list[Measurements]], dtype: str, sprt: SprtParams,
     def widest(noise: list[float]) -> float | None:
         return None if dtype == DEFAULT_DTYPE else CALIBRATION_MARGIN * max(noise)
 
+    # The distance run: where one output's line cannot separate subtle cheats (bf16); at float32
+    # the per-output rules reject them outright, and a run would only add risk across hardware.
+    distance_run = (None, None, None) if dtype == DEFAULT_DTYPE else honest_distance_spread(rows)
+
     thresholds = ModelThresholds(
         logprob_tolerance=CALIBRATION_MARGIN * quantile(max_errors, 0.999),
         max_mean_distance=max_mean, suspicious_mean_distance=min(suspicious, max_mean),
         reference_tokens=reference,
         cut_noise=widest(cut_noise or boundary_noise or fallback),
         tie_noise=widest(boundary_noise or fallback),
-        greedy_noise=widest(greedy_noise or boundary_noise or fallback))
+        greedy_noise=widest(greedy_noise or boundary_noise or fallback),
+        honest_distance=distance_run[0], distance_noise=distance_run[1], distance_tokens=distance_run[2])
     sampled = [x for m in every if m.temperature > 0.0 for x in m.sampling_margins]
     measured: dict[str, Any] = {
         "inferences": len(every),

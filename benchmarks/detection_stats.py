@@ -5,8 +5,8 @@ accusations. No model runs here: everything is resampled from a row's records.
 * :func:`accusation_rate` -- the ledger's test (``ledger.epoch_test``) on one epoch, from
   nothing carried: the share of epochs accused.
 * :func:`carried_accusations` -- the same test carried across a chain of epochs, as the
-  ledger runs it: the share of epochs accused (honest rows) and, per chain, the epoch of
-  the first accusation (cheats).
+  ledger runs it (with the distance run where the model has one): the share of epochs
+  accused (honest rows) and, per chain, the epoch of the first accusation (cheats).
 * :func:`tokens_to_detect` -- the smallest number of checked tokens at which the mean
   per-position distance over them separates a cheat from the honest rows at the
   targets (cheat >= 99 %, honest <= 0.1 %): what the evidence can do at best, whole
@@ -18,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
 from gonka_p2p.inference.verification import Evidence
 from gonka_p2p.inference.verification_params import VerificationParams
-from gonka_p2p.ledger.epoch_test import NO_CARRY, run_epoch_test
+from gonka_p2p.ledger.epoch_test import NO_CARRY, Carry, EpochTest, run_epoch_test
 from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
 
+T = TypeVar("T")
 CATCH_TARGET = 0.99  # share of cheating executors (epochs, chains) the aggregate must accuse
 HONEST_TARGET = 0.001  # share of honest epochs it may accuse
 TOKEN_GRID = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -46,15 +48,28 @@ def ledger_params(params: VerificationParams) -> Params:
     return Params(**sprt_params_from_rates(**dataclasses.asdict(params.sprt)))
 
 
-def accusation_rate(epochs: Iterable[list[Evidence]], params: VerificationParams) -> float:
+class Checked(NamedTuple):
+    """One checked inference as the ledger's epoch test sees it: its verdict's evidence and, where
+    the model has a distance run, its step (``ledger.distance_test.inference_llr_micro``)."""
+
+    evidence: Evidence
+    distance_llr: int | None = None
+
+
+def run_ledger_test(epoch: Sequence[Checked], carry: Carry, ledger: Params) -> EpochTest:
+    return run_epoch_test([c.evidence.observation for c in epoch], carry, ledger,
+                          [c.distance_llr for c in epoch if c.distance_llr is not None])
+
+
+def accusation_rate(epochs: Iterable[Sequence[Checked]], params: VerificationParams) -> float:
     """Share of ``epochs`` (each one executor's validated verdicts) the ledger's epoch test
     accuses within the epoch, nothing carried in."""
     ledger = ledger_params(params)
-    caught = [run_epoch_test([e.observation for e in epoch], NO_CARRY, ledger).accused for epoch in epochs]
+    caught = [run_ledger_test(epoch, NO_CARRY, ledger).accused for epoch in epochs]
     return sum(caught) / len(caught)
 
 
-def carried_accusations(chains: Iterable[list[list[Evidence]]],
+def carried_accusations(chains: Iterable[list[list[Checked]]],
                         params: VerificationParams) -> tuple[float, list[int | None]]:
     """The ledger's test over each chain of epochs, carrying as the ledger does: (share of all
     epochs accused, per chain the 1-based epoch of its first accusation or None)."""
@@ -64,7 +79,7 @@ def carried_accusations(chains: Iterable[list[list[Evidence]]],
     for chain in chains:
         carry, when = NO_CARRY, None
         for number, epoch in enumerate(chain, start=1):
-            test = run_epoch_test([e.observation for e in epoch], carry, ledger)
+            test = run_ledger_test(epoch, carry, ledger)
             carry = test.carry
             accused += test.accused
             epochs += 1
@@ -82,19 +97,18 @@ def epochs_to_catch(first: Sequence[int | None]) -> int | None:
     return caught[needed - 1] if len(caught) >= needed else None
 
 
-def resampled_epochs(outcomes: list[Evidence], epoch_size: int, epochs: int,
-                     seed: int) -> list[list[Evidence]]:
+def resampled_epochs(outcomes: list[T], epoch_size: int, epochs: int, seed: int) -> list[list[T]]:
     """Epochs of ``epoch_size`` verdicts drawn with replacement from measured ones."""
     picks = np.random.default_rng(seed).integers(0, len(outcomes), size=(epochs, epoch_size))
     return [[outcomes[i] for i in epoch] for epoch in picks]
 
 
 def synthetic_epochs(fail: float, suspicious: float, epoch_size: int, epochs: int,
-                     seed: int) -> list[list[Evidence]]:
+                     seed: int) -> list[list[Checked]]:
     """Epochs whose verdicts fail / look suspicious independently at the given rates."""
     draws = np.random.default_rng(seed).random((epochs, epoch_size))
-    return [[Evidence.FAILED if x < fail else Evidence.SUSPICIOUS if x < fail + suspicious
-             else Evidence.CLEAN for x in epoch] for epoch in draws]
+    return [[Checked(Evidence.FAILED if x < fail else Evidence.SUSPICIOUS if x < fail + suspicious
+                     else Evidence.CLEAN) for x in epoch] for epoch in draws]
 
 
 # Per-inference outcome rates (failed, suspicious) the epoch test is characterised at.

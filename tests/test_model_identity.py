@@ -153,8 +153,8 @@ def test_a_genesis_pin_changes_its_hash_and_none_keeps_the_old_encoding() -> Non
     ({MODEL: {"digest": "A" * 64, "dtype": "float32"}}, "lowercase hex"),
     ({MODEL: {"digest": "a" * 63, "dtype": "float32"}}, "64 lowercase hex"),
     ({MODEL: {"digest": "a" * 64, "dtype": "int8"}}, "dtype must be one of"),
-    ({MODEL: {"digest": "a" * 64}}, "exactly digest and dtype"),
-    ({MODEL: {"digest": "a" * 64, "dtype": "float32", "path": "/x"}}, "exactly digest and dtype"),
+    ({MODEL: {"digest": "a" * 64}}, "must hold digest, dtype and optionally distance_test"),
+    ({MODEL: {"digest": "a" * 64, "dtype": "float32", "path": "/x"}}, "must hold digest, dtype and optionally distance_test"),
     ({MODEL: "a" * 64}, "must be a table"),
     (["a"], "must be a table"),
 ])

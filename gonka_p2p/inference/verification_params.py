@@ -30,6 +30,7 @@ def _unit(unit: str, default: Any = MISSING) -> Any:
 
 
 OPTIONAL_NOISE = ("cut_noise", "tie_noise", "greedy_noise")  # widths calibrated at bf16 only
+DISTANCE_RUN = ("honest_distance", "distance_noise", "distance_tokens")  # the ledger's distance run: all or none
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,13 @@ class ModelThresholds:
         "nats; logprob noise that may move a sampled token's CDF boundary (its near-tie width)", None)
     greedy_noise: float | None = _unit(  # None: logprob_tolerance (float32, where that is tight)
         "nats; logprob noise that may swap the top two tokens (half the greedy near-tie width)", None)
+    # The ledger's distance run (ledger/distance_test.py); None: the network runs none for the model.
+    honest_distance: float | None = _unit(
+        "nats; the worst honest configuration's mean distance per value (the distance run's honest mean)", None)
+    distance_noise: float | None = _unit(
+        "nats; the honest mean distance's spread per token: sd of one output's mean x sqrt(its tokens)", None)
+    distance_tokens: int | None = _unit(
+        "tokens; the longest output that spread was measured on (a longer one counts as this long)", None)
 
     @property
     def cut_noise_nats(self) -> float:
@@ -66,12 +74,14 @@ class ModelThresholds:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in OPTIONAL_NOISE:
+            if value is None and f.name in OPTIONAL_NOISE + DISTANCE_RUN:
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be positive, not {value!r}")
         if self.suspicious_mean_distance > self.max_mean_distance:
             raise ValueError("suspicious_mean_distance must not exceed max_mean_distance")
+        if len({getattr(self, name) is None for name in DISTANCE_RUN}) > 1:
+            raise ValueError(f"{', '.join(DISTANCE_RUN)} go together (the distance run needs all)")
 
     def mean_limit(self, limit: float, n_tokens: int) -> float:
         """``limit`` (a mean-distance limit at ``reference_tokens``) for an ``n_tokens`` output.
@@ -228,6 +238,9 @@ def _moved_by(noise: float, temperature: float) -> float:
 # Wide near-ties: what a cheat that stays inside the width leaves behind
 
 CALIBRATION_MARGIN = 3.0  # every threshold is this many times the honest noise its calibration measured
+# The weakest cheat the ledger's distance run is designed for: its mean distance this share above the
+# honest one (measured int8 at bf16: 17-34 % above the worst honest row; detection_matrix.md).
+CHEAT_DISTANCE_EXCESS = 0.2
 HONEST_WIDE_TIE_RATE = 1e-3  # per position, an upper bound (measured at bf16: 5 in 87,747)
 WIDE_TIE_TAIL = 0.005  # chance an honest output is suspicious for its wide ties (half honest_suspicious_rate)
 

@@ -24,14 +24,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.inference.model_names import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES
+from gonka_p2p.ledger.distance_test import DistanceTest, distance_test_from_noise
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params, save_genesis, sprt_params_from_rates
 from gonka_p2p.ledger.model_pins import ModelPin
 from gonka_p2p.ledger.rules import seed_commitment
 from gonka_p2p.ledger.transactions import derive_validation_seed
+
+if TYPE_CHECKING:
+    from gonka_p2p.inference.verification_params import ModelThresholds
 
 DEVNET_CHAIN_ID = "gonka-devnet"
 DEVNET_WEIGHT = 10
@@ -90,15 +94,48 @@ def devnet_genesis(participant_pubkeys: list[bytes], clients: list[str],
     )
 
 
-def pin_models(models: tuple[str, ...], dtype: str) -> dict[str, ModelPin]:
+def pin_models(models: tuple[str, ...], dtype: str,
+               verification: Mapping[str, Any] | None = None) -> dict[str, ModelPin]:
     """Each model's pin, under the name it is served as (a directory's own name), from the files
-    this machine holds for it (building a known model if missing)."""
+    this machine holds for it (building a known model if missing); with the distance run that
+    ``verification``'s thresholds calibrate for it at ``dtype``, where they do."""
     from gonka_p2p.inference.model_identity import model_digest  # imports torch: only when writing
     from gonka_p2p.inference.models import resolve_model, served_name
 
     if dtype not in DTYPES:
         raise DevnetError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    return {served_name(m): ModelPin(digest=model_digest(resolve_model(m)), dtype=dtype) for m in models}
+    names = {m: served_name(m) for m in models}
+    tests = distance_tests(verification or {}, {name: dtype for name in names.values()})
+    return {name: ModelPin(digest=model_digest(resolve_model(m)), dtype=dtype, distance_test=tests.get(name))
+            for m, name in names.items()}
+
+
+def distance_tests(verification: Mapping[str, Any], dtypes: Mapping[str, str]) -> dict[str, DistanceTest]:
+    """The distance run of each model in ``dtypes`` whose thresholds at its dtype measure honest
+    distance (``verification_params.DISTANCE_RUN``): honest mean against a cheat
+    ``CHEAT_DISTANCE_EXCESS`` above it, counting at most the calibration's longest output."""
+    from gonka_p2p.inference.verification_params import verification_params_from_obj
+
+    try:
+        calibrated = verification_params_from_obj(
+            {**verification, "models": {m: t for m, t in verification.get("models", {}).items() if m in dtypes}},
+            dtypes).models
+    except (ValueError, TypeError) as e:
+        raise DevnetError(f"the verification thresholds: {e}") from None
+    return {model: test for model, t in calibrated.items() if (test := distance_test_of(t)) is not None}
+
+
+def distance_test_of(thresholds: ModelThresholds) -> DistanceTest | None:
+    """The distance run a model's thresholds calibrate (None: they measure no honest distance):
+    its honest mean against a cheat ``CHEAT_DISTANCE_EXCESS`` above it."""
+    from gonka_p2p.inference.verification_params import CHEAT_DISTANCE_EXCESS
+
+    t = thresholds
+    if t.honest_distance is None or t.distance_noise is None or t.distance_tokens is None:
+        return None
+    return distance_test_from_noise(honest_mean=t.honest_distance,
+                                    cheat_mean=(1 + CHEAT_DISTANCE_EXCESS) * t.honest_distance,
+                                    token_sd=t.distance_noise, max_tokens=t.distance_tokens)
 
 
 def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[str, ...] = DEFAULT_MODELS,
@@ -123,7 +160,7 @@ def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[
     taken = [p for p in [genesis_path, *node_paths, *client_paths] if p.exists()]
     if taken:
         raise DevnetError(f"{taken[0]} already exists; refusing to overwrite a network (use another directory)")
-    pins = pin_models(models, dtype)
+    pins = pin_models(models, dtype, verification)
     node_keys = [Keypair.generate() for _ in node_paths]
     client_keys = [Keypair.generate() for _ in client_paths]
     genesis = devnet_genesis([k.public_key for k in node_keys], [k.peer_id for k in client_keys], tuple(pins),

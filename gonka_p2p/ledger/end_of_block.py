@@ -23,8 +23,9 @@ happened from the state, :func:`settle_epoch` (a pure function of the tally)
 decides, and :func:`process_epoch_settlement` applies. Deterministically, it:
 
 - judges each executor: caught if a dispute found one of its inferences
-  invalid, or if the epoch test (SPRT over one observation per checked
-  inference, carried across epochs until it decides: ``epoch_test.py``) accuses it;
+  invalid, or if the epoch test (SPRTs over one observation per checked
+  inference, and over its distance where the model's pin has a distance run,
+  carried across epochs until they decide: ``epoch_test.py``) accuses it;
 - pays each executor the fees of its epoch's inferences -- or, if it was
   caught, refunds every one of them to the client that paid it;
 - splits the epoch reward: ``validator_share`` by validation work (tokens
@@ -61,6 +62,7 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.ledger.block import BlockContext
 from gonka_p2p.ledger.disputes import weight_cuts
+from gonka_p2p.ledger.distance_test import inference_llr_micro
 from gonka_p2p.ledger.epoch_test import NO_CARRY, Carry, run_epoch_test
 from gonka_p2p.ledger.executor_draw import draw_table
 from gonka_p2p.ledger.poc_rounds import process_poc, round_outcome
@@ -140,6 +142,7 @@ class PeerTally:
     tokens: int = 0
     checked: int = 0
     observations: list[Observation] = field(default_factory=list)
+    distance_llrs: list[int] = field(default_factory=list)  # micro-nats: its distance run's steps
     sprt_carry: Carry = NO_CARRY  # the epoch test as the last settlement left it (epoch_test.py)
     proven_invalid: bool = False  # a dispute found one of its inferences invalid
     equivocated: bool = False  # a SubmitEvidence committed in this epoch proved it signed two votes
@@ -227,6 +230,14 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
             executor.checked += 1
             tally.checked += 1
             executor.observations.append(observation)
+        pin = state.genesis.models.get(record.model)
+        if pin is not None and pin.distance_test is not None:
+            llr = inference_llr_micro(
+                pin.distance_test, record.completion_tokens,
+                proven_invalid=dispute is not None and dispute.outcome is DisputeOutcome.INVALID,
+                passes=[(weights[v], c.mean_distance_nano) for v, c in checks.items() if c.valid])
+            if llr is not None:
+                executor.distance_llrs.append(llr)
         for validator, check in checks.items():
             row = peer(validator)
             row.checks += 1
@@ -254,7 +265,8 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
 def settle_epoch(tally: EpochTally, params: Params, height: int) -> EpochSummary:
     """The pure rule of settlement: from what happened in the epoch, who is paid what."""
     caught = {}
-    tests = {a: run_epoch_test(row.observations, row.sprt_carry, params) for a, row in tally.peers.items()}
+    tests = {a: run_epoch_test(row.observations, row.sprt_carry, params, row.distance_llrs)
+             for a, row in tally.peers.items()}
     for address, row in tally.peers.items():
         if row.proven_invalid:
             caught[address] = "dispute"

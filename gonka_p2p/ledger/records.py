@@ -67,7 +67,7 @@ class Participant:
     overturned: int = 0  # its failed verdicts that a dispute majority overturned
     sanctioned: bool = False  # its work was proven invalid: never drawn again; weight falls at settlement
     model_weights: tuple[tuple[str, int], ...] = ()  # proof of compute's weight per model, sorted; () = weight
-    sprt_carry: tuple[int, int] = (0, 0)  # micro-nats: its epoch test, carried to the next (epoch_test.py)
+    sprt_carry: tuple[int, int, int] = (0, 0, 0)  # micro-nats: its epoch test, carried to the next (epoch_test.py)
 
     def weight_for(self, model: str) -> int:
         """Its executor-draw weight for ``model``: proven compute on it (every registered model
@@ -294,7 +294,7 @@ class ParticipantOutcome:
     reputation_before: int  # ppm
     reputation_after: int  # ppm
     weight_after: int  # in the participants table after this settlement (rules.weight_cuts)
-    sprt_carry: tuple[int, int] = (0, 0)  # micro-nats: its epoch test carried to the next epoch
+    sprt_carry: tuple[int, int, int] = (0, 0, 0)  # micro-nats: its epoch test carried to the next epoch
 
 
 @dataclass(frozen=True, slots=True)

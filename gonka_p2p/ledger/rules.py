@@ -432,7 +432,13 @@ def wald_step_micro(llr: int, hit: bool, hit_llr: int, miss_llr: int, params: Pa
     ``miss_llr``. Reaching the lower bound accepts "honest" and restarts from 0, so good
     behaviour early in an epoch buys no credit for later; reaching the upper bound
     accuses, final for the epoch."""
-    llr += hit_llr if hit else -miss_llr
+    return wald_add_micro(llr, hit_llr if hit else -miss_llr, params)
+
+
+def wald_add_micro(llr: int, step: int, params: Params) -> tuple[int, bool]:
+    """One step of any Wald run in micro-nats: add ``step``, then accuse at the cheating bound
+    or restart from 0 at the honest one: (new llr, accused)."""
+    llr += step
     if llr >= params.sprt_cheating_bound_micro:
         return llr, True
     if llr <= -params.sprt_honest_bound_micro:

@@ -86,7 +86,7 @@ from gonka_p2p.ledger.tx_rules import peer_id_of
 from gonka_p2p.wire.envelope import Signed
 from gonka_p2p.wire.schema import WireError
 
-SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMAT = 5  # 5: the epoch test carries three runs (distance_test.py)
 SUMMARY_EPOCHS_KEPT = 16  # epoch summaries kept for queries (the rest of an epoch goes sooner)
 _APP_HASH_DOMAIN = b"gonka-p2p/app-hash/v1\x00"
 
