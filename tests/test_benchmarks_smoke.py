@@ -154,6 +154,17 @@ def test_detection_matrix_tiny_rejects_cheats_keeps_other_models_rows_and_reuses
     assert json.loads((tmp_path / "detection_matrix.json").read_text())["rows"] == rows
 
 
+def test_distance_run_rates_reads_a_bf16_matrix_records_and_prints_each_run_apart(tmp_path: Path) -> None:
+    bench("detection_matrix.py", "--dtype", "bfloat16", "--models", "tiny-llama", "--n", "2", "--max-tokens", "16",
+          "--rows", "honest-torch", "int4", "--epochs", "20", "--results", tmp_path)
+    result = bench("distance_run_rates.py", "--models", "tiny-llama", "--rows", "honest-torch", "int4",
+                   "--chains", "3", "--chain", "2", "--results", tmp_path)
+    lines = [line for line in result.stdout.splitlines() if "tiny-llama" in line]
+    assert len(lines) == 4, result.stdout  # two rows x two modes
+    assert all("100.000%" in line for line in lines if "int4" in line), result.stdout
+    assert all(line.count("0.000%") == 3 for line in lines if "honest-torch" in line), result.stdout
+
+
 def test_poc_bench_quick_tiny_prints_cost_fairness_and_cheat_tables() -> None:
     result = bench("poc_bench.py", "--quick", "--model", "tiny-llama", "--engine", "torch")
     for title in ("PoC cost", "Fairness", "Overclaiming", "small model", "summary"):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from ledger_driver import OK
 from test_ledger_economics import L, MODEL, PEER, Net, genesis
 
-from gonka_p2p.inference.verification_params import load_verification_params
+from gonka_p2p.inference.verification_params import CHEAT_DISTANCE_EXCESS, load_verification_params
 from gonka_p2p.ledger.devnet import distance_test_of, distance_tests
 from gonka_p2p.ledger.distance_test import (
     DistanceTest,
@@ -112,13 +112,14 @@ def test_a_pin_round_trips_with_its_distance_test_and_a_pin_without_one_hashes_a
 
 
 def test_the_shipped_bf16_thresholds_pin_a_distance_run_and_float32_pins_none() -> None:
-    """What ``gonka-p2p init`` writes: a run for each bf16 model (the honest mean 20 % below
-    the design cheat), none at float32, where the per-output rules reject subtle cheats."""
+    """What ``gonka-p2p init`` writes: a run for each bf16 model (the midpoint between the
+    honest mean and a design cheat CHEAT_DISTANCE_EXCESS above it), none at float32, where the
+    per-output rules reject subtle cheats."""
     tests = distance_tests_shipped()
     assert set(tests) == {"tiny-llama", "smollm2-135m"}
     for model, test in tests.items():
         honest = load_verification_params(dtypes={model: "bfloat16"}).for_model(model).honest_distance
-        assert math.isclose(test.mid_nano / 1e9, 1.1 * honest, rel_tol=1e-3), model
+        assert math.isclose(test.mid_nano / 1e9, (1 + CHEAT_DISTANCE_EXCESS / 2) * honest, rel_tol=1e-3), model
         assert distance_test_of(load_verification_params().for_model(model)) is None
 
 

@@ -239,8 +239,10 @@ def _moved_by(noise: float, temperature: float) -> float:
 
 CALIBRATION_MARGIN = 3.0  # every threshold is this many times the honest noise its calibration measured
 # The weakest cheat the ledger's distance run is designed for: its mean distance this share above the
-# honest one (measured int8 at bf16: 17-34 % above the worst honest row; detection_matrix.md).
-CHEAT_DISTANCE_EXCESS = 0.2
+# honest one (measured int8 at bf16: 17-34 % above the worst honest row; detection_matrix.md). 0.2 made
+# the run's steps large enough that honest SmolLM2 vLLM outputs' heavy tail was accused in 0.065 % of
+# carried epochs; at 0.15 none of 20,000 per row (benchmarks/results/detection_distance_run.md).
+CHEAT_DISTANCE_EXCESS = 0.15
 HONEST_WIDE_TIE_RATE = 1e-3  # per position, an upper bound (measured at bf16: 5 in 87,747)
 WIDE_TIE_TAIL = 0.005  # chance an honest output is suspicious for its wide ties (half honest_suspicious_rate)
 
