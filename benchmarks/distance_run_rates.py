@@ -40,6 +40,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chain", type=int, default=20)
     parser.add_argument("--epoch-size", type=int, default=30)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--split", default="evaluation", choices=("evaluation", "calibration"),
+                        help="whose records: the calibration split holds honest rows only")
     args = parser.parse_args(argv)
     table = Table("model", "row", "mode", "n", "flag run", "distance run", "both", "both: caught within",
                   title=f"Carried epochs accused, {args.chains} chains of {args.chain} epochs of {args.epoch_size}")
@@ -50,10 +52,10 @@ def main(argv: list[str]) -> None:
         if test is None:
             raise SystemExit(f"{model} at {args.dtype}: its thresholds calibrate no distance run")
         for row in args.rows:
-            paths = sorted((args.results / "rows").glob(f"{model}-{args.dtype}-evaluation-{row}-t*.json"))
+            paths = sorted((args.results / "rows").glob(f"{model}-{args.dtype}-{args.split}-{row}-t*.json"))
             if not paths:
-                raise SystemExit(f"no records for {model} {row} at {args.dtype} in {args.results / 'rows'}: "
-                                 "run detection_matrix.py first")
+                raise SystemExit(f"no {args.split} records for {model} {row} at {args.dtype} in "
+                                 f"{args.results / 'rows'}: run detection_matrix.py first")
             records = json.loads(paths[-1].read_text())
             for mode in dict.fromkeys(r["mode"] for r in records):
                 judged = [r | dataclasses.asdict(verification.judge(measurements(r), thresholds))

@@ -88,6 +88,8 @@ def test_the_gaussian_ratio_at_the_clamp_is_delta_squared_over_the_token_varianc
     {"mid_nano": 1, "spread_nano": 0, "llr_per_token_micro": 1, "max_tokens": 1},
     {"mid_nano": 1, "spread_nano": 1, "llr_per_token_micro": 10**9, "max_tokens": 1},
     {"mid_nano": 1, "spread_nano": 1, "llr_per_token_micro": True, "max_tokens": 1},
+    {"mid_nano": 2**70, "spread_nano": 1, "llr_per_token_micro": 1, "max_tokens": 1},  # would not pack
+    {"mid_nano": 1, "spread_nano": 1, "llr_per_token_micro": 1, "max_tokens": 2**40},
     [1, 2, 3, 4],
 ])
 def test_a_malformed_distance_test_in_a_genesis_is_refused_with_its_name(obj: object) -> None:

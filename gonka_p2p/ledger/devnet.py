@@ -130,12 +130,11 @@ def distance_test_of(thresholds: ModelThresholds) -> DistanceTest | None:
     its honest mean against a cheat ``CHEAT_DISTANCE_EXCESS`` above it."""
     from gonka_p2p.inference.verification_params import CHEAT_DISTANCE_EXCESS
 
-    t = thresholds
-    if t.honest_distance is None or t.distance_noise is None or t.distance_tokens is None:
+    honest, noise, tokens = thresholds.honest_distance, thresholds.distance_noise, thresholds.distance_tokens
+    if honest is None or noise is None or tokens is None:
         return None
-    return distance_test_from_noise(honest_mean=t.honest_distance,
-                                    cheat_mean=(1 + CHEAT_DISTANCE_EXCESS) * t.honest_distance,
-                                    token_sd=t.distance_noise, max_tokens=t.distance_tokens)
+    return distance_test_from_noise(honest_mean=honest, cheat_mean=(1 + CHEAT_DISTANCE_EXCESS) * honest,
+                                    token_sd=noise, max_tokens=tokens)
 
 
 def init_local_network(directory: Path, nodes: int, clients: int, models: tuple[str, ...] = DEFAULT_MODELS,

@@ -39,7 +39,13 @@ from typing import Any
 
 NANO = 1_000_000_000  # nano-nats per nat
 MICRO = 1_000_000  # micro-nats per nat
-MAX_LLR_PER_TOKEN_MICRO = 10 * MICRO  # any sane test is far below: a bound, so sums stay small ints
+# Bounds a genesis may not exceed (any sane test is far below), so that every product stays a
+# small integer and every field packs as a 64-bit msgpack int (the genesis hash).
+MAX_PIN_NANO = 10**6 * NANO  # a million nats
+MAX_LLR_PER_TOKEN_MICRO = 10 * MICRO
+MAX_TOKENS = 2**20
+_MAXIMA = {"mid_nano": MAX_PIN_NANO, "spread_nano": MAX_PIN_NANO,
+           "llr_per_token_micro": MAX_LLR_PER_TOKEN_MICRO, "max_tokens": MAX_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,8 @@ class DistanceTest:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{f.name} must be a positive integer, not {value!r}")
-        if self.llr_per_token_micro > MAX_LLR_PER_TOKEN_MICRO:
-            raise ValueError(f"llr_per_token_micro must be at most {MAX_LLR_PER_TOKEN_MICRO}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _MAXIMA[f.name]:
+                raise ValueError(f"{f.name} must be an integer in 1..{_MAXIMA[f.name]}, not {value!r}")
 
     def to_obj(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

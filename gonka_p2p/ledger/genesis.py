@@ -35,6 +35,7 @@ hold the same tree::
     [models."smollm2-135m"]                   # optional per model: what the name means
     digest = "5f0c..."                        # SHA-256 of its weight, tokenizer, config files
     dtype = "float32"                         # the precision every engine loads it in
+    distance_test = {...}                     # optional: the epoch test's distance run
 
     [verification.sprt]                       # the verification metric's parameters:
     honest_fail_rate = 0.005                  # the tree of inference/thresholds.toml
@@ -52,9 +53,11 @@ validators holding different thresholds are on different networks.
 
 The ``models`` table (:mod:`gonka_p2p.ledger.model_pins`) pins per model the
 digest of its files and its dtype; a node whose files differ refuses to serve
-or validate that model. Like ``verification`` the state machine never reads
-it; it is part of :meth:`Genesis.hash` when present, and a record without
-pins hashes exactly as before the table existed.
+or validate that model. The state machine reads only a pin's optional
+``distance_test`` (integers: the epoch test's distance run,
+:mod:`gonka_p2p.ledger.distance_test`); the table is part of
+:meth:`Genesis.hash` when present, and a record without pins hashes exactly
+as before the table existed.
 
 :func:`load_genesis` is total: any problem in the file is a :class:`GenesisError`
 that names the offending entry. :meth:`Genesis.hash` is the canonical
