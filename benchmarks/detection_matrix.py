@@ -89,8 +89,6 @@ from gonka_p2p.inference.torch_engine import TorchEngine  # noqa: E402
 from gonka_p2p.inference.verification import Contract, Evidence, Measurements  # noqa: E402
 from gonka_p2p.inference.verification_params import VerificationParams  # noqa: E402
 from gonka_p2p.ledger.devnet import distance_test_of  # noqa: E402
-from gonka_p2p.ledger.distance_test import inference_llr_micro  # noqa: E402
-from gonka_p2p.ledger.transactions import to_nano  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from detection_calibration import calibrate, merged_table, thresholds_toml  # noqa: E402
@@ -99,9 +97,9 @@ from detection_stats import (  # noqa: E402
     HONEST_TARGET,
     OPERATING_EPOCH_SIZES,
     TOKEN_GRID,
-    Checked,
     accusation_rate,
     carried_accusations,
+    checked,
     epochs_to_catch,
     operating_characteristic,
     resampled_epochs,
@@ -369,9 +367,7 @@ def summarize(model: str, row: str, records: list[dict], params: VerificationPar
         rejected = sum(not r["valid"] for r in rs)
         comparable = [r["mean_distance"] for r in rs if math.isfinite(r["mean_distance"])]
         test = distance_test_of(thresholds)
-        outcomes = [Checked(Evidence(r["evidence"]), None if test is None else inference_llr_micro(
-            test, r["n_tokens"], proven_invalid=not r["valid"], passes=[(1, to_nano(r["mean_distance"]))]))
-            for r in rs]
+        outcomes = [checked(r, test) for r in rs]
         seed = seed_of(model, args.dtype, row, mode)
         detection = accusation_rate(resampled_epochs(outcomes, args.epoch_size, args.epochs, seed), params)
         chains = args.epochs // args.chain

@@ -24,8 +24,10 @@ import numpy as np
 
 from gonka_p2p.inference.verification import Evidence
 from gonka_p2p.inference.verification_params import VerificationParams
+from gonka_p2p.ledger.distance_test import DistanceTest, inference_llr_micro
 from gonka_p2p.ledger.epoch_test import NO_CARRY, Carry, EpochTest, run_epoch_test
 from gonka_p2p.ledger.genesis import Params, sprt_params_from_rates
+from gonka_p2p.ledger.transactions import to_nano
 
 T = TypeVar("T")
 CATCH_TARGET = 0.99  # share of cheating executors (epochs, chains) the aggregate must accuse
@@ -54,6 +56,14 @@ class Checked(NamedTuple):
 
     evidence: Evidence
     distance_llr: int | None = None
+
+
+def checked(record: dict, test: DistanceTest | None) -> Checked:
+    """A judged matrix record (its verdict's fields merged in) as the ledger sees it: one passing
+    check of weight 1 reporting its mean distance, or a failure the dispute upholds."""
+    return Checked(Evidence(record["evidence"]), None if test is None else inference_llr_micro(
+        test, record["n_tokens"], proven_invalid=not record["valid"],
+        passes=[(1, to_nano(record["mean_distance"]))]))
 
 
 def run_ledger_test(epoch: Sequence[Checked], carry: Carry, ledger: Params) -> EpochTest:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from detection_matrix import RESULTS, measurements, seed_of
-from detection_stats import Checked, carried_accusations, epochs_to_catch, resampled_epochs
+from detection_stats import Checked, carried_accusations, checked, epochs_to_catch, resampled_epochs
 from rich.console import Console
 from rich.table import Table
 
@@ -26,8 +26,6 @@ from gonka_p2p.inference import verification
 from gonka_p2p.inference.verification import Evidence
 from gonka_p2p.inference.verification_params import load_verification_params
 from gonka_p2p.ledger.devnet import distance_test_of
-from gonka_p2p.ledger.distance_test import inference_llr_micro
-from gonka_p2p.ledger.transactions import to_nano
 
 
 def main(argv: list[str]) -> None:
@@ -60,9 +58,7 @@ def main(argv: list[str]) -> None:
             for mode in dict.fromkeys(r["mode"] for r in records):
                 judged = [r | dataclasses.asdict(verification.judge(measurements(r), thresholds))
                           for r in records if r["mode"] == mode]
-                both = [Checked(Evidence(r["evidence"]), inference_llr_micro(
-                    test, r["n_tokens"], proven_invalid=not r["valid"], passes=[(1, to_nano(r["mean_distance"]))]))
-                    for r in judged]
+                both = [checked(r, test) for r in judged]
                 runs = {"flag run": [Checked(c.evidence) for c in both],
                         "distance run": [Checked(Evidence.CLEAN, c.distance_llr) for c in both], "both": both}
                 seed = seed_of(model, args.dtype, row, mode)
