@@ -100,6 +100,7 @@ from detection_stats import (  # noqa: E402
     accusation_rate,
     carried_accusations,
     checked,
+    distance_quantiles,
     epochs_to_catch,
     operating_characteristic,
     resampled_epochs,
@@ -396,6 +397,7 @@ def summarize(model: str, row: str, records: list[dict], params: VerificationPar
             "gen_s": sum(r["gen_s"] for r in rs) / len(rs),
             "val_over_gen": sum(r["val_s"] for r in rs) / sum(r["gen_s"] for r in rs),
             "reasons": reasons, "target_met": met,
+            **({} if test is None else {"distance_quantiles_nano": distance_quantiles(rs)}),
         })
     return out
 

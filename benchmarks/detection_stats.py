@@ -7,6 +7,8 @@ accusations. No model runs here: everything is resampled from a row's records.
 * :func:`carried_accusations` -- the same test carried across a chain of epochs, as the
   ledger runs it (with the distance run where the model has one): the share of epochs
   accused (honest rows) and, per chain, the epoch of the first accusation (cheats).
+* :func:`distance_quantiles` -- the distribution of a row's passing outputs' mean distances,
+  per evidence, as the committed matrix keeps it for the simulator (``sim/verdicts.py``).
 * :func:`tokens_to_detect` -- the smallest number of checked tokens at which the mean
   per-position distance over them separates a cheat from the honest rows at the
   targets (cheat >= 99 %, honest <= 0.1 %): what the evidence can do at best, whole
@@ -32,6 +34,7 @@ from gonka_p2p.ledger.transactions import to_nano
 T = TypeVar("T")
 CATCH_TARGET = 0.99  # share of cheating executors (epochs, chains) the aggregate must accuse
 HONEST_TARGET = 0.001  # share of honest epochs it may accuse
+DISTANCE_QUANTILES = 21  # points of a distance_quantiles table: minimum, every 5 %, maximum
 TOKEN_GRID = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -64,6 +67,20 @@ def checked(record: dict, test: DistanceTest | None) -> Checked:
     return Checked(Evidence(record["evidence"]), None if test is None else inference_llr_micro(
         test, record["n_tokens"], proven_invalid=not record["valid"],
         passes=[(1, to_nano(record["mean_distance"]))]))
+
+
+def distance_quantiles(records: Sequence[dict]) -> dict[str, dict]:
+    """Per evidence of the passing (valid) judged ``records``, "clean" and "suspicious": how many
+    there are and the :data:`DISTANCE_QUANTILES` quantiles of their mean distance in nano-nats
+    (the ledger's unit). The committed matrix keeps these, not the records (which stay out of
+    git), so the simulator's checks report measured distances to the ledger's distance run."""
+    tables = {}
+    for evidence in (Evidence.CLEAN, Evidence.SUSPICIOUS):
+        nano = [to_nano(r["mean_distance"]) for r in records if r["valid"] and r["evidence"] == evidence]
+        if nano:
+            points = np.quantile(np.array(nano, dtype=np.float64), np.linspace(0.0, 1.0, DISTANCE_QUANTILES))
+            tables[evidence.value] = {"outputs": len(nano), "quantiles": [round(float(x)) for x in points]}
+    return tables
 
 
 def run_ledger_test(epoch: Sequence[Checked], carry: Carry, ledger: Params) -> EpochTest:

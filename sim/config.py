@@ -99,6 +99,9 @@ class SimConfig:
     matrix_dtype: str = _knob("float32", "validation", "the pinned dtype whose matrix rows give the rates "
                               "(bfloat16: the bf16 rows, where int8 and fp8 are subtle)",
                               one_of("float32", "bfloat16"))
+    distance_run: bool = _knob(True, "validation", "pin the matrix model's distance run in genesis where its "
+                               "thresholds at matrix_dtype calibrate one (bfloat16), as gonka-p2p init does: "
+                               "passing checks then report distances drawn from the matrix")
     independent_checks: bool = _knob(False, "validation", "each check and vote draws its own verdict "
                                      "(else one per inference, a deterministic re-run)")
     floor: float = _knob(0.0, "validation", "a flat validation floor m at every traffic (0: the "

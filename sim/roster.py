@@ -13,13 +13,16 @@ peers churn, so each strategy's measurements are about the strategy.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from enum import StrEnum
 
 from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.devnet import epoch0_seed_commitment
+from gonka_p2p.ledger.distance_test import DistanceTest
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
+from gonka_p2p.ledger.model_pins import ModelPin
 from gonka_p2p.ledger.rules import PPM
 
 CHAIN_ID = "gonka-sim"
@@ -189,12 +192,17 @@ def build_roster(seed: int, peers: int, clients: int, epochs: int, mix: dict[Str
     return Roster(tuple(roster), keys, partner, own_client, own_executor, spammer)
 
 
-def build_genesis(roster: Roster, params: Params) -> Genesis:
+def build_genesis(roster: Roster, params: Params, dtype: str = "float32",
+                  distance_test: DistanceTest | None = None) -> Genesis:
     """The network's genesis: ``params`` (see :func:`sim_params`); every client funded far
     beyond what it will spend; each peer online at the start committed to its epoch-0
-    validation seed, as ``init`` writes; joiners are not in it."""
+    validation seed, as ``init`` writes; joiners are not in it. With a ``distance_test`` the
+    model is pinned at ``dtype`` with that run (its digest stands in for files the simulator
+    has none of); without one it is not pinned, as before pins existed."""
+    pins = {} if distance_test is None else {MODEL: ModelPin(
+        digest=hashlib.sha256(MODEL.encode()).hexdigest(), dtype=dtype, distance_test=distance_test)}
     return Genesis(
-        chain_id=CHAIN_ID, genesis_time_ms=GENESIS_TIME_MS, params=params,
+        chain_id=CHAIN_ID, genesis_time_ms=GENESIS_TIME_MS, params=params, models=pins,
         participants=tuple(GenesisParticipant(
             p.key.public_key, p.weight, models=(MODEL,),
             seed_commitment=epoch0_seed_commitment(p.key, CHAIN_ID) if p.online[0] else b"")

@@ -22,18 +22,33 @@ fails is failed by its dispute committee too. ``--independent-checks``
 draws every check and vote afresh instead (honest failures as noise between
 machines, which a committee overturns). A colluding validator reports
 "clean" for its partner whatever the evidence.
+
+Distances. Where the pinned dtype's thresholds calibrate a distance run
+(``ledger/distance_test.py``; bf16), the ledger also reads each passing
+check's mean distance. The matrix keeps, per row and sampling mode, the
+quantiles of its passing outputs' mean distances per outcome
+(``distance_quantiles_nano``), and a drawn clean or suspicious verdict reports
+a distance drawn from its strategy's (a matrix row in proportion to its
+outputs, then between that row's quantiles). A strategy the matrix measured no
+distances for reports the honest ones: the simulator credits the distance run
+with nothing that was not measured. The matrix's outputs are at most 32 tokens
+long, the length the shipped runs count an output as at most.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gonka_p2p.inference.verification_params import thresholds_table
+from gonka_p2p.ledger.devnet import distance_tests
+from gonka_p2p.ledger.distance_test import DistanceTest
 from gonka_p2p.ledger.transactions import FailureFlag, VerdictStats
 
 DEFAULT_MATRIX = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "detection_matrix.json"
@@ -47,6 +62,29 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class DistanceSample:
+    """Mean distances (nano-nats) measured on one strategy's passing outputs of one outcome:
+    per matrix row, how many outputs it had and their quantiles, minimum to maximum."""
+
+    tables: tuple[tuple[int, tuple[int, ...]], ...]
+
+    def draw(self, rng: random.Random) -> int:
+        """One output's distance: a row in proportion to its outputs, then a uniform point of
+        its distribution, linear between quantiles."""
+        x = rng.random() * sum(outputs for outputs, _ in self.tables)
+        for outputs, quantiles in self.tables:
+            if x < outputs:
+                break
+            x -= outputs
+        at = rng.random() * (len(quantiles) - 1)
+        i = min(int(at), len(quantiles) - 2)
+        return round(quantiles[i] + (quantiles[i + 1] - quantiles[i]) * (at - i))
+
+
+NO_DISTANCES: MappingProxyType[Outcome, DistanceSample] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
 class Rates:
     """Per-inference outcome rates of one executor strategy; the rest is clean."""
 
@@ -54,12 +92,18 @@ class Rates:
     suspicious: float  # of all inferences (a failed one is never suspicious)
     flag: FailureFlag  # the metric rule a failure of this strategy trips
     source: str  # "matrix" or "design": where ``failed`` came from (``suspicious`` too, where measured)
+    distances: MappingProxyType[Outcome, DistanceSample] = field(default_factory=lambda: NO_DISTANCES)  # per pass
 
     def draw(self, rng: random.Random) -> Outcome:
         x = rng.random()
         if x < self.failed:
             return Outcome.FAILED
         return Outcome.SUSPICIOUS if x < self.failed + self.suspicious else Outcome.CLEAN
+
+    def draw_distance(self, outcome: Outcome, rng: random.Random) -> int | None:
+        """A passing check's reported mean distance (None: a failure, or nothing measured)."""
+        sample = self.distances.get(outcome) if outcome is not Outcome.FAILED else None
+        return None if sample is None else sample.draw(rng)
 
 
 # DESIGN.md section 4's targets: honest <= 0.5 % rejected; gross cheats >= 99 % rejected per
@@ -127,6 +171,7 @@ def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None, dtype: st
         raise ValueError(f"{path} has no rows for model {model!r} (it has {', '.join(models)})")
     # strategy -> [inferences, rejected, val seconds, gen seconds, suspicious, inferences with a suspicious share]
     pooled: dict[str, list[float]] = {}
+    measured: dict[str, dict[Outcome, list[tuple[int, tuple[int, ...]]]]] = {}  # strategy -> distance tables
     for row in rows:
         if row.get("model") != model or row.get("dtype", "float32") != dtype:
             continue
@@ -140,29 +185,73 @@ def load_matrix(path: Path = DEFAULT_MATRIX, model: str | None = None, dtype: st
         if isinstance(suspicious := row.get("suspicious"), (int, float)):
             acc[4] += n * float(suspicious)
             acc[5] += n
+        for outcome, table in _distance_tables(row, path).items():
+            measured.setdefault(strategy, {}).setdefault(outcome, []).append(table)
     if "honest" not in pooled:
         raise ValueError(f"{path} has no {dtype} rows for model {model!r}")
+    honest_distances = _samples(measured.get("honest", {}), {})
     rates = dict(DESIGN_RATES)
     for strategy, design in DESIGN_RATES.items():
         if strategy in pooled:
-            n, rejected, _, _, suspicious, measured = pooled[strategy]
+            n, rejected, _, _, suspicious, shares = pooled[strategy]
             failed = rejected / n
-            share = suspicious / n if measured == n else design.suspicious
-            rates[strategy] = Rates(failed, min(share, 1.0 - failed), design.flag, "matrix")
+            share = suspicious / n if shares == n else design.suspicious
+            rates[strategy] = Rates(failed, min(share, 1.0 - failed), design.flag, "matrix",
+                                    _samples(measured.get(strategy, {}), honest_distances))
+        elif honest_distances:
+            rates[strategy] = dataclasses.replace(design, distances=honest_distances)
     honest = pooled.get("honest")
     ratio = honest[2] / honest[3] if honest and honest[3] > 0 else DEFAULT_VAL_OVER_GEN
     return VerdictTable(MappingProxyType(rates), ratio, model)
 
 
-def verdict_stats_for(outcome: Outcome, flag: FailureFlag, n_tokens: int) -> VerdictStats:
-    """The ledger's encoding of a drawn outcome (distances are nominal: the ledger only reads
-    ``valid``, ``suspicious`` and the flags)."""
+def _distance_tables(row: dict, path: Path) -> dict[Outcome, tuple[int, tuple[int, ...]]]:
+    """A matrix row's ``distance_quantiles_nano`` as (outputs, quantiles) per passing outcome;
+    a table of another shape is a ValueError (a hand-edited file), not a wrong draw."""
+    tables = {}
+    for outcome in (Outcome.CLEAN, Outcome.SUSPICIOUS):
+        entry = row.get("distance_quantiles_nano", {}).get(outcome.value)
+        if entry is None:
+            continue
+        outputs, quantiles = entry.get("outputs"), entry.get("quantiles")
+        if not (isinstance(outputs, int) and outputs > 0 and isinstance(quantiles, list) and len(quantiles) >= 2
+                and all(isinstance(q, int) and q >= 0 for q in quantiles) and quantiles == sorted(quantiles)):
+            raise ValueError(f"{path}: row {row.get('row')!r} ({row.get('mode')}) has a malformed "
+                             f"{outcome.value} distance table")
+        tables[outcome] = (outputs, tuple(quantiles))
+    return tables
+
+
+def _samples(tables: dict[Outcome, list[tuple[int, tuple[int, ...]]]],
+             fallback: MappingProxyType[Outcome, DistanceSample] | dict) -> MappingProxyType[Outcome, DistanceSample]:
+    """One strategy's distance samples per passing outcome; an outcome it measured none of
+    reports ``fallback``'s (the honest strategy's), or failing that its clean one."""
+    own = {outcome: DistanceSample(tuple(t)) for outcome, t in tables.items()}
+    merged = {o: own.get(o) or fallback.get(o) or own.get(Outcome.CLEAN) or fallback.get(Outcome.CLEAN)
+              for o in (Outcome.CLEAN, Outcome.SUSPICIOUS)}
+    return MappingProxyType({o: sample for o, sample in merged.items() if sample is not None})
+
+
+def pinned_distance_test(table: VerdictTable, dtype: str) -> DistanceTest | None:
+    """The distance run a network pinned at ``dtype`` runs for ``table``'s model, as
+    ``gonka-p2p init`` pins it from the package's thresholds; None where they calibrate none
+    there, or where the table measured no honest distances for the checks to report."""
+    if not table.model or not table.rates["honest"].distances:
+        return None
+    return distance_tests(thresholds_table(), {table.model: dtype}).get(table.model)
+
+
+def verdict_stats_for(outcome: Outcome, flag: FailureFlag, n_tokens: int,
+                      mean_distance_nano: int | None = None) -> VerdictStats:
+    """The ledger's encoding of a drawn outcome. The ledger reads ``valid``, ``suspicious``,
+    the flags and, where the model's pin has a distance run, a pass's ``mean_distance_nano``:
+    a drawn one, or (None) a nominal one, as what a failure reports is never read."""
     if outcome is Outcome.FAILED:
         return VerdictStats(valid=False, suspicious=False, failure_flags=int(flag), n_tokens=n_tokens,
                             mean_distance_nano=100_000_000, max_distance_nano=1_000_000_000,
                             top_k_misses=n_tokens // 2, sampling_mismatches=0)
     suspicious = outcome is Outcome.SUSPICIOUS
+    mean = (25_000 if suspicious else 1_000) if mean_distance_nano is None else mean_distance_nano
     return VerdictStats(valid=True, suspicious=suspicious, failure_flags=0, n_tokens=n_tokens,
-                        mean_distance_nano=25_000 if suspicious else 1_000,
-                        max_distance_nano=200_000 if suspicious else 10_000,
+                        mean_distance_nano=mean, max_distance_nano=max(mean, 200_000 if suspicious else 10_000),
                         top_k_misses=0, sampling_mismatches=0)

@@ -111,7 +111,7 @@ from sim.roster import (
     sim_params,
 )
 from sim.signatures import keyed_hash_signatures
-from sim.verdicts import Outcome, Rates, table_for, verdict_stats_for
+from sim.verdicts import Outcome, Rates, pinned_distance_test, table_for, verdict_stats_for
 
 GENERATION_BLOCKS = (1, 3)  # an executor's generation time, blocks
 PROMPT_CHARS = (20, 400)
@@ -141,8 +141,10 @@ class Simulation:
         roles: dict[str, str] = {}
         if config.proof_of_compute:
             self.roster, roles = with_poc(self.roster, config)
+        self.distance_test = pinned_distance_test(self.verdicts, config.matrix_dtype) if config.distance_run else None
         self.genesis = build_genesis(self.roster, sim_params(config.epoch_blocks, config.floor,
-                                                             config.genesis_overrides()))
+                                                             config.genesis_overrides()),
+                                     config.matrix_dtype, self.distance_test)
         self.params = self.genesis.params
         self.consensus = run_consensus(config, self.last_height) if config.validators else None
         if self.consensus is not None and self.consensus.crashed:  # a crashed replica's participant is down
@@ -281,14 +283,14 @@ class Simulation:
         self.metrics.cheated[executor.peer_id] += cheating
         cheat = self.config.self_dealing_cheat if dealing else self._cheat_of(executor)
         rates = self.verdicts.rates[cheat if cheating else str(Strategy.HONEST)]
-        outcome = rates.draw(self._evidence)
         completion = self._traffic.randint(min(MAX_TOKENS[0], request.max_tokens), request.max_tokens)
+        verdict = self._drawn_verdict(rates, completion)
         prompt = min(prompt_token_bound(request, self.params), len(request.messages[0].content) // 4 + 8)
         saving = self.config.savings.get(str(executor.strategy), 0.0) if cheating else 0.0
         self.metrics.compute(executor.peer_id, epoch, (prompt + completion) * (1 - saving),
                              self.config.compute_cost_per_token, validating=False)
         self._work[iid] = Work(height, executor, cheating, rates,
-                               verdict_stats_for(outcome, rates.flag, completion), prompt + completion,
+                               verdict, prompt + completion,
                                owner.peer_id if owner is not None else "")
         self.chain.submit(height + self._traffic.randint(*GENERATION_BLOCKS) + self._lag(), executor.key,
                           lambda n: FinishInference(
@@ -427,9 +429,16 @@ class Simulation:
         self.metrics.compute(peer.peer_id, epoch, work.tokens * self.verdicts.val_over_gen,
                              self.config.compute_cost_per_token, validating=True)
         if self.config.independent_checks:
-            outcome = work.rates.draw(self._evidence)
-            return verdict_stats_for(outcome, work.rates.flag, work.verdict.n_tokens)
+            return self._drawn_verdict(work.rates, work.verdict.n_tokens)
         return work.verdict
+
+    def _drawn_verdict(self, rates: Rates, n_tokens: int) -> VerdictStats:
+        """A diligent check's verdict drawn from ``rates``; where the genesis pins a distance run,
+        a pass reports a drawn mean distance (drawn only then, so a run without one replays
+        the draws it always made)."""
+        outcome = rates.draw(self._evidence)
+        distance = rates.draw_distance(outcome, self._evidence) if self.distance_test is not None else None
+        return verdict_stats_for(outcome, rates.flag, n_tokens, distance)
 
     def _dispute_opened(self, height: int, iid: bytes) -> None:
         dispute = self.chain.state.dispute(iid)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from sim.verdicts import Outcome, load_matrix
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +165,9 @@ def test_distance_run_rates_reads_a_bf16_matrix_records_and_prints_each_run_apar
     assert len(lines) == 4, result.stdout  # two rows x two modes
     assert all("100.000%" in line for line in lines if "int4" in line), result.stdout
     assert all(line.count("0.000%") == 3 for line in lines if "honest-torch" in line), result.stdout
+    # the matrix keeps each row's passing distances in the shape the simulator reads
+    table = load_matrix(tmp_path / "detection_matrix.json", "tiny-llama", "bfloat16")
+    assert table.rates["honest"].distances[Outcome.CLEAN].tables[0][0] >= 1
 
 
 def test_poc_bench_quick_tiny_prints_cost_fairness_and_cheat_tables() -> None:
