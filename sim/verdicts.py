@@ -32,7 +32,10 @@ a distance drawn from its strategy's (a matrix row in proportion to its
 outputs, then between that row's quantiles). A strategy the matrix measured no
 distances for reports the honest ones: the simulator credits the distance run
 with nothing that was not measured. The matrix's outputs are at most 32 tokens
-long, the length the shipped runs count an output as at most.
+long, the length the shipped runs count an output as at most; a simulated
+output shorter than that (the simulator's are 16-128 tokens) reports a
+32-token output's distance, whose spread is narrower than a real short
+output's -- a stated approximation, small beside the clamp of each step.
 """
 
 from __future__ import annotations
