@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -52,7 +53,7 @@ from typing import Any
 from gonka_p2p.inference.verification_params import thresholds_table
 from gonka_p2p.ledger.devnet import distance_tests
 from gonka_p2p.ledger.distance_test import DistanceTest
-from gonka_p2p.ledger.transactions import FailureFlag, VerdictStats
+from gonka_p2p.ledger.transactions import MAX_DISTANCE_NANO, FailureFlag, VerdictStats
 
 DEFAULT_MATRIX = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "detection_matrix.json"
 DEFAULT_VAL_OVER_GEN = 0.4  # validation prefill / generation compute, when the matrix has no timing
@@ -212,13 +213,15 @@ def _distance_tables(row: dict, path: Path) -> dict[Outcome, tuple[int, tuple[in
     """A matrix row's ``distance_quantiles_nano`` as (outputs, quantiles) per passing outcome;
     a table of another shape is a ValueError (a hand-edited file), not a wrong draw."""
     tables = {}
+    given = row.get("distance_quantiles_nano", {})
     for outcome in (Outcome.CLEAN, Outcome.SUSPICIOUS):
-        entry = row.get("distance_quantiles_nano", {}).get(outcome.value)
+        entry = given.get(outcome.value) if isinstance(given, dict) else given
         if entry is None:
             continue
-        outputs, quantiles = entry.get("outputs"), entry.get("quantiles")
+        outputs, quantiles = (entry.get("outputs"), entry.get("quantiles")) if isinstance(entry, dict) else (0, [])
         if not (isinstance(outputs, int) and outputs > 0 and isinstance(quantiles, list) and len(quantiles) >= 2
-                and all(isinstance(q, int) and q >= 0 for q in quantiles) and quantiles == sorted(quantiles)):
+                and all(isinstance(q, int) and 0 <= q <= MAX_DISTANCE_NANO for q in quantiles)
+                and quantiles == sorted(quantiles)):
             raise ValueError(f"{path}: row {row.get('row')!r} ({row.get('mode')}) has a malformed "
                              f"{outcome.value} distance table")
         tables[outcome] = (outputs, tuple(quantiles))
@@ -226,7 +229,7 @@ def _distance_tables(row: dict, path: Path) -> dict[Outcome, tuple[int, tuple[in
 
 
 def _samples(tables: dict[Outcome, list[tuple[int, tuple[int, ...]]]],
-             fallback: MappingProxyType[Outcome, DistanceSample] | dict) -> MappingProxyType[Outcome, DistanceSample]:
+             fallback: Mapping[Outcome, DistanceSample]) -> MappingProxyType[Outcome, DistanceSample]:
     """One strategy's distance samples per passing outcome; an outcome it measured none of
     reports ``fallback``'s (the honest strategy's), or failing that its clean one."""
     own = {outcome: DistanceSample(tuple(t)) for outcome, t in tables.items()}

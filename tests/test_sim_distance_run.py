@@ -69,8 +69,10 @@ def test_a_failed_check_reports_no_drawn_distance() -> None:
     {"outputs": 5, "quantiles": [3, 2]},
     {"outputs": 5, "quantiles": [-1, 2]},
     {"outputs": 5, "quantiles": [1.5, 2]},
+    {"outputs": 5, "quantiles": [1, 10**16]},  # past the ledger's cap on a distance
+    [1, 2],
 ])
-def test_a_malformed_distance_table_is_refused_by_name(tmp_path: Path, table: dict) -> None:
+def test_a_malformed_distance_table_is_refused_by_name(tmp_path: Path, table: object) -> None:
     doc = json.loads(MATRIX.read_text())
     target = next(r for r in doc["rows"] if "distance_quantiles_nano" in r)
     target["distance_quantiles_nano"]["clean"] = table
