@@ -149,7 +149,8 @@ def test_a_network_pinning_bf16_takes_the_matrix_bf16_rows() -> None:
     # bf16 rows measure how many valid outputs are suspicious; fp32 rows do not (design share)
     assert bf16.rates["int8"].suspicious > 0.5 and fp32.rates["int8"].suspicious == 0.0
     assert bf16.rates["honest"].suspicious < DESIGN_RATES["honest"].suspicious
-    assert bf16.rates["fp8"].source == "matrix" and fp32.rates["fp8"].source == "design"
+    # a cast to fp16 is a cheat only against a pinned fp32: the bf16 rows have none
+    assert bf16.rates["fp16"].source == "design" and fp32.rates["fp16"].source == "matrix"
     with pytest.raises(ValueError, match="no float16 rows"):
         table_for("matrix", "smollm2-135m", "float16")
 
