@@ -102,7 +102,7 @@ async def test_under_load_frames_after_the_first_wait_for_more_tokens() -> None:
 
 
 def test_tokens_per_frame_grows_with_the_streams_and_is_bounded() -> None:
-    assert [tokens_per_frame(n) for n in (1, 8, 15, 16, 32)] == [1, 1, 1, 2, 3]
+    assert [tokens_per_frame(n) for n in (1, 7, 8, 16, 24)] == [1, 1, 2, 3, 4]
     assert tokens_per_frame(10_000) == MAX_HELD_TOKENS
 
 

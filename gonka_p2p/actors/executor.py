@@ -64,7 +64,7 @@ from gonka_p2p.wire.schema import WireError
 log = logging.getLogger(__name__)
 
 MAX_BATCH_TOKENS = 256  # per TokenBatch frame when a stream catches up (wire limit: 4096)
-STREAMS_PER_HELD_TOKEN = 16  # under load, each frame after the first holds one more token per this many streams
+STREAMS_PER_HELD_TOKEN = 8  # under load, each frame after the first holds one more token per this many streams
 MAX_HELD_TOKENS = 4  # ... up to this many
 
 
