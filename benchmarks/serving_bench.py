@@ -422,6 +422,10 @@ class Turn:
     def ttft_p50_s(self) -> float:
         return statistics.median(s.ttft_s for s in self.samples)
 
+    @property
+    def rate(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
+
 
 @dataclass
 class PathResult:
@@ -456,8 +460,16 @@ class PathResult:
         cancels the load drifts of a shared machine that a difference of two
         overall p50s keeps.
         """
-        return 1000 * statistics.median(t.ttft_p50_s - b.ttft_p50_s
-                                        for t, b in zip(self.turns, bare.turns, strict=True))
+        return statistics.median(self.round_added_ttft_ms(bare))
+
+    def round_added_ttft_ms(self, bare: PathResult) -> list[float]:
+        """Each round's median TTFT minus bare's in the same round, in ms."""
+        return [1000 * (t.ttft_p50_s - b.ttft_p50_s) for t, b in zip(self.turns, bare.turns, strict=True)]
+
+    def round_shares(self, bare: PathResult) -> list[float]:
+        """Each round's tokens/s as a share of bare's in the same round: how far one run's
+        verdict on the pooled share could move with its rounds' spread."""
+        return [t.rate / b.rate for t, b in zip(self.turns, bare.turns, strict=True)]
 
     def cpu_ms_per_token(self) -> dict[str, float]:
         """CPU per generated token, by process: the serving path's cost, robust to load."""
@@ -639,7 +651,9 @@ def _versus(row: PathResult, bare: PathResult) -> tuple[str, bool]:
     executor = row.cpu_ms_per_token().get("executor", math.nan)
     extra = executor / sum(bare.cpu_ms_per_token().values()) - 1
     ok = added <= TTFT_TARGET_MS if row.clients == 1 else share >= THROUGHPUT_TARGET
-    return f"{added:+.1f} ms TTFT, {share:.0%} tok/s, executor CPU {extra:+.0%}", ok
+    ttfts, shares = row.round_added_ttft_ms(bare), row.round_shares(bare)
+    return (f"{added:+.1f} ms TTFT (rounds {min(ttfts):+.1f} to {max(ttfts):+.1f}), {share:.1%} tok/s "
+            f"(rounds {min(shares):.0%}-{max(shares):.0%}), executor CPU {extra:+.0%}"), ok
 
 
 def table_rows(report: Report) -> list[tuple[str, ...]]:
@@ -679,7 +693,9 @@ def caption(report: Report) -> str:
         f"{report.load[0]:.1f} as serving began, {report.load[1]:.1f} as it ended, on "
         f"{os.cpu_count()} CPUs. "
         f"p50/p99: TTFT for serving rows, one-way delivery (round trip for rpc) for gossip & streams. "
-        f"Added TTFT: median over rounds of the round's p50 minus bare's in the same round. "
+        f"Added TTFT: median over rounds of the round's p50 minus bare's in the same round; tok/s: "
+        f"all of a path's tokens over its turns' time, as a share of bare's; in brackets the "
+        f"smallest and largest of the rounds' own values. "
         f"Targets: <= {TTFT_TARGET_MS:.0f} ms added p50 TTFT at 1 client; >= "
         f"{THROUGHPUT_TARGET:.0%} of bare tok/s with concurrent clients. "
         f"{'; '.join(verdicts)}. Paths with token counts unlike bare's: {mismatched}."
