@@ -330,7 +330,7 @@ class GonkaClient:
         after the executor started is recovered for up to ``recovery_timeout`` seconds (see
         the module doc)."""
         signed = open_envelope(request, InferenceRequest)
-        verifier = StreamVerifier(inference_id(signed))
+        verifier = StreamVerifier(signed)
         broken: GonkaError
         try:
             async with aclosing(self.service.open_stream(self.ta, INFER_PROTOCOL, request, timeout)) as live:
@@ -453,7 +453,7 @@ class GonkaClient:
             raise RequestRejected(f"the ledger holds no finished inference {iid.hex()}", code="not_found")
         query = seal(AnswerQuery(inference_id=iid, reader=self.service.peer_id,
                                  timestamp_ms=int(time.time() * 1000)), self.key)
-        verifier = StreamVerifier(iid)
+        verifier = StreamVerifier(signed)
         events: list[StreamEvent] = []
         frames_left = signed.message.max_tokens + 2  # InferenceStarted, >= 1 token per batch, the end
         async with aclosing(self.service.open_stream(node, ANSWER_PROTOCOL, query, timeout=10.0)) as frames:

@@ -122,7 +122,7 @@ async def test_client_detects_a_ta_that_alters_tokens(engine: Engine) -> None:
     batch = open_envelope(frames[1], TokenBatch).message
     forged = TokenBatch(**{**batch.__dict__, "token_ids": [batch.token_ids[0] + 1]})
     tampered = [frames[0], seal(forged, Keypair.from_seed(b"greedy-ta")), *frames[2:]]
-    verifier = StreamVerifier(inference_id(open_envelope(frame, InferenceRequest)))
+    verifier = StreamVerifier(open_envelope(frame, InferenceRequest))
     with pytest.raises(ProtocolViolation):
         for f in tampered:
             verifier.accept(f)

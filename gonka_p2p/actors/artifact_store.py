@@ -179,14 +179,23 @@ class ArtifactStore:
         self._thread = None
 
     async def put(self, request: Signed[InferenceRequest], artifact: InferenceArtifact,
-                  answer: Sequence[bytes]) -> None:
+                  answer: Sequence[bytes], *, copy: bool = False) -> bool:
         """Keep the evidence of ``request`` and its ``answer`` (the executor's signed frames, in
-        order); durable when this returns. EvidenceStoreFull when it does not fit (nothing is
-        evicted for it)."""
+        order); durable when this returns True. This node's own work replaces what is kept under
+        its inference id and raises EvidenceStoreFull when it does not fit (nothing is evicted
+        for it). A ``copy`` (what a TA relayed from another executor) is only a spare: it never
+        replaces a row -- a client may sign two requests under one nonce, and the copy of the
+        other must not stand in for the evidence behind this node's own commitment -- and one
+        that does not fit is dropped (False) without marking the store full, so a stranger's
+        oversized answer cannot make this node's executor refuse work."""
         iid = inference_id(request)
         data = artifact.encode()
         frames = msgpack.packb(list(answer), use_bin_type=True)
         kept = _Kept(self._epoch, request.message.timestamp_ms, len(request.raw) + len(data) + len(frames))
+        if copy and (iid in self._kept or self.used_bytes + kept.size > self.max_bytes):
+            log.info("relayed evidence of %s not kept (%s)", iid.hex()[:12],
+                     "evidence already kept" if iid in self._kept else "no room")
+            return False
         previous = self._drop(iid)
         if self.used_bytes + kept.size > self.max_bytes:
             if previous is not None:
@@ -203,6 +212,7 @@ class ArtifactStore:
             if previous is not None:
                 self._keep(iid, previous)
             raise
+        return True
 
     async def get(self, inference_id: bytes) -> tuple[bytes, bytes] | None:
         """(client request, encoded artifact), or None if not kept (or already pruned)."""

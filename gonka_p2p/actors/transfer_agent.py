@@ -6,7 +6,8 @@ relayed byte for byte, or with one ``InferenceFailed`` signed by the TA.
 
 Admission (in this order, each failure a distinct error code): the envelope
 decodes and its signature holds (``malformed`` / ``bad_signature``); the
-request is for this network, fresh, and neither started on the committed
+request's sampling parameters are ones every executor samples with
+(``malformed``); the request is for this network, fresh, and neither started on the committed
 ledger nor received here within the window (``wrong_chain`` / ``stale`` /
 ``replay``, :func:`~gonka_p2p.actors.admission.check_request`: a TA that
 restarts forgets what it received, the ledger does not); some live executor
@@ -39,6 +40,13 @@ executor's first frame, the client is never started on the ledger; after
 it, the Start expires at its deadline, refunded. (The OpenAI gateway
 cancels the same way when its HTTP client hangs up.)
 
+Relaying: each executor frame is checked as the client will check it
+(:class:`~gonka_p2p.wire.stream.StreamVerifier`: one signer, contiguous
+positions, at most ``max_tokens`` tokens of ``logprobs_k`` alternatives each,
+bounded text, a final hash over the tokens) before it is passed on; an
+executor that breaks a rule is cut off like one whose stream failed, so no
+TA buffers an answer longer than the client asked for.
+
 Stalls: the executor's first frame must come within ``first_frame_timeout``
 (dial, admission, its queue; the node's ``first_frame_timeout``: an executor
 sends ``InferenceStarted`` before it generates, so a long wait is a dial
@@ -57,6 +65,8 @@ executor committed to and keeps it in ``artifacts`` for validators
 (:func:`relayed_artifact`), so that work stays verifiable when its executor
 goes silent; beside it, the frames as the executor signed them, for a client
 whose stream broke after the executor finished (``actors/answer_server.py``).
+That copy is a spare (``ArtifactStore.put(copy=True)``): it never replaces
+evidence kept under the same inference id, nor marks the store full.
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from gonka_p2p.actors.admission import Rejected, ReplayGuard, check_request
-from gonka_p2p.actors.artifact_store import ArtifactStore, EvidenceStoreFull
+from gonka_p2p.actors.artifact_store import ArtifactStore
 from gonka_p2p.actors.directory import PeerDirectory
 from gonka_p2p.actors.executor import sampling_params
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
@@ -85,7 +95,6 @@ from gonka_p2p.wire.messages import (
     InferenceFailed,
     InferenceFinished,
     InferenceRequest,
-    InferenceStarted,
     NetworkInfo,
     TokenBatch,
     inference_id,
@@ -93,10 +102,10 @@ from gonka_p2p.wire.messages import (
 )
 from gonka_p2p.wire.protocols import EXECUTE_PROTOCOL, INFER_PROTOCOL, INFO_PROTOCOL
 from gonka_p2p.wire.schema import WireError
+from gonka_p2p.wire.stream import EXECUTOR_FRAMES, ProtocolViolation, StreamVerifier
 
 log = logging.getLogger(__name__)
 
-EXECUTOR_FRAMES = (InferenceStarted, TokenBatch, InferenceFinished, InferenceFailed)
 # An executor's refusal with one of these codes is about the request itself or its TA
 # (``actors/admission.py``): another executor would refuse it too, so the client gets it
 # at once. Any other refusal (``overloaded``, ``unknown_model``...) is about that executor:
@@ -210,6 +219,10 @@ class TransferAgent:
         except WireError as e:
             raise Rejected(e.code, f"request rejected: {e}") from None
         req = request.message
+        try:  # what every executor would refuse, and what the TA rebuilds the artifact with
+            sampling_params(req)
+        except ValueError as e:
+            raise Rejected("malformed", f"request rejected: {e}") from None
         check_request(request, self.chain_id, self._ledger, self._replays, int(self._clock() * 1000))
         if not self._directory.executor_weights(req.model):
             served = ", ".join(self._directory.live_models()) or "none"
@@ -277,6 +290,7 @@ class TransferAgent:
         could not start ('overloaded', 'unreachable', ...): the caller redraws.
         """
         started = False
+        verifier = StreamVerifier(request)  # what the client will check, checked before relaying
         batches: list[TokenBatch] = []
         relayed: list[bytes] = []  # the executor's frames as signed: the answer kept for the client
         try:
@@ -292,6 +306,8 @@ class TransferAgent:
                             await _to_client(send, frame)
                             return "done"
                         return msg.code
+                    if not isinstance(msg, InferenceFailed):
+                        verifier.accept_signed(signed)
                     if not started:
                         started = True
                         if self._on_start is not None:
@@ -311,7 +327,7 @@ class TransferAgent:
                         inference_id(request).hex()[:12], e)
             await _to_client(send, self._failed("executor_stalled", f"executor {executor} stalled: {e}"))
             return "failed_mid_stream"
-        except (NetworkError, TimeoutError, WireError) as e:
+        except (NetworkError, TimeoutError, WireError, ProtocolViolation) as e:
             self._directory.mark_failed(executor)
             if not started:
                 log.info("executor %s failed before streaming (%s); redrawing", executor, e)
@@ -355,8 +371,7 @@ class TransferAgent:
             log.info("executor frames of %s do not add up to an artifact; not kept",
                      inference_id(request).hex()[:12])
             return
-        with contextlib.suppress(EvidenceStoreFull):  # the store logged it; the executor keeps its own copy
-            await self._artifacts.put(request, artifact, answer)
+        await self._artifacts.put(request, artifact, answer, copy=True)  # the executor keeps its own
 
 
 async def _to_client(send: SendFrame, frame: bytes) -> None:

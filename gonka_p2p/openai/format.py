@@ -55,7 +55,10 @@ class Vocabulary:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The token's bytes; None for an id outside the vocabulary (only a lying executor sends one)."""
+        if not 0 <= token_id < len(self._tokenizer):
+            return None
         if self._byte_of is None:
             return self._tokenizer.decode([token_id]).encode()
         piece = self._tokenizer.convert_ids_to_tokens(token_id)
@@ -75,9 +78,9 @@ def load_vocabulary(model: str) -> Vocabulary | None:
 
 def token_json(token_id: int, logprob: float, vocab: Vocabulary | None) -> Json:
     """``{"token", "logprob", "bytes"}`` as in OpenAI's chat logprobs."""
-    if vocab is None:
+    raw = None if vocab is None else vocab.token_bytes(token_id)
+    if raw is None:
         return {"token": f"token_id:{token_id}", "logprob": logprob, "bytes": None}
-    raw = vocab.token_bytes(token_id)
     try:
         text = raw.decode()
     except UnicodeDecodeError:

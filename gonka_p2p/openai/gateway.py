@@ -88,7 +88,7 @@ from gonka_p2p.client import RECOVERY_TIMEOUT_S, AnswerInDoubt, GonkaClient
 from gonka_p2p.openai.auth import CHAIN_HEADER, REQUEST_HEADER, BodyError, Kind, OpenAIRequest, parse_body
 from gonka_p2p.openai.format import Answer, Json, Vocabulary, load_vocabulary
 from gonka_p2p.wire.envelope import open_envelope
-from gonka_p2p.wire.messages import InferenceRequest, inference_id
+from gonka_p2p.wire.messages import InferenceRequest
 from gonka_p2p.wire.schema import WireError
 from gonka_p2p.wire.stream import (
     FinishedEvent,
@@ -256,7 +256,7 @@ class Gateway:
                     frames.put_nowait(None)
 
             task = asyncio.create_task(route())
-            verifier = StreamVerifier(inference_id(request))
+            verifier = StreamVerifier(request)
             try:
                 while (frame := await frames.get()) is not None:
                     try:
@@ -411,7 +411,7 @@ def _parse(kind: Kind, body: bytes) -> OpenAIRequest:
         return parse_body(kind, json.loads(body))
     except BodyError as e:
         raise ApiError("invalid_body", str(e), e.param) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # json.loads raises RecursionError on deep nesting
         raise ApiError("invalid_body", "the body is not valid JSON") from None
 
 
@@ -423,7 +423,7 @@ def _matching_envelope(http: Request, request: OpenAIRequest) -> bytes:
                                             "with gonka_p2p.openai.auth.GonkaAuth")
     try:
         envelope = base64.b64decode(header, validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: a non-ASCII character in the header
         raise ApiError("missing_signature", f"{REQUEST_HEADER} is not base64") from None
     try:
         signed = open_envelope(envelope, InferenceRequest)
