@@ -492,3 +492,9 @@ def test_http_address_parsing() -> None:
     for bad in ("8000", "host:", "host:99999"):
         with pytest.raises(ConfigError):
             parse_http_address(bad)
+
+
+def test_a_token_id_outside_the_vocabulary_is_shown_by_its_id(vocab: Vocabulary) -> None:
+    """Only a lying executor sends one (the validators fail it); the gateway shows it as it shows
+    tokens without a tokenizer instead of raising while formatting the answer."""
+    assert token_json(10**9, -1.5, vocab) == {"token": "token_id:1000000000", "logprob": -1.5, "bytes": None}
