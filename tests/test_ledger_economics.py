@@ -672,6 +672,62 @@ def test_the_epoch_test_catches_an_executor_whose_valid_work_is_too_often_suspic
     assert all(net.state.inference(i).payout is Payout.PAID for i in honest)
 
 
+SUBTLE_KEYS = {n: Keypair.from_seed(f"econ-subtle-{n}".encode())
+               for n in ("ta", "cheat", "v1", "v2", "v3", "v4", "partner", "alice")}
+SUBTLE_VALIDATORS = ("v1", "v2", "v3", "v4", "partner")
+
+
+def run_subtle_epoch(partner_stamps: bool) -> str:
+    """Epoch 1 of a network where ta routes and cheat executes (the only one serving the model),
+    four validators of weight 10 and a partner of weight 20 (a quarter of the total) committed
+    seeds, and p is capped at 30 % (few duties each, as on a busy network): 30 inferences of a
+    subtle cheat, every honest check of which finds it valid but suspicious. How the cheat
+    was caught at settlement ("" if not)."""
+    participants = tuple(GenesisParticipant(SUBTLE_KEYS[n].public_key, 20 if n == "partner" else 10,
+                                            models=(MODEL,) if n == "cheat" else ())
+                         for n in ("ta", "cheat", *SUBTLE_VALIDATORS))
+    d = LedgerDriver(LedgerState.from_genesis(Genesis(
+        chain_id="gonka-econ-subtle", genesis_time_ms=T0, params=params(validation_cap_ppm=300_000),
+        participants=participants, allocations={SUBTLE_KEYS["alice"].peer_id: 10**6})), SUBTLE_KEYS, "ta", MODEL)
+    d.until(1)
+    d.ok(*[d.commit(v, 1) for v in SUBTLE_VALIDATORS])
+    d.until(10)
+    ids = []
+    for _ in range(3):
+        reqs = [d.request("alice", "cheat") for _ in range(10)]
+        d.ok(*[tx for r in reqs for tx in (d.start(r, "cheat"), d.finish(r, "cheat"))])
+        ids += [inference_id(open_envelope(r, InferenceRequest)) for r in reqs]
+    txs = []
+    for v in SUBTLE_VALIDATORS:
+        duties = set(d.state.validation_duties(1, d.peer(v), d.seed(v, 1)))
+        if v == "partner" and partner_stamps:  # a pass, no seed needed, on *every* inference of the cheat
+            txs += [d.validate(v, iid, OK) for iid in ids]
+        else:
+            txs += [d.validate(v, iid, SUSPICIOUS) for iid in ids if iid in duties]
+    d.ok(*txs)
+    d.until(20)
+    d.ok(*[d.reveal(v, 1) for v in SUBTLE_VALIDATORS])
+    d.until(25)
+    summary = d.state.epoch_summary(1)
+    assert not partner_stamps or summary.participant(d.peer("partner")).forfeit == ()  # costs it nothing
+    return summary.participant(d.peer("cheat")).caught
+
+
+def test_a_rubber_stamping_validator_cannot_whitewash_a_subtle_cheat_with_passes_that_were_not_its_duty() -> None:
+    """The epoch test turns each checked inference into one observation, suspicious when a
+    weighted majority of its passing checks say so (``rules.inference_observation``; the
+    distance run likewise takes their weighted median). A pass needs no proof of duty
+    (``tx_rules.process_validation``): any committed validator may pass any inference.
+
+    Attack: the cheat's partner, holding a quarter of the weight, passes every inference of the
+    cheat as clean, so each honest duty holder's "suspicious" is at best a tie and the cheat
+    escapes; the partner forfeits nothing (no dispute proves valid-but-suspicious work invalid).
+    So only passes that the reveal proves were their signer's duty are evidence
+    (``end_of_block.tally_epoch``); dispute votes count through the dispute's outcome."""
+    assert run_subtle_epoch(partner_stamps=False) == "sprt"  # baseline: the honest duties catch it
+    assert run_subtle_epoch(partner_stamps=True) == "sprt", "the partner's off-duty passes whitewash the cheat"
+
+
 def test_too_many_missed_requests_reset_reputation() -> None:
     net = committed_net(everyone=("ta", "v1"))
     net.state.registry.rows[PEER["ex"]] = replace(net.state.registry.rows[PEER["ex"]], reputation_ppm=500_000)
@@ -688,6 +744,8 @@ def test_a_clean_checked_epoch_adds_one_thirtieth_of_reputation_unchecked_work_a
     checked = net.infer("ex")
     net.infer("cheat")  # nobody checks it
     net.ok(net.validate("v1", checked))
+    net.until(20)
+    net.ok(net.reveal("v1", 1))  # a pass is evidence only once the reveal proves it a duty
     net.until(25)
     summary = net.state.epoch_summary(1)
     assert summary.participant(PEER["ex"]).reputation_after == -(-PPM // 30)
@@ -775,6 +833,33 @@ def test_snapshots_round_trip_mid_dispute_and_replicas_agree_to_the_end() -> Non
         n.until(26)
     assert copy.state.app_hash() == net.state.app_hash() and copy.state.to_bytes() == net.state.to_bytes()
     assert copy.state.epoch_summary(1) == net.state.epoch_summary(1)
+
+
+def test_a_replica_restored_from_its_snapshot_draws_the_same_dispute_committees_as_one_that_never_stopped() -> None:
+    """Disputes due at one height used to be advanced in the order of the state's due-index: on
+    a running replica the order their Validations came in, on one restored from its snapshot
+    (``LedgerState.from_bytes``) the order of the disputes table (by inference id). The order
+    matters: a draw can resolve a dispute at once (the accuser's seats are its vote), which
+    sanctions its executor, and the next dispute drawn in the block then recuses that
+    executor's seats -- the restarted replica forks off. Every due-index is now taken sorted.
+
+    Here v1 (most of the weight, so its seats decide at the draw) fails an inference of ex and
+    one of cheat in one block, in the order opposite to their ids."""
+    net = Net(state=LedgerState.from_genesis(genesis(weights={"ta": 10, "ex": 10, "cheat": 10, "v1": 70,
+                                                              "v2": 10})))
+    net.until(1)
+    net.ok(*[net.commit(w, 1) for w in ("ta", "ex", "cheat", "v1", "v2")])
+    net.until(10)
+    ids = sorted(net.infer(ex) for ex in ("ex", "cheat"))
+    net.ok(*[net.validate("v1", iid, BAD) for iid in reversed(ids)])  # opened in reverse id order
+    restarted = LedgerState.from_bytes(net.state.to_bytes())  # a replica that restarts here
+    assert restarted.app_hash() == net.state.app_hash()
+    block = Block(net.height + 1, net.state.last_block_hash, PEER["ta"], net.state.time_ms + 1000, [])
+    apply_block(net.state, block)  # the draw height of both disputes
+    apply_block(restarted, block)
+    assert all(net.state.dispute(i).outcome is DisputeOutcome.INVALID for i in ids)  # resolved at the draw
+    assert [restarted.dispute(i).committee for i in ids] == [net.state.dispute(i).committee for i in ids]
+    assert restarted.app_hash() == net.state.app_hash(), "the restarted replica diverged"
 
 
 # =========================================================================== the scenario

@@ -771,13 +771,27 @@ def test_a_held_finish_cannot_be_held_twice() -> None:
 
 
 def test_the_holding_area_is_bounded_per_executor_and_in_total() -> None:
-    genesis = make_genesis(max_held_finishes=12, inference_deadline_blocks=50)
-    chain = Chain(state=LedgerState.from_genesis(genesis))
+    """An executor holds at most ``max_held_finishes_per_executor`` (10 here), and at most its
+    equal share of ``max_held_finishes`` among the executors a Start could name (ex and ex2:
+    12 // 2), so that one executor -- or many identities in the draw table -- cannot fill the
+    area and leave another's Finish without a place (``rules.held_finish_share``)."""
+    chain = Chain(state=LedgerState.from_genesis(make_genesis(inference_deadline_blocks=50)))
     chain.block(*[chain.finish(b"", inference_id=bytes([i]) * 32) for i in range(10)])
     _rejected(chain, chain.finish(b"", inference_id=b"\xff" * 32), Reason.HOLDING_AREA_FULL)
-    chain.block(*[chain.finish(b"", executor="ex2", inference_id=bytes([i]) * 32) for i in range(2)])
+    chain = Chain(state=LedgerState.from_genesis(make_genesis(max_held_finishes=12, inference_deadline_blocks=50)))
+    chain.block(*[chain.finish(b"", inference_id=bytes([i]) * 32) for i in range(6)])
+    _rejected(chain, chain.finish(b"", inference_id=b"\xff" * 32), Reason.HOLDING_AREA_FULL)
+    chain.block(*[chain.finish(b"", executor="ex2", inference_id=bytes([i]) * 32) for i in range(6)])
     _rejected(chain, chain.finish(b"", executor="ex2", inference_id=b"\xfe" * 32),
               Reason.HOLDING_AREA_FULL)
+    assert len(chain.state.held) == 12
+
+
+def test_only_an_executor_a_start_can_name_has_its_finish_held() -> None:
+    """ta has weight but serves no model: no draw table holds it, so no Start can ever name it
+    and its Finish for an inference not started is refused, not held for free."""
+    chain = Chain()
+    _rejected(chain, chain.finish(b"", executor="ta", inference_id=b"\x01" * 32), Reason.EXECUTOR_NOT_ELIGIBLE)
 
 
 # =========================================================================== mempool, queries, snapshots

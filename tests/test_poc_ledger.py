@@ -206,6 +206,33 @@ def test_weights_are_earned_per_model() -> None:
     assert executor_weights(d.state, M2, 1) == {PEER["A"]: 70, PEER["B"]: 50}
 
 
+def test_weight_proven_on_one_model_never_becomes_draw_weight_on_a_model_never_proven() -> None:
+    """Attack: A lists m and m2 but proves compute on m only, then skips a round. Its weight
+    falls only by the bounded step, and the round's results hold nothing of A's: rebuilding its
+    per-model split from them alone left it empty, which ``Participant.weight_for`` reads as
+    unsplit weight on every listed model -- A was drawn for m2 from the next epoch. A split
+    carries over a round that proves nothing of its holder's, scaled to its new weight (and
+    one in which nobody proves anything leaves it as it was)."""
+    d = driver(A=(M, M2))
+    d.poc_epoch(0, {("A", M): 100, ("B", M): 100, ("C", M): 100})
+    assert executor_weights(d.state, M2, 1) == {}  # proven on m only: never drawn for m2
+    d.poc_epoch(1, {("B", M): 100, ("C", M): 100})  # A skips the round (no proof of anything)
+    a = d.state.registry.rows[PEER["A"]]
+    assert 0 < a.weight < 100  # the bounded decline keeps most of its weight (by design)
+    assert executor_weights(d.state, M2, 2) == {}, f"drawn for {M2!r} with model_weights={a.model_weights}"
+    assert executor_weights(d.state, M, 2)[PEER["A"]] == a.weight
+    d.until(epoch_last_height(2, d.state.params))  # a round in which nobody proves anything
+    assert executor_weights(d.state, M2, 3) == {} and PEER["A"] in executor_weights(d.state, M, 3)
+
+
+def test_a_split_that_floors_to_nothing_stays_a_split() -> None:
+    """A weight too small to give any of its models a whole unit must not become the empty split
+    (unsplit weight on every listed model): its models stay in at 0."""
+    assert poc.scaled_model_weights({M: 1, M2: 1}, 1) == ((M, 0), (M2, 0))
+    assert poc.scaled_model_weights({M: 30, M2: 70}, 50) == ((M, 15), (M2, 35))
+    assert poc.scaled_model_weights({M: 0, M2: 7}, 50) == ((M2, 7),)
+
+
 def test_an_unconfirmed_weight_falls_at_the_next_round_and_its_reward_is_forfeited() -> None:
     d = driver()
     counts = {("A", M): 100, ("B", M): 60, ("N", M): 40}

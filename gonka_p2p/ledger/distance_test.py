@@ -13,7 +13,7 @@ per-token spread, summed into the same carried, restarted run as the other two.
 
 The rule, per output of ``tokens`` checked positions (capped at ``max_tokens``,
 the length the calibration measured) and mean distance ``d`` (nano-nats, the
-weighted median of its passing checks' reports)::
+weighted median of the reports of its passing checks that were duties)::
 
     llr = tokens * clamp(d - mid, -spread, +spread) * llr_per_token // spread
 

@@ -224,8 +224,12 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
         tally.fees.append((iid, record.executor, record.client, record.cost))
         dispute = state.disputes.get(iid)
         checks = state.validations(iid)
-        passes = [(weights[v], c.suspicious) for v, c in checks.items() if c.valid]
-        observation = inference_observation(dispute.outcome if dispute else None, passes)
+        # Only a pass that was its signer's duty is evidence: a pass needs no seed, so any
+        # committed validator can pass any inference, and counting those would let a partner
+        # outvote the duty holders (committee votes are a dispute's, read through its outcome).
+        passes = [(weights[v], c) for v, c in checks.items() if c.valid and (iid, v) in duties]
+        observation = inference_observation(dispute.outcome if dispute else None,
+                                            [(w, c.suspicious) for w, c in passes])
         if observation is not None:
             executor.checked += 1
             tally.checked += 1
@@ -235,7 +239,7 @@ def tally_epoch(state: LedgerState, epoch: int) -> EpochTally:
             llr = inference_llr_micro(
                 pin.distance_test, record.completion_tokens,
                 proven_invalid=dispute is not None and dispute.outcome is DisputeOutcome.INVALID,
-                passes=[(weights[v], c.mean_distance_nano) for v, c in checks.items() if c.valid])
+                passes=[(w, c.mean_distance_nano) for w, c in passes])
             if llr is not None:
                 executor.distance_llrs.append(llr)
         for validator, check in checks.items():

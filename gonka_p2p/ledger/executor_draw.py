@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from gonka_p2p.ledger.records import Participant
@@ -131,6 +132,19 @@ def draw_epochs(state: LedgerState, height: int) -> tuple[int, ...]:
     if epoch > 0 and into <= state.params.inference_deadline_blocks and state.epoch_info(epoch - 1):
         return (epoch, epoch - 1)
     return (epoch,)
+
+
+def drawable_executors(state: LedgerState, height: int) -> frozenset[str]:
+    """Whom a Start applied at ``height`` or later may still name as executor: the participants
+    in the frozen draw tables, for any model, of :func:`draw_epochs` at ``height`` (a Start
+    drawn from an earlier table can no longer commit). Only their Finishes can ever settle."""
+    infos = (state.epoch_info(epoch) for epoch in draw_epochs(state, height))
+    return frozenset().union(*(_executors(info.draw_weights) for info in infos if info is not None))
+
+
+@lru_cache(maxsize=8)
+def _executors(draw_weights: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]) -> frozenset[str]:
+    return frozenset(peer for _model, rows in draw_weights for peer, _weight in rows)
 
 
 def is_drawn(state: LedgerState, model: str, ta: str, iid: bytes, attempt: int, executor: str,

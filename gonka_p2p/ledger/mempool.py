@@ -18,7 +18,11 @@ and nothing else, so the replica actor owns all timing.
 * **Room by class** (the defence against crowding out): protocol-critical
   transactions (``transactions.DUTY_KINDS``: Finish, seeds, Validation,
   DisputeVote, evidence) are free on the ledger, so here they are bounded
-  by a per-account quota (``max_duties_per_account``); every other
+  by a per-account quota (``max_duties_per_account``) and, all of them
+  together, by the capacity left once ``reserved_ppm`` of it is kept for
+  paying transactions; ``check_tx`` admits only duties the ledger would
+  take (a Finish only from an executor a Start can still name, so a
+  zero-weight Sybil's made-up Finishes are refused here too). Every other
   transaction pays a fee, and its signer may hold at most
   ``max_per_account`` of them pending (and ``max_bytes_per_account``), no
   more than its balance pays the fees of, and all of them together at most
@@ -29,7 +33,8 @@ and nothing else, so the replica actor owns all timing.
   always hold about share / accounts); evictions are reported by the next
   :meth:`Mempool.update` as ``evicted``. So a key that cannot pay holds
   nothing here, however many funded accounts spam an honest Finish or
-  Validation still finds room, and an honest TA's Start its fair share.
+  Validation still finds room, and however many free duties queue, an
+  honest TA's Start or a client's transfer still finds its fair share.
 * **Reaping** (:meth:`Mempool.reap`): a block may only carry a signer's
   transactions in sequence order starting at its account's next sequence,
   so each signer's pending transactions are taken as the contiguous run
@@ -81,19 +86,20 @@ class MempoolParams:
     max_txs: int = 50_000  # pending transactions
     max_bytes: int = 64 * 1024 * 1024  # their total size
     max_ahead: int = 1_000  # how far past its account's sequence a signer may queue
-    reserved_ppm: int = 200_000  # of max_txs and of max_bytes, held for protocol-critical transactions
+    reserved_ppm: int = 200_000  # of max_txs and of max_bytes, held for each class: duties, and paying ones
     max_per_account: int = 256  # pending paying transactions of one signer
     max_bytes_per_account: int = 4 * 1024 * 1024  # their total size
     max_duties_per_account: int = 4_096  # pending protocol-critical transactions of one signer
 
     @property
-    def paying_txs(self) -> int:
-        """How many of the ``max_txs`` transactions of paying kinds may hold."""
+    def class_txs(self) -> int:
+        """How many of the ``max_txs`` transactions of one class (paying, or protocol-critical)
+        may hold: the rest is kept for the other class."""
         return self.max_txs - self.max_txs * self.reserved_ppm // PPM
 
     @property
-    def paying_bytes(self) -> int:
-        """How many of the ``max_bytes`` transactions of paying kinds may hold."""
+    def class_bytes(self) -> int:
+        """How many of the ``max_bytes`` transactions of one class may hold."""
         return self.max_bytes - self.max_bytes * self.reserved_ppm // PPM
 
 
@@ -132,6 +138,7 @@ class Mempool:
         self._checked_against: dict[str, Account | None] = {}  # signer -> the record its txs passed on
         self._bytes = 0
         self._paying = _Usage()  # every pending transaction that is not protocol-critical
+        self._duties = _Usage()  # every pending protocol-critical transaction
         self._usage: dict[tuple[str, bool], _Usage] = {}  # (signer, duty?) -> its pending ones
         self._heaviest: dict[int, set[str]] = {}  # n -> signers with n pending paying transactions
         self._evicted: list[tuple[bytes, TxRefused]] = []  # since the last update
@@ -186,11 +193,14 @@ class Mempool:
     def _check_room(self, state: LedgerState, tx: PendingTx) -> None:
         """Raise :class:`TxRefused` unless ``tx``'s class and its signer's quota have room for it."""
         mine = self._usage.get((tx.signer, tx.duty), _Usage())
-        if tx.duty:
-            if mine.count >= self.params.max_duties_per_account:
-                raise TxRefused("account_quota", f"{tx.signer} has {mine.count} protocol transactions pending")
-            return
         p = self.params
+        if tx.duty:
+            if mine.count >= p.max_duties_per_account:
+                raise TxRefused("account_quota", f"{tx.signer} has {mine.count} protocol transactions pending")
+            if self._duties.count >= p.class_txs or self._duties.size + len(tx.raw) > p.class_bytes:
+                raise TxRefused("mempool_full", f"{self._duties.count} protocol transactions "
+                                                f"({self._duties.size} bytes) pending; the rest is reserved")
+            return
         if mine.count >= p.max_per_account or mine.size + len(tx.raw) > p.max_bytes_per_account:
             raise TxRefused("account_quota", f"{tx.signer} has {mine.count} transactions "
                                              f"({mine.size} bytes) pending")
@@ -198,7 +208,7 @@ class Mempool:
         if fees > state.balance(tx.signer):
             raise TxRefused("insufficient_balance", f"{tx.signer}'s balance {state.balance(tx.signer)} "
                                                     f"does not pay the fees of {mine.count + 1} pending transactions")
-        while self._paying.count >= p.paying_txs or self._paying.size + len(tx.raw) > p.paying_bytes:
+        while self._paying.count >= p.class_txs or self._paying.size + len(tx.raw) > p.class_bytes:
             if not self._evict_for(mine.count + 1):
                 raise TxRefused("mempool_full", f"{self._paying.count} paying transactions "
                                                 f"({self._paying.size} bytes) pending; the rest is reserved")
@@ -221,7 +231,9 @@ class Mempool:
     def _count(self, tx: PendingTx, sign: int) -> None:
         key = (tx.signer, tx.duty)
         usage = self._usage.setdefault(key, _Usage())
-        if not tx.duty:
+        if tx.duty:
+            self._duties.change(tx, sign)
+        else:
             self._paying.change(tx, sign)
             self._rank(tx.signer, usage.count, usage.count + sign)
         usage.change(tx, sign)

@@ -299,11 +299,13 @@ def grown_weights(previous: Mapping[str, int], targets: Mapping[str, int], growt
 
 
 def scaled_model_weights(per_model: Mapping[str, int], total: int) -> tuple[tuple[str, int], ...]:
-    """``per_model`` scaled down to sum to at most ``total`` (floor), sorted, zeros dropped."""
+    """``per_model`` scaled down to sum to at most ``total`` (floor), sorted, models proven with
+    nothing dropped. A model whose share floors to 0 stays in at 0: a split that floored to
+    nothing would be the empty split, which ``Participant.weight_for`` reads as unsplit weight
+    on every listed model."""
     have = sum(per_model.values())
-    if have <= total:
-        return tuple(sorted((m, w) for m, w in per_model.items() if w))
-    return tuple(sorted((m, w * total // have) for m, w in per_model.items() if w * total // have))
+    scaled = per_model if have <= total else {m: w * total // have for m, w in per_model.items()}
+    return tuple(sorted((m, scaled[m]) for m, w in per_model.items() if w))
 
 
 def capped_voting_power(weights: Mapping[str, int], cap_ppm: int) -> dict[str, int]:

@@ -9,6 +9,7 @@ proof-of-compute actor asks: which round is open, what it must open, what it mus
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from gonka_p2p.ledger.poc import (
     secrets_close,
     work_seed,
 )
-from gonka_p2p.ledger.records import PocEntry, PocRound
+from gonka_p2p.ledger.records import Participant, PocEntry, PocRound
 from gonka_p2p.ledger.rules import epoch_of, is_epoch_end
 
 if TYPE_CHECKING:
@@ -174,12 +175,22 @@ def process_poc(state: LedgerState, ctx: BlockContext) -> None:
         apply_round(state, epoch)
 
 
+def split_basis(participant: Participant, proven: Mapping[str, int]) -> Mapping[str, int]:
+    """How ``participant``'s next weight splits across models: as this round proved it, or --
+    when it proved nothing (skipped the round, failed its confirmation, or nobody proved
+    anything) while the bounded decline leaves it weight -- as its previous split. Never the
+    empty split, which ``Participant.weight_for`` reads as unsplit genesis weight on every
+    model it lists: weight proven on one model would become draw weight on models never proven."""
+    return proven if any(proven.values()) else dict(participant.model_weights)
+
+
 def apply_round(state: LedgerState, epoch: int) -> None:
     """The next epoch's weights from ``epoch``'s rounds (:func:`round_outcome`): proven nonces per
     model, as far as confirmed; nothing for a fraudulent prover (fraud also resets its
     reputation); at most the remaining weight of a sanctioned one; the others' decreases (an
     unproven or unconfirmed round included) bounded together (``poc.declined_targets``), and
-    their increases (``poc.grown_weights``)."""
+    their increases (``poc.grown_weights``). Each weight splits across models by
+    :func:`split_basis`."""
     outcome = round_outcome(state, epoch)
     targets, fraud = outcome.targets, outcome.fraud
     totals = {}
@@ -199,7 +210,8 @@ def apply_round(state: LedgerState, epoch: int) -> None:
         weights = {peer: w for peer, w in held.items() if peer not in fraud}  # but for proven liars
     for peer, participant in sorted(state.registry.rows.items()):
         weight = weights.get(peer, 0)
-        model_weights = scaled_model_weights(targets.get(peer, {}), weight) if weight else ()
+        split = split_basis(participant, targets.get(peer, {}))
+        model_weights = scaled_model_weights(split, weight) if weight else ()
         changed = replace(participant, weight=weight, model_weights=model_weights,
                           reputation_ppm=0 if peer in fraud else participant.reputation_ppm)
         if changed != participant:

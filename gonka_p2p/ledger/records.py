@@ -66,12 +66,15 @@ class Participant:
     caught: int = 0  # epochs in which it was caught cheating (work proven invalid or SPRT)
     overturned: int = 0  # its failed verdicts that a dispute majority overturned
     sanctioned: bool = False  # its work was proven invalid: never drawn again; weight falls at settlement
-    model_weights: tuple[tuple[str, int], ...] = ()  # proof of compute's weight per model, sorted; () = weight
+    model_weights: tuple[tuple[str, int], ...] = ()  # proof of compute's weight per model, sorted; () = unsplit
     sprt_carry: tuple[int, int, int] = (0, 0, 0)  # micro-nats: its epoch test, carried to the next (epoch_test.py)
 
     def weight_for(self, model: str) -> int:
-        """Its executor-draw weight for ``model``: proven compute on it (every registered model
-        weighs ``weight`` on a network without proof of compute)."""
+        """Its executor-draw weight for ``model``: proven compute on it. An empty split means
+        weight no round has split: on a network without proof of compute, or genesis weight
+        before its holder proves anything -- weight that bootstraps every model it lists. Once a
+        round splits a weight it stays split (``poc_rounds.split_basis``,
+        ``poc.scaled_model_weights``), so proof on one model never becomes weight on another."""
         if not self.model_weights:
             return self.weight if model in self.models else 0
         return dict(self.model_weights).get(model, 0)

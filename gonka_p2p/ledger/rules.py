@@ -173,6 +173,14 @@ def held_finish_deadline(held_height: int, params: Params) -> int:
     return held_height + params.inference_deadline_blocks
 
 
+def held_finish_share(executors: int, params: Params) -> int:
+    """How many held Finishes any one executor may have: ``max_held_finishes_per_executor``, but
+    no more than an equal share of ``max_held_finishes`` among the ``executors`` a Start could
+    name -- so that however many identities an attacker puts in the draw tables, they cannot
+    fill the holding area and leave an honest executor's Finish without a place."""
+    return max(1, min(params.max_held_finishes_per_executor, params.max_held_finishes // max(1, executors)))
+
+
 def is_epoch_end(height: int, params: Params) -> bool:
     """Epoch settlement runs at the end of every block whose height is a multiple of the epoch length."""
     return height > 0 and height % params.epoch_length_blocks == 0
@@ -411,7 +419,8 @@ class Observation(IntEnum):
 def inference_observation(dispute: DisputeOutcome | None,
                           passes: Sequence[tuple[int, bool]]) -> Observation | None:
     """One observation per checked inference. ``passes``: (weight, suspicious) of each passing
-    check. A decided dispute decides: invalid is a failure, valid is clean (a false accusation
+    check that was its validator's duty (``end_of_block.tally_epoch``: a pass carries no proof
+    of duty, so only the reveal can make it evidence). A decided dispute decides: invalid is a failure, valid is clean (a false accusation
     costs the executor nothing). Otherwise (no dispute, or an UNDECIDED one, which proves
     nothing either way) the inference is suspicious when checkers holding a weighted majority
     of the passes say so. None when nobody passed it."""

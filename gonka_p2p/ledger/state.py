@@ -135,8 +135,8 @@ class LedgerState:
         self._lthash = LtHash()
         self._block_created = 0  # coins minted minus coins burned since the last commit
         # Indexes derived from the tables (not hashed, rebuilt on load).
-        self._expiring: dict[int, list[bytes]] = {}  # height -> inference ids to expire
-        self._held_expiring: dict[int, list[tuple[bytes, str]]] = {}
+        self._expiring: dict[int, set[bytes]] = {}  # height -> inference ids to expire
+        self._held_expiring: dict[int, set[tuple[bytes, str]]] = {}
         self._held_by_id: dict[bytes, set[str]] = {}
         self._held_per_executor: dict[str, int] = {}
         self._forget_heap: list[tuple[int, bytes]] = []  # (remember until ms, id)
@@ -145,7 +145,7 @@ class LedgerState:
         self._committed: dict[int, set[str]] = {}  # epoch -> validators with a seed commitment
         self._eligible: dict[int, Eligible] = {}  # epoch -> its eligible validators, once asked
         self._rings: dict[int, DutyRing] = {}  # epoch -> its settled inferences by duty point
-        self._disputes_due: dict[int, list[bytes]] = {}  # deadline height -> open disputes
+        self._disputes_due: dict[int, set[bytes]] = {}  # deadline height -> open disputes
         self.executor_tables = ExecutorTables()  # the executor draw's, laid out (derived, not hashed)
 
     @classmethod
@@ -354,7 +354,7 @@ class LedgerState:
     def _rebuild_indexes(self) -> None:
         for iid, record in self.inferences.rows.items():
             if record.status is InferenceStatus.STARTED:
-                self._expiring.setdefault(record.deadline, []).append(iid)
+                self._expiring.setdefault(record.deadline, set()).add(iid)
             else:
                 self._index_closed(iid, record)
         for iid, validator in self.checks.rows:
@@ -363,7 +363,7 @@ class LedgerState:
             self._committed.setdefault(epoch, set()).add(validator)
         for iid, dispute in self.disputes.rows.items():
             if dispute.outcome is DisputeOutcome.OPEN:
-                self._disputes_due.setdefault(dispute.deadline, []).append(iid)
+                self._disputes_due.setdefault(dispute.deadline, set()).add(iid)
         for key, held in self.held.rows.items():
             self._index_held(key, held)
         self._forget_heap = [(until, iid) for iid, until in self.seen.rows.items()]
@@ -371,7 +371,7 @@ class LedgerState:
 
     def _index_held(self, key: tuple[bytes, str], held: HeldFinish) -> None:
         iid, executor = key
-        self._held_expiring.setdefault(held.deadline, []).append(key)
+        self._held_expiring.setdefault(held.deadline, set()).add(key)
         self._held_by_id.setdefault(iid, set()).add(executor)
         self._held_per_executor[executor] = self._held_per_executor.get(executor, 0) + 1
 
@@ -423,7 +423,7 @@ class LedgerState:
 
     def open_dispute(self, inference_id: bytes, dispute: Dispute) -> None:
         self.disputes.put(inference_id, dispute)
-        self._disputes_due.setdefault(dispute.deadline, []).append(inference_id)
+        self._disputes_due.setdefault(dispute.deadline, set()).add(inference_id)
 
     def prune_epochs_before(self, epoch: int) -> None:
         """Forget the inferences (with their checks, votes and disputes), seed commitments and
@@ -487,17 +487,17 @@ class LedgerState:
         heapq.heappush(self._forget_heap, (until_ms, inference_id))
 
     def schedule_expiry(self, inference_id: bytes, height: int) -> None:
-        self._expiring.setdefault(height, []).append(inference_id)
+        self._expiring.setdefault(height, set()).add(inference_id)
 
-    # ------------------------------------------------------------------ what falls due (end of block)
+    # ---------------------- what falls due (end of block), sorted: restored replicas take it in the same order
 
     def take_expiring(self, height: int) -> list[bytes]:
         """Remove and return the ids scheduled to expire at ``height`` (some settled since)."""
-        return self._expiring.pop(height, [])
+        return sorted(self._expiring.pop(height, ()))
 
     def take_held_due(self, height: int) -> list[tuple[bytes, str]]:
         """Remove and return the held Finishes due at ``height`` (some released or dropped since)."""
-        return self._held_expiring.pop(height, [])
+        return sorted(self._held_expiring.pop(height, ()))
 
     def take_requests_remembered_before(self, time_ms: int) -> list[tuple[int, bytes]]:
         """Remove and return (remember until, id) of every request memory that ends before
@@ -509,7 +509,7 @@ class LedgerState:
 
     def take_disputes_due(self, height: int) -> list[bytes]:
         """Remove and return the disputes whose voting ends at ``height`` (some resolved since)."""
-        return self._disputes_due.pop(height, [])
+        return sorted(self._disputes_due.pop(height, ()))
 
 
 def check_invariants(state: LedgerState) -> None:

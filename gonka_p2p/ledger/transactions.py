@@ -78,7 +78,7 @@ class Reason(StrEnum):
     STALE_REQUEST = "stale_request"  # request timestamp outside request_window_ms of block time
     DUPLICATE_INFERENCE = "duplicate_inference"  # this inference id was already started
     UNKNOWN_CLIENT = "unknown_client"
-    EXECUTOR_NOT_ELIGIBLE = "executor_not_eligible"  # not a participant with weight serving the model
+    EXECUTOR_NOT_ELIGIBLE = "executor_not_eligible"  # not drawable: no weight serving the model (also Finish)
     EXECUTOR_NOT_DRAWN = "executor_not_drawn"  # eligible, but not the weighted draw at this attempt
     ATTEMPT_OUT_OF_RANGE = "attempt_out_of_range"  # attempt >= the genesis max_executor_attempts
     SELF_EXECUTION = "self_execution"  # the TA named itself as executor

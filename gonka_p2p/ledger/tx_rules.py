@@ -28,7 +28,8 @@ exact next ``sequence``, and bumps that sequence when accepted)::
                                    min(tokens * price, escrow) to pending fees[executor],
                                    escrow - cost back to the client; p = p_validate(r, m)
                                    fixed on the record; no such inference yet: held
-                                   (bounded) until its Start
+                                   (bounded per executor) until its Start, if signer is
+                                   in a draw table a Start may still use
     CommitValidationSeed(e, c)     during epoch e-1, signer has weight: commitment[e, signer] = c
     RevealValidationSeed(e, seed)  after epoch e ends, before it settles, H(e, signer, seed)
                                    == commitment: seed stored, duties recomputed and counted
@@ -73,7 +74,7 @@ from typing import TYPE_CHECKING
 
 from gonka_p2p.identity import peer_id_from_pubkey, verify_signature
 from gonka_p2p.ledger.block import BlockContext
-from gonka_p2p.ledger.executor_draw import draw_epochs, is_drawn
+from gonka_p2p.ledger.executor_draw import draw_epochs, drawable_executors, is_drawn
 from gonka_p2p.ledger.duties import duty_point
 from gonka_p2p.ledger.disputes import (dispute_deadline, dispute_draw_height, dispute_outcome, draw_committee,
                                        seat_committee)
@@ -96,6 +97,7 @@ from gonka_p2p.ledger.rules import (
     epoch_of,
     escrow_for,
     held_finish_deadline,
+    held_finish_share,
     inference_cost,
     inference_deadline,
     is_account_address,
@@ -293,14 +295,21 @@ def process_finish_inference(state: LedgerState, ctx: BlockContext,
 
 def _hold_finish(state: LedgerState, ctx: BlockContext, tx: FinishInference, signer: str,
                  apply: bool) -> str:
-    """A Finish that outran its Start waits, bounded per executor and in total."""
+    """A Finish that outran its Start waits, bounded per executor and in total -- if a Start can
+    still name its signer. Finishes are free, and anyone may register: a zero-weight identity's
+    Finish could never settle, and holding it would let Sybils fill the holding area (and, since
+    the mempool admits with this rule, the mempool) for nothing."""
     iid = tx.inference_id
     if iid in state.seen:
         raise TxRejected(Reason.INFERENCE_CLOSED, f"inference {iid.hex()} closed and was pruned")
     if (iid, signer) in state.held:
         raise TxRejected(Reason.DUPLICATE_FINISH, f"a Finish for {iid.hex()} is already held")
+    executors = drawable_executors(state, ctx.height)
+    if signer not in executors:
+        raise TxRejected(Reason.EXECUTOR_NOT_ELIGIBLE, f"no Start can name {signer} as executor now: "
+                                                       f"its Finish for {iid.hex()} is not held")
     p = state.params
-    if len(state.held) >= p.max_held_finishes or state.held_count(signer) >= p.max_held_finishes_per_executor:
+    if len(state.held) >= p.max_held_finishes or state.held_count(signer) >= held_finish_share(len(executors), p):
         raise TxRejected(Reason.HOLDING_AREA_FULL, "too many Finishes wait for their Start")
     if apply:
         state.hold_finish((iid, signer), HeldFinish(

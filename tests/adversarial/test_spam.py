@@ -22,6 +22,7 @@ replica drives them: admit, reap a block, apply it, update the pool.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from ledger_driver import OK, request_message
+from ledger_driver import OK, LedgerDriver, request_message
 
 from gonka_p2p.actors.ledger_hooks import LedgerHooks
 from gonka_p2p.actors.replica import Committed, ReplicaMetrics, ReplicaParams, TxDropped
@@ -73,7 +74,7 @@ PEER = {n: k.peer_id for n, k in KEYS.items()}
 # A pool the spammers can fill: 100 accounts x 8 pending > the 500 slots not reserved.
 POOL = MempoolParams(max_txs=600, max_bytes=4 * 1024 * 1024, reserved_ppm=166_667, max_per_account=8,
                      max_bytes_per_account=64 * 1024, max_duties_per_account=64)
-UNRESERVED = POOL.paying_txs  # 500
+UNRESERVED = POOL.class_txs  # 500
 BLOCK_TXS = 120
 
 
@@ -252,6 +253,75 @@ def test_one_account_holds_at_most_its_quota() -> None:
     with pytest.raises(TxRefused) as refused:
         chain.submit(key, lambda n: Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=n))
     assert refused.value.code == "account_quota"
+
+
+# ---- free Finishes of zero-weight Sybils ---------------------------------------------------
+# Protocol-critical kinds are free, "bounded by its duties on the ledger" (``transactions.Payer``):
+# but a Finish whose Start has not committed is held, and any funded key joins the registry with
+# one RegisterParticipant (weight 0, drawn for nothing). Only an executor a Start can still name
+# has its Finish held (``executor_draw.drawable_executors``), and the mempool, which admits
+# with the same rule, keeps the rest of its room for paying transactions.
+
+SYBILS = {"s1": SPAM_KEYS[0], "s2": SPAM_KEYS[1]}
+
+
+def sybil_net(**overrides: Any) -> LedgerDriver:
+    """The honest network, and two funded spammers registered as participants (weight 0)."""
+    d = LedgerDriver(LedgerState.from_genesis(genesis(**overrides)), {**KEYS, **SYBILS}, "ta", MODEL)
+    d.ok(*[d.sign(s, lambda n: RegisterParticipant(chain_id=CHAIN, addrs=[], models=[MODEL], sequence=n))
+           for s in SYBILS])
+    return d
+
+
+def junk_finish(d: LedgerDriver, who: str, i: int) -> bytes:
+    """A Finish for an inference that does not exist (and never will)."""
+    iid = hashlib.sha256(f"junk/{who}/{i}".encode()).digest()
+    return d.sign(who, lambda n: FinishInference(chain_id=CHAIN, inference_id=iid, prompt_tokens=0,
+                                                 completion_tokens=0, response_hash=b"r" * 32,
+                                                 artifact_commitment=b"a" * 32, sequence=n))
+
+
+def test_a_zero_weight_sybil_cannot_crowd_honest_finishes_out_of_the_holding_area_for_free() -> None:
+    """Attack: Sybils commit free Finishes for made-up ids, refreshed every
+    ``inference_deadline_blocks`` (with the defaults, 64 of them x 1,024 fill the 65,536
+    places). An honest executor whose Finish outruns its Start is then refused
+    HOLDING_AREA_FULL, which its submitter does not retry: the inference expires in its hands,
+    unpaid, a miss counted. Refused instead: no Start can name a Sybil, and each executor that
+    one can holds at most its share of the area (``rules.held_finish_share``)."""
+    d = sybil_net(max_held_finishes=8, max_held_finishes_per_executor=4)
+    before = {s: d.state.balance(k.peer_id) for s, k in SYBILS.items()}
+    for i in range(4):  # (a refused transaction leaves its signer's sequence: one each per block)
+        receipts = d.block(*[junk_finish(d, s, i) for s in SYBILS])
+        assert {r.reason for r in receipts} == {Reason.EXECUTOR_NOT_ELIGIBLE}
+    assert {s: d.state.balance(k.peer_id) for s, k in SYBILS.items()} == before and len(d.state.held) == 0
+    req = d.request("alice", "ex1")  # the honest executor finishes before the TA's Start commits
+    (honest,) = d.block(d.finish(req, "ex1"))
+    assert honest.ok, f"the honest executor's Finish is refused: {honest.reason} ({honest.detail})"
+
+
+def test_free_finishes_do_not_starve_paying_transactions_out_of_the_mempool() -> None:
+    """Attack: duties are bounded only per account here, and reaped first; registered
+    zero-weight keys queue free Finishes for made-up ids (with the defaults 50 Sybils x 1,000
+    fill the 50,000 places) and an honest client's paying transaction finds the pool full.
+    Refused instead: ``check_tx`` holds no Sybil's Finish, and the Finishes that executors a
+    Start can name may queue fill at most the pool less ``reserved_ppm``, kept for paying ones."""
+    d = sybil_net()
+    pool = Mempool(MempoolParams(max_txs=100, max_bytes=1 << 20, max_ahead=1000, reserved_ppm=200_000,
+                                 max_per_account=16, max_duties_per_account=64))
+    for s in SYBILS:
+        with pytest.raises(TxRefused) as refused:
+            pool.add(d.state, junk_finish(d, s, 0))
+        assert refused.value.code == Reason.EXECUTOR_NOT_ELIGIBLE
+    refusals = []
+    for who in HONEST:  # each may have its Finish held, so each passes check_tx
+        for i in range(30):
+            try:
+                pool.add(d.state, junk_finish(d, who, i))
+            except TxRefused as e:
+                refusals.append(e.code)
+    assert len(pool) == pool.params.class_txs == 80 and set(refusals) == {"mempool_full"}
+    honest = d.sign("alice", lambda n: Transfer(chain_id=CHAIN, to=PEER["ta"], amount=5, sequence=n))
+    pool.add(d.state, honest)  # raises TxRefused if the free junk left it no room
 
 
 # ---- the transaction topic ---------------------------------------------------------------
