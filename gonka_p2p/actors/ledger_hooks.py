@@ -61,9 +61,10 @@ from gonka_p2p.wire.messages import InferenceRequest, inference_id
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 300.0
-# Refusals and drops that may pass: the mempool's room and order, never the ledger's verdict.
+# Refusals and drops that may pass: the mempool's room and order, never the ledger's verdict --
+# but for a full holding area, which a Finish leaves behind once its Start commits.
 RETRYABLE = frozenset({"mempool_full", "account_quota", "sequence_taken", "too_far_ahead", "evicted",
-                       Reason.BAD_SEQUENCE.value})
+                       Reason.BAD_SEQUENCE.value, Reason.HOLDING_AREA_FULL.value})
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ class LedgerHooks:
                         log.warning("%s left the mempool uncommitted: %s", tx.what, e)
                         return False
                 else:
-                    if committed.receipt.reason is not Reason.BAD_SEQUENCE:
+                    if committed.receipt.reason not in (Reason.BAD_SEQUENCE, Reason.HOLDING_AREA_FULL):
                         if not committed.receipt.ok:
                             log.warning("%s rejected at height %d: %s %s", tx.what, committed.height,
                                         committed.receipt.reason, committed.receipt.detail)
