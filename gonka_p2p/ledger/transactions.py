@@ -162,7 +162,8 @@ class StartInference(Message):
 
     ``request`` is the client's :class:`InferenceRequest` envelope, byte for
     byte: the ledger checks the client's signature itself and takes the
-    inference id as the SHA-256 of these bytes. ``executor`` must be the
+    inference id from it (``wire.messages.inference_id``: chain, client key
+    and nonce, all signed by the client). ``executor`` must be the
     weighted draw at ``attempt`` (``rules.choose_executor``; 0 first, one more
     for each drawn executor that failed before its first token), which the
     ledger recomputes and keeps on the inference's record.
