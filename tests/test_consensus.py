@@ -341,6 +341,22 @@ def test_equivocating_vote_is_evidence_and_never_counted_twice():
     assert c.state.on_vote(c.vote(1, PV, r, digest(b"z"))) == []  # reported once per slot
 
 
+def test_equivocation_at_a_later_height_is_reported_again():
+    """Attack: a validator that equivocated in a (type, round) once could equivocate in the same (type, round)
+    of every later height unreported, while the core remembered reported slots across heights without
+    their height; the ledger, which punishes once per epoch, never heard of the next offence."""
+    c = Cluster([1, 1, 1, 1])
+    c.state.start(1, c.valset)
+    a1, b1 = c.vote(1, PV, 0, digest(b"a1")), c.vote(1, PV, 0, digest(b"b1"))
+    c.state.on_vote(a1)
+    assert c.state.on_vote(b1) == [ReportEvidence(Evidence(a1, b1))]
+    assert c.state.on_commit_certificate(b"block-1", _certificate(c, [1, 2, 3], block=b"block-1"))
+    c.state.start(2, c.valset.next_height())
+    a2, b2 = c.vote(1, PV, 0, digest(b"a2"), height=2), c.vote(1, PV, 0, digest(b"b2"), height=2)
+    c.state.on_vote(a2)
+    assert c.state.on_vote(b2) == [ReportEvidence(Evidence(a2, b2))]
+
+
 def test_equivocating_vote_counts_for_its_own_value_once_somebody_else_backs_it():
     """As in the paper, support for id(v) is the set of distinct signers of a vote for v."""
     c = Cluster([1, 1, 1, 1])

@@ -114,9 +114,11 @@ def test_a_compact_block_rebuilds_the_exact_block_from_known_transactions() -> N
     known = {digest(tx): tx for tx in txs[:5]}  # the last two were not gossiped: they travel whole
     compact = CompactBlock.decode(compact_block(block, lambda h: h in known).encode())
     assert [len(e) for e in compact.entries][:5] == [32] * 5 and len(compact.entries[6]) > 32
-    assert expand_block(compact, known.get) == block.encode()
+    size = sum(len(tx) for tx in txs)
+    assert expand_block(compact, known.get, max_bytes=size) == block.encode()
+    assert expand_block(compact, known.get, max_bytes=size - 1) is None  # never built past the bound
     del known[digest(txs[3])]
-    assert expand_block(compact, known.get) is None
+    assert expand_block(compact, known.get, max_bytes=size) is None
 
 
 def test_frames_refuse_other_kinds_versions_and_garbage() -> None:

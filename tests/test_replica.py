@@ -8,26 +8,37 @@ a few hundred milliseconds so that each test runs in seconds.
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from helpers import FAST, eventually
 
 from gonka_p2p.actors.replica import Replica, ReplicaParams
+from gonka_p2p.actors.replica.proposals import BODIES_PER_PROPOSAL
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
-from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger.consensus_types import NEVER_SIGNED, VoteType, make_vote
+from gonka_p2p.identity import Keypair, digest
+from gonka_p2p.ledger.consensus_types import NEVER_SIGNED, VoteType, make_vote, proposal_sign_bytes
 from gonka_p2p.ledger.consensus_wire import (
+    BlockBody,
+    BlockRequest,
+    CertificateWire,
+    CommitRecord,
+    CompactBlock,
     ConsensusMessage,
+    ProposalWire,
+    SyncRequest,
+    certificate_from_wire,
     vote_to_wire,
 )
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
-from gonka_p2p.ledger.block import Block, decode_block
+from gonka_p2p.ledger.block import MAX_BLOCK_TXS, Block, decode_block
 from gonka_p2p.ledger.store import LedgerStore
-from gonka_p2p.ledger.transactions import Reason, Transfer
+from gonka_p2p.ledger.transactions import Reason, RegisterParticipant, Transfer
 from gonka_p2p.wire.envelope import seal
-from gonka_p2p.wire.protocols import CONSENSUS_TOPIC
+from gonka_p2p.wire.protocols import BLOCK_PROTOCOL, CONSENSUS_TOPIC, SYNC_PROTOCOL
 from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 CHAIN = "gonka-replica-test"
@@ -376,3 +387,215 @@ async def test_a_crash_in_a_replica_task_ends_its_run(cluster: Cluster) -> None:
     with pytest.raises(ExceptionGroup) as e:
         done.pop().result()
     assert e.group_contains(RuntimeError, match="proposal builder failed")
+
+
+# --------------------------------------------------------------------------- what byzantine peers send the shell
+
+
+@asynccontextmanager
+async def replica_and_peer(tmp_path: Path) -> AsyncIterator[tuple[Replica, MemoryService]]:
+    """Replica 0, open but not running, connected to validator 1's bare service (the attacker's)."""
+    hub = MemoryHub()
+    service, peer = hub.service(VALIDATORS[0]), hub.service(VALIDATORS[1])
+    await service.start()
+    await peer.start()
+    await service.connect(peer.listen_addrs[0])
+    replica = Replica(service, VALIDATORS[0], GENESIS, tmp_path / "replica0", FAST)
+    await replica.open()
+    try:
+        yield replica, peer
+    finally:
+        await replica.close()
+        await peer.stop()
+        await service.stop()
+
+
+def unproven_record(height: int, block: bytes = b"junk") -> CommitRecord:
+    """A CommitRecord whose certificate holds no signature: it never verifies."""
+    return CommitRecord(height=height, block=block, certificate=CertificateWire(
+        height=height, round=0, block_hash=digest(block), signatures=[]))
+
+
+async def test_a_sync_reply_ends_at_the_records_asked_for_and_at_its_deadline(tmp_path: Path) -> None:
+    """Attack: a peer answering a SyncRequest sent frame after frame (each up to 8 MiB, each within the
+    per-frame timeout) and the replica kept them all in memory, its one sync task (or its start-up
+    catch-up) busy for as long as the peer trickled them. It reads at most ``sync_batch`` records,
+    within ``request_timeout_s`` for the whole reply."""
+    async with replica_and_peer(tmp_path) as (replica, peer):
+        sent = 0
+
+        async def flood(opener: str, frame: bytes, send) -> None:  # type: ignore[no-untyped-def]
+            nonlocal sent
+            request = decode_frame(frame, SyncRequest)
+            for i in range(50 * request.max_count):
+                await send(encode_frame(unproven_record(request.from_height + i)))
+                sent += 1
+
+        peer.set_stream_handler(SYNC_PROTOCOL, flood)
+        assert await replica._sync._fetch_records(1, peer.peer_id) == []  # (they do not verify either)
+        assert sent < 50 * FAST.sync_batch, "the replica read the whole flood"
+
+        async def trickle(opener: str, frame: bytes, send) -> None:  # type: ignore[no-untyped-def]
+            request = decode_frame(frame, SyncRequest)
+            for i in range(request.max_count):
+                await asyncio.sleep(0.6 * FAST.request_timeout_s)  # each frame in time, the reply not
+                await send(encode_frame(unproven_record(request.from_height + i)))
+
+        peer.set_stream_handler(SYNC_PROTOCOL, trickle)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await replica._sync._fetch_records(1, peer.peer_id)
+        assert loop.time() - started < FAST.request_timeout_s + 0.5
+
+
+async def test_a_fetched_record_that_does_not_verify_is_dropped_not_held(tmp_path: Path) -> None:
+    """Attack: fetched records were held unverified until their height committed, so one bad record
+    made the driver start its height at once and skip proposing in it (``holds``), and was re-offered
+    to the core at every RequestCommit instead of being fetched anew."""
+    async with replica_and_peer(tmp_path) as (replica, _):
+        sync, bad = replica._sync, unproven_record(1)
+        sync._fetched[1] = (bad.block, certificate_from_wire(bad.certificate))
+        assert not sync.holds(1) and not sync._fetched
+        replica.core.start(1, replica._chain.validators)
+        sync._fetched[1] = (bad.block, certificate_from_wire(bad.certificate))
+        assert sync.offer() == [] and not sync._fetched
+
+
+async def test_one_bad_sync_reply_does_not_stop_a_lagging_replica_from_catching_up(tmp_path: Path) -> None:
+    """Attack: a byzantine validator shows a lagging replica a vote of a later height (so that it is
+    asked first for the commit) and answers with a record whose certificate does not verify. The
+    replica kept that record and re-offered it to the core for ever: it never caught up, and skipped
+    its proposer turns. It must fetch from another peer instead."""
+    victim_index, evil_index = 2, 3
+    asked = asyncio.Event()
+
+    def byzantine(evil: Replica) -> None:
+        async def serve(opener: str, frame: bytes, send) -> None:  # type: ignore[no-untyped-def]
+            if opener != VALIDATORS[victim_index].peer_id:
+                return await evil._sync.serve(opener, frame, send)
+            asked.set()
+            request = decode_frame(frame, SyncRequest)
+            for height, block, _ in await evil._chain.store.blocks(request.from_height, 1):
+                await send(encode_frame(unproven_record(height, block)))
+
+        evil._service.set_stream_handler(SYNC_PROTOCOL, serve)
+
+    cluster = Cluster(tmp_path, tamper={evil_index: byzantine})
+    try:
+        replicas = [await cluster.start(i) for i in range(4)]
+        await cluster.wait_all(2)
+        victim, deaf = replicas[victim_index], cluster.services[victim_index]
+        # The victim lags: its consensus gossip is lost for a while (30 of 40 power goes on).
+        await deaf.subscribe(CONSENSUS_TOPIC, victim._consensus.on_message, lambda sender, data: False)
+        stalled_at = victim.height
+        await asyncio.gather(*(replicas[i].wait_for_height(stalled_at + 3, 15) for i in (0, 1, 3)))
+        evil = VALIDATORS[evil_index]
+
+        async def show_a_later_height() -> bool:
+            ahead = make_vote(CHAIN, evil.sign, evil.peer_id, VoteType.PREVOTE, victim.core.height + 2, 0, None, 0)
+            await victim._consensus.on_message(evil.peer_id, encode_frame(
+                ConsensusMessage(seq=1, proposals=[], votes=[vote_to_wire(ahead)])))
+            return asked.is_set()
+
+        await eventually(show_a_later_height, what="the victim asking the byzantine peer", interval=0.1)
+        # Its gossip is back; every honest peer answers a catch-up correctly.
+        await deaf.subscribe(CONSENSUS_TOPIC, victim._consensus.on_message, victim._consensus.validator())
+        target = replicas[0].height + 2
+        await victim.wait_for_height(target, 20)
+    finally:
+        await cluster.close()
+
+
+async def test_an_unsigned_compact_proposal_is_not_expanded(tmp_path: Path) -> None:
+    """Attack: a compact block (up to MAX_BLOCK_TXS entries, each naming the same large pending
+    transaction) was rebuilt from the mempool before its signature was checked and without a size
+    bound: anyone's one ~700 KB gossip message, relayed as valid by every topic validator, made every
+    replica build and hash a block of 20,000 times the transaction's size on its event loop."""
+    async with replica_and_peer(tmp_path) as (replica, _):
+        client = CLIENTS[0]
+        big = seal(RegisterParticipant(chain_id=CHAIN, addrs=["/dns/" + "a" * 251] * 8, models=["m"], sequence=0),
+                   client)
+        tx_hash = replica.submit(big)  # any funded account can put it in every mempool
+        compact = CompactBlock(height=1, prev_hash=replica.state.last_block_hash, proposer=VALIDATORS[1].peer_id,
+                               time_ms=0, entries=[tx_hash] * MAX_BLOCK_TXS, last_commit_round=0, last_commit=[])
+        wire = ProposalWire(height=1, round=0, pol_round=-1, block_hash=b"\x01" * 32, inline=False, block=b"",
+                            compact=compact.encode(), proposer=VALIDATORS[1].peer_id, signature=b"\x30" * 70)
+        frame = encode_frame(ConsensusMessage(seq=1, proposals=[wire], votes=[]))
+        assert replica._consensus.validator()(VALIDATORS[2].peer_id, frame)  # relays forward it as valid
+        tracemalloc.start()
+        try:
+            await replica._consensus.on_message(VALIDATORS[2].peer_id, frame)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak <= max(8 * len(frame), FAST.max_block_bytes), f"{peak // 2**20} MiB allocated"
+
+
+async def test_a_validator_cannot_make_replicas_fetch_and_hold_bodies_without_bound(tmp_path: Path) -> None:
+    """Attack: a replica fetched (and held until the next height committed) the body of any proposal
+    some validator signed: for rounds like 10**12 that the core drops at once, for rounds that
+    validator does not propose, as many bodies per round as it signed. Only proposals the core would
+    take are fetched, and at most two bodies per proposer and round, for at most
+    ``max_future_rounds`` rounds above the core's."""
+    async with replica_and_peer(tmp_path) as (replica, peer):
+        validators, evil = replica._chain.validators, VALIDATORS[1]
+        own = [r for r in range(1, 100) if validators.proposer(r) == evil.peer_id][:4]  # its turns ahead of us
+        others = [r for r in range(1, 100) if validators.proposer(r) != evil.peer_id][:4]
+        signed: list[tuple[int, bytes]] = []  # (round, block hash), in the order sent
+        bodies = {}
+        for round_ in [10**12 + i for i in range(4)] + others + [r for r in own for _ in range(3)]:
+            body = bytes([len(signed)]) * (64 * 1024)
+            bodies[digest(body)] = body
+            signed.append((round_, digest(body)))
+        room = [[h for r, h in signed if r == turn][:BODIES_PER_PROPOSAL]
+                for turn in own[:FAST.consensus.max_future_rounds]]
+        expected = {h for hashes in room for h in hashes}  # its next turns, two bodies each
+
+        async def serve(opener: str, frame: bytes, send) -> None:  # type: ignore[no-untyped-def]
+            await send(encode_frame(BlockBody(block=bodies[decode_frame(frame, BlockRequest).block_hash])))
+
+        peer.set_stream_handler(BLOCK_PROTOCOL, serve)
+        replica.core.start(1, validators)  # the replica is deciding height 1, in round 0
+        async with asyncio.TaskGroup() as tasks:
+            replica._runtime.own(tasks)
+            replica._runtime.running = True
+            for i, (round_, block_hash) in enumerate(signed):
+                signature = evil.sign(proposal_sign_bytes(CHAIN, 1, round_, -1, block_hash))
+                wire = ProposalWire(height=1, round=round_, pol_round=-1, block_hash=block_hash, inline=False,
+                                    block=b"", compact=b"", proposer=evil.peer_id, signature=signature)
+                await replica._consensus.on_message(peer.peer_id, encode_frame(
+                    ConsensusMessage(seq=i, proposals=[wire], votes=[])))
+            await eventually(lambda: set(replica._proposals._bodies), what="the bodies of its next turns",
+                             until=lambda held: held >= expected)
+            await asyncio.sleep(0.2)  # any other fetch would have come by now
+            replica._runtime.running = False
+            replica._runtime.own(None)
+        assert set(replica._proposals._bodies) == expected
+
+
+async def test_an_unsigned_vote_naming_a_far_height_does_not_make_the_chain_spin(tmp_path: Path) -> None:
+    """Attack: the height of every gossiped vote that passed the topic validator (which checks
+    membership, not signatures) was noted as a reason to start the next height: one unsigned vote
+    "from" a validator at height 2**62 made every replica start each later height at once, so the
+    idle chain made blocks as fast as consensus runs and every deadline counted in blocks shrank."""
+    params = ReplicaParams(**{**FAST.__dict__, "empty_block_interval_s": 3.0})
+    cluster = Cluster(tmp_path, params=params)
+    outsider = cluster.hub.service(OUTSIDER)
+    await outsider.start()
+    try:
+        replicas = [await cluster.start(i) for i in range(4)]
+        for service in cluster.services.values():
+            await outsider.connect(service.listen_addrs[0])
+        await cluster.wait_all(2)
+        forged = make_vote(CHAIN, lambda message: b"\x30" * 70, VALIDATORS[0].peer_id, VoteType.PREVOTE, 2**62, 0,
+                           None, 0)
+        await outsider.publish(CONSENSUS_TOPIC, encode_frame(
+            ConsensusMessage(seq=1, proposals=[], votes=[vote_to_wire(forged)])))
+        h0, t0 = replicas[0].height, asyncio.get_running_loop().time()
+        await asyncio.sleep(2.0)
+        blocks = replicas[0].height - h0
+        elapsed = asyncio.get_running_loop().time() - t0
+        assert blocks <= elapsed / params.empty_block_interval_s + 1, f"{blocks} blocks in {elapsed:.1f} s"
+    finally:
+        await cluster.close()
+        await outsider.stop()

@@ -173,6 +173,7 @@ class ConsensusState:
     _validation_requested: set[bytes]
     _fired: set[tuple[int, int]]  # (line, round) of the "for the first time" rules that fired
     _own: list[Message]  # what we signed at this height, for rebroadcast
+    _evidenced: set[tuple[object, ...]]  # slots already reported: each offence once, every height anew
     _catchup_allowed: bool  # RequestCommit at most once per rebroadcast interval
 
     def __init__(self, *, chain_id: str, verify: VerifyFn, address: str | None = None, sign: SignFn | None = None,
@@ -194,7 +195,6 @@ class ConsensusState:
         self._safety = safety or NEVER_SIGNED
         self.evidence: list[Evidence] = []
         self.ignored: Counter[str] = Counter()
-        self._evidenced: set[tuple[object, ...]] = set()
         self._buffer: dict[str, list[Message]] = {}  # next-height messages by sender
         self._height = -1
         self._validators: ValidatorSet | None = None
@@ -674,6 +674,7 @@ class ConsensusState:
         self._validation_requested = set()
         self._fired = set()
         self._own = []
+        self._evidenced = set()
         self._catchup_allowed = True
         if restored is None:
             return

@@ -248,13 +248,23 @@ def compact_block(block: Block, announced: Callable[[bytes], bool]) -> CompactBl
                         last_commit=block.last_commit)
 
 
-def expand_block(compact: CompactBlock, lookup: Callable[[bytes], bytes | None]) -> bytes | None:
-    """The block's bytes, if ``lookup`` (tx hash -> raw tx) knows every hashed transaction; else None."""
-    txs = [lookup(e) if len(e) == HASH_BYTES else e for e in compact.entries]
-    if any(tx is None for tx in txs):
-        return None
+def expand_block(compact: CompactBlock, lookup: Callable[[bytes], bytes | None], *, max_bytes: int) -> bytes | None:
+    """The block's bytes, if ``lookup`` (tx hash -> raw tx) knows every hashed transaction and they
+    fit in ``max_bytes``; else None. The bound is checked as the block is built: each 32-byte entry
+    may name the same large transaction, so a small compact block could otherwise expand to
+    gigabytes."""
+    txs: list[bytes] = []
+    size = 0
+    for entry in compact.entries:
+        tx = lookup(entry) if len(entry) == HASH_BYTES else entry
+        if tx is None:
+            return None
+        size += len(tx)
+        if size > max_bytes:
+            return None
+        txs.append(tx)
     return Block(height=compact.height, prev_hash=compact.prev_hash, proposer=compact.proposer,
-                 time_ms=compact.time_ms, txs=txs, last_commit_round=compact.last_commit_round,  # type: ignore[arg-type]
+                 time_ms=compact.time_ms, txs=txs, last_commit_round=compact.last_commit_round,
                  last_commit=compact.last_commit).encode()
 
 

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gonka_p2p.identity import verify_signature
 from gonka_p2p.ledger.block import Block, Receipt
+from gonka_p2p.ledger.commit_checks import verified
 from gonka_p2p.ledger.consensus_types import CommitCertificate, Evidence, ValidatorSet
 from gonka_p2p.ledger.consensus_wire import evidence_to_wire
 from gonka_p2p.ledger.genesis import Genesis
@@ -156,6 +158,15 @@ class Chain:
 
     def add_commit_listener(self, listener: Callable[[LedgerState], None]) -> None:
         self._listeners.append(listener)
+
+    def signed_by_validator(self, address: str, message: bytes, signature: bytes) -> bool:
+        """``signature`` is by ``address``, a validator of the next height to decide, over ``message``.
+
+        For the shell's own checks of a gossiped message before it acts on it
+        (fetching a body, starting a height); the core checks every message again.
+        """
+        validator = self.validators.get(address)
+        return validator is not None and verified(verify_signature, validator, message, signature)
 
     async def wait_for_commit(self, tx_hash: bytes, timeout: float | None) -> Committed:
         known = self._receipts.get(tx_hash)

@@ -11,7 +11,10 @@ overloaded network queues transactions, not votes.
 **In.** The topic validator (run before delivery and forwarding, possibly
 on the network thread) checks shapes and membership only; the core checks
 signatures. The handler decodes, resolves each proposal's block, and posts
-one event to the driver.
+one event to the driver. What the shell acts on before the core sees a
+message is checked here first: a body is fetched or rebuilt only for a
+signed proposal (``proposals.py``), and a later height is a reason to start
+ours only on a valid signature (``Driver.note_height``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from functools import partial
 
 from gonka_p2p.gossip.service import MessageValidator
 from gonka_p2p.ledger.consensus import ConsensusState
-from gonka_p2p.ledger.consensus_types import Proposal, Vote
+from gonka_p2p.ledger.consensus_types import Proposal, Vote, proposal_sign_bytes
 from gonka_p2p.ledger.consensus_wire import (
     ConsensusMessage,
     ProposalWire,
@@ -48,13 +52,13 @@ class ConsensusGossip:
     """Publishes the driver's broadcasts and posts what peers publish."""
 
     def __init__(self, core: ConsensusState, runtime: Runtime, chain: Chain, proposals: ProposalBodies,
-                 saw_height: Callable[[int], None], publish: Publish, idle: asyncio.Event,
+                 saw_height: Callable[[int, Callable[[], bool]], None], publish: Publish, idle: asyncio.Event,
                  metrics: ReplicaMetrics) -> None:
         self._core = core
         self._runtime = runtime
         self._chain = chain
         self._proposals = proposals
-        self._saw_height = saw_height
+        self._saw_height = saw_height  # (height, whether its message is signed): Driver.note_height
         self._publish = publish
         self.idle = idle  # set while no consensus message waits to be published
         self.idle.set()
@@ -90,18 +94,28 @@ class ConsensusGossip:
             inline = [proposal_from_wire(p, p.block) for p in msg.proposals if p.inline]
         except WireError:
             return
+        self._note_later_heights(msg.proposals, votes)
         for p in msg.proposals:
-            self._saw_height(p.height)
             if p.inline or p.height < self._core.height:
                 continue
             proposal = self._proposals.receive(p, sender)
             if proposal is not None:
                 inline.append(proposal)
-        for v in votes:
-            self._saw_height(v.height)
         core = self._core
         await self._runtime.post_network(lambda: [a for p in inline for a in core.on_proposal(p)]
                                          + [a for v in votes for a in core.on_vote(v)])
+
+    def _note_later_heights(self, proposals: list[ProposalWire], votes: list[Vote]) -> None:
+        """Show the driver the messages of later heights, each with the check of its signature, which
+        the driver runs only if the message would make it start a height."""
+        signed_by, chain_id, height = self._chain.signed_by_validator, self._chain.chain_id, self._core.height
+        for p in proposals:
+            if p.height > height:
+                message = proposal_sign_bytes(chain_id, p.height, p.round, p.pol_round, p.block_hash)
+                self._saw_height(p.height, partial(signed_by, p.proposer, message, p.signature))
+        for v in votes:
+            if v.height > height:
+                self._saw_height(v.height, partial(signed_by, v.validator, v.sign_bytes(chain_id), v.signature))
 
     async def send(self) -> None:
         """Publish what the driver broadcast, coalesced into few gossip messages (module docstring)."""

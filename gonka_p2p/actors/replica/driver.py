@@ -89,7 +89,7 @@ class Driver:
         self._committed_at = 0.0  # loop time of the last commit
         self._started_at = 0.0  # loop time the current height started
         self._signed_at: dict[Step, float] = {}  # loop time of our first signature of each step here
-        self._max_seen_height = 0  # highest height a validator's message named
+        self._max_seen_height = 0  # highest height a validator's signed message named (capped: note_height)
 
     async def start(self) -> None:
         """Start the height after the committed one (catch-up is done)."""
@@ -127,7 +127,7 @@ class Driver:
             elif isinstance(action, ScheduleTimeout):
                 self._call_later(action.duration_ms / 1000, self._post_timeout, action.timeout)
             elif isinstance(action, RequestProposal):
-                if not self._sync.holds(action.height):  # decided already; its certificate is queued
+                if not self._sync.holds(action.height):  # decided already; its verified certificate is queued
                     block = self._proposals.build(action.height)
                     await self.execute(self._core.on_proposal_value(action.height, action.round, block))
             elif isinstance(action, ValidateBlock):
@@ -158,9 +158,17 @@ class Driver:
 
     # ---- heights -------------------------------------------------------------------------
 
-    def note_height(self, height: int) -> None:
-        """A validator's message named ``height``: if we are behind it, that is reason to start."""
-        if height > self._max_seen_height:
+    def note_height(self, height: int, signed: Callable[[], bool]) -> None:
+        """A validator's message named ``height``: if we are behind it, that is reason to start.
+
+        It counts for at most the height after the core's (all it can be a
+        reason for is starting our next height), and only once ``signed``
+        confirms its signature, which the core has not checked yet: else one
+        forged vote naming a far height, relayed by every topic validator,
+        would make every replica start each later height at once.
+        """
+        height = min(height, self._core.height + 1)
+        if height > self._max_seen_height and signed():
             self._max_seen_height = height
             self.maybe_start()
 

@@ -17,8 +17,15 @@ from the proposer (or any peer holding it) over ``/gonka/ledger/block/1``,
 after checking the proposal's signature over that hash.
 
 Memory: bodies are held (to serve them to peers) only for the height being
-decided and the next, only when a validator signed them, and are dropped
-when their height commits (``forget_below``); fetches in flight likewise.
+decided and the next, and are dropped when their height commits
+(``forget_below``); fetches in flight likewise. A body is rebuilt or
+fetched only for a proposal the core would take (``_claim``), checked
+before any work on it: within the core's round lookahead, by that round's
+proposer, signed; and, like the core's log, at most two bodies per
+proposer and round (the second is evidence) and at most
+``max_future_rounds`` rounds per proposer above the core's. That bounds
+what one validator can make us fetch and hold, and what anyone can make
+us expand from an unsigned compact block.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
+BODIES_PER_PROPOSAL = 2  # per (height, round, proposer): the first, and a conflicting second (evidence)
+
 
 class ProposalBodies:
     """Builds, checks, compacts, rebuilds, fetches and serves the blocks that proposals carry."""
@@ -75,12 +84,13 @@ class ProposalBodies:
         self._params = params
         self._metrics = metrics
         self._bodies: dict[bytes, tuple[int, bytes]] = {}  # block hash -> (height, block) we can serve
-        self._fetching: set[tuple[int, int, str, bytes]] = set()  # proposal bodies being fetched
+        # (height, round, proposer) -> hashes of the bodies rebuilt, fetched or being fetched for it
+        self._claimed: dict[tuple[int, int, str], set[bytes]] = {}
 
     def forget_below(self, height: int) -> None:
         """Drop the bodies and fetches of decided heights."""
         self._bodies = {h: b for h, b in self._bodies.items() if b[0] >= height}
-        self._fetching = {k for k in self._fetching if k[0] >= height}
+        self._claimed = {k: c for k, c in self._claimed.items() if k[0] >= height}
 
     # ---- our proposals -------------------------------------------------------------------
 
@@ -171,49 +181,81 @@ class ProposalBodies:
     def receive(self, p: ProposalWire, relay: str) -> Proposal | None:
         """A gossiped proposal without its block: the block held or rebuilt here, else fetched (None now)."""
         held = self._bodies.get(p.block_hash)  # a rebroadcast, or a body we already rebuilt or fetched
-        try:
-            proposal = proposal_from_wire(p, held[1]) if held is not None else self._rebuild(p)
-        except WireError:
-            proposal = None
+        if held is not None:
+            try:
+                return proposal_from_wire(p, held[1])
+            except WireError:
+                return None
+        if not self._claim(p):
+            return None
+        proposal = self._rebuild(p)
         if proposal is None:
             log.debug("proposal %d/%d from %s: fetching its block", p.height, p.round, p.proposer[-6:])
             self._fetch(p, relay)
         return proposal
 
+    def _claim(self, p: ProposalWire) -> bool:
+        """Whether to rebuild or fetch the body of ``p``, which then counts against its proposer's room.
+
+        Only for a proposal the core would take (module docstring), cheapest
+        checks first and the signature last. Where we know the height's
+        validators (the one being decided) the signer must be the round's
+        proposer; for the next height, whose set the commit may still change,
+        a validator of ours, as the core's buffer asks.
+        """
+        core = self._core
+        if not core.height <= p.height <= core.height + 1:
+            return False
+        current = core.round if p.height == core.height else 0
+        if p.round > current + core.params.max_round_lookahead:
+            return False
+        if p.height == self._chain.state.height + 1 and self._chain.validators.proposer(p.round) != p.proposer:
+            return False
+        key = (p.height, p.round, p.proposer)
+        claimed = self._claimed.get(key, set())
+        if p.block_hash in claimed or len(claimed) >= BODIES_PER_PROPOSAL:
+            return False
+        if p.round > current and not claimed:
+            ahead = {r for h, r, who in self._claimed if (h, who) == (p.height, p.proposer) and r > current}
+            if len(ahead) >= core.params.max_future_rounds:
+                return False
+        message = proposal_sign_bytes(self._chain.chain_id, p.height, p.round, p.pol_round, p.block_hash)
+        if not self._chain.signed_by_validator(p.proposer, message, p.signature):
+            return False
+        self._claimed.setdefault(key, set()).add(p.block_hash)
+        return True
+
+    def _release(self, p: ProposalWire) -> None:
+        """No body came for ``p``: a later copy of it may try again."""
+        self._claimed.get((p.height, p.round, p.proposer), set()).discard(p.block_hash)
+
     def _rebuild(self, p: ProposalWire) -> Proposal | None:
-        """A compact proposal's block from the transactions our mempool holds, if it holds them all."""
+        """A compact proposal's block from the transactions our mempool holds, if it holds them all.
+
+        A block with more entries than we would propose, or larger than
+        consensus allows, is fetched instead of built here.
+        """
         if not p.compact:
             return None
         try:
-            raw = expand_block(CompactBlock.decode(p.compact), self._mempool.raw)
+            compact = CompactBlock.decode(p.compact)
+            if len(compact.entries) > self._params.max_block_txs:
+                return None
+            raw = expand_block(compact, self._mempool.raw, max_bytes=self._core.params.max_block_bytes)
             proposal = proposal_from_wire(p, raw) if raw is not None else None
         except WireError:
             return None
         if proposal is not None:
-            if self._in_window(p) and self._signed(p):  # others may fetch it from us
-                self._bodies[p.block_hash] = (p.height, proposal.block)
+            self._bodies[p.block_hash] = (p.height, proposal.block)  # others may fetch it from us
             self._metrics.proposals_rebuilt += 1
         return proposal
 
-    def _in_window(self, p: ProposalWire) -> bool:
-        """The heights whose proposals the core takes: the one being decided and the next (buffered)."""
-        return self._core.height <= p.height <= self._core.height + 1
-
-    def _signed(self, p: ProposalWire) -> bool:
-        """Signed by a validator of ours over its block hash (before we fetch or keep its body)."""
-        validator = self._chain.validators.get(p.proposer)
-        message = proposal_sign_bytes(self._chain.chain_id, p.height, p.round, p.pol_round, p.block_hash)
-        return validator is not None and verify_signature(validator.public_key, p.signature, message)
-
     def _fetch(self, p: ProposalWire, relay: str) -> None:
-        """A proposal too large for gossip: check its signature, then fetch its block by hash."""
-        key = (p.height, p.round, p.proposer, p.block_hash)
-        if key in self._fetching or not self._in_window(p) or not self._signed(p):
-            return
+        """A proposal too large for gossip (claimed, so checked): fetch its block by hash."""
         others = [peer for peer in self._service.connected_peers() if peer not in (p.proposer, relay)]
         random.shuffle(others)  # every peer that validated the proposal holds the body too
-        if self._runtime.spawn(self._fetch_from(p, [p.proposer, relay, *others])) is not None:
-            self._fetching.add(key)
+        if self._runtime.spawn(self._fetch_from(p, [p.proposer, relay, *others])) is None:
+            self._release(p)
 
     async def _fetch_from(self, p: ProposalWire, peers: list[str]) -> None:
         request = encode_frame(BlockRequest(block_hash=p.block_hash))
@@ -234,7 +276,7 @@ class ProposalBodies:
             return
         # Nobody answered in time: the proposer re-broadcasts the proposal while its height is open,
         # and that copy may try again.
-        self._fetching.discard((p.height, p.round, p.proposer, p.block_hash))
+        self._release(p)
 
     async def serve(self, opener: str, frame: bytes, send: SendFrame) -> None:
         """A proposal's body: of this height (held in memory) or, for a late peer, already committed."""

@@ -12,6 +12,16 @@ later height) fetches a batch the same way, and feeds each record to the
 core through ``on_commit_certificate``, which checks it; one sync task at a
 time, in the replica's TaskGroup.
 
+A peer's reply is untrusted, and the peer that triggered the request (the
+preferred one) may be byzantine. So a reply ends at ``sync_batch`` records
+and ``request_timeout_s`` however the peer trickles them; a reply whose
+first record (the height after ours, whose validators we know) does not
+verify is thrown away and the next peer asked; a record the core refuses is
+dropped, so the next request fetches again instead of re-offering it; and
+the driver treats a height as decided (starts it at once, skips proposing
+in it) only once its record verifies (``holds``). Otherwise one bad reply
+would stall a lagging replica for good.
+
 Memory: fetched records wait in ``_fetched`` only until their height
 commits (``forget_below``), and the sync task fetches the next batch only
 once the last one is committed, so at most ``sync_batch`` are held.
@@ -28,7 +38,7 @@ from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
 from gonka_p2p.identity import digest, verify_signature
 from gonka_p2p.ledger.commit_checks import verify_commit
 from gonka_p2p.ledger.consensus import ConsensusState
-from gonka_p2p.ledger.consensus_types import Action, CommitCertificate, InvalidCommit, RequestCommit
+from gonka_p2p.ledger.consensus_types import Action, CommitCertificate, InvalidCommit, RequestCommit, ValidatorSet
 from gonka_p2p.ledger.consensus_wire import (
     CommitRecord,
     SyncRequest,
@@ -62,14 +72,29 @@ class Sync:
         self._params = params
         self._metrics = metrics
         self._fetched: dict[int, tuple[bytes, CommitCertificate]] = {}  # decided heights, not yet committed
+        self._proven: set[int] = set()  # heights in _fetched whose certificate verified
         self._sync_task: asyncio.Task[None] | None = None
 
     def holds(self, height: int) -> bool:
-        """Whether a fetched certificate for ``height`` waits for the core."""
-        return height in self._fetched
+        """Whether a fetched record of ``height`` whose certificate verifies waits for the core.
+
+        Asked for the next height to commit, whose validators we know: a
+        record that does not verify is dropped here, so that the driver
+        neither starts the height for it nor skips proposing in it.
+        """
+        record = self._fetched.get(height)
+        if record is None or height != self._chain.state.height + 1:
+            return False
+        if height not in self._proven:
+            if not self._proves(self._chain.validators, height, *record):
+                del self._fetched[height]
+                return False
+            self._proven.add(height)
+        return True
 
     def forget_below(self, height: int) -> None:
         self._fetched = {h: r for h, r in self._fetched.items() if h >= height}
+        self._proven = {h for h in self._proven if h >= height}
 
     async def await_quorum(self) -> None:
         """Wait until validators holding > 2/3 of the power (ourselves included) are connected.
@@ -97,8 +122,7 @@ class Sync:
         while records := await self._fetch_records(self._chain.state.height + 1, None):
             for height, raw, certificate in records:
                 try:
-                    verify_commit(self._chain.validators, height, digest(raw), certificate, verify_signature,
-                                  chain_id=self._chain.chain_id)
+                    self._verify(self._chain.validators, height, raw, certificate)
                     block = decode_block(raw)
                 except (InvalidCommit, WireError) as e:
                     log.warning("catch-up stopped at height %d: a peer sent a bad record (%s)", height, e)
@@ -111,49 +135,75 @@ class Sync:
         if request.height in self._fetched:
             self._runtime.post(self.offer)
         elif self._sync_task is None or self._sync_task.done():
-            self._sync_task = self._runtime.spawn(self._sync(request.height, request.peer))
+            self._sync_task = self._runtime.spawn(self._sync(request.peer))
 
     def offer(self) -> list[Action]:
-        """The event that hands the core the fetched certificate of its height, if there is one."""
-        record = self._fetched.get(self._core.height)
+        """The event that hands the core the fetched certificate of its height, if there is one.
+
+        The record is handed over once: if the core refuses it (its
+        certificate does not verify), the next ``RequestCommit`` fetches anew.
+        """
+        height = self._core.height
+        record = self._fetched.pop(height, None)
+        self._proven.discard(height)
         return self._core.on_commit_certificate(*record) if record is not None else []
 
-    async def _sync(self, height: int, peer: str) -> None:
-        """Fetch decided heights from ``height`` on for the core, batch after batch while we lag."""
-        while records := await self._fetch_records(height, peer):
+    async def _sync(self, peer: str) -> None:
+        """Fetch the decided heights after our last for the core, batch after batch while we lag."""
+        while records := await self._fetch_records(self._chain.state.height + 1, peer):
             for h, raw, certificate in records:
                 self._fetched[h] = (raw, certificate)
+            self._proven.add(records[0][0])  # _fetch_records verified it
             self._runtime.post(self.offer)
-            last = records[-1][0]
             if len(records) < self._params.sync_batch:
                 return
             try:
-                await self._chain.wait_for_height(last, self._params.request_timeout_s)
+                await self._chain.wait_for_height(records[-1][0], self._params.request_timeout_s)
             except TimeoutError:
-                return  # the records did not verify; the core will ask again
-            height = last + 1
+                return  # a record did not verify; the core will ask again
 
     async def _fetch_records(self, height: int, preferred: str | None
                              ) -> list[tuple[int, bytes, CommitCertificate]]:
-        """Consecutive (height, block, certificate) from ``height`` on, from the first peer that has any."""
+        """Consecutive (height, block, certificate) from ``height`` (the height after our last) on,
+        from the first peer whose first record verifies: at most ``sync_batch`` of them, each peer
+        given ``request_timeout_s`` for its whole reply (module docstring)."""
+        validators = self._chain.validators  # of ``height``, read with it before any await
         others = [p for p in self._service.connected_peers() if p not in (preferred, self._peer_id)]
         random.shuffle(others)
-        request = encode_frame(SyncRequest(from_height=height, max_count=self._params.sync_batch))
+        limit = self._params.sync_batch
+        request = encode_frame(SyncRequest(from_height=height, max_count=limit))
         for peer in ([preferred] if preferred else []) + others:
             records: list[tuple[int, bytes, CommitCertificate]] = []
             try:
-                frames = self._service.open_stream(peer, SYNC_PROTOCOL, request, self._params.request_timeout_s)
-                async with aclosing(frames):  # type: ignore[type-var]
-                    async for frame in frames:
-                        record = decode_frame(frame, CommitRecord)
-                        if record.height != height + len(records):
-                            break
-                        records.append((record.height, record.block, certificate_from_wire(record.certificate)))
+                async with asyncio.timeout(self._params.request_timeout_s):
+                    frames = self._service.open_stream(peer, SYNC_PROTOCOL, request, self._params.request_timeout_s)
+                    async with aclosing(frames):  # type: ignore[type-var]
+                        async for frame in frames:  # leaving early resets the stream
+                            record = decode_frame(frame, CommitRecord)
+                            if record.height != height + len(records):
+                                break
+                            records.append((record.height, record.block,
+                                            certificate_from_wire(record.certificate)))
+                            if len(records) == limit:
+                                break
             except (NetworkError, TimeoutError, WireError) as e:
                 log.debug("sync from %s failed: %r", peer, e)
-            if records:
+            if records and self._proves(validators, *records[0]):
                 return records
+            if records:
+                log.info("sync from %s: its record of height %d does not verify", peer[-8:], height)
         return []
+
+    def _verify(self, validators: ValidatorSet, height: int, raw: bytes, certificate: CommitCertificate) -> None:
+        """Raise :class:`InvalidCommit` unless ``certificate`` proves ``raw`` decided at ``height``."""
+        verify_commit(validators, height, digest(raw), certificate, verify_signature, chain_id=self._chain.chain_id)
+
+    def _proves(self, validators: ValidatorSet, height: int, raw: bytes, certificate: CommitCertificate) -> bool:
+        try:
+            self._verify(validators, height, raw, certificate)
+        except InvalidCommit:
+            return False
+        return True
 
     async def serve(self, opener: str, frame: bytes, send: SendFrame) -> None:
         """``/gonka/ledger/sync/1``: our stored blocks and certificates from the requested height on."""
