@@ -86,14 +86,22 @@ def eventually_blocking(probe: Callable[[], T], timeout: float = 10.0, what: str
 
 async def start_network(hub: MemoryHub, engine: Engine, n: int = 3) -> list[Node]:
     """n nodes, the first one TA only, all joined through the first and announced."""
-    nodes = []
-    for i in range(n):
+    return await start_nodes(hub, [None] + [engine] * (n - 1))
+
+
+async def start_nodes(hub: MemoryHub, engines: list[Engine | None],
+                      evidence_max_bytes: list[int] | None = None) -> list[Node]:
+    """One node per engine (None: TA only), each with its evidence bound if given, all joined
+    through the first and announced."""
+    nodes: list[Node] = []
+    for i, engine in enumerate(engines):
         key = Keypair.from_seed(f"node{i}".encode())
-        models = [] if i == 0 else [MODEL]
+        models = [] if engine is None else [MODEL]
         bootstrap = [nodes[0].service.listen_addrs[0]] if nodes else []
-        node = Node(NodeConfig(models=models, bootstrap=bootstrap, engine="torch"), key,
+        bound = {} if evidence_max_bytes is None else {"evidence_max_bytes": evidence_max_bytes[i]}
+        node = Node(NodeConfig(models=models, bootstrap=bootstrap, engine="torch", **bound), key,  # type: ignore[arg-type]
                     hub.service(key), weights=None)
-        if models:
+        if engine is not None:
             node.engines[MODEL] = engine
         await node.join()
         await node.start_actors()

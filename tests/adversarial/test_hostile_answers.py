@@ -20,14 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import MODEL, all_announced, client_for, start_network
+from helpers import MODEL, client_for, start_network, start_nodes
 
 from gonka_p2p.actors.admission import ADHOC_CHAIN_ID
 from gonka_p2p.actors.directory import PeerDirectory
-from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.transfer_agent import TransferAgent
 from gonka_p2p.client import GonkaClient, GonkaError, build_request
-from gonka_p2p.config import NodeConfig
 from gonka_p2p.gossip.memory import MemoryHub
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.inference.artifacts import InferenceArtifact
@@ -63,30 +61,6 @@ def signed_request(key: Keypair, prompt: str, nonce: bytes, max_tokens: int = 4)
         chain_id=ADHOC_CHAIN_ID, model=MODEL, messages=[ChatTurn(role="user", content=prompt)],
         max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5,
         timestamp_ms=int(time.time() * 1000), nonce=nonce), key)
-
-
-async def start_nodes(hub: MemoryHub, engines: list[Any], evidence_max_bytes: list[int]) -> list[Node]:
-    """As helpers.start_network, with each node's engine (None: TA only) and evidence bound."""
-    nodes: list[Node] = []
-    for i, (engine, bound) in enumerate(zip(engines, evidence_max_bytes, strict=True)):
-        key = Keypair.from_seed(f"audit-node{i}".encode())
-        models = [] if engine is None else [MODEL]
-        bootstrap = [nodes[0].service.listen_addrs[0]] if nodes else []
-        node = Node(NodeConfig(models=models, bootstrap=bootstrap, engine="torch",
-                               evidence_max_bytes=bound), key, hub.service(key), weights=None)
-        if engine is not None:
-            node.engines[MODEL] = engine
-        await node.join()
-        await node.start_actors()
-        nodes.append(node)
-    for node in nodes[1:]:
-        for other in nodes[1:]:
-            if other is not node:
-                await node.service.connect(other.service.listen_addrs[0])
-    for node in nodes:
-        await node.directory.announce_once()
-    await all_announced(nodes)
-    return nodes
 
 
 class _Wrapped:
