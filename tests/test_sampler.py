@@ -146,16 +146,22 @@ def test_sampled_near_tie_is_tolerated_within_tolerance_only() -> None:
 def test_a_token_just_outside_the_nucleus_is_a_near_tie_at_the_cut_only() -> None:
     """The executor's copy of the model keeps token 2 in a 0.9 nucleus; the validator's, off by
     at most ``e`` nats per logprob, ends the nucleus just before it. Within ``expm1(2 e / T)``
-    of the cut it is a near-tie; a token further out is not, whatever the tolerance at the cut."""
+    of the cut it is a near-tie where the executor's noise drew it; not where the noise drew
+    another token (else an executor could emit the token past the cut at will), and a token
+    further out is not, whatever the tolerance at the cut."""
     rule = params(temperature=1.0, top_p=0.9)
-    e = 1e-3
+    e, cut = 1e-3, math.expm1(2 * 1e-3)
     executor = torch.tensor([0.6, 0.2999, 0.06, 0.0401]).log()  # 0.8999 ahead of token 2: kept
     validator = executor + torch.tensor([e, e, -e, -e])  # about 0.90008 ahead of it: cut
     assert processed_probs(executor, rule)[2] > 0 and processed_probs(validator, rule)[2] == 0
-    near = check_token(validator, rule, b"s", 0, 2, tolerance=0.0, cut_tolerance=math.expm1(2 * e))
-    assert near.ok and not near.exact and 0 < near.cut <= math.expm1(2 * e)
-    assert not check_token(validator, rule, b"s", 0, 2, tolerance=0.0, cut_tolerance=near.cut / 2).ok
-    far = check_token(validator, rule, b"s", 0, 3, tolerance=0.0, cut_tolerance=math.expm1(2 * e))
+    drawn = next(p for p in range(1000) if choose_token(executor, rule, b"s", p) == 2)
+    near = check_token(validator, rule, b"s", drawn, 2, tolerance=0.0, cut_tolerance=cut)
+    assert near.ok and not near.exact and 0 < near.cut <= cut
+    assert not check_token(validator, rule, b"s", drawn, 2, tolerance=0.0, cut_tolerance=near.cut / 2).ok
+    other = next(p for p in range(1000) if choose_token(executor, rule, b"s", p) == 0)
+    steered = check_token(validator, rule, b"s", other, 2, tolerance=0.0, cut_tolerance=cut)
+    assert not steered.ok and steered.cut == near.cut and steered.margin > cut
+    far = check_token(validator, rule, b"s", 0, 3, tolerance=0.0, cut_tolerance=cut)
     assert not far.ok and far.cut > 0.05
     kept = check_token(validator, rule, b"s", 0, 0, tolerance=1.0)
     assert kept.ok and kept.cut == math.inf

@@ -84,6 +84,39 @@ def literal_cut_margin(row: torch.Tensor, params: SamplingParams, claimed: int) 
     return margin if margin > 0 else math.inf
 
 
+def literal_cut_pick_margin(row: torch.Tensor, params: SamplingParams, seed: bytes, position: int,
+                            claimed: int) -> float:
+    """The sampled margin of a token past the cut, as the sampler's docstring defines it: the
+    least, over the kept sets a copy keeping it would use (the top-k with it beside or in place
+    of the k-th; then the nucleus, extended to it if it falls past), of the noise point's
+    distance from its interval."""
+    x = row.to(torch.float32).unsqueeze(0)
+    p = torch.softmax(x / torch.tensor([[params.temperature]], dtype=torch.float32), dim=-1)[0]
+    q = [int(v) for v in (p * 2.0**WEIGHT_BITS).to(torch.int64).tolist()]
+    order = sorted(range(len(q)), key=lambda i: (-q[i], i))
+    bases = [set(range(len(q)))]
+    if 0 < params.top_k < len(q):
+        top = {i for i, w in enumerate(q) if w >= q[order[params.top_k - 1]]}
+        bases = [top] if claimed in top else [top | {claimed}, top - {order[params.top_k - 1]} | {claimed}]
+    margins = []
+    for base in bases:
+        kept = base
+        if round(params.top_p * 2**32) < 2**32:
+            threshold = max(1, max(1, round(params.top_p * 2**32)) * sum(q[i] for i in base) >> 32)
+            before, kept = 0, set()
+            for i in (i for i in order if i in base):
+                if before < threshold:
+                    kept.add(i)
+                before += q[i]
+            if claimed not in kept:
+                kept = {i for i in base if (q[i], -i) > (q[claimed], -claimed)} | {claimed}
+        weights = [w if i in kept else 0 for i, w in enumerate(q)]
+        lo, hi, total = sum(weights[:claimed]), sum(weights[:claimed + 1]), sum(weights)
+        t = splitmix_u32(seed, position) * total >> 32
+        margins.append(0.0 if lo <= t < hi else (lo - t if t < lo else t - hi + 1) / total)
+    return min(margins)
+
+
 def literal_choice(row: torch.Tensor, params: SamplingParams, seed: bytes, position: int) -> int:
     """The sampler's rule on one row, step by step as its docstring states it."""
     if params.greedy:
@@ -224,10 +257,16 @@ def test_a_batch_on_the_accelerator_picks_the_cpu_reference_tokens(vocab: int, s
                                     SamplingParams(max_tokens=1, temperature=1.0, top_k=20, top_p=0.8)],
                          ids=["nucleus", "top-k", "both"])
 def test_every_tokens_distance_from_the_cut_is_the_literal_one(params: SamplingParams) -> None:
+    """... and so is the sampled margin of every token past the cut, measured in a kept set
+    holding it: a near-tie at the cut only where the noise picks it there too."""
     rows = torch.randn(6, 300, generator=torch.Generator().manual_seed(3)) * 2.5
     for position, row in enumerate(rows):
         claimed = torch.arange(row.numel())
-        _, _, cut = claim_margins(row.expand(row.numel(), -1), params, b"cut", claimed, position)
+        margins, _, cut = claim_margins(row.expand(row.numel(), -1), params, b"cut", claimed, position)
         literal = [literal_cut_margin(row, params, t) for t in range(row.numel())]
         assert cut.tolist() == literal
         assert any(math.isfinite(c) for c in literal) and any(math.isinf(c) for c in literal)
+        past = [t for t, c in enumerate(literal) if math.isfinite(c)]
+        assert [float(margins[t]) for t in past] == [
+            literal_cut_pick_margin(row, params, b"cut", position + t, t) for t in past]
+        assert any(0 < float(margins[t]) < math.inf for t in past)

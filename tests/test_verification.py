@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sampler_batched import literal_cut_margin, literal_weights, splitmix_u32
+from test_sampler_batched import literal_cut_margin, literal_cut_pick_margin, literal_weights, splitmix_u32
 
 from gonka_p2p.actors.node import verification_params_of
 from gonka_p2p.adversary import cheats
@@ -347,8 +347,9 @@ def reference_margin(row: torch.Tensor, params: SamplingParams, seed: bytes, pos
     q = literal_weights(row, params)
     lo, hi, total = sum(q[:claimed]), sum(q[:claimed + 1]), sum(q)
     t = splitmix_u32(seed, position) * total >> 32
-    if hi <= lo:
-        return math.inf
+    if hi <= lo:  # past the cut: measured in a kept set holding it, if it has weight
+        finite = math.isfinite(literal_cut_margin(row, params, claimed))
+        return literal_cut_pick_margin(row, params, seed, position, claimed) if finite else math.inf
     return 0.0 if lo <= t < hi else (lo - t if t < lo else t - hi + 1) / total
 
 
@@ -658,18 +659,27 @@ def test_the_top_k_evidence_never_places_a_cut_token_further_out_than_the_whole_
 
 
 def test_a_near_tie_at_the_cut_passes_and_is_left_out_of_rule_6() -> None:
+    """A token just past the cut passes when the noise picks it in a kept set holding it
+    (its sampling margin), within the tie tolerance plus the cut's; not otherwise."""
     t = verification_params.load_verification_params().for_model(TINY_MODEL)
-    tol = verification_params.cut_tolerance(t, 0.7)
-    base = dict(n_tokens=3, temperature=0.7, structural=(), position_errors=(0.0,) * 3, max_error=0.0,
-                top_k_shortfall=(0.0,) * 3, sampling_margins=(0.0, math.inf, 0.0), error_ceilings=(0.0,) * 3,
-                top_k_ceilings=(0.0,) * 3, sampling_ceilings=(0.0, math.inf, 0.0))
-    near = Measurements(**base, cut_margins=(math.inf, tol / 2, math.inf), cut_ceilings=(math.inf, tol / 2, math.inf))
-    verdict = verification.judge(near, t)
+    tol, tie = verification_params.cut_tolerance(t, 0.7), verification_params.tie_tolerance(t, 0.7)
+
+    def at_cut(margin: float, cut: float, margin_ceiling: float | None = None,
+               cut_ceiling: float | None = None) -> Measurements:
+        ceiling = margin if margin_ceiling is None else margin_ceiling
+        return Measurements(
+            n_tokens=3, temperature=0.7, structural=(), position_errors=(0.0,) * 3, max_error=0.0,
+            top_k_shortfall=(0.0,) * 3, sampling_margins=(0.0, margin, 0.0), error_ceilings=(0.0,) * 3,
+            top_k_ceilings=(0.0,) * 3, sampling_ceilings=(0.0, ceiling, 0.0),
+            cut_margins=(math.inf, cut, math.inf),
+            cut_ceilings=(math.inf, cut if cut_ceiling is None else cut_ceiling, math.inf))
+
+    verdict = verification.judge(at_cut(0.0, tol / 2), t)
     assert verdict.valid and verdict.near_ties == 1 and verdict.sampling_mismatches == 0
-    far = Measurements(**base, cut_margins=(math.inf, tol * 2, math.inf), cut_ceilings=(math.inf, tol * 2, math.inf))
-    assert not verification.judge(far, t).valid
-    assert not verification.judge(Measurements(**base), t).valid  # no cut margin: as before, a miss
-    # from top-K evidence: open at the cut (floor within, ceiling not) -> resolved, never rule 6
-    open_cut = Measurements(**base, cut_margins=(math.inf, tol / 2, math.inf), cut_ceilings=(math.inf,) * 3)
-    verdict = verification.judge(open_cut, t)
+    assert verification.judge(at_cut(tie + tol / 2, tol / 2), t).valid  # the sets a copy keeps differ a little
+    assert not verification.judge(at_cut(tie + 2 * tol, tol / 2), t).valid  # the noise picked another token
+    assert not verification.judge(at_cut(0.0, tol * 2), t).valid  # too far past the cut
+    assert not verification.judge(at_cut(math.inf, math.inf), t).valid  # no weight: as before, a miss
+    # from top-K evidence: open at the cut (floors within, ceilings not) -> resolved, never rule 6
+    verdict = verification.judge(at_cut(0.0, tol / 2, margin_ceiling=math.inf, cut_ceiling=math.inf), t)
     assert verdict.valid and verdict.undecidable == 1

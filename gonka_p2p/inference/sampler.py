@@ -56,17 +56,23 @@ inference id, fixed before any token).
 ``check_token`` is the validator's side: it accepts the claimed token when it
 is the rule's choice, or when numeric noise of size ``tolerance`` could have
 flipped the choice to it (a near-tie), and reports the margin either way. A
-token rules 3-4 cut has no interval to be near: it is measured at the cut
-instead (how much the weights would have to move for the cut to keep it), and
+token rules 3-4 cut has no interval in the validator's copy: it is measured at
+the cut (how much the weights would have to move for the cut to keep it), and
 accepted within ``cut_tolerance`` -- an executor whose copy of the model
 differs in the last bits of bf16 puts a token just inside a nucleus that the
-validator's copy ends just before.
+validator's copy ends just before -- *if* the noise picks it in a kept set
+that holds it (the top-k with it beside or in place of the k-th, the nucleus
+extended to it), within ``tolerance + cut_tolerance`` (:func:`is_near_tie`).
+Without that second condition an executor could emit the token just past the
+nucleus at any position where one lies within the cut tolerance, whatever the
+noise said.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -414,10 +420,72 @@ def claim_margins(
     margins = torch.where(inside, 0, miss).to(torch.float64) / total.to(torch.float64)
     excluded = hi <= lo  # zero weight: no amount of noise at a CDF boundary makes it a choice
     cut = torch.full_like(margins, float("inf"))
+    margins = margins.masked_fill(excluded, float("inf"))
     if bool(excluded.any()):  # only those rows: a whole-vocabulary pass per row
         rows = excluded.nonzero().view(-1)
-        cut.index_copy_(0, rows, _filter_margins(x.index_select(0, rows), params, claimed.index_select(0, rows)))
-    return margins.masked_fill(excluded, float("inf")), inside & ~excluded, cut
+        x_cut, claimed_cut = x.index_select(0, rows), claimed.index_select(0, rows)
+        cut_rows = _filter_margins(x_cut, params, claimed_cut)
+        cut.index_copy_(0, rows, cut_rows)
+        at_cut = cut_rows < float("inf")  # weighed, and left out by the cut alone
+        if bool(at_cut.any()):
+            picks = at_cut.nonzero().view(-1)
+            margins.index_copy_(0, rows[picks], _cut_pick_margins(
+                x_cut.index_select(0, picks), params, u.index_select(0, rows[picks]),
+                claimed_cut.index_select(0, picks)).to(margins.device))
+    return margins, inside & ~excluded, cut
+
+
+def _cut_pick_margins(x: torch.Tensor, params: SamplingParams, u: torch.Tensor, claimed: torch.Tensor,
+                      ) -> torch.Tensor:
+    """``[n]`` float64 for tokens rules 3-4 leave out: the CDF margin of the noise point ``u``
+    (``[n]``, rule 5's bits) from the token's interval in a kept set that a copy of the model
+    keeping the token would have used (:func:`_kept_with`; the least over those sets).
+
+    Why: a token just past the cut is a near-tie only if the noise picks it there too. An
+    honest executor whose copy keeps it emits it only when ``u`` falls in its interval; a
+    validator that asked only how far past the cut it lies let an executor emit the token
+    just past the nucleus at every position, whatever the noise said."""
+    q = _weights(x, params.temperature).to(torch.int64)
+    ids = torch.arange(q.shape[1], device=q.device)
+    return torch.tensor([min(_interval_margin(row * keep, c, u[i:i + 1]) for keep in _kept_with(row, params, c, ids))
+                         for i, (row, c) in enumerate(zip(q, claimed.tolist(), strict=True))],
+                        dtype=torch.float64)
+
+
+def _kept_with(row: torch.Tensor, params: SamplingParams, claimed: int, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The kept sets (bool ``[vocab]``) rules 3-4 give ``row`` (int64 weights) when a copy of the
+    model keeps ``claimed``: the top-k with it beside, or in place of, the k-th (weight desc,
+    id asc), then the nucleus of what is left, extended to it when it falls past the nucleus."""
+    one = ids == claimed
+    bases = [torch.ones_like(one)]
+    if 0 < params.top_k < len(row):
+        order = torch.sort(row, descending=True, stable=True).indices
+        top = row >= row[order[params.top_k - 1]]
+        bases = [top] if bool(top[claimed]) else [top | one, (top & (ids != order[params.top_k - 1])) | one]
+    p_scaled = max(1, round(params.top_p * 2**32))
+    if p_scaled >= 2**32:
+        return bases
+    kept = []
+    for base in bases:
+        sub = row * base
+        threshold = _scale(torch.tensor([p_scaled], device=row.device), sub.sum().view(1)).clamp_min_(1)
+        values, order = torch.sort(sub, descending=True, stable=True)
+        nucleus = torch.zeros_like(one).scatter(0, order, torch.cumsum(values, 0) - values < threshold) & base
+        if not bool(nucleus[claimed]):
+            w = row[claimed]
+            nucleus = (base & ((row > w) | ((row == w) & (ids < claimed)))) | one
+        kept.append(nucleus)
+    return kept
+
+
+def _interval_margin(weights: torch.Tensor, claimed: int, u: torch.Tensor) -> float:
+    """Rule 5's CDF distance (a share of the total) of the noise point ``u`` from ``claimed``'s
+    interval under the int64 ``weights``, 0 inside: ``claim_margins``' margin for one row."""
+    cdf = torch.cumsum(weights, 0)
+    total = int(cdf[-1])
+    t = int(_scale(u, cdf[-1:])[0])
+    lo, hi = (int(cdf[claimed - 1]) if claimed else 0), int(cdf[claimed])
+    return 0.0 if lo <= t < hi else (lo - t if t < lo else t - hi + 1) / total
 
 
 def _filter_margins(logits: torch.Tensor, params: SamplingParams, claimed: torch.Tensor) -> torch.Tensor:
@@ -461,10 +529,23 @@ def check_token(
     cut_tolerance: float = 0.0,
 ) -> TokenCheck:
     """Validator side of ``choose_token``: accept exact picks, near-ties within ``tolerance``
-    of a CDF boundary, and tokens cut by top-k or top-p within ``cut_tolerance`` of the cut."""
+    of a CDF boundary, and tokens cut by top-k or top-p within ``cut_tolerance`` of the cut
+    that the noise picks in a kept set holding them (:func:`is_near_tie`)."""
     if not 0 <= claimed < logits.numel():
         return TokenCheck(ok=False, exact=False, margin=float("inf"), cut=float("inf"))
     margins, exact, cut = claim_margins(logits.reshape(1, -1), params, seed, torch.tensor([claimed]), position)
     margin, cut_margin = float(margins[0]), float(cut[0])
-    return TokenCheck(ok=margin <= tolerance or cut_margin <= cut_tolerance, exact=bool(exact[0]),
+    return TokenCheck(ok=is_near_tie(margin, cut_margin, tolerance, cut_tolerance), exact=bool(exact[0]),
                       margin=margin, cut=cut_margin)
+
+
+def is_near_tie(margin: float, cut: float, tolerance: float, cut_tolerance: float) -> bool:
+    """Whether a claimed token with ``claim_margins``' ``margin`` and ``cut`` is one honest noise
+    could have made the pick. A token the cut keeps (``cut`` inf): within ``tolerance`` of its
+    CDF interval. A token past the cut: within ``cut_tolerance`` of the cut, *and* the noise
+    within ``tolerance + cut_tolerance`` of its interval in a kept set holding it -- the
+    second term because the sets a copy could keep differ from the validator's by tokens
+    whose weight, together, the cut tolerance bounds."""
+    if cut == math.inf:
+        return margin <= tolerance
+    return cut <= cut_tolerance and margin <= tolerance + cut_tolerance

@@ -383,12 +383,13 @@ def _sampling_bounds(ids: torch.Tensor, lps: torch.Tensor, claimed: torch.Tensor
     # a token with no weight (filtered out, or below one unit) is never a choice at a CDF boundary
     unit = _UNIT * (1 + _TIE)
     weightless = weight_c / (rows.weight.sum(dim=1) + rows.tail_min) < _UNIT * (1 - _TIE)
-    left_out = sure & ~kept_c & ~weightless  # surely cut: judged by its distance from the cut instead
-    zero_surely = weightless | left_out
+    # surely cut: measured at the cut, and in a kept set holding it, which only a whole-vocabulary
+    # pass knows (its margin: floor 0, ceiling inf)
+    left_out = sure & ~kept_c & ~weightless
     zero_maybe = weight_c / full_max < unit
-    floor = torch.where(zero_surely, math.inf, floor)
-    ceiling = torch.where(zero_surely | zero_maybe, math.inf, ceiling)
-    floor = torch.where(sure | zero_surely, floor, 0.0)
+    floor = torch.where(weightless, math.inf, floor)
+    ceiling = torch.where(weightless | left_out | zero_maybe, math.inf, ceiling)
+    floor = torch.where(sure & ~left_out | weightless, floor, 0.0)
     ceiling = torch.where(sure, ceiling, math.inf)
     cut_floor = torch.where(left_out, _cut_floor(rows, params, weight_c, full_max, vocab_size), math.inf)
     return (floor, ceiling, _honest_undecidable(ids, lps, params, vocab_size, slack), cut_floor,

@@ -94,7 +94,7 @@ import torch
 
 from gonka_p2p.inference.artifacts import InferenceArtifact
 from gonka_p2p.inference.engine import ScoredCompletion
-from gonka_p2p.inference.sampler import SamplingParams, claim_margins
+from gonka_p2p.inference.sampler import SamplingParams, claim_margins, is_near_tie
 from gonka_p2p.inference.verification_params import (
     ModelThresholds, cut_tolerance, tie_tolerance, wide_tie_floor, wide_tie_limit)
 from gonka_p2p.inference.topk_evidence import too_many_undecidable, top_k_measurements
@@ -203,7 +203,7 @@ class Measurements:
     sampling_ceilings: tuple[float, ...] = ()
     honest_undecidable: float = 0.0  # mu: expected undecidable positions of honest work, at most
     # Per position, for a token the top-k/top-p cut: how far outside the cut (sampler.claim_margins,
-    # relative); inf for every other (kept tokens are judged by their sampling margin alone).
+    # relative; its sampling margin is then measured in a kept set holding it); inf for every other.
     # () = inf everywhere. Floors and ceilings as above.
     cut_margins: tuple[float, ...] = ()
     cut_ceilings: tuple[float, ...] = ()
@@ -365,11 +365,11 @@ def _cut(values: tuple[float, ...], n: int) -> tuple[float, ...]:
 
 
 def sampling_misses(m: Measurements, thresholds: ModelThresholds) -> list[int]:
-    """Positions whose token is neither the sampler's pick up to a near-tie at a CDF boundary,
-    nor a token cut by top-k/top-p within a near-tie of the cut."""
+    """Positions whose token is not the sampler's pick up to a near-tie (``sampler.is_near_tie``:
+    at a CDF boundary, or just past the top-k/top-p cut where the noise picks it too)."""
     tie, cut = tie_tolerance(thresholds, m.temperature), cut_tolerance(thresholds, m.temperature)
     return [i for i, (x, c) in enumerate(zip(m.sampling_margins, _cut(m.cut_margins, len(m.sampling_margins)),
-                                             strict=True)) if x > tie and c > cut]
+                                             strict=True)) if not is_near_tie(x, c, tie, cut)]
 
 
 def check_sampling(m: Measurements, thresholds: ModelThresholds) -> str | None:
@@ -469,7 +469,8 @@ def judge(m: Measurements, thresholds: ModelThresholds) -> Verdict:
         mean_distance=m.mean_error, max_distance=m.max_error,
         top_k_misses=sum(x > thresholds.logprob_tolerance for x in m.top_k_shortfall),
         sampling_mismatches=mismatches,
-        near_ties=sum(0.0 < x for x in m.sampling_margins) - mismatches,
+        near_ties=sum(0.0 < x or c < math.inf for x, c in zip(
+            m.sampling_margins, _cut(m.cut_margins, len(m.sampling_margins)), strict=True)) - mismatches,
         undecidable=undecidable if m.comparable else 0, wide_ties=wide,
         wide_ties_open=evidence is Evidence.CLEAN and wide < limit <= possibly_wide,
     )
@@ -483,12 +484,13 @@ def wide_ties(m: Measurements, thresholds: ModelThresholds) -> tuple[int, int]:
     output suspicious for the epoch test. Top-K evidence leaves the tail open, and a cheat
     must not stay clean on an undercount: while the ceilings could reach the limit and the
     floors do not, the verdict is open (``served_check`` then scores the whole vocabulary;
-    with logits rows ceilings equal floors). Tokens at a top-k/top-p cut (infinite margin)
-    are the cut rule's."""
+    with logits rows ceilings equal floors). Tokens past a top-k/top-p cut are the cut rule's
+    (``is_near_tie``), as calibration measured them: not counted."""
     floor = wide_tie_floor(thresholds, m.temperature)
     ceilings = m.sampling_ceilings or m.sampling_margins
-    return (sum(floor < x < math.inf for x in m.sampling_margins),
-            sum(floor < c < math.inf for c in ceilings))
+    kept = [c == math.inf for c in _cut(m.cut_margins, len(m.sampling_margins))]
+    return (sum(floor < x < math.inf and k for x, k in zip(m.sampling_margins, kept, strict=True)),
+            sum(floor < c < math.inf and k for c, k in zip(ceilings, kept, strict=True)))
 
 
 def verify(
