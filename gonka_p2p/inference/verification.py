@@ -105,8 +105,9 @@ from gonka_p2p.wire.messages import response_hash
 # scores: the detection benchmark keeps hours of measurements keyed by it (a faster
 # but equivalent implementation keeps the version; tests hold it to the reference).
 # 2: integer sampler weights, SplitMix64 noise. 3: ceilings and the honest undecidable bound.
-# 4: a token's distance from the top-k/top-p cut (cut_margins).
-MEASURE_VERSION = 4
+# 4: a token's distance from the top-k/top-p cut (cut_margins). 5: a token past the cut has
+# the sampling margin of a kept set holding it (sampler.is_near_tie), no longer inf.
+MEASURE_VERSION = 5
 
 # ---------------------------------------------------------------------------
 # The contract: what an artifact is judged against
