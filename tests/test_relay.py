@@ -304,3 +304,49 @@ async def test_a_reservation_is_made_again_over_a_direct_connection_when_the_rel
         assert await dialer.request(natted.peer_id, PROTOCOL, b"second") == b"second"
     finally:
         await asyncio.gather(natted.stop(), dialer.stop(), first.stop(), second.stop())
+
+
+async def test_one_connection_takes_no_more_than_its_own_reservation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: a public peer relays with HOP_LIMITS (8 reservations, 3600 s each), and
+    py-libp2p 0.8.1 filed a reservation under the peer id *written in the request*, not the
+    connection's authenticated peer, counting those of peers long disconnected. One
+    connection sent eight RESERVEs naming eight made-up ids, and for an hour no peer behind
+    a NAT could start on that relay (NoRelay). Now each is its own connection's, and gone
+    with that connection."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    monkeypatch.setattr(relay_module, "FIRST_RESERVATION_TIMEOUT", 3.0)
+    relay = Libp2pService(Keypair.from_seed(b"reserve-relay"), relay=RelayOptions(hop=True))
+    attacker = Libp2pService(Keypair.from_seed(b"reserve-attacker"))
+    natted: Libp2pService | None = None
+    await relay.start()
+    await attacker.start()
+    try:
+        assert await attacker.connect(relay.listen_addrs[0]) == relay.peer_id
+        made_up = [Keypair.from_seed(b"made-up-%d" % i).peer_id for i in range(relay_module.HOP_LIMITS.max_reservations)]
+
+        async def reserve_for_everyone() -> None:
+            for peer in made_up:
+                stream = await attacker._t_host().new_stream(ID.from_base58(relay.peer_id), [TProtocol(HOP_PROTOCOL_ID)])
+                await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE,
+                                                             peer=CircuitPeerId(id=ID.from_base58(peer).to_bytes())))
+                await read_delimited_msg(stream, HopMessage)
+                await stream.close()
+
+        async def reserved() -> list[str]:
+            return sorted(p.to_base58() for p in relay._t_relay()._protocol.resource_manager._reservations)
+
+        await attacker._running().call(reserve_for_everyone)
+        assert await relay._running().call(reserved) == [attacker.peer_id]
+        await attacker._running().call(close_connections, attacker._t_host())
+        await eventually(lambda: attacker.peer_id not in relay.connected_peers(), what="the attacker gone")
+        natted = Libp2pService(Keypair.from_seed(b"reserve-natted"), relay=RelayOptions(reserve_on=(relay.listen_addrs[0],)))
+        await natted.start()  # NoRelay if the relay had no reservation left for it
+        assert await relay._running().call(reserved) == [natted.peer_id]
+    finally:
+        await asyncio.gather(*(s.stop() for s in (natted, attacker, relay) if s is not None))

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from gonka_p2p.gossip.service import NetworkService, PublishError, connect_any
 from gonka_p2p.identity import Keypair
-from gonka_p2p.wire.envelope import open_envelope, seal
+from gonka_p2p.wire.envelope import Signed, open_envelope, seal
 from gonka_p2p.wire.messages import Announcement
 from gonka_p2p.wire.protocols import ANNOUNCE_TOPIC
 from gonka_p2p.wire.schema import WireError
@@ -135,15 +135,26 @@ class PeerDirectory:
         except PublishError:
             return False
 
-    def _is_valid(self, sender: str, data: bytes) -> bool:
+    @staticmethod
+    def _opened(data: bytes) -> Signed[Announcement] | None:
+        """The signed announcement in ``data``; None if it does not decode or lists another peer's address."""
         try:
             signed = open_envelope(data, Announcement)
         except WireError:
-            return False
-        return all(a.endswith("/p2p/" + signed.signer_id) for a in signed.message.addrs)
+            return None
+        return signed if all(a.endswith("/p2p/" + signed.signer_id) for a in signed.message.addrs) else None
+
+    def _is_valid(self, sender: str, data: bytes) -> bool:
+        return self._opened(data) is not None
 
     async def _on_announcement(self, sender: str, data: bytes) -> None:
-        signed = open_envelope(data, Announcement)
+        """Keep a newer announcement. Checked again, and a bad one dropped, not trusted to
+        ``_is_valid``: a network layer that let a message skip its validator (py-libp2p's
+        validation cache, keyed by sender and seqno, did) must not make this raise."""
+        signed = self._opened(data)
+        if signed is None:
+            log.warning("dropping an announcement from %s that its validator would have refused", sender)
+            return
         peer = signed.signer_id
         if peer == self._service.peer_id:
             return

@@ -51,6 +51,9 @@ class DialBook:
             del self._addrs[next(iter(self._addrs))]
         _dial_only(peerstore, peer, addrs)
 
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._addrs
+
     def restore(self, peerstore: IPeerStore, peer: ID) -> None:
         """Make ``peer``'s remembered addresses the ones dialed again (for another ``PEER_ADDR_TTL``)."""
         addrs = self._addrs.get(peer)

@@ -20,6 +20,7 @@ import errno
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,42 +34,58 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
-from libp2p.pubsub.score import ScoreParams
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.pubsub.pubsub import Pubsub, ValidationCache, ValidationResult
+from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from multiaddr import Multiaddr
 
+from gonka_p2p.gossip.dial_book import DialBook
 from gonka_p2p.gossip.libp2p_streams import close
 from gonka_p2p.gossip.libp2p_yamux import WholeFrameYamux
 from gonka_p2p.gossip.service import AddressInUse, MessageHandler, MessageValidator, NetworkError
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 1  # seconds; py-libp2p's default of 120 lets caches balloon
-GOSSIP_DEGREE, GOSSIP_DEGREE_LOW, GOSSIP_DEGREE_HIGH = 6, 4, 12
 OUTBOUND_QUEUE_SIZE = 2048  # RPCs per peer (py-libp2p: 32, then silent drops)
-# Gossip held for a peer until its subscriptions arrive (py-libp2p: 100 RPCs for 30 s, then a WARNING per message)
-PENDING_PER_PEER = 16
-PENDING_TTL_S = 5.0
 OUTBOUND_HIGH_WATER = OUTBOUND_QUEUE_SIZE - 64  # leaves room for control RPCs
 DELIVERY_SLOTS = 1024  # gossip messages per topic in validation or awaiting the handler
+WAITING_PER_PEER = 64  # a forwarder's messages waiting for a slot once every slot is taken; the rest dropped
 ROOM_WAIT = 10.0  # seconds publish / forwarding wait for outbound queue room
 ROOM_POLL = 0.002
-
-
-
 DIAL_BACKOFF_S = 2.0  # after every address of a peer failed, dials to it wait this long (py-libp2p: 60 s)
 
 
-def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
+class DialedPeersOnly(AutoConnector):
+    """py-libp2p's auto-connector, limited to the peers this host dialed itself.
+
+    Upstream, below 200 connections (its watermarks' midpoint: always, here) it dials
+    every 30 s any peer its peerstore holds addresses for -- and the peerstore learns
+    addresses from whatever peers say: the records of a PRUNE's peer exchange
+    (:class:`~gonka_p2p.gossip.libp2p_gossipsub.GossipRouter` drops those), identify
+    and the records peers attach to their RPCs. That let anyone aim our dials, and
+    whom to dial is the directory's decision. It still redials the peers ``connect``
+    was asked for (a bootstrap peer, a peer the directory chose: the
+    :class:`~gonka_p2p.gossip.dial_book.DialBook`), so a node whose connections all
+    dropped finds its way back.
+    """
+
+    def __init__(self, swarm: Any, dialed: DialBook) -> None:
+        super().__init__(swarm, swarm.connection_config.auto_connect_interval)
+        self._dialed = dialed
+
+    async def _get_candidate_peers(self) -> list[ID]:
+        return [p for p in await super()._get_candidate_peers() if p in self._dialed]
+
+
+def secure_host(key_pair: KeyPair, listen: Multiaddr, dialed: DialBook) -> IHost:
     """A host that offers noise only, yamux only, one connection per peer.
 
     * ``new_host`` offers noise, TLS, secio *and plaintext* by default: a peer
@@ -82,6 +99,8 @@ def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
       not py-libp2p's 60 s: peers here restart in seconds (an upgrade, a
       crash), and a client cut off from a restarting TA or executor must
       reach it again to recover its answer -- for a minute it could not.
+    * The auto-connector redials only the peers in ``dialed``
+      (:class:`DialedPeersOnly`).
     """
     host = new_host(
         key_pair=key_pair,
@@ -90,71 +109,28 @@ def secure_host(key_pair: KeyPair, listen: Multiaddr) -> IHost:
         listen_addrs=[listen],
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
-    host.get_network()._negative_peer_cache._ttl = DIAL_BACKOFF_S  # type: ignore[attr-defined]  # noqa: SLF001
+    network = host.get_network()
+    network._negative_peer_cache._ttl = DIAL_BACKOFF_S  # type: ignore[attr-defined]  # noqa: SLF001
+    network.auto_connector = DialedPeersOnly(network, dialed)  # type: ignore[attr-defined]
     return host
 
 
-def gossip_router() -> GossipSub:
-    """GossipSub with its lossy or inverted defaults replaced.
+class Unremembered(ValidationCache):
+    """A ``Pubsub.validation_cache`` that remembers nothing, so every message meets its topic's validator.
 
-    * ``heartbeat_interval`` defaults to 120 s, so the message cache and mesh
-      repair lag by minutes and caches grow to hundreds of MB: 1 s.
-    * ``adaptive_gossip_enabled`` (default on) rewrites ``heartbeat_interval``
-      to at least 60 s whenever its "network health" dips and changes mesh
-      degrees at runtime: disabled.
-    * Spam protection (default on) rate-limits each *forwarder* to 10
-      messages per second per topic; the excess is delivered locally but
-      silently not forwarded, and the honest relay is penalised. Disabled:
-      topic validators and delivery backpressure are our flood defence.
-    * gossipsub v1.2+ sends an IDONTWANT control RPC to every mesh peer for
-      every message, whatever its size (the spec meant it for large
-      messages), and every RPC carries a signed peer record that the receiver
-      verifies. Our gossip messages are small (payloads travel over streams),
-      so we speak ``/meshsub/1.1.0`` only: half the RPCs, about twice the
-      burst throughput.
-    * Peer scoring: py-libp2p *subtracts* the P4 (invalid messages), P5
-      (behaviour) and P7 (IP colocation) terms, so its weights for them must
-      be positive where the gossipsub spec's are negative; copying spec
-      weights would reward misbehaviour. We keep all weights at zero and all
-      thresholds at -inf (``ScoreParams()``), so scoring can never graylist or
-      prune an honest peer (all our test peers share one IP, which P7 would
-      punish); topic validators do the filtering instead.
-    """
-    return BoundedPendingGossipSub(
-        protocols=[PROTOCOL_ID_V11],
-        degree=GOSSIP_DEGREE,
-        degree_low=GOSSIP_DEGREE_LOW,
-        degree_high=GOSSIP_DEGREE_HIGH,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        score_params=ScoreParams(),
-        spam_protection_enabled=False,
-        adaptive_gossip_enabled=False,
-        max_pending_messages_per_peer=PENDING_PER_PEER,
-        pending_messages_ttl=PENDING_TTL_S,
-    )
-
-
-class BoundedPendingGossipSub(GossipSub):
-    """GossipSub that holds a little gossip for a peer whose subscriptions have not arrived, quietly.
-
-    py-libp2p 0.8.1 queues each message for every gossip peer not (yet) subscribed to its topic,
-    to cover the moment between a connection and its subscriptions. A client speaks gossip but
-    subscribes to nothing, so it never leaves that moment: 100 messages were held for it, and
-    each one past those logged a WARNING -- 99 % of every participant's log in testnet run 10,
-    and one line per message per connected identity for whoever opens many. The race needs a
-    few seconds: ``PENDING_PER_PEER`` messages for ``PENDING_TTL_S``, trimmed without a log line
-    (gossip's IHAVE / IWANT repair covers a subscriber slower than that).
+    Upstream caches each validation result for 300 s under the message id, which is
+    (sender, seqno) -- not the data -- while it forgets having *seen* that id after 120 s.
+    In between, a sender re-publishing its own earlier valid id with other data, correctly
+    signed, is neither seen nor validated: the cached "valid" lets bytes its validator
+    would reject reach the handler. The cache saves nothing here anyway: a message is
+    validated once before it is marked seen, and our validators are cheap.
     """
 
-    def _prune_pending_messages(self, peer_id: ID) -> None:
-        queue = self._pending_messages.get(peer_id)
-        if queue is None:
-            return
-        oldest = time.time() - self._pending_messages_ttl
-        room = max(0, len(queue) - self._max_pending_messages_per_peer + 1)  # for the message queued next
-        queue[:] = [entry for entry in queue[room:] if entry[0] >= oldest]
-        if not queue:
-            del self._pending_messages[peer_id]
+    def get(self, msg_id: bytes) -> ValidationResult | None:
+        return None
+
+    def put(self, msg_id: bytes, result: ValidationResult) -> None:
+        pass
 
 
 @dataclass
@@ -164,8 +140,9 @@ class Topic:
     A message holds one of the topic's ``DELIVERY_SLOTS`` from the moment it
     is accepted for processing (trio side) until its handler returns (asyncio
     side), so a slow handler slows intake of that topic (backpressure)
-    instead of growing a queue or dropping messages; the queue between the
-    two threads can never hold more than the slots.
+    instead of growing a queue; the queue between the two threads can never
+    hold more than the slots, and at most ``WAITING_PER_PEER`` messages of
+    each forwarder wait for one (:class:`GossipPubsub`).
     """
 
     handler: MessageHandler
@@ -215,20 +192,34 @@ class GossipPubsub(Pubsub):
       subscriptions are what it announced on the stream it opened to us; we
       forget them when that stream ends, not when ours fails.
 
+    * py-libp2p's stream reader starts one task per inbound message and
+      reads on; a task that waits for a delivery slot (every slot taken: a
+      handler that is behind) holds its message, up to 1 MiB. Upstream checks
+      the signature only after that wait, so a peer flooding junk while a
+      handler was busy held it all. Here the seen cache and the signature
+      are checked first (a valid message's signature is then checked again
+      upstream: cheap next to a held MiB), and at most ``WAITING_PER_PEER``
+      messages per forwarder wait; the rest are dropped unseen (gossip's
+      IHAVE / IWANT may bring them again).
+    * Validation results are not cached (:class:`Unremembered`).
+
     Per-peer memory: ``_stalled`` forgets a peer when it disconnects,
-    ``_inbound`` when its stream to us ends;
+    ``_inbound`` when its stream to us ends, ``_waiting`` when its last
+    waiting message gets a slot;
     ``_holding`` holds at most ``DELIVERY_SLOTS`` entries per topic; the seen
     cache is py-libp2p's, swept after ``seen_ttl`` (120 s).
     """
 
     def __init__(self, host: IHost, router: GossipSub, deliver: Callable[[Topic, str, bytes], None]) -> None:
         super().__init__(host, router, strict_signing=True)
+        self.validation_cache = Unremembered()
         self.peer_queues = SizedQueues()
         self.counter = time.time_ns()  # not int(time.time()): see the class docstring
         self.topics: dict[str, Topic] = {}
         self.topic_snapshot: dict[str, tuple[str, ...]] = {}  # replaced, never mutated
         self._deliver = deliver
         self._holding: set[int] = set()  # id() of messages that hold a delivery slot
+        self._waiting: Counter[ID] = Counter()  # messages waiting for a slot, per forwarder
         self._stalled: set[ID] = set()  # peers whose outbound queue stayed full
         self._inbound: dict[ID, INetStream] = {}  # the stream each peer opened to us (its subscriptions)
 
@@ -239,9 +230,19 @@ class GossipPubsub(Pubsub):
         if msg_forwarder == self.my_id or topic is None:
             await super().push_msg(msg_forwarder, msg)
             return
-        if self._is_msg_seen(msg):
+        if self._is_msg_seen(msg) or not signature_validator(msg):
             return
-        await topic.slots.acquire()
+        if self._waiting[msg_forwarder] >= WAITING_PER_PEER:
+            log.debug("dropping a %s message from %s: %d of its messages already wait for a slot",
+                      msg.topicIDs[0], msg_forwarder, WAITING_PER_PEER)
+            return
+        self._waiting[msg_forwarder] += 1
+        try:
+            await topic.slots.acquire()
+        finally:
+            self._waiting[msg_forwarder] -= 1
+            if not self._waiting[msg_forwarder]:
+                del self._waiting[msg_forwarder]
         key = id(msg)
         self._holding.add(key)
         try:
@@ -437,37 +438,3 @@ async def close_connections(host: IHost) -> None:
         for conns in host.get_network().get_connections_map().values():
             for conn in conns:
                 nursery.start_soon(conn.close)
-
-
-class _Untracked(dict[ID, Any]):
-    """A ``CircuitV2Protocol._active_relays`` that keeps nothing (see :class:`CircuitRelay`)."""
-
-    def __setitem__(self, peer: ID, streams: Any) -> None:
-        pass
-
-
-class CircuitRelay(CircuitV2Protocol):
-    """Circuit relay v2 whose circuits end one at a time.
-
-    Upstream files each circuit's two streams in ``_active_relays`` under one
-    peer id (the source, then the destination), overwriting the previous
-    circuit's; and when either direction of a circuit ends, its cleanup
-    closes the streams filed under that peer id -- which by then belong to
-    the *newest* circuit to or from that peer. A peer behind a NAT dialed by
-    two peers lost the second circuit whenever the first ended, and a redial
-    racing the teardown of the circuit it replaces failed its handshake. Here
-    nothing is filed, and each direction closes its own circuit's two streams
-    when it ends (which also ends the other direction's read).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._active_relays = _Untracked()
-
-    async def _relay_data(self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID,
-                          *args: Any, **kwargs: Any) -> None:
-        try:
-            await super()._relay_data(src_stream, dst_stream, peer_id, *args, **kwargs)
-        finally:
-            await self._close_stream(src_stream)
-            await self._close_stream(dst_stream)

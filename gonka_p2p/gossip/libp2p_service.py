@@ -30,11 +30,11 @@ logged.
 
 Who owns what: the trio nursery of the :class:`TrioThread` owns every trio
 task; a :class:`~gonka_p2p.gossip.ownership.TaskOwner`, opened at ``start``
-and closed at ``stop``, owns every gossip worker. A handler that raises
-crashes its worker, which stops the service: ``wait_closed`` raises
-:class:`ServiceCrashed`, so the node that awaits it stops too instead of
-running deaf. A stream handler that raises only resets its stream (the
-opener sees :class:`StreamReset`).
+and closed at ``stop``, owns every gossip worker. A gossip handler that
+raises is logged and its message dropped: it ran on a peer's bytes, and
+any peer could otherwise stop the node with one message its handler
+chokes on. A stream handler that raises only resets its stream (the opener
+sees :class:`StreamReset`).
 
 Streams (frame format in :mod:`gonka_p2p.wire.framing`): on the serving path's
 protocols an opener keeps one negotiated stream per peer ready for the next
@@ -52,8 +52,8 @@ protocol and by rate per peer (:mod:`~gonka_p2p.gossip.inbound`; a refused
 stream is reset before its request is read), frames by their protocol's
 bounds, gossip messages by their topic's, the seen cache by py-libp2p's 120 s TTL, topics by the
 subscriptions the actors make. py-libp2p itself still starts one task per
-inbound gossip message; those tasks wait on the delivery slots rather than
-buffering inside our code.
+inbound gossip message; at most ``WAITING_PER_PEER`` of each forwarder's
+signed messages wait for a delivery slot, the rest are dropped.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ from gonka_p2p.gossip import libp2p_streams as streams
 from gonka_p2p.gossip.dial_book import DialBook
 from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
 from gonka_p2p.gossip.outbound import RETRY_AFTER, OutboundGate
+from gonka_p2p.gossip.libp2p_gossipsub import gossip_router
 from gonka_p2p.gossip.libp2p_patches import (
     ROOM_WAIT,
     ConnectionSnapshot,
@@ -90,7 +91,6 @@ from gonka_p2p.gossip.libp2p_patches import (
     close_connections,
     confirm_connection,
     forget_failed_dial,
-    gossip_router,
     secure_host,
 )
 from gonka_p2p.gossip.service import (
@@ -197,7 +197,7 @@ class Libp2pService:
     async def _lifespan(self) -> AsyncIterator[None]:
         """Build, run and finally tear down the host (trio thread)."""
         check_port_free(self._listen)
-        host = secure_host(create_new_key_pair(self._key.secret), self._listen)
+        host = secure_host(create_new_key_pair(self._key.secret), self._listen, self._dialed)
         router = gossip_router()
         pubsub = GossipPubsub(host, router, self._deliver)
         host.get_network().register_notifee(self._connections)
@@ -320,15 +320,14 @@ class Libp2pService:
     async def _deliver_loop(self, topic: str, entry: Topic) -> None:
         """Run the handler for one message at a time, then return the message's slot.
 
-        A handler that raises ends this worker and with it the service (module docstring).
+        A handler that raises is logged and the message dropped (module docstring).
         """
         while True:
             sender, data = await entry.queue.get()
             try:
                 await entry.handler(sender, data)
-            except Exception as e:
-                e.add_note(f"in the handler for gossip topic {topic}, on a message from {sender}")
-                raise
+            except Exception:
+                log.exception("the handler for gossip topic %s raised on a message from %s; dropped", topic, sender)
             finally:
                 if self._bridge is not None:
                     self._bridge.call_soon_in_trio(entry.slots.release)

@@ -8,8 +8,8 @@ runs replay from their seed.
 
 Each host owns its tasks, one per gossip delivery and one per stream it
 serves, in a TaskGroup entered at ``start`` and left at ``stop``. A gossip
-handler that raises crashes the host (``wait_closed`` raises
-:class:`ServiceCrashed`); a stream handler that raises resets its stream.
+handler that raises is logged and its message dropped; a stream handler that
+raises resets its stream.
 Memory is bounded: at most ``DELIVERY_SLOTS`` gossip messages wait for one
 host's handlers (``publish`` waits for room, as the libp2p service's
 backpressure does), 64 frames per open stream, one subscription per topic,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from gonka_p2p.wire.protocols import frame_limits, topic_max_bytes
 
 _END = object()
 DELIVERY_SLOTS = 1024  # gossip messages waiting for one host's handlers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -166,7 +169,7 @@ class MemoryService:
                 tasks.create_task(other._receive(topic, self._peer_id, data))
 
     async def _receive(self, topic: str, sender: str, data: bytes) -> None:
-        """Deliver one gossip message; the handler's error, if any, crashes this host."""
+        """Deliver one gossip message; the handler's error, if any, is logged and the message dropped."""
         try:
             await self._hub.deliver_delay()
             sub = self._subs.get(topic)
@@ -179,10 +182,9 @@ class MemoryService:
                 return
             try:
                 await handler(sender, data)
-            except Exception as e:
-                e.add_note(f"in the handler for gossip topic {topic} on {self._peer_id}, "
-                           f"on a message from {sender}")
-                raise
+            except Exception:
+                log.exception("the handler for gossip topic %s on %s raised on a message from %s; dropped",
+                              topic, self._peer_id, sender)
         finally:
             self._slots.release()
 

@@ -7,12 +7,13 @@ served stream. None of them may be fire-and-forget. A service opens one
 asyncio TaskGroup and holds it until the service stops, and every such task
 is created in that group.
 
-A task that raises (a gossip handler: stream handlers reset their stream
-instead) ends the group, as structured concurrency wants: its siblings are
-cancelled, the crash is logged once, the service's teardown runs (the
-service stops rather than running on deaf), and :meth:`TaskOwner.wait_closed`
-raises :class:`ServiceCrashed` to whoever owns the service -- a node's
-supervisor awaits it beside its actors.
+A task that raises (none should: a gossip handler's error is logged and
+its message dropped, a stream handler's resets its stream; what is left is
+a bug of the service's own) ends the group, as structured concurrency
+wants: its siblings are cancelled, the crash is logged once, the service's
+teardown runs (the service stops rather than running on deaf), and
+:meth:`TaskOwner.wait_closed` raises :class:`ServiceCrashed` to whoever
+owns the service -- a node's supervisor awaits it beside its actors.
 """
 
 from __future__ import annotations

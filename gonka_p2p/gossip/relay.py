@@ -47,21 +47,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.connection_types import ConnectionType
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from gonka_p2p.gossip.libp2p_patches import CircuitRelay, forget_failed_dial
+from gonka_p2p.gossip.libp2p_patches import forget_failed_dial
 from gonka_p2p.gossip.service import NetworkError
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,65 @@ def is_relayed(conn: object) -> bool:
     """Whether a py-libp2p connection runs through a relay (either side of the circuit)."""
     get_type = getattr(conn, "get_connection_type", None)
     return callable(get_type) and get_type() == ConnectionType.RELAYED
+
+
+class _Untracked(dict[ID, Any]):
+    """A ``CircuitV2Protocol._active_relays`` that keeps nothing (see :class:`CircuitRelay`)."""
+
+    def __setitem__(self, peer: ID, streams: Any) -> None:
+        pass
+
+
+class CircuitRelay(CircuitV2Protocol):
+    """Circuit relay v2 whose circuits end one at a time.
+
+    Upstream files each circuit's two streams in ``_active_relays`` under one
+    peer id (the source, then the destination), overwriting the previous
+    circuit's; and when either direction of a circuit ends, its cleanup
+    closes the streams filed under that peer id -- which by then belong to
+    the *newest* circuit to or from that peer. A peer behind a NAT dialed by
+    two peers lost the second circuit whenever the first ended, and a redial
+    racing the teardown of the circuit it replaces failed its handshake. Here
+    nothing is filed, and each direction closes its own circuit's two streams
+    when it ends (which also ends the other direction's read).
+
+    And upstream's RESERVE handler files the reservation under the peer id
+    *written in the request*, not the connection's authenticated peer, and
+    counts the reservations of peers long disconnected against
+    ``max_reservations``: one connection naming eight made-up ids took every
+    reservation of a public relay for an hour (``reservation_ttl``), and no
+    peer behind a NAT could start meanwhile. Here a reservation is always the
+    connection's own peer's, is refused over a relayed connection (the spec's
+    rule; upstream's own check reads transport addresses a circuit need not
+    carry), and one whose peer has no connection left is dropped before a
+    new one is counted -- a reservation serves nothing without that
+    connection, and the peer that comes back reserves again
+    (:meth:`Relay._keep_reservations`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active_relays = _Untracked()
+
+    async def _relay_data(self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID,
+                          *args: Any, **kwargs: Any) -> None:
+        try:
+            await super()._relay_data(src_stream, dst_stream, peer_id, *args, **kwargs)
+        finally:
+            await self._close_stream(src_stream)
+            await self._close_stream(dst_stream)
+
+    async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
+        swarm_conn = getattr(stream, "swarm_conn", None)
+        if is_relayed(swarm_conn) or is_relayed(stream.muxed_conn):
+            await self._send_status(stream, StatusCode.PERMISSION_DENIED, "no reservation over a relayed connection")
+            return
+        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()  # whatever id the request named
+        manager = self.resource_manager
+        for peer in [p for p in manager._reservations if not manager._is_peer_connected(p)]:  # noqa: SLF001
+            del manager._reservations[peer]  # noqa: SLF001
+        await super()._handle_reserve(stream, msg)
+
 
 
 @dataclass(frozen=True)

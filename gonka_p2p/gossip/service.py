@@ -18,8 +18,10 @@ Actors never touch libp2p directly. They see one narrow asyncio interface:
   never over gossip.
 * **ownership** -- a service owns every task it starts (gossip workers,
   in-memory deliveries) from ``start`` to ``stop``. A gossip handler that
-  raises crashes the service: it stops, and ``wait_closed`` raises
-  :class:`ServiceCrashed`, so whoever owns the service (the node's
+  raises is logged and its message dropped: handlers run on peers' bytes,
+  and a crash there would let any peer stop the node with one message. If a
+  task of the service's own fails, the service stops and ``wait_closed``
+  raises :class:`ServiceCrashed`, so whoever owns the service (the node's
   supervisor) learns of it instead of running on without gossip. A stream
   handler that raises resets only its stream; an opener that goes away
   (abandons or resets the stream, or disconnects) cancels its handler.
@@ -81,7 +83,7 @@ class AddressInUse(NetworkError):
 
 
 class ServiceCrashed(NetworkError):
-    """A task the service owns (a gossip handler) raised, and the service stopped; see ``__cause__``."""
+    """A task the service owns (a gossip worker) failed, and the service stopped; see ``__cause__``."""
 
 
 class NetworkService(Protocol):
@@ -106,7 +108,7 @@ class NetworkService(Protocol):
         ...
 
     async def wait_closed(self) -> None:
-        """Return once the service has stopped; raise ServiceCrashed if a gossip handler crashed it.
+        """Return once the service has stopped; raise ServiceCrashed if a task it owns failed.
 
         Owners await it beside their actors (cancelling the wait leaves the service running).
         """

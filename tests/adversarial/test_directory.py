@@ -169,3 +169,16 @@ async def test_a_stranger_whose_addresses_never_answer_holds_up_no_announcement(
                          what="a dial to the participant once the stranger's budget is spent")
     finally:
         running.cancel()
+
+
+async def test_an_announcement_its_validator_would_refuse_is_dropped_by_the_handler_too() -> None:
+    """Attack: the handler trusted the topic's validator and decoded again without a guard, so
+    bytes that got past the validator (py-libp2p's validation cache let a replayed message id
+    skip it) raised in the handler -- which stopped the node's network service."""
+    directory, _, _ = await directory_under_attack()
+    stranger = Keypair.from_seed(b"lies-about-addresses")
+    liar = seal(Announcement(addrs=[f"/memory/x/p2p/{PARTICIPANT.peer_id}"], models=["m"], capacity=1, seq=1), stranger)
+    for data in (b"not an announcement", liar):
+        assert not directory._is_valid(stranger.peer_id, data)
+        await directory._on_announcement(stranger.peer_id, data)  # dropped, not raised
+    assert stranger.peer_id not in directory._peers

@@ -272,3 +272,116 @@ async def test_an_opener_over_a_libp2p_listeners_limits_waits_for_slots() -> Non
         await _more_streams_than_a_listener_admits_all_complete(opener, server)
     finally:
         await asyncio.gather(opener.stop(), server.stop())
+
+
+# ---- gossip: a flood while a topic's handler is busy --------------------------------------
+
+
+@pytest.mark.libp2p
+async def test_a_flood_while_the_handler_is_busy_holds_at_most_a_few_messages_per_peer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: py-libp2p starts one task per inbound gossip message and reads on, and each task
+    waited for a delivery slot *before* its signature was checked. Once a busy handler held
+    every slot, each further message -- unsigned junk included, up to 1 MiB -- was held by a
+    waiting task, as many as the peer sent. Junk is refused before the wait, and at most
+    ``WAITING_PER_PEER`` of one forwarder's signed messages wait. (DELIVERY_SLOTS cut to 4.)"""
+    from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+
+    from gonka_p2p.gossip import libp2p_patches
+
+    monkeypatch.setattr(libp2p_patches, "DELIVERY_SLOTS", 4)
+    victim = Libp2pService(Keypair.from_seed(b"flood-victim"))
+    attacker = Libp2pService(Keypair.from_seed(b"flood-attacker"))
+    await victim.start()
+    await attacker.start()
+    busy = asyncio.Event()
+    try:
+        async def slow_handler(sender: str, data: bytes) -> None:
+            await busy.wait()  # a handler that is behind (a long consensus step, a slow disk)
+
+        await victim.subscribe("flood", slow_handler)
+        await attacker.connect(victim.listen_addrs[0])
+        await eventually(lambda: attacker.topic_peers("flood") == [victim.peer_id], what="subscription")
+        for i in range(4):  # honest-looking messages take every slot
+            await attacker.publish("flood", b"valid %d" % i)
+        slots = victim._topics["flood"].slots
+
+        async def waiting() -> int:
+            async def count() -> int:
+                return slots.statistics().tasks_waiting if slots.value == 0 else -1
+            return await victim._running().call(count)
+
+        await eventually(waiting, until=lambda w: w == 0, what="the slots taken")
+        victim_id, me = ID.from_base58(victim.peer_id), ID.from_base58(attacker.peer_id).to_bytes()
+
+        async def flood(signed: bool) -> None:
+            pubsub = attacker._t_pubsub()
+            key = attacker._t_host().get_private_key()
+            for batch in range(20):
+                msgs = [rpc_pb2.Message(from_id=me, seqno=(10 * batch + k).to_bytes(8, "big") + b"%d" % signed,
+                                        data=bytes(50_000), topicIDs=["flood"]) for k in range(10)]
+                for msg in msgs if signed else ():
+                    msg.signature = key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+                assert await pubsub.write_msg(pubsub.peers[victim_id], rpc_pb2.RPC(publish=msgs))
+
+        await attacker._running().call(flood, False)  # unsigned: refused before any wait
+        await attacker._running().call(flood, True)  # signed by the attacker's own key
+        limit = libp2p_patches.WAITING_PER_PEER
+        await eventually(waiting, until=lambda w: w >= limit, what="the signed flood arriving")
+        await asyncio.sleep(0.5)
+        assert await waiting() == limit
+    finally:
+        busy.set()
+        await asyncio.gather(victim.stop(), attacker.stop())
+
+
+# ---- streams: throw-away identities holding silent streams ---------------------------------
+
+
+@pytest.mark.libp2p
+@pytest.mark.xfail(strict=True, reason="finding 4 of the network audit: not fixed yet")
+async def test_four_throwaway_identities_holding_silent_streams_lock_every_honest_peer_out() -> None:
+    """Attack: InboundLimits keeps one peer from taking every slot (64 of 256), but not four:
+    a key costs nothing, and a stream that sends no request holds its slot for
+    REQUEST_READ_TIMEOUT (30 s), then is simply opened again. Four identities opening 64
+    silent streams each leave no inbound stream for anyone -- the ledger's sync, the serving
+    path, every protocol -- for as long as they keep it up."""
+    from gonka_p2p.gossip.service import NetworkError
+
+    limits = InboundLimits()
+    victim = Libp2pService(Keypair.from_seed(b"slots-victim"))
+    honest = Libp2pService(Keypair.from_seed(b"slots-honest"))
+    sybils = [Libp2pService(Keypair.from_seed(b"slots-sybil-%d" % i))
+              for i in range(limits.streams_total // limits.streams_per_peer)]
+    hosts = [victim, honest, *sybils]
+    for host in hosts:
+        await host.start()
+    try:
+        victim.set_stream_handler("/audit/query/1", _answer)
+        victim.set_stream_handler("/audit/other/1", _answer)  # a node serves a dozen protocols
+        await honest.connect(victim.listen_addrs[0])
+        assert await honest.request(victim.peer_id, "/audit/query/1", b"?") == b"ok"
+        for sybil in sybils:
+            await sybil.connect(victim.listen_addrs[0])
+
+            async def open_silent(sybil: Libp2pService = sybil) -> None:
+                host = sybil._t_host()
+                for k in range(limits.streams_per_peer):  # negotiated, then nothing: no request frame
+                    protocol = "/audit/query/1" if k < limits.streams_per_protocol else "/audit/other/1"
+                    await host.new_stream(ID.from_base58(victim.peer_id), [TProtocol(protocol)])
+
+            await sybil._running().call(open_silent)
+
+        async def open_streams() -> int:
+            async def count() -> int:
+                return victim._gate.open_streams
+            return await victim._running().call(count)
+
+        await eventually(open_streams, until=lambda n: n >= limits.streams_total, timeout=20,
+                         what="the sybils' streams admitted")
+        try:
+            assert await honest.request(victim.peer_id, "/audit/query/1", b"?", timeout=5) == b"ok"
+        except NetworkError as e:
+            pytest.fail(f"an honest peer is refused while four throw-away identities hold silent streams: {e!r}")
+    finally:
+        await asyncio.gather(*(host.stop() for host in hosts))
