@@ -303,8 +303,8 @@ class ProofOfCompute:
         row = {"epoch": key.epoch, "round": key.kind.name.lower(), "commitments": 0, "proven": 0, "fraud": 0,
                "unproven": 0, "honest fraud": 0}
         claims = {p.peer_id: p for p in self.peers if p.strategy is Strategy.POC_OVERCLAIM}
-        for (prover, _), entry in entries(state, key.epoch, key.kind).items():
-            judged = verdicts(state, key.epoch, prover, entry)
+        for (prover, model), entry in entries(state, key.epoch, key.kind).items():
+            judged = verdicts(state, key.epoch, prover, model, entry)
             outcome = "fraud" if judged.fraud else "proven" if judged.proven else "unproven"
             row["commitments"] += 1
             row[outcome] += 1

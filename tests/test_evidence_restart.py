@@ -34,8 +34,10 @@ def serve_only_node1(path: Path) -> None:
     path.write_text("[[participants]]".join([head, *participants]))
 
 
-async def fetch(service: Libp2pService, executor: DevnetNode, inference_id: bytes) -> ArtifactReply:
-    query = seal(ArtifactQuery(inference_id=inference_id), Keypair.from_seed(b"evidence-test"))
+async def fetch(service: Libp2pService, key: Keypair, executor: DevnetNode, inference_id: bytes) -> ArtifactReply:
+    """The evidence as ``executor`` serves it to the request's client (``key``, ``service``'s own:
+    a query must be signed by its stream's opener, and the client may read its own evidence)."""
+    query = seal(ArtifactQuery(inference_id=inference_id), key)
     return open_envelope(await service.request(executor.peer_id, ARTIFACT_PROTOCOL, query, timeout=30),
                          ArtifactReply).message
 
@@ -68,7 +70,7 @@ async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_val
         completion = await client.chat([("user", "Name a colour.")], model=MODEL, max_tokens=8)
         assert completion.executor == executor.peer_id
         await service.connect(executor.addr)
-        served = await fetch(service, executor, completion.inference_id)
+        served = await fetch(service, key, executor, completion.inference_id)
 
         # Killed right after the client got InferenceFinished: what it acknowledged is on disk.
         executor.proc.kill()
@@ -77,7 +79,7 @@ async def test_a_killed_executor_restarts_serving_its_evidence_and_it_passes_val
         nodes[1] = executor = DevnetNode(net, 1, ports[1], ta.addr, *executor_args, executor=True)
         executor.wait_ready()
         await service.connect(executor.addr)
-        after = await fetch(service, executor, completion.inference_id)
+        after = await fetch(service, key, executor, completion.inference_id)
         assert (after.request, after.artifact) == (served.request, served.artifact)
 
         # A validator that asks this executor only (ta = executor) judges the evidence valid.

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ledger_driver import LedgerDriver, poc_genesis, poc_params
 
 from gonka_p2p.identity import Keypair
-from gonka_p2p.ledger import poc
+from gonka_p2p.ledger import poc, poc_rounds
 from gonka_p2p.ledger.genesis import GenesisError
 from gonka_p2p.ledger.executor_draw import executor_weights
 from gonka_p2p.ledger.poc import Phase, RoundKind, Verdicts
@@ -172,8 +172,19 @@ def test_a_join_stamp_binds_its_chain_epoch_and_key() -> None:
 def test_confirmation_and_verdict_thresholds() -> None:
     # A weight of 100 over 2 compute blocks needs 50% of its rate over the 2 confirmation blocks: 50 nonces.
     assert poc.confirmation_holds(50, 100, PARAMS) and not poc.confirmation_holds(49, 100, PARAMS)
-    assert Verdicts(passed=16, failed=0, total=30).proven and not Verdicts(passed=15, failed=0, total=30).proven
-    assert Verdicts(passed=0, failed=16, total=30).fraud and not Verdicts(passed=0, failed=15, total=30).fraud
+    assert Verdicts(passed=16, failed=0, total=30, serving=30).proven
+    assert not Verdicts(passed=15, failed=0, total=30, serving=30).proven
+    assert Verdicts(passed=0, failed=16, total=30, serving=30).fraud
+    assert not Verdicts(passed=0, failed=15, total=30, serving=30).fraud
+    # A model served by validators holding 20 of the 30: a majority of theirs proves it...
+    assert Verdicts(passed=11, failed=0, total=30, serving=20).proven
+    assert not Verdicts(passed=10, failed=0, total=30, serving=20).proven
+    # ... but never a third of the whole or less, however few serve it (10 = 1/3 of 30: not more)
+    assert not Verdicts(passed=10, failed=0, total=30, serving=10).proven
+    assert Verdicts(passed=11, failed=0, total=30, serving=10).proven
+    # Fraud stays a majority of the whole: the servers' failing verdict alone proves nothing.
+    assert not Verdicts(passed=0, failed=15, total=30, serving=15).fraud
+    assert not Verdicts(passed=11, failed=16, total=30, serving=20).proven  # fraud wins: never both
 
 
 # --------------------------------------------------------------------------- whole rounds
@@ -195,6 +206,60 @@ def test_a_first_round_sets_next_epoch_weights_to_the_proven_counts() -> None:
     confirmation = d.state.poc_rounds.get((0, RoundKind.CONFIRMATION))
     first, last = poc.confirmation_window(0, PARAMS)
     assert confirmation is not None and first <= confirmation.start <= last
+
+
+def judged_as_prover_actors_do(d: LedgerDriver, serves: dict[str, tuple[str, ...]],
+                               commitments: dict[tuple[str, str], int], ok: bool = True,
+                               kind: RoundKind = RoundKind.REGULAR) -> None:
+    """A whole round of epoch 0 in which each validator judges only the others' commitments on
+    the models its node serves, as ``ProverActor._judge`` does (``model in self._engines``)."""
+    d.to_phase(0, kind, Phase.COMPUTE)
+    d.ok(*[d.poc_commit(who, n, 0, kind, model) for (who, model), n in commitments.items()])
+    d.to_phase(0, kind, Phase.SECRET)
+    d.ok(*[d.poc_secret(who, 0, kind, model) for who, model in commitments])
+    d.to_phase(0, kind, Phase.REVEAL)
+    d.ok(*[d.poc_reveal(who, 0, kind, model) for who, model in commitments])
+    d.to_phase(0, kind, Phase.VERDICT)
+    d.ok(*[d.poc_verdict(j, who, ok, 0, kind, model) for j in d.poc_judges(0) for who, model in commitments
+           if j != who and model in serves.get(j, (M,))])
+
+
+def test_a_model_served_by_a_minority_of_validators_can_still_be_proven() -> None:
+    """Attack (or plain bad luck): A and B serve m and m2, C serves m only, as its registry entry
+    says; an honest ProverActor judges only the models its node serves, so C never judges an m2
+    commitment. Counted out of every validator's power, B's pass on A's m2 (10 of 20) was no
+    majority: m2 could never be proven, its weight declined to nothing round after round, and a
+    coalition that serves nothing kept it so by merely existing. Counted out of the power of
+    the validators that list m2, it is a majority: A earns weight on m2."""
+    serves = {"A": (M, M2), "B": (M, M2), "C": (M,)}
+    d = driver(**serves)
+    counts = {("A", M): 100, ("B", M): 100, ("C", M): 100, ("A", M2): 50, ("B", M2): 50}
+    judged_as_prover_actors_do(d, serves, counts)
+    judged_as_prover_actors_do(d, serves, d.confirmation_counts(counts), kind=RoundKind.CONFIRMATION)
+    d.until(d.state.params.epoch_length_blocks)
+    a = d.state.registry.rows[PEER["A"]]
+    assert dict(a.model_weights).get(M2, 0) > 0, (
+        f"A's m2 compute, checked and passed by every validator that serves m2, earned nothing: {a.model_weights}")
+
+
+def test_a_model_one_validator_serves_is_not_decided_by_that_validator_alone() -> None:
+    """Attack: a validator that alone serves a model (no one else's registry entry lists it)
+    passes whatever count its Sybil newcomer claims on it -- weight, then draws and votes -- or
+    fails an honest prover of it. Counted out of the serving validators' power alone, it would
+    decide by itself. A proof needs more than a third of all the judging power too, more than
+    the < 1/3 coalition of the threat model; fraud still needs a majority of all of it. So A
+    (10 of 30) proves nothing alone, A and B (20 of 30) do; and A alone convicts no one."""
+    for servers, proven in ((("A",), False), (("A", "B"), True)):
+        serves = {n: (M, M2) for n in servers}
+        d = driver(**serves)
+        judged_as_prover_actors_do(d, serves, {("N", M2): 1000})
+        judged = poc_rounds.verdicts(d.state, 0, PEER["N"], M2, d.state.poc_entries.rows[(0, 0, PEER["N"], M2)])
+        assert judged.passed == 10 * len(servers) and judged.proven is proven and not judged.fraud, judged
+    serves = {"A": (M, M2)}
+    d = driver(**serves)
+    judged_as_prover_actors_do(d, serves, {("C", M2): 100}, ok=False)  # C proves m2 honestly; A fails it
+    judged = poc_rounds.verdicts(d.state, 0, PEER["C"], M2, d.state.poc_entries.rows[(0, 0, PEER["C"], M2)])
+    assert judged.failed == 10 and not judged.fraud and not judged.proven, judged
 
 
 def test_weights_are_earned_per_model() -> None:

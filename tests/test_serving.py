@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -31,6 +32,7 @@ from gonka_p2p.wire.messages import (
     response_hash,
 )
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL, INFER_PROTOCOL
+from gonka_p2p.wire.schema import WireError
 from gonka_p2p.wire.stream import ProtocolViolation, RequestRejected, StreamVerifier
 
 
@@ -128,12 +130,25 @@ async def test_client_detects_a_ta_that_alters_tokens(engine: Engine) -> None:
             verifier.accept(f)
 
 
+def validators_ledger(nodes: list, *validators: str, records: dict | None = None) -> None:
+    """Give every node's artifact server a committed-ledger stand-in in which ``validators``
+    hold voting power and ``records`` are the inferences (the in-memory network runs no ledger;
+    without one, only a request's client may read its evidence: ``may_read_evidence``)."""
+    from gonka_p2p.ledger.records import EpochInfo
+
+    ledger = SimpleNamespace(inference=(records or {}).get, epochs=SimpleNamespace(rows={
+        0: EpochInfo(traffic=0, floor_ppm=0, validators=tuple((v, 1) for v in sorted(validators)))}))
+    for node in nodes:
+        node.artifacts.ledger = lambda: ledger
+
+
 async def test_executor_serves_the_artifact_it_committed_to(engine: Engine) -> None:
     hub = MemoryHub()
     nodes = await start_network(hub, engine)
     client = await client_for(hub, nodes[0])
     completion = await client.chat([("user", "Hi")], model=MODEL, max_tokens=6)
     validator = nodes[0]
+    validators_ledger(nodes, validator.key.peer_id)
     query = seal(ArtifactQuery(inference_id=completion.inference_id), validator.key)
     reply = open_envelope(await validator.service.request(
         completion.executor, ARTIFACT_PROTOCOL, query), ArtifactReply)
@@ -156,10 +171,50 @@ async def test_executor_serves_the_artifact_it_committed_to(engine: Engine) -> N
     assert failed.message.code == "not_found"
 
 
+async def test_a_stranger_cannot_read_a_clients_answer_through_the_artifact_protocol(engine: Engine) -> None:
+    """Attack: the answer server serves an answer only to the client that signed the request
+    (or its TA) -- "a query tells a stranger nothing". The artifact server, on the same store,
+    answered any peer's ``ArtifactQuery`` (inference ids are public on the ledger) with the
+    artifact, whose completion ids decode to the very answer. Now it serves the evidence only
+    to peers holding voting power, the inference's executor and TA, and its client; and only
+    to the stream's opener, so a validator's overheard query is worth nothing replayed."""
+    hub = MemoryHub()
+    nodes = await start_network(hub, engine)
+    client = await client_for(hub, nodes[0])
+    completion = await client.chat([("user", "my private question")], model=MODEL, max_tokens=6)
+    iid = completion.inference_id
+    executor = completion.executor
+    validator = next(n for n in nodes if n.key.peer_id not in (executor, nodes[0].key.peer_id))
+    validators_ledger(nodes, validator.key.peer_id,
+                      records={iid: SimpleNamespace(executor=executor, ta=nodes[0].key.peer_id)})
+    stranger = Keypair.from_seed(b"artifact-stranger")
+    stranger_service = hub.service(stranger)
+    await stranger_service.start()
+
+    async def ask(service, signer: Keypair) -> ArtifactReply | InferenceFailed:
+        frame = await service.request(executor, ARTIFACT_PROTOCOL, seal(ArtifactQuery(inference_id=iid), signer))
+        try:
+            return open_envelope(frame, ArtifactReply).message
+        except WireError:
+            return open_envelope(frame, InferenceFailed).message
+
+    try:
+        refused = await ask(stranger_service, stranger)
+        replayed = await ask(stranger_service, validator.key)  # a validator's query, overheard
+        readers = [await ask(client.service, client.key), await ask(validator.service, validator.key),
+                   await ask(nodes[0].service, nodes[0].key)]  # the client, a validator, the TA
+    finally:
+        await stranger_service.stop()
+    assert isinstance(refused, InferenceFailed) and refused.code == "forbidden", (
+        f"a stranger read the client's answer: {refused}")
+    assert isinstance(replayed, InferenceFailed) and replayed.code == "bad_signature"
+    for reply in readers:
+        assert isinstance(reply, ArtifactReply)
+        assert InferenceArtifact.decode(reply.artifact).completion_ids == completion.token_ids
+
+
 async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withholds_it(
         engine: Engine) -> None:
-    from types import SimpleNamespace
-
     from gonka_p2p.actors.artifact_store import ArtifactStore
     from gonka_p2p.actors.evidence_fetch import Evidence
     from gonka_p2p.actors.validator import ValidatorActor
@@ -176,6 +231,7 @@ async def test_a_validator_gets_the_evidence_from_the_ta_when_the_executor_withh
                              artifact_commitment=committed.commitment(),
                              response_hash=response_hash(completion.token_ids))
     checker = next(n for n in nodes if n not in (executor, nodes[0]))
+    validators_ledger(nodes, checker.key.peer_id)
     validator = ValidatorActor(checker.service, checker.key, {}, VerificationParams(models={}), "c", None)
     withheld = ArtifactStore(None, max_bytes=1)
     await withheld.open()

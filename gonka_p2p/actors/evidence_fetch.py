@@ -41,11 +41,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from gonka_p2p.actors.artifact_server import FORBIDDEN
 from gonka_p2p.gossip.service import NetworkError, NetworkService
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.ledger.records import Inference
 from gonka_p2p.wire.envelope import open_envelope, seal
-from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceRequest
+from gonka_p2p.wire.messages import ArtifactQuery, ArtifactReply, InferenceFailed, InferenceRequest
 from gonka_p2p.wire.messages import inference_id as inference_id_of  # "inference_id" names ids here
 from gonka_p2p.wire.protocols import ARTIFACT_PROTOCOL
 from gonka_p2p.wire.schema import WireError
@@ -199,7 +200,9 @@ class EvidenceFetcher:
 
     async def _ask(self, holder: str, inference_id: bytes, record: Inference) -> Evidence | Unreachable | None:
         """What ``holder`` served, None when it answered without matching evidence, or
-        ``Unreachable`` when the network did not bring an answer."""
+        ``Unreachable`` when the network did not bring an answer -- or the holder refused this
+        node as a reader: its replica may not know it as a validator yet (``artifact_server``),
+        so it is asked again, and judged withheld only as a silent one is, near the deadline."""
         query = seal(ArtifactQuery(inference_id=inference_id), self._key)
         try:
             frame = await self._service.request(holder, ARTIFACT_PROTOCOL, query, timeout=FETCH_TIMEOUT_S)
@@ -211,8 +214,16 @@ class EvidenceFetcher:
             request = open_envelope(reply.message.request, InferenceRequest)
         except WireError as e:
             log.info("artifact of %s not served by %s: %s", inference_id.hex()[:12], holder, e)
-            return None
+            return Unreachable((holder,)) if _refused(frame) else None
         if (reply.signer_id != holder or inference_id_of(request) != inference_id
                 or digest(reply.message.artifact) != record.artifact_commitment):
             return None
         return Evidence(request.message, reply.message.artifact)
+
+
+def _refused(frame: bytes) -> bool:
+    """Is ``frame`` a holder's refusal to serve this node (``artifact_server.FORBIDDEN``)?"""
+    try:
+        return open_envelope(frame, InferenceFailed).message.code == FORBIDDEN
+    except WireError:
+        return False

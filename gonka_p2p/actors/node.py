@@ -159,7 +159,8 @@ class Node:
         hooks = self.hooks
         # Evidence lives beside the ledger that expects it; without a ledger nothing does (memory).
         evidence = config.ledger_dir / "artifacts.sqlite" if genesis is not None else None
-        self.artifacts = ArtifactServer(service, key, ArtifactStore(evidence, config.evidence_max_bytes))
+        self.artifacts = ArtifactServer(service, key, ArtifactStore(evidence, config.evidence_max_bytes),
+                                        ledger=lambda: self.replica.state if self.replica is not None else None)
         self.answers = AnswerServer(service, key, self.artifacts.store, relayed_by=self._relaying_ta)
         if self.replica is not None:
             self.replica.add_commit_listener(self.artifacts.store.on_commit)

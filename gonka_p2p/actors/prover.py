@@ -23,7 +23,8 @@ the open rounds (``poc_rounds.open_rounds``) and does what their phase asks
   prover's opened leaves on its own engine as soon as they are opened (the reveal phase,
   all provers at once) and sends the verdicts when the verdict phase opens, so the
   recomputation never eats into the verdict window; a model it does not serve, it cannot
-  judge (others do).
+  judge (others do: the ledger counts a model's verdicts out of the power of the validators
+  whose registry entries list it, ``poc_rounds.verdicts``).
 
 A replica that is replaying blocks committed long ago (a joiner or a restarted node
 catching up) does none of this: the rounds it sees open closed long ago by the network's

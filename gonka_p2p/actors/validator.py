@@ -282,9 +282,10 @@ class ValidatorActor(DutyActor):
         other than the request's, ids the model cannot run -- each ends as a failed verdict
         naming why, never as an exception (this runs inside the node, and one crafted
         artifact must not stop every validator that checks it, again after each restart).
-        None when the fault is *this node's*: no engine or thresholds for the model, or its
-        engine failing on evidence the model's limits accept (out of memory, a crash); it
-        accuses no one, and its skipped duty is its own loss."""
+        None when the fault is *this node's*: no engine or thresholds for the model, a context
+        cap of its own below what the evidence needs (``_claim``), or its engine failing on
+        evidence the model's limits accept (out of memory, a crash); it accuses no one, and its
+        skipped duty is its own loss."""
         engine = self._engines.get(record.model)
         try:
             thresholds = self._params.for_model(record.model)
@@ -300,8 +301,8 @@ class ValidatorActor(DutyActor):
             if isinstance(served, Unreachable):
                 return served
             claim = self._claim(engine, inference_id, record, served)
-            if isinstance(claim, Verdict):
-                return verdict_stats(claim)
+            if claim is None or isinstance(claim, Verdict):
+                return None if claim is None else verdict_stats(claim)
             artifact, contract = claim
             try:
                 async with self._engine_turn:
@@ -313,11 +314,17 @@ class ValidatorActor(DutyActor):
 
     @staticmethod
     def _claim(engine: Engine, inference_id: bytes, record: Inference,
-               served: Evidence) -> tuple[InferenceArtifact, Contract] | Verdict:
+               served: Evidence) -> tuple[InferenceArtifact, Contract] | Verdict | None:
         """The served artifact and the contract it is judged by, or the failed verdict when
         the evidence cannot even be run: it does not decode, the request is one no honest
-        executor could have run, or its ids are outside what the model accepts."""
-        request = served.request
+        executor could have run, or its ids are outside what the model accepts.
+
+        Runnable means by the *model's* context (``model_context``), not this node's cap
+        (``max_context``, lowered by its operator's ``max_model_len``, which genesis does not
+        pin): an executor running the model uncapped serves a longer request honestly, and
+        failing it would make every capped validator accuse honest work. Evidence that fits
+        the model but not this node's cap is None: this node cannot judge it."""
+        request, local = served.request, engine.local_model
         try:
             artifact = InferenceArtifact.decode(served.artifact)
         except ArtifactError as e:
@@ -325,14 +332,18 @@ class ValidatorActor(DutyActor):
         try:
             params = sampling_params(request)
             prompt_ids = engine.encode_chat([(t.role, t.content) for t in request.messages])
-            engine.local_model.check_request(prompt_ids, params.max_tokens)  # the executor's own refusal rule
+            local.check_request(prompt_ids, params.max_tokens, context=local.model_context)  # the executor's rule
         except Exception as e:  # noqa: BLE001 -- deterministic in the signed request: every validator, and
             # the executor that should have refused it, fails alike (a chat template raises what it likes)
             return rejected(f"contract: the request cannot be run: {e}")
-        unscorable = check_scorable(prompt_ids, artifact.completion_ids, engine.local_model.vocab_size,
-                                    engine.local_model.max_context)
+        unscorable = check_scorable(prompt_ids, artifact.completion_ids, local.vocab_size, local.model_context)
         if unscorable is not None:
             return rejected(unscorable)
+        if check_scorable(prompt_ids, artifact.completion_ids, local.vocab_size, local.max_context) is not None:
+            log.warning("cannot check %s: %d prompt + %d completion tokens exceed this node's context cap "
+                        "of %d (max_model_len)", inference_id.hex()[:12], len(prompt_ids),
+                        len(artifact.completion_ids), local.max_context)
+            return None
         return artifact, Contract(
             model=request.model, prompt_ids=tuple(prompt_ids), params=params, seed=inference_id,
             billed=Billed(record.response_hash, record.prompt_tokens, record.completion_tokens))

@@ -138,7 +138,8 @@ class LocalModel:
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     eos_token_ids: frozenset[int]
     vocab_size: int
-    max_context: int  # prompt + completion tokens the model supports
+    max_context: int  # prompt + completion tokens this node runs: the model's, or less (max_model_len)
+    model_context: int  # ... the model itself supports (max_position_embeddings), whatever this node's cap
 
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
         """Apply the chat template with the generation prompt and tokenize."""
@@ -151,17 +152,20 @@ class LocalModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def check_request(self, prompt_ids: list[int], n_more: int) -> None:
-        """Reject what the model cannot run, with the same message in every engine."""
+    def check_request(self, prompt_ids: list[int], n_more: int, context: int | None = None) -> None:
+        """Reject what the model cannot run, with the same message in every engine. ``context``:
+        the limit, this node's own (``max_context``) unless named; a validator names the model's
+        (``model_context``): an executor that runs the model uncapped serves what fits in it."""
+        context = self.max_context if context is None else context
         if not prompt_ids:
             raise EngineError("the prompt is empty; it needs at least one token")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(prompt_ids) + n_more > self.max_context:
+        if len(prompt_ids) + n_more > context:
             raise EngineError(
                 f"prompt ({len(prompt_ids)} tokens) + {n_more} more exceeds the model's "
-                f"context of {self.max_context} tokens"
+                f"context of {context} tokens"
             )
 
 
@@ -203,14 +207,15 @@ def load_local_model(model: str | ModelSpec = DEFAULT_MODEL) -> LocalModel:
         eos.update([value] if isinstance(value, int) else value or [])
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
-    max_context = int(config.get("max_position_embeddings", 2048))
+    model_context = int(config.get("max_position_embeddings", 2048))
     return LocalModel(
         name=spec.served_as,
         path=path,
         tokenizer=tokenizer,
         eos_token_ids=frozenset(eos),
         vocab_size=int(config["vocab_size"]),
-        max_context=min(max_context, spec.max_model_len or max_context),
+        max_context=min(model_context, spec.max_model_len or model_context),
+        model_context=model_context,
     )
 
 

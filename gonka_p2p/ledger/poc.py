@@ -37,10 +37,11 @@ regular nonce rate, or keep only the rate it confirmed (nothing if it did
 not confirm) and forfeit the epoch's reward: hardware rented for the regular
 window alone buys no weight (Gonka's confirmation PoC).
 
-A commitment passes when validators holding more than half of the epoch's
-voting power (the prover's own excepted: it does not judge itself) say so; it
-*fails* (fraud: weight 0 and reputation reset) when more than half say it does not; otherwise (no secret, no openings, too few
-verdicts) it is simply unproven: weight 0, as for a participant that left.
+A commitment passes when validators holding more than half of the voting power of those that
+serve its model, and more than a third of the epoch's, say so (the prover's own power excepted:
+it does not judge itself; :class:`Verdicts` says why both); it *fails* (fraud: weight 0 and
+reputation reset) when more than half of the epoch's say it does not; otherwise (no secret,
+no openings, too few verdicts) it is simply unproven: weight 0, as for a participant that left.
 
 From targets to weights: decreases together may take at most
 ``max_weight_shift_ppm`` of the total per round (:func:`declined_targets`;
@@ -108,15 +109,33 @@ class Phase(IntEnum):
 
 @dataclass(frozen=True)
 class Verdicts:
-    """The voting power that passed and failed one commitment, out of the power that may judge it."""
+    """The voting power that passed and failed one commitment, out of ``total``, the power of
+    the epoch's validators but the prover (it does not judge itself), of which ``serving``
+    serve its model (list it in their registry entries) or judged it anyway.
+
+    Proven: more than half of ``serving`` passed it -- a validator recomputes only the models
+    its node runs, so out of ``total`` a model that the validators holding a majority do not
+    all serve could never be proven, and a coalition that serves nothing kept it so by its mere
+    existence -- and more than a third of ``total``: out of ``serving`` alone, a model served by
+    one validator would be decided by that one, whose Sybils could claim any count on it.
+    ``total``'s third is more than the < 1/3 coalition of the threat model holds (the prover's
+    own power, excluded, only lowers a coalition's share when the prover is one of its own),
+    so some honest validator must agree. The price: a model served by validators holding at
+    most a third of the others' power is not proven until more serve it.
+
+    Fraud (weight 0, reputation reset, on every model): more than half of ``total``, as ever.
+    A verdict of ``serving`` alone would let the few that serve a model convict an honest
+    prover of it, and a large one is exactly whom a coalition gains by framing; so the
+    servers' failing verdict alone leaves the commitment unproven, which earns nothing."""
 
     passed: int
     failed: int
     total: int
+    serving: int
 
     @property
     def proven(self) -> bool:
-        return 2 * self.passed > self.total
+        return 2 * self.passed > max(self.serving, -(-2 * self.total // 3)) and not self.fraud
 
     @property
     def fraud(self) -> bool:

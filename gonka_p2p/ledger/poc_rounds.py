@@ -81,12 +81,21 @@ def to_judge(state: LedgerState, epoch: int, kind: RoundKind, validator: str) ->
             if entry.opened and peer != validator and validator not in entry.voters]
 
 
-def verdicts(state: LedgerState, epoch: int, prover: str, entry: PocEntry) -> Verdicts:
-    """The verdicts on ``prover``'s commitment, out of the power of everyone who may judge it:
-    the epoch's validators but the prover itself."""
+def verdicts(state: LedgerState, epoch: int, prover: str, model: str, entry: PocEntry) -> Verdicts:
+    """The verdicts on ``prover``'s commitment on ``model``, out of the power of the epoch's
+    validators but the prover, and of those of them whose registry entries list the model --
+    an honest prover actor recomputes only the models its node serves -- or that judged it
+    anyway (``poc.Verdicts`` weighs the two)."""
     info = state.epoch_info(epoch)
-    judges = {} if info is None else info.weights
-    return Verdicts(entry.passed, entry.failed, sum(judges.values()) - judges.get(prover, 0))
+    judges = {} if info is None else {peer: w for peer, w in info.weights.items() if peer != prover}
+    serving = sum(w for peer, w in judges.items() if peer in entry.voters or model in _models_of(state, peer))
+    return Verdicts(entry.passed, entry.failed, sum(judges.values()), serving)
+
+
+def _models_of(state: LedgerState, peer: str) -> tuple[str, ...]:
+    """The models ``peer``'s registry entry lists (none: it is no participant now)."""
+    participant = state.registry.get(peer)
+    return () if participant is None else participant.models
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,7 @@ def round_outcome(state: LedgerState, epoch: int) -> RoundOutcome:
     targets: dict[str, dict[str, int]] = {}
     fraud, unconfirmed = set(), set()
     for (peer, model), entry in entries(state, epoch, RoundKind.REGULAR).items():
-        judged = verdicts(state, epoch, peer, entry)
+        judged = verdicts(state, epoch, peer, model, entry)
         if judged.fraud:
             fraud.add(peer)
             continue
@@ -120,7 +129,7 @@ def round_outcome(state: LedgerState, epoch: int) -> RoundOutcome:
         target = entry.count
         confirmation = confirmations.get((peer, model))
         if confirming:
-            confirmed = None if confirmation is None else verdicts(state, epoch, peer, confirmation)
+            confirmed = None if confirmation is None else verdicts(state, epoch, peer, model, confirmation)
             if confirmed is not None and confirmed.fraud:
                 fraud.add(peer)
             if confirmed is None or not confirmed.proven:

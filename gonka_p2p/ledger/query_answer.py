@@ -140,7 +140,7 @@ def confirmation_start(state: LedgerState) -> int:
 
 def last_poc_results(state: LedgerState, prover: str) -> list[PocResultInfo]:
     """``prover``'s commitments in the last round it committed to (one per model), each with its
-    verdict: proven or fraud once more than half of the judging power said so, pending while
+    verdict: proven or fraud once enough of the judging power said so (``poc.Verdicts``), pending while
     the round's verdict phase lasts, unproven after it."""
     mine = sorted((key, entry) for key, entry in state.poc_entries.rows.items() if key[2] == prover)
     if not mine:
@@ -151,7 +151,7 @@ def last_poc_results(state: LedgerState, prover: str) -> list[PocResultInfo]:
     for (e, k, _, model), entry in mine:
         if (e, k) != (epoch, kind):
             continue
-        judged = verdicts(state, epoch, prover, entry)
+        judged = verdicts(state, epoch, prover, model, entry)
         if judged.proven or judged.fraud:
             verdict = "proven" if judged.proven else "fraud"
         elif record is not None and phase(state.height + 1, record.start, kind, state.params) is not Phase.OVER:

@@ -6,8 +6,9 @@ of decoding, and one claiming an out-of-vocabulary token made scoring raise Engi
 neither was caught in the validator's step, which ran in the node's TaskGroup, so every
 validator that checked the inference died -- and again after each restart, since its duties
 are recomputed from the ledger. Now whatever is served ends as a verdict on that inference
-(failed, with the reason); only this node's own faults (no engine for the model, an engine
-that fails on evidence the model accepts) end as "cannot judge", which accuses no one.
+(failed, with the reason); only this node's own faults (no engine for the model, a context cap
+of its own below what the evidence needs, an engine that fails on evidence the model accepts)
+end as "cannot judge", which accuses no one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from served_evidence import Served, honest_work, id_of, judge, signed_request, validator
+from served_evidence import Served, honest_work, id_of, judge, prompt_of, signed_request, validator
 
 from gonka_p2p.identity import digest
 from gonka_p2p.inference.artifacts import MAX_TOKEN_ID, InferenceArtifact
@@ -190,3 +191,28 @@ def test_no_hostile_evidence_or_request_stops_the_validator(engine: Engine, hone
     assert isinstance(verdict, VerdictStats)
     if broken:
         assert not verdict.valid
+
+
+async def test_a_validator_with_a_smaller_context_cap_does_not_fail_honest_work(engine: Engine) -> None:
+    """Attack: a client's long request, served honestly by an executor that runs the model's
+    full context, exceeds the context cap its validator's operator chose (``--max-model-len``,
+    node.toml's ``max_model_len``; genesis pins only the model's files and dtype). Judged by
+    its own cap (``check_request``, ``check_scorable``) the validator failed the work ("contract:
+    the request cannot be run"): a signed accusation of honest work by every validator with a
+    smaller cap. A limit that is this node's own is not the executor's fault: it cannot judge
+    (None, accusing no one); what exceeds the model's own context still fails."""
+    from helpers import MODEL
+
+    from gonka_p2p.inference.factory import load_engine
+    from gonka_p2p.inference.models import ModelSpec
+
+    greedy = SamplingParams(max_tokens=16)
+    served = await honest_work(engine, greedy)
+    prompt = prompt_of(engine, served.request)
+    capped = load_engine("torch", ModelSpec(MODEL, max_model_len=len(prompt) + greedy.max_tokens // 2))
+    assert capped.model_name == engine.model_name and capped.local_model.max_context < engine.local_model.max_context
+    assert capped.local_model.model_context == engine.local_model.max_context
+    assert len(prompt) + len(decoded(served).completion_ids) > capped.local_model.max_context
+    honest = await judge(engine, served)
+    assert honest is not None and honest.valid  # the executor's work is honest
+    assert await judge(capped, served) is None, "a validator whose operator capped the context judged the work"

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from helpers import eventually
 from served_evidence import VALIDATOR, id_of, signed_request
 
+from gonka_p2p.actors.artifact_server import FORBIDDEN
 from gonka_p2p.actors.evidence_fetch import (
     ASK_ALL_BEFORE_BLOCKS,
     RETRY_AFTER_BLOCKS,
@@ -27,7 +28,7 @@ from gonka_p2p.actors.evidence_fetch import (
 )
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.wire.envelope import seal
-from gonka_p2p.wire.messages import ArtifactReply
+from gonka_p2p.wire.messages import ArtifactReply, InferenceFailed
 
 PARAMS = SimpleNamespace(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, logprobs_k=5)
 SILENT, SLOW, HONEST, OTHER = (Keypair.from_seed(n) for n in (b"silent", b"slow", b"honest", b"other"))
@@ -179,3 +180,24 @@ async def test_a_fetch_started_at_its_cutoff_waits_for_the_answer() -> None:
     await eventually(lambda: holders.asked[SLOW.peer_id], what="the request")
     holders.release.set()
     assert isinstance(await asyncio.wait_for(late, 10), Evidence)
+
+
+async def test_a_holder_that_refuses_the_validator_as_a_reader_is_asked_again_not_judged_a_withholder() -> None:
+    """Race, or a holder's excuse: a holder serves evidence only to peers its replica knows as
+    validators (``artifact_server.may_read_evidence``: the evidence is the client's answer), and
+    a replica a block behind the one that made this validator one refuses it (``forbidden``).
+    Read as "no evidence" that would be a withheld verdict -- an accusation of honest work; it
+    is ``Unreachable`` instead: asked again, and judged withheld only as a silent holder is,
+    near the deadline. An answer that it keeps nothing still reads as no evidence."""
+
+    class Refusing:
+        def __init__(self, code: str) -> None:
+            self.code = code
+
+        async def request(self, peer: str, protocol: str, data: bytes, timeout: float | None = None) -> bytes:
+            return seal(InferenceFailed(code=self.code, message="refused"), HONEST)
+
+    refused = EvidenceFetcher(Refusing(FORBIDDEN), VALIDATOR, at_height(100))  # type: ignore[arg-type]
+    assert await fetch(refused, HONEST) == Unreachable((HONEST.peer_id,))
+    missing = EvidenceFetcher(Refusing("not_found"), VALIDATOR, at_height(100))  # type: ignore[arg-type]
+    assert await fetch(missing, HONEST) is None
