@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import inspect
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
+
+import pytest
 
 from gonka_p2p.actors.node import Node
 from gonka_p2p.actors.replica import Replica
@@ -404,3 +407,29 @@ def short_testnet_runs_here() -> bool:
     except netns.PrivilegeError:
         return False
     return True
+
+
+async def a_raising_handler_is_contained(a: NetworkService, b: NetworkService, caplog: pytest.LogCaptureFixture,
+                                         logger: str, linked: Callable[[], Awaitable[None]] | None = None,
+                                         ) -> asyncio.Task[None]:
+    """``b`` subscribes a handler that raises on ``b"x"``; ``a`` publishes ``b"x"``, then ``b"y"``
+    (once ``linked`` returns): the second is handled, the error logged under ``logger``, and
+    ``b`` goes on. Returns the task awaiting ``b``'s end (what a node's supervisor awaits)."""
+    handled: list[bytes] = []
+
+    async def broken_on_x(sender: str, data: bytes) -> None:
+        if data == b"x":
+            raise RuntimeError("handler bug")
+        handled.append(data)
+
+    await b.subscribe("t", broken_on_x)
+    if linked is not None:
+        await linked()
+    owner = asyncio.create_task(b.wait_closed())
+    with caplog.at_level(logging.ERROR, logger=logger):
+        await a.publish("t", b"x")
+        await a.publish("t", b"y")
+        await eventually(lambda: handled == [b"y"], what="the message after the one that raised")
+    assert not owner.done()
+    assert any("handler bug" in repr(r.exc_info) for r in caplog.records if r.exc_info)
+    return owner

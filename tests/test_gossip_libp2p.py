@@ -14,7 +14,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from helpers import eventually, free_port
+from helpers import a_raising_handler_is_contained, eventually, free_port
 from libp2p.stream_muxer.yamux import yamux
 
 from gonka_p2p.gossip.libp2p_patches import DIAL_BACKOFF_S
@@ -256,23 +256,12 @@ async def test_a_gossip_handler_that_raises_is_logged_and_the_service_goes_on(
     id once let such bytes past the announce validator). The error is logged, the message
     dropped, and the next one handled."""
     a, b = await make_host(), await make_host()
-    handled: list[bytes] = []
 
-    async def broken_on_x(sender: str, data: bytes) -> None:
-        if data == b"x":
-            raise RuntimeError("handler bug")
-        handled.append(data)
+    async def linked() -> None:
+        await link(a, b)
+        await eventually(lambda: a.topic_peers("t") == [b.peer_id])
 
-    await b.subscribe("t", broken_on_x)
-    await link(a, b)
-    await eventually(lambda: a.topic_peers("t") == [b.peer_id])
-    owner = asyncio.create_task(b.wait_closed())  # what a node's supervisor awaits
-    with caplog.at_level(logging.ERROR, logger="gonka_p2p.gossip.libp2p_service"):
-        await a.publish("t", b"x")
-        await a.publish("t", b"y")
-        await eventually(lambda: handled == [b"y"], what="the message after the one that raised")
-    assert not owner.done()
-    assert any("handler bug" in repr(r.exc_info) for r in caplog.records if r.exc_info)
+    owner = await a_raising_handler_is_contained(a, b, caplog, "gonka_p2p.gossip.libp2p_service", linked)
     await b.stop()
     await owner  # a clean stop returns without raising
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import pytest
-from helpers import eventually
+from helpers import a_raising_handler_is_contained, eventually
 
 from gonka_p2p.gossip import memory
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
@@ -26,21 +26,8 @@ async def test_a_gossip_handler_that_raises_is_logged_and_its_host_goes_on(caplo
     (any peer could then stop it with one message); it is logged and the message dropped."""
     hub = MemoryHub()
     a, b = await pair(hub)
-    handled: list[bytes] = []
-
-    async def broken_on_x(sender: str, data: bytes) -> None:
-        if data == b"x":
-            raise RuntimeError("handler bug")
-        handled.append(data)
-
-    await b.subscribe("t", broken_on_x)
-    owner = asyncio.create_task(b.wait_closed())  # what a node's supervisor awaits
-    with caplog.at_level(logging.ERROR, logger="gonka_p2p.gossip.memory"):
-        await a.publish("t", b"x")
-        await a.publish("t", b"y")
-        await eventually(lambda: handled == [b"y"], what="the message after the one that raised")
-    assert not owner.done() and b.peer_id in hub.hosts
-    assert any("handler bug" in repr(r.exc_info) for r in caplog.records if r.exc_info)
+    owner = await a_raising_handler_is_contained(a, b, caplog, "gonka_p2p.gossip.memory")
+    assert b.peer_id in hub.hosts
     await b.stop()
     await a.stop()
     await owner  # a clean stop: returns without raising
