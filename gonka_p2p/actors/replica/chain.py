@@ -27,8 +27,8 @@ from pathlib import Path
 from gonka_p2p.identity import verify_signature
 from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.commit_checks import verified
-from gonka_p2p.ledger.consensus_types import CommitCertificate, Evidence, ValidatorSet
-from gonka_p2p.ledger.consensus_wire import evidence_to_wire
+from gonka_p2p.ledger.consensus_types import CommitCertificate, Evidence, ValidatorSet, proposal_sign_bytes
+from gonka_p2p.ledger.consensus_wire import ProposalWire, evidence_to_wire
 from gonka_p2p.ledger.genesis import Genesis
 from gonka_p2p.ledger.mempool import Mempool, TxRefused
 from gonka_p2p.ledger.state import LedgerState, apply_block
@@ -167,6 +167,11 @@ class Chain:
         """
         validator = self.validators.get(address)
         return validator is not None and verified(verify_signature, validator, message, signature)
+
+    def signed_proposal(self, p: ProposalWire) -> bool:
+        """:meth:`signed_by_validator` for a gossiped proposal: its proposer's signature over it."""
+        message = proposal_sign_bytes(self.chain_id, p.height, p.round, p.pol_round, p.block_hash)
+        return self.signed_by_validator(p.proposer, message, p.signature)
 
     async def wait_for_commit(self, tx_hash: bytes, timeout: float | None) -> Committed:
         known = self._receipts.get(tx_hash)

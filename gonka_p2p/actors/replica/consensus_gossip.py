@@ -27,7 +27,7 @@ from functools import partial
 
 from gonka_p2p.gossip.service import MessageValidator
 from gonka_p2p.ledger.consensus import ConsensusState
-from gonka_p2p.ledger.consensus_types import Proposal, Vote, proposal_sign_bytes
+from gonka_p2p.ledger.consensus_types import Proposal, Vote
 from gonka_p2p.ledger.consensus_wire import (
     ConsensusMessage,
     ProposalWire,
@@ -111,8 +111,7 @@ class ConsensusGossip:
         signed_by, chain_id, height = self._chain.signed_by_validator, self._chain.chain_id, self._core.height
         for p in proposals:
             if p.height > height:
-                message = proposal_sign_bytes(chain_id, p.height, p.round, p.pol_round, p.block_hash)
-                self._saw_height(p.height, partial(signed_by, p.proposer, message, p.signature))
+                self._saw_height(p.height, partial(self._chain.signed_proposal, p))
         for v in votes:
             if v.height > height:
                 self._saw_height(v.height, partial(signed_by, v.validator, v.sign_bytes(chain_id), v.signature))

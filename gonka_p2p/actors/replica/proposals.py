@@ -40,7 +40,7 @@ from gonka_p2p.identity import digest, verify_signature
 from gonka_p2p.ledger.block import Block, decode_block, precommit_signatures
 from gonka_p2p.ledger.commit_checks import bft_time_ms, verify_commit
 from gonka_p2p.ledger.consensus import ConsensusState
-from gonka_p2p.ledger.consensus_types import InvalidCommit, Proposal, proposal_sign_bytes
+from gonka_p2p.ledger.consensus_types import InvalidCommit, Proposal
 from gonka_p2p.ledger.consensus_wire import (
     BlockBody,
     BlockRequest,
@@ -219,8 +219,7 @@ class ProposalBodies:
             ahead = {r for h, r, who in self._claimed if (h, who) == (p.height, p.proposer) and r > current}
             if len(ahead) >= core.params.max_future_rounds:
                 return False
-        message = proposal_sign_bytes(self._chain.chain_id, p.height, p.round, p.pol_round, p.block_hash)
-        if not self._chain.signed_by_validator(p.proposer, message, p.signature):
+        if not self._chain.signed_proposal(p):
             return False
         self._claimed.setdefault(key, set()).add(p.block_hash)
         return True
