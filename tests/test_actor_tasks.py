@@ -240,6 +240,30 @@ async def test_a_validator_that_cannot_reach_the_evidence_asks_again_and_accuses
         assert deadline - ACCUSE_MARGIN_BLOCKS <= asked[-1] < deadline
 
 
+async def test_a_validator_whose_own_links_failed_it_accuses_no_one_and_skips_the_check() -> None:
+    """Testnet runs 24, 25: a validator whose link was capped through most of a check's window
+    accused the honest holders it could not reach. Evidence unreachable while its own links are
+    suspect (``Unreachable.witnessed`` false: its replica lagged) is asked again up to the
+    deadline and never judged withheld: the skipped duty is the validator's own loss."""
+    state, epoch, _ = epoch_with_duties(1)
+    asked: list[int] = []
+
+    async def judge(inference_id: bytes, record: Inference, give_up_at: int | None = None) -> object:
+        asked.append(state.height)
+        return Unreachable((EXECUTOR.peer_id,), witnessed=False)
+
+    outbox = Outbox()
+    validator = validator_of(outbox, WIDE)
+    validator.judge = judge  # type: ignore[method-assign,assignment]
+    deadline = validation_deadline(epoch, state.params)
+    while state.height <= deadline:
+        validator.on_commit(state)
+        await validator.step()
+        next_block(state)
+    assert outbox.checks() == []
+    assert asked[-1] >= deadline - ACCUSE_MARGIN_BLOCKS  # asked to the end
+
+
 async def test_a_validator_reveals_only_after_it_has_sent_every_check_of_the_epoch() -> None:
     """The reveal closes an epoch's duties, and the ledger counts every duty not checked by then
     as skipped: the validator forfeits its epoch reward. A duty whose evidence was unreachable

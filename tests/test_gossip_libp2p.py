@@ -14,10 +14,12 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import trio
 from helpers import a_raising_handler_is_contained, eventually, free_port
+from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux import yamux
 
-from gonka_p2p.gossip.libp2p_patches import DIAL_BACKOFF_S
+from gonka_p2p.gossip.libp2p_patches import DIAL_BACKOFF_S, TCP_USER_TIMEOUT_S
 from gonka_p2p.gossip.libp2p_service import Libp2pService
 from gonka_p2p.gossip.service import (
     AddressInUse,
@@ -91,6 +93,36 @@ async def test_connect_reports_peer_id_and_both_sides_see_the_connection(make_ho
     a, b = await make_host(), await make_host()
     assert await a.connect(b.listen_addrs[0]) == b.peer_id
     await eventually(lambda: a.connected_peers() == [b.peer_id] and b.connected_peers() == [a.peer_id], what="peers")
+
+
+def tcp_socket_of(layer: object, depth: int = 8) -> trio.socket.SocketType:
+    """The TCP socket under a libp2p connection's layers (muxer, security, raw connection)."""
+    if isinstance(layer, trio.SocketStream):
+        return layer.socket
+    for inner in vars(layer).values() if depth and hasattr(layer, "__dict__") else ():
+        with contextlib.suppress(LookupError):
+            return tcp_socket_of(inner, depth - 1)
+    raise LookupError("no TCP socket")
+
+
+async def test_both_ends_of_a_connection_bound_how_long_a_stall_lasts(make_host: Factory) -> None:
+    """After a link outage TCP's retransmission backoff left connections stalled for tens of
+    seconds (testnet runs 24, 25): every connection, dialed or accepted, ends once its data stays
+    unacknowledged for ``TCP_USER_TIMEOUT_S`` and probes an idle peer."""
+    a, b = await make_host(), await make_host()
+    await link(a, b)
+    await eventually(lambda: b.connected_peers() == [a.peer_id], what="b sees a")
+
+    def options(svc: Libp2pService, peer: str) -> Callable[[], Awaitable[tuple[int, int]]]:
+        async def read() -> tuple[int, int]:
+            [conn] = svc._t_host().get_network().get_connections(ID.from_base58(peer))
+            sock = tcp_socket_of(conn)
+            return (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        return read
+
+    for svc, peer in ((a, b.peer_id), (b, a.peer_id)):  # the dialer's end and the listener's
+        assert await svc._running().call(options(svc, peer)) == (TCP_USER_TIMEOUT_S * 1000, 1)
 
 
 async def test_address_in_use(make_host: Factory) -> None:

@@ -18,6 +18,7 @@ from helpers import FAST, eventually
 
 from gonka_p2p.actors.replica import Replica, ReplicaParams
 from gonka_p2p.actors.replica.proposals import BODIES_PER_PROPOSAL
+from gonka_p2p.actors.replica.sync import LAGGING_HEIGHTS
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
 from gonka_p2p.identity import Keypair, digest
 from gonka_p2p.ledger.consensus_types import NEVER_SIGNED, VoteType, make_vote, proposal_sign_bytes
@@ -191,6 +192,8 @@ async def test_a_replica_cut_off_while_running_catches_up_through_request_commit
     replicas = [await cluster.start(i) for i in range(4)]
     await cluster.wait_all(2)
     cut_off = replicas[3]
+    lags: list[int] = []  # what its validator hears: its own links failed it (evidence_fetch.py)
+    cut_off.add_lag_listener(lags.append)
     service = cluster.services[3]
     # Its consensus gossip is dropped on arrival (30 of 40 power commits without it) ...
     await service.subscribe(CONSENSUS_TOPIC, cut_off._consensus.on_message, lambda sender, data: False)
@@ -203,6 +206,7 @@ async def test_a_replica_cut_off_while_running_catches_up_through_request_commit
     await cluster.wait_all(target)
     assert cut_off.metrics.catchup_blocks == 0  # not the start-up path ...
     assert cut_off.metrics.heights >= 10  # ... but the core's RequestCommit, height by height
+    assert lags and max(lags) >= 8 and all(n >= LAGGING_HEIGHTS for n in lags)
     assert_same_state(list(cluster.replicas.values()), target)
 
 
@@ -459,6 +463,24 @@ async def test_a_fetched_record_that_does_not_verify_is_dropped_not_held(tmp_pat
         replica.core.start(1, replica._chain.validators)
         sync._fetched[1] = (bad.block, certificate_from_wire(bad.certificate))
         assert sync.offer() == [] and not sync._fetched
+
+
+async def test_a_sync_reply_padded_with_made_up_heights_does_not_make_a_replica_think_it_lagged(
+        tmp_path: Path) -> None:
+    """Attack: a replica one height behind asks a peer, which answers the height it lacked and pads
+    the reply with made-up records. Counted as heights missed, they would tell the node's
+    validator that its own links failed it, and it would accuse no withholder for
+    ``RECOVERY_S``. Only a proven height reaching ``LAGGING_HEIGHTS`` counts."""
+    async with replica_and_peer(tmp_path) as (replica, _):
+        lags: list[int] = []
+        replica.add_lag_listener(lags.append)
+        padded = [unproven_record(h) for h in range(1, LAGGING_HEIGHTS + 3)]
+        batch = [(r.height, r.block, certificate_from_wire(r.certificate)) for r in padded]
+        assert replica._sync._note_lag(0, batch) == len(batch)
+        assert replica._sync._note_lag(LAGGING_HEIGHTS - 1, batch[:1]) == LAGGING_HEIGHTS
+        assert lags == []
+        replica._sync._note_lag(LAGGING_HEIGHTS, batch[:1])  # after committed batches: no proof needed
+        assert lags == [LAGGING_HEIGHTS + 1]
 
 
 async def test_one_bad_sync_reply_does_not_stop_a_lagging_replica_from_catching_up(tmp_path: Path) -> None:

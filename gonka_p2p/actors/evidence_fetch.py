@@ -26,6 +26,12 @@ reward). So:
   duty for the validator. (A cutoff without the hedge made honest executors look like
   withholders: testnet run 13 cut requests to a partitioned executor while the TA that
   held the evidence had not been asked.)
+* silence is evidence against a holder only where this node's own links were sound: once its
+  replica fell behind the chain (:meth:`EvidenceFetcher.note_impaired`: a link outage, a
+  freeze, a restart), its asks say nothing about holders until ``RECOVERY_S`` later, and an
+  :class:`Unreachable` any of whose asks started before then is not ``witnessed``. (Testnet
+  runs 24, 25: a participant whose link was capped for 90 s failed to reach the holders of
+  honest evidence over connections that stayed stalled after the cap, and accused them.)
 
 Locks are taken in one order only -- a holder's turn, then a slot, then (the caller's) the
 engine -- and a slot is given back before the next holder's turn is awaited, so no two
@@ -36,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gonka_p2p.actors.artifact_server import FORBIDDEN
 from gonka_p2p.gossip.service import NetworkError, NetworkService
@@ -58,14 +66,21 @@ RETRY_AFTER_BLOCKS = 3  # blocks between tries at a holder the network did not r
 EVIDENCE_SLOTS = 8  # requests in flight, or evidence being judged, at once
 HEDGE_AFTER_S = 3.0  # executor silence after which the TA is asked too
 ASK_ALL_BEFORE_BLOCKS = 10  # a fetch starting this close to its cutoff asks every holder at once
+# After this node fell behind the chain, how long its failed asks say nothing about holders: a TCP
+# connection stalled through the outage ends within TCP_USER_TIMEOUT_S (gossip/libp2p_patches.py),
+# then a fresh one is dialed.
+RECOVERY_S = 30.0
 
 
 @dataclass(frozen=True)
 class Unreachable:
     """No holder served the evidence, and some could not be reached at all (a network error or
-    a timeout, not an answer): maybe withholding, maybe down or cut off for now."""
+    a timeout, not an answer): maybe withholding, maybe down or cut off for now. ``witnessed``:
+    every ask behind it started while this node's own links were trusted (module docstring);
+    only then may the silence be judged withholding."""
 
     holders: tuple[str, ...]
+    witnessed: bool = field(default=True, compare=False)
 
 
 class HeightWatch:
@@ -96,15 +111,27 @@ class Evidence:
 
 class EvidenceFetcher:
     def __init__(self, service: NetworkService, key: Keypair, heights: HeightWatch,
-                 slots: int = EVIDENCE_SLOTS, hedge_after_s: float = HEDGE_AFTER_S) -> None:
+                 slots: int = EVIDENCE_SLOTS, hedge_after_s: float = HEDGE_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._service = service
         self._key = key
         self._heights = heights
         self._slots = asyncio.Semaphore(slots)
         self._hedge_after_s = hedge_after_s
+        self._clock = clock
+        self._trusted_from = -math.inf  # asks started from then on witness a holder's silence
         self._turns: dict[str, asyncio.Lock] = {}
         self._queued: Counter[str] = Counter()  # tasks holding or awaiting each holder's turn
-        self._unreached_at: dict[str, int] = {}  # holder (a participant) -> height of its last unreached request
+        # holder (a participant) -> height of its last unreached request, and when that request started
+        self._unreached_at: dict[str, tuple[int, float]] = {}
+
+    def note_impaired(self) -> None:
+        """This node's own links just failed it (its replica fell behind the chain): silence heard
+        until ``RECOVERY_S`` from now says nothing about the holders (module docstring)."""
+        self._trusted_from = self._clock() + RECOVERY_S
+
+    def _witnessed(self, asked_at: float) -> bool:
+        return asked_at >= self._trusted_from
 
     @asynccontextmanager
     async def fetch(self, inference_id: bytes, record: Inference, give_up_at: int | None = None
@@ -114,14 +141,17 @@ class EvidenceFetcher:
         matches; ``Unreachable`` when none served and some did not answer, or had not by the
         time ``give_up_at`` committed."""
         holders = tuple(dict.fromkeys((record.executor, record.ta)))
+        started = self._clock()
         served, silent = await self._first_served(holders, inference_id, record, give_up_at)
         evidence = next((s for s in served if isinstance(s, Evidence)), None)
         for extra in served:  # two holders served in the same instant: keep one slot
             if isinstance(extra, Evidence) and extra is not evidence:
                 self._slots.release()
-        unreachable = tuple(h for s in served if isinstance(s, Unreachable) for h in s.holders) + silent
+        unreached = [s for s in served if isinstance(s, Unreachable)]
+        unreachable = tuple(h for s in unreached for h in s.holders) + silent
+        witnessed = all(s.witnessed for s in unreached) and (not silent or self._witnessed(started))
         try:
-            yield evidence if evidence is not None else Unreachable(unreachable) if unreachable else None
+            yield evidence if evidence is not None else Unreachable(unreachable, witnessed) if unreachable else None
         finally:
             if evidence is not None:
                 self._slots.release()
@@ -168,10 +198,11 @@ class EvidenceFetcher:
                          ) -> Evidence | Unreachable | None:
         """Ask ``holder`` in its turn; the slot is still taken when this returns Evidence."""
         async with self._turn(holder):
-            unreached_at = self._unreached_at.get(holder)
-            if unreached_at is not None and self._heights.height < unreached_at + RETRY_AFTER_BLOCKS:
-                return Unreachable((holder,))
+            unreached = self._unreached_at.get(holder)
+            if unreached is not None and self._heights.height < unreached[0] + RETRY_AFTER_BLOCKS:
+                return Unreachable((holder,), self._witnessed(unreached[1]))
             await self._slots.acquire()
+            asked_at = self._clock()
             try:
                 served = await self._ask(holder, inference_id, record)
             except BaseException:
@@ -180,9 +211,9 @@ class EvidenceFetcher:
             if not isinstance(served, Evidence):
                 self._slots.release()
             if isinstance(served, Unreachable):
-                self._unreached_at[holder] = self._heights.height
-            else:
-                self._unreached_at.pop(holder, None)
+                self._unreached_at[holder] = (self._heights.height, asked_at)
+                return Unreachable(served.holders, self._witnessed(asked_at))
+            self._unreached_at.pop(holder, None)
             return served
 
     @asynccontextmanager

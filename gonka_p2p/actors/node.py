@@ -152,6 +152,7 @@ class Node:
             self.validator = ValidatorActor(service, key, self.engines, verification_params_of(genesis),
                                             genesis.chain_id, self.hooks)
             self.replica.add_commit_listener(self.validator.on_commit)
+            self.replica.add_lag_listener(self.validator.note_lagged)
             if genesis.params.poc_enabled and config.models:
                 self.prover = ProverActor(key, self.engines, genesis.chain_id, self.hooks,
                                           lambda: service.listen_addrs)

@@ -154,6 +154,15 @@ class ValidatorActor(DutyActor):
         super().on_commit(state)
         self._heights.advance(state.height)
 
+    def note_lagged(self, heights: int) -> None:
+        """This node's replica fetched ``heights`` decided heights it had missed: its links failed
+        it (an outage, a freeze, a restart), so the silence it heard meanwhile accuses no one
+        (``evidence_fetch``). If a check's deadline passes before it hears the evidence, the
+        duty is skipped: the validator's own epoch reward pays for its outage, not an honest
+        executor's standing, nor an overturned accusation."""
+        log.info("replica caught up %d heights: evidence unreached meanwhile accuses no one", heights)
+        self._evidence.note_impaired()
+
     def seed(self, epoch: int) -> bytes:
         return derive_validation_seed(self._key.secret, self._chain_id, epoch)
 
@@ -247,8 +256,9 @@ class ValidatorActor(DutyActor):
             return  # its dispute was resolved or pruned meanwhile: the ledger takes no vote now
         state = self._live()
         if isinstance(verdict, Unreachable):
-            if not accuse_unreachable(state.height, deadline):
-                log.info("evidence of %s unreachable at %s: asking again", inference_id.hex()[:12], verdict.holders)
+            if not (verdict.witnessed and accuse_unreachable(state.height, deadline)):
+                log.info("evidence of %s unreachable at %s%s: asking again", inference_id.hex()[:12], verdict.holders,
+                         "" if verdict.witnessed else " while this node's own links are suspect")
                 self._ask_again[(epoch, (what, inference_id))] = state.height + RETRY_AFTER_BLOCKS
                 return
             verdict = withheld_verdict()

@@ -34,6 +34,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
@@ -45,6 +46,7 @@ from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.transport.tcp import tcp as libp2p_tcp
 from multiaddr import Multiaddr
 
 from gonka_p2p.gossip.dial_book import DialBook
@@ -61,6 +63,8 @@ WAITING_PER_PEER = 64  # a forwarder's messages waiting for a slot once every sl
 ROOM_WAIT = 10.0  # seconds publish / forwarding wait for outbound queue room
 ROOM_POLL = 0.002
 DIAL_BACKOFF_S = 2.0  # after every address of a peer failed, dials to it wait this long (py-libp2p: 60 s)
+TCP_USER_TIMEOUT_S = 20  # unacknowledged data this old ends a TCP connection (Linux: about 15 minutes)
+TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTERVAL_S, TCP_KEEPALIVE_PROBES = 15, 5, 3  # an idle dead peer: ~30 s
 
 
 class DialedPeersOnly(AutoConnector):
@@ -85,6 +89,49 @@ class DialedPeersOnly(AutoConnector):
         return [p for p in await super()._get_candidate_peers() if p in self._dialed]
 
 
+def bound_tcp_stalls(sock: Any) -> None:
+    """Make a TCP connection that stops moving end in seconds, not minutes.
+
+    py-libp2p leaves its sockets at the kernel's defaults: a connection whose data
+    goes unacknowledged retransmits with exponential backoff for about 15 minutes,
+    and one whose peer vanished while idle lives forever. After a link outage (testnet
+    runs 24, 25: a participant's link capped at 32 kbit/s for 90 s) the backoff had
+    grown to tens of seconds: the link was back, but every request over the stalled
+    connection waited out its timeout, and with one connection per peer no fresh one
+    was dialed -- the validator on that node then failed to reach the holders of
+    honest evidence before its deadline and accused them of withholding.
+    ``TCP_USER_TIMEOUT`` ends a connection whose data stays unacknowledged for
+    ``TCP_USER_TIMEOUT_S`` (the kernel clamps its retransmission timer to it), keepalive
+    probes find an idle dead peer; the next stream to that peer dials afresh. Where the
+    platform lacks an option the default stays.
+    """
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_S * 1000), ("TCP_KEEPIDLE", TCP_KEEPALIVE_IDLE_S),
+                        ("TCP_KEEPINTVL", TCP_KEEPALIVE_INTERVAL_S), ("TCP_KEEPCNT", TCP_KEEPALIVE_PROBES)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as e:
+            log.debug("TCP option %s not set: %s", option, e)
+
+
+class StallBoundedTCPStream(TrioTCPStream):
+    """py-libp2p's TCP connection (dialed and accepted alike) with :func:`bound_tcp_stalls`."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        bound_tcp_stalls(stream.socket)
+
+
+def _bound_every_tcp_connection() -> None:
+    """py-libp2p builds its TCP transport inside ``new_host`` and wraps every socket in
+    ``TrioTCPStream``, looked up in its ``tcp`` module when a connection is made: that name
+    is the one place both dialed and accepted connections pass through."""
+    libp2p_tcp.TrioTCPStream = StallBoundedTCPStream  # type: ignore[misc]
+
+
 def secure_host(key_pair: KeyPair, listen: Multiaddr, dialed: DialBook) -> IHost:
     """A host that offers noise only, yamux only, one connection per peer.
 
@@ -101,7 +148,9 @@ def secure_host(key_pair: KeyPair, listen: Multiaddr, dialed: DialBook) -> IHost
       reach it again to recover its answer -- for a minute it could not.
     * The auto-connector redials only the peers in ``dialed``
       (:class:`DialedPeersOnly`).
+    * A TCP connection that stalls ends in seconds (:func:`bound_tcp_stalls`).
     """
+    _bound_every_tcp_connection()
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},

@@ -23,6 +23,7 @@ from gonka_p2p.actors.evidence_fetch import (
     RETRY_AFTER_BLOCKS,
     Evidence,
     EvidenceFetcher,
+    RECOVERY_S,
     HeightWatch,
     Unreachable,
 )
@@ -201,3 +202,35 @@ async def test_a_holder_that_refuses_the_validator_as_a_reader_is_asked_again_no
     assert await fetch(refused, HONEST) == Unreachable((HONEST.peer_id,))
     missing = EvidenceFetcher(Refusing("not_found"), VALIDATOR, at_height(100))  # type: ignore[arg-type]
     assert await fetch(missing, HONEST) is None
+
+
+async def test_silence_heard_while_this_node_lagged_or_recovered_witnesses_nothing() -> None:
+    """Testnet runs 24, 25: a validator whose own link was capped for 90 s reached neither the
+    executor nor the TA of honest work -- its connections stayed stalled after the cap -- and
+    accused them of withholding. Silence heard from when its replica fell behind until
+    ``RECOVERY_S`` later is not ``witnessed``, even where the request started before and its
+    failure is remembered past the recovery (the retry's backoff), or it was cut off at the
+    deadline; a holder still silent when asked afterwards is."""
+    now = [1000.0]
+    holders, heights = Holders(), at_height(100)
+    fetcher = EvidenceFetcher(holders, VALIDATOR, heights, clock=lambda: now[0])  # type: ignore[arg-type]
+    holders.release.set()  # every request to SILENT times out at once
+    assert (await fetch(fetcher, SILENT)).witnessed  # type: ignore[union-attr]  # a sound node: evidence
+    heights.advance(100 + RETRY_AFTER_BLOCKS)
+    fetcher.note_impaired()
+    lagging = await fetch(fetcher, SILENT)
+    assert lagging == Unreachable((SILENT.peer_id,)) and not lagging.witnessed  # type: ignore[union-attr]
+    now[0] += RECOVERY_S
+    assert not (await fetch(fetcher, SILENT)).witnessed  # type: ignore[union-attr]  # remembered, not re-asked
+    heights.advance(100 + 2 * RETRY_AFTER_BLOCKS)
+    assert (await fetch(fetcher, SILENT)).witnessed  # type: ignore[union-attr]  # asked again, since recovered
+    assert holders.asked[SILENT.peer_id] == 3
+
+    holders.release = asyncio.Event()  # silent until cut off at the deadline
+    fetcher.note_impaired()
+    heights.advance(100 + 3 * RETRY_AFTER_BLOCKS)
+    cut = asyncio.create_task(fetch(fetcher, SILENT, give_up_at=100 + 3 * RETRY_AFTER_BLOCKS + 1))
+    await eventually(lambda: holders.asked[SILENT.peer_id] == 4, what="the request")
+    heights.advance(100 + 3 * RETRY_AFTER_BLOCKS + 1)
+    got = await asyncio.wait_for(cut, 10)
+    assert got == Unreachable((SILENT.peer_id,)) and not got.witnessed  # type: ignore[union-attr]

@@ -69,6 +69,7 @@ class Replica:
         self._chain = Chain(genesis, self.data_dir, self._mempool, params, self.metrics)
         self._runtime = Runtime()
         self._core: ConsensusState | None = None
+        self._lag_listeners: list[Callable[[int], None]] = []
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -110,6 +111,15 @@ class Replica:
         """Called with the new state after every block is stored and applied."""
         self._chain.add_commit_listener(listener)
 
+    def add_lag_listener(self, listener: Callable[[int], None]) -> None:
+        """Called with how many decided heights the replica fetched from peers at once, whenever
+        that is ``LAGGING_HEIGHTS`` or more: it had fallen behind the chain (sync.py)."""
+        self._lag_listeners.append(listener)
+
+    def _lagged(self, heights: int) -> None:
+        for listener in self._lag_listeners:
+            listener(heights)
+
     # ---- life cycle ----------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -130,7 +140,7 @@ class Replica:
         chain.add_commit_listener(self._txs.on_commit)
         self._proposals = ProposalBodies(self.peer_id, self._service, core, runtime, chain, self._mempool,
                                          self._txs.announced, self._clock, params, metrics)
-        self._sync = Sync(self.peer_id, self._service, core, runtime, chain, params, metrics)
+        self._sync = Sync(self.peer_id, self._service, core, runtime, chain, params, metrics, self._lagged)
         self._consensus = ConsensusGossip(core, runtime, chain, self._proposals,
                                           lambda height, signed: self._driver.note_height(height, signed),
                                           self._publish, consensus_idle, metrics)

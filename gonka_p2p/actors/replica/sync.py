@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from contextlib import aclosing
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
@@ -56,6 +57,9 @@ from gonka_p2p.wire.unsigned import decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
+# Decided heights a replica fetched at once that mean it had fallen behind the chain (its links
+# failed it, or it was frozen or down), not that one vote outran a block: its listeners are told.
+LAGGING_HEIGHTS = 5
 QUORUM_POLL_S = 0.2  # how often a starting replica checks whether enough validators are connected
 
 
@@ -63,8 +67,10 @@ class Sync:
     """Fetches decided heights for a replica that is behind, and serves its own to others."""
 
     def __init__(self, peer_id: str, service: NetworkService, core: ConsensusState, runtime: Runtime,
-                 chain: Chain, params: ReplicaParams, metrics: ReplicaMetrics) -> None:
+                 chain: Chain, params: ReplicaParams, metrics: ReplicaMetrics,
+                 lagged: Callable[[int], None] = lambda heights: None) -> None:
         self._peer_id = peer_id
+        self._lagged = lagged
         self._service = service
         self._core = core
         self._runtime = runtime
@@ -119,7 +125,9 @@ class Sync:
 
     async def catch_up(self) -> None:
         """Before voting: fetch, verify and apply every block the peers have beyond ours."""
+        fetched = 0
         while records := await self._fetch_records(self._chain.state.height + 1, None):
+            fetched = self._note_lag(fetched, records)
             for height, raw, certificate in records:
                 try:
                     self._verify(self._chain.validators, height, raw, certificate)
@@ -150,7 +158,9 @@ class Sync:
 
     async def _sync(self, peer: str) -> None:
         """Fetch the decided heights after our last for the core, batch after batch while we lag."""
+        fetched = 0
         while records := await self._fetch_records(self._chain.state.height + 1, peer):
+            fetched = self._note_lag(fetched, records)
             for h, raw, certificate in records:
                 self._fetched[h] = (raw, certificate)
             self._proven.add(records[0][0])  # _fetch_records verified it
@@ -161,6 +171,20 @@ class Sync:
                 await self._chain.wait_for_height(records[-1][0], self._params.request_timeout_s)
             except TimeoutError:
                 return  # a record did not verify; the core will ask again
+
+    def _note_lag(self, fetched: int, records: list[tuple[int, bytes, CommitCertificate]]) -> int:
+        """Heights fetched so far in one catch-up, ``records`` included; past ``LAGGING_HEIGHTS``
+        the listeners hear of it at every batch, before its heights are applied. Only proven
+        heights count: a peer padding its reply to one height we lacked with made-up records
+        would otherwise make this node distrust its own links (its validator accusing no one
+        for ``evidence_fetch.RECOVERY_S``). So the record that reaches ``LAGGING_HEIGHTS`` must
+        verify (the first of each reply did, and later batches follow committed ones)."""
+        total = fetched + len(records)
+        if total >= LAGGING_HEIGHTS and (
+                fetched >= LAGGING_HEIGHTS
+                or self._proves(self._chain.validators, *records[LAGGING_HEIGHTS - fetched - 1])):
+            self._lagged(total)
+        return total
 
     async def _fetch_records(self, height: int, preferred: str | None
                              ) -> list[tuple[int, bytes, CommitCertificate]]:
