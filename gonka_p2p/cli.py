@@ -48,12 +48,23 @@ class UsageProblem(Exception):
     """An argument that parses but cannot be right (e.g. a malformed peer id)."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-    )
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _setup_logging(level: str) -> None:
+    """Warnings by default; ``info`` adds what the node's actors decide (a validator asking
+    again, a TA redrawing an executor), ``debug`` everything, py-libp2p's too. On a terminal
+    rich renders it; written to a file, each record is one timestamped line, so a testnet's
+    node logs can be searched and lined up with its report."""
+    handler: logging.Handler
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if level == "debug" else logging.WARNING, handlers=[handler])
+    logging.getLogger("gonka_p2p").setLevel(LOG_LEVELS[level])
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -273,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gonka_p2p.ledger.devnet import DEFAULT_MODELS, DEVNET_CHAIN_ID, DEVNET_CLIENT_BALANCE, DEVNET_EPOCH_BLOCKS
 
     parser = argparse.ArgumentParser(prog="gonka-p2p", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default="warning",
+                        help="what the node logs to stderr (default: warning)")
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                        help="debug logging (--log-level debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("keygen", help="create a secp256k1 key file (0600) and print its peer id")
@@ -342,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.log_level)
     from gonka_p2p.actors.node import StartupError
     from gonka_p2p.gossip.service import NetworkError
     from gonka_p2p.inference.engine import EngineError

@@ -40,6 +40,23 @@ def test_keygen_writes_a_private_key_and_refuses_to_overwrite(tmp_path: Path) ->
     assert_clean_failure(gonka("keygen", "--out", "a.key", cwd=tmp_path), "already exists")
 
 
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_a_node_logging_to_a_file_writes_one_timestamped_line_per_record(level: str) -> None:
+    """Testnet runs 24, 25 failed on a validator's decision its log, kept at warnings and
+    wrapped to 80 columns by rich, did not show. ``--log-level info`` shows the actors'
+    decisions (not py-libp2p's chatter), one line each."""
+    script = ("import logging; from gonka_p2p.cli import _setup_logging; _setup_logging(%r); "
+              "logging.getLogger('gonka_p2p.actors.validator').info('asking again ' + 'x' * 200); "
+              "logging.getLogger('libp2p.pubsub').info('chatter')" % level)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=60)
+    assert "chatter" not in result.stderr
+    if level == "warning":
+        assert result.stderr == ""
+    else:
+        [line] = result.stderr.splitlines()
+        assert " INFO gonka_p2p.actors.validator: asking again " + "x" * 200 in line and line[:4].isdigit()
+
+
 def test_unreachable_bootstrap_is_one_clear_error(tmp_path: Path) -> None:
     dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/16Uiu2HAmELWznB8eLcrtTMtzMpaLES8K4wBVcmDeUsbj2HAVQLcB"
     result = gonka("node", "--no-executor", "--key", "k.key", "--listen",

@@ -87,7 +87,7 @@ class Participant:
         """A joiner is given no genesis: it fetches it from ``bootstrap`` once and keeps it in its data dir."""
         self.starts += 1
         argv = self.host.exec_argv() + _python(
-            "gonka_p2p.cli", "node", "--engine", manifest.engine, "--model", manifest.model,
+            "gonka_p2p.cli", "--log-level", "info", "node", "--engine", manifest.engine, "--model", manifest.model,
             "--key", str(self.key), "--listen", f"/ip4/{self.host.ip}/tcp/{PORT}",
             "--http", f"{self.host.ip}:{HTTP_PORT}", "--stall-timeout", str(manifest.stall_timeout_s),
             "--first-frame-timeout", str(manifest.stall_timeout_s), "--answer-recovery", str(manifest.load.recovery_s),
