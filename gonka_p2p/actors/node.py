@@ -207,10 +207,18 @@ class Node:
                 await self.replica.open()
             except (StoreError, NoValidators) as e:
                 raise StartupError(f"cannot open the ledger in {self.config.ledger_dir}: {e}") from None
+            self.service.set_vouched(self._known_to_ledger)
             self._ledger_weights(self.replica.state)
             self.executor.on_commit(self.replica.state)
             self.ta.on_commit(self.replica.state)
             self.artifacts.store.on_commit(self.replica.state)  # epochs that settled while it was down
+
+    def _known_to_ledger(self, peer: str) -> bool:
+        """A participant, or an account holding coins: it costs stake or coins to be one, so these
+        keep their share of inbound streams however many keys strangers make (gossip/inbound.py).
+        Called from the network thread; it reads two in-memory tables."""
+        state = self.replica.state if self.replica is not None else None
+        return state is None or state.participant(peer) is not None or state.balance(peer) > 0
 
     def _relaying_ta(self, inference_id: bytes) -> str | None:
         """The TA the committed ledger names for ``inference_id`` (None: no ledger, or no record)."""

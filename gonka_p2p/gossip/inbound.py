@@ -13,7 +13,17 @@ is admitted against four limits, all of which must hold:
   one peer's catch-up cannot starve its own inference streams;
 * streams one peer opened recently: a token bucket of ``request_burst``
   tokens refilled at ``requests_per_s``, so a peer cannot make us decode and
-  refuse requests as fast as it can write them.
+  refuse requests as fast as it can write them;
+* open streams from *strangers* together (``streams_strangers``): peers the
+  host does not vouch for (``vouched``; a node vouches for what its ledger
+  knows -- participants, accounts holding coins). A key costs nothing, so
+  per-peer limits alone do not hold: four throw-away identities holding
+  ``streams_per_peer`` silent streams each took every slot, and every honest
+  peer was refused for as long as they kept it up. Strangers -- clients
+  without coins, a newcomer before it registers, and every such attacker --
+  share part of the slots; the rest is kept for peers it costs stake or coins
+  to be. A peer keeps the standing it was admitted with while any of its
+  streams is open, so the counts stay consistent when the ledger changes.
 
 A refused stream is reset before its request is read; other peers do not
 notice. The gate is pure (the caller passes the clock), and both services
@@ -27,6 +37,7 @@ kept, and every peer needs a live connection to have one.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TRACKED_PEERS = 1024  # rate buckets kept before the refilled ones are swept
@@ -41,9 +52,10 @@ class InboundLimits:
     streams_per_protocol: int = 32  # per peer
     requests_per_s: float = 200.0  # per peer, sustained (a saturated benchmark peer makes ~140)
     request_burst: int = 400  # per peer
+    streams_strangers: int = 128  # from all the peers the host does not vouch for, together
 
     def __post_init__(self) -> None:
-        assert 0 < self.streams_per_protocol <= self.streams_per_peer <= self.streams_total
+        assert 0 < self.streams_per_protocol <= self.streams_per_peer <= min(self.streams_total, self.streams_strangers)
         assert self.requests_per_s > 0 and self.request_burst >= 1
 
 
@@ -56,10 +68,12 @@ class _Bucket:
 class InboundGate:
     """Admits an inbound stream against :class:`InboundLimits` and counts it until released."""
 
-    def __init__(self, limits: InboundLimits) -> None:
+    def __init__(self, limits: InboundLimits, vouched: Callable[[str], bool] = lambda peer: True) -> None:
         self.limits = limits
+        self.vouched = vouched  # the caller's: which peers are not strangers (the module docstring)
         self._by_peer: Counter[str] = Counter()
         self._by_protocol: Counter[tuple[str, str]] = Counter()
+        self._strangers: Counter[str] = Counter()  # open streams of the peers admitted as strangers
         self._buckets: dict[str, _Bucket] = {}
 
     @property
@@ -75,12 +89,17 @@ class InboundGate:
             return f"{lim.streams_per_peer} streams open from {peer}"
         if self._by_protocol[peer, protocol] >= lim.streams_per_protocol:
             return f"{lim.streams_per_protocol} {protocol} streams open from {peer}"
+        stranger = peer in self._strangers or (peer not in self._by_peer and not self.vouched(peer))
+        if stranger and self._strangers.total() >= lim.streams_strangers:
+            return f"{lim.streams_strangers} streams open from peers this host does not know"
         bucket = self._refilled(peer, now)
         if bucket.tokens < 1:
             return f"{peer} opens streams faster than {lim.requests_per_s}/s"
         bucket.tokens -= 1
         self._by_peer[peer] += 1
         self._by_protocol[peer, protocol] += 1
+        if stranger:
+            self._strangers[peer] += 1
         return None
 
     def release(self, peer: str, protocol: str) -> None:
@@ -92,6 +111,10 @@ class InboundGate:
             del self._by_protocol[peer, protocol]
         if not self._by_peer[peer]:
             del self._by_peer[peer]
+        if peer in self._strangers:
+            self._strangers[peer] -= 1
+            if not self._strangers[peer]:
+                del self._strangers[peer]
 
     def _refilled(self, peer: str, now: float) -> _Bucket:
         lim = self.limits

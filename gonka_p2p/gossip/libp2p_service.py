@@ -356,6 +356,10 @@ class Libp2pService:
 
     # ---- streams ---------------------------------------------------------
 
+    def set_vouched(self, vouched: Callable[[str], bool]) -> None:
+        """Which peers are no strangers to the inbound gate (read in the trio thread: one reference)."""
+        self._gate.vouched = vouched
+
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve ``protocol``; may be called before or after start()."""
         self._handlers[protocol] = handler

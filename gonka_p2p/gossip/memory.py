@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gonka_p2p.gossip.inbound import InboundGate, InboundLimits
@@ -85,6 +85,7 @@ class MemoryService:
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)
         self._owner: TaskOwner | None = None
+        self._vouched: Callable[[str], bool] = lambda peer: True
         self._gate = InboundGate(hub.limits)
         self._outbound = OutboundGate()  # as every honest listener counts us
         self._outbound_freed = asyncio.Event()
@@ -103,7 +104,7 @@ class MemoryService:
         self._hub.hosts[self._peer_id] = self
         self._running = True
         self._slots = asyncio.Semaphore(DELIVERY_SLOTS)  # a fresh count: slots of cancelled deliveries are gone
-        self._gate = InboundGate(self._hub.limits)  # and streams of the last run are gone
+        self._gate = InboundGate(self._hub.limits, self._vouched)  # and streams of the last run are gone
         self._owner = TaskOwner(f"memory host {self._peer_id}", self._leave)
 
     async def _leave(self) -> None:
@@ -190,6 +191,9 @@ class MemoryService:
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         self._stream_handlers[protocol] = handler
+
+    def set_vouched(self, vouched: Callable[[str], bool]) -> None:
+        self._vouched = self._gate.vouched = vouched
 
     async def open_stream(
         self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0

@@ -140,6 +140,12 @@ class NetworkService(Protocol):
         """Serve ``protocol`` (e.g. ``/gonka/infer/1``) with ``handler``."""
         ...
 
+    def set_vouched(self, vouched: Callable[[str], bool]) -> None:
+        """Which peers this host knows: the others, strangers, share part of its inbound streams
+        (:mod:`~gonka_p2p.gossip.inbound`). Called from the network's own thread, at every
+        inbound stream: it must be cheap and safe to call from there. Everyone, until set."""
+        ...
+
     def open_stream(
         self, peer_id: str, protocol: str, request: bytes, timeout: float = 30.0
     ) -> AsyncIterator[bytes]:
