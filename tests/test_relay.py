@@ -350,3 +350,33 @@ async def test_one_connection_takes_no_more_than_its_own_reservation(monkeypatch
         assert await relay._running().call(reserved) == [natted.peer_id]
     finally:
         await asyncio.gather(*(s.stop() for s in (natted, attacker, relay) if s is not None))
+
+
+async def test_throwaway_identities_hold_no_more_than_the_strangers_share_of_reservations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: eight throw-away keys, each connected, each reserving, held every reservation of a
+    public relay (HOP_LIMITS: 8), and no participant behind a NAT could start on it. Peers the
+    relay's ledger does not know hold at most STRANGER_RESERVATIONS together."""
+    monkeypatch.setattr(relay_module, "FIRST_RESERVATION_TIMEOUT", 3.0)
+    relay = Libp2pService(Keypair.from_seed(b"share-relay"), relay=RelayOptions(hop=True))
+    hosts: list[Libp2pService] = [relay]
+    await relay.start()
+    try:
+        participant_key = Keypair.from_seed(b"share-participant")
+        relay.set_vouched(lambda peer: peer == participant_key.peer_id)
+        on_relay = RelayOptions(reserve_on=(relay.listen_addrs[0],))
+        for i in range(relay_module.STRANGER_RESERVATIONS):
+            hosts.append(stranger := Libp2pService(Keypair.from_seed(b"share-stranger-%d" % i), relay=on_relay))
+            await stranger.start()
+        hosts.append(one_more := Libp2pService(Keypair.from_seed(b"share-stranger-x"), relay=on_relay))
+        with pytest.raises(relay_module.NoRelay):
+            await one_more.start()
+        hosts.append(participant := Libp2pService(participant_key, relay=on_relay))
+        await participant.start()  # NoRelay if the strangers had taken its reservation
+
+        async def reserved() -> int:
+            return len(relay._t_relay()._protocol.resource_manager._reservations)
+
+        assert await relay._running().call(reserved) == relay_module.STRANGER_RESERVATIONS + 1
+    finally:
+        await asyncio.gather(*(h.stop() for h in hosts), return_exceptions=True)

@@ -209,7 +209,7 @@ class Libp2pService:
             async with background_trio_service(pubsub), background_trio_service(router), trio.open_nursery() as nursery:
                 await pubsub.wait_until_ready()
                 nursery.start_soon(clean_peerstore, host.get_peerstore(), 60)
-                relay = Relay(host, self._relay_options)
+                relay = Relay(host, self._relay_options, vouched=lambda peer: self._gate.vouched(peer))
                 await nursery.start(relay.run)  # behind a NAT: once a relay holds our reservation (or NoRelay)
                 self._host, self._pubsub, self._relay = host, pubsub, relay
                 self._listen_addrs = [str(a) for a in host.get_addrs()]

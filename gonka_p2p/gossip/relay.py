@@ -45,7 +45,7 @@ directly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,7 @@ CIRCUIT = "/p2p-circuit"
 # circuits a participant needs (one per peer that dials it), each circuit bounded in time and bytes.
 HOP_LIMITS = RelayLimits(duration=3600, data=1 << 30, max_circuit_conns=16, max_reservations=8,
                          reservation_ttl=3600)
+STRANGER_RESERVATIONS = 2  # of HOP_LIMITS' reservations, those peers the ledger does not know may hold together
 KEEP_INTERVAL = 5.0  # seconds between checks that each relay still holds our reservation
 RESERVE_TIMEOUT = 10.0  # seconds one reservation (connect, then RESERVE) may take
 FIRST_RESERVATION_TIMEOUT = 30.0  # seconds a peer behind a NAT waits at start for one relay
@@ -126,11 +127,18 @@ class CircuitRelay(CircuitV2Protocol):
     new one is counted -- a reservation serves nothing without that
     connection, and the peer that comes back reserves again
     (:meth:`Relay._keep_reservations`).
+
+    Eight keys cost nothing, though: eight throw-away identities, each connected, still
+    held every reservation. Peers the node does not vouch for (``vouched``: its ledger's
+    participants and accounts holding coins, as the inbound gate's) hold at most
+    ``STRANGER_RESERVATIONS`` together; a participant behind a NAT, which needs one to
+    serve at all, finds the rest.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, vouched: Callable[[str], bool] = lambda peer: True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._active_relays = _Untracked()
+        self._vouched = vouched
 
     async def _relay_data(self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID,
                           *args: Any, **kwargs: Any) -> None:
@@ -145,10 +153,17 @@ class CircuitRelay(CircuitV2Protocol):
         if is_relayed(swarm_conn) or is_relayed(stream.muxed_conn):
             await self._send_status(stream, StatusCode.PERMISSION_DENIED, "no reservation over a relayed connection")
             return
-        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()  # whatever id the request named
+        peer = stream.muxed_conn.peer_id
+        msg.peer.id = peer.to_bytes()  # whatever id the request named
         manager = self.resource_manager
-        for peer in [p for p in manager._reservations if not manager._is_peer_connected(p)]:  # noqa: SLF001
-            del manager._reservations[peer]  # noqa: SLF001
+        for gone in [p for p in manager._reservations if not manager._is_peer_connected(p)]:  # noqa: SLF001
+            del manager._reservations[gone]  # noqa: SLF001
+        strangers = [p for p in manager._reservations if not self._vouched(p.to_base58())]  # noqa: SLF001
+        if (peer not in manager._reservations and not self._vouched(peer.to_base58())  # noqa: SLF001
+                and len(strangers) >= STRANGER_RESERVATIONS):
+            await self._send_status(stream, StatusCode.RESERVATION_REFUSED,
+                                    f"{STRANGER_RESERVATIONS} reservations held by peers this relay does not know")
+            return
         await super()._handle_reserve(stream, msg)
 
 
@@ -171,10 +186,11 @@ class Relay:
     behind a NAT, the reservations and the circuit addresses they give. Trio thread only, except
     :attr:`addrs`, a tuple replaced whole (safe to read from another thread)."""
 
-    def __init__(self, host: IHost, options: RelayOptions) -> None:
+    def __init__(self, host: IHost, options: RelayOptions, vouched: Callable[[str], bool] = lambda peer: True
+                 ) -> None:
         self._host = host
         self._options = options
-        self._protocol = CircuitRelay(host, limits=HOP_LIMITS, allow_hop=options.hop)
+        self._protocol = CircuitRelay(host, limits=HOP_LIMITS, allow_hop=options.hop, vouched=vouched)
         # STOP only: dialing a circuit needs no reservation of our own (the CLIENT role would make one
         # on every relay we dial through, and run a discovery that probes every peer)
         self._transport = CircuitV2Transport(host, self._protocol, RelayConfig(roles=RelayRole.STOP,
