@@ -48,7 +48,7 @@ def test_the_seed_draws_the_targets_the_manifest_left_open_and_bad_manifests_say
                         ("nodes = 2\nweights = [1]", "weights"), ("[load]\nrate = 0", "rate")):
         with pytest.raises(ManifestError, match=needle):
             parse_manifest(bad)
-    for name in ("smoke", "short", "stalled", "default", "membership"):
+    for name in ("smoke", "short", "stalled", "default", "membership", "capped"):
         assert load_manifest(ROOT / "testnet" / f"{name}.toml").nodes >= 3
 
 
