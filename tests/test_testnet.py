@@ -29,7 +29,7 @@ from gonka_p2p.testnet.invariants import (
     note_skipped,
     recovery_after,
 )
-from gonka_p2p.testnet.load import via_http
+from gonka_p2p.testnet.load import next_ta, via_http
 from gonka_p2p.testnet.manifest import ManifestError, Perturbation, load_manifest, parse_manifest
 from gonka_p2p.testnet.runner import Participant
 from gonka_p2p.wire.messages import response_hash
@@ -50,6 +50,13 @@ def test_the_seed_draws_the_targets_the_manifest_left_open_and_bad_manifests_say
             parse_manifest(bad)
     for name in ("smoke", "short", "stalled", "default", "membership", "capped"):
         assert load_manifest(ROOT / "testnet" / f"{name}.toml").nodes >= 3
+
+
+def test_the_load_passes_over_a_ta_that_left_from_the_time_it_left() -> None:
+    tas, leaves = [0, 1, 2], {1: 100.0}
+    assert [next_ta(tas, n, leaves, 99.0) for n in range(3)] == [0, 1, 2]
+    assert [next_ta(tas, n, leaves, 100.0) for n in range(4)] == [0, 2, 0, 2]
+    assert next_ta([1], 5, leaves, 200.0) == 1  # nobody stays: the request still goes somewhere
 
 
 def test_joins_and_leaves_need_proof_of_compute_and_a_leaver_is_never_perturbed_again() -> None:

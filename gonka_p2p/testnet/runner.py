@@ -327,7 +327,8 @@ class Testnet:
                            out=str(self.workdir / "requests.jsonl"),
                            rate=m.load.rate, duration_s=m.duration_s, model=m.model, max_tokens=m.load.max_tokens,
                            idle_s=m.load.idle_s, timeout_s=m.load.timeout_s, concurrency=m.load.concurrency,
-                           http_share=m.load.http_share, recovery_s=m.load.recovery_s, tas=list(range(m.nodes)))
+                           http_share=m.load.http_share, recovery_s=m.load.recovery_s, tas=list(range(m.nodes)),
+                           leaves={ta: p.at_s for p in m.perturbations if p.kind == "leave" for ta in p.targets})
         t0 = time.time()
         log(f"load started: {m.load.rate} requests/s for {m.duration_s:g} s")
         self.perturb(t0, log)
