@@ -1012,3 +1012,22 @@ def test_a_prunes_backoff_is_clamped_and_swept_once_it_runs_out() -> None:
     router.mesh.clear()  # (a mesh's upkeep needs a running pubsub)
     router.mesh_heartbeat()
     assert router.back_off == {}
+
+
+def test_the_equivocation_check_keeps_a_digest_not_each_message() -> None:
+    """Attack: upstream kept up to 1,000 forwarded messages whole for its equivocation check;
+    a funded key's transaction batches (1 MB each, every one valid against the committed
+    state) held a gigabyte on every node. A digest of what the check compares is kept."""
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from gonka_p2p.gossip.libp2p_gossipsub import gossip_router
+
+    router = gossip_router()
+    big = rpc_pb2.Message(from_id=b"sender", seqno=b"\x00" * 8, data=b"x" * 1_000_000, topicIDs=["/t"])
+    assert router._check_equivocation(big)
+    assert router._check_equivocation(big)  # the same message again (another forwarder)
+    held = sum(len(v) for v in router.equivocation_detection.values())  # type: ignore[arg-type]
+    assert held <= 64
+    for other in (rpc_pb2.Message(from_id=b"sender", seqno=b"\x00" * 8, data=b"y" * 1_000_000, topicIDs=["/t"]),
+                  rpc_pb2.Message(from_id=b"sender", seqno=b"\x00" * 8, data=b"x" * 1_000_000, topicIDs=["/u"])):
+        assert not router._check_equivocation(other)  # same id, other content: an equivocation
