@@ -35,6 +35,15 @@ and nothing else, so the replica actor owns all timing.
   nothing here, however many funded accounts spam an honest Finish or
   Validation still finds room, and however many free duties queue, an
   honest TA's Start or a client's transfer still finds its fair share.
+* **Novelty** (:meth:`Mempool.novelty`), for the transaction topic's relay
+  rule: what a peer's transaction would add to this pool -- ``NEW`` (the
+  admission checks above pass, room aside: room is this node's, not a
+  property of the transaction), ``HELD`` (pending here already),
+  ``COMMITTED`` (its sequence was used by a committed block: a sender that
+  raced the block, or replayed history) or ``REFUSED`` (``check_tx``, a
+  sequence another pending transaction holds, or too far ahead). It reads
+  the pool without changing it; its dictionary lookups are safe from the
+  network thread while the loop changes the pool.
 * **Reaping** (:meth:`Mempool.reap`): a block may only carry a signer's
   transactions in sequence order starting at its account's next sequence,
   so each signer's pending transactions are taken as the contiguous run
@@ -64,12 +73,13 @@ import heapq
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
 
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.records import Account
 from gonka_p2p.ledger.rules import PPM
 from gonka_p2p.ledger.state import LedgerState, check_tx
-from gonka_p2p.ledger.transactions import ACCOUNT_ONLY_KINDS, DUTY_KINDS, signer_fee
+from gonka_p2p.ledger.transactions import ACCOUNT_ONLY_KINDS, DUTY_KINDS, Reason, signer_fee
 
 
 class TxRefused(Exception):
@@ -79,6 +89,15 @@ class TxRefused(Exception):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+
+
+class Novelty(Enum):
+    """What a peer's transaction would add to this pool (:meth:`Mempool.novelty`)."""
+
+    NEW = "new"
+    HELD = "held"
+    COMMITTED = "committed"
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -170,13 +189,10 @@ class Mempool:
         if not receipt.ok:
             raise TxRefused(receipt.reason.value, receipt.detail)
         account = state.account(receipt.signer)
-        next_sequence = account.sequence if account is not None else 0
-        if receipt.sequence > next_sequence + self.params.max_ahead:
-            raise TxRefused("too_far_ahead", f"sequence {receipt.sequence}; the account is at {next_sequence}")
+        refused = self._slot_refusal(account, receipt.signer, receipt.sequence)
+        if refused is not None:
+            raise refused
         queued = self._by_signer.get(receipt.signer, {})
-        if receipt.sequence in queued:
-            raise TxRefused("sequence_taken", f"another pending transaction of {receipt.signer} "
-                                              f"has sequence {receipt.sequence}")
         tx = PendingTx(bytes(raw), tx_hash, receipt.signer, receipt.sequence, receipt.kind, next(self._arrivals))
         self._check_room(state, tx)
         queued = self._by_signer.setdefault(tx.signer, queued)
@@ -189,6 +205,30 @@ class Mempool:
         self._bytes += len(tx.raw)
         self._count(tx, +1)
         return tx
+
+    def novelty(self, state: LedgerState, raw: bytes) -> tuple[Novelty, tuple[str, int] | None]:
+        """What ``raw`` would add here (module docstring), and for a ``NEW`` one its (signer,
+        sequence): a batch may hold one transaction per slot."""
+        if digest(raw) in self._by_hash:
+            return Novelty.HELD, None
+        receipt = check_tx(state, raw)
+        account = state.account(receipt.signer) if receipt.signer else None
+        if not receipt.ok:
+            used = receipt.reason is Reason.BAD_SEQUENCE and account is not None and receipt.sequence < account.sequence
+            return (Novelty.COMMITTED if used else Novelty.REFUSED), None
+        if self._slot_refusal(account, receipt.signer, receipt.sequence) is not None:
+            return Novelty.REFUSED, None
+        return Novelty.NEW, (receipt.signer, receipt.sequence)
+
+    def _slot_refusal(self, account: Account | None, signer: str, sequence: int) -> TxRefused | None:
+        """Why the pool cannot queue ``signer``'s transaction of ``sequence`` whatever its room:
+        too far past the account's sequence, or another pending transaction holds it."""
+        next_sequence = account.sequence if account is not None else 0
+        if sequence > next_sequence + self.params.max_ahead:
+            return TxRefused("too_far_ahead", f"sequence {sequence}; the account is at {next_sequence}")
+        if sequence in self._by_signer.get(signer, {}):
+            return TxRefused("sequence_taken", f"another pending transaction of {signer} has sequence {sequence}")
+        return None
 
     def _check_room(self, state: LedgerState, tx: PendingTx) -> None:
         """Raise :class:`TxRefused` unless ``tx``'s class and its signer's quota have room for it."""

@@ -37,7 +37,7 @@ from gonka_p2p.actors.replica import Committed, ReplicaMetrics, ReplicaParams, T
 from gonka_p2p.actors.replica.tx_gossip import TxGossip
 from gonka_p2p.actors.validator import ValidatorActor
 from gonka_p2p.identity import Keypair, digest
-from gonka_p2p.ledger import rules
+from gonka_p2p.ledger import mempool as mempool_module, rules
 from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.consensus_wire import TxBatch
 from gonka_p2p.ledger.genesis import Genesis, GenesisParticipant, Params
@@ -344,13 +344,87 @@ def test_the_topic_validator_drops_what_check_tx_refuses_before_forwarding() -> 
     assert not validate("peer", encode_frame(TxBatch(txs=[cannot_pay])))
 
 
-def test_the_topic_validator_lets_through_what_a_block_committed_meanwhile() -> None:
+def transfer(who: str, sequence: int, amount: int = 1) -> bytes:
+    return seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=amount, sequence=sequence), KEYS[who])
+
+
+def batch(*txs: bytes) -> bytes:
+    return encode_frame(TxBatch(txs=list(txs)))
+
+
+def test_the_topic_validator_lets_through_what_a_block_committed_meanwhile_beside_as_much_new() -> None:
+    """A batch that raced a block holds transactions this node has committed since: harmless,
+    and nothing to relay on their own; beside as many new ones the batch still goes on."""
     chain = Chain()
     validate = tx_gossip(chain).validator()
-    tx = seal(Transfer(chain_id=CHAIN, to=PEER["ta"], amount=1, sequence=0), KEYS["alice"])
-    chain.pool.add(chain.state, tx)
-    chain.block()  # the batch raced the block: harmless, and the sender is not at fault
-    assert validate("peer", encode_frame(TxBatch(txs=[tx])))
+    raced = transfer("alice", 0)
+    chain.pool.add(chain.state, raced)
+    chain.block()
+    assert validate("peer", batch(raced, transfer("alice", 1)))
+    assert not validate("peer", batch(raced))
+
+
+def test_one_funded_key_cannot_have_many_versions_of_one_transaction_relayed() -> None:
+    """One sequence signed with a thousand amounts: each passes ``check_tx`` against committed
+    state, but at most one can ever commit, so at most one may travel -- once this node holds
+    one, another for the same (signer, sequence) is not relayed, nor two in one batch. Before,
+    every version crossed the whole network and cost every node a signature check, for one fee."""
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    versions = [transfer("alice", 0, amount) for amount in range(1, 1001)]
+    assert not validate("peer", batch(*versions[:2]))
+    chain.pool.add(chain.state, versions[0])
+    assert not validate("peer", batch(versions[1]))
+    assert not validate("peer", batch(transfer("alice", 1), versions[2]))
+
+
+def test_transactions_this_node_holds_or_committed_are_not_relayed_again() -> None:
+    """Re-publishing what every node already holds, or a slice of committed history (valid
+    signatures all, an old sequence each), costs the sender one message and every node a
+    delivery, a check and a forward: relayed only beside new transactions, history no more
+    than one for one."""
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    history = [transfer("alice", n) for n in range(4)]
+    for tx in history:
+        chain.pool.add(chain.state, tx)
+    assert not validate("peer", batch(*history))  # held here
+    chain.block()
+    assert not validate("peer", batch(*history))  # committed here
+    assert not validate("peer", batch(*history, transfer("alice", 4)))  # four old for one new
+    assert validate("peer", batch(history[0], transfer("alice", 4)))
+
+
+def test_history_padding_costs_a_node_at_most_two_checks_beyond_the_new_transactions(monkeypatch) -> None:
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    history = [transfer("alice", n) for n in range(200)]
+    for tx in history:
+        chain.pool.add(chain.state, tx)
+        if len(chain.pool) == POOL.max_per_account:
+            chain.block()
+    checked = []
+    real = mempool_module.check_tx
+    monkeypatch.setattr(mempool_module, "check_tx", lambda state, raw: checked.append(raw) or real(state, raw))
+    assert not validate("peer", batch(*history, transfer("alice", 200)))
+    assert len(checked) == 2
+
+
+def test_a_regossiped_batch_of_held_and_new_transactions_goes_on() -> None:
+    """An own transaction no block took is gossiped again beside others peers hold already
+    (stop 28): the node that lacks one relays the batch."""
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    held, new = transfer("alice", 0), transfer("alice", 1)
+    chain.pool.add(chain.state, held)
+    assert validate("peer", batch(held, new))
+
+
+def test_sequences_past_what_the_mempool_queues_are_not_relayed() -> None:
+    chain = Chain()
+    validate = tx_gossip(chain).validator()
+    assert not validate("peer", batch(transfer("alice", POOL.max_ahead + 1)))
+    assert validate("peer", batch(transfer("alice", POOL.max_ahead)))
 
 
 async def test_an_own_transaction_no_block_takes_is_gossiped_again_at_doubling_waits() -> None:

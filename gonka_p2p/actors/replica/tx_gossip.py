@@ -14,15 +14,33 @@ sender that proposes no blocks (a joiner) then held it alone until the phase
 closed; seen as a stranger earning no weight (stop 28).
 
 **In.** The topic's validator (run before delivery and forwarding, possibly
-on the network thread) drops any batch holding a transaction that
-``check_tx`` refuses against the committed state -- its stateless checks
-(size, envelope, signature, schema, chain id) and every rule a block would
-apply, so an unknown signer, one that cannot pay the fee or a bad sequence
-is never relayed -- except a sequence a block has used since the sender
-published (that race is nobody's fault; the mempool drops it). The work per
-message is bounded: at most ``MAX_TXS_PER_BATCH`` transactions, each one
-``check_tx`` (a signature, and for a StartInference the client's, plus
-lookups), stopping at the first refusal. The committed state is read from
+on the network thread) relays a batch only if it brings this node something
+new, and nothing it refuses (``Mempool.novelty``, per transaction):
+
+- no transaction ``check_tx`` refuses against the committed state -- its
+  stateless checks (size, envelope, signature, schema, chain id) and every
+  rule a block would apply, so an unknown signer, one that cannot pay the
+  fee or a bad sequence is never relayed -- nor one whose (signer,
+  sequence) another pending transaction, or an earlier one of the batch,
+  holds, nor one past the mempool's ``max_ahead``. Otherwise one funded key
+  signs one sequence with a thousand amounts, each valid against committed
+  state, and every version crosses the whole network for one fee at most.
+- at least one transaction new to this node's mempool; those it holds
+  already travel beside them (a sender gossips again what no block took,
+  some of which peers hold), but alone they are re-publication, which costs
+  the sender a message and every node a delivery and a forward.
+- no more transactions a block has used since the sender published (a race
+  with that block, or replayed history, signatures valid all) than new
+  ones, and never two more at any point of the batch: the check stops
+  there, so history costs at most one signature check per new
+  transaction, plus two. (A batch that raced a block with more of its
+  transactions than it holds new ones stops here; the block has them, and
+  the sender gossips again what no block takes.)
+
+The work per message is bounded: at most ``MAX_TXS_PER_BATCH``
+transactions, each a hash lookup or one ``check_tx`` (a signature, and for
+a StartInference the client's, plus lookups), stopping at the first
+refusal. The committed state is read from
 the network thread while the loop may be applying a block to it; a read
 torn by that (an index changing size under it) counts as "not judged" and
 the batch is let through, since the handler's mempool admission re-checks
@@ -45,9 +63,8 @@ from dataclasses import dataclass
 from gonka_p2p.gossip.service import MessageValidator
 from gonka_p2p.identity import digest
 from gonka_p2p.ledger.consensus_wire import TxBatch
-from gonka_p2p.ledger.mempool import Mempool, TxRefused
-from gonka_p2p.ledger.state import LedgerState, check_tx
-from gonka_p2p.ledger.transactions import Reason
+from gonka_p2p.ledger.mempool import Mempool, Novelty, TxRefused
+from gonka_p2p.ledger.state import LedgerState
 from gonka_p2p.wire.protocols import TX_TOPIC
 from gonka_p2p.wire.schema import WireError
 
@@ -120,23 +137,31 @@ class TxGossip:
         return tx_hash not in self._unannounced
 
     def validator(self) -> MessageValidator:
-        """Every transaction of a batch must pass ``check_tx`` against committed state (module
-        docstring); safe on the network thread."""
+        """Relay a batch that brings something new and nothing refused (module docstring);
+        safe on the network thread."""
         chain = self._chain
+        mempool = self._mempool
         metrics = self._metrics
 
-        def acceptable(raw: bytes) -> bool:
-            state = chain.state
-            receipt = check_tx(state, raw)
-            if receipt.ok:
-                return True
-            account = state.account(receipt.signer) if receipt.reason is Reason.BAD_SEQUENCE else None
-            return account is not None and receipt.sequence < account.sequence  # committed meanwhile
+        def relayable(txs: list[bytes]) -> bool:
+            new = used = 0
+            slots: set[tuple[str, int]] = set()
+            for raw in txs:
+                novelty, slot = mempool.novelty(chain.state, raw)
+                if novelty is Novelty.REFUSED or slot in slots:
+                    return False
+                if slot is not None:
+                    slots.add(slot)
+                new += novelty is Novelty.NEW
+                used += novelty is Novelty.COMMITTED
+                if used > new + 1:  # stop at once: each checked signature of history needs a new one
+                    return False
+            return new > 0 and used <= new
 
         def validate(sender: str, data: bytes) -> bool:
             started = time.thread_time()
             try:
-                return all(acceptable(raw) for raw in decode_frame(data, TxBatch).txs)
+                return relayable(decode_frame(data, TxBatch).txs)
             except WireError:
                 return False
             except RuntimeError:  # a read torn by a block being applied: the mempool judges
