@@ -543,7 +543,8 @@ async def test_an_unsigned_compact_proposal_is_not_expanded(tmp_path: Path) -> N
         wire = ProposalWire(height=1, round=0, pol_round=-1, block_hash=b"\x01" * 32, inline=False, block=b"",
                             compact=compact.encode(), proposer=VALIDATORS[1].peer_id, signature=b"\x30" * 70)
         frame = encode_frame(ConsensusMessage(seq=1, proposals=[wire], votes=[]))
-        assert replica._consensus.validator()(VALIDATORS[2].peer_id, frame)  # relays forward it as valid
+        assert not replica._consensus.validator()(VALIDATORS[2].peer_id, frame)  # relays no longer forward it
+        # ... but a handler that a message reaches without its validator must not expand it either
         tracemalloc.start()
         try:
             await replica._consensus.on_message(VALIDATORS[2].peer_id, frame)

@@ -29,6 +29,14 @@ so anyone can announce as many peers as they like. What bounds the table:
 * a peer silent for ``FORGET_AFTER_TTLS`` times ``ttl`` is forgotten, on
   every announcement tick.
 
+What is relayed (the topic's validator): an announcement newer than the one
+held for its peer, at most one per peer every half ``interval`` (the sender
+picks ``seq``: one key counting it up as fast as it can publish had every
+announcement relayed by every node), and strangers' announcements together
+at most ``MAX_STRANGERS`` an interval -- the pace at which the table keeps
+strangers anyway -- so a flood of fresh keys does not cross the network.
+The rest is dropped, not passed on or handled.
+
 Which peers to dial is the same rule (:meth:`PeerDirectory.dial_candidates`):
 participants by weight first, strangers only while fewer than
 ``STRANGER_CONNECTIONS`` are connected and at most one stranger dial per
@@ -41,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -101,6 +110,7 @@ class PeerDirectory:
         self._dialing: set[str] = set()
         self._last_stranger_dial = -float("inf")
         self._want_peers = asyncio.Event()  # set by an announcement heard while below target
+        self._stranger_relays: deque[float] = deque(maxlen=MAX_STRANGERS)  # when the last ones were relayed
 
     async def start(self) -> None:
         await self._service.subscribe(ANNOUNCE_TOPIC, self._on_announcement, self._is_valid)
@@ -145,7 +155,23 @@ class PeerDirectory:
         return signed if all(a.endswith("/p2p/" + signed.signer_id) for a in signed.message.addrs) else None
 
     def _is_valid(self, sender: str, data: bytes) -> bool:
-        return self._opened(data) is not None
+        """Signed, newer than what is held, and at its sender's pace (module docstring); the
+        network thread's, the one caller that writes ``_stranger_relays``."""
+        signed = self._opened(data)
+        if signed is None:
+            return False
+        peer, now = signed.signer_id, self._clock()
+        known = self._peers.get(peer)
+        if known is not None and (signed.message.seq <= known.announcement.seq
+                                  or now - known.last_seen < self.interval / 2):
+            return False
+        if self.is_participant(peer):
+            return True
+        relays = self._stranger_relays
+        if len(relays) == relays.maxlen and now - relays[0] < self.interval:
+            return False
+        relays.append(now)
+        return True
 
     async def _on_announcement(self, sender: str, data: bytes) -> None:
         """Keep a newer announcement. Checked again, and a bad one dropped, not trusted to

@@ -12,6 +12,7 @@ import tracemalloc
 from helpers import eventually
 
 from gonka_p2p.actors.directory import DIAL_BUDGET_S, MAX_STRANGERS, STRANGER_CONNECTIONS, PeerDirectory
+from gonka_p2p.gossip.libp2p_patches import DELIVERY_SLOTS
 from gonka_p2p.gossip.memory import MemoryHub, MemoryService
 from gonka_p2p.gossip.service import PeerUnreachable
 from gonka_p2p.identity import Keypair
@@ -53,6 +54,17 @@ def announcement(key: Keypair, *, largest: bool = False, seq: int = 1) -> bytes:
     return seal(Announcement(addrs=addrs, models=models, capacity=1, seq=seq), key)
 
 
+async def flushed(directory: PeerDirectory, relay: MemoryService, clock: Clock) -> None:
+    """Return once every announcement published before has been judged and handled (the node's
+    delivery slots all free), then show that an interval later a stranger is relayed again."""
+    me = directory._service
+    await eventually(lambda: me._slots._value == DELIVERY_SLOTS, what="the flood's deliveries")  # type: ignore[attr-defined]
+    clock.now += directory.interval
+    marker = Keypair.from_seed(b"marker")
+    await relay.publish(ANNOUNCE_TOPIC, announcement(marker, largest=True))  # serves no model "m"
+    await eventually(lambda: marker.peer_id in directory._peers, what="the announcements published before")
+
+
 async def directory_under_attack(target_connections: int = 6) -> tuple[PeerDirectory, MemoryService, Clock]:
     """A directory whose node is connected to one peer only: the attacker's relay."""
     hub, clock = MemoryHub(), Clock()
@@ -67,7 +79,7 @@ async def directory_under_attack(target_connections: int = 6) -> tuple[PeerDirec
 
 
 async def test_a_flood_of_throwaway_keys_keeps_memory_bounded_and_the_participant_known() -> None:
-    directory, relay, _ = await directory_under_attack()
+    directory, relay, clock = await directory_under_attack()
     await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
     await eventually(lambda: directory.is_live(PARTICIPANT.peer_id), what="the participant's announcement")
     keys = [Keypair.from_seed(b"throwaway-%d" % i) for i in range(FLOOD)]
@@ -79,8 +91,7 @@ async def test_a_flood_of_throwaway_keys_keeps_memory_bounded_and_the_participan
         before = tracemalloc.get_traced_memory()[0]
         for message in flood:
             await relay.publish(ANNOUNCE_TOPIC, message)
-        await eventually(lambda: keys[-1].peer_id in directory._peers, what="the last throw-away announcement")
-        await asyncio.sleep(0.05)  # the deliveries still running end
+        await flushed(directory, relay, clock)
         del message
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0] - before
@@ -112,12 +123,12 @@ async def test_announced_sybils_cannot_take_the_connections_a_participant_needs(
 
 
 async def test_the_participant_leads_the_dial_set_whatever_strangers_announce() -> None:
-    directory, relay, _ = await directory_under_attack(target_connections=1)  # full: nobody is dialled
+    directory, relay, clock = await directory_under_attack(target_connections=1)  # full: nobody is dialled
     await relay.publish(ANNOUNCE_TOPIC, announcement(PARTICIPANT))
     keys = [Keypair.from_seed(b"throwaway-%d" % i) for i in range(200)]
     for key in keys:
         await relay.publish(ANNOUNCE_TOPIC, announcement(key))
-    await eventually(lambda: keys[-1].peer_id in directory._peers, what="the flood")
+    await flushed(directory, relay, clock)
     assert len(directory.live_peers()) == MAX_STRANGERS + 1
     candidates = directory.dial_candidates()
     assert candidates[0] == PARTICIPANT.peer_id
@@ -182,3 +193,38 @@ async def test_an_announcement_its_validator_would_refuse_is_dropped_by_the_hand
         assert not directory._is_valid(stranger.peer_id, data)
         await directory._on_announcement(stranger.peer_id, data)  # dropped, not raised
     assert stranger.peer_id not in directory._peers
+
+
+async def test_an_announcement_held_already_or_older_is_not_relayed_again() -> None:
+    """Attack: the topic's validator checked the signature only, so anyone could re-publish a
+    captured announcement in new gossip messages for every node to relay again."""
+    directory, _, _ = await directory_under_attack()
+    fresh = announcement(PARTICIPANT, seq=5)
+    assert directory._is_valid(PARTICIPANT.peer_id, fresh)
+    await directory._on_announcement(PARTICIPANT.peer_id, fresh)
+    assert not directory._is_valid(PARTICIPANT.peer_id, fresh)
+    assert not directory._is_valid(PARTICIPANT.peer_id, announcement(PARTICIPANT, seq=4))
+
+
+async def test_one_key_announcing_faster_than_the_interval_is_relayed_at_its_pace() -> None:
+    """Attack: the sender picks ``seq``; one key counting it up as fast as it can publish had
+    every announcement relayed by every node."""
+    directory, _, clock = await directory_under_attack()
+    await directory._on_announcement(PARTICIPANT.peer_id, announcement(PARTICIPANT, seq=1))
+    clock.now += 0.1
+    assert not directory._is_valid(PARTICIPANT.peer_id, announcement(PARTICIPANT, seq=2))
+    clock.now += directory.interval / 2
+    assert directory._is_valid(PARTICIPANT.peer_id, announcement(PARTICIPANT, seq=3))
+
+
+async def test_throwaway_keys_have_at_most_the_strangers_share_of_announcements_relayed() -> None:
+    """Attack: each fresh key's announcement is new, and keys cost nothing, so a flood of them
+    crossed the whole network. Strangers' announcements are relayed at the pace the directory
+    keeps strangers (``MAX_STRANGERS`` an interval); a participant's always."""
+    directory, _, clock = await directory_under_attack()
+    keys = [Keypair.from_seed(b"throwaway-%d" % i) for i in range(3 * MAX_STRANGERS)]
+    relayed = sum(directory._is_valid(k.peer_id, announcement(k)) for k in keys)
+    assert relayed == MAX_STRANGERS
+    assert directory._is_valid(PARTICIPANT.peer_id, announcement(PARTICIPANT))
+    clock.now += directory.interval
+    assert directory._is_valid(keys[-1].peer_id, announcement(keys[-1]))

@@ -31,7 +31,7 @@ from gonka_p2p.actors.replica.runtime import Runtime
 from gonka_p2p.actors.replica.sync import Sync
 from gonka_p2p.actors.replica.tx_gossip import TxGossip
 from gonka_p2p.gossip.service import NetworkService, PublishError, SendFrame
-from gonka_p2p.identity import Keypair, verify_signature
+from gonka_p2p.identity import Keypair
 from gonka_p2p.ledger.consensus import ConsensusState
 from gonka_p2p.ledger.consensus_types import Evidence
 from gonka_p2p.ledger.consensus_wire import evidence_transaction
@@ -125,7 +125,7 @@ class Replica:
     async def open(self) -> None:
         """Open the store, recover the acknowledged state, and serve sync, block and query streams."""
         recovered = await self._chain.open()
-        core = self._core = ConsensusState(chain_id=self.chain_id, verify=verify_signature,
+        core = self._core = ConsensusState(chain_id=self.chain_id, verify=self._chain.signatures.admit,
                                            address=self._key.peer_id, sign=self._key.sign,
                                            clock_ms=lambda: int(self._clock() * 1000),
                                            params=self.params.consensus, safety=recovered.safety)

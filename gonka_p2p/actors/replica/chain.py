@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gonka_p2p.identity import verify_signature
 from gonka_p2p.ledger.block import Block, Receipt
 from gonka_p2p.ledger.commit_checks import verified
 from gonka_p2p.ledger.consensus_types import CommitCertificate, Evidence, ValidatorSet, proposal_sign_bytes
@@ -36,6 +35,7 @@ from gonka_p2p.ledger.store import LedgerStore, Recovered
 from gonka_p2p.ledger.validators import validator_set_after
 
 from gonka_p2p.actors.replica.params import ReplicaMetrics, ReplicaParams
+from gonka_p2p.actors.replica.signatures import CheckedSignatures
 from gonka_p2p.wire.unsigned import encode_frame
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class Chain:
         self.last_validators: ValidatorSet | None = None  # of the last committed height (None: genesis)
         self.last_certificate: CommitCertificate | None = None  # its commit: the next block's last_commit
         self.known_validators: frozenset[str] = frozenset()  # read by topic validators (any thread)
+        self.signatures = CheckedSignatures()  # every check of a validator's signature, any thread
         self.evidence_count = 0
         self._app_hashes: OrderedDict[int, bytes] = OrderedDict()
         self._receipts: OrderedDict[bytes, Committed] = OrderedDict()
@@ -162,16 +163,24 @@ class Chain:
     def signed_by_validator(self, address: str, message: bytes, signature: bytes) -> bool:
         """``signature`` is by ``address``, a validator of the next height to decide, over ``message``.
 
-        For the shell's own checks of a gossiped message before it acts on it
-        (fetching a body, starting a height); the core checks every message again.
+        For the shell's own checks of a gossiped message before it relays or acts on it
+        (fetching a body, starting a height); the core checks every message again, which
+        ``signatures`` makes a lookup. Safe from any thread (the set is replaced, not changed).
         """
         validator = self.validators.get(address)
-        return validator is not None and verified(verify_signature, validator, message, signature)
+        return validator is not None and verified(self.signatures.verify, validator, message, signature)
 
     def signed_proposal(self, p: ProposalWire) -> bool:
         """:meth:`signed_by_validator` for a gossiped proposal: its proposer's signature over it."""
-        message = proposal_sign_bytes(self.chain_id, p.height, p.round, p.pol_round, p.block_hash)
-        return self.signed_by_validator(p.proposer, message, p.signature)
+        return self.signed_by_validator(p.proposer, self.proposal_sign_bytes(p), p.signature)
+
+    def proposal_sign_bytes(self, p: ProposalWire) -> bytes:
+        return proposal_sign_bytes(self.chain_id, p.height, p.round, p.pol_round, p.block_hash)
+
+    def admitted(self, address: str, message: bytes, signature: bytes) -> bool:
+        """Whether the consensus core took this validator's message (``signatures``)."""
+        validator = self.validators.get(address)
+        return validator is not None and self.signatures.admitted(validator.public_key, signature, message)
 
     async def wait_for_commit(self, tx_hash: bytes, timeout: float | None) -> Committed:
         known = self._receipts.get(tx_hash)

@@ -9,9 +9,19 @@ something to publish, ``idle`` is clear and no transaction batch starts
 overloaded network queues transactions, not votes.
 
 **In.** The topic validator (run before delivery and forwarding, possibly
-on the network thread) checks shapes and membership only; the core checks
-signatures. The handler decodes, resolves each proposal's block, and posts
-one event to the driver. What the shell acts on before the core sees a
+on the network thread) relays a message only if every proposal and vote in
+it is by a validator, every one of a height not decided here has a good
+signature, and at least one of those is new here (not yet taken by the
+core: ``Chain.signatures``); those of decided heights ride along unchecked
+(the sender coalesced a late vote with the next height's). Otherwise a stranger's one message of a thousand
+votes "from" a validator with made-up signatures crossed the whole network
+and cost every replica a thousand checks on its loop, and anyone could
+re-publish what every replica had seen, or votes of decided heights, for
+all to relay again. A rebroadcast (the core re-sends what others may lack)
+still reaches a replica that lacks one of its votes; one that holds them
+all does not pass it on. Each signature is checked once per replica: the
+core's check is a lookup. The handler decodes, resolves each proposal's
+block, and posts one event to the driver. What the shell acts on before the core sees a
 message is checked here first: a body is fetched or rebuilt only for a
 signed proposal (``proposals.py``), and a later height is a reason to start
 ours only on a valid signature (``Driver.note_height``).
@@ -73,17 +83,27 @@ class ConsensusGossip:
         self._outgoing_ready.set()
 
     def validator(self) -> MessageValidator:
-        """Shapes and membership only (the core checks signatures); safe on the network thread."""
+        """Relay what is signed, undecided and new here (module docstring); safe on the network thread."""
         chain = self._chain
 
         def validate(sender: str, data: bytes) -> bool:
             try:
                 msg = decode_frame(data, ConsensusMessage)
+                signed = [(p.proposer, p.height, chain.proposal_sign_bytes(p), p.signature) for p in msg.proposals]
+                signed += [(v.validator, v.height, vote.sign_bytes(chain.chain_id), v.signature)
+                           for v, vote in ((v, vote_from_wire(v)) for v in msg.votes)]
             except WireError:
                 return False
-            known = chain.known_validators
-            return (all(p.proposer in known for p in msg.proposals)
-                    and all(v.validator in known for v in msg.votes))
+            decided, known, new = chain.state.height, chain.known_validators, False
+            if any(signer not in known for signer, _, _, _ in signed):
+                return False
+            for signer, height, message, signature in signed:
+                if height <= decided or chain.admitted(signer, message, signature):
+                    continue  # nothing new, nor worth a check: a late vote beside the next height's
+                if not chain.signed_by_validator(signer, message, signature):
+                    return False
+                new = True
+            return new
 
         return validate
 

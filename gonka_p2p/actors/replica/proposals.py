@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame, StreamReset
-from gonka_p2p.identity import digest, verify_signature
+from gonka_p2p.identity import digest
 from gonka_p2p.ledger.block import Block, decode_block, precommit_signatures
 from gonka_p2p.ledger.commit_checks import bft_time_ms, verify_commit
 from gonka_p2p.ledger.consensus import ConsensusState
@@ -166,7 +166,7 @@ class ProposalBodies:
             return False
         certificate = block.last_certificate()
         try:
-            verify_commit(last_validators, state.height, state.last_block_hash, certificate, verify_signature,
+            verify_commit(last_validators, state.height, state.last_block_hash, certificate, self._chain.signatures.verify,
                           chain_id=self._chain.chain_id)
         except InvalidCommit as e:
             log.info("block at height %d rejected: its last commit %s", block.height, e)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 
 from gonka_p2p.gossip.service import NetworkError, NetworkService, SendFrame
-from gonka_p2p.identity import digest, verify_signature
+from gonka_p2p.identity import digest
 from gonka_p2p.ledger.commit_checks import verify_commit
 from gonka_p2p.ledger.consensus import ConsensusState
 from gonka_p2p.ledger.consensus_types import Action, CommitCertificate, InvalidCommit, RequestCommit, ValidatorSet
@@ -220,7 +220,7 @@ class Sync:
 
     def _verify(self, validators: ValidatorSet, height: int, raw: bytes, certificate: CommitCertificate) -> None:
         """Raise :class:`InvalidCommit` unless ``certificate`` proves ``raw`` decided at ``height``."""
-        verify_commit(validators, height, digest(raw), certificate, verify_signature, chain_id=self._chain.chain_id)
+        verify_commit(validators, height, digest(raw), certificate, self._chain.signatures.verify, chain_id=self._chain.chain_id)
 
     def _proves(self, validators: ValidatorSet, height: int, raw: bytes, certificate: CommitCertificate) -> bool:
         try:
