@@ -216,9 +216,10 @@ class Node:
     def _known_to_ledger(self, peer: str) -> bool:
         """A participant, or an account holding coins: it costs stake or coins to be one, so these
         keep their share of inbound streams however many keys strangers make (gossip/inbound.py).
-        Called from the network thread; it reads two in-memory tables."""
-        state = self.replica.state if self.replica is not None else None
-        return state is None or state.participant(peer) is not None or state.balance(peer) > 0
+        Called from the network thread; it reads two in-memory tables. Installed once the replica is open."""
+        assert self.replica is not None
+        state = self.replica.state
+        return state.participant(peer) is not None or state.balance(peer) > 0
 
     def _relaying_ta(self, inference_id: bytes) -> str | None:
         """The TA the committed ledger names for ``inference_id`` (None: no ledger, or no record)."""

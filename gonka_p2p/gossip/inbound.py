@@ -74,11 +74,13 @@ class InboundGate:
         self._by_peer: Counter[str] = Counter()
         self._by_protocol: Counter[tuple[str, str]] = Counter()
         self._strangers: Counter[str] = Counter()  # open streams of the peers admitted as strangers
+        self._open = 0  # the two totals, kept as streams come and go
+        self._open_strangers = 0
         self._buckets: dict[str, _Bucket] = {}
 
     @property
     def open_streams(self) -> int:
-        return self._by_peer.total()
+        return self._open
 
     def admit(self, peer: str, protocol: str, now: float) -> str | None:
         """Count the stream and return None, or return why it is refused (and count nothing)."""
@@ -90,7 +92,7 @@ class InboundGate:
         if self._by_protocol[peer, protocol] >= lim.streams_per_protocol:
             return f"{lim.streams_per_protocol} {protocol} streams open from {peer}"
         stranger = peer in self._strangers or (peer not in self._by_peer and not self.vouched(peer))
-        if stranger and self._strangers.total() >= lim.streams_strangers:
+        if stranger and self._open_strangers >= lim.streams_strangers:
             return f"{lim.streams_strangers} streams open from peers this host does not know"
         bucket = self._refilled(peer, now)
         if bucket.tokens < 1:
@@ -98,8 +100,10 @@ class InboundGate:
         bucket.tokens -= 1
         self._by_peer[peer] += 1
         self._by_protocol[peer, protocol] += 1
+        self._open += 1
         if stranger:
             self._strangers[peer] += 1
+            self._open_strangers += 1
         return None
 
     def release(self, peer: str, protocol: str) -> None:
@@ -111,7 +115,9 @@ class InboundGate:
             del self._by_protocol[peer, protocol]
         if not self._by_peer[peer]:
             del self._by_peer[peer]
+        self._open -= 1
         if peer in self._strangers:
+            self._open_strangers -= 1
             self._strangers[peer] -= 1
             if not self._strangers[peer]:
                 del self._strangers[peer]
