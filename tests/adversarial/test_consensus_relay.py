@@ -59,7 +59,12 @@ def test_votes_with_made_up_signatures_are_not_relayed(replica: Replica) -> None
     assert not relay("stranger", message(vote(VALIDATORS[2]), forged[0]))
 
 
-def test_a_vote_the_core_took_is_relayed_again_only_beside_a_new_one(replica: Replica) -> None:
+def test_a_vote_the_core_took_is_relayed_again_beside_a_new_one_or_once_an_interval(replica: Replica) -> None:
+    """Re-published as often as one likes, a vote every replica holds is passed on once per
+    rebroadcast interval: what the core's own rebroadcasts need to reach a replica that a
+    partition cut off, through replicas that hold the vote."""
+    now = [0.0]
+    replica._consensus._clock = lambda: now[0]
     relay = replica._consensus.validator()
     first, second = vote(VALIDATORS[1]), vote(VALIDATORS[2])
     assert relay("peer", message(first))
@@ -67,6 +72,9 @@ def test_a_vote_the_core_took_is_relayed_again_only_beside_a_new_one(replica: Re
     replica._core.on_vote(first)
     assert not relay("stranger", message(first, seq=2))  # re-published: nothing new
     assert relay("peer", message(first, second, seq=3))  # a rebroadcast that brings one new vote
+    now[0] += replica._core.params.rebroadcast_interval_ms / 1000
+    assert relay("peer", message(first, seq=4))  # a rebroadcast an interval later
+    assert not relay("stranger", message(first, seq=5))
 
 
 def test_a_vote_the_core_dropped_reaches_it_again_in_a_rebroadcast(replica: Replica) -> None:

@@ -143,7 +143,7 @@ class Replica:
         self._sync = Sync(self.peer_id, self._service, core, runtime, chain, params, metrics, self._lagged)
         self._consensus = ConsensusGossip(core, runtime, chain, self._proposals,
                                           lambda height, signed: self._driver.note_height(height, signed),
-                                          self._publish, consensus_idle, metrics)
+                                          self._publish, consensus_idle, metrics, self._clock)
         self._driver = Driver(self.peer_id[-8:], core, runtime, chain, self._mempool, self._proposals,
                               self._sync, self._consensus.broadcast, self._submit_evidence, params, metrics)
         self._service.set_stream_handler(SYNC_PROTOCOL, self._sync.serve)

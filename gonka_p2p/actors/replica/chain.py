@@ -177,10 +177,10 @@ class Chain:
     def proposal_sign_bytes(self, p: ProposalWire) -> bytes:
         return proposal_sign_bytes(self.chain_id, p.height, p.round, p.pol_round, p.block_hash)
 
-    def admitted(self, address: str, message: bytes, signature: bytes) -> bool:
-        """Whether the consensus core took this validator's message (``signatures``)."""
+    def relay_due(self, address: str, message: bytes, signature: bytes, now: float, every: float) -> bool:
+        """Whether to pass on this validator's message, already checked good (``signatures.due``)."""
         validator = self.validators.get(address)
-        return validator is not None and self.signatures.admitted(validator.public_key, signature, message)
+        return validator is not None and self.signatures.due(validator.public_key, signature, message, now, every)
 
     async def wait_for_commit(self, tx_hash: bytes, timeout: float | None) -> Committed:
         known = self._receipts.get(tx_hash)

@@ -11,20 +11,23 @@ overloaded network queues transactions, not votes.
 **In.** The topic validator (run before delivery and forwarding, possibly
 on the network thread) relays a message only if every proposal and vote in
 it is by a validator, every one of a height not decided here has a good
-signature, and at least one of those is new here (not yet taken by the
-core: ``Chain.signatures``); those of decided heights ride along unchecked
-(the sender coalesced a late vote with the next height's). Otherwise a stranger's one message of a thousand
+signature, and at least one of those is due (``Chain.signatures``): not
+yet taken by the core, or not passed on for a rebroadcast interval; those
+of decided heights ride along unchecked (the sender coalesced a late vote
+with the next height's). Otherwise a stranger's one message of a thousand
 votes "from" a validator with made-up signatures crossed the whole network
 and cost every replica a thousand checks on its loop, and anyone could
-re-publish what every replica had seen, or votes of decided heights, for
-all to relay again. A rebroadcast (the core re-sends what others may lack)
-still reaches a replica that lacks one of its votes; one that holds them
-all does not pass it on. Each signature is checked once per replica: the
-core's check is a lookup. The handler decodes, resolves each proposal's
-block, and posts one event to the driver. What the shell acts on before the core sees a
-message is checked here first: a body is fetched or rebuilt only for a
-signed proposal (``proposals.py``), and a later height is a reason to start
-ours only on a valid signature (``Driver.note_height``).
+re-publish what every replica held, or votes of decided heights, as often
+as it liked for all to relay again. Held messages are still passed on once
+an interval: the core's rebroadcasts are how a replica cut off by a
+partition hears the round again. Each signature is checked once per
+replica: the core's check is a lookup.
+
+The handler decodes, resolves each proposal's block, and posts one event to
+the driver. What the shell acts on before the core sees a message is
+checked here first: a body is fetched or rebuilt only for a signed proposal
+(``proposals.py``), and a later height is a reason to start ours only on a
+valid signature (``Driver.note_height``).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class ConsensusGossip:
 
     def __init__(self, core: ConsensusState, runtime: Runtime, chain: Chain, proposals: ProposalBodies,
                  saw_height: Callable[[int, Callable[[], bool]], None], publish: Publish, idle: asyncio.Event,
-                 metrics: ReplicaMetrics) -> None:
+                 metrics: ReplicaMetrics, clock: Callable[[], float] = time.monotonic) -> None:
         self._core = core
         self._runtime = runtime
         self._chain = chain
@@ -73,6 +76,7 @@ class ConsensusGossip:
         self.idle = idle  # set while no consensus message waits to be published
         self.idle.set()
         self._metrics = metrics
+        self._clock = clock  # the relay's: when a held message is due again (any thread)
         self._outgoing: list[Proposal | Vote] = []
         self._outgoing_ready = asyncio.Event()
         self._publication = itertools.count(time.time_ns())  # see consensus_wire: "Uniqueness on gossip"
@@ -94,16 +98,17 @@ class ConsensusGossip:
                            for v, vote in ((v, vote_from_wire(v)) for v in msg.votes)]
             except WireError:
                 return False
-            decided, known, new = chain.state.height, chain.known_validators, False
+            decided, known, due = chain.state.height, chain.known_validators, False
             if any(signer not in known for signer, _, _, _ in signed):
                 return False
+            now, every = self._clock(), self._core.params.rebroadcast_interval_ms / 1000
             for signer, height, message, signature in signed:
-                if height <= decided or chain.admitted(signer, message, signature):
+                if height <= decided:
                     continue  # nothing new, nor worth a check: a late vote beside the next height's
                 if not chain.signed_by_validator(signer, message, signature):
                     return False
-                new = True
-            return new
+                due |= chain.relay_due(signer, message, signature, now, every)
+            return due
 
         return validate
 
