@@ -87,7 +87,7 @@ class ConsensusGossip:
         self._outgoing_ready.set()
 
     def validator(self) -> MessageValidator:
-        """Relay what is signed, undecided and new here (module docstring); safe on the network thread."""
+        """Relay what is signed, undecided and due here (module docstring); safe on the network thread."""
         chain = self._chain
 
         def validate(sender: str, data: bytes) -> bool:

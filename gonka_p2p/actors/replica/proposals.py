@@ -166,8 +166,8 @@ class ProposalBodies:
             return False
         certificate = block.last_certificate()
         try:
-            verify_commit(last_validators, state.height, state.last_block_hash, certificate, self._chain.signatures.verify,
-                          chain_id=self._chain.chain_id)
+            verify_commit(last_validators, state.height, state.last_block_hash, certificate,
+                          self._chain.signatures.verify, chain_id=self._chain.chain_id)
         except InvalidCommit as e:
             log.info("block at height %d rejected: its last commit %s", block.height, e)
             return False

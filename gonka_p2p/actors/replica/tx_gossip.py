@@ -25,17 +25,13 @@ new, and nothing it refuses (``Mempool.novelty``, per transaction):
   holds, nor one past the mempool's ``max_ahead``. Otherwise one funded key
   signs one sequence with a thousand amounts, each valid against committed
   state, and every version crosses the whole network for one fee at most.
-- at least one transaction new to this node's mempool; those it holds
-  already travel beside them (a sender gossips again what no block took,
-  some of which peers hold), but alone they are re-publication, which costs
-  the sender a message and every node a delivery and a forward.
-- no more transactions a block has used since the sender published (a race
-  with that block, or replayed history, signatures valid all) than new
-  ones, and never two more at any point of the batch: the check stops
-  there, so history costs at most one signature check per new
-  transaction, plus two. (A batch that raced a block with more of its
-  transactions than it holds new ones stops here; the block has them, and
-  the sender gossips again what no block takes.)
+- at least one transaction new to this node's mempool. Those it holds
+  already, and those a block has used since the sender published, travel
+  beside them (a sender gossips again what no block took, some of which
+  peers hold; a sender whose replica lags a block or two -- a participant
+  behind a NAT -- sends transactions peers have committed since), but alone
+  they are re-publication, or replayed history, which cost the sender a
+  message and every node a delivery, a check and a forward.
 
 The work per message is bounded: at most ``MAX_TXS_PER_BATCH``
 transactions, each a hash lookup or one ``check_tx`` (a signature, and for
@@ -144,7 +140,7 @@ class TxGossip:
         metrics = self._metrics
 
         def relayable(txs: list[bytes]) -> bool:
-            new = used = 0
+            new = False
             slots: set[tuple[str, int]] = set()
             for raw in txs:
                 novelty, slot = mempool.novelty(chain.state, raw)
@@ -152,11 +148,8 @@ class TxGossip:
                     return False
                 if slot is not None:
                     slots.add(slot)
-                new += novelty is Novelty.NEW
-                used += novelty is Novelty.COMMITTED
-                if used > new + 1:  # stop at once: each checked signature of history needs a new one
-                    return False
-            return new > 0 and used <= new
+                new |= novelty is Novelty.NEW
+            return new
 
         def validate(sender: str, data: bytes) -> bool:
             started = time.thread_time()
