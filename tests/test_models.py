@@ -12,7 +12,14 @@ import torch
 
 from gonka_p2p.inference import models
 from gonka_p2p.inference.engine import EngineError
+from gonka_p2p.inference.model_identity import file_sha256, model_digest
 from gonka_p2p.inference.model_names import DEFAULT_MODEL, TINY_MODEL
+from gonka_p2p.inference.tiny_model import build_tiny_model
+
+# The tiny model every x86-64 machine builds (inference/tiny_model.py): its weights, and its
+# identity as a genesis pins it (weights, config, tokenizer and TRAINING.txt).
+TINY_WEIGHTS_SHA256 = "4bd986b29810ef0dc78d1403cf778936d45928d8f52ea6e9fc6821dadf0c422a"
+TINY_MODEL_DIGEST = "b96db16a1b96a6dee1ec62e928d24150f875104ef8c0912f666a675f6ea7c88d"
 
 
 @pytest.fixture
@@ -75,6 +82,21 @@ def test_a_failed_build_leaves_nothing_and_explains(
     with pytest.raises(EngineError, match="could not build model 'broken': disk full"):
         models.resolve_model("broken")
     assert [p for p in cache.iterdir() if p.is_dir()] == []
+
+
+def test_the_tiny_model_is_the_same_on_every_machine() -> None:
+    """Trained with machine-independent kernels, bit for bit the same model everywhere: the tests'
+    counts of verdicts are facts about this one model (two failed on a CI machine whose AVX2
+    kernels trained another). If this fails, the kernels the training pins no longer decide
+    every bit -- a new torch, or a machine that is not x86-64."""
+    path = models.resolve_model(TINY_MODEL)
+    assert file_sha256(path / "model.safetensors") == TINY_WEIGHTS_SHA256
+    assert model_digest(path) == TINY_MODEL_DIGEST
+
+
+def test_a_failed_tiny_model_build_explains(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="building the tiny model failed: .*no-tokenizer-here"):
+        build_tiny_model(tmp_path / "out", tokenizer_dir=tmp_path / "no-tokenizer-here")
 
 
 class _NoTokenizer:

@@ -273,7 +273,9 @@ async def test_wrong_temperature_inside_the_bf16_near_tie_width_leaves_suspiciou
     """A plain T = 1 request sampled at 0.7, on a bf16 engine: most of its moved tokens stay
     inside the near-tie width (SmolLM2: none of 30 outputs failed), but they sit further from
     the sampler's choice than honest noise ever came, and enough of them in one output make it
-    suspicious, which the epoch test aggregates. Honest work at the same terms stays clean."""
+    suspicious, which the epoch test aggregates: a dozen such outputs accuse their executor.
+    Honest work at the same terms stays clean. (How many of the twelve fail, are suspicious
+    or pass is a fact about the tiny model, not a promise: counts are not asserted.)"""
     engine = TorchEngine(ModelSpec(TINY_MODEL, dtype="bfloat16"))
     thresholds = load_verification_params(dtypes={TINY_MODEL: "bfloat16"}).for_model(TINY_MODEL)
     attack = cheats.make_cheater("wrong-temperature", engine)
@@ -284,7 +286,7 @@ async def test_wrong_temperature_inside_the_bf16_near_tie_width_leaves_suspiciou
                                      thresholds)).evidence)
         honest_verdict = await check(engine, await honest(engine, terms, i), thresholds)
         assert honest_verdict.evidence is Evidence.CLEAN and honest_verdict.wide_ties == 0
-    assert evidence.count(Evidence.SUSPICIOUS) >= 3 and evidence.count(Evidence.CLEAN) <= 4, evidence
+    assert Evidence.SUSPICIOUS in evidence and catches([e.observation for e in evidence]), evidence
 
 
 @pytest.mark.parametrize("n_tokens", [1, 5, 16, 32, 100, 1000, 4096])
