@@ -33,3 +33,13 @@ def engine() -> Engine:
 from hypothesis import settings  # noqa: E402 -- after the thread pins above
 
 settings.register_profile("fuzz", max_examples=20_000, deadline=None)
+
+# The files that take minutes, started first: the tests run two files at a time (pyproject's
+# `-n 2 --dist loadfile`), and a long file started last would run alone at the end of CI.
+LONGEST_FIRST = ("test_join_process.py", "test_testnet.py", "test_demo.py", "test_sim_consensus.py",
+                 "test_benchmarks_smoke.py", "test_cli.py", "test_sim_scenarios.py", "test_ledger_process.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
