@@ -19,7 +19,7 @@ from sim.safety import run_safety, with_ledger
 from sim.world import Simulation, simulate
 
 SMALL = dict(peers=12, epochs=4, requests=60, epoch_blocks=50, churn=0.0, mix={})
-CI_SEEDS = 400  # the first of the safety command's seeds (README: 1,000); `gonka-p2p sim safety --seeds 10000` is the long run
+CI_SEEDS = 200  # the first of the safety command's seeds (README: 1,000); `gonka-p2p sim safety --seeds 10000` is the long run
 
 
 def small(seed: int, **overrides: object) -> SimConfig:
