@@ -236,15 +236,16 @@ class NetworkPath:
 
     name = "network"
 
-    def __init__(self, clients: list[GonkaClient], cluster: Cluster) -> None:
+    def __init__(self, clients: list[GonkaClient], cluster: Cluster, model: str) -> None:
         self.clients = clients
         self.cluster = cluster
+        self.model = model
         self._next = 0
 
     async def one(self, prompt: str, max_tokens: int) -> Sample:
         client = self.clients[self._next % len(self.clients)]
         self._next += 1
-        c = await client.chat([("user", prompt)], max_tokens=max_tokens, temperature=0.0)
+        c = await client.chat([("user", prompt)], model=self.model, max_tokens=max_tokens, temperature=0.0)
         return Sample(c.ttft_s, c.elapsed_s, c.completion_tokens)
 
     def pids(self) -> dict[str, int]:
@@ -566,7 +567,7 @@ async def serving_phase(settings: Settings, progress: Progress
             clients.append(GonkaClient(Keypair.generate(), service, peer))
         progress.update(setup, description="waiting until every TA sees the executor")
         await asyncio.gather(*(wait_for_executor(c, settings.model) for c in clients))
-        paths = [path for path in (BarePath(engine), NetworkPath(clients, cluster))
+        paths = [path for path in (BarePath(engine), NetworkPath(clients, cluster, settings.model))
                  if path.name in settings.paths]
         if gateway_note is None:
             paths.append(GatewayPath(cluster.tas[0].http, settings.model, cluster))

@@ -35,7 +35,7 @@ def bench(script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.libp2p
 def test_serving_bench_quick_prints_and_writes_its_table(tmp_path: Path) -> None:
-    result = bench("serving_bench.py", "--quick", "--out", tmp_path)
+    result = bench("serving_bench.py", "--quick", "--model", "tiny-llama", "--out", tmp_path)
     assert "gonka-p2p serving benchmark" in result.stdout
     assert "tok/s per req" in result.stdout
     report = json.loads((tmp_path / "serving_bench_quick.json").read_text())
